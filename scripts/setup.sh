@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Installs everything cxr needs on a fresh Debian machine, into project-local,
+# git-ignored folders. Idempotent: re-running only checks.
+#
+#   bash scripts/setup.sh           ONNX Runtime (CPU) for cxr-serve and the tests
+#   bash scripts/setup.sh --train   + libtorch (PyPI torch wheel) for cxr-train
+#   bash scripts/setup.sh --gpu     ONNX Runtime with CUDA 13 (onnxruntime-gpu[cuda,cudnn])
+#
+# Nothing is downloaded at build or run time: ONNX Runtime and libtorch come from
+# their official PyPI wheels, installed here with pip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ORT_VERSION=1.32.0
+# tch 0.26 is built against exactly this libtorch.
+TORCH_VERSION=2.13.0
+
+train=0; gpu=0
+for a in "$@"; do
+  case "$a" in
+    --train) train=1 ;;
+    --gpu) gpu=1 ;;
+    *) echo "usage: $0 [--train] [--gpu]" >&2; exit 2 ;;
+  esac
+done
+
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+command -v cc >/dev/null || need_apt+=(build-essential)
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+if ((${#need_apt[@]})); then
+  echo "setup: installing ${need_apt[*]} (apt)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
+
+if ((gpu)); then ort_pkg=onnxruntime-gpu; other=onnxruntime; else ort_pkg=onnxruntime; other=onnxruntime-gpu; fi
+have=$(.venv/bin/python -m pip show "$ort_pkg" 2>/dev/null | awk '/^Version:/{print $2}')
+if [ "$have" != "$ORT_VERSION" ]; then
+  echo "setup: installing $ort_pkg==$ORT_VERSION"
+  .venv/bin/python -m pip show "$other" >/dev/null 2>&1 && pip uninstall -y "$other"
+  if ((gpu)); then pip install "onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION"; else pip install "onnxruntime==$ORT_VERSION"; fi
+fi
+capi=$(.venv/bin/python - <<'PY'
+import importlib.util, os
+spec = importlib.util.find_spec("onnxruntime")
+print(os.path.join(os.path.dirname(spec.origin), "capi"))
+PY
+)
+lib=$(ls "$capi"/libonnxruntime.so.* | head -n1)
+mkdir -p .ort
+ln -sfn "$capi" .ort/lib
+ln -sfn "$(basename "$lib")" "$capi/libonnxruntime.so"
+echo "setup: ONNX Runtime $ORT_VERSION at .ort/lib/libonnxruntime.so -> $lib"
+
+if ((train)); then
+  have=$(.venv/bin/python -m pip show torch 2>/dev/null | awk '/^Version:/{print $2}')
+  if [ "$have" != "$TORCH_VERSION" ]; then
+    echo "setup: installing torch==$TORCH_VERSION (libtorch for cxr-train; ~4.6 GB with its CUDA libraries)"
+    pip install "torch==$TORCH_VERSION"
+  fi
+  echo "setup: libtorch from torch $TORCH_VERSION in .venv (build with: source scripts/env.sh)"
+fi

@@ -1,0 +1,231 @@
+//! The ONNX Runtime library and its sessions.
+//!
+//! The library is loaded at run time (`ort`'s `load-dynamic`) from the official PyPI
+//! wheel that `scripts/setup.sh` installs: nothing is downloaded at build time. A
+//! missing or incompatible library is a clear error naming the path and the fix.
+//! Sessions are created on the requested device; with [`Device::Auto`] a CUDA
+//! registration *or session creation* failure falls back to a CPU session, since
+//! `ort` itself never falls back once a provider was registered.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Where the setup script links the library, relative to the repository root.
+pub const DEFAULT_LIB: &str = ".ort/lib/libonnxruntime.so";
+
+/// Which execution provider to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// CUDA when it registers and a session can be created on it, else the CPU.
+    Auto,
+    /// The CPU only.
+    Cpu,
+    /// CUDA or fail.
+    Cuda,
+}
+
+/// The execution provider a session actually runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum Provider {
+    /// `CPUExecutionProvider`.
+    #[serde(rename = "CPUExecutionProvider")]
+    Cpu,
+    /// `CUDAExecutionProvider`.
+    #[serde(rename = "CUDAExecutionProvider")]
+    Cuda,
+}
+
+impl Provider {
+    /// ONNX Runtime's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Cpu => "CPUExecutionProvider",
+            Provider::Cuda => "CUDAExecutionProvider",
+        }
+    }
+}
+
+/// ONNX Runtime could not be loaded or a session could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The library file does not exist.
+    #[error(
+        "ONNX Runtime library not found at {0}: run `bash scripts/setup.sh` (installs the onnxruntime 1.32.0 wheel and links it at {DEFAULT_LIB}), or pass --ort-lib / set ORT_DYLIB_PATH to libonnxruntime.so"
+    )]
+    Missing(PathBuf),
+    /// The file exists but is not a usable ONNX Runtime.
+    #[error(
+        "cannot load ONNX Runtime from {path}: {reason}; install onnxruntime 1.32.0 with `bash scripts/setup.sh`"
+    )]
+    Load {
+        /// The library path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A different library was loaded earlier in this process.
+    #[error(
+        "ONNX Runtime was already loaded from {loaded}; cannot switch to {requested} in the same process"
+    )]
+    AlreadyLoaded {
+        /// The one in use.
+        loaded: PathBuf,
+        /// The one asked for.
+        requested: PathBuf,
+    },
+    /// Session creation failed.
+    #[error("cannot create an ONNX Runtime session on {device:?}: {reason}")]
+    Session {
+        /// Requested device.
+        device: Device,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Finds the library: `explicit` (flag or `ORT_DYLIB_PATH`) if given, else
+/// [`DEFAULT_LIB`] under the working directory or any folder above the executable.
+pub fn resolve_library(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Ok(p) = std::env::var("ORT_DYLIB_PATH")
+        && !p.is_empty()
+    {
+        return PathBuf::from(p);
+    }
+    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    roots
+        .iter()
+        .map(|r| r.join(DEFAULT_LIB))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_LIB))
+}
+
+static ENVIRONMENT: OnceLock<(PathBuf, Environment)> = OnceLock::new();
+static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Loads ONNX Runtime once per process and returns its environment.
+pub fn environment(library: &Path) -> Result<&'static Environment, RuntimeError> {
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((loaded, env)) = ENVIRONMENT.get() {
+        let same = loaded == library || loaded.canonicalize().ok() == library.canonicalize().ok();
+        return if same {
+            Ok(env)
+        } else {
+            Err(RuntimeError::AlreadyLoaded {
+                loaded: loaded.clone(),
+                requested: library.into(),
+            })
+        };
+    }
+    if !library.exists() {
+        return Err(RuntimeError::Missing(library.into()));
+    }
+    let load = |reason: String| RuntimeError::Load {
+        path: library.into(),
+        reason,
+    };
+    let env = ort::init_from(library)
+        .map_err(|e| load(e.to_string()))?
+        .with_name("cxr")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| load(e.to_string()))?;
+    let (_, env) = ENVIRONMENT.get_or_init(|| (library.to_path_buf(), env));
+    Ok(env)
+}
+
+/// Session settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    /// Requested device.
+    pub device: Device,
+    /// Intra-op threads for the CPU provider (0 = ONNX Runtime's default: one per core).
+    pub intra_threads: usize,
+}
+
+/// Creates a session for `model` (ONNX bytes) and says which provider it runs on.
+pub fn create_session(
+    env: &Environment,
+    model: &[u8],
+    opts: SessionOptions,
+) -> Result<(Session, Provider, Option<String>), RuntimeError> {
+    let fail = |device, e: &dyn std::fmt::Display| RuntimeError::Session {
+        device,
+        reason: e.to_string(),
+    };
+    let mut cuda_error = None;
+    if matches!(opts.device, Device::Auto | Device::Cuda) {
+        match cuda_session(env, model) {
+            Ok(s) => return Ok((s, Provider::Cuda, None)),
+            Err(e) if opts.device == Device::Cuda => return Err(fail(Device::Cuda, &e)),
+            Err(e) => cuda_error = Some(e),
+        }
+    }
+    let mut b = Session::builder(env).map_err(|e| fail(Device::Cpu, &e))?;
+    b = b
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| fail(Device::Cpu, &e))?;
+    if opts.intra_threads > 0 {
+        b = b
+            .with_intra_threads(opts.intra_threads)
+            .map_err(|e| fail(Device::Cpu, &e))?;
+    }
+    let session = b
+        .commit_from_memory(model)
+        .map_err(|e| fail(Device::Cpu, &e))?;
+    Ok((session, Provider::Cpu, cuda_error))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_session(env: &Environment, model: &[u8]) -> Result<Session, String> {
+    let ep = ort::ep::CUDA::default().build().error_on_failure();
+    let b = Session::builder(env).map_err(|e| e.to_string())?;
+    let b = b
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| e.to_string())?;
+    let mut b = b
+        .with_execution_providers([ep])
+        .map_err(|e| e.to_string())?;
+    b.commit_from_memory(model).map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_session(_env: &Environment, _model: &[u8]) -> Result<Session, String> {
+    Err("this build of cxr has no CUDA support (built without feature `cuda`)".into())
+}
+
+/// Runs `session` on a `[n, 3, s, s]` batch and returns the `probabilities` rows.
+pub fn run_probabilities(
+    session: &mut Session,
+    batch: Vec<f32>,
+    n: usize,
+    s: usize,
+) -> Result<Vec<[f32; 2]>, String> {
+    debug_assert_eq!(batch.len(), n * 3 * s * s, "batch length matches its shape");
+    let input = ort::value::Tensor::from_array(([n, 3, s, s], batch.into_boxed_slice()))
+        .map_err(|e| e.to_string())?;
+    let outputs = session
+        .run(ort::inputs![crate::onnx::INPUT_NAME => input])
+        .map_err(|e| e.to_string())?;
+    let (shape, data) = outputs[crate::onnx::PROBABILITIES_NAME]
+        .try_extract_tensor::<f32>()
+        .map_err(|e| e.to_string())?;
+    if shape.len() != 2 || shape[0] as usize != n || shape[1] != 2 {
+        return Err(format!(
+            "model returned probabilities of shape {shape:?} for a batch of {n}"
+        ));
+    }
+    Ok(data.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
+}

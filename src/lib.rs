@@ -1,0 +1,13 @@
+//! cxr: pediatric chest X-ray pneumonia classification.
+//!
+//! The library does the work; `cxr-serve` and `cxr-train` parse flags and call it.
+//! Modules follow a request's path: [`imaging`] turns bytes into tensors,
+//! [`inference`] runs them through ONNX Runtime, [`registry`] holds the model cards,
+//! [`onnx`] writes the model files, [`arch`] describes the network, [`eval`] measures.
+
+pub mod arch;
+pub mod eval;
+pub mod imaging;
+pub mod inference;
+pub mod onnx;
+pub mod registry;

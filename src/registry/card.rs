@@ -1,0 +1,146 @@
+//! The model card: what `models/<name>.json` says about `models/<name>.onnx`.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::arch::DenseNetConfig;
+use crate::eval::Metrics;
+use crate::imaging::Preprocessing;
+use crate::onnx::WeightStorage;
+
+/// Class names every cxr model uses, in output order.
+pub const CLASS_NAMES: [&str; 2] = ["NORMAL", "PNEUMONIA"];
+
+/// How the class imbalance was handled in training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Class-weighted cross-entropy, weight of a class = 1 − n_class / n_total.
+    Weighted,
+    /// NORMAL topped up with transformed copies until the classes are equal.
+    Augmented,
+    /// Neither (test fixtures, experiments).
+    #[default]
+    None,
+}
+
+/// The network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Architecture {
+    /// Human name, e.g. `densenet161`.
+    pub name: String,
+    /// Exact configuration.
+    #[schema(value_type = Object)]
+    pub config: DenseNetConfig,
+    /// Trainable parameters.
+    pub parameters: u64,
+}
+
+/// The ONNX file the card describes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OnnxFile {
+    /// File name beside the card.
+    pub file: String,
+    /// Lower-case hex SHA-256 of the file; loading fails when it differs.
+    pub sha256: String,
+    /// How the weights are stored.
+    #[schema(value_type = String, example = "fp16")]
+    pub weight_storage: WeightStorage,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// How the model was trained (what `cxr-train` did).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Recipe {
+    /// Imbalance strategy.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Data set description.
+    #[serde(default)]
+    pub data: String,
+    /// Epochs run.
+    #[serde(default)]
+    pub epochs: u32,
+    /// Image size per epoch (progressive resizing), when it changed.
+    #[serde(default)]
+    pub image_sizes: Vec<u32>,
+    /// Batch size.
+    #[serde(default)]
+    pub batch_size: u32,
+    /// Optimizer and schedule, e.g. `adamw lr=1e-3 wd=1e-4 onecycle`.
+    #[serde(default)]
+    pub optimizer: String,
+    /// Seed of every random choice (split, augmentation, init).
+    #[serde(default)]
+    pub seed: u64,
+    /// Images in the training split (after top-up for `augmented`).
+    #[serde(default)]
+    pub train_images: u64,
+    /// Images in the validation split (carved from train by patient).
+    #[serde(default)]
+    pub validation_images: u64,
+    /// Loss weights per class (`weighted`).
+    #[serde(default)]
+    pub class_weights: Vec<f64>,
+    /// Generated NORMAL images (`augmented`).
+    #[serde(default)]
+    pub generated_images: u64,
+    /// Initial weights (`scratch` or a file name).
+    #[serde(default)]
+    pub init: String,
+    /// Where it ran (`cpu`, `cuda`).
+    #[serde(default)]
+    pub device: String,
+    /// Wall-clock training time in seconds.
+    #[serde(default)]
+    pub wall_time_s: f64,
+    /// Max |ONNX Runtime − tch| on validation probabilities at export.
+    #[serde(default)]
+    pub export_parity_max_abs_diff: Option<f64>,
+    /// Anything else worth knowing.
+    #[serde(default)]
+    pub notes: String,
+}
+
+
+/// Measured quality.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CardMetrics {
+    /// On the held-out test split, touched once per final model.
+    #[serde(default)]
+    pub test: Option<Metrics>,
+    /// On the validation split (used to choose the epoch and the threshold).
+    #[serde(default)]
+    pub validation: Option<Metrics>,
+}
+
+/// `models/<name>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelCard {
+    /// Variant name, also the file stem and the `?model=` value.
+    pub name: String,
+    /// Version of this variant.
+    pub version: String,
+    /// One paragraph for humans.
+    #[serde(default)]
+    pub description: String,
+    /// The network.
+    pub architecture: Architecture,
+    /// Square input size in pixels.
+    pub input_size: u32,
+    /// How images become tensors.
+    pub preprocessing: Preprocessing,
+    /// Output classes in order; must be `["NORMAL", "PNEUMONIA"]`.
+    pub class_names: Vec<String>,
+    /// PNEUMONIA is answered when P(PNEUMONIA) >= threshold.
+    pub threshold: f64,
+    /// The ONNX file.
+    pub onnx: OnnxFile,
+    /// How it was trained.
+    #[serde(default)]
+    pub training: Recipe,
+    /// Measured quality.
+    #[serde(default)]
+    pub metrics: CardMetrics,
+}

@@ -1,0 +1,243 @@
+//! Model variants on disk: `models/<name>.onnx` beside its `models/<name>.json` card.
+//!
+//! Loading reads every card in the folder and refuses, with the file and the reason,
+//! any card that does not parse, names a missing file, disagrees with the file's
+//! SHA-256, or asks for an input shape, class list or preprocessing we do not serve.
+
+mod card;
+
+use std::path::{Path, PathBuf};
+
+pub use card::{Architecture, CLASS_NAMES, CardMetrics, ModelCard, OnnxFile, Recipe, Strategy};
+use sha2::{Digest, Sha256};
+
+use crate::imaging::Preprocessor;
+
+/// A problem with the models folder.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The folder cannot be read.
+    #[error("cannot read models folder {path}: {source}")]
+    Folder {
+        /// Folder.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// No card in the folder.
+    #[error(
+        "no model cards (*.json) in {0}; train models with cxr-train or point --models-dir elsewhere"
+    )]
+    Empty(PathBuf),
+    /// A card or its model is wrong.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The card or ONNX file at fault.
+        path: PathBuf,
+        /// What is wrong and what would fix it.
+        reason: String,
+    },
+}
+
+/// A card with its verified ONNX bytes.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    /// The card.
+    pub card: ModelCard,
+    /// Path of the ONNX file.
+    pub onnx_path: PathBuf,
+    /// The ONNX file's bytes (verified against the card's SHA-256).
+    pub onnx_bytes: Vec<u8>,
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Loads and checks every `<name>.json` card in `dir` (sorted by name).
+pub fn load_dir(dir: &Path) -> Result<Vec<LoadedModel>, RegistryError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| RegistryError::Folder {
+        path: dir.into(),
+        source,
+    })?;
+    let mut cards: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json") && p.is_file())
+        .collect();
+    cards.sort();
+    if cards.is_empty() {
+        return Err(RegistryError::Empty(dir.into()));
+    }
+    cards.iter().map(|p| load_card(p)).collect()
+}
+
+/// Loads one card and its ONNX file, checking everything the server relies on.
+pub fn load_card(card_path: &Path) -> Result<LoadedModel, RegistryError> {
+    let invalid = |path: &Path, reason: String| RegistryError::Invalid {
+        path: path.into(),
+        reason,
+    };
+    let text = std::fs::read_to_string(card_path)
+        .map_err(|e| invalid(card_path, format!("cannot read: {e}")))?;
+    let card: ModelCard = serde_json::from_str(&text)
+        .map_err(|e| invalid(card_path, format!("not a valid model card: {e}")))?;
+    let stem = card_path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    if card.name != stem {
+        return Err(invalid(
+            card_path,
+            format!(
+                "card name `{}` differs from the file name `{stem}`",
+                card.name
+            ),
+        ));
+    }
+    if !card
+        .name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || card.name.is_empty()
+    {
+        return Err(invalid(
+            card_path,
+            "name must be non-empty ASCII letters, digits, '-' or '_'".into(),
+        ));
+    }
+    if card.class_names != CLASS_NAMES {
+        return Err(invalid(
+            card_path,
+            format!(
+                "class_names {:?}; cxr serves {:?}",
+                card.class_names, CLASS_NAMES
+            ),
+        ));
+    }
+    if !(card.threshold > 0.0 && card.threshold < 1.0) {
+        return Err(invalid(
+            card_path,
+            format!("threshold {} must lie in (0, 1)", card.threshold),
+        ));
+    }
+    if card.architecture.config.num_classes != CLASS_NAMES.len() {
+        return Err(invalid(
+            card_path,
+            "architecture.config.num_classes must be 2".into(),
+        ));
+    }
+    Preprocessor::new(card.input_size, &card.preprocessing)
+        .map_err(|e| invalid(card_path, format!("unsupported preprocessing: {e}")))?;
+    let onnx_path = card_path.with_file_name(&card.onnx.file);
+    if Path::new(&card.onnx.file).components().count() != 1 {
+        return Err(invalid(
+            card_path,
+            "onnx.file must be a file name beside the card".into(),
+        ));
+    }
+    let onnx_bytes = std::fs::read(&onnx_path).map_err(|e| {
+        invalid(
+            &onnx_path,
+            format!("cannot read the model file named by the card: {e}"),
+        )
+    })?;
+    let digest = sha256_hex(&onnx_bytes);
+    if digest != card.onnx.sha256.to_ascii_lowercase() {
+        return Err(invalid(
+            &onnx_path,
+            format!(
+                "SHA-256 is {digest} but the card says {}: the file and card do not belong together",
+                card.onnx.sha256
+            ),
+        ));
+    }
+    let sig =
+        crate::onnx::signature(&onnx_bytes).map_err(|e| invalid(&onnx_path, e.to_string()))?;
+    sig.check_contract(card.input_size, CLASS_NAMES.len())
+        .map_err(|e| {
+            invalid(
+                &onnx_path,
+                format!("{e} (card input_size {})", card.input_size),
+            )
+        })?;
+    Ok(LoadedModel {
+        card,
+        onnx_path,
+        onnx_bytes,
+    })
+}
+
+/// What [`write_model`] needs to write a variant.
+#[derive(Debug, Clone)]
+pub struct NewModel<'a> {
+    /// Variant name (file stem).
+    pub name: &'a str,
+    /// Version string.
+    pub version: &'a str,
+    /// Card description.
+    pub description: &'a str,
+    /// Architecture name for humans (`densenet161`, `densenet-tiny`).
+    pub architecture_name: &'a str,
+    /// Network configuration.
+    pub config: &'a crate::arch::DenseNetConfig,
+    /// Weights with torchvision names.
+    pub weights: &'a crate::arch::Weights,
+    /// Square input size.
+    pub input_size: u32,
+    /// Weight storage in the file.
+    pub storage: crate::onnx::WeightStorage,
+    /// Decision threshold on P(PNEUMONIA).
+    pub threshold: f64,
+    /// Training recipe.
+    pub training: Recipe,
+    /// Measured metrics.
+    pub metrics: CardMetrics,
+}
+
+/// Writes `<dir>/<name>.onnx` and its card `<dir>/<name>.json`; returns the card.
+pub fn write_model(dir: &Path, m: &NewModel<'_>) -> Result<ModelCard, String> {
+    use prost::Message;
+    let opts = crate::onnx::WriteOptions {
+        input_size: m.input_size,
+        storage: m.storage,
+        metadata: vec![
+            ("cxr.name".into(), m.name.into()),
+            ("cxr.version".into(), m.version.into()),
+        ],
+    };
+    let bytes = crate::onnx::write_densenet(m.config, m.weights, &opts)?.encode_to_vec();
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let file = format!("{}.onnx", m.name);
+    let card = ModelCard {
+        name: m.name.into(),
+        version: m.version.into(),
+        description: m.description.into(),
+        architecture: Architecture {
+            name: m.architecture_name.into(),
+            config: m.config.clone(),
+            parameters: m.config.trainable_parameter_count() as u64,
+        },
+        input_size: m.input_size,
+        preprocessing: crate::imaging::Preprocessing::default(),
+        class_names: CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
+        threshold: m.threshold,
+        onnx: OnnxFile {
+            file: file.clone(),
+            sha256: sha256_hex(&bytes),
+            weight_storage: m.storage,
+            bytes: bytes.len() as u64,
+        },
+        training: m.training.clone(),
+        metrics: m.metrics.clone(),
+    };
+    std::fs::write(dir.join(&file), &bytes).map_err(|e| format!("cannot write {file}: {e}"))?;
+    let json = serde_json::to_string_pretty(&card).expect("a model card always serialises") + "\n";
+    std::fs::write(dir.join(format!("{}.json", m.name)), json)
+        .map_err(|e| format!("cannot write the card: {e}"))?;
+    Ok(card)
+}

@@ -1,0 +1,92 @@
+//! Helpers shared by the integration tests: the ONNX Runtime environment, tiny
+//! models written by our own writer, and generated images. No test needs the data
+//! set or the network.
+#![allow(dead_code)]
+
+use std::io::Cursor;
+use std::path::Path;
+
+use cxr::arch::{DenseNetConfig, Weights};
+use cxr::eval::Metrics;
+use cxr::onnx::WeightStorage;
+use cxr::registry::{CardMetrics, NewModel, Recipe, Strategy};
+use image::{GrayImage, ImageFormat, Luma};
+
+/// The process-wide ONNX Runtime environment (library from scripts/setup.sh).
+pub fn ort_env() -> &'static ort::environment::Environment {
+    let lib = cxr::inference::resolve_library(None);
+    cxr::inference::environment(&lib).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A CPU session on `bytes` with one intra-op thread.
+pub fn cpu_session(bytes: &[u8]) -> ort::session::Session {
+    let opts = cxr::inference::SessionOptions {
+        device: cxr::inference::Device::Cpu,
+        intra_threads: 1,
+    };
+    cxr::inference::create_session(ort_env(), bytes, opts)
+        .expect("session")
+        .0
+}
+
+/// Writes a tiny DenseNet variant named `name` with a test-metrics card into `dir`.
+pub fn write_tiny_model(
+    dir: &Path,
+    name: &str,
+    seed: u64,
+    sensitivity: f64,
+    specificity: f64,
+) -> Weights {
+    let config = DenseNetConfig::tiny();
+    let weights = config.random_weights(seed);
+    let mut test = Metrics::compute(&[0.9, 0.1], &[1, 0], 0.5);
+    test.sensitivity = sensitivity;
+    test.specificity = specificity;
+    cxr::registry::write_model(
+        dir,
+        &NewModel {
+            name,
+            version: "0.0.1-test",
+            description: "tiny random DenseNet for tests",
+            architecture_name: "densenet-tiny",
+            config: &config,
+            weights: &weights,
+            input_size: 32,
+            storage: WeightStorage::Fp32,
+            threshold: 0.5,
+            training: Recipe {
+                strategy: Strategy::None,
+                ..Default::default()
+            },
+            metrics: CardMetrics {
+                test: Some(test),
+                validation: None,
+            },
+        },
+    )
+    .expect("write tiny model");
+    weights
+}
+
+/// A grayscale gradient with a seed-dependent pattern.
+pub fn gray_image(w: u32, h: u32, seed: u32) -> GrayImage {
+    GrayImage::from_fn(w, h, |x, y| {
+        Luma([((x * 7 + y * 3 + seed * 31) % 256) as u8 ^ ((x * y) % 7) as u8])
+    })
+}
+
+/// PNG bytes of `img`.
+pub fn png_bytes(img: &GrayImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+        .expect("encode png");
+    out
+}
+
+/// JPEG bytes of `img`.
+pub fn jpeg_bytes(img: &GrayImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg)
+        .expect("encode jpeg");
+    out
+}

@@ -1,0 +1,282 @@
+//! The ONNX writer against ONNX Runtime: DenseNet-161 loads and runs, a tiny network
+//! matches an independent reference forward pass, FP16 storage matches FP32.
+
+mod common;
+
+use cxr::arch::{BN_EPS, DenseNetConfig, Tensor, Weights};
+use cxr::inference::run_probabilities;
+use cxr::onnx::{WeightStorage, WriteOptions, write_densenet};
+use prost::Message;
+
+fn write(config: &DenseNetConfig, w: &Weights, size: u32, storage: WeightStorage) -> Vec<u8> {
+    let opts = WriteOptions {
+        input_size: size,
+        storage,
+        metadata: vec![],
+    };
+    write_densenet(config, w, &opts)
+        .expect("write")
+        .encode_to_vec()
+}
+
+fn logits(session: &mut ort::session::Session, x: Vec<f32>, n: usize, s: usize) -> Vec<f32> {
+    let input = ort::value::Tensor::from_array(([n, 3, s, s], x.into_boxed_slice())).unwrap();
+    let out = session.run(ort::inputs!["image" => input]).unwrap();
+    out["logits"]
+        .try_extract_tensor::<f32>()
+        .unwrap()
+        .1
+        .to_vec()
+}
+
+fn input(n: usize, s: usize, seed: u64) -> Vec<f32> {
+    let mut r = cxr::arch::SplitMix64(seed);
+    (0..n * 3 * s * s)
+        .map(|_| (r.uniform() * 4.0 - 2.0) as f32)
+        .collect()
+}
+
+#[test]
+fn densenet161_loads_in_onnx_runtime_and_batches() {
+    let config = DenseNetConfig::densenet161();
+    let w = config.random_weights(7);
+    let params = config.trainable_parameter_count();
+    assert!((26_400_000..26_600_000).contains(&params), "{params}");
+    let all_values: usize = config.parameters().iter().map(|p| p.numel()).sum();
+    for (storage, bytes_per) in [(WeightStorage::Fp32, 4), (WeightStorage::Fp16, 2)] {
+        let file = write(&config, &w, 224, storage);
+        let expected = all_values * bytes_per;
+        // Graph structure and names add well under 1 % to the raw weights.
+        assert!(
+            file.len() >= expected && file.len() < expected + expected / 100,
+            "{storage:?}: {} vs {expected}",
+            file.len()
+        );
+        if storage == WeightStorage::Fp16 {
+            assert!(
+                file.len() < 60_000_000,
+                "FP16 DenseNet-161 must fit 60 MB: {}",
+                file.len()
+            );
+            continue;
+        }
+        let mut s = common::cpu_session(&file);
+        for n in [1usize, 2] {
+            let p = run_probabilities(&mut s, input(n, 224, n as u64), n, 224).unwrap();
+            assert_eq!(p.len(), n);
+            for row in p {
+                assert!(row.iter().all(|v| v.is_finite()));
+                assert!((row[0] + row[1] - 1.0).abs() < 1e-5, "{row:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tiny_network_matches_reference_forward() {
+    let config = DenseNetConfig {
+        growth_rate: 3,
+        block_config: vec![2, 3],
+        num_init_features: 6,
+        bn_size: 2,
+        num_classes: 2,
+    };
+    let mut w = config.random_weights(11);
+    // Non-trivial BatchNorm statistics and biases, so every parameter matters.
+    let mut r = cxr::arch::SplitMix64(5);
+    for (name, t) in w.iter_mut() {
+        if name.ends_with("running_var") {
+            t.data
+                .iter_mut()
+                .for_each(|v| *v = 0.5 + r.uniform() as f32);
+        } else if name.ends_with("running_mean") || name.ends_with("bias") {
+            t.data
+                .iter_mut()
+                .for_each(|v| *v = (r.uniform() - 0.5) as f32);
+        } else if name.contains("norm") && name.ends_with("weight") {
+            t.data
+                .iter_mut()
+                .for_each(|v| *v = 0.5 + r.uniform() as f32);
+        }
+    }
+    let s = 29; // odd size exercises pooling edges
+    let file = write(&config, &w, s as u32, WeightStorage::Fp32);
+    let mut session = common::cpu_session(&file);
+    let x = input(2, s, 99);
+    let got = logits(&mut session, x.clone(), 2, s);
+    for b in 0..2 {
+        let img = Tensor::new(
+            vec![3, s, s],
+            x[b * 3 * s * s..(b + 1) * 3 * s * s].to_vec(),
+        );
+        let want = reference::densenet(&config, &w, img);
+        for k in 0..2 {
+            let d = (got[b * 2 + k] - want[k]).abs();
+            assert!(
+                d <= 1e-5 * want[k].abs().max(1.0),
+                "logit {b},{k}: onnx {} reference {}",
+                got[b * 2 + k],
+                want[k]
+            );
+        }
+    }
+}
+
+#[test]
+fn fp16_storage_agrees_with_fp32() {
+    let config = DenseNetConfig::tiny();
+    let w = config.random_weights(3);
+    let s = 32;
+    let mut a = common::cpu_session(&write(&config, &w, s as u32, WeightStorage::Fp32));
+    let mut b = common::cpu_session(&write(&config, &w, s as u32, WeightStorage::Fp16));
+    let x = input(4, s, 1);
+    let pa = run_probabilities(&mut a, x.clone(), 4, s).unwrap();
+    let pb = run_probabilities(&mut b, x, 4, s).unwrap();
+    for (ra, rb) in pa.iter().zip(&pb) {
+        assert!((ra[1] - rb[1]).abs() <= 1e-2, "{ra:?} vs {rb:?}");
+    }
+}
+
+#[test]
+fn wrong_input_shape_is_an_error_not_a_panic() {
+    let config = DenseNetConfig::tiny();
+    let file = write(&config, &config.random_weights(1), 32, WeightStorage::Fp32);
+    let mut s = common::cpu_session(&file);
+    assert!(run_probabilities(&mut s, input(1, 16, 1), 1, 16).is_err());
+}
+
+/// An independent, deliberately naive forward pass of torchvision's DenseNet.
+mod reference {
+    use super::*;
+
+    fn get<'a>(w: &'a Weights, n: &str) -> &'a Tensor {
+        w.get(n).unwrap_or_else(|| panic!("missing {n}"))
+    }
+
+    fn conv(x: &Tensor, k: &Tensor, stride: usize, pad: usize) -> Tensor {
+        let (c, h, wd) = (x.shape[0], x.shape[1], x.shape[2]);
+        let (o, ci, kh, kw) = (k.shape[0], k.shape[1], k.shape[2], k.shape[3]);
+        assert_eq!(c, ci);
+        let oh = (h + 2 * pad - kh) / stride + 1;
+        let ow = (wd + 2 * pad - kw) / stride + 1;
+        let mut out = vec![0f32; o * oh * ow];
+        for oc in 0..o {
+            for y in 0..oh {
+                for xx in 0..ow {
+                    let mut acc = 0f64;
+                    for ic in 0..c {
+                        for i in 0..kh {
+                            for j in 0..kw {
+                                let yy = (y * stride + i) as isize - pad as isize;
+                                let xj = (xx * stride + j) as isize - pad as isize;
+                                if yy < 0 || xj < 0 || yy >= h as isize || xj >= wd as isize {
+                                    continue;
+                                }
+                                let xv = x.data[ic * h * wd + yy as usize * wd + xj as usize];
+                                acc += f64::from(xv)
+                                    * f64::from(k.data[((oc * c + ic) * kh + i) * kw + j]);
+                            }
+                        }
+                    }
+                    out[oc * oh * ow + y * ow + xx] = acc as f32;
+                }
+            }
+        }
+        Tensor::new(vec![o, oh, ow], out)
+    }
+
+    fn bn_relu(x: &Tensor, w: &Weights, p: &str) -> Tensor {
+        let (g, b, m, v) = (
+            get(w, &format!("{p}.weight")),
+            get(w, &format!("{p}.bias")),
+            get(w, &format!("{p}.running_mean")),
+            get(w, &format!("{p}.running_var")),
+        );
+        let hw = x.shape[1] * x.shape[2];
+        let mut out = x.data.clone();
+        for c in 0..x.shape[0] {
+            for i in 0..hw {
+                let y = (x.data[c * hw + i] - m.data[c]) / (v.data[c] + BN_EPS).sqrt() * g.data[c]
+                    + b.data[c];
+                out[c * hw + i] = y.max(0.0);
+            }
+        }
+        Tensor::new(x.shape.clone(), out)
+    }
+
+    fn pool(x: &Tensor, k: usize, stride: usize, pad: usize, max: bool) -> Tensor {
+        let (c, h, wd) = (x.shape[0], x.shape[1], x.shape[2]);
+        let oh = (h + 2 * pad - k) / stride + 1;
+        let ow = (wd + 2 * pad - k) / stride + 1;
+        let mut out = Vec::new();
+        for ch in 0..c {
+            for y in 0..oh {
+                for xx in 0..ow {
+                    let mut acc = if max { f32::NEG_INFINITY } else { 0.0 };
+                    for i in 0..k {
+                        for j in 0..k {
+                            let yy = (y * stride + i) as isize - pad as isize;
+                            let xj = (xx * stride + j) as isize - pad as isize;
+                            if yy < 0 || xj < 0 || yy >= h as isize || xj >= wd as isize {
+                                continue;
+                            }
+                            let v = x.data[ch * h * wd + yy as usize * wd + xj as usize];
+                            if max { acc = acc.max(v) } else { acc += v }
+                        }
+                    }
+                    out.push(if max { acc } else { acc / (k * k) as f32 });
+                }
+            }
+        }
+        Tensor::new(vec![c, oh, ow], out)
+    }
+
+    fn cat(xs: &[Tensor]) -> Tensor {
+        let c = xs.iter().map(|t| t.shape[0]).sum();
+        let data = xs.iter().flat_map(|t| t.data.iter().copied()).collect();
+        Tensor::new(vec![c, xs[0].shape[1], xs[0].shape[2]], data)
+    }
+
+    pub fn densenet(cfg: &DenseNetConfig, w: &Weights, x: Tensor) -> Vec<f32> {
+        let mut x = conv(&x, get(w, "features.conv0.weight"), 2, 3);
+        x = bn_relu(&x, w, "features.norm0");
+        x = pool(&x, 3, 2, 1, true);
+        for (b, &layers) in cfg.block_config.iter().enumerate() {
+            let mut feats = vec![x.clone()];
+            for l in 0..layers {
+                let p = format!("features.denseblock{}.denselayer{}", b + 1, l + 1);
+                let y = bn_relu(&cat(&feats), w, &format!("{p}.norm1"));
+                let y = conv(&y, get(w, &format!("{p}.conv1.weight")), 1, 0);
+                let y = bn_relu(&y, w, &format!("{p}.norm2"));
+                feats.push(conv(&y, get(w, &format!("{p}.conv2.weight")), 1, 1));
+            }
+            x = cat(&feats);
+            if b + 1 != cfg.block_config.len() {
+                let p = format!("features.transition{}", b + 1);
+                x = bn_relu(&x, w, &format!("{p}.norm"));
+                x = conv(&x, get(w, &format!("{p}.conv.weight")), 1, 0);
+                x = pool(&x, 2, 2, 0, false);
+            }
+        }
+        x = bn_relu(
+            &x,
+            w,
+            &format!("features.norm{}", cfg.block_config.len() + 1),
+        );
+        let hw = x.shape[1] * x.shape[2];
+        let gap: Vec<f32> = (0..x.shape[0])
+            .map(|c| x.data[c * hw..(c + 1) * hw].iter().sum::<f32>() / hw as f32)
+            .collect();
+        let (cw, cb) = (get(w, "classifier.weight"), get(w, "classifier.bias"));
+        (0..cfg.num_classes)
+            .map(|k| {
+                cb.data[k]
+                    + gap
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| v * cw.data[k * gap.len() + i])
+                        .sum::<f32>()
+            })
+            .collect()
+    }
+}
