@@ -2,8 +2,10 @@
 # in .venv (see scripts/setup.sh --train).
 _cxr_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export LIBTORCH_USE_PYTORCH=1
-export PYTHON_SYS_EXECUTABLE="$_cxr_root/.venv/bin/python"
-_torch_lib="$("$PYTHON_SYS_EXECUTABLE" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)"
+# torch-sys asks `python` (in a virtualenv) for the torch wheel's paths and ABI.
+export VIRTUAL_ENV="$_cxr_root/.venv"
+case ":$PATH:" in *":$VIRTUAL_ENV/bin:"*) ;; *) export PATH="$VIRTUAL_ENV/bin:$PATH" ;; esac
+_torch_lib="$("$VIRTUAL_ENV/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)"
 [ -n "$_torch_lib" ] && export LD_LIBRARY_PATH="$_torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$_cxr_root/.ort/lib/libonnxruntime.so}"
 unset _cxr_root _torch_lib

@@ -157,7 +157,7 @@ impl DenseNetConfig {
             .sum()
     }
 
-    /// Deterministic random weights (Kaiming-normal convolutions, unit BatchNorm,
+    /// Deterministic random weights (Kaiming-normal fan-in convolutions, unit BatchNorm,
     /// small classifier), for tests and benchmarks: the outputs are finite and vary
     /// with the input.
     pub fn random_weights(&self, seed: u64) -> Weights {
@@ -169,9 +169,9 @@ impl DenseNetConfig {
                 Init::Zero => vec![0.0; n],
                 Init::One => vec![1.0; n],
                 Init::Kaiming => {
-                    // fan_out mode as torchvision: std = sqrt(2 / (out * k * k)).
-                    let fan_out = p.shape[0] * p.shape[2] * p.shape[3];
-                    let std = (2.0 / fan_out as f64).sqrt();
+                    // torchvision's `kaiming_normal_` (fan-in): std = sqrt(2 / (in * k * k)).
+                    let fan_in = p.shape[1] * p.shape[2] * p.shape[3];
+                    let std = (2.0 / fan_in as f64).sqrt();
                     (0..n).map(|_| (rng.normal() * std) as f32).collect()
                 }
                 Init::Linear => {
@@ -227,7 +227,7 @@ impl DenseNetConfig {
 /// How a parameter is initialised (torchvision's scheme).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Init {
-    /// Kaiming normal, fan-out, ReLU gain.
+    /// Kaiming normal, fan-in, ReLU gain.
     Kaiming,
     /// PyTorch's Linear default bound 1/sqrt(fan_in) (uniform).
     Linear,

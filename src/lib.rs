@@ -11,3 +11,5 @@ pub mod imaging;
 pub mod inference;
 pub mod onnx;
 pub mod registry;
+#[cfg(feature = "train")]
+pub mod train;

@@ -103,7 +103,6 @@ pub struct Recipe {
     pub notes: String,
 }
 
-
 /// Measured quality.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CardMetrics {

@@ -1,0 +1,277 @@
+//! `cxr-train`'s flags (clap, with `CXR_*` environment fallbacks).
+
+use std::path::PathBuf;
+
+use crate::onnx::WeightStorage;
+
+/// Imbalance strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StrategyArg {
+    /// Class-weighted cross-entropy (weight = 1 − n_class / n_total).
+    Weighted,
+    /// Top NORMAL up with transformed copies, then plain cross-entropy.
+    Augmented,
+}
+
+/// Network size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchArg {
+    /// torchvision DenseNet-161.
+    Densenet161,
+    /// A tiny DenseNet (smoke tests).
+    Tiny,
+}
+
+/// Optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerArg {
+    /// AdamW (decoupled weight decay).
+    Adamw,
+    /// SGD with Nesterov momentum 0.9.
+    Sgd,
+}
+
+/// Learning-rate schedule over all steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScheduleArg {
+    /// Warm up to `--lr` over 25 % of the steps, then cosine down to lr/1e4.
+    Onecycle,
+    /// Cosine from `--lr` to lr/1e4.
+    Cosine,
+    /// Constant `--lr`.
+    Constant,
+}
+
+/// Training device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA when libtorch sees a GPU, else CPU.
+    Auto,
+    /// CPU.
+    Cpu,
+    /// CUDA or fail.
+    Cuda,
+}
+
+/// How the decision threshold is chosen, always on the validation split.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ThresholdRule {
+    /// A fixed value.
+    Fixed(f64),
+    /// Maximise Youden's J (sensitivity + specificity − 1); the middle of the best
+    /// plateau.
+    Youden,
+    /// The highest threshold whose validation sensitivity is at least this.
+    MinSensitivity(f64),
+}
+
+impl std::str::FromStr for ThresholdRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let prob = |v: &str| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|p| *p > 0.0 && *p < 1.0)
+                .ok_or_else(|| format!("`{v}` is not a probability in (0, 1)"))
+        };
+        match s {
+            "youden" => Ok(Self::Youden),
+            _ => match s.strip_prefix("sensitivity:") {
+                Some(v) => prob(v).map(Self::MinSensitivity),
+                None => prob(s)
+                    .map(Self::Fixed)
+                    .map_err(|e| format!("{e}; use 0.5, youden or sensitivity:0.95")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ThresholdRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fixed(v) => write!(f, "{v}"),
+            Self::Youden => write!(f, "youden"),
+            Self::MinSensitivity(v) => write!(f, "sensitivity:{v}"),
+        }
+    }
+}
+
+/// Trains one DenseNet variant on the Kermany layout and writes `<name>.onnx`, its
+/// model card `<name>.json`, `history.csv` and plots into `--out`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "cxr-train", version, about)]
+pub struct TrainArgs {
+    /// Data root holding train/{NORMAL,PNEUMONIA} and test/{NORMAL,PNEUMONIA}.
+    #[arg(long, env = "CXR_DATA")]
+    pub data: PathBuf,
+    /// Output folder of this run (checkpoints, model, card, plots).
+    #[arg(long, env = "CXR_TRAIN_OUT")]
+    pub out: PathBuf,
+    /// Imbalance strategy.
+    #[arg(long, value_enum, env = "CXR_STRATEGY")]
+    pub strategy: StrategyArg,
+    /// Variant name (file stem and `?model=` value); defaults to the strategy.
+    #[arg(long, env = "CXR_NAME")]
+    pub name: Option<String>,
+    /// Version written in the card.
+    #[arg(long, default_value = "1.0.0")]
+    pub version: String,
+    /// Network.
+    #[arg(long, value_enum, default_value = "densenet161")]
+    pub arch: ArchArg,
+    /// Epochs in all (including the final ones).
+    #[arg(long, default_value_t = 10)]
+    pub epochs: u32,
+    /// Image size of the first epochs.
+    #[arg(long, default_value_t = 112)]
+    pub image_size: u32,
+    /// Image size of the last `--final-epochs` epochs and of the exported model
+    /// (progressive resizing); defaults to `--image-size`.
+    #[arg(long)]
+    pub final_image_size: Option<u32>,
+    /// Epochs at `--final-image-size`.
+    #[arg(long, default_value_t = 0)]
+    pub final_epochs: u32,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Batch size of the final epochs (memory grows with the image); defaults to
+    /// `--batch-size`.
+    #[arg(long)]
+    pub final_batch_size: Option<usize>,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: OptimizerArg,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Weight decay.
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, default_value = "onecycle")]
+    pub schedule: ScheduleArg,
+    /// Label smoothing of the cross-entropy.
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Fraction of each class's training images moved to validation (by patient).
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    /// Seed of the split, the augmentation, the top-up and the initial weights.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Training device.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// CPU threads for libtorch (0 = its default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Save a checkpoint every N steps (and at every epoch end).
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// Continue from `--out`'s checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// torchvision-layout DenseNet weights (safetensors) to start from; the
+    /// classifier is replaced by a 2-class one.
+    #[arg(long)]
+    pub init_weights: Option<PathBuf>,
+    /// Decision threshold rule on validation: a probability, `youden` or
+    /// `sensitivity:0.95`.
+    #[arg(long, default_value = "youden")]
+    pub threshold: ThresholdRule,
+    /// Weight storage of the exported ONNX file.
+    #[arg(long, value_enum, default_value = "fp16")]
+    pub storage: StorageArg,
+    /// Stop each epoch after this many steps (smoke tests).
+    #[arg(long)]
+    pub max_steps_per_epoch: Option<usize>,
+    /// Use at most this many images per class and split (smoke tests).
+    #[arg(long)]
+    pub limit_per_class: Option<usize>,
+    /// ONNX Runtime library for the export parity check (else ORT_DYLIB_PATH or
+    /// .ort/lib/libonnxruntime.so).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+/// ONNX weight storage flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StorageArg {
+    /// float32.
+    Fp32,
+    /// float16 (half the file; parity bound 1e-2).
+    Fp16,
+}
+
+impl From<StorageArg> for WeightStorage {
+    fn from(s: StorageArg) -> Self {
+        match s {
+            StorageArg::Fp32 => WeightStorage::Fp32,
+            StorageArg::Fp16 => WeightStorage::Fp16,
+        }
+    }
+}
+
+impl TrainArgs {
+    /// Checks the flags and says what to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.epochs == 0 {
+            return Err("--epochs must be >= 1".into());
+        }
+        if self.final_epochs > self.epochs {
+            return Err("--final-epochs cannot exceed --epochs".into());
+        }
+        if self.batch_size == 0 || self.final_batch_size == Some(0) {
+            return Err("--batch-size must be >= 1".into());
+        }
+        if !(self.val_fraction > 0.0 && self.val_fraction < 0.5) {
+            return Err("--val-fraction must lie in (0, 0.5)".into());
+        }
+        if self.lr.is_nan() || self.lr <= 0.0
+            || self.weight_decay < 0.0
+            || !(0.0..1.0).contains(&self.label_smoothing)
+        {
+            return Err(
+                "--lr must be > 0, --weight-decay >= 0, --label-smoothing in [0, 1)".into(),
+            );
+        }
+        for s in [Some(self.image_size), self.final_image_size]
+            .into_iter()
+            .flatten()
+        {
+            if !(32..=1024).contains(&s) {
+                return Err(format!("image size {s} is outside 32..=1024"));
+            }
+        }
+        if self.checkpoint_every == 0 {
+            return Err("--checkpoint-every must be >= 1".into());
+        }
+        Ok(())
+    }
+
+    /// The variant name.
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| match self.strategy {
+            StrategyArg::Weighted => "weighted".into(),
+            StrategyArg::Augmented => "augmented".into(),
+        })
+    }
+
+    /// Image size of the exported model.
+    pub fn export_size(&self) -> u32 {
+        self.final_image_size.unwrap_or(self.image_size)
+    }
+
+    /// (image size, batch size) of epoch `e` (0-based).
+    pub fn epoch_shape(&self, e: u32) -> (u32, usize) {
+        if e >= self.epochs - self.final_epochs {
+            (
+                self.export_size(),
+                self.final_batch_size.unwrap_or(self.batch_size),
+            )
+        } else {
+            (self.image_size, self.batch_size)
+        }
+    }
+}

@@ -1,0 +1,803 @@
+//! `cxr-train`: trains a DenseNet variant with libtorch (tch) and writes what
+//! `cxr-serve` loads: `<name>.onnx` (our writer), `<name>.json` (model card with the
+//! test metrics), `history.csv` and plots.
+//!
+//! The loop checkpoints every N steps and at each epoch end (`checkpoint.safetensors`
+//! and `state.json`), so `--resume` continues a stopped run from its last step. The
+//! best epoch and the decision threshold are chosen on the validation split (carved
+//! from train by patient); the test split is evaluated once, at the end.
+
+pub mod config;
+pub mod data;
+pub mod model;
+mod plots;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use image::GrayImage;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
+
+pub use config::TrainArgs;
+use config::{ArchArg, DeviceArg, OptimizerArg, ScheduleArg, StrategyArg, ThresholdRule};
+use data::{AugmentSpec, Sample};
+
+use crate::arch::{DenseNetConfig, SplitMix64};
+use crate::eval::{Metrics, roc_curve};
+use crate::imaging::{Preprocessing, Preprocessor};
+use crate::registry::{CardMetrics, ModelCard, NewModel, Recipe, Strategy};
+
+/// One row of `history.csv`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch.
+    pub epoch: u32,
+    /// Image size trained at.
+    pub image_size: u32,
+    /// Learning rate at the epoch end.
+    pub lr: f64,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Training accuracy (augmented images).
+    pub train_accuracy: f64,
+    /// Validation cross-entropy (unweighted).
+    pub val_loss: f64,
+    /// Validation accuracy at 0.5.
+    pub val_accuracy: f64,
+    /// Validation AUC.
+    pub val_auc: f64,
+    /// Seconds the epoch took.
+    pub seconds: f64,
+}
+
+/// What `state.json` keeps between runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    /// Epoch in progress (0-based).
+    pub epoch: u32,
+    /// Steps done in that epoch.
+    pub step: usize,
+    /// Steps done in all.
+    pub global_step: usize,
+    /// Finished epochs.
+    pub history: Vec<EpochRecord>,
+    /// Best finished epoch (1-based) by validation loss, among those at the export size.
+    pub best_epoch: Option<u32>,
+    /// Its validation loss.
+    pub best_val_loss: Option<f64>,
+    /// Training seconds so far, across resumes.
+    pub wall_time_s: f64,
+    /// Flags that must not change across a resume.
+    pub fingerprint: String,
+}
+
+/// What a finished run produced.
+#[derive(Debug)]
+pub struct RunOutput {
+    /// The card written beside the model.
+    pub card: ModelCard,
+    /// Path of the ONNX file.
+    pub onnx: PathBuf,
+}
+
+struct Split {
+    samples: Vec<Sample>,
+    labels: Vec<u8>,
+}
+
+impl Split {
+    fn new(samples: Vec<Sample>) -> Self {
+        let labels = samples.iter().map(|s| s.label).collect();
+        Self { samples, labels }
+    }
+}
+
+fn limit(samples: Vec<Sample>, per_class: Option<usize>) -> Vec<Sample> {
+    match per_class {
+        None => samples,
+        Some(k) => {
+            let mut seen = [0usize; 2];
+            samples
+                .into_iter()
+                .filter(|s| {
+                    seen[s.label as usize] += 1;
+                    seen[s.label as usize] <= k
+                })
+                .collect()
+        }
+    }
+}
+
+fn fingerprint(a: &TrainArgs) -> String {
+    format!(
+        "{:?}|{:?}|{}|{}|{:?}|{}|{}|{:?}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}",
+        a.strategy,
+        a.arch,
+        a.epochs,
+        a.image_size,
+        a.final_image_size,
+        a.final_epochs,
+        a.batch_size,
+        a.final_batch_size,
+        a.lr,
+        a.weight_decay,
+        a.optimizer,
+        a.schedule,
+        a.seed,
+        a.max_steps_per_epoch,
+        a.limit_per_class
+    )
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("[cxr-train {}] {}", chrono_like_now(), msg.as_ref());
+}
+
+fn chrono_like_now() -> String {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn save_vs(vs: &nn::VarStore, path: &Path) -> Result<(), String> {
+    let tmp = path.with_extension("tmp.safetensors");
+    vs.save(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Learning rate at `step` of `total`.
+pub fn lr_at(schedule: ScheduleArg, peak: f64, step: usize, total: usize) -> f64 {
+    let t = step as f64 / total.max(1) as f64;
+    let floor = peak / 1e4;
+    let cos = |x: f64, hi: f64, lo: f64| {
+        lo + (hi - lo) * (1.0 + (std::f64::consts::PI * x.clamp(0.0, 1.0)).cos()) / 2.0
+    };
+    match schedule {
+        ScheduleArg::Constant => peak,
+        ScheduleArg::Cosine => cos(t, peak, floor),
+        ScheduleArg::Onecycle => {
+            let warm = 0.25;
+            if t < warm {
+                cos(1.0 - t / warm, peak, peak / 25.0)
+            } else {
+                cos((t - warm) / (1.0 - warm), peak, floor)
+            }
+        }
+    }
+}
+
+/// Chooses the threshold on validation scores (P(PNEUMONIA)) by `rule`.
+pub fn choose_threshold(rule: ThresholdRule, scores: &[f64], labels: &[u8]) -> f64 {
+    let roc = roc_curve(scores, labels);
+    if roc.len() < 2 {
+        return 0.5;
+    }
+    // Candidate thresholds: each distinct score; point i means "score >= roc[i].threshold".
+    match rule {
+        ThresholdRule::Fixed(t) => t,
+        ThresholdRule::Youden => {
+            let best = roc
+                .iter()
+                .skip(1)
+                .map(|p| p.tpr - p.fpr)
+                .fold(f64::MIN, f64::max);
+            let plateau: Vec<usize> = (1..roc.len())
+                .filter(|&i| roc[i].tpr - roc[i].fpr >= best - 1e-12)
+                .collect();
+            // Every threshold in (next lower score, roc[i].threshold] gives point i; take
+            // the middle of the whole plateau's interval.
+            let hi = roc[plateau[0]].threshold;
+            let last = *plateau.last().expect("non-empty plateau");
+            let lo = roc.get(last + 1).map_or(0.0, |p| p.threshold);
+            ((hi + lo) / 2.0).clamp(0.01, 0.99)
+        }
+        ThresholdRule::MinSensitivity(s) => roc
+            .iter()
+            .skip(1)
+            .find(|p| p.tpr >= s)
+            .map_or(0.5, |p| p.threshold)
+            .clamp(0.01, 0.99),
+    }
+}
+
+fn tensor_batch(pre: &Preprocessor, imgs: &[GrayImage], device: Device) -> Tensor {
+    let s = i64::from(pre.size());
+    let mut buf = Vec::with_capacity(imgs.len() * 3 * (s * s) as usize);
+    for g in imgs {
+        buf.extend(pre.normalize(g));
+    }
+    Tensor::from_slice(&buf)
+        .view([imgs.len() as i64, 3, s, s])
+        .to_device(device)
+}
+
+/// P(PNEUMONIA) for each image, eval mode.
+fn predict(
+    net: &model::DenseNet,
+    pre: &Preprocessor,
+    imgs: &[GrayImage],
+    device: Device,
+) -> Vec<f64> {
+    let mut out = Vec::with_capacity(imgs.len());
+    tch::no_grad(|| {
+        for chunk in imgs.chunks(32) {
+            let x = tensor_batch(pre, chunk, device);
+            let p = net
+                .forward_t(&x, false)
+                .softmax(1, Kind::Float)
+                .to_device(Device::Cpu);
+            let col =
+                Vec::<f32>::try_from(p.select(1, 1).contiguous()).expect("float probabilities");
+            out.extend(col.into_iter().map(f64::from));
+        }
+    });
+    out
+}
+
+fn val_loss(scores: &[f64], labels: &[u8]) -> f64 {
+    let eps = 1e-7;
+    scores
+        .iter()
+        .zip(labels)
+        .map(|(&p, &l)| -(if l == 1 { p } else { 1.0 - p }).max(eps).ln())
+        .sum::<f64>()
+        / scores.len().max(1) as f64
+}
+
+/// Runs training end to end.
+pub fn run(args: &TrainArgs) -> anyhow::Result<RunOutput> {
+    use anyhow::{Context, anyhow};
+    args.validate().map_err(|e| anyhow!(e))?;
+    let name = args.name();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads as i32);
+    }
+    let device = match args.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Auto => Device::cuda_if_available(),
+        DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+        DeviceArg::Cuda => return Err(anyhow!("--device cuda: libtorch sees no CUDA device")),
+    };
+    tch::manual_seed(args.seed as i64);
+    let arch = match args.arch {
+        ArchArg::Densenet161 => DenseNetConfig::densenet161(),
+        ArchArg::Tiny => DenseNetConfig::tiny(),
+    };
+
+    // Data: split train by patient; test stays untouched until the end.
+    let all_train = limit(
+        data::scan(&args.data, "train").map_err(|e| anyhow!(e))?,
+        args.limit_per_class,
+    );
+    let test = Split::new(limit(
+        data::scan(&args.data, "test").map_err(|e| anyhow!(e))?,
+        args.limit_per_class,
+    ));
+    let (mut train, val) = data::split_by_patient(&all_train, args.val_fraction, args.seed);
+    let val = Split::new(val);
+    let counts = data::class_counts(&train);
+    log(format!(
+        "{name}: train {} (NORMAL {}, PNEUMONIA {}), validation {} ({} patients apart), test {}; device {device:?}",
+        train.len(),
+        counts[0],
+        counts[1],
+        val.samples.len(),
+        val.samples
+            .iter()
+            .map(|s| &s.patient)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        test.samples.len()
+    ));
+    let mut generated = 0;
+    let loss_weights = match args.strategy {
+        StrategyArg::Weighted => Some(data::class_weights(counts)),
+        StrategyArg::Augmented => {
+            let need = counts[1].saturating_sub(counts[0]);
+            let extra = data::top_up(
+                &train,
+                need,
+                &args.out.join("generated").join("NORMAL"),
+                args.seed,
+            )
+            .map_err(|e| anyhow!(e))?;
+            generated = extra.len();
+            train.extend(extra);
+            let c = data::class_counts(&train);
+            log(format!(
+                "augmented: generated {generated} NORMAL images; classes now {} / {}",
+                c[0], c[1]
+            ));
+            None
+        }
+    };
+    let train = Split::new(train);
+
+    // Model and optimizer.
+    let mut vs = nn::VarStore::new(device);
+    let net = model::DenseNet::new(&vs.root(), &arch);
+    if let Some(w) = &args.init_weights {
+        let n = model::load_torchvision(&mut vs, w).map_err(|e| anyhow!(e))?;
+        log(format!("initialised {n} tensors from {}", w.display()));
+    }
+    let mut opt = match args.optimizer {
+        OptimizerArg::Adamw => nn::AdamW {
+            wd: args.weight_decay,
+            ..Default::default()
+        }
+        .build(&vs, args.lr)?,
+        OptimizerArg::Sgd => nn::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            wd: args.weight_decay,
+            ..Default::default()
+        }
+        .build(&vs, args.lr)?,
+    };
+    let state_path = args.out.join("state.json");
+    let ckpt_path = args.out.join("checkpoint.safetensors");
+    let best_path = args.out.join("best.safetensors");
+    let mut state = State {
+        fingerprint: fingerprint(args),
+        ..Default::default()
+    };
+    if args.resume && state_path.exists() {
+        let s: State = serde_json::from_str(&std::fs::read_to_string(&state_path)?)
+            .context("reading state.json")?;
+        if s.fingerprint != state.fingerprint {
+            return Err(anyhow!(
+                "--resume: {} was made with other flags ({}); use the same flags or another --out",
+                state_path.display(),
+                s.fingerprint
+            ));
+        }
+        vs.load(&ckpt_path)
+            .with_context(|| format!("loading {}", ckpt_path.display()))?;
+        state = s;
+        log(format!(
+            "resumed at epoch {} step {} (global step {})",
+            state.epoch + 1,
+            state.step,
+            state.global_step
+        ));
+    }
+    let loss_w =
+        loss_weights.map(|w| Tensor::from_slice(&[w[0] as f32, w[1] as f32]).to_device(device));
+
+    let steps_in = |e: u32| {
+        let (_, b) = args.epoch_shape(e);
+        let s = (train.samples.len() / b).max(1);
+        args.max_steps_per_epoch.map_or(s, |m| s.min(m))
+    };
+    let total_steps: usize = (0..args.epochs).map(steps_in).sum();
+    let mut cache: Option<(u32, Vec<GrayImage>, Vec<GrayImage>)> = None;
+    let run_start = Instant::now();
+    let base_wall = state.wall_time_s;
+
+    while state.epoch < args.epochs {
+        let e = state.epoch;
+        let (size, batch) = args.epoch_shape(e);
+        let pre = Preprocessor::new(size, &Preprocessing::default()).map_err(|e| anyhow!(e))?;
+        if cache.as_ref().is_none_or(|c| c.0 != size) {
+            let t = Instant::now();
+            let (tr, bad) = data::load_resized(&train.samples, &pre);
+            report_bad(&bad, train.samples.len())?;
+            let (va, bad) = data::load_resized(&val.samples, &pre);
+            report_bad(&bad, val.samples.len())?;
+            log(format!(
+                "decoded {} images at {size} px in {:.1}s",
+                tr.len() + va.len(),
+                t.elapsed().as_secs_f64()
+            ));
+            cache = Some((size, tr, va));
+        }
+        let (_, tr_imgs, va_imgs) = cache.as_ref().expect("cache filled above");
+        let steps = steps_in(e);
+        let mut order: Vec<usize> = (0..train.samples.len()).collect();
+        data::shuffle(
+            &mut order,
+            &mut SplitMix64(args.seed.wrapping_add(1000 + u64::from(e))),
+        );
+        let bar = indicatif::ProgressBar::new(steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{}/{}", e + 1, args.epochs));
+        bar.set_position(state.step as u64);
+        let epoch_start = Instant::now();
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut lr = args.lr;
+        while state.step < steps {
+            let idx = &order[state.step * batch..(state.step + 1) * batch];
+            let imgs: Vec<GrayImage> = idx
+                .iter()
+                .map(|&i| {
+                    let mut rng = SplitMix64(args.seed ^ (u64::from(e) << 32) ^ i as u64);
+                    data::augment(&tr_imgs[i], &AugmentSpec::TRAIN, &mut rng)
+                })
+                .collect();
+            let x = tensor_batch(&pre, &imgs, device);
+            let y = Tensor::from_slice(
+                &idx.iter()
+                    .map(|&i| i64::from(train.labels[i]))
+                    .collect::<Vec<_>>(),
+            )
+            .to_device(device);
+            lr = lr_at(args.schedule, args.lr, state.global_step, total_steps);
+            opt.set_lr(lr);
+            let logits = net.forward_t(&x, true);
+            let loss = logits.cross_entropy_loss(
+                &y,
+                loss_w.as_ref(),
+                tch::Reduction::Mean,
+                -100,
+                args.label_smoothing,
+            );
+            opt.backward_step(&loss);
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                return Err(anyhow!(
+                    "loss became {l} at epoch {} step {}: lower --lr",
+                    e + 1,
+                    state.step
+                ));
+            }
+            loss_sum += l * batch as f64;
+            correct += logits
+                .argmax(1, false)
+                .eq_tensor(&y)
+                .sum(Kind::Int64)
+                .int64_value(&[]) as usize;
+            seen += batch;
+            state.step += 1;
+            state.global_step += 1;
+            bar.set_position(state.step as u64);
+            let ips = seen as f64 / epoch_start.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.4} acc {:.3} {ips:.1} img/s",
+                loss_sum / seen as f64,
+                correct as f64 / seen as f64
+            ));
+            if state.step.is_multiple_of(10) && bar.is_hidden() {
+                // No terminal (nohup): the bar is hidden, so log progress lines.
+                log(format!(
+                    "epoch {} step {}/{steps} loss {:.4} acc {:.3} lr {lr:.2e} {ips:.1} img/s",
+                    e + 1,
+                    state.step,
+                    loss_sum / seen as f64,
+                    correct as f64 / seen as f64
+                ));
+            }
+            if state.step.is_multiple_of(args.checkpoint_every) && state.step < steps {
+                state.wall_time_s = base_wall + run_start.elapsed().as_secs_f64();
+                checkpoint(&vs, &state, &ckpt_path, &state_path)?;
+            }
+        }
+        bar.finish_and_clear();
+        let scores = predict(&net, &pre, va_imgs, device);
+        let m = Metrics::compute(&scores, &val.labels, 0.5);
+        let rec = EpochRecord {
+            epoch: e + 1,
+            image_size: size,
+            lr,
+            train_loss: if seen > 0 {
+                loss_sum / seen as f64
+            } else {
+                f64::NAN
+            },
+            train_accuracy: if seen > 0 {
+                correct as f64 / seen as f64
+            } else {
+                f64::NAN
+            },
+            val_loss: val_loss(&scores, &val.labels),
+            val_accuracy: m.accuracy,
+            val_auc: m.auc.unwrap_or(f64::NAN),
+            seconds: epoch_start.elapsed().as_secs_f64(),
+        };
+        log(format!(
+            "epoch {} done: train loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} auc {:.4} | {:.0}s",
+            rec.epoch,
+            rec.train_loss,
+            rec.train_accuracy,
+            rec.val_loss,
+            rec.val_accuracy,
+            rec.val_auc,
+            rec.seconds
+        ));
+        if size == args.export_size() && state.best_val_loss.is_none_or(|b| rec.val_loss <= b) {
+            state.best_val_loss = Some(rec.val_loss);
+            state.best_epoch = Some(rec.epoch);
+            save_vs(&vs, &best_path).map_err(|e| anyhow!(e))?;
+        }
+        state.history.push(rec);
+        state.epoch += 1;
+        state.step = 0;
+        state.wall_time_s = base_wall + run_start.elapsed().as_secs_f64();
+        checkpoint(&vs, &state, &ckpt_path, &state_path)?;
+        write_history(&args.out.join("history.csv"), &state.history)?;
+    }
+    finish(
+        args,
+        &mut vs,
+        &net,
+        &state,
+        &train,
+        &val,
+        &test,
+        &arch,
+        loss_weights,
+        generated,
+        device,
+    )
+}
+
+fn report_bad(bad: &[(PathBuf, String)], total: usize) -> anyhow::Result<()> {
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = bad
+        .iter()
+        .take(5)
+        .map(|(p, e)| format!("{}: {e}", p.display()))
+        .collect();
+    // Skip a few unreadable files (they train as black images no more: they are
+    // counted and listed), but a broken data set fails.
+    if bad.len() * 100 > total {
+        anyhow::bail!(
+            "{} of {total} images are unreadable (over 1 %), e.g. {}",
+            bad.len(),
+            list.join("; ")
+        );
+    }
+    log(format!(
+        "warning: {} unreadable images replaced by black ones, e.g. {}",
+        bad.len(),
+        list.join("; ")
+    ));
+    Ok(())
+}
+
+fn checkpoint(
+    vs: &nn::VarStore,
+    state: &State,
+    ckpt: &Path,
+    state_path: &Path,
+) -> anyhow::Result<()> {
+    save_vs(vs, ckpt).map_err(|e| anyhow::anyhow!(e))?;
+    write_atomic(state_path, serde_json::to_string_pretty(state)?.as_bytes())
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn write_history(path: &Path, h: &[EpochRecord]) -> anyhow::Result<()> {
+    let mut s = String::from(
+        "epoch,image_size,lr,train_loss,train_accuracy,val_loss,val_accuracy,val_auc,seconds\n",
+    );
+    for r in h {
+        s += &format!(
+            "{},{},{:.3e},{:.5},{:.5},{:.5},{:.5},{:.5},{:.1}\n",
+            r.epoch,
+            r.image_size,
+            r.lr,
+            r.train_loss,
+            r.train_accuracy,
+            r.val_loss,
+            r.val_accuracy,
+            r.val_auc,
+            r.seconds
+        );
+    }
+    write_atomic(path, s.as_bytes()).map_err(|e| anyhow::anyhow!(e))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    args: &TrainArgs,
+    vs: &mut nn::VarStore,
+    net: &model::DenseNet,
+    state: &State,
+    train: &Split,
+    val: &Split,
+    test: &Split,
+    arch: &DenseNetConfig,
+    loss_weights: Option<[f64; 2]>,
+    generated: usize,
+    device: Device,
+) -> anyhow::Result<RunOutput> {
+    use anyhow::{Context, anyhow};
+    let best_path = args.out.join("best.safetensors");
+    if best_path.exists() {
+        vs.load(&best_path)
+            .with_context(|| format!("loading {}", best_path.display()))?;
+    }
+    let size = args.export_size();
+    let pre = Preprocessor::new(size, &Preprocessing::default()).map_err(|e| anyhow!(e))?;
+    let (va_imgs, _) = data::load_resized(&val.samples, &pre);
+    let val_scores = predict(net, &pre, &va_imgs, device);
+    let threshold = choose_threshold(args.threshold, &val_scores, &val.labels);
+    let val_metrics = Metrics::compute(&val_scores, &val.labels, threshold);
+    // The test split, once.
+    let (te_imgs, bad) = data::load_resized(&test.samples, &pre);
+    report_bad(&bad, test.samples.len())?;
+    let test_scores = predict(net, &pre, &te_imgs, device);
+    let test_metrics = Metrics::compute(&test_scores, &test.labels, threshold);
+    log(format!(
+        "test (n={}): accuracy {:.4} sensitivity {:.4} specificity {:.4} AUC {:.4} at threshold {threshold:.3} (chosen on validation: {})",
+        test_metrics.n,
+        test_metrics.accuracy,
+        test_metrics.sensitivity,
+        test_metrics.specificity,
+        test_metrics.auc.unwrap_or(f64::NAN),
+        args.threshold
+    ));
+    let name = args.name();
+    let weights = model::export_weights(vs);
+    let strategy = match args.strategy {
+        StrategyArg::Weighted => Strategy::Weighted,
+        StrategyArg::Augmented => Strategy::Augmented,
+    };
+    let mut sizes: Vec<u32> = state.history.iter().map(|r| r.image_size).collect();
+    sizes.dedup();
+    let recipe = Recipe {
+        strategy,
+        data: format!(
+            "Kermany et al. pediatric chest X-rays ({})",
+            args.data.display()
+        ),
+        epochs: args.epochs,
+        image_sizes: sizes,
+        batch_size: args.batch_size as u32,
+        optimizer: format!(
+            "{:?} lr={} wd={} schedule={:?} label_smoothing={} best_epoch={:?} threshold_rule={}",
+            args.optimizer,
+            args.lr,
+            args.weight_decay,
+            args.schedule,
+            args.label_smoothing,
+            state.best_epoch,
+            args.threshold
+        )
+        .to_lowercase(),
+        seed: args.seed,
+        train_images: train.samples.len() as u64,
+        validation_images: val.samples.len() as u64,
+        class_weights: loss_weights.map(|w| w.to_vec()).unwrap_or_default(),
+        generated_images: generated as u64,
+        init: args
+            .init_weights
+            .as_ref()
+            .map_or("scratch".into(), |p| p.display().to_string()),
+        device: format!("{device:?}").to_lowercase(),
+        wall_time_s: state.wall_time_s,
+        export_parity_max_abs_diff: None,
+        notes: String::new(),
+    };
+    let description = match strategy {
+        Strategy::Weighted => {
+            "DenseNet-161, class-weighted cross-entropy (weight = 1 - n_class/n_total)."
+        }
+        Strategy::Augmented => {
+            "DenseNet-161, NORMAL topped up with transformed copies to balance the classes."
+        }
+        Strategy::None => "DenseNet.",
+    };
+    let mut card = crate::registry::write_model(
+        &args.out,
+        &NewModel {
+            name: &name,
+            version: &args.version,
+            description,
+            architecture_name: match args.arch {
+                ArchArg::Densenet161 => "densenet161",
+                ArchArg::Tiny => "densenet-tiny",
+            },
+            config: arch,
+            weights: &weights,
+            input_size: size,
+            storage: args.storage.into(),
+            threshold,
+            training: recipe,
+            metrics: CardMetrics {
+                test: Some(test_metrics.clone()),
+                validation: Some(val_metrics),
+            },
+        },
+    )
+    .map_err(|e| anyhow!(e))?;
+    let onnx = args.out.join(&card.onnx.file);
+
+    // Parity: ONNX Runtime on the written file vs the tch forward, validation images.
+    let k = va_imgs.len().min(16);
+    let lib = crate::inference::resolve_library(args.ort_lib.as_deref());
+    let env = crate::inference::environment(&lib)?;
+    let bytes = std::fs::read(&onnx)?;
+    let opts = crate::inference::SessionOptions {
+        device: crate::inference::Device::Cpu,
+        intra_threads: 0,
+    };
+    let (mut session, _, _) = crate::inference::create_session(env, &bytes, opts)?;
+    let s = size as usize;
+    let mut batch = Vec::with_capacity(k * 3 * s * s);
+    for g in &va_imgs[..k] {
+        batch.extend(pre.normalize(g));
+    }
+    let ort_p =
+        crate::inference::run_probabilities(&mut session, batch, k, s).map_err(|e| anyhow!(e))?;
+    let diff = ort_p
+        .iter()
+        .zip(&val_scores[..k])
+        .map(|(o, t)| (f64::from(o[1]) - t).abs())
+        .fold(0.0, f64::max);
+    let bound = match args.storage {
+        config::StorageArg::Fp32 => 1e-4,
+        config::StorageArg::Fp16 => 1e-2,
+    };
+    card.training.export_parity_max_abs_diff = Some(diff);
+    card.training.wall_time_s = state.wall_time_s;
+    let json = serde_json::to_string_pretty(&card)? + "\n";
+    write_atomic(&args.out.join(format!("{name}.json")), json.as_bytes())
+        .map_err(|e| anyhow!(e))?;
+    log(format!(
+        "export parity: max |ORT - tch| = {diff:.2e} on {k} validation images (bound {bound:.0e})"
+    ));
+    if diff > bound {
+        anyhow::bail!(
+            "export parity check failed: ONNX Runtime and tch differ by {diff:.2e} > {bound:.0e}"
+        );
+    }
+    if let Err(e) = plots::write_all(
+        &args.out,
+        &state.history,
+        &val_scores,
+        &val.labels,
+        &test_scores,
+        &test.labels,
+        &test_metrics,
+    ) {
+        log(format!("warning: plots not written: {e}"));
+    }
+    log(format!("wrote {} and its card", onnx.display()));
+    Ok(RunOutput { card, onnx })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn onecycle_warms_up_then_decays() {
+        let s = ScheduleArg::Onecycle;
+        assert!((lr_at(s, 1.0, 0, 100) - 0.04).abs() < 1e-9);
+        assert!((lr_at(s, 1.0, 25, 100) - 1.0).abs() < 1e-9);
+        assert!(lr_at(s, 1.0, 99, 100) < 0.01);
+    }
+
+    #[test]
+    fn threshold_rules() {
+        let s = [0.1, 0.2, 0.3, 0.6, 0.7, 0.9];
+        let l = [0, 0, 0, 1, 1, 1];
+        // Perfect separation between 0.3 and 0.6: Youden picks the middle.
+        assert!((choose_threshold(ThresholdRule::Youden, &s, &l) - 0.45).abs() < 1e-9);
+        assert_eq!(choose_threshold(ThresholdRule::Fixed(0.5), &s, &l), 0.5);
+        assert_eq!(
+            choose_threshold(ThresholdRule::MinSensitivity(0.6), &s, &l),
+            0.7
+        );
+    }
+}
