@@ -6,10 +6,14 @@
 //! [`onnx`] writes the model files, [`arch`] describes the network, [`eval`] measures.
 
 pub mod arch;
+pub mod config;
 pub mod eval;
+pub mod http;
 pub mod imaging;
 pub mod inference;
 pub mod onnx;
 pub mod registry;
+
+pub use http::{AppState, Limits, build_app};
 #[cfg(feature = "train")]
 pub mod train;

@@ -1,1 +1,115 @@
-fn main() {}
+//! cxr-serve: parses the configuration, starts listening at once (so `/health`
+//! answers while models load), loads and warms the models in the background, then
+//! turns `/ready` true. SIGINT/SIGTERM stop accepting, finish the requests in
+//! flight, drain the model queues and join the workers.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use cxr::config::{LogFormat, ServeArgs};
+use cxr::http::{AppState, Metrics, build_app, openapi_yaml};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let args = ServeArgs::parse();
+    if args.print_openapi {
+        print!("{}", openapi_yaml());
+        return Ok(());
+    }
+    args.validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid configuration")?;
+    let filter =
+        EnvFilter::try_from_env("CXR_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
+    // No secrets in this configuration; log it whole.
+    tracing::info!(config = %serde_json::to_string(&args).unwrap_or_default(), "starting cxr-serve {}", env!("CARGO_PKG_VERSION"));
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState::new(args.limits(), metrics.clone());
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening; loading models");
+
+    // Load in the background: `/health` answers meanwhile, `/ready` says 503.
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+    let load_cfg = args.load_config();
+    let loader_state = state.clone();
+    let loader = tokio::task::spawn_blocking(move || {
+        match cxr::inference::load_models(&load_cfg, |name| metrics.observer(name)) {
+            Ok((set, workers)) => {
+                let names: Vec<String> = set.all().iter().map(|m| m.card.name.clone()).collect();
+                loader_state.set_models(set);
+                tracing::info!(models = ?names, "ready");
+                Some(workers)
+            }
+            Err(e) => {
+                let _ = failed_tx.send(e.to_string());
+                None
+            }
+        }
+    });
+
+    let app = build_app(state.clone());
+    let load_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let le = load_error.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                () = shutdown_signal() => tracing::info!("shutdown signal: draining"),
+                Ok(e) = failed_rx => { *le.lock().unwrap_or_else(|p| p.into_inner()) = Some(e); }
+            }
+        })
+        .await
+        .context("serving HTTP")?;
+
+    // The router's state handles are gone; dropping ours closes the model queues, and
+    // each worker answers what is queued before it ends.
+    let workers = loader.await.context("model loader")?;
+    drop(state);
+    for w in workers.into_iter().flatten() {
+        let _ = w.join();
+    }
+    if let Some(e) = load_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        anyhow::bail!("cannot serve the models: {e}");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

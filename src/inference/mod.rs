@@ -1,8 +1,12 @@
-//! Inference: the ONNX Runtime environment, sessions on CPU or CUDA, and (in the
-//! server) the batching workers that own them.
+//! Inference: the ONNX Runtime environment and sessions on CPU or CUDA, the
+//! batching workers that own them, and the set of served variants.
 
+pub mod batcher;
+pub mod models;
 pub mod runtime;
 
+pub use batcher::{BatchConfig, BatchObserver, Batcher, JobOutput, SubmitError};
+pub use models::{LoadConfig, LoadError, ModelSet, Prefer, SelectError, ServedModel, load_models};
 pub use runtime::{
     Device, Provider, RuntimeError, SessionOptions, create_session, environment, resolve_library,
     run_probabilities,

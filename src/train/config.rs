@@ -228,7 +228,8 @@ impl TrainArgs {
         if !(self.val_fraction > 0.0 && self.val_fraction < 0.5) {
             return Err("--val-fraction must lie in (0, 0.5)".into());
         }
-        if self.lr.is_nan() || self.lr <= 0.0
+        if self.lr.is_nan()
+            || self.lr <= 0.0
             || self.weight_decay < 0.0
             || !(0.0..1.0).contains(&self.label_smoothing)
         {

@@ -7,7 +7,7 @@ use std::io::Cursor;
 use std::path::Path;
 
 use cxr::arch::{DenseNetConfig, Weights};
-use cxr::eval::Metrics;
+use cxr::eval::Metrics as EvalMetrics;
 use cxr::onnx::WeightStorage;
 use cxr::registry::{CardMetrics, NewModel, Recipe, Strategy};
 use image::{GrayImage, ImageFormat, Luma};
@@ -39,7 +39,7 @@ pub fn write_tiny_model(
 ) -> Weights {
     let config = DenseNetConfig::tiny();
     let weights = config.random_weights(seed);
-    let mut test = Metrics::compute(&[0.9, 0.1], &[1, 0], 0.5);
+    let mut test = EvalMetrics::compute(&[0.9, 0.1], &[1, 0], 0.5);
     test.sensitivity = sensitivity;
     test.specificity = specificity;
     cxr::registry::write_model(
@@ -89,4 +89,64 @@ pub fn jpeg_bytes(img: &GrayImage) -> Vec<u8> {
     img.write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg)
         .expect("encode jpeg");
     out
+}
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use cxr::http::{AppState, Limits, Metrics};
+use cxr::inference::{BatchConfig, Device, LoadConfig, load_models};
+
+/// A test app over two tiny variants: `alpha` (sensitivity 0.99, specificity 0.70)
+/// and `beta` (sensitivity 0.90, specificity 0.95). `alpha` is the default.
+pub struct TestApp {
+    pub app: Router,
+    pub state: AppState,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn models_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_tiny_model(dir.path(), "alpha", 1, 0.99, 0.70);
+    write_tiny_model(dir.path(), "beta", 2, 0.90, 0.95);
+    dir
+}
+
+pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
+    LoadConfig {
+        models_dir: dir.to_path_buf(),
+        default_model: Some("alpha".into()),
+        ort_lib: cxr::inference::resolve_library(None),
+        device: Device::Cpu,
+        intra_threads: 1,
+        batch,
+    }
+}
+
+pub fn test_app_with(limits: Limits, batch: BatchConfig) -> TestApp {
+    ort_env();
+    let dir = models_dir();
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState::new(limits, metrics.clone());
+    let (set, _workers) =
+        load_models(&load_config(dir.path(), batch), |n| metrics.observer(n)).expect("load models");
+    state.set_models(set);
+    TestApp {
+        app: cxr::build_app(state.clone()),
+        state,
+        dir,
+    }
+}
+
+pub fn default_batch() -> BatchConfig {
+    BatchConfig {
+        max_batch: 4,
+        batch_wait: Duration::from_micros(500),
+        capacity: 64,
+    }
+}
+
+pub fn test_app() -> TestApp {
+    test_app_with(Limits::default(), default_batch())
 }

@@ -1,0 +1,146 @@
+//! `cxr-serve`'s configuration: one clap struct, every flag with a `CXR_*`
+//! environment fallback, validated at start with messages that say what to fix.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::http::Limits;
+use crate::inference::{BatchConfig, Device, LoadConfig, resolve_library};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Serves the pneumonia classifiers in `--models-dir` over HTTP.
+#[derive(Debug, Clone, Serialize, clap::Parser)]
+#[command(name = "cxr-serve", version, about)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CXR_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "CXR_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Folder of `<name>.onnx` + `<name>.json` model cards.
+    #[arg(long, env = "CXR_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// Variant used when a request names none (default: `weighted` if present, else
+    /// the first by name).
+    #[arg(long, env = "CXR_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+    /// Execution provider: `auto` tries CUDA and falls back to the CPU, `cuda`
+    /// refuses to start without it.
+    #[arg(long, env = "CXR_DEVICE", value_enum, default_value = "auto")]
+    pub device: Device,
+    /// Path of libonnxruntime.so (default: .ort/lib/libonnxruntime.so, made by
+    /// scripts/setup.sh).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads per model (0 = one per core).
+    #[arg(long, env = "CXR_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+    /// Largest inference batch.
+    #[arg(long, env = "CXR_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+    /// How long a worker waits for more requests to fill a batch, microseconds.
+    #[arg(long, env = "CXR_BATCH_WAIT_US", default_value_t = 1000)]
+    pub batch_wait_us: u64,
+    /// Requests each model's queue holds; beyond it requests get 503 + Retry-After.
+    #[arg(long, env = "CXR_QUEUE_CAPACITY", default_value_t = 64)]
+    pub queue_capacity: usize,
+    /// Largest request body, bytes.
+    #[arg(long, env = "CXR_MAX_BODY_BYTES", default_value_t = 32 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest image, in pixels (width × height), checked before decoding.
+    #[arg(long, env = "CXR_MAX_PIXELS", default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+    /// Most images in one multipart request.
+    #[arg(long, env = "CXR_MAX_IMAGES", default_value_t = 16)]
+    pub max_images_per_request: usize,
+    /// Most /predict requests in flight; beyond it requests get 503 + Retry-After.
+    #[arg(long, env = "CXR_MAX_INFLIGHT", default_value_t = 256)]
+    pub max_inflight: usize,
+    /// Images decoded at once on the blocking pool (0 = one per core).
+    #[arg(long, env = "CXR_DECODE_THREADS", default_value_t = 0)]
+    pub decode_threads: usize,
+    /// Longest a /predict request may take, seconds (then 503 timeout).
+    #[arg(long, env = "CXR_REQUEST_TIMEOUT_S", default_value_t = 60)]
+    pub request_timeout_s: u64,
+    /// Log format.
+    #[arg(long, env = "CXR_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Print the OpenAPI document (YAML) and exit.
+    #[arg(long)]
+    pub print_openapi: bool,
+}
+
+impl ServeArgs {
+    /// Checks the values and says what to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("--max-batch", self.max_batch as u64),
+            ("--queue-capacity", self.queue_capacity as u64),
+            ("--max-body-bytes", self.max_body_bytes as u64),
+            ("--max-pixels", self.max_pixels),
+            (
+                "--max-images-per-request",
+                self.max_images_per_request as u64,
+            ),
+            ("--max-inflight", self.max_inflight as u64),
+            ("--request-timeout-s", self.request_timeout_s),
+        ];
+        for (flag, v) in positive {
+            if v == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.max_batch > 256 {
+            return Err("--max-batch must be at most 256".into());
+        }
+        if self.batch_wait_us > 1_000_000 {
+            return Err("--batch-wait-us must be at most 1000000 (1 s)".into());
+        }
+        Ok(())
+    }
+
+    /// Request limits for the HTTP layer.
+    pub fn limits(&self) -> Limits {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_pixels: self.max_pixels,
+            max_images: self.max_images_per_request,
+            request_timeout: Duration::from_secs(self.request_timeout_s),
+            max_inflight: self.max_inflight,
+            max_decodes: if self.decode_threads == 0 {
+                cores
+            } else {
+                self.decode_threads
+            },
+        }
+    }
+
+    /// What model loading needs.
+    pub fn load_config(&self) -> LoadConfig {
+        LoadConfig {
+            models_dir: self.models_dir.clone(),
+            default_model: self.default_model.clone(),
+            ort_lib: resolve_library(self.ort_lib.as_deref()),
+            device: self.device,
+            intra_threads: self.intra_threads,
+            batch: BatchConfig {
+                max_batch: self.max_batch,
+                batch_wait: Duration::from_micros(self.batch_wait_us),
+                capacity: self.queue_capacity,
+            },
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! `ApiError`: every error the API answers, with its status and `error_type`, in one
+//! JSON shape `{"error": "...", "error_type": "..."}`. Each variant's status is
+//! decided here, explicitly (no catch-all arm).
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::imaging::ImageError;
+use crate::inference::SelectError;
+
+/// The error body.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": "could not decode the image: unexpected end of file", "error_type": "invalid_image"}))]
+pub struct ErrorBody {
+    /// What went wrong, for a human.
+    pub error: String,
+    /// Stable machine-readable kind.
+    pub error_type: String,
+}
+
+/// Every error the API answers.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The image could not be read.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A request that is malformed (no image, bad multipart, unknown part).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Unknown model name.
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    /// Unknown route.
+    #[error("no route for {0}")]
+    NoRoute(String),
+    /// Wrong method for the route.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Body larger than `--max-body-bytes`.
+    #[error("request body exceeds the limit of {0} bytes")]
+    BodyTooLarge(usize),
+    /// More images than `--max-images-per-request`.
+    #[error("{0} images in one request; the limit is {1}")]
+    TooManyImages(usize, usize),
+    /// A content type we do not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Bad query string.
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    /// Models still loading.
+    #[error("the models are still loading; retry shortly")]
+    NotReady,
+    /// The model's queue is full.
+    #[error("model `{0}` is at capacity; retry shortly")]
+    Overloaded(String),
+    /// The request took longer than `--request-timeout-s`.
+    #[error("the request did not finish within {0} s")]
+    Timeout(u64),
+    /// A server-side failure; details are only logged.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// HTTP status and `error_type`.
+    pub fn status_and_type(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Image(ImageError::Empty) => (StatusCode::BAD_REQUEST, "empty_image"),
+            ApiError::Image(ImageError::Decode(_)) => (StatusCode::BAD_REQUEST, "invalid_image"),
+            ApiError::Image(ImageError::UnsupportedFormat(_)) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::Image(ImageError::TooManyPixels { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")
+            }
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Select(SelectError::Unknown(_)) => (StatusCode::NOT_FOUND, "model_not_found"),
+            ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::TooManyImages(..) => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_images"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::InvalidQuery(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_query"),
+            ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = self.status_and_type();
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(detail = %detail, "internal error");
+        }
+        let body = ErrorBody {
+            error: self.to_string(),
+            error_type: kind.into(),
+        };
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

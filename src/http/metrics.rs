@@ -1,0 +1,178 @@
+//! Prometheus metrics, one registry per app (so tests never share counters), all
+//! prefixed `cxr_`, durations in seconds, labelled by matched route path and model.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::inference::BatchObserver;
+
+/// The service's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route and status.
+    pub requests: IntCounterVec,
+    /// Request latency by route.
+    pub request_duration: HistogramVec,
+    /// Decode + preprocess time.
+    pub decode_duration: HistogramVec,
+    /// Time in the queue, by model.
+    pub queue_duration: HistogramVec,
+    /// Batch inference time, by model.
+    pub inference_duration: HistogramVec,
+    /// Batch sizes, by model.
+    pub batch_size: HistogramVec,
+    /// Queue depth, by model.
+    pub queue_depth: IntGaugeVec,
+    /// Requests refused because the queue was full, by model.
+    pub overloaded: IntCounterVec,
+    /// Predictions by model and label.
+    pub predictions: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    /// Registers every metric in a new registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let h = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid histogram");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric name");
+            m
+        };
+        let c = |name: &str, help: &str, labels: &[&str]| {
+            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric name");
+            m
+        };
+        let lat = LATENCY_BUCKETS.to_vec();
+        let requests = c(
+            "cxr_requests_total",
+            "HTTP requests by matched route and status code.",
+            &["path", "status"],
+        );
+        let request_duration = h(
+            "cxr_request_duration_seconds",
+            "HTTP request latency by matched route.",
+            &["path"],
+            lat.clone(),
+        );
+        let decode_duration = h(
+            "cxr_decode_duration_seconds",
+            "Image decode and preprocessing time.",
+            &["model"],
+            lat.clone(),
+        );
+        let queue_duration = h(
+            "cxr_queue_duration_seconds",
+            "Time a request waited in its model's queue.",
+            &["model"],
+            lat.clone(),
+        );
+        let inference_duration = h(
+            "cxr_inference_duration_seconds",
+            "ONNX Runtime time per batch.",
+            &["model"],
+            lat,
+        );
+        let batch_size = h(
+            "cxr_batch_size",
+            "Requests per inference batch.",
+            &["model"],
+            vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+        );
+        let queue_depth = IntGaugeVec::new(
+            Opts::new("cxr_queue_depth", "Requests waiting or running, by model."),
+            &["model"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(queue_depth.clone()))
+            .expect("unique metric name");
+        let overloaded = c(
+            "cxr_overloaded_total",
+            "Requests refused with 503 because the model's queue was full.",
+            &["model"],
+        );
+        let predictions = c(
+            "cxr_predictions_total",
+            "Answered images by model and label.",
+            &["model", "label"],
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            decode_duration,
+            queue_duration,
+            inference_duration,
+            batch_size,
+            queue_depth,
+            overloaded,
+            predictions,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+
+    /// A batch observer for one model.
+    pub fn observer(self: &Arc<Self>, model: &str) -> Arc<dyn BatchObserver> {
+        Arc::new(ModelObserver {
+            metrics: self.clone(),
+            model: model.to_string(),
+        })
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct ModelObserver {
+    metrics: Arc<Metrics>,
+    model: String,
+}
+
+impl BatchObserver for ModelObserver {
+    fn batch(&self, size: usize, inference: Duration, queued: &[Duration]) {
+        let m = &self.metrics;
+        m.batch_size
+            .with_label_values(&[&self.model])
+            .observe(size as f64);
+        m.inference_duration
+            .with_label_values(&[&self.model])
+            .observe(inference.as_secs_f64());
+        let q = m.queue_duration.with_label_values(&[&self.model]);
+        for d in queued {
+            q.observe(d.as_secs_f64());
+        }
+    }
+
+    fn depth(&self, depth: usize) {
+        self.metrics
+            .queue_depth
+            .with_label_values(&[&self.model])
+            .set(depth as i64);
+    }
+}

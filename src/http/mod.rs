@@ -1,0 +1,602 @@
+//! The HTTP API: routes, handlers, middleware and the OpenAPI document.
+//!
+//! `build_app(state)` returns the whole Router so tests drive the real app
+//! in-process. Image decoding runs on the blocking pool and inference on the model
+//! workers: no handler blocks a tokio worker.
+
+pub mod error;
+pub mod metrics;
+pub mod types;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, MatchedPath, Multipart, Path, Query, Request, State,
+};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::Semaphore;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+pub use error::{ApiError, ErrorBody};
+pub use metrics::Metrics;
+use types::{
+    LiveFacts, ModelInfo, ModelList, ModelRef, PredictQuery, Prediction, Probabilities, Status,
+    Timings,
+};
+
+use crate::imaging::Preprocessor;
+use crate::inference::{ModelSet, ServedModel, SubmitError};
+
+/// Request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Largest decoded image (width × height).
+    pub max_pixels: u64,
+    /// Most images in one request.
+    pub max_images: usize,
+    /// Longest a request may take.
+    pub request_timeout: Duration,
+    /// Most `/predict` requests in flight; more are refused with 503.
+    pub max_inflight: usize,
+    /// Most images decoding at once (blocking pool).
+    pub max_decodes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 32 << 20,
+            max_pixels: 40_000_000,
+            max_images: 16,
+            request_timeout: Duration::from_secs(60),
+            max_inflight: 256,
+            max_decodes: 4,
+        }
+    }
+}
+
+/// Shared state: the models (set once loaded), limits, metrics.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    models: OnceLock<ModelSet>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    decode_permits: Semaphore,
+    inflight: Semaphore,
+}
+
+impl AppState {
+    /// A state with no models yet (`/ready` answers 503 until [`AppState::set_models`]).
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+        let decode_permits = Semaphore::new(limits.max_decodes.max(1));
+        let inflight = Semaphore::new(limits.max_inflight.max(1));
+        Self {
+            inner: Arc::new(Inner {
+                models: OnceLock::new(),
+                limits,
+                metrics,
+                decode_permits,
+                inflight,
+            }),
+        }
+    }
+
+    /// Installs the loaded models; the service is ready from now on.
+    pub fn set_models(&self, models: ModelSet) {
+        if self.inner.models.set(models).is_err() {
+            tracing::warn!("models were already set; keeping the first set");
+        }
+    }
+
+    /// The models, once loaded.
+    pub fn models(&self) -> Option<&ModelSet> {
+        self.inner.models.get()
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Drops nothing itself, but lets the caller drop the last state so the model
+    /// workers see their queues close: returns whether this was the last handle.
+    pub fn is_last(&self) -> bool {
+        Arc::strong_count(&self.inner) == 1
+    }
+}
+
+/// The OpenAPI document (utoipa derives are the source of truth; `openapi.yaml` is
+/// generated from it by `cxr-serve --print-openapi`).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "cxr",
+        description = "Pediatric chest X-ray pneumonia classifier. POST an X-ray, get NORMAL or PNEUMONIA, a confidence and the model variant that answered.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    paths(predict, list_models, get_model, health, ready, metrics_text),
+    components(schemas(Prediction, ErrorBody, ModelList, ModelInfo, Status, PredictUpload)),
+    tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "operations", description = "Health, readiness, metrics"))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as YAML.
+pub fn openapi_yaml() -> String {
+    ApiDoc::openapi()
+        .to_yaml()
+        .expect("the OpenAPI document serialises to YAML")
+}
+
+/// Multipart upload of one or more images.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct PredictUpload {
+    /// One or more X-ray images (JPEG or PNG), each in a part named `image`.
+    #[schema(value_type = Vec<String>, format = Binary)]
+    image: Vec<Vec<u8>>,
+}
+
+/// Builds the whole application router.
+pub fn build_app(state: AppState) -> Router {
+    let max_body = state.inner.limits.max_body_bytes;
+    Router::new()
+        .route("/predict", post(predict))
+        .route("/models", get(list_models))
+        .route("/models/{name}", get(get_model))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi_json))
+        .route("/docs", get(docs))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let path = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched", |p| p.as_str());
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("request", method = %req.method(), path, request_id = id)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Counts requests and their latency by matched route.
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let m = state.metrics();
+    m.requests
+        .with_label_values(&[&path, resp.status().as_str()])
+        .inc();
+    m.request_duration
+        .with_label_values(&[&path])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NoRoute(format!("{} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Classify one or more chest X-rays.
+///
+/// Send a raw body (`Content-Type: image/jpeg` or `image/png`) or
+/// `multipart/form-data` with one or more parts named `image`. One image answers one
+/// object; several multipart images answer an array in the same order.
+#[utoipa::path(
+    post,
+    path = "/predict",
+    tag = "inference",
+    params(PredictQuery),
+    request_body(
+        description = "The X-ray(s)",
+        content(
+            ("image/jpeg"),
+            ("image/png"),
+            (PredictUpload = "multipart/form-data")
+        )
+    ),
+    responses(
+        (status = 200, description = "The prediction (an array for several multipart images)", body = Prediction),
+        (status = 400, description = "Empty, undecodable or malformed upload", body = ErrorBody,
+            example = json!({"error": "could not decode the image: unexpected end of file", "error_type": "invalid_image"})),
+        (status = 404, description = "Unknown model", body = ErrorBody,
+            example = json!({"error": "unknown model `x`; GET /models lists the variants", "error_type": "model_not_found"})),
+        (status = 413, description = "Body, pixel count or image count over the limit", body = ErrorBody,
+            example = json!({"error": "image of 60000x60000 pixels exceeds the limit of 40000000 pixels", "error_type": "too_many_pixels"})),
+        (status = 415, description = "Unsupported content or image type", body = ErrorBody,
+            example = json!({"error": "Content-Type text/plain is not supported; send image/jpeg, image/png or multipart/form-data", "error_type": "unsupported_media_type"})),
+        (status = 422, description = "Invalid query", body = ErrorBody,
+            example = json!({"error": "invalid query: unknown variant `speed`, expected `sensitivity` or `specificity`", "error_type": "invalid_query"})),
+        (status = 503, description = "Not ready, overloaded or timed out (with Retry-After)", body = ErrorBody,
+            example = json!({"error": "model `weighted` is at capacity; retry shortly", "error_type": "overloaded"}))
+    )
+)]
+async fn predict(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let limits = &state.inner.limits;
+    let Ok(_permit) = state.inner.inflight.try_acquire() else {
+        state.metrics().overloaded.with_label_values(&["all"]).inc();
+        return Err(ApiError::Overloaded("any".into()));
+    };
+    let timeout = limits.request_timeout;
+    match tokio::time::timeout(timeout, predict_inner(&state, req)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::Timeout(timeout.as_secs())),
+    }
+}
+
+async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let limits = &state.inner.limits;
+    let rid = request_id(req.headers());
+    let q: PredictQuery = match req.uri().query() {
+        None => PredictQuery::default(),
+        Some(_) => {
+            Query::<PredictQuery>::try_from_uri(req.uri())
+                .map_err(|e| ApiError::InvalidQuery(e.body_text()))?
+                .0
+        }
+    };
+    if q.model.is_some() && q.prefer.is_some() {
+        return Err(ApiError::InvalidQuery(
+            "give `model` or `prefer`, not both".into(),
+        ));
+    }
+    let models = state.models().ok_or(ApiError::NotReady)?;
+    let model = models.select(q.model.as_deref(), q.prefer)?.clone();
+    let (images, multipart) = read_images(state, req).await?;
+    if images.is_empty() {
+        return Err(ApiError::BadRequest(
+            "no image: send a JPEG/PNG body or multipart parts named `image`".into(),
+        ));
+    }
+    if images.len() > limits.max_images {
+        return Err(ApiError::TooManyImages(images.len(), limits.max_images));
+    }
+
+    // Decode on the blocking pool, a bounded number at a time.
+    let permit = state
+        .inner
+        .decode_permits
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let pre: Preprocessor = model.preprocessor.clone();
+    let max_pixels = limits.max_pixels;
+    let decoded = tokio::task::spawn_blocking(move || {
+        images
+            .iter()
+            .map(|b| {
+                let t = Instant::now();
+                pre.preprocess(b, max_pixels).map(|x| (x, t.elapsed()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("decode task failed: {e}")))??;
+    drop(permit);
+    let name = model.card.name.clone();
+    for (_, d) in &decoded {
+        state
+            .metrics()
+            .decode_duration
+            .with_label_values(&[&name])
+            .observe(d.as_secs_f64());
+    }
+
+    // Queue every image, then wait for all: images of one request batch together.
+    let mut pending = Vec::with_capacity(decoded.len());
+    for (x, d) in decoded {
+        match model.batcher.submit(x) {
+            Ok(rx) => pending.push((rx, d)),
+            Err(SubmitError::Full) => {
+                state.metrics().overloaded.with_label_values(&[&name]).inc();
+                return Err(ApiError::Overloaded(name));
+            }
+            Err(SubmitError::Closed) => return Err(ApiError::NotReady),
+        }
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for (rx, decode) in pending {
+        let r = rx
+            .await
+            .map_err(|_| ApiError::Internal("the inference worker dropped a request".into()))?
+            .map_err(ApiError::Internal)?;
+        out.push((r, decode));
+    }
+    let total = started.elapsed();
+    let predictions: Vec<Prediction> = out
+        .into_iter()
+        .map(|(r, decode)| {
+            let p = prediction(&model, r.probabilities, &rid);
+            state
+                .metrics()
+                .predictions
+                .with_label_values(&[&name, &p.label])
+                .inc();
+            model.record(total.as_secs_f64() * 1e3);
+            Prediction {
+                timings_ms: Timings {
+                    decode: ms(decode),
+                    queue: ms(r.queued),
+                    inference: ms(r.inference),
+                    total: ms(total),
+                },
+                ..p
+            }
+        })
+        .collect();
+    Ok(if multipart && predictions.len() > 1 {
+        Json(predictions).into_response()
+    } else {
+        Json(predictions.into_iter().next().expect("at least one image")).into_response()
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn prediction(model: &ServedModel, p: [f32; 2], rid: &str) -> Prediction {
+    let pneumonia = f64::from(p[1]) >= model.card.threshold;
+    let (label, confidence) = if pneumonia {
+        ("PNEUMONIA", p[1])
+    } else {
+        ("NORMAL", p[0])
+    };
+    Prediction {
+        label: label.into(),
+        confidence,
+        probabilities: Probabilities {
+            NORMAL: p[0],
+            PNEUMONIA: p[1],
+        },
+        threshold: model.card.threshold,
+        model: ModelRef {
+            name: model.card.name.clone(),
+            version: model.card.version.clone(),
+            strategy: model.card.training.strategy,
+            sha256: model.card.onnx.sha256.clone(),
+        },
+        execution_provider: model.provider.as_str().into(),
+        timings_ms: Timings {
+            decode: 0.0,
+            queue: 0.0,
+            inference: 0.0,
+            total: 0.0,
+        },
+        request_id: rid.to_string(),
+    }
+}
+
+/// Reads the image bytes of a request: a raw JPEG/PNG body or multipart `image`
+/// parts. Returns the images and whether the request was multipart.
+async fn read_images(state: &AppState, req: Request) -> Result<(Vec<Bytes>, bool), ApiError> {
+    let limit = state.inner.limits.max_body_bytes;
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| {
+            s.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge(limit));
+    }
+    match ct.as_deref() {
+        Some("multipart/form-data") => {
+            let mut mp = Multipart::from_request(req, &())
+                .await
+                .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+            let mut images = Vec::new();
+            loop {
+                let field = match mp.next_field().await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return Err(multipart_error(&e, limit)),
+                };
+                let name = field.name().unwrap_or_default().to_string();
+                if name != "image" {
+                    return Err(ApiError::BadRequest(format!(
+                        "unexpected part `{name}`; send images in parts named `image`"
+                    )));
+                }
+                let part_ct = field.content_type().map(|c| {
+                    c.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase()
+                });
+                if let Some(c) = part_ct.as_deref() {
+                    check_image_type(c, true)?;
+                }
+                let bytes = field
+                    .bytes()
+                    .await
+                    .map_err(|e| multipart_error(&e, limit))?;
+                images.push(bytes);
+                if images.len() > state.inner.limits.max_images {
+                    return Err(ApiError::TooManyImages(
+                        images.len(),
+                        state.inner.limits.max_images,
+                    ));
+                }
+            }
+            Ok((images, true))
+        }
+        Some(c) => {
+            check_image_type(c, false)?;
+            let bytes = axum::body::to_bytes(req.into_body(), limit)
+                .await
+                .map_err(|_| ApiError::BodyTooLarge(limit))?;
+            Ok((vec![bytes], false))
+        }
+        None => Err(ApiError::UnsupportedMediaType(
+            "missing Content-Type; send image/jpeg, image/png or multipart/form-data".into(),
+        )),
+    }
+}
+
+fn multipart_error(e: &axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::BodyTooLarge(limit)
+    } else {
+        ApiError::BadRequest(format!("malformed multipart body: {}", e.body_text()))
+    }
+}
+
+fn check_image_type(ct: &str, in_part: bool) -> Result<(), ApiError> {
+    match ct {
+        "image/jpeg" | "image/jpg" | "image/png" => Ok(()),
+        // Browsers and curl label files they do not know as octet-stream; the decoder
+        // sniffs the bytes.
+        "application/octet-stream" if in_part => Ok(()),
+        "application/dicom" => Err(ApiError::UnsupportedMediaType(
+            "DICOM uploads are not supported yet; send the image as JPEG or PNG".into(),
+        )),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type {other} is not supported; send image/jpeg, image/png or multipart/form-data"
+        ))),
+    }
+}
+
+fn info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
+    ModelInfo {
+        card: m.card.clone(),
+        default: models.default_model().card.name == m.card.name,
+        live: LiveFacts {
+            execution_provider: m.provider.as_str().into(),
+            cuda_fallback_reason: m.fallback_reason.clone(),
+            load_time_ms: m.load_time_ms,
+            requests_served: m.served(),
+            queue_depth: m.batcher.depth(),
+            latency: m.latency(),
+        },
+    }
+}
+
+/// Every model variant: its card (measured test metrics, confusion matrix, recipe)
+/// and live facts.
+#[utoipa::path(get, path = "/models", tag = "models",
+    responses(
+        (status = 200, description = "The variants", body = ModelList),
+        (status = 503, description = "Models still loading", body = ErrorBody)
+    ))]
+async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+    let models = state.models().ok_or(ApiError::NotReady)?;
+    Ok(Json(ModelList {
+        default: models.default_model().card.name.clone(),
+        models: models.all().iter().map(|m| info(models, m)).collect(),
+    }))
+}
+
+/// One model variant.
+#[utoipa::path(get, path = "/models/{name}", tag = "models",
+    params(("name" = String, Path, description = "Variant name")),
+    responses(
+        (status = 200, description = "The variant", body = ModelInfo),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 503, description = "Models still loading", body = ErrorBody)
+    ))]
+async fn get_model(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ModelInfo>, ApiError> {
+    let models = state.models().ok_or(ApiError::NotReady)?;
+    let m = models
+        .get(&name)
+        .ok_or(crate::inference::SelectError::Unknown(name))?;
+    Ok(Json(info(models, m)))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "Alive", body = Status)))]
+async fn health() -> Json<Status> {
+    Json(Status {
+        status: "ok".into(),
+        models: vec![],
+    })
+}
+
+/// Readiness: every model is loaded and warmed up.
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Status),
+        (status = 503, description = "Still loading", body = ErrorBody)
+    ))]
+async fn ready(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
+    let models = state.models().ok_or(ApiError::NotReady)?;
+    Ok(Json(Status {
+        status: "ready".into(),
+        models: models.all().iter().map(|m| m.card.name.clone()).collect(),
+    }))
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4")))]
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics().render(),
+    )
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn docs() -> Html<&'static str> {
+    Html(include_str!("docs.html"))
+}

@@ -1,0 +1,130 @@
+//! Request and response bodies of the API (the OpenAPI schemas come from here).
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::inference::{Prefer, models::LatencySummary};
+use crate::registry::{ModelCard, Strategy};
+
+/// `POST /predict` query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PredictQuery {
+    /// Variant by name (see `GET /models`).
+    pub model: Option<String>,
+    /// Pick the variant with the best measured sensitivity or specificity.
+    pub prefer: Option<Prefer>,
+}
+
+/// Both class probabilities.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[allow(non_snake_case)]
+pub struct Probabilities {
+    /// P(NORMAL).
+    pub NORMAL: f32,
+    /// P(PNEUMONIA).
+    pub PNEUMONIA: f32,
+}
+
+/// The variant that answered.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelRef {
+    /// Variant name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Its imbalance strategy.
+    pub strategy: Strategy,
+    /// SHA-256 of its ONNX file.
+    pub sha256: String,
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Timings {
+    /// Decoding and preprocessing.
+    pub decode: f64,
+    /// Waiting in the model's queue.
+    pub queue: f64,
+    /// The inference batch this image ran in.
+    pub inference: f64,
+    /// The whole request, as the server saw it.
+    pub total: f64,
+}
+
+/// One image's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "label": "PNEUMONIA", "confidence": 0.97,
+    "probabilities": {"NORMAL": 0.03, "PNEUMONIA": 0.97}, "threshold": 0.5,
+    "model": {"name": "weighted", "version": "1.0.0", "strategy": "weighted", "sha256": "9f2c…"},
+    "execution_provider": "CPUExecutionProvider",
+    "timings_ms": {"decode": 1.2, "queue": 0.1, "inference": 80.5, "total": 82.3},
+    "request_id": "6f1c2c1e-3f0b-4c1e-9a55-2b7c0d9e4a11"
+}))]
+pub struct Prediction {
+    /// `PNEUMONIA` when P(PNEUMONIA) >= threshold, else `NORMAL`.
+    pub label: String,
+    /// Probability of the answered label.
+    pub confidence: f32,
+    /// Both probabilities.
+    pub probabilities: Probabilities,
+    /// The variant's decision threshold on P(PNEUMONIA).
+    pub threshold: f64,
+    /// The variant that answered.
+    pub model: ModelRef,
+    /// `CPUExecutionProvider` or `CUDAExecutionProvider`.
+    pub execution_provider: String,
+    /// Timings.
+    pub timings_ms: Timings,
+    /// The request id (also in the `x-request-id` header).
+    pub request_id: String,
+}
+
+/// Live facts about a served variant.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LiveFacts {
+    /// Provider in use.
+    pub execution_provider: String,
+    /// Why CUDA was not used (with `--device auto`), if it was tried.
+    pub cuda_fallback_reason: Option<String>,
+    /// Session creation and warm-up time, ms.
+    pub load_time_ms: f64,
+    /// Images answered since start.
+    pub requests_served: u64,
+    /// Requests waiting or running now.
+    pub queue_depth: usize,
+    /// Recent latency.
+    pub latency: LatencySummary,
+}
+
+/// A variant: its model card plus live facts.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelInfo {
+    /// The model card (`models/<name>.json`).
+    pub card: ModelCard,
+    /// Whether it is the default variant.
+    pub default: bool,
+    /// Live facts.
+    pub live: LiveFacts,
+}
+
+/// `GET /models`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    /// Name of the default variant.
+    pub default: String,
+    /// Every variant.
+    pub models: Vec<ModelInfo>,
+}
+
+/// `GET /health` and `GET /ready`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Status {
+    /// `ok` or `ready`.
+    pub status: String,
+    /// Loaded variants (`/ready`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+}

@@ -1,0 +1,272 @@
+//! The served model variants: loading from the models folder (cards checked by the
+//! registry), one session and batching worker each, warm-up, live statistics, and
+//! the choice of a variant for a request (`model=`, `prefer=`, or the default).
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::batcher::{BatchConfig, BatchObserver, Batcher};
+use super::runtime::{
+    Device, Provider, SessionOptions, create_session, environment, run_probabilities,
+};
+use crate::imaging::Preprocessor;
+use crate::registry::{ModelCard, RegistryError, load_dir};
+
+/// What matters most to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefer {
+    /// Miss the fewest pneumonias (highest measured sensitivity).
+    Sensitivity,
+    /// Raise the fewest false alarms (highest measured specificity).
+    Specificity,
+}
+
+/// Why a variant could not be chosen.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SelectError {
+    /// No variant of that name.
+    #[error("unknown model `{0}`; GET /models lists the variants")]
+    Unknown(String),
+}
+
+/// Number of recent latencies kept per model for its summary.
+const LATENCY_WINDOW: usize = 1024;
+
+/// One loaded variant.
+pub struct ServedModel {
+    /// Its card.
+    pub card: ModelCard,
+    /// The provider its session runs on.
+    pub provider: Provider,
+    /// Why CUDA was not used, when `--device auto` fell back.
+    pub fallback_reason: Option<String>,
+    /// Milliseconds to create the session and warm it up.
+    pub load_time_ms: f64,
+    /// Its preprocessing.
+    pub preprocessor: Preprocessor,
+    /// Its queue.
+    pub batcher: Batcher,
+    served: AtomicU64,
+    latencies_ms: Mutex<VecDeque<f64>>,
+}
+
+impl std::fmt::Debug for ServedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedModel")
+            .field("name", &self.card.name)
+            .field("provider", &self.provider)
+            .finish()
+    }
+}
+
+/// p50/p90/p99 and count of recent request latencies.
+#[derive(Debug, Clone, serde::Serialize, ToSchema)]
+pub struct LatencySummary {
+    /// Requests in the window.
+    pub window: usize,
+    /// Median total latency, ms.
+    pub p50_ms: Option<f64>,
+    /// 90th percentile, ms.
+    pub p90_ms: Option<f64>,
+    /// 99th percentile, ms.
+    pub p99_ms: Option<f64>,
+}
+
+impl ServedModel {
+    /// Records one answered request.
+    pub fn record(&self, total_ms: f64) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        let mut l = self.latencies_ms.lock().unwrap_or_else(|p| p.into_inner());
+        if l.len() == LATENCY_WINDOW {
+            l.pop_front();
+        }
+        l.push_back(total_ms);
+    }
+
+    /// Requests answered since start.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Latency percentiles over the last requests.
+    pub fn latency(&self) -> LatencySummary {
+        let mut v: Vec<f64> = self
+            .latencies_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * p).round() as usize]);
+        LatencySummary {
+            window: v.len(),
+            p50_ms: q(0.5),
+            p90_ms: q(0.9),
+            p99_ms: q(0.99),
+        }
+    }
+
+    /// The measured value `prefer` ranks by (test metrics, else validation).
+    fn measured(&self, prefer: Prefer) -> f64 {
+        let m = self
+            .card
+            .metrics
+            .test
+            .as_ref()
+            .or(self.card.metrics.validation.as_ref());
+        m.map_or(f64::NEG_INFINITY, |m| match prefer {
+            Prefer::Sensitivity => m.sensitivity,
+            Prefer::Specificity => m.specificity,
+        })
+    }
+}
+
+/// All loaded variants.
+#[derive(Debug)]
+pub struct ModelSet {
+    models: Vec<Arc<ServedModel>>,
+    default: usize,
+}
+
+impl ModelSet {
+    /// Every variant, sorted by name.
+    pub fn all(&self) -> &[Arc<ServedModel>] {
+        &self.models
+    }
+
+    /// The default variant.
+    pub fn default_model(&self) -> &Arc<ServedModel> {
+        &self.models[self.default]
+    }
+
+    /// A variant by name.
+    pub fn get(&self, name: &str) -> Option<&Arc<ServedModel>> {
+        self.models.iter().find(|m| m.card.name == name)
+    }
+
+    /// Chooses by name, else by preference (best measured value; ties go to the
+    /// default, then to name order), else the default.
+    pub fn select(
+        &self,
+        model: Option<&str>,
+        prefer: Option<Prefer>,
+    ) -> Result<&Arc<ServedModel>, SelectError> {
+        if let Some(name) = model {
+            return self
+                .get(name)
+                .ok_or_else(|| SelectError::Unknown(name.to_string()));
+        }
+        let Some(p) = prefer else {
+            return Ok(self.default_model());
+        };
+        let mut best = self.default_model();
+        for m in &self.models {
+            if m.measured(p) > best.measured(p) {
+                best = m;
+            }
+        }
+        Ok(best)
+    }
+}
+
+/// What loading needs.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Folder of cards and ONNX files.
+    pub models_dir: PathBuf,
+    /// Default variant (else `weighted` if present, else the first by name).
+    pub default_model: Option<String>,
+    /// ONNX Runtime library.
+    pub ort_lib: PathBuf,
+    /// Device.
+    pub device: Device,
+    /// Intra-op threads per session (0 = ONNX Runtime's default).
+    pub intra_threads: usize,
+    /// Batching.
+    pub batch: BatchConfig,
+}
+
+/// Why the models could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A card or file is wrong.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// ONNX Runtime or a session failed.
+    #[error(transparent)]
+    Runtime(#[from] super::RuntimeError),
+    /// The configured default is not among the models.
+    #[error("--default-model `{0}` is not in {1} (found: {2})")]
+    Default(String, PathBuf, String),
+    /// Warm-up inference failed.
+    #[error("warm-up of model `{0}` failed: {1}")]
+    Warmup(String, String),
+}
+
+/// Loads every variant in `cfg.models_dir`, warms each up, and starts its worker.
+/// Returns the set and the worker threads (they end once the set is dropped and
+/// their queues are drained).
+pub fn load_models(
+    cfg: &LoadConfig,
+    observer: impl Fn(&str) -> Arc<dyn BatchObserver>,
+) -> Result<(ModelSet, Vec<JoinHandle<()>>), LoadError> {
+    let loaded = load_dir(&cfg.models_dir)?;
+    let env = environment(&cfg.ort_lib)?;
+    let mut models = Vec::new();
+    let mut handles = Vec::new();
+    for m in loaded {
+        let t = Instant::now();
+        let opts = SessionOptions {
+            device: cfg.device,
+            intra_threads: cfg.intra_threads,
+        };
+        let (mut session, provider, fallback_reason) = create_session(env, &m.onnx_bytes, opts)?;
+        if let Some(why) = &fallback_reason {
+            tracing::warn!(model = %m.card.name, reason = %why, "CUDA unavailable, running on the CPU");
+        }
+        let s = m.card.input_size as usize;
+        for n in [1, cfg.batch.max_batch.max(1)] {
+            run_probabilities(&mut session, vec![0.0; n * 3 * s * s], n, s)
+                .map_err(|e| LoadError::Warmup(m.card.name.clone(), e))?;
+        }
+        let preprocessor = Preprocessor::new(m.card.input_size, &m.card.preprocessing)
+            .expect("the registry checked the preprocessing");
+        let (batcher, handle) =
+            Batcher::spawn(&m.card.name, session, s, cfg.batch, observer(&m.card.name));
+        let load_time_ms = t.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(model = %m.card.name, provider = provider.as_str(), load_time_ms, path = %m.onnx_path.display(), "model ready");
+        handles.push(handle);
+        models.push(Arc::new(ServedModel {
+            card: m.card,
+            provider,
+            fallback_reason,
+            load_time_ms,
+            preprocessor,
+            batcher,
+            served: AtomicU64::new(0),
+            latencies_ms: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
+        }));
+    }
+    let names: Vec<&str> = models.iter().map(|m| m.card.name.as_str()).collect();
+    let default = match &cfg.default_model {
+        Some(d) => names.iter().position(|n| n == d).ok_or_else(|| {
+            LoadError::Default(d.clone(), cfg.models_dir.clone(), names.join(", "))
+        })?,
+        None => names.iter().position(|n| *n == "weighted").unwrap_or(0),
+    };
+    Ok((ModelSet { models, default }, handles))
+}
+
+/// The default folder, relative to the working directory.
+pub fn default_models_dir() -> &'static Path {
+    Path::new("models")
+}
