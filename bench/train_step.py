@@ -41,11 +41,8 @@ size, batch, steps, threads = (int(a) for a in sys.argv[1:5])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 m = DenseNet().train()
-import os
-if os.environ.get("CL"): m = m.to(memory_format=torch.channels_last)
 opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05)
 x = torch.randn(batch, 3, size, size)
-if os.environ.get("CL"): x = x.contiguous(memory_format=torch.channels_last)
 y = torch.randint(0, 2, (batch,))
 w = torch.tensor([0.74, 0.26])
 def step():

@@ -5,7 +5,11 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let args = cxr::train::TrainArgs::parse();
-    let out = cxr::train::run(&args)?;
-    println!("{}", out.onnx.display());
+    match cxr::train::run(&args)? {
+        Some(out) => println!("{}", out.onnx.display()),
+        None => eprintln!(
+            "cxr-train: stopped early (--stop-after-steps); run again with --resume to continue"
+        ),
+    }
     Ok(())
 }

@@ -77,6 +77,9 @@ pub struct Recipe {
     /// Images in the training split (after top-up for `augmented`).
     #[serde(default)]
     pub train_images: u64,
+    /// Training images per class [NORMAL, PNEUMONIA] (after top-up for `augmented`).
+    #[serde(default)]
+    pub train_class_counts: Vec<u64>,
     /// Images in the validation split (carved from train by patient).
     #[serde(default)]
     pub validation_images: u64,

@@ -115,7 +115,7 @@ pub struct TrainArgs {
     pub name: Option<String>,
     /// Version written in the card.
     #[arg(long, default_value = "1.0.0")]
-    pub version: String,
+    pub model_version: String,
     /// Network.
     #[arg(long, value_enum, default_value = "densenet161")]
     pub arch: ArchArg,
@@ -186,6 +186,10 @@ pub struct TrainArgs {
     /// Stop each epoch after this many steps (smoke tests).
     #[arg(long)]
     pub max_steps_per_epoch: Option<usize>,
+    /// Save a checkpoint and exit once this many steps ran in this invocation
+    /// (time-boxed sessions); continue later with `--resume`.
+    #[arg(long)]
+    pub stop_after_steps: Option<usize>,
     /// Use at most this many images per class and split (smoke tests).
     #[arg(long)]
     pub limit_per_class: Option<usize>,

@@ -51,7 +51,7 @@ pub struct EpochRecord {
     pub seconds: f64,
 }
 
-/// What `state.json` keeps between runs.
+/// What the checkpoint state keeps between runs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct State {
     /// Epoch in progress (0-based).
@@ -71,6 +71,10 @@ pub struct State {
     /// Flags that must not change across a resume.
     pub fingerprint: String,
 }
+
+/// The checkpoint's state (JSON; not `.json`, so that a run folder also loads as a
+/// models folder).
+pub const STATE_FILE: &str = "checkpoint.state";
 
 /// What a finished run produced.
 #[derive(Debug)]
@@ -255,7 +259,8 @@ fn val_loss(scores: &[f64], labels: &[u8]) -> f64 {
 }
 
 /// Runs training end to end.
-pub fn run(args: &TrainArgs) -> anyhow::Result<RunOutput> {
+/// Returns `None` when `--stop-after-steps` stopped it (checkpoint saved).
+pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     use anyhow::{Context, anyhow};
     args.validate().map_err(|e| anyhow!(e))?;
     let name = args.name();
@@ -346,16 +351,25 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<RunOutput> {
         }
         .build(&vs, args.lr)?,
     };
-    let state_path = args.out.join("state.json");
+    let state_path = args.out.join(STATE_FILE);
     let ckpt_path = args.out.join("checkpoint.safetensors");
     let best_path = args.out.join("best.safetensors");
     let mut state = State {
         fingerprint: fingerprint(args),
         ..Default::default()
     };
-    if args.resume && state_path.exists() {
-        let s: State = serde_json::from_str(&std::fs::read_to_string(&state_path)?)
-            .context("reading state.json")?;
+    // Runs started before the state file was renamed kept it as `state.json`.
+    let legacy_state = args.out.join("state.json");
+    let existing = [&state_path, &legacy_state]
+        .into_iter()
+        .find(|p| p.exists())
+        .cloned();
+    if let (true, Some(existing)) = (args.resume, existing) {
+        let s: State = serde_json::from_str(&std::fs::read_to_string(&existing)?)
+            .context("reading the checkpoint state")?;
+        if existing == legacy_state {
+            std::fs::rename(&legacy_state, &state_path)?;
+        }
         if s.fingerprint != state.fingerprint {
             return Err(anyhow!(
                 "--resume: {} was made with other flags ({}); use the same flags or another --out",
@@ -385,6 +399,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<RunOutput> {
     let mut cache: Option<(u32, Vec<GrayImage>, Vec<GrayImage>)> = None;
     let run_start = Instant::now();
     let base_wall = state.wall_time_s;
+    let mut steps_this_run = 0usize;
 
     while state.epoch < args.epochs {
         let e = state.epoch;
@@ -484,9 +499,21 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<RunOutput> {
                     correct as f64 / seen as f64
                 ));
             }
-            if state.step.is_multiple_of(args.checkpoint_every) && state.step < steps {
+            steps_this_run += 1;
+            let stop =
+                args.stop_after_steps.is_some_and(|n| steps_this_run >= n) && state.step < steps;
+            if (state.step.is_multiple_of(args.checkpoint_every) && state.step < steps) || stop {
                 state.wall_time_s = base_wall + run_start.elapsed().as_secs_f64();
                 checkpoint(&vs, &state, &ckpt_path, &state_path)?;
+            }
+            if stop {
+                bar.finish_and_clear();
+                log(format!(
+                    "stopped after {steps_this_run} steps at epoch {} step {}; continue with --resume",
+                    e + 1,
+                    state.step
+                ));
+                return Ok(None);
             }
         }
         bar.finish_and_clear();
@@ -546,6 +573,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<RunOutput> {
         generated,
         device,
     )
+    .map(Some)
 }
 
 fn report_bad(bad: &[(PathBuf, String)], total: usize) -> anyhow::Result<()> {
@@ -676,6 +704,10 @@ fn finish(
         .to_lowercase(),
         seed: args.seed,
         train_images: train.samples.len() as u64,
+        train_class_counts: data::class_counts(&train.samples)
+            .iter()
+            .map(|&c| c as u64)
+            .collect(),
         validation_images: val.samples.len() as u64,
         class_weights: loss_weights.map(|w| w.to_vec()).unwrap_or_default(),
         generated_images: generated as u64,
@@ -701,7 +733,7 @@ fn finish(
         &args.out,
         &NewModel {
             name: &name,
-            version: &args.version,
+            version: &args.model_version,
             description,
             architecture_name: match args.arch {
                 ArchArg::Densenet161 => "densenet161",

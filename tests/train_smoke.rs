@@ -1,0 +1,245 @@
+//! cxr-train end to end on generated images (no data set, no network): a tiny
+//! DenseNet trains a few steps, stops and resumes from its checkpoint, and writes an
+//! ONNX file and card that cxr-serve loads and serves.
+#![cfg(feature = "train")]
+
+mod common;
+
+use std::path::Path;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use clap::Parser;
+use cxr::train::{STATE_FILE, State, TrainArgs};
+use http_body_util::BodyExt;
+use image::{GrayImage, Luma};
+use tower::ServiceExt;
+
+/// A Kermany-like folder: NORMAL images are bright discs, PNEUMONIA dark blotches;
+/// several images per patient; 3:1 imbalance in train.
+fn make_data(root: &Path) {
+    let mut rng = cxr::arch::SplitMix64(3);
+    for (split, normals, sick) in [("train", 8, 24), ("test", 6, 6)] {
+        for (class, n) in [("NORMAL", normals), ("PNEUMONIA", sick)] {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                let img = GrayImage::from_fn(48, 40, |x, y| {
+                    let noise = (rng.uniform() * 40.0) as i32;
+                    let d = ((x as i32 - 24).pow(2) + (y as i32 - 20).pow(2)) as f64;
+                    let base = if class == "NORMAL" {
+                        200.0 - d.sqrt() * 3.0
+                    } else {
+                        60.0 + (x * y % 37) as f64
+                    };
+                    Luma([(base as i32 + noise).clamp(0, 255) as u8])
+                });
+                let name = if class == "NORMAL" {
+                    format!(
+                        "IM-{:04}-{:04}.png",
+                        i / 2 + if split == "test" { 500 } else { 0 },
+                        i % 2
+                    )
+                } else {
+                    format!(
+                        "person{}_bacteria_{i}.png",
+                        i / 3 + if split == "test" { 900 } else { 0 }
+                    )
+                };
+                img.save(dir.join(name)).unwrap();
+            }
+        }
+    }
+}
+
+fn args(data: &Path, out: &Path, strategy: &str, extra: &[&str]) -> TrainArgs {
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let mut a = vec![
+        "cxr-train",
+        "--data",
+        d,
+        "--out",
+        o,
+        "--strategy",
+        strategy,
+        "--arch",
+        "tiny",
+        "--epochs",
+        "2",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps-per-epoch",
+        "3",
+        "--checkpoint-every",
+        "1",
+        "--val-fraction",
+        "0.25",
+        "--threads",
+        "1",
+        "--storage",
+        "fp32",
+    ];
+    a.extend_from_slice(extra);
+    let mut t = TrainArgs::parse_from(a);
+    t.ort_lib = Some(cxr::inference::resolve_library(None));
+    t
+}
+
+fn state(out: &Path) -> State {
+    serde_json::from_str(&std::fs::read_to_string(out.join(STATE_FILE)).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn weighted_run_stops_resumes_exports_and_serves() {
+    common::ort_env();
+    let data = tempfile::tempdir().unwrap();
+    make_data(data.path());
+    let out = tempfile::tempdir().unwrap();
+
+    // Stop after 4 steps (epoch 2, step 1), as a killed session would.
+    let stopped = cxr::train::run(&args(
+        data.path(),
+        out.path(),
+        "weighted",
+        &["--stop-after-steps", "4", "--resume"],
+    ))
+    .unwrap();
+    assert!(stopped.is_none());
+    let s = state(out.path());
+    assert_eq!(
+        (s.epoch, s.step, s.global_step, s.history.len()),
+        (1, 1, 4, 1)
+    );
+
+    // Resume: continues at that step and finishes the remaining 2.
+    let done = cxr::train::run(&args(data.path(), out.path(), "weighted", &["--resume"]))
+        .unwrap()
+        .expect("finished");
+    let s = state(out.path());
+    assert_eq!((s.epoch, s.global_step, s.history.len()), (2, 6, 2));
+
+    let card = &done.card;
+    assert_eq!(card.name, "weighted");
+    // The weighted strategy's weights are exactly 1 - n_class / n_total.
+    let c = &card.training.train_class_counts;
+    let n = (c[0] + c[1]) as f64;
+    assert_eq!(
+        card.training.class_weights,
+        vec![1.0 - c[0] as f64 / n, 1.0 - c[1] as f64 / n]
+    );
+    assert!(c[1] > c[0]);
+    let test = card.metrics.test.as_ref().expect("test metrics");
+    assert_eq!(test.n, 12);
+    assert!(card.training.export_parity_max_abs_diff.unwrap() <= 1e-4);
+    for f in [
+        "history.csv",
+        "curves.png",
+        "roc.png",
+        "confusion.png",
+        "weighted.onnx",
+        "weighted.json",
+    ] {
+        assert!(out.path().join(f).exists(), "{f} written");
+    }
+
+    // cxr-serve loads the run folder as it is and answers.
+    let metrics = std::sync::Arc::new(cxr::http::Metrics::new());
+    let state_ = cxr::AppState::new(cxr::Limits::default(), metrics.clone());
+    let mut cfg = common::load_config(out.path(), common::default_batch());
+    cfg.default_model = None;
+    let (set, _w) = cxr::inference::load_models(&cfg, |n| metrics.observer(n)).unwrap();
+    state_.set_models(set);
+    let app = cxr::build_app(state_);
+    let png = std::fs::read(
+        std::fs::read_dir(data.path().join("test/NORMAL"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+    )
+    .unwrap();
+    let resp = app
+        .oneshot(
+            Request::post("/predict")
+                .header(header::CONTENT_TYPE, "image/png")
+                .body(Body::from(png))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["model"]["name"], "weighted");
+    assert_eq!(v["model"]["strategy"], "weighted");
+}
+
+#[test]
+fn augmented_run_balances_the_classes_exactly() {
+    common::ort_env();
+    let data = tempfile::tempdir().unwrap();
+    make_data(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let done = cxr::train::run(&args(data.path(), out.path(), "augmented", &[]))
+        .unwrap()
+        .expect("finished");
+    let r = &done.card.training;
+    assert!(r.generated_images > 0);
+    // After the top-up both classes hold the same number of training images.
+    assert_eq!(r.train_class_counts[0], r.train_class_counts[1]);
+    assert_eq!(
+        r.train_class_counts[0] + r.train_class_counts[1],
+        r.train_images
+    );
+    let generated = std::fs::read_dir(out.path().join("generated/NORMAL"))
+        .unwrap()
+        .count() as u64;
+    assert_eq!(generated, r.generated_images);
+    assert!(r.class_weights.is_empty(), "plain cross-entropy");
+}
+
+#[test]
+fn resume_with_other_flags_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    make_data(data.path());
+    let out = tempfile::tempdir().unwrap();
+    assert!(
+        cxr::train::run(&args(
+            data.path(),
+            out.path(),
+            "weighted",
+            &["--stop-after-steps", "1"]
+        ))
+        .unwrap()
+        .is_none()
+    );
+    let err = cxr::train::run(&args(
+        data.path(),
+        out.path(),
+        "weighted",
+        &["--resume", "--lr", "0.5"],
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("other flags"), "{err}");
+}
+
+#[test]
+fn missing_folders_and_empty_classes_are_named() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = cxr::train::run(&args(data.path(), out.path(), "weighted", &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train") && err.contains("NORMAL"), "{err}");
+    make_data(data.path());
+    for f in std::fs::read_dir(data.path().join("train/PNEUMONIA")).unwrap() {
+        std::fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    let err = cxr::train::run(&args(data.path(), out.path(), "weighted", &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("PNEUMONIA is empty"), "{err}");
+}
