@@ -41,7 +41,7 @@ fi
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
 
 if ((gpu)); then ort_pkg=onnxruntime-gpu; other=onnxruntime; else ort_pkg=onnxruntime; other=onnxruntime-gpu; fi
-have=$(.venv/bin/python -m pip show "$ort_pkg" 2>/dev/null | awk '/^Version:/{print $2}')
+have=$(.venv/bin/python -m pip show "$ort_pkg" 2>/dev/null | awk '/^Version:/{print $2}' || true)
 if [ "$have" != "$ORT_VERSION" ]; then
   echo "setup: installing $ort_pkg==$ORT_VERSION"
   .venv/bin/python -m pip show "$other" >/dev/null 2>&1 && pip uninstall -y "$other"
@@ -60,7 +60,7 @@ ln -sfn "$(basename "$lib")" "$capi/libonnxruntime.so"
 echo "setup: ONNX Runtime $ORT_VERSION at .ort/lib/libonnxruntime.so -> $lib"
 
 if ((train)); then
-  have=$(.venv/bin/python -m pip show torch 2>/dev/null | awk '/^Version:/{print $2}')
+  have=$(.venv/bin/python -m pip show torch 2>/dev/null | awk '/^Version:/{print $2}' || true)
   if [ "$have" != "$TORCH_VERSION" ]; then
     echo "setup: installing torch==$TORCH_VERSION (libtorch for cxr-train; ~4.6 GB with its CUDA libraries)"
     pip install "torch==$TORCH_VERSION"
