@@ -6,6 +6,8 @@
 #   nohup bash scripts/train-models.sh > runs/train.log 2>&1 &
 #
 # DATA defaults to ../shared/data/chest_xray_224. Extra arguments go to cxr-train.
+# INTERIM=1 instead exports each run's latest checkpoint (measured like a final
+# model, marked interim in its card) and ships that, while training goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/chest_xray_224}
@@ -22,6 +24,14 @@ RECIPE=(--epochs 8 --image-size 112 --final-image-size 224 --final-epochs 1
         --threshold youden --storage fp16 --checkpoint-every 25)
 for strategy in ${STRATEGIES:-weighted augmented}; do
   out=runs/$strategy
+  if [ -n "${INTERIM:-}" ]; then
+    [ -f "$out/checkpoint.safetensors" ] || { echo "== $strategy: no checkpoint yet"; continue; }
+    ./target/release/cxr-train --data "$DATA" --out "$out" --strategy "$strategy" --resume --export-only "${RECIPE[@]}" "$@"
+    cp "$out/interim/$strategy.onnx" "$out/interim/$strategy.json" models/
+    for p in curves roc confusion; do cp "$out/interim/$p.png" "models/plots/$strategy-$p.png"; done
+    cp "$out/history.csv" "models/plots/$strategy-history.csv"
+    continue
+  fi
   if [ -f "$out/$strategy.json" ] && [ -f "$out/$strategy.onnx" ] && [ -z "${FORCE:-}" ]; then
     echo "== $strategy already finished"
   else

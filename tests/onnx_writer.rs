@@ -280,3 +280,47 @@ mod reference {
             .collect()
     }
 }
+
+#[test]
+fn device_auto_falls_back_to_cpu_and_cuda_refuses_without_a_gpu() {
+    use cxr::inference::{Device, Provider, SessionOptions, create_session};
+    let config = DenseNetConfig::tiny();
+    let file = write(&config, &config.random_weights(1), 32, WeightStorage::Fp32);
+    let env = common::ort_env();
+    let (mut s, provider, reason) = create_session(
+        env,
+        &file,
+        SessionOptions {
+            device: Device::Auto,
+            intra_threads: 1,
+        },
+    )
+    .expect("auto always yields a session");
+    match provider {
+        // No CUDA here (CPU wheel or no GPU): the reason is kept for /models and the log.
+        Provider::Cpu => assert!(
+            reason.as_deref().is_some_and(|r| !r.is_empty()),
+            "fallback says why"
+        ),
+        Provider::Cuda => assert!(reason.is_none()),
+    }
+    assert_eq!(
+        run_probabilities(&mut s, input(1, 32, 2), 1, 32)
+            .unwrap()
+            .len(),
+        1
+    );
+    let cuda = create_session(
+        env,
+        &file,
+        SessionOptions {
+            device: Device::Cuda,
+            intra_threads: 1,
+        },
+    );
+    match (provider, cuda) {
+        (Provider::Cpu, Err(e)) => assert!(e.to_string().contains("Cuda"), "{e}"),
+        (Provider::Cuda, Ok((_, Provider::Cuda, None))) => {}
+        (p, other) => panic!("auto gave {p:?} but cuda gave {:?}", other.map(|r| r.1)),
+    }
+}

@@ -59,7 +59,7 @@ pub struct Recipe {
     /// Data set description.
     #[serde(default)]
     pub data: String,
-    /// Epochs run.
+    /// Epochs actually run.
     #[serde(default)]
     pub epochs: u32,
     /// Image size per epoch (progressive resizing), when it changed.

@@ -190,6 +190,10 @@ pub struct TrainArgs {
     /// (time-boxed sessions); continue later with `--resume`.
     #[arg(long)]
     pub stop_after_steps: Option<usize>,
+    /// Export the latest checkpoint (with `--resume` and the run's flags) as an
+    /// interim model into `<out>/interim/`, measured like a final one, and exit.
+    #[arg(long)]
+    pub export_only: bool,
     /// Use at most this many images per class and split (smoke tests).
     #[arg(long)]
     pub limit_per_class: Option<usize>,

@@ -358,18 +358,17 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
         fingerprint: fingerprint(args),
         ..Default::default()
     };
-    // Runs started before the state file was renamed kept it as `state.json`.
+    // Runs started before the state file was renamed write `state.json`: take the
+    // newer of the two.
     let legacy_state = args.out.join("state.json");
-    let existing = [&state_path, &legacy_state]
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let existing = [state_path.clone(), legacy_state]
         .into_iter()
-        .find(|p| p.exists())
-        .cloned();
+        .filter(|p| p.exists())
+        .max_by_key(|p| modified(p));
     if let (true, Some(existing)) = (args.resume, existing) {
         let s: State = serde_json::from_str(&std::fs::read_to_string(&existing)?)
             .context("reading the checkpoint state")?;
-        if existing == legacy_state {
-            std::fs::rename(&legacy_state, &state_path)?;
-        }
         if s.fingerprint != state.fingerprint {
             return Err(anyhow!(
                 "--resume: {} was made with other flags ({}); use the same flags or another --out",
@@ -386,6 +385,29 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
             state.step,
             state.global_step
         ));
+    }
+    if args.export_only {
+        if state.history.is_empty() {
+            return Err(anyhow!(
+                "--export-only: no finished epoch in {} yet",
+                args.out.display()
+            ));
+        }
+        return finish(
+            args,
+            &mut vs,
+            &net,
+            &state,
+            &train,
+            &val,
+            &test,
+            &arch,
+            loss_weights,
+            generated,
+            device,
+            true,
+        )
+        .map(Some);
     }
     let loss_w =
         loss_weights.map(|w| Tensor::from_slice(&[w[0] as f32, w[1] as f32]).to_device(device));
@@ -572,6 +594,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
         loss_weights,
         generated,
         device,
+        false,
     )
     .map(Some)
 }
@@ -647,34 +670,42 @@ fn finish(
     loss_weights: Option<[f64; 2]>,
     generated: usize,
     device: Device,
+    interim: bool,
 ) -> anyhow::Result<RunOutput> {
     use anyhow::{Context, anyhow};
+    // An interim export (`--export-only`) takes the latest checkpoint as it is, at the
+    // size it was last trained at, into `<out>/interim/`.
+    let dest = if interim {
+        args.out.join("interim")
+    } else {
+        args.out.clone()
+    };
     let best_path = args.out.join("best.safetensors");
-    if best_path.exists() {
+    if !interim && best_path.exists() {
         vs.load(&best_path)
             .with_context(|| format!("loading {}", best_path.display()))?;
     }
-    let size = args.export_size();
+    let size = if interim {
+        state
+            .history
+            .last()
+            .map_or(args.image_size, |r| r.image_size)
+    } else {
+        args.export_size()
+    };
     let pre = Preprocessor::new(size, &Preprocessing::default()).map_err(|e| anyhow!(e))?;
     let (va_imgs, _) = data::load_resized(&val.samples, &pre);
-    let val_scores = predict(net, &pre, &va_imgs, device);
-    let threshold = choose_threshold(args.threshold, &val_scores, &val.labels);
-    let val_metrics = Metrics::compute(&val_scores, &val.labels, threshold);
-    // The test split, once.
+    // tch's validation scores, for the export parity check only: the card's metrics
+    // are measured on the exported ONNX file through ONNX Runtime, as served.
+    let tch_val = predict(net, &pre, &va_imgs, device);
     let (te_imgs, bad) = data::load_resized(&test.samples, &pre);
     report_bad(&bad, test.samples.len())?;
-    let test_scores = predict(net, &pre, &te_imgs, device);
-    let test_metrics = Metrics::compute(&test_scores, &test.labels, threshold);
-    log(format!(
-        "test (n={}): accuracy {:.4} sensitivity {:.4} specificity {:.4} AUC {:.4} at threshold {threshold:.3} (chosen on validation: {})",
-        test_metrics.n,
-        test_metrics.accuracy,
-        test_metrics.sensitivity,
-        test_metrics.specificity,
-        test_metrics.auc.unwrap_or(f64::NAN),
-        args.threshold
-    ));
     let name = args.name();
+    let version = if interim {
+        format!("{}-interim.{}", args.model_version, state.global_step)
+    } else {
+        args.model_version.clone()
+    };
     let weights = model::export_weights(vs);
     let strategy = match args.strategy {
         StrategyArg::Weighted => Strategy::Weighted,
@@ -688,7 +719,7 @@ fn finish(
             "Kermany et al. pediatric chest X-rays ({})",
             args.data.display()
         ),
-        epochs: args.epochs,
+        epochs: state.history.len() as u32,
         image_sizes: sizes,
         batch_size: args.batch_size as u32,
         optimizer: format!(
@@ -718,7 +749,16 @@ fn finish(
         device: format!("{device:?}").to_lowercase(),
         wall_time_s: state.wall_time_s,
         export_parity_max_abs_diff: None,
-        notes: String::new(),
+        notes: if interim {
+            format!(
+                "INTERIM model: exported from the checkpoint after {} of {} epochs (global step {}); training continues and the final model replaces it.",
+                state.history.len(),
+                args.epochs,
+                state.global_step
+            )
+        } else {
+            String::new()
+        },
     };
     let description = match strategy {
         Strategy::Weighted => {
@@ -730,10 +770,10 @@ fn finish(
         Strategy::None => "DenseNet.",
     };
     let mut card = crate::registry::write_model(
-        &args.out,
+        &dest,
         &NewModel {
             name: &name,
-            version: &args.model_version,
+            version: &version,
             description,
             architecture_name: match args.arch {
                 ArchArg::Densenet161 => "densenet161",
@@ -743,19 +783,16 @@ fn finish(
             weights: &weights,
             input_size: size,
             storage: args.storage.into(),
-            threshold,
+            // Placeholders until the ONNX file is measured below.
+            threshold: 0.5,
             training: recipe,
-            metrics: CardMetrics {
-                test: Some(test_metrics.clone()),
-                validation: Some(val_metrics),
-            },
+            metrics: CardMetrics::default(),
         },
     )
     .map_err(|e| anyhow!(e))?;
-    let onnx = args.out.join(&card.onnx.file);
+    let onnx = dest.join(&card.onnx.file);
 
-    // Parity: ONNX Runtime on the written file vs the tch forward, validation images.
-    let k = va_imgs.len().min(16);
+    // Measure the written file with ONNX Runtime, exactly as cxr-serve runs it.
     let lib = crate::inference::resolve_library(args.ort_lib.as_deref());
     let env = crate::inference::environment(&lib)?;
     let bytes = std::fs::read(&onnx)?;
@@ -764,37 +801,63 @@ fn finish(
         intra_threads: 0,
     };
     let (mut session, _, _) = crate::inference::create_session(env, &bytes, opts)?;
-    let s = size as usize;
-    let mut batch = Vec::with_capacity(k * 3 * s * s);
-    for g in &va_imgs[..k] {
-        batch.extend(pre.normalize(g));
-    }
-    let ort_p =
-        crate::inference::run_probabilities(&mut session, batch, k, s).map_err(|e| anyhow!(e))?;
-    let diff = ort_p
+    let mut ort_scores = |imgs: &[GrayImage]| -> anyhow::Result<Vec<f64>> {
+        let s = size as usize;
+        let mut out = Vec::with_capacity(imgs.len());
+        for chunk in imgs.chunks(8) {
+            let batch: Vec<f32> = chunk.iter().flat_map(|g| pre.normalize(g)).collect();
+            let p = crate::inference::run_probabilities(&mut session, batch, chunk.len(), s)
+                .map_err(|e| anyhow!(e))?;
+            out.extend(p.iter().map(|r| f64::from(r[1])));
+        }
+        Ok(out)
+    };
+    let val_scores = ort_scores(&va_imgs)?;
+    let diff = val_scores
         .iter()
-        .zip(&val_scores[..k])
-        .map(|(o, t)| (f64::from(o[1]) - t).abs())
+        .zip(&tch_val)
+        .map(|(o, t)| (o - t).abs())
         .fold(0.0, f64::max);
     let bound = match args.storage {
         config::StorageArg::Fp32 => 1e-4,
         config::StorageArg::Fp16 => 1e-2,
     };
-    card.training.export_parity_max_abs_diff = Some(diff);
-    card.training.wall_time_s = state.wall_time_s;
-    let json = serde_json::to_string_pretty(&card)? + "\n";
-    write_atomic(&args.out.join(format!("{name}.json")), json.as_bytes())
-        .map_err(|e| anyhow!(e))?;
     log(format!(
-        "export parity: max |ORT - tch| = {diff:.2e} on {k} validation images (bound {bound:.0e})"
+        "export parity: max |ORT - tch| = {diff:.2e} on {} validation images (bound {bound:.0e})",
+        val_scores.len()
     ));
     if diff > bound {
+        let _ = std::fs::remove_file(&onnx);
+        let _ = std::fs::remove_file(dest.join(format!("{name}.json")));
         anyhow::bail!(
             "export parity check failed: ONNX Runtime and tch differ by {diff:.2e} > {bound:.0e}"
         );
     }
+    let threshold = choose_threshold(args.threshold, &val_scores, &val.labels);
+    let val_metrics = Metrics::compute(&val_scores, &val.labels, threshold);
+    // The test split, once.
+    let test_scores = ort_scores(&te_imgs)?;
+    let test_metrics = Metrics::compute(&test_scores, &test.labels, threshold);
+    log(format!(
+        "test (n={}): accuracy {:.4} sensitivity {:.4} specificity {:.4} AUC {:.4} at threshold {threshold:.3} (chosen on validation: {})",
+        test_metrics.n,
+        test_metrics.accuracy,
+        test_metrics.sensitivity,
+        test_metrics.specificity,
+        test_metrics.auc.unwrap_or(f64::NAN),
+        args.threshold
+    ));
+    card.threshold = threshold;
+    card.metrics = CardMetrics {
+        test: Some(test_metrics.clone()),
+        validation: Some(val_metrics),
+    };
+    card.training.export_parity_max_abs_diff = Some(diff);
+    card.training.wall_time_s = state.wall_time_s;
+    let json = serde_json::to_string_pretty(&card)? + "\n";
+    write_atomic(&dest.join(format!("{name}.json")), json.as_bytes()).map_err(|e| anyhow!(e))?;
     if let Err(e) = plots::write_all(
-        &args.out,
+        &dest,
         &state.history,
         &val_scores,
         &val.labels,

@@ -154,38 +154,32 @@ fn confusion(path: &Path, m: &Metrics) -> R {
         .y_label_area_size(90)
         .build_cartesian_2d(0f64..2.0, 0f64..2.0)
         .map_err(err)?;
-    let names = ["NORMAL", "PNEUMONIA"];
     c.configure_mesh()
         .disable_mesh()
-        .x_labels(2)
-        .y_labels(2)
-        .x_label_formatter(&|v| {
-            names
-                .get((*v - 0.5).round() as usize)
-                .map_or(String::new(), |s| s.to_string())
-        })
-        .y_label_formatter(&|v| {
-            names
-                .get((*v - 0.5).round() as usize)
-                .map_or(String::new(), |s| s.to_string())
-        })
-        .x_desc("predicted")
-        .y_desc("actual")
+        .disable_x_axis()
+        .disable_y_axis()
+        .x_desc("predicted:  NORMAL (left)  |  PNEUMONIA (right)")
+        .y_desc("actual:  NORMAL (bottom)  |  PNEUMONIA (top)")
         .draw()
         .map_err(err)?;
     let cm = &m.confusion;
     // (actual, predicted, count)
-    let cells = [(0, 0, cm.tn), (0, 1, cm.fp), (1, 0, cm.fn_), (1, 1, cm.tp)];
+    let cells = [
+        (0, 0, cm.tn, "TN"),
+        (0, 1, cm.fp, "FP"),
+        (1, 0, cm.fn_, "FN"),
+        (1, 1, cm.tp, "TP"),
+    ];
     let max = cells.iter().map(|c| c.2).max().unwrap_or(1).max(1) as f64;
-    for (a, p, n) in cells {
+    for (a, p, n, tag) in cells {
         let shade = 1.0 - 0.7 * n as f64 / max;
         let color = RGBColor((255.0 * shade) as u8, (255.0 * shade) as u8, 255);
         let (x, y) = (f64::from(p), f64::from(a));
         c.draw_series([Rectangle::new([(x, y), (x + 1.0, y + 1.0)], color.filled())])
             .map_err(err)?;
         c.draw_series([Text::new(
-            n.to_string(),
-            (x + 0.42, y + 0.55),
+            format!("{tag} {n}"),
+            (x + 0.3, y + 0.55),
             ("sans-serif", 24),
         )])
         .map_err(err)?;

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Train/serve parity on the test split: POSTs every test image to a running
+cxr-serve once per variant and checks that the accuracy and confusion matrix
+computed from the answers equal the model card's test metrics.
+
+    bash scripts/serve.sh &                      # in another shell
+    python3 scripts/check_served_metrics.py [--url http://127.0.0.1:8080] \
+        [--data ../shared/data/chest_xray_224/test] [--models weighted,augmented]
+
+Standard library only. Exits non-zero on any mismatch or failed request.
+"""
+import argparse, json, os, sys, time, urllib.error, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.load(r)
+
+def predict(url, model, path):
+    with open(path, "rb") as f:
+        body = f.read()
+    ct = "image/png" if path.lower().endswith(".png") else "image/jpeg"
+    req = urllib.request.Request(f"{url}/predict?model={model}", data=body, headers={"Content-Type": ct}, method="POST")
+    for attempt in range(20):
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:
+            if e.code == 503 and attempt < 19:  # overloaded: honour Retry-After
+                time.sleep(float(e.headers.get("Retry-After", "1")))
+                continue
+            raise SystemExit(f"{path}: HTTP {e.code} {e.read().decode(errors='replace')}")
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default="http://127.0.0.1:8080")
+    ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray_224", "test"))
+    ap.add_argument("--models", default="")
+    ap.add_argument("--concurrency", type=int, default=4)
+    a = ap.parse_args()
+    for _ in range(600):
+        try:
+            get(f"{a.url}/ready"); break
+        except Exception:
+            time.sleep(1)
+    listing = get(f"{a.url}/models")["models"]
+    cards = {m["card"]["name"]: m["card"] for m in listing}
+    names = [n for n in a.models.split(",") if n] or sorted(cards)
+    files = []
+    for label, cls in enumerate(["NORMAL", "PNEUMONIA"]):
+        d = os.path.join(a.data, cls)
+        files += [(os.path.join(d, f), label) for f in sorted(os.listdir(d)) if f.lower().endswith((".jpeg", ".jpg", ".png"))]
+    ok = True
+    print(f"{len(files)} test images from {os.path.abspath(a.data)}")
+    print("| model | served accuracy | card accuracy | served confusion (tp fp tn fn) | card confusion | match |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        card = cards[name]
+        with ThreadPoolExecutor(a.concurrency) as ex:
+            answers = list(ex.map(lambda f: predict(a.url, name, f[0]), files))
+        c = {"tp": 0, "fp": 0, "tn": 0, "fn_": 0}
+        for (path, label), ans in zip(files, answers):
+            assert ans["model"]["name"] == name, ans
+            pred = 1 if ans["label"] == "PNEUMONIA" else 0
+            c[{(1, 1): "tp", (0, 1): "fp", (0, 0): "tn", (1, 0): "fn_"}[(label, pred)]] += 1
+        acc = (c["tp"] + c["tn"]) / len(files)
+        test = (card.get("metrics") or {}).get("test") or {}
+        cc = test.get("confusion", {})
+        match = cc == c and abs(test.get("accuracy", -1) - acc) < 1e-12
+        ok &= match
+        fmt = lambda d: " ".join(str(d.get(k)) for k in ("tp", "fp", "tn", "fn_"))
+        print(f"| {name} | {acc:.4f} | {test.get('accuracy', float('nan')):.4f} | {fmt(c)} | {fmt(cc)} | {'yes' if match else 'NO'} |")
+    sys.exit(0 if ok else 1)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env python3
+"""Renders the measured metrics of models/*.json side by side into README.md,
+between the <!-- models:begin --> and <!-- models:end --> markers (from the cards,
+never retyped). `--check` exits 1 when README.md is out of date."""
+import glob, json, os, sys
+
+root = os.path.join(os.path.dirname(__file__), "..")
+cards = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(root, "models", "*.json")))]
+rows = [("variant", lambda c: f"`{c['name']}` {c['version']}"),
+        ("strategy", lambda c: c["training"]["strategy"]),
+        ("input", lambda c: f"{c['input_size']} px"),
+        ("epochs (sizes)", lambda c: f"{c['training']['epochs']} ({', '.join(map(str, c['training']['image_sizes']))} px)"),
+        ("threshold (chosen on validation)", lambda c: f"{c['threshold']:.3f}")]
+metric = lambda k, pct=True: (lambda c: "—" if not c["metrics"].get("test") else (f"{100 * c['metrics']['test'][k]:.1f} %" if pct else f"{c['metrics']['test'][k]:.3f}"))
+rows += [("test accuracy", metric("accuracy")), ("test sensitivity", metric("sensitivity")),
+         ("test specificity", metric("specificity")), ("test precision", metric("precision")),
+         ("test F1", metric("f1", False)), ("test AUC", metric("auc", False)), ("test ECE", metric("ece", False)),
+         ("test confusion (TP FP TN FN)", lambda c: " ".join(str(c["metrics"]["test"]["confusion"][k]) for k in ("tp", "fp", "tn", "fn_")) if c["metrics"].get("test") else "—"),
+         ("ONNX file", lambda c: f"{c['onnx']['bytes'] / 1e6:.1f} MB ({c['onnx']['weight_storage']})"),
+         ("training wall time", lambda c: f"{c['training']['wall_time_s'] / 3600:.1f} h on {c['training']['device']}"),
+         ("notes", lambda c: c["training"].get("notes") or "")]
+if cards:
+    table = "| | " + " | ".join(f"**{c['name']}**" for c in cards) + " |\n|---|" + "---|" * len(cards) + "\n"
+    table += "".join(f"| {name} | " + " | ".join(str(f(c)) for c in cards) + " |\n" for name, f in rows)
+    table += f"\nTest split: n = {cards[0]['metrics']['test']['n'] if cards[0]['metrics'].get('test') else '—'} images (Kermany et al.).\n"
+else:
+    table = "No model in `models/` yet.\n"
+path = os.path.join(root, "README.md")
+text = open(path).read()
+b, e = "<!-- models:begin -->\n", "<!-- models:end -->"
+new = text[: text.index(b) + len(b)] + table + text[text.index(e):]
+if "--check" in sys.argv:
+    sys.exit(0 if new == text else 1)
+open(path, "w").write(new)
