@@ -243,3 +243,69 @@ fn missing_folders_and_empty_classes_are_named() {
         .to_string();
     assert!(err.contains("PNEUMONIA is empty"), "{err}");
 }
+
+#[test]
+fn torchvision_weight_files_load_except_the_classifier() {
+    use cxr::arch::DenseNetConfig;
+    use cxr::train::model::{DenseNet, export_weights, load_torchvision};
+    use tch::{Device, Tensor, nn};
+    let cfg = DenseNetConfig::tiny();
+    // A "torchvision" file: another network's weights, old-style layer keys
+    // (`norm.1`, `conv.2`), and a 1000-class classifier.
+    let src = nn::VarStore::new(Device::Cpu);
+    let _ = DenseNet::new(&src.root(), &cfg);
+    let mut named: Vec<(String, Tensor)> = src
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("classifier."))
+        .map(|(k, t)| {
+            (
+                k.replace(".norm1.", ".norm.1.")
+                    .replace(".conv2.", ".conv.2."),
+                t,
+            )
+        })
+        .collect();
+    let feats = cfg.num_features() as i64;
+    named.push((
+        "classifier.weight".into(),
+        Tensor::zeros([1000, feats], (tch::Kind::Float, Device::Cpu)),
+    ));
+    named.push((
+        "classifier.bias".into(),
+        Tensor::zeros([1000], (tch::Kind::Float, Device::Cpu)),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tv.safetensors");
+    Tensor::write_safetensors(&named, &file).unwrap();
+
+    let mut dst = nn::VarStore::new(Device::Cpu);
+    let _ = DenseNet::new(&dst.root(), &cfg);
+    let n = load_torchvision(&mut dst, &file).unwrap();
+    let (a, b) = (export_weights(&src), export_weights(&dst));
+    assert_eq!(n, a.len() - 2, "everything but the classifier");
+    for (k, t) in &a {
+        if !k.starts_with("classifier.") {
+            assert_eq!(t, &b[k], "{k} copied");
+        }
+    }
+    assert_eq!(
+        b["classifier.weight"].shape,
+        vec![2, feats as usize],
+        "a fresh 2-class classifier"
+    );
+
+    // A file of another architecture is refused with the variable's name.
+    let other = nn::VarStore::new(Device::Cpu);
+    let _ = DenseNet::new(
+        &other.root(),
+        &DenseNetConfig {
+            growth_rate: 6,
+            ..cfg.clone()
+        },
+    );
+    let f2 = dir.path().join("other.safetensors");
+    other.save(&f2).unwrap();
+    let err = load_torchvision(&mut dst, &f2).unwrap_err();
+    assert!(err.contains("the architecture needs"), "{err}");
+}
