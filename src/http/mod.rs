@@ -112,12 +112,6 @@ impl AppState {
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
     }
-
-    /// Drops nothing itself, but lets the caller drop the last state so the model
-    /// workers see their queues close: returns whether this was the last handle.
-    pub fn is_last(&self) -> bool {
-        Arc::strong_count(&self.inner) == 1
-    }
 }
 
 /// The OpenAPI document (utoipa derives are the source of truth; `openapi.yaml` is

@@ -3,7 +3,7 @@
 //! the choice of a variant for a request (`model=`, `prefer=`, or the default).
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -264,9 +264,4 @@ pub fn load_models(
         None => names.iter().position(|n| *n == "weighted").unwrap_or(0),
     };
     Ok((ModelSet { models, default }, handles))
-}
-
-/// The default folder, relative to the working directory.
-pub fn default_models_dir() -> &'static Path {
-    Path::new("models")
 }
