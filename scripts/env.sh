@@ -9,3 +9,6 @@ _torch_lib="$("$VIRTUAL_ENV/bin/python" -c 'import torch, os; print(os.path.join
 [ -n "$_torch_lib" ] && export LD_LIBRARY_PATH="$_torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$_cxr_root/.ort/lib/libonnxruntime.so}"
 unset _cxr_root _torch_lib
+# dicom-rs errors (snafu) capture a backtrace whenever RUST_BACKTRACE is set, which
+# makes every refused upload cost milliseconds; panics still print theirs.
+export RUST_LIB_BACKTRACE=${RUST_LIB_BACKTRACE:-0}

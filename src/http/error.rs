@@ -9,6 +9,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::imaging::ImageError;
+use crate::imaging::dicom::DicomError;
 use crate::inference::SelectError;
 
 /// The error body.
@@ -27,6 +28,9 @@ pub enum ApiError {
     /// The image could not be read.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The DICOM upload could not be used.
+    #[error(transparent)]
+    Dicom(#[from] DicomError),
     /// A request that is malformed (no image, bad multipart, unknown part).
     #[error("{0}")]
     BadRequest(String),
@@ -77,6 +81,20 @@ impl ApiError {
             ApiError::Image(ImageError::TooManyPixels { .. }) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")
             }
+            ApiError::Dicom(DicomError::Malformed(_)) => (StatusCode::BAD_REQUEST, "invalid_dicom"),
+            ApiError::Dicom(DicomError::UnsupportedTransferSyntax { .. }) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_transfer_syntax",
+            ),
+            ApiError::Dicom(DicomError::MissingPixelData) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "missing_pixel_data")
+            }
+            ApiError::Dicom(DicomError::Unprocessable(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_dicom")
+            }
+            ApiError::Dicom(DicomError::TooManyPixels { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")
+            }
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::Select(SelectError::Unknown(_)) => (StatusCode::NOT_FOUND, "model_not_found"),
             ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -100,6 +118,8 @@ impl IntoResponse for ApiError {
         let (status, kind) = self.status_and_type();
         if let ApiError::Internal(detail) = &self {
             tracing::error!(detail = %detail, "internal error");
+        } else {
+            tracing::debug!(status = status.as_u16(), error_type = kind, error = %self, "request refused");
         }
         let body = ErrorBody {
             error: self.to_string(),

@@ -34,6 +34,7 @@ use types::{
 };
 
 use crate::imaging::Preprocessor;
+use crate::imaging::dicom::{self, DicomInfo, DicomOptions};
 use crate::inference::{ModelSet, ServedModel, SubmitError};
 
 /// Request limits.
@@ -51,6 +52,8 @@ pub struct Limits {
     pub max_inflight: usize,
     /// Most images decoding at once (blocking pool).
     pub max_decodes: usize,
+    /// DICOM policy (`--allow-any-modality`).
+    pub dicom: DicomOptions,
 }
 
 impl Default for Limits {
@@ -62,6 +65,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(60),
             max_inflight: 256,
             max_decodes: 4,
+            dicom: DicomOptions::default(),
         }
     }
 }
@@ -124,7 +128,7 @@ impl AppState {
         license(name = "MIT OR Apache-2.0")
     ),
     paths(predict, list_models, get_model, health, ready, metrics_text),
-    components(schemas(Prediction, ErrorBody, ModelList, ModelInfo, Status, PredictUpload)),
+    components(schemas(Prediction, DicomInfo, ErrorBody, ModelList, ModelInfo, Status, PredictUpload)),
     tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "operations", description = "Health, readiness, metrics"))
 )]
 pub struct ApiDoc;
@@ -136,11 +140,77 @@ pub fn openapi_yaml() -> String {
         .expect("the OpenAPI document serialises to YAML")
 }
 
+/// One uploaded image, as it came.
+#[derive(Debug)]
+enum Upload {
+    /// JPEG or PNG (sniffed by the decoder).
+    Encoded(Bytes),
+    /// DICOM Part-10.
+    Dicom(Bytes),
+}
+
+impl Upload {
+    /// Classifies bytes whose declared type does not decide (octet-stream, none).
+    fn sniff(bytes: Bytes) -> Self {
+        if dicom::is_dicom(&bytes) {
+            Upload::Dicom(bytes)
+        } else {
+            Upload::Encoded(bytes)
+        }
+    }
+}
+
+/// An upload turned into a model input.
+struct Decoded {
+    input: Vec<f32>,
+    took: Duration,
+    dicom: Option<DicomInfo>,
+    warnings: Vec<String>,
+}
+
+fn decode_upload(
+    pre: &Preprocessor,
+    upload: &Upload,
+    max_pixels: u64,
+    opts: DicomOptions,
+) -> Result<Decoded, ApiError> {
+    let t = Instant::now();
+    match upload {
+        Upload::Encoded(b) => Ok(Decoded {
+            input: pre.preprocess(b, max_pixels)?,
+            took: t.elapsed(),
+            dicom: None,
+            warnings: Vec::new(),
+        }),
+        Upload::Dicom(b) => {
+            let img = dicom::decode_dicom(b, max_pixels, opts)?;
+            // Identifiers and technical facts only: never a patient attribute.
+            tracing::debug!(
+                sop_instance_uid = img.info.sop_instance_uid.as_deref().unwrap_or(""),
+                modality = img.info.modality.as_deref().unwrap_or(""),
+                transfer_syntax = %img.info.transfer_syntax,
+                photometric = %img.info.photometric_interpretation,
+                bits_stored = img.info.bits_stored,
+                voi = %img.info.voi,
+                columns = img.gray.width(),
+                rows = img.gray.height(),
+                "DICOM decoded"
+            );
+            Ok(Decoded {
+                input: pre.gray_to_tensor(&img.gray),
+                took: t.elapsed(),
+                dicom: Some(img.info),
+                warnings: img.warnings,
+            })
+        }
+    }
+}
+
 /// Multipart upload of one or more images.
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)]
 pub struct PredictUpload {
-    /// One or more X-ray images (JPEG or PNG), each in a part named `image`.
+    /// One or more X-ray images (JPEG, PNG or DICOM), each in a part named `image`.
     #[schema(value_type = Vec<String>, format = Binary)]
     image: Vec<Vec<u8>>,
 }
@@ -214,9 +284,12 @@ fn request_id(headers: &HeaderMap) -> String {
 
 /// Classify one or more chest X-rays.
 ///
-/// Send a raw body (`Content-Type: image/jpeg` or `image/png`) or
-/// `multipart/form-data` with one or more parts named `image`. One image answers one
-/// object; several multipart images answer an array in the same order.
+/// Send a raw body (`Content-Type: image/jpeg`, `image/png` or `application/dicom`) or
+/// `multipart/form-data` with one or more parts named `image` (parts typed
+/// `application/octet-stream` are sniffed: DICOM by its `DICM` magic). One image
+/// answers one object; several multipart images answer an array in the same order.
+/// A DICOM answer echoes the study, series and instance UIDs (never a patient
+/// attribute) and may carry `warnings` (lateral view, multi-frame).
 #[utoipa::path(
     post,
     path = "/predict",
@@ -227,20 +300,21 @@ fn request_id(headers: &HeaderMap) -> String {
         content(
             ("image/jpeg"),
             ("image/png"),
+            ("application/dicom"),
             (PredictUpload = "multipart/form-data")
         )
     ),
     responses(
         (status = 200, description = "The prediction (an array for several multipart images)", body = Prediction),
-        (status = 400, description = "Empty, undecodable or malformed upload", body = ErrorBody,
+        (status = 400, description = "Empty, undecodable or malformed upload (JPEG, PNG or DICOM)", body = ErrorBody,
             example = json!({"error": "could not decode the image: unexpected end of file", "error_type": "invalid_image"})),
         (status = 404, description = "Unknown model", body = ErrorBody,
             example = json!({"error": "unknown model `x`; GET /models lists the variants", "error_type": "model_not_found"})),
         (status = 413, description = "Body, pixel count or image count over the limit", body = ErrorBody,
             example = json!({"error": "image of 60000x60000 pixels exceeds the limit of 40000000 pixels", "error_type": "too_many_pixels"})),
-        (status = 415, description = "Unsupported content or image type", body = ErrorBody,
+        (status = 415, description = "Unsupported content type, image format or DICOM transfer syntax", body = ErrorBody,
             example = json!({"error": "Content-Type text/plain is not supported; send image/jpeg, image/png or multipart/form-data", "error_type": "unsupported_media_type"})),
-        (status = 422, description = "Invalid query", body = ErrorBody,
+        (status = 422, description = "Invalid query, or a DICOM object that is not a classifiable radiograph (modality, samples per pixel, missing pixel data)", body = ErrorBody,
             example = json!({"error": "invalid query: unknown variant `speed`, expected `sensitivity` or `specificity`", "error_type": "invalid_query"})),
         (status = 503, description = "Not ready, overloaded or timed out (with Retry-After)", body = ErrorBody,
             example = json!({"error": "model `weighted` is at capacity; retry shortly", "error_type": "overloaded"}))
@@ -297,32 +371,36 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let pre: Preprocessor = model.preprocessor.clone();
     let max_pixels = limits.max_pixels;
+    let dicom_opts = limits.dicom;
     let decoded = tokio::task::spawn_blocking(move || {
         images
             .iter()
-            .map(|b| {
-                let t = Instant::now();
-                pre.preprocess(b, max_pixels).map(|x| (x, t.elapsed()))
-            })
+            .map(|u| decode_upload(&pre, u, max_pixels, dicom_opts))
             .collect::<Result<Vec<_>, _>>()
     })
     .await
     .map_err(|e| ApiError::Internal(format!("decode task failed: {e}")))??;
     drop(permit);
     let name = model.card.name.clone();
-    for (_, d) in &decoded {
+    for d in &decoded {
         state
             .metrics()
             .decode_duration
             .with_label_values(&[&name])
-            .observe(d.as_secs_f64());
+            .observe(d.took.as_secs_f64());
     }
 
     // Queue every image, then wait for all: images of one request batch together.
     let mut pending = Vec::with_capacity(decoded.len());
-    for (x, d) in decoded {
-        match model.batcher.submit(x) {
-            Ok(rx) => pending.push((rx, d)),
+    for d in decoded {
+        let Decoded {
+            input,
+            took,
+            dicom,
+            warnings,
+        } = d;
+        match model.batcher.submit(input) {
+            Ok(rx) => pending.push((rx, (took, dicom, warnings))),
             Err(SubmitError::Full) => {
                 state.metrics().overloaded.with_label_values(&[&name]).inc();
                 return Err(ApiError::Overloaded(name));
@@ -331,17 +409,17 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
         }
     }
     let mut out = Vec::with_capacity(pending.len());
-    for (rx, decode) in pending {
+    for (rx, extra) in pending {
         let r = rx
             .await
             .map_err(|_| ApiError::Internal("the inference worker dropped a request".into()))?
             .map_err(ApiError::Internal)?;
-        out.push((r, decode));
+        out.push((r, extra));
     }
     let total = started.elapsed();
     let predictions: Vec<Prediction> = out
         .into_iter()
-        .map(|(r, decode)| {
+        .map(|(r, (decode, dicom, warnings))| {
             let p = prediction(&model, r.probabilities, &rid);
             state
                 .metrics()
@@ -356,6 +434,8 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
                     inference: ms(r.inference),
                     total: ms(total),
                 },
+                dicom,
+                warnings,
                 ..p
             }
         })
@@ -400,12 +480,14 @@ fn prediction(model: &ServedModel, p: [f32; 2], rid: &str) -> Prediction {
             total: 0.0,
         },
         request_id: rid.to_string(),
+        dicom: None,
+        warnings: Vec::new(),
     }
 }
 
-/// Reads the image bytes of a request: a raw JPEG/PNG body or multipart `image`
+/// Reads the images of a request: a raw JPEG/PNG/DICOM body or multipart `image`
 /// parts. Returns the images and whether the request was multipart.
-async fn read_images(state: &AppState, req: Request) -> Result<(Vec<Bytes>, bool), ApiError> {
+async fn read_images(state: &AppState, req: Request) -> Result<(Vec<Upload>, bool), ApiError> {
     let limit = state.inner.limits.max_body_bytes;
     let ct = req
         .headers()
@@ -451,14 +533,15 @@ async fn read_images(state: &AppState, req: Request) -> Result<(Vec<Bytes>, bool
                         .trim()
                         .to_ascii_lowercase()
                 });
-                if let Some(c) = part_ct.as_deref() {
-                    check_image_type(c, true)?;
-                }
+                let kind = match part_ct.as_deref() {
+                    Some(c) => check_image_type(c, true)?,
+                    None => Kind::Sniff,
+                };
                 let bytes = field
                     .bytes()
                     .await
                     .map_err(|e| multipart_error(&e, limit))?;
-                images.push(bytes);
+                images.push(kind.upload(bytes));
                 if images.len() > state.inner.limits.max_images {
                     return Err(ApiError::TooManyImages(
                         images.len(),
@@ -469,14 +552,14 @@ async fn read_images(state: &AppState, req: Request) -> Result<(Vec<Bytes>, bool
             Ok((images, true))
         }
         Some(c) => {
-            check_image_type(c, false)?;
+            let kind = check_image_type(c, false)?;
             let bytes = axum::body::to_bytes(req.into_body(), limit)
                 .await
                 .map_err(|_| ApiError::BodyTooLarge(limit))?;
-            Ok((vec![bytes], false))
+            Ok((vec![kind.upload(bytes)], false))
         }
         None => Err(ApiError::UnsupportedMediaType(
-            "missing Content-Type; send image/jpeg, image/png or multipart/form-data".into(),
+            "missing Content-Type; send image/jpeg, image/png, application/dicom or multipart/form-data".into(),
         )),
     }
 }
@@ -489,17 +572,34 @@ fn multipart_error(e: &axum::extract::multipart::MultipartError, limit: usize) -
     }
 }
 
-fn check_image_type(ct: &str, in_part: bool) -> Result<(), ApiError> {
+/// How a declared content type routes the bytes.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Encoded,
+    Dicom,
+    /// Undeclared or octet-stream: DICOM if it has the `DICM` magic, else JPEG/PNG.
+    Sniff,
+}
+
+impl Kind {
+    fn upload(self, bytes: Bytes) -> Upload {
+        match self {
+            Kind::Encoded => Upload::Encoded(bytes),
+            Kind::Dicom => Upload::Dicom(bytes),
+            Kind::Sniff => Upload::sniff(bytes),
+        }
+    }
+}
+
+fn check_image_type(ct: &str, in_part: bool) -> Result<Kind, ApiError> {
     match ct {
-        "image/jpeg" | "image/jpg" | "image/png" => Ok(()),
-        // Browsers and curl label files they do not know as octet-stream; the decoder
-        // sniffs the bytes.
-        "application/octet-stream" if in_part => Ok(()),
-        "application/dicom" => Err(ApiError::UnsupportedMediaType(
-            "DICOM uploads are not supported yet; send the image as JPEG or PNG".into(),
-        )),
+        "image/jpeg" | "image/jpg" | "image/png" => Ok(Kind::Encoded),
+        "application/dicom" => Ok(Kind::Dicom),
+        // Browsers and curl label files they do not know as octet-stream; the bytes
+        // are sniffed.
+        "application/octet-stream" if in_part => Ok(Kind::Sniff),
         other => Err(ApiError::UnsupportedMediaType(format!(
-            "Content-Type {other} is not supported; send image/jpeg, image/png or multipart/form-data"
+            "Content-Type {other} is not supported; send image/jpeg, image/png, application/dicom or multipart/form-data"
         ))),
     }
 }

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::imaging::dicom::DicomInfo;
 use crate::inference::{Prefer, models::LatencySummary};
 use crate::registry::{ModelCard, Strategy};
 
@@ -80,6 +81,12 @@ pub struct Prediction {
     pub timings_ms: Timings,
     /// The request id (also in the `x-request-id` header).
     pub request_id: String,
+    /// For a DICOM upload: its UIDs (to file the result) and technical facts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<DicomInfo>,
+    /// Caveats about this answer (a lateral view, a multi-frame object).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Live facts about a served variant.

@@ -8,6 +8,8 @@
 //! table. The trainer and the server both call [`Preprocessor`], so a model never sees
 //! at serving time an image prepared differently from training.
 
+pub mod dicom;
+
 use std::cell::RefCell;
 use std::io::Cursor;
 

@@ -3,6 +3,9 @@
 //! set or the network.
 #![allow(dead_code)]
 
+pub mod dicom;
+pub mod http;
+
 use std::io::Cursor;
 use std::path::Path;
 

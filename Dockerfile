@@ -1,0 +1,119 @@
+# cxr-serve, the pneumonia classifier service, as a container.
+#
+#   docker build -t cxr:cpu .                              # CPU image (default target)
+#   docker build -t cxr:cuda --target runtime-cuda .       # CUDA image (falls back to CPU)
+#   docker run --rm -p 8080:8080 cxr:cpu
+#   docker run --rm -p 8080:8080 -v "$PWD/models:/opt/cxr/models:ro" cxr:cpu   # other models
+#
+# Stages: `build` compiles cxr-serve (dependencies in their own cached layer);
+# `ort-cpu` / `ort-cuda` take ONNX Runtime's shared library from the official PyPI
+# wheels; `runtime-cuda` and `runtime` (last, so the default) hold only the binary,
+# the library and models/. Configuration is by CXR_* environment variables (README).
+
+ARG RUST_VERSION=1.95.0
+ARG DEBIAN_RELEASE=bookworm
+ARG ORT_VERSION=1.32.0
+ARG CUDA_IMAGE=docker.io/nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+
+# ---------------------------------------------------------------------------- build
+FROM docker.io/library/rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
+WORKDIR /src
+# No debug info in the image's binary; function names stay for backtraces.
+ENV CARGO_PROFILE_RELEASE_DEBUG=false \
+    CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+    CARGO_TERM_COLOR=never
+# Dependencies first, against stub targets: this layer is reused until Cargo.toml or
+# Cargo.lock change.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src/bin benches \
+    && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > src/bin/cxr-train.rs \
+    && echo 'fn main() {}' > benches/serve.rs \
+    && echo 'fn main() {}' > benches/train_step.rs \
+    && touch src/lib.rs \
+    && cargo build --release --locked --bin cxr-serve \
+    && rm -rf src benches target/release/cxr-serve* \
+        target/release/deps/cxr* target/release/deps/libcxr* target/release/.fingerprint/cxr-*
+COPY src src
+COPY benches benches
+RUN cargo build --release --locked --bin cxr-serve \
+    && cp target/release/cxr-serve /cxr-serve \
+    && /cxr-serve --version
+
+# ------------------------------------------------------- ONNX Runtime from PyPI
+FROM docker.io/library/debian:${DEBIAN_RELEASE}-slim AS pip
+# Build-stage tools only (not in the runtime image); Debian's archive pins them.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-pip ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+FROM pip AS ort-cpu
+ARG ORT_VERSION
+# The wheel is only unpacked (its Python parts are not used): take the library.
+RUN python3 -m pip download --no-deps --only-binary=:all: --python-version 311 \
+        --platform manylinux_2_28_x86_64 --dest /wheels "onnxruntime==${ORT_VERSION}" \
+    && python3 -m zipfile -e /wheels/onnxruntime-${ORT_VERSION}-*.whl /wheel \
+    && mkdir -p /out \
+    && cp -P /wheel/onnxruntime/capi/libonnxruntime*.so* /out/ \
+    && test -f "/out/libonnxruntime.so.${ORT_VERSION}"
+
+FROM pip AS ort-cuda
+ARG ORT_VERSION
+# onnxruntime-gpu: the library and its CUDA execution provider (CUDA 13, cuDNN 9; the
+# CUDA and cuDNN libraries themselves come from the runtime base image).
+RUN python3 -m pip download --no-deps --only-binary=:all: --python-version 311 \
+        --platform manylinux_2_28_x86_64 --dest /wheels "onnxruntime-gpu==${ORT_VERSION}" \
+    && python3 -m zipfile -e /wheels/onnxruntime_gpu-${ORT_VERSION}-*.whl /wheel \
+    && mkdir -p /out \
+    && cp -P /wheel/onnxruntime/capi/libonnxruntime*.so* /out/ \
+    && test -f "/out/libonnxruntime.so.${ORT_VERSION}" \
+    && test -f /out/libonnxruntime_providers_cuda.so
+
+# ----------------------------------------------------------------- runtime, CUDA
+FROM ${CUDA_IMAGE} AS runtime-cuda
+ARG ORT_VERSION
+LABEL org.opencontainers.image.title="cxr (CUDA)" \
+      org.opencontainers.image.description="Pediatric chest X-ray pneumonia classifier (DenseNet-161, ONNX Runtime with CUDA, CPU fallback)" \
+      org.opencontainers.image.licenses="MIT OR Apache-2.0" \
+      org.opencontainers.image.version="0.1.0"
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cxr
+COPY --from=build /cxr-serve /usr/local/bin/cxr-serve
+COPY --from=ort-cuda /out/ /opt/cxr/lib/
+COPY models/ /opt/cxr/models/
+ENV CXR_HOST=0.0.0.0 \
+    CXR_PORT=8080 \
+    CXR_MODELS_DIR=/opt/cxr/models \
+    CXR_DEVICE=auto \
+    CXR_LOG_FORMAT=json \
+    ORT_DYLIB_PATH=/opt/cxr/lib/libonnxruntime.so.${ORT_VERSION} \
+    RUST_LIB_BACKTRACE=0
+USER 10001:10001
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["/usr/local/bin/cxr-serve", "--health-check"]
+ENTRYPOINT ["/usr/local/bin/cxr-serve"]
+
+# ------------------------------------------------------------ runtime, CPU (default)
+FROM docker.io/library/debian:${DEBIAN_RELEASE}-slim AS runtime
+ARG ORT_VERSION
+LABEL org.opencontainers.image.title="cxr" \
+      org.opencontainers.image.description="Pediatric chest X-ray pneumonia classifier (DenseNet-161 on ONNX Runtime, CPU)" \
+      org.opencontainers.image.licenses="MIT OR Apache-2.0" \
+      org.opencontainers.image.version="0.1.0"
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cxr
+COPY --from=build /cxr-serve /usr/local/bin/cxr-serve
+COPY --from=ort-cpu /out/ /opt/cxr/lib/
+COPY models/ /opt/cxr/models/
+ENV CXR_HOST=0.0.0.0 \
+    CXR_PORT=8080 \
+    CXR_MODELS_DIR=/opt/cxr/models \
+    CXR_DEVICE=cpu \
+    CXR_LOG_FORMAT=json \
+    ORT_DYLIB_PATH=/opt/cxr/lib/libonnxruntime.so.${ORT_VERSION} \
+    RUST_LIB_BACKTRACE=0
+USER 10001:10001
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["/usr/local/bin/cxr-serve", "--health-check"]
+ENTRYPOINT ["/usr/local/bin/cxr-serve"]

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Builds the repository's Dockerfile, unchanged, with podman and smoke-tests the image:
+# runs it as its non-root user with a read-only root filesystem, waits for /ready,
+# POSTs an X-ray to /predict, checks the answer, stops it (SIGTERM) and prints the
+# image size, build time and start-to-ready time.
+#
+#   bash scripts/container-smoke.sh            # CPU image (the default target)
+#
+# These machines have no Docker engine and cannot pull base images, so the script
+# (1) installs podman, buildah, runc and debootstrap from Debian if missing,
+# (2) configures podman for this sandbox (runc, ulimits) through its own
+#     containers.conf, and (3) makes the base images locally under the names the
+#     Dockerfile uses: debootstrap a Debian rootfs and `podman import` it as
+#     debian:<release>-slim, and the same plus this machine's Rust toolchain as
+#     rust:<version>-slim-<release>. On a normal Docker host none of this is needed.
+# Not part of CI (it takes several minutes and needs root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RELEASE=${RELEASE:-bookworm}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+RUST_VERSION=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+IMAGE=${IMAGE:-localhost/cxr:smoke}
+NAME=cxr-smoke-$$
+PORT=${PORT:-18080}
+WORK=${WORK:-/var/tmp/cxr-container}
+mkdir -p "$WORK"
+say() { printf '== %s\n' "$*"; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+
+# 1. Tools.
+need=()
+for t in podman buildah runc debootstrap curl; do command -v "$t" >/dev/null || need+=("$t"); done
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# 2. podman configuration for this sandbox.
+cat > "$WORK/containers.conf" <<'EOF'
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+EOF
+export CONTAINERS_CONF=$WORK/containers.conf
+
+# 3. Base images, made locally.
+DEBIAN_IMAGE=docker.io/library/debian:$RELEASE-slim
+RUST_IMAGE=docker.io/library/rust:$RUST_VERSION-slim-$RELEASE
+rootfs() { # rootfs <dir> <extra packages>
+  local dir=$1 include=$2
+  rm -rf "$dir"
+  debootstrap --variant=minbase ${include:+--include="$include"} --cache-dir="$WORK/debs" \
+    "$RELEASE" "$dir" "$MIRROR" >"$dir.log" 2>&1 || { tail -20 "$dir.log"; fail "debootstrap $dir"; }
+  rm -rf "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/*.bin
+}
+mkdir -p "$WORK/debs"
+if ! podman image exists "$DEBIAN_IMAGE"; then
+  say "making $DEBIAN_IMAGE (debootstrap $RELEASE)"
+  rootfs "$WORK/debian" ""
+  tar -C "$WORK/debian" -c . | podman import \
+    --change 'CMD ["bash"]' \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    - "$DEBIAN_IMAGE" >/dev/null
+  rm -rf "$WORK/debian"
+fi
+if ! podman image exists "$RUST_IMAGE"; then
+  say "making $RUST_IMAGE (debootstrap + this machine's Rust $RUST_VERSION)"
+  rootfs "$WORK/rust" "gcc,libc6-dev,ca-certificates"
+  sysroot=$(rustc --print sysroot)
+  "$sysroot/bin/rustc" --version | grep -q "^rustc $RUST_VERSION " \
+    || fail "this machine's toolchain is not $RUST_VERSION"
+  mkdir -p "$WORK/rust/usr/local/rustup/toolchains" "$WORK/rust/usr/local/cargo/bin"
+  cp -a "$sysroot" "$WORK/rust/usr/local/rustup/toolchains/"
+  rm -rf "$WORK/rust/usr/local/rustup/toolchains/$(basename "$sysroot")/share/doc"
+  for b in cargo rustc rustdoc; do
+    ln -s "/usr/local/rustup/toolchains/$(basename "$sysroot")/bin/$b" "$WORK/rust/usr/local/cargo/bin/$b"
+  done
+  tar -C "$WORK/rust" -c . | podman import \
+    --change 'ENV PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV CARGO_HOME=/usr/local/cargo' \
+    --change 'ENV RUSTUP_HOME=/usr/local/rustup' \
+    --change 'CMD ["bash"]' \
+    - "$RUST_IMAGE" >/dev/null
+  rm -rf "$WORK/rust"
+fi
+
+# 4. Build the real Dockerfile.
+say "building $IMAGE from Dockerfile"
+t0=$(date +%s)
+podman build --network=host --format docker -t "$IMAGE" -f Dockerfile . >"$WORK/build.log" 2>&1 \
+  || { tail -40 "$WORK/build.log"; fail "podman build (log: $WORK/build.log)"; }
+build_s=$(( $(date +%s) - t0 ))
+size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
+size_mb=$(( size / 1000000 ))
+
+# 5. What the image holds.
+user=$(podman run --rm --entrypoint id "$IMAGE" -u)
+[ "$user" != 0 ] || fail "the image runs as root"
+if podman run --rm --entrypoint sh "$IMAGE" -c 'command -v cc gcc rustc cargo c++ ld' >/dev/null 2>&1; then
+  fail "a compiler or linker is in the runtime image"
+fi
+[ "$size_mb" -lt 400 ] || fail "image is $size_mb MB (limit 400)"
+
+# 6. Run it the way deploy/ does: non-root, read-only root, /tmp on tmpfs.
+cleanup() { podman rm -f "$NAME" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+say "starting $NAME on 127.0.0.1:$PORT"
+t0=$(date +%s.%N)
+podman run -d --name "$NAME" --read-only --tmpfs /tmp -p "127.0.0.1:$PORT:8080" "$IMAGE" >/dev/null
+ready=""
+for _ in $(seq 1 600); do
+  if curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1; then ready=1; break; fi
+  podman container exists "$NAME" && [ "$(podman inspect --format '{{.State.Running}}' "$NAME")" = true ] \
+    || { podman logs "$NAME" | tail -20; fail "the container exited"; }
+  sleep 0.2
+done
+[ -n "$ready" ] || { podman logs "$NAME" | tail -20; fail "not ready within 120 s"; }
+ready_s=$(python3 -c "import sys; print(float(sys.argv[1]) - float(sys.argv[2]))" "$(date +%s.%N)" "$t0")
+
+# 7. An X-ray: a test image of the data set when present, else a generated PNG.
+xray=$(ls ../shared/data/chest_xray_224/test/PNEUMONIA/* 2>/dev/null | head -1 || true)
+if [ -z "$xray" ]; then
+  xray=$WORK/xray.png
+  python3 - "$xray" <<'EOF'
+import struct, sys, zlib
+w = h = 256
+rows = b"".join(b"\0" + bytes((x * y // 256 + x // 2) % 256 for x in range(w)) for y in range(h))
+chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) \
+    + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+open(sys.argv[1], "wb").write(png)
+EOF
+fi
+ct=image/png; case "$xray" in *.jpeg|*.jpg) ct=image/jpeg ;; esac
+answer=$(curl -fsS -X POST --data-binary @"$xray" -H "Content-Type: $ct" "http://127.0.0.1:$PORT/predict")
+echo "$answer" | python3 -c '
+import json, sys
+a = json.load(sys.stdin)
+assert a["label"] in ("NORMAL", "PNEUMONIA"), a
+assert abs(a["probabilities"]["NORMAL"] + a["probabilities"]["PNEUMONIA"] - 1) < 1e-4, a
+assert a["model"]["name"] and len(a["model"]["sha256"]) == 64, a
+assert a["execution_provider"] == "CPUExecutionProvider", a
+print("   answer:", a["label"], round(a["confidence"], 4), "from", a["model"]["name"], a["execution_provider"])
+' || fail "unexpected /predict answer: $answer"
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST --data-binary 'junk' -H 'Content-Type: image/png' "http://127.0.0.1:$PORT/predict")
+[ "$code" = 400 ] || fail "junk answered $code, not 400"
+podman exec "$NAME" /usr/local/bin/cxr-serve --health-check || fail "HEALTHCHECK command fails"
+
+# 8. Stop: SIGTERM, graceful drain, exit 0.
+podman stop -t 20 "$NAME" >/dev/null
+exit_code=$(podman inspect --format '{{.State.ExitCode}}' "$NAME")
+[ "$exit_code" = 0 ] || { podman logs "$NAME" | tail -20; fail "exit code $exit_code after SIGTERM"; }
+podman logs "$NAME" 2>&1 | grep -q '"stopped' || podman logs "$NAME" 2>&1 | grep -q stopped \
+  || fail "no clean-stop log line"
+
+say "PASS"
+printf '| image | size | build (s) | start to ready (s) | user |\n|---|---|---|---|---|\n'
+printf '| %s | %s MB | %s | %.1f | %s |\n' "$IMAGE" "$size_mb" "$build_s" "$ready_s" "$user"

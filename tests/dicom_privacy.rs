@@ -1,0 +1,95 @@
+//! No patient attribute of a DICOM upload reaches the logs (every level, every
+//! thread: this binary installs a global TRACE subscriber) or any answer, on success
+//! or on refusal.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use common::dicom::{self as d, Spec};
+use common::http::{multipart, raw, send};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_patient_tag_in_logs_or_answers() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+
+    let t = common::test_app();
+    let g = d::test_gray(40, 30, 4);
+    let good = Spec::new(30, 40, 16, d::stored(&g, |v| v * 257));
+    let full = d::build(&good);
+    let dcm = |bytes: Vec<u8>| raw("/predict", "application/dicom", bytes);
+    let variant = |f: &dyn Fn(&mut Spec)| {
+        let mut spec = good.clone();
+        f(&mut spec);
+        dcm(d::build(&spec))
+    };
+    let requests = vec![
+        (StatusCode::OK, dcm(full.clone())),
+        (
+            StatusCode::OK,
+            multipart(
+                "/predict",
+                &[("image", "application/octet-stream", full.clone())],
+            ),
+        ),
+        (StatusCode::OK, variant(&|s| s.view_position = Some("RL"))),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            variant(&|s| s.modality = Some("MR")),
+        ),
+        (
+            StatusCode::BAD_REQUEST,
+            dcm(full[..full.len() - 7].to_vec()),
+        ),
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            variant(&|s| s.transfer_syntax_override = Some("1.2.840.10008.1.2.4.81")),
+        ),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            variant(&|s| s.pixel_data = false),
+        ),
+    ];
+    let mut bodies = Vec::new();
+    for (want, req) in requests {
+        let (s, _, b) = send(&t.app, req).await;
+        assert_eq!(s, want, "{}", String::from_utf8_lossy(&b));
+        bodies.push(String::from_utf8_lossy(&b).to_string());
+    }
+    drop(t);
+    let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+
+    // The capture works: the decoded upload and the refusals are logged.
+    assert!(logs.contains("DICOM decoded"), "{logs}");
+    assert!(logs.contains(d::SOP_UID), "{logs}");
+    assert!(logs.contains("request refused"), "{logs}");
+    assert!(bodies[0].contains(d::STUDY_UID));
+
+    for secret in d::PATIENT_SECRETS {
+        assert!(!logs.contains(secret), "`{secret}` in the logs:\n{logs}");
+        for b in &bodies {
+            assert!(!b.contains(secret), "`{secret}` in an answer: {b}");
+        }
+    }
+}
