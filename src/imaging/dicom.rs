@@ -611,7 +611,11 @@ fn check_codestream(
     if ts_uid == uids::RLE_LOSSLESS {
         return check_rle_header(first, bits_allocated / 8);
     }
-    let dims = if ts_uid.starts_with("1.2.840.10008.1.2.4.9") {
+    // JPEG 2000 (.90–.93) and High-Throughput JPEG 2000 (.201–.203) carry a SIZ
+    // marker; the other .4.x syntaxes are JPEG (SOF).
+    let j2k =
+        ts_uid.starts_with("1.2.840.10008.1.2.4.9") || ts_uid.starts_with("1.2.840.10008.1.2.4.20");
+    let dims = if j2k {
         j2k_dims(first)
     } else if ts_uid.starts_with("1.2.840.10008.1.2.4.") {
         jpeg_dims(first)
@@ -699,4 +703,89 @@ fn j2k_dims(b: &[u8]) -> Option<(u32, u32)> {
     let be = |o: usize| u32::from_be_bytes([s[o], s[o + 1], s[o + 2], s[o + 3]]);
     let (xsiz, ysiz, xo, yo) = (be(0), be(4), be(8), be(12));
     Some((xsiz.checked_sub(xo)?, ysiz.checked_sub(yo)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_functions_follow_ps3_3() {
+        let w = WindowLevel {
+            center: 100.0,
+            width: 51.0,
+        };
+        // LINEAR: x <= c - 0.5 - (w-1)/2 = 74.5 → 0; x > c - 0.5 + (w-1)/2 = 124.5 → 255.
+        let y = apply_window(&[74.5, 75.0, 99.5, 124.5, 125.0], w, VoiLutFunction::Linear);
+        assert_eq!(y[0], 0.0);
+        assert!((y[1] - 0.5 / 50.0 * 255.0).abs() < 1e-9);
+        assert!((y[2] - 127.5).abs() < 1e-9);
+        assert!((y[3] - 255.0).abs() < 1e-9);
+        assert_eq!(y[4], 255.0);
+        // LINEAR_EXACT: c ± w/2.
+        let y = apply_window(&[74.5, 100.0, 125.5], w, VoiLutFunction::LinearExact);
+        assert_eq!(y, vec![0.0, 127.5, 255.0]);
+        // SIGMOID: half-way at the center, monotone.
+        let y = apply_window(&[0.0, 100.0, 200.0], w, VoiLutFunction::Sigmoid);
+        assert!((y[1] - 127.5).abs() < 1e-9 && y[0] < 1.0 && y[2] > 254.0);
+    }
+
+    #[test]
+    fn voi_lut_table_and_min_max() {
+        // Table of 3 entries, 8-bit output, first mapped value 10: below → first entry,
+        // above → last.
+        let y = apply_voi_lut(&[0.0, 10.0, 11.0, 12.0, 99.0], 10, 8, &[0, 51, 255]);
+        assert_eq!(y, vec![0.0, 0.0, 51.0, 255.0, 255.0]);
+        let y = apply_voi_lut(&[11.0], 10, 16, &[0, 65535]);
+        assert_eq!(y, vec![255.0]);
+        assert_eq!(min_max(&[5.0, 5.0]), vec![0.0, 0.0]);
+        assert_eq!(min_max(&[-10.0, 0.0, 10.0]), vec![0.0, 127.5, 255.0]);
+    }
+
+    #[test]
+    fn stored_values_mask_and_sign_extend() {
+        // 12-bit signed in 16-bit words: 0x0FFF = −1, 0x0800 = −2048, 0x07FF = 2047;
+        // bits above BitsStored (0xF000) are ignored.
+        let words: Vec<u8> = [0x0FFFu16, 0x0800, 0x07FF, 0xF001]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        assert_eq!(
+            stored_values(&words, 4, 16, 12, true).unwrap(),
+            vec![-1.0, -2048.0, 2047.0, 1.0]
+        );
+        assert_eq!(
+            stored_values(&words, 4, 16, 12, false).unwrap(),
+            vec![4095.0, 2048.0, 2047.0, 1.0]
+        );
+        assert!(stored_values(&words, 5, 16, 12, false).is_err());
+    }
+
+    #[test]
+    fn codestream_headers() {
+        // JPEG: SOI, APP0 (len 4), SOF0 with height 30, width 40.
+        let jpeg = [
+            0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0x00, 0x00, 0xFF, 0xC0, 0x00, 0x0B, 0x08, 0x00,
+            0x1E, 0x00, 0x28, 0x01,
+        ];
+        assert_eq!(jpeg_dims(&jpeg), Some((40, 30)));
+        assert_eq!(jpeg_dims(&jpeg[2..]), None);
+        // JPEG 2000: SOC, SIZ (Lsiz, Rsiz, Xsiz 50, Ysiz 20, XOsiz 10, YOsiz 0).
+        let mut j2k = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x29, 0x00, 0x00];
+        for v in [50u32, 20, 10, 0] {
+            j2k.extend_from_slice(&v.to_be_bytes());
+        }
+        assert_eq!(j2k_dims(&j2k), Some((40, 20)));
+        // RLE: 2 segments at 64 and 70 in a 80-byte fragment.
+        let mut rle = vec![0u8; 80];
+        rle[..4].copy_from_slice(&2u32.to_le_bytes());
+        rle[4..8].copy_from_slice(&64u32.to_le_bytes());
+        rle[8..12].copy_from_slice(&70u32.to_le_bytes());
+        assert!(check_rle_header(&rle, 2).is_ok());
+        assert!(check_rle_header(&rle, 1).is_err());
+        rle[8..12].copy_from_slice(&700u32.to_le_bytes());
+        assert!(check_rle_header(&rle, 2).is_err());
+        rle[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(check_rle_header(&rle, 2).is_err());
+    }
 }
