@@ -13,7 +13,8 @@
 #     Dockerfile uses: debootstrap a Debian rootfs and `podman import` it as
 #     debian:<release>-slim, and the same plus this machine's Rust toolchain as
 #     rust:<version>-slim-<release>. On a normal Docker host none of this is needed.
-# Not part of CI (it takes several minutes and needs root).
+# Not part of CI (it takes several minutes and needs root). FRESH=1 remakes the base
+# images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -55,14 +56,23 @@ rootfs() { # rootfs <dir> <extra packages>
   debootstrap --variant=minbase ${include:+--include="$include"} --cache-dir="$WORK/debs" \
     "$RELEASE" "$dir" "$MIRROR" >"$dir.log" 2>&1 || { tail -20 "$dir.log"; fail "debootstrap $dir"; }
   rm -rf "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/*.bin
+  # This sandbox reaches the registries through a TLS-inspecting proxy: give the
+  # base images this machine's extra CAs (a normal Docker host needs none of this).
+  if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+    mkdir -p "$dir/usr/local/share/ca-certificates" "$dir/etc/ssl/certs"
+    cp /usr/local/share/ca-certificates/*.crt "$dir/usr/local/share/ca-certificates/"
+    cp /etc/ssl/certs/ca-certificates.crt "$dir/etc/ssl/certs/ca-certificates.crt"
+  fi
 }
 mkdir -p "$WORK/debs"
+if [ -n "${FRESH:-}" ]; then podman rmi -f "$DEBIAN_IMAGE" "$RUST_IMAGE" >/dev/null 2>&1 || true; fi
 if ! podman image exists "$DEBIAN_IMAGE"; then
   say "making $DEBIAN_IMAGE (debootstrap $RELEASE)"
   rootfs "$WORK/debian" ""
   tar -C "$WORK/debian" -c . | podman import \
     --change 'CMD ["bash"]' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
     - "$DEBIAN_IMAGE" >/dev/null
   rm -rf "$WORK/debian"
 fi
@@ -82,6 +92,7 @@ if ! podman image exists "$RUST_IMAGE"; then
     --change 'ENV PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV CARGO_HOME=/usr/local/cargo' \
     --change 'ENV RUSTUP_HOME=/usr/local/rustup' \
+    --change 'ENV CARGO_HTTP_CAINFO=/etc/ssl/certs/ca-certificates.crt' \
     --change 'CMD ["bash"]' \
     - "$RUST_IMAGE" >/dev/null
   rm -rf "$WORK/rust"
