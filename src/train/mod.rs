@@ -386,6 +386,16 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
             state.global_step
         ));
     }
+    let export = ExportInputs {
+        args,
+        arch: &arch,
+        train: &train,
+        val: &val,
+        test: &test,
+        loss_weights,
+        generated,
+        device,
+    };
     if args.export_only {
         if state.history.is_empty() {
             return Err(anyhow!(
@@ -393,21 +403,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
                 args.out.display()
             ));
         }
-        return finish(
-            args,
-            &mut vs,
-            &net,
-            &state,
-            &train,
-            &val,
-            &test,
-            &arch,
-            loss_weights,
-            generated,
-            device,
-            true,
-        )
-        .map(Some);
+        return finish(&export, &mut vs, &net, &state, true).map(Some);
     }
     let loss_w =
         loss_weights.map(|w| Tensor::from_slice(&[w[0] as f32, w[1] as f32]).to_device(device));
@@ -582,21 +578,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
         checkpoint(&vs, &state, &ckpt_path, &state_path)?;
         write_history(&args.out.join("history.csv"), &state.history)?;
     }
-    finish(
-        args,
-        &mut vs,
-        &net,
-        &state,
-        &train,
-        &val,
-        &test,
-        &arch,
-        loss_weights,
-        generated,
-        device,
-        false,
-    )
-    .map(Some)
+    finish(&export, &mut vs, &net, &state, false).map(Some)
 }
 
 fn report_bad(bad: &[(PathBuf, String)], total: usize) -> anyhow::Result<()> {
@@ -658,21 +640,37 @@ fn write_history(path: &Path, h: &[EpochRecord]) -> anyhow::Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn finish(
-    args: &TrainArgs,
-    vs: &mut nn::VarStore,
-    net: &model::DenseNet,
-    state: &State,
-    train: &Split,
-    val: &Split,
-    test: &Split,
-    arch: &DenseNetConfig,
+/// What an export needs besides the weights and the state: fixed for the whole run.
+#[derive(Clone, Copy)]
+struct ExportInputs<'a> {
+    args: &'a TrainArgs,
+    arch: &'a DenseNetConfig,
+    train: &'a Split,
+    val: &'a Split,
+    test: &'a Split,
     loss_weights: Option<[f64; 2]>,
     generated: usize,
     device: Device,
+}
+
+fn finish(
+    inputs: &ExportInputs<'_>,
+    vs: &mut nn::VarStore,
+    net: &model::DenseNet,
+    state: &State,
     interim: bool,
 ) -> anyhow::Result<RunOutput> {
     use anyhow::{Context, anyhow};
+    let ExportInputs {
+        args,
+        arch,
+        train,
+        val,
+        test,
+        loss_weights,
+        generated,
+        device,
+    } = *inputs;
     // An interim export (`--export-only`) takes the latest checkpoint as it is, at the
     // size it was last trained at, into `<out>/interim/`.
     let dest = if interim {
