@@ -392,15 +392,9 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
 
     // Queue every image, then wait for all: images of one request batch together.
     let mut pending = Vec::with_capacity(decoded.len());
-    for d in decoded {
-        let Decoded {
-            input,
-            took,
-            dicom,
-            warnings,
-        } = d;
-        match model.batcher.submit(input) {
-            Ok(rx) => pending.push((rx, (took, dicom, warnings))),
+    for mut d in decoded {
+        match model.batcher.submit(std::mem::take(&mut d.input)) {
+            Ok(rx) => pending.push((rx, d)),
             Err(SubmitError::Full) => {
                 state.metrics().overloaded.with_label_values(&[&name]).inc();
                 return Err(ApiError::Overloaded(name));
@@ -409,17 +403,17 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
         }
     }
     let mut out = Vec::with_capacity(pending.len());
-    for (rx, extra) in pending {
+    for (rx, d) in pending {
         let r = rx
             .await
             .map_err(|_| ApiError::Internal("the inference worker dropped a request".into()))?
             .map_err(ApiError::Internal)?;
-        out.push((r, extra));
+        out.push((r, d));
     }
     let total = started.elapsed();
     let predictions: Vec<Prediction> = out
         .into_iter()
-        .map(|(r, (decode, dicom, warnings))| {
+        .map(|(r, d)| {
             let p = prediction(&model, r.probabilities, &rid);
             state
                 .metrics()
@@ -429,13 +423,13 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
             model.record(total.as_secs_f64() * 1e3);
             Prediction {
                 timings_ms: Timings {
-                    decode: ms(decode),
+                    decode: ms(d.took),
                     queue: ms(r.queued),
                     inference: ms(r.inference),
                     total: ms(total),
                 },
-                dicom,
-                warnings,
+                dicom: d.dicom,
+                warnings: d.warnings,
                 ..p
             }
         })

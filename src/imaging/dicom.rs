@@ -276,7 +276,8 @@ pub fn decode_dicom(
     let data = decoded.frame_data(0).map_err(malformed)?;
     let n = rows as usize * columns as usize;
     let signed = int(tags::PIXEL_REPRESENTATION, "PixelRepresentation")?.unwrap_or(0) == 1;
-    let stored = stored_values(data, n, bits_allocated, bits_stored, signed)?;
+    // One buffer carries the frame through every step: stored → modality → VOI.
+    let mut values = stored_values(data, n, bits_allocated, bits_stored, signed)?;
 
     let rescale = decoded.rescale().map_err(malformed)?.first().copied();
     let (slope, intercept) = rescale.map_or((1.0, 0.0), |r| (r.slope, r.intercept));
@@ -285,7 +286,9 @@ pub fn decode_dicom(
             "RescaleSlope/RescaleIntercept are not usable numbers".into(),
         ));
     }
-    let values: Vec<f64> = stored.iter().map(|&v| v * slope + intercept).collect();
+    for v in &mut values {
+        *v = *v * slope + intercept;
+    }
 
     let window = decoded
         .window()
@@ -301,23 +304,23 @@ pub fn decode_dicom(
         .voi_lut_sequence()
         .map_err(malformed)?
         .and_then(|s| s.first())
-        .map(|l| (l.min_pixel_value, l.bits_stored, l.data.clone()));
-    let (mut display, voi) = if let Some(w) = window {
-        (apply_window(&values, w, function), "window")
-    } else if let Some((first, bits, table)) = voi_seq.filter(|l| !l.2.is_empty()) {
-        (
-            apply_voi_lut(&values, first, bits, &table),
-            "voi_lut_sequence",
-        )
+        .filter(|l| !l.data.is_empty());
+    let voi = if let Some(w) = window {
+        apply_window(&mut values, w, function);
+        "window"
+    } else if let Some(l) = voi_seq {
+        apply_voi_lut(&mut values, l.min_pixel_value, l.bits_stored, &l.data);
+        "voi_lut_sequence"
     } else {
-        (min_max(&values), "min_max")
+        min_max(&mut values);
+        "min_max"
     };
     if inverted {
-        for v in &mut display {
+        for v in &mut values {
             *v = 255.0 - *v;
         }
     }
-    let pixels: Vec<u8> = display
+    let pixels: Vec<u8> = values
         .iter()
         .map(|v| v.round().clamp(0.0, 255.0) as u8)
         .collect();
@@ -396,12 +399,12 @@ fn stored_values(
     })
 }
 
-/// PS3.3 C.11.2.1.2: window center/width to [0, 255].
-fn apply_window(values: &[f64], w: WindowLevel, function: VoiLutFunction) -> Vec<f64> {
+/// PS3.3 C.11.2.1.2: window center/width to [0, 255], in place.
+fn apply_window(values: &mut [f64], w: WindowLevel, function: VoiLutFunction) {
     let (c, wd) = (w.center, w.width);
-    values
-        .iter()
-        .map(|&x| match function {
+    for v in values {
+        let x = *v;
+        *v = match function {
             VoiLutFunction::Linear => {
                 let lo = c - 0.5 - (wd - 1.0) / 2.0;
                 let hi = c - 0.5 + (wd - 1.0) / 2.0;
@@ -423,35 +426,33 @@ fn apply_window(values: &[f64], w: WindowLevel, function: VoiLutFunction) -> Vec
                 }
             }
             VoiLutFunction::Sigmoid => 255.0 / (1.0 + (-4.0 * (x - c) / wd).exp()),
-        })
-        .collect()
+        };
+    }
 }
 
-/// PS3.3 C.11.2.1.1: a VOI LUT table (first mapped value, entries, bits) to [0, 255].
-fn apply_voi_lut(values: &[f64], first: i32, bits: u8, table: &[u16]) -> Vec<f64> {
+/// PS3.3 C.11.2.1.1: a VOI LUT table (first mapped value, entries, bits) to [0, 255],
+/// in place. `table` must not be empty.
+fn apply_voi_lut(values: &mut [f64], first: i32, bits: u8, table: &[u16]) {
     let last = table.len() - 1;
     let max_out = ((1u64 << bits.clamp(1, 16)) - 1) as f64;
     let first = f64::from(first);
-    values
-        .iter()
-        .map(|&x| {
-            let i = (x.round() - first).clamp(0.0, last as f64) as usize;
-            (f64::from(table[i]) / max_out * 255.0).clamp(0.0, 255.0)
-        })
-        .collect()
+    for v in values {
+        let i = (v.round() - first).clamp(0.0, last as f64) as usize;
+        *v = (f64::from(table[i]) / max_out * 255.0).clamp(0.0, 255.0);
+    }
 }
 
-/// No VOI given: stretch the frame's own range to [0, 255].
-fn min_max(values: &[f64]) -> Vec<f64> {
+/// No VOI given: stretch the frame's own range to [0, 255], in place.
+fn min_max(values: &mut [f64]) {
     let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if hi <= lo {
-        return vec![0.0; values.len()];
+    for v in values {
+        *v = if hi <= lo {
+            0.0
+        } else {
+            (*v - lo) / (hi - lo) * 255.0
+        };
     }
-    values
-        .iter()
-        .map(|&x| (x - lo) / (hi - lo) * 255.0)
-        .collect()
 }
 
 /// The file meta group (explicit VR little endian, group 0002) from `start`: every
@@ -716,17 +717,22 @@ mod tests {
             width: 51.0,
         };
         // LINEAR: x <= c - 0.5 - (w-1)/2 = 74.5 → 0; x > c - 0.5 + (w-1)/2 = 124.5 → 255.
-        let y = apply_window(&[74.5, 75.0, 99.5, 124.5, 125.0], w, VoiLutFunction::Linear);
+        let applied = |xs: &[f64], f| {
+            let mut y = xs.to_vec();
+            apply_window(&mut y, w, f);
+            y
+        };
+        let y = applied(&[74.5, 75.0, 99.5, 124.5, 125.0], VoiLutFunction::Linear);
         assert_eq!(y[0], 0.0);
         assert!((y[1] - 0.5 / 50.0 * 255.0).abs() < 1e-9);
         assert!((y[2] - 127.5).abs() < 1e-9);
         assert!((y[3] - 255.0).abs() < 1e-9);
         assert_eq!(y[4], 255.0);
         // LINEAR_EXACT: c ± w/2.
-        let y = apply_window(&[74.5, 100.0, 125.5], w, VoiLutFunction::LinearExact);
+        let y = applied(&[74.5, 100.0, 125.5], VoiLutFunction::LinearExact);
         assert_eq!(y, vec![0.0, 127.5, 255.0]);
         // SIGMOID: half-way at the center, monotone.
-        let y = apply_window(&[0.0, 100.0, 200.0], w, VoiLutFunction::Sigmoid);
+        let y = applied(&[0.0, 100.0, 200.0], VoiLutFunction::Sigmoid);
         assert!((y[1] - 127.5).abs() < 1e-9 && y[0] < 1.0 && y[2] > 254.0);
     }
 
@@ -734,12 +740,18 @@ mod tests {
     fn voi_lut_table_and_min_max() {
         // Table of 3 entries, 8-bit output, first mapped value 10: below → first entry,
         // above → last.
-        let y = apply_voi_lut(&[0.0, 10.0, 11.0, 12.0, 99.0], 10, 8, &[0, 51, 255]);
+        let mut y = vec![0.0, 10.0, 11.0, 12.0, 99.0];
+        apply_voi_lut(&mut y, 10, 8, &[0, 51, 255]);
         assert_eq!(y, vec![0.0, 0.0, 51.0, 255.0, 255.0]);
-        let y = apply_voi_lut(&[11.0], 10, 16, &[0, 65535]);
+        let mut y = vec![11.0];
+        apply_voi_lut(&mut y, 10, 16, &[0, 65535]);
         assert_eq!(y, vec![255.0]);
-        assert_eq!(min_max(&[5.0, 5.0]), vec![0.0, 0.0]);
-        assert_eq!(min_max(&[-10.0, 0.0, 10.0]), vec![0.0, 127.5, 255.0]);
+        let mut y = vec![5.0, 5.0];
+        min_max(&mut y);
+        assert_eq!(y, vec![0.0, 0.0]);
+        let mut y = vec![-10.0, 0.0, 10.0];
+        min_max(&mut y);
+        assert_eq!(y, vec![0.0, 127.5, 255.0]);
     }
 
     #[test]
