@@ -7,7 +7,9 @@
 #
 # DATA defaults to ../shared/data/chest_xray_224. Extra arguments go to cxr-train.
 # INTERIM=1 instead exports each run's latest checkpoint (measured like a final
-# model, marked interim in its card) and ships that, while training goes on.
+# model, marked interim in its card) and ships that, while training goes on; an
+# interim model ships with its training state (models/<name>.state), so a machine
+# without runs/ (a fresh checkout) continues from it instead of starting over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/chest_xray_224}
@@ -27,7 +29,7 @@ for strategy in ${STRATEGIES:-weighted augmented}; do
   if [ -n "${INTERIM:-}" ]; then
     [ -f "$out/checkpoint.safetensors" ] || { echo "== $strategy: no checkpoint yet"; continue; }
     ./target/release/cxr-train --data "$DATA" --out "$out" --strategy "$strategy" --resume --export-only "${RECIPE[@]}" "$@"
-    cp "$out/interim/$strategy.onnx" "$out/interim/$strategy.json" models/
+    cp "$out/interim/$strategy.onnx" "$out/interim/$strategy.json" "$out/interim/$strategy.state" models/
     for p in curves roc confusion; do cp "$out/interim/$p.png" "models/plots/$strategy-$p.png"; done
     cp "$out/history.csv" "models/plots/$strategy-history.csv"
     continue
@@ -36,9 +38,13 @@ for strategy in ${STRATEGIES:-weighted augmented}; do
     echo "== $strategy already finished"
   else
     echo "== training $strategy ($(date -u))"
-    ./target/release/cxr-train --data "$DATA" --out "$out" --strategy "$strategy" --resume "${RECIPE[@]}" "$@"
+    # No checkpoint in runs/ (a fresh machine): continue from the shipped interim.
+    from=()
+    [ -f "models/$strategy.state" ] && from=(--resume-from "models/$strategy.onnx")
+    ./target/release/cxr-train --data "$DATA" --out "$out" --strategy "$strategy" --resume "${from[@]}" "${RECIPE[@]}" "$@"
   fi
   cp "$out/$strategy.onnx" "$out/$strategy.json" models/
+  rm -f "models/$strategy.state"
   for p in curves roc confusion; do cp "$out/$p.png" "models/plots/$strategy-$p.png"; done
   cp "$out/history.csv" "models/plots/$strategy-history.csv"
 done

@@ -138,6 +138,27 @@ fn fp16_storage_agrees_with_fp32() {
 }
 
 #[test]
+fn weights_read_back_exactly_fp32_and_within_half_precision_fp16() {
+    let config = DenseNetConfig::tiny();
+    let w = config.random_weights(5);
+    let back = cxr::onnx::read_weights(&write(&config, &w, 32, WeightStorage::Fp32)).unwrap();
+    assert_eq!(back.len(), w.len());
+    for (name, t) in &w {
+        assert_eq!(back[name].shape, t.shape, "{name}");
+        assert_eq!(back[name].data, t.data, "{name}");
+    }
+    let half = cxr::onnx::read_weights(&write(&config, &w, 32, WeightStorage::Fp16)).unwrap();
+    assert_eq!(half.len(), w.len());
+    for (name, t) in &w {
+        assert_eq!(half[name].shape, t.shape, "{name}");
+        for (a, b) in t.data.iter().zip(&half[name].data) {
+            assert!((a - b).abs() <= a.abs() * 1e-3 + 1e-7, "{name}: {a} vs {b}");
+        }
+    }
+    assert!(cxr::onnx::read_weights(b"not an onnx file").is_err());
+}
+
+#[test]
 fn wrong_input_shape_is_an_error_not_a_panic() {
     let config = DenseNetConfig::tiny();
     let file = write(&config, &config.random_weights(1), 32, WeightStorage::Fp32);

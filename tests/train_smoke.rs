@@ -201,6 +201,69 @@ fn augmented_run_balances_the_classes_exactly() {
     assert!(r.class_weights.is_empty(), "plain cross-entropy");
 }
 
+/// A fresh machine has no run folder, only the interim model shipped in `models/`:
+/// `--resume-from` continues from it exactly where the checkpoint was (fp32 storage
+/// here, so the continuation equals one from the run folder bit for bit).
+#[test]
+fn resume_from_an_interim_model_equals_resuming_the_run_folder() {
+    common::ort_env();
+    let data = tempfile::tempdir().unwrap();
+    make_data(data.path());
+    let first = tempfile::tempdir().unwrap();
+    let stop = ["--stop-after-steps", "4", "--resume"];
+    assert!(
+        cxr::train::run(&args(data.path(), first.path(), "weighted", &stop))
+            .unwrap()
+            .is_none()
+    );
+    cxr::train::run(&args(
+        data.path(),
+        first.path(),
+        "weighted",
+        &["--resume", "--export-only"],
+    ))
+    .unwrap()
+    .expect("interim export");
+    let interim = first.path().join("interim/weighted.onnx");
+    assert!(first.path().join("interim/weighted.state").exists());
+
+    // Another flag set is refused before anything is trained.
+    let fresh = tempfile::tempdir().unwrap();
+    let from = interim.to_str().unwrap();
+    let err = cxr::train::run(&args(
+        data.path(),
+        fresh.path(),
+        "weighted",
+        &["--resume", "--resume-from", from, "--lr", "0.5"],
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("other flags"), "{err}");
+
+    let a = cxr::train::run(&args(data.path(), first.path(), "weighted", &["--resume"]))
+        .unwrap()
+        .expect("finished from the run folder");
+    let b = cxr::train::run(&args(
+        data.path(),
+        fresh.path(),
+        "weighted",
+        &["--resume", "--resume-from", from],
+    ))
+    .unwrap()
+    .expect("finished from the interim model");
+    let s = state(fresh.path());
+    assert_eq!((s.epoch, s.global_step, s.history.len()), (2, 6, 2));
+    let wa = cxr::onnx::read_weights(&std::fs::read(&a.onnx).unwrap()).unwrap();
+    let wb = cxr::onnx::read_weights(&std::fs::read(&b.onnx).unwrap()).unwrap();
+    assert_eq!(wa.len(), wb.len());
+    for (name, t) in &wa {
+        assert_eq!(t.data, wb[name].data, "{name}");
+    }
+    assert_eq!(a.card.metrics.test, b.card.metrics.test);
+    assert_eq!(s.resumed_from.len(), 1);
+    assert!(b.card.training.notes.contains("Continued from the interim model"));
+    assert!(a.card.training.notes.is_empty());
+}
+
 #[test]
 fn resume_with_other_flags_is_refused() {
     let data = tempfile::tempdir().unwrap();

@@ -102,6 +102,44 @@ pub fn signature(bytes: &[u8]) -> Result<Signature, OnnxError> {
     })
 }
 
+/// Reads every initializer of an ONNX model written by [`write_densenet`] back as
+/// float32 [`crate::arch::Weights`], keyed by initializer name (which is the training
+/// variable's name). float16 storage is widened; other element types are refused.
+pub fn read_weights(bytes: &[u8]) -> Result<crate::arch::Weights, OnnxError> {
+    let model = proto::ModelProto::decode(bytes)?;
+    let graph = model
+        .graph
+        .ok_or_else(|| OnnxError::Contract("the model has no graph".into()))?;
+    let mut out = crate::arch::Weights::new();
+    for t in graph.initializer {
+        let shape: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match t.data_type {
+            proto::data_type::FLOAT if t.raw_data.len() == 4 * n => t
+                .raw_data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            proto::data_type::FLOAT if t.raw_data.is_empty() && t.float_data.len() == n => {
+                t.float_data
+            }
+            proto::data_type::FLOAT16 if t.raw_data.len() == 2 * n => t
+                .raw_data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(OnnxError::Contract(format!(
+                    "initializer `{}` has element type {other} or a length that does not match {shape:?}",
+                    t.name
+                )));
+            }
+        };
+        out.insert(t.name, crate::arch::Tensor::new(shape, data));
+    }
+    Ok(out)
+}
+
 impl Signature {
     /// Checks the cxr file contract for a square input of `input_size` and
     /// `num_classes` outputs; says what differs otherwise.

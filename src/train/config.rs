@@ -172,6 +172,13 @@ pub struct TrainArgs {
     /// Continue from `--out`'s checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// With `--resume` and no checkpoint in `--out` yet: continue from an interim
+    /// model written by `--export-only` (its ONNX file holds the weights, the
+    /// `.state` file beside it the progress), e.g. the one shipped in `models/`, so
+    /// that a machine without the run folder picks up where the last one stopped.
+    /// Optimizer moments restart, as on every resume.
+    #[arg(long, requires = "resume")]
+    pub resume_from: Option<PathBuf>,
     /// torchvision-layout DenseNet weights (safetensors) to start from; the
     /// classifier is replaced by a 2-class one.
     #[arg(long)]

@@ -70,6 +70,9 @@ pub struct State {
     pub wall_time_s: f64,
     /// Flags that must not change across a resume.
     pub fingerprint: String,
+    /// Each `--resume-from` this run took: which interim model, at which step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resumed_from: Vec<String>,
 }
 
 /// The checkpoint's state (JSON; not `.json`, so that a run folder also loads as a
@@ -366,6 +369,42 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
         .into_iter()
         .filter(|p| p.exists())
         .max_by_key(|p| modified(p));
+    if let (true, None, Some(model)) = (args.resume, &existing, &args.resume_from) {
+        let state_file = model.with_extension("state");
+        let s: State = serde_json::from_str(
+            &std::fs::read_to_string(&state_file)
+                .with_context(|| format!("reading {}", state_file.display()))?,
+        )
+        .with_context(|| format!("reading the training state in {}", state_file.display()))?;
+        if s.fingerprint != state.fingerprint {
+            return Err(anyhow!(
+                "--resume-from: {} was trained with other flags ({}); use the same flags",
+                model.display(),
+                s.fingerprint
+            ));
+        }
+        let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+        let weights = crate::onnx::read_weights(&bytes)
+            .with_context(|| format!("reading the weights of {}", model.display()))?;
+        model::load_weights(&mut vs, &weights)
+            .map_err(|e| anyhow!("--resume-from {}: {e}", model.display()))?;
+        state = s;
+        state.resumed_from.push(format!(
+            "{} at global step {}",
+            model.display(),
+            state.global_step
+        ));
+        // From here on the run folder holds the checkpoint, as after any other step.
+        checkpoint(&vs, &state, &ckpt_path, &state_path)?;
+        write_history(&args.out.join("history.csv"), &state.history)?;
+        log(format!(
+            "resumed from {} at epoch {} step {} (global step {})",
+            model.display(),
+            state.epoch + 1,
+            state.step,
+            state.global_step
+        ));
+    }
     if let (true, Some(existing)) = (args.resume, existing) {
         let s: State = serde_json::from_str(&std::fs::read_to_string(&existing)?)
             .context("reading the checkpoint state")?;
@@ -747,15 +786,22 @@ fn finish(
         device: format!("{device:?}").to_lowercase(),
         wall_time_s: state.wall_time_s,
         export_parity_max_abs_diff: None,
-        notes: if interim {
-            format!(
-                "INTERIM model: exported from the checkpoint after {} of {} epochs (global step {}); training continues and the final model replaces it.",
-                state.history.len(),
-                args.epochs,
-                state.global_step
-            )
-        } else {
-            String::new()
+        notes: {
+            let mut notes = Vec::new();
+            if interim {
+                notes.push(format!(
+                    "INTERIM model: exported from the checkpoint after {} of {} epochs (global step {}); training continues and the final model replaces it.",
+                    state.history.len(),
+                    args.epochs,
+                    state.global_step
+                ));
+            }
+            for r in &state.resumed_from {
+                notes.push(format!(
+                    "Continued from the interim model {r} (its FP16 weights; optimizer moments restarted)."
+                ));
+            }
+            notes.join(" ")
         },
     };
     let description = match strategy {
@@ -854,6 +900,15 @@ fn finish(
     card.training.wall_time_s = state.wall_time_s;
     let json = serde_json::to_string_pretty(&card)? + "\n";
     write_atomic(&dest.join(format!("{name}.json")), json.as_bytes()).map_err(|e| anyhow!(e))?;
+    if interim {
+        // The progress this model was exported at, for `--resume-from` on a machine
+        // that lacks the run folder (the ONNX file holds the weights).
+        write_atomic(
+            &dest.join(format!("{name}.state")),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )
+        .map_err(|e| anyhow!(e))?;
+    }
     if let Err(e) = plots::write_all(
         &dest,
         &state.history,

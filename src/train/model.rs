@@ -214,3 +214,30 @@ pub fn load_torchvision(vs: &mut nn::VarStore, path: &std::path::Path) -> Result
         Ok(loaded)
     })
 }
+
+/// Loads every variable of `vs` (classifier included) from `weights`, e.g. those read
+/// back from an exported ONNX file by [`crate::onnx::read_weights`]. Says which
+/// variable is missing or misshapen; extra entries are an error too (another network).
+pub fn load_weights(vs: &mut nn::VarStore, weights: &Weights) -> Result<usize, String> {
+    let vars = vs.variables();
+    if let Some(extra) = weights.keys().find(|k| !vars.contains_key(*k)) {
+        return Err(format!("`{extra}` is not a variable of this network"));
+    }
+    tch::no_grad(|| {
+        for (name, mut var) in vars {
+            let src = weights
+                .get(&name)
+                .ok_or_else(|| format!("no `{name}` among the weights"))?;
+            let shape: Vec<i64> = src.shape.iter().map(|&d| d as i64).collect();
+            if shape != var.size() {
+                return Err(format!(
+                    "`{name}` is {shape:?}, the network needs {:?}",
+                    var.size()
+                ));
+            }
+            let t = Tensor::from_slice(&src.data).reshape(&shape);
+            var.copy_(&t.to_kind(var.kind()).to_device(var.device()));
+        }
+        Ok(weights.len())
+    })
+}
