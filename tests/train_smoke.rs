@@ -203,27 +203,27 @@ fn augmented_run_balances_the_classes_exactly() {
 
 /// A fresh machine has no run folder, only the interim model shipped in `models/`:
 /// `--resume-from` continues from it exactly where the checkpoint was (fp32 storage
-/// here, so the continuation equals one from the run folder bit for bit).
+/// here, so the continuation equals one from the run folder bit for bit). Progressive
+/// resizing as in the shipped recipe: the best epoch is chosen among the final ones.
 #[test]
 fn resume_from_an_interim_model_equals_resuming_the_run_folder() {
     common::ort_env();
     let data = tempfile::tempdir().unwrap();
     make_data(data.path());
     let first = tempfile::tempdir().unwrap();
+    let resize = ["--final-image-size", "40", "--final-epochs", "1"];
+    let args = |out: &Path, extra: &[&str]| {
+        args(data.path(), out, "weighted", &[&resize[..], extra].concat())
+    };
     let stop = ["--stop-after-steps", "4", "--resume"];
     assert!(
-        cxr::train::run(&args(data.path(), first.path(), "weighted", &stop))
+        cxr::train::run(&args(first.path(), &stop))
             .unwrap()
             .is_none()
     );
-    cxr::train::run(&args(
-        data.path(),
-        first.path(),
-        "weighted",
-        &["--resume", "--export-only"],
-    ))
-    .unwrap()
-    .expect("interim export");
+    cxr::train::run(&args(first.path(), &["--resume", "--export-only"]))
+        .unwrap()
+        .expect("interim export");
     let interim = first.path().join("interim/weighted.onnx");
     assert!(first.path().join("interim/weighted.state").exists());
 
@@ -231,25 +231,18 @@ fn resume_from_an_interim_model_equals_resuming_the_run_folder() {
     let fresh = tempfile::tempdir().unwrap();
     let from = interim.to_str().unwrap();
     let err = cxr::train::run(&args(
-        data.path(),
         fresh.path(),
-        "weighted",
         &["--resume", "--resume-from", from, "--lr", "0.5"],
     ))
     .unwrap_err();
     assert!(err.to_string().contains("other flags"), "{err}");
 
-    let a = cxr::train::run(&args(data.path(), first.path(), "weighted", &["--resume"]))
+    let a = cxr::train::run(&args(first.path(), &["--resume"]))
         .unwrap()
         .expect("finished from the run folder");
-    let b = cxr::train::run(&args(
-        data.path(),
-        fresh.path(),
-        "weighted",
-        &["--resume", "--resume-from", from],
-    ))
-    .unwrap()
-    .expect("finished from the interim model");
+    let b = cxr::train::run(&args(fresh.path(), &["--resume", "--resume-from", from]))
+        .unwrap()
+        .expect("finished from the interim model");
     let s = state(fresh.path());
     assert_eq!((s.epoch, s.global_step, s.history.len()), (2, 6, 2));
     let wa = cxr::onnx::read_weights(&std::fs::read(&a.onnx).unwrap()).unwrap();
@@ -260,7 +253,12 @@ fn resume_from_an_interim_model_equals_resuming_the_run_folder() {
     }
     assert_eq!(a.card.metrics.test, b.card.metrics.test);
     assert_eq!(s.resumed_from.len(), 1);
-    assert!(b.card.training.notes.contains("Continued from the interim model"));
+    assert!(
+        b.card
+            .training
+            .notes
+            .contains("Continued from the interim model")
+    );
     assert!(a.card.training.notes.is_empty());
 }
 

@@ -394,6 +394,20 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
             model.display(),
             state.global_step
         ));
+        // The best epoch's weights travel only when they are the interim model's own
+        // (exported right at the end of that epoch); otherwise the choice starts over
+        // with the epochs still to come, rather than pointing at weights we lack.
+        let at_best_epoch_end = state.step == 0
+            && state.best_epoch.is_some()
+            && state.best_epoch == state.history.last().map(|r| r.epoch);
+        if at_best_epoch_end {
+            save_vs(&vs, &best_path).map_err(|e| anyhow!(e))?;
+        } else if let Some(b) = state.best_epoch.take() {
+            state.best_val_loss = None;
+            log(format!(
+                "the best epoch so far ({b}) is not the interim model's; the best is chosen among the epochs from here on"
+            ));
+        }
         // From here on the run folder holds the checkpoint, as after any other step.
         checkpoint(&vs, &state, &ckpt_path, &state_path)?;
         write_history(&args.out.join("history.csv"), &state.history)?;
