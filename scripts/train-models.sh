@@ -36,6 +36,10 @@ for strategy in ${STRATEGIES:-weighted augmented}; do
   fi
   if [ -f "$out/$strategy.json" ] && [ -f "$out/$strategy.onnx" ] && [ -z "${FORCE:-}" ]; then
     echo "== $strategy already finished"
+  elif [ -f "models/$strategy.json" ] && [ ! -f "models/$strategy.state" ] && [ -z "${FORCE:-}" ]; then
+    # A final model (an interim one ships with its .state) from an earlier machine.
+    echo "== $strategy: final model already in models/ (FORCE=1 trains it again)"
+    continue
   else
     echo "== training $strategy ($(date -u))"
     # No checkpoint in runs/ (a fresh machine): continue from the shipped interim.
