@@ -46,6 +46,10 @@ for strategy in ${STRATEGIES:-weighted augmented}; do
     from=()
     [ -f "models/$strategy.state" ] && from=(--resume-from "models/$strategy.onnx")
     ./target/release/cxr-train --data "$DATA" --out "$out" --strategy "$strategy" --resume "${from[@]}" "${RECIPE[@]}" "$@"
+    if [ ! -f "$out/$strategy.onnx" ]; then
+      echo "== $strategy stopped before its last epoch (--stop-after-steps); run again to continue"
+      exit 0
+    fi
   fi
   cp "$out/$strategy.onnx" "$out/$strategy.json" models/
   rm -f "models/$strategy.state"
