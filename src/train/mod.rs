@@ -370,19 +370,12 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
         .filter(|p| p.exists())
         .max_by_key(|p| modified(p));
     if let (true, None, Some(model)) = (args.resume, &existing, &args.resume_from) {
-        let state_file = model.with_extension("state");
-        let s: State = serde_json::from_str(
-            &std::fs::read_to_string(&state_file)
-                .with_context(|| format!("reading {}", state_file.display()))?,
-        )
-        .with_context(|| format!("reading the training state in {}", state_file.display()))?;
-        if s.fingerprint != state.fingerprint {
-            return Err(anyhow!(
-                "--resume-from: {} was trained with other flags ({}); use the same flags",
-                model.display(),
-                s.fingerprint
-            ));
-        }
+        let s = read_state(
+            &model.with_extension("state"),
+            &state.fingerprint,
+            "--resume-from",
+            "use the same flags",
+        )?;
         let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
         let weights = crate::onnx::read_weights(&bytes)
             .with_context(|| format!("reading the weights of {}", model.display()))?;
@@ -420,15 +413,12 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
         ));
     }
     if let (true, Some(existing)) = (args.resume, existing) {
-        let s: State = serde_json::from_str(&std::fs::read_to_string(&existing)?)
-            .context("reading the checkpoint state")?;
-        if s.fingerprint != state.fingerprint {
-            return Err(anyhow!(
-                "--resume: {} was made with other flags ({}); use the same flags or another --out",
-                state_path.display(),
-                s.fingerprint
-            ));
-        }
+        let s = read_state(
+            &existing,
+            &state.fingerprint,
+            "--resume",
+            "use the same flags or another --out",
+        )?;
         vs.load(&ckpt_path)
             .with_context(|| format!("loading {}", ckpt_path.display()))?;
         state = s;
@@ -634,6 +624,24 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     finish(&export, &mut vs, &net, &state, false).map(Some)
 }
 
+/// Reads a checkpoint state (a run folder's, or the one shipped beside an interim
+/// model) and refuses it when it was made with other flags than `fingerprint`.
+fn read_state(path: &Path, fingerprint: &str, flag: &str, hint: &str) -> anyhow::Result<State> {
+    use anyhow::Context;
+    let s: State = serde_json::from_str(
+        &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("reading the training state in {}", path.display()))?;
+    if s.fingerprint != fingerprint {
+        anyhow::bail!(
+            "{flag}: {} was made with other flags ({}); {hint}",
+            path.display(),
+            s.fingerprint
+        );
+    }
+    Ok(s)
+}
+
 fn report_bad(bad: &[(PathBuf, String)], total: usize) -> anyhow::Result<()> {
     if bad.is_empty() {
         return Ok(());
@@ -812,7 +820,7 @@ fn finish(
             }
             for r in &state.resumed_from {
                 notes.push(format!(
-                    "Continued from the interim model {r} (its FP16 weights; optimizer moments restarted)."
+                    "Continued from the interim model {r} (the weights stored in that file; optimizer moments restarted)."
                 ));
             }
             notes.join(" ")
