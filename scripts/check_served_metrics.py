@@ -58,17 +58,17 @@ def main():
         card = cards[name]
         with ThreadPoolExecutor(a.concurrency) as ex:
             answers = list(ex.map(lambda f: predict(a.url, name, f[0]), files))
-        c = {"tp": 0, "fp": 0, "tn": 0, "fn_": 0}
+        c = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
         for (path, label), ans in zip(files, answers):
             assert ans["model"]["name"] == name, ans
             pred = 1 if ans["label"] == "PNEUMONIA" else 0
-            c[{(1, 1): "tp", (0, 1): "fp", (0, 0): "tn", (1, 0): "fn_"}[(label, pred)]] += 1
+            c[{(1, 1): "tp", (0, 1): "fp", (0, 0): "tn", (1, 0): "fn"}[(label, pred)]] += 1
         acc = (c["tp"] + c["tn"]) / len(files)
         test = (card.get("metrics") or {}).get("test") or {}
         cc = test.get("confusion", {})
         match = cc == c and abs(test.get("accuracy", -1) - acc) < 1e-12
         ok &= match
-        fmt = lambda d: " ".join(str(d.get(k)) for k in ("tp", "fp", "tn", "fn_"))
+        fmt = lambda d: " ".join(str(d.get(k)) for k in ("tp", "fp", "tn", "fn"))
         print(f"| {name} | {acc:.4f} | {test.get('accuracy', float('nan')):.4f} | {fmt(c)} | {fmt(cc)} | {'yes' if match else 'NO'} |")
     sys.exit(0 if ok else 1)
 

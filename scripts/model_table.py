@@ -15,7 +15,7 @@ metric = lambda k, pct=True: (lambda c: "—" if not c["metrics"].get("test") el
 rows += [("test accuracy", metric("accuracy")), ("test sensitivity", metric("sensitivity")),
          ("test specificity", metric("specificity")), ("test precision", metric("precision")),
          ("test F1", metric("f1", False)), ("test AUC", metric("auc", False)), ("test ECE", metric("ece", False)),
-         ("test confusion (TP FP TN FN)", lambda c: " ".join(str(c["metrics"]["test"]["confusion"][k]) for k in ("tp", "fp", "tn", "fn_")) if c["metrics"].get("test") else "—"),
+         ("test confusion (TP FP TN FN)", lambda c: " ".join(str(c["metrics"]["test"]["confusion"][k]) for k in ("tp", "fp", "tn", "fn")) if c["metrics"].get("test") else "—"),
          ("ONNX file", lambda c: f"{c['onnx']['bytes'] / 1e6:.1f} MB ({c['onnx']['weight_storage']})"),
          ("training wall time", lambda c: f"{c['training']['wall_time_s'] / 3600:.1f} h on {c['training']['device']}"),
          ("notes", lambda c: c["training"].get("notes") or "")]

@@ -18,6 +18,8 @@ pub struct Confusion {
     /// NORMAL predicted NORMAL.
     pub tn: u64,
     /// PNEUMONIA predicted NORMAL.
+    // `fn` in JSON (`fn` is a Rust keyword); cards written before said `fn_` and still load.
+    #[serde(rename = "fn", alias = "fn_")]
     pub fn_: u64,
 }
 
@@ -261,6 +263,24 @@ mod tests {
         assert!(close(m.f1, 2.0 / 3.0));
         // Pairs (pos, neg) with pos > neg: .9 beats 4, .6 beats 3 (.4 .1 .3), .2 beats 1 → 8/12.
         assert!(close(m.auc.unwrap(), 8.0 / 12.0));
+    }
+
+    #[test]
+    fn confusion_json_says_fn_and_reads_older_cards() {
+        let c = Confusion {
+            tp: 4,
+            fp: 3,
+            tn: 2,
+            fn_: 1,
+        };
+        let json = serde_json::to_value(c).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"tp": 4, "fp": 3, "tn": 2, "fn": 1})
+        );
+        let old: Confusion =
+            serde_json::from_str(r#"{"tp": 4, "fp": 3, "tn": 2, "fn_": 1}"#).unwrap();
+        assert_eq!(old, c);
     }
 
     #[test]
