@@ -72,6 +72,14 @@ pub struct ServeArgs {
     /// Images decoded at once on the blocking pool (0 = one per core).
     #[arg(long, env = "CXR_DECODE_THREADS", default_value_t = 0)]
     pub decode_threads: usize,
+    /// Shortest image side accepted (pixels), checked from the header before
+    /// decoding; shorter is answered 422 `implausible_geometry`.
+    #[arg(long, env = "CXR_MIN_IMAGE_SIDE", default_value_t = 64)]
+    pub min_image_side: u32,
+    /// Largest aspect ratio accepted (long side / short side), checked from the
+    /// header before decoding.
+    #[arg(long, env = "CXR_MAX_ASPECT_RATIO", default_value_t = 4.0)]
+    pub max_aspect_ratio: f64,
     /// Classify DICOM objects of any Modality (default: only CR, DX and DR).
     #[arg(long, env = "CXR_ALLOW_ANY_MODALITY")]
     pub allow_any_modality: bool,
@@ -114,6 +122,9 @@ impl ServeArgs {
         if self.max_batch > 256 {
             return Err("--max-batch must be at most 256".into());
         }
+        if !(self.max_aspect_ratio.is_finite() && self.max_aspect_ratio >= 1.0) {
+            return Err("--max-aspect-ratio must be a number >= 1".into());
+        }
         if self.batch_wait_us > 1_000_000 {
             return Err("--batch-wait-us must be at most 1000000 (1 s)".into());
         }
@@ -136,6 +147,11 @@ impl ServeArgs {
             },
             dicom: DicomOptions {
                 allow_any_modality: self.allow_any_modality,
+                ..DicomOptions::default()
+            },
+            geometry: crate::imaging::Geometry {
+                min_side: self.min_image_side,
+                max_aspect: self.max_aspect_ratio,
             },
         }
     }

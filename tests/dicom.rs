@@ -73,8 +73,8 @@ fn pixel_pipeline_reproduces_the_8bit_radiograph_exactly() {
     let g = d::test_gray(40, 30, 3);
     for (name, spec, voi) in cases(&g) {
         let bytes = d::build(&spec);
-        let img = decode_dicom(&bytes, 1 << 30, DicomOptions::default())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let img =
+            decode_dicom(&bytes, 1 << 30, d::test_opts()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(img.info.voi, voi, "{name}");
         assert_eq!(img.info.bits_stored, spec.bits_stored, "{name}");
         assert_eq!(img.info.study_instance_uid.as_deref(), Some(d::STUDY_UID));
@@ -93,7 +93,7 @@ fn pixel_pipeline_reproduces_the_8bit_radiograph_exactly() {
     // negative.
     let mut not_inverted = cases(&g).remove(2).1;
     not_inverted.photometric = "MONOCHROME2";
-    let img = decode_dicom(&d::build(&not_inverted), 1 << 30, DicomOptions::default()).unwrap();
+    let img = decode_dicom(&d::build(&not_inverted), 1 << 30, d::test_opts()).unwrap();
     assert!(
         img.gray
             .as_raw()
@@ -112,7 +112,7 @@ fn jpeg_baseline_frames_decode_like_the_jpeg_itself() {
         encoding: Encoding::JpegBaseline(jpeg),
         ..Spec::new(30, 40, 8, d::stored(&g, |v| v))
     };
-    let img = decode_dicom(&d::build(&spec), 1 << 30, DicomOptions::default()).unwrap();
+    let img = decode_dicom(&d::build(&spec), 1 << 30, d::test_opts()).unwrap();
     assert_eq!(img.info.transfer_syntax, "1.2.840.10008.1.2.4.50");
     // Two JPEG decoders (dicom-rs's jpeg-decoder, image's zune-jpeg) may round the
     // inverse DCT differently; min–max VOI may also stretch by a level or two.
@@ -135,7 +135,7 @@ fn jpeg_baseline_frames_decode_like_the_jpeg_itself() {
         columns: 400,
         ..spec
     };
-    let e = decode_dicom(&d::build(&lying), 1 << 30, DicomOptions::default()).unwrap_err();
+    let e = decode_dicom(&d::build(&lying), 1 << 30, d::test_opts()).unwrap_err();
     assert!(e.to_string().contains("40x30"), "{e}");
 }
 
@@ -392,7 +392,7 @@ async fn bad_dicom_gets_the_right_4xx() {
     let small = common::test_app_with(
         Limits {
             max_pixels: 40 * 30 * 2,
-            ..Limits::default()
+            ..common::test_limits()
         },
         common::default_batch(),
     );
@@ -409,8 +409,9 @@ async fn bad_dicom_gets_the_right_4xx() {
         Limits {
             dicom: DicomOptions {
                 allow_any_modality: true,
+                ..d::test_opts()
             },
-            ..Limits::default()
+            ..common::test_limits()
         },
         common::default_batch(),
     );
@@ -439,7 +440,7 @@ fn random_corruption_never_panics() {
             // CPU for a 2 kB body) before the length checks ran first. The bound is a
             // hang detector, 1000× the normal cost, not a speed goal.
             let t = std::time::Instant::now();
-            let r = decode_dicom(&b, 1 << 16, DicomOptions::default());
+            let r = decode_dicom(&b, 1 << 16, d::test_opts());
             assert!(
                 t.elapsed().as_secs_f64() < 2.0,
                 "{:?} for a {} B file: {:?}",

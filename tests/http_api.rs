@@ -190,7 +190,7 @@ async fn bad_input_gets_the_right_4xx() {
         max_body_bytes: 200_000,
         max_pixels: 250_000,
         max_images: 2,
-        ..Limits::default()
+        ..common::test_limits()
     };
     let t = common::test_app_with(limits, common::default_batch());
     let app = &t.app;
@@ -345,7 +345,7 @@ async fn overload_is_refused_fast_and_nothing_is_lost() {
     // whatever else the machine is doing.
     let limits = Limits {
         max_decodes: 256,
-        ..Limits::default()
+        ..common::test_limits()
     };
     let t = common::test_app_with(limits, batch);
     let png = common::png_bytes(&common::gray_image(32, 32, 5));

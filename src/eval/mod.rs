@@ -8,6 +8,11 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub mod calibration;
+pub mod stress;
+
+pub use calibration::{Calibration, OperatingCurve, Target, fit_temperature, served_probabilities};
+
 /// Binary confusion matrix, positive = PNEUMONIA.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Confusion {

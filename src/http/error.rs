@@ -55,9 +55,15 @@ pub enum ApiError {
     /// Bad query string.
     #[error("invalid query: {0}")]
     InvalidQuery(String),
+    /// The requested operating point cannot be served by this variant.
+    #[error("{0}")]
+    OperatingPoint(String),
     /// Models still loading.
     #[error("the models are still loading; retry shortly")]
     NotReady,
+    /// A model's inference worker died and is being restarted.
+    #[error("the inference worker of model `{0}` is restarting; retry shortly")]
+    WorkerDown(String),
     /// The model's queue is full.
     #[error("model `{0}` is at capacity; retry shortly")]
     Overloaded(String),
@@ -78,6 +84,9 @@ impl ApiError {
             ApiError::Image(ImageError::UnsupportedFormat(_)) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
+            ApiError::Image(ImageError::ImplausibleGeometry { .. }) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "implausible_geometry")
+            }
             ApiError::Image(ImageError::TooManyPixels { .. }) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")
             }
@@ -92,6 +101,9 @@ impl ApiError {
             ApiError::Dicom(DicomError::Unprocessable(_)) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_dicom")
             }
+            ApiError::Dicom(DicomError::Geometry(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "implausible_geometry")
+            }
             ApiError::Dicom(DicomError::TooManyPixels { .. }) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")
             }
@@ -105,7 +117,13 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::InvalidQuery(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_query"),
-            ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            ApiError::OperatingPoint(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "operating_point_unreachable",
+            ),
+            ApiError::NotReady | ApiError::WorkerDown(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+            }
             ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -32,6 +32,10 @@ pub struct Metrics {
     pub overloaded: IntCounterVec,
     /// Predictions by model and label.
     pub predictions: IntCounterVec,
+    /// Queued jobs skipped because their request had gone.
+    pub abandoned: IntCounterVec,
+    /// Inference workers restarted after a panic.
+    pub worker_restarts: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -111,6 +115,16 @@ impl Metrics {
             "Answered images by model and label.",
             &["model", "label"],
         );
+        let abandoned = c(
+            "cxr_abandoned_total",
+            "Queued images skipped, not run: their request had gone (client disconnected or timed out).",
+            &["model"],
+        );
+        let worker_restarts = c(
+            "cxr_worker_restarts_total",
+            "Inference workers that died (panicked) and were restarted with a fresh session.",
+            &["model"],
+        );
         Self {
             registry,
             requests,
@@ -122,6 +136,8 @@ impl Metrics {
             queue_depth,
             overloaded,
             predictions,
+            abandoned,
+            worker_restarts,
         }
     }
 
@@ -174,5 +190,19 @@ impl BatchObserver for ModelObserver {
             .queue_depth
             .with_label_values(&[&self.model])
             .set(depth as i64);
+    }
+
+    fn abandoned(&self, n: usize) {
+        self.metrics
+            .abandoned
+            .with_label_values(&[&self.model])
+            .inc_by(n as u64);
+    }
+
+    fn restarted(&self) {
+        self.metrics
+            .worker_restarts
+            .with_label_values(&[&self.model])
+            .inc();
     }
 }

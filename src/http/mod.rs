@@ -30,12 +30,13 @@ pub use error::{ApiError, ErrorBody};
 pub use metrics::Metrics;
 use types::{
     LiveFacts, ModelInfo, ModelList, ModelRef, PredictQuery, Prediction, Probabilities, Status,
-    Timings,
+    ThresholdSource, Timings,
 };
 
-use crate::imaging::Preprocessor;
+use crate::eval::{Target, served_probabilities};
 use crate::imaging::dicom::{self, DicomInfo, DicomOptions};
-use crate::inference::{ModelSet, ServedModel, SubmitError};
+use crate::imaging::{Geometry, Preprocessor};
+use crate::inference::{JobOutput, ModelSet, ServedModel, SubmitError};
 
 /// Request limits.
 #[derive(Debug, Clone)]
@@ -54,6 +55,8 @@ pub struct Limits {
     pub max_decodes: usize,
     /// DICOM policy (`--allow-any-modality`).
     pub dicom: DicomOptions,
+    /// Sides and aspect ratio a radiograph can have (every upload).
+    pub geometry: Geometry,
 }
 
 impl Default for Limits {
@@ -66,6 +69,7 @@ impl Default for Limits {
             max_inflight: 256,
             max_decodes: 4,
             dicom: DicomOptions::default(),
+            geometry: Geometry::default(),
         }
     }
 }
@@ -128,7 +132,7 @@ impl AppState {
         license(name = "MIT OR Apache-2.0")
     ),
     paths(predict, list_models, get_model, health, ready, metrics_text),
-    components(schemas(Prediction, DicomInfo, ErrorBody, ModelList, ModelInfo, Status, PredictUpload)),
+    components(schemas(Prediction, ThresholdSource, DicomInfo, ErrorBody, ModelList, ModelInfo, Status, PredictUpload)),
     tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "operations", description = "Health, readiness, metrics"))
 )]
 pub struct ApiDoc;
@@ -177,7 +181,7 @@ fn decode_upload(
     let t = Instant::now();
     match upload {
         Upload::Encoded(b) => Ok(Decoded {
-            input: pre.preprocess(b, max_pixels)?,
+            input: pre.preprocess_checked(b, max_pixels, &opts.geometry)?,
             took: t.elapsed(),
             dicom: None,
             warnings: Vec::new(),
@@ -352,6 +356,7 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
     }
     let models = state.models().ok_or(ApiError::NotReady)?;
     let model = models.select(q.model.as_deref(), q.prefer)?.clone();
+    let decision = decision(&model, &q)?;
     let (images, multipart) = read_images(state, req).await?;
     if images.is_empty() {
         return Err(ApiError::BadRequest(
@@ -371,7 +376,10 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let pre: Preprocessor = model.preprocessor.clone();
     let max_pixels = limits.max_pixels;
-    let dicom_opts = limits.dicom;
+    let dicom_opts = DicomOptions {
+        geometry: limits.geometry,
+        ..limits.dicom
+    };
     let decoded = tokio::task::spawn_blocking(move || {
         images
             .iter()
@@ -414,7 +422,7 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
     let predictions: Vec<Prediction> = out
         .into_iter()
         .map(|(r, d)| {
-            let p = prediction(&model, r.probabilities, &rid);
+            let p = prediction(&model, &r, &decision, &rid);
             state
                 .metrics()
                 .predictions
@@ -445,8 +453,78 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-fn prediction(model: &ServedModel, p: [f32; 2], rid: &str) -> Prediction {
-    let pneumonia = f64::from(p[1]) >= model.card.threshold;
+/// The threshold a request is answered at, and where it came from.
+struct Decision {
+    threshold: f64,
+    source: ThresholdSource,
+}
+
+/// The card's threshold, or the caller's `threshold=`, or the one that reached the
+/// caller's `operating_point=` on the card's validation ROC.
+fn decision(model: &ServedModel, q: &PredictQuery) -> Result<Decision, ApiError> {
+    let card = &model.card;
+    match (q.threshold, q.operating_point.as_deref()) {
+        (Some(_), Some(_)) => Err(ApiError::InvalidQuery(
+            "give `threshold` or `operating_point`, not both".into(),
+        )),
+        (Some(t), None) => {
+            if !(t > 0.0 && t < 1.0) {
+                return Err(ApiError::InvalidQuery(format!(
+                    "threshold {t} must lie in (0, 1)"
+                )));
+            }
+            Ok(Decision {
+                threshold: t,
+                source: ThresholdSource {
+                    kind: "query".into(),
+                    rule: None,
+                    target: None,
+                    validation_sensitivity: None,
+                    validation_specificity: None,
+                },
+            })
+        }
+        (None, Some(op)) => {
+            let target: Target = op.parse().map_err(ApiError::InvalidQuery)?;
+            let curve = card.operating_curve.as_ref().ok_or_else(|| {
+                ApiError::OperatingPoint(format!(
+                    "model `{}` {} has no validation ROC in its card, so no operating point can be chosen; use `threshold`",
+                    card.name, card.version
+                ))
+            })?;
+            let p = curve.threshold_for(target).ok_or_else(|| {
+                ApiError::OperatingPoint(format!(
+                    "no threshold of model `{}` reached {target} on its validation ROC ({})",
+                    card.name, curve.source
+                ))
+            })?;
+            Ok(Decision {
+                threshold: p.threshold,
+                source: ThresholdSource {
+                    kind: "operating_point".into(),
+                    rule: None,
+                    target: Some(target.to_string()),
+                    validation_sensitivity: Some(p.tpr),
+                    validation_specificity: Some(1.0 - p.fpr),
+                },
+            })
+        }
+        (None, None) => Ok(Decision {
+            threshold: card.threshold,
+            source: ThresholdSource {
+                kind: "card".into(),
+                rule: card.threshold_rule.clone(),
+                target: None,
+                validation_sensitivity: None,
+                validation_specificity: None,
+            },
+        }),
+    }
+}
+
+fn prediction(model: &ServedModel, r: &JobOutput, d: &Decision, rid: &str) -> Prediction {
+    let p = served_probabilities(r.logits, r.probabilities, model.card.temperature());
+    let pneumonia = f64::from(p[1]) >= d.threshold;
     let (label, confidence) = if pneumonia {
         ("PNEUMONIA", p[1])
     } else {
@@ -459,7 +537,8 @@ fn prediction(model: &ServedModel, p: [f32; 2], rid: &str) -> Prediction {
             NORMAL: p[0],
             PNEUMONIA: p[1],
         },
-        threshold: model.card.threshold,
+        threshold: d.threshold,
+        threshold_source: d.source.clone(),
         model: ModelRef {
             name: model.card.name.clone(),
             version: model.card.version.clone(),
@@ -665,6 +744,9 @@ async fn health() -> Json<Status> {
     ))]
 async fn ready(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
     let models = state.models().ok_or(ApiError::NotReady)?;
+    if let Some(dead) = models.all().iter().find(|m| !m.batcher.is_alive()) {
+        return Err(ApiError::WorkerDown(dead.card.name.clone()));
+    }
     Ok(Json(Status {
         status: "ready".into(),
         models: models.all().iter().map(|m| m.card.name.clone()).collect(),

@@ -16,6 +16,31 @@ pub struct PredictQuery {
     pub model: Option<String>,
     /// Pick the variant with the best measured sensitivity or specificity.
     pub prefer: Option<Prefer>,
+    /// Answer at the threshold that reached this target on the variant's validation
+    /// ROC (`sensitivity:0.95` or `specificity:0.90`); 422 when no threshold reaches it.
+    pub operating_point: Option<String>,
+    /// Answer at this threshold on P(PNEUMONIA), in (0, 1), instead of the variant's.
+    pub threshold: Option<f64>,
+}
+
+/// Where the applied threshold came from.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ThresholdSource {
+    /// `card` (the variant's own, chosen on validation), `query` (`threshold=`) or
+    /// `operating_point` (`operating_point=`).
+    pub kind: String,
+    /// How the card's threshold was chosen (`card`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The requested target (`operating_point`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Sensitivity this threshold reached on the variant's validation ROC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_sensitivity: Option<f64>,
+    /// Specificity this threshold reached on the variant's validation ROC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_specificity: Option<f64>,
 }
 
 /// Both class probabilities.
@@ -59,6 +84,7 @@ pub struct Timings {
 #[schema(example = json!({
     "label": "PNEUMONIA", "confidence": 0.97,
     "probabilities": {"NORMAL": 0.03, "PNEUMONIA": 0.97}, "threshold": 0.5,
+    "threshold_source": {"kind": "card", "rule": "youden on validation"},
     "model": {"name": "weighted", "version": "1.0.0", "strategy": "weighted", "sha256": "9f2c…"},
     "execution_provider": "CPUExecutionProvider",
     "timings_ms": {"decode": 1.2, "queue": 0.1, "inference": 80.5, "total": 82.3},
@@ -69,10 +95,12 @@ pub struct Prediction {
     pub label: String,
     /// Probability of the answered label.
     pub confidence: f32,
-    /// Both probabilities.
+    /// Both probabilities (calibrated with the card's temperature, when it has one).
     pub probabilities: Probabilities,
-    /// The variant's decision threshold on P(PNEUMONIA).
+    /// The decision threshold applied to P(PNEUMONIA).
     pub threshold: f64,
+    /// Where that threshold came from.
+    pub threshold_source: ThresholdSource,
     /// The variant that answered.
     pub model: ModelRef,
     /// `CPUExecutionProvider` or `CUDAExecutionProvider`.

@@ -38,6 +38,8 @@ pub const RADIOGRAPHY_MODALITIES: [&str; 3] = ["CR", "DX", "DR"];
 pub struct DicomOptions {
     /// Take any Modality, not only CR/DX/DR.
     pub allow_any_modality: bool,
+    /// Rows x Columns a radiograph can have.
+    pub geometry: super::Geometry,
 }
 
 /// Why a DICOM upload was refused.
@@ -46,6 +48,9 @@ pub enum DicomError {
     /// Not DICOM, truncated or structurally broken (400).
     #[error("invalid DICOM file: {0}")]
     Malformed(String),
+    /// Rows x Columns no radiograph has (422).
+    #[error(transparent)]
+    Geometry(super::ImageError),
     /// A transfer syntax this server cannot decode (415).
     #[error(
         "unsupported DICOM transfer syntax {uid} ({name}); send native (uncompressed), RLE, JPEG baseline/lossless or JPEG 2000"
@@ -126,6 +131,12 @@ pub fn dicm_offset(bytes: &[u8]) -> Option<usize> {
 pub fn is_dicom(bytes: &[u8]) -> bool {
     dicm_offset(bytes).is_some()
 }
+
+/// Deepest nesting of sequences accepted. Radiographs nest a few levels (a code
+/// sequence inside a view sequence, say); dicom-rs parses nested sequences
+/// recursively, so an upload of 100,000 nested sequences would overflow the stack and
+/// abort the process.
+pub const MAX_SEQUENCE_DEPTH: usize = 16;
 
 fn malformed(e: impl std::fmt::Display) -> DicomError {
     DicomError::Malformed(e.to_string())
@@ -240,6 +251,9 @@ pub fn decode_dicom(
             "the image is empty ({columns}x{rows}, {frames} frame(s))"
         )));
     }
+    opts.geometry
+        .check(columns, rows)
+        .map_err(DicomError::Geometry)?;
     let total = u64::from(rows) * u64::from(columns) * u64::from(frames);
     if total > max_pixels {
         return Err(DicomError::TooManyPixels {
@@ -262,7 +276,7 @@ pub fn decode_dicom(
         )));
     }
     if ts.is_encapsulated_pixel_data() {
-        check_codestream(&obj, &ts_uid, rows, columns, bits_allocated)?;
+        check_codestream(&obj, &ts_uid, rows, columns, frames, bits_allocated)?;
     }
 
     // The codecs index into corrupt compressed data without checking everywhere
@@ -531,10 +545,35 @@ fn check_lengths(bytes: &[u8], start: usize, explicit: bool) -> Result<(), Dicom
     let dict = StandardDataDictionary;
     let mut pos = start;
     let mut in_pixel_sequence = false;
+    // Open sequences and items: (is a sequence, end offset when the length is defined).
+    // dicom-rs parses nested sequences recursively, so their depth is capped here
+    // (this walk itself is a loop and needs no stack).
+    let mut open: Vec<(bool, Option<usize>)> = Vec::new();
     let u16_at = |p: usize| u16::from_le_bytes([bytes[p], bytes[p + 1]]);
     let u32_at =
         |p: usize| u32::from_le_bytes([bytes[p], bytes[p + 1], bytes[p + 2], bytes[p + 3]]);
+    let enter = |open: &mut Vec<(bool, Option<usize>)>,
+                 sequence: bool,
+                 end: Option<usize>,
+                 at: usize|
+     -> Result<(), DicomError> {
+        open.push((sequence, end));
+        let depth = open.iter().filter(|(sq, _)| *sq).count();
+        if depth > MAX_SEQUENCE_DEPTH {
+            return Err(malformed(format!(
+                "sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels at byte {at}"
+            )));
+        }
+        Ok(())
+    };
     while pos < bytes.len() {
+        // Leave every defined-length container that ends here.
+        while open
+            .last()
+            .is_some_and(|(_, end)| end.is_some_and(|e| pos >= e))
+        {
+            open.pop();
+        }
         if bytes.len() - pos < 8 {
             return Err(malformed(format!("truncated element header at byte {pos}")));
         }
@@ -545,11 +584,11 @@ fn check_lengths(bytes: &[u8], start: usize, explicit: bool) -> Result<(), Dicom
             // Item (E000): enter it (nested elements or a pixel fragment);
             // delimiters (E00D, E0DD) have no value.
             let len = u32_at(pos + 4);
+            let at = pos;
             pos += 8;
             if element == 0xE000 && len != UNDEFINED && len as usize > bytes.len() - pos {
                 return Err(malformed(format!(
-                    "item at byte {} declares {len} bytes; {} are left",
-                    pos - 8,
+                    "item at byte {at} declares {len} bytes; {} are left",
                     bytes.len() - pos
                 )));
             }
@@ -558,8 +597,28 @@ fn check_lengths(bytes: &[u8], start: usize, explicit: bool) -> Result<(), Dicom
                     // A compressed fragment: raw bytes, skipped.
                     0xE000 if len != UNDEFINED => pos += len as usize,
                     0xE0DD => in_pixel_sequence = false,
-                    _ => return Err(malformed(format!("bad pixel fragment at byte {}", pos - 8))),
+                    _ => return Err(malformed(format!("bad pixel fragment at byte {at}"))),
                 }
+                continue;
+            }
+            match element {
+                0xE000 => {
+                    let end = (len != UNDEFINED).then_some(pos + len as usize);
+                    enter(&mut open, false, end, at)?;
+                }
+                // Item delimiter: close the innermost undefined-length item.
+                0xE00D => {
+                    if let Some(i) = open.iter().rposition(|(sq, end)| !sq && end.is_none()) {
+                        open.truncate(i);
+                    }
+                }
+                // Sequence delimiter: close the innermost undefined-length sequence.
+                0xE0DD => {
+                    if let Some(i) = open.iter().rposition(|(sq, end)| *sq && end.is_none()) {
+                        open.truncate(i);
+                    }
+                }
+                _ => {}
             }
             continue;
         }
@@ -573,21 +632,24 @@ fn check_lengths(bytes: &[u8], start: usize, explicit: bool) -> Result<(), Dicom
                 .is_some_and(|e| matches!(e.vr().relaxed(), dicom_core::VR::SQ));
             (sq, u32_at(pos + 4), 8)
         };
+        let at = pos;
         pos += header;
         if tag == tags::PIXEL_DATA && len == UNDEFINED {
             in_pixel_sequence = true;
             continue;
         }
-        if is_container || len == UNDEFINED {
-            // Enter the sequence (or encapsulated pixel data): its items follow.
-            continue;
-        }
-        if len as usize > bytes.len() - pos {
+        if len != UNDEFINED && len as usize > bytes.len() - pos {
             return Err(malformed(format!(
-                "element ({group:04X},{element:04X}) at byte {} declares {len} bytes; {} are left",
-                pos - header,
+                "element ({group:04X},{element:04X}) at byte {at} declares {len} bytes; {} are left",
                 bytes.len() - pos
             )));
+        }
+        if is_container || len == UNDEFINED {
+            // Enter the sequence (an undefined-length value is parsed as one): its
+            // items follow.
+            let end = (len != UNDEFINED).then_some(pos + len as usize);
+            enter(&mut open, true, end, at)?;
+            continue;
         }
         pos += len as usize;
     }
@@ -601,6 +663,7 @@ fn check_codestream(
     ts_uid: &str,
     rows: u32,
     columns: u32,
+    frames: u32,
     bits_allocated: u32,
 ) -> Result<(), DicomError> {
     let Ok(Some(pixel)) = obj.element_opt(tags::PIXEL_DATA) else {
@@ -610,15 +673,32 @@ fn check_codestream(
         return Err(malformed("encapsulated pixel data has no fragment"));
     };
     if ts_uid == uids::RLE_LOSSLESS {
-        return check_rle_header(first, bits_allocated / 8);
+        check_rle_header(first, bits_allocated / 8)?;
+        return check_rle_segments(first, bits_allocated / 8, rows as usize * columns as usize);
     }
+    // The first frame's codestream, all of it: a single-frame object's fragments
+    // together, else the first fragment (one fragment per frame).
+    let frame: std::borrow::Cow<'_, [u8]> = match pixel.fragments() {
+        Some(f) if frames == 1 && f.len() > 1 => f.concat().into(),
+        _ => first.as_slice().into(),
+    };
     // JPEG 2000 (.90–.93) and High-Throughput JPEG 2000 (.201–.203) carry a SIZ
     // marker; the other .4.x syntaxes are JPEG (SOF).
     let j2k =
         ts_uid.starts_with("1.2.840.10008.1.2.4.9") || ts_uid.starts_with("1.2.840.10008.1.2.4.20");
     let dims = if j2k {
+        // A cut JPEG 2000 codestream still decodes (at a lower quality, by design):
+        // refuse one without its end-of-codestream marker (fragments are padded to an
+        // even length with zeros).
+        let end = frame.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        if !frame[..end].ends_with(&[0xFF, 0xD9]) {
+            return Err(malformed(
+                "the JPEG 2000 codestream ends before its end-of-codestream marker (truncated?)",
+            ));
+        }
         j2k_dims(first)
     } else if ts_uid.starts_with("1.2.840.10008.1.2.4.") {
+        crate::imaging::complete::jpeg(&frame).map_err(malformed)?;
         jpeg_dims(first)
     } else {
         // RLE and encapsulated-uncompressed: the decoder writes Rows × Columns.
@@ -665,6 +745,49 @@ fn check_rle_header(fragment: &[u8], segments: u32) -> Result<(), DicomError> {
             ));
         }
         previous = offset;
+    }
+    Ok(())
+}
+
+/// Each RLE segment (PS3.5 G.3, PackBits) must decode to at least one byte per pixel:
+/// the decoder fills a short segment's missing rows instead of failing. The header
+/// was checked by [`check_rle_header`].
+fn check_rle_segments(fragment: &[u8], segments: u32, pixels: usize) -> Result<(), DicomError> {
+    let word = |i: usize| {
+        u32::from_le_bytes([
+            fragment[4 * i],
+            fragment[4 * i + 1],
+            fragment[4 * i + 2],
+            fragment[4 * i + 3],
+        ]) as usize
+    };
+    for i in 1..=segments as usize {
+        let end = if i < segments as usize {
+            word(i + 1)
+        } else {
+            fragment.len()
+        };
+        let seg = &fragment[word(i)..end];
+        let (mut pos, mut out) = (0usize, 0usize);
+        while pos < seg.len() && out < pixels {
+            let n = seg[pos] as i8;
+            pos += 1;
+            if n >= 0 {
+                // n + 1 literal bytes.
+                let k = n as usize + 1;
+                pos += k;
+                out += k;
+            } else if n != -128 {
+                // One byte repeated 1 - n times.
+                pos += 1;
+                out += (1 - i32::from(n)) as usize;
+            }
+        }
+        if out < pixels || pos > seg.len() {
+            return Err(malformed(format!(
+                "RLE segment {i} decodes to fewer than the frame's {pixels} bytes (truncated?)"
+            )));
+        }
     }
     Ok(())
 }

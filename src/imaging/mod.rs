@@ -8,6 +8,7 @@
 //! table. The trainer and the server both call [`Preprocessor`], so a model never sees
 //! at serving time an image prepared differently from training.
 
+pub mod complete;
 pub mod dicom;
 
 use std::cell::RefCell;
@@ -48,6 +49,61 @@ pub enum ImageError {
     /// Not decodable (truncated, corrupt, not an image).
     #[error("could not decode the image: {0}")]
     Decode(String),
+    /// The header's geometry is not that of a radiograph; refused before decoding.
+    #[error("an image of {width}x{height} pixels is not a radiograph: {reason}")]
+    ImplausibleGeometry {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// Which bound it breaks.
+        reason: String,
+    },
+}
+
+/// The shapes a radiograph can have, checked from the header before any pixel is
+/// decoded (`--min-image-side`, `--max-aspect-ratio`): a 4,000,000 x 1 strip is no
+/// chest film, and resizing one would cost memory in proportion to its long side.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    /// Shortest side accepted, pixels.
+    pub min_side: u32,
+    /// Largest long side / short side.
+    pub max_aspect: f64,
+}
+
+impl Default for Geometry {
+    fn default() -> Self {
+        Self {
+            min_side: 64,
+            max_aspect: 4.0,
+        }
+    }
+}
+
+impl Geometry {
+    /// Refuses a `width x height` image outside the bounds.
+    pub fn check(&self, width: u32, height: u32) -> Result<(), ImageError> {
+        let refuse = |reason: String| ImageError::ImplausibleGeometry {
+            width,
+            height,
+            reason,
+        };
+        if width.min(height) < self.min_side {
+            return Err(refuse(format!(
+                "a side is shorter than {} pixels",
+                self.min_side
+            )));
+        }
+        let aspect = f64::from(width.max(height)) / f64::from(width.min(height));
+        if aspect > self.max_aspect {
+            return Err(refuse(format!(
+                "its aspect ratio {aspect:.2}:1 is outside 1:{0} .. {0}:1",
+                self.max_aspect
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The preprocessing pipelines a model card may ask for.
@@ -136,6 +192,18 @@ impl Preprocessor {
         Ok(self.gray_to_tensor(&gray))
     }
 
+    /// [`Preprocessor::preprocess`], refusing first, from the header, a geometry no
+    /// radiograph has (the server's path).
+    pub fn preprocess_checked(
+        &self,
+        bytes: &[u8],
+        max_pixels: u64,
+        geometry: &Geometry,
+    ) -> Result<Vec<f32>, ImageError> {
+        let gray = decode_gray_with(bytes, max_pixels, Some(geometry))?;
+        Ok(self.gray_to_tensor(&gray))
+    }
+
     /// Grayscale image of any size → `[3, S, S]` tensor.
     pub fn gray_to_tensor(&self, gray: &GrayImage) -> Vec<f32> {
         let resized = self.resize(gray);
@@ -177,13 +245,25 @@ pub fn preprocess(p: &Preprocessor, bytes: &[u8], max_pixels: u64) -> Result<Vec
 /// Colour is converted with Rec. 709 luma weights (exact for R = G = B); alpha is
 /// ignored; 16-bit samples are scaled to 8 bits.
 pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageError> {
+    decode_gray_with(bytes, max_pixels, None)
+}
+
+/// [`decode_gray`], with the header's geometry checked against `geometry` (when
+/// given) before decoding. A JPEG or PNG whose data ends before its end marker
+/// (a cut upload) is refused rather than decoded with its missing rows filled in.
+pub fn decode_gray_with(
+    bytes: &[u8],
+    max_pixels: u64,
+    geometry: Option<&Geometry>,
+) -> Result<GrayImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Decode(e.to_string()))?;
-    match reader.format() {
+    let format = reader.format();
+    match format {
         Some(ImageFormat::Jpeg | ImageFormat::Png) => {}
         Some(other) => return Err(ImageError::UnsupportedFormat(format!("{other:?}"))),
         None => return Err(ImageError::Decode("not a JPEG or PNG image".into())),
@@ -195,12 +275,21 @@ pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageErro
     if width == 0 || height == 0 {
         return Err(ImageError::Decode("the image has no pixels".into()));
     }
+    if let Some(g) = geometry {
+        g.check(width, height)?;
+    }
     if u64::from(width) * u64::from(height) > max_pixels {
         return Err(ImageError::TooManyPixels {
             width,
             height,
             limit: max_pixels,
         });
+    }
+    // The whole stream must be there (header first: its size errors say more).
+    if format == Some(ImageFormat::Jpeg) {
+        complete::jpeg(bytes).map_err(ImageError::Decode)?;
+    } else {
+        complete::png(bytes).map_err(ImageError::Decode)?;
     }
     let mut limits = Limits::default();
     // Worst case: 16-bit RGBA output plus the decoder's own working buffers.

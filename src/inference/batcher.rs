@@ -4,9 +4,15 @@
 //! channel. A full queue is refused at once (the caller answers 503), so memory stays
 //! bounded and no accepted request is dropped: every job taken gets an answer, and on
 //! shutdown the worker drains what is queued before it exits.
+//!
+//! A job whose caller has gone (client disconnected, request timed out) is skipped
+//! when its batch is formed, not run. A worker that panics is restarted on the same
+//! queue with a fresh session; until it is back, [`Batcher::is_alive`] says no (the
+//! service answers `/ready` 503), and the jobs of the batch it died on are answered
+//! with an error.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,13 +20,15 @@ use std::time::{Duration, Instant};
 use ort::session::Session;
 use tokio::sync::oneshot;
 
-use super::runtime::run_probabilities;
+use super::runtime::run_outputs;
 
 /// The answer to one job.
 #[derive(Debug, Clone)]
 pub struct JobOutput {
-    /// [P(NORMAL), P(PNEUMONIA)].
+    /// [P(NORMAL), P(PNEUMONIA)], the model file's own output.
     pub probabilities: [f32; 2],
+    /// The logits they came from (what a card's temperature applies to).
+    pub logits: [f32; 2],
     /// Time spent waiting in the queue.
     pub queued: Duration,
     /// Time the batch took in ONNX Runtime.
@@ -50,7 +58,14 @@ pub trait BatchObserver: Send + Sync + 'static {
     fn batch(&self, size: usize, inference: Duration, queued: &[Duration]);
     /// The queue now holds `depth` jobs.
     fn depth(&self, depth: usize);
+    /// `n` queued jobs were skipped: nobody waited for their answer any more.
+    fn abandoned(&self, _n: usize) {}
+    /// The worker died (panicked) and is being restarted.
+    fn restarted(&self) {}
 }
+
+/// Makes a fresh session for a restarted worker.
+pub type SessionFactory = Arc<dyn Fn() -> Result<Session, String> + Send + Sync>;
 
 /// Batching settings.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +85,8 @@ pub struct Batcher {
     depth: Arc<AtomicUsize>,
     input_len: usize,
     observer: Arc<dyn BatchObserver>,
+    alive: Arc<AtomicBool>,
+    fault: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -82,6 +99,7 @@ impl std::fmt::Debug for Batcher {
 
 impl Batcher {
     /// Starts the worker thread that owns `session`. Inputs are `[3, s, s]` tensors.
+    /// A worker that panics is not restarted (see [`Batcher::spawn_restarting`]).
     pub fn spawn(
         name: &str,
         session: Session,
@@ -89,13 +107,36 @@ impl Batcher {
         cfg: BatchConfig,
         observer: Arc<dyn BatchObserver>,
     ) -> (Self, JoinHandle<()>) {
+        Self::spawn_restarting(name, session, None, input_size, cfg, observer)
+    }
+
+    /// Starts the worker thread that owns `session`; if it panics, `restart` makes a
+    /// fresh session and the worker goes on serving the same queue.
+    pub fn spawn_restarting(
+        name: &str,
+        session: Session,
+        restart: Option<SessionFactory>,
+        input_size: usize,
+        cfg: BatchConfig,
+        observer: Arc<dyn BatchObserver>,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = sync_channel(cfg.capacity.max(1));
         let depth = Arc::new(AtomicUsize::new(0));
-        let worker_depth = depth.clone();
-        let worker_observer = observer.clone();
+        let alive = Arc::new(AtomicBool::new(true));
+        let fault = Arc::new(AtomicBool::new(false));
+        let ctx = WorkerCtx {
+            rx,
+            s: input_size,
+            cfg,
+            depth: depth.clone(),
+            observer: observer.clone(),
+            fault: fault.clone(),
+        };
+        let worker_alive = alive.clone();
+        let model = name.to_string();
         let handle = std::thread::Builder::new()
             .name(format!("cxr-infer-{name}"))
-            .spawn(move || worker(session, rx, input_size, cfg, worker_depth, worker_observer))
+            .spawn(move || supervise(&model, session, restart, &ctx, &worker_alive))
             .expect("the OS can start a worker thread");
         (
             Self {
@@ -103,9 +144,23 @@ impl Batcher {
                 depth,
                 input_len: 3 * input_size * input_size,
                 observer,
+                alive,
+                fault,
             },
             handle,
         )
+    }
+
+    /// Whether the worker is running (false while a dead one is being restarted, or
+    /// for good when it cannot be).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Fault injection for tests: the worker panics before running its next batch.
+    #[doc(hidden)]
+    pub fn inject_panic(&self) {
+        self.fault.store(true, Ordering::SeqCst);
     }
 
     /// Queues one `[3, s, s]` input; the receiver yields its answer.
@@ -146,14 +201,89 @@ impl Batcher {
     }
 }
 
-fn worker(
-    mut session: Session,
+struct WorkerCtx {
     rx: Receiver<Job>,
     s: usize,
     cfg: BatchConfig,
     depth: Arc<AtomicUsize>,
     observer: Arc<dyn BatchObserver>,
+    fault: Arc<AtomicBool>,
+}
+
+/// The first wait before a dead worker's new session (doubled, up to 5 s, while it
+/// keeps dying within a minute).
+const RESTART_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Runs the worker; restarts it with a fresh session when it panics.
+fn supervise(
+    model: &str,
+    session: Session,
+    restart: Option<SessionFactory>,
+    ctx: &WorkerCtx,
+    alive: &AtomicBool,
 ) {
+    let mut session = Some(session);
+    let mut backoff = RESTART_BACKOFF;
+    let mut restarted_at: Option<Instant> = None;
+    loop {
+        let s = match session.take() {
+            Some(s) => s,
+            None => match restart.as_ref().map(|f| f()) {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    tracing::error!(model, error = %e, "cannot restart the inference worker; retrying in 1 s");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+                None => {
+                    tracing::error!(model, "the inference worker died and is not restarted");
+                    return;
+                }
+            },
+        };
+        alive.store(true, Ordering::SeqCst);
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker(s, ctx, alive)));
+        match run {
+            // The queue closed and is drained: shutdown.
+            Ok(()) => return,
+            Err(_) => {
+                alive.store(false, Ordering::SeqCst);
+                ctx.observer.restarted();
+                tracing::error!(
+                    model,
+                    "the inference worker panicked; restarting it with a fresh session"
+                );
+                // Back off before the new session, doubling while it keeps dying.
+                if restarted_at.is_some_and(|t: Instant| t.elapsed() > Duration::from_secs(60)) {
+                    backoff = RESTART_BACKOFF;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                restarted_at = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// Decrements the queue depth for the jobs of one batch, even if running it panics.
+struct Taken<'a>(&'a AtomicUsize, usize);
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::SeqCst);
+    }
+}
+
+fn worker(mut session: Session, ctx: &WorkerCtx, alive: &AtomicBool) {
+    let WorkerCtx {
+        rx,
+        s,
+        cfg,
+        depth,
+        observer,
+        fault,
+    } = ctx;
+    let (s, cfg) = (*s, *cfg);
     // `recv` fails only when every sender is gone and the queue is empty: then the
     // queue is drained and the worker ends.
     while let Ok(first) = rx.recv() {
@@ -174,7 +304,20 @@ fn worker(
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
+        // Nobody waits for these any more: skip them.
+        let taken = jobs.len();
+        jobs.retain(|j| !j.reply.is_closed());
+        let gone = taken - jobs.len();
+        if gone > 0 {
+            observer.abandoned(gone);
+        }
         let n = jobs.len();
+        let guard = Taken(depth, taken);
+        if n == 0 {
+            drop(guard);
+            observer.depth(depth.load(Ordering::SeqCst));
+            continue;
+        }
         let start = Instant::now();
         let queued: Vec<Duration> = jobs.iter().map(|j| start - j.enqueued).collect();
         let mut batch = Vec::with_capacity(n * 3 * s * s);
@@ -183,17 +326,38 @@ fn worker(
             batch.extend_from_slice(&j.input);
             replies.push(j.reply);
         }
-        let result = run_probabilities(&mut session, batch, n, s);
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if fault.swap(false, Ordering::SeqCst) {
+                panic!("injected inference worker fault");
+            }
+            run_outputs(&mut session, batch, n, s)
+        }));
+        let result = match run {
+            Ok(r) => r,
+            Err(panic) => {
+                // Not ready from now on; then answer this batch; then let the
+                // supervisor restart the worker (this session is not used again).
+                alive.store(false, Ordering::SeqCst);
+                for reply in replies {
+                    let _ = reply.send(Err(
+                        "the inference worker died running this batch; it is restarting".into(),
+                    ));
+                }
+                drop(guard);
+                std::panic::resume_unwind(panic);
+            }
+        };
         let inference = start.elapsed();
-        let left = depth.fetch_sub(n, Ordering::SeqCst) - n;
-        observer.depth(left);
+        drop(guard);
+        observer.depth(depth.load(Ordering::SeqCst));
         observer.batch(n, inference, &queued);
         match result {
-            Ok(probs) => {
-                for ((reply, p), q) in replies.into_iter().zip(probs).zip(&queued) {
+            Ok(outs) => {
+                for ((reply, p), q) in replies.into_iter().zip(outs).zip(&queued) {
                     // The caller may have gone (client disconnected): nothing to do then.
                     let _ = reply.send(Ok(JobOutput {
-                        probabilities: p,
+                        probabilities: p.probabilities,
+                        logits: p.logits,
                         queued: *q,
                         inference,
                         batch_size: n,

@@ -5,9 +5,9 @@ pub mod batcher;
 pub mod models;
 pub mod runtime;
 
-pub use batcher::{BatchConfig, BatchObserver, Batcher, JobOutput, SubmitError};
+pub use batcher::{BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError};
 pub use models::{LoadConfig, LoadError, ModelSet, Prefer, SelectError, ServedModel, load_models};
 pub use runtime::{
-    Device, Provider, RuntimeError, SessionOptions, create_session, environment, resolve_library,
-    run_probabilities,
+    Device, ModelOutput, Provider, RuntimeError, SessionOptions, create_session, environment,
+    resolve_library, run_outputs, run_probabilities,
 };

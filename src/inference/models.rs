@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::batcher::{BatchConfig, BatchObserver, Batcher};
+use super::batcher::{BatchConfig, BatchObserver, Batcher, SessionFactory};
 use super::runtime::{
     Device, Provider, SessionOptions, create_session, environment, run_probabilities,
 };
@@ -240,8 +240,22 @@ pub fn load_models(
         }
         let preprocessor = Preprocessor::new(m.card.input_size, &m.card.preprocessing)
             .expect("the registry checked the preprocessing");
-        let (batcher, handle) =
-            Batcher::spawn(&m.card.name, session, s, cfg.batch, observer(&m.card.name));
+        // A worker that dies gets a fresh session from the same verified bytes.
+        let bytes = Arc::new(m.onnx_bytes.clone());
+        let restart: SessionFactory = Arc::new(move || {
+            let (mut session, _, _) =
+                create_session(env, &bytes, opts).map_err(|e| e.to_string())?;
+            run_probabilities(&mut session, vec![0.0; 3 * s * s], 1, s)?;
+            Ok(session)
+        });
+        let (batcher, handle) = Batcher::spawn_restarting(
+            &m.card.name,
+            session,
+            Some(restart),
+            s,
+            cfg.batch,
+            observer(&m.card.name),
+        );
         let load_time_ms = t.elapsed().as_secs_f64() * 1e3;
         tracing::info!(model = %m.card.name, provider = provider.as_str(), load_time_ms, path = %m.onnx_path.display(), "model ready");
         handles.push(handle);

@@ -206,6 +206,15 @@ fn cuda_session(_env: &Environment, _model: &[u8]) -> Result<Session, String> {
     Err("this build of cxr has no CUDA support (built without feature `cuda`)".into())
 }
 
+/// One image's two model outputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelOutput {
+    /// The `logits` row.
+    pub logits: [f32; 2],
+    /// The `probabilities` row (softmax of the logits, computed in the graph).
+    pub probabilities: [f32; 2],
+}
+
 /// Runs `session` on a `[n, 3, s, s]` batch and returns the `probabilities` rows.
 pub fn run_probabilities(
     session: &mut Session,
@@ -213,19 +222,48 @@ pub fn run_probabilities(
     n: usize,
     s: usize,
 ) -> Result<Vec<[f32; 2]>, String> {
+    Ok(run_outputs(session, batch, n, s)?
+        .into_iter()
+        .map(|o| o.probabilities)
+        .collect())
+}
+
+/// Runs `session` on a `[n, 3, s, s]` batch and returns each row's `logits` and
+/// `probabilities`.
+pub fn run_outputs(
+    session: &mut Session,
+    batch: Vec<f32>,
+    n: usize,
+    s: usize,
+) -> Result<Vec<ModelOutput>, String> {
     debug_assert_eq!(batch.len(), n * 3 * s * s, "batch length matches its shape");
     let input = ort::value::Tensor::from_array(([n, 3, s, s], batch.into_boxed_slice()))
         .map_err(|e| e.to_string())?;
     let outputs = session
         .run(ort::inputs![crate::onnx::INPUT_NAME => input])
         .map_err(|e| e.to_string())?;
-    let (shape, data) = outputs[crate::onnx::PROBABILITIES_NAME]
-        .try_extract_tensor::<f32>()
-        .map_err(|e| e.to_string())?;
-    if shape.len() != 2 || shape[0] as usize != n || shape[1] != 2 {
-        return Err(format!(
-            "model returned probabilities of shape {shape:?} for a batch of {n}"
-        ));
+    let mut rows = [Vec::new(), Vec::new()];
+    for (k, name) in [crate::onnx::LOGITS_NAME, crate::onnx::PROBABILITIES_NAME]
+        .into_iter()
+        .enumerate()
+    {
+        let (shape, data) = outputs[name]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| e.to_string())?;
+        if shape.len() != 2 || shape[0] as usize != n || shape[1] != 2 {
+            return Err(format!(
+                "model returned {name} of shape {shape:?} for a batch of {n}"
+            ));
+        }
+        rows[k] = data.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
     }
-    Ok(data.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
+    let [logits, probs] = rows;
+    Ok(logits
+        .into_iter()
+        .zip(probs)
+        .map(|(logits, probabilities)| ModelOutput {
+            logits,
+            probabilities,
+        })
+        .collect())
 }

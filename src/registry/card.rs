@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::arch::DenseNetConfig;
-use crate::eval::Metrics;
+use crate::eval::{Calibration, Metrics, OperatingCurve};
 use crate::imaging::Preprocessing;
 use crate::onnx::WeightStorage;
 
@@ -115,6 +115,10 @@ pub struct CardMetrics {
     /// On the validation split (used to choose the epoch and the threshold).
     #[serde(default)]
     pub validation: Option<Metrics>,
+    /// On the validation split under fixed, seeded acquisition perturbations (the
+    /// stress validation, see `training.notes`), at the same threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_stressed: Option<Metrics>,
 }
 
 /// `models/<name>.json`.
@@ -135,8 +139,18 @@ pub struct ModelCard {
     pub preprocessing: Preprocessing,
     /// Output classes in order; must be `["NORMAL", "PNEUMONIA"]`.
     pub class_names: Vec<String>,
-    /// PNEUMONIA is answered when P(PNEUMONIA) >= threshold.
+    /// PNEUMONIA is answered when P(PNEUMONIA) >= threshold (the served, calibrated
+    /// probability).
     pub threshold: f64,
+    /// How `threshold` was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_rule: Option<String>,
+    /// Temperature scaling of the probabilities (absent: the file's own softmax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
+    /// The validation ROC, for `operating_point=sensitivity:…|specificity:…`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operating_curve: Option<OperatingCurve>,
     /// The ONNX file.
     pub onnx: OnnxFile,
     /// How it was trained.
@@ -145,4 +159,11 @@ pub struct ModelCard {
     /// Measured quality.
     #[serde(default)]
     pub metrics: CardMetrics,
+}
+
+impl ModelCard {
+    /// The temperature the server applies, if any.
+    pub fn temperature(&self) -> Option<f64> {
+        self.calibration.as_ref().map(|c| c.temperature)
+    }
 }

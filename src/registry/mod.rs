@@ -125,6 +125,14 @@ pub fn load_card(card_path: &Path) -> Result<LoadedModel, RegistryError> {
             format!("threshold {} must lie in (0, 1)", card.threshold),
         ));
     }
+    if let Some(t) = card.temperature()
+        && !(t.is_finite() && t > 0.0)
+    {
+        return Err(invalid(
+            card_path,
+            format!("calibration.temperature {t} must be a positive number"),
+        ));
+    }
     if card.architecture.config.num_classes != CLASS_NAMES.len() {
         return Err(invalid(
             card_path,
@@ -226,6 +234,9 @@ pub fn write_model(dir: &Path, m: &NewModel<'_>) -> Result<ModelCard, String> {
         preprocessing: crate::imaging::Preprocessing::default(),
         class_names: CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
         threshold: m.threshold,
+        threshold_rule: None,
+        calibration: None,
+        operating_curve: None,
         onnx: OnnxFile {
             file: file.clone(),
             sha256: sha256_hex(&bytes),

@@ -183,7 +183,17 @@ pub struct TrainArgs {
     /// classifier is replaced by a 2-class one.
     #[arg(long)]
     pub init_weights: Option<PathBuf>,
-    /// Decision threshold rule on validation: a probability, `youden` or
+    /// Skip training: export and measure, like a final model, the weights of a run
+    /// trained elsewhere, e.g. on a GPU by `scripts/gpu/train_v2.py`: a
+    /// torchvision-layout DenseNet safetensors file, classifier included.
+    #[arg(long, env = "CXR_IMPORT_WEIGHTS", requires = "import_history")]
+    pub import_weights: Option<PathBuf>,
+    /// That run's history JSON (recipe, epochs, validation file list); its validation
+    /// split must be this one, file for file.
+    #[arg(long, env = "CXR_IMPORT_HISTORY", requires = "import_weights")]
+    pub import_history: Option<PathBuf>,
+    /// Decision threshold rule, applied to the calibrated probabilities of the clean
+    /// and the stressed validation images together: a probability, `youden` or
     /// `sensitivity:0.95`.
     #[arg(long, default_value = "youden")]
     pub threshold: ThresholdRule,

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod data;
+pub mod import;
 pub mod model;
 mod plots;
 
@@ -24,8 +25,12 @@ use config::{ArchArg, DeviceArg, OptimizerArg, ScheduleArg, StrategyArg, Thresho
 use data::{AugmentSpec, Sample};
 
 use crate::arch::{DenseNetConfig, SplitMix64};
-use crate::eval::{Metrics, roc_curve};
+use crate::eval::calibration::nll;
+use crate::eval::{
+    Calibration, Metrics, OperatingCurve, fit_temperature, roc_curve, served_probabilities, stress,
+};
 use crate::imaging::{Preprocessing, Preprocessor};
+use crate::inference::ModelOutput;
 use crate::registry::{CardMetrics, ModelCard, NewModel, Recipe, Strategy};
 
 /// One row of `history.csv`.
@@ -49,6 +54,12 @@ pub struct EpochRecord {
     pub val_auc: f64,
     /// Seconds the epoch took.
     pub seconds: f64,
+    /// Validation cross-entropy under the stress perturbations (runs that measured it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stress_val_loss: Option<f64>,
+    /// Validation AUC under the stress perturbations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stress_val_auc: Option<f64>,
 }
 
 /// What the checkpoint state keeps between runs.
@@ -312,6 +323,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     let mut generated = 0;
     let loss_weights = match args.strategy {
         StrategyArg::Weighted => Some(data::class_weights(counts)),
+        // An imported run made its own copies; its card says how many.
+        StrategyArg::Augmented if args.import_weights.is_some() => None,
         StrategyArg::Augmented => {
             let need = counts[1].saturating_sub(counts[0]);
             let extra = data::top_up(
@@ -339,6 +352,43 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     if let Some(w) = &args.init_weights {
         let n = model::load_torchvision(&mut vs, w).map_err(|e| anyhow!(e))?;
         log(format!("initialised {n} tensors from {}", w.display()));
+    }
+    if let (Some(w), Some(h)) = (&args.import_weights, &args.import_history) {
+        let strategy = match args.strategy {
+            StrategyArg::Weighted => "weighted",
+            StrategyArg::Augmented => "augmented",
+        };
+        let run =
+            import::ImportedRun::read(h, w, strategy, &val.samples).map_err(|e| anyhow!(e))?;
+        let n = model::load_torchvision_full(&mut vs, w).map_err(|e| anyhow!(e))?;
+        log(format!(
+            "imported {n} tensors from {} (best epoch {} of {}, trained on {})",
+            w.display(),
+            run.recipe.best_epoch,
+            run.recipe.epochs,
+            run.recipe.device
+        ));
+        let state = State {
+            epoch: run.history.len() as u32,
+            history: run.records(),
+            best_epoch: Some(run.recipe.best_epoch),
+            wall_time_s: run.recipe.wall_time_s,
+            fingerprint: fingerprint(args),
+            ..Default::default()
+        };
+        let export = ExportInputs {
+            args,
+            arch: &arch,
+            train: &train,
+            val: &val,
+            test: &test,
+            loss_weights,
+            generated,
+            device,
+            imported: Some(&run),
+        };
+        write_history(&args.out.join("history.csv"), &state.history)?;
+        return finish(&export, &mut vs, &net, &state, false).map(Some);
     }
     let mut opt = match args.optimizer {
         OptimizerArg::Adamw => nn::AdamW {
@@ -438,6 +488,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
         loss_weights,
         generated,
         device,
+        imported: None,
     };
     if args.export_only {
         if state.history.is_empty() {
@@ -598,6 +649,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
             val_accuracy: m.accuracy,
             val_auc: m.auc.unwrap_or(f64::NAN),
             seconds: epoch_start.elapsed().as_secs_f64(),
+            stress_val_loss: None,
+            stress_val_auc: None,
         };
         log(format!(
             "epoch {} done: train loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} auc {:.4} | {:.0}s",
@@ -681,11 +734,12 @@ fn checkpoint(
 
 fn write_history(path: &Path, h: &[EpochRecord]) -> anyhow::Result<()> {
     let mut s = String::from(
-        "epoch,image_size,lr,train_loss,train_accuracy,val_loss,val_accuracy,val_auc,seconds\n",
+        "epoch,image_size,lr,train_loss,train_accuracy,val_loss,val_accuracy,val_auc,seconds,stress_val_loss,stress_val_auc\n",
     );
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.5}"));
     for r in h {
         s += &format!(
-            "{},{},{:.3e},{:.5},{:.5},{:.5},{:.5},{:.5},{:.1}\n",
+            "{},{},{:.3e},{:.5},{:.5},{:.5},{:.5},{:.5},{:.1},{},{}\n",
             r.epoch,
             r.image_size,
             r.lr,
@@ -694,7 +748,9 @@ fn write_history(path: &Path, h: &[EpochRecord]) -> anyhow::Result<()> {
             r.val_loss,
             r.val_accuracy,
             r.val_auc,
-            r.seconds
+            r.seconds,
+            opt(r.stress_val_loss),
+            opt(r.stress_val_auc)
         );
     }
     write_atomic(path, s.as_bytes()).map_err(|e| anyhow::anyhow!(e))
@@ -712,6 +768,8 @@ struct ExportInputs<'a> {
     loss_weights: Option<[f64; 2]>,
     generated: usize,
     device: Device,
+    /// A run trained elsewhere (`--import-weights`): its recipe goes into the card.
+    imported: Option<&'a import::ImportedRun>,
 }
 
 fn finish(
@@ -731,6 +789,7 @@ fn finish(
         loss_weights,
         generated,
         device,
+        imported,
     } = *inputs;
     // An interim export (`--export-only`) takes the latest checkpoint as it is, at the
     // size it was last trained at, into `<out>/interim/`.
@@ -740,7 +799,7 @@ fn finish(
         args.out.clone()
     };
     let best_path = args.out.join("best.safetensors");
-    if !interim && best_path.exists() {
+    if !interim && imported.is_none() && best_path.exists() {
         vs.load(&best_path)
             .with_context(|| format!("loading {}", best_path.display()))?;
     }
@@ -826,6 +885,10 @@ fn finish(
             notes.join(" ")
         },
     };
+    let recipe = match imported {
+        None => recipe,
+        Some(run) => imported_recipe(recipe, run),
+    };
     let description = match strategy {
         Strategy::Weighted => {
             "DenseNet-161, class-weighted cross-entropy (weight = 1 - n_class/n_total)."
@@ -867,22 +930,23 @@ fn finish(
         intra_threads: 0,
     };
     let (mut session, _, _) = crate::inference::create_session(env, &bytes, opts)?;
-    let mut ort_scores = |imgs: &[GrayImage]| -> anyhow::Result<Vec<f64>> {
+    let mut ort_outputs = |imgs: &[GrayImage]| -> anyhow::Result<Vec<ModelOutput>> {
         let s = size as usize;
         let mut out = Vec::with_capacity(imgs.len());
         for chunk in imgs.chunks(8) {
             let batch: Vec<f32> = chunk.iter().flat_map(|g| pre.normalize(g)).collect();
-            let p = crate::inference::run_probabilities(&mut session, batch, chunk.len(), s)
-                .map_err(|e| anyhow!(e))?;
-            out.extend(p.iter().map(|r| f64::from(r[1])));
+            out.extend(
+                crate::inference::run_outputs(&mut session, batch, chunk.len(), s)
+                    .map_err(|e| anyhow!(e))?,
+            );
         }
         Ok(out)
     };
-    let val_scores = ort_scores(&va_imgs)?;
-    let diff = val_scores
+    let val_out = ort_outputs(&va_imgs)?;
+    let diff = val_out
         .iter()
         .zip(&tch_val)
-        .map(|(o, t)| (o - t).abs())
+        .map(|(o, t)| (f64::from(o.probabilities[1]) - t).abs())
         .fold(0.0, f64::max);
     let bound = match args.storage {
         config::StorageArg::Fp32 => 1e-4,
@@ -890,7 +954,7 @@ fn finish(
     };
     log(format!(
         "export parity: max |ORT - tch| = {diff:.2e} on {} validation images (bound {bound:.0e})",
-        val_scores.len()
+        val_out.len()
     ));
     if diff > bound {
         let _ = std::fs::remove_file(&onnx);
@@ -899,27 +963,103 @@ fn finish(
             "export parity check failed: ONNX Runtime and tch differ by {diff:.2e} > {bound:.0e}"
         );
     }
-    let threshold = choose_threshold(args.threshold, &val_scores, &val.labels);
+    // The stress validation: the same images under fixed, seeded perturbations.
+    let stress_imgs: Vec<GrayImage> = va_imgs
+        .iter()
+        .enumerate()
+        .map(|(i, g)| stress::perturb(g, stress::STRESS_SEED, i as u64))
+        .collect();
+    let stress_out = ort_outputs(&stress_imgs)?;
+    // Calibration on the clean validation logits; every figure below is of the served
+    // (calibrated) probabilities, computed by the function the server uses.
+    let logits = |o: &[ModelOutput]| o.iter().map(|o| o.logits).collect::<Vec<_>>();
+    let val_logits = logits(&val_out);
+    let temperature = fit_temperature(&val_logits, &val.labels);
+    let served = |o: &[ModelOutput]| -> Vec<f64> {
+        o.iter()
+            .map(|o| {
+                f64::from(served_probabilities(o.logits, o.probabilities, Some(temperature))[1])
+            })
+            .collect()
+    };
+    let val_scores = served(&val_out);
+    let stress_scores = served(&stress_out);
+    let pooled_scores = [val_scores.clone(), stress_scores.clone()].concat();
+    let pooled_labels = [val.labels.clone(), val.labels.clone()].concat();
+    let threshold = choose_threshold(args.threshold, &pooled_scores, &pooled_labels);
     let val_metrics = Metrics::compute(&val_scores, &val.labels, threshold);
-    // The test split, once.
-    let test_scores = ort_scores(&te_imgs)?;
-    let test_metrics = Metrics::compute(&test_scores, &test.labels, threshold);
+    let stress_metrics = Metrics::compute(&stress_scores, &val.labels, threshold);
+    let source = format!(
+        "validation, clean and stressed together ({} + {} images)",
+        val_scores.len(),
+        stress_scores.len()
+    );
+    let curve = OperatingCurve::from_roc(
+        source.clone(),
+        pooled_scores.len() as u64,
+        &roc_curve(&pooled_scores, &pooled_labels),
+    )
+    .thinned(200);
     log(format!(
-        "test (n={}): accuracy {:.4} sensitivity {:.4} specificity {:.4} AUC {:.4} at threshold {threshold:.3} (chosen on validation: {})",
+        "temperature {temperature:.3}; threshold {threshold:.3} ({} on {source}); validation clean: sens {:.4} spec {:.4} AUC {:.4}; stressed: sens {:.4} spec {:.4} AUC {:.4}",
+        args.threshold,
+        val_metrics.sensitivity,
+        val_metrics.specificity,
+        val_metrics.auc.unwrap_or(f64::NAN),
+        stress_metrics.sensitivity,
+        stress_metrics.specificity,
+        stress_metrics.auc.unwrap_or(f64::NAN)
+    ));
+    // The test split, once.
+    let test_out = ort_outputs(&te_imgs)?;
+    let test_scores = served(&test_out);
+    let test_metrics = Metrics::compute(&test_scores, &test.labels, threshold);
+    // The same decisions on the uncalibrated probabilities: p >= sigmoid(T * logit(t)).
+    let raw_threshold = 1.0 / (1.0 + (-temperature * (threshold / (1.0 - threshold)).ln()).exp());
+    let raw_test: Vec<f64> = test_out
+        .iter()
+        .map(|o| f64::from(o.probabilities[1]))
+        .collect();
+    let test_ece_before =
+        crate::eval::expected_calibration_error(&raw_test, &test.labels, raw_threshold, 10);
+    log(format!(
+        "test (n={}): accuracy {:.4} sensitivity {:.4} specificity {:.4} AUC {:.4} ECE {:.4} (uncalibrated {:.4}) at threshold {threshold:.3}",
         test_metrics.n,
         test_metrics.accuracy,
         test_metrics.sensitivity,
         test_metrics.specificity,
         test_metrics.auc.unwrap_or(f64::NAN),
-        args.threshold
+        test_metrics.ece,
+        test_ece_before
     ));
     card.threshold = threshold;
+    card.threshold_rule = Some(format!(
+        "{} on the calibrated probabilities of the {source}",
+        args.threshold
+    ));
+    card.calibration = Some(Calibration {
+        temperature,
+        method: format!(
+            "temperature scaling: T minimising the negative log-likelihood of the {} clean validation images (golden-section search on log T in [0.05, 20])",
+            val_scores.len()
+        ),
+        validation_nll_before: nll(&val_logits, &val.labels, 1.0),
+        validation_nll_after: nll(&val_logits, &val.labels, temperature),
+        test_ece_before: Some(test_ece_before),
+        test_ece_after: Some(test_metrics.ece),
+    });
+    card.operating_curve = Some(curve);
     card.metrics = CardMetrics {
         test: Some(test_metrics.clone()),
         validation: Some(val_metrics),
+        validation_stressed: Some(stress_metrics),
     };
     card.training.export_parity_max_abs_diff = Some(diff);
     card.training.wall_time_s = state.wall_time_s;
+    if !card.training.notes.is_empty() {
+        card.training.notes.push(' ');
+    }
+    card.training.notes += &format!("Stress validation: {}.", stress::DESCRIPTION);
     let json = serde_json::to_string_pretty(&card)? + "\n";
     write_atomic(&dest.join(format!("{name}.json")), json.as_bytes()).map_err(|e| anyhow!(e))?;
     if interim {
@@ -944,6 +1084,27 @@ fn finish(
     }
     log(format!("wrote {} and its card", onnx.display()));
     Ok(RunOutput { card, onnx })
+}
+
+/// The card's recipe for a run trained elsewhere: what the run's own history says.
+fn imported_recipe(mut r: Recipe, run: &import::ImportedRun) -> Recipe {
+    let i = &run.recipe;
+    r.epochs = i.epochs;
+    r.batch_size = i.batch_size;
+    r.optimizer = run.optimizer_line();
+    r.seed = i.seed;
+    r.train_images = i.train_images;
+    r.train_class_counts = i.train_class_counts.clone();
+    r.class_weights = i.class_weights.clone();
+    r.generated_images = i.generated_images;
+    r.init = "scratch".into();
+    r.device = format!("cuda ({})", i.device);
+    r.wall_time_s = i.wall_time_s;
+    r.notes = format!(
+        "Trained on {} by scripts/gpu/train_v2.py (torch {}, torchvision {}, {}; weights {}), then exported and measured here by cxr-train --import-weights (our ONNX writer, ONNX Runtime). Augmentation, both classes: {}. Epoch chosen by {}.",
+        i.device, i.torch, i.torchvision, i.precision, run.sha256, i.augmentation, i.best_rule
+    );
+    r
 }
 
 #[cfg(test)]

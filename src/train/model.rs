@@ -182,16 +182,46 @@ pub fn torchvision_key(key: &str) -> String {
 /// (which is replaced by the freshly initialised 2-class one). Says which variable is
 /// missing or misshapen otherwise.
 pub fn load_torchvision(vs: &mut nn::VarStore, path: &std::path::Path) -> Result<usize, String> {
+    load_torchvision_file(vs, path, false)
+}
+
+/// Loads a torchvision-layout safetensors file of a finished 2-class run into `vs`,
+/// classifier included (`--import-weights`). torchvision's `num_batches_tracked`
+/// counters have no variable here and are skipped; any other name the network lacks
+/// is an error (another network).
+pub fn load_torchvision_full(
+    vs: &mut nn::VarStore,
+    path: &std::path::Path,
+) -> Result<usize, String> {
+    load_torchvision_file(vs, path, true)
+}
+
+fn load_torchvision_file(
+    vs: &mut nn::VarStore,
+    path: &std::path::Path,
+    with_classifier: bool,
+) -> Result<usize, String> {
     let named = Tensor::read_safetensors(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let file: std::collections::HashMap<String, Tensor> = named
         .into_iter()
         .map(|(k, t)| (torchvision_key(&k), t))
         .collect();
+    let vars = vs.variables();
+    if with_classifier
+        && let Some(extra) = file
+            .keys()
+            .find(|k| !k.ends_with("num_batches_tracked") && !vars.contains_key(*k))
+    {
+        return Err(format!(
+            "{} holds `{extra}`, which this network lacks",
+            path.display()
+        ));
+    }
     let mut loaded = 0;
     tch::no_grad(|| {
-        for (name, mut var) in vs.variables() {
-            if name.starts_with("classifier.") {
+        for (name, mut var) in vars {
+            if !with_classifier && name.starts_with("classifier.") {
                 continue;
             }
             let src = file.get(&name).ok_or_else(|| {

@@ -264,3 +264,12 @@ pub fn test_gray(w: u32, h: u32, seed: u32) -> GrayImage {
 pub fn stored(g: &GrayImage, f: impl Fn(u16) -> u16) -> Vec<u16> {
     g.as_raw().iter().map(|&v| f(u16::from(v))).collect()
 }
+
+/// DICOM options for the tests' small frames (40 x 30): the geometry bounds of a real
+/// radiograph (64 px sides) are tested on their own.
+pub fn test_opts() -> cxr::imaging::dicom::DicomOptions {
+    cxr::imaging::dicom::DicomOptions {
+        geometry: super::test_geometry(),
+        ..Default::default()
+    }
+}

@@ -64,6 +64,7 @@ pub fn write_tiny_model(
             metrics: CardMetrics {
                 test: Some(test),
                 validation: None,
+                validation_stressed: None,
             },
         },
     )
@@ -150,6 +151,23 @@ pub fn default_batch() -> BatchConfig {
     }
 }
 
+/// Geometry bounds small enough for the tests' tiny images (16 px sides and up);
+/// the real defaults (64 px) are tested on their own.
+pub fn test_geometry() -> cxr::imaging::Geometry {
+    cxr::imaging::Geometry {
+        min_side: 16,
+        max_aspect: 4.0,
+    }
+}
+
+/// The default limits, with [`test_geometry`].
+pub fn test_limits() -> Limits {
+    Limits {
+        geometry: test_geometry(),
+        ..Limits::default()
+    }
+}
+
 pub fn test_app() -> TestApp {
-    test_app_with(Limits::default(), default_batch())
+    test_app_with(test_limits(), default_batch())
 }
