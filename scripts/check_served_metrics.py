@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Train/serve parity on the test split: POSTs every test image to a running
 cxr-serve once per variant and checks that the accuracy and confusion matrix
-computed from the answers equal the model card's test metrics.
+computed from the answers equal the model card's test metrics, and that the AUC and
+ECE computed from the served probabilities (calibrated, as served) equal the card's:
+AUC within 1e-4, ECE within 2e-3 (the server batches images differently from the
+trainer's measurement, which moves ONNX Runtime's last bits, and one image crossing
+an ECE bin edge moves the ECE by up to 1/624).
 
     bash scripts/serve.sh &                      # in another shell
     python3 scripts/check_served_metrics.py [--url http://127.0.0.1:8080] \
@@ -9,7 +13,7 @@ computed from the answers equal the model card's test metrics.
 
 Standard library only. Exits non-zero on any mismatch or failed request.
 """
-import argparse, json, os, sys, time, urllib.error, urllib.request
+import argparse, json, os, struct, sys, time, urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 def get(url):
@@ -30,6 +34,34 @@ def predict(url, model, path):
                 time.sleep(float(e.headers.get("Retry-After", "1")))
                 continue
             raise SystemExit(f"{path}: HTTP {e.code} {e.read().decode(errors='replace')}")
+
+def auc(scores, labels):
+    """Mann-Whitney AUC, ties counting one half (as src/eval computes it)."""
+    pos = [s for s, l in zip(scores, labels) if l == 1]
+    neg = [s for s, l in zip(scores, labels) if l == 0]
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rp = sum(r for r, l in zip(ranks, labels) if l == 1)
+    return (rp - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+def ece(scores, labels, threshold, bins=10):
+    """Expected calibration error of the answered label's confidence (src/eval)."""
+    count, correct, conf = [0] * bins, [0] * bins, [0.0] * bins
+    for s, l in zip(scores, labels):
+        pred = s >= threshold
+        c = s if pred else 1 - s
+        b = min(int((c - 0.5) * 2 * bins), bins - 1)
+        count[b] += 1; conf[b] += c; correct[b] += pred == (l == 1)
+    n = len(scores)
+    return sum(count[b] / n * abs(correct[b] / count[b] - conf[b] / count[b]) for b in range(bins) if count[b])
 
 def main():
     ap = argparse.ArgumentParser()
@@ -66,7 +98,14 @@ def main():
         acc = (c["tp"] + c["tn"]) / len(files)
         test = (card.get("metrics") or {}).get("test") or {}
         cc = test.get("confusion", {})
-        match = cc == c and abs(test.get("accuracy", -1) - acc) < 1e-12
+        # The answers' f32 probabilities, exactly (JSON gives the shortest decimal).
+        scores = [struct.unpack("f", struct.pack("f", float(ans["probabilities"]["PNEUMONIA"])))[0] for ans in answers]
+        labels = [label for _, label in files]
+        served_auc, served_ece = auc(scores, labels), ece(scores, labels, card["threshold"])
+        prob_match = abs(served_auc - test.get("auc", -1)) < 1e-4 and abs(served_ece - test.get("ece", -1)) < 2e-3
+        print(f"  {name}: served AUC {served_auc:.6f} (card {test.get('auc', float('nan')):.6f}), "
+              f"ECE {served_ece:.6f} (card {test.get('ece', float('nan')):.6f})", file=sys.stderr)
+        match = cc == c and abs(test.get("accuracy", -1) - acc) < 1e-12 and prob_match
         ok &= match
         fmt = lambda d: " ".join(str(d.get(k)) for k in ("tp", "fp", "tn", "fn"))
         print(f"| {name} | {acc:.4f} | {test.get('accuracy', float('nan')):.4f} | {fmt(c)} | {fmt(cc)} | {'yes' if match else 'NO'} |")

@@ -11,14 +11,22 @@ rows = [("variant", lambda c: f"`{c['name']}` {c['version']}"),
         ("input", lambda c: f"{c['input_size']} px"),
         ("epochs (sizes)", lambda c: f"{c['training']['epochs']} ({', '.join(map(str, c['training']['image_sizes']))} px)"),
         ("threshold (chosen on validation)", lambda c: f"{c['threshold']:.3f}")]
+def val(c, k):
+    m = c["metrics"].get(k)
+    return "—" if not m else f"{100 * m['sensitivity']:.1f} % / {100 * m['specificity']:.1f} % / {m['auc']:.3f}"
+def wall(s):
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min"
 metric = lambda k, pct=True: (lambda c: "—" if not c["metrics"].get("test") else (f"{100 * c['metrics']['test'][k]:.1f} %" if pct else f"{c['metrics']['test'][k]:.3f}"))
 rows += [("test accuracy", metric("accuracy")), ("test sensitivity", metric("sensitivity")),
          ("test specificity", metric("specificity")), ("test precision", metric("precision")),
          ("test F1", metric("f1", False)), ("test AUC", metric("auc", False)), ("test ECE", metric("ece", False)),
          ("test confusion (TP FP TN FN)", lambda c: " ".join(str(c["metrics"]["test"]["confusion"][k]) for k in ("tp", "fp", "tn", "fn")) if c["metrics"].get("test") else "—"),
+         ("test ECE before calibration", lambda c: f"{c['calibration']['test_ece_before']:.3f}" if c.get("calibration") else "—"),
+         ("temperature (fitted on validation)", lambda c: f"{c['calibration']['temperature']:.3f}" if c.get("calibration") else "—"),
+         ("validation sens / spec / AUC", lambda c: val(c, "validation")),
+         ("stressed validation sens / spec / AUC", lambda c: val(c, "validation_stressed")),
          ("ONNX file", lambda c: f"{c['onnx']['bytes'] / 1e6:.1f} MB ({c['onnx']['weight_storage']})"),
-         ("training wall time", lambda c: f"{c['training']['wall_time_s'] / 3600:.1f} h on {c['training']['device']}"),
-         ("notes", lambda c: c["training"].get("notes") or "")]
+         ("training wall time", lambda c: wall(c["training"]["wall_time_s"]) + f" on {c['training']['device']}")]
 if cards:
     table = "| | " + " | ".join(f"**{c['name']}**" for c in cards) + " |\n|---|" + "---|" * len(cards) + "\n"
     table += "".join(f"| {name} | " + " | ".join(str(f(c)) for c in cards) + " |\n" for name, f in rows)

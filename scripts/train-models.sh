@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# The 1.0.0 recipe on this CPU (7 epochs at 112 px + 1 at 224 px). The shipped 2.0.0
+# models were trained on a GPU by scripts/gpu/train_v2.py and exported and measured
+# by `cxr-train --import-weights` (README, "On a GPU"); a fresh clone finds them final
+# in models/ and trains nothing here unless FORCE=1.
+#
 # Trains (or resumes) the two shipped variants on the Kermany data and copies each
 # finished model, card and plots into models/. Safe to stop and re-run: every run
 # resumes from its last checkpoint in runs/<name>/.

@@ -72,6 +72,23 @@ pub struct ServeArgs {
     /// Images decoded at once on the blocking pool (0 = one per core).
     #[arg(long, env = "CXR_DECODE_THREADS", default_value_t = 0)]
     pub decode_threads: usize,
+    /// Longest a client may take to send its request head, seconds.
+    #[arg(long, env = "CXR_HEADER_READ_TIMEOUT_S", default_value_t = 10)]
+    pub header_read_timeout_s: u64,
+    /// Longest a client may take to send a `/predict` body, seconds (408 after).
+    #[arg(long, env = "CXR_BODY_TIMEOUT_S", default_value_t = 30)]
+    pub body_timeout_s: u64,
+    /// Most open connections; a new one beyond is closed at once.
+    #[arg(long, env = "CXR_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Request bodies buffered at once, bytes; a request that would exceed it is
+    /// answered 503 before its body is read.
+    #[arg(long, env = "CXR_MAX_BUFFERED_BYTES", default_value_t = 1 << 30)]
+    pub max_buffered_bytes: usize,
+    /// Pixels decoded at once (declared sizes; a DICOM object counts --max-pixels);
+    /// beyond it, 503.
+    #[arg(long, env = "CXR_MAX_DECODE_PIXELS", default_value_t = 160_000_000)]
+    pub max_decode_pixels: u64,
     /// Shortest image side accepted (pixels), checked from the header before
     /// decoding; shorter is answered 422 `implausible_geometry`.
     #[arg(long, env = "CXR_MIN_IMAGE_SIDE", default_value_t = 64)]
@@ -112,6 +129,11 @@ impl ServeArgs {
                 self.max_images_per_request as u64,
             ),
             ("--max-inflight", self.max_inflight as u64),
+            ("--max-buffered-bytes", self.max_buffered_bytes as u64),
+            ("--header-read-timeout-s", self.header_read_timeout_s),
+            ("--body-timeout-s", self.body_timeout_s),
+            ("--max-connections", self.max_connections as u64),
+            ("--max-decode-pixels", self.max_decode_pixels),
             ("--request-timeout-s", self.request_timeout_s),
         ];
         for (flag, v) in positive {
@@ -121,6 +143,12 @@ impl ServeArgs {
         }
         if self.max_batch > 256 {
             return Err("--max-batch must be at most 256".into());
+        }
+        if self.max_buffered_bytes < self.max_body_bytes {
+            return Err("--max-buffered-bytes must be at least --max-body-bytes".into());
+        }
+        if self.max_decode_pixels < self.max_pixels {
+            return Err("--max-decode-pixels must be at least --max-pixels".into());
         }
         if !(self.max_aspect_ratio.is_finite() && self.max_aspect_ratio >= 1.0) {
             return Err("--max-aspect-ratio must be a number >= 1".into());
@@ -153,6 +181,17 @@ impl ServeArgs {
                 min_side: self.min_image_side,
                 max_aspect: self.max_aspect_ratio,
             },
+            max_buffered_bytes: self.max_buffered_bytes,
+            max_decode_pixels: self.max_decode_pixels,
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_s),
+        }
+    }
+
+    /// Connection limits (slow and idle clients).
+    pub fn conn_limits(&self) -> crate::http::server::ConnLimits {
+        crate::http::server::ConnLimits {
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
+            max_connections: self.max_connections,
         }
     }
 

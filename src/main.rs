@@ -94,15 +94,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let app = build_app(state.clone());
     let load_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let le = load_error.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                () = shutdown_signal() => tracing::info!("shutdown signal: draining"),
-                Ok(e) = failed_rx => { *le.lock().unwrap_or_else(|p| p.into_inner()) = Some(e); }
-            }
-        })
-        .await
-        .context("serving HTTP")?;
+    cxr::http::server::serve(listener, app, args.conn_limits(), async move {
+        tokio::select! {
+            () = shutdown_signal() => tracing::info!("shutdown signal: draining"),
+            Ok(e) = failed_rx => { *le.lock().unwrap_or_else(|p| p.into_inner()) = Some(e); }
+        }
+    })
+    .await;
 
     // The router's state handles are gone; dropping ours closes the model queues, and
     // each worker answers what is queued before it ends.

@@ -58,6 +58,12 @@ pub enum ApiError {
     /// The requested operating point cannot be served by this variant.
     #[error("{0}")]
     OperatingPoint(String),
+    /// The uploads being buffered already fill `--max-buffered-bytes`.
+    #[error("the server is buffering its limit of {0} bytes of uploads; retry shortly")]
+    BufferFull(usize),
+    /// The images being decoded already fill `--max-decode-pixels`.
+    #[error("the server is decoding its limit of {0} pixels; retry shortly")]
+    DecodeBudget(u64),
     /// Models still loading.
     #[error("the models are still loading; retry shortly")]
     NotReady,
@@ -67,6 +73,9 @@ pub enum ApiError {
     /// The model's queue is full.
     #[error("model `{0}` is at capacity; retry shortly")]
     Overloaded(String),
+    /// The body did not arrive within `--body-timeout-s`.
+    #[error("the request body did not arrive within {0} s")]
+    BodyTimeout(u64),
     /// The request took longer than `--request-timeout-s`.
     #[error("the request did not finish within {0} s")]
     Timeout(u64),
@@ -124,8 +133,11 @@ impl ApiError {
             ApiError::NotReady | ApiError::WorkerDown(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
             }
-            ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::Overloaded(_) | ApiError::BufferFull(_) | ApiError::DecodeBudget(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+            }
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod metrics;
+pub mod server;
 pub mod types;
 
 use std::sync::{Arc, OnceLock};
@@ -57,6 +58,15 @@ pub struct Limits {
     pub dicom: DicomOptions,
     /// Sides and aspect ratio a radiograph can have (every upload).
     pub geometry: Geometry,
+    /// Request bodies buffered at once, bytes (each request reserves its
+    /// Content-Length, or `max_body_bytes` when it declares none, before its body is
+    /// read); beyond it, 503 at once.
+    pub max_buffered_bytes: usize,
+    /// Pixels being decoded at once (each image reserves its declared size, a DICOM
+    /// object `max_pixels`); beyond it, 503 at once.
+    pub max_decode_pixels: u64,
+    /// Longest a client may take to send a `/predict` body (408 after).
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -70,6 +80,9 @@ impl Default for Limits {
             max_decodes: 4,
             dicom: DicomOptions::default(),
             geometry: Geometry::default(),
+            max_buffered_bytes: 1 << 30,
+            max_decode_pixels: 160_000_000,
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -86,6 +99,10 @@ struct Inner {
     metrics: Arc<Metrics>,
     decode_permits: Semaphore,
     inflight: Semaphore,
+    /// `max_buffered_bytes` in KiB permits.
+    body_budget: Semaphore,
+    /// `max_decode_pixels` in kilopixel permits.
+    pixel_budget: Semaphore,
 }
 
 impl AppState {
@@ -93,6 +110,8 @@ impl AppState {
     pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
         let decode_permits = Semaphore::new(limits.max_decodes.max(1));
         let inflight = Semaphore::new(limits.max_inflight.max(1));
+        let body_budget = Semaphore::new(kilo(limits.max_buffered_bytes as u64) as usize);
+        let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
         Self {
             inner: Arc::new(Inner {
                 models: OnceLock::new(),
@@ -100,6 +119,8 @@ impl AppState {
                 metrics,
                 decode_permits,
                 inflight,
+                body_budget,
+                pixel_budget,
             }),
         }
     }
@@ -326,20 +347,17 @@ fn request_id(headers: &HeaderMap) -> String {
 )]
 async fn predict(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let limits = &state.inner.limits;
-    let Ok(_permit) = state.inner.inflight.try_acquire() else {
+    // Reserve the body's bytes before reading it: what is buffered stays bounded. A
+    // body of unknown length (chunked) reserves the most a body may be.
+    let declared = axum::body::HttpBody::size_hint(req.body()).exact();
+    let reserve = declared
+        .unwrap_or(limits.max_body_bytes as u64)
+        .min(limits.max_body_bytes as u64);
+    let Ok(_bytes) = state.inner.body_budget.try_acquire_many(kilo(reserve)) else {
         state.metrics().overloaded.with_label_values(&["all"]).inc();
-        return Err(ApiError::Overloaded("any".into()));
+        return Err(ApiError::BufferFull(limits.max_buffered_bytes));
     };
-    let timeout = limits.request_timeout;
-    match tokio::time::timeout(timeout, predict_inner(&state, req)).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::Timeout(timeout.as_secs())),
-    }
-}
-
-async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let limits = &state.inner.limits;
     let rid = request_id(req.headers());
     let q: PredictQuery = match req.uri().query() {
         None => PredictQuery::default(),
@@ -349,6 +367,47 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
                 .0
         }
     };
+    // The body first, under its own deadline: a slow client holds only its bytes'
+    // reservation, not a processing slot.
+    let (images, multipart) = tokio::time::timeout(limits.body_timeout, read_images(&state, req))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(limits.body_timeout.as_secs()))??;
+    let Ok(_permit) = state.inner.inflight.try_acquire() else {
+        state.metrics().overloaded.with_label_values(&["all"]).inc();
+        return Err(ApiError::Overloaded("any".into()));
+    };
+    let timeout = limits.request_timeout;
+    let input = Input {
+        started,
+        rid,
+        q,
+        images,
+        multipart,
+    };
+    match tokio::time::timeout(timeout, predict_inner(&state, input)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::Timeout(timeout.as_secs())),
+    }
+}
+
+/// A `/predict` request whose body has been read.
+struct Input {
+    started: Instant,
+    rid: String,
+    q: PredictQuery,
+    images: Vec<Upload>,
+    multipart: bool,
+}
+
+async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiError> {
+    let limits = &state.inner.limits;
+    let Input {
+        started,
+        rid,
+        q,
+        images,
+        multipart,
+    } = input;
     if q.model.is_some() && q.prefer.is_some() {
         return Err(ApiError::InvalidQuery(
             "give `model` or `prefer`, not both".into(),
@@ -357,7 +416,6 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
     let models = state.models().ok_or(ApiError::NotReady)?;
     let model = models.select(q.model.as_deref(), q.prefer)?.clone();
     let decision = decision(&model, &q)?;
-    let (images, multipart) = read_images(state, req).await?;
     if images.is_empty() {
         return Err(ApiError::BadRequest(
             "no image: send a JPEG/PNG body or multipart parts named `image`".into(),
@@ -374,6 +432,24 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
         .acquire()
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    // Reserve the pixels to decode (from the headers), bounded like the bodies.
+    let pixels: u64 = images
+        .iter()
+        .map(|u| match u {
+            Upload::Encoded(b) => crate::imaging::declared_pixels(b)
+                .unwrap_or(0)
+                .min(limits.max_pixels),
+            Upload::Dicom(_) => limits.max_pixels,
+        })
+        .sum();
+    let Ok(_pixels) = state
+        .inner
+        .pixel_budget
+        .try_acquire_many(kilo(pixels.min(limits.max_decode_pixels)))
+    else {
+        state.metrics().overloaded.with_label_values(&["all"]).inc();
+        return Err(ApiError::DecodeBudget(limits.max_decode_pixels));
+    };
     let pre: Preprocessor = model.preprocessor.clone();
     let max_pixels = limits.max_pixels;
     let dicom_opts = DicomOptions {
@@ -447,6 +523,11 @@ async fn predict_inner(state: &AppState, req: Request) -> Result<Response, ApiEr
     } else {
         Json(predictions.into_iter().next().expect("at least one image")).into_response()
     })
+}
+
+/// `n` in units of 1024, rounded up, at least 1, as semaphore permits.
+fn kilo(n: u64) -> u32 {
+    n.div_ceil(1024).clamp(1, u64::from(u32::MAX >> 4)) as u32
 }
 
 fn ms(d: Duration) -> f64 {

@@ -234,6 +234,16 @@ impl Preprocessor {
     }
 }
 
+/// Width x height a JPEG or PNG header declares (nothing decoded); `None` when the
+/// header cannot be read.
+pub fn declared_pixels(bytes: &[u8]) -> Option<u64> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?;
+    let (w, h) = reader.into_dimensions().ok()?;
+    Some(u64::from(w) * u64::from(h))
+}
+
 /// `imaging::preprocess`: encoded bytes → model input, the function training and
 /// serving share.
 pub fn preprocess(p: &Preprocessor, bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, ImageError> {
