@@ -86,7 +86,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CXR_MAX_BUFFERED_BYTES", default_value_t = 1 << 30)]
     pub max_buffered_bytes: usize,
     /// Pixels decoded at once (declared sizes; a DICOM object counts --max-pixels);
-    /// beyond it, 503.
+    /// beyond it, decodes wait their turn (within the request timeout).
     #[arg(long, env = "CXR_MAX_DECODE_PIXELS", default_value_t = 160_000_000)]
     pub max_decode_pixels: u64,
     /// Shortest image side accepted (pixels), checked from the header before

@@ -39,6 +39,18 @@ fn app() -> (axum::Router, tempfile::TempDir) {
         ]
     });
     std::fs::write(&path, serde_json::to_string_pretty(&card).unwrap()).unwrap();
+    // `narrow`: a curve on which no threshold avoids every false alarm.
+    common::write_tiny_model(dir.path(), "narrow", 12, 0.5, 0.5);
+    let path = dir.path().join("narrow.json");
+    let mut card: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    card["operating_curve"] = j!({
+        "source": "hand-written", "n": 100,
+        "points": [
+            {"threshold": 0.7, "fpr": 0.1, "tpr": 0.8},
+            {"threshold": 0.2, "fpr": 0.6, "tpr": 1.0}
+        ]
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&card).unwrap()).unwrap();
     let metrics = Arc::new(Metrics::new());
     let state = AppState::new(common::test_limits(), metrics.clone());
     let mut cfg = common::load_config(dir.path(), common::default_batch());
@@ -167,6 +179,21 @@ async fn unreachable_or_malformed_operating_points_are_422() {
         "operating_point_unreachable",
     )
     .await;
+    // A curve that never reaches the target.
+    let v = expect_error(
+        &app,
+        req("?model=narrow&operating_point=specificity:0.95"),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "operating_point_unreachable",
+    )
+    .await;
+    assert!(
+        v["error"].as_str().unwrap().contains("specificity:0.95"),
+        "{v}"
+    );
+    // The same curve answers a target it reaches.
+    let (s, _, _) = send(&app, req("?model=narrow&operating_point=specificity:0.9")).await;
+    assert_eq!(s, StatusCode::OK);
     for q in [
         "?operating_point=recall:0.9",
         "?operating_point=sensitivity:1.5",

@@ -20,8 +20,7 @@ use super::RocPoint;
 /// `softmax(logits / T)` in f64. The trainer measures cards with this same function.
 pub fn served_probabilities(logits: [f32; 2], probabilities: [f32; 2], t: Option<f64>) -> [f32; 2] {
     match t {
-        None => probabilities,
-        Some(t) if t == 1.0 => probabilities,
+        None | Some(1.0) => probabilities,
         Some(t) => {
             let d = (f64::from(logits[1]) - f64::from(logits[0])) / t;
             let p1 = sigmoid(d);

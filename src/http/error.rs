@@ -61,9 +61,6 @@ pub enum ApiError {
     /// The uploads being buffered already fill `--max-buffered-bytes`.
     #[error("the server is buffering its limit of {0} bytes of uploads; retry shortly")]
     BufferFull(usize),
-    /// The images being decoded already fill `--max-decode-pixels`.
-    #[error("the server is decoding its limit of {0} pixels; retry shortly")]
-    DecodeBudget(u64),
     /// Models still loading.
     #[error("the models are still loading; retry shortly")]
     NotReady,
@@ -133,7 +130,7 @@ impl ApiError {
             ApiError::NotReady | ApiError::WorkerDown(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
             }
-            ApiError::Overloaded(_) | ApiError::BufferFull(_) | ApiError::DecodeBudget(_) => {
+            ApiError::Overloaded(_) | ApiError::BufferFull(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
             }
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),

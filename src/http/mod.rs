@@ -63,7 +63,7 @@ pub struct Limits {
     /// read); beyond it, 503 at once.
     pub max_buffered_bytes: usize,
     /// Pixels being decoded at once (each image reserves its declared size, a DICOM
-    /// object `max_pixels`); beyond it, 503 at once.
+    /// object `max_pixels`); beyond it, decodes wait (within the request timeout).
     pub max_decode_pixels: u64,
     /// Longest a client may take to send a `/predict` body (408 after).
     pub body_timeout: Duration,
@@ -101,6 +101,8 @@ struct Inner {
     inflight: Semaphore,
     /// `max_buffered_bytes` in KiB permits.
     body_budget: Semaphore,
+    /// The part of it large bodies may use (all but a reserve kept for small ones).
+    large_body_budget: Semaphore,
     /// `max_decode_pixels` in kilopixel permits.
     pixel_budget: Semaphore,
 }
@@ -111,6 +113,9 @@ impl AppState {
         let decode_permits = Semaphore::new(limits.max_decodes.max(1));
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let body_budget = Semaphore::new(kilo(limits.max_buffered_bytes as u64) as usize);
+        let large_body_budget = Semaphore::new(kilo(
+            (limits.max_buffered_bytes - limits.max_buffered_bytes / SMALL_BODY_SHARE) as u64,
+        ) as usize);
         let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
         Self {
             inner: Arc::new(Inner {
@@ -120,6 +125,7 @@ impl AppState {
                 decode_permits,
                 inflight,
                 body_budget,
+                large_body_budget,
                 pixel_budget,
             }),
         }
@@ -353,10 +359,28 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
     let reserve = declared
         .unwrap_or(limits.max_body_bytes as u64)
         .min(limits.max_body_bytes as u64);
+    // Large bodies may fill all but 1/SMALL_BODY_SHARE of the budget, so that a flood
+    // of them never refuses an ordinary X-ray.
+    let large = if reserve > SMALL_BODY_BYTES {
+        match state
+            .inner
+            .large_body_budget
+            .try_acquire_many(kilo(reserve))
+        {
+            Ok(p) => Some(p),
+            Err(_) => {
+                state.metrics().overloaded.with_label_values(&["all"]).inc();
+                return Err(ApiError::BufferFull(limits.max_buffered_bytes));
+            }
+        }
+    } else {
+        None
+    };
     let Ok(_bytes) = state.inner.body_budget.try_acquire_many(kilo(reserve)) else {
         state.metrics().overloaded.with_label_values(&["all"]).inc();
         return Err(ApiError::BufferFull(limits.max_buffered_bytes));
     };
+    let _large = large;
     let started = Instant::now();
     let rid = request_id(req.headers());
     let q: PredictQuery = match req.uri().query() {
@@ -442,24 +466,33 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
             Upload::Dicom(_) => limits.max_pixels,
         })
         .sum();
-    let Ok(_pixels) = state
+    // Decodes wait for their pixels (within the request's timeout): the body is
+    // already in, and a burst of large images is slowed, not refused.
+    let _pixels = state
         .inner
         .pixel_budget
-        .try_acquire_many(kilo(pixels.min(limits.max_decode_pixels)))
-    else {
-        state.metrics().overloaded.with_label_values(&["all"]).inc();
-        return Err(ApiError::DecodeBudget(limits.max_decode_pixels));
-    };
+        .acquire_many(kilo(pixels.min(limits.max_decode_pixels)))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let pre: Preprocessor = model.preprocessor.clone();
     let max_pixels = limits.max_pixels;
     let dicom_opts = DicomOptions {
         geometry: limits.geometry,
         ..limits.dicom
     };
+    // If this request goes (client gone, timed out), the images not yet decoded are
+    // not decoded.
+    let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _on_drop = SetOnDrop(gone.clone());
     let decoded = tokio::task::spawn_blocking(move || {
         images
             .iter()
-            .map(|u| decode_upload(&pre, u, max_pixels, dicom_opts))
+            .map(|u| {
+                if gone.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(ApiError::Timeout(0));
+                }
+                decode_upload(&pre, u, max_pixels, dicom_opts)
+            })
             .collect::<Result<Vec<_>, _>>()
     })
     .await
@@ -524,6 +557,20 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
         Json(predictions.into_iter().next().expect("at least one image")).into_response()
     })
 }
+
+/// Sets its flag when dropped (the request's future is gone).
+struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Bodies up to this size count as small (a JPEG or PNG radiograph).
+const SMALL_BODY_BYTES: u64 = 4 << 20;
+/// Small bodies keep 1/this of `--max-buffered-bytes` for themselves.
+const SMALL_BODY_SHARE: usize = 8;
 
 /// `n` in units of 1024, rounded up, at least 1, as semaphore permits.
 fn kilo(n: u64) -> u32 {
