@@ -22,7 +22,11 @@ classes. The epoch is chosen on validation only: the mean of the clean and the
 stressed (fixed, seeded, stronger photometric perturbations) validation losses.
 The number of epochs is set by a wall-time budget, measured on the first epoch.
 
-    python3 scripts/gpu/train_v2.py --data DIR --out DIR [--budget-s 240] [--tiny]
+    python3 scripts/gpu/train_v2.py --data DIR --out DIR [--epochs 31] [--resume] [--tiny]
+
+Each epoch ends with a checkpoint (`<out>/<strategy>.ckpt.pt`: weights, optimizer,
+generator states, history, best epoch); `--resume` continues a stopped run from it,
+bit for bit on the same device (`--stop-after-epochs N` stops one on purpose).
 """
 import argparse
 import hashlib
@@ -305,10 +309,21 @@ def train_variant(strategy, tr_u8, tr_y, va_u8, va_stress_u8, va_y, args, dev, t
     total_steps = None
     history = []
     best = None
-    t0 = time.time()
     step = 0
     epoch = 0
-    while True:
+    ckpt = os.path.join(args.out, f"{strategy}.ckpt.pt")
+    wall0 = 0.0
+    if args.resume and os.path.exists(ckpt):
+        c = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(c["model"])
+        opt.load_state_dict(c["opt"])
+        g.set_state(c["g"])
+        torch.set_rng_state(c["torch_rng"])
+        epoch, step, history, best = c["epoch"], c["step"], c["history"], c["best"]
+        total_epochs, total_steps, wall0 = c["total_epochs"], c["total_steps"], c["wall"]
+        log(f"{strategy}: resumed from {ckpt} after epoch {epoch} (step {step})")
+    t0 = time.time() - wall0
+    while total_epochs is None or epoch < total_epochs:
         epoch += 1
         model.train()
         te = time.time()
@@ -367,6 +382,15 @@ def train_variant(strategy, tr_u8, tr_y, va_u8, va_stress_u8, va_y, args, dev, t
             total_epochs = max(2, min(args.max_epochs, 2 + int(left / per)))
             total_steps = total_epochs * steps_per_epoch
             log(f"{strategy}: {total_epochs} epochs in all ({per:.1f}s each, {left:.0f}s left)")
+        # Checkpoint every epoch (atomically): --resume continues from here.
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "g": g.get_state(),
+                    "torch_rng": torch.get_rng_state(), "epoch": epoch, "step": step,
+                    "history": history, "best": best, "total_epochs": total_epochs,
+                    "total_steps": total_steps, "wall": time.time() - t0}, ckpt + ".tmp")
+        os.replace(ckpt + ".tmp", ckpt)
+        if args.stop_after_epochs and epoch >= args.stop_after_epochs and epoch < (total_epochs or 1 << 30):
+            log(f"{strategy}: stopped after epoch {epoch} (--stop-after-epochs); continue with --resume")
+            return None
         if total_epochs is not None and epoch >= total_epochs:
             break
         if time.time() + rec["seconds"] > t_deadline:
@@ -428,6 +452,8 @@ def main():
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--limit", type=int, default=0, help="images per class (smoke)")
     ap.add_argument("--tiny", action="store_true", help="a tiny DenseNet (smoke)")
+    ap.add_argument("--resume", action="store_true", help="continue from <out>/<strategy>.ckpt.pt")
+    ap.add_argument("--stop-after-epochs", type=int, default=0, help="checkpoint and stop after this epoch")
     args = ap.parse_args()
     t_start = time.time()
     t_deadline = t_start + args.deadline_s
@@ -457,7 +483,10 @@ def main():
     val_names = [os.path.basename(s[0]) for s in val]
     log(f"loaded in {time.time() - t_start:.1f}s")
     for strategy in args.strategies.split(","):
-        state, history, recipe = train_variant(strategy, tr_u8, tr_y, va_u8, va_stress, va_y, args, dev, t_deadline, log)
+        out = train_variant(strategy, tr_u8, tr_y, va_u8, va_stress, va_y, args, dev, t_deadline, log)
+        if out is None:
+            continue
+        state, history, recipe = out
         path = save(state, history, recipe, val_names, args.out, strategy)
         log(f"{strategy}: wrote {path} (best epoch {recipe['best_epoch']} of {recipe['epochs']})")
     log("done")
