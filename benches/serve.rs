@@ -123,6 +123,7 @@ fn main() {
     let opts = SessionOptions {
         device: Device::Cpu,
         intra_threads: threads,
+        cpu_arena: false,
     };
     let (mut session, _, _) = cxr::inference::create_session(env, &onnx, opts).unwrap();
     for _ in 0..3 {
@@ -162,6 +163,7 @@ fn main() {
         ort_lib: lib.clone(),
         device: Device::Cpu,
         intra_threads: threads,
+        cpu_mem_arena: false,
         batch: BatchConfig {
             max_batch: 8,
             batch_wait: Duration::from_micros(1000),

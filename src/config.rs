@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// ONNX Runtime intra-op threads per model (0 = one per core).
     #[arg(long, env = "CXR_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
+    /// ONNX Runtime's CPU memory arena: somewhat faster allocation, but it keeps the
+    /// most it ever grew to (about twice the resident memory; bench/RESULTS.md).
+    #[arg(long, env = "CXR_CPU_MEM_ARENA")]
+    pub cpu_mem_arena: bool,
     /// Largest inference batch.
     #[arg(long, env = "CXR_MAX_BATCH", default_value_t = 8)]
     pub max_batch: usize,
@@ -203,6 +207,7 @@ impl ServeArgs {
             ort_lib: resolve_library(self.ort_lib.as_deref()),
             device: self.device,
             intra_threads: self.intra_threads,
+            cpu_mem_arena: self.cpu_mem_arena,
             batch: BatchConfig {
                 max_batch: self.max_batch,
                 batch_wait: Duration::from_micros(self.batch_wait_us),

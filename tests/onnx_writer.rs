@@ -314,6 +314,7 @@ fn device_auto_falls_back_to_cpu_and_cuda_refuses_without_a_gpu() {
         SessionOptions {
             device: Device::Auto,
             intra_threads: 1,
+            cpu_arena: false,
         },
     )
     .expect("auto always yields a session");
@@ -337,6 +338,7 @@ fn device_auto_falls_back_to_cpu_and_cuda_refuses_without_a_gpu() {
         SessionOptions {
             device: Device::Cuda,
             intra_threads: 1,
+            cpu_arena: false,
         },
     );
     match (provider, cuda) {

@@ -191,6 +191,8 @@ pub struct LoadConfig {
     pub device: Device,
     /// Intra-op threads per session (0 = ONNX Runtime's default).
     pub intra_threads: usize,
+    /// ONNX Runtime's CPU memory arena (`--cpu-mem-arena`).
+    pub cpu_mem_arena: bool,
     /// Batching.
     pub batch: BatchConfig,
 }
@@ -228,6 +230,7 @@ pub fn load_models(
         let opts = SessionOptions {
             device: cfg.device,
             intra_threads: cfg.intra_threads,
+            cpu_arena: cfg.cpu_mem_arena,
         };
         let (mut session, provider, fallback_reason) = create_session(env, &m.onnx_bytes, opts)?;
         if let Some(why) = &fallback_reason {

@@ -928,6 +928,7 @@ fn finish(
     let opts = crate::inference::SessionOptions {
         device: crate::inference::Device::Cpu,
         intra_threads: 0,
+        cpu_arena: false,
     };
     let (mut session, _, _) = crate::inference::create_session(env, &bytes, opts)?;
     let mut ort_outputs = |imgs: &[GrayImage]| -> anyhow::Result<Vec<ModelOutput>> {

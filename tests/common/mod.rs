@@ -26,6 +26,7 @@ pub fn cpu_session(bytes: &[u8]) -> ort::session::Session {
     let opts = cxr::inference::SessionOptions {
         device: cxr::inference::Device::Cpu,
         intra_threads: 1,
+        cpu_arena: false,
     };
     cxr::inference::create_session(ort_env(), bytes, opts)
         .expect("session")
@@ -124,6 +125,7 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
         ort_lib: cxr::inference::resolve_library(None),
         device: Device::Cpu,
         intra_threads: 1,
+        cpu_mem_arena: false,
         batch,
     }
 }
