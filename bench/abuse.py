@@ -3,7 +3,7 @@
 measurements for bench/RESULTS.md. Traffic goes to 127.0.0.1 only; every loop is
 bounded in count and time.
 
-    python3 bench/abuse.py --port 8090 --pid <server pid> [--only a,b,c] [--mutations 10000]
+    .venv/bin/python bench/abuse.py --port 8090 --pid <server pid> [--only a,b,c] [--mutations 10000]
 
 (a) 100 concurrent 32 MiB uploads that hold back their last byte: the server's RSS,
     how fast the ones beyond --max-buffered-bytes are refused, and a normal JPEG sent
@@ -82,7 +82,7 @@ def samples(data):
             out.append((b.getvalue(), "image/png"))
             out.append((dicom(im.tobytes(), im.size[1], im.size[0]), "application/dicom"))
     except ImportError:
-        print("(Pillow missing: JPEG samples only)")
+        raise SystemExit("Pillow is needed for the PNG and DICOM samples: run with .venv/bin/python")
     return out
 
 
