@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use axum::http::StatusCode;
 
 use common::dicom::{self as d, Spec};
 use common::http::{expect_error, get, json, raw, send};
+use common::tcp_http as http;
 
 fn crc32(data: &[u8]) -> u32 {
     let mut c = 0xFFFF_FFFFu32;
@@ -180,31 +180,6 @@ async fn deeply_nested_dicom_is_400_and_the_service_lives() {
     assert_eq!(s, StatusCode::OK);
 }
 
-fn http(addr: &str, path: &str, ct: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let method = if body.is_empty() { "GET" } else { "POST" };
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// `VmHWM` (peak resident set) of `pid`, kB.
 fn peak_rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -238,12 +213,15 @@ fn a_4_000_000_by_1_png_is_422_without_the_memory() {
         .expect("the server logs its address");
     std::thread::spawn(move || for _ in lines {});
     let deadline = Instant::now() + Duration::from_secs(60);
-    while http(&addr, "/ready", "text/plain", b"").0 != 200 {
+    while http(&addr, "GET", "/ready", None, b"").0 != 200 {
         assert!(Instant::now() < deadline, "not ready in 60 s");
         std::thread::sleep(Duration::from_millis(50));
     }
     let ok = common::png_bytes(&common::gray_image(128, 100, 4));
-    assert_eq!(http(&addr, "/predict", "image/png", &ok).0, 200);
+    assert_eq!(
+        http(&addr, "POST", "/predict", Some("image/png"), &ok).0,
+        200
+    );
     let before = peak_rss_kb(child.id());
     let strip = common::png_bytes(&image::GrayImage::new(4_000_000, 1));
     assert!(
@@ -251,7 +229,7 @@ fn a_4_000_000_by_1_png_is_422_without_the_memory() {
         "a small upload ({} bytes)",
         strip.len()
     );
-    let (status, body) = http(&addr, "/predict", "image/png", &strip);
+    let (status, body) = http(&addr, "POST", "/predict", Some("image/png"), &strip);
     let after = peak_rss_kb(child.id());
     let _ = child.kill();
     let _ = child.wait();

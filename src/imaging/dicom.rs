@@ -715,20 +715,23 @@ fn check_codestream(
     }
 }
 
+/// Word `i` of an RLE fragment's 64-byte header (0: segment count, 1..=15: offsets).
+fn rle_header_word(fragment: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([
+        fragment[4 * i],
+        fragment[4 * i + 1],
+        fragment[4 * i + 2],
+        fragment[4 * i + 3],
+    ])
+}
+
 /// PS3.5 G.5: 64-byte header, one segment per byte of the sample, offsets inside the
 /// fragment and increasing. (dicom-rs allocates the declared segment count unchecked.)
 fn check_rle_header(fragment: &[u8], segments: u32) -> Result<(), DicomError> {
     if fragment.len() < 64 {
         return Err(malformed("RLE fragment shorter than its 64-byte header"));
     }
-    let word = |i: usize| {
-        u32::from_le_bytes([
-            fragment[4 * i],
-            fragment[4 * i + 1],
-            fragment[4 * i + 2],
-            fragment[4 * i + 3],
-        ])
-    };
+    let word = |i| rle_header_word(fragment, i);
     let n = word(0);
     if n != segments {
         return Err(malformed(format!(
@@ -753,14 +756,7 @@ fn check_rle_header(fragment: &[u8], segments: u32) -> Result<(), DicomError> {
 /// the decoder fills a short segment's missing rows instead of failing. The header
 /// was checked by [`check_rle_header`].
 fn check_rle_segments(fragment: &[u8], segments: u32, pixels: usize) -> Result<(), DicomError> {
-    let word = |i: usize| {
-        u32::from_le_bytes([
-            fragment[4 * i],
-            fragment[4 * i + 1],
-            fragment[4 * i + 2],
-            fragment[4 * i + 3],
-        ]) as usize
-    };
+    let word = |i| rle_header_word(fragment, i) as usize;
     for i in 1..=segments as usize {
         let end = if i < segments as usize {
             word(i + 1)

@@ -353,6 +353,17 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
         let n = model::load_torchvision(&mut vs, w).map_err(|e| anyhow!(e))?;
         log(format!("initialised {n} tensors from {}", w.display()));
     }
+    let export = ExportInputs {
+        args,
+        arch: &arch,
+        train: &train,
+        val: &val,
+        test: &test,
+        loss_weights,
+        generated,
+        device,
+        imported: None,
+    };
     if let (Some(w), Some(h)) = (&args.import_weights, &args.import_history) {
         let strategy = match args.strategy {
             StrategyArg::Weighted => "weighted",
@@ -377,15 +388,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
             ..Default::default()
         };
         let export = ExportInputs {
-            args,
-            arch: &arch,
-            train: &train,
-            val: &val,
-            test: &test,
-            loss_weights,
-            generated,
-            device,
             imported: Some(&run),
+            ..export
         };
         write_history(&args.out.join("history.csv"), &state.history)?;
         return finish(&export, &mut vs, &net, &state, false).map(Some);
@@ -479,17 +483,6 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
             state.global_step
         ));
     }
-    let export = ExportInputs {
-        args,
-        arch: &arch,
-        train: &train,
-        val: &val,
-        test: &test,
-        loss_weights,
-        generated,
-        device,
-        imported: None,
-    };
     if args.export_only {
         if state.history.is_empty() {
             return Err(anyhow!(
