@@ -107,6 +107,27 @@ pub struct ServeArgs {
     /// Longest a /predict request may take, seconds (then 503 timeout).
     #[arg(long, env = "CXR_REQUEST_TIMEOUT_S", default_value_t = 60)]
     pub request_timeout_s: u64,
+    /// TOML or JSON file of API callers (name, SHA-256 of the key, scopes); when set,
+    /// `/predict` and `/models*` need `Authorization: Bearer <key>` or `x-api-key`.
+    #[arg(long, env = "CXR_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Serve `/metrics` on this port only (a second listener on --host), not on the
+    /// API port.
+    #[arg(long, env = "CXR_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// Also append every audit record as a JSON line to this file (the records are
+    /// always logged at INFO, target `cxr::audit`).
+    #[arg(long, env = "CXR_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Rotate the audit file when it would grow past this many bytes (to PATH.1,
+    /// PATH.2, …; none is deleted); 0 never rotates.
+    #[arg(long, env = "CXR_AUDIT_LOG_MAX_BYTES", default_value_t = 100 << 20)]
+    pub audit_log_max_bytes: u64,
+    /// Print a new API key for caller NAME, and the keys-file entry with its hash,
+    /// then exit.
+    #[arg(long, value_name = "NAME")]
+    #[serde(skip)]
+    pub new_api_key: Option<String>,
     /// Log format.
     #[arg(long, env = "CXR_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -156,6 +177,9 @@ impl ServeArgs {
         }
         if !(self.max_aspect_ratio.is_finite() && self.max_aspect_ratio >= 1.0) {
             return Err("--max-aspect-ratio must be a number >= 1".into());
+        }
+        if self.metrics_port.is_some_and(|p| p != 0 && p == self.port) {
+            return Err("--metrics-port must differ from --port".into());
         }
         if self.batch_wait_us > 1_000_000 {
             return Err("--batch-wait-us must be at most 1000000 (1 s)".into());

@@ -6,6 +6,7 @@
 //! [`onnx`] writes the model files, [`arch`] describes the network, [`eval`] measures.
 
 pub mod arch;
+pub mod audit;
 pub mod config;
 pub mod eval;
 pub mod http;
@@ -14,6 +15,6 @@ pub mod inference;
 pub mod onnx;
 pub mod registry;
 
-pub use http::{AppState, Limits, build_app};
+pub use http::{AppState, Limits, build_admin_app, build_app};
 #[cfg(feature = "train")]
 pub mod train;

@@ -17,6 +17,13 @@ fn main() -> anyhow::Result<()> {
         print!("{}", openapi_yaml());
         return Ok(());
     }
+    if let Some(name) = &args.new_api_key {
+        print!(
+            "{}",
+            cxr::http::auth::new_key_text(name).map_err(anyhow::Error::msg)?
+        );
+        return Ok(());
+    }
     if args.health_check {
         std::process::exit(i32::from(!health_check(args.port)));
     }
@@ -65,7 +72,40 @@ fn health_check(port: u16) -> bool {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let state = AppState::new(args.limits(), metrics.clone());
+    let mut state = AppState::new(args.limits(), metrics.clone());
+    match &args.api_keys_file {
+        Some(path) => {
+            let keys = cxr::http::auth::ApiKeys::load(path).map_err(anyhow::Error::msg)?;
+            tracing::info!(callers = keys.len(), file = %path.display(), "API keys required on /predict and /models");
+            state = state.with_api_keys(keys);
+        }
+        None => tracing::warn!(
+            "no --api-keys-file: /predict and /models are open to anyone who can reach this port"
+        ),
+    }
+    if let Some(path) = &args.audit_log {
+        let (audit, problem) = cxr::audit::Audit::with_file(path, args.audit_log_max_bytes);
+        match problem {
+            None => tracing::info!(file = %path.display(), "audit records also go to the file"),
+            Some(e) => tracing::error!(
+                file = %path.display(), error = %e,
+                "cannot open the audit file: every /predict answers 503 audit_unavailable until it can be written"
+            ),
+        }
+        state = state.with_audit(audit);
+    }
+    let admin = match args.metrics_port {
+        Some(port) => {
+            let addr = format!("{}:{}", args.host, port);
+            let l = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-port)"))?;
+            tracing::info!(metrics_addr = %l.local_addr()?, "metrics listener (/metrics is not on the API port)");
+            state = state.without_public_metrics();
+            Some(l)
+        }
+        None => None,
+    };
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -94,6 +134,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let app = build_app(state.clone());
     let load_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let le = load_error.clone();
+    // One stop signal for both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin_task = admin.map(|l| {
+        let app = cxr::build_admin_app(state.clone());
+        let mut rx = stop_rx.clone();
+        tokio::spawn(cxr::http::server::serve(l, app, args.conn_limits(), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }))
+    });
     cxr::http::server::serve(listener, app, args.conn_limits(), async move {
         tokio::select! {
             () = shutdown_signal() => tracing::info!("shutdown signal: draining"),
@@ -101,6 +150,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     })
     .await;
+    let _ = stop_tx.send(true);
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
 
     // The router's state handles are gone; dropping ours closes the model queues, and
     // each worker answers what is queued before it ends.

@@ -1,6 +1,6 @@
 //! No patient attribute of a DICOM upload reaches the logs (every level, every
-//! thread: this binary installs a global TRACE subscriber) or any answer, on success
-//! or on refusal.
+//! thread: this binary installs a global TRACE subscriber), the audit file or any
+//! answer, on success or on refusal.
 
 mod common;
 
@@ -34,7 +34,12 @@ async fn no_patient_tag_in_logs_or_answers() {
         .with_writer(move || writer.clone())
         .init();
 
-    let t = common::test_app();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit_path = audit_dir.path().join("audit.jsonl");
+    let audit = cxr::audit::Audit::with_file(&audit_path, 0).0;
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_audit(audit)
+    });
     let g = d::test_gray(40, 30, 4);
     let good = Spec::new(30, 40, 16, d::stored(&g, |v| v * 257));
     let full = d::build(&good);
@@ -85,9 +90,23 @@ async fn no_patient_tag_in_logs_or_answers() {
     assert!(logs.contains(d::SOP_UID), "{logs}");
     assert!(logs.contains("request refused"), "{logs}");
     assert!(bodies[0].contains(d::STUDY_UID));
+    // The audit file has a record per answered image (three), naming the image by
+    // its SOP Instance UID; the log has the same records.
+    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    assert_eq!(audit.lines().count(), 3, "{audit}");
+    for l in audit.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["sop_instance_uid"], d::SOP_UID, "{l}");
+        assert_eq!(v["input_kind"], "dicom", "{l}");
+    }
+    assert_eq!(logs.matches("cxr::audit").count(), 3, "{logs}");
 
     for secret in d::PATIENT_SECRETS {
         assert!(!logs.contains(secret), "`{secret}` in the logs:\n{logs}");
+        assert!(
+            !audit.contains(secret),
+            "`{secret}` in the audit file:\n{audit}"
+        );
         for b in &bodies {
             assert!(!b.contains(secret), "`{secret}` in an answer: {b}");
         }

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::http::auth::AuthError;
 use crate::imaging::ImageError;
 use crate::imaging::dicom::DicomError;
 use crate::inference::SelectError;
@@ -76,6 +77,12 @@ pub enum ApiError {
     /// The request took longer than `--request-timeout-s`.
     #[error("the request did not finish within {0} s")]
     Timeout(u64),
+    /// No valid key, or a key without the route's scope.
+    #[error("{}", auth_message(.0))]
+    Auth(crate::http::auth::AuthError),
+    /// The audit record of an answer could not be written; the answer is withheld.
+    #[error("the audit record could not be written, so no answer is given; retry shortly")]
+    AuditUnavailable,
     /// A server-side failure; details are only logged.
     #[error("internal error")]
     Internal(String),
@@ -135,6 +142,11 @@ impl ApiError {
             }
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            ApiError::Auth(AuthError::Missing | AuthError::Invalid) => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
+            ApiError::Auth(AuthError::Forbidden { .. }) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -153,10 +165,35 @@ impl IntoResponse for ApiError {
             error_type: kind.into(),
         };
         let mut resp = (status, Json(body)).into_response();
+        if let ApiError::Auth(e) = &self {
+            // RFC 6750 §3: a challenge on 401; `invalid_token` when a key was presented.
+            let challenge = match e {
+                AuthError::Missing => Some(r#"Bearer realm="cxr""#),
+                AuthError::Invalid => Some(
+                    r#"Bearer realm="cxr", error="invalid_token", error_description="unknown API key""#,
+                ),
+                AuthError::Forbidden { .. } => None,
+            };
+            if let Some(c) = challenge {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
+            }
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
+    }
+}
+
+fn auth_message(e: &AuthError) -> String {
+    match e {
+        AuthError::Missing => "an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`".into(),
+        AuthError::Invalid => "the API key is not valid".into(),
+        AuthError::Forbidden { caller, scope } => format!(
+            "caller `{caller}` may not use this route: its key lacks the `{}` scope",
+            scope.as_str()
+        ),
     }
 }

@@ -36,6 +36,10 @@ pub struct Metrics {
     pub abandoned: IntCounterVec,
     /// Inference workers restarted after a panic.
     pub worker_restarts: IntCounterVec,
+    /// Requests refused by the API keys, by reason (missing, invalid, forbidden).
+    pub auth_refused: IntCounterVec,
+    /// Audit records that could not be written (their requests failed with 503).
+    pub audit_failures: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -125,6 +129,16 @@ impl Metrics {
             "Inference workers that died (panicked) and were restarted with a fresh session.",
             &["model"],
         );
+        let auth_refused = c(
+            "cxr_auth_refused_total",
+            "Requests refused by the API keys: missing or invalid key (401), key without the scope (403).",
+            &["reason"],
+        );
+        let audit_failures = c(
+            "cxr_audit_failures_total",
+            "Audit records that could not be written to --audit-log (each failed its request with 503).",
+            &[],
+        );
         Self {
             registry,
             requests,
@@ -138,6 +152,8 @@ impl Metrics {
             predictions,
             abandoned,
             worker_restarts,
+            auth_refused,
+            audit_failures,
         }
     }
 

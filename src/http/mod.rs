@@ -4,6 +4,7 @@
 //! in-process. Image decoding runs on the blocking pool and inference on the model
 //! workers: no handler blocks a tokio worker.
 
+pub mod auth;
 pub mod error;
 pub mod metrics;
 pub mod server;
@@ -34,7 +35,9 @@ use types::{
     ThresholdSource, Timings,
 };
 
+use crate::audit::{Audit, AuditRecord};
 use crate::eval::{Target, served_probabilities};
+use auth::{ApiKeys, Caller, Scope};
 use crate::imaging::dicom::{self, DicomInfo, DicomOptions};
 use crate::imaging::{Geometry, Preprocessor};
 use crate::inference::{JobOutput, ModelSet, ServedModel, SubmitError};
@@ -105,6 +108,12 @@ struct Inner {
     large_body_budget: Semaphore,
     /// `max_decode_pixels` in kilopixel permits.
     pixel_budget: Semaphore,
+    /// Callers and their scopes (`--api-keys-file`); `None`: the API is open.
+    api_keys: Option<ApiKeys>,
+    /// Where audit records go.
+    audit: Audit,
+    /// Whether `/metrics` is on the API port (false with `--metrics-port`).
+    public_metrics: bool,
 }
 
 impl AppState {
@@ -127,8 +136,42 @@ impl AppState {
                 body_budget,
                 large_body_budget,
                 pixel_budget,
+                api_keys: None,
+                audit: Audit::log_only(),
+                public_metrics: true,
             }),
         }
+    }
+
+    fn configure(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("configure the state before sharing it")
+    }
+
+    /// Requires API keys on `/predict` and `/models*` (call before sharing the state).
+    #[must_use]
+    pub fn with_api_keys(mut self, keys: ApiKeys) -> Self {
+        self.configure().api_keys = Some(keys);
+        self
+    }
+
+    /// Sends audit records to `audit` (call before sharing the state).
+    #[must_use]
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.configure().audit = audit;
+        self
+    }
+
+    /// Serves `/metrics` only on the admin listener ([`build_admin_app`]), not on
+    /// the API port (call before sharing the state).
+    #[must_use]
+    pub fn without_public_metrics(mut self) -> Self {
+        self.configure().public_metrics = false;
+        self
+    }
+
+    /// The callers, when keys are required.
+    pub fn api_keys(&self) -> Option<&ApiKeys> {
+        self.inner.api_keys.as_ref()
     }
 
     /// Installs the loaded models; the service is ready from now on.
@@ -159,10 +202,42 @@ impl AppState {
         license(name = "MIT OR Apache-2.0")
     ),
     paths(predict, list_models, get_model, health, ready, metrics_text),
+    modifiers(&SecuritySchemes),
     components(schemas(Prediction, ThresholdSource, DicomInfo, ErrorBody, ModelList, ModelInfo, Status, PredictUpload)),
     tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "operations", description = "Health, readiness, metrics"))
 )]
 pub struct ApiDoc;
+
+/// Declares the API key schemes (`Authorization: Bearer` and `x-api-key`) that
+/// `/predict` and `/models*` require when the server runs with `--api-keys-file`.
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API key from the --api-keys-file (required only when the server runs with one).",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "x-api-key",
+                "The same API key in the x-api-key header.",
+            ))),
+        );
+    }
+}
 
 /// The OpenAPI document as YAML.
 pub fn openapi_yaml() -> String {
@@ -197,6 +272,37 @@ struct Decoded {
     took: Duration,
     dicom: Option<DicomInfo>,
     warnings: Vec<String>,
+    /// What the audit record says of the upload.
+    upload: UploadFacts,
+}
+
+/// The audit trail's view of an upload: its hash, kind and size, never its bytes.
+struct UploadFacts {
+    sha256: String,
+    kind: &'static str,
+    bytes: usize,
+}
+
+impl UploadFacts {
+    fn of(upload: &Upload) -> Self {
+        use sha2::Digest;
+        let (b, kind) = match upload {
+            Upload::Encoded(b) => (
+                b,
+                match image::guess_format(b) {
+                    Ok(image::ImageFormat::Png) => "png",
+                    Ok(image::ImageFormat::Jpeg) => "jpeg",
+                    _ => "unknown",
+                },
+            ),
+            Upload::Dicom(b) => (b, "dicom"),
+        };
+        Self {
+            sha256: auth::to_hex(&sha2::Sha256::digest(b)),
+            kind,
+            bytes: b.len(),
+        }
+    }
 }
 
 fn decode_upload(
@@ -212,6 +318,7 @@ fn decode_upload(
             took: t.elapsed(),
             dicom: None,
             warnings: Vec::new(),
+            upload: UploadFacts::of(upload),
         }),
         Upload::Dicom(b) => {
             let img = dicom::decode_dicom(b, max_pixels, opts)?;
@@ -232,6 +339,7 @@ fn decode_upload(
                 took: t.elapsed(),
                 dicom: Some(img.info),
                 warnings: img.warnings,
+                upload: UploadFacts::of(upload),
             })
         }
     }
@@ -247,20 +355,49 @@ pub struct PredictUpload {
 }
 
 /// Builds the whole application router.
+///
+/// `/predict` needs the `predict` scope and `/models*` the `models` scope when the
+/// state has API keys; `/health`, `/ready`, `/docs` and `/openapi.json` stay open.
+/// `/metrics` is here unless the state was made [`AppState::without_public_metrics`].
 pub fn build_app(state: AppState) -> Router {
     let max_body = state.inner.limits.max_body_bytes;
-    Router::new()
+    let guard = |scope: Scope| middleware::from_fn_with_state((state.clone(), scope), auth::require);
+    let predict_routes = Router::new()
         .route("/predict", post(predict))
+        .route_layer(guard(Scope::Predict));
+    let model_routes = Router::new()
         .route("/models", get(list_models))
         .route("/models/{name}", get(get_model))
+        .route_layer(guard(Scope::Models));
+    let mut app = Router::new()
+        .merge(predict_routes)
+        .merge(model_routes)
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi_json))
-        .route("/docs", get(docs))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .route("/docs", get(docs));
+    if state.inner.public_metrics {
+        app = app.route("/metrics", get(metrics_text));
+    }
+    with_common_layers(app, &state)
         .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// The admin listener's router (`--metrics-port`): `/metrics` and `/health` only.
+pub fn build_admin_app(state: AppState) -> Router {
+    with_common_layers(
+        Router::new()
+            .route("/metrics", get(metrics_text))
+            .route("/health", get(health)),
+        &state,
+    )
+    .with_state(state)
+}
+
+fn with_common_layers(app: Router<AppState>, state: &AppState) -> Router<AppState> {
+    app.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -276,7 +413,6 @@ pub fn build_app(state: AppState) -> Router {
             tracing::info_span!("request", method = %req.method(), path, request_id = id)
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .with_state(state)
 }
 
 /// Counts requests and their latency by matched route.
@@ -326,6 +462,7 @@ fn request_id(headers: &HeaderMap) -> String {
     path = "/predict",
     tag = "inference",
     params(PredictQuery),
+    security((), ("bearer" = []), ("api_key" = [])),
     request_body(
         description = "The X-ray(s)",
         content(
@@ -339,6 +476,10 @@ fn request_id(headers: &HeaderMap) -> String {
         (status = 200, description = "The prediction (an array for several multipart images)", body = Prediction),
         (status = 400, description = "Empty, undecodable, cut short or malformed upload (JPEG, PNG or DICOM)", body = ErrorBody,
             example = json!({"error": "could not decode the image: unexpected end of file", "error_type": "invalid_image"})),
+        (status = 401, description = "API keys are required (--api-keys-file) and none or an unknown one was sent (with WWW-Authenticate)", body = ErrorBody,
+            example = json!({"error": "the API key is not valid", "error_type": "unauthorized"})),
+        (status = 403, description = "The key's caller lacks the `predict` scope", body = ErrorBody,
+            example = json!({"error": "caller `dashboard` may not use this route: its key lacks the `predict` scope", "error_type": "forbidden"})),
         (status = 408, description = "The body did not arrive within --body-timeout-s", body = ErrorBody,
             example = json!({"error": "the request body did not arrive within 30 s", "error_type": "body_timeout"})),
         (status = 404, description = "Unknown model", body = ErrorBody,
@@ -349,7 +490,7 @@ fn request_id(headers: &HeaderMap) -> String {
             example = json!({"error": "Content-Type text/plain is not supported; send image/jpeg, image/png or multipart/form-data", "error_type": "unsupported_media_type"})),
         (status = 422, description = "Invalid query; an operating point no threshold reached on validation (operating_point_unreachable); a geometry no radiograph has (implausible_geometry); or a DICOM object that is not a classifiable radiograph (modality, samples per pixel, missing pixel data)", body = ErrorBody,
             example = json!({"error": "invalid query: unknown variant `speed`, expected `sensitivity` or `specificity`", "error_type": "invalid_query"})),
-        (status = 503, description = "Not ready, overloaded or timed out (with Retry-After)", body = ErrorBody,
+        (status = 503, description = "Not ready, overloaded, timed out, or the audit record could not be written (audit_unavailable); with Retry-After", body = ErrorBody,
             example = json!({"error": "model `weighted` is at capacity; retry shortly", "error_type": "overloaded"}))
     )
 )]
@@ -385,6 +526,11 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
     let _large = large;
     let started = Instant::now();
     let rid = request_id(req.headers());
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or_else(Caller::anonymous);
     let q: PredictQuery = match req.uri().query() {
         None => PredictQuery::default(),
         Some(_) => {
@@ -406,6 +552,7 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
     let input = Input {
         started,
         rid,
+        caller,
         q,
         images,
         multipart,
@@ -420,6 +567,7 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
 struct Input {
     started: Instant,
     rid: String,
+    caller: Caller,
     q: PredictQuery,
     images: Vec<Upload>,
     multipart: bool,
@@ -430,6 +578,7 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
     let Input {
         started,
         rid,
+        caller,
         q,
         images,
         multipart,
@@ -529,11 +678,45 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
             .map_err(ApiError::Internal)?;
         out.push((r, d));
     }
-    let total = started.elapsed();
-    let predictions: Vec<Prediction> = out
+    // Every answer's audit record is written before any is given: an answer without
+    // its record is a 503, never a success.
+    let time = crate::audit::now_rfc3339();
+    let answers: Vec<(Prediction, JobOutput, Decoded)> = out
         .into_iter()
-        .map(|(r, d)| {
-            let p = prediction(&model, &r, &decision, &rid);
+        .map(|(r, d)| (prediction(&model, &r, &decision, &rid), r, d))
+        .collect();
+    for (i, (p, _, d)) in answers.iter().enumerate() {
+        let record = AuditRecord {
+            time: time.clone(),
+            request_id: rid.clone(),
+            image_index: i,
+            caller: caller.0.clone(),
+            model: p.model.name.clone(),
+            model_version: p.model.version.clone(),
+            model_sha256: p.model.sha256.clone(),
+            threshold: p.threshold,
+            threshold_source: p.threshold_source.kind.clone(),
+            p_normal: p.probabilities.NORMAL,
+            p_pneumonia: p.probabilities.PNEUMONIA,
+            label: p.label.clone(),
+            input_sha256: d.upload.sha256.clone(),
+            input_kind: d.upload.kind.into(),
+            input_bytes: d.upload.bytes,
+            sop_instance_uid: d.dicom.as_ref().and_then(|i| i.sop_instance_uid.clone()),
+        };
+        if state.inner.audit.record(&record).is_err() {
+            state
+                .metrics()
+                .audit_failures
+                .with_label_values(&[] as &[&str])
+                .inc();
+            return Err(ApiError::AuditUnavailable);
+        }
+    }
+    let total = started.elapsed();
+    let predictions: Vec<Prediction> = answers
+        .into_iter()
+        .map(|(p, r, d)| {
             state
                 .metrics()
                 .predictions
@@ -825,8 +1008,11 @@ fn info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
 /// Every model variant: its card (measured test metrics, confusion matrix, recipe)
 /// and live facts.
 #[utoipa::path(get, path = "/models", tag = "models",
+    security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "The variants", body = ModelList),
+        (status = 401, description = "API keys are required and none or an unknown one was sent", body = ErrorBody),
+        (status = 403, description = "The key's caller lacks the `models` scope", body = ErrorBody),
         (status = 503, description = "Models still loading", body = ErrorBody)
     ))]
 async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
@@ -840,8 +1026,11 @@ async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, A
 /// One model variant.
 #[utoipa::path(get, path = "/models/{name}", tag = "models",
     params(("name" = String, Path, description = "Variant name")),
+    security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "The variant", body = ModelInfo),
+        (status = 401, description = "API keys are required and none or an unknown one was sent", body = ErrorBody),
+        (status = 403, description = "The key's caller lacks the `models` scope", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 503, description = "Models still loading", body = ErrorBody)
     ))]

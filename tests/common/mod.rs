@@ -131,10 +131,20 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
 }
 
 pub fn test_app_with(limits: Limits, batch: BatchConfig) -> TestApp {
+    test_app_configured(limits, batch, |s| s)
+}
+
+/// [`test_app_with`], the state first passed through `configure` (API keys, audit,
+/// metrics port).
+pub fn test_app_configured(
+    limits: Limits,
+    batch: BatchConfig,
+    configure: impl FnOnce(AppState) -> AppState,
+) -> TestApp {
     ort_env();
     let dir = models_dir();
     let metrics = Arc::new(Metrics::new());
-    let state = AppState::new(limits, metrics.clone());
+    let state = configure(AppState::new(limits, metrics.clone()));
     let (set, _workers) =
         load_models(&load_config(dir.path(), batch), |n| metrics.observer(n)).expect("load models");
     state.set_models(set);
@@ -182,6 +192,18 @@ pub fn tcp_http(
     ct: Option<&str>,
     body: &[u8],
 ) -> (u16, String) {
+    let headers: Vec<(&str, &str)> = ct.map(|c| ("Content-Type", c)).into_iter().collect();
+    tcp_http_headers(addr, method, path, &headers, body)
+}
+
+/// [`tcp_http`] with any headers.
+pub fn tcp_http_headers(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -189,8 +211,8 @@ pub fn tcp_http(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
-    if let Some(ct) = ct {
-        req += &format!("Content-Type: {ct}\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
     }
     req += "\r\n";
     s.write_all(req.as_bytes()).unwrap();

@@ -1,0 +1,521 @@
+//! Who may ask and the record of every answer, through the real app: API keys and
+//! scopes, the separate metrics listener, the audit trail in the log and the file
+//! (one record per image, every field, rotation, a failed write is a 503); and the
+//! real binary with all three on real sockets.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use common::http::{get, json, multipart, raw, send};
+use cxr::audit::Audit;
+use cxr::http::auth::ApiKeys;
+use sha2::{Digest, Sha256};
+
+const KEY_RIS: &str = "cxr_key-of-the-ris-gateway";
+const KEY_DASH: &str = "cxr_key-of-the-dashboard";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `ris` may predict and read models; `dashboard` may only read models.
+fn keys_toml() -> String {
+    format!(
+        "[[callers]]\nname = \"ris\"\nkey_sha256 = \"{}\"\nscopes = [\"predict\", \"models\"]\n\n\
+         [[callers]]\nname = \"dashboard\"\nkey_sha256 = \"{}\"\nscopes = [\"models\"]\n",
+        hex(&Sha256::digest(KEY_RIS)),
+        hex(&Sha256::digest(KEY_DASH))
+    )
+}
+
+fn keyed(mut req: Request<Body>, name: &str, value: &str) -> Request<Body> {
+    req.headers_mut()
+        .insert(name.parse::<header::HeaderName>().unwrap(), value.parse().unwrap());
+    req
+}
+
+fn png() -> Vec<u8> {
+    common::png_bytes(&common::gray_image(40, 32, 3))
+}
+
+/// The whole line of a Prometheus sample, or None.
+fn metric_line(text: &str, sample: &str) -> Option<String> {
+    text.lines()
+        .find(|l| l.rsplit_once(' ').is_some_and(|(k, _)| k == sample))
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_guard_predict_and_models_and_leave_operations_open() {
+    let keys = ApiKeys::parse(&keys_toml(), false).unwrap();
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_api_keys(keys)
+    });
+    let app = &t.app;
+    let predict = || raw("/predict", "image/png", png());
+
+    // No key: 401 with a challenge and no error code (RFC 6750 §3.1).
+    let (s, h, b) = send(app, predict()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(json(&b)["error_type"], "unauthorized");
+    assert_eq!(h[header::WWW_AUTHENTICATE], r#"Bearer realm="cxr""#);
+    // A wrong key, in either header: 401 invalid_token.
+    for req in [
+        keyed(predict(), "authorization", "Bearer cxr_not-a-key"),
+        keyed(predict(), "x-api-key", "cxr_not-a-key"),
+        // The hash in the file is not a key.
+        keyed(
+            predict(),
+            "authorization",
+            &format!("Bearer {}", hex(&Sha256::digest(KEY_RIS))),
+        ),
+        // A key sent with another scheme is not a bearer key (counted as missing).
+        keyed(predict(), "authorization", &format!("Basic {KEY_RIS}")),
+    ] {
+        let (s, h, b) = send(app, req).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(json(&b)["error_type"], "unauthorized");
+        let challenge = h[header::WWW_AUTHENTICATE].to_str().unwrap().to_string();
+        assert!(challenge.starts_with("Bearer "), "{challenge}");
+    }
+    // The right key, in either header and any scheme case: 200.
+    for req in [
+        keyed(predict(), "authorization", &format!("Bearer {KEY_RIS}")),
+        keyed(predict(), "authorization", &format!("bearer {KEY_RIS}")),
+        keyed(predict(), "x-api-key", KEY_RIS),
+    ] {
+        let (s, _, b) = send(app, req).await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        assert!(json(&b)["label"].is_string());
+    }
+    // A key without the `predict` scope: 403, no challenge.
+    let (s, h, b) = send(
+        app,
+        keyed(predict(), "authorization", &format!("Bearer {KEY_DASH}")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(json(&b)["error_type"], "forbidden");
+    assert!(h.get(header::WWW_AUTHENTICATE).is_none());
+    // ... which may read the models.
+    for uri in ["/models", "/models/alpha"] {
+        let (s, _, _) = send(app, keyed(get(uri), "x-api-key", KEY_DASH)).await;
+        assert_eq!(s, StatusCode::OK, "{uri}");
+        let (s, _, _) = send(app, get(uri)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri}");
+    }
+    // Operations stay open.
+    for uri in ["/health", "/ready", "/docs", "/openapi.json", "/metrics"] {
+        let (s, _, _) = send(app, get(uri)).await;
+        assert_eq!(s, StatusCode::OK, "{uri}");
+    }
+    let (_, _, b) = send(app, get("/metrics")).await;
+    let text = String::from_utf8_lossy(&b);
+    for (sample, n) in [
+        // No key (once), `Basic` (not a bearer key), /models and /models/alpha.
+        (r#"cxr_auth_refused_total{reason="missing"}"#, 4),
+        (r#"cxr_auth_refused_total{reason="invalid"}"#, 3),
+        (r#"cxr_auth_refused_total{reason="forbidden"}"#, 1),
+        (r#"cxr_requests_total{path="/predict",status="401"}"#, 5),
+        (r#"cxr_requests_total{path="/predict",status="403"}"#, 1),
+        (r#"cxr_requests_total{path="/predict",status="200"}"#, 3),
+    ] {
+        assert_eq!(
+            metric_line(&text, sample),
+            Some(format!("{sample} {n}")),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_alone_serves_metrics() {
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.without_public_metrics()
+    });
+    let (s, _, b) = send(&t.app, get("/metrics")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(json(&b)["error_type"], "not_found");
+    let (s, _, _) = send(&t.app, raw("/predict", "image/png", png())).await;
+    assert_eq!(s, StatusCode::OK);
+    let admin = cxr::build_admin_app(t.state.clone());
+    let (s, h, b) = send(&admin, get("/metrics")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(h[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+    let text = String::from_utf8_lossy(&b);
+    let sample = r#"cxr_requests_total{path="/predict",status="200"}"#;
+    assert_eq!(metric_line(&text, sample), Some(format!("{sample} 1")));
+    // Nothing else is on the admin listener.
+    let (s, _, _) = send(&admin, raw("/predict", "image/png", png())).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, _) = send(&admin, get("/models")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn file_records(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("audit.jsonl")
+        {
+            for l in std::fs::read_to_string(&p).unwrap().lines() {
+                out.push(serde_json::from_str(l).unwrap());
+            }
+        }
+    }
+    out
+}
+
+// current_thread: the handler runs on this thread, where the capture is installed.
+#[tokio::test]
+async fn one_image_one_audit_record_with_every_field_in_log_and_file() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let keys = ApiKeys::parse(&keys_toml(), false).unwrap();
+    let audit = Audit::with_file(&path, 0).0;
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_api_keys(keys).with_audit(audit)
+    });
+    let bytes = png();
+    let before = std::time::SystemTime::now();
+    let (s, h, b) = send(
+        &t.app,
+        keyed(
+            raw("/predict?threshold=0.4", "image/png", bytes.clone()),
+            "x-api-key",
+            KEY_RIS,
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let answer = json(&b);
+    let rid = h["x-request-id"].to_str().unwrap().to_string();
+    assert!(!rid.is_empty());
+
+    let records = file_records(dir.path());
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.dir.path().join("alpha.json")).unwrap()).unwrap();
+    assert_eq!(r["request_id"], rid.as_str());
+    assert_eq!(r["image_index"], 0);
+    assert_eq!(r["caller"], "ris");
+    assert_eq!(r["model"], "alpha");
+    assert_eq!(r["model_version"], card["version"]);
+    assert_eq!(r["model_sha256"], card["onnx"]["sha256"]);
+    assert_eq!(r["threshold"], 0.4);
+    assert_eq!(r["threshold_source"], "query");
+    assert_eq!(r["p_normal"], answer["probabilities"]["NORMAL"]);
+    assert_eq!(r["p_pneumonia"], answer["probabilities"]["PNEUMONIA"]);
+    assert_eq!(r["label"], answer["label"]);
+    assert_eq!(r["input_sha256"], hex(&Sha256::digest(&bytes)).as_str());
+    assert_eq!(r["input_kind"], "png");
+    assert_eq!(r["input_bytes"], bytes.len());
+    assert!(r.get("sop_instance_uid").is_none());
+    // Server time, RFC 3339 UTC, within this test's run.
+    let time = r["time"].as_str().unwrap();
+    let after = std::time::SystemTime::now();
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    };
+    assert!(
+        time >= cxr::audit::rfc3339(secs(before), 0).as_str()
+            && time <= cxr::audit::rfc3339(secs(after) + 1, 0).as_str(),
+        "{time}"
+    );
+    let keys_in_record = r.as_object().unwrap().len();
+    assert_eq!(keys_in_record, 15, "{r}");
+
+    // The same record, once, in the log at INFO.
+    let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "cxr::audit" && v["fields"]["message"] == "audit")
+        .collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    let f = &lines[0]["fields"];
+    assert_eq!(lines[0]["level"], "INFO");
+    for k in [
+        "time",
+        "request_id",
+        "caller",
+        "model",
+        "model_version",
+        "model_sha256",
+        "threshold_source",
+        "label",
+        "input_sha256",
+        "input_kind",
+    ] {
+        assert_eq!(f[k], r[k], "{k}");
+    }
+    for k in ["threshold", "p_normal", "p_pneumonia"] {
+        assert!(
+            (f[k].as_f64().unwrap() - r[k].as_f64().unwrap()).abs() < 1e-6,
+            "{k}: {f}"
+        );
+    }
+    assert_eq!(f["input_bytes"], r["input_bytes"]);
+    assert_eq!(f["image_index"], 0);
+    // No key, no image bytes.
+    for text in [logs.as_str(), &std::fs::read_to_string(&path).unwrap()] {
+        assert!(!text.contains(KEY_RIS));
+        assert!(!text.contains("IHDR"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_every_record_of_every_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    // About two records a file.
+    let audit = Audit::with_file(&path, 1400).0;
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_audit(audit)
+    });
+    let mut rids = Vec::new();
+    for i in 0..5 {
+        let img = common::png_bytes(&common::gray_image(40, 32, i));
+        let (s, h, _) = send(&t.app, raw("/predict", "image/png", img)).await;
+        assert_eq!(s, StatusCode::OK);
+        rids.push(h["x-request-id"].to_str().unwrap().to_string());
+    }
+    let (s, h, _) = send(
+        &t.app,
+        multipart(
+            "/predict?model=beta",
+            &[
+                ("image", "image/png", png()),
+                ("image", "image/png", png()),
+                ("image", "image/png", png()),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let multi = h["x-request-id"].to_str().unwrap().to_string();
+    let records = file_records(dir.path());
+    assert_eq!(records.len(), 8);
+    for rid in &rids {
+        assert_eq!(records.iter().filter(|r| r["request_id"] == rid.as_str()).count(), 1);
+    }
+    let mut idx: Vec<u64> = records
+        .iter()
+        .filter(|r| r["request_id"] == multi.as_str())
+        .map(|r| r["image_index"].as_u64().unwrap())
+        .collect();
+    idx.sort_unstable();
+    assert_eq!(idx, [0, 1, 2]);
+    let files = std::fs::read_dir(dir.path()).unwrap().count();
+    assert!(files >= 4, "{files} files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_file_fails_the_request() {
+    // /dev/full opens and refuses every write (ENOSPC), even for root (the CI user),
+    // for whom a read-only file would still be writable.
+    let audit = Audit::with_file(std::path::Path::new("/dev/full"), 0).0;
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_audit(audit)
+    });
+    let (s, h, b) = send(&t.app, raw("/predict", "image/png", png())).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let v = json(&b);
+    assert_eq!(v["error_type"], "audit_unavailable");
+    assert!(v.get("label").is_none(), "{v}");
+    assert_eq!(h[header::RETRY_AFTER], "1");
+    let (_, _, b) = send(&t.app, get("/metrics")).await;
+    let text = String::from_utf8_lossy(&b);
+    assert_eq!(
+        metric_line(&text, "cxr_audit_failures_total"),
+        Some("cxr_audit_failures_total 1".into())
+    );
+    assert!(!text.contains("cxr_predictions_total{"), "{text}");
+
+    // A path that cannot be opened at all (a directory): the same.
+    let dir = tempfile::tempdir().unwrap();
+    let (audit, problem) = Audit::with_file(dir.path(), 0);
+    assert!(problem.is_some());
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_audit(audit)
+    });
+    let (s, _, b) = send(&t.app, raw("/predict", "image/png", png())).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json(&b)["error_type"], "audit_unavailable");
+}
+
+/// Kills the server if the test fails before stopping it (else the child outlives
+/// the test and holds the test runner's output open).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The binary: a key made by `--new-api-key`, the keys file, `--metrics-port`, and
+/// `--audit-log`, on real sockets.
+#[test]
+fn the_binary_with_keys_metrics_port_and_audit_file() {
+    let bin = env!("CARGO_BIN_EXE_cxr-serve");
+    let out = Command::new(bin)
+        .args(["--new-api-key", "ris"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let entry = String::from_utf8(out.stdout).unwrap();
+    let key = entry
+        .lines()
+        .find_map(|l| l.strip_prefix("# key: "))
+        .expect("the key is printed")
+        .to_string();
+    assert!(!entry.contains(&format!("key_sha256 = \"{key}\"")));
+
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("keys.toml");
+    std::fs::write(&keys, &entry).unwrap();
+    let audit = work.path().join("audit.jsonl");
+    let dir = common::models_dir();
+    let mut server = Server(Command::new(bin)
+        .args(["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"])
+        .args(["--device", "cpu", "--log-format", "json", "--intra-threads", "1"])
+        .arg("--models-dir")
+        .arg(dir.path())
+        .arg("--api-keys-file")
+        .arg(&keys)
+        .arg("--audit-log")
+        .arg(&audit)
+        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap());
+    let child = &mut server.0;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut addr, mut metrics_addr) = (None, None);
+    for line in lines.by_ref() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if let Some(a) = v["fields"]["metrics_addr"].as_str() {
+            metrics_addr = Some(a.to_string());
+        }
+        if let Some(a) = v["fields"]["addr"].as_str() {
+            addr = Some(a.to_string());
+            break;
+        }
+    }
+    let (addr, metrics_addr) = (addr.unwrap(), metrics_addr.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::tcp_http(&addr, "GET", "/ready", None, b"").0 != 200 {
+        assert!(Instant::now() < deadline, "not ready in 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The real server's geometry gate: 64 px sides and up.
+    let img = common::png_bytes(&common::gray_image(128, 100, 4));
+    let (s, _) = common::tcp_http(&addr, "POST", "/predict", Some("image/png"), &img);
+    assert_eq!(s, 401);
+    let bearer = format!("Bearer {key}");
+    let (s, body) = common::tcp_http_headers(
+        &addr,
+        "POST",
+        "/predict",
+        &[("Content-Type", "image/png"), ("Authorization", &bearer)],
+        &img,
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(common::tcp_http(&addr, "GET", "/metrics", None, b"").0, 404);
+    let (s, text) = common::tcp_http(&metrics_addr, "GET", "/metrics", None, b"");
+    assert_eq!(s, 200);
+    assert!(text.contains(r#"cxr_requests_total{path="/predict",status="200"} 1"#), "{text}");
+    let records = std::fs::read_to_string(&audit).unwrap();
+    assert_eq!(records.lines().count(), 1, "{records}");
+    assert!(records.contains(r#""caller":"ris""#), "{records}");
+    assert!(!records.contains(&key));
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
+    // The audit line is in the log too, and the key never is.
+    assert!(rest.iter().any(|l| l.contains(r#""target":"cxr::audit""#)), "{rest:?}");
+    assert!(!rest.iter().any(|l| l.contains(&key)));
+}
+
+#[test]
+fn an_open_server_warns_once_and_a_bad_keys_file_stops_start_up() {
+    let dir = common::models_dir();
+    let mut server = Server(Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
+        .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
+        .args(["--log-format", "json", "--intra-threads", "1"])
+        .arg("--models-dir")
+        .arg(dir.path())
+        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap());
+    let child = &mut server.0;
+    let mut warnings = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if v["level"] == "WARN" {
+            warnings.push(v["fields"]["message"].as_str().unwrap_or("").to_string());
+        }
+        if v["fields"]["addr"].is_string() {
+            break;
+        }
+    }
+    drop(server);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("open to anyone"), "{warnings:?}");
+
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("keys.json");
+    std::fs::write(&keys, r#"{"callers": []}"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
+        .args(["--port", "0", "--api-keys-file"])
+        .arg(&keys)
+        .arg("--models-dir")
+        .arg(dir.path())
+        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keys.json") && err.contains("no callers"), "{err}");
+}
