@@ -91,7 +91,7 @@ ENV CXR_HOST=0.0.0.0 \
     MALLOC_ARENA_MAX=2 \
     MALLOC_MMAP_THRESHOLD_=131072
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["/usr/local/bin/cxr-serve", "--health-check"]
 ENTRYPOINT ["/usr/local/bin/cxr-serve"]
@@ -117,7 +117,7 @@ ENV CXR_HOST=0.0.0.0 \
     MALLOC_ARENA_MAX=2 \
     MALLOC_MMAP_THRESHOLD_=131072
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["/usr/local/bin/cxr-serve", "--health-check"]
 ENTRYPOINT ["/usr/local/bin/cxr-serve"]
