@@ -9,6 +9,7 @@ pub mod error;
 pub mod metrics;
 pub mod server;
 pub mod types;
+pub mod v2;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -201,10 +202,14 @@ impl AppState {
         description = "Pediatric chest X-ray pneumonia classifier. POST an X-ray, get NORMAL or PNEUMONIA, a confidence and the model variant that answered.",
         license(name = "MIT OR Apache-2.0")
     ),
-    paths(predict, list_models, get_model, health, ready, metrics_text),
+    paths(predict, list_models, get_model, health, ready, metrics_text,
+        v2::server_metadata, v2::live, v2::server_ready, v2::model_metadata, v2::model_ready, v2::infer,
+        v2::model_metadata_version, v2::model_ready_version, v2::infer_version),
     modifiers(&SecuritySchemes),
-    components(schemas(Prediction, ThresholdSource, DicomInfo, ErrorBody, ModelList, ModelInfo, Status, PredictUpload)),
-    tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "operations", description = "Health, readiness, metrics"))
+    components(schemas(Prediction, ThresholdSource, DicomInfo, ErrorBody, ModelList, ModelInfo, Status, PredictUpload,
+        v2::V2Error, v2::ServerMetadata, v2::TensorMetadata, v2::ModelMetadata, v2::Readiness, v2::Liveness,
+        v2::InferRequest, v2::RequestInput, v2::RequestOutput, v2::InferResponse, v2::ResponseOutput)),
+    tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "operations", description = "Health, readiness, metrics"), (name = "open inference protocol", description = "The Open Inference Protocol (KServe V2) REST API, with Triton's binary tensor data extension; also at /v2/models/{name}/versions/{version}[/infer|/ready]"))
 )]
 pub struct ApiDoc;
 
@@ -303,6 +308,21 @@ impl UploadFacts {
             bytes: b.len(),
         }
     }
+
+    /// A preprocessed tensor row (Open Inference Protocol `input`): the SHA-256 of its
+    /// little-endian FP32 bytes.
+    fn of_tensor(row: &[f32]) -> Self {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for v in row {
+            h.update(v.to_le_bytes());
+        }
+        Self {
+            sha256: auth::to_hex(&h.finalize()),
+            kind: "tensor",
+            bytes: row.len() * 4,
+        }
+    }
 }
 
 fn decode_upload(
@@ -372,6 +392,7 @@ pub fn build_app(state: AppState) -> Router {
     let mut app = Router::new()
         .merge(predict_routes)
         .merge(model_routes)
+        .merge(v2::routes(&state))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/openapi.json", get(openapi_json))
@@ -496,34 +517,7 @@ fn request_id(headers: &HeaderMap) -> String {
 )]
 async fn predict(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let limits = &state.inner.limits;
-    // Reserve the body's bytes before reading it: what is buffered stays bounded. A
-    // body of unknown length (chunked) reserves the most a body may be.
-    let declared = axum::body::HttpBody::size_hint(req.body()).exact();
-    let reserve = declared
-        .unwrap_or(limits.max_body_bytes as u64)
-        .min(limits.max_body_bytes as u64);
-    // Large bodies may fill all but 1/SMALL_BODY_SHARE of the budget, so that a flood
-    // of them never refuses an ordinary X-ray.
-    let large = if reserve > SMALL_BODY_BYTES {
-        match state
-            .inner
-            .large_body_budget
-            .try_acquire_many(kilo(reserve))
-        {
-            Ok(p) => Some(p),
-            Err(_) => {
-                state.metrics().overloaded.with_label_values(&["all"]).inc();
-                return Err(ApiError::BufferFull(limits.max_buffered_bytes));
-            }
-        }
-    } else {
-        None
-    };
-    let Ok(_bytes) = state.inner.body_budget.try_acquire_many(kilo(reserve)) else {
-        state.metrics().overloaded.with_label_values(&["all"]).inc();
-        return Err(ApiError::BufferFull(limits.max_buffered_bytes));
-    };
-    let _large = large;
+    let _reserved = reserve_body(&state, &req)?;
     let started = Instant::now();
     let rid = request_id(req.headers());
     let caller = req
@@ -563,6 +557,46 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
     }
 }
 
+/// Reserves a request body's bytes in the buffered-body budget before it is read (its
+/// declared length, or the most a body may be): what is buffered stays bounded.
+fn reserve_body<'a>(state: &'a AppState, req: &Request) -> Result<BodyReservation<'a>, ApiError> {
+    let limits = &state.inner.limits;
+    // Reserve the body's bytes before reading it: what is buffered stays bounded. A
+    // body of unknown length (chunked) reserves the most a body may be.
+    let declared = axum::body::HttpBody::size_hint(req.body()).exact();
+    let reserve = declared
+        .unwrap_or(limits.max_body_bytes as u64)
+        .min(limits.max_body_bytes as u64);
+    // Large bodies may fill all but 1/SMALL_BODY_SHARE of the budget, so that a flood
+    // of them never refuses an ordinary X-ray.
+    let large = if reserve > SMALL_BODY_BYTES {
+        match state
+            .inner
+            .large_body_budget
+            .try_acquire_many(kilo(reserve))
+        {
+            Ok(p) => Some(p),
+            Err(_) => {
+                state.metrics().overloaded.with_label_values(&["all"]).inc();
+                return Err(ApiError::BufferFull(limits.max_buffered_bytes));
+            }
+        }
+    } else {
+        None
+    };
+    let Ok(bytes) = state.inner.body_budget.try_acquire_many(kilo(reserve)) else {
+        state.metrics().overloaded.with_label_values(&["all"]).inc();
+        return Err(ApiError::BufferFull(limits.max_buffered_bytes));
+    };
+    Ok((bytes, large))
+}
+
+/// A body's bytes in the buffered-body budget (and in the large-body share).
+type BodyReservation<'a> = (
+    tokio::sync::SemaphorePermit<'a>,
+    Option<tokio::sync::SemaphorePermit<'a>>,
+);
+
 /// A `/predict` request whose body has been read.
 struct Input {
     started: Instant,
@@ -600,6 +634,23 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
         return Err(ApiError::TooManyImages(images.len(), limits.max_images));
     }
 
+    let decoded = decode_all(state, &model, images).await?;
+    let predictions = classify(state, &model, &decision, decoded, &caller, &rid, started).await?;
+    Ok(if multipart && predictions.len() > 1 {
+        Json(predictions).into_response()
+    } else {
+        Json(predictions.into_iter().next().expect("at least one image")).into_response()
+    })
+}
+
+/// Decodes uploads on the blocking pool: a bounded number of requests decode at once,
+/// each reserving its images' declared pixels first.
+async fn decode_all(
+    state: &AppState,
+    model: &ServedModel,
+    images: Vec<Upload>,
+) -> Result<Vec<Decoded>, ApiError> {
+    let limits = &state.inner.limits;
     // Decode on the blocking pool, a bounded number at a time.
     let permit = state
         .inner
@@ -649,15 +700,30 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
     .await
     .map_err(|e| ApiError::Internal(format!("decode task failed: {e}")))??;
     drop(permit);
-    let name = model.card.name.clone();
+    let name = &model.card.name;
     for d in &decoded {
         state
             .metrics()
             .decode_duration
-            .with_label_values(&[&name])
+            .with_label_values(&[name])
             .observe(d.took.as_secs_f64());
     }
+    Ok(decoded)
+}
 
+/// Runs decoded inputs through `model` (queued together, so they batch), writes their
+/// audit records (a record that cannot be written fails the whole request), and
+/// returns the answers in order.
+async fn classify(
+    state: &AppState,
+    model: &ServedModel,
+    decision: &Decision,
+    decoded: Vec<Decoded>,
+    caller: &Caller,
+    rid: &str,
+    started: Instant,
+) -> Result<Vec<Prediction>, ApiError> {
+    let name = model.card.name.clone();
     // Queue every image, then wait for all: images of one request batch together.
     let mut pending = Vec::with_capacity(decoded.len());
     for mut d in decoded {
@@ -688,7 +754,7 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
     for (i, (p, _, d)) in answers.iter().enumerate() {
         let record = AuditRecord {
             time: time.clone(),
-            request_id: rid.clone(),
+            request_id: rid.to_string(),
             image_index: i,
             caller: caller.0.clone(),
             model: p.model.name.clone(),
@@ -714,7 +780,7 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
         }
     }
     let total = started.elapsed();
-    let predictions: Vec<Prediction> = answers
+    Ok(answers
         .into_iter()
         .map(|(p, r, d)| {
             state
@@ -735,12 +801,7 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
                 ..p
             }
         })
-        .collect();
-    Ok(if multipart && predictions.len() > 1 {
-        Json(predictions).into_response()
-    } else {
-        Json(predictions.into_iter().next().expect("at least one image")).into_response()
-    })
+        .collect())
 }
 
 /// Sets its flag when dropped (the request's future is gone).
