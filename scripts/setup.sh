@@ -5,6 +5,8 @@
 #   bash scripts/setup.sh           ONNX Runtime (CPU) for cxr-serve and the tests
 #   bash scripts/setup.sh --train   + libtorch (PyPI torch wheel) for cxr-train
 #   bash scripts/setup.sh --gpu     ONNX Runtime with CUDA 13 (onnxruntime-gpu[cuda,cudnn])
+#   bash scripts/setup.sh --test    + the clients the interoperability tests drive
+#                                   (tritonclient[http], NVIDIA's V2 protocol client)
 #
 # Nothing is downloaded at build or run time: ONNX Runtime and libtorch come from
 # their official PyPI wheels, installed here with pip.
@@ -14,13 +16,15 @@ cd "$(dirname "$0")/.."
 ORT_VERSION=1.32.0
 # tch 0.26 is built against exactly this libtorch.
 TORCH_VERSION=2.13.0
+TRITONCLIENT_VERSION=2.73.0
 
-train=0; gpu=0
+train=0; gpu=0; tests=0
 for a in "$@"; do
   case "$a" in
     --train) train=1 ;;
     --gpu) gpu=1 ;;
-    *) echo "usage: $0 [--train] [--gpu]" >&2; exit 2 ;;
+    --test) tests=1 ;;
+    *) echo "usage: $0 [--train] [--gpu] [--test]" >&2; exit 2 ;;
   esac
 done
 
@@ -66,4 +70,12 @@ if ((train)); then
     pip install "torch==$TORCH_VERSION"
   fi
   echo "setup: libtorch from torch $TORCH_VERSION in .venv (build with: source scripts/env.sh)"
+fi
+
+if ((tests)); then
+  have=$(.venv/bin/python -m pip show tritonclient 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  if [ "$have" != "$TRITONCLIENT_VERSION" ]; then
+    echo "setup: installing tritonclient[http]==$TRITONCLIENT_VERSION (V2 protocol interoperability test)"
+    pip install "tritonclient[http]==$TRITONCLIENT_VERSION"
+  fi
 fi

@@ -3,7 +3,7 @@
 # and the whole test suite, trainer included. Used as-is by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --train
+bash scripts/setup.sh --train --test
 source scripts/env.sh
 cargo fmt --all --check
 cargo clippy --locked --all-targets --all-features -- -D warnings
