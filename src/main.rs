@@ -139,9 +139,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_task = admin.map(|l| {
         let app = cxr::build_admin_app(state.clone());
         let mut rx = stop_rx.clone();
-        tokio::spawn(cxr::http::server::serve(l, app, args.conn_limits(), async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }))
+        tokio::spawn(cxr::http::server::serve(
+            l,
+            app,
+            args.conn_limits(),
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ))
     });
     cxr::http::server::serve(listener, app, args.conn_limits(), async move {
         tokio::select! {

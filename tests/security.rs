@@ -35,8 +35,10 @@ fn keys_toml() -> String {
 }
 
 fn keyed(mut req: Request<Body>, name: &str, value: &str) -> Request<Body> {
-    req.headers_mut()
-        .insert(name.parse::<header::HeaderName>().unwrap(), value.parse().unwrap());
+    req.headers_mut().insert(
+        name.parse::<header::HeaderName>().unwrap(),
+        value.parse().unwrap(),
+    );
     req
 }
 
@@ -79,7 +81,12 @@ async fn keys_guard_predict_and_models_and_leave_operations_open() {
         keyed(predict(), "authorization", &format!("Basic {KEY_RIS}")),
     ] {
         let (s, h, b) = send(app, req).await;
-        assert_eq!(s, StatusCode::UNAUTHORIZED, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
         assert_eq!(json(&b)["error_type"], "unauthorized");
         let challenge = h[header::WWW_AUTHENTICATE].to_str().unwrap().to_string();
         assert!(challenge.starts_with("Bearer "), "{challenge}");
@@ -147,7 +154,12 @@ async fn the_metrics_listener_alone_serves_metrics() {
     let admin = cxr::build_admin_app(t.state.clone());
     let (s, h, b) = send(&admin, get("/metrics")).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(h[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        h[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let text = String::from_utf8_lossy(&b);
     let sample = r#"cxr_requests_total{path="/predict",status="200"}"#;
     assert_eq!(metric_line(&text, sample), Some(format!("{sample} 1")));
@@ -329,7 +341,13 @@ async fn rotation_keeps_every_record_of_every_image() {
     let records = file_records(dir.path());
     assert_eq!(records.len(), 8);
     for rid in &rids {
-        assert_eq!(records.iter().filter(|r| r["request_id"] == rid.as_str()).count(), 1);
+        assert_eq!(
+            records
+                .iter()
+                .filter(|r| r["request_id"] == rid.as_str())
+                .count(),
+            1
+        );
     }
     let mut idx: Vec<u64> = records
         .iter()
@@ -410,20 +428,29 @@ fn the_binary_with_keys_metrics_port_and_audit_file() {
     std::fs::write(&keys, &entry).unwrap();
     let audit = work.path().join("audit.jsonl");
     let dir = common::models_dir();
-    let mut server = Server(Command::new(bin)
-        .args(["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"])
-        .args(["--device", "cpu", "--log-format", "json", "--intra-threads", "1"])
-        .arg("--models-dir")
-        .arg(dir.path())
-        .arg("--api-keys-file")
-        .arg(&keys)
-        .arg("--audit-log")
-        .arg(&audit)
-        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap());
+    let mut server = Server(
+        Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"])
+            .args([
+                "--device",
+                "cpu",
+                "--log-format",
+                "json",
+                "--intra-threads",
+                "1",
+            ])
+            .arg("--models-dir")
+            .arg(dir.path())
+            .arg("--api-keys-file")
+            .arg(&keys)
+            .arg("--audit-log")
+            .arg(&audit)
+            .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
     let child = &mut server.0;
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let (mut addr, mut metrics_addr) = (None, None);
@@ -459,7 +486,10 @@ fn the_binary_with_keys_metrics_port_and_audit_file() {
     assert_eq!(common::tcp_http(&addr, "GET", "/metrics", None, b"").0, 404);
     let (s, text) = common::tcp_http(&metrics_addr, "GET", "/metrics", None, b"");
     assert_eq!(s, 200);
-    assert!(text.contains(r#"cxr_requests_total{path="/predict",status="200"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"cxr_requests_total{path="/predict",status="200"} 1"#),
+        "{text}"
+    );
     let records = std::fs::read_to_string(&audit).unwrap();
     assert_eq!(records.lines().count(), 1, "{records}");
     assert!(records.contains(r#""caller":"ris""#), "{records}");
@@ -472,23 +502,28 @@ fn the_binary_with_keys_metrics_port_and_audit_file() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(child.wait().unwrap().success(), "{rest:?}");
     // The audit line is in the log too, and the key never is.
-    assert!(rest.iter().any(|l| l.contains(r#""target":"cxr::audit""#)), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains(r#""target":"cxr::audit""#)),
+        "{rest:?}"
+    );
     assert!(!rest.iter().any(|l| l.contains(&key)));
 }
 
 #[test]
 fn an_open_server_warns_once_and_a_bad_keys_file_stops_start_up() {
     let dir = common::models_dir();
-    let mut server = Server(Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
-        .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
-        .args(["--log-format", "json", "--intra-threads", "1"])
-        .arg("--models-dir")
-        .arg(dir.path())
-        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap());
+    let mut server = Server(
+        Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
+            .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
+            .args(["--log-format", "json", "--intra-threads", "1"])
+            .arg("--models-dir")
+            .arg(dir.path())
+            .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
     let child = &mut server.0;
     let mut warnings = Vec::new();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
@@ -517,5 +552,8 @@ fn an_open_server_warns_once_and_a_bad_keys_file_stops_start_up() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("keys.json") && err.contains("no callers"), "{err}");
+    assert!(
+        err.contains("keys.json") && err.contains("no callers"),
+        "{err}"
+    );
 }

@@ -42,7 +42,11 @@ fn image(seed: u32) -> Vec<u8> {
 async fn predicted(app: &axum::Router, model: &str, bytes: &[u8]) -> ([f64; 2], String) {
     let (s, _, b) = send(
         app,
-        raw(&format!("/predict?model={model}"), "image/png", bytes.to_vec()),
+        raw(
+            &format!("/predict?model={model}"),
+            "image/png",
+            bytes.to_vec(),
+        ),
     )
     .await;
     assert_eq!(s, StatusCode::OK);
@@ -170,7 +174,12 @@ async fn image_files_in_json_answer_as_predict() {
     ] {
         let (s, h, body) = send(&t.app, post_json(uri, &req)).await;
         assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-        assert!(h[header::CONTENT_TYPE].to_str().unwrap().starts_with("application/json"));
+        assert!(
+            h[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json")
+        );
         let v = json(&body);
         assert_eq!(v["model_name"], "beta");
         assert_eq!(v["model_version"], "0.0.1-test");
@@ -195,7 +204,11 @@ async fn image_files_in_json_answer_as_predict() {
     assert_eq!(s, StatusCode::OK);
     let v = json(&body);
     assert_eq!(v["outputs"].as_array().unwrap().len(), 1);
-    let want = if pa[1] >= 0.999 { "PNEUMONIA" } else { "NORMAL" };
+    let want = if pa[1] >= 0.999 {
+        "PNEUMONIA"
+    } else {
+        "NORMAL"
+    };
     assert_eq!(output(&v, "label")["data"], json!([want]));
     assert_eq!(v["parameters"]["threshold_source"], "query");
 }
@@ -248,8 +261,14 @@ async fn preprocessed_tensors_in_json_and_binary() {
         .collect();
     assert_close(&probs, &pa);
     let label = &tail[8..];
-    assert_eq!(output(&v, "label")["parameters"]["binary_data_size"], label.len());
-    assert_eq!(u32::from_le_bytes(label[..4].try_into().unwrap()) as usize, la.len());
+    assert_eq!(
+        output(&v, "label")["parameters"]["binary_data_size"],
+        label.len()
+    );
+    assert_eq!(
+        u32::from_le_bytes(label[..4].try_into().unwrap()) as usize,
+        la.len()
+    );
     assert_eq!(&label[4..], la.as_bytes());
 }
 
@@ -288,29 +307,135 @@ async fn each_error_has_its_status_and_protocol_body() {
     let t = common::test_app();
     let a = b64(&image(1));
     let infer = "/v2/models/alpha/infer";
-    let img = |shape: Value, datatype: &str, data: Value| {
-        json!({"inputs": [{"name": "image", "shape": shape, "datatype": datatype, "data": data}]})
-    };
+    let img = |shape: Value, datatype: &str, data: Value| json!({"inputs": [{"name": "image", "shape": shape, "datatype": datatype, "data": data}]});
     let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
-        (post_json("/v2/models/nope/infer", &img(json!([1]), "BYTES", json!([a]))), StatusCode::NOT_FOUND, "nope"),
-        (post_json("/v2/models/alpha/versions/7/infer", &img(json!([1]), "BYTES", json!([a]))), StatusCode::NOT_FOUND, "version"),
-        (post_json(infer, &img(json!([1]), "FP32", json!([a]))), StatusCode::BAD_REQUEST, "datatype BYTES"),
-        (post_json(infer, &img(json!([2]), "BYTES", json!([a]))), StatusCode::BAD_REQUEST, "holds 1"),
-        (post_json(infer, &img(json!([1, 2, 3]), "BYTES", json!([a]))), StatusCode::BAD_REQUEST, "shape [N]"),
-        (post_json(infer, &img(json!([1]), "BYTES", json!(["not base64!"]))), StatusCode::BAD_REQUEST, "base64"),
-        (post_json(infer, &img(json!([1]), "BYTES", json!([17]))), StatusCode::BAD_REQUEST, "base64 string"),
-        (post_json(infer, &img(json!([1]), "BYTES", json!([b64(b"junk")]))), StatusCode::BAD_REQUEST, "decode"),
-        (post_json(infer, &json!({"inputs": [{"name": "input", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.0]}]})), StatusCode::BAD_REQUEST, "[N, 3, 32, 32]"),
-        (post_json(infer, &json!({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0, 1.0]}]})), StatusCode::BAD_REQUEST, "needs 3072"),
-        (post_json(infer, &json!({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "INT8", "data": [0]}]})), StatusCode::BAD_REQUEST, "datatype FP32"),
-        (post_json(infer, &json!({"inputs": [{"name": "pixels", "shape": [1], "datatype": "BYTES", "data": [a]}]})), StatusCode::BAD_REQUEST, "unknown input"),
-        (post_json(infer, &json!({"inputs": []})), StatusCode::BAD_REQUEST, "exactly one"),
-        (post_json(infer, &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [a]}], "outputs": [{"name": "cam"}]})), StatusCode::BAD_REQUEST, "unknown output"),
-        (post_json(infer, &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [a]}], "parameters": {"threshold": 2.0}})), StatusCode::UNPROCESSABLE_ENTITY, "threshold"),
-        (post_json(infer, &json!({"nothing": true})), StatusCode::BAD_REQUEST, "JSON"),
-        (post_binary(infer, &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 10}}]}), b"\x08\0\0\0abc"), StatusCode::BAD_REQUEST, "binary_data_size 10"),
-        (post_binary(infer, &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 7}}]}), b"\x08\0\0\0abc"), StatusCode::BAD_REQUEST, "longer than"),
-        (post_binary(infer, &img(json!([1]), "BYTES", json!([a])), b"extra"), StatusCode::BAD_REQUEST, "declares no binary_data_size"),
+        (
+            post_json(
+                "/v2/models/nope/infer",
+                &img(json!([1]), "BYTES", json!([a])),
+            ),
+            StatusCode::NOT_FOUND,
+            "nope",
+        ),
+        (
+            post_json(
+                "/v2/models/alpha/versions/7/infer",
+                &img(json!([1]), "BYTES", json!([a])),
+            ),
+            StatusCode::NOT_FOUND,
+            "version",
+        ),
+        (
+            post_json(infer, &img(json!([1]), "FP32", json!([a]))),
+            StatusCode::BAD_REQUEST,
+            "datatype BYTES",
+        ),
+        (
+            post_json(infer, &img(json!([2]), "BYTES", json!([a]))),
+            StatusCode::BAD_REQUEST,
+            "holds 1",
+        ),
+        (
+            post_json(infer, &img(json!([1, 2, 3]), "BYTES", json!([a]))),
+            StatusCode::BAD_REQUEST,
+            "shape [N]",
+        ),
+        (
+            post_json(infer, &img(json!([1]), "BYTES", json!(["not base64!"]))),
+            StatusCode::BAD_REQUEST,
+            "base64",
+        ),
+        (
+            post_json(infer, &img(json!([1]), "BYTES", json!([17]))),
+            StatusCode::BAD_REQUEST,
+            "base64 string",
+        ),
+        (
+            post_json(infer, &img(json!([1]), "BYTES", json!([b64(b"junk")]))),
+            StatusCode::BAD_REQUEST,
+            "decode",
+        ),
+        (
+            post_json(
+                infer,
+                &json!({"inputs": [{"name": "input", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.0]}]}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "[N, 3, 32, 32]",
+        ),
+        (
+            post_json(
+                infer,
+                &json!({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0, 1.0]}]}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "needs 3072",
+        ),
+        (
+            post_json(
+                infer,
+                &json!({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "INT8", "data": [0]}]}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "datatype FP32",
+        ),
+        (
+            post_json(
+                infer,
+                &json!({"inputs": [{"name": "pixels", "shape": [1], "datatype": "BYTES", "data": [a]}]}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "unknown input",
+        ),
+        (
+            post_json(infer, &json!({"inputs": []})),
+            StatusCode::BAD_REQUEST,
+            "exactly one",
+        ),
+        (
+            post_json(
+                infer,
+                &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [a]}], "outputs": [{"name": "cam"}]}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "unknown output",
+        ),
+        (
+            post_json(
+                infer,
+                &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [a]}], "parameters": {"threshold": 2.0}}),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "threshold",
+        ),
+        (
+            post_json(infer, &json!({"nothing": true})),
+            StatusCode::BAD_REQUEST,
+            "JSON",
+        ),
+        (
+            post_binary(
+                infer,
+                &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 10}}]}),
+                b"\x08\0\0\0abc",
+            ),
+            StatusCode::BAD_REQUEST,
+            "binary_data_size 10",
+        ),
+        (
+            post_binary(
+                infer,
+                &json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 7}}]}),
+                b"\x08\0\0\0abc",
+            ),
+            StatusCode::BAD_REQUEST,
+            "longer than",
+        ),
+        (
+            post_binary(infer, &img(json!([1]), "BYTES", json!([a])), b"extra"),
+            StatusCode::BAD_REQUEST,
+            "declares no binary_data_size",
+        ),
     ];
     for (req, status, needle) in cases {
         let (s, _, b) = send(&t.app, req).await;
@@ -339,7 +464,9 @@ async fn keys_and_audit_cover_the_protocol() {
         .map(|b| format!("{b:02x}"))
         .collect();
     let keys = cxr::http::auth::ApiKeys::parse(
-        &format!("[[callers]]\nname = \"mlops\"\nkey_sha256 = \"{hash}\"\nscopes = [\"predict\"]\n"),
+        &format!(
+            "[[callers]]\nname = \"mlops\"\nkey_sha256 = \"{hash}\"\nscopes = [\"predict\"]\n"
+        ),
         false,
     )
     .unwrap();
@@ -354,8 +481,10 @@ async fn keys_and_audit_cover_the_protocol() {
     assert!(h.contains_key(header::WWW_AUTHENTICATE));
     assert_eq!(json(&b).as_object().unwrap().len(), 1);
     let mut r = post_json("/v2/models/alpha/infer", &req);
-    r.headers_mut()
-        .insert(header::AUTHORIZATION, format!("Bearer {key}").parse().unwrap());
+    r.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
     let (s, _, _) = send(&t.app, r).await;
     assert_eq!(s, StatusCode::OK);
     // Metadata needs the `models` scope; health stays open.

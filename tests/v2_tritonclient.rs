@@ -75,7 +75,10 @@ fn tritonclient_talks_to_the_real_server() {
     std::fs::write(&png_path, &png).unwrap();
     std::fs::write(
         &tensor_path,
-        tensor.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+        tensor
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
     )
     .unwrap();
 

@@ -189,7 +189,10 @@ impl IntoResponse for ApiError {
 
 fn auth_message(e: &AuthError) -> String {
     match e {
-        AuthError::Missing => "an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`".into(),
+        AuthError::Missing => {
+            "an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`"
+                .into()
+        }
         AuthError::Invalid => "the API key is not valid".into(),
         AuthError::Forbidden { caller, scope } => format!(
             "caller `{caller}` may not use this route: its key lacks the `{}` scope",

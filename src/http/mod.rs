@@ -38,10 +38,10 @@ use types::{
 
 use crate::audit::{Audit, AuditRecord};
 use crate::eval::{Target, served_probabilities};
-use auth::{ApiKeys, Caller, Scope};
 use crate::imaging::dicom::{self, DicomInfo, DicomOptions};
 use crate::imaging::{Geometry, Preprocessor};
 use crate::inference::{JobOutput, ModelSet, ServedModel, SubmitError};
+use auth::{ApiKeys, Caller, Scope};
 
 /// Request limits.
 #[derive(Debug, Clone)]
@@ -381,7 +381,8 @@ pub struct PredictUpload {
 /// `/metrics` is here unless the state was made [`AppState::without_public_metrics`].
 pub fn build_app(state: AppState) -> Router {
     let max_body = state.inner.limits.max_body_bytes;
-    let guard = |scope: Scope| middleware::from_fn_with_state((state.clone(), scope), auth::require);
+    let guard =
+        |scope: Scope| middleware::from_fn_with_state((state.clone(), scope), auth::require);
     let predict_routes = Router::new()
         .route("/predict", post(predict))
         .route_layer(guard(Scope::Predict));
@@ -749,7 +750,7 @@ async fn classify(
     let time = crate::audit::now_rfc3339();
     let answers: Vec<(Prediction, JobOutput, Decoded)> = out
         .into_iter()
-        .map(|(r, d)| (prediction(&model, &r, &decision, &rid), r, d))
+        .map(|(r, d)| (prediction(model, &r, decision, rid), r, d))
         .collect();
     for (i, (p, _, d)) in answers.iter().enumerate() {
         let record = AuditRecord {

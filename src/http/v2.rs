@@ -38,8 +38,8 @@ use utoipa::ToSchema;
 use super::auth::{self, Caller, Scope};
 use super::types::PredictQuery;
 use super::{
-    ApiError, AppState, Decoded, Upload, UploadFacts, classify, decision, decode_all,
-    request_id, reserve_body,
+    ApiError, AppState, Decoded, Upload, UploadFacts, classify, decision, decode_all, request_id,
+    reserve_body,
 };
 use crate::inference::{SelectError, ServedModel};
 
@@ -52,11 +52,17 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         |scope: Scope| middleware::from_fn_with_state((state.clone(), scope), auth::require);
     let infer_routes = Router::new()
         .route("/v2/models/{name}/infer", post(infer))
-        .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(infer_version),
+        )
         .route_layer(guard(Scope::Predict));
     let meta_routes = Router::new()
         .route("/v2/models/{name}", get(model_metadata))
-        .route("/v2/models/{name}/versions/{version}", get(model_metadata_version))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(model_metadata_version),
+        )
         .route_layer(guard(Scope::Models));
     Router::new()
         .merge(infer_routes)
@@ -65,7 +71,10 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(server_ready))
         .route("/v2/models/{name}/ready", get(model_ready))
-        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready_version))
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(model_ready_version),
+        )
         .layer(middleware::from_fn(error_shape))
 }
 
@@ -400,10 +409,13 @@ pub async fn infer(
         ),
     };
     let max = limits.max_body_bytes;
-    let body = tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(req.into_body(), max))
-        .await
-        .map_err(|_| ApiError::BodyTimeout(limits.body_timeout.as_secs()))?
-        .map_err(|_| ApiError::BodyTooLarge(max))?;
+    let body = tokio::time::timeout(
+        limits.body_timeout,
+        axum::body::to_bytes(req.into_body(), max),
+    )
+    .await
+    .map_err(|_| ApiError::BodyTimeout(limits.body_timeout.as_secs()))?
+    .map_err(|_| ApiError::BodyTooLarge(max))?;
     let (json, binary) = match header_len {
         None => (body.clone(), Bytes::new()),
         Some(n) if n <= body.len() => (body.slice(..n), body.slice(n..)),
@@ -535,10 +547,7 @@ async fn infer_inner(
         decision.source.kind.clone().into(),
     );
     parameters.insert("request_id".into(), rid.into());
-    parameters.insert(
-        "execution_provider".into(),
-        model.provider.as_str().into(),
-    );
+    parameters.insert("execution_provider".into(), model.provider.as_str().into());
     let response = InferResponse {
         model_name: model.card.name.clone(),
         model_version: model.card.version.clone(),
