@@ -5,8 +5,9 @@
 #   bash scripts/setup.sh           ONNX Runtime (CPU) for cxr-serve and the tests
 #   bash scripts/setup.sh --train   + libtorch (PyPI torch wheel) for cxr-train
 #   bash scripts/setup.sh --gpu     ONNX Runtime with CUDA 13 (onnxruntime-gpu[cuda,cudnn])
-#   bash scripts/setup.sh --test    + the clients the interoperability tests drive
-#                                   (tritonclient[http], NVIDIA's V2 protocol client)
+#   bash scripts/setup.sh --test    + the independent tools the tests check against:
+#                                   tritonclient[http] (NVIDIA's V2 protocol client),
+#                                   pydicom, and dciodvfy (Debian's dicom3tools)
 #
 # Nothing is downloaded at build or run time: ONNX Runtime and libtorch come from
 # their official PyPI wheels, installed here with pip.
@@ -17,6 +18,7 @@ ORT_VERSION=1.32.0
 # tch 0.26 is built against exactly this libtorch.
 TORCH_VERSION=2.13.0
 TRITONCLIENT_VERSION=2.73.0
+PYDICOM_VERSION=3.0.1
 
 train=0; gpu=0; tests=0
 for a in "$@"; do
@@ -32,6 +34,7 @@ need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v cc >/dev/null || need_apt+=(build-essential)
+((tests)) && ! command -v dciodvfy >/dev/null && need_apt+=(dicom3tools)
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]} (apt)"
@@ -77,5 +80,10 @@ if ((tests)); then
   if [ "$have" != "$TRITONCLIENT_VERSION" ]; then
     echo "setup: installing tritonclient[http]==$TRITONCLIENT_VERSION (V2 protocol interoperability test)"
     pip install "tritonclient[http]==$TRITONCLIENT_VERSION"
+  fi
+  have=$(.venv/bin/python -m pip show pydicom 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  if [ "$have" != "$PYDICOM_VERSION" ]; then
+    echo "setup: installing pydicom==$PYDICOM_VERSION (reads back the DICOM SRs in the tests)"
+    pip install "pydicom==$PYDICOM_VERSION"
   fi
 fi

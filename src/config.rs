@@ -123,6 +123,10 @@ pub struct ServeArgs {
     /// PATH.2, …; none is deleted); 0 never rotates.
     #[arg(long, env = "CXR_AUDIT_LOG_MAX_BYTES", default_value_t = 100 << 20)]
     pub audit_log_max_bytes: u64,
+    /// Root of the UIDs given to DICOM Structured Reports (Series and SOP Instance
+    /// UIDs); default: `2.25.<random UUID>` UIDs.
+    #[arg(long, env = "CXR_UID_ROOT")]
+    pub uid_root: Option<String>,
     /// Print a new API key for caller NAME, and the keys-file entry with its hash,
     /// then exit.
     #[arg(long, value_name = "NAME")]
@@ -180,6 +184,9 @@ impl ServeArgs {
         }
         if self.metrics_port.is_some_and(|p| p != 0 && p == self.port) {
             return Err("--metrics-port must differ from --port".into());
+        }
+        if let Some(r) = &self.uid_root {
+            crate::imaging::sr::check_uid_root(r)?;
         }
         if self.batch_wait_us > 1_000_000 {
             return Err("--batch-wait-us must be at most 1000000 (1 s)".into());

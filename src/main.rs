@@ -94,6 +94,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         state = state.with_audit(audit);
     }
+    if let Some(root) = &args.uid_root {
+        state = state.with_uid_root(root.clone());
+    }
     let admin = match args.metrics_port {
         Some(port) => {
             let addr = format!("{}:{}", args.host, port);

@@ -77,6 +77,12 @@ pub enum ApiError {
     /// The request took longer than `--request-timeout-s`.
     #[error("the request did not finish within {0} s")]
     Timeout(u64),
+    /// The Accept header asks for what this request cannot be answered in.
+    #[error("{0}")]
+    NotAcceptable(String),
+    /// A Structured Report cannot be made for this source.
+    #[error("{0}")]
+    SrUnavailable(String),
     /// No valid key, or a key without the route's scope.
     #[error("{}", auth_message(.0))]
     Auth(crate::http::auth::AuthError),
@@ -147,6 +153,8 @@ impl ApiError {
             }
             ApiError::Auth(AuthError::Forbidden { .. }) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
+            ApiError::SrUnavailable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "sr_unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -115,6 +115,8 @@ struct Inner {
     audit: Audit,
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
     public_metrics: bool,
+    /// Root of the UIDs of Structured Reports (`--uid-root`; none: 2.25 UUID UIDs).
+    uid_root: Option<String>,
 }
 
 impl AppState {
@@ -140,6 +142,7 @@ impl AppState {
                 api_keys: None,
                 audit: Audit::log_only(),
                 public_metrics: true,
+                uid_root: None,
             }),
         }
     }
@@ -167,6 +170,13 @@ impl AppState {
     #[must_use]
     pub fn without_public_metrics(mut self) -> Self {
         self.configure().public_metrics = false;
+        self
+    }
+
+    /// Makes Structured Report UIDs under `root` (call before sharing the state).
+    #[must_use]
+    pub fn with_uid_root(mut self, root: String) -> Self {
+        self.configure().uid_root = Some(root);
         self
     }
 
@@ -279,6 +289,8 @@ struct Decoded {
     warnings: Vec<String>,
     /// What the audit record says of the upload.
     upload: UploadFacts,
+    /// What a DICOM Structured Report of the answer needs (DICOM uploads).
+    sr: Option<crate::imaging::sr::SrSource>,
 }
 
 /// The audit trail's view of an upload: its hash, kind and size, never its bytes.
@@ -339,6 +351,7 @@ fn decode_upload(
             dicom: None,
             warnings: Vec::new(),
             upload: UploadFacts::of(upload),
+            sr: None,
         }),
         Upload::Dicom(b) => {
             let img = dicom::decode_dicom(b, max_pixels, opts)?;
@@ -360,6 +373,7 @@ fn decode_upload(
                 dicom: Some(img.info),
                 warnings: img.warnings,
                 upload: UploadFacts::of(upload),
+                sr: Some(img.sr_source),
             })
         }
     }
@@ -495,7 +509,10 @@ fn request_id(headers: &HeaderMap) -> String {
         )
     ),
     responses(
-        (status = 200, description = "The prediction (an array for several multipart images)", body = Prediction),
+        (status = 200, description = "The prediction (an array for several multipart images); with `Accept: application/dicom` and DICOM uploads, a DICOM Comprehensive 3D SR (TID 1500) per image: one application/dicom body, or multipart/related; type=\"application/dicom\" for several",
+            content((Prediction = "application/json"), ("application/dicom"), ("multipart/related"))),
+        (status = 406, description = "Accept: application/dicom (a Structured Report) for an upload that is not DICOM", body = ErrorBody,
+            example = json!({"error": "a DICOM Structured Report (Accept: application/dicom) answers DICOM uploads only; send application/dicom or accept application/json", "error_type": "not_acceptable"})),
         (status = 400, description = "Empty, undecodable, cut short or malformed upload (JPEG, PNG or DICOM)", body = ErrorBody,
             example = json!({"error": "could not decode the image: unexpected end of file", "error_type": "invalid_image"})),
         (status = 401, description = "API keys are required (--api-keys-file) and none or an unknown one was sent (with WWW-Authenticate)", body = ErrorBody,
@@ -526,6 +543,7 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
         .get::<Caller>()
         .cloned()
         .unwrap_or_else(Caller::anonymous);
+    let wants_sr = accepts_dicom(req.headers());
     let q: PredictQuery = match req.uri().query() {
         None => PredictQuery::default(),
         Some(_) => {
@@ -548,6 +566,7 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
         started,
         rid,
         caller,
+        wants_sr,
         q,
         images,
         multipart,
@@ -603,6 +622,8 @@ struct Input {
     started: Instant,
     rid: String,
     caller: Caller,
+    /// `Accept: application/dicom`: answer Structured Reports.
+    wants_sr: bool,
     q: PredictQuery,
     images: Vec<Upload>,
     multipart: bool,
@@ -614,6 +635,7 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
         started,
         rid,
         caller,
+        wants_sr,
         q,
         images,
         multipart,
@@ -635,8 +657,20 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
         return Err(ApiError::TooManyImages(images.len(), limits.max_images));
     }
 
-    let decoded = decode_all(state, &model, images).await?;
+    if wants_sr && images.iter().any(|u| !matches!(u, Upload::Dicom(_))) {
+        return Err(ApiError::NotAcceptable(
+            "a DICOM Structured Report (Accept: application/dicom) answers DICOM uploads only; send application/dicom or accept application/json".into(),
+        ));
+    }
+    let mut decoded = decode_all(state, &model, images).await?;
+    let sources: Vec<_> = decoded
+        .iter_mut()
+        .map(|d| d.sr.take().unwrap_or_default())
+        .collect();
     let predictions = classify(state, &model, &decision, decoded, &caller, &rid, started).await?;
+    if wants_sr {
+        return structured_reports(state, &model, &sources, &predictions, multipart);
+    }
     Ok(if multipart && predictions.len() > 1 {
         Json(predictions).into_response()
     } else {
@@ -803,6 +837,70 @@ async fn classify(
             }
         })
         .collect())
+}
+
+/// Whether the Accept header asks for `application/dicom` (with a non-zero q).
+fn accepts_dicom(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim();
+            let q_zero = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            media.eq_ignore_ascii_case("application/dicom") && !q_zero
+        })
+}
+
+/// The answers as DICOM Structured Reports: one `application/dicom` body, or a
+/// `multipart/related; type="application/dicom"` body of one SR per image.
+fn structured_reports(
+    state: &AppState,
+    model: &ServedModel,
+    sources: &[crate::imaging::sr::SrSource],
+    predictions: &[Prediction],
+    multipart: bool,
+) -> Result<Response, ApiError> {
+    use crate::imaging::sr::{SrResult, build_sr};
+    let card = &model.card;
+    let mut files = Vec::with_capacity(predictions.len());
+    for (src, p) in sources.iter().zip(predictions) {
+        let result = SrResult {
+            variant: &card.name,
+            version: &card.version,
+            model_sha256: &card.onnx.sha256,
+            probability: f64::from(p.probabilities.PNEUMONIA),
+            threshold: p.threshold,
+            pneumonia: p.label == "PNEUMONIA",
+        };
+        files.push(
+            build_sr(src, &result, state.inner.uid_root.as_deref())
+                .map_err(ApiError::SrUnavailable)?,
+        );
+    }
+    if !(multipart && files.len() > 1) {
+        let body = files.pop().expect("at least one image");
+        return Ok(([(header::CONTENT_TYPE, "application/dicom")], body).into_response());
+    }
+    let boundary = format!("cxr-sr-{}", uuid::Uuid::new_v4().simple());
+    let mut body = Vec::new();
+    for f in &files {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(f);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let ct = format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
+    Ok(([(header::CONTENT_TYPE, ct)], body).into_response())
 }
 
 /// Sets its flag when dropped (the request's future is gone).

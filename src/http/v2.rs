@@ -817,6 +817,7 @@ fn tensor_rows(
             dicom: None,
             warnings: Vec::new(),
             upload: UploadFacts::of_tensor(r),
+            sr: None,
         })
         .collect())
 }

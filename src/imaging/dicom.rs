@@ -114,6 +114,8 @@ pub struct DicomImage {
     pub info: DicomInfo,
     /// Things the caller should know (lateral view, multi-frame).
     pub warnings: Vec<String>,
+    /// What a Structured Report of the answer needs of this object.
+    pub sr_source: super::sr::SrSource,
 }
 
 /// Offset of the `DICM` magic: 128 (standard preamble) or 0 (preamble stripped).
@@ -370,6 +372,7 @@ pub fn decode_dicom(
             voi: voi.into(),
         },
         warnings,
+        sr_source: super::sr::SrSource::from_object(&obj, Some(meta.media_storage_sop_class_uid())),
     })
 }
 

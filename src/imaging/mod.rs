@@ -10,6 +10,7 @@
 
 pub mod complete;
 pub mod dicom;
+pub mod sr;
 
 use std::cell::RefCell;
 use std::io::Cursor;
