@@ -122,6 +122,72 @@ fn tiny_network_matches_reference_forward() {
     }
 }
 
+/// The `cam` and `embedding` outputs: against the reference's final features (the
+/// classifier's rows over each position; their spatial mean), and the identity
+/// mean_hw(cam[:, c]) + bias[c] = logits[:, c].
+#[test]
+fn cam_and_embedding_match_the_reference_and_sum_to_the_logits() {
+    let config = DenseNetConfig {
+        growth_rate: 3,
+        block_config: vec![2, 3],
+        num_init_features: 6,
+        bn_size: 2,
+        num_classes: 2,
+    };
+    let mut w = config.random_weights(21);
+    let mut r = cxr::arch::SplitMix64(8);
+    for v in &mut w.get_mut("classifier.bias").unwrap().data {
+        *v = (r.uniform() - 0.5) as f32;
+    }
+    let s = 40;
+    let file = write(&config, &w, s as u32, WeightStorage::Fp32);
+    let sig = cxr::onnx::signature(&file).unwrap();
+    let names: Vec<&str> = sig.outputs.iter().map(|o| o.0.as_str()).collect();
+    assert_eq!(names, ["logits", "probabilities", "cam", "embedding"]);
+    let mut session = common::cpu_session(&file);
+    let n = 2;
+    let x = input(n, s, 7);
+    let t = ort::value::Tensor::from_array(([n, 3, s, s], x.clone().into_boxed_slice())).unwrap();
+    let out = session.run(ort::inputs!["image" => t]).unwrap();
+    let (lshape, logits) = out["logits"].try_extract_tensor::<f32>().unwrap();
+    assert_eq!(&lshape[..], &[n as i64, 2]);
+    let (cshape, cam) = out["cam"].try_extract_tensor::<f32>().unwrap();
+    let (eshape, emb) = out["embedding"].try_extract_tensor::<f32>().unwrap();
+    let (h, wd) = (cshape[2] as usize, cshape[3] as usize);
+    assert_eq!(&cshape[..2], &[n as i64, 2]);
+    let bias = &w["classifier.weight"];
+    let cw = &bias.data;
+    let channels = bias.shape[1];
+    assert_eq!(&eshape[..], &[n as i64, channels as i64]);
+    let cb = &w["classifier.bias"].data;
+    for b in 0..n {
+        let img = Tensor::new(vec![3, s, s], x[b * 3 * s * s..(b + 1) * 3 * s * s].to_vec());
+        let f = reference::final_features(&config, &w, img);
+        assert_eq!(f.shape, vec![channels, h, wd]);
+        let hw = h * wd;
+        for c in 0..2 {
+            let map = &cam[(b * 2 + c) * hw..(b * 2 + c + 1) * hw];
+            for p in 0..hw {
+                let want: f32 = (0..channels)
+                    .map(|k| cw[c * channels + k] * f.data[k * hw + p])
+                    .sum();
+                assert!((map[p] - want).abs() <= 1e-4 * want.abs().max(1.0), "cam {b},{c},{p}");
+            }
+            let mean = map.iter().sum::<f32>() / hw as f32;
+            let logit = logits[b * 2 + c];
+            assert!(
+                (mean + cb[c] - logit).abs() <= 1e-4,
+                "mean_hw(cam) + bias = {} vs logit {logit}",
+                mean + cb[c]
+            );
+        }
+        for k in 0..channels {
+            let want = f.data[k * hw..(k + 1) * hw].iter().sum::<f32>() / hw as f32;
+            assert!((emb[b * channels + k] - want).abs() <= 1e-5 * want.abs().max(1.0));
+        }
+    }
+}
+
 #[test]
 fn fp16_storage_agrees_with_fp32() {
     let config = DenseNetConfig::tiny();
@@ -259,6 +325,26 @@ mod reference {
     }
 
     pub fn densenet(cfg: &DenseNetConfig, w: &Weights, x: Tensor) -> Vec<f32> {
+        let x = final_features(cfg, w, x);
+        let hw = x.shape[1] * x.shape[2];
+        let gap: Vec<f32> = (0..x.shape[0])
+            .map(|c| x.data[c * hw..(c + 1) * hw].iter().sum::<f32>() / hw as f32)
+            .collect();
+        let (cw, cb) = (get(w, "classifier.weight"), get(w, "classifier.bias"));
+        (0..cfg.num_classes)
+            .map(|k| {
+                cb.data[k]
+                    + gap
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| v * cw.data[k * gap.len() + i])
+                        .sum::<f32>()
+            })
+            .collect()
+    }
+
+    /// The ReLU'd output of the last block's norm: `[C, h, w]`.
+    pub fn final_features(cfg: &DenseNetConfig, w: &Weights, x: Tensor) -> Tensor {
         let mut x = conv(&x, get(w, "features.conv0.weight"), 2, 3);
         x = bn_relu(&x, w, "features.norm0");
         x = pool(&x, 3, 2, 1, true);
@@ -279,26 +365,11 @@ mod reference {
                 x = pool(&x, 2, 2, 0, false);
             }
         }
-        x = bn_relu(
+        bn_relu(
             &x,
             w,
             &format!("features.norm{}", cfg.block_config.len() + 1),
-        );
-        let hw = x.shape[1] * x.shape[2];
-        let gap: Vec<f32> = (0..x.shape[0])
-            .map(|c| x.data[c * hw..(c + 1) * hw].iter().sum::<f32>() / hw as f32)
-            .collect();
-        let (cw, cb) = (get(w, "classifier.weight"), get(w, "classifier.bias"));
-        (0..cfg.num_classes)
-            .map(|k| {
-                cb.data[k]
-                    + gap
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| v * cw.data[k * gap.len() + i])
-                        .sum::<f32>()
-            })
-            .collect()
+        )
     }
 }
 

@@ -9,7 +9,7 @@ use super::proto::{
     TensorProto, TensorShapeProto, TypeProto, ValueInfoProto, attribute_type, data_type,
     tensor_shape_proto, type_proto,
 };
-use super::{INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+use super::{CAM_NAME, EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME};
 use crate::arch::{BN_EPS, DenseNetConfig, Weights};
 
 /// ONNX opset the graphs target (supported by every ONNX Runtime since 1.13).
@@ -104,16 +104,39 @@ pub fn write_densenet(
         &format!("features.norm{}", config.block_config.len() + 1),
         &x,
     );
-    x = g.relu(&x);
-    x = g.node("GlobalAveragePool", &[&x], vec![]);
-    x = g.node("Flatten", &[&x], vec![int("axis", 1)]);
+    let features = g.relu(&x);
+    let pooled = g.node("GlobalAveragePool", &[&features], vec![]);
+    g.nodes.push(node(
+        "Flatten",
+        &[&pooled],
+        EMBEDDING_NAME,
+        vec![int("axis", 1)],
+    ));
     let w = g.init("classifier.weight");
     let bias = g.init("classifier.bias");
     g.nodes.push(node(
         "Gemm",
-        &[&x, &w, &bias],
+        &[EMBEDDING_NAME, &w, &bias],
         LOGITS_NAME,
         vec![int("transB", 1)],
+    ));
+    // Class activation maps: the classifier's rows as a 1x1 convolution over the
+    // final (ReLU'd) features, without the bias. The head is average-pool + linear,
+    // so mean_hw(cam[:, c]) + bias[c] = logits[:, c].
+    let channels = weights["classifier.weight"].shape[1] as i64;
+    let classes_i = config.num_classes as i64;
+    // The target shape as a Constant node (initializers are only parameters).
+    let shape_name = g.node(
+        "Constant",
+        &[],
+        vec![ints("value_ints", &[classes_i, channels, 1, 1])],
+    );
+    let kernel = g.node("Reshape", &[&w, &shape_name], vec![]);
+    g.nodes.push(node(
+        "Conv",
+        &[&features, &kernel],
+        CAM_NAME,
+        vec![ints("kernel_shape", &[1, 1])],
     ));
     g.nodes.push(node(
         "Softmax",
@@ -133,6 +156,11 @@ pub fn write_densenet(
         output: vec![
             value_info(LOGITS_NAME, &[Err("batch"), Ok(classes)]),
             value_info(PROBABILITIES_NAME, &[Err("batch"), Ok(classes)]),
+            value_info(
+                CAM_NAME,
+                &[Err("batch"), Ok(classes), Err("cam_height"), Err("cam_width")],
+            ),
+            value_info(EMBEDDING_NAME, &[Err("batch"), Ok(channels)]),
         ],
         value_info: vec![],
     };
@@ -145,7 +173,8 @@ pub fn write_densenet(
         model_version: 1,
         doc_string: "Pediatric chest X-ray classifier (NORMAL, PNEUMONIA). Input `image` [N,3,S,S] float32, \
                      grayscale replicated to 3 channels, ImageNet mean/std normalised. Outputs `logits` and \
-                     `probabilities` [N,2]."
+                     `probabilities` [N,2], `cam` [N,2,h,w] (class activation maps of the last block) and \
+                     `embedding` [N,C] (the pooled features)."
             .into(),
         graph: Some(graph),
         metadata_props: opts

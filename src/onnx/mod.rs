@@ -4,7 +4,10 @@
 //! The file contract every cxr model follows (the server relies on it):
 //! - input `image`: float32 `[N, 3, S, S]`, `N` dynamic (`batch`), `S` the card's
 //!   input size, already normalised by [`crate::imaging::preprocess`];
-//! - output `logits`: float32 `[N, C]`; output `probabilities`: softmax of the logits.
+//! - output `logits`: float32 `[N, C]`; output `probabilities`: softmax of the logits;
+//! - optional outputs `cam` `[N, C, h, w]` (class activation maps: the classifier's
+//!   rows over the final features) and `embedding` `[N, channels]` (the pooled
+//!   features); files written before they existed still load and serve.
 
 mod densenet;
 pub mod proto;
@@ -18,6 +21,10 @@ pub const INPUT_NAME: &str = "image";
 pub const LOGITS_NAME: &str = "logits";
 /// Name of the probabilities output.
 pub const PROBABILITIES_NAME: &str = "probabilities";
+/// Name of the class activation maps output `[N, C, h, w]` (optional in a model file).
+pub const CAM_NAME: &str = "cam";
+/// Name of the pooled-features output `[N, channels]` (optional in a model file).
+pub const EMBEDDING_NAME: &str = "embedding";
 
 /// A problem reading an ONNX file's signature.
 #[derive(Debug, thiserror::Error)]
