@@ -80,6 +80,9 @@ pub enum ApiError {
     /// The Accept header asks for what this request cannot be answered in.
     #[error("{0}")]
     NotAcceptable(String),
+    /// An explanation was asked of a model without the outputs it needs.
+    #[error("{0}")]
+    ExplanationUnavailable(String),
     /// A Structured Report cannot be made for this source.
     #[error("{0}")]
     SrUnavailable(String),
@@ -155,6 +158,9 @@ impl ApiError {
             ApiError::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
             ApiError::SrUnavailable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "sr_unavailable"),
+            ApiError::ExplanationUnavailable(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "explanation_unavailable")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod explain;
 pub mod metrics;
 pub mod server;
 pub mod types;
@@ -544,6 +545,7 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
         .cloned()
         .unwrap_or_else(Caller::anonymous);
     let wants_sr = accepts_dicom(req.headers());
+    let req_accept = accept_header(req.headers());
     let q: PredictQuery = match req.uri().query() {
         None => PredictQuery::default(),
         Some(_) => {
@@ -567,6 +569,7 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
         rid,
         caller,
         wants_sr,
+        req_accept,
         q,
         images,
         multipart,
@@ -624,6 +627,8 @@ struct Input {
     caller: Caller,
     /// `Accept: application/dicom`: answer Structured Reports.
     wants_sr: bool,
+    /// The Accept header (`image/png`: answer the heatmap overlay).
+    req_accept: Option<String>,
     q: PredictQuery,
     images: Vec<Upload>,
     multipart: bool,
@@ -636,6 +641,7 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
         rid,
         caller,
         wants_sr,
+        req_accept,
         q,
         images,
         multipart,
@@ -667,7 +673,31 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
         .iter_mut()
         .map(|d| d.sr.take().unwrap_or_default())
         .collect();
-    let predictions = classify(state, &model, &decision, decoded, &caller, &rid, started).await?;
+    let wants_png = accepts(req_accept.as_deref(), "image/png");
+    let explain = q.explain.is_some() || wants_png;
+    if wants_png && (multipart && decoded.len() > 1) {
+        return Err(ApiError::NotAcceptable(
+            "Accept: image/png answers one image with its heatmap overlay; send one image or accept application/json".into(),
+        ));
+    }
+    let predictions = classify(
+        state, &model, &decision, decoded, &caller, &rid, started, explain,
+    )
+    .await?;
+    if wants_png {
+        let Some(h) = predictions.first().and_then(|p| p.heatmap.as_ref()) else {
+            return Err(ApiError::ExplanationUnavailable(format!(
+                "model `{}` {} has no `cam` output, so no heatmap can be drawn",
+                model.card.name, model.card.version
+            )));
+        };
+        let png = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            &h.overlay_png,
+        )
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        return Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response());
+    }
     if wants_sr {
         return structured_reports(state, &model, &sources, &predictions, multipart);
     }
@@ -749,6 +779,7 @@ async fn decode_all(
 /// Runs decoded inputs through `model` (queued together, so they batch), writes their
 /// audit records (a record that cannot be written fails the whole request), and
 /// returns the answers in order.
+#[allow(clippy::too_many_arguments)]
 async fn classify(
     state: &AppState,
     model: &ServedModel,
@@ -757,12 +788,19 @@ async fn classify(
     caller: &Caller,
     rid: &str,
     started: Instant,
+    explain: bool,
 ) -> Result<Vec<Prediction>, ApiError> {
     let name = model.card.name.clone();
     // Queue every image, then wait for all: images of one request batch together.
     let mut pending = Vec::with_capacity(decoded.len());
     for mut d in decoded {
-        match model.batcher.submit(std::mem::take(&mut d.input)) {
+        // An explanation draws on the input, so it keeps a copy.
+        let input = if explain {
+            d.input.clone()
+        } else {
+            std::mem::take(&mut d.input)
+        };
+        match model.batcher.submit(input) {
             Ok(rx) => pending.push((rx, d)),
             Err(SubmitError::Full) => {
                 state.metrics().overloaded.with_label_values(&[&name]).inc();
@@ -824,6 +862,25 @@ async fn classify(
                 .with_label_values(&[&name, &p.label])
                 .inc();
             model.record(total.as_secs_f64() * 1e3);
+            let mut warnings = d.warnings;
+            let heatmap = match (explain, &r.cam) {
+                (false, _) => None,
+                (true, None) => {
+                    warnings.push(format!(
+                        "explanation unavailable: model `{}` {} has no `cam` output",
+                        model.card.name, model.card.version
+                    ));
+                    None
+                }
+                (true, Some(cam)) => Some(explain::heatmap(
+                    cam,
+                    usize::from(p.label == "PNEUMONIA"),
+                    &p.label,
+                    &d.input,
+                    model.card.input_size,
+                    &model.card.preprocessing,
+                )),
+            };
             Prediction {
                 timings_ms: Timings {
                     decode: ms(d.took),
@@ -832,7 +889,8 @@ async fn classify(
                     total: ms(total),
                 },
                 dicom: d.dicom,
-                warnings: d.warnings,
+                warnings,
+                heatmap,
                 ..p
             }
         })
@@ -841,21 +899,34 @@ async fn classify(
 
 /// Whether the Accept header asks for `application/dicom` (with a non-zero q).
 fn accepts_dicom(headers: &HeaderMap) -> bool {
-    headers
+    accepts(accept_header(headers).as_deref(), "application/dicom")
+}
+
+/// The Accept header's values, joined.
+fn accept_header(headers: &HeaderMap) -> Option<String> {
+    let v: Vec<&str> = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!v.is_empty()).then(|| v.join(","))
+}
+
+/// Whether an Accept value names `media` exactly (not by a wildcard) with a non-zero q.
+fn accepts(accept: Option<&str>, media: &str) -> bool {
+    accept
+        .into_iter()
         .flat_map(|v| v.split(','))
         .any(|range| {
             let mut parts = range.split(';');
-            let media = parts.next().unwrap_or("").trim();
+            let m = parts.next().unwrap_or("").trim();
             let q_zero = parts.any(|p| {
                 p.trim()
                     .strip_prefix("q=")
                     .and_then(|q| q.trim().parse::<f32>().ok())
                     .is_some_and(|q| q <= 0.0)
             });
-            media.eq_ignore_ascii_case("application/dicom") && !q_zero
+            m.eq_ignore_ascii_case(media) && !q_zero
         })
 }
 
@@ -1028,6 +1099,7 @@ fn prediction(model: &ServedModel, r: &JobOutput, d: &Decision, rid: &str) -> Pr
         request_id: rid.to_string(),
         dicom: None,
         warnings: Vec::new(),
+        heatmap: None,
     }
 }
 

@@ -21,6 +21,16 @@ pub struct PredictQuery {
     pub operating_point: Option<String>,
     /// Answer at this threshold on P(PNEUMONIA), in (0, 1), instead of the variant's.
     pub threshold: Option<f64>,
+    /// `cam`: add the class activation maps to each answer (`heatmap`).
+    pub explain: Option<Explain>,
+}
+
+/// What explanation to add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Explain {
+    /// Class activation maps of the last dense block.
+    Cam,
 }
 
 /// Where the applied threshold came from.
@@ -115,6 +125,10 @@ pub struct Prediction {
     /// Caveats about this answer (a lateral view, a multi-frame object).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// With `explain=cam`: the class activation maps (an attention map, not a
+    /// localisation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heatmap: Option<super::explain::Heatmap>,
 }
 
 /// Live facts about a served variant.

@@ -499,7 +499,8 @@ async fn infer_inner(
             )));
         }
     };
-    let predictions = classify(state, model, &decision, decoded, &caller, &rid, started).await?;
+    let predictions =
+        classify(state, model, &decision, decoded, &caller, &rid, started, false).await?;
 
     let n = predictions.len() as i64;
     let mut tail: Vec<u8> = Vec::new();

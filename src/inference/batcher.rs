@@ -35,6 +35,8 @@ pub struct JobOutput {
     pub inference: Duration,
     /// Size of the batch it ran in.
     pub batch_size: usize,
+    /// Class activation maps, when the model has them.
+    pub cam: Option<super::ClassMaps>,
 }
 
 struct Job {
@@ -358,6 +360,7 @@ fn worker(mut session: Session, ctx: &WorkerCtx, alive: &AtomicBool) {
                     let _ = reply.send(Ok(JobOutput {
                         probabilities: p.probabilities,
                         logits: p.logits,
+                        cam: p.cam,
                         queued: *q,
                         inference,
                         batch_size: n,

@@ -214,12 +214,34 @@ fn cuda_session(_env: &Environment, _model: &[u8]) -> Result<Session, String> {
 }
 
 /// One image's two model outputs.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelOutput {
     /// The `logits` row.
     pub logits: [f32; 2],
     /// The `probabilities` row (softmax of the logits, computed in the graph).
     pub probabilities: [f32; 2],
+    /// The class activation maps, when the model file has a `cam` output.
+    pub cam: Option<ClassMaps>,
+}
+
+/// A row's class activation maps: one `height × width` grid per class (NORMAL,
+/// PNEUMONIA), row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassMaps {
+    /// Grid rows.
+    pub height: usize,
+    /// Grid columns.
+    pub width: usize,
+    /// `2 × height × width` values.
+    pub data: Vec<f32>,
+}
+
+impl ClassMaps {
+    /// The grid of class `c`.
+    pub fn class(&self, c: usize) -> &[f32] {
+        let hw = self.height * self.width;
+        &self.data[c * hw..(c + 1) * hw]
+    }
 }
 
 /// Runs `session` on a `[n, 3, s, s]` batch and returns the `probabilities` rows.
@@ -265,12 +287,31 @@ pub fn run_outputs(
         rows[k] = data.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
     }
     let [logits, probs] = rows;
+    let mut maps: Vec<Option<ClassMaps>> = vec![None; n];
+    if let Some(v) = outputs.get(crate::onnx::CAM_NAME) {
+        let (shape, data) = v.try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+        if shape.len() != 4 || shape[0] as usize != n || shape[1] != 2 {
+            return Err(format!(
+                "model returned cam of shape {shape:?} for a batch of {n}"
+            ));
+        }
+        let (h, w) = (shape[2] as usize, shape[3] as usize);
+        for (i, m) in maps.iter_mut().enumerate() {
+            *m = Some(ClassMaps {
+                height: h,
+                width: w,
+                data: data[i * 2 * h * w..(i + 1) * 2 * h * w].to_vec(),
+            });
+        }
+    }
     Ok(logits
         .into_iter()
         .zip(probs)
-        .map(|(logits, probabilities)| ModelOutput {
+        .zip(maps)
+        .map(|((logits, probabilities), cam)| ModelOutput {
             logits,
             probabilities,
+            cam,
         })
         .collect())
 }

@@ -1,0 +1,166 @@
+//! Explanations through the real app: `explain=cam` adds the class activation maps of
+//! the answered class (and the other) to each answer, normalised, with a PNG overlay
+//! of the input's size; `Accept: image/png` answers the overlay itself; a model file
+//! without a `cam` output still serves, and says the explanation is unavailable.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use base64::Engine;
+use common::http::{json, multipart, raw, send};
+use prost::Message;
+use sha2::Digest;
+
+fn img(seed: u32) -> Vec<u8> {
+    common::png_bytes(&common::gray_image(60, 48, seed))
+}
+
+fn with_accept(mut r: Request<Body>, accept: &str) -> Request<Body> {
+    r.headers_mut()
+        .insert(header::ACCEPT, accept.parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_cam_adds_normalised_maps_and_an_overlay() {
+    let t = common::test_app();
+    let (s, _, b) = send(&t.app, raw("/predict", "image/png", img(3))).await;
+    assert_eq!(s, StatusCode::OK);
+    let plain = json(&b);
+    assert!(plain.get("heatmap").is_none());
+
+    let (s, _, b) = send(&t.app, raw("/predict?explain=cam", "image/png", img(3))).await;
+    assert_eq!(s, StatusCode::OK);
+    let v = json(&b);
+    // The same answer, with its maps.
+    assert_eq!(v["label"], plain["label"]);
+    assert_eq!(v["probabilities"], plain["probabilities"]);
+    let h = &v["heatmap"];
+    assert_eq!(h["method"], "cam");
+    assert_eq!(h["class"], v["label"]);
+    assert!(h["note"].as_str().unwrap().contains("not a localisation"));
+    let (gh, gw) = (
+        h["grid_height"].as_u64().unwrap() as usize,
+        h["grid_width"].as_u64().unwrap() as usize,
+    );
+    assert!(gh >= 1 && gw >= 1);
+    for key in ["answered", "other"] {
+        let g: Vec<f64> = h[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(g.len(), gh * gw);
+        assert!(g.iter().all(|x| (0.0..=1.0).contains(x)), "{key}: {g:?}");
+        if g.iter().any(|x| *x > 0.0) {
+            assert!(g.iter().any(|x| *x == 0.0) && g.iter().any(|x| *x == 1.0));
+        }
+    }
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(h["overlay_png"].as_str().unwrap())
+        .unwrap();
+    let overlay = image::load_from_memory(&png).unwrap();
+    // The input as the model saw it: the card's input size (32 for the test models).
+    assert_eq!((overlay.width(), overlay.height()), (32, 32));
+
+    // Several images: each answer has its own maps.
+    let (s, _, b) = send(
+        &t.app,
+        multipart(
+            "/predict?explain=cam",
+            &[("image", "image/png", img(1)), ("image", "image/png", img(7))],
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let arr = json(&b);
+    assert_ne!(arr[0]["heatmap"]["overlay_png"], arr[1]["heatmap"]["overlay_png"]);
+
+    // Accept: image/png answers the overlay itself.
+    let (s, hd, b) = send(
+        &t.app,
+        with_accept(raw("/predict", "image/png", img(3)), "image/png"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(hd[header::CONTENT_TYPE], "image/png");
+    assert_eq!(b, png, "the same overlay as explain=cam draws");
+    // ... for one image only.
+    let (s, _, b) = send(
+        &t.app,
+        with_accept(
+            multipart(
+                "/predict",
+                &[("image", "image/png", img(1)), ("image", "image/png", img(7))],
+            ),
+            "image/png",
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_ACCEPTABLE, "{}", String::from_utf8_lossy(&b));
+    // An unknown explanation is a query error.
+    let (s, _, b) = send(&t.app, raw("/predict?explain=gradcam", "image/png", img(3))).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(json(&b)["error_type"], "invalid_query");
+}
+
+/// Rewrites `<name>.onnx` without its `cam` and `embedding` outputs (a model file
+/// made before they existed) and its card's hash and size to match.
+fn strip_cam(dir: &std::path::Path, name: &str) {
+    let path = dir.join(format!("{name}.onnx"));
+    let mut m = cxr::onnx::proto::ModelProto::decode(&std::fs::read(&path).unwrap()[..]).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    g.output.retain(|o| o.name == "logits" || o.name == "probabilities");
+    let bytes = m.encode_to_vec();
+    std::fs::write(&path, &bytes).unwrap();
+    let card_path = dir.join(format!("{name}.json"));
+    let mut card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&card_path).unwrap()).unwrap();
+    card["onnx"]["sha256"] = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into();
+    card["onnx"]["bytes"] = bytes.len().into();
+    std::fs::write(&card_path, serde_json::to_vec(&card).unwrap()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_cam_serves_and_says_the_explanation_is_unavailable() {
+    common::ort_env();
+    let dir = common::models_dir();
+    strip_cam(dir.path(), "alpha");
+    let metrics = std::sync::Arc::new(cxr::http::Metrics::new());
+    let state = cxr::AppState::new(common::test_limits(), metrics.clone());
+    let (set, _w) = cxr::inference::load_models(
+        &common::load_config(dir.path(), common::default_batch()),
+        |n| metrics.observer(n),
+    )
+    .expect("a model file without cam loads");
+    state.set_models(set);
+    let app = cxr::build_app(state);
+    let (s, _, b) = send(&app, raw("/predict?explain=cam", "image/png", img(2))).await;
+    assert_eq!(s, StatusCode::OK);
+    let v = json(&b);
+    assert!(v.get("heatmap").is_none());
+    assert!(
+        v["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("explanation unavailable"),
+        "{v}"
+    );
+    let (s, _, b) = send(
+        &app,
+        with_accept(raw("/predict", "image/png", img(2)), "image/png"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(json(&b)["error_type"], "explanation_unavailable");
+    // The other variant still has its maps.
+    let (s, _, b) = send(&app, raw("/predict?model=beta&explain=cam", "image/png", img(2))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(json(&b)["heatmap"].is_object());
+}
