@@ -70,13 +70,19 @@ async fn explain_cam_adds_normalised_maps_and_an_overlay() {
         &t.app,
         multipart(
             "/predict?explain=cam",
-            &[("image", "image/png", img(1)), ("image", "image/png", img(7))],
+            &[
+                ("image", "image/png", img(1)),
+                ("image", "image/png", img(7)),
+            ],
         ),
     )
     .await;
     assert_eq!(s, StatusCode::OK);
     let arr = json(&b);
-    assert_ne!(arr[0]["heatmap"]["overlay_png"], arr[1]["heatmap"]["overlay_png"]);
+    assert_ne!(
+        arr[0]["heatmap"]["overlay_png"],
+        arr[1]["heatmap"]["overlay_png"]
+    );
 
     // Accept: image/png answers the overlay itself.
     let (s, hd, b) = send(
@@ -93,13 +99,21 @@ async fn explain_cam_adds_normalised_maps_and_an_overlay() {
         with_accept(
             multipart(
                 "/predict",
-                &[("image", "image/png", img(1)), ("image", "image/png", img(7))],
+                &[
+                    ("image", "image/png", img(1)),
+                    ("image", "image/png", img(7)),
+                ],
             ),
             "image/png",
         ),
     )
     .await;
-    assert_eq!(s, StatusCode::NOT_ACCEPTABLE, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        s,
+        StatusCode::NOT_ACCEPTABLE,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
     // An unknown explanation is a query error.
     let (s, _, b) = send(&t.app, raw("/predict?explain=gradcam", "image/png", img(3))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
@@ -112,7 +126,8 @@ fn strip_cam(dir: &std::path::Path, name: &str) {
     let path = dir.join(format!("{name}.onnx"));
     let mut m = cxr::onnx::proto::ModelProto::decode(&std::fs::read(&path).unwrap()[..]).unwrap();
     let g = m.graph.as_mut().unwrap();
-    g.output.retain(|o| o.name == "logits" || o.name == "probabilities");
+    g.output
+        .retain(|o| o.name == "logits" || o.name == "probabilities");
     let bytes = m.encode_to_vec();
     std::fs::write(&path, &bytes).unwrap();
     let card_path = dir.join(format!("{name}.json"));
@@ -160,7 +175,11 @@ async fn a_model_without_cam_serves_and_says_the_explanation_is_unavailable() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(json(&b)["error_type"], "explanation_unavailable");
     // The other variant still has its maps.
-    let (s, _, b) = send(&app, raw("/predict?model=beta&explain=cam", "image/png", img(2))).await;
+    let (s, _, b) = send(
+        &app,
+        raw("/predict?model=beta&explain=cam", "image/png", img(2)),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
     assert!(json(&b)["heatmap"].is_object());
 }

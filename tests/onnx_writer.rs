@@ -161,7 +161,10 @@ fn cam_and_embedding_match_the_reference_and_sum_to_the_logits() {
     assert_eq!(&eshape[..], &[n as i64, channels as i64]);
     let cb = &w["classifier.bias"].data;
     for b in 0..n {
-        let img = Tensor::new(vec![3, s, s], x[b * 3 * s * s..(b + 1) * 3 * s * s].to_vec());
+        let img = Tensor::new(
+            vec![3, s, s],
+            x[b * 3 * s * s..(b + 1) * 3 * s * s].to_vec(),
+        );
         let f = reference::final_features(&config, &w, img);
         assert_eq!(f.shape, vec![channels, h, wd]);
         let hw = h * wd;
@@ -171,7 +174,10 @@ fn cam_and_embedding_match_the_reference_and_sum_to_the_logits() {
                 let want: f32 = (0..channels)
                     .map(|k| cw[c * channels + k] * f.data[k * hw + p])
                     .sum();
-                assert!((map[p] - want).abs() <= 1e-4 * want.abs().max(1.0), "cam {b},{c},{p}");
+                assert!(
+                    (map[p] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "cam {b},{c},{p}"
+                );
             }
             let mean = map.iter().sum::<f32>() / hw as f32;
             let logit = logits[b * 2 + c];

@@ -3,7 +3,30 @@
 
 use clap::Parser;
 
+/// `cxr-train rewrite-onnx CARD...`: rewrites each card's ONNX file with the current
+/// writer from the file's own weights (adding the outputs older files lack: `cam`,
+/// `embedding`), checks its answers are unchanged, and updates the card's hash.
+#[derive(Debug, Parser)]
+#[command(name = "cxr-train rewrite-onnx")]
+struct RewriteArgs {
+    /// Model cards (`models/<name>.json`).
+    #[arg(required = true)]
+    cards: Vec<std::path::PathBuf>,
+    /// Path of libonnxruntime.so.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_lib: Option<std::path::PathBuf>,
+}
+
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("rewrite-onnx") {
+        let a = RewriteArgs::parse_from(std::env::args().skip(1));
+        let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
+        for card in &a.cards {
+            let (old, new) = cxr::registry::rewrite_onnx(card, &lib).map_err(anyhow::Error::msg)?;
+            println!("{}: {old} -> {new} (answers unchanged)", card.display());
+        }
+        return Ok(());
+    }
     let args = cxr::train::TrainArgs::parse();
     match cxr::train::run(&args)? {
         Some(out) => println!("{}", out.onnx.display()),

@@ -40,7 +40,9 @@ pub struct Heatmap {
 pub fn normalise(v: &[f32]) -> Vec<f32> {
     let (lo, hi) = v
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| {
+            (l.min(x), h.max(x))
+        });
     let span = hi - lo;
     v.iter()
         .map(|&x| if span > 0.0 { (x - lo) / span } else { 0.0 })
@@ -86,9 +88,19 @@ pub fn overlay(
     let img = RgbImage::from_fn(size, size, |x, y| {
         let (x, y) = (x as usize, y as usize);
         let gray = (input[y * s + x] * pre.std[0] + pre.mean[0]).clamp(0.0, 1.0);
-        let t = bilinear(grid, h, w, (x as f32 + 0.5) * w as f32 / s as f32 - 0.5, (y as f32 + 0.5) * h as f32 / s as f32 - 0.5);
+        let t = bilinear(
+            grid,
+            h,
+            w,
+            (x as f32 + 0.5) * w as f32 / s as f32 - 0.5,
+            (y as f32 + 0.5) * h as f32 / s as f32 - 0.5,
+        );
         let c = jet(t);
-        let mix = |k: usize| ((0.6 * gray + 0.4 * c[k]) * 255.0).round().clamp(0.0, 255.0) as u8;
+        let mix = |k: usize| {
+            ((0.6 * gray + 0.4 * c[k]) * 255.0)
+                .round()
+                .clamp(0.0, 255.0) as u8
+        };
         Rgb([mix(0), mix(1), mix(2)])
     });
     let mut out = std::io::Cursor::new(Vec::new());

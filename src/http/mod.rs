@@ -691,11 +691,9 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
                 model.card.name, model.card.version
             )));
         };
-        let png = base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            &h.overlay_png,
-        )
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let png =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &h.overlay_png)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
         return Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response());
     }
     if wants_sr {
@@ -914,20 +912,17 @@ fn accept_header(headers: &HeaderMap) -> Option<String> {
 
 /// Whether an Accept value names `media` exactly (not by a wildcard) with a non-zero q.
 fn accepts(accept: Option<&str>, media: &str) -> bool {
-    accept
-        .into_iter()
-        .flat_map(|v| v.split(','))
-        .any(|range| {
-            let mut parts = range.split(';');
-            let m = parts.next().unwrap_or("").trim();
-            let q_zero = parts.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            });
-            m.eq_ignore_ascii_case(media) && !q_zero
-        })
+    accept.into_iter().flat_map(|v| v.split(',')).any(|range| {
+        let mut parts = range.split(';');
+        let m = parts.next().unwrap_or("").trim();
+        let q_zero = parts.any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        m.eq_ignore_ascii_case(media) && !q_zero
+    })
 }
 
 /// The answers as DICOM Structured Reports: one `application/dicom` body, or a

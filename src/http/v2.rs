@@ -499,8 +499,10 @@ async fn infer_inner(
             )));
         }
     };
-    let predictions =
-        classify(state, model, &decision, decoded, &caller, &rid, started, false).await?;
+    let predictions = classify(
+        state, model, &decision, decoded, &caller, &rid, started, false,
+    )
+    .await?;
 
     let n = predictions.len() as i64;
     let mut tail: Vec<u8> = Vec::new();

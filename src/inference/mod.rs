@@ -8,6 +8,6 @@ pub mod runtime;
 pub use batcher::{BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError};
 pub use models::{LoadConfig, LoadError, ModelSet, Prefer, SelectError, ServedModel, load_models};
 pub use runtime::{
-    ClassMaps, Device, ModelOutput, Provider, RuntimeError, SessionOptions, create_session, environment,
-    resolve_library, run_outputs, run_probabilities,
+    ClassMaps, Device, ModelOutput, Provider, RuntimeError, SessionOptions, create_session,
+    environment, resolve_library, run_outputs, run_probabilities,
 };

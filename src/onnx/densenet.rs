@@ -158,7 +158,12 @@ pub fn write_densenet(
             value_info(PROBABILITIES_NAME, &[Err("batch"), Ok(classes)]),
             value_info(
                 CAM_NAME,
-                &[Err("batch"), Ok(classes), Err("cam_height"), Err("cam_width")],
+                &[
+                    Err("batch"),
+                    Ok(classes),
+                    Err("cam_height"),
+                    Err("cam_width"),
+                ],
             ),
             value_info(EMBEDDING_NAME, &[Err("batch"), Ok(channels)]),
         ],
