@@ -170,12 +170,12 @@ fn cam_and_embedding_match_the_reference_and_sum_to_the_logits() {
         let hw = h * wd;
         for c in 0..2 {
             let map = &cam[(b * 2 + c) * hw..(b * 2 + c + 1) * hw];
-            for p in 0..hw {
+            for (p, got) in map.iter().enumerate() {
                 let want: f32 = (0..channels)
                     .map(|k| cw[c * channels + k] * f.data[k * hw + p])
                     .sum();
                 assert!(
-                    (map[p] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
                     "cam {b},{c},{p}"
                 );
             }
