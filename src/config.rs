@@ -104,6 +104,10 @@ pub struct ServeArgs {
     /// Classify DICOM objects of any Modality (default: only CR, DX and DR).
     #[arg(long, env = "CXR_ALLOW_ANY_MODALITY")]
     pub allow_any_modality: bool,
+    /// Classify lateral DICOM views (ViewPosition LL, RL) with a warning instead of
+    /// refusing them (422 lateral_view).
+    #[arg(long, env = "CXR_ALLOW_LATERAL")]
+    pub allow_lateral: bool,
     /// Longest a /predict request may take, seconds (then 503 timeout).
     #[arg(long, env = "CXR_REQUEST_TIMEOUT_S", default_value_t = 60)]
     pub request_timeout_s: u64,
@@ -210,6 +214,7 @@ impl ServeArgs {
             },
             dicom: DicomOptions {
                 allow_any_modality: self.allow_any_modality,
+                allow_lateral: self.allow_lateral,
                 ..DicomOptions::default()
             },
             geometry: crate::imaging::Geometry {

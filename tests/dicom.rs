@@ -215,7 +215,18 @@ async fn multipart_dicom_parts_typed_or_sniffed() {
 
 #[tokio::test]
 async fn lateral_view_and_multiframe_answer_with_warnings() {
-    let t = common::test_app();
+    // Lateral views are refused by default (tests/gates.rs); --allow-lateral answers
+    // them with a warning.
+    let t = common::test_app_with(
+        cxr::Limits {
+            dicom: cxr::imaging::dicom::DicomOptions {
+                allow_lateral: true,
+                ..Default::default()
+            },
+            ..common::test_limits()
+        },
+        common::default_batch(),
+    );
     let g = d::test_gray(40, 30, 7);
     let other = d::test_gray(40, 30, 8);
     let (_, _, b) = send(&t.app, raw("/predict", "image/png", common::png_bytes(&g))).await;

@@ -126,6 +126,19 @@ impl ApiError {
             ApiError::Dicom(DicomError::Geometry(_)) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "implausible_geometry")
             }
+            ApiError::Dicom(DicomError::Content(ImageError::Colour { .. }))
+            | ApiError::Image(ImageError::Colour { .. }) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "colour_image")
+            }
+            ApiError::Dicom(DicomError::Content(_)) | ApiError::Image(ImageError::Blank { .. }) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "blank_image")
+            }
+            ApiError::Dicom(DicomError::WrongBodyPart(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "wrong_body_part")
+            }
+            ApiError::Dicom(DicomError::Lateral(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "lateral_view")
+            }
             ApiError::Dicom(DicomError::TooManyPixels { .. }) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")
             }

@@ -40,6 +40,9 @@ pub struct DicomOptions {
     pub allow_any_modality: bool,
     /// Rows x Columns a radiograph can have.
     pub geometry: super::Geometry,
+    /// Classify lateral views (ViewPosition LL, RL, …) with a warning instead of
+    /// refusing them.
+    pub allow_lateral: bool,
 }
 
 /// Why a DICOM upload was refused.
@@ -51,6 +54,17 @@ pub enum DicomError {
     /// Rows x Columns no radiograph has (422).
     #[error(transparent)]
     Geometry(super::ImageError),
+    /// A blank or saturated image (422).
+    #[error(transparent)]
+    Content(super::ImageError),
+    /// BodyPartExamined names another part of the body (422).
+    #[error("BodyPartExamined is {0}: the models read chest radiographs only")]
+    WrongBodyPart(String),
+    /// A lateral view (422, unless `--allow-lateral`).
+    #[error(
+        "ViewPosition {0} is a lateral view: the models were trained on frontal (AP/PA) radiographs (the server classifies lateral views, with a warning, only with --allow-lateral)"
+    )]
+    Lateral(String),
     /// A transfer syntax this server cannot decode (415).
     #[error(
         "unsupported DICOM transfer syntax {uid} ({name}); send native (uncompressed), RLE, JPEG baseline/lossless or JPEG 2000"
@@ -212,6 +226,14 @@ pub fn decode_dicom(
             "SamplesPerPixel is {samples}; only single-sample (grayscale) radiographs are classified"
         )));
     }
+    if let Some(part) = text(tags::BODY_PART_EXAMINED)
+        && !matches!(
+            part.to_ascii_uppercase().as_str(),
+            "CHEST" | "THORAX" | "LUNG"
+        )
+    {
+        return Err(DicomError::WrongBodyPart(part));
+    }
     let modality = text(tags::MODALITY);
     if !opts.allow_any_modality {
         match modality.as_deref() {
@@ -355,10 +377,22 @@ pub fn decode_dicom(
             "LL" | "RL" | "LAT" | "LATERAL"
         )
     {
+        if !opts.allow_lateral {
+            return Err(DicomError::Lateral(view));
+        }
         warnings.push(format!(
             "ViewPosition {view} is a lateral view; the models were trained on frontal (AP/PA) radiographs"
         ));
     }
+    // Read for this check only: never echoed, logged or kept.
+    if let Some(age) = text(tags::PATIENT_AGE)
+        && age_over_18(&age)
+    {
+        warnings.push(
+            "PatientAge is over 18 years: the models were trained on pediatric radiographs (ages 1 to 5) and are not validated for adults".into(),
+        );
+    }
+    super::check_not_blank(&gray).map_err(DicomError::Content)?;
     Ok(DicomImage {
         gray,
         info: DicomInfo {
@@ -921,5 +955,43 @@ mod tests {
         assert!(check_rle_header(&rle, 2).is_err());
         rle[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(check_rle_header(&rle, 2).is_err());
+    }
+}
+
+/// Whether a DICOM Age String (`nnnD`, `nnnW`, `nnnM`, `nnnY`) is over 18 years.
+fn age_over_18(age: &str) -> bool {
+    let age = age.trim();
+    let (num, unit) = age.split_at(age.len().saturating_sub(1));
+    let Ok(n) = num.parse::<u32>() else {
+        return false;
+    };
+    match unit {
+        "Y" | "y" => n > 18,
+        "M" | "m" => n > 18 * 12,
+        "W" | "w" => n > 18 * 52 + 1,
+        "D" | "d" => n > 18 * 365 + 4,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod age_tests {
+    #[test]
+    fn ages_over_18() {
+        for (a, want) in [
+            ("019Y", true),
+            ("018Y", false),
+            ("005Y", false),
+            ("217M", true),
+            ("216M", false),
+            ("030W", false),
+            ("999W", true),
+            ("400D", false),
+            ("", false),
+            ("Y", false),
+            ("abcY", false),
+        ] {
+            assert_eq!(super::age_over_18(a), want, "{a}");
+        }
     }
 }

@@ -273,3 +273,17 @@ pub fn test_opts() -> cxr::imaging::dicom::DicomOptions {
         ..Default::default()
     }
 }
+
+/// `bytes` (a Part-10 file) with `extra` attributes put into its data set.
+pub fn with_tags(bytes: &[u8], extra: &[(Tag, VR, &str)]) -> Vec<u8> {
+    let mut obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(bytes)
+        .expect("a file built by build()");
+    for (tag, vr, v) in extra {
+        obj.put(DataElement::new(*tag, *vr, PrimitiveValue::from(*v)));
+    }
+    let mut out = Vec::new();
+    obj.write_all(&mut out).expect("write dicom");
+    out
+}
