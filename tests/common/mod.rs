@@ -41,6 +41,18 @@ pub fn write_tiny_model(
     sensitivity: f64,
     specificity: f64,
 ) -> Weights {
+    write_tiny_model_at(dir, name, seed, sensitivity, specificity, 0.5)
+}
+
+/// [`write_tiny_model`] with the card's decision threshold.
+pub fn write_tiny_model_at(
+    dir: &Path,
+    name: &str,
+    seed: u64,
+    sensitivity: f64,
+    specificity: f64,
+    threshold: f64,
+) -> Weights {
     let config = DenseNetConfig::tiny();
     let weights = config.random_weights(seed);
     let mut test = EvalMetrics::compute(&[0.9, 0.1], &[1, 0], 0.5);
@@ -57,7 +69,7 @@ pub fn write_tiny_model(
             weights: &weights,
             input_size: 32,
             storage: WeightStorage::Fp32,
-            threshold: 0.5,
+            threshold,
             training: Recipe {
                 strategy: Strategy::None,
                 ..Default::default()
