@@ -375,11 +375,10 @@ async fn overload_is_refused_fast_and_nothing_is_lost() {
     assert!(ok > 0 && overloaded > 0, "ok {ok}, overloaded {overloaded}");
     let (_, _, b) = send(&t.app, get("/metrics")).await;
     let text = String::from_utf8(b).unwrap();
+    let want = format!("cxr_overloaded_total{{model=\"alpha\"}} {overloaded}");
     assert!(
-        text.contains(&format!(
-            "cxr_overloaded_total{{model=\"alpha\"}} {overloaded}"
-        )),
-        "{text}"
+        text.lines().any(|l| l == want),
+        "no line `{want}` in\n{text}"
     );
 }
 
@@ -410,7 +409,8 @@ async fn served_probabilities_equal_direct_onnx_runtime() {
 async fn models_endpoints_and_metrics() {
     let t = common::test_app();
     let png = common::png_bytes(&common::gray_image(64, 64, 2));
-    send(&t.app, raw("/predict", "image/png", png)).await;
+    let (_, _, b) = send(&t.app, raw("/predict", "image/png", png)).await;
+    let label = json(&b)["label"].as_str().unwrap().to_string();
     let (s, _, b) = send(&t.app, get("/models")).await;
     let v = json(&b);
     assert_eq!(s, StatusCode::OK);
@@ -445,18 +445,27 @@ async fn models_endpoints_and_metrics() {
             .starts_with("text/plain")
     );
     let text = String::from_utf8(b).unwrap();
-    for needle in [
-        "cxr_requests_total{path=\"/predict\",status=\"200\"} 1",
-        "cxr_request_duration_seconds_bucket{path=\"/predict\"",
-        "cxr_inference_duration_seconds_count{model=\"alpha\"} ",
-        "cxr_queue_duration_seconds_count{model=\"alpha\"} 1",
-        "cxr_batch_size_count{model=\"alpha\"} ",
-        "cxr_queue_depth{model=\"alpha\"} 0",
-        "cxr_decode_duration_seconds_count{model=\"alpha\"} 1",
-        "cxr_requests_total{path=\"/models/{name}\",status=\"404\"} 1",
+    // Whole lines with their exact values (a substring `… 1` would match `… 10`).
+    let lines: Vec<&str> = text.lines().collect();
+    for want in [
+        "cxr_requests_total{path=\"/predict\",status=\"200\"} 1".to_string(),
+        "cxr_request_duration_seconds_count{path=\"/predict\"} 1".into(),
+        "cxr_inference_duration_seconds_count{model=\"alpha\"} 1".into(),
+        "cxr_queue_duration_seconds_count{model=\"alpha\"} 1".into(),
+        "cxr_batch_size_count{model=\"alpha\"} 1".into(),
+        "cxr_batch_size_sum{model=\"alpha\"} 1".into(),
+        "cxr_queue_depth{model=\"alpha\"} 0".into(),
+        "cxr_decode_duration_seconds_count{model=\"alpha\"} 1".into(),
+        "cxr_requests_total{path=\"/models/{name}\",status=\"404\"} 1".into(),
+        format!("cxr_predictions_total{{label=\"{label}\",model=\"alpha\"}} 1"),
     ] {
-        assert!(text.contains(needle), "missing {needle} in\n{text}");
+        assert!(
+            lines.contains(&want.as_str()),
+            "no line `{want}` in\n{text}"
+        );
     }
+    // Nothing was counted for the variant that did not answer.
+    assert!(!text.contains("cxr_predictions_total{label=\"NORMAL\",model=\"beta\"}"));
 }
 
 #[tokio::test]
