@@ -11,6 +11,10 @@ an ECE bin edge moves the ECE by up to 1/624).
     python3 scripts/check_served_metrics.py [--url http://127.0.0.1:8080] \
         [--data ../shared/data/chest_xray_224/test] [--models weighted,augmented]
 
+When `models/<name>.test-scores.json` exists (written by cxr-train at export, or by
+`cxr-train test-scores` for a shipped file), every served probability must also lie
+within 1e-5 of cxr-train's for that image, with the same label.
+
 Standard library only. Exits non-zero on any mismatch or failed request.
 """
 import argparse, json, os, struct, sys, time, urllib.error, urllib.request
@@ -69,6 +73,8 @@ def main():
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray_224", "test"))
     ap.add_argument("--models", default="")
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--models-dir", default=os.path.join(os.path.dirname(__file__), "..", "models"),
+                    help="where <name>.test-scores.json (cxr-train's per-image scores) are")
     a = ap.parse_args()
     for _ in range(600):
         try:
@@ -106,6 +112,26 @@ def main():
         print(f"  {name}: served AUC {served_auc:.6f} (card {test.get('auc', float('nan')):.6f}), "
               f"ECE {served_ece:.6f} (card {test.get('ece', float('nan')):.6f})", file=sys.stderr)
         match = cc == c and abs(test.get("accuracy", -1) - acc) < 1e-12 and prob_match
+        # Image by image, against cxr-train's own measurement of the same file.
+        sp = os.path.join(a.models_dir, f"{name}.test-scores.json")
+        if os.path.exists(sp):
+            ref = json.load(open(sp))
+            if ref["onnx_sha256"] != card["onnx"]["sha256"]:
+                print(f"  {name}: {sp} is of another ONNX file", file=sys.stderr)
+                match = False
+            by_file = {i["file"]: i for i in ref["images"]}
+            bad = 0
+            for (path, label), ans, p in zip(files, answers, scores):
+                key = os.path.relpath(path, a.data)
+                r = by_file.get(key)
+                if r is None or r["label"] != label or abs(r["p_pneumonia"] - p) > 1e-5 or r["answer"] != ans["label"]:
+                    bad += 1
+                    if bad <= 5:
+                        print(f"  {name}: {key}: served {p} {ans['label']}, cxr-train {r and (r['p_pneumonia'], r['answer'])}", file=sys.stderr)
+            print(f"  {name}: per image: {len(files) - bad}/{len(files)} served probabilities within 1e-5 of cxr-train's and the same label", file=sys.stderr)
+            match &= bad == 0 and len(by_file) == len(files)
+        else:
+            print(f"  {name}: no {sp}: per-image comparison skipped", file=sys.stderr)
         ok &= match
         fmt = lambda d: " ".join(str(d.get(k)) for k in ("tp", "fp", "tn", "fn"))
         print(f"| {name} | {acc:.4f} | {test.get('accuracy', float('nan')):.4f} | {fmt(c)} | {fmt(cc)} | {'yes' if match else 'NO'} |")

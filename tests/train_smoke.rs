@@ -442,6 +442,37 @@ fn imported_runs_are_exported_with_their_own_weights_and_measured() {
         assert_eq!(&written[k], t, "{k}");
     }
     let card = &done.card;
+    // Every test image's served score beside the card: they reproduce the card's test
+    // metrics, and `cxr-train test-scores` re-measures the same values.
+    let scores_path = done.onnx.with_file_name("weighted.test-scores.json");
+    let read = |p: &std::path::Path| -> cxr::train::TestScores {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let scores = read(&scores_path);
+    assert_eq!(scores.onnx_sha256, card.onnx.sha256);
+    let (p, l): (Vec<f64>, Vec<u8>) = scores
+        .images
+        .iter()
+        .map(|i| (i.p_pneumonia, i.label))
+        .unzip();
+    let m = cxr::eval::Metrics::compute(&p, &l, card.threshold);
+    let test = card.metrics.test.as_ref().unwrap();
+    assert_eq!(m.confusion, test.confusion);
+    assert_eq!(m.auc, test.auc);
+    assert!(scores.images.iter().all(|i| i.file.starts_with("NORMAL/") || i.file.starts_with("PNEUMONIA/")));
+    std::fs::remove_file(&scores_path).unwrap();
+    let card_path = done.onnx.with_file_name("weighted.json");
+    let n = cxr::train::write_test_scores(
+        &card_path,
+        data.path(),
+        &cxr::inference::resolve_library(None),
+    )
+    .unwrap();
+    assert_eq!(n, scores.images.len());
+    let again = read(&scores_path);
+    for (a, b) in scores.images.iter().zip(&again.images) {
+        assert_eq!((&a.file, a.label, a.p_pneumonia), (&b.file, b.label, b.p_pneumonia));
+    }
     let cal = card.calibration.as_ref().expect("calibration");
     assert!(cal.temperature > 0.0 && cal.validation_nll_after <= cal.validation_nll_before + 1e-12);
     assert!(card.metrics.validation_stressed.is_some());

@@ -6,6 +6,23 @@ use clap::Parser;
 /// `cxr-train rewrite-onnx CARD...`: rewrites each card's ONNX file with the current
 /// writer from the file's own weights (adding the outputs older files lack: `cam`,
 /// `embedding`), checks its answers are unchanged, and updates the card's hash.
+/// `cxr-train test-scores --data DIR CARD...`: re-measures each card's ONNX file on
+/// the test split as the export does, checks it against the card, and writes
+/// `<name>.test-scores.json` (every image's served probability and answer).
+#[derive(Debug, Parser)]
+#[command(name = "cxr-train test-scores")]
+struct ScoresArgs {
+    /// Model cards (`models/<name>.json`).
+    #[arg(required = true)]
+    cards: Vec<std::path::PathBuf>,
+    /// The data folder (with `test/NORMAL`, `test/PNEUMONIA`).
+    #[arg(long, default_value = "../shared/data/chest_xray_224")]
+    data: std::path::PathBuf,
+    /// Path of libonnxruntime.so.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_lib: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "cxr-train rewrite-onnx")]
 struct RewriteArgs {
@@ -24,6 +41,15 @@ fn main() -> anyhow::Result<()> {
         for card in &a.cards {
             let (old, new) = cxr::registry::rewrite_onnx(card, &lib).map_err(anyhow::Error::msg)?;
             println!("{}: {old} -> {new} (answers unchanged)", card.display());
+        }
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("test-scores") {
+        let a = ScoresArgs::parse_from(std::env::args().skip(1));
+        let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
+        for card in &a.cards {
+            let n = cxr::train::write_test_scores(card, &a.data, &lib)?;
+            println!("{}: {n} test scores written (metrics equal the card's)", card.display());
         }
         return Ok(());
     }

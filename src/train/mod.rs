@@ -1056,6 +1056,12 @@ fn finish(
     card.training.notes += &format!("Stress validation: {}.", stress::DESCRIPTION);
     let json = serde_json::to_string_pretty(&card)? + "\n";
     write_atomic(&dest.join(format!("{name}.json")), json.as_bytes()).map_err(|e| anyhow!(e))?;
+    let scores = TestScores::new(&card, &args.data.join("test"), &test.samples, &test_scores);
+    write_atomic(
+        &dest.join(format!("{name}.test-scores.json")),
+        (serde_json::to_string_pretty(&scores)? + "\n").as_bytes(),
+    )
+    .map_err(|e| anyhow!(e))?;
     if interim {
         // The progress this model was exported at, for `--resume-from` on a machine
         // that lacks the run folder (the ONNX file holds the weights).
@@ -1125,4 +1131,119 @@ mod tests {
             0.7
         );
     }
+}
+
+/// Every test image's served probability and answer, as the card's measurement saw
+/// them (`<name>.test-scores.json` beside the card): what
+/// `scripts/check_served_metrics.py` compares a running server with, image by image.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TestScores {
+    /// Variant name.
+    pub model: String,
+    /// Its version.
+    pub version: String,
+    /// SHA-256 of the ONNX file measured.
+    pub onnx_sha256: String,
+    /// The card's threshold.
+    pub threshold: f64,
+    /// The card's temperature (none: the file's softmax).
+    pub temperature: Option<f64>,
+    /// One entry per test image, in file order.
+    pub images: Vec<TestScore>,
+}
+
+/// One test image.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TestScore {
+    /// Path under the test folder, `NORMAL/…` or `PNEUMONIA/…`.
+    pub file: String,
+    /// 0 NORMAL, 1 PNEUMONIA.
+    pub label: u8,
+    /// Served (calibrated) P(PNEUMONIA).
+    pub p_pneumonia: f64,
+    /// The label answered at the card's threshold.
+    pub answer: String,
+}
+
+impl TestScores {
+    /// The scores of `samples` (under `root`) for `card`.
+    pub fn new(card: &ModelCard, root: &Path, samples: &[data::Sample], scores: &[f64]) -> Self {
+        Self {
+            model: card.name.clone(),
+            version: card.version.clone(),
+            onnx_sha256: card.onnx.sha256.clone(),
+            threshold: card.threshold,
+            temperature: card.temperature(),
+            images: samples
+                .iter()
+                .zip(scores)
+                .map(|(s, &p)| TestScore {
+                    file: s
+                        .path
+                        .strip_prefix(root)
+                        .unwrap_or(&s.path)
+                        .to_string_lossy()
+                        .into_owned(),
+                    label: s.label,
+                    p_pneumonia: p,
+                    answer: if p >= card.threshold { "PNEUMONIA" } else { "NORMAL" }.into(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `cxr-train test-scores`: measures a shipped model's ONNX file on the test split
+/// through ONNX Runtime as the export does (same preprocessing, batches of 8, the
+/// card's temperature), checks the accuracy, confusion matrix and AUC equal the
+/// card's, and writes `<name>.test-scores.json` beside the card.
+pub fn write_test_scores(card_path: &Path, data_dir: &Path, ort_lib: &Path) -> anyhow::Result<usize> {
+    let loaded = crate::registry::load_card(card_path)?;
+    let card = loaded.card;
+    let test = data::scan(data_dir, "test").map_err(|e| anyhow::anyhow!(e))?;
+    let pre = Preprocessor::new(card.input_size, &card.preprocessing).map_err(|e| anyhow::anyhow!(e))?;
+    let (imgs, bad) = data::load_resized(&test, &pre);
+    report_bad(&bad, test.len())?;
+    let env = crate::inference::environment(ort_lib)?;
+    let opts = crate::inference::SessionOptions {
+        device: crate::inference::Device::Cpu,
+        intra_threads: 0,
+        cpu_arena: false,
+    };
+    let (mut session, _, _) = crate::inference::create_session(env, &loaded.onnx_bytes, opts)?;
+    let s = card.input_size as usize;
+    let mut scores = Vec::with_capacity(imgs.len());
+    for chunk in imgs.chunks(8) {
+        let batch: Vec<f32> = chunk.iter().flat_map(|g| pre.normalize(g)).collect();
+        for o in crate::inference::run_outputs(&mut session, batch, chunk.len(), s)
+            .map_err(|e| anyhow::anyhow!(e))?
+        {
+            scores.push(f64::from(
+                served_probabilities(o.logits, o.probabilities, card.temperature())[1],
+            ));
+        }
+    }
+    let labels: Vec<u8> = test.iter().map(|t| t.label).collect();
+    let m = Metrics::compute(&scores, &labels, card.threshold);
+    let want = card
+        .metrics
+        .test
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("the card has no test metrics to check against"))?;
+    if m.confusion != want.confusion
+        || (m.auc.unwrap_or(0.0) - want.auc.unwrap_or(0.0)).abs() > 1e-9
+    {
+        anyhow::bail!(
+            "the measurement differs from the card: confusion {:?} AUC {:?} vs {:?} {:?}",
+            m.confusion,
+            m.auc,
+            want.confusion,
+            want.auc
+        );
+    }
+    let out = TestScores::new(&card, &data_dir.join("test"), &test, &scores);
+    let path = card_path.with_file_name(format!("{}.test-scores.json", card.name));
+    write_atomic(&path, (serde_json::to_string_pretty(&out)? + "\n").as_bytes())
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(out.images.len())
 }
