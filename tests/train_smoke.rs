@@ -473,6 +473,9 @@ fn imported_runs_are_exported_with_their_own_weights_and_measured() {
     for (a, b) in scores.images.iter().zip(&again.images) {
         assert_eq!((&a.file, a.label, a.p_pneumonia), (&b.file, b.label, b.p_pneumonia));
     }
+    // The scores file beside the card is not taken for a card.
+    let loaded = cxr::registry::load_dir(out.path()).unwrap();
+    assert_eq!(loaded.len(), 1);
     let cal = card.calibration.as_ref().expect("calibration");
     assert!(cal.temperature > 0.0 && cal.validation_nll_after <= cal.validation_nll_before + 1e-12);
     assert!(card.metrics.validation_stressed.is_some());

@@ -58,7 +58,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Loads and checks every `<name>.json` card in `dir` (sorted by name).
+/// Loads and checks every `<name>.json` card in `dir` (sorted by name); JSON files
+/// with a further dot in their name (`<name>.test-scores.json`) are not cards.
 pub fn load_dir(dir: &Path) -> Result<Vec<LoadedModel>, RegistryError> {
     let entries = std::fs::read_dir(dir).map_err(|source| RegistryError::Folder {
         path: dir.into(),
@@ -67,7 +68,13 @@ pub fn load_dir(dir: &Path) -> Result<Vec<LoadedModel>, RegistryError> {
     let mut cards: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json") && p.is_file())
+        // `<name>.json` with no other dot: `<name>.test-scores.json` and the like are
+        // companions of a card, not cards.
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "json")
+                && p.file_stem().is_some_and(|s| !s.to_string_lossy().contains('.'))
+                && p.is_file()
+        })
         .collect();
     cards.sort();
     if cards.is_empty() {
