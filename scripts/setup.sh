@@ -7,7 +7,7 @@
 #   bash scripts/setup.sh --gpu     ONNX Runtime with CUDA 13 (onnxruntime-gpu[cuda,cudnn])
 #   bash scripts/setup.sh --test    + the independent tools the tests check against:
 #                                   tritonclient[http] (NVIDIA's V2 protocol client),
-#                                   pydicom, and dciodvfy (Debian's dicom3tools)
+#                                   pydicom, Pillow, and dciodvfy (Debian's dicom3tools)
 #
 # Nothing is downloaded at build or run time: ONNX Runtime and libtorch come from
 # their official PyPI wheels, installed here with pip.
@@ -19,6 +19,7 @@ ORT_VERSION=1.32.0
 TORCH_VERSION=2.13.0
 TRITONCLIENT_VERSION=2.73.0
 PYDICOM_VERSION=3.0.1
+PILLOW_VERSION=12.0.0
 
 train=0; gpu=0; tests=0
 for a in "$@"; do
@@ -85,5 +86,10 @@ if ((tests)); then
   if [ "$have" != "$PYDICOM_VERSION" ]; then
     echo "setup: installing pydicom==$PYDICOM_VERSION (reads back the DICOM SRs in the tests)"
     pip install "pydicom==$PYDICOM_VERSION"
+  fi
+  have=$(.venv/bin/python -m pip show pillow 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  if [ "$have" != "$PILLOW_VERSION" ]; then
+    echo "setup: installing pillow==$PILLOW_VERSION (makes the resize fixture; bench/abuse.py)"
+    pip install "pillow==$PILLOW_VERSION"
   fi
 fi

@@ -317,6 +317,7 @@ async fn bad_dicom_gets_the_right_4xx() {
         ("1.2.840.10008.1.2.4.80", "JPEG-LS"),
         ("1.2.3.4.5.6", "unknown"),
         ("1.2.840.10008.1.2.1.99", "Deflate"),
+        ("1.2.840.10008.1.2.2", "Big Endian"),
     ] {
         let spec = Spec {
             transfer_syntax_override: Some(uid),

@@ -459,7 +459,12 @@ fn imported_runs_are_exported_with_their_own_weights_and_measured() {
     let test = card.metrics.test.as_ref().unwrap();
     assert_eq!(m.confusion, test.confusion);
     assert_eq!(m.auc, test.auc);
-    assert!(scores.images.iter().all(|i| i.file.starts_with("NORMAL/") || i.file.starts_with("PNEUMONIA/")));
+    assert!(
+        scores
+            .images
+            .iter()
+            .all(|i| i.file.starts_with("NORMAL/") || i.file.starts_with("PNEUMONIA/"))
+    );
     std::fs::remove_file(&scores_path).unwrap();
     let card_path = done.onnx.with_file_name("weighted.json");
     let n = cxr::train::write_test_scores(
@@ -471,7 +476,10 @@ fn imported_runs_are_exported_with_their_own_weights_and_measured() {
     assert_eq!(n, scores.images.len());
     let again = read(&scores_path);
     for (a, b) in scores.images.iter().zip(&again.images) {
-        assert_eq!((&a.file, a.label, a.p_pneumonia), (&b.file, b.label, b.p_pneumonia));
+        assert_eq!(
+            (&a.file, a.label, a.p_pneumonia),
+            (&b.file, b.label, b.p_pneumonia)
+        );
     }
     // The scores file beside the card is not taken for a card.
     let loaded = cxr::registry::load_dir(out.path()).unwrap();

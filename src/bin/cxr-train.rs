@@ -49,7 +49,10 @@ fn main() -> anyhow::Result<()> {
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
         for card in &a.cards {
             let n = cxr::train::write_test_scores(card, &a.data, &lib)?;
-            println!("{}: {n} test scores written (metrics equal the card's)", card.display());
+            println!(
+                "{}: {n} test scores written (metrics equal the card's)",
+                card.display()
+            );
         }
         return Ok(());
     }

@@ -72,7 +72,8 @@ pub fn load_dir(dir: &Path) -> Result<Vec<LoadedModel>, RegistryError> {
         // companions of a card, not cards.
         .filter(|p| {
             p.extension().is_some_and(|e| e == "json")
-                && p.file_stem().is_some_and(|s| !s.to_string_lossy().contains('.'))
+                && p.file_stem()
+                    .is_some_and(|s| !s.to_string_lossy().contains('.'))
                 && p.is_file()
         })
         .collect();

@@ -1186,7 +1186,12 @@ impl TestScores {
                         .into_owned(),
                     label: s.label,
                     p_pneumonia: p,
-                    answer: if p >= card.threshold { "PNEUMONIA" } else { "NORMAL" }.into(),
+                    answer: if p >= card.threshold {
+                        "PNEUMONIA"
+                    } else {
+                        "NORMAL"
+                    }
+                    .into(),
                 })
                 .collect(),
         }
@@ -1197,11 +1202,16 @@ impl TestScores {
 /// through ONNX Runtime as the export does (same preprocessing, batches of 8, the
 /// card's temperature), checks the accuracy, confusion matrix and AUC equal the
 /// card's, and writes `<name>.test-scores.json` beside the card.
-pub fn write_test_scores(card_path: &Path, data_dir: &Path, ort_lib: &Path) -> anyhow::Result<usize> {
+pub fn write_test_scores(
+    card_path: &Path,
+    data_dir: &Path,
+    ort_lib: &Path,
+) -> anyhow::Result<usize> {
     let loaded = crate::registry::load_card(card_path)?;
     let card = loaded.card;
     let test = data::scan(data_dir, "test").map_err(|e| anyhow::anyhow!(e))?;
-    let pre = Preprocessor::new(card.input_size, &card.preprocessing).map_err(|e| anyhow::anyhow!(e))?;
+    let pre =
+        Preprocessor::new(card.input_size, &card.preprocessing).map_err(|e| anyhow::anyhow!(e))?;
     let (imgs, bad) = data::load_resized(&test, &pre);
     report_bad(&bad, test.len())?;
     let env = crate::inference::environment(ort_lib)?;
@@ -1243,7 +1253,10 @@ pub fn write_test_scores(card_path: &Path, data_dir: &Path, ort_lib: &Path) -> a
     }
     let out = TestScores::new(&card, &data_dir.join("test"), &test, &scores);
     let path = card_path.with_file_name(format!("{}.test-scores.json", card.name));
-    write_atomic(&path, (serde_json::to_string_pretty(&out)? + "\n").as_bytes())
-        .map_err(|e| anyhow::anyhow!(e))?;
+    write_atomic(
+        &path,
+        (serde_json::to_string_pretty(&out)? + "\n").as_bytes(),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     Ok(out.images.len())
 }
