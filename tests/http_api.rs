@@ -500,3 +500,36 @@ async fn openapi_and_docs_are_served_and_in_sync() {
         "openapi.yaml is stale: regenerate it with `cargo run --bin cxr-serve -- --print-openapi > openapi.yaml`"
     );
 }
+
+/// `--device auto` without a usable CUDA provider serves on the CPU and says why in
+/// `/models` (`live.cuda_fallback_reason`); `--device cpu` has no reason to give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuda_fallback_reason_is_reported() {
+    common::ort_env();
+    let dir = common::models_dir();
+    let metrics = std::sync::Arc::new(cxr::http::Metrics::new());
+    let state = cxr::AppState::new(common::test_limits(), metrics.clone());
+    let mut cfg = common::load_config(dir.path(), common::default_batch());
+    cfg.device = cxr::inference::Device::Auto;
+    let (set, _w) = cxr::inference::load_models(&cfg, |n| metrics.observer(n)).unwrap();
+    state.set_models(set);
+    let app = cxr::build_app(state);
+    let (_, _, b) = send(&app, get("/models")).await;
+    let v = json(&b);
+    for m in v["models"].as_array().unwrap() {
+        let live = &m["live"];
+        if live["execution_provider"] == "CUDAExecutionProvider" {
+            // A GPU machine: nothing fell back.
+            assert!(live["cuda_fallback_reason"].is_null(), "{live}");
+        } else {
+            assert_eq!(live["execution_provider"], "CPUExecutionProvider");
+            let reason = live["cuda_fallback_reason"].as_str().unwrap_or_default();
+            assert!(!reason.is_empty(), "no fallback reason: {live}");
+        }
+    }
+    let t = common::test_app();
+    let (_, _, b) = send(&t.app, get("/models")).await;
+    for m in json(&b)["models"].as_array().unwrap() {
+        assert!(m["live"]["cuda_fallback_reason"].is_null());
+    }
+}
