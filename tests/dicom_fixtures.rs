@@ -1,0 +1,43 @@
+//! DICOM encoded by encoders nobody here wrote (tests/fixtures/dicom, made by
+//! make_dicom_fixtures.py): pydicom + pylibjpeg-openjpeg (JPEG 2000 lossless) and
+//! dcmtk's dcmcjpeg (JPEG lossless SV1) compressed one 12-bit image that pydicom also
+//! stored natively. Lossless codecs: every file must be answered exactly as the native.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::http::{json, raw, send};
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/dicom")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn independently_encoded_files_decode_like_the_native_one() {
+    let t = common::test_app();
+    let answer = |bytes: Vec<u8>| {
+        let app = t.app.clone();
+        async move {
+            let (s, _, b) = send(&app, raw("/predict", "application/dicom", bytes)).await;
+            assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+            json(&b)
+        }
+    };
+    let native = answer(fixture("native.dcm")).await;
+    assert_eq!(native["dicom"]["transfer_syntax"], "1.2.840.10008.1.2.1");
+    assert_eq!(native["dicom"]["bits_stored"], 12);
+    for (file, ts) in [
+        ("j2k_lossless.dcm", "1.2.840.10008.1.2.4.90"),
+        ("jpeg_lossless_sv1.dcm", "1.2.840.10008.1.2.4.70"),
+    ] {
+        let v = answer(fixture(file)).await;
+        assert_eq!(v["dicom"]["transfer_syntax"], ts, "{file}");
+        assert_eq!(v["probabilities"], native["probabilities"], "{file}");
+        assert_eq!(v["dicom"]["voi"], native["dicom"]["voi"], "{file}");
+    }
+}
