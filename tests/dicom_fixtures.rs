@@ -41,3 +41,41 @@ async fn independently_encoded_files_decode_like_the_native_one() {
         assert_eq!(v["dicom"]["voi"], native["dicom"]["voi"], "{file}");
     }
 }
+
+/// A VOI LUT Sequence (a square-root curve, no window): the server's rendering equals
+/// pydicom's `apply_voi_lut` (written as an 8-bit PNG by Pillow), so both answers are
+/// the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voi_lut_sequence_renders_as_pydicom_renders_it() {
+    let t = common::test_app();
+    let (s, _, b) = send(
+        &t.app,
+        raw(
+            "/predict",
+            "application/dicom",
+            fixture("voi_lut_sequence.dcm"),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let dcm = json(&b);
+    assert_eq!(dcm["dicom"]["voi"], "voi_lut_sequence");
+    let (s, _, b) = send(
+        &t.app,
+        raw(
+            "/predict",
+            "image/png",
+            fixture("voi_lut_sequence_pydicom.png"),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(json(&b)["probabilities"], dcm["probabilities"]);
+    // And not merely any rendering: the native file (no VOI: min-max) answers otherwise.
+    let (_, _, b) = send(
+        &t.app,
+        raw("/predict", "application/dicom", fixture("native.dcm")),
+    )
+    .await;
+    assert_ne!(json(&b)["probabilities"], dcm["probabilities"]);
+}
