@@ -539,13 +539,8 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
     let _reserved = reserve_body(&state, &req)?;
     let started = Instant::now();
     let rid = request_id(req.headers());
-    let caller = req
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .unwrap_or_else(Caller::anonymous);
-    let wants_sr = accepts_dicom(req.headers());
-    let req_accept = accept_header(req.headers());
+    let caller = caller_of(&req);
+    let accept = accept_header(req.headers());
     let q: PredictQuery = match req.uri().query() {
         None => PredictQuery::default(),
         Some(_) => {
@@ -559,25 +554,44 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
     let (images, multipart) = tokio::time::timeout(limits.body_timeout, read_images(&state, req))
         .await
         .map_err(|_| ApiError::BodyTimeout(limits.body_timeout.as_secs()))??;
-    let Ok(_permit) = state.inner.inflight.try_acquire() else {
-        state.metrics().overloaded.with_label_values(&["all"]).inc();
-        return Err(ApiError::Overloaded("any".into()));
-    };
-    let timeout = limits.request_timeout;
+    let _permit = inflight_slot(&state)?;
     let input = Input {
         started,
         rid,
         caller,
-        wants_sr,
-        req_accept,
+        accept,
         q,
         images,
         multipart,
     };
-    match tokio::time::timeout(timeout, predict_inner(&state, input)).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::Timeout(timeout.as_secs())),
-    }
+    within_request_timeout(&state, predict_inner(&state, input)).await
+}
+
+/// The caller the auth middleware let in (`anonymous` when the API is open).
+fn caller_of(req: &Request) -> Caller {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or_else(Caller::anonymous)
+}
+
+/// One of the `--max-inflight` processing slots, or 503 at once.
+fn inflight_slot(state: &AppState) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    state.inner.inflight.try_acquire().map_err(|_| {
+        state.metrics().overloaded.with_label_values(&["all"]).inc();
+        ApiError::Overloaded("any".into())
+    })
+}
+
+/// `job` under `--request-timeout-s` (503 `timeout` past it).
+async fn within_request_timeout(
+    state: &AppState,
+    job: impl std::future::Future<Output = Result<Response, ApiError>>,
+) -> Result<Response, ApiError> {
+    let timeout = state.inner.limits.request_timeout;
+    tokio::time::timeout(timeout, job)
+        .await
+        .unwrap_or(Err(ApiError::Timeout(timeout.as_secs())))
 }
 
 /// Reserves a request body's bytes in the buffered-body budget before it is read (its
@@ -625,10 +639,9 @@ struct Input {
     started: Instant,
     rid: String,
     caller: Caller,
-    /// `Accept: application/dicom`: answer Structured Reports.
-    wants_sr: bool,
-    /// The Accept header (`image/png`: answer the heatmap overlay).
-    req_accept: Option<String>,
+    /// The Accept header (`application/dicom`: answer Structured Reports;
+    /// `image/png`: answer the heatmap overlay).
+    accept: Option<String>,
     q: PredictQuery,
     images: Vec<Upload>,
     multipart: bool,
@@ -640,12 +653,13 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
         started,
         rid,
         caller,
-        wants_sr,
-        req_accept,
+        accept,
         q,
         images,
         multipart,
     } = input;
+    let wants_sr = accepts(accept.as_deref(), "application/dicom");
+    let wants_png = accepts(accept.as_deref(), "image/png");
     if q.model.is_some() && q.prefer.is_some() {
         return Err(ApiError::InvalidQuery(
             "give `model` or `prefer`, not both".into(),
@@ -673,7 +687,6 @@ async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiEr
         .iter_mut()
         .map(|d| d.sr.take().unwrap_or_default())
         .collect();
-    let wants_png = accepts(req_accept.as_deref(), "image/png");
     let explain = q.explain.is_some() || wants_png;
     if wants_png && (multipart && decoded.len() > 1) {
         return Err(ApiError::NotAcceptable(
@@ -893,11 +906,6 @@ async fn classify(
             }
         })
         .collect())
-}
-
-/// Whether the Accept header asks for `application/dicom` (with a non-zero q).
-fn accepts_dicom(headers: &HeaderMap) -> bool {
-    accepts(accept_header(headers).as_deref(), "application/dicom")
 }
 
 /// The Accept header's values, joined.

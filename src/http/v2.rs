@@ -38,8 +38,8 @@ use utoipa::ToSchema;
 use super::auth::{self, Caller, Scope};
 use super::types::PredictQuery;
 use super::{
-    ApiError, AppState, Decoded, Upload, UploadFacts, classify, decision, decode_all, request_id,
-    reserve_body,
+    ApiError, AppState, Decoded, Upload, UploadFacts, caller_of, classify, decision, decode_all,
+    inflight_slot, request_id, reserve_body, within_request_timeout,
 };
 use crate::inference::{SelectError, ServedModel};
 
@@ -390,11 +390,7 @@ pub async fn infer(
     let _reserved = reserve_body(&state, &req)?;
     let started = Instant::now();
     let rid = request_id(req.headers());
-    let caller = req
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .unwrap_or_else(Caller::anonymous);
+    let caller = caller_of(&req);
     let header_len = match req.headers().get(HEADER_LENGTH) {
         None => None,
         Some(v) => Some(
@@ -428,16 +424,9 @@ pub async fn infer(
     };
     let request: InferRequest = serde_json::from_slice(&json)
         .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
-    let Ok(_permit) = state.inner.inflight.try_acquire() else {
-        state.metrics().overloaded.with_label_values(&["all"]).inc();
-        return Err(ApiError::Overloaded("any".into()));
-    };
-    let timeout = limits.request_timeout;
+    let _permit = inflight_slot(&state)?;
     let job = infer_inner(&state, &p, request, binary, caller, rid, started);
-    match tokio::time::timeout(timeout, job).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::Timeout(timeout.as_secs())),
-    }
+    within_request_timeout(&state, job).await
 }
 
 async fn infer_inner(
