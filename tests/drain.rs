@@ -5,55 +5,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Server {
-    child: std::process::Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(extra: &[&str]) -> Server {
+/// A started, ready server over the test models, its log read on a thread.
+fn start(extra: &[&str]) -> (common::Server, tempfile::TempDir) {
     let dir = common::models_dir();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
-        .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
-        .args(["--log-format", "json", "--intra-threads", "1"])
-        .args(extra)
-        .arg("--models-dir")
-        .arg(dir.path())
-        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = lines
-        .by_ref()
-        .find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(&l.ok()?).ok()?;
-            v["fields"]["addr"].as_str().map(str::to_string)
-        })
-        .expect("the server logs its address");
-    std::thread::spawn(move || for _ in lines {});
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while common::tcp_http(&addr, "GET", "/ready", None, b"").0 != 200 {
-        assert!(Instant::now() < deadline, "not ready in 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server {
-        child,
-        addr,
-        _dir: dir,
-    }
+    let mut s = common::Server::start(dir.path(), extra);
+    s.discard_logs();
+    s.wait_ready();
+    (s, dir)
 }
 
 fn png() -> Vec<u8> {
@@ -70,15 +30,11 @@ fn post(addr: &str) -> std::thread::JoinHandle<(u16, String)> {
 #[test]
 fn sigterm_answers_every_request_in_flight_then_exits_0() {
     // Each batch waits up to a second for company: the requests stay in flight.
-    let mut s = start(&["--max-batch", "64", "--batch-wait-us", "1000000"]);
+    let (mut s, _models) = start(&["--max-batch", "64", "--batch-wait-us", "1000000"]);
     let inflight: Vec<_> = (0..4).map(|_| post(&s.addr)).collect();
     std::thread::sleep(Duration::from_millis(300));
     let sent = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &s.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    s.sigterm();
     for h in inflight {
         let (status, body) = h.join().unwrap();
         assert_eq!(status, 200, "a request in flight at SIGTERM: {body}");
@@ -93,7 +49,7 @@ fn sigterm_answers_every_request_in_flight_then_exits_0() {
 
 #[test]
 fn request_timeout_and_max_inflight_answer_503() {
-    let s = start(&[
+    let (s, _models) = start(&[
         "--max-batch",
         "64",
         "--batch-wait-us",

@@ -5,10 +5,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
@@ -394,17 +392,6 @@ async fn an_unwritable_audit_file_fails_the_request() {
     assert_eq!(json(&b)["error_type"], "audit_unavailable");
 }
 
-/// Kills the server if the test fails before stopping it (else the child outlives
-/// the test and holds the test runner's output open).
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The binary: a key made by `--new-api-key`, the keys file, `--metrics-port`, and
 /// `--audit-log`, on real sockets.
 #[test]
@@ -428,48 +415,20 @@ fn the_binary_with_keys_metrics_port_and_audit_file() {
     std::fs::write(&keys, &entry).unwrap();
     let audit = work.path().join("audit.jsonl");
     let dir = common::models_dir();
-    let mut server = Server(
-        Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"])
-            .args([
-                "--device",
-                "cpu",
-                "--log-format",
-                "json",
-                "--intra-threads",
-                "1",
-            ])
-            .arg("--models-dir")
-            .arg(dir.path())
-            .arg("--api-keys-file")
-            .arg(&keys)
-            .arg("--audit-log")
-            .arg(&audit)
-            .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
+    let mut server = common::Server::start(
+        dir.path(),
+        &[
+            "--metrics-port".as_ref(),
+            "0".as_ref(),
+            "--api-keys-file".as_ref(),
+            keys.as_os_str(),
+            "--audit-log".as_ref(),
+            audit.as_os_str(),
+        ] as &[&std::ffi::OsStr],
     );
-    let child = &mut server.0;
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut addr, mut metrics_addr) = (None, None);
-    for line in lines.by_ref() {
-        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if let Some(a) = v["fields"]["metrics_addr"].as_str() {
-            metrics_addr = Some(a.to_string());
-        }
-        if let Some(a) = v["fields"]["addr"].as_str() {
-            addr = Some(a.to_string());
-            break;
-        }
-    }
-    let (addr, metrics_addr) = (addr.unwrap(), metrics_addr.unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while common::tcp_http(&addr, "GET", "/ready", None, b"").0 != 200 {
-        assert!(Instant::now() < deadline, "not ready in 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let addr = server.addr.clone();
+    let metrics_addr = server.startup_field("metrics_addr").unwrap();
+    server.wait_ready();
     // The real server's geometry gate: 64 px sides and up.
     let img = common::png_bytes(&common::gray_image(128, 100, 4));
     let (s, _) = common::tcp_http(&addr, "POST", "/predict", Some("image/png"), &img);
@@ -495,12 +454,9 @@ fn the_binary_with_keys_metrics_port_and_audit_file() {
     assert!(records.contains(r#""caller":"ris""#), "{records}");
     assert!(!records.contains(&key));
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(child.wait().unwrap().success(), "{rest:?}");
+    server.sigterm();
+    let (rest, exited_0) = server.finish();
+    assert!(exited_0, "{rest:?}");
     // The audit line is in the log too, and the key never is.
     assert!(
         rest.iter().any(|l| l.contains(r#""target":"cxr::audit""#)),
@@ -512,29 +468,13 @@ fn the_binary_with_keys_metrics_port_and_audit_file() {
 #[test]
 fn an_open_server_warns_once_and_a_bad_keys_file_stops_start_up() {
     let dir = common::models_dir();
-    let mut server = Server(
-        Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
-            .args(["--log-format", "json", "--intra-threads", "1"])
-            .arg("--models-dir")
-            .arg(dir.path())
-            .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    let child = &mut server.0;
-    let mut warnings = Vec::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if v["level"] == "WARN" {
-            warnings.push(v["fields"]["message"].as_str().unwrap_or("").to_string());
-        }
-        if v["fields"]["addr"].is_string() {
-            break;
-        }
-    }
+    let server = common::Server::start::<&str>(dir.path(), &[]);
+    let warnings: Vec<String> = server
+        .startup
+        .iter()
+        .filter(|v| v["level"] == "WARN")
+        .map(|v| v["fields"]["message"].as_str().unwrap_or("").to_string())
+        .collect();
     drop(server);
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("open to anyone"), "{warnings:?}");

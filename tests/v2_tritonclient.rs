@@ -5,18 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::process::Command;
 
 #[test]
 fn tritonclient_talks_to_the_real_server() {
@@ -32,33 +21,10 @@ fn tritonclient_talks_to_the_real_server() {
     );
 
     let dir = common::models_dir();
-    let mut server = Server(
-        Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
-            .args(["--log-format", "json", "--intra-threads", "1"])
-            .arg("--models-dir")
-            .arg(dir.path())
-            .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
-    let addr = lines
-        .by_ref()
-        .find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(&l.ok()?).ok()?;
-            v["fields"]["addr"].as_str().map(str::to_string)
-        })
-        .expect("the server logs its address");
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while common::tcp_http(&addr, "GET", "/ready", None, b"").0 != 200 {
-        assert!(Instant::now() < deadline, "not ready in 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut server = common::Server::start::<&str>(dir.path(), &[]);
+    server.discard_logs();
+    server.wait_ready();
+    let addr = server.addr.clone();
 
     // The image, and its preprocessed tensor as the model's own transform makes it.
     let work = tempfile::tempdir().unwrap();

@@ -243,3 +243,102 @@ pub fn tcp_http_headers(
         .unwrap_or_default();
     (status, body)
 }
+
+/// The real `cxr-serve` binary on 127.0.0.1, port 0 (CPU, JSON logs, one intra-op
+/// thread) over `models`, with `extra` flags. Killed when dropped, so a failing test
+/// never leaves it holding the test runner's output open.
+pub struct Server {
+    pub child: std::process::Child,
+    /// The API address, from the start-up log.
+    pub addr: String,
+    /// The start-up log lines up to the API address, parsed.
+    pub startup: Vec<serde_json::Value>,
+    logs: Option<std::io::Lines<std::io::BufReader<std::process::ChildStdout>>>,
+}
+
+impl Server {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(models: &Path, extra: &[S]) -> Self {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
+            .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
+            .args(["--log-format", "json", "--intra-threads", "1"])
+            .args(extra)
+            .arg("--models-dir")
+            .arg(models)
+            .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start cxr-serve");
+        let mut logs = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut startup = Vec::new();
+        let mut addr = None;
+        for line in logs.by_ref() {
+            let line = line.unwrap();
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| panic!("JSON log line: {line}"));
+            addr = v["fields"]["addr"].as_str().map(str::to_string);
+            startup.push(v);
+            if addr.is_some() {
+                break;
+            }
+        }
+        Self {
+            child,
+            addr: addr.expect("the server logs its address"),
+            startup,
+            logs: Some(logs),
+        }
+    }
+
+    /// A start-up log field's first value (e.g. `metrics_addr`).
+    pub fn startup_field(&self, name: &str) -> Option<String> {
+        self.startup
+            .iter()
+            .find_map(|v| v["fields"][name].as_str().map(str::to_string))
+    }
+
+    /// Waits (up to 60 s) for `/ready` to answer 200.
+    pub fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while tcp_http(&self.addr, "GET", "/ready", None, b"").0 != 200 {
+            assert!(std::time::Instant::now() < deadline, "not ready in 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Reads the log on a thread from now on (so the server never blocks on a full
+    /// pipe).
+    pub fn discard_logs(&mut self) {
+        if let Some(logs) = self.logs.take() {
+            std::thread::spawn(move || for _ in logs {});
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// After [`Server::sigterm`]: the rest of the log and whether it exited 0.
+    pub fn finish(&mut self) -> (Vec<String>, bool) {
+        let rest: Vec<String> = self
+            .logs
+            .take()
+            .map(|l| l.map_while(Result::ok).collect())
+            .unwrap_or_default();
+        (rest, self.child.wait().unwrap().success())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
