@@ -108,9 +108,10 @@ pub struct ServeArgs {
     /// refusing them (422 lateral_view).
     #[arg(long, env = "CXR_ALLOW_LATERAL")]
     pub allow_lateral: bool,
-    /// Longest a /predict request may take, seconds (then 503 timeout).
-    #[arg(long, env = "CXR_REQUEST_TIMEOUT_S", default_value_t = 60)]
-    pub request_timeout_s: u64,
+    /// Longest a /predict request may take, seconds, fractions allowed (then 503
+    /// timeout).
+    #[arg(long, env = "CXR_REQUEST_TIMEOUT_S", default_value_t = 60.0)]
+    pub request_timeout_s: f64,
     /// TOML or JSON file of API callers (name, SHA-256 of the key, scopes); when set,
     /// `/predict` and `/models*` need `Authorization: Bearer <key>` or `x-api-key`.
     #[arg(long, env = "CXR_API_KEYS_FILE")]
@@ -167,8 +168,12 @@ impl ServeArgs {
             ("--body-timeout-s", self.body_timeout_s),
             ("--max-connections", self.max_connections as u64),
             ("--max-decode-pixels", self.max_decode_pixels),
-            ("--request-timeout-s", self.request_timeout_s),
         ];
+        if !(self.request_timeout_s.is_finite()
+            && (0.001..=86_400.0).contains(&self.request_timeout_s))
+        {
+            return Err("--request-timeout-s must be between 0.001 and 86400".into());
+        }
         for (flag, v) in positive {
             if v == 0 {
                 return Err(format!("{flag} must be at least 1"));
@@ -205,7 +210,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             max_pixels: self.max_pixels,
             max_images: self.max_images_per_request,
-            request_timeout: Duration::from_secs(self.request_timeout_s),
+            request_timeout: Duration::from_secs_f64(self.request_timeout_s),
             max_inflight: self.max_inflight,
             max_decodes: if self.decode_threads == 0 {
                 cores

@@ -32,7 +32,7 @@ fn sigterm_answers_every_request_in_flight_then_exits_0() {
     // Each batch waits up to a second for company: the requests stay in flight.
     let (mut s, _models) = start(&["--max-batch", "64", "--batch-wait-us", "1000000"]);
     let inflight: Vec<_> = (0..4).map(|_| post(&s.addr)).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(500));
     let sent = Instant::now();
     s.sigterm();
     for h in inflight {
@@ -55,13 +55,14 @@ fn request_timeout_and_max_inflight_answer_503() {
         "--batch-wait-us",
         "1000000",
         "--request-timeout-s",
-        "1",
+        "0.6",
         "--max-inflight",
         "1",
     ]);
-    // The first request waits a second for its batch: past the 1 s timeout.
+    // The first request waits a second for its batch: well past the 0.6 s timeout
+    // (a batch wait equal to the timeout raced it, and lost on a loaded CI machine).
     let first = post(&s.addr);
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(200));
     // Meanwhile it holds the only in-flight slot.
     let (status, body) = common::tcp_http(&s.addr, "POST", "/predict", Some("image/png"), &png());
     assert_eq!(status, 503, "{body}");

@@ -76,7 +76,7 @@ pub enum ApiError {
     BodyTimeout(u64),
     /// The request took longer than `--request-timeout-s`.
     #[error("the request did not finish within {0} s")]
-    Timeout(u64),
+    Timeout(f64),
     /// The Accept header asks for what this request cannot be answered in.
     #[error("{0}")]
     NotAcceptable(String),

@@ -591,7 +591,7 @@ async fn within_request_timeout(
     let timeout = state.inner.limits.request_timeout;
     tokio::time::timeout(timeout, job)
         .await
-        .unwrap_or(Err(ApiError::Timeout(timeout.as_secs())))
+        .unwrap_or(Err(ApiError::Timeout(timeout.as_secs_f64())))
 }
 
 /// Reserves a request body's bytes in the buffered-body budget before it is read (its
@@ -767,7 +767,7 @@ async fn decode_all(
             .iter()
             .map(|u| {
                 if gone.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Err(ApiError::Timeout(0));
+                    return Err(ApiError::Timeout(0.0));
                 }
                 decode_upload(&pre, u, max_pixels, dicom_opts)
             })
