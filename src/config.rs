@@ -108,6 +108,11 @@ pub struct ServeArgs {
     /// refusing them (422 lateral_view).
     #[arg(long, env = "CXR_ALLOW_LATERAL")]
     pub allow_lateral: bool,
+    /// What to do with an image whose out-of-distribution score is above its model's
+    /// threshold: refuse it (422 out_of_distribution), answer it with a warning, or
+    /// neither score nor refuse (off).
+    #[arg(long, env = "CXR_OOD_ACTION", value_enum, default_value_t = crate::ood::OodAction::Refuse)]
+    pub ood_action: crate::ood::OodAction,
     /// Longest a /predict request may take, seconds, fractions allowed (then 503
     /// timeout).
     #[arg(long, env = "CXR_REQUEST_TIMEOUT_S", default_value_t = 60.0)]
@@ -229,6 +234,7 @@ impl ServeArgs {
             max_buffered_bytes: self.max_buffered_bytes,
             max_decode_pixels: self.max_decode_pixels,
             body_timeout: std::time::Duration::from_secs(self.body_timeout_s),
+            ood_action: self.ood_action,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod http;
 pub mod imaging;
 pub mod inference;
 pub mod onnx;
+pub mod ood;
 pub mod registry;
 
 pub use http::{AppState, Limits, build_admin_app, build_app};

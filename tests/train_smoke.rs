@@ -140,9 +140,19 @@ async fn weighted_run_stops_resumes_exports_and_serves() {
         "confusion.png",
         "weighted.onnx",
         "weighted.json",
+        "weighted.ood.json",
     ] {
         assert!(out.path().join(f).exists(), "{f} written");
     }
+    // The export fitted the OOD model on the run's training split and named it.
+    let on_disk = cxr::registry::load_card(&out.path().join("weighted.json")).unwrap();
+    let ood = on_disk
+        .card
+        .ood
+        .as_ref()
+        .expect("the card names its OOD model");
+    assert_eq!(ood.fit_images, card.training.train_images);
+    assert!(on_disk.ood.is_some());
 
     // cxr-serve loads the run folder as it is and answers.
     let metrics = std::sync::Arc::new(cxr::http::Metrics::new());

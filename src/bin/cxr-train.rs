@@ -23,6 +23,36 @@ struct ScoresArgs {
     ort_lib: Option<std::path::PathBuf>,
 }
 
+/// `cxr-train fit-ood --data DIR CARD...`: fits each card's out-of-distribution model
+/// on its training split's embeddings, chooses its threshold on the validation split,
+/// measures it on the test split, writes `<name>.ood.json` and names it in the card.
+#[derive(Debug, Parser)]
+#[command(name = "cxr-train fit-ood")]
+struct OodArgs {
+    /// Model cards (`models/<name>.json`).
+    #[arg(required = true)]
+    cards: Vec<std::path::PathBuf>,
+    /// The data folder (with `train/` and `test/`).
+    #[arg(long, default_value = "../shared/data/chest_xray_224")]
+    data: std::path::PathBuf,
+    /// Where embeddings are cached (by the ONNX file's hash).
+    #[arg(long, default_value = "target/ood-cache")]
+    cache: std::path::PathBuf,
+    /// Share of in-distribution validation images the threshold accepts.
+    #[arg(long, default_value_t = 0.99)]
+    accept: f64,
+    /// The validation fraction the models were trained with (`cxr-train
+    /// --val-fraction`): it and the card's seed rebuild the patient split.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Only compute (and cache) the embeddings.
+    #[arg(long)]
+    embed_only: bool,
+    /// Path of libonnxruntime.so.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_lib: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "cxr-train rewrite-onnx")]
 struct RewriteArgs {
@@ -41,6 +71,30 @@ fn main() -> anyhow::Result<()> {
         for card in &a.cards {
             let (old, new) = cxr::registry::rewrite_onnx(card, &lib).map_err(anyhow::Error::msg)?;
             println!("{}: {old} -> {new} (answers unchanged)", card.display());
+        }
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("fit-ood") {
+        tracing_subscriber::fmt()
+            .with_target(false)
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info,ort=warn".into()),
+            )
+            .init();
+        let a = OodArgs::parse_from(std::env::args().skip(1));
+        let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
+        for card in &a.cards {
+            let out = cxr::train::ood::fit_card(
+                card,
+                &a.data,
+                &lib,
+                &a.cache,
+                a.accept,
+                a.val_fraction,
+                a.embed_only,
+            )?;
+            println!("{}: {out}", card.display());
         }
         return Ok(());
     }

@@ -21,6 +21,10 @@ pub struct ErrorBody {
     pub error: String,
     /// Stable machine-readable kind.
     pub error_type: String,
+    /// Facts behind the refusal, where it has some (`out_of_distribution`: the image's
+    /// index in the request, its score and the model's threshold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 /// Every error the API answers.
@@ -77,6 +81,20 @@ pub enum ApiError {
     /// The request took longer than `--request-timeout-s`.
     #[error("the request did not finish within {0} s")]
     Timeout(f64),
+    /// An image unlike the model's training images (above its OOD threshold).
+    #[error(
+        "image {image} is out of distribution for model `{model}`: score {score:.3} above its threshold {threshold:.3}; it does not resemble the pediatric frontal chest radiographs the model was trained on, so it is not classified"
+    )]
+    OutOfDistribution {
+        /// Variant.
+        model: String,
+        /// Index of the image in the request (0 for a single image).
+        image: usize,
+        /// Its score.
+        score: f64,
+        /// The variant's threshold.
+        threshold: f64,
+    },
     /// The Accept header asks for what this request cannot be answered in.
     #[error("{0}")]
     NotAcceptable(String),
@@ -174,6 +192,9 @@ impl ApiError {
             ApiError::ExplanationUnavailable(_) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "explanation_unavailable")
             }
+            ApiError::OutOfDistribution { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "out_of_distribution")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -187,9 +208,24 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = status.as_u16(), error_type = kind, error = %self, "request refused");
         }
+        let details = match &self {
+            ApiError::OutOfDistribution {
+                model,
+                image,
+                score,
+                threshold,
+            } => Some(serde_json::json!({
+                "model": model,
+                "image": image,
+                "ood_score": score,
+                "threshold": threshold,
+            })),
+            _ => None,
+        };
         let body = ErrorBody {
             error: self.to_string(),
             error_type: kind.into(),
+            details,
         };
         let mut resp = (status, Json(body)).into_response();
         if let ApiError::Auth(e) = &self {

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub auth_refused: IntCounterVec,
     /// Audit records that could not be written (their requests failed with 503).
     pub audit_failures: IntCounterVec,
+    /// Images above their model's OOD threshold, by model and `--ood-action`.
+    pub out_of_distribution: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -134,6 +136,11 @@ impl Metrics {
             "Requests refused by the API keys: missing or invalid key (401), key without the scope (403).",
             &["reason"],
         );
+        let out_of_distribution = c(
+            "cxr_out_of_distribution_total",
+            "Images whose out-of-distribution score was above their model's threshold, by model and --ood-action (refuse: answered 422 out_of_distribution; warn: answered with a warning).",
+            &["model", "action"],
+        );
         let audit_failures = c(
             "cxr_audit_failures_total",
             "Audit records that could not be written to --audit-log (each failed its request with 503).",
@@ -154,6 +161,7 @@ impl Metrics {
             worker_restarts,
             auth_refused,
             audit_failures,
+            out_of_distribution,
         }
     }
 

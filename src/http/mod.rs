@@ -42,6 +42,7 @@ use crate::eval::{Target, served_probabilities};
 use crate::imaging::dicom::{self, DicomInfo, DicomOptions};
 use crate::imaging::{Geometry, Preprocessor};
 use crate::inference::{JobOutput, ModelSet, ServedModel, SubmitError};
+use crate::ood::OodAction;
 use auth::{ApiKeys, Caller, Scope};
 
 /// Request limits.
@@ -72,6 +73,8 @@ pub struct Limits {
     pub max_decode_pixels: u64,
     /// Longest a client may take to send a `/predict` body (408 after).
     pub body_timeout: Duration,
+    /// What an out-of-distribution image gets (`--ood-action`).
+    pub ood_action: crate::ood::OodAction,
 }
 
 impl Default for Limits {
@@ -88,6 +91,7 @@ impl Default for Limits {
             max_buffered_bytes: 1 << 30,
             max_decode_pixels: 160_000_000,
             body_timeout: Duration::from_secs(30),
+            ood_action: crate::ood::OodAction::Refuse,
         }
     }
 }
@@ -528,7 +532,7 @@ fn request_id(headers: &HeaderMap) -> String {
             example = json!({"error": "image of 60000x60000 pixels exceeds the limit of 40000000 pixels", "error_type": "too_many_pixels"})),
         (status = 415, description = "Unsupported content type, image format or DICOM transfer syntax", body = ErrorBody,
             example = json!({"error": "Content-Type text/plain is not supported; send image/jpeg, image/png or multipart/form-data", "error_type": "unsupported_media_type"})),
-        (status = 422, description = "Invalid query; an operating point no threshold reached on validation (operating_point_unreachable); an input that is not a chest radiograph: a geometry no radiograph has (implausible_geometry), blank or saturated (blank_image), a colour photo (colour_image), a DICOM of another body part (wrong_body_part) or a lateral view (lateral_view); a DICOM object that is not a classifiable radiograph (modality, samples per pixel, missing pixel data); a heatmap asked of a model without cam (explanation_unavailable)", body = ErrorBody,
+        (status = 422, description = "Invalid query; an operating point no threshold reached on validation (operating_point_unreachable); an input that is not a chest radiograph: a geometry no radiograph has (implausible_geometry), blank or saturated (blank_image), a colour photo (colour_image), a DICOM of another body part (wrong_body_part) or a lateral view (lateral_view), or an image whose out-of-distribution score is above the model's threshold (out_of_distribution, with details); a DICOM object that is not a classifiable radiograph (modality, samples per pixel, missing pixel data); a heatmap asked of a model without cam (explanation_unavailable)", body = ErrorBody,
             example = json!({"error": "invalid query: unknown variant `speed`, expected `sensitivity` or `specificity`", "error_type": "invalid_query"})),
         (status = 503, description = "Not ready, overloaded, timed out, or the audit record could not be written (audit_unavailable); with Retry-After", body = ErrorBody,
             example = json!({"error": "model `weighted` is at capacity; retry shortly", "error_type": "overloaded"}))
@@ -828,12 +832,21 @@ async fn classify(
             .map_err(ApiError::Internal)?;
         out.push((r, d));
     }
+    let ood = ood_scores(state, model, &out)?;
     // Every answer's audit record is written before any is given: an answer without
     // its record is a 503, never a success.
     let time = crate::audit::now_rfc3339();
     let answers: Vec<(Prediction, JobOutput, Decoded)> = out
         .into_iter()
-        .map(|(r, d)| (prediction(model, &r, decision, rid), r, d))
+        .zip(ood)
+        .map(|((r, d), (score, inside))| {
+            let p = Prediction {
+                ood_score: score,
+                in_distribution: inside,
+                ..prediction(model, &r, decision, rid)
+            };
+            (p, r, d)
+        })
         .collect();
     for (i, (p, _, d)) in answers.iter().enumerate() {
         let record = AuditRecord {
@@ -874,6 +887,13 @@ async fn classify(
                 .inc();
             model.record(total.as_secs_f64() * 1e3);
             let mut warnings = d.warnings;
+            if let (Some(false), Some(o)) = (p.in_distribution, &model.ood) {
+                warnings.push(format!(
+                    "out of distribution: score {:.3} above the model's threshold {:.3}; this image does not resemble the pediatric frontal chest radiographs the model was trained on, so its label should not be relied on",
+                    p.ood_score.unwrap_or(f64::NAN),
+                    o.threshold
+                ));
+            }
             let heatmap = match (explain, &r.cam) {
                 (false, _) => None,
                 (true, None) => {
@@ -906,6 +926,48 @@ async fn classify(
             }
         })
         .collect())
+}
+
+/// An image's out-of-distribution score and whether it is within the threshold.
+type OodVerdict = (Option<f64>, Option<bool>);
+
+/// Each reply's out-of-distribution score and verdict (none without an OOD model or
+/// with `--ood-action off`); with `refuse`, the first image out of distribution
+/// refuses the request.
+fn ood_scores(
+    state: &AppState,
+    model: &ServedModel,
+    out: &[(JobOutput, Decoded)],
+) -> Result<Vec<OodVerdict>, ApiError> {
+    let action = state.inner.limits.ood_action;
+    let (Some(ood), false) = (&model.ood, action == OodAction::Off) else {
+        return Ok(vec![(None, None); out.len()]);
+    };
+    let mut v = Vec::with_capacity(out.len());
+    for (i, (r, _)) in out.iter().enumerate() {
+        let e = r.embedding.as_deref().ok_or_else(|| {
+            ApiError::Internal("the model has an OOD model but returned no embedding".into())
+        })?;
+        let score = ood.score(e);
+        let inside = score <= ood.threshold;
+        if !inside {
+            state
+                .metrics()
+                .out_of_distribution
+                .with_label_values(&[&model.card.name, action.as_str()])
+                .inc();
+            if action == OodAction::Refuse {
+                return Err(ApiError::OutOfDistribution {
+                    model: model.card.name.clone(),
+                    image: i,
+                    score,
+                    threshold: ood.threshold,
+                });
+            }
+        }
+        v.push((Some(score), Some(inside)));
+    }
+    Ok(v)
 }
 
 /// The Accept header's values, joined.
@@ -1102,6 +1164,8 @@ fn prediction(model: &ServedModel, r: &JobOutput, d: &Decision, rid: &str) -> Pr
         request_id: rid.to_string(),
         dicom: None,
         warnings: Vec::new(),
+        ood_score: None,
+        in_distribution: None,
         heatmap: None,
     }
 }

@@ -125,6 +125,14 @@ pub struct Prediction {
     /// Caveats about this answer (a lateral view, a multi-frame object).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// How far the image's features lie from the model's training images (see
+    /// `/models/{name}` → `card.ood`); null when the variant has no OOD model or
+    /// `--ood-action off`.
+    pub ood_score: Option<f64>,
+    /// Whether `ood_score` is at or under the variant's threshold; null when there is
+    /// no score. With `--ood-action refuse` (the default) an answer is only given when
+    /// true.
+    pub in_distribution: Option<bool>,
     /// With `explain=cam`: the class activation maps (an attention map, not a
     /// localisation).
     #[serde(default, skip_serializing_if = "Option::is_none")]

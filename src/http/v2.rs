@@ -10,7 +10,9 @@
 //!   and checked exactly as `/predict` does) or `input` (`FP32 [N, 3, S, S]`: an
 //!   already preprocessed tensor, fed to the model as is). Outputs `probabilities`
 //!   (`FP32 [N, 2]`: NORMAL, PNEUMONIA, calibrated as `/predict` serves them) and
-//!   `label` (`BYTES [N]`). Request parameters `threshold` and `operating_point` work
+//!   `label` (`BYTES [N]`), and, asked by name from a model with an OOD model,
+//!   `ood_score` (`FP64 [N]`). An out-of-distribution image is refused as by
+//!   `/predict` (`--ood-action`). Request parameters `threshold` and `operating_point` work
 //!   as `/predict`'s query.
 //! - Triton's binary tensor data extension, both ways: `Inference-Header-Content-Length`
 //!   splits the body into the JSON header and the tensors' bytes (`binary_data_size`
@@ -360,10 +362,16 @@ pub async fn model_metadata(
             t("image", "BYTES", vec![-1]),
             t("input", "FP32", vec![-1, 3, s, s]),
         ],
-        outputs: vec![
-            t("probabilities", "FP32", vec![-1, 2]),
-            t("label", "BYTES", vec![-1]),
-        ],
+        outputs: {
+            let mut o = vec![
+                t("probabilities", "FP32", vec![-1, 2]),
+                t("label", "BYTES", vec![-1]),
+            ];
+            if m.ood.is_some() {
+                o.push(t("ood_score", "FP64", vec![-1]));
+            }
+            o
+        },
     }))
 }
 
@@ -464,6 +472,14 @@ async fn infer_inner(
     };
     let decision = decision(model, &q)?;
     let outputs = selected_outputs(&request)?;
+    if outputs.iter().any(|(n, _)| *n == "ood_score")
+        && (model.ood.is_none() || limits.ood_action == crate::ood::OodAction::Off)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "output `ood_score`: model `{}` has no out-of-distribution model, or the server runs with --ood-action off",
+            model.card.name
+        )));
+    }
 
     let [input] = <[RequestInput; 1]>::try_from(request.inputs).map_err(|inputs| {
         ApiError::BadRequest(format!(
@@ -505,6 +521,15 @@ async fn infer_inner(
                     .collect();
                 let bytes = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
                 ("FP32", vec![n, 2], serde_json::json!(flat), bytes)
+            }
+            "ood_score" => {
+                // Checked before inference: every answer has a score.
+                let scores: Vec<f64> = predictions
+                    .iter()
+                    .map(|p| p.ood_score.unwrap_or(f64::NAN))
+                    .collect();
+                let bytes = scores.iter().flat_map(|v| v.to_le_bytes()).collect();
+                ("FP64", vec![n], serde_json::json!(scores), bytes)
             }
             _ => {
                 let labels: Vec<&str> = predictions.iter().map(|p| p.label.as_str()).collect();
@@ -579,9 +604,10 @@ fn selected_outputs(r: &InferRequest) -> Result<Vec<(&'static str, bool)>, ApiEr
         let name = match o.name.as_str() {
             "probabilities" => "probabilities",
             "label" => "label",
+            "ood_score" => "ood_score",
             other => {
                 return Err(ApiError::BadRequest(format!(
-                    "unknown output `{other}`; this model has `probabilities` and `label`"
+                    "unknown output `{other}`; this model has `probabilities`, `label` and (with an OOD model) `ood_score`"
                 )));
             }
         };

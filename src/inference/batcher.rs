@@ -37,6 +37,8 @@ pub struct JobOutput {
     pub batch_size: usize,
     /// Class activation maps, when the model has them.
     pub cam: Option<super::ClassMaps>,
+    /// The pooled features, when the model has them (what the OOD score reads).
+    pub embedding: Option<Vec<f32>>,
 }
 
 struct Job {
@@ -361,6 +363,7 @@ fn worker(mut session: Session, ctx: &WorkerCtx, alive: &AtomicBool) {
                         probabilities: p.probabilities,
                         logits: p.logits,
                         cam: p.cam,
+                        embedding: p.embedding,
                         queued: *q,
                         inference,
                         batch_size: n,

@@ -54,6 +54,8 @@ pub struct ServedModel {
     pub preprocessor: Preprocessor,
     /// Its queue.
     pub batcher: Batcher,
+    /// Its out-of-distribution model, when the card names one.
+    pub ood: Option<Arc<crate::ood::OodModel>>,
     served: AtomicU64,
     latencies_ms: Mutex<VecDeque<f64>>,
 }
@@ -259,6 +261,9 @@ pub fn load_models(
             cfg.batch,
             observer(&m.card.name),
         );
+        if m.ood.is_none() {
+            tracing::warn!(model = %m.card.name, "no out-of-distribution model in the card: its answers carry null ood_score and nothing is refused as out of distribution (cxr-train fit-ood fits one)");
+        }
         let load_time_ms = t.elapsed().as_secs_f64() * 1e3;
         tracing::info!(model = %m.card.name, provider = provider.as_str(), load_time_ms, path = %m.onnx_path.display(), "model ready");
         handles.push(handle);
@@ -269,6 +274,7 @@ pub fn load_models(
             load_time_ms,
             preprocessor,
             batcher,
+            ood: m.ood,
             served: AtomicU64::new(0),
             latencies_ms: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
         }));

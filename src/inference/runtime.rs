@@ -222,6 +222,8 @@ pub struct ModelOutput {
     pub probabilities: [f32; 2],
     /// The class activation maps, when the model file has a `cam` output.
     pub cam: Option<ClassMaps>,
+    /// The globally pooled features, when the model file has an `embedding` output.
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// A row's class activation maps: one `height × width` grid per class (NORMAL,
@@ -304,14 +306,29 @@ pub fn run_outputs(
             });
         }
     }
+    let mut embeddings: Vec<Option<Vec<f32>>> = vec![None; n];
+    if let Some(v) = outputs.get(crate::onnx::EMBEDDING_NAME) {
+        let (shape, data) = v.try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+        if shape.len() != 2 || shape[0] as usize != n || shape[1] < 1 {
+            return Err(format!(
+                "model returned embedding of shape {shape:?} for a batch of {n}"
+            ));
+        }
+        let c = shape[1] as usize;
+        for (e, row) in embeddings.iter_mut().zip(data.chunks_exact(c)) {
+            *e = Some(row.to_vec());
+        }
+    }
     Ok(logits
         .into_iter()
         .zip(probs)
         .zip(maps)
-        .map(|((logits, probabilities), cam)| ModelOutput {
+        .zip(embeddings)
+        .map(|(((logits, probabilities), cam), embedding)| ModelOutput {
             logits,
             probabilities,
             cam,
+            embedding,
         })
         .collect())
 }

@@ -57,6 +57,20 @@ pub struct Signature {
     pub initializer_values: usize,
 }
 
+impl Signature {
+    /// The declared width of the `embedding` output (`[batch, C]`), when there is one
+    /// with a fixed width.
+    pub fn embedding_width(&self) -> Option<usize> {
+        self.outputs
+            .iter()
+            .find(|(n, _, _)| n == EMBEDDING_NAME)
+            .and_then(|(_, _, dims)| match dims.as_slice() {
+                [_, Dim::Fixed(c)] if *c > 0 => Some(*c as usize),
+                _ => None,
+            })
+    }
+}
+
 /// Reads the declared inputs and outputs of an ONNX model.
 pub fn signature(bytes: &[u8]) -> Result<Signature, OnnxError> {
     let model = proto::ModelProto::decode(bytes)?;

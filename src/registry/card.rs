@@ -159,6 +159,10 @@ pub struct ModelCard {
     /// Measured quality.
     #[serde(default)]
     pub metrics: CardMetrics,
+    /// The out-of-distribution model (absent: the variant's answers carry no
+    /// `ood_score` and nothing is refused as out of distribution).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ood: Option<crate::ood::OodCard>,
 }
 
 impl ModelCard {

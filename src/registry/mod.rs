@@ -48,6 +48,8 @@ pub struct LoadedModel {
     pub onnx_path: PathBuf,
     /// The ONNX file's bytes (verified against the card's SHA-256).
     pub onnx_bytes: Vec<u8>,
+    /// The out-of-distribution model the card names (verified against its SHA-256).
+    pub ood: Option<std::sync::Arc<crate::ood::OodModel>>,
 }
 
 /// Lower-case hex SHA-256.
@@ -181,11 +183,74 @@ pub fn load_card(card_path: &Path) -> Result<LoadedModel, RegistryError> {
                 format!("{e} (card input_size {})", card.input_size),
             )
         })?;
+    let ood = match &card.ood {
+        None => None,
+        Some(o) => {
+            if Path::new(&o.file).components().count() != 1 {
+                return Err(invalid(
+                    card_path,
+                    "ood.file must be a file name beside the card".into(),
+                ));
+            }
+            let path = card_path.with_file_name(&o.file);
+            let m = crate::ood::OodModel::load(&path, &o.sha256)
+                .map_err(|e| invalid(&path, format!("out-of-distribution model: {e}")))?;
+            let width = sig.embedding_width();
+            if width != Some(m.dim) {
+                return Err(invalid(
+                    &path,
+                    format!(
+                        "fitted on embeddings {} wide, but the ONNX file's embedding output is {}",
+                        m.dim,
+                        width.map_or("absent".to_string(), |w| format!("{w} wide"))
+                    ),
+                ));
+            }
+            if (m.threshold - o.threshold).abs() > 1e-9 * o.threshold.abs().max(1.0) {
+                return Err(invalid(
+                    card_path,
+                    format!(
+                        "ood.threshold {} differs from the file's {}",
+                        o.threshold, m.threshold
+                    ),
+                ));
+            }
+            Some(std::sync::Arc::new(m))
+        }
+    };
     Ok(LoadedModel {
         card,
         onnx_path,
         onnx_bytes,
+        ood,
     })
+}
+
+/// Names `ood` (a fitted out-of-distribution model beside the card) in the card at
+/// `card_path`, replacing any earlier entry; nothing else in the card changes.
+pub fn set_card_ood(card_path: &Path, ood: &crate::ood::OodCard) -> Result<(), String> {
+    // The card's text is edited, not re-serialised: serde_json's float parsing is not
+    // exact to the last bit, so a parse-print round trip would move its numbers. The
+    // writer puts `ood` last; an earlier entry is cut from there.
+    let text = std::fs::read_to_string(card_path).map_err(|e| e.to_string())?;
+    let card: ModelCard = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let body = match (&card.ood, text.rfind(",\n  \"ood\": ")) {
+        (Some(_), Some(at)) => &text[..at],
+        (Some(_), None) => {
+            return Err("the card's ood entry is not where its writer puts it".into());
+        }
+        (None, _) => text
+            .trim_end()
+            .strip_suffix('}')
+            .ok_or("the card does not end with `}`")?
+            .trim_end(),
+    };
+    let entry = serde_json::to_string_pretty(ood).map_err(|e| e.to_string())?;
+    let json = format!("{body},\n  \"ood\": {}\n}}\n", entry.replace('\n', "\n  "));
+    let tmp = card_path.with_extension("json.tmp");
+    std::fs::write(&tmp, json).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, card_path).map_err(|e| e.to_string())?;
+    load_card(card_path).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// What [`write_model`] needs to write a variant.
@@ -253,6 +318,7 @@ pub fn write_model(dir: &Path, m: &NewModel<'_>) -> Result<ModelCard, String> {
         },
         training: m.training.clone(),
         metrics: m.metrics.clone(),
+        ood: None,
     };
     std::fs::write(dir.join(&file), &bytes).map_err(|e| format!("cannot write {file}: {e}"))?;
     let json = serde_json::to_string_pretty(&card).expect("a model card always serialises") + "\n";

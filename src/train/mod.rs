@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod import;
 pub mod model;
+pub mod ood;
 mod plots;
 
 use std::path::{Path, PathBuf};
@@ -160,7 +161,7 @@ fn chrono_like_now() -> String {
     format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
@@ -688,7 +689,7 @@ fn read_state(path: &Path, fingerprint: &str, flag: &str, hint: &str) -> anyhow:
     Ok(s)
 }
 
-fn report_bad(bad: &[(PathBuf, String)], total: usize) -> anyhow::Result<()> {
+pub(crate) fn report_bad(bad: &[(PathBuf, String)], total: usize) -> anyhow::Result<()> {
     if bad.is_empty() {
         return Ok(());
     }
@@ -1062,6 +1063,24 @@ fn finish(
         (serde_json::to_string_pretty(&scores)? + "\n").as_bytes(),
     )
     .map_err(|e| anyhow!(e))?;
+    if !interim {
+        // The out-of-distribution model, on the embeddings of the training split as
+        // this run split it (a run on a subset of the data has no split to rebuild).
+        if args.limit_per_class.is_none() {
+            let summary = ood::fit_card(
+                &dest.join(format!("{name}.json")),
+                &args.data,
+                &lib,
+                &args.out.join("ood-cache"),
+                0.99,
+                args.val_fraction,
+                false,
+            )?;
+            tracing::info!(target: "cxr::train", "{summary}");
+        } else {
+            tracing::warn!(target: "cxr::train", "no OOD model fitted: --limit-per-class trains on a subset; run cxr-train fit-ood on the full data");
+        }
+    }
     if interim {
         // The progress this model was exported at, for `--resume-from` on a machine
         // that lacks the run folder (the ONNX file holds the weights).
@@ -1198,6 +1217,25 @@ impl TestScores {
     }
 }
 
+/// A shipped model's preprocessing and a CPU session on its verified ONNX bytes, as the
+/// export measures them.
+pub(crate) fn measuring_session(
+    loaded: &crate::registry::LoadedModel,
+    ort_lib: &Path,
+) -> anyhow::Result<(Preprocessor, ort::session::Session)> {
+    let card = &loaded.card;
+    let pre =
+        Preprocessor::new(card.input_size, &card.preprocessing).map_err(|e| anyhow::anyhow!(e))?;
+    let env = crate::inference::environment(ort_lib)?;
+    let opts = crate::inference::SessionOptions {
+        device: crate::inference::Device::Cpu,
+        intra_threads: 0,
+        cpu_arena: false,
+    };
+    let (session, _, _) = crate::inference::create_session(env, &loaded.onnx_bytes, opts)?;
+    Ok((pre, session))
+}
+
 /// `cxr-train test-scores`: measures a shipped model's ONNX file on the test split
 /// through ONNX Runtime as the export does (same preprocessing, batches of 8, the
 /// card's temperature), checks the accuracy, confusion matrix and AUC equal the
@@ -1208,19 +1246,11 @@ pub fn write_test_scores(
     ort_lib: &Path,
 ) -> anyhow::Result<usize> {
     let loaded = crate::registry::load_card(card_path)?;
+    let (pre, mut session) = measuring_session(&loaded, ort_lib)?;
     let card = loaded.card;
     let test = data::scan(data_dir, "test").map_err(|e| anyhow::anyhow!(e))?;
-    let pre =
-        Preprocessor::new(card.input_size, &card.preprocessing).map_err(|e| anyhow::anyhow!(e))?;
     let (imgs, bad) = data::load_resized(&test, &pre);
     report_bad(&bad, test.len())?;
-    let env = crate::inference::environment(ort_lib)?;
-    let opts = crate::inference::SessionOptions {
-        device: crate::inference::Device::Cpu,
-        intra_threads: 0,
-        cpu_arena: false,
-    };
-    let (mut session, _, _) = crate::inference::create_session(env, &loaded.onnx_bytes, opts)?;
     let s = card.input_size as usize;
     let mut scores = Vec::with_capacity(imgs.len());
     for chunk in imgs.chunks(8) {

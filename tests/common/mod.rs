@@ -153,8 +153,17 @@ pub fn test_app_configured(
     batch: BatchConfig,
     configure: impl FnOnce(AppState) -> AppState,
 ) -> TestApp {
+    test_app_in(models_dir(), limits, batch, configure)
+}
+
+/// [`test_app_configured`] over the models in `dir` (`alpha` among them).
+pub fn test_app_in(
+    dir: tempfile::TempDir,
+    limits: Limits,
+    batch: BatchConfig,
+    configure: impl FnOnce(AppState) -> AppState,
+) -> TestApp {
     ort_env();
-    let dir = models_dir();
     let metrics = Arc::new(Metrics::new());
     let state = configure(AppState::new(limits, metrics.clone()));
     let (set, _workers) =

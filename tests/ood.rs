@@ -1,0 +1,340 @@
+//! Out-of-distribution refusal. The fit is checked against the closed-form score of
+//! a known Gaussian mixture; then a tiny writer-made model gets an OOD model fitted
+//! on embeddings of one family of generated images ("films": two dark lung fields on
+//! a lighter body, jittered and noisy), and the server answers such images, refuses
+//! images of other families (checkerboards, text-like stripes, noise) with 422
+//! `out_of_distribution`, and follows `--ood-action warn|off`.
+#![cfg(feature = "train")]
+
+mod common;
+
+use axum::http::StatusCode;
+use common::http::{json, raw, send};
+use cxr::arch::SplitMix64;
+use cxr::imaging::Preprocessor;
+use cxr::ood::OodAction;
+use cxr::train::ood::{Embeddings, acceptance_threshold, embed, fit, scores};
+use image::{GrayImage, Luma};
+
+/// Gaussian N(0, 1) from the generator (Box–Muller).
+fn normal(r: &mut SplitMix64) -> f64 {
+    let (u, v) = (r.uniform().max(1e-12), r.uniform());
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
+#[test]
+fn the_fit_recovers_the_closed_form_score_of_a_known_mixture() {
+    // Two classes in 3-D: means (∓2, 0, 0), shared covariance diag(1, 4, 0.25). The
+    // two leading principal axes are x (variance 1 + 4 between the classes) and y (4);
+    // z is left outside. So, for k = 2 and no shrinkage:
+    // score = min_c ((x ∓ 2)² / 1 + y² / 4) / 2 + z² / 0.25.
+    let mut r = SplitMix64(7);
+    let n = 20_000;
+    let mut data = Vec::with_capacity(n * 3);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = (i % 2) as u8;
+        let mx = if c == 0 { -2.0 } else { 2.0 };
+        data.extend([
+            (mx + normal(&mut r)) as f32,
+            (2.0 * normal(&mut r)) as f32,
+            (0.5 * normal(&mut r)) as f32,
+        ]);
+        labels.push(c);
+    }
+    let e = Embeddings {
+        dim: 3,
+        files: vec![String::new(); n],
+        labels,
+        data,
+    };
+    let m = fit(&e, 2, 0.0).unwrap();
+    assert_eq!(m.components(), 2);
+    let reference = |x: f64, y: f64, z: f64| {
+        let d = |mx: f64| ((x - mx).powi(2) + y * y / 4.0) / 2.0;
+        d(-2.0).min(d(2.0)) + z * z / 0.25
+    };
+    for p in [
+        [-2.0, 0.0, 0.0],
+        [2.0, 1.0, 0.2],
+        [0.0, 0.0, 0.0],
+        [5.0, -3.0, 0.5],
+        [-1.0, 6.0, -1.0],
+    ] {
+        let got = m.score(&[p[0] as f32, p[1] as f32, p[2] as f32]);
+        let want = reference(p[0], p[1], p[2]);
+        assert!(
+            (got - want).abs() <= 0.05 * want.max(0.2),
+            "{p:?}: fitted {got}, closed form {want}"
+        );
+    }
+    // The acceptance threshold is an order statistic: 99 % of 100 scores at or under.
+    let s: Vec<f64> = (1..=100).map(f64::from).collect();
+    assert_eq!(acceptance_threshold(&s, 0.99), 99.0);
+    assert_eq!(acceptance_threshold(&s, 1.0), 100.0);
+}
+
+/// A generated "film": lighter body, two dark lung fields, a bright spine, jittered
+/// and noisy.
+fn film(seed: u64) -> GrayImage {
+    let mut r = SplitMix64(seed);
+    let (w, h) = (64u32, 64u32);
+    let jx = r.uniform() * 6.0 - 3.0;
+    let jy = r.uniform() * 6.0 - 3.0;
+    let dark = 40.0 + r.uniform() * 30.0;
+    let body = 150.0 + r.uniform() * 40.0;
+    let mut noise = SplitMix64(seed ^ 0xABCD);
+    GrayImage::from_fn(w, h, |x, y| {
+        let (fx, fy) = (f64::from(x) - jx, f64::from(y) - jy);
+        let lung = |cx: f64| ((fx - cx) / 11.0).powi(2) + ((fy - 32.0) / 20.0).powi(2) < 1.0;
+        let mut v = if lung(18.0) || lung(46.0) { dark } else { body };
+        if (fx - 32.0).abs() < 3.0 {
+            v = 220.0;
+        }
+        v += normal(&mut noise) * 6.0;
+        Luma([v.clamp(0.0, 255.0) as u8])
+    })
+}
+
+/// Images of other kinds: checkerboards, text-like stripes, noise.
+fn other(kind: usize, seed: u64) -> GrayImage {
+    let mut r = SplitMix64(seed);
+    let period = 2 + (r.uniform() * 6.0) as u32;
+    GrayImage::from_fn(64, 64, |x, y| {
+        Luma([match kind % 3 {
+            0 => {
+                if (x / period + y / period).is_multiple_of(2) {
+                    20
+                } else {
+                    235
+                }
+            }
+            1 => {
+                if y % 8 < 3 && (x * 7 + y) % 5 != 0 {
+                    30
+                } else {
+                    250
+                }
+            }
+            _ => (r.uniform() * 255.0) as u8,
+        }])
+    })
+}
+
+fn embeddings(bytes: &[u8], pre: &Preprocessor, imgs: &[GrayImage]) -> Embeddings {
+    let mut s = common::cpu_session(bytes);
+    let resized: Vec<GrayImage> = imgs.iter().map(|g| pre.resize(g)).collect();
+    let (dim, data) = embed(&mut s, pre, &resized).unwrap();
+    Embeddings {
+        dim,
+        labels: (0..imgs.len()).map(|i| (i % 2) as u8).collect(),
+        files: vec![String::new(); imgs.len()],
+        data,
+    }
+}
+
+/// Fits an OOD model for `alpha` in `dir` on films 0..200, threshold at 99 % of
+/// films 1000..1100; returns the threshold.
+fn fit_alpha(dir: &std::path::Path) -> f64 {
+    let card = dir.join("alpha.json");
+    let loaded = cxr::registry::load_card(&card).unwrap();
+    let pre = Preprocessor::new(loaded.card.input_size, &loaded.card.preprocessing).unwrap();
+    let train: Vec<GrayImage> = (0..200).map(film).collect();
+    let val: Vec<GrayImage> = (1000..1100).map(film).collect();
+    let mut m = fit(&embeddings(&loaded.onnx_bytes, &pre, &train), 8, 0.1).unwrap();
+    let sv = scores(&m, &embeddings(&loaded.onnx_bytes, &pre, &val));
+    m.threshold = acceptance_threshold(&sv, 0.99);
+    let bytes = m.to_json();
+    std::fs::write(dir.join("alpha.ood.json"), &bytes).unwrap();
+    let entry = cxr::ood::OodCard {
+        file: "alpha.ood.json".into(),
+        sha256: cxr::registry::sha256_hex(&bytes),
+        method: "test".into(),
+        threshold: m.threshold,
+        target_acceptance: 0.99,
+        threshold_source: "films 1000..1100".into(),
+        validation_acceptance: 0.99,
+        validation_stressed_acceptance: 0.99,
+        test_acceptance: None,
+        fit_images: 200,
+        components: m.components(),
+        ood_set_refused: None,
+        ood_set: None,
+    };
+    cxr::registry::set_card_ood(&card, &entry).unwrap();
+    m.threshold
+}
+
+fn app(action: OodAction) -> (common::TestApp, f64) {
+    let dir = common::models_dir();
+    let threshold = fit_alpha(dir.path());
+    let limits = cxr::http::Limits {
+        ood_action: action,
+        ..common::test_limits()
+    };
+    (
+        common::test_app_in(dir, limits, common::default_batch(), |s| s),
+        threshold,
+    )
+}
+
+fn png(img: &GrayImage) -> Vec<u8> {
+    common::png_bytes(img)
+}
+
+/// POST one image as PNG to `/predict?model=…`: status and JSON body.
+async fn answer(
+    app: &axum::Router,
+    model: &str,
+    img: &GrayImage,
+) -> (StatusCode, serde_json::Value) {
+    let (s, _, b) = send(
+        app,
+        raw(&format!("/predict?model={model}"), "image/png", png(img)),
+    )
+    .await;
+    (s, json(&b))
+}
+
+/// Answered, with neither a score nor a verdict.
+fn unscored(v: &serde_json::Value) -> bool {
+    v["ood_score"].is_null() && v["in_distribution"].is_null()
+}
+
+#[tokio::test]
+async fn films_are_answered_and_other_images_refused() {
+    let (t, threshold) = app(OodAction::Refuse);
+    // New films (not fitted on, not the threshold's): nearly all answered, scored.
+    let mut answered = 0;
+    for seed in 5000..5040 {
+        let (s, v) = answer(&t.app, "alpha", &film(seed)).await;
+        if s == StatusCode::OK {
+            answered += 1;
+            assert_eq!(v["in_distribution"], true, "{v}");
+            assert!(v["ood_score"].as_f64().unwrap() <= threshold, "{v}");
+        } else {
+            assert_eq!(v["error_type"], "out_of_distribution", "{v}");
+        }
+    }
+    assert!(answered >= 36, "{answered}/40 new films answered");
+    // Every image of another kind: 422 with its score above the threshold.
+    for (i, seed) in (0..30).zip(100..) {
+        let (s, v) = answer(&t.app, "alpha", &other(i, seed)).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "kind {i}: {v}");
+        assert_eq!(v["error_type"], "out_of_distribution", "{v}");
+        assert_eq!(v["details"]["image"], 0, "{v}");
+        assert_eq!(v["details"]["threshold"].as_f64().unwrap(), threshold);
+        assert!(
+            v["details"]["ood_score"].as_f64().unwrap() > threshold,
+            "{v}"
+        );
+    }
+    // A multipart request with one such image among films is refused, naming it.
+    let parts = [
+        ("image", "image/png", png(&film(6000))),
+        ("image", "image/png", png(&other(0, 7))),
+    ];
+    let (s, _, b) = send(
+        &t.app,
+        common::http::multipart("/predict?model=alpha", &parts),
+    )
+    .await;
+    let v = json(&b);
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["details"]["image"], 1, "{v}");
+    // `beta` has no OOD model: answered, with null fields (the server logged it at
+    // start).
+    let (s, v) = answer(&t.app, "beta", &other(0, 7)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(unscored(&v), "{v}");
+    // The card shows the method and threshold; refusals are counted.
+    let (_, _, b) = send(&t.app, common::http::get("/models/alpha")).await;
+    let v = json(&b);
+    assert_eq!(v["card"]["ood"]["threshold"].as_f64().unwrap(), threshold);
+    let (_, _, m) = send(&t.app, common::http::get("/metrics")).await;
+    let m = String::from_utf8(m).unwrap();
+    let line = r#"cxr_out_of_distribution_total{action="refuse",model="alpha"} "#;
+    let n: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix(line))
+        .unwrap_or_else(|| panic!("no {line} in\n{m}"))
+        .parse()
+        .unwrap();
+    assert_eq!(n, 31 + (40 - answered), "{m}");
+}
+
+#[tokio::test]
+async fn warn_answers_with_a_warning_and_off_does_not_score() {
+    let (t, threshold) = app(OodAction::Warn);
+    let (s, v) = answer(&t.app, "alpha", &other(1, 3)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["in_distribution"], false, "{v}");
+    assert!(v["ood_score"].as_f64().unwrap() > threshold);
+    assert!(
+        v["warnings"].to_string().contains("out of distribution"),
+        "{v}"
+    );
+    let (t, _) = app(OodAction::Off);
+    let (s, v) = answer(&t.app, "alpha", &other(1, 3)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(unscored(&v), "{v}");
+    assert!(!v.to_string().contains("out of distribution"), "{v}");
+}
+
+#[test]
+fn a_card_whose_ood_file_was_changed_does_not_load() {
+    let dir = common::models_dir();
+    fit_alpha(dir.path());
+    assert!(cxr::registry::load_card(&dir.path().join("alpha.json")).is_ok());
+    let p = dir.path().join("alpha.ood.json");
+    let mut text = std::fs::read_to_string(&p).unwrap();
+    text = text.replacen("\"threshold\": ", "\"threshold\": 1", 1);
+    std::fs::write(&p, text).unwrap();
+    let e = cxr::registry::load_card(&dir.path().join("alpha.json")).unwrap_err();
+    assert!(e.to_string().contains("SHA-256"), "{e}");
+}
+
+#[tokio::test]
+async fn the_open_inference_protocol_gives_the_score_and_refuses_alike() {
+    use base64::Engine as _;
+    let (t, threshold) = app(OodAction::Refuse);
+    let infer = |model: &str, img: &GrayImage, outputs: &[&str]| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(png(img));
+        let body = serde_json::json!({
+            "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+            "outputs": outputs.iter().map(|o| serde_json::json!({"name": o})).collect::<Vec<_>>(),
+        });
+        raw(
+            &format!("/v2/models/{model}/infer"),
+            "application/json",
+            serde_json::to_vec(&body).unwrap(),
+        )
+    };
+    let (s, _, b) = send(&t.app, infer("alpha", &film(7000), &["label", "ood_score"])).await;
+    let v = json(&b);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["outputs"][1]["name"], "ood_score", "{v}");
+    assert_eq!(v["outputs"][1]["datatype"], "FP64", "{v}");
+    assert!(
+        v["outputs"][1]["data"][0].as_f64().unwrap() <= threshold,
+        "{v}"
+    );
+    let (s, _, b) = send(&t.app, infer("alpha", &other(0, 9), &["label"])).await;
+    let v = json(&b);
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("out of distribution"),
+        "{v}"
+    );
+    let (s, _, b) = send(&t.app, infer("beta", &film(7000), &["ood_score"])).await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    let (_, _, b) = send(&t.app, common::http::get("/v2/models/alpha")).await;
+    assert!(json(&b)["outputs"].to_string().contains("ood_score"));
+    let (_, _, b) = send(&t.app, common::http::get("/v2/models/beta")).await;
+    assert!(!json(&b)["outputs"].to_string().contains("ood_score"));
+}
