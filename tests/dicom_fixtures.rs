@@ -79,3 +79,51 @@ async fn a_voi_lut_sequence_renders_as_pydicom_renders_it() {
     .await;
     assert_ne!(json(&b)["probabilities"], dcm["probabilities"]);
 }
+
+/// VOI LUTs as other writers store them, each rendered by dcmtk's dcm2pnm (an
+/// implementation independent of ours) as the PNG the server must answer alike:
+/// 8-bit entries one per 16-bit value, the same table packed two entries per 16-bit
+/// word (OW, half as many words as entries), and a 65536-entry table (descriptor 0).
+/// The packed and unpacked tables are one table: the same answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voi_luts_of_8_bit_entries_and_65536_entries_render_as_dcmtk_renders_them() {
+    let t = common::test_app();
+    let mut answers = Vec::new();
+    for name in ["voi_lut_8bit_words", "voi_lut_8bit_packed", "voi_lut_65536"] {
+        let (s, _, b) = send(
+            &t.app,
+            raw(
+                "/predict",
+                "application/dicom",
+                fixture(&format!("{name}.dcm")),
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{name}: {}", String::from_utf8_lossy(&b));
+        let dcm = json(&b);
+        assert_eq!(dcm["dicom"]["voi"], "voi_lut_sequence", "{name}");
+        let (s, _, b) = send(
+            &t.app,
+            raw(
+                "/predict",
+                "image/png",
+                fixture(&format!("{name}_dcmtk.png")),
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let png = json(&b);
+        let p = |v: &serde_json::Value| v["probabilities"]["PNEUMONIA"].as_f64().unwrap();
+        // dcmtk and we may round a gray level apart: equal answers within 1e-3.
+        assert!(
+            (p(&dcm) - p(&png)).abs() < 1e-3,
+            "{name}: DICOM {} vs dcmtk's rendering {}",
+            p(&dcm),
+            p(&png)
+        );
+        answers.push(p(&dcm));
+    }
+    assert_eq!(answers[0], answers[1], "packed and unpacked 8-bit tables");
+    // Not any rendering: the 65536-entry curve answers otherwise than the 8-bit one.
+    assert!((answers[0] - answers[2]).abs() > 1e-3, "{answers:?}");
+}

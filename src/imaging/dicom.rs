@@ -338,16 +338,12 @@ pub fn decode_dicom(
         .map_err(malformed)?
         .and_then(|f| f.first().copied())
         .unwrap_or_default();
-    let voi_seq = decoded
-        .voi_lut_sequence()
-        .map_err(malformed)?
-        .and_then(|s| s.first())
-        .filter(|l| !l.data.is_empty());
+    let voi_seq = voi_lut(&obj, signed)?;
     let voi = if let Some(w) = window {
         apply_window(&mut values, w, function);
         "window"
     } else if let Some(l) = voi_seq {
-        apply_voi_lut(&mut values, l.min_pixel_value, l.bits_stored, &l.data);
+        apply_voi_lut(&mut values, l.first, l.bits, &l.table);
         "voi_lut_sequence"
     } else {
         min_max(&mut values);
@@ -479,6 +475,94 @@ fn apply_window(values: &mut [f64], w: WindowLevel, function: VoiLutFunction) {
             VoiLutFunction::Sigmoid => 255.0 / (1.0 + (-4.0 * (x - c) / wd).exp()),
         };
     }
+}
+
+/// The first item of a VOI LUT Sequence (PS3.3 C.11.2.1.1).
+#[derive(Debug, Clone, PartialEq)]
+struct VoiTable {
+    /// The first stored value mapped (LUT Descriptor's second value).
+    first: i32,
+    /// Bits per entry (its third value).
+    bits: u8,
+    /// One value per entry.
+    table: Vec<u16>,
+}
+
+/// Reads the first VOI LUT Sequence item, as writers store it: the entry count 0
+/// meaning 2^16; the first mapped value signed when the pixels are; 8-bit entries
+/// either one per 16-bit value or packed two per 16-bit word (OW, low byte first: the
+/// LUT Data then holds half as many words as entries, as dcmtk reads it). Any other
+/// length is refused, never guessed at.
+fn voi_lut(
+    obj: &dicom_object::InMemDicomObject,
+    signed: bool,
+) -> Result<Option<VoiTable>, DicomError> {
+    use dicom_core::value::PrimitiveValue;
+    let Some(seq) = obj.element_opt(tags::VOILUT_SEQUENCE).ok().flatten() else {
+        return Ok(None);
+    };
+    let Some(item) = seq.items().and_then(|i| i.first()) else {
+        return Ok(None);
+    };
+    let unusable = |why: String| DicomError::Unprocessable(format!("VOI LUT Sequence: {why}"));
+    let desc = item
+        .element_opt(tags::LUT_DESCRIPTOR)
+        .ok()
+        .flatten()
+        .ok_or_else(|| unusable("its item has no LUT Descriptor".into()))?
+        .to_multi_int::<i32>()
+        .map_err(|_| unusable("the LUT Descriptor is not three integers".into()))?;
+    let [count, first, bits] = desc[..] else {
+        return Err(unusable(format!(
+            "the LUT Descriptor has {} values, not 3",
+            desc.len()
+        )));
+    };
+    // US or SS: read back as the 16-bit pattern it was written with.
+    let entries = match count as u16 {
+        0 => 65_536,
+        n => usize::from(n),
+    };
+    let first = if signed {
+        i32::from(first as u16 as i16)
+    } else {
+        i32::from(first as u16)
+    };
+    if !(1..=16).contains(&bits) {
+        return Err(unusable(format!("{bits} bits per entry")));
+    }
+    let data = item
+        .element_opt(tags::LUT_DATA)
+        .ok()
+        .flatten()
+        .ok_or_else(|| unusable("its item has no LUT Data".into()))?;
+    let words: Vec<u16> = match data.value().primitive() {
+        Some(PrimitiveValue::U16(v)) => v.to_vec(),
+        Some(PrimitiveValue::U8(b)) => b
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c.get(1).copied().unwrap_or(0)]))
+            .collect(),
+        _ => return Err(unusable("the LUT Data is not 16-bit values".into())),
+    };
+    let table: Vec<u16> = if words.len() == entries {
+        words
+    } else if bits <= 8 && words.len() == entries.div_ceil(2) {
+        words
+            .iter()
+            .flat_map(|w| [w & 0xff, w >> 8])
+            .take(entries)
+            .collect()
+    } else {
+        return Err(unusable(format!(
+            "the LUT Data holds {} 16-bit values for {entries} entries of {bits} bits",
+            words.len()
+        )));
+    };
+    Ok(Some(VoiTable {
+        first,
+        bits: bits as u8,
+        table,
+    }))
 }
 
 /// PS3.3 C.11.2.1.1: a VOI LUT table (first mapped value, entries, bits) to [0, 255],
