@@ -424,3 +424,48 @@ fn device_auto_falls_back_to_cpu_and_cuda_refuses_without_a_gpu() {
         (p, other) => panic!("auto gave {p:?} but cuda gave {:?}", other.map(|r| r.1)),
     }
 }
+
+/// The CUDA attempt fails after registration (session creation on the provider, as
+/// on a machine whose GPU is busy or whose driver is too old): `--device auto` falls
+/// back to a working CPU session and keeps the reason; `--device cuda` refuses with
+/// it; `--device cpu` never tries.
+#[test]
+fn a_cuda_session_that_fails_falls_back_to_the_cpu_with_its_reason() {
+    use cxr::inference::{Device, Provider, SessionOptions, create_session_via};
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_model(dir.path(), "m", 1, 0.9, 0.9);
+    let bytes = std::fs::read(dir.path().join("m.onnx")).unwrap();
+    let env = common::ort_env();
+    let opts = |device| SessionOptions {
+        device,
+        intra_threads: 1,
+        cpu_arena: false,
+    };
+    let failing = |_: &ort::environment::Environment,
+                   _: &[u8]|
+     -> Result<ort::session::Session, String> {
+        Err("CUDA provider registered; session creation failed: out of memory (simulated)".into())
+    };
+    let (mut s, provider, reason) =
+        create_session_via(env, &bytes, opts(Device::Auto), failing).unwrap();
+    assert_eq!(provider, Provider::Cpu);
+    assert!(
+        reason
+            .as_deref()
+            .unwrap()
+            .contains("session creation failed"),
+        "{reason:?}"
+    );
+    // The fallback session answers.
+    let p = cxr::inference::run_probabilities(&mut s, vec![0.1; 3 * 32 * 32], 1, 32).unwrap();
+    assert!((p[0][0] + p[0][1] - 1.0).abs() < 1e-5);
+    let e = create_session_via(env, &bytes, opts(Device::Cuda), failing).unwrap_err();
+    assert!(e.to_string().contains("session creation failed"), "{e}");
+    let tried = std::cell::Cell::new(false);
+    let (_, provider, reason) = create_session_via(env, &bytes, opts(Device::Cpu), |_, _| {
+        tried.set(true);
+        Err("never".into())
+    })
+    .unwrap();
+    assert!(!tried.get() && provider == Provider::Cpu && reason.is_none());
+}

@@ -9,5 +9,5 @@ pub use batcher::{BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory
 pub use models::{LoadConfig, LoadError, ModelSet, Prefer, SelectError, ServedModel, load_models};
 pub use runtime::{
     ClassMaps, Device, ModelOutput, Provider, RuntimeError, SessionOptions, create_session,
-    environment, resolve_library, run_outputs, run_probabilities,
+    create_session_via, environment, resolve_library, run_outputs, run_probabilities,
 };

@@ -163,6 +163,18 @@ pub fn create_session(
     model: &[u8],
     opts: SessionOptions,
 ) -> Result<(Session, Provider, Option<String>), RuntimeError> {
+    create_session_via(env, model, opts, cuda_session)
+}
+
+/// [`create_session`] with the CUDA attempt given: what the fallback does when the
+/// CUDA provider registers but the session cannot be created on it (or any step of
+/// the attempt fails) is tested through this, without a GPU.
+pub fn create_session_via(
+    env: &Environment,
+    model: &[u8],
+    opts: SessionOptions,
+    cuda_session: impl FnOnce(&Environment, &[u8]) -> Result<Session, String>,
+) -> Result<(Session, Provider, Option<String>), RuntimeError> {
     let fail = |device, e: &dyn std::fmt::Display| RuntimeError::Session {
         device,
         reason: e.to_string(),
