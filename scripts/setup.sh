@@ -7,7 +7,9 @@
 #   bash scripts/setup.sh --gpu     ONNX Runtime with CUDA 13 (onnxruntime-gpu[cuda,cudnn])
 #   bash scripts/setup.sh --test    + the independent tools the tests check against:
 #                                   tritonclient[http] (NVIDIA's V2 protocol client),
-#                                   pydicom, Pillow, and dciodvfy (Debian's dicom3tools)
+#                                   pydicom, Pillow, dciodvfy (Debian's dicom3tools), and
+#                                   for the page's browser test Debian's chromium, Node
+#                                   and puppeteer-core (npm; it downloads no browser)
 #
 # Nothing is downloaded at build or run time: ONNX Runtime and libtorch come from
 # their official PyPI wheels, installed here with pip.
@@ -36,6 +38,9 @@ command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v cc >/dev/null || need_apt+=(build-essential)
 ((tests)) && ! command -v dciodvfy >/dev/null && need_apt+=(dicom3tools)
+((tests)) && ! command -v chromium >/dev/null && need_apt+=(chromium)
+((tests)) && ! command -v node >/dev/null && need_apt+=(nodejs)
+((tests)) && ! command -v npm >/dev/null && need_apt+=(npm)
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]} (apt)"
@@ -91,5 +96,10 @@ if ((tests)); then
   if [ "$have" != "$PILLOW_VERSION" ]; then
     echo "setup: installing pillow==$PILLOW_VERSION (makes the resize fixture; bench/abuse.py)"
     pip install "pillow==$PILLOW_VERSION"
+  fi
+  # puppeteer-core drives the system chromium (tests/ui.rs); it never downloads one.
+  if [ ! -d tests/ui/node_modules/puppeteer-core ] || [ tests/ui/package-lock.json -nt tests/ui/node_modules ]; then
+    echo "setup: installing puppeteer-core (npm ci in tests/ui; the page's browser test)"
+    (cd tests/ui && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
   fi
 fi

@@ -64,6 +64,25 @@ async fn explain_cam_adds_normalised_maps_and_an_overlay() {
     let overlay = image::load_from_memory(&png).unwrap();
     // The input as the model saw it: the card's input size (32 for the test models).
     assert_eq!((overlay.width(), overlay.height()), (32, 32));
+    // Its background alone: the upload resized to the model's input, gray (the resize
+    // itself is pinned to Pillow's in tests/imaging_reference.rs).
+    let input = image::load_from_memory(
+        &base64::engine::general_purpose::STANDARD
+            .decode(h["input_png"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap()
+    .to_luma8();
+    let card = &t
+        .state
+        .models()
+        .unwrap()
+        .select(Some("alpha"), None)
+        .unwrap()
+        .card;
+    let pre = cxr::imaging::Preprocessor::new(card.input_size, &card.preprocessing).unwrap();
+    let upload = image::load_from_memory(&img(3)).unwrap().to_luma8();
+    assert_eq!(input, pre.resize(&upload));
 
     // Several images: each answer has its own maps.
     let (s, _, b) = send(

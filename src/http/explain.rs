@@ -34,6 +34,9 @@ pub struct Heatmap {
     /// PNG (base64) of the answered class's map, upsampled bilinearly, over the
     /// input as the model saw it (its own size, grayscale, jet colour map at 40 %).
     pub overlay_png: String,
+    /// PNG (base64) of the input as the model saw it (its own size, grayscale), the
+    /// overlay's background: a viewer can show it alone or under the overlay.
+    pub input_png: String,
 }
 
 /// Min-max normalised to 0..1 (a constant map is all zeros).
@@ -71,7 +74,21 @@ pub fn heatmap(
         answered: a,
         other: o,
         overlay_png: base64::engine::general_purpose::STANDARD.encode(png),
+        input_png: base64::engine::general_purpose::STANDARD.encode(input_gray(input, size, pre)),
     }
+}
+
+/// The input's first channel, un-normalised back to 8-bit gray, as PNG bytes.
+pub fn input_gray(input: &[f32], size: u32, pre: &Preprocessing) -> Vec<u8> {
+    let s = size as usize;
+    let img = image::GrayImage::from_fn(size, size, |x, y| {
+        let v = input[y as usize * s + x as usize] * pre.std[0] + pre.mean[0];
+        image::Luma([(v * 255.0).round().clamp(0.0, 255.0) as u8])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, ImageFormat::Png)
+        .expect("PNG encoding to memory does not fail");
+    out.into_inner()
 }
 
 /// The grid (0..1, `h × w`) upsampled to `size`, in a jet colour map at 40 % over the

@@ -217,7 +217,7 @@ impl AppState {
         description = "Pediatric chest X-ray pneumonia classifier. POST an X-ray, get NORMAL or PNEUMONIA, a confidence and the model variant that answered.",
         license(name = "MIT OR Apache-2.0")
     ),
-    paths(predict, list_models, get_model, health, ready, metrics_text,
+    paths(predict, list_models, get_model, get_plot, health, ready, metrics_text,
         v2::server_metadata, v2::live, v2::server_ready, v2::model_metadata, v2::model_ready, v2::infer,
         v2::model_metadata_version, v2::model_ready_version, v2::infer_version),
     modifiers(&SecuritySchemes),
@@ -396,7 +396,8 @@ pub struct PredictUpload {
 /// Builds the whole application router.
 ///
 /// `/predict` needs the `predict` scope and `/models*` the `models` scope when the
-/// state has API keys; `/health`, `/ready`, `/docs` and `/openapi.json` stay open.
+/// state has API keys; `/health`, `/ready`, `/docs`, `/openapi.json` and the page
+/// (`/`, `/ui`, which asks for a key itself) stay open.
 /// `/metrics` is here unless the state was made [`AppState::without_public_metrics`].
 pub fn build_app(state: AppState) -> Router {
     let max_body = state.inner.limits.max_body_bytes;
@@ -408,6 +409,7 @@ pub fn build_app(state: AppState) -> Router {
     let model_routes = Router::new()
         .route("/models", get(list_models))
         .route("/models/{name}", get(get_model))
+        .route("/models/{name}/plots/{kind}", get(get_plot))
         .route_layer(guard(Scope::Models));
     let mut app = Router::new()
         .merge(predict_routes)
@@ -416,7 +418,9 @@ pub fn build_app(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/openapi.json", get(openapi_json))
-        .route("/docs", get(docs));
+        .route("/docs", get(docs))
+        .route("/", get(ui))
+        .route("/ui", get(ui));
     if state.inner.public_metrics {
         app = app.route("/metrics", get(metrics_text));
     }
@@ -1301,6 +1305,11 @@ fn info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
             queue_depth: m.batcher.depth(),
             latency: m.latency(),
         },
+        plots: m
+            .plots
+            .iter()
+            .map(|(k, _)| format!("/models/{}/plots/{k}", m.card.name))
+            .collect(),
     }
 }
 
@@ -1344,6 +1353,42 @@ async fn get_model(
     Ok(Json(info(models, m)))
 }
 
+/// One of a variant's training plots (PNG): `roc`, `curves` or `confusion`.
+#[utoipa::path(get, path = "/models/{name}/plots/{kind}", tag = "models",
+    params(("name" = String, Path, description = "Variant name"),
+           ("kind" = String, Path, description = "`roc`, `curves` or `confusion`")),
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "The plot", content_type = "image/png", body = Vec<u8>),
+        (status = 401, description = "API keys are required and none or an unknown one was sent", body = ErrorBody),
+        (status = 404, description = "Unknown model, or no such plot for it", body = ErrorBody)
+    ))]
+async fn get_plot(
+    State(state): State<AppState>,
+    Path((name, kind)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let models = state.models().ok_or(ApiError::NotReady)?;
+    let m = models
+        .get(&name)
+        .ok_or(crate::inference::SelectError::Unknown(name.clone()))?;
+    let png = m
+        .plots
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, b)| b.clone())
+        .ok_or_else(|| {
+            ApiError::NoRoute(format!(
+                "plot `{kind}` of model `{name}` (it has: {})",
+                m.plots
+                    .iter()
+                    .map(|(k, _)| *k)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
+}
+
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/health", tag = "operations",
     responses((status = 200, description = "Alive", body = Status)))]
@@ -1383,6 +1428,19 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+/// The page for people (`/`, `/ui`): drop X-rays, see every variant's answer and
+/// heatmap, read the model cards. One file compiled in; it calls only the public API.
+async fn ui() -> Response {
+    (
+        [(
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        )],
+        Html(include_str!("ui.html")),
+    )
+        .into_response()
 }
 
 async fn docs() -> Html<&'static str> {

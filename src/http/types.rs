@@ -165,6 +165,9 @@ pub struct ModelInfo {
     pub default: bool,
     /// Live facts.
     pub live: LiveFacts,
+    /// Paths of its training plots (ROC, curves, confusion matrix) that were found
+    /// beside the card.
+    pub plots: Vec<String>,
 }
 
 /// `GET /models`.

@@ -56,6 +56,8 @@ pub struct ServedModel {
     pub batcher: Batcher,
     /// Its out-of-distribution model, when the card names one.
     pub ood: Option<Arc<crate::ood::OodModel>>,
+    /// Its training plots (kind, PNG bytes).
+    pub plots: Vec<(&'static str, Vec<u8>)>,
     served: AtomicU64,
     latencies_ms: Mutex<VecDeque<f64>>,
 }
@@ -275,6 +277,7 @@ pub fn load_models(
             preprocessor,
             batcher,
             ood: m.ood,
+            plots: m.plots,
             served: AtomicU64::new(0),
             latencies_ms: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
         }));

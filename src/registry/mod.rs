@@ -50,7 +50,16 @@ pub struct LoadedModel {
     pub onnx_bytes: Vec<u8>,
     /// The out-of-distribution model the card names (verified against its SHA-256).
     pub ood: Option<std::sync::Arc<crate::ood::OodModel>>,
+    /// The training run's plots found beside the card (`plots/<name>-<kind>.png`,
+    /// kinds in [`PLOT_KINDS`]), PNG bytes.
+    pub plots: Vec<(&'static str, Vec<u8>)>,
 }
+
+/// The plots a variant may have: ROC, training curves, confusion matrix.
+pub const PLOT_KINDS: [&str; 3] = ["roc", "curves", "confusion"];
+
+/// Largest plot read (a plot is a few tens of KB).
+const MAX_PLOT_BYTES: u64 = 4 << 20;
 
 /// Lower-case hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -218,11 +227,26 @@ pub fn load_card(card_path: &Path) -> Result<LoadedModel, RegistryError> {
             Some(std::sync::Arc::new(m))
         }
     };
+    let plots = PLOT_KINDS
+        .iter()
+        .filter_map(|kind| {
+            let p = card_path
+                .with_file_name("plots")
+                .join(format!("{}-{kind}.png", card.name));
+            let meta = std::fs::metadata(&p).ok()?;
+            (meta.is_file() && meta.len() <= MAX_PLOT_BYTES)
+                .then(|| std::fs::read(&p).ok())
+                .flatten()
+                .filter(|b| b.starts_with(b"\x89PNG"))
+                .map(|b| (*kind, b))
+        })
+        .collect();
     Ok(LoadedModel {
         card,
         onnx_path,
         onnx_bytes,
         ood,
+        plots,
     })
 }
 
