@@ -101,6 +101,12 @@ async function apiAnswer(file, model) {
     await page.$eval("#opacity", (e) => { e.value = "1"; e.dispatchEvent(new Event("input")); });
   }
   await page.screenshot({ path: path.join(shots, "predict.png"), fullPage: true });
+  // A tablet's width: nothing wider than the viewport (the answers wrap under the image).
+  await page.setViewport({ width: 768, height: 1024 });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  check(overflow <= 0, `at 768 px the page is ${overflow} px wider than the screen`);
+  await page.screenshot({ path: path.join(shots, "predict-tablet.png"), fullPage: true });
+  await page.setViewport({ width: 1280, height: 900 });
   if (args["shot-only"] === "predict") { await browser.close(); return; }
 
   // The models tab equals /models.
