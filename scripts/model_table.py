@@ -5,9 +5,12 @@ never retyped). `--check` exits 1 when README.md is out of date."""
 import glob, json, os, sys
 
 root = os.path.join(os.path.dirname(__file__), "..")
-cards = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(root, "models", "*.json")))]
+# Cards are `<name>.json` with no further dot (not `<name>.ood.json`, `.test-scores.json`).
+cards = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(root, "models", "*.json")))
+         if "." not in os.path.basename(p)[:-len(".json")]]
 rows = [("variant", lambda c: f"`{c['name']}` {c['version']}"),
         ("strategy", lambda c: c["training"]["strategy"]),
+        ("precision", lambda c: c.get("precision", "fp32")),
         ("input", lambda c: f"{c['input_size']} px"),
         ("epochs (sizes)", lambda c: f"{c['training']['epochs']} ({', '.join(map(str, c['training']['image_sizes']))} px)"),
         ("threshold (chosen on validation)", lambda c: f"{c['threshold']:.3f}")]
@@ -25,7 +28,9 @@ rows += [("test accuracy", metric("accuracy")), ("test sensitivity", metric("sen
          ("temperature (fitted on validation)", lambda c: f"{c['calibration']['temperature']:.3f}" if c.get("calibration") else "—"),
          ("validation sens / spec / AUC", lambda c: val(c, "validation")),
          ("stressed validation sens / spec / AUC", lambda c: val(c, "validation_stressed")),
-         ("ONNX file", lambda c: f"{c['onnx']['bytes'] / 1e6:.1f} MB ({c['onnx']['weight_storage']})"),
+         ("INT8: test labels equal to FP32's", lambda c: f"{100 * c['quantization']['test_label_agreement']:.2f} % (max Δp {c['quantization']['test_max_abs_probability_diff']:.3f})" if c.get("quantization") else "—"),
+         ("OOD: test answered / OOD set refused", lambda c: (f"{100 * c['ood']['test_acceptance']:.1f} %" if c.get("ood", {}).get("test_acceptance") is not None else "—") + " / " + (f"{100 * c['ood']['ood_set_refused']:.1f} %" if c.get("ood", {}).get("ood_set_refused") is not None else "—")),
+         ("ONNX file", lambda c: f"{c['onnx']['bytes'] / 1e6:.1f} MB ({'int8 conv/classifier weights' if c.get('precision') == 'int8' else c['onnx']['weight_storage']})"),
          ("training wall time", lambda c: wall(c["training"]["wall_time_s"]) + f" on {c['training']['device']}")]
 if cards:
     table = "| | " + " | ".join(f"**{c['name']}**" for c in cards) + " |\n|---|" + "---|" * len(cards) + "\n"

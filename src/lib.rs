@@ -14,6 +14,7 @@ pub mod imaging;
 pub mod inference;
 pub mod onnx;
 pub mod ood;
+pub mod quantize;
 pub mod registry;
 
 pub use http::{AppState, Limits, build_admin_app, build_app};

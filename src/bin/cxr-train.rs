@@ -53,6 +53,26 @@ struct OodArgs {
     ort_lib: Option<std::path::PathBuf>,
 }
 
+/// `cxr-train quantize --data DIR CARD...`: a static INT8 copy of each FP32 card's
+/// model, calibrated on validation images, measured like the FP32 one, written as
+/// `<name>-int8.onnx` with its card.
+#[derive(Debug, Parser)]
+#[command(name = "cxr-train quantize")]
+struct QuantizeArgs {
+    /// Model cards (`models/<name>.json`) of FP32 variants.
+    #[arg(required = true)]
+    cards: Vec<std::path::PathBuf>,
+    /// The data folder (with `train/` and `test/`).
+    #[arg(long, default_value = "../shared/data/chest_xray_224")]
+    data: std::path::PathBuf,
+    /// The validation fraction the models were trained with.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Path of libonnxruntime.so.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_lib: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "cxr-train rewrite-onnx")]
 struct RewriteArgs {
@@ -95,6 +115,17 @@ fn main() -> anyhow::Result<()> {
                 a.embed_only,
             )?;
             println!("{}: {out}", card.display());
+        }
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("quantize") {
+        let a = QuantizeArgs::parse_from(std::env::args().skip(1));
+        let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
+        for card in &a.cards {
+            println!(
+                "{}",
+                cxr::train::quantize::quantize_card(card, &a.data, &lib, a.val_fraction)?
+            );
         }
         return Ok(());
     }

@@ -1157,6 +1157,7 @@ fn prediction(model: &ServedModel, r: &JobOutput, d: &Decision, rid: &str) -> Pr
             version: model.card.version.clone(),
             strategy: model.card.training.strategy,
             sha256: model.card.onnx.sha256.clone(),
+            precision: model.card.precision,
         },
         execution_provider: model.provider.as_str().into(),
         timings_ms: Timings {

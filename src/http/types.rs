@@ -74,6 +74,8 @@ pub struct ModelRef {
     pub strategy: Strategy,
     /// SHA-256 of its ONNX file.
     pub sha256: String,
+    /// The precision that answered: `fp32` or `int8`.
+    pub precision: crate::quantize::Precision,
 }
 
 /// Where the time went, in milliseconds.

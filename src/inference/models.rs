@@ -172,8 +172,12 @@ impl ModelSet {
         let Some(p) = prefer else {
             return Ok(self.default_model());
         };
+        // Among the variants of the default's precision: an INT8 copy is its source's
+        // trade-off at another speed, chosen by name (`model=weighted-int8`), never
+        // swapped in by a metric's third decimal.
         let mut best = self.default_model();
-        for m in &self.models {
+        let precision = best.card.precision;
+        for m in self.models.iter().filter(|m| m.card.precision == precision) {
             if m.measured(p) > best.measured(p) {
                 best = m;
             }

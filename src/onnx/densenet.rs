@@ -39,12 +39,41 @@ pub struct WriteOptions {
     pub metadata: Vec<(String, String)>,
 }
 
+/// How the convolutions and the classifier are written.
+#[derive(Debug, Clone, Default)]
+pub enum Quant {
+    /// Float (FP32 compute; weights stored as [`WriteOptions::storage`]).
+    #[default]
+    None,
+    /// Float, with every quantised tensor (each convolution's input and output, the
+    /// classifier's input) also a graph output: what calibration runs.
+    Calibrate,
+    /// QDQ INT8: per-output-channel symmetric INT8 weights (`<name>::int8`, scales
+    /// `<name>::wscale`) dequantised into each Conv and the classifier, and each
+    /// quantised tensor through QuantizeLinear/DequantizeLinear (uint8, asymmetric)
+    /// with the range given here (tensor name → (scale, zero point)), so ONNX Runtime
+    /// runs the convolutions in INT8.
+    Int8(std::collections::BTreeMap<String, (f32, u8)>),
+}
+
 /// Builds the ONNX model for `config` with `weights`; encode it with
 /// `prost::Message::encode_to_vec`. Fails when the weights do not match the config.
 pub fn write_densenet(
     config: &DenseNetConfig,
     weights: &Weights,
     opts: &WriteOptions,
+) -> Result<ModelProto, String> {
+    write_densenet_quant(config, weights, opts, &Quant::None)
+}
+
+/// [`write_densenet`], with the convolutions and classifier written as `quant` says.
+/// Tensor names do not depend on `quant`, so ranges measured on the
+/// [`Quant::Calibrate`] graph name the tensors of the [`Quant::Int8`] one.
+pub fn write_densenet_quant(
+    config: &DenseNetConfig,
+    weights: &Weights,
+    opts: &WriteOptions,
+    quant: &Quant,
 ) -> Result<ModelProto, String> {
     config.validate()?;
     config.check_weights(weights)?;
@@ -54,6 +83,9 @@ pub fn write_densenet(
         weights,
         storage: opts.storage,
         next: 0,
+        quant,
+        exposed: Vec::new(),
+        missing: Vec::new(),
     };
 
     let mut x = g.conv("features.conv0", INPUT_NAME, 2, 3);
@@ -114,9 +146,17 @@ pub fn write_densenet(
     ));
     let w = g.init("classifier.weight");
     let bias = g.init("classifier.bias");
+    let (head_in, head_w) = match quant {
+        Quant::None => (EMBEDDING_NAME.to_string(), w.clone()),
+        Quant::Calibrate => {
+            g.exposed.push(EMBEDDING_NAME.into());
+            (EMBEDDING_NAME.to_string(), w.clone())
+        }
+        Quant::Int8(_) => (g.qdq(EMBEDDING_NAME), g.init_int8("classifier.weight")),
+    };
     g.nodes.push(node(
         "Gemm",
-        &[EMBEDDING_NAME, &w, &bias],
+        &[&head_in, &head_w, &bias],
         LOGITS_NAME,
         vec![int("transB", 1)],
     ));
@@ -169,6 +209,21 @@ pub fn write_densenet(
         ],
         value_info: vec![],
     };
+    let mut graph = graph;
+    for t in &g.exposed {
+        // The graph input is no output (its range is the calibration batch's own);
+        // the embedding is one already.
+        if t != EMBEDDING_NAME && t != INPUT_NAME {
+            graph.output.push(untyped_shape(t));
+        }
+    }
+    if !g.missing.is_empty() {
+        return Err(format!(
+            "no calibrated range for {} tensors (e.g. `{}`): calibrate on the same network",
+            g.missing.len(),
+            g.missing[0]
+        ));
+    }
     Ok(ModelProto {
         ir_version: IR_VERSION,
         opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
@@ -196,6 +251,11 @@ struct Graph<'w> {
     weights: &'w Weights,
     storage: WeightStorage,
     next: usize,
+    quant: &'w Quant,
+    /// Tensors exposed as outputs (calibration).
+    exposed: Vec<String>,
+    /// Tensors the INT8 graph needed a range for and had none.
+    missing: Vec<String>,
 }
 
 impl Graph<'_> {
@@ -253,14 +313,108 @@ impl Graph<'_> {
     }
 
     fn conv(&mut self, p: &str, x: &str, stride: i64, pad: i64) -> String {
-        let w = self.init(&format!("{p}.weight"));
-        let k = self.weights[&format!("{p}.weight")].shape[2] as i64;
+        let name = format!("{p}.weight");
+        let k = self.weights[&name].shape[2] as i64;
         let attrs = vec![
             ints("kernel_shape", &[k, k]),
             ints("strides", &[stride, stride]),
             ints("pads", &[pad, pad, pad, pad]),
         ];
-        self.node("Conv", &[x, &w], attrs)
+        match self.quant {
+            Quant::None => {
+                let w = self.init(&name);
+                self.node("Conv", &[x, &w], attrs)
+            }
+            Quant::Calibrate => {
+                let w = self.init(&name);
+                let y = self.node("Conv", &[x, &w], attrs);
+                self.exposed.push(x.to_string());
+                self.exposed.push(y.clone());
+                y
+            }
+            Quant::Int8(_) => {
+                let xq = self.qdq(x);
+                let w = self.init_int8(&name);
+                let y = self.node("Conv", &[&xq, &w], attrs);
+                self.qdq(&y)
+            }
+        }
+    }
+
+    /// `x` through QuantizeLinear → DequantizeLinear (uint8) with its calibrated range;
+    /// names derived from `x`, so the fresh-name counter is untouched.
+    fn qdq(&mut self, x: &str) -> String {
+        let Quant::Int8(ranges) = self.quant else {
+            return x.to_string();
+        };
+        let Some(&(scale, zp)) = ranges.get(x) else {
+            self.missing.push(x.to_string());
+            return x.to_string();
+        };
+        let (s, z) = (format!("{x}::scale"), format!("{x}::zp"));
+        self.inits.push(TensorProto {
+            dims: vec![],
+            data_type: data_type::FLOAT,
+            name: s.clone(),
+            raw_data: scale.to_le_bytes().to_vec(),
+            ..Default::default()
+        });
+        self.inits.push(TensorProto {
+            dims: vec![],
+            data_type: data_type::UINT8,
+            name: z.clone(),
+            raw_data: vec![zp],
+            ..Default::default()
+        });
+        let (q, dq) = (format!("{x}::q"), format!("{x}::dq"));
+        self.nodes
+            .push(node("QuantizeLinear", &[x, &s, &z], &q, vec![]));
+        self.nodes
+            .push(node("DequantizeLinear", &[&q, &s, &z], &dq, vec![]));
+        dq
+    }
+
+    /// The weight `name` as per-output-channel symmetric INT8 (`<name>::int8`, scales
+    /// `<name>::wscale`, zero points `<name>::wzp`), dequantised along axis 0; returns
+    /// the float tensor's name.
+    fn init_int8(&mut self, name: &str) -> String {
+        let t = &self.weights[name];
+        let (q, scales) = quantize_per_channel(&t.data, t.shape[0]);
+        let c = t.shape[0] as i64;
+        let (qn, sn, zn) = (
+            format!("{name}::int8"),
+            format!("{name}::wscale"),
+            format!("{name}::wzp"),
+        );
+        self.inits.push(TensorProto {
+            dims: t.shape.iter().map(|&d| d as i64).collect(),
+            data_type: data_type::INT8,
+            name: qn.clone(),
+            raw_data: q.iter().map(|&v| v as u8).collect(),
+            ..Default::default()
+        });
+        self.inits.push(TensorProto {
+            dims: vec![c],
+            data_type: data_type::FLOAT,
+            name: sn.clone(),
+            raw_data: scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        self.inits.push(TensorProto {
+            dims: vec![c],
+            data_type: data_type::INT8,
+            name: zn.clone(),
+            raw_data: vec![0; c as usize],
+            ..Default::default()
+        });
+        let out = format!("{name}::w");
+        self.nodes.push(node(
+            "DequantizeLinear",
+            &[&qn, &sn, &zn],
+            &out,
+            vec![int("axis", 0)],
+        ));
+        out
     }
 
     fn bn(&mut self, p: &str, x: &str) -> String {
@@ -277,6 +431,52 @@ impl Graph<'_> {
 
     fn relu(&mut self, x: &str) -> String {
         self.node("Relu", &[x], vec![])
+    }
+}
+
+/// Per-output-channel symmetric INT8 of a weight whose first axis has `channels`
+/// rows: each row's scale is max|w| / 127 (a zero row gets scale 1), values rounded
+/// to the nearest step and kept in [-127, 127]. Returns the values and the scales.
+pub fn quantize_per_channel(data: &[f32], channels: usize) -> (Vec<i8>, Vec<f32>) {
+    let per = data.len() / channels.max(1);
+    let mut q = Vec::with_capacity(data.len());
+    let mut scales = Vec::with_capacity(channels);
+    for row in data.chunks(per.max(1)) {
+        let m = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let s = if m > 0.0 { m / 127.0 } else { 1.0 };
+        scales.push(s);
+        q.extend(
+            row.iter()
+                .map(|v| (v / s).round().clamp(-127.0, 127.0) as i8),
+        );
+    }
+    (q, scales)
+}
+
+/// The uint8 asymmetric (scale, zero point) of a range; the range is widened to hold
+/// 0 (so that zero, ReLU's floor and the padding, is exact).
+pub fn activation_qparams(lo: f32, hi: f32) -> (f32, u8) {
+    let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+    if hi - lo <= f32::EPSILON {
+        return (1.0, 0);
+    }
+    let scale = (hi - lo) / 255.0;
+    let zp = (-lo / scale).round().clamp(0.0, 255.0) as u8;
+    (scale, zp)
+}
+
+/// A float32 graph output with no declared shape (calibration's exposed tensors).
+fn untyped_shape(name: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: data_type::FLOAT,
+                shape: None,
+            })),
+            denotation: String::new(),
+        }),
+        doc_string: String::new(),
     }
 }
 

@@ -12,7 +12,10 @@
 mod densenet;
 pub mod proto;
 
-pub use densenet::{WeightStorage, WriteOptions, write_densenet};
+pub use densenet::{
+    Quant, WeightStorage, WriteOptions, activation_qparams, quantize_per_channel, write_densenet,
+    write_densenet_quant,
+};
 use prost::Message;
 
 /// Name of the graph input.

@@ -163,6 +163,12 @@ pub struct ModelCard {
     /// `ood_score` and nothing is refused as out of distribution).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ood: Option<crate::ood::OodCard>,
+    /// The precision the file computes in (absent: fp32).
+    #[serde(default, skip_serializing_if = "crate::quantize::Precision::is_fp32")]
+    pub precision: crate::quantize::Precision,
+    /// For an INT8 copy: how it was made and how it compares with its source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<crate::quantize::QuantizationInfo>,
 }
 
 impl ModelCard {

@@ -343,6 +343,8 @@ pub fn write_model(dir: &Path, m: &NewModel<'_>) -> Result<ModelCard, String> {
         training: m.training.clone(),
         metrics: m.metrics.clone(),
         ood: None,
+        precision: crate::quantize::Precision::Fp32,
+        quantization: None,
     };
     std::fs::write(dir.join(&file), &bytes).map_err(|e| format!("cannot write {file}: {e}"))?;
     let json = serde_json::to_string_pretty(&card).expect("a model card always serialises") + "\n";

@@ -13,6 +13,7 @@ pub mod import;
 pub mod model;
 pub mod ood;
 mod plots;
+pub mod quantize;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
