@@ -58,36 +58,30 @@ print(f"served at saturation ({a.concurrency} clients): {fp32} {ips[fp32]:.2f} i
 
 try:
     import numpy as np, onnxruntime as ort
-    x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
-    raw = {}
-    for m in (fp32, int8):
+
+    def session(m):
         so = ort.SessionOptions()
         so.intra_op_num_threads = 2
-        s = ort.InferenceSession(os.path.join(a.models_dir, m + ".onnx"), so, providers=["CPUExecutionProvider"])
-        for _ in range(3):
+        return ort.InferenceSession(os.path.join(a.models_dir, m + ".onnx"), so, providers=["CPUExecutionProvider"])
+
+    def median_run(s, batch, warm, runs):
+        """Median seconds of one run on a seeded random batch, after `warm` runs."""
+        x = np.random.default_rng(0).normal(size=(batch, 3, 224, 224)).astype(np.float32)
+        for _ in range(warm):
             s.run(["probabilities"], {"image": x})
         ts = []
-        for _ in range(a.n):
+        for _ in range(runs):
             t = time.time()
             s.run(["probabilities"], {"image": x})
             ts.append(time.time() - t)
-        raw[m] = statistics.median(ts) * 1e3
+        return statistics.median(ts)
+
+    sessions = {m: session(m) for m in (fp32, int8)}
+    raw = {m: median_run(sessions[m], 1, 3, a.n) * 1e3 for m in (fp32, int8)}
     print(f"raw ONNX Runtime b1 median: {fp32} {raw[fp32]:.1f} ms, {int8} {raw[int8]:.1f} ms -> {raw[fp32] / raw[int8]:.3f}x")
     # Raw throughput at batch 4 (what the server's batcher forms under load), and the
-    # served FP32 figures against raw on the same file and threads.
-    x4 = np.random.default_rng(0).normal(size=(4, 3, 224, 224)).astype(np.float32)
-    raw4 = {}
-    for m in (fp32, int8):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 2
-        s = ort.InferenceSession(os.path.join(a.models_dir, m + ".onnx"), so, providers=["CPUExecutionProvider"])
-        s.run(["probabilities"], {"image": x4})
-        ts = []
-        for _ in range(max(4, a.n // 4)):
-            t = time.time()
-            s.run(["probabilities"], {"image": x4})
-            ts.append(time.time() - t)
-        raw4[m] = 4 / statistics.median(ts)
+    # served figures against raw on the same file and threads.
+    raw4 = {m: 4 / median_run(sessions[m], 4, 1, max(4, a.n // 4)) for m in (fp32, int8)}
     print(f"raw ONNX Runtime b4: {fp32} {raw4[fp32]:.2f} img/s, {int8} {raw4[int8]:.2f} img/s -> {raw4[int8] / raw4[fp32]:.3f}x")
     for m in (fp32, int8):
         print(f"served / raw, {m}: saturation {ips[m] / raw4[m]:.3f}, p50 c=1 {p50[m] / raw[m]:.3f} (served time / raw time)")

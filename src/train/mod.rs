@@ -926,18 +926,12 @@ fn finish(
         cpu_arena: false,
     };
     let (mut session, _, _) = crate::inference::create_session(env, &bytes, opts)?;
-    let mut ort_outputs = |imgs: &[GrayImage]| -> anyhow::Result<Vec<ModelOutput>> {
-        let s = size as usize;
-        let mut out = Vec::with_capacity(imgs.len());
-        for chunk in imgs.chunks(8) {
-            let batch: Vec<f32> = chunk.iter().flat_map(|g| pre.normalize(g)).collect();
-            out.extend(
-                crate::inference::run_outputs(&mut session, batch, chunk.len(), s)
-                    .map_err(|e| anyhow!(e))?,
-            );
-        }
-        Ok(out)
-    };
+    debug_assert_eq!(
+        pre.size(),
+        size,
+        "the export measures at the model's input size"
+    );
+    let mut ort_outputs = |imgs: &[GrayImage]| run_images(&mut session, &pre, imgs);
     let val_out = ort_outputs(&va_imgs)?;
     let diff = val_out
         .iter()
@@ -1218,6 +1212,25 @@ impl TestScores {
     }
 }
 
+/// Every image's outputs through `session` (images already resized; batches of 8), as
+/// the export, `test-scores`, `fit-ood` and `quantize` measure them.
+pub(crate) fn run_images(
+    session: &mut ort::session::Session,
+    pre: &Preprocessor,
+    imgs: &[GrayImage],
+) -> anyhow::Result<Vec<ModelOutput>> {
+    let s = pre.size() as usize;
+    let mut out = Vec::with_capacity(imgs.len());
+    for chunk in imgs.chunks(8) {
+        let batch: Vec<f32> = chunk.iter().flat_map(|g| pre.normalize(g)).collect();
+        out.extend(
+            crate::inference::run_outputs(session, batch, chunk.len(), s)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        );
+    }
+    Ok(out)
+}
+
 /// A shipped model's preprocessing and a CPU session on its verified ONNX bytes, as the
 /// export measures them.
 pub(crate) fn measuring_session(
@@ -1252,18 +1265,10 @@ pub fn write_test_scores(
     let test = data::scan(data_dir, "test").map_err(|e| anyhow::anyhow!(e))?;
     let (imgs, bad) = data::load_resized(&test, &pre);
     report_bad(&bad, test.len())?;
-    let s = card.input_size as usize;
-    let mut scores = Vec::with_capacity(imgs.len());
-    for chunk in imgs.chunks(8) {
-        let batch: Vec<f32> = chunk.iter().flat_map(|g| pre.normalize(g)).collect();
-        for o in crate::inference::run_outputs(&mut session, batch, chunk.len(), s)
-            .map_err(|e| anyhow::anyhow!(e))?
-        {
-            scores.push(f64::from(
-                served_probabilities(o.logits, o.probabilities, card.temperature())[1],
-            ));
-        }
-    }
+    let scores: Vec<f64> = run_images(&mut session, &pre, &imgs)?
+        .into_iter()
+        .map(|o| f64::from(served_probabilities(o.logits, o.probabilities, card.temperature())[1]))
+        .collect();
     let labels: Vec<u8> = test.iter().map(|t| t.label).collect();
     let m = Metrics::compute(&scores, &labels, card.threshold);
     let want = card

@@ -76,22 +76,16 @@ pub fn embed(
     pre: &Preprocessor,
     images: &[GrayImage],
 ) -> anyhow::Result<(usize, Vec<f32>)> {
-    let s = pre.size() as usize;
     let mut out = Vec::new();
     let mut dim = 0;
-    for chunk in images.chunks(8) {
-        let batch: Vec<f32> = chunk.iter().flat_map(|g| pre.normalize(g)).collect();
-        for o in crate::inference::run_outputs(session, batch, chunk.len(), s)
-            .map_err(|e| anyhow::anyhow!(e))?
-        {
-            let e = o.embedding.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "the model file has no `embedding` output: rewrite it first (cxr-train rewrite-onnx)"
-                )
-            })?;
-            dim = e.len();
-            out.extend(e);
-        }
+    for o in super::run_images(session, pre, images)? {
+        let e = o.embedding.ok_or_else(|| {
+            anyhow::anyhow!(
+                "the model file has no `embedding` output: rewrite it first (cxr-train rewrite-onnx)"
+            )
+        })?;
+        dim = e.len();
+        out.extend(e);
     }
     Ok((dim, out))
 }

@@ -29,23 +29,15 @@ fn answers(
     imgs: &[GrayImage],
     temperature: Option<f64>,
 ) -> anyhow::Result<Answers> {
-    let s = pre.size() as usize;
     let mut out = Answers {
         p: Vec::with_capacity(imgs.len()),
         embeddings: Vec::new(),
     };
-    for chunk in imgs.chunks(8) {
-        let batch: Vec<f32> = chunk.iter().flat_map(|g| pre.normalize(g)).collect();
-        for o in crate::inference::run_outputs(session, batch, chunk.len(), s)
-            .map_err(|e| anyhow::anyhow!(e))?
-        {
-            out.p.push(f64::from(
-                served_probabilities(o.logits, o.probabilities, temperature)[1],
-            ));
-            if let Some(e) = o.embedding {
-                out.embeddings.push(e);
-            }
-        }
+    for o in super::run_images(session, pre, imgs)? {
+        out.p.push(f64::from(
+            served_probabilities(o.logits, o.probabilities, temperature)[1],
+        ));
+        out.embeddings.extend(o.embedding);
     }
     Ok(out)
 }
