@@ -124,6 +124,7 @@ fn main() {
         device: Device::Cpu,
         intra_threads: threads,
         cpu_arena: false,
+        intra_spinning: true,
     };
     let (mut session, _, _) = cxr::inference::create_session(env, &onnx, opts).unwrap();
     for _ in 0..3 {
@@ -164,6 +165,7 @@ fn main() {
         device: Device::Cpu,
         intra_threads: threads,
         cpu_mem_arena: false,
+        intra_spinning: true,
         batch: BatchConfig {
             max_batch: 8,
             batch_wait: Duration::from_micros(1000),

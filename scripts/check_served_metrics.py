@@ -62,7 +62,8 @@ def ece(scores, labels, threshold, bins=10):
     for s, l in zip(scores, labels):
         pred = s >= threshold
         c = s if pred else 1 - s
-        b = min(int((c - 0.5) * 2 * bins), bins - 1)
+        # Below 0.5 (a threshold under 0.5) goes to the first bin, as in src/eval.
+        b = max(0, min(int((c - 0.5) * 2 * bins), bins - 1))
         count[b] += 1; conf[b] += c; correct[b] += pred == (l == 1)
     n = len(scores)
     return sum(count[b] / n * abs(correct[b] / count[b] - conf[b] / count[b]) for b in range(bins) if count[b])

@@ -52,6 +52,12 @@ pub struct ServeArgs {
     /// most it ever grew to (about twice the resident memory; bench/RESULTS.md).
     #[arg(long, env = "CXR_CPU_MEM_ARENA")]
     pub cpu_mem_arena: bool,
+    /// Whether ONNX Runtime's intra-op threads spin while waiting for work (its own
+    /// default). `false` frees the cores between runs for other processes on the
+    /// machine; on this 2-core machine neither setting measured faster
+    /// (bench/RESULTS.md).
+    #[arg(long, env = "CXR_INTRA_OP_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub intra_op_spinning: bool,
     /// Largest inference batch.
     #[arg(long, env = "CXR_MAX_BATCH", default_value_t = 8)]
     pub max_batch: usize,
@@ -255,6 +261,7 @@ impl ServeArgs {
             device: self.device,
             intra_threads: self.intra_threads,
             cpu_mem_arena: self.cpu_mem_arena,
+            intra_spinning: self.intra_op_spinning,
             batch: BatchConfig {
                 max_batch: self.max_batch,
                 batch_wait: Duration::from_micros(self.batch_wait_us),

@@ -33,7 +33,10 @@ fn main() -> anyhow::Result<()> {
     let filter =
         EnvFilter::try_from_env("CXR_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
     match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_env_filter(filter)
+            .init(),
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)

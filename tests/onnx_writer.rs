@@ -392,6 +392,7 @@ fn device_auto_falls_back_to_cpu_and_cuda_refuses_without_a_gpu() {
             device: Device::Auto,
             intra_threads: 1,
             cpu_arena: false,
+            intra_spinning: true,
         },
     )
     .expect("auto always yields a session");
@@ -416,6 +417,7 @@ fn device_auto_falls_back_to_cpu_and_cuda_refuses_without_a_gpu() {
             device: Device::Cuda,
             intra_threads: 1,
             cpu_arena: false,
+            intra_spinning: true,
         },
     );
     match (provider, cuda) {
@@ -440,6 +442,7 @@ fn a_cuda_session_that_fails_falls_back_to_the_cpu_with_its_reason() {
         device,
         intra_threads: 1,
         cpu_arena: false,
+        intra_spinning: true,
     };
     let failing = |_: &ort::environment::Environment,
                    _: &[u8]|

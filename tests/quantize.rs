@@ -1,7 +1,9 @@
 //! Static INT8 (QDQ) graphs from our writer, on a writer-made tiny DenseNet: the
 //! quantised graph loads in ONNX Runtime, its probabilities stay within 0.05 of the
 //! FP32 graph's on images it was not calibrated on, and every stored INT8 weight
-//! dequantises to the original within half a quantisation step (one rounding).
+//! dequantises to the original within half a quantisation step (one rounding): the
+//! original itself, or for a convolution followed by a batch norm, the original with
+//! that norm folded in (computed here by hand).
 
 mod common;
 
@@ -22,7 +24,24 @@ fn batches(pre: &Preprocessor, seeds: std::ops::Range<u32>) -> Vec<(usize, Vec<f
 #[test]
 fn int8_graph_loads_answers_close_to_fp32_and_keeps_its_weights() {
     let config = DenseNetConfig::tiny();
-    let weights = config.random_weights(11);
+    let mut weights = config.random_weights(11);
+    // Batch norms with statistics of their own (random weights give identities),
+    // so that a fold that forgot γ, β, μ or σ² would show.
+    for (k, (name, t)) in weights.iter_mut().enumerate() {
+        if !name.contains("norm") {
+            continue;
+        }
+        let wave = |i: usize, a: f32| ((i * 7 + k * 13) as f32 * 0.37).sin() * a;
+        for (i, v) in t.data.iter_mut().enumerate() {
+            *v = match name.rsplit('.').next().unwrap() {
+                "weight" => 1.0 + wave(i, 0.4),
+                "bias" => wave(i + 3, 0.3),
+                "running_mean" => wave(i + 5, 0.2),
+                "running_var" => 1.0 + wave(i + 1, 0.5),
+                _ => *v,
+            };
+        }
+    }
     let opts = WriteOptions {
         input_size: 32,
         storage: WeightStorage::Fp32,
@@ -35,14 +54,15 @@ fn int8_graph_loads_answers_close_to_fp32_and_keeps_its_weights() {
     let calib = cxr::quantize::calibration_graph(&config, &weights, &opts).unwrap();
     let mut cs = common::cpu_session(&calib);
     let ranges = cxr::quantize::calibrate(&mut cs, batches(&pre, 0..24), 32).unwrap();
-    // Every conv's input and output and the classifier's input have a range.
+    // Every conv's input and output and the classifier's input have a range; a
+    // dense layer's first conv (its norm folded in) outputs the second one's input.
     let convs = weights
         .keys()
         .filter(|k| k.contains("conv") && k.ends_with(".weight"))
         .count();
     assert_eq!(
         ranges.len(),
-        2 * convs + 1,
+        2 * convs + 1 - config.block_config.iter().sum::<usize>(),
         "{:?}",
         ranges.keys().collect::<Vec<_>>()
     );
@@ -87,7 +107,22 @@ fn int8_graph_loads_answers_close_to_fp32_and_keeps_its_weights() {
         worst > 0.0,
         "the INT8 graph computed exactly the FP32 numbers: not quantised"
     );
-    // Each stored weight: q × scale within half a step of the original.
+    // The batch norms that follow a convolution directly (norm0, every norm2) are
+    // folded into it: none is left in the graph.
+    let norms = |g: &cxr::onnx::proto::GraphProto| {
+        g.node
+            .iter()
+            .filter(|n| n.op_type == "BatchNormalization")
+            .count()
+    };
+    let fp32_graph = cxr::onnx::proto::ModelProto::decode(&fp32[..])
+        .unwrap()
+        .graph
+        .unwrap();
+    let layers: usize = config.block_config.iter().sum();
+    assert_eq!(norms(&graph), norms(&fp32_graph) - 1 - layers);
+    // Each stored weight: q × scale within half a step of the original (folded by
+    // hand with its batch norm where the graph folds one).
     for (name, w) in weights.iter().filter(|(k, _)| {
         k.ends_with("conv.weight")
             || k.ends_with("conv1.weight")
@@ -109,11 +144,32 @@ fn int8_graph_loads_answers_close_to_fp32_and_keeps_its_weights() {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         let per = w.data.len() / scales.len();
-        for (i, (&orig, &qi)) in w.data.iter().zip(q).enumerate() {
+        let norm = if name == "features.conv0.weight" {
+            Some("features.norm0".to_string())
+        } else {
+            name.strip_suffix("conv1.weight")
+                .map(|p| format!("{p}norm2"))
+        };
+        let expected: Vec<f32> = match &norm {
+            None => w.data.clone(),
+            Some(bn) => {
+                let get = |s: &str| weights[&format!("{bn}.{s}")].data.clone();
+                let (gamma, var) = (get("weight"), get("running_var"));
+                w.data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        let c = i / per;
+                        v * gamma[c] / (var[c] + 1e-5).sqrt()
+                    })
+                    .collect()
+            }
+        };
+        for (i, (&orig, &qi)) in expected.iter().zip(q).enumerate() {
             let s = scales[i / per];
             let back = f32::from(qi as i8) * s;
             assert!(
-                (back - orig).abs() <= s / 2.0 + 1e-7,
+                (back - orig).abs() <= s / 2.0 + 1e-6 * orig.abs().max(1e-1),
                 "{name}[{i}]: {orig} stored as {back} (step {s})"
             );
         }

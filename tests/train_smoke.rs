@@ -491,9 +491,19 @@ fn imported_runs_are_exported_with_their_own_weights_and_measured() {
             (&b.file, b.label, b.p_pneumonia)
         );
     }
-    // The scores file beside the card is not taken for a card.
+    // The scores files beside the cards are not taken for cards; the run made the
+    // INT8 copy beside its model (a full run, not `--limit-per-class`).
     let loaded = cxr::registry::load_dir(out.path()).unwrap();
-    assert_eq!(loaded.len(), 1);
+    let variants: Vec<(&str, &str)> = loaded
+        .iter()
+        .map(|m| (m.card.name.as_str(), m.card.precision.as_str()))
+        .collect();
+    assert_eq!(variants.len(), 2, "{variants:?}");
+    assert!(variants.contains(&("weighted", "fp32")), "{variants:?}");
+    assert!(
+        variants.contains(&("weighted-int8", "int8")),
+        "{variants:?}"
+    );
     let cal = card.calibration.as_ref().expect("calibration");
     assert!(cal.temperature > 0.0 && cal.validation_nll_after <= cal.validation_nll_before + 1e-12);
     assert!(card.metrics.validation_stressed.is_some());

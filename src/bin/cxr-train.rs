@@ -60,8 +60,12 @@ struct OodArgs {
 #[command(name = "cxr-train quantize")]
 struct QuantizeArgs {
     /// Model cards (`models/<name>.json`) of FP32 variants.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "models")]
     cards: Vec<std::path::PathBuf>,
+    /// Model files (`models/<name>.onnx`) of FP32 variants; the card beside each
+    /// (`<name>.json`) says how it is served and is measured against.
+    #[arg(long = "model")]
+    models: Vec<std::path::PathBuf>,
     /// The data folder (with `train/` and `test/`).
     #[arg(long, default_value = "../shared/data/chest_xray_224")]
     data: std::path::PathBuf,
@@ -85,6 +89,17 @@ struct RewriteArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Logs on stderr (stdout carries results), coloured only on a terminal.
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,ort=warn".into()),
+        )
+        .init();
     if std::env::args().nth(1).as_deref() == Some("rewrite-onnx") {
         let a = RewriteArgs::parse_from(std::env::args().skip(1));
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
@@ -95,13 +110,6 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if std::env::args().nth(1).as_deref() == Some("fit-ood") {
-        tracing_subscriber::fmt()
-            .with_target(false)
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "info,ort=warn".into()),
-            )
-            .init();
         let a = OodArgs::parse_from(std::env::args().skip(1));
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
         for card in &a.cards {
@@ -121,10 +129,21 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("quantize") {
         let a = QuantizeArgs::parse_from(std::env::args().skip(1));
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
-        for card in &a.cards {
+        let cards = a
+            .cards
+            .iter()
+            .cloned()
+            .chain(a.models.iter().map(|m| m.with_extension("json")));
+        for card in cards {
+            if !card.is_file() {
+                anyhow::bail!(
+                    "{}: no model card (the .onnx file's card, beside it)",
+                    card.display()
+                );
+            }
             println!(
                 "{}",
-                cxr::train::quantize::quantize_card(card, &a.data, &lib, a.val_fraction)?
+                cxr::train::quantize::quantize_card(&card, &a.data, &lib, a.val_fraction)?
             );
         }
         return Ok(());

@@ -201,6 +201,8 @@ pub struct LoadConfig {
     pub intra_threads: usize,
     /// ONNX Runtime's CPU memory arena (`--cpu-mem-arena`).
     pub cpu_mem_arena: bool,
+    /// Intra-op threads spin while idle (`--intra-op-spinning`).
+    pub intra_spinning: bool,
     /// Batching.
     pub batch: BatchConfig,
 }
@@ -239,6 +241,7 @@ pub fn load_models(
             device: cfg.device,
             intra_threads: cfg.intra_threads,
             cpu_arena: cfg.cpu_mem_arena,
+            intra_spinning: cfg.intra_spinning,
         };
         let (mut session, provider, fallback_reason) = create_session(env, &m.onnx_bytes, opts)?;
         if let Some(why) = &fallback_reason {

@@ -155,6 +155,10 @@ pub struct SessionOptions {
     pub intra_threads: usize,
     /// ONNX Runtime's CPU memory arena (faster allocation; it keeps what it grew to).
     pub cpu_arena: bool,
+    /// Whether intra-op threads spin while waiting for work (ONNX Runtime's default):
+    /// lower latency alone on a machine, but a spinning thread takes a core from
+    /// request decoding and from other models' sessions.
+    pub intra_spinning: bool,
 }
 
 /// Creates a session for `model` (ONNX bytes) and says which provider it runs on.
@@ -196,6 +200,9 @@ pub fn create_session_via(
             .with_intra_threads(opts.intra_threads)
             .map_err(|e| fail(Device::Cpu, &e))?;
     }
+    b = b
+        .with_intra_op_spinning(opts.intra_spinning)
+        .map_err(|e| fail(Device::Cpu, &e))?;
     let mut b = b
         .with_execution_providers([ort::ep::CPU::default()
             .with_arena_allocator(opts.cpu_arena)

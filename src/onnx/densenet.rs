@@ -88,9 +88,7 @@ pub fn write_densenet_quant(
         missing: Vec::new(),
     };
 
-    let mut x = g.conv("features.conv0", INPUT_NAME, 2, 3);
-    x = g.bn("features.norm0", &x);
-    x = g.relu(&x);
+    let mut x = g.conv_bn_relu("features.conv0", "features.norm0", INPUT_NAME, 2, 3);
     x = g.node(
         "MaxPool",
         &[&x],
@@ -112,9 +110,7 @@ pub fn write_densenet_quant(
             };
             let mut y = g.bn(&format!("{p}.norm1"), &cat);
             y = g.relu(&y);
-            y = g.conv(&format!("{p}.conv1"), &y, 1, 0);
-            y = g.bn(&format!("{p}.norm2"), &y);
-            y = g.relu(&y);
+            y = g.conv_bn_relu(&format!("{p}.conv1"), &format!("{p}.norm2"), &y, 1, 0);
             y = g.conv(&format!("{p}.conv2"), &y, 1, 1);
             feats.push(y);
         }
@@ -341,12 +337,98 @@ impl Graph<'_> {
         }
     }
 
+    /// Conv `p` → BatchNormalization `bn` → ReLU. Float graphs write the three nodes
+    /// (ONNX Runtime fuses the first two itself). Quantised graphs fold the batch norm
+    /// into the convolution (weights `w·γ/√(σ²+ε)`, bias `β − μ·γ/√(σ²+ε)`) and
+    /// quantise after the ReLU: the tensor that feeds the next convolution is then one
+    /// uint8 tensor with zero point 0, so ONNX Runtime runs conv, ReLU and requantisation
+    /// as one QLinearConv and nothing runs in float between two convolutions. The
+    /// stored INT8 weights are the folded ones (`<p>.weight::int8`), the bias is INT32
+    /// at the input scale × weight scale (`<bn>::folded_bias::int32`).
+    fn conv_bn_relu(&mut self, p: &str, bn: &str, x: &str, stride: i64, pad: i64) -> String {
+        if matches!(self.quant, Quant::None) {
+            let y = self.conv(p, x, stride, pad);
+            let y = self.bn(bn, &y);
+            return self.relu(&y);
+        }
+        let name = format!("{p}.weight");
+        let shape = self.weights[&name].shape.clone();
+        let k = shape[2] as i64;
+        let attrs = vec![
+            ints("kernel_shape", &[k, k]),
+            ints("strides", &[stride, stride]),
+            ints("pads", &[pad, pad, pad, pad]),
+        ];
+        let (w, b) = fold_bn(self.weights, &name, bn);
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let c = shape[0] as i64;
+        if matches!(self.quant, Quant::Calibrate) {
+            let (wn, bname) = (format!("{name}::folded"), format!("{bn}::folded_bias"));
+            self.inits.push(float_tensor(&wn, dims, &w));
+            self.inits.push(float_tensor(&bname, vec![c], &b));
+            let y = self.node("Conv", &[x, &wn, &bname], attrs);
+            let r = self.relu(&y);
+            self.exposed.push(x.to_string());
+            self.exposed.push(r.clone());
+            return r;
+        }
+        let x_scale = match self.quant {
+            Quant::Int8(ranges) => ranges.get(x).map(|r| r.0),
+            _ => None,
+        };
+        let xq = self.qdq(x);
+        let (q, wscales) = quantize_per_channel(&w, shape[0]);
+        let wname = self.push_int8(&name, dims, &q, &wscales);
+        // The bias at scale x_scale·w_scale[c], as QLinearConv wants it.
+        let x_scale = x_scale.unwrap_or(1.0);
+        let bscales: Vec<f32> = wscales.iter().map(|s| s * x_scale).collect();
+        let bq: Vec<i32> = b
+            .iter()
+            .zip(&bscales)
+            .map(|(v, s)| (f64::from(*v) / f64::from(*s)).round().clamp(-2e9, 2e9) as i32)
+            .collect();
+        let (bn_q, bn_s, bn_z, bn_f) = (
+            format!("{bn}::folded_bias::int32"),
+            format!("{bn}::folded_bias::scale"),
+            format!("{bn}::folded_bias::zp"),
+            format!("{bn}::folded_bias"),
+        );
+        self.inits.push(TensorProto {
+            dims: vec![c],
+            data_type: data_type::INT32,
+            name: bn_q.clone(),
+            raw_data: bq.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        self.inits.push(float_tensor(&bn_s, vec![c], &bscales));
+        self.inits.push(TensorProto {
+            dims: vec![c],
+            data_type: data_type::INT32,
+            name: bn_z.clone(),
+            raw_data: vec![0; 4 * c as usize],
+            ..Default::default()
+        });
+        self.nodes.push(node(
+            "DequantizeLinear",
+            &[&bn_q, &bn_s, &bn_z],
+            &bn_f,
+            vec![int("axis", 0)],
+        ));
+        let y = self.node("Conv", &[&xq, &wname, &bn_f], attrs);
+        let r = self.relu(&y);
+        self.qdq(&r)
+    }
+
     /// `x` through QuantizeLinear → DequantizeLinear (uint8) with its calibrated range;
     /// names derived from `x`, so the fresh-name counter is untouched.
     fn qdq(&mut self, x: &str) -> String {
         let Quant::Int8(ranges) = self.quant else {
             return x.to_string();
         };
+        if x.ends_with("::dq") {
+            // Quantised already (a folded conv's ReLU output feeding the next conv).
+            return x.to_string();
+        }
         let Some(&(scale, zp)) = ranges.get(x) else {
             self.missing.push(x.to_string());
             return x.to_string();
@@ -380,26 +462,28 @@ impl Graph<'_> {
     fn init_int8(&mut self, name: &str) -> String {
         let t = &self.weights[name];
         let (q, scales) = quantize_per_channel(&t.data, t.shape[0]);
-        let c = t.shape[0] as i64;
+        let dims = t.shape.iter().map(|&d| d as i64).collect();
+        self.push_int8(name, dims, &q, &scales)
+    }
+
+    /// Stores `q` (INT8, shape `dims`) with per-row `scales` as `<name>::int8`,
+    /// `<name>::wscale`, `<name>::wzp` and dequantises it along axis 0; returns the
+    /// float tensor's name.
+    fn push_int8(&mut self, name: &str, dims: Vec<i64>, q: &[i8], scales: &[f32]) -> String {
+        let c = dims[0];
         let (qn, sn, zn) = (
             format!("{name}::int8"),
             format!("{name}::wscale"),
             format!("{name}::wzp"),
         );
         self.inits.push(TensorProto {
-            dims: t.shape.iter().map(|&d| d as i64).collect(),
+            dims,
             data_type: data_type::INT8,
             name: qn.clone(),
             raw_data: q.iter().map(|&v| v as u8).collect(),
             ..Default::default()
         });
-        self.inits.push(TensorProto {
-            dims: vec![c],
-            data_type: data_type::FLOAT,
-            name: sn.clone(),
-            raw_data: scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        });
+        self.inits.push(float_tensor(&sn, vec![c], scales));
         self.inits.push(TensorProto {
             dims: vec![c],
             data_type: data_type::INT8,
@@ -431,6 +515,45 @@ impl Graph<'_> {
 
     fn relu(&mut self, x: &str) -> String {
         self.node("Relu", &[x], vec![])
+    }
+}
+
+/// Conv weight `conv` (shape `[c, ...]`, no bias) with batch norm `bn` (prefix of its
+/// weight, bias, running mean and variance) folded in: per output channel `k`,
+/// `w·γ/√(σ²+ε)` and bias `β − μ·γ/√(σ²+ε)`.
+pub fn fold_bn(weights: &Weights, conv: &str, bn: &str) -> (Vec<f32>, Vec<f32>) {
+    let w = &weights[conv];
+    let get = |s: &str| &weights[&format!("{bn}.{s}")].data;
+    let (gamma, beta, mean, var) = (
+        get("weight"),
+        get("bias"),
+        get("running_mean"),
+        get("running_var"),
+    );
+    let c = w.shape[0];
+    let per = w.data.len() / c.max(1);
+    let mut folded = Vec::with_capacity(w.data.len());
+    let mut bias = Vec::with_capacity(c);
+    for k in 0..c {
+        let f = f64::from(gamma[k]) / (f64::from(var[k]) + f64::from(BN_EPS)).sqrt();
+        folded.extend(
+            w.data[k * per..(k + 1) * per]
+                .iter()
+                .map(|&v| (f64::from(v) * f) as f32),
+        );
+        bias.push((f64::from(beta[k]) - f64::from(mean[k]) * f) as f32);
+    }
+    (folded, bias)
+}
+
+/// A float32 initializer.
+fn float_tensor(name: &str, dims: Vec<i64>, data: &[f32]) -> TensorProto {
+    TensorProto {
+        dims,
+        data_type: data_type::FLOAT,
+        name: name.into(),
+        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
     }
 }
 

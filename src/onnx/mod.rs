@@ -13,8 +13,8 @@ mod densenet;
 pub mod proto;
 
 pub use densenet::{
-    Quant, WeightStorage, WriteOptions, activation_qparams, quantize_per_channel, write_densenet,
-    write_densenet_quant,
+    Quant, WeightStorage, WriteOptions, activation_qparams, fold_bn, quantize_per_channel,
+    write_densenet, write_densenet_quant,
 };
 use prost::Message;
 

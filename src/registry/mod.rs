@@ -382,6 +382,7 @@ pub fn rewrite_onnx(card_path: &Path, ort_lib: &Path) -> Result<(String, String)
         device: crate::inference::Device::Cpu,
         intra_threads: 0,
         cpu_arena: false,
+        intra_spinning: true,
     };
     let mut a = crate::inference::create_session(env, &old, opts)
         .map_err(|e| e.to_string())?

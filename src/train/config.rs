@@ -114,74 +114,74 @@ pub struct TrainArgs {
     #[arg(long, env = "CXR_NAME")]
     pub name: Option<String>,
     /// Version written in the card.
-    #[arg(long, default_value = "1.0.0")]
+    #[arg(long, env = "CXR_MODEL_VERSION", default_value = "1.0.0")]
     pub model_version: String,
     /// Network.
-    #[arg(long, value_enum, default_value = "densenet161")]
+    #[arg(long, env = "CXR_ARCH", value_enum, default_value = "densenet161")]
     pub arch: ArchArg,
     /// Epochs in all (including the final ones).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "CXR_EPOCHS", default_value_t = 10)]
     pub epochs: u32,
     /// Image size of the first epochs.
-    #[arg(long, default_value_t = 112)]
+    #[arg(long, env = "CXR_IMAGE_SIZE", default_value_t = 112)]
     pub image_size: u32,
     /// Image size of the last `--final-epochs` epochs and of the exported model
     /// (progressive resizing); defaults to `--image-size`.
-    #[arg(long)]
+    #[arg(long, env = "CXR_FINAL_IMAGE_SIZE")]
     pub final_image_size: Option<u32>,
     /// Epochs at `--final-image-size`.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "CXR_FINAL_EPOCHS", default_value_t = 0)]
     pub final_epochs: u32,
     /// Batch size.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, env = "CXR_BATCH_SIZE", default_value_t = 32)]
     pub batch_size: usize,
     /// Batch size of the final epochs (memory grows with the image); defaults to
     /// `--batch-size`.
-    #[arg(long)]
+    #[arg(long, env = "CXR_FINAL_BATCH_SIZE")]
     pub final_batch_size: Option<usize>,
     /// Optimizer.
-    #[arg(long, value_enum, default_value = "adamw")]
+    #[arg(long, env = "CXR_OPTIMIZER", value_enum, default_value = "adamw")]
     pub optimizer: OptimizerArg,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, env = "CXR_LR", default_value_t = 2e-3)]
     pub lr: f64,
     /// Weight decay.
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(long, env = "CXR_WEIGHT_DECAY", default_value_t = 1e-2)]
     pub weight_decay: f64,
     /// Learning-rate schedule.
-    #[arg(long, value_enum, default_value = "onecycle")]
+    #[arg(long, env = "CXR_SCHEDULE", value_enum, default_value = "onecycle")]
     pub schedule: ScheduleArg,
     /// Label smoothing of the cross-entropy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, env = "CXR_LABEL_SMOOTHING", default_value_t = 0.0)]
     pub label_smoothing: f64,
     /// Fraction of each class's training images moved to validation (by patient).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, env = "CXR_VAL_FRACTION", default_value_t = 0.1)]
     pub val_fraction: f64,
     /// Seed of the split, the augmentation, the top-up and the initial weights.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, env = "CXR_SEED", default_value_t = 42)]
     pub seed: u64,
     /// Training device.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, env = "CXR_TRAIN_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceArg,
     /// CPU threads for libtorch (0 = its default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "CXR_TRAIN_THREADS", default_value_t = 0)]
     pub threads: usize,
     /// Save a checkpoint every N steps (and at every epoch end).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, env = "CXR_CHECKPOINT_EVERY", default_value_t = 50)]
     pub checkpoint_every: usize,
     /// Continue from `--out`'s checkpoint.
-    #[arg(long)]
+    #[arg(long, env = "CXR_RESUME")]
     pub resume: bool,
     /// With `--resume` and no checkpoint in `--out` yet: continue from an interim
     /// model written by `--export-only` (its ONNX file holds the weights, the
     /// `.state` file beside it the progress), e.g. the one shipped in `models/`, so
     /// that a machine without the run folder picks up where the last one stopped.
     /// Optimizer moments restart, as on every resume.
-    #[arg(long, requires = "resume")]
+    #[arg(long, env = "CXR_RESUME_FROM", requires = "resume")]
     pub resume_from: Option<PathBuf>,
     /// torchvision-layout DenseNet weights (safetensors) to start from; the
     /// classifier is replaced by a 2-class one.
-    #[arg(long)]
+    #[arg(long, env = "CXR_INIT_WEIGHTS")]
     pub init_weights: Option<PathBuf>,
     /// Skip training: export and measure, like a final model, the weights of a run
     /// trained elsewhere, e.g. on a GPU by `scripts/gpu/train_v2.py`: a
@@ -195,25 +195,29 @@ pub struct TrainArgs {
     /// Decision threshold rule, applied to the calibrated probabilities of the clean
     /// and the stressed validation images together: a probability, `youden` or
     /// `sensitivity:0.95`.
-    #[arg(long, default_value = "youden")]
+    #[arg(long, env = "CXR_THRESHOLD", default_value = "youden")]
     pub threshold: ThresholdRule,
     /// Weight storage of the exported ONNX file.
-    #[arg(long, value_enum, default_value = "fp16")]
+    #[arg(long, env = "CXR_STORAGE", value_enum, default_value = "fp16")]
     pub storage: StorageArg,
     /// Stop each epoch after this many steps (smoke tests).
-    #[arg(long)]
+    #[arg(long, env = "CXR_MAX_STEPS_PER_EPOCH")]
     pub max_steps_per_epoch: Option<usize>,
     /// Save a checkpoint and exit once this many steps ran in this invocation
     /// (time-boxed sessions); continue later with `--resume`.
-    #[arg(long)]
+    #[arg(long, env = "CXR_STOP_AFTER_STEPS")]
     pub stop_after_steps: Option<usize>,
     /// Export the latest checkpoint (with `--resume` and the run's flags) as an
     /// interim model into `<out>/interim/`, measured like a final one, and exit.
-    #[arg(long)]
+    #[arg(long, env = "CXR_EXPORT_ONLY")]
     pub export_only: bool,
     /// Use at most this many images per class and split (smoke tests).
-    #[arg(long)]
+    #[arg(long, env = "CXR_LIMIT_PER_CLASS")]
     pub limit_per_class: Option<usize>,
+    /// Do not make the INT8 copy (`<name>-int8`) at the end of a full run (it is
+    /// calibrated and measured like `cxr-train quantize`, about 4 min on 2 cores).
+    #[arg(long, env = "CXR_NO_INT8")]
+    pub no_int8: bool,
     /// ONNX Runtime library for the export parity check (else ORT_DYLIB_PATH or
     /// .ort/lib/libonnxruntime.so).
     #[arg(long, env = "ORT_DYLIB_PATH")]

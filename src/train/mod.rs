@@ -150,16 +150,10 @@ fn fingerprint(a: &TrainArgs) -> String {
     )
 }
 
+/// A progress line, through `tracing` (timestamps and filtering are the
+/// subscriber's; `RUST_LOG=cxr::train=warn` silences them).
 fn log(msg: impl AsRef<str>) {
-    eprintln!("[cxr-train {}] {}", chrono_like_now(), msg.as_ref());
-}
-
-fn chrono_like_now() -> String {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+    tracing::info!(target: "cxr::train", "{}", msg.as_ref());
 }
 
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -924,6 +918,7 @@ fn finish(
         device: crate::inference::Device::Cpu,
         intra_threads: 0,
         cpu_arena: false,
+        intra_spinning: true,
     };
     let (mut session, _, _) = crate::inference::create_session(env, &bytes, opts)?;
     debug_assert_eq!(
@@ -1072,6 +1067,16 @@ fn finish(
                 false,
             )?;
             tracing::info!(target: "cxr::train", "{summary}");
+            // The INT8 copy, measured against this file (it needs the OOD entry).
+            if !args.no_int8 {
+                let summary = quantize::quantize_card(
+                    &dest.join(format!("{name}.json")),
+                    &args.data,
+                    &lib,
+                    args.val_fraction,
+                )?;
+                tracing::info!(target: "cxr::train", "{summary}");
+            }
         } else {
             tracing::warn!(target: "cxr::train", "no OOD model fitted: --limit-per-class trains on a subset; run cxr-train fit-ood on the full data");
         }
@@ -1094,7 +1099,7 @@ fn finish(
         &test.labels,
         &test_metrics,
     ) {
-        log(format!("warning: plots not written: {e}"));
+        tracing::warn!(target: "cxr::train", "plots not written: {e}");
     }
     log(format!("wrote {} and its card", onnx.display()));
     Ok(RunOutput { card, onnx })
@@ -1245,6 +1250,7 @@ pub(crate) fn measuring_session(
         device: crate::inference::Device::Cpu,
         intra_threads: 0,
         cpu_arena: false,
+        intra_spinning: true,
     };
     let (session, _, _) = crate::inference::create_session(env, &loaded.onnx_bytes, opts)?;
     Ok((pre, session))

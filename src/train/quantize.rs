@@ -116,6 +116,7 @@ pub fn quantize_card(
         device: crate::inference::Device::Cpu,
         intra_threads: 0,
         cpu_arena: false,
+        intra_spinning: true,
     };
     let (mut cs, _, _) = crate::inference::create_session(env, &calib_bytes, sopts)?;
     let s = pre.size() as usize;
@@ -206,7 +207,7 @@ pub fn quantize_card(
         ood.ood_set = None;
     }
     out.quantization = Some(QuantizationInfo {
-        scheme: "QDQ static INT8 by cxr's ONNX writer: every convolution and the classifier take per-output-channel symmetric INT8 weights (scale max|w|/127) and uint8 asymmetric activations on their inputs (and convolution outputs); batch norm, pooling, concatenation and the CAM stay float".into(),
+        scheme: "QDQ static INT8 by cxr's ONNX writer: every convolution and the classifier take per-output-channel symmetric INT8 weights (scale max|w|/127) and uint8 asymmetric activations on their inputs and convolution outputs; the batch norm that directly follows a convolution (norm0, each dense layer's norm2) is folded into it (INT32 bias) and its ReLU output is the quantised tensor, so the two convolutions of a dense layer run back to back in INT8; the other batch norms (before a concatenation's ReLU), pooling, concatenation and the CAM stay float".into(),
         calibration_method: "min-max of each quantised tensor over the calibration images (range widened to hold 0)".into(),
         calibration_set: format!(
             "{} validation images (every {step}th of the {} by patient; never test images)",

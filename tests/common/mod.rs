@@ -27,6 +27,7 @@ pub fn cpu_session(bytes: &[u8]) -> ort::session::Session {
         device: cxr::inference::Device::Cpu,
         intra_threads: 1,
         cpu_arena: false,
+        intra_spinning: true,
     };
     cxr::inference::create_session(ort_env(), bytes, opts)
         .expect("session")
@@ -138,6 +139,7 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
         device: Device::Cpu,
         intra_threads: 1,
         cpu_mem_arena: false,
+        intra_spinning: true,
         batch,
     }
 }
