@@ -129,7 +129,75 @@ fn limit(samples: Vec<Sample>, per_class: Option<usize>) -> Vec<Sample> {
     }
 }
 
+/// What a checkpoint must have been trained with to be resumed: the flags that change
+/// what the run computes, by name, as JSON. The destructuring is exhaustive, so a new
+/// flag does not compile until it is put in one group or the other.
 fn fingerprint(a: &TrainArgs) -> String {
+    let TrainArgs {
+        // Where data comes from and results go, how the run is driven and exported:
+        // none changes the weights a step computes.
+        data: _,
+        out: _,
+        name: _,
+        model_version: _,
+        device: _,
+        threads: _,
+        checkpoint_every: _,
+        resume: _,
+        resume_from: _,
+        init_weights: _,
+        import_weights: _,
+        import_history: _,
+        threshold: _,
+        storage: _,
+        stop_after_steps: _,
+        export_only: _,
+        no_int8: _,
+        ort_lib: _,
+        // The recipe.
+        strategy,
+        arch,
+        epochs,
+        image_size,
+        final_image_size,
+        final_epochs,
+        batch_size,
+        final_batch_size,
+        optimizer,
+        lr,
+        weight_decay,
+        schedule,
+        label_smoothing,
+        val_fraction,
+        seed,
+        max_steps_per_epoch,
+        limit_per_class,
+    } = a;
+    serde_json::json!({
+        "strategy": format!("{strategy:?}"),
+        "arch": format!("{arch:?}"),
+        "epochs": epochs,
+        "image_size": image_size,
+        "final_image_size": final_image_size,
+        "final_epochs": final_epochs,
+        "batch_size": batch_size,
+        "final_batch_size": final_batch_size,
+        "optimizer": format!("{optimizer:?}"),
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "schedule": format!("{schedule:?}"),
+        "label_smoothing": label_smoothing,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "max_steps_per_epoch": max_steps_per_epoch,
+        "limit_per_class": limit_per_class,
+    })
+    .to_string()
+}
+
+/// The fingerprint checkpoints written before the JSON one carry (positional, without
+/// the label smoothing and validation fraction): still accepted on resume.
+fn legacy_fingerprint(a: &TrainArgs) -> String {
     format!(
         "{:?}|{:?}|{}|{}|{:?}|{}|{}|{:?}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}",
         a.strategy,
@@ -422,7 +490,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     if let (true, None, Some(model)) = (args.resume, &existing, &args.resume_from) {
         let s = read_state(
             &model.with_extension("state"),
-            &state.fingerprint,
+            args,
             "--resume-from",
             "use the same flags",
         )?;
@@ -465,7 +533,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     if let (true, Some(existing)) = (args.resume, existing) {
         let s = read_state(
             &existing,
-            &state.fingerprint,
+            args,
             "--resume",
             "use the same flags or another --out",
         )?;
@@ -667,14 +735,19 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
 }
 
 /// Reads a checkpoint state (a run folder's, or the one shipped beside an interim
-/// model) and refuses it when it was made with other flags than `fingerprint`.
-fn read_state(path: &Path, fingerprint: &str, flag: &str, hint: &str) -> anyhow::Result<State> {
+/// model) and refuses it when it was made with other flags than `args` (its
+/// [`fingerprint`], or the legacy one of older checkpoints).
+fn read_state(path: &Path, args: &TrainArgs, flag: &str, hint: &str) -> anyhow::Result<State> {
     use anyhow::Context;
-    let s: State = serde_json::from_str(
+    let fingerprint = fingerprint(args);
+    let mut s: State = serde_json::from_str(
         &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
     )
     .with_context(|| format!("reading the training state in {}", path.display()))?;
-    if s.fingerprint != fingerprint {
+    if s.fingerprint == legacy_fingerprint(args) {
+        // Written before the JSON fingerprint; the next save writes the new one.
+        s.fingerprint = fingerprint;
+    } else if s.fingerprint != fingerprint {
         anyhow::bail!(
             "{flag}: {} was made with other flags ({}); {hint}",
             path.display(),
@@ -1149,6 +1222,83 @@ mod tests {
             choose_threshold(ThresholdRule::MinSensitivity(0.6), &s, &l),
             0.7
         );
+    }
+
+    fn args(extra: &[&str]) -> TrainArgs {
+        use clap::Parser;
+        let base = [
+            "cxr-train",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--strategy",
+            "weighted",
+        ];
+        TrainArgs::parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn fingerprint_names_the_recipe_and_ignores_the_plumbing() {
+        let base = fingerprint(&args(&[]));
+        let v: serde_json::Value = serde_json::from_str(&base).unwrap();
+        assert_eq!(v["seed"], 42);
+        assert_eq!(v["strategy"], "Weighted");
+        // Each recipe flag changes it (the last two were missing from the positional
+        // fingerprint).
+        for flag in [
+            ["--epochs", "3"],
+            ["--lr", "0.01"],
+            ["--seed", "7"],
+            ["--image-size", "64"],
+            ["--label-smoothing", "0.1"],
+            ["--val-fraction", "0.2"],
+        ] {
+            assert_ne!(fingerprint(&args(&flag)), base, "{flag:?}");
+        }
+        // Where files go, how many threads, how it is exported: not.
+        for flag in [
+            ["--name", "other"],
+            ["--threads", "3"],
+            ["--checkpoint-every", "5"],
+            ["--storage", "fp32"],
+        ] {
+            assert_eq!(fingerprint(&args(&flag)), base, "{flag:?}");
+        }
+    }
+
+    #[test]
+    fn resume_takes_its_own_and_legacy_fingerprints_and_refuses_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.state");
+        let a = args(&[]);
+        let state = |fp: String| State {
+            epoch: 1,
+            step: 2,
+            global_step: 3,
+            history: vec![],
+            best_epoch: None,
+            best_val_loss: None,
+            wall_time_s: 0.0,
+            fingerprint: fp,
+            resumed_from: vec![],
+        };
+        let write = |s: &State| std::fs::write(&path, serde_json::to_string(s).unwrap()).unwrap();
+        write(&state(fingerprint(&a)));
+        assert_eq!(
+            read_state(&path, &a, "--resume", "").unwrap().global_step,
+            3
+        );
+        // A checkpoint from before the JSON fingerprint resumes, and is upgraded.
+        write(&state(legacy_fingerprint(&a)));
+        let s = read_state(&path, &a, "--resume", "").unwrap();
+        assert_eq!(s.fingerprint, fingerprint(&a));
+        // Other flags, in either format: refused.
+        let other = args(&["--epochs", "3"]);
+        write(&state(fingerprint(&other)));
+        assert!(read_state(&path, &a, "--resume", "").is_err());
+        write(&state(legacy_fingerprint(&other)));
+        assert!(read_state(&path, &a, "--resume", "").is_err());
     }
 }
 
