@@ -20,11 +20,169 @@ pub struct ErrorBody {
     /// What went wrong, for a human.
     pub error: String,
     /// Stable machine-readable kind.
-    pub error_type: String,
+    pub error_type: ErrorType,
     /// Facts behind the refusal, where it has some (`out_of_distribution`: the image's
     /// index in the request, its score and the model's threshold).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
+}
+
+/// Every `error_type` the API answers with (listed in `openapi.yaml`): stable,
+/// machine-readable, one per kind of refusal; the status for each is decided in
+/// [`ApiError::status_and_type`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorType {
+    /// `empty_image`.
+    EmptyImage,
+    /// `invalid_image`.
+    InvalidImage,
+    /// `unsupported_media_type`.
+    UnsupportedMediaType,
+    /// `implausible_geometry`.
+    ImplausibleGeometry,
+    /// `too_many_pixels`.
+    TooManyPixels,
+    /// `invalid_dicom`.
+    InvalidDicom,
+    /// `missing_pixel_data`.
+    MissingPixelData,
+    /// `unsupported_dicom`.
+    UnsupportedDicom,
+    /// `unsupported_transfer_syntax`.
+    UnsupportedTransferSyntax,
+    /// `operating_point_unreachable`.
+    OperatingPointUnreachable,
+    /// `colour_image`.
+    ColourImage,
+    /// `blank_image`.
+    BlankImage,
+    /// `wrong_body_part`.
+    WrongBodyPart,
+    /// `lateral_view`.
+    LateralView,
+    /// `invalid_request`.
+    InvalidRequest,
+    /// `model_not_found`.
+    ModelNotFound,
+    /// `not_found`.
+    NotFound,
+    /// `method_not_allowed`.
+    MethodNotAllowed,
+    /// `payload_too_large`.
+    PayloadTooLarge,
+    /// `too_many_images`.
+    TooManyImages,
+    /// `invalid_query`.
+    InvalidQuery,
+    /// `not_ready`.
+    NotReady,
+    /// `overloaded`.
+    Overloaded,
+    /// `timeout`.
+    Timeout,
+    /// `body_timeout`.
+    BodyTimeout,
+    /// `unauthorized`.
+    Unauthorized,
+    /// `forbidden`.
+    Forbidden,
+    /// `audit_unavailable`.
+    AuditUnavailable,
+    /// `not_acceptable`.
+    NotAcceptable,
+    /// `sr_unavailable`.
+    SrUnavailable,
+    /// `explanation_unavailable`.
+    ExplanationUnavailable,
+    /// `out_of_distribution`.
+    OutOfDistribution,
+    /// `internal`.
+    Internal,
+}
+
+impl ErrorType {
+    /// Every kind, in declaration order.
+    pub const ALL: [ErrorType; 33] = [
+        ErrorType::EmptyImage,
+        ErrorType::InvalidImage,
+        ErrorType::UnsupportedMediaType,
+        ErrorType::ImplausibleGeometry,
+        ErrorType::TooManyPixels,
+        ErrorType::InvalidDicom,
+        ErrorType::MissingPixelData,
+        ErrorType::UnsupportedDicom,
+        ErrorType::UnsupportedTransferSyntax,
+        ErrorType::OperatingPointUnreachable,
+        ErrorType::ColourImage,
+        ErrorType::BlankImage,
+        ErrorType::WrongBodyPart,
+        ErrorType::LateralView,
+        ErrorType::InvalidRequest,
+        ErrorType::ModelNotFound,
+        ErrorType::NotFound,
+        ErrorType::MethodNotAllowed,
+        ErrorType::PayloadTooLarge,
+        ErrorType::TooManyImages,
+        ErrorType::InvalidQuery,
+        ErrorType::NotReady,
+        ErrorType::Overloaded,
+        ErrorType::Timeout,
+        ErrorType::BodyTimeout,
+        ErrorType::Unauthorized,
+        ErrorType::Forbidden,
+        ErrorType::AuditUnavailable,
+        ErrorType::NotAcceptable,
+        ErrorType::SrUnavailable,
+        ErrorType::ExplanationUnavailable,
+        ErrorType::OutOfDistribution,
+        ErrorType::Internal,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::EmptyImage => "empty_image",
+            ErrorType::InvalidImage => "invalid_image",
+            ErrorType::UnsupportedMediaType => "unsupported_media_type",
+            ErrorType::ImplausibleGeometry => "implausible_geometry",
+            ErrorType::TooManyPixels => "too_many_pixels",
+            ErrorType::InvalidDicom => "invalid_dicom",
+            ErrorType::MissingPixelData => "missing_pixel_data",
+            ErrorType::UnsupportedDicom => "unsupported_dicom",
+            ErrorType::UnsupportedTransferSyntax => "unsupported_transfer_syntax",
+            ErrorType::OperatingPointUnreachable => "operating_point_unreachable",
+            ErrorType::ColourImage => "colour_image",
+            ErrorType::BlankImage => "blank_image",
+            ErrorType::WrongBodyPart => "wrong_body_part",
+            ErrorType::LateralView => "lateral_view",
+            ErrorType::InvalidRequest => "invalid_request",
+            ErrorType::ModelNotFound => "model_not_found",
+            ErrorType::NotFound => "not_found",
+            ErrorType::MethodNotAllowed => "method_not_allowed",
+            ErrorType::PayloadTooLarge => "payload_too_large",
+            ErrorType::TooManyImages => "too_many_images",
+            ErrorType::InvalidQuery => "invalid_query",
+            ErrorType::NotReady => "not_ready",
+            ErrorType::Overloaded => "overloaded",
+            ErrorType::Timeout => "timeout",
+            ErrorType::BodyTimeout => "body_timeout",
+            ErrorType::Unauthorized => "unauthorized",
+            ErrorType::Forbidden => "forbidden",
+            ErrorType::AuditUnavailable => "audit_unavailable",
+            ErrorType::NotAcceptable => "not_acceptable",
+            ErrorType::SrUnavailable => "sr_unavailable",
+            ErrorType::ExplanationUnavailable => "explanation_unavailable",
+            ErrorType::OutOfDistribution => "out_of_distribution",
+            ErrorType::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Every error the API answers.
@@ -117,85 +275,153 @@ pub enum ApiError {
 
 impl ApiError {
     /// HTTP status and `error_type`.
-    pub fn status_and_type(&self) -> (StatusCode, &'static str) {
+    pub fn status_and_type(&self) -> (StatusCode, ErrorType) {
         match self {
-            ApiError::Image(ImageError::Empty) => (StatusCode::BAD_REQUEST, "empty_image"),
-            ApiError::Image(ImageError::Decode(_)) => (StatusCode::BAD_REQUEST, "invalid_image"),
-            ApiError::Image(ImageError::UnsupportedFormat(_)) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            ApiError::Image(ImageError::Empty) => (StatusCode::BAD_REQUEST, ErrorType::EmptyImage),
+            ApiError::Image(ImageError::Decode(_)) => {
+                (StatusCode::BAD_REQUEST, ErrorType::InvalidImage)
             }
-            ApiError::Image(ImageError::ImplausibleGeometry { .. }) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "implausible_geometry")
-            }
+            ApiError::Image(ImageError::UnsupportedFormat(_)) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorType::UnsupportedMediaType,
+            ),
+            ApiError::Image(ImageError::ImplausibleGeometry { .. }) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorType::ImplausibleGeometry,
+            ),
             ApiError::Image(ImageError::TooManyPixels { .. }) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")
+                (StatusCode::PAYLOAD_TOO_LARGE, ErrorType::TooManyPixels)
             }
-            ApiError::Dicom(DicomError::Malformed(_)) => (StatusCode::BAD_REQUEST, "invalid_dicom"),
+            ApiError::Dicom(DicomError::Malformed(_)) => {
+                (StatusCode::BAD_REQUEST, ErrorType::InvalidDicom)
+            }
             ApiError::Dicom(DicomError::UnsupportedTransferSyntax { .. }) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_transfer_syntax",
+                ErrorType::UnsupportedTransferSyntax,
             ),
-            ApiError::Dicom(DicomError::MissingPixelData) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "missing_pixel_data")
-            }
-            ApiError::Dicom(DicomError::Unprocessable(_)) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_dicom")
-            }
-            ApiError::Dicom(DicomError::Geometry(_)) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "implausible_geometry")
-            }
+            ApiError::Dicom(DicomError::MissingPixelData) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorType::MissingPixelData,
+            ),
+            ApiError::Dicom(DicomError::Unprocessable(_)) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorType::UnsupportedDicom,
+            ),
+            ApiError::Dicom(DicomError::Geometry(_)) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorType::ImplausibleGeometry,
+            ),
             ApiError::Dicom(DicomError::Content(ImageError::Colour { .. }))
             | ApiError::Image(ImageError::Colour { .. }) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "colour_image")
+                (StatusCode::UNPROCESSABLE_ENTITY, ErrorType::ColourImage)
             }
             ApiError::Dicom(DicomError::Content(_)) | ApiError::Image(ImageError::Blank { .. }) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "blank_image")
+                (StatusCode::UNPROCESSABLE_ENTITY, ErrorType::BlankImage)
             }
             ApiError::Dicom(DicomError::WrongBodyPart(_)) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "wrong_body_part")
+                (StatusCode::UNPROCESSABLE_ENTITY, ErrorType::WrongBodyPart)
             }
             ApiError::Dicom(DicomError::Lateral(_)) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "lateral_view")
+                (StatusCode::UNPROCESSABLE_ENTITY, ErrorType::LateralView)
             }
             ApiError::Dicom(DicomError::TooManyPixels { .. }) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")
+                (StatusCode::PAYLOAD_TOO_LARGE, ErrorType::TooManyPixels)
             }
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            ApiError::Select(SelectError::Unknown(_)) => (StatusCode::NOT_FOUND, "model_not_found"),
-            ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ApiError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::TooManyImages(..) => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_images"),
-            ApiError::UnsupportedMediaType(_) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, ErrorType::InvalidRequest),
+            ApiError::Select(SelectError::Unknown(_)) => {
+                (StatusCode::NOT_FOUND, ErrorType::ModelNotFound)
             }
-            ApiError::InvalidQuery(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_query"),
+            ApiError::NoRoute(_) => (StatusCode::NOT_FOUND, ErrorType::NotFound),
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, ErrorType::MethodNotAllowed)
+            }
+            ApiError::BodyTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, ErrorType::PayloadTooLarge)
+            }
+            ApiError::TooManyImages(..) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, ErrorType::TooManyImages)
+            }
+            ApiError::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorType::UnsupportedMediaType,
+            ),
+            ApiError::InvalidQuery(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, ErrorType::InvalidQuery)
+            }
             ApiError::OperatingPoint(_) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "operating_point_unreachable",
+                ErrorType::OperatingPointUnreachable,
             ),
             ApiError::NotReady | ApiError::WorkerDown(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+                (StatusCode::SERVICE_UNAVAILABLE, ErrorType::NotReady)
             }
             ApiError::Overloaded(_) | ApiError::BufferFull(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+                (StatusCode::SERVICE_UNAVAILABLE, ErrorType::Overloaded)
             }
-            ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
-            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorType::Timeout),
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, ErrorType::BodyTimeout),
             ApiError::Auth(AuthError::Missing | AuthError::Invalid) => {
-                (StatusCode::UNAUTHORIZED, "unauthorized")
+                (StatusCode::UNAUTHORIZED, ErrorType::Unauthorized)
             }
-            ApiError::Auth(AuthError::Forbidden { .. }) => (StatusCode::FORBIDDEN, "forbidden"),
-            ApiError::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
-            ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
-            ApiError::SrUnavailable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "sr_unavailable"),
-            ApiError::ExplanationUnavailable(_) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "explanation_unavailable")
+            ApiError::Auth(AuthError::Forbidden { .. }) => {
+                (StatusCode::FORBIDDEN, ErrorType::Forbidden)
             }
-            ApiError::OutOfDistribution { .. } => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "out_of_distribution")
+            ApiError::AuditUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, ErrorType::AuditUnavailable)
             }
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, ErrorType::NotAcceptable),
+            ApiError::SrUnavailable(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, ErrorType::SrUnavailable)
+            }
+            ApiError::ExplanationUnavailable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorType::ExplanationUnavailable,
+            ),
+            ApiError::OutOfDistribution { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorType::OutOfDistribution,
+            ),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorType::Internal),
+        }
+    }
+}
+
+impl ApiError {
+    /// Seconds a client should wait before retrying (`Retry-After`), for the
+    /// refusals that are about the server's state rather than the request.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self.status_and_type().0 {
+            StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// What an error response carries (in its extensions) for the logging middleware
+/// (`http::track`): handlers and extractors only return errors, one place logs them.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The status answered.
+    pub status: StatusCode,
+    /// Its kind.
+    pub kind: ErrorType,
+    /// The message answered.
+    pub message: String,
+    /// A server-side failure's details (logged, never answered).
+    pub internal: Option<String>,
+}
+
+impl Refusal {
+    /// Logs it: server-side failures at ERROR with their details, refusals at DEBUG.
+    pub fn log(&self) {
+        match &self.internal {
+            Some(detail) => tracing::error!(detail = %detail, "internal error"),
+            None => tracing::debug!(
+                status = self.status.as_u16(),
+                error_type = self.kind.as_str(),
+                error = %self.message,
+                "request refused"
+            ),
         }
     }
 }
@@ -203,11 +429,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind) = self.status_and_type();
-        if let ApiError::Internal(detail) = &self {
-            tracing::error!(detail = %detail, "internal error");
-        } else {
-            tracing::debug!(status = status.as_u16(), error_type = kind, error = %self, "request refused");
-        }
+        let refusal = Refusal {
+            status,
+            kind,
+            message: self.to_string(),
+            internal: match &self {
+                ApiError::Internal(detail) => Some(detail.clone()),
+                _ => None,
+            },
+        };
         let details = match &self {
             ApiError::OutOfDistribution {
                 model,
@@ -224,7 +454,7 @@ impl IntoResponse for ApiError {
         };
         let body = ErrorBody {
             error: self.to_string(),
-            error_type: kind.into(),
+            error_type: kind,
             details,
         };
         let mut resp = (status, Json(body)).into_response();
@@ -242,10 +472,11 @@ impl IntoResponse for ApiError {
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
             }
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(s) = self.retry_after() {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        resp.extensions_mut().insert(refusal);
         resp
     }
 }
@@ -261,5 +492,36 @@ fn auth_message(e: &AuthError) -> String {
             "caller `{caller}` may not use this route: its key lacks the `{}` scope",
             scope.as_str()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_types_serialise_as_their_wire_names() {
+        let mut seen = std::collections::HashSet::new();
+        for k in ErrorType::ALL {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str(), "{k:?}");
+            assert!(seen.insert(k.as_str()), "{} twice", k.as_str());
+            let back: ErrorType = serde_json::from_value(k.as_str().into()).unwrap();
+            assert_eq!(back, k);
+        }
+    }
+
+    #[test]
+    fn retry_after_only_on_503() {
+        assert_eq!(ApiError::Overloaded("m".into()).retry_after(), Some(1));
+        assert_eq!(ApiError::Timeout(1.0).retry_after(), Some(1));
+        assert_eq!(ApiError::BadRequest("x".into()).retry_after(), None);
+        let r = ApiError::Overloaded("m".into()).into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            r.extensions().get::<Refusal>().unwrap().kind,
+            ErrorType::Overloaded
+        );
+        let r = ApiError::BadRequest("x".into()).into_response();
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
     }
 }

@@ -30,7 +30,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
-pub use error::{ApiError, ErrorBody};
+pub use error::{ApiError, ErrorBody, ErrorType};
 pub use metrics::Metrics;
 use types::{
     LiveFacts, ModelInfo, ModelList, ModelRef, PredictQuery, Prediction, Probabilities, Status,
@@ -221,7 +221,7 @@ impl AppState {
         v2::server_metadata, v2::live, v2::server_ready, v2::model_metadata, v2::model_ready, v2::infer,
         v2::model_metadata_version, v2::model_ready_version, v2::infer_version),
     modifiers(&SecuritySchemes),
-    components(schemas(Prediction, ThresholdSource, DicomInfo, ErrorBody, ModelList, ModelInfo, Status, PredictUpload,
+    components(schemas(Prediction, ThresholdSource, DicomInfo, ErrorBody, error::ErrorType, ModelList, ModelInfo, Status, PredictUpload,
         v2::V2Error, v2::ServerMetadata, v2::TensorMetadata, v2::ModelMetadata, v2::Readiness, v2::Liveness,
         v2::InferRequest, v2::RequestInput, v2::RequestOutput, v2::InferResponse, v2::ResponseOutput)),
     tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "operations", description = "Health, readiness, metrics"), (name = "open inference protocol", description = "The Open Inference Protocol (KServe V2) REST API, with Triton's binary tensor data extension; also at /v2/models/{name}/versions/{version}[/infer|/ready]"))
@@ -460,7 +460,8 @@ fn with_common_layers(app: Router<AppState>, state: &AppState) -> Router<AppStat
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
-/// Counts requests and their latency by matched route.
+/// Counts requests and their latency by matched route, and logs every error answer
+/// (the [`error::Refusal`] its `ApiError` left on the response).
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let path = req
         .extensions()
@@ -468,6 +469,9 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let start = Instant::now();
     let resp = next.run(req).await;
+    if let Some(r) = resp.extensions().get::<error::Refusal>() {
+        r.log();
+    }
     let m = state.metrics();
     m.requests
         .with_label_values(&[&path, resp.status().as_str()])

@@ -104,6 +104,8 @@ async fn error_shape(req: Request, next: Next) -> Response {
                     r.headers_mut().insert(k, v.clone());
                 }
             }
+            // The refusal the logging middleware reads travels with the response.
+            *r.extensions_mut() = parts.extensions;
             r
         }
         None => Response::from_parts(parts, Body::from(bytes)),
