@@ -10,6 +10,31 @@ use crate::http::Limits;
 use crate::imaging::dicom::DicomOptions;
 use crate::inference::{BatchConfig, Device, LoadConfig, resolve_library};
 
+/// The request limits' defaults: the flags' defaults and [`Limits::default`] (and
+/// the trainer's decode limit) read them from here, so they cannot drift apart.
+pub mod defaults {
+    /// `--max-body-bytes`.
+    pub const MAX_BODY_BYTES: usize = 32 << 20;
+    /// `--max-pixels` (also what `cxr-train` decodes at most per image).
+    pub const MAX_PIXELS: u64 = 40_000_000;
+    /// `--max-images-per-request`.
+    pub const MAX_IMAGES: usize = 16;
+    /// `--max-inflight`.
+    pub const MAX_INFLIGHT: usize = 256;
+    /// `--body-timeout-s`.
+    pub const BODY_TIMEOUT_S: u64 = 30;
+    /// `--max-buffered-bytes`.
+    pub const MAX_BUFFERED_BYTES: usize = 1 << 30;
+    /// `--max-decode-pixels`.
+    pub const MAX_DECODE_PIXELS: u64 = 160_000_000;
+    /// `--min-image-side`.
+    pub const MIN_IMAGE_SIDE: u32 = 64;
+    /// `--max-aspect-ratio`.
+    pub const MAX_ASPECT_RATIO: f64 = 4.0;
+    /// `--request-timeout-s`.
+    pub const REQUEST_TIMEOUT_S: f64 = 60.0;
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -68,16 +93,16 @@ pub struct ServeArgs {
     #[arg(long, env = "CXR_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,
     /// Largest request body, bytes.
-    #[arg(long, env = "CXR_MAX_BODY_BYTES", default_value_t = 32 << 20)]
+    #[arg(long, env = "CXR_MAX_BODY_BYTES", default_value_t = defaults::MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
     /// Largest image, in pixels (width × height), checked before decoding.
-    #[arg(long, env = "CXR_MAX_PIXELS", default_value_t = 40_000_000)]
+    #[arg(long, env = "CXR_MAX_PIXELS", default_value_t = defaults::MAX_PIXELS)]
     pub max_pixels: u64,
     /// Most images in one multipart request.
-    #[arg(long, env = "CXR_MAX_IMAGES", default_value_t = 16)]
+    #[arg(long, env = "CXR_MAX_IMAGES", default_value_t = defaults::MAX_IMAGES)]
     pub max_images_per_request: usize,
     /// Most /predict requests in flight; beyond it requests get 503 + Retry-After.
-    #[arg(long, env = "CXR_MAX_INFLIGHT", default_value_t = 256)]
+    #[arg(long, env = "CXR_MAX_INFLIGHT", default_value_t = defaults::MAX_INFLIGHT)]
     pub max_inflight: usize,
     /// Images decoded at once on the blocking pool (0 = one per core).
     #[arg(long, env = "CXR_DECODE_THREADS", default_value_t = 0)]
@@ -86,26 +111,26 @@ pub struct ServeArgs {
     #[arg(long, env = "CXR_HEADER_READ_TIMEOUT_S", default_value_t = 10)]
     pub header_read_timeout_s: u64,
     /// Longest a client may take to send a `/predict` body, seconds (408 after).
-    #[arg(long, env = "CXR_BODY_TIMEOUT_S", default_value_t = 30)]
+    #[arg(long, env = "CXR_BODY_TIMEOUT_S", default_value_t = defaults::BODY_TIMEOUT_S)]
     pub body_timeout_s: u64,
     /// Most open connections; a new one beyond is closed at once.
     #[arg(long, env = "CXR_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
     /// Request bodies buffered at once, bytes; a request that would exceed it is
     /// answered 503 before its body is read.
-    #[arg(long, env = "CXR_MAX_BUFFERED_BYTES", default_value_t = 1 << 30)]
+    #[arg(long, env = "CXR_MAX_BUFFERED_BYTES", default_value_t = defaults::MAX_BUFFERED_BYTES)]
     pub max_buffered_bytes: usize,
     /// Pixels decoded at once (declared sizes; a DICOM object counts --max-pixels);
     /// beyond it, decodes wait their turn (within the request timeout).
-    #[arg(long, env = "CXR_MAX_DECODE_PIXELS", default_value_t = 160_000_000)]
+    #[arg(long, env = "CXR_MAX_DECODE_PIXELS", default_value_t = defaults::MAX_DECODE_PIXELS)]
     pub max_decode_pixels: u64,
     /// Shortest image side accepted (pixels), checked from the header before
     /// decoding; shorter is answered 422 `implausible_geometry`.
-    #[arg(long, env = "CXR_MIN_IMAGE_SIDE", default_value_t = 64)]
+    #[arg(long, env = "CXR_MIN_IMAGE_SIDE", default_value_t = defaults::MIN_IMAGE_SIDE)]
     pub min_image_side: u32,
     /// Largest aspect ratio accepted (long side / short side), checked from the
     /// header before decoding.
-    #[arg(long, env = "CXR_MAX_ASPECT_RATIO", default_value_t = 4.0)]
+    #[arg(long, env = "CXR_MAX_ASPECT_RATIO", default_value_t = defaults::MAX_ASPECT_RATIO)]
     pub max_aspect_ratio: f64,
     /// Classify DICOM objects of any Modality (default: only CR, DX and DR).
     #[arg(long, env = "CXR_ALLOW_ANY_MODALITY")]
@@ -121,7 +146,7 @@ pub struct ServeArgs {
     pub ood_action: crate::ood::OodAction,
     /// Longest a /predict request may take, seconds, fractions allowed (then 503
     /// timeout).
-    #[arg(long, env = "CXR_REQUEST_TIMEOUT_S", default_value_t = 60.0)]
+    #[arg(long, env = "CXR_REQUEST_TIMEOUT_S", default_value_t = defaults::REQUEST_TIMEOUT_S)]
     pub request_timeout_s: f64,
     /// TOML or JSON file of API callers (name, SHA-256 of the key, scopes); when set,
     /// `/predict` and `/models*` need `Authorization: Bearer <key>` or `x-api-key`.
@@ -268,5 +293,25 @@ impl ServeArgs {
                 capacity: self.queue_capacity,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flag_defaults_are_the_limits_defaults() {
+        let from_flags = ServeArgs::parse_from(["cxr-serve"]).limits();
+        let mut from_flags = format!("{from_flags:?}");
+        let mut default = format!("{:?}", Limits::default());
+        // The decode threads' flag default is one per core, the struct's a fixed 4.
+        for s in [&mut from_flags, &mut default] {
+            let start = s.find("max_decodes: ").unwrap();
+            let end = start + s[start..].find(',').unwrap();
+            s.replace_range(start..end, "max_decodes: _");
+        }
+        assert_eq!(from_flags, default);
     }
 }

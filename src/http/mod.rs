@@ -77,20 +77,23 @@ pub struct Limits {
     pub ood_action: crate::ood::OodAction,
 }
 
+/// The flags' defaults ([`crate::config::defaults`]).
 impl Default for Limits {
     fn default() -> Self {
+        use crate::config::defaults;
         Self {
-            max_body_bytes: 32 << 20,
-            max_pixels: 40_000_000,
-            max_images: 16,
-            request_timeout: Duration::from_secs(60),
-            max_inflight: 256,
+            max_body_bytes: defaults::MAX_BODY_BYTES,
+            max_pixels: defaults::MAX_PIXELS,
+            max_images: defaults::MAX_IMAGES,
+            request_timeout: Duration::from_secs_f64(defaults::REQUEST_TIMEOUT_S),
+            max_inflight: defaults::MAX_INFLIGHT,
+            // The flag's default (0) means one per core; a fixed 4 keeps tests alike.
             max_decodes: 4,
             dicom: DicomOptions::default(),
             geometry: Geometry::default(),
-            max_buffered_bytes: 1 << 30,
-            max_decode_pixels: 160_000_000,
-            body_timeout: Duration::from_secs(30),
+            max_buffered_bytes: defaults::MAX_BUFFERED_BYTES,
+            max_decode_pixels: defaults::MAX_DECODE_PIXELS,
+            body_timeout: Duration::from_secs(defaults::BODY_TIMEOUT_S),
             ood_action: crate::ood::OodAction::Refuse,
         }
     }

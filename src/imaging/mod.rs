@@ -94,8 +94,8 @@ pub struct Geometry {
 impl Default for Geometry {
     fn default() -> Self {
         Self {
-            min_side: 64,
-            max_aspect: 4.0,
+            min_side: crate::config::defaults::MIN_IMAGE_SIDE,
+            max_aspect: crate::config::defaults::MAX_ASPECT_RATIO,
         }
     }
 }

@@ -13,8 +13,9 @@ use crate::imaging::{Preprocessor, decode_gray};
 /// Class folder names, in label order (0 = NORMAL, 1 = PNEUMONIA).
 pub const CLASSES: [&str; 2] = ["NORMAL", "PNEUMONIA"];
 
-/// Largest image the trainer decodes (the originals are ~2000 px a side).
-pub const MAX_PIXELS: u64 = 64_000_000;
+/// Largest image the trainer decodes: what the server accepts (the originals are
+/// ~2000 px a side).
+pub const MAX_PIXELS: u64 = crate::config::defaults::MAX_PIXELS;
 
 /// One labelled image.
 #[derive(Debug, Clone, PartialEq, Eq)]
