@@ -100,3 +100,93 @@ async fn each_row_of_a_batch_answers_its_own_request() {
         "no batch of more than one: {count} batches\n{text}"
     );
 }
+
+/// A backend that answers P(PNEUMONIA) = the first value of each input, records the
+/// batch sizes it ran, and can fail or stall.
+struct Fake {
+    batches: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    fail: bool,
+    stall: Duration,
+}
+
+impl cxr::inference::Backend for Fake {
+    fn run(
+        &mut self,
+        batch: Vec<f32>,
+        n: usize,
+        s: usize,
+    ) -> Result<Vec<cxr::inference::ModelOutput>, String> {
+        std::thread::sleep(self.stall);
+        self.batches.lock().unwrap().push(n);
+        if self.fail {
+            return Err("the fake backend fails".into());
+        }
+        Ok(batch
+            .chunks(3 * s * s)
+            .map(|x| cxr::inference::ModelOutput {
+                logits: [0.0, 0.0],
+                probabilities: [1.0 - x[0], x[0]],
+                cam: None,
+                embedding: None,
+            })
+            .collect())
+    }
+}
+
+fn fake(fail: bool, stall: Duration, capacity: usize) -> (cxr::inference::Batcher, Fake) {
+    let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend = Fake {
+        batches: batches.clone(),
+        fail,
+        stall,
+    };
+    let cfg = BatchConfig {
+        max_batch: 8,
+        batch_wait: Duration::from_millis(200),
+        capacity,
+    };
+    struct Quiet;
+    impl cxr::inference::BatchObserver for Quiet {
+        fn batch(&self, _: usize, _: Duration, _: &[Duration]) {}
+        fn depth(&self, _: usize) {}
+    }
+    let (b, _handle) =
+        cxr::inference::Batcher::spawn("fake", backend, 2, cfg, std::sync::Arc::new(Quiet));
+    let probe = Fake {
+        batches,
+        fail,
+        stall,
+    };
+    (b, probe)
+}
+
+/// The inference facade on a fake backend: one call queues every input before
+/// awaiting any (they run as one batch) and answers each in its own order; a failed
+/// run and a full queue come back as their `InferError`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_facade_batches_a_requests_inputs_and_keeps_their_order() {
+    use cxr::inference::{InferError, classify_on};
+    let input = |v: f32| vec![v; 3 * 2 * 2];
+    let (b, probe) = fake(false, Duration::ZERO, 16);
+    let out = classify_on(&b, "fake", vec![input(0.1), input(0.7), input(0.4)])
+        .await
+        .unwrap();
+    let p: Vec<f32> = out.iter().map(|o| o.probabilities[1]).collect();
+    assert_eq!(p, vec![0.1, 0.7, 0.4]);
+    assert!(out.iter().all(|o| o.batch_size == 3));
+    assert_eq!(*probe.batches.lock().unwrap(), vec![3]);
+
+    let (b, _) = fake(true, Duration::ZERO, 16);
+    let e = classify_on(&b, "fake", vec![input(0.5)]).await.unwrap_err();
+    assert_eq!(e, InferError::Failed("the fake backend fails".into()));
+
+    // A stalled worker holding one batch, a queue of 2: the fourth input is refused.
+    let (b, _) = fake(false, Duration::from_millis(800), 2);
+    let first = b.submit(input(0.5)).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // the worker took it
+    let e = classify_on(&b, "fake", vec![input(0.1), input(0.2), input(0.3)])
+        .await
+        .unwrap_err();
+    assert_eq!(e, InferError::Overloaded("fake".into()));
+    assert!(first.await.unwrap().is_ok());
+}

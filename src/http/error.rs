@@ -386,6 +386,17 @@ impl ApiError {
     }
 }
 
+impl From<crate::inference::InferError> for ApiError {
+    fn from(e: crate::inference::InferError) -> Self {
+        use crate::inference::InferError;
+        match e {
+            InferError::Overloaded(model) => ApiError::Overloaded(model),
+            InferError::Closed(_) => ApiError::NotReady,
+            InferError::Failed(why) => ApiError::Internal(why),
+        }
+    }
+}
+
 impl ApiError {
     /// Seconds a client should wait before retrying (`Retry-After`), for the
     /// refusals that are about the server's state rather than the request.

@@ -41,7 +41,7 @@ use crate::audit::{Audit, AuditRecord};
 use crate::eval::{Target, served_probabilities};
 use crate::imaging::dicom::{self, DicomInfo, DicomOptions};
 use crate::imaging::{Geometry, Preprocessor};
-use crate::inference::{JobOutput, ModelSet, ServedModel, SubmitError};
+use crate::inference::{InferError, JobOutput, ModelSet, ServedModel};
 use crate::ood::OodAction;
 use auth::{ApiKeys, Caller, Scope};
 
@@ -817,32 +817,25 @@ async fn classify(
     explain: bool,
 ) -> Result<Vec<Prediction>, ApiError> {
     let name = model.card.name.clone();
-    // Queue every image, then wait for all: images of one request batch together.
-    let mut pending = Vec::with_capacity(decoded.len());
-    for mut d in decoded {
-        // An explanation draws on the input, so it keeps a copy.
-        let input = if explain {
-            d.input.clone()
-        } else {
-            std::mem::take(&mut d.input)
-        };
-        match model.batcher.submit(input) {
-            Ok(rx) => pending.push((rx, d)),
-            Err(SubmitError::Full) => {
-                state.metrics().overloaded.with_label_values(&[&name]).inc();
-                return Err(ApiError::Overloaded(name));
+    // An explanation draws on the input, so it keeps a copy.
+    let mut decoded = decoded;
+    let inputs = decoded
+        .iter_mut()
+        .map(|d| {
+            if explain {
+                d.input.clone()
+            } else {
+                std::mem::take(&mut d.input)
             }
-            Err(SubmitError::Closed) => return Err(ApiError::NotReady),
+        })
+        .collect();
+    let outputs = model.classify(inputs).await.map_err(|e| {
+        if let InferError::Overloaded(_) = e {
+            state.metrics().overloaded.with_label_values(&[&name]).inc();
         }
-    }
-    let mut out = Vec::with_capacity(pending.len());
-    for (rx, d) in pending {
-        let r = rx
-            .await
-            .map_err(|_| ApiError::Internal("the inference worker dropped a request".into()))?
-            .map_err(ApiError::Internal)?;
-        out.push((r, d));
-    }
+        ApiError::from(e)
+    })?;
+    let out: Vec<(JobOutput, Decoded)> = outputs.into_iter().zip(decoded).collect();
     let ood = ood_scores(state, model, &out)?;
     // Every answer's audit record is written before any is given: an answer without
     // its record is a 503, never a success.

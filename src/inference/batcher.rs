@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use ort::session::Session;
 use tokio::sync::oneshot;
 
-use super::runtime::run_outputs;
+use super::runtime::{ModelOutput, run_outputs};
 
 /// The answer to one job.
 #[derive(Debug, Clone)]
@@ -68,8 +68,23 @@ pub trait BatchObserver: Send + Sync + 'static {
     fn restarted(&self) {}
 }
 
-/// Makes a fresh session for a restarted worker.
-pub type SessionFactory = Arc<dyn Fn() -> Result<Session, String> + Send + Sync>;
+/// What a worker runs its batches on: the boundary between the batching (queues,
+/// replies, restarts) and the runtime. The server's backend is an ONNX Runtime
+/// [`Session`]; tests run the worker on anything that answers.
+pub trait Backend: Send + 'static {
+    /// Runs `n` inputs of `[3, s, s]`, concatenated in `batch`; one output per input,
+    /// in order.
+    fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, String>;
+}
+
+impl Backend for Session {
+    fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, String> {
+        run_outputs(self, batch, n, s)
+    }
+}
+
+/// Makes a fresh backend for a restarted worker.
+pub type SessionFactory = Arc<dyn Fn() -> Result<Box<dyn Backend>, String> + Send + Sync>;
 
 /// Batching settings.
 #[derive(Debug, Clone, Copy)]
@@ -106,7 +121,7 @@ impl Batcher {
     /// A worker that panics is not restarted (see [`Batcher::spawn_restarting`]).
     pub fn spawn(
         name: &str,
-        session: Session,
+        session: impl Backend,
         input_size: usize,
         cfg: BatchConfig,
         observer: Arc<dyn BatchObserver>,
@@ -118,7 +133,7 @@ impl Batcher {
     /// fresh session and the worker goes on serving the same queue.
     pub fn spawn_restarting(
         name: &str,
-        session: Session,
+        session: impl Backend,
         restart: Option<SessionFactory>,
         input_size: usize,
         cfg: BatchConfig,
@@ -140,7 +155,7 @@ impl Batcher {
         let model = name.to_string();
         let handle = std::thread::Builder::new()
             .name(format!("cxr-infer-{name}"))
-            .spawn(move || supervise(&model, session, restart, &ctx, &worker_alive))
+            .spawn(move || supervise(&model, Box::new(session), restart, &ctx, &worker_alive))
             .expect("the OS can start a worker thread");
         (
             Self {
@@ -221,7 +236,7 @@ const RESTART_BACKOFF: Duration = Duration::from_millis(250);
 /// Runs the worker; restarts it with a fresh session when it panics.
 fn supervise(
     model: &str,
-    session: Session,
+    session: Box<dyn Backend>,
     restart: Option<SessionFactory>,
     ctx: &WorkerCtx,
     alive: &AtomicBool,
@@ -278,7 +293,7 @@ impl Drop for Taken<'_> {
     }
 }
 
-fn worker(mut session: Session, ctx: &WorkerCtx, alive: &AtomicBool) {
+fn worker(mut session: Box<dyn Backend>, ctx: &WorkerCtx, alive: &AtomicBool) {
     let WorkerCtx {
         rx,
         s,
@@ -334,7 +349,7 @@ fn worker(mut session: Session, ctx: &WorkerCtx, alive: &AtomicBool) {
             if fault.swap(false, Ordering::SeqCst) {
                 panic!("injected inference worker fault");
             }
-            run_outputs(&mut session, batch, n, s)
+            session.run(batch, n, s)
         }));
         let result = match run {
             Ok(r) => r,

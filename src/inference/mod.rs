@@ -5,8 +5,13 @@ pub mod batcher;
 pub mod models;
 pub mod runtime;
 
-pub use batcher::{BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError};
-pub use models::{LoadConfig, LoadError, ModelSet, Prefer, SelectError, ServedModel, load_models};
+pub use batcher::{
+    Backend, BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError,
+};
+pub use models::{
+    InferError, LoadConfig, LoadError, ModelSet, Prefer, SelectError, ServedModel, classify_on,
+    load_models,
+};
 pub use runtime::{
     ClassMaps, Device, ModelOutput, Provider, RuntimeError, SessionOptions, create_session,
     create_session_via, environment, resolve_library, run_outputs, run_probabilities,

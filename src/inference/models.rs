@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::batcher::{BatchConfig, BatchObserver, Batcher, SessionFactory};
+use super::batcher::{BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError};
 use super::runtime::{
     Device, Provider, SessionOptions, create_session, environment, run_probabilities,
 };
@@ -60,6 +60,53 @@ pub struct ServedModel {
     pub plots: Vec<(&'static str, Vec<u8>)>,
     served: AtomicU64,
     latencies_ms: Mutex<VecDeque<f64>>,
+}
+
+/// Why a model gave no answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InferError {
+    /// Its queue is full.
+    #[error("model `{0}` is at capacity")]
+    Overloaded(String),
+    /// Its worker is not taking jobs (shutting down, or dead and restarting).
+    #[error("the inference worker of model `{0}` is not taking requests")]
+    Closed(String),
+    /// The run failed (the runtime's error, or the worker died running the batch).
+    #[error("inference failed: {0}")]
+    Failed(String),
+}
+
+impl ServedModel {
+    /// Runs `inputs` (each one preprocessed `[3, s, s]` image) through this model and
+    /// returns their outputs in order. All are queued before any is awaited, so the
+    /// images of one request batch together; the queue and the replies stay in here.
+    pub async fn classify(&self, inputs: Vec<Vec<f32>>) -> Result<Vec<JobOutput>, InferError> {
+        classify_on(&self.batcher, &self.card.name, inputs).await
+    }
+}
+
+/// [`ServedModel::classify`] on a bare batcher (tests run it on a fake backend).
+pub async fn classify_on(
+    batcher: &Batcher,
+    name: &str,
+    inputs: Vec<Vec<f32>>,
+) -> Result<Vec<JobOutput>, InferError> {
+    let mut pending = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        pending.push(batcher.submit(input).map_err(|e| match e {
+            SubmitError::Full => InferError::Overloaded(name.to_string()),
+            SubmitError::Closed => InferError::Closed(name.to_string()),
+        })?);
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for rx in pending {
+        let r = rx
+            .await
+            .map_err(|_| InferError::Failed("the inference worker dropped a request".into()))?
+            .map_err(InferError::Failed)?;
+        out.push(r);
+    }
+    Ok(out)
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -260,7 +307,7 @@ pub fn load_models(
             let (mut session, _, _) =
                 create_session(env, &bytes, opts).map_err(|e| e.to_string())?;
             run_probabilities(&mut session, vec![0.0; 3 * s * s], 1, s)?;
-            Ok(session)
+            Ok(Box::new(session) as Box<dyn super::batcher::Backend>)
         });
         let (batcher, handle) = Batcher::spawn_restarting(
             &m.card.name,
