@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cxr::arch::DenseNetConfig;
-use cxr::http::{AppState, Limits, Metrics};
+use cxr::http::{AppState, Limits, ServerMetrics};
 use cxr::imaging::{Preprocessing, Preprocessor};
 use cxr::inference::{BatchConfig, Device, LoadConfig, SessionOptions};
 use cxr::onnx::WeightStorage;
@@ -156,7 +156,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(ServerMetrics::new());
     let state = AppState::new(Limits::default(), metrics.clone());
     let cfg = LoadConfig {
         models_dir: dir.path().to_path_buf(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use cxr::config::{LogFormat, ServeArgs};
-use cxr::http::{AppState, Metrics, build_app, openapi_yaml};
+use cxr::http::{AppState, ServerMetrics, build_app, openapi_yaml};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -74,7 +74,7 @@ fn health_check(port: u16) -> bool {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(ServerMetrics::new());
     let mut state = AppState::new(args.limits(), metrics.clone());
     match &args.api_keys_file {
         Some(path) => {

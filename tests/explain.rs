@@ -166,7 +166,7 @@ async fn a_model_without_cam_serves_and_says_the_explanation_is_unavailable() {
     common::ort_env();
     let dir = common::models_dir();
     strip_cam(dir.path(), "alpha");
-    let metrics = std::sync::Arc::new(cxr::http::Metrics::new());
+    let metrics = std::sync::Arc::new(cxr::http::ServerMetrics::new());
     let state = cxr::AppState::new(common::test_limits(), metrics.clone());
     let (set, _w) = cxr::inference::load_models(
         &common::load_config(dir.path(), common::default_batch()),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use cxr::http::{AppState, Limits, Metrics};
+use cxr::http::{AppState, Limits, ServerMetrics};
 use serde_json::Value;
 
 use common::http::{expect_error, get, json, multipart, raw, send};
@@ -24,7 +24,10 @@ async fn health_ready_and_not_ready() {
     assert_eq!(json(&b)["models"], serde_json::json!(["alpha", "beta"]));
 
     // A state whose models are still loading.
-    let loading = cxr::build_app(AppState::new(Limits::default(), Arc::new(Metrics::new())));
+    let loading = cxr::build_app(AppState::new(
+        Limits::default(),
+        Arc::new(ServerMetrics::new()),
+    ));
     let (s, _, _) = send(&loading, get("/health")).await;
     assert_eq!(s, StatusCode::OK);
     expect_error(
@@ -507,7 +510,7 @@ async fn openapi_and_docs_are_served_and_in_sync() {
 async fn cuda_fallback_reason_is_reported() {
     common::ort_env();
     let dir = common::models_dir();
-    let metrics = std::sync::Arc::new(cxr::http::Metrics::new());
+    let metrics = std::sync::Arc::new(cxr::http::ServerMetrics::new());
     let state = cxr::AppState::new(common::test_limits(), metrics.clone());
     let mut cfg = common::load_config(dir.path(), common::default_batch());
     cfg.device = cxr::inference::Device::Auto;

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use cxr::http::{AppState, Metrics};
+use cxr::http::{AppState, ServerMetrics};
 use cxr::inference::load_models;
 use serde_json::{Value, json as j};
 
@@ -51,7 +51,7 @@ fn app() -> (axum::Router, tempfile::TempDir) {
         ]
     });
     std::fs::write(&path, serde_json::to_string_pretty(&card).unwrap()).unwrap();
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(ServerMetrics::new());
     let state = AppState::new(common::test_limits(), metrics.clone());
     let mut cfg = common::load_config(dir.path(), common::default_batch());
     cfg.default_model = Some("cal".into());

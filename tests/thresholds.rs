@@ -23,7 +23,7 @@ fn app(default: &str) -> App {
     common::write_tiny_model_at(dir.path(), "low", 4, 0.80, 0.95, 0.3);
     common::write_tiny_model_at(dir.path(), "high", 4, 0.97, 0.60, 0.7);
     common::write_tiny_model_at(dir.path(), "tie", 4, 0.97, 0.50, 0.5);
-    let metrics = Arc::new(cxr::http::Metrics::new());
+    let metrics = Arc::new(cxr::http::ServerMetrics::new());
     let state = cxr::AppState::new(common::test_limits(), metrics.clone());
     let mut cfg = common::load_config(dir.path(), common::default_batch());
     cfg.default_model = Some(default.into());

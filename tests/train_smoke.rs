@@ -10,7 +10,7 @@ use std::path::Path;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use clap::Parser;
-use cxr::train::{STATE_FILE, State, TrainArgs};
+use cxr::train::{STATE_FILE, TrainArgs, TrainState};
 use http_body_util::BodyExt;
 use image::{GrayImage, Luma};
 use tower::ServiceExt;
@@ -87,7 +87,7 @@ fn args(data: &Path, out: &Path, strategy: &str, extra: &[&str]) -> TrainArgs {
     t
 }
 
-fn state(out: &Path) -> State {
+fn state(out: &Path) -> TrainState {
     serde_json::from_str(&std::fs::read_to_string(out.join(STATE_FILE)).unwrap()).unwrap()
 }
 
@@ -155,7 +155,7 @@ async fn weighted_run_stops_resumes_exports_and_serves() {
     assert!(on_disk.ood.is_some());
 
     // cxr-serve loads the run folder as it is and answers.
-    let metrics = std::sync::Arc::new(cxr::http::Metrics::new());
+    let metrics = std::sync::Arc::new(cxr::http::ServerMetrics::new());
     let state_ = cxr::AppState::new(common::test_limits(), metrics.clone());
     let mut cfg = common::load_config(out.path(), common::default_batch());
     cfg.default_model = None;

@@ -144,7 +144,7 @@ async fn health_metadata_and_readiness() {
 async fn not_ready_is_400() {
     let state = cxr::AppState::new(
         common::test_limits(),
-        std::sync::Arc::new(cxr::http::Metrics::new()),
+        std::sync::Arc::new(cxr::http::ServerMetrics::new()),
     );
     let app = cxr::build_app(state);
     for uri in ["/v2/health/ready", "/v2/models/alpha/ready"] {

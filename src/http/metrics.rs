@@ -12,7 +12,7 @@ use crate::inference::BatchObserver;
 
 /// The service's metrics.
 #[derive(Debug, Clone)]
-pub struct Metrics {
+pub struct ServerMetrics {
     registry: Registry,
     /// Requests by route and status.
     pub requests: IntCounterVec,
@@ -48,7 +48,7 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-impl Metrics {
+impl ServerMetrics {
     /// Registers every metric in a new registry.
     pub fn new() -> Self {
         let registry = Registry::new();
@@ -183,14 +183,14 @@ impl Metrics {
     }
 }
 
-impl Default for Metrics {
+impl Default for ServerMetrics {
     fn default() -> Self {
         Self::new()
     }
 }
 
 struct ModelObserver {
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
     model: String,
 }
 

@@ -31,7 +31,7 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 pub use error::{ApiError, ErrorBody, ErrorType};
-pub use metrics::Metrics;
+pub use metrics::ServerMetrics;
 use types::{
     LiveFacts, ModelInfo, ModelList, ModelRef, PredictQuery, Prediction, Probabilities, Status,
     ThresholdSource, Timings,
@@ -108,7 +108,7 @@ pub struct AppState {
 struct Inner {
     models: OnceLock<ModelSet>,
     limits: Limits,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
     decode_permits: Semaphore,
     inflight: Semaphore,
     /// `max_buffered_bytes` in KiB permits.
@@ -129,7 +129,7 @@ struct Inner {
 
 impl AppState {
     /// A state with no models yet (`/ready` answers 503 until [`AppState::set_models`]).
-    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+    pub fn new(limits: Limits, metrics: Arc<ServerMetrics>) -> Self {
         let decode_permits = Semaphore::new(limits.max_decodes.max(1));
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let body_budget = Semaphore::new(kilo(limits.max_buffered_bytes as u64) as usize);
@@ -206,7 +206,7 @@ impl AppState {
     }
 
     /// The metrics registry.
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub fn metrics(&self) -> &Arc<ServerMetrics> {
         &self.inner.metrics
     }
 }
@@ -1294,7 +1294,7 @@ fn check_image_type(ct: &str, in_part: bool) -> Result<Kind, ApiError> {
     }
 }
 
-fn info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
+fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
     ModelInfo {
         card: m.card.clone(),
         default: models.default_model().card.name == m.card.name,
@@ -1328,7 +1328,7 @@ async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, A
     let models = state.models().ok_or(ApiError::NotReady)?;
     Ok(Json(ModelList {
         default: models.default_model().card.name.clone(),
-        models: models.all().iter().map(|m| info(models, m)).collect(),
+        models: models.all().iter().map(|m| model_info(models, m)).collect(),
     }))
 }
 
@@ -1351,7 +1351,7 @@ async fn get_model(
     let m = models
         .get(&name)
         .ok_or(crate::inference::SelectError::Unknown(name))?;
-    Ok(Json(info(models, m)))
+    Ok(Json(model_info(models, m)))
 }
 
 /// One of a variant's training plots (PNG): `roc`, `curves` or `confusion`.

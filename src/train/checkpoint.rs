@@ -1,5 +1,5 @@
 //! The checkpoint: what a run keeps between invocations (weights in
-//! `checkpoint.safetensors`, [`State`] in `checkpoint.state`, the history as CSV), the
+//! `checkpoint.safetensors`, [`TrainState`] in `checkpoint.state`, the history as CSV), the
 //! fingerprint a resume must match, and atomic writes.
 
 use super::*;
@@ -35,7 +35,7 @@ pub struct EpochRecord {
 
 /// What the checkpoint state keeps between runs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct State {
+pub struct TrainState {
     /// Epoch in progress (0-based).
     pub epoch: u32,
     /// Steps done in that epoch.
@@ -171,10 +171,10 @@ pub(super) fn read_state(
     args: &TrainArgs,
     flag: &str,
     hint: &str,
-) -> anyhow::Result<State> {
+) -> anyhow::Result<TrainState> {
     use anyhow::Context;
     let fingerprint = fingerprint(args);
-    let mut s: State = serde_json::from_str(
+    let mut s: TrainState = serde_json::from_str(
         &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
     )
     .with_context(|| format!("reading the training state in {}", path.display()))?;
@@ -193,7 +193,7 @@ pub(super) fn read_state(
 
 pub(super) fn checkpoint(
     vs: &nn::VarStore,
-    state: &State,
+    state: &TrainState,
     ckpt: &Path,
     state_path: &Path,
 ) -> anyhow::Result<()> {
@@ -278,7 +278,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("checkpoint.state");
         let a = args(&[]);
-        let state = |fp: String| State {
+        let state = |fp: String| TrainState {
             epoch: 1,
             step: 2,
             global_step: 3,
@@ -289,7 +289,8 @@ mod tests {
             fingerprint: fp,
             resumed_from: vec![],
         };
-        let write = |s: &State| std::fs::write(&path, serde_json::to_string(s).unwrap()).unwrap();
+        let write =
+            |s: &TrainState| std::fs::write(&path, serde_json::to_string(s).unwrap()).unwrap();
         write(&state(fingerprint(&a)));
         assert_eq!(
             read_state(&path, &a, "--resume", "").unwrap().global_step,

@@ -25,7 +25,7 @@ pub(super) fn finish(
     inputs: &ExportInputs<'_>,
     vs: &mut nn::VarStore,
     net: &model::DenseNet,
-    state: &State,
+    state: &TrainState,
     interim: bool,
 ) -> anyhow::Result<RunOutput> {
     use anyhow::{Context, anyhow};
@@ -350,15 +350,15 @@ pub(super) fn finish(
         )
         .map_err(|e| anyhow!(e))?;
     }
-    if let Err(e) = plots::write_all(
-        &dest,
-        &state.history,
-        &val_scores,
-        &val.labels,
-        &test_scores,
-        &test.labels,
-        &test_metrics,
-    ) {
+    let plot_data = plots::PlotData {
+        history: &state.history,
+        val_scores: &val_scores,
+        val_labels: &val.labels,
+        test_scores: &test_scores,
+        test_labels: &test.labels,
+        test: &test_metrics,
+    };
+    if let Err(e) = plots::write_all(&dest, &plot_data) {
         tracing::warn!(target: "cxr::train", "plots not written: {e}");
     }
     log(format!("wrote {} and its card", onnx.display()));

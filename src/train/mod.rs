@@ -3,7 +3,7 @@
 //! test metrics), `history.csv` and plots.
 //!
 //! The loop checkpoints every N steps and at each epoch end (`checkpoint.safetensors`
-//! and `state.json`), so `--resume` continues a stopped run from its last step. The
+//! and `checkpoint.state`), so `--resume` continues a stopped run from its last step. The
 //! best epoch and the decision threshold are chosen on the validation split (carved
 //! from train by patient); the test split is evaluated once, at the end.
 
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
 
 use checkpoint::*;
-pub use checkpoint::{EpochRecord, STATE_FILE, State};
+pub use checkpoint::{EpochRecord, STATE_FILE, TrainState};
 pub use config::TrainArgs;
 use config::{ArchArg, DeviceArg, OptimizerArg, ScheduleArg, StrategyArg, ThresholdRule};
 use data::{AugmentSpec, Sample};
@@ -62,7 +62,7 @@ impl Split {
     }
 }
 
-fn limit(samples: Vec<Sample>, per_class: Option<usize>) -> Vec<Sample> {
+fn limit_per_class(samples: Vec<Sample>, per_class: Option<usize>) -> Vec<Sample> {
     match per_class {
         None => samples,
         Some(k) => {
@@ -207,11 +207,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     };
 
     // Data: split train by patient; test stays untouched until the end.
-    let all_train = limit(
+    let all_train = limit_per_class(
         data::scan(&args.data, "train").map_err(|e| anyhow!(e))?,
         args.limit_per_class,
     );
-    let test = Split::new(limit(
+    let test = Split::new(limit_per_class(
         data::scan(&args.data, "test").map_err(|e| anyhow!(e))?,
         args.limit_per_class,
     ));
@@ -290,7 +290,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
             run.recipe.epochs,
             run.recipe.device
         ));
-        let state = State {
+        let state = TrainState {
             epoch: run.history.len() as u32,
             history: run.records(),
             best_epoch: Some(run.recipe.best_epoch),
@@ -322,7 +322,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     let state_path = args.out.join(STATE_FILE);
     let ckpt_path = args.out.join("checkpoint.safetensors");
     let best_path = args.out.join("best.safetensors");
-    let mut state = State {
+    let mut state = TrainState {
         fingerprint: fingerprint(args),
         ..Default::default()
     };

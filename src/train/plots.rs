@@ -17,20 +17,34 @@ fn err<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
+/// What a run's plots are drawn from.
+pub struct PlotData<'a> {
+    /// The epochs' history (loss and accuracy curves).
+    pub history: &'a [EpochRecord],
+    /// Validation scores and labels (its ROC curve).
+    pub val_scores: &'a [f64],
+    /// Validation labels.
+    pub val_labels: &'a [u8],
+    /// Test scores (its ROC curve).
+    pub test_scores: &'a [f64],
+    /// Test labels.
+    pub test_labels: &'a [u8],
+    /// The test metrics (the confusion matrix).
+    pub test: &'a Metrics,
+}
+
 /// Writes `curves.png`, `roc.png` and `confusion.png` into `dir`.
-pub fn write_all(
-    dir: &Path,
-    h: &[EpochRecord],
-    vs: &[f64],
-    vl: &[u8],
-    ts: &[f64],
-    tl: &[u8],
-    test: &Metrics,
-) -> R {
+pub fn write_all(dir: &Path, d: &PlotData<'_>) -> R {
     let _ = register_font("sans-serif", FontStyle::Normal, FONT);
-    curves(&dir.join("curves.png"), h)?;
-    roc(&dir.join("roc.png"), vs, vl, ts, tl)?;
-    confusion(&dir.join("confusion.png"), test)
+    curves(&dir.join("curves.png"), d.history)?;
+    roc(
+        &dir.join("roc.png"),
+        d.val_scores,
+        d.val_labels,
+        d.test_scores,
+        d.test_labels,
+    )?;
+    confusion(&dir.join("confusion.png"), d.test)
 }
 
 fn curves(path: &Path, h: &[EpochRecord]) -> R {

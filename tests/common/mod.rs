@@ -113,7 +113,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use cxr::http::{AppState, Limits, Metrics};
+use cxr::http::{AppState, Limits, ServerMetrics};
 use cxr::inference::{BatchConfig, Device, LoadConfig, load_models};
 
 /// A test app over two tiny variants: `alpha` (sensitivity 0.99, specificity 0.70)
@@ -166,7 +166,7 @@ pub fn test_app_in(
     configure: impl FnOnce(AppState) -> AppState,
 ) -> TestApp {
     ort_env();
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(ServerMetrics::new());
     let state = configure(AppState::new(limits, metrics.clone()));
     let (set, _workers) =
         load_models(&load_config(dir.path(), batch), |n| metrics.observer(n)).expect("load models");
