@@ -24,7 +24,7 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::file::ReadPreamble;
 use dicom_object::{FileMetaTable, OpenFileOptions};
-use dicom_pixeldata::PixelDecoder;
+use dicom_pixeldata::{PhotometricInterpretation, PixelDecoder};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use image::GrayImage;
 use serde::{Deserialize, Serialize};
@@ -49,6 +49,57 @@ pub struct DicomOptions {
     /// Classify lateral views (ViewPosition LL, RL, …) with a warning instead of
     /// refusing them.
     pub allow_lateral: bool,
+}
+
+/// What in a valid DICOM object this service does not classify: one variant per
+/// condition, each answered as `unsupported_dicom` (422) with its own message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Unsupported {
+    /// SamplesPerPixel other than 1 (colour).
+    #[error("SamplesPerPixel is {0}; only single-sample (grayscale) radiographs are classified")]
+    SamplesPerPixel(u32),
+    /// A Modality other than CR, DX or DR (without `--allow-any-modality`).
+    #[error(
+        "Modality {} is not a radiograph (CR, DX or DR); the server takes other modalities only with --allow-any-modality",
+        .0.as_deref().unwrap_or("(missing)")
+    )]
+    Modality(Option<String>),
+    /// A PhotometricInterpretation other than MONOCHROME1/2 (missing: empty).
+    #[error(
+        "PhotometricInterpretation {} is not MONOCHROME1 or MONOCHROME2",
+        if .0.is_empty() { "(missing)" } else { .0.as_str() }
+    )]
+    Photometric(String),
+    /// A required attribute is absent: its keyword and tag.
+    #[error("{0} {1} is missing")]
+    MissingAttribute(&'static str, &'static str),
+    /// Zero rows, columns or frames.
+    #[error("the image is empty ({columns}x{rows}, {frames} frame(s))")]
+    Empty {
+        /// Rows.
+        rows: u32,
+        /// Columns.
+        columns: u32,
+        /// NumberOfFrames.
+        frames: u32,
+    },
+    /// BitsAllocated other than 8 or 16.
+    #[error("BitsAllocated is {0}; 8 or 16 are supported")]
+    BitsAllocated(u32),
+    /// BitsStored zero or over BitsAllocated.
+    #[error("BitsStored {stored} does not fit BitsAllocated {allocated}")]
+    BitsStored {
+        /// BitsStored.
+        stored: u32,
+        /// BitsAllocated.
+        allocated: u32,
+    },
+    /// RescaleSlope/RescaleIntercept not finite, or a zero slope.
+    #[error("RescaleSlope/RescaleIntercept are not usable numbers")]
+    Rescale,
+    /// A VOI LUT Sequence item that cannot be applied.
+    #[error("VOI LUT Sequence: {0}")]
+    VoiLut(String),
 }
 
 /// Why a DICOM upload was refused.
@@ -85,8 +136,8 @@ pub enum DicomError {
     #[error("the DICOM object has no pixel data (7FE0,0010)")]
     MissingPixelData,
     /// Valid DICOM that this service does not classify (422).
-    #[error("{0}")]
-    Unprocessable(String),
+    #[error(transparent)]
+    Unprocessable(#[from] Unsupported),
     /// Rows × Columns × frames over `--max-pixels` (413).
     #[error(
         "DICOM image of {columns}x{rows} pixels × {frames} frame(s) exceeds the limit of {limit} pixels"
@@ -228,9 +279,7 @@ pub fn decode_dicom(
 
     let samples = int(tags::SAMPLES_PER_PIXEL, "SamplesPerPixel")?.unwrap_or(1);
     if samples != 1 {
-        return Err(DicomError::Unprocessable(format!(
-            "SamplesPerPixel is {samples}; only single-sample (grayscale) radiographs are classified"
-        )));
+        return Err(Unsupported::SamplesPerPixel(samples).into());
     }
     if let Some(part) = text(tags::BODY_PART_EXAMINED)
         && !matches!(
@@ -245,31 +294,24 @@ pub fn decode_dicom(
         match modality.as_deref() {
             Some(m) if RADIOGRAPHY_MODALITIES.contains(&m) => {}
             other => {
-                return Err(DicomError::Unprocessable(format!(
-                    "Modality {} is not a radiograph (CR, DX or DR); the server takes other modalities only with --allow-any-modality",
-                    other.unwrap_or("(missing)")
-                )));
+                return Err(Unsupported::Modality(other.map(str::to_string)).into());
             }
         }
     }
-    let photometric = text(tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default();
-    let inverted = match photometric.as_str() {
-        "MONOCHROME1" => true,
-        "MONOCHROME2" => false,
-        other => {
-            return Err(DicomError::Unprocessable(format!(
-                "PhotometricInterpretation {} is not MONOCHROME1 or MONOCHROME2",
-                if other.is_empty() { "(missing)" } else { other }
-            )));
-        }
+    let photometric =
+        PhotometricInterpretation::from(text(tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default());
+    let inverted = match photometric {
+        PhotometricInterpretation::Monochrome1 => true,
+        PhotometricInterpretation::Monochrome2 => false,
+        other => return Err(Unsupported::Photometric(other.as_str().to_string()).into()),
     };
     if !matches!(obj.element_opt(tags::PIXEL_DATA), Ok(Some(_))) {
         return Err(DicomError::MissingPixelData);
     }
-    let rows = int(tags::ROWS, "Rows")?
-        .ok_or_else(|| DicomError::Unprocessable("Rows (0028,0010) is missing".into()))?;
+    let rows =
+        int(tags::ROWS, "Rows")?.ok_or(Unsupported::MissingAttribute("Rows", "(0028,0010)"))?;
     let columns = int(tags::COLUMNS, "Columns")?
-        .ok_or_else(|| DicomError::Unprocessable("Columns (0028,0011) is missing".into()))?;
+        .ok_or(Unsupported::MissingAttribute("Columns", "(0028,0011)"))?;
     let frames = match text(tags::NUMBER_OF_FRAMES) {
         None => 1,
         Some(s) => s
@@ -277,9 +319,12 @@ pub fn decode_dicom(
             .map_err(|_| malformed("NumberOfFrames is not an integer"))?,
     };
     if rows == 0 || columns == 0 || frames == 0 {
-        return Err(DicomError::Unprocessable(format!(
-            "the image is empty ({columns}x{rows}, {frames} frame(s))"
-        )));
+        return Err(Unsupported::Empty {
+            rows,
+            columns,
+            frames,
+        }
+        .into());
     }
     opts.geometry
         .check(columns, rows)
@@ -295,15 +340,15 @@ pub fn decode_dicom(
     }
     let bits_allocated = int(tags::BITS_ALLOCATED, "BitsAllocated")?.unwrap_or(0);
     if bits_allocated != 8 && bits_allocated != 16 {
-        return Err(DicomError::Unprocessable(format!(
-            "BitsAllocated is {bits_allocated}; 8 or 16 are supported"
-        )));
+        return Err(Unsupported::BitsAllocated(bits_allocated).into());
     }
     let bits_stored = int(tags::BITS_STORED, "BitsStored")?.unwrap_or(bits_allocated);
     if bits_stored == 0 || bits_stored > bits_allocated {
-        return Err(DicomError::Unprocessable(format!(
-            "BitsStored {bits_stored} does not fit BitsAllocated {bits_allocated}"
-        )));
+        return Err(Unsupported::BitsStored {
+            stored: bits_stored,
+            allocated: bits_allocated,
+        }
+        .into());
     }
     if ts.is_encapsulated_pixel_data() {
         check_codestream(&obj, &ts_uid, rows, columns, frames, bits_allocated)?;
@@ -326,9 +371,7 @@ pub fn decode_dicom(
     let rescale = decoded.rescale().map_err(malformed)?.first().copied();
     let (slope, intercept) = rescale.map_or((1.0, 0.0), |r| (r.slope, r.intercept));
     if !(slope.is_finite() && intercept.is_finite()) || slope == 0.0 {
-        return Err(DicomError::Unprocessable(
-            "RescaleSlope/RescaleIntercept are not usable numbers".into(),
-        ));
+        return Err(Unsupported::Rescale.into());
     }
     for v in &mut values {
         *v = *v * slope + intercept;
@@ -403,7 +446,7 @@ pub fn decode_dicom(
             sop_instance_uid: text(tags::SOP_INSTANCE_UID),
             modality,
             transfer_syntax: ts_uid.clone(),
-            photometric_interpretation: photometric,
+            photometric_interpretation: photometric.as_str().to_string(),
             bits_stored: bits_stored as u16,
             voi: voi.into(),
         },
@@ -455,6 +498,38 @@ fn stored_values(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsupported_conditions_say_what_and_which_attribute() {
+        let say = |u: Unsupported| DicomError::from(u).to_string();
+        assert_eq!(
+            say(Unsupported::Modality(None)),
+            "Modality (missing) is not a radiograph (CR, DX or DR); the server takes other modalities only with --allow-any-modality"
+        );
+        assert_eq!(
+            say(Unsupported::Modality(Some("CT".into()))),
+            "Modality CT is not a radiograph (CR, DX or DR); the server takes other modalities only with --allow-any-modality"
+        );
+        assert_eq!(
+            say(Unsupported::Photometric(String::new())),
+            "PhotometricInterpretation (missing) is not MONOCHROME1 or MONOCHROME2"
+        );
+        assert_eq!(
+            say(Unsupported::Photometric("RGB".into())),
+            "PhotometricInterpretation RGB is not MONOCHROME1 or MONOCHROME2"
+        );
+        assert_eq!(
+            say(Unsupported::MissingAttribute("Rows", "(0028,0010)")),
+            "Rows (0028,0010) is missing"
+        );
+        assert_eq!(
+            say(Unsupported::BitsStored {
+                stored: 17,
+                allocated: 16
+            }),
+            "BitsStored 17 does not fit BitsAllocated 16"
+        );
+    }
 
     #[test]
     fn stored_values_mask_and_sign_extend() {

@@ -65,7 +65,7 @@ pub(super) fn voi_lut(
     let Some(item) = seq.items().and_then(|i| i.first()) else {
         return Ok(None);
     };
-    let unusable = |why: String| DicomError::Unprocessable(format!("VOI LUT Sequence: {why}"));
+    let unusable = |why: String| DicomError::Unprocessable(super::Unsupported::VoiLut(why));
     let desc = item
         .element_opt(tags::LUT_DESCRIPTOR)
         .ok()
