@@ -115,11 +115,13 @@ impl cxr::inference::Backend for Fake {
         batch: Vec<f32>,
         n: usize,
         s: usize,
-    ) -> Result<Vec<cxr::inference::ModelOutput>, String> {
+    ) -> Result<Vec<cxr::inference::ModelOutput>, cxr::inference::RunError> {
         std::thread::sleep(self.stall);
         self.batches.lock().unwrap().push(n);
         if self.fail {
-            return Err("the fake backend fails".into());
+            return Err(cxr::inference::RunError::Runtime(
+                "the fake backend fails".into(),
+            ));
         }
         Ok(batch
             .chunks(3 * s * s)
@@ -178,7 +180,12 @@ async fn the_facade_batches_a_requests_inputs_and_keeps_their_order() {
 
     let (b, _) = fake(true, Duration::ZERO, 16);
     let e = classify_on(&b, "fake", vec![input(0.5)]).await.unwrap_err();
-    assert_eq!(e, InferError::Failed("the fake backend fails".into()));
+    assert_eq!(
+        e,
+        InferError::Failed(cxr::inference::RunError::Runtime(
+            "the fake backend fails".into()
+        ))
+    );
 
     // A stalled worker holding one batch, a queue of 2: the fourth input is refused.
     let (b, _) = fake(false, Duration::from_millis(800), 2);

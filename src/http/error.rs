@@ -392,7 +392,7 @@ impl From<crate::inference::InferError> for ApiError {
         match e {
             InferError::Overloaded(model) => ApiError::Overloaded(model),
             InferError::Closed(_) => ApiError::NotReady,
-            InferError::Failed(why) => ApiError::Internal(why),
+            e @ (InferError::Failed(_) | InferError::Dropped) => ApiError::Internal(e.to_string()),
         }
     }
 }

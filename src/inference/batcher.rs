@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use ort::session::Session;
 use tokio::sync::oneshot;
 
-use super::runtime::{ModelOutput, run_outputs};
+use super::runtime::{ModelOutput, RunError, run_outputs};
 
 /// The answer to one job.
 #[derive(Debug, Clone)]
@@ -44,7 +44,7 @@ pub struct JobOutput {
 struct Job {
     input: Vec<f32>,
     enqueued: Instant,
-    reply: oneshot::Sender<Result<JobOutput, String>>,
+    reply: oneshot::Sender<Result<JobOutput, RunError>>,
 }
 
 /// Why a job was not accepted.
@@ -74,11 +74,11 @@ pub trait BatchObserver: Send + Sync + 'static {
 pub trait Backend: Send + 'static {
     /// Runs `n` inputs of `[3, s, s]`, concatenated in `batch`; one output per input,
     /// in order.
-    fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, String>;
+    fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, RunError>;
 }
 
 impl Backend for Session {
-    fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, String> {
+    fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, RunError> {
         run_outputs(self, batch, n, s)
     }
 }
@@ -186,7 +186,7 @@ impl Batcher {
     pub fn submit(
         &self,
         input: Vec<f32>,
-    ) -> Result<oneshot::Receiver<Result<JobOutput, String>>, SubmitError> {
+    ) -> Result<oneshot::Receiver<Result<JobOutput, RunError>>, SubmitError> {
         assert_eq!(
             input.len(),
             self.input_len,
@@ -358,9 +358,7 @@ fn worker(mut session: Box<dyn Backend>, ctx: &WorkerCtx, alive: &AtomicBool) {
                 // supervisor restart the worker (this session is not used again).
                 alive.store(false, Ordering::SeqCst);
                 for reply in replies {
-                    let _ = reply.send(Err(
-                        "the inference worker died running this batch; it is restarting".into(),
-                    ));
+                    let _ = reply.send(Err(RunError::WorkerDied));
                 }
                 drop(guard);
                 std::panic::resume_unwind(panic);

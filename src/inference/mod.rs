@@ -13,6 +13,7 @@ pub use models::{
     load_models,
 };
 pub use runtime::{
-    ClassMaps, Device, ModelOutput, Provider, RuntimeError, SessionOptions, create_session,
-    create_session_via, environment, resolve_library, run_outputs, run_probabilities,
+    ClassMaps, Device, ModelOutput, Provider, RunError, RuntimeError, SessionOptions,
+    create_session, create_session_via, environment, resolve_library, run_outputs,
+    run_probabilities,
 };

@@ -71,9 +71,12 @@ pub enum InferError {
     /// Its worker is not taking jobs (shutting down, or dead and restarting).
     #[error("the inference worker of model `{0}` is not taking requests")]
     Closed(String),
+    /// The worker dropped the request without an answer.
+    #[error("the inference worker dropped a request")]
+    Dropped,
     /// The run failed (the runtime's error, or the worker died running the batch).
     #[error("inference failed: {0}")]
-    Failed(String),
+    Failed(#[from] super::RunError),
 }
 
 impl ServedModel {
@@ -100,10 +103,7 @@ pub async fn classify_on(
     }
     let mut out = Vec::with_capacity(pending.len());
     for rx in pending {
-        let r = rx
-            .await
-            .map_err(|_| InferError::Failed("the inference worker dropped a request".into()))?
-            .map_err(InferError::Failed)?;
+        let r = rx.await.map_err(|_| InferError::Dropped)??;
         out.push(r);
     }
     Ok(out)
@@ -297,7 +297,7 @@ pub fn load_models(
         let s = m.card.input_size as usize;
         for n in [1, cfg.batch.max_batch.max(1)] {
             run_probabilities(&mut session, vec![0.0; n * 3 * s * s], n, s)
-                .map_err(|e| LoadError::Warmup(m.card.name.clone(), e))?;
+                .map_err(|e| LoadError::Warmup(m.card.name.clone(), e.to_string()))?;
         }
         let preprocessor = Preprocessor::new(m.card.input_size, &m.card.preprocessing)
             .expect("the registry checked the preprocessing");
@@ -306,7 +306,8 @@ pub fn load_models(
         let restart: SessionFactory = Arc::new(move || {
             let (mut session, _, _) =
                 create_session(env, &bytes, opts).map_err(|e| e.to_string())?;
-            run_probabilities(&mut session, vec![0.0; 3 * s * s], 1, s)?;
+            run_probabilities(&mut session, vec![0.0; 3 * s * s], 1, s)
+                .map_err(|e| e.to_string())?;
             Ok(Box::new(session) as Box<dyn super::batcher::Backend>)
         });
         let (batcher, handle) = Batcher::spawn_restarting(

@@ -265,13 +265,38 @@ impl ClassMaps {
     }
 }
 
+/// Why a run gave no outputs.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RunError {
+    /// ONNX Runtime refused or failed the run (its message).
+    #[error("{0}")]
+    Runtime(String),
+    /// An output has another shape than the model contract says.
+    #[error("model returned {output} of shape {shape:?} for a batch of {n}")]
+    Shape {
+        /// Output name.
+        output: &'static str,
+        /// Its shape.
+        shape: Vec<i64>,
+        /// The batch.
+        n: usize,
+    },
+    /// The worker running the batch died (a panic); it is being restarted.
+    #[error("the inference worker died running this batch; it is restarting")]
+    WorkerDied,
+}
+
+fn ort_error(e: ort::Error) -> RunError {
+    RunError::Runtime(e.to_string())
+}
+
 /// Runs `session` on a `[n, 3, s, s]` batch and returns the `probabilities` rows.
 pub fn run_probabilities(
     session: &mut Session,
     batch: Vec<f32>,
     n: usize,
     s: usize,
-) -> Result<Vec<[f32; 2]>, String> {
+) -> Result<Vec<[f32; 2]>, RunError> {
     Ok(run_outputs(session, batch, n, s)?
         .into_iter()
         .map(|o| o.probabilities)
@@ -285,13 +310,13 @@ pub fn run_outputs(
     batch: Vec<f32>,
     n: usize,
     s: usize,
-) -> Result<Vec<ModelOutput>, String> {
+) -> Result<Vec<ModelOutput>, RunError> {
     debug_assert_eq!(batch.len(), n * 3 * s * s, "batch length matches its shape");
     let input = ort::value::Tensor::from_array(([n, 3, s, s], batch.into_boxed_slice()))
-        .map_err(|e| e.to_string())?;
+        .map_err(ort_error)?;
     let outputs = session
         .run(ort::inputs![crate::onnx::INPUT_NAME => input])
-        .map_err(|e| e.to_string())?;
+        .map_err(ort_error)?;
     let mut rows = [Vec::new(), Vec::new()];
     for (k, name) in [crate::onnx::LOGITS_NAME, crate::onnx::PROBABILITIES_NAME]
         .into_iter()
@@ -299,22 +324,26 @@ pub fn run_outputs(
     {
         let (shape, data) = outputs[name]
             .try_extract_tensor::<f32>()
-            .map_err(|e| e.to_string())?;
+            .map_err(ort_error)?;
         if shape.len() != 2 || shape[0] as usize != n || shape[1] != 2 {
-            return Err(format!(
-                "model returned {name} of shape {shape:?} for a batch of {n}"
-            ));
+            return Err(RunError::Shape {
+                output: name,
+                shape: shape.to_vec(),
+                n,
+            });
         }
         rows[k] = data.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
     }
     let [logits, probs] = rows;
     let mut maps: Vec<Option<ClassMaps>> = vec![None; n];
     if let Some(v) = outputs.get(crate::onnx::CAM_NAME) {
-        let (shape, data) = v.try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+        let (shape, data) = v.try_extract_tensor::<f32>().map_err(ort_error)?;
         if shape.len() != 4 || shape[0] as usize != n || shape[1] != 2 {
-            return Err(format!(
-                "model returned cam of shape {shape:?} for a batch of {n}"
-            ));
+            return Err(RunError::Shape {
+                output: crate::onnx::CAM_NAME,
+                shape: shape.to_vec(),
+                n,
+            });
         }
         let (h, w) = (shape[2] as usize, shape[3] as usize);
         for (i, m) in maps.iter_mut().enumerate() {
@@ -327,11 +356,13 @@ pub fn run_outputs(
     }
     let mut embeddings: Vec<Option<Vec<f32>>> = vec![None; n];
     if let Some(v) = outputs.get(crate::onnx::EMBEDDING_NAME) {
-        let (shape, data) = v.try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+        let (shape, data) = v.try_extract_tensor::<f32>().map_err(ort_error)?;
         if shape.len() != 2 || shape[0] as usize != n || shape[1] < 1 {
-            return Err(format!(
-                "model returned embedding of shape {shape:?} for a batch of {n}"
-            ));
+            return Err(RunError::Shape {
+                output: crate::onnx::EMBEDDING_NAME,
+                shape: shape.to_vec(),
+                n,
+            });
         }
         let c = shape[1] as usize;
         for (e, row) in embeddings.iter_mut().zip(data.chunks_exact(c)) {

@@ -395,8 +395,8 @@ pub fn rewrite_onnx(card_path: &Path, ort_lib: &Path) -> Result<(String, String)
     let x: Vec<f32> = (0..2 * 3 * s * s)
         .map(|_| (r.uniform() * 4.0 - 2.0) as f32)
         .collect();
-    let oa = crate::inference::run_outputs(&mut a, x.clone(), 2, s)?;
-    let ob = crate::inference::run_outputs(&mut b, x, 2, s)?;
+    let oa = crate::inference::run_outputs(&mut a, x.clone(), 2, s).map_err(|e| e.to_string())?;
+    let ob = crate::inference::run_outputs(&mut b, x, 2, s).map_err(|e| e.to_string())?;
     for (p, q) in oa.iter().zip(&ob) {
         if p.logits != q.logits || p.probabilities != q.probabilities {
             return Err(format!(
