@@ -378,7 +378,7 @@ fn torchvision_weight_files_load_except_the_classifier() {
     let f2 = dir.path().join("other.safetensors");
     other.save(&f2).unwrap();
     let err = load_torchvision(&mut dst, &f2).unwrap_err();
-    assert!(err.contains("the architecture needs"), "{err}");
+    assert!(err.to_string().contains("the architecture needs"), "{err}");
 }
 
 /// `--import-weights`: a run trained elsewhere (torchvision layout, classifier

@@ -150,17 +150,18 @@ pub(super) fn legacy_fingerprint(a: &TrainArgs) -> String {
     )
 }
 
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::write(&tmp, bytes)
+        .map_err(|e| TrainError::Write(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::Write(format!("{}: {e}", path.display())))
 }
 
-pub(super) fn save_vs(vs: &nn::VarStore, path: &Path) -> Result<(), String> {
+pub(super) fn save_vs(vs: &nn::VarStore, path: &Path) -> Result<(), TrainError> {
     let tmp = path.with_extension("tmp.safetensors");
     vs.save(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|e| TrainError::Write(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::Write(format!("{}: {e}", path.display())))
 }
 
 /// Reads a checkpoint state (a run folder's, or the one shipped beside an interim
@@ -197,7 +198,7 @@ pub(super) fn checkpoint(
     ckpt: &Path,
     state_path: &Path,
 ) -> anyhow::Result<()> {
-    save_vs(vs, ckpt).map_err(|e| anyhow::anyhow!(e))?;
+    save_vs(vs, ckpt)?;
     write_atomic(state_path, serde_json::to_string_pretty(state)?.as_bytes())
         .map_err(|e| anyhow::anyhow!(e))
 }
@@ -223,7 +224,7 @@ pub(super) fn write_history(path: &Path, h: &[EpochRecord]) -> anyhow::Result<()
             opt(r.stress_val_auc)
         );
     }
-    write_atomic(path, s.as_bytes()).map_err(|e| anyhow::anyhow!(e))
+    Ok(write_atomic(path, s.as_bytes())?)
 }
 
 #[cfg(test)]

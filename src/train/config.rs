@@ -244,7 +244,11 @@ impl From<StorageArg> for WeightStorage {
 
 impl TrainArgs {
     /// Checks the flags and says what to fix.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), super::TrainError> {
+        self.check().map_err(super::TrainError::Flags)
+    }
+
+    fn check(&self) -> Result<(), String> {
         if self.epochs == 0 {
             return Err("--epochs must be >= 1".into());
         }

@@ -51,7 +51,11 @@ pub fn patient_id(file_name: &str) -> String {
 
 /// Lists `<root>/<split>/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png}`, sorted. Fails with the
 /// folder's name when a class folder is missing or empty.
-pub fn scan(root: &Path, split: &str) -> Result<Vec<Sample>, String> {
+pub fn scan(root: &Path, split: &str) -> Result<Vec<Sample>, super::TrainError> {
+    scan_folders(root, split).map_err(super::TrainError::Data)
+}
+
+fn scan_folders(root: &Path, split: &str) -> Result<Vec<Sample>, String> {
     let mut out = Vec::new();
     for (label, class) in CLASSES.iter().enumerate() {
         let dir = root.join(split).join(class);

@@ -306,13 +306,12 @@ pub(super) fn finish(
     }
     card.training.notes += &format!("Stress validation: {}.", stress::DESCRIPTION);
     let json = serde_json::to_string_pretty(&card)? + "\n";
-    write_atomic(&dest.join(format!("{name}.json")), json.as_bytes()).map_err(|e| anyhow!(e))?;
+    write_atomic(&dest.join(format!("{name}.json")), json.as_bytes())?;
     let scores = TestScores::new(&card, &args.data.join("test"), &test.samples, &test_scores);
     write_atomic(
         &dest.join(format!("{name}.test-scores.json")),
         (serde_json::to_string_pretty(&scores)? + "\n").as_bytes(),
-    )
-    .map_err(|e| anyhow!(e))?;
+    )?;
     if !interim {
         // The out-of-distribution model, on the embeddings of the training split as
         // this run split it (a run on a subset of the data has no split to rebuild).
@@ -347,8 +346,7 @@ pub(super) fn finish(
         write_atomic(
             &dest.join(format!("{name}.state")),
             serde_json::to_string_pretty(state)?.as_bytes(),
-        )
-        .map_err(|e| anyhow!(e))?;
+        )?;
     }
     let plot_data = plots::PlotData {
         history: &state.history,
@@ -502,7 +500,7 @@ pub fn write_test_scores(
     let loaded = crate::registry::load_card(card_path)?;
     let (pre, mut session) = measuring_session(&loaded, ort_lib)?;
     let card = loaded.card;
-    let test = data::scan(data_dir, "test").map_err(|e| anyhow::anyhow!(e))?;
+    let test = data::scan(data_dir, "test")?;
     let (imgs, bad) = data::load_resized(&test, &pre);
     report_bad(&bad, test.len())?;
     let scores: Vec<f64> = run_images(&mut session, &pre, &imgs)?
@@ -532,7 +530,6 @@ pub fn write_test_scores(
     write_atomic(
         &path,
         (serde_json::to_string_pretty(&out)? + "\n").as_bytes(),
-    )
-    .map_err(|e| anyhow::anyhow!(e))?;
+    )?;
     Ok(out.images.len())
 }

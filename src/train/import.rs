@@ -82,6 +82,15 @@ impl ImportedRun {
         weights: &Path,
         strategy: &str,
         val: &[Sample],
+    ) -> Result<Self, super::TrainError> {
+        Self::read_checked(path, weights, strategy, val).map_err(super::TrainError::Import)
+    }
+
+    fn read_checked(
+        path: &Path,
+        weights: &Path,
+        strategy: &str,
+        val: &[Sample],
     ) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;

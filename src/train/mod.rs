@@ -10,6 +10,7 @@
 mod checkpoint;
 pub mod config;
 pub mod data;
+mod error;
 mod export;
 pub mod import;
 pub mod model;
@@ -29,6 +30,7 @@ pub use checkpoint::{EpochRecord, STATE_FILE, TrainState};
 pub use config::TrainArgs;
 use config::{ArchArg, DeviceArg, OptimizerArg, ScheduleArg, StrategyArg, ThresholdRule};
 use data::{AugmentSpec, Sample};
+pub use error::TrainError;
 use export::*;
 pub use export::{TestScore, TestScores, write_test_scores};
 
@@ -187,7 +189,7 @@ fn val_loss(scores: &[f64], labels: &[u8]) -> f64 {
 /// Returns `None` when `--stop-after-steps` stopped it (checkpoint saved).
 pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     use anyhow::{Context, anyhow};
-    args.validate().map_err(|e| anyhow!(e))?;
+    args.validate()?;
     let name = args.name();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -207,12 +209,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     };
 
     // Data: split train by patient; test stays untouched until the end.
-    let all_train = limit_per_class(
-        data::scan(&args.data, "train").map_err(|e| anyhow!(e))?,
-        args.limit_per_class,
-    );
+    let all_train = limit_per_class(data::scan(&args.data, "train")?, args.limit_per_class);
     let test = Split::new(limit_per_class(
-        data::scan(&args.data, "test").map_err(|e| anyhow!(e))?,
+        data::scan(&args.data, "test")?,
         args.limit_per_class,
     ));
     let (mut train, val) = data::split_by_patient(&all_train, args.val_fraction, args.seed);
@@ -261,7 +260,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
     let mut vs = nn::VarStore::new(device);
     let net = model::DenseNet::new(&vs.root(), &arch);
     if let Some(w) = &args.init_weights {
-        let n = model::load_torchvision(&mut vs, w).map_err(|e| anyhow!(e))?;
+        let n = model::load_torchvision(&mut vs, w)?;
         log(format!("initialised {n} tensors from {}", w.display()));
     }
     let export = ExportInputs {
@@ -280,9 +279,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
             StrategyArg::Weighted => "weighted",
             StrategyArg::Augmented => "augmented",
         };
-        let run =
-            import::ImportedRun::read(h, w, strategy, &val.samples).map_err(|e| anyhow!(e))?;
-        let n = model::load_torchvision_full(&mut vs, w).map_err(|e| anyhow!(e))?;
+        let run = import::ImportedRun::read(h, w, strategy, &val.samples)?;
+        let n = model::load_torchvision_full(&mut vs, w)?;
         log(format!(
             "imported {n} tensors from {} (best epoch {} of {}, trained on {})",
             w.display(),
@@ -359,7 +357,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
             && state.best_epoch.is_some()
             && state.best_epoch == state.history.last().map(|r| r.epoch);
         if at_best_epoch_end {
-            save_vs(&vs, &best_path).map_err(|e| anyhow!(e))?;
+            save_vs(&vs, &best_path)?;
         } else if let Some(b) = state.best_epoch.take() {
             state.best_val_loss = None;
             log(format!(
@@ -569,7 +567,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
         if size == args.export_size() && state.best_val_loss.is_none_or(|b| rec.val_loss <= b) {
             state.best_val_loss = Some(rec.val_loss);
             state.best_epoch = Some(rec.epoch);
-            save_vs(&vs, &best_path).map_err(|e| anyhow!(e))?;
+            save_vs(&vs, &best_path)?;
         }
         state.history.push(rec);
         state.epoch += 1;

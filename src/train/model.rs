@@ -181,8 +181,11 @@ pub fn torchvision_key(key: &str) -> String {
 /// Loads a torchvision-layout safetensors file into `vs`, all but the classifier
 /// (which is replaced by the freshly initialised 2-class one). Says which variable is
 /// missing or misshapen otherwise.
-pub fn load_torchvision(vs: &mut nn::VarStore, path: &std::path::Path) -> Result<usize, String> {
-    load_torchvision_file(vs, path, false)
+pub fn load_torchvision(
+    vs: &mut nn::VarStore,
+    path: &std::path::Path,
+) -> Result<usize, super::TrainError> {
+    load_torchvision_file(vs, path, false).map_err(super::TrainError::Weights)
 }
 
 /// Loads a torchvision-layout safetensors file of a finished 2-class run into `vs`,
@@ -192,8 +195,8 @@ pub fn load_torchvision(vs: &mut nn::VarStore, path: &std::path::Path) -> Result
 pub fn load_torchvision_full(
     vs: &mut nn::VarStore,
     path: &std::path::Path,
-) -> Result<usize, String> {
-    load_torchvision_file(vs, path, true)
+) -> Result<usize, super::TrainError> {
+    load_torchvision_file(vs, path, true).map_err(super::TrainError::Weights)
 }
 
 fn load_torchvision_file(

@@ -114,9 +114,9 @@ pub fn splits(
     cache: &Path,
 ) -> anyhow::Result<Splits> {
     let key = &onnx_sha256[..16.min(onnx_sha256.len())];
-    let all = data::scan(data_dir, "train").map_err(|e| anyhow::anyhow!(e))?;
+    let all = data::scan(data_dir, "train")?;
     let (fit, val) = data::split_by_patient(&all, val_fraction, seed);
-    let test = data::scan(data_dir, "test").map_err(|e| anyhow::anyhow!(e))?;
+    let test = data::scan(data_dir, "test")?;
     let mut get = |tag: &str, samples: &[Sample], stressed: bool| -> anyhow::Result<Embeddings> {
         let path: PathBuf = cache.join(format!("{key}-{tag}"));
         if let Some(e) = Embeddings::load(&path)
@@ -329,7 +329,7 @@ pub fn fit_card(
         ood_set: None,
     };
     let dir = card_path.parent().unwrap_or(Path::new("."));
-    super::write_atomic(&dir.join(&file), &bytes).map_err(|e| anyhow::anyhow!(e))?;
+    super::write_atomic(&dir.join(&file), &bytes)?;
     crate::registry::set_card_ood(card_path, &ood).map_err(|e| anyhow::anyhow!(e))?;
     Ok(format!(
         "{file} written: threshold {:.3}; accepted: validation {:.1} %, stressed {:.1} %, test {:.1} %",

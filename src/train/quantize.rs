@@ -82,7 +82,7 @@ pub fn quantize_card(
     let config = &card.architecture.config;
 
     // Splits: the run's patient split (checked against the card), and the test split.
-    let all = data::scan(data_dir, "train").map_err(|e| anyhow!(e))?;
+    let all = data::scan(data_dir, "train")?;
     let (_, val) = data::split_by_patient(&all, val_fraction, card.training.seed);
     if val.len() as u64 != card.training.validation_images {
         anyhow::bail!(
@@ -91,7 +91,7 @@ pub fn quantize_card(
             card.training.validation_images
         );
     }
-    let test = data::scan(data_dir, "test").map_err(|e| anyhow!(e))?;
+    let test = data::scan(data_dir, "test")?;
     let (val_imgs, bad) = data::load_resized(&val, &pre);
     super::report_bad(&bad, val.len())?;
     let (test_imgs, bad) = data::load_resized(&test, &pre);
@@ -220,18 +220,16 @@ pub fn quantize_card(
         test_max_abs_probability_diff: max_diff,
     });
     let dir = card_path.parent().unwrap_or(Path::new("."));
-    super::write_atomic(&dir.join(&out.onnx.file), &bytes).map_err(|e| anyhow!(e))?;
+    super::write_atomic(&dir.join(&out.onnx.file), &bytes)?;
     let scores = super::TestScores::new(&out, &data_dir.join("test"), &test, &q_test.p);
     super::write_atomic(
         &dir.join(format!("{name}.test-scores.json")),
         (serde_json::to_string_pretty(&scores)? + "\n").as_bytes(),
-    )
-    .map_err(|e| anyhow!(e))?;
+    )?;
     super::write_atomic(
         &dir.join(format!("{name}.json")),
         (serde_json::to_string_pretty(&out)? + "\n").as_bytes(),
-    )
-    .map_err(|e| anyhow!(e))?;
+    )?;
     crate::registry::load_card(&dir.join(format!("{name}.json")))?;
     let fp = card.metrics.test.as_ref();
     Ok(format!(
