@@ -13,6 +13,7 @@ mod predict;
 mod routes;
 pub mod server;
 pub mod types;
+mod upload;
 pub mod v2;
 
 use std::sync::{Arc, OnceLock};
@@ -43,6 +44,7 @@ use types::{
     LiveFacts, ModelInfo, ModelList, ModelRef, PredictQuery, Prediction, Probabilities, Status,
     ThresholdSource, Timings,
 };
+use upload::*;
 
 use crate::audit::{Audit, AuditRecord};
 use crate::eval::{Target, served_probabilities};
