@@ -57,10 +57,10 @@ pub struct QuantizationInfo {
 }
 
 /// Min–max range of every tensor the calibration graph exposes, over `batches` (each
-/// `(rows, [rows, 3, s, s] values)`), run with `session` on the
+/// `(rows, [rows, 3, s, s] values)`), run with `model` on the
 /// [`Quant::Calibrate`] graph; returns each tensor's uint8 (scale, zero point).
 pub fn calibrate(
-    session: &mut ort::session::Session,
+    model: &mut crate::inference::CpuModel,
     batches: impl IntoIterator<Item = (usize, Vec<f32>)>,
     s: usize,
 ) -> Result<BTreeMap<String, (f32, u8)>, String> {
@@ -82,24 +82,16 @@ pub fn calibrate(
             .or_insert((lo, hi));
         r.0 = r.0.min(lo);
         r.1 = r.1.max(hi);
-        let input = ort::value::Tensor::from_array(([n, 3, s, s], batch.into_boxed_slice()))
-            .map_err(|e| e.to_string())?;
-        let outputs = session
-            .run(ort::inputs![crate::onnx::INPUT_NAME => input])
-            .map_err(|e| e.to_string())?;
-        for (name, value) in outputs.iter() {
-            if standard.contains(&name) {
+        for (name, data) in model.run_named(batch, n, s).map_err(|e| e.to_string())? {
+            if standard.contains(&name.as_str()) {
                 continue;
             }
-            let (_, data) = value
-                .try_extract_tensor::<f32>()
-                .map_err(|e| e.to_string())?;
             let (lo, hi) = data
                 .iter()
                 .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
                     (l.min(v), h.max(v))
                 });
-            let r = ranges.entry(name.to_string()).or_insert((lo, hi));
+            let r = ranges.entry(name).or_insert((lo, hi));
             r.0 = r.0.min(lo);
             r.1 = r.1.max(hi);
         }

@@ -122,7 +122,7 @@ fn other(kind: usize, seed: u64) -> GrayImage {
 }
 
 fn embeddings(bytes: &[u8], pre: &Preprocessor, imgs: &[GrayImage]) -> Embeddings {
-    let mut s = common::cpu_session(bytes);
+    let mut s = common::cpu_model(bytes);
     let resized: Vec<GrayImage> = imgs.iter().map(|g| pre.resize(g)).collect();
     let (dim, data) = embed(&mut s, pre, &resized).unwrap();
     Embeddings {

@@ -52,7 +52,7 @@ fn int8_graph_loads_answers_close_to_fp32_and_keeps_its_weights() {
         .unwrap()
         .encode_to_vec();
     let calib = cxr::quantize::calibration_graph(&config, &weights, &opts).unwrap();
-    let mut cs = common::cpu_session(&calib);
+    let mut cs = common::cpu_model(&calib);
     let ranges = cxr::quantize::calibrate(&mut cs, batches(&pre, 0..24), 32).unwrap();
     // Every conv's input and output and the classifier's input have a range; a
     // dense layer's first conv (its norm folded in) outputs the second one's input.
@@ -198,8 +198,7 @@ async fn an_int8_variant_is_served_by_name_and_says_so() {
     let pre = Preprocessor::new(32, &Preprocessing::default()).unwrap();
     let calib = cxr::quantize::calibration_graph(&config, &weights, &opts).unwrap();
     let ranges =
-        cxr::quantize::calibrate(&mut common::cpu_session(&calib), batches(&pre, 0..8), 32)
-            .unwrap();
+        cxr::quantize::calibrate(&mut common::cpu_model(&calib), batches(&pre, 0..8), 32).unwrap();
     let bytes = cxr::quantize::int8_graph(&config, &weights, &opts, ranges).unwrap();
     std::fs::write(dir.path().join("alpha-int8.onnx"), &bytes).unwrap();
     card.name = "alpha-int8".into();

@@ -10,8 +10,10 @@ use utoipa::ToSchema;
 
 pub mod calibration;
 pub mod stress;
+pub mod threshold;
 
 pub use calibration::{Calibration, OperatingCurve, Target, fit_temperature, served_probabilities};
+pub use threshold::{ThresholdRule, choose_threshold, mean_log_loss};
 
 /// Binary confusion matrix, positive = PNEUMONIA.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -2,12 +2,14 @@
 //! batching workers that own them, and the set of served variants.
 
 pub mod batcher;
+pub mod measure;
 pub mod models;
 pub mod runtime;
 
 pub use batcher::{
     Backend, BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError,
 };
+pub use measure::{CpuModel, MEASURE_BATCH};
 pub use models::{
     InferError, LoadConfig, LoadError, ModelSet, Prefer, SelectError, ServedModel, classify_on,
     load_models,

@@ -377,26 +377,16 @@ pub fn rewrite_onnx(card_path: &Path, ort_lib: &Path) -> Result<(String, String)
     let new =
         crate::onnx::write_densenet(&card.architecture.config, &weights, &opts)?.encode_to_vec();
 
-    let env = crate::inference::environment(ort_lib).map_err(|e| e.to_string())?;
-    let opts = crate::inference::SessionOptions {
-        device: crate::inference::Device::Cpu,
-        intra_threads: 0,
-        cpu_arena: false,
-        intra_spinning: true,
-    };
-    let mut a = crate::inference::create_session(env, &old, opts)
-        .map_err(|e| e.to_string())?
-        .0;
-    let mut b = crate::inference::create_session(env, &new, opts)
-        .map_err(|e| e.to_string())?
-        .0;
+    let load =
+        |bytes: &[u8]| crate::inference::CpuModel::load(ort_lib, bytes).map_err(|e| e.to_string());
+    let (mut a, mut b) = (load(&old)?, load(&new)?);
     let s = card.input_size as usize;
     let mut r = crate::arch::SplitMix64(20261126);
     let x: Vec<f32> = (0..2 * 3 * s * s)
         .map(|_| (r.uniform() * 4.0 - 2.0) as f32)
         .collect();
-    let oa = crate::inference::run_outputs(&mut a, x.clone(), 2, s).map_err(|e| e.to_string())?;
-    let ob = crate::inference::run_outputs(&mut b, x, 2, s).map_err(|e| e.to_string())?;
+    let oa = a.run(x.clone(), 2, s).map_err(|e| e.to_string())?;
+    let ob = b.run(x, 2, s).map_err(|e| e.to_string())?;
     for (p, q) in oa.iter().zip(&ob) {
         if p.logits != q.logits || p.probabilities != q.probabilities {
             return Err(format!(

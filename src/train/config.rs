@@ -53,48 +53,7 @@ pub enum DeviceArg {
     Cuda,
 }
 
-/// How the decision threshold is chosen, always on the validation split.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ThresholdRule {
-    /// A fixed value.
-    Fixed(f64),
-    /// Maximise Youden's J (sensitivity + specificity − 1); the middle of the best
-    /// plateau.
-    Youden,
-    /// The highest threshold whose validation sensitivity is at least this.
-    MinSensitivity(f64),
-}
-
-impl std::str::FromStr for ThresholdRule {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let prob = |v: &str| {
-            v.parse::<f64>()
-                .ok()
-                .filter(|p| *p > 0.0 && *p < 1.0)
-                .ok_or_else(|| format!("`{v}` is not a probability in (0, 1)"))
-        };
-        match s {
-            "youden" => Ok(Self::Youden),
-            _ => match s.strip_prefix("sensitivity:") {
-                Some(v) => prob(v).map(Self::MinSensitivity),
-                None => prob(s)
-                    .map(Self::Fixed)
-                    .map_err(|e| format!("{e}; use 0.5, youden or sensitivity:0.95")),
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for ThresholdRule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Fixed(v) => write!(f, "{v}"),
-            Self::Youden => write!(f, "youden"),
-            Self::MinSensitivity(v) => write!(f, "sensitivity:{v}"),
-        }
-    }
-}
+pub use crate::eval::threshold::ThresholdRule;
 
 /// Trains one DenseNet variant on the Kermany layout and writes `<name>.onnx`, its
 /// model card `<name>.json`, `history.csv` and plots into `--out`.

@@ -72,13 +72,13 @@ impl Embeddings {
 
 /// Computes the embeddings of `images` (already resized) with `session`.
 pub fn embed(
-    session: &mut ort::session::Session,
+    session: &mut crate::inference::CpuModel,
     pre: &Preprocessor,
     images: &[GrayImage],
 ) -> anyhow::Result<(usize, Vec<f32>)> {
     let mut out = Vec::new();
     let mut dim = 0;
-    for o in super::run_images(session, pre, images)? {
+    for o in session.run_images(pre, images)? {
         let e = o.embedding.ok_or_else(|| {
             anyhow::anyhow!(
                 "the model file has no `embedding` output: rewrite it first (cxr-train rewrite-onnx)"
@@ -105,7 +105,7 @@ pub struct Splits {
 /// Embeddings of every split for one model, from `cache` when there (keyed by the ONNX
 /// file's hash), else computed and cached.
 pub fn splits(
-    session: &mut ort::session::Session,
+    session: &mut crate::inference::CpuModel,
     pre: &Preprocessor,
     onnx_sha256: &str,
     data_dir: &Path,

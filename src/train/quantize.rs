@@ -24,7 +24,7 @@ struct Answers {
 }
 
 fn answers(
-    session: &mut ort::session::Session,
+    session: &mut crate::inference::CpuModel,
     pre: &Preprocessor,
     imgs: &[GrayImage],
     temperature: Option<f64>,
@@ -33,7 +33,7 @@ fn answers(
         p: Vec::with_capacity(imgs.len()),
         embeddings: Vec::new(),
     };
-    for o in super::run_images(session, pre, imgs)? {
+    for o in session.run_images(pre, imgs)? {
         out.p.push(f64::from(
             served_probabilities(o.logits, o.probabilities, temperature)[1],
         ));
@@ -111,14 +111,7 @@ pub fn quantize_card(
         .collect();
     let calib_bytes =
         crate::quantize::calibration_graph(config, &weights, &opts).map_err(|e| anyhow!(e))?;
-    let env = crate::inference::environment(ort_lib)?;
-    let sopts = crate::inference::SessionOptions {
-        device: crate::inference::Device::Cpu,
-        intra_threads: 0,
-        cpu_arena: false,
-        intra_spinning: true,
-    };
-    let (mut cs, _, _) = crate::inference::create_session(env, &calib_bytes, sopts)?;
+    let mut cs = crate::inference::CpuModel::load(ort_lib, &calib_bytes)?;
     let s = pre.size() as usize;
     let ranges = crate::quantize::calibrate(
         &mut cs,
@@ -136,7 +129,7 @@ pub fn quantize_card(
     drop(cs);
     let bytes =
         crate::quantize::int8_graph(config, &weights, &opts, ranges).map_err(|e| anyhow!(e))?;
-    let (mut q, _, _) = crate::inference::create_session(env, &bytes, sopts)?;
+    let mut q = crate::inference::CpuModel::load(ort_lib, &bytes)?;
 
     // Measurement, as served.
     let t = card.temperature();

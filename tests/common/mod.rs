@@ -34,6 +34,13 @@ pub fn cpu_session(bytes: &[u8]) -> ort::session::Session {
         .0
 }
 
+/// `bytes` as the trainer measures a model file (a CPU session behind the backend
+/// boundary).
+pub fn cpu_model(bytes: &[u8]) -> cxr::inference::CpuModel {
+    cxr::inference::CpuModel::load(&cxr::inference::resolve_library(None), bytes)
+        .expect("measuring session")
+}
+
 /// Writes a tiny DenseNet variant named `name` with a test-metrics card into `dir`.
 pub fn write_tiny_model(
     dir: &Path,
