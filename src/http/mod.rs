@@ -4,6 +4,8 @@
 //! in-process. Image decoding runs on the blocking pool and inference on the model
 //! workers: no handler blocks a tokio worker.
 
+mod admission;
+mod answer;
 pub mod auth;
 pub mod error;
 pub mod explain;
@@ -34,6 +36,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
+use admission::*;
+use answer::*;
 pub use error::{ApiError, ErrorBody, ErrorType};
 pub use metrics::ServerMetrics;
 pub use openapi::{ApiDoc, openapi_yaml};

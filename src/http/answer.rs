@@ -1,0 +1,314 @@
+//! From decoded inputs to answers: the decision threshold, the model's outputs
+//! through [`ServedModel::classify`], out-of-distribution scores, audit records, and
+//! each [`Prediction`] with its warnings, heatmap and timings.
+
+use super::*;
+
+/// Runs decoded inputs through `model` (queued together, so they batch), writes their
+/// audit records (a record that cannot be written fails the whole request), and
+/// returns the answers in order.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn classify(
+    state: &AppState,
+    model: &ServedModel,
+    decision: &Decision,
+    decoded: Vec<Decoded>,
+    caller: &Caller,
+    rid: &str,
+    started: Instant,
+    explain: bool,
+) -> Result<Vec<Prediction>, ApiError> {
+    let name = model.card.name.clone();
+    // An explanation draws on the input, so it keeps a copy.
+    let mut decoded = decoded;
+    let inputs = decoded
+        .iter_mut()
+        .map(|d| {
+            if explain {
+                d.input.clone()
+            } else {
+                std::mem::take(&mut d.input)
+            }
+        })
+        .collect();
+    let outputs = model.classify(inputs).await.map_err(|e| {
+        if let InferError::Overloaded(_) = e {
+            state.metrics().overloaded.with_label_values(&[&name]).inc();
+        }
+        ApiError::from(e)
+    })?;
+    let out: Vec<(JobOutput, Decoded)> = outputs.into_iter().zip(decoded).collect();
+    let ood = ood_scores(state, model, &out)?;
+    let answers: Vec<(Prediction, JobOutput, Decoded)> = out
+        .into_iter()
+        .zip(ood)
+        .map(|((r, d), (score, inside))| {
+            let p = Prediction {
+                ood_score: score,
+                in_distribution: inside,
+                ..prediction(model, &r, decision, rid)
+            };
+            (p, r, d)
+        })
+        .collect();
+    write_audit(state, &answers, caller, rid)?;
+    let total = started.elapsed();
+    Ok(answers
+        .into_iter()
+        .map(|(p, r, d)| complete(state, model, p, r, d, total, explain))
+        .collect())
+}
+
+/// Every answer's audit record, written before any answer is given: an answer
+/// without its record is a 503, never a success.
+fn write_audit(
+    state: &AppState,
+    answers: &[(Prediction, JobOutput, Decoded)],
+    caller: &Caller,
+    rid: &str,
+) -> Result<(), ApiError> {
+    let time = crate::audit::now_rfc3339();
+    for (i, (p, _, d)) in answers.iter().enumerate() {
+        let record = AuditRecord {
+            time: time.clone(),
+            request_id: rid.to_string(),
+            image_index: i,
+            caller: caller.0.clone(),
+            model: p.model.name.clone(),
+            model_version: p.model.version.clone(),
+            model_sha256: p.model.sha256.clone(),
+            threshold: p.threshold,
+            threshold_source: p.threshold_source.kind.clone(),
+            p_normal: p.probabilities.NORMAL,
+            p_pneumonia: p.probabilities.PNEUMONIA,
+            label: p.label.clone(),
+            input_sha256: d.upload.sha256.clone(),
+            input_kind: d.upload.kind.into(),
+            input_bytes: d.upload.bytes,
+            sop_instance_uid: d.dicom.as_ref().and_then(|i| i.sop_instance_uid.clone()),
+        };
+        if state.inner.audit.record(&record).is_err() {
+            state
+                .metrics()
+                .audit_failures
+                .with_label_values(&[] as &[&str])
+                .inc();
+            return Err(ApiError::AuditUnavailable);
+        }
+    }
+    Ok(())
+}
+
+/// One answer as given: counted, its latency recorded, with its warnings (the
+/// request's, out of distribution, no explanation), its heatmap when asked, and its
+/// timings.
+fn complete(
+    state: &AppState,
+    model: &ServedModel,
+    p: Prediction,
+    r: JobOutput,
+    d: Decoded,
+    total: Duration,
+    explain: bool,
+) -> Prediction {
+    state
+        .metrics()
+        .predictions
+        .with_label_values(&[&model.card.name, &p.label])
+        .inc();
+    model.record(total.as_secs_f64() * 1e3);
+    let mut warnings = d.warnings;
+    if let (Some(false), Some(o)) = (p.in_distribution, &model.ood) {
+        warnings.push(format!(
+            "out of distribution: score {:.3} above the model's threshold {:.3}; this image does not resemble the pediatric frontal chest radiographs the model was trained on, so its label should not be relied on",
+            p.ood_score.unwrap_or(f64::NAN),
+            o.threshold
+        ));
+    }
+    let heatmap = match (explain, &r.cam) {
+        (false, _) => None,
+        (true, None) => {
+            warnings.push(format!(
+                "explanation unavailable: model `{}` {} has no `cam` output",
+                model.card.name, model.card.version
+            ));
+            None
+        }
+        (true, Some(cam)) => Some(explain::heatmap(
+            cam,
+            usize::from(p.label == "PNEUMONIA"),
+            &p.label,
+            &d.input,
+            model.card.input_size,
+            &model.card.preprocessing,
+        )),
+    };
+    Prediction {
+        timings_ms: Timings {
+            decode: ms(d.took),
+            queue: ms(r.queued),
+            inference: ms(r.inference),
+            total: ms(total),
+        },
+        dicom: d.dicom,
+        warnings,
+        heatmap,
+        ..p
+    }
+}
+
+/// An image's out-of-distribution score and whether it is within the threshold.
+pub(super) type OodVerdict = (Option<f64>, Option<bool>);
+
+/// Each reply's out-of-distribution score and verdict (none without an OOD model or
+/// with `--ood-action off`); with `refuse`, the first image out of distribution
+/// refuses the request.
+pub(super) fn ood_scores(
+    state: &AppState,
+    model: &ServedModel,
+    out: &[(JobOutput, Decoded)],
+) -> Result<Vec<OodVerdict>, ApiError> {
+    let action = state.inner.limits.ood_action;
+    let (Some(ood), false) = (&model.ood, action == OodAction::Off) else {
+        return Ok(vec![(None, None); out.len()]);
+    };
+    let mut v = Vec::with_capacity(out.len());
+    for (i, (r, _)) in out.iter().enumerate() {
+        let e = r.embedding.as_deref().ok_or_else(|| {
+            ApiError::Internal("the model has an OOD model but returned no embedding".into())
+        })?;
+        let score = ood.score(e);
+        let inside = score <= ood.threshold;
+        if !inside {
+            state
+                .metrics()
+                .out_of_distribution
+                .with_label_values(&[&model.card.name, action.as_str()])
+                .inc();
+            if action == OodAction::Refuse {
+                return Err(ApiError::OutOfDistribution {
+                    model: model.card.name.clone(),
+                    image: i,
+                    score,
+                    threshold: ood.threshold,
+                });
+            }
+        }
+        v.push((Some(score), Some(inside)));
+    }
+    Ok(v)
+}
+
+/// The threshold a request is answered at, and where it came from.
+pub(super) struct Decision {
+    pub(super) threshold: f64,
+    pub(super) source: ThresholdSource,
+}
+
+/// The card's threshold, or the caller's `threshold=`, or the one that reached the
+/// caller's `operating_point=` on the card's validation ROC.
+pub(super) fn decision(model: &ServedModel, q: &PredictQuery) -> Result<Decision, ApiError> {
+    let card = &model.card;
+    match (q.threshold, q.operating_point.as_deref()) {
+        (Some(_), Some(_)) => Err(ApiError::InvalidQuery(
+            "give `threshold` or `operating_point`, not both".into(),
+        )),
+        (Some(t), None) => {
+            if !(t > 0.0 && t < 1.0) {
+                return Err(ApiError::InvalidQuery(format!(
+                    "threshold {t} must lie in (0, 1)"
+                )));
+            }
+            Ok(Decision {
+                threshold: t,
+                source: ThresholdSource {
+                    kind: "query".into(),
+                    rule: None,
+                    target: None,
+                    validation_sensitivity: None,
+                    validation_specificity: None,
+                },
+            })
+        }
+        (None, Some(op)) => {
+            let target: Target = op.parse().map_err(ApiError::InvalidQuery)?;
+            let curve = card.operating_curve.as_ref().ok_or_else(|| {
+                ApiError::OperatingPoint(format!(
+                    "model `{}` {} has no validation ROC in its card, so no operating point can be chosen; use `threshold`",
+                    card.name, card.version
+                ))
+            })?;
+            let p = curve.threshold_for(target).ok_or_else(|| {
+                ApiError::OperatingPoint(format!(
+                    "no threshold of model `{}` reached {target} on its validation ROC ({})",
+                    card.name, curve.source
+                ))
+            })?;
+            Ok(Decision {
+                threshold: p.threshold,
+                source: ThresholdSource {
+                    kind: "operating_point".into(),
+                    rule: None,
+                    target: Some(target.to_string()),
+                    validation_sensitivity: Some(p.tpr),
+                    validation_specificity: Some(1.0 - p.fpr),
+                },
+            })
+        }
+        (None, None) => Ok(Decision {
+            threshold: card.threshold,
+            source: ThresholdSource {
+                kind: "card".into(),
+                rule: card.threshold_rule.clone(),
+                target: None,
+                validation_sensitivity: None,
+                validation_specificity: None,
+            },
+        }),
+    }
+}
+
+pub(super) fn prediction(
+    model: &ServedModel,
+    r: &JobOutput,
+    d: &Decision,
+    rid: &str,
+) -> Prediction {
+    let p = served_probabilities(r.logits, r.probabilities, model.card.temperature());
+    let pneumonia = f64::from(p[1]) >= d.threshold;
+    let (label, confidence) = if pneumonia {
+        ("PNEUMONIA", p[1])
+    } else {
+        ("NORMAL", p[0])
+    };
+    Prediction {
+        label: label.into(),
+        confidence,
+        probabilities: Probabilities {
+            NORMAL: p[0],
+            PNEUMONIA: p[1],
+        },
+        threshold: d.threshold,
+        threshold_source: d.source.clone(),
+        model: ModelRef {
+            name: model.card.name.clone(),
+            version: model.card.version.clone(),
+            strategy: model.card.training.strategy,
+            sha256: model.card.onnx.sha256.clone(),
+            precision: model.card.precision,
+        },
+        execution_provider: model.provider.as_str().into(),
+        timings_ms: Timings {
+            decode: 0.0,
+            queue: 0.0,
+            inference: 0.0,
+            total: 0.0,
+        },
+        request_id: rid.to_string(),
+        dicom: None,
+        warnings: Vec::new(),
+        ood_score: None,
+        in_distribution: None,
+        heatmap: None,
+    }
+}
