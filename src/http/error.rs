@@ -13,6 +13,8 @@ use crate::imaging::ImageError;
 use crate::imaging::dicom::DicomError;
 use crate::inference::SelectError;
 
+pub use super::error_type::ErrorType;
+
 /// The error body.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(example = json!({"error": "could not decode the image: unexpected end of file", "error_type": "invalid_image"}))]
@@ -25,164 +27,6 @@ pub struct ErrorBody {
     /// index in the request, its score and the model's threshold).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
-}
-
-/// Every `error_type` the API answers with (listed in `openapi.yaml`): stable,
-/// machine-readable, one per kind of refusal; the status for each is decided in
-/// [`ApiError::status_and_type`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorType {
-    /// `empty_image`.
-    EmptyImage,
-    /// `invalid_image`.
-    InvalidImage,
-    /// `unsupported_media_type`.
-    UnsupportedMediaType,
-    /// `implausible_geometry`.
-    ImplausibleGeometry,
-    /// `too_many_pixels`.
-    TooManyPixels,
-    /// `invalid_dicom`.
-    InvalidDicom,
-    /// `missing_pixel_data`.
-    MissingPixelData,
-    /// `unsupported_dicom`.
-    UnsupportedDicom,
-    /// `unsupported_transfer_syntax`.
-    UnsupportedTransferSyntax,
-    /// `operating_point_unreachable`.
-    OperatingPointUnreachable,
-    /// `colour_image`.
-    ColourImage,
-    /// `blank_image`.
-    BlankImage,
-    /// `wrong_body_part`.
-    WrongBodyPart,
-    /// `lateral_view`.
-    LateralView,
-    /// `invalid_request`.
-    InvalidRequest,
-    /// `model_not_found`.
-    ModelNotFound,
-    /// `not_found`.
-    NotFound,
-    /// `method_not_allowed`.
-    MethodNotAllowed,
-    /// `payload_too_large`.
-    PayloadTooLarge,
-    /// `too_many_images`.
-    TooManyImages,
-    /// `invalid_query`.
-    InvalidQuery,
-    /// `not_ready`.
-    NotReady,
-    /// `overloaded`.
-    Overloaded,
-    /// `timeout`.
-    Timeout,
-    /// `body_timeout`.
-    BodyTimeout,
-    /// `unauthorized`.
-    Unauthorized,
-    /// `forbidden`.
-    Forbidden,
-    /// `audit_unavailable`.
-    AuditUnavailable,
-    /// `not_acceptable`.
-    NotAcceptable,
-    /// `sr_unavailable`.
-    SrUnavailable,
-    /// `explanation_unavailable`.
-    ExplanationUnavailable,
-    /// `out_of_distribution`.
-    OutOfDistribution,
-    /// `internal`.
-    Internal,
-}
-
-impl ErrorType {
-    /// Every kind, in declaration order.
-    pub const ALL: [ErrorType; 33] = [
-        ErrorType::EmptyImage,
-        ErrorType::InvalidImage,
-        ErrorType::UnsupportedMediaType,
-        ErrorType::ImplausibleGeometry,
-        ErrorType::TooManyPixels,
-        ErrorType::InvalidDicom,
-        ErrorType::MissingPixelData,
-        ErrorType::UnsupportedDicom,
-        ErrorType::UnsupportedTransferSyntax,
-        ErrorType::OperatingPointUnreachable,
-        ErrorType::ColourImage,
-        ErrorType::BlankImage,
-        ErrorType::WrongBodyPart,
-        ErrorType::LateralView,
-        ErrorType::InvalidRequest,
-        ErrorType::ModelNotFound,
-        ErrorType::NotFound,
-        ErrorType::MethodNotAllowed,
-        ErrorType::PayloadTooLarge,
-        ErrorType::TooManyImages,
-        ErrorType::InvalidQuery,
-        ErrorType::NotReady,
-        ErrorType::Overloaded,
-        ErrorType::Timeout,
-        ErrorType::BodyTimeout,
-        ErrorType::Unauthorized,
-        ErrorType::Forbidden,
-        ErrorType::AuditUnavailable,
-        ErrorType::NotAcceptable,
-        ErrorType::SrUnavailable,
-        ErrorType::ExplanationUnavailable,
-        ErrorType::OutOfDistribution,
-        ErrorType::Internal,
-    ];
-
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorType::EmptyImage => "empty_image",
-            ErrorType::InvalidImage => "invalid_image",
-            ErrorType::UnsupportedMediaType => "unsupported_media_type",
-            ErrorType::ImplausibleGeometry => "implausible_geometry",
-            ErrorType::TooManyPixels => "too_many_pixels",
-            ErrorType::InvalidDicom => "invalid_dicom",
-            ErrorType::MissingPixelData => "missing_pixel_data",
-            ErrorType::UnsupportedDicom => "unsupported_dicom",
-            ErrorType::UnsupportedTransferSyntax => "unsupported_transfer_syntax",
-            ErrorType::OperatingPointUnreachable => "operating_point_unreachable",
-            ErrorType::ColourImage => "colour_image",
-            ErrorType::BlankImage => "blank_image",
-            ErrorType::WrongBodyPart => "wrong_body_part",
-            ErrorType::LateralView => "lateral_view",
-            ErrorType::InvalidRequest => "invalid_request",
-            ErrorType::ModelNotFound => "model_not_found",
-            ErrorType::NotFound => "not_found",
-            ErrorType::MethodNotAllowed => "method_not_allowed",
-            ErrorType::PayloadTooLarge => "payload_too_large",
-            ErrorType::TooManyImages => "too_many_images",
-            ErrorType::InvalidQuery => "invalid_query",
-            ErrorType::NotReady => "not_ready",
-            ErrorType::Overloaded => "overloaded",
-            ErrorType::Timeout => "timeout",
-            ErrorType::BodyTimeout => "body_timeout",
-            ErrorType::Unauthorized => "unauthorized",
-            ErrorType::Forbidden => "forbidden",
-            ErrorType::AuditUnavailable => "audit_unavailable",
-            ErrorType::NotAcceptable => "not_acceptable",
-            ErrorType::SrUnavailable => "sr_unavailable",
-            ErrorType::ExplanationUnavailable => "explanation_unavailable",
-            ErrorType::OutOfDistribution => "out_of_distribution",
-            ErrorType::Internal => "internal",
-        }
-    }
-}
-
-impl std::fmt::Display for ErrorType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// Every error the API answers.
@@ -507,32 +351,5 @@ fn auth_message(e: &AuthError) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_types_serialise_as_their_wire_names() {
-        let mut seen = std::collections::HashSet::new();
-        for k in ErrorType::ALL {
-            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str(), "{k:?}");
-            assert!(seen.insert(k.as_str()), "{} twice", k.as_str());
-            let back: ErrorType = serde_json::from_value(k.as_str().into()).unwrap();
-            assert_eq!(back, k);
-        }
-    }
-
-    #[test]
-    fn retry_after_only_on_503() {
-        assert_eq!(ApiError::Overloaded("m".into()).retry_after(), Some(1));
-        assert_eq!(ApiError::Timeout(1.0).retry_after(), Some(1));
-        assert_eq!(ApiError::BadRequest("x".into()).retry_after(), None);
-        let r = ApiError::Overloaded("m".into()).into_response();
-        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
-        assert_eq!(
-            r.extensions().get::<Refusal>().unwrap().kind,
-            ErrorType::Overloaded
-        );
-        let r = ApiError::BadRequest("x".into()).into_response();
-        assert!(r.headers().get(header::RETRY_AFTER).is_none());
-    }
-}
+#[path = "error_tests.rs"]
+mod tests;

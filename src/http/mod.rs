@@ -8,6 +8,7 @@ mod admission;
 mod answer;
 pub mod auth;
 pub mod error;
+mod error_type;
 pub mod explain;
 pub mod metrics;
 mod openapi;

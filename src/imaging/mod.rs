@@ -9,6 +9,7 @@
 //! at serving time an image prepared differently from training.
 
 pub mod complete;
+mod content;
 pub mod dicom;
 pub mod sr;
 
@@ -22,6 +23,8 @@ use fast_image_resize::{
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+pub use content::{MAX_COLOURFULNESS, MIN_GRAY_RANGE, check_not_blank, colourfulness};
 
 /// ImageNet channel means, the normalisation torchvision's pretrained weights expect.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -343,64 +346,6 @@ pub fn decode_gray_with(
     Ok(gray)
 }
 
-/// Colourfulness above which an upload is refused as a colour image. Hasler and
-/// Süsstrunk (2003) rate 0 "not colourful", 15 "slightly", 33 "moderately": a
-/// grayscale radiograph saved as RGB scores 0, a tinted scan a few units, a photo
-/// 30 to 100.
-pub const MAX_COLOURFULNESS: f64 = 20.0;
-
-/// Least gray-level span (p99 − p1, of 255) of an image worth classifying.
-pub const MIN_GRAY_RANGE: u8 = 8;
-
-/// Hasler–Süsstrunk colourfulness, `sqrt(σ_rg² + σ_yb²) + 0.3 sqrt(μ_rg² + μ_yb²)` with
-/// rg = R − G and yb = (R + G)/2 − B, on at most about 250,000 sampled pixels.
-pub fn colourfulness(img: &DynamicImage) -> f64 {
-    let rgb = img.to_rgb8();
-    let n = u64::from(rgb.width()) * u64::from(rgb.height());
-    let step = ((n / 250_000) as usize).max(1);
-    let (mut s_rg, mut s_yb, mut q_rg, mut q_yb, mut k) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
-    for p in rgb.pixels().step_by(step) {
-        let [r, g, b] = p.0.map(f64::from);
-        let rg = r - g;
-        let yb = 0.5 * (r + g) - b;
-        s_rg += rg;
-        s_yb += yb;
-        q_rg += rg * rg;
-        q_yb += yb * yb;
-        k += 1.0;
-    }
-    let (m_rg, m_yb) = (s_rg / k, s_yb / k);
-    let v_rg = (q_rg / k - m_rg * m_rg).max(0.0);
-    let v_yb = (q_yb / k - m_yb * m_yb).max(0.0);
-    (v_rg + v_yb).sqrt() + 0.3 * (m_rg * m_rg + m_yb * m_yb).sqrt()
-}
-
-/// Refuses a near-constant image: its 1st to 99th percentile gray levels span less
-/// than [`MIN_GRAY_RANGE`].
-pub fn check_not_blank(gray: &GrayImage) -> Result<(), ImageError> {
-    let mut hist = [0u64; 256];
-    for v in gray.as_raw() {
-        hist[*v as usize] += 1;
-    }
-    let n: u64 = hist.iter().sum();
-    let pct = |q: f64| {
-        let target = (q * n as f64).ceil().max(1.0) as u64;
-        let mut acc = 0;
-        for (v, c) in hist.iter().enumerate() {
-            acc += c;
-            if acc >= target {
-                return v as u8;
-            }
-        }
-        255
-    };
-    let range = pct(0.99).saturating_sub(pct(0.01));
-    if range < MIN_GRAY_RANGE {
-        return Err(ImageError::Blank { range });
-    }
-    Ok(())
-}
-
 thread_local! {
     static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
 }
@@ -426,161 +371,5 @@ pub fn resize_gray(src: &GrayImage, width: u32, height: u32, filter: ResizeFilte
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use image::{ImageBuffer, Luma, LumaA, Rgb, Rgba};
-
-    fn png<P: image::PixelWithColorType>(img: &ImageBuffer<P, Vec<P::Subpixel>>) -> Vec<u8>
-    where
-        [P::Subpixel]: image::EncodableLayout,
-    {
-        let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
-            .unwrap();
-        out
-    }
-
-    fn pre(size: u32) -> Preprocessor {
-        Preprocessor::new(size, &Preprocessing::default()).unwrap()
-    }
-
-    fn expected(v: u8, c: usize) -> f32 {
-        (v as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
-    }
-
-    #[test]
-    fn gray_png_gives_imagenet_normalised_planes() {
-        let img = GrayImage::from_fn(8, 8, |x, y| Luma([(x * 8 + y) as u8 * 3]));
-        let t = pre(8).preprocess(&png(&img), 1 << 20).unwrap();
-        assert_eq!(t.len(), 3 * 64);
-        for c in 0..3 {
-            for (i, p) in img.as_raw().iter().enumerate() {
-                assert_eq!(t[c * 64 + i], expected(*p, c));
-            }
-        }
-    }
-
-    #[test]
-    fn rgb_with_equal_channels_equals_gray() {
-        let gray = GrayImage::from_fn(16, 16, |x, y| Luma([(x * 13 + y * 7) as u8]));
-        let rgb = ImageBuffer::<Rgb<u8>, _>::from_fn(16, 16, |x, y| {
-            let v = gray.get_pixel(x, y)[0];
-            Rgb([v, v, v])
-        });
-        let rgba = ImageBuffer::<Rgba<u8>, _>::from_fn(16, 16, |x, y| {
-            let v = gray.get_pixel(x, y)[0];
-            Rgba([v, v, v, 17])
-        });
-        let la = ImageBuffer::<LumaA<u8>, _>::from_fn(16, 16, |x, y| {
-            LumaA([gray.get_pixel(x, y)[0], 200])
-        });
-        let p = pre(16);
-        let g = p.preprocess(&png(&gray), 1 << 20).unwrap();
-        assert_eq!(p.preprocess(&png(&rgb), 1 << 20).unwrap(), g);
-        assert_eq!(p.preprocess(&png(&rgba), 1 << 20).unwrap(), g);
-        assert_eq!(p.preprocess(&png(&la), 1 << 20).unwrap(), g);
-    }
-
-    #[test]
-    fn sixteen_bit_png_scales_to_eight_bits() {
-        let img = ImageBuffer::<Luma<u16>, _>::from_fn(4, 1, |x, _| {
-            Luma([[0u16, 257 * 128, 65535, 257][x as usize]])
-        });
-        let t = pre(8).preprocess(&png(&img), 1 << 20).unwrap();
-        assert_eq!(t.len(), 3 * 64);
-        let g = decode_gray(&png(&img), 1 << 20).unwrap();
-        assert_eq!(g.as_raw(), &vec![0u8, 128, 255, 1]);
-    }
-
-    #[test]
-    fn palette_png_decodes_to_its_colours() {
-        // A 2x1 indexed PNG whose palette holds gray 10 and gray 250.
-        let mut out = Vec::new();
-        {
-            let mut enc = png::Encoder::new(&mut out, 2, 1);
-            enc.set_color(png::ColorType::Indexed);
-            enc.set_depth(png::BitDepth::Eight);
-            enc.set_palette(vec![10, 10, 10, 250, 250, 250]);
-            let mut w = enc.write_header().unwrap();
-            w.write_image_data(&[1, 0]).unwrap();
-        }
-        let g = decode_gray(&out, 1 << 20).unwrap();
-        assert_eq!(g.as_raw(), &vec![250u8, 10]);
-    }
-
-    #[test]
-    fn jpeg_decodes_and_resizes() {
-        let img = GrayImage::from_fn(64, 48, |x, _| Luma([(x * 4) as u8]));
-        let mut jpg = Vec::new();
-        img.write_to(&mut Cursor::new(&mut jpg), ImageFormat::Jpeg)
-            .unwrap();
-        let t = pre(32).preprocess(&jpg, 1 << 20).unwrap();
-        assert_eq!(t.len(), 3 * 32 * 32);
-        // A horizontal ramp stays a ramp after resizing.
-        assert!(t[31] > t[0]);
-    }
-
-    #[test]
-    fn huge_declared_size_is_refused_before_decoding() {
-        // A valid PNG signature and IHDR that claim 60000 x 60000, and nothing else.
-        let mut ihdr = Vec::new();
-        ihdr.extend_from_slice(b"IHDR");
-        ihdr.extend_from_slice(&60000u32.to_be_bytes());
-        ihdr.extend_from_slice(&60000u32.to_be_bytes());
-        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
-        let crc = crc32(&ihdr);
-        let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
-        bytes.extend_from_slice(&13u32.to_be_bytes());
-        bytes.extend_from_slice(&ihdr);
-        bytes.extend_from_slice(&crc.to_be_bytes());
-        // The start of an IDAT chunk (a zlib header): the header ends there.
-        let idat = b"IDAT\x78\x9c";
-        bytes.extend_from_slice(&2u32.to_be_bytes());
-        bytes.extend_from_slice(idat);
-        bytes.extend_from_slice(&crc32(idat).to_be_bytes());
-        match decode_gray(&bytes, 40_000_000) {
-            Err(ImageError::TooManyPixels {
-                width: 60000,
-                height: 60000,
-                ..
-            }) => {}
-            other => panic!("expected TooManyPixels, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn garbage_empty_and_other_formats_are_refused() {
-        assert!(matches!(decode_gray(b"", 100), Err(ImageError::Empty)));
-        assert!(matches!(
-            decode_gray(b"hello world, not an image", 100),
-            Err(ImageError::Decode(_))
-        ));
-        let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;";
-        assert!(matches!(
-            decode_gray(gif, 100),
-            Err(ImageError::UnsupportedFormat(_))
-        ));
-        // A truncated PNG.
-        let img = GrayImage::from_fn(32, 32, |x, y| Luma([(x ^ y) as u8]));
-        let bytes = png(&img);
-        assert!(matches!(
-            decode_gray(&bytes[..bytes.len() / 2], 1 << 20),
-            Err(ImageError::Decode(_))
-        ));
-    }
-
-    fn crc32(data: &[u8]) -> u32 {
-        let mut crc = 0xFFFF_FFFFu32;
-        for &b in data {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-}
+#[path = "tests.rs"]
+mod tests;

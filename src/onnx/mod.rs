@@ -10,13 +10,13 @@
 //!   features); files written before they existed still load and serve.
 
 mod densenet;
+mod graph;
 pub mod proto;
+mod quant;
 
-pub use densenet::{
-    Quant, WeightStorage, WriteOptions, activation_qparams, fold_bn, quantize_per_channel,
-    write_densenet, write_densenet_quant,
-};
+pub use densenet::{Quant, WeightStorage, WriteOptions, write_densenet, write_densenet_quant};
 use prost::Message;
+pub use quant::{activation_qparams, fold_bn, quantize_per_channel};
 
 /// Name of the graph input.
 pub const INPUT_NAME: &str = "image";

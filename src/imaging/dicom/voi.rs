@@ -1,11 +1,12 @@
-//! The VOI stage (PS3.3 C.11.2): window centre/width with its VOI LUT function, the
+//! The stored values (BitsStored bits, sign-extended) and the VOI stage (PS3.3
+//! C.11.2): window centre/width with its VOI LUT function, the
 //! VOI LUT Sequence's table (read here: its descriptor's count, first value and bit
 //! depth, 8-bit data packed or not), and min–max when the file gives neither.
 
 use dicom_dictionary_std::tags;
 use dicom_pixeldata::{VoiLutFunction, WindowLevel};
 
-use super::DicomError;
+use super::{DicomError, malformed};
 
 /// PS3.3 C.11.2.1.2: window center/width to [0, 255], in place.
 pub(super) fn apply_window(values: &mut [f64], w: WindowLevel, function: VoiLutFunction) {
@@ -151,6 +152,46 @@ pub(super) fn min_max(values: &mut [f64]) {
     }
 }
 
+/// Stored sample values of one frame: `BitsStored` low bits, sign-extended if signed.
+pub(super) fn stored_values(
+    data: &[u8],
+    n: usize,
+    bits_allocated: u32,
+    bits_stored: u32,
+    signed: bool,
+) -> Result<Vec<f64>, DicomError> {
+    let bytes_per = (bits_allocated / 8) as usize;
+    if data.len() < n * bytes_per {
+        return Err(malformed(format!(
+            "the pixel data holds {} bytes; the frame needs {}",
+            data.len(),
+            n * bytes_per
+        )));
+    }
+    let mask: u32 = if bits_stored >= 32 {
+        u32::MAX
+    } else {
+        (1 << bits_stored) - 1
+    };
+    let sign_bit = 1u32 << (bits_stored - 1);
+    let value = |raw: u32| -> f64 {
+        let v = raw & mask;
+        if signed && v & sign_bit != 0 {
+            f64::from(v) - f64::from(mask) - 1.0
+        } else {
+            f64::from(v)
+        }
+    };
+    Ok(if bytes_per == 1 {
+        data[..n].iter().map(|&b| value(u32::from(b))).collect()
+    } else {
+        data[..2 * n]
+            .chunks_exact(2)
+            .map(|c| value(u32::from(u16::from_le_bytes([c[0], c[1]]))))
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +238,24 @@ mod tests {
         let mut y = vec![-10.0, 0.0, 10.0];
         min_max(&mut y);
         assert_eq!(y, vec![0.0, 127.5, 255.0]);
+    }
+
+    #[test]
+    fn stored_values_mask_and_sign_extend() {
+        // 12-bit signed in 16-bit words: 0x0FFF = −1, 0x0800 = −2048, 0x07FF = 2047;
+        // bits above BitsStored (0xF000) are ignored.
+        let words: Vec<u8> = [0x0FFFu16, 0x0800, 0x07FF, 0xF001]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        assert_eq!(
+            stored_values(&words, 4, 16, 12, true).unwrap(),
+            vec![-1.0, -2048.0, 2047.0, 1.0]
+        );
+        assert_eq!(
+            stored_values(&words, 4, 16, 12, false).unwrap(),
+            vec![4095.0, 2048.0, 2047.0, 1.0]
+        );
+        assert!(stored_values(&words, 5, 16, 12, false).is_err());
     }
 }
