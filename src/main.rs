@@ -73,9 +73,9 @@ fn health_check(port: u16) -> bool {
     stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let metrics = Arc::new(ServerMetrics::new());
-    let mut state = AppState::new(args.limits(), metrics.clone());
+/// The app's state: limits, metrics, API keys, audit file and UID root from `args`.
+fn app_state(args: &ServeArgs, metrics: Arc<ServerMetrics>) -> anyhow::Result<AppState> {
+    let mut state = AppState::new(args.limits(), metrics);
     match &args.api_keys_file {
         Some(path) => {
             let keys = cxr::http::auth::ApiKeys::load(path).map_err(anyhow::Error::msg)?;
@@ -100,6 +100,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(root) = &args.uid_root {
         state = state.with_uid_root(root.clone());
     }
+    Ok(state)
+}
+
+/// Loads the models on the blocking pool; hands them to `state` when ready, or the
+/// error to `failed` (which stops the server). Returns their worker threads.
+fn spawn_loader(
+    args: &ServeArgs,
+    state: &AppState,
+    metrics: Arc<ServerMetrics>,
+    failed_tx: tokio::sync::oneshot::Sender<String>,
+) -> tokio::task::JoinHandle<Option<Vec<std::thread::JoinHandle<()>>>> {
+    let load_cfg = args.load_config();
+    let loader_state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        match cxr::inference::load_models(&load_cfg, |name| metrics.observer(name)) {
+            Ok((set, workers)) => {
+                let names: Vec<String> = set.all().iter().map(|m| m.card.name.clone()).collect();
+                loader_state.set_models(set);
+                tracing::info!(models = ?names, "ready");
+                Some(workers)
+            }
+            Err(e) => {
+                let _ = failed_tx.send(e.to_string());
+                None
+            }
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(ServerMetrics::new());
+    let mut state = app_state(&args, metrics.clone())?;
     let admin = match args.metrics_port {
         Some(port) => {
             let addr = format!("{}:{}", args.host, port);
@@ -120,23 +152,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     // Load in the background: `/health` answers meanwhile, `/ready` says 503.
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
-    let load_cfg = args.load_config();
-    let loader_state = state.clone();
-    let loader = tokio::task::spawn_blocking(move || {
-        match cxr::inference::load_models(&load_cfg, |name| metrics.observer(name)) {
-            Ok((set, workers)) => {
-                let names: Vec<String> = set.all().iter().map(|m| m.card.name.clone()).collect();
-                loader_state.set_models(set);
-                tracing::info!(models = ?names, "ready");
-                Some(workers)
-            }
-            Err(e) => {
-                let _ = failed_tx.send(e.to_string());
-                None
-            }
-        }
-    });
-
+    let loader = spawn_loader(&args, &state, metrics, failed_tx);
     let app = build_app(state.clone());
     let load_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let le = load_error.clone();

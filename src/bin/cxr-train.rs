@@ -88,18 +88,9 @@ struct RewriteArgs {
     ort_lib: Option<std::path::PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
-    // Logs on stderr (stdout carries results), coloured only on a terminal.
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,ort=warn".into()),
-        )
-        .init();
+/// The tools beside training (`rewrite-onnx`, `fit-ood`, `quantize`,
+/// `test-scores`): `Some` when the first argument named one and it ran.
+fn subcommand() -> anyhow::Result<Option<()>> {
     if std::env::args().nth(1).as_deref() == Some("rewrite-onnx") {
         let a = RewriteArgs::parse_from(std::env::args().skip(1));
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
@@ -107,7 +98,7 @@ fn main() -> anyhow::Result<()> {
             let (old, new) = cxr::registry::rewrite_onnx(card, &lib).map_err(anyhow::Error::msg)?;
             println!("{}: {old} -> {new} (answers unchanged)", card.display());
         }
-        return Ok(());
+        return Ok(Some(()));
     }
     if std::env::args().nth(1).as_deref() == Some("fit-ood") {
         let a = OodArgs::parse_from(std::env::args().skip(1));
@@ -124,7 +115,7 @@ fn main() -> anyhow::Result<()> {
             )?;
             println!("{}: {out}", card.display());
         }
-        return Ok(());
+        return Ok(Some(()));
     }
     if std::env::args().nth(1).as_deref() == Some("quantize") {
         let a = QuantizeArgs::parse_from(std::env::args().skip(1));
@@ -146,7 +137,7 @@ fn main() -> anyhow::Result<()> {
                 cxr::train::quantize::quantize_card(&card, &a.data, &lib, a.val_fraction)?
             );
         }
-        return Ok(());
+        return Ok(Some(()));
     }
     if std::env::args().nth(1).as_deref() == Some("test-scores") {
         let a = ScoresArgs::parse_from(std::env::args().skip(1));
@@ -158,7 +149,25 @@ fn main() -> anyhow::Result<()> {
                 card.display()
             );
         }
-        return Ok(());
+        return Ok(Some(()));
+    }
+    Ok(None)
+}
+
+fn main() -> anyhow::Result<()> {
+    // Logs on stderr (stdout carries results), coloured only on a terminal.
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,ort=warn".into()),
+        )
+        .init();
+    if let Some(done) = subcommand()? {
+        return Ok(done);
     }
     let args = cxr::train::TrainArgs::parse();
     match cxr::train::run(&args)? {

@@ -17,10 +17,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ort::session::Session;
 use tokio::sync::oneshot;
 
-use super::runtime::{ModelOutput, RunError, run_outputs};
+pub use super::backend::{Backend, SessionFactory};
+use super::runtime::{ModelOutput, RunError};
 
 /// The answer to one job.
 #[derive(Debug, Clone)]
@@ -41,10 +41,14 @@ pub struct JobOutput {
     pub embedding: Option<Vec<f32>>,
 }
 
+/// Where a job's answer goes.
+type Reply = oneshot::Sender<Result<JobOutput, RunError>>;
+
+/// One queued input and where its answer goes.
 struct Job {
     input: Vec<f32>,
     enqueued: Instant,
-    reply: oneshot::Sender<Result<JobOutput, RunError>>,
+    reply: Reply,
 }
 
 /// Why a job was not accepted.
@@ -67,24 +71,6 @@ pub trait BatchObserver: Send + Sync + 'static {
     /// The worker died (panicked) and is being restarted.
     fn restarted(&self) {}
 }
-
-/// What a worker runs its batches on: the boundary between the batching (queues,
-/// replies, restarts) and the runtime. The server's backend is an ONNX Runtime
-/// [`Session`]; tests run the worker on anything that answers.
-pub trait Backend: Send + 'static {
-    /// Runs `n` inputs of `[3, s, s]`, concatenated in `batch`; one output per input,
-    /// in order.
-    fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, RunError>;
-}
-
-impl Backend for Session {
-    fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, RunError> {
-        run_outputs(self, batch, n, s)
-    }
-}
-
-/// Makes a fresh backend for a restarted worker.
-pub type SessionFactory = Arc<dyn Fn() -> Result<Box<dyn Backend>, String> + Send + Sync>;
 
 /// Batching settings.
 #[derive(Debug, Clone, Copy)]
@@ -306,23 +292,7 @@ fn worker(mut session: Box<dyn Backend>, ctx: &WorkerCtx, alive: &AtomicBool) {
     // `recv` fails only when every sender is gone and the queue is empty: then the
     // queue is drained and the worker ends.
     while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        let deadline = Instant::now() + cfg.batch_wait;
-        while jobs.len() < cfg.max_batch {
-            let now = Instant::now();
-            if now >= deadline {
-                // Take what is already there without waiting.
-                match rx.try_recv() {
-                    Ok(j) => jobs.push(j),
-                    Err(_) => break,
-                }
-                continue;
-            }
-            match rx.recv_timeout(deadline - now) {
-                Ok(j) => jobs.push(j),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-            }
-        }
+        let mut jobs = collect_batch(rx, first, cfg);
         // Nobody waits for these any more: skip them.
         let taken = jobs.len();
         jobs.retain(|j| !j.reply.is_closed());
@@ -368,26 +338,59 @@ fn worker(mut session: Box<dyn Backend>, ctx: &WorkerCtx, alive: &AtomicBool) {
         drop(guard);
         observer.depth(depth.load(Ordering::SeqCst));
         observer.batch(n, inference, &queued);
-        match result {
-            Ok(outs) => {
-                for ((reply, p), q) in replies.into_iter().zip(outs).zip(&queued) {
-                    // The caller may have gone (client disconnected): nothing to do then.
-                    let _ = reply.send(Ok(JobOutput {
-                        probabilities: p.probabilities,
-                        logits: p.logits,
-                        cam: p.cam,
-                        embedding: p.embedding,
-                        queued: *q,
-                        inference,
-                        batch_size: n,
-                    }));
-                }
+        answer(replies, result, &queued, inference);
+    }
+}
+
+/// The first job and those that arrive within `batch_wait` of it, up to `max_batch`.
+fn collect_batch(rx: &Receiver<Job>, first: Job, cfg: BatchConfig) -> Vec<Job> {
+    let mut jobs = vec![first];
+    let deadline = Instant::now() + cfg.batch_wait;
+    while jobs.len() < cfg.max_batch {
+        let now = Instant::now();
+        if now >= deadline {
+            // Take what is already there without waiting.
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
             }
-            Err(e) => {
-                tracing::error!(error = %e, batch = n, "inference failed");
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
+            continue;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(j) => jobs.push(j),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    jobs
+}
+
+/// Sends each job its output (with the batch's timings), or the batch's error.
+fn answer(
+    replies: Vec<Reply>,
+    result: Result<Vec<ModelOutput>, RunError>,
+    queued: &[Duration],
+    inference: Duration,
+) {
+    let n = replies.len();
+    match result {
+        Ok(outs) => {
+            for ((reply, p), q) in replies.into_iter().zip(outs).zip(queued) {
+                // The caller may have gone (client disconnected): nothing to do then.
+                let _ = reply.send(Ok(JobOutput {
+                    probabilities: p.probabilities,
+                    logits: p.logits,
+                    cam: p.cam,
+                    embedding: p.embedding,
+                    queued: *q,
+                    inference,
+                    batch_size: n,
+                }));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, batch = n, "inference failed");
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }

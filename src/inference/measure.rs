@@ -9,7 +9,7 @@ use std::path::Path;
 use image::GrayImage;
 use ort::session::Session;
 
-use super::batcher::Backend;
+use super::backend::Backend;
 use super::runtime::{
     Device, ModelOutput, RunError, RuntimeError, SessionOptions, create_session, environment,
     run_outputs,

@@ -1,6 +1,7 @@
 //! Inference: the ONNX Runtime environment and sessions on CPU or CUDA, the
 //! batching workers that own them, and the set of served variants.
 
+pub mod backend;
 pub mod batcher;
 pub mod measure;
 pub mod models;

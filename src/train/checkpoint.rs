@@ -199,8 +199,10 @@ pub(super) fn checkpoint(
     state_path: &Path,
 ) -> anyhow::Result<()> {
     save_vs(vs, ckpt)?;
-    write_atomic(state_path, serde_json::to_string_pretty(state)?.as_bytes())
-        .map_err(|e| anyhow::anyhow!(e))
+    Ok(write_atomic(
+        state_path,
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?)
 }
 
 pub(super) fn write_history(path: &Path, h: &[EpochRecord]) -> anyhow::Result<()> {

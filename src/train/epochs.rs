@@ -88,8 +88,8 @@ impl Trainer<'_> {
         while self.state.epoch < args.epochs {
             let e = self.state.epoch;
             let (size, batch) = args.epoch_shape(e);
-            let pre = Preprocessor::new(size, &Preprocessing::default())
-                .map_err(|e| anyhow::anyhow!(e))?;
+            let pre =
+                Preprocessor::new(size, &Preprocessing::default()).map_err(TrainError::Flags)?;
             if cache.as_ref().is_none_or(|c| c.size != size) {
                 cache = Some(self.decode(size, &pre)?);
             }

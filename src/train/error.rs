@@ -19,4 +19,8 @@ pub enum TrainError {
     /// A file could not be written (or renamed into place).
     #[error("{0}")]
     Write(String),
+    /// The model could not be written as a graph (plain, calibration or INT8), or
+    /// its calibration failed.
+    #[error("{0}")]
+    Graph(String),
 }

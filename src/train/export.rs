@@ -77,8 +77,7 @@ impl Trainer<'_> {
     }
 
     fn export_images(&self, size: u32) -> anyhow::Result<ExportImages> {
-        let pre =
-            Preprocessor::new(size, &Preprocessing::default()).map_err(|e| anyhow::anyhow!(e))?;
+        let pre = Preprocessor::new(size, &Preprocessing::default()).map_err(TrainError::Flags)?;
         let (val, _) = data::load_resized(&self.val.samples, &pre);
         let tch_val = predict(&self.net, &pre, &val, self.device);
         let (test, bad) = data::load_resized(&self.test.samples, &pre);
@@ -130,7 +129,7 @@ impl Trainer<'_> {
                 metrics: CardMetrics::default(),
             },
         )
-        .map_err(|e| anyhow::anyhow!(e))?;
+        .map_err(TrainError::Write)?;
         Ok(card)
     }
 

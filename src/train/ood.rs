@@ -303,10 +303,34 @@ pub fn fit_card(
     let pooled: Vec<f64> = sv.iter().chain(&svs).copied().collect();
     model.threshold = acceptance_threshold(&pooled, accept);
     let bytes = model.to_json();
-    let file = format!("{}.ood.json", card.name);
-    let ood = crate::ood::OodCard {
-        file: file.clone(),
-        sha256: crate::registry::sha256_hex(&bytes),
+    let ood = ood_card(&card.name, &model, &bytes, accept, &sp, [&sv, &svs, &st]);
+    let file = ood.file.clone();
+    let dir = card_path.parent().unwrap_or(Path::new("."));
+    super::write_atomic(&dir.join(&file), &bytes)?;
+    crate::registry::set_card_ood(card_path, &ood).map_err(super::TrainError::Write)?;
+    Ok(format!(
+        "{file} written: threshold {:.3}; accepted: validation {:.1} %, stressed {:.1} %, test {:.1} %",
+        ood.threshold,
+        ood.validation_acceptance * 100.0,
+        ood.validation_stressed_acceptance * 100.0,
+        st.iter().filter(|&&s| s <= ood.threshold).count() as f64 * 100.0 / st.len().max(1) as f64
+    ))
+}
+
+/// The card's `ood` entry for `model` (its threshold set) and its file's `bytes`;
+/// `scores` are the validation, stressed validation and test scores.
+fn ood_card(
+    name: &str,
+    model: &crate::ood::OodModel,
+    bytes: &[u8],
+    accept: f64,
+    sp: &Splits,
+    scores: [&[f64]; 3],
+) -> crate::ood::OodCard {
+    let [sv, svs, st] = scores;
+    crate::ood::OodCard {
+        file: format!("{name}.ood.json"),
+        sha256: crate::registry::sha256_hex(bytes),
         method: format!(
             "class-conditional Mahalanobis distance (shared covariance shrunk {SHRINK} toward its mean variance) in the top {} principal components of the training embeddings, divided by the components, plus the squared norm outside them relative to its training mean (Lee et al. 2018); fitted on the {} training images (training split less validation)",
             model.components(),
@@ -320,22 +344,12 @@ pub fn fit_card(
             sp.val.len(),
             sp.val_stressed.len()
         ),
-        validation_acceptance: accepted(&sv, model.threshold),
-        validation_stressed_acceptance: accepted(&svs, model.threshold),
-        test_acceptance: Some(accepted(&st, model.threshold)),
+        validation_acceptance: accepted(sv, model.threshold),
+        validation_stressed_acceptance: accepted(svs, model.threshold),
+        test_acceptance: Some(accepted(st, model.threshold)),
         fit_images: sp.fit.len() as u64,
         components: model.components(),
         ood_set_refused: None,
         ood_set: None,
-    };
-    let dir = card_path.parent().unwrap_or(Path::new("."));
-    super::write_atomic(&dir.join(&file), &bytes)?;
-    crate::registry::set_card_ood(card_path, &ood).map_err(|e| anyhow::anyhow!(e))?;
-    Ok(format!(
-        "{file} written: threshold {:.3}; accepted: validation {:.1} %, stressed {:.1} %, test {:.1} %",
-        ood.threshold,
-        ood.validation_acceptance * 100.0,
-        ood.validation_stressed_acceptance * 100.0,
-        st.iter().filter(|&&s| s <= ood.threshold).count() as f64 * 100.0 / st.len().max(1) as f64
-    ))
+    }
 }

@@ -76,7 +76,7 @@ pub(crate) fn measuring_session(
 ) -> anyhow::Result<(Preprocessor, crate::inference::CpuModel)> {
     let card = &loaded.card;
     let pre =
-        Preprocessor::new(card.input_size, &card.preprocessing).map_err(|e| anyhow::anyhow!(e))?;
+        Preprocessor::new(card.input_size, &card.preprocessing).map_err(TrainError::Weights)?;
     let session = crate::inference::CpuModel::load(ort_lib, &loaded.onnx_bytes)?;
     Ok((pre, session))
 }

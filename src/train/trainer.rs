@@ -258,7 +258,7 @@ fn balance(args: &TrainArgs, train: &mut Vec<Sample>) -> anyhow::Result<(Option<
                 &args.out.join("generated").join("NORMAL"),
                 args.seed,
             )
-            .map_err(|e| anyhow::anyhow!(e))?;
+            .map_err(TrainError::Data)?;
             let generated = extra.len();
             train.extend(extra);
             let c = data::class_counts(train);

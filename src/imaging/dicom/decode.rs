@@ -10,7 +10,8 @@ use dicom_pixeldata::{PhotometricInterpretation, PixelDecoder};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use image::GrayImage;
 
-use super::guard::{check_codestream, check_lengths, check_meta_group};
+use super::codestream::check_codestream;
+use super::guard::{check_lengths, check_meta_group};
 use super::voi::{apply_voi_lut, apply_window, min_max, stored_values, voi_lut};
 use super::*;
 

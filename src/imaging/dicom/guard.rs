@@ -1,10 +1,10 @@
 //! The byte-level guard that runs before dicom-rs parses anything: every element's
 //! declared length must fit in what is left of the body (dicom-rs would allocate it
 //! first), the meta group's length must match its elements, sequences nest at most
-//! [`MAX_SEQUENCE_DEPTH`] deep, and a compressed frame's own header (JPEG, JPEG 2000,
-//! RLE) must agree with Rows/Columns before a codec sees it.
+//! [`MAX_SEQUENCE_DEPTH`] deep. (A compressed frame's own header is checked in
+//! `codestream.rs`, once the attributes it must agree with are read.)
 
-use dicom_dictionary_std::{StandardDataDictionary, tags, uids};
+use dicom_dictionary_std::{StandardDataDictionary, tags};
 
 use super::{DicomError, MAX_SEQUENCE_DEPTH, malformed};
 
@@ -80,288 +80,165 @@ fn explicit_header(bytes: &[u8], pos: usize) -> Result<(u32, usize), DicomError>
 /// could otherwise claim gigabytes. Sequences and items are entered, not skipped, so
 /// nested lengths are checked too.
 pub(super) fn check_lengths(bytes: &[u8], start: usize, explicit: bool) -> Result<(), DicomError> {
-    const UNDEFINED: u32 = 0xFFFF_FFFF;
-    let dict = StandardDataDictionary;
-    let mut pos = start;
-    let mut in_pixel_sequence = false;
-    // Open sequences and items: (is a sequence, end offset when the length is defined).
-    // dicom-rs parses nested sequences recursively, so their depth is capped here
-    // (this walk itself is a loop and needs no stack).
-    let mut open: Vec<(bool, Option<usize>)> = Vec::new();
-    let u16_at = |p: usize| u16::from_le_bytes([bytes[p], bytes[p + 1]]);
-    let u32_at =
-        |p: usize| u32::from_le_bytes([bytes[p], bytes[p + 1], bytes[p + 2], bytes[p + 3]]);
-    let enter = |open: &mut Vec<(bool, Option<usize>)>,
-                 sequence: bool,
-                 end: Option<usize>,
-                 at: usize|
-     -> Result<(), DicomError> {
-        open.push((sequence, end));
-        let depth = open.iter().filter(|(sq, _)| *sq).count();
+    let mut walk = Walk {
+        bytes,
+        pos: start,
+        in_pixel_sequence: false,
+        open: Vec::new(),
+    };
+    while walk.pos < bytes.len() {
+        walk.leave_ended();
+        let pos = walk.pos;
+        if bytes.len() - pos < 8 {
+            return Err(malformed(format!("truncated element header at byte {pos}")));
+        }
+        let (group, element) = (walk.u16_at(pos), walk.u16_at(pos + 2));
+        if group == 0xFFFE {
+            walk.item(element)?;
+        } else {
+            walk.element(dicom_core::Tag(group, element), explicit)?;
+        }
+    }
+    Ok(())
+}
+
+/// An undefined length.
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+
+/// The state of [`check_lengths`]'s walk.
+struct Walk<'b> {
+    bytes: &'b [u8],
+    /// The next element header.
+    pos: usize,
+    /// Inside an encapsulated Pixel Data's fragments.
+    in_pixel_sequence: bool,
+    /// Open sequences and items: (is a sequence, end offset when the length is
+    /// defined). dicom-rs parses nested sequences recursively, so their depth is
+    /// capped here (this walk itself is a loop and needs no stack).
+    open: Vec<(bool, Option<usize>)>,
+}
+
+impl Walk<'_> {
+    fn u16_at(&self, p: usize) -> u16 {
+        u16::from_le_bytes([self.bytes[p], self.bytes[p + 1]])
+    }
+
+    fn u32_at(&self, p: usize) -> u32 {
+        let b = self.bytes;
+        u32::from_le_bytes([b[p], b[p + 1], b[p + 2], b[p + 3]])
+    }
+
+    fn left(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    /// Leaves every defined-length container that ends here.
+    fn leave_ended(&mut self) {
+        let pos = self.pos;
+        while self
+            .open
+            .last()
+            .is_some_and(|(_, end)| end.is_some_and(|e| pos >= e))
+        {
+            self.open.pop();
+        }
+    }
+
+    /// Opens a sequence or an item (ending at `end` when its length is defined).
+    fn enter(&mut self, sequence: bool, end: Option<usize>, at: usize) -> Result<(), DicomError> {
+        self.open.push((sequence, end));
+        let depth = self.open.iter().filter(|(sq, _)| *sq).count();
         if depth > MAX_SEQUENCE_DEPTH {
             return Err(malformed(format!(
                 "sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels at byte {at}"
             )));
         }
         Ok(())
-    };
-    while pos < bytes.len() {
-        // Leave every defined-length container that ends here.
-        while open
-            .last()
-            .is_some_and(|(_, end)| end.is_some_and(|e| pos >= e))
+    }
+
+    /// Closes the innermost open undefined-length sequence (or item).
+    fn close(&mut self, sequence: bool) {
+        if let Some(i) = self
+            .open
+            .iter()
+            .rposition(|(sq, end)| *sq == sequence && end.is_none())
         {
-            open.pop();
+            self.open.truncate(i);
         }
-        if bytes.len() - pos < 8 {
-            return Err(malformed(format!("truncated element header at byte {pos}")));
+    }
+
+    /// An item (E000): entered (nested elements or a pixel fragment); delimiters
+    /// (E00D, E0DD) have no value.
+    fn item(&mut self, element: u16) -> Result<(), DicomError> {
+        let len = self.u32_at(self.pos + 4);
+        let at = self.pos;
+        self.pos += 8;
+        if element == 0xE000 && len != UNDEFINED && len as usize > self.left() {
+            return Err(malformed(format!(
+                "item at byte {at} declares {len} bytes; {} are left",
+                self.left()
+            )));
         }
-        let group = u16_at(pos);
-        let element = u16_at(pos + 2);
-        let tag = dicom_core::Tag(group, element);
-        if group == 0xFFFE {
-            // Item (E000): enter it (nested elements or a pixel fragment);
-            // delimiters (E00D, E0DD) have no value.
-            let len = u32_at(pos + 4);
-            let at = pos;
-            pos += 8;
-            if element == 0xE000 && len != UNDEFINED && len as usize > bytes.len() - pos {
-                return Err(malformed(format!(
-                    "item at byte {at} declares {len} bytes; {} are left",
-                    bytes.len() - pos
-                )));
-            }
-            if in_pixel_sequence {
-                match element {
-                    // A compressed fragment: raw bytes, skipped.
-                    0xE000 if len != UNDEFINED => pos += len as usize,
-                    0xE0DD => in_pixel_sequence = false,
-                    _ => return Err(malformed(format!("bad pixel fragment at byte {at}"))),
-                }
-                continue;
-            }
+        if self.in_pixel_sequence {
             match element {
-                0xE000 => {
-                    let end = (len != UNDEFINED).then_some(pos + len as usize);
-                    enter(&mut open, false, end, at)?;
-                }
-                // Item delimiter: close the innermost undefined-length item.
-                0xE00D => {
-                    if let Some(i) = open.iter().rposition(|(sq, end)| !sq && end.is_none()) {
-                        open.truncate(i);
-                    }
-                }
-                // Sequence delimiter: close the innermost undefined-length sequence.
-                0xE0DD => {
-                    if let Some(i) = open.iter().rposition(|(sq, end)| *sq && end.is_none()) {
-                        open.truncate(i);
-                    }
-                }
-                _ => {}
+                // A compressed fragment: raw bytes, skipped.
+                0xE000 if len != UNDEFINED => self.pos += len as usize,
+                0xE0DD => self.in_pixel_sequence = false,
+                _ => return Err(malformed(format!("bad pixel fragment at byte {at}"))),
             }
-            continue;
+            return Ok(());
         }
+        match element {
+            0xE000 => {
+                let end = (len != UNDEFINED).then_some(self.pos + len as usize);
+                self.enter(false, end, at)?;
+            }
+            // Item delimiter: close the innermost undefined-length item.
+            0xE00D => self.close(false),
+            // Sequence delimiter: close the innermost undefined-length sequence.
+            0xE0DD => self.close(true),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A data element: its value skipped, or entered when it is a sequence (or of
+    /// undefined length), or the start of encapsulated pixel data.
+    fn element(&mut self, tag: dicom_core::Tag, explicit: bool) -> Result<(), DicomError> {
+        let (bytes, pos) = (self.bytes, self.pos);
         let (is_container, len, header) = if explicit {
             let (len, header) = explicit_header(bytes, pos)?;
             (&bytes[pos + 4..pos + 6] == b"SQ", len, header)
         } else {
             use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
-            let sq = dict
+            let sq = StandardDataDictionary
                 .by_tag(tag)
                 .is_some_and(|e| matches!(e.vr().relaxed(), dicom_core::VR::SQ));
-            (sq, u32_at(pos + 4), 8)
+            (sq, self.u32_at(pos + 4), 8)
         };
         let at = pos;
-        pos += header;
+        self.pos += header;
         if tag == tags::PIXEL_DATA && len == UNDEFINED {
-            in_pixel_sequence = true;
-            continue;
+            self.in_pixel_sequence = true;
+            return Ok(());
         }
-        if len != UNDEFINED && len as usize > bytes.len() - pos {
+        if len != UNDEFINED && len as usize > self.left() {
             return Err(malformed(format!(
-                "element ({group:04X},{element:04X}) at byte {at} declares {len} bytes; {} are left",
-                bytes.len() - pos
+                "element ({:04X},{:04X}) at byte {at} declares {len} bytes; {} are left",
+                tag.0,
+                tag.1,
+                self.left()
             )));
         }
         if is_container || len == UNDEFINED {
             // Enter the sequence (an undefined-length value is parsed as one): its
             // items follow.
-            let end = (len != UNDEFINED).then_some(pos + len as usize);
-            enter(&mut open, true, end, at)?;
-            continue;
+            let end = (len != UNDEFINED).then_some(self.pos + len as usize);
+            return self.enter(true, end, at);
         }
-        pos += len as usize;
+        self.pos += len as usize;
+        Ok(())
     }
-    Ok(())
-}
-
-/// The frame's own codestream header (JPEG SOF, JPEG 2000 SIZ) must agree with
-/// Rows/Columns: decoders allocate what the codestream declares.
-pub(super) fn check_codestream(
-    obj: &dicom_object::DefaultDicomObject,
-    ts_uid: &str,
-    rows: u32,
-    columns: u32,
-    frames: u32,
-    bits_allocated: u32,
-) -> Result<(), DicomError> {
-    let Ok(Some(pixel)) = obj.element_opt(tags::PIXEL_DATA) else {
-        return Err(DicomError::MissingPixelData);
-    };
-    let Some(first) = pixel.fragments().and_then(|f| f.first()) else {
-        return Err(malformed("encapsulated pixel data has no fragment"));
-    };
-    if ts_uid == uids::RLE_LOSSLESS {
-        check_rle_header(first, bits_allocated / 8)?;
-        return check_rle_segments(first, bits_allocated / 8, rows as usize * columns as usize);
-    }
-    // The first frame's codestream, all of it: a single-frame object's fragments
-    // together, else the first fragment (one fragment per frame).
-    let frame: std::borrow::Cow<'_, [u8]> = match pixel.fragments() {
-        Some(f) if frames == 1 && f.len() > 1 => f.concat().into(),
-        _ => first.as_slice().into(),
-    };
-    // JPEG 2000 (.90–.93) and High-Throughput JPEG 2000 (.201–.203) carry a SIZ
-    // marker; the other .4.x syntaxes are JPEG (SOF).
-    let j2k =
-        ts_uid.starts_with("1.2.840.10008.1.2.4.9") || ts_uid.starts_with("1.2.840.10008.1.2.4.20");
-    let dims = if j2k {
-        // A cut JPEG 2000 codestream still decodes (at a lower quality, by design):
-        // refuse one without its end-of-codestream marker (fragments are padded to an
-        // even length with zeros).
-        let end = frame.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-        if !frame[..end].ends_with(&[0xFF, 0xD9]) {
-            return Err(malformed(
-                "the JPEG 2000 codestream ends before its end-of-codestream marker (truncated?)",
-            ));
-        }
-        j2k_dims(first)
-    } else if ts_uid.starts_with("1.2.840.10008.1.2.4.") {
-        crate::imaging::complete::jpeg(&frame).map_err(malformed)?;
-        jpeg_dims(first)
-    } else {
-        // RLE and encapsulated-uncompressed: the decoder writes Rows × Columns.
-        return Ok(());
-    };
-    match dims {
-        Some((w, h)) if w == columns && h == rows => Ok(()),
-        Some((w, h)) => Err(malformed(format!(
-            "the compressed frame is {w}x{h} but Rows/Columns say {columns}x{rows}"
-        ))),
-        None => Err(malformed(
-            "no frame header found in the compressed pixel data",
-        )),
-    }
-}
-
-/// Word `i` of an RLE fragment's 64-byte header (0: segment count, 1..=15: offsets).
-fn rle_header_word(fragment: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([
-        fragment[4 * i],
-        fragment[4 * i + 1],
-        fragment[4 * i + 2],
-        fragment[4 * i + 3],
-    ])
-}
-
-/// PS3.5 G.5: 64-byte header, one segment per byte of the sample, offsets inside the
-/// fragment and increasing. (dicom-rs allocates the declared segment count unchecked.)
-fn check_rle_header(fragment: &[u8], segments: u32) -> Result<(), DicomError> {
-    if fragment.len() < 64 {
-        return Err(malformed("RLE fragment shorter than its 64-byte header"));
-    }
-    let word = |i| rle_header_word(fragment, i);
-    let n = word(0);
-    if n != segments {
-        return Err(malformed(format!(
-            "RLE header declares {n} segments; a {}-bit grayscale frame has {segments}",
-            segments * 8
-        )));
-    }
-    let mut previous = 63;
-    for i in 1..=n as usize {
-        let offset = word(i);
-        if offset <= previous || offset as usize >= fragment.len() {
-            return Err(malformed(
-                "RLE segment offsets are out of order or out of range",
-            ));
-        }
-        previous = offset;
-    }
-    Ok(())
-}
-
-/// Each RLE segment (PS3.5 G.3, PackBits) must decode to at least one byte per pixel:
-/// the decoder fills a short segment's missing rows instead of failing. The header
-/// was checked by [`check_rle_header`].
-fn check_rle_segments(fragment: &[u8], segments: u32, pixels: usize) -> Result<(), DicomError> {
-    let word = |i| rle_header_word(fragment, i) as usize;
-    for i in 1..=segments as usize {
-        let end = if i < segments as usize {
-            word(i + 1)
-        } else {
-            fragment.len()
-        };
-        let seg = &fragment[word(i)..end];
-        let (mut pos, mut out) = (0usize, 0usize);
-        while pos < seg.len() && out < pixels {
-            let n = seg[pos] as i8;
-            pos += 1;
-            if n >= 0 {
-                // n + 1 literal bytes.
-                let k = n as usize + 1;
-                pos += k;
-                out += k;
-            } else if n != -128 {
-                // One byte repeated 1 - n times.
-                pos += 1;
-                out += (1 - i32::from(n)) as usize;
-            }
-        }
-        if out < pixels || pos > seg.len() {
-            return Err(malformed(format!(
-                "RLE segment {i} decodes to fewer than the frame's {pixels} bytes (truncated?)"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Width and height from a JPEG SOF marker.
-fn jpeg_dims(b: &[u8]) -> Option<(u32, u32)> {
-    let mut i = 2;
-    if b.get(..2)? != [0xFF, 0xD8] {
-        return None;
-    }
-    while i + 4 <= b.len() {
-        if b[i] != 0xFF {
-            return None;
-        }
-        let marker = b[i + 1];
-        if marker == 0xFF {
-            i += 1;
-            continue;
-        }
-        let len = usize::from(u16::from_be_bytes([b[i + 2], b[i + 3]]));
-        let is_sof = (0xC0..=0xCF).contains(&marker) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
-        if is_sof {
-            let s = b.get(i + 5..i + 9)?;
-            let h = u32::from(u16::from_be_bytes([s[0], s[1]]));
-            let w = u32::from(u16::from_be_bytes([s[2], s[3]]));
-            return Some((w, h));
-        }
-        i += 2 + len;
-    }
-    None
-}
-
-/// Width and height from a JPEG 2000 SIZ marker (raw codestream or JP2 wrapper).
-fn j2k_dims(b: &[u8]) -> Option<(u32, u32)> {
-    let at = b.windows(4).position(|w| w == [0xFF, 0x4F, 0xFF, 0x51])?;
-    let s = b.get(at + 8..at + 24)?;
-    let be = |o: usize| u32::from_be_bytes([s[o], s[o + 1], s[o + 2], s[o + 3]]);
-    let (xsiz, ysiz, xo, yo) = (be(0), be(4), be(8), be(12));
-    Some((xsiz.checked_sub(xo)?, ysiz.checked_sub(yo)?))
 }
 
 #[cfg(test)]

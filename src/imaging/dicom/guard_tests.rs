@@ -2,34 +2,6 @@
 
 use super::*;
 
-#[test]
-fn codestream_headers() {
-    // JPEG: SOI, APP0 (len 4), SOF0 with height 30, width 40.
-    let jpeg = [
-        0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0x00, 0x00, 0xFF, 0xC0, 0x00, 0x0B, 0x08, 0x00, 0x1E,
-        0x00, 0x28, 0x01,
-    ];
-    assert_eq!(jpeg_dims(&jpeg), Some((40, 30)));
-    assert_eq!(jpeg_dims(&jpeg[2..]), None);
-    // JPEG 2000: SOC, SIZ (Lsiz, Rsiz, Xsiz 50, Ysiz 20, XOsiz 10, YOsiz 0).
-    let mut j2k = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x29, 0x00, 0x00];
-    for v in [50u32, 20, 10, 0] {
-        j2k.extend_from_slice(&v.to_be_bytes());
-    }
-    assert_eq!(j2k_dims(&j2k), Some((40, 20)));
-    // RLE: 2 segments at 64 and 70 in a 80-byte fragment.
-    let mut rle = vec![0u8; 80];
-    rle[..4].copy_from_slice(&2u32.to_le_bytes());
-    rle[4..8].copy_from_slice(&64u32.to_le_bytes());
-    rle[8..12].copy_from_slice(&70u32.to_le_bytes());
-    assert!(check_rle_header(&rle, 2).is_ok());
-    assert!(check_rle_header(&rle, 1).is_err());
-    rle[8..12].copy_from_slice(&700u32.to_le_bytes());
-    assert!(check_rle_header(&rle, 2).is_err());
-    rle[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(check_rle_header(&rle, 2).is_err());
-}
-
 /// An explicit VR little endian element: tag, VR, length field (2 or 4 bytes by
 /// VR, PS3.5 7.1.2), value. The length is written as given, so it may lie.
 fn explicit(group: u16, element: u16, vr: &[u8; 2], len: u32, value: &[u8]) -> Vec<u8> {

@@ -24,6 +24,7 @@ use image::GrayImage;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+mod codestream;
 mod decode;
 mod guard;
 mod voi;
