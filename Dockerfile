@@ -88,8 +88,7 @@ ENV CXR_HOST=0.0.0.0 \
     CXR_LOG_FORMAT=json \
     ORT_DYLIB_PATH=/opt/cxr/lib/libonnxruntime.so.${ORT_VERSION} \
     RUST_LIB_BACKTRACE=0 \
-    MALLOC_ARENA_MAX=2 \
-    MALLOC_MMAP_THRESHOLD_=131072
+    MALLOC_ARENA_MAX=2
 USER 10001:10001
 EXPOSE 8080 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
@@ -114,8 +113,7 @@ ENV CXR_HOST=0.0.0.0 \
     CXR_LOG_FORMAT=json \
     ORT_DYLIB_PATH=/opt/cxr/lib/libonnxruntime.so.${ORT_VERSION} \
     RUST_LIB_BACKTRACE=0 \
-    MALLOC_ARENA_MAX=2 \
-    MALLOC_MMAP_THRESHOLD_=131072
+    MALLOC_ARENA_MAX=2
 USER 10001:10001
 EXPOSE 8080 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \

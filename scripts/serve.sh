@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# glibc: fixed mmap threshold so that large upload buffers go back to the OS when
-# freed (else the threshold adapts upwards and a burst of 32 MiB bodies stays
-# resident), and two arenas instead of eight per core (bench/RESULTS.md).
-export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2} MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
+# glibc's malloc serves ONNX Runtime only (cxr-serve's own allocations go to
+# mimalloc, which returns freed pages): two arenas instead of eight per core, and its
+# adaptive mmap threshold left alone so that inference reuses its tensors' memory
+# instead of page-faulting it afresh every run (bench/RESULTS.md, "Memory").
+export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2}
 exec cargo run --locked --release --bin cxr-serve -- --models-dir models "$@"

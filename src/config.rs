@@ -73,8 +73,8 @@ pub struct ServeArgs {
     /// ONNX Runtime intra-op threads per model (0 = one per core).
     #[arg(long, env = "CXR_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
-    /// ONNX Runtime's CPU memory arena: somewhat faster allocation, but it keeps the
-    /// most it ever grew to (about twice the resident memory; bench/RESULTS.md).
+    /// ONNX Runtime's CPU memory arena: it keeps the most it ever grew to, and is about
+    /// as fast as glibc reusing ONNX Runtime's memory, the default (bench/RESULTS.md).
     #[arg(long, env = "CXR_CPU_MEM_ARENA")]
     pub cpu_mem_arena: bool,
     /// Whether ONNX Runtime's intra-op threads spin while waiting for work (its own
