@@ -166,6 +166,7 @@ fn main() {
         intra_threads: threads,
         cpu_mem_arena: false,
         intra_spinning: true,
+        shared_pool: false,
         batch: BatchConfig {
             max_batch: 8,
             batch_wait: Duration::from_micros(1000),

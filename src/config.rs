@@ -70,19 +70,25 @@ pub struct ServeArgs {
     /// scripts/setup.sh).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads per model (0 = one per core).
+    /// ONNX Runtime intra-op threads: of the shared pool, or per model with
+    /// `--shared-pool false` (0 = one per core).
     #[arg(long, env = "CXR_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
     /// ONNX Runtime's CPU memory arena: it keeps the most it ever grew to, and is about
     /// as fast as glibc reusing ONNX Runtime's memory, the default (bench/RESULTS.md).
     #[arg(long, env = "CXR_CPU_MEM_ARENA")]
     pub cpu_mem_arena: bool,
-    /// Whether ONNX Runtime's intra-op threads spin while waiting for work (its own
-    /// default). `false` frees the cores between runs for other processes on the
-    /// machine; on this 2-core machine neither setting measured faster
-    /// (bench/RESULTS.md).
+    /// Whether ONNX Runtime's intra-op threads spin while waiting for work (ONNX
+    /// Runtime's default). With `--shared-pool false` and several models, one model's
+    /// spinning threads take the cores from the next model's run (bench/RESULTS.md).
     #[arg(long, env = "CXR_INTRA_OP_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
     pub intra_op_spinning: bool,
+    /// One intra-op thread pool for every model (`--intra-threads` threads,
+    /// `--intra-op-spinning`) instead of one per model's session. Per-session pools
+    /// compete for the same cores: FP32 right after INT8 ran 24–26 % slower with
+    /// them, as fast as alone with the shared pool (bench/RESULTS.md).
+    #[arg(long, env = "CXR_SHARED_POOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub shared_pool: bool,
     /// Largest inference batch.
     #[arg(long, env = "CXR_MAX_BATCH", default_value_t = 8)]
     pub max_batch: usize,
@@ -287,6 +293,7 @@ impl ServeArgs {
             intra_threads: self.intra_threads,
             cpu_mem_arena: self.cpu_mem_arena,
             intra_spinning: self.intra_op_spinning,
+            shared_pool: self.shared_pool,
             batch: BatchConfig {
                 max_batch: self.max_batch,
                 batch_wait: Duration::from_micros(self.batch_wait_us),
@@ -313,5 +320,14 @@ mod tests {
             s.replace_range(start..end, "max_decodes: _");
         }
         assert_eq!(from_flags, default);
+    }
+
+    #[test]
+    fn models_share_one_spinning_pool_by_default() {
+        // Per-session pools of idle models slow the model that runs (bench/RESULTS.md).
+        let cfg = ServeArgs::parse_from(["cxr-serve"]).load_config();
+        assert!(cfg.shared_pool && cfg.intra_spinning);
+        let own = ServeArgs::parse_from(["cxr-serve", "--shared-pool", "false"]);
+        assert!(!own.load_config().shared_pool);
     }
 }

@@ -16,7 +16,7 @@ pub use models::{
     load_models,
 };
 pub use runtime::{
-    ClassMaps, Device, ModelOutput, Provider, RunError, RuntimeError, SessionOptions,
-    create_session, create_session_via, environment, resolve_library, run_outputs,
-    run_probabilities,
+    ClassMaps, Device, ModelOutput, Provider, RunError, RuntimeError, SessionOptions, SharedPool,
+    create_session, create_session_via, environment, environment_with, resolve_library,
+    run_outputs, run_probabilities,
 };

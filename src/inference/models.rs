@@ -14,7 +14,8 @@ use utoipa::ToSchema;
 
 use super::batcher::{BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError};
 use super::runtime::{
-    Device, Provider, SessionOptions, create_session, environment, run_probabilities,
+    Device, Provider, SessionOptions, SharedPool, create_session, environment_with,
+    run_probabilities,
 };
 use crate::imaging::Preprocessor;
 use crate::registry::{ModelCard, RegistryError, load_dir};
@@ -248,6 +249,9 @@ pub struct LoadConfig {
     pub intra_threads: usize,
     /// ONNX Runtime's CPU memory arena (`--cpu-mem-arena`).
     pub cpu_mem_arena: bool,
+    /// One intra-op thread pool shared by every model's session (`--shared-pool`);
+    /// `intra_threads` and `intra_spinning` then configure it.
+    pub shared_pool: bool,
     /// Intra-op threads spin while idle (`--intra-op-spinning`).
     pub intra_spinning: bool,
     /// Batching.
@@ -279,7 +283,11 @@ pub fn load_models(
     observer: impl Fn(&str) -> Arc<dyn BatchObserver>,
 ) -> Result<(ModelSet, Vec<JoinHandle<()>>), LoadError> {
     let loaded = load_dir(&cfg.models_dir)?;
-    let env = environment(&cfg.ort_lib)?;
+    let pool = cfg.shared_pool.then_some(SharedPool {
+        threads: cfg.intra_threads,
+        spinning: cfg.intra_spinning,
+    });
+    let env = environment_with(&cfg.ort_lib, pool)?;
     let mut models = Vec::new();
     let mut handles = Vec::new();
     for m in loaded {

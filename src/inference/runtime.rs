@@ -115,8 +115,29 @@ pub fn resolve_library(explicit: Option<&Path>) -> PathBuf {
 static ENVIRONMENT: OnceLock<(PathBuf, Environment)> = OnceLock::new();
 static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Loads ONNX Runtime once per process and returns its environment.
+/// Loads ONNX Runtime once per process and returns its environment (each session
+/// with its own thread pool).
 pub fn environment(library: &Path) -> Result<&'static Environment, RuntimeError> {
+    environment_with(library, None)
+}
+
+/// One intra-op thread pool for every session of the process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharedPool {
+    /// Threads, the caller's included (0 = one per core).
+    pub threads: usize,
+    /// Whether they spin while waiting for work.
+    pub spinning: bool,
+}
+
+/// [`environment`], with every session's intra-op work on one shared pool when
+/// `pool` is given: a server with several models then has one set of threads for
+/// the cores, and one model's threads cannot spin on the cores another model's run
+/// needs. The first call in a process decides; later calls get that environment.
+pub fn environment_with(
+    library: &Path,
+    pool: Option<SharedPool>,
+) -> Result<&'static Environment, RuntimeError> {
     let _guard = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((loaded, env)) = ENVIRONMENT.get() {
         let same = loaded == library || loaded.canonicalize().ok() == library.canonicalize().ok();
@@ -136,12 +157,18 @@ pub fn environment(library: &Path) -> Result<&'static Environment, RuntimeError>
         path: library.into(),
         reason,
     };
-    let env = ort::init_from(library)
+    let mut builder = ort::init_from(library)
         .map_err(|e| load(e.to_string()))?
         .with_name("cxr")
-        .with_telemetry(false)
-        .build()
-        .map_err(|e| load(e.to_string()))?;
+        .with_telemetry(false);
+    if let Some(p) = pool {
+        let opts = ort::environment::GlobalThreadPoolOptions::default()
+            .with_intra_threads(p.threads)
+            .and_then(|o| o.with_spin_control(p.spinning))
+            .map_err(|e| load(e.to_string()))?;
+        builder = builder.with_global_thread_pool(opts);
+    }
+    let env = builder.build().map_err(|e| load(e.to_string()))?;
     let (_, env) = ENVIRONMENT.get_or_init(|| (library.to_path_buf(), env));
     Ok(env)
 }

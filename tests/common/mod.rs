@@ -147,6 +147,7 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
         intra_threads: 1,
         cpu_mem_arena: false,
         intra_spinning: true,
+        shared_pool: false,
         batch,
     }
 }
