@@ -92,8 +92,11 @@ pub struct ServeArgs {
     /// Largest inference batch.
     #[arg(long, env = "CXR_MAX_BATCH", default_value_t = 8)]
     pub max_batch: usize,
-    /// How long a worker waits for more requests to fill a batch, microseconds.
-    #[arg(long, env = "CXR_BATCH_WAIT_US", default_value_t = 1000)]
+    /// How long a worker waits for more requests to fill a batch, microseconds. 0
+    /// (as Triton's dynamic batcher by default): a batch is what queued while the
+    /// previous one ran, so under load batches form anyway and a lone request does
+    /// not wait (bench/RESULTS.md).
+    #[arg(long, env = "CXR_BATCH_WAIT_US", default_value_t = 0)]
     pub batch_wait_us: u64,
     /// Requests each model's queue holds; beyond it requests get 503 + Retry-After.
     #[arg(long, env = "CXR_QUEUE_CAPACITY", default_value_t = 64)]
@@ -329,5 +332,12 @@ mod tests {
         assert!(cfg.shared_pool && cfg.intra_spinning);
         let own = ServeArgs::parse_from(["cxr-serve", "--shared-pool", "false"]);
         assert!(!own.load_config().shared_pool);
+    }
+
+    #[test]
+    fn lone_requests_do_not_wait_for_a_batch() {
+        // A batch is what queued while the previous one ran (bench/RESULTS.md).
+        let cfg = ServeArgs::parse_from(["cxr-serve"]).load_config();
+        assert_eq!(cfg.batch.batch_wait, std::time::Duration::ZERO);
     }
 }
