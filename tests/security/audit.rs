@@ -1,0 +1,227 @@
+//! The audit trail: one record per image, in the log and the file, rotation, and failing closed.
+
+use super::*;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn file_records(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("audit.jsonl")
+        {
+            for l in std::fs::read_to_string(&p).unwrap().lines() {
+                out.push(serde_json::from_str(l).unwrap());
+            }
+        }
+    }
+    out
+}
+
+// current_thread: the handler runs on this thread, where the capture is installed.
+#[tokio::test]
+async fn one_image_one_audit_record_with_every_field_in_log_and_file() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let keys = ApiKeys::parse(&keys_toml(), false).unwrap();
+    let audit = Audit::with_file(&path, 0).0;
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_api_keys(keys).with_audit(audit)
+    });
+    let bytes = png();
+    let before = std::time::SystemTime::now();
+    let (s, h, b) = send(
+        &t.app,
+        keyed(
+            raw("/predict?threshold=0.4", "image/png", bytes.clone()),
+            "x-api-key",
+            KEY_RIS,
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let answer = json(&b);
+    let rid = h["x-request-id"].to_str().unwrap().to_string();
+    assert!(!rid.is_empty());
+
+    let records = file_records(dir.path());
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.dir.path().join("alpha.json")).unwrap()).unwrap();
+    assert_eq!(r["request_id"], rid.as_str());
+    assert_eq!(r["image_index"], 0);
+    assert_eq!(r["caller"], "ris");
+    assert_eq!(r["model"], "alpha");
+    assert_eq!(r["model_version"], card["version"]);
+    assert_eq!(r["model_sha256"], card["onnx"]["sha256"]);
+    assert_eq!(r["threshold"], 0.4);
+    assert_eq!(r["threshold_source"], "query");
+    assert_eq!(r["p_normal"], answer["probabilities"]["NORMAL"]);
+    assert_eq!(r["p_pneumonia"], answer["probabilities"]["PNEUMONIA"]);
+    assert_eq!(r["label"], answer["label"]);
+    assert_eq!(r["input_sha256"], hex(&Sha256::digest(&bytes)).as_str());
+    assert_eq!(r["input_kind"], "png");
+    assert_eq!(r["input_bytes"], bytes.len());
+    assert!(r.get("sop_instance_uid").is_none());
+    // Server time, RFC 3339 UTC, within this test's run.
+    let time = r["time"].as_str().unwrap();
+    let after = std::time::SystemTime::now();
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    };
+    assert!(
+        time >= cxr::audit::rfc3339(secs(before), 0).as_str()
+            && time <= cxr::audit::rfc3339(secs(after) + 1, 0).as_str(),
+        "{time}"
+    );
+    let keys_in_record = r.as_object().unwrap().len();
+    assert_eq!(keys_in_record, 15, "{r}");
+
+    // The same record, once, in the log at INFO.
+    let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "cxr::audit" && v["fields"]["message"] == "audit")
+        .collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    let f = &lines[0]["fields"];
+    assert_eq!(lines[0]["level"], "INFO");
+    for k in [
+        "time",
+        "request_id",
+        "caller",
+        "model",
+        "model_version",
+        "model_sha256",
+        "threshold_source",
+        "label",
+        "input_sha256",
+        "input_kind",
+    ] {
+        assert_eq!(f[k], r[k], "{k}");
+    }
+    for k in ["threshold", "p_normal", "p_pneumonia"] {
+        assert!(
+            (f[k].as_f64().unwrap() - r[k].as_f64().unwrap()).abs() < 1e-6,
+            "{k}: {f}"
+        );
+    }
+    assert_eq!(f["input_bytes"], r["input_bytes"]);
+    assert_eq!(f["image_index"], 0);
+    // No key, no image bytes.
+    for text in [logs.as_str(), &std::fs::read_to_string(&path).unwrap()] {
+        assert!(!text.contains(KEY_RIS));
+        assert!(!text.contains("IHDR"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_every_record_of_every_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    // About two records a file.
+    let audit = Audit::with_file(&path, 1400).0;
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_audit(audit)
+    });
+    let mut rids = Vec::new();
+    for i in 0..5 {
+        let img = common::png_bytes(&common::gray_image(40, 32, i));
+        let (s, h, _) = send(&t.app, raw("/predict", "image/png", img)).await;
+        assert_eq!(s, StatusCode::OK);
+        rids.push(h["x-request-id"].to_str().unwrap().to_string());
+    }
+    let (s, h, _) = send(
+        &t.app,
+        multipart(
+            "/predict?model=beta",
+            &[
+                ("image", "image/png", png()),
+                ("image", "image/png", png()),
+                ("image", "image/png", png()),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let multi = h["x-request-id"].to_str().unwrap().to_string();
+    let records = file_records(dir.path());
+    assert_eq!(records.len(), 8);
+    for rid in &rids {
+        assert_eq!(
+            records
+                .iter()
+                .filter(|r| r["request_id"] == rid.as_str())
+                .count(),
+            1
+        );
+    }
+    let mut idx: Vec<u64> = records
+        .iter()
+        .filter(|r| r["request_id"] == multi.as_str())
+        .map(|r| r["image_index"].as_u64().unwrap())
+        .collect();
+    idx.sort_unstable();
+    assert_eq!(idx, [0, 1, 2]);
+    let files = std::fs::read_dir(dir.path()).unwrap().count();
+    assert!(files >= 4, "{files} files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_file_fails_the_request() {
+    // /dev/full opens and refuses every write (ENOSPC), even for root (the CI user),
+    // for whom a read-only file would still be writable.
+    let audit = Audit::with_file(std::path::Path::new("/dev/full"), 0).0;
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_audit(audit)
+    });
+    let (s, h, b) = send(&t.app, raw("/predict", "image/png", png())).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let v = json(&b);
+    assert_eq!(v["error_type"], "audit_unavailable");
+    assert!(v.get("label").is_none(), "{v}");
+    assert_eq!(h[header::RETRY_AFTER], "1");
+    let (_, _, b) = send(&t.app, get("/metrics")).await;
+    let text = String::from_utf8_lossy(&b);
+    assert_eq!(
+        metric_line(&text, "cxr_audit_failures_total"),
+        Some("cxr_audit_failures_total 1".into())
+    );
+    assert!(!text.contains("cxr_predictions_total{"), "{text}");
+
+    // A path that cannot be opened at all (a directory): the same.
+    let dir = tempfile::tempdir().unwrap();
+    let (audit, problem) = Audit::with_file(dir.path(), 0);
+    assert!(problem.is_some());
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_audit(audit)
+    });
+    let (s, _, b) = send(&t.app, raw("/predict", "image/png", png())).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json(&b)["error_type"], "audit_unavailable");
+}
