@@ -12,7 +12,7 @@ use ort::session::Session;
 use super::backend::Backend;
 use super::runtime::{
     Device, ModelOutput, RunError, RuntimeError, SessionOptions, create_session, environment,
-    run_outputs,
+    ort_error, run_batch, run_outputs,
 };
 use crate::imaging::Preprocessor;
 
@@ -73,16 +73,10 @@ impl CpuModel {
         n: usize,
         s: usize,
     ) -> Result<Vec<(String, Vec<f32>)>, RunError> {
-        let runtime = |e: ort::Error| RunError::Runtime(e.to_string());
-        let input = ort::value::Tensor::from_array(([n, 3, s, s], batch.into_boxed_slice()))
-            .map_err(runtime)?;
-        let outputs = self
-            .session
-            .run(ort::inputs![crate::onnx::INPUT_NAME => input])
-            .map_err(runtime)?;
+        let outputs = run_batch(&mut self.session, batch, n, s)?;
         let mut named = Vec::with_capacity(outputs.len());
         for (name, value) in outputs.iter() {
-            let (_, data) = value.try_extract_tensor::<f32>().map_err(runtime)?;
+            let (_, data) = value.try_extract_tensor::<f32>().map_err(ort_error)?;
             named.push((name.to_string(), data.to_vec()));
         }
         Ok(named)

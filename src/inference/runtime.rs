@@ -313,8 +313,23 @@ pub enum RunError {
     WorkerDied,
 }
 
-fn ort_error(e: ort::Error) -> RunError {
+pub(super) fn ort_error(e: ort::Error) -> RunError {
     RunError::Runtime(e.to_string())
+}
+
+/// Runs `session` on a `[n, 3, s, s]` batch fed to the model's input; every output.
+pub(super) fn run_batch(
+    session: &mut Session,
+    batch: Vec<f32>,
+    n: usize,
+    s: usize,
+) -> Result<ort::session::SessionOutputs<'_>, RunError> {
+    debug_assert_eq!(batch.len(), n * 3 * s * s, "batch length matches its shape");
+    let input = ort::value::Tensor::from_array(([n, 3, s, s], batch.into_boxed_slice()))
+        .map_err(ort_error)?;
+    session
+        .run(ort::inputs![crate::onnx::INPUT_NAME => input])
+        .map_err(ort_error)
 }
 
 /// Runs `session` on a `[n, 3, s, s]` batch and returns the `probabilities` rows.
@@ -338,12 +353,7 @@ pub fn run_outputs(
     n: usize,
     s: usize,
 ) -> Result<Vec<ModelOutput>, RunError> {
-    debug_assert_eq!(batch.len(), n * 3 * s * s, "batch length matches its shape");
-    let input = ort::value::Tensor::from_array(([n, 3, s, s], batch.into_boxed_slice()))
-        .map_err(ort_error)?;
-    let outputs = session
-        .run(ort::inputs![crate::onnx::INPUT_NAME => input])
-        .map_err(ort_error)?;
+    let outputs = run_batch(session, batch, n, s)?;
     let mut rows = [Vec::new(), Vec::new()];
     for (k, name) in [crate::onnx::LOGITS_NAME, crate::onnx::PROBABILITIES_NAME]
         .into_iter()

@@ -114,16 +114,6 @@ fn parse(bytes: &[u8]) -> Result<Parsed, DicomError> {
     })
 }
 
-/// A text attribute, trimmed; `None` when absent or empty.
-fn text(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<String> {
-    obj.element_opt(tag)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
-        .filter(|s| !s.is_empty())
-}
-
 /// An unsigned integer attribute; `None` when absent, an error when not a number.
 fn int(
     obj: &DefaultDicomObject,

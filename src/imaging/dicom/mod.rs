@@ -31,6 +31,17 @@ mod voi;
 
 pub use decode::decode_dicom;
 
+/// A text attribute of `obj`, its padding (NUL, spaces) trimmed; `None` when absent
+/// or empty. What the decoder and the SR's source read identifiers with.
+pub(crate) fn text(obj: &dicom_object::InMemDicomObject, tag: dicom_core::Tag) -> Option<String> {
+    obj.element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 /// Modalities accepted unless `--allow-any-modality`.
 pub const RADIOGRAPHY_MODALITIES: [&str; 3] = ["CR", "DX", "DR"];
 

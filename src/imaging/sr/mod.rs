@@ -83,14 +83,7 @@ impl std::fmt::Debug for SrSource {
 impl SrSource {
     /// Takes the attributes an SR needs from a decoded source object.
     pub fn from_object(obj: &InMemDicomObject, meta_sop_class: Option<&str>) -> Self {
-        let text = |tag| {
-            obj.element_opt(tag)
-                .ok()
-                .flatten()
-                .and_then(|e| e.to_str().ok())
-                .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
-                .filter(|s| !s.is_empty())
-        };
+        let text = |tag| crate::imaging::dicom::text(obj, tag);
         Self {
             copied: COPIED_TAGS
                 .iter()
