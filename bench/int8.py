@@ -9,7 +9,9 @@ of a shared machine (30 % between minutes here) hits all four columns alike:
 - saturation: each of `--rounds` rounds runs, per model, a block of `--n-sat`
   requests from `--concurrency` clients, then raw ONNX Runtime for as many images at
   the batch size the server formed in that block (mean of its `cxr_batch_size`,
-  rounded); medians over rounds.
+  rounded), and at each of `--raw-batches` (raw ONNX Runtime's best of them is the
+  harder baseline: a server that forms slow batches is measured against it); medians
+  over rounds.
 
 A pause of 50 ms separates served from raw runs: ONNX Runtime's intra-op threads spin
 for a moment after each run (by default), and one side's spinning tail would slow the
@@ -17,23 +19,20 @@ other's next run. Prints INT8 / FP32 (served and raw) and served / raw per model
 
     .venv/bin/python bench/int8.py --port 8090 [--model weighted] [--n 40] [--concurrency 8]
 """
-import argparse, concurrent.futures as cf, glob, os, statistics, time, urllib.request
+import os, statistics, sys, time, urllib.request
 
-import numpy as np
-import onnxruntime as ort
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import serving  # noqa: E402
 
-ap = argparse.ArgumentParser()
+ap = serving.parser(__doc__)
 ap.add_argument("--port", type=int, default=8090)
 ap.add_argument("--model", default="weighted")
 ap.add_argument("--n", type=int, default=40)
 ap.add_argument("--n-sat", type=int, default=48)
-ap.add_argument("--concurrency", type=int, default=8)
 ap.add_argument("--rounds", type=int, default=5)
-ap.add_argument("--threads", type=int, default=2)
-ap.add_argument("--models-dir", default=os.path.join(os.path.dirname(__file__), "..", "models"))
-ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray_224"))
+ap.add_argument("--raw-batches", default="1,2,4,8")
 a = ap.parse_args()
-body = open(sorted(glob.glob(os.path.join(a.data, "test", "NORMAL", "*.jpeg")))[0], "rb").read()
+body = serving.test_jpeg(a.data)
 fp32, int8 = a.model, a.model + "-int8"
 models = (fp32, int8)
 
@@ -43,20 +42,11 @@ GAP = 0.05  # s between switching served <-> raw: ONNX Runtime's threads spin fo
 
 
 def served(model):
-    r = urllib.request.Request(f"http://127.0.0.1:{a.port}/predict?model={model}", data=body, headers={"Content-Type": "image/jpeg"})
-    t = time.time()
-    urllib.request.urlopen(r).read()
-    return time.time() - t
+    return serving.predict(a.port, model, body)
 
 
-def session(m):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = a.threads
-    return ort.InferenceSession(os.path.join(a.models_dir, m + ".onnx"), so, providers=["CPUExecutionProvider"])
-
-
-sessions = {m: session(m) for m in models}
-batches = {b: np.random.default_rng(0).normal(size=(b, 3, 224, 224)).astype(np.float32) for b in (1, 4)}
+sessions = {m: serving.raw_session(a.models_dir, m, a.threads) for m in models}
+batches = {b: serving.noise(b) for b in (1, 4)}
 
 
 def raw(m, b):
@@ -81,10 +71,7 @@ for _ in range(a.n):
 
 
 def saturate(model):
-    t = time.time()
-    with cf.ThreadPoolExecutor(a.concurrency) as ex:
-        list(ex.map(lambda _: served(model), range(a.n_sat)))
-    return a.n_sat / (time.time() - t)
+    return serving.saturate(a.port, model, body, a.n_sat, a.concurrency)
 
 
 def batches_formed(model):
@@ -101,7 +88,11 @@ def raw_at(model, b):
 
 # Raw ONNX Runtime at the batch size the server formed in the block just measured
 # (its mean, rounded): the same work, without HTTP, decoding and queueing.
+raw_sizes = [int(b) for b in a.raw_batches.split(",")]
+for b in raw_sizes:
+    batches.setdefault(b, serving.noise(b))
 sat = {(k, m): [] for k in ("served", "raw") for m in models}
+at_size = {(m, b): [] for m in models for b in raw_sizes}
 formed = {m: [] for m in models}
 for _ in range(a.rounds):
     for m in models:
@@ -110,10 +101,13 @@ for _ in range(a.rounds):
         s1, c1 = batches_formed(m)
         b = max(1, round((s1 - s0) / max(1.0, c1 - c0)))
         formed[m].append(b)
-        batches.setdefault(b, np.random.default_rng(0).normal(size=(b, 3, 224, 224)).astype(np.float32))
+        batches.setdefault(b, serving.noise(b))
         time.sleep(GAP)
         sat[("raw", m)].append(raw_at(m, b))
         time.sleep(GAP)
+        for rb in raw_sizes:
+            at_size[(m, rb)].append(raw_at(m, rb))
+            time.sleep(GAP)
 p50 = {k: statistics.median(v) * 1e3 for k, v in seq.items()}
 ips = {k: statistics.median(v) for k, v in sat.items()}
 for k in ("served", "raw"):
@@ -123,3 +117,8 @@ for k in ("served", "raw"):
     print(f"{k} at saturation ({what}): {fp32} {ips[(k, fp32)]:.2f} img/s, {int8} {ips[(k, int8)]:.2f} img/s -> INT8 {ips[(k, int8)] / ips[(k, fp32)]:.3f}x")
 for m in models:
     print(f"served / raw, {m}: saturation {ips[('served', m)] / ips[('raw', m)]:.3f} (throughput), p50 c=1 {p50[('served', m)] / p50[('raw', m)]:.3f} (time)")
+for m in models:
+    each = {b: statistics.median(at_size[(m, b)]) for b in raw_sizes}
+    best = max(each, key=each.get)
+    sizes = ", ".join(f"b{b} {v:.2f}" for b, v in each.items())
+    print(f"raw {m} by batch size (img/s): {sizes}; served / best raw (b{best}): {ips[('served', m)] / each[best]:.3f}")

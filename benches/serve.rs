@@ -167,9 +167,11 @@ fn main() {
         cpu_mem_arena: false,
         intra_spinning: true,
         shared_pool: false,
+        cuda_max_batch: cxr::inference::CUDA_MAX_BATCH,
         batch: BatchConfig {
-            max_batch: 8,
-            batch_wait: Duration::from_micros(1000),
+            max_batch: cxr::inference::CPU_MAX_BATCH,
+            batch_wait: Duration::ZERO,
+            arrival_wait: Duration::from_millis(20),
             capacity: 64,
         },
     };

@@ -8,7 +8,9 @@ use serde::Serialize;
 
 use crate::http::Limits;
 use crate::imaging::dicom::DicomOptions;
-use crate::inference::{BatchConfig, Device, LoadConfig, resolve_library};
+use crate::inference::{
+    BatchConfig, CPU_MAX_BATCH, CUDA_MAX_BATCH, Device, LoadConfig, resolve_library,
+};
 
 /// The request limits' defaults: the flags' defaults and [`Limits::default`] (and
 /// the trainer's decode limit) read them from here, so they cannot drift apart.
@@ -89,15 +91,25 @@ pub struct ServeArgs {
     /// them, as fast as alone with the shared pool (bench/RESULTS.md).
     #[arg(long, env = "CXR_SHARED_POOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub shared_pool: bool,
-    /// Largest inference batch.
-    #[arg(long, env = "CXR_MAX_BATCH", default_value_t = 8)]
-    pub max_batch: usize,
+    /// Largest inference batch [default: 2 on the CPU, 8 on CUDA]. On the CPU the
+    /// intra-op threads already fill the cores at batch 2, and larger batches outgrow
+    /// the caches: served FP32 at saturation ran 9-27 % faster with 2 than with 8
+    /// (bench/RESULTS.md). Measure with bench/max_batch.py before raising it.
+    #[arg(long, env = "CXR_MAX_BATCH")]
+    pub max_batch: Option<usize>,
     /// How long a worker waits for more requests to fill a batch, microseconds. 0
     /// (as Triton's dynamic batcher by default): a batch is what queued while the
     /// previous one ran, so under load batches form anyway and a lone request does
     /// not wait (bench/RESULTS.md).
     #[arg(long, env = "CXR_BATCH_WAIT_US", default_value_t = 0)]
     pub batch_wait_us: u64,
+    /// How long a batch that is not full waits for requests already being decoded
+    /// for the same model, microseconds (0: never). Under a closed loop of clients a
+    /// batch's answers come back as one burst of requests, and without the wait the
+    /// first of them runs alone, the dearest batch per image; a lone request has
+    /// nobody behind it and never waits (bench/RESULTS.md).
+    #[arg(long, env = "CXR_ARRIVAL_WAIT_US", default_value_t = 20_000)]
+    pub arrival_wait_us: u64,
     /// Requests each model's queue holds; beyond it requests get 503 + Retry-After.
     #[arg(long, env = "CXR_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,
@@ -199,7 +211,7 @@ impl ServeArgs {
     /// Checks the values and says what to fix.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
-            ("--max-batch", self.max_batch as u64),
+            ("--max-batch", self.max_batch.unwrap_or(1) as u64),
             ("--queue-capacity", self.queue_capacity as u64),
             ("--max-body-bytes", self.max_body_bytes as u64),
             ("--max-pixels", self.max_pixels),
@@ -224,7 +236,7 @@ impl ServeArgs {
                 return Err(format!("{flag} must be at least 1"));
             }
         }
-        if self.max_batch > 256 {
+        if self.max_batch.is_some_and(|b| b > 256) {
             return Err("--max-batch must be at most 256".into());
         }
         if self.max_buffered_bytes < self.max_body_bytes {
@@ -244,6 +256,9 @@ impl ServeArgs {
         }
         if self.batch_wait_us > 1_000_000 {
             return Err("--batch-wait-us must be at most 1000000 (1 s)".into());
+        }
+        if self.arrival_wait_us > 1_000_000 {
+            return Err("--arrival-wait-us must be at most 1000000 (1 s)".into());
         }
         Ok(())
     }
@@ -297,9 +312,11 @@ impl ServeArgs {
             cpu_mem_arena: self.cpu_mem_arena,
             intra_spinning: self.intra_op_spinning,
             shared_pool: self.shared_pool,
+            cuda_max_batch: self.max_batch.unwrap_or(CUDA_MAX_BATCH),
             batch: BatchConfig {
-                max_batch: self.max_batch,
+                max_batch: self.max_batch.unwrap_or(CPU_MAX_BATCH),
                 batch_wait: Duration::from_micros(self.batch_wait_us),
+                arrival_wait: Duration::from_micros(self.arrival_wait_us),
                 capacity: self.queue_capacity,
             },
         }
@@ -335,9 +352,25 @@ mod tests {
     }
 
     #[test]
+    fn cpu_batches_of_two_unless_told() {
+        // Larger batches outgrow the caches on the CPU (bench/RESULTS.md); a GPU
+        // wants them.
+        let cfg = ServeArgs::parse_from(["cxr-serve"]).load_config();
+        assert_eq!((cfg.batch.max_batch, cfg.cuda_max_batch), (2, 8));
+        let told = ServeArgs::parse_from(["cxr-serve", "--max-batch", "16"]).load_config();
+        assert_eq!((told.batch.max_batch, told.cuda_max_batch), (16, 16));
+        let big = ServeArgs::parse_from(["cxr-serve", "--max-batch", "257"]);
+        assert!(big.validate().unwrap_err().contains("--max-batch"));
+        let zero = ServeArgs::parse_from(["cxr-serve", "--max-batch", "0"]);
+        assert!(zero.validate().unwrap_err().contains("--max-batch"));
+    }
+
+    #[test]
     fn lone_requests_do_not_wait_for_a_batch() {
         // A batch is what queued while the previous one ran (bench/RESULTS.md).
         let cfg = ServeArgs::parse_from(["cxr-serve"]).load_config();
         assert_eq!(cfg.batch.batch_wait, std::time::Duration::ZERO);
+        // ...but a batch waits for requests already being decoded behind it.
+        assert_eq!(cfg.batch.arrival_wait, std::time::Duration::from_millis(20));
     }
 }

@@ -39,6 +39,7 @@ async fn each_row_of_a_batch_answers_its_own_request() {
         BatchConfig {
             max_batch: 1,
             batch_wait: Duration::ZERO,
+            arrival_wait: Duration::ZERO,
             capacity: 64,
         },
     );
@@ -66,6 +67,7 @@ async fn each_row_of_a_batch_answers_its_own_request() {
         BatchConfig {
             max_batch: 8,
             batch_wait: Duration::from_millis(300),
+            arrival_wait: Duration::ZERO,
             capacity: 64,
         },
     );
@@ -136,16 +138,21 @@ impl cxr::inference::Backend for Fake {
 }
 
 fn fake(fail: bool, stall: Duration, capacity: usize) -> (cxr::inference::Batcher, Fake) {
+    let cfg = BatchConfig {
+        max_batch: 8,
+        batch_wait: Duration::from_millis(200),
+        arrival_wait: Duration::ZERO,
+        capacity,
+    };
+    fake_with(fail, stall, cfg)
+}
+
+fn fake_with(fail: bool, stall: Duration, cfg: BatchConfig) -> (cxr::inference::Batcher, Fake) {
     let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let backend = Fake {
         batches: batches.clone(),
         fail,
         stall,
-    };
-    let cfg = BatchConfig {
-        max_batch: 8,
-        batch_wait: Duration::from_millis(200),
-        capacity,
     };
     struct Quiet;
     impl cxr::inference::BatchObserver for Quiet {
@@ -160,6 +167,73 @@ fn fake(fail: bool, stall: Duration, capacity: usize) -> (cxr::inference::Batche
         stall,
     };
     (b, probe)
+}
+
+/// A batch that is not full waits for requests announced as on their way (being
+/// decoded), so a burst runs as one batch; a lone request, and one whose announced
+/// companion never comes (its decode failed), do not wait out `arrival_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_requests_join_the_batch_and_nobody_waits_for_nothing() {
+    use std::time::Instant;
+    let input = |v: f32| vec![v; 3 * 2 * 2];
+    let cfg = BatchConfig {
+        max_batch: 8,
+        batch_wait: Duration::ZERO,
+        arrival_wait: Duration::from_secs(3),
+        capacity: 16,
+    };
+    // Two announced, one queued: the batch waits for the second, then runs both.
+    let (b, probe) = fake_with(false, Duration::ZERO, cfg);
+    let second = b.announce(1);
+    let third = b.announce(1);
+    assert_eq!(b.arriving(), 2);
+    let first = b.submit(input(0.1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        probe.batches.lock().unwrap().is_empty(),
+        "ran before the announced arrived"
+    );
+    let two = b.submit(input(0.2)).unwrap();
+    drop(second);
+    // The third's decode failed: its announcement is withdrawn, the batch goes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    drop(third);
+    assert_eq!(b.arriving(), 0);
+    let (a, c) = (first.await.unwrap().unwrap(), two.await.unwrap().unwrap());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "waited out arrival_wait: {:?}",
+        t.elapsed()
+    );
+    assert_eq!((a.batch_size, c.batch_size), (2, 2));
+    assert_eq!(*probe.batches.lock().unwrap(), vec![2]);
+
+    // Alone, nothing announced: no wait.
+    let t = Instant::now();
+    let out = b.submit(input(0.3)).unwrap().await.unwrap().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a lone request waited {:?}",
+        t.elapsed()
+    );
+    assert_eq!(out.batch_size, 1);
+
+    // Announced but never coming: the wait ends at arrival_wait, not later.
+    let cfg = BatchConfig {
+        arrival_wait: Duration::from_millis(400),
+        ..cfg
+    };
+    let (b, _) = fake_with(false, Duration::ZERO, cfg);
+    let _stuck = b.announce(1);
+    let t = Instant::now();
+    let out = b.submit(input(0.4)).unwrap().await.unwrap().unwrap();
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(350) && waited < Duration::from_secs(2),
+        "waited {waited:?} for a request that never came (arrival_wait 400 ms)"
+    );
+    assert_eq!(out.batch_size, 1);
 }
 
 /// The inference facade on a fake backend: one call queues every input before
@@ -196,4 +270,40 @@ async fn the_facade_batches_a_requests_inputs_and_keeps_their_order() {
         .unwrap_err();
     assert_eq!(e, InferError::Overloaded("fake".into()));
     assert!(first.await.unwrap().is_ok());
+}
+
+/// The handler announces a request to its model's batcher while the request decodes:
+/// a small image that is ready while a large one (sent first) still decodes waits
+/// for it, and the two run as one batch rather than one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_still_decoding_is_waited_for() {
+    let t = common::test_app_with(
+        common::test_limits(),
+        BatchConfig {
+            max_batch: 8,
+            batch_wait: Duration::ZERO,
+            arrival_wait: Duration::from_secs(20),
+            capacity: 64,
+        },
+    );
+    // About 20 megapixels: its decode and resize take far longer than the small one's.
+    let large = common::png_bytes(&common::gray_image(5000, 4000, 3));
+    let small = common::png_bytes(&common::gray_image(48, 40, 1));
+    let app = t.app.clone();
+    let first = tokio::spawn(async move { send(&app, raw("/predict", "image/png", large)).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (s, _, b) = send(&t.app, raw("/predict", "image/png", small)).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let (s, _, b) = first.await.unwrap();
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert!(json(&b)["timings_ms"].is_object());
+    let (_, _, m) = send(&t.app, get("/metrics")).await;
+    let text = String::from_utf8_lossy(&m);
+    let count = sample(&text, r#"cxr_batch_size_count{model="alpha"}"#);
+    let sum = sample(&text, r#"cxr_batch_size_sum{model="alpha"}"#);
+    assert_eq!(
+        (count, sum),
+        (1.0, 2.0),
+        "the two did not run as one batch\n{text}"
+    );
 }

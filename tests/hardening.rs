@@ -317,6 +317,7 @@ fn abandoned_jobs_cause_no_inference() {
     let cfg = BatchConfig {
         max_batch: 64,
         batch_wait: Duration::from_millis(400),
+        arrival_wait: std::time::Duration::ZERO,
         capacity: 64,
     };
     let (b, handle) = Batcher::spawn("m", session, 32, cfg, seen.clone());

@@ -31,12 +31,22 @@ pub(super) async fn classify(
             }
         })
         .collect();
-    let outputs = model.classify(inputs).await.map_err(|e| {
+    let overloaded = |e: InferError| {
         if let InferError::Overloaded(_) = e {
             state.metrics().overloaded.with_label_values(&[&name]).inc();
         }
         ApiError::from(e)
-    })?;
+    };
+    let pending = model.submit(inputs);
+    // Queued (or refused): no batch waits for them any more.
+    for d in &mut decoded {
+        d.arrival = None;
+    }
+    let outputs = pending
+        .map_err(overloaded)?
+        .outputs()
+        .await
+        .map_err(overloaded)?;
     let out: Vec<(JobOutput, Decoded)> = outputs.into_iter().zip(decoded).collect();
     let ood = ood_scores(state, model, &out)?;
     let answers: Vec<(Prediction, JobOutput, Decoded)> = out

@@ -226,7 +226,9 @@ pub(super) async fn decode_all(
     // not decoded.
     let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _on_drop = SetOnDrop(gone.clone());
-    let decoded = tokio::task::spawn_blocking(move || {
+    // On their way to the model's queue: a batch that is not full waits for them.
+    let arrivals: Vec<_> = images.iter().map(|_| model.batcher.announce(1)).collect();
+    let mut decoded = tokio::task::spawn_blocking(move || {
         images
             .iter()
             .map(|u| {
@@ -240,6 +242,9 @@ pub(super) async fn decode_all(
     .await
     .map_err(|e| ApiError::Internal(format!("decode task failed: {e}")))??;
     drop(permit);
+    for (d, a) in decoded.iter_mut().zip(arrivals) {
+        d.arrival = Some(a);
+    }
     let name = &model.card.name;
     for d in &decoded {
         state

@@ -34,6 +34,8 @@ pub(super) struct Decoded {
     pub(super) upload: UploadFacts,
     /// What a DICOM Structured Report of the answer needs (DICOM uploads).
     pub(super) sr: Option<crate::imaging::sr::SrSource>,
+    /// Its announcement to the model's batcher, withdrawn once it is queued.
+    pub(super) arrival: Option<crate::inference::Arrival>,
 }
 
 /// The audit trail's view of an upload: its hash, kind and size, never its bytes.
@@ -95,6 +97,7 @@ pub(super) fn decode_upload(
             warnings: Vec::new(),
             upload: UploadFacts::of(upload),
             sr: None,
+            arrival: None,
         }),
         Upload::Dicom(b) => {
             let img = dicom::decode_dicom(b, max_pixels, opts)?;
@@ -117,6 +120,7 @@ pub(super) fn decode_upload(
                 warnings: img.warnings,
                 upload: UploadFacts::of(upload),
                 sr: Some(img.sr_source),
+                arrival: None,
             })
         }
     }

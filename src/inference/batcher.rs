@@ -1,7 +1,8 @@
 //! One worker thread per model owns its ONNX Runtime session and serves a bounded
 //! queue: it takes the first waiting request, gathers up to `max_batch` more for at
-//! most `batch_wait`, runs them as one batch and answers each through its oneshot
-//! channel. A full queue is refused at once (the caller answers 503), so memory stays
+//! most `batch_wait`, and, while requests announced to it ([`Batcher::announce`]:
+//! being decoded) are still on their way, waits up to `arrival_wait` for them; then
+//! it runs them as one batch and answers each through its oneshot channel. A full queue is refused at once (the caller answers 503), so memory stays
 //! bounded and no accepted request is dropped: every job taken gets an answer, and on
 //! shutdown the worker drains what is queued before it exits.
 //!
@@ -79,6 +80,12 @@ pub struct BatchConfig {
     pub max_batch: usize,
     /// Longest wait for more jobs after the first.
     pub batch_wait: Duration,
+    /// Longest wait for announced jobs (requests being decoded for this model) to
+    /// join a batch that is not full. Under a closed loop of clients the answers of
+    /// one batch come back as one burst of requests; without it the first of them
+    /// runs alone and the rest wait for it, and a batch of one is the dearest per
+    /// image. A lone request has nothing announced behind it and never waits.
+    pub arrival_wait: Duration,
     /// Queue capacity (jobs waiting beyond the running batch).
     pub capacity: usize,
 }
@@ -88,6 +95,7 @@ pub struct BatchConfig {
 pub struct Batcher {
     tx: SyncSender<Job>,
     depth: Arc<AtomicUsize>,
+    arriving: Arc<AtomicUsize>,
     input_len: usize,
     observer: Arc<dyn BatchObserver>,
     alive: Arc<AtomicBool>,
@@ -127,6 +135,7 @@ impl Batcher {
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = sync_channel(cfg.capacity.max(1));
         let depth = Arc::new(AtomicUsize::new(0));
+        let arriving = Arc::new(AtomicUsize::new(0));
         let alive = Arc::new(AtomicBool::new(true));
         let fault = Arc::new(AtomicBool::new(false));
         let ctx = WorkerCtx {
@@ -134,6 +143,7 @@ impl Batcher {
             s: input_size,
             cfg,
             depth: depth.clone(),
+            arriving: arriving.clone(),
             observer: observer.clone(),
             fault: fault.clone(),
         };
@@ -147,6 +157,7 @@ impl Batcher {
             Self {
                 tx,
                 depth,
+                arriving,
                 input_len: 3 * input_size * input_size,
                 observer,
                 alive,
@@ -204,6 +215,35 @@ impl Batcher {
     pub fn depth(&self) -> usize {
         self.depth.load(Ordering::SeqCst)
     }
+
+    /// Announces `n` jobs on their way (their requests are being decoded): until the
+    /// [`Arrival`] is dropped, which the caller does once it has submitted them (or
+    /// given up), a batch that is not full waits up to `arrival_wait` for them.
+    pub fn announce(&self, n: usize) -> Arrival {
+        self.arriving.fetch_add(n, Ordering::SeqCst);
+        Arrival {
+            arriving: self.arriving.clone(),
+            n,
+        }
+    }
+
+    /// Jobs announced and not yet submitted.
+    pub fn arriving(&self) -> usize {
+        self.arriving.load(Ordering::SeqCst)
+    }
+}
+
+/// Jobs announced to a [`Batcher`]; dropping it withdraws the announcement.
+#[derive(Debug)]
+pub struct Arrival {
+    arriving: Arc<AtomicUsize>,
+    n: usize,
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.arriving.fetch_sub(self.n, Ordering::SeqCst);
+    }
 }
 
 struct WorkerCtx {
@@ -211,6 +251,7 @@ struct WorkerCtx {
     s: usize,
     cfg: BatchConfig,
     depth: Arc<AtomicUsize>,
+    arriving: Arc<AtomicUsize>,
     observer: Arc<dyn BatchObserver>,
     fault: Arc<AtomicBool>,
 }
@@ -285,6 +326,7 @@ fn worker(mut session: Box<dyn Backend>, ctx: &WorkerCtx, alive: &AtomicBool) {
         s,
         cfg,
         depth,
+        arriving,
         observer,
         fault,
     } = ctx;
@@ -293,6 +335,7 @@ fn worker(mut session: Box<dyn Backend>, ctx: &WorkerCtx, alive: &AtomicBool) {
     // queue is drained and the worker ends.
     while let Ok(first) = rx.recv() {
         let mut jobs = collect_batch(rx, first, cfg);
+        await_arrivals(rx, &mut jobs, cfg, arriving);
         // Nobody waits for these any more: skip them.
         let taken = jobs.len();
         jobs.retain(|j| !j.reply.is_closed());
@@ -362,6 +405,32 @@ fn collect_batch(rx: &Receiver<Job>, first: Job, cfg: BatchConfig) -> Vec<Job> {
         }
     }
     jobs
+}
+
+/// How often a worker waiting for announced jobs looks whether they were withdrawn
+/// (a request that failed to decode never arrives).
+const ARRIVAL_POLL: Duration = Duration::from_micros(500);
+
+/// Adds announced jobs to a batch that is not full, as they arrive, while some are
+/// still announced, for at most `arrival_wait`.
+fn await_arrivals(
+    rx: &Receiver<Job>,
+    jobs: &mut Vec<Job>,
+    cfg: BatchConfig,
+    arriving: &AtomicUsize,
+) {
+    let deadline = Instant::now() + cfg.arrival_wait;
+    while jobs.len() < cfg.max_batch && arriving.load(Ordering::SeqCst) > 0 {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        match rx.recv_timeout((deadline - now).min(ARRIVAL_POLL)) {
+            Ok(j) => jobs.push(j),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
 }
 
 /// Sends each job its output (with the batch's timings), or the batch's error.

@@ -8,12 +8,12 @@ pub mod models;
 pub mod runtime;
 
 pub use batcher::{
-    Backend, BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError,
+    Arrival, Backend, BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError,
 };
 pub use measure::{CpuModel, MEASURE_BATCH};
 pub use models::{
-    InferError, LoadConfig, LoadError, ModelSet, Prefer, SelectError, ServedModel, classify_on,
-    load_models,
+    CPU_MAX_BATCH, CUDA_MAX_BATCH, InferError, LoadConfig, LoadError, ModelSet, Pending, Prefer,
+    SelectError, ServedModel, classify_on, load_models, submit_on,
 };
 pub use runtime::{
     ClassMaps, Device, ModelOutput, Provider, RunError, RuntimeError, SessionOptions, SharedPool,

@@ -38,6 +38,14 @@ pub enum SelectError {
     Unknown(String),
 }
 
+/// Largest batch on the CPU unless `--max-batch` says otherwise: the intra-op threads
+/// fill the cores at batch 2 already, and larger batches outgrow the caches (served
+/// FP32 at saturation 9-27 % faster than with 8 here, bench/RESULTS.md).
+pub const CPU_MAX_BATCH: usize = 2;
+
+/// Largest batch on CUDA unless `--max-batch` says otherwise.
+pub const CUDA_MAX_BATCH: usize = 8;
+
 /// Number of recent latencies kept per model for its summary.
 const LATENCY_WINDOW: usize = 1024;
 
@@ -87,6 +95,13 @@ impl ServedModel {
     pub async fn classify(&self, inputs: Vec<Vec<f32>>) -> Result<Vec<JobOutput>, InferError> {
         classify_on(&self.batcher, &self.card.name, inputs).await
     }
+
+    /// Queues `inputs` now; [`Pending::outputs`] awaits their answers. What a caller
+    /// holding an [`Arrival`](super::batcher::Arrival) for them uses, so that it can
+    /// withdraw the announcement as soon as they are queued.
+    pub fn submit(&self, inputs: Vec<Vec<f32>>) -> Result<Pending, InferError> {
+        submit_on(&self.batcher, &self.card.name, inputs)
+    }
 }
 
 /// [`ServedModel::classify`] on a bare batcher (tests run it on a fake backend).
@@ -95,19 +110,38 @@ pub async fn classify_on(
     name: &str,
     inputs: Vec<Vec<f32>>,
 ) -> Result<Vec<JobOutput>, InferError> {
-    let mut pending = Vec::with_capacity(inputs.len());
+    submit_on(batcher, name, inputs)?.outputs().await
+}
+
+/// Queues every input (the first refusal ends it); [`Pending::outputs`] waits for
+/// their answers.
+pub fn submit_on(
+    batcher: &Batcher,
+    name: &str,
+    inputs: Vec<Vec<f32>>,
+) -> Result<Pending, InferError> {
+    let mut replies = Vec::with_capacity(inputs.len());
     for input in inputs {
-        pending.push(batcher.submit(input).map_err(|e| match e {
+        replies.push(batcher.submit(input).map_err(|e| match e {
             SubmitError::Full => InferError::Overloaded(name.to_string()),
             SubmitError::Closed => InferError::Closed(name.to_string()),
         })?);
     }
-    let mut out = Vec::with_capacity(pending.len());
-    for rx in pending {
-        let r = rx.await.map_err(|_| InferError::Dropped)??;
-        out.push(r);
+    Ok(Pending(replies))
+}
+
+/// Queued inputs whose answers are awaited.
+pub struct Pending(Vec<tokio::sync::oneshot::Receiver<Result<JobOutput, super::RunError>>>);
+
+impl Pending {
+    /// Their outputs, in order.
+    pub async fn outputs(self) -> Result<Vec<JobOutput>, InferError> {
+        let mut out = Vec::with_capacity(self.0.len());
+        for rx in self.0 {
+            out.push(rx.await.map_err(|_| InferError::Dropped)??);
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -254,8 +288,10 @@ pub struct LoadConfig {
     pub shared_pool: bool,
     /// Intra-op threads spin while idle (`--intra-op-spinning`).
     pub intra_spinning: bool,
-    /// Batching.
+    /// Batching (its `max_batch` on the CPU).
     pub batch: BatchConfig,
+    /// Largest batch of a model whose session runs on CUDA.
+    pub cuda_max_batch: usize,
 }
 
 /// Why the models could not be served.
@@ -303,7 +339,14 @@ pub fn load_models(
             tracing::warn!(model = %m.card.name, reason = %why, "CUDA unavailable, running on the CPU");
         }
         let s = m.card.input_size as usize;
-        for n in [1, cfg.batch.max_batch.max(1)] {
+        let batch = BatchConfig {
+            max_batch: match provider {
+                Provider::Cuda => cfg.cuda_max_batch,
+                Provider::Cpu => cfg.batch.max_batch,
+            },
+            ..cfg.batch
+        };
+        for n in [1, batch.max_batch.max(1)] {
             run_probabilities(&mut session, vec![0.0; n * 3 * s * s], n, s)
                 .map_err(|e| LoadError::Warmup(m.card.name.clone(), e.to_string()))?;
         }
@@ -323,14 +366,14 @@ pub fn load_models(
             session,
             Some(restart),
             s,
-            cfg.batch,
+            batch,
             observer(&m.card.name),
         );
         if m.ood.is_none() {
             tracing::warn!(model = %m.card.name, "no out-of-distribution model in the card: its answers carry null ood_score and nothing is refused as out of distribution (cxr-train fit-ood fits one)");
         }
         let load_time_ms = t.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(model = %m.card.name, provider = provider.as_str(), load_time_ms, path = %m.onnx_path.display(), "model ready");
+        tracing::info!(model = %m.card.name, provider = provider.as_str(), max_batch = batch.max_batch, load_time_ms, path = %m.onnx_path.display(), "model ready");
         handles.push(handle);
         models.push(Arc::new(ServedModel {
             card: m.card,

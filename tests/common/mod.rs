@@ -148,6 +148,7 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
         cpu_mem_arena: false,
         intra_spinning: true,
         shared_pool: false,
+        cuda_max_batch: batch.max_batch,
         batch,
     }
 }
@@ -190,6 +191,7 @@ pub fn default_batch() -> BatchConfig {
     BatchConfig {
         max_batch: 4,
         batch_wait: Duration::from_micros(500),
+        arrival_wait: std::time::Duration::ZERO,
         capacity: 64,
     }
 }

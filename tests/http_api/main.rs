@@ -200,6 +200,7 @@ async fn overload_is_refused_fast_and_nothing_is_lost() {
     let batch = cxr::inference::BatchConfig {
         max_batch: 1,
         batch_wait: std::time::Duration::ZERO,
+        arrival_wait: std::time::Duration::ZERO,
         capacity: 2,
     };
     // Tiny images decode in microseconds, far faster than an inference, and decoding

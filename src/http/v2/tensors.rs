@@ -221,6 +221,7 @@ pub(super) fn tensor_rows(
             warnings: Vec::new(),
             upload: UploadFacts::of_tensor(r),
             sr: None,
+            arrival: None,
         })
         .collect())
 }

@@ -1,0 +1,49 @@
+"""What the serving benchmarks share (bench/int8.py, bench/max_batch.py): their
+common arguments, the request body (the first NORMAL test JPEG of the 224-px data),
+one POST /predict, closed-loop saturation, and raw ONNX Runtime sessions at the same
+thread count."""
+import argparse, concurrent.futures as cf, glob, os, time, urllib.request
+
+import numpy as np
+import onnxruntime as ort
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parser(doc):
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models-dir", default=os.path.join(HERE, "..", "models"))
+    ap.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data", "chest_xray_224"))
+    return ap
+
+
+def test_jpeg(data):
+    return open(sorted(glob.glob(os.path.join(data, "test", "NORMAL", "*.jpeg")))[0], "rb").read()
+
+
+def predict(port, model, body):
+    """One POST /predict; its seconds."""
+    r = urllib.request.Request(f"http://127.0.0.1:{port}/predict?model={model}", data=body, headers={"Content-Type": "image/jpeg"})
+    t = time.time()
+    urllib.request.urlopen(r).read()
+    return time.time() - t
+
+
+def saturate(port, model, body, n, concurrency):
+    """Images per second of `n` requests from `concurrency` clients in a closed loop."""
+    t = time.time()
+    with cf.ThreadPoolExecutor(concurrency) as ex:
+        list(ex.map(lambda _: predict(port, model, body), range(n)))
+    return n / (time.time() - t)
+
+
+def raw_session(models_dir, model, threads):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(os.path.join(models_dir, model + ".onnx"), so, providers=["CPUExecutionProvider"])
+
+
+def noise(b):
+    return np.random.default_rng(0).normal(size=(b, 3, 224, 224)).astype(np.float32)
