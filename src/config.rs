@@ -93,7 +93,7 @@ pub struct ServeArgs {
     pub shared_pool: bool,
     /// Largest inference batch [default: 2 on the CPU, 8 on CUDA]. On the CPU the
     /// intra-op threads already fill the cores at batch 2, and larger batches outgrow
-    /// the caches: served FP32 at saturation ran 9-27 % faster with 2 than with 8
+    /// the caches: served at saturation ran 7-14 % faster with 2 than with 8
     /// (bench/RESULTS.md). Measure with bench/max_batch.py before raising it.
     #[arg(long, env = "CXR_MAX_BATCH")]
     pub max_batch: Option<usize>,

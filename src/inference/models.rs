@@ -40,7 +40,7 @@ pub enum SelectError {
 
 /// Largest batch on the CPU unless `--max-batch` says otherwise: the intra-op threads
 /// fill the cores at batch 2 already, and larger batches outgrow the caches (served
-/// FP32 at saturation 9-27 % faster than with 8 here, bench/RESULTS.md).
+/// at saturation 7-14 % faster than with 8 here, bench/RESULTS.md).
 pub const CPU_MAX_BATCH: usize = 2;
 
 /// Largest batch on CUDA unless `--max-batch` says otherwise.
