@@ -2,9 +2,10 @@
 //! queue: it takes the first waiting request, gathers up to `max_batch` more for at
 //! most `batch_wait`, and, while requests announced to it ([`Batcher::announce`]:
 //! being decoded) are still on their way, waits up to `arrival_wait` for them; then
-//! it runs them as one batch and answers each through its oneshot channel. A full queue is refused at once (the caller answers 503), so memory stays
-//! bounded and no accepted request is dropped: every job taken gets an answer, and on
-//! shutdown the worker drains what is queued before it exits.
+//! it runs them as one batch and answers each through its oneshot channel. A full
+//! queue is refused at once (the caller answers 503), so memory stays bounded and no
+//! accepted request is dropped: every job taken gets an answer, and on shutdown the
+//! worker drains what is queued before it exits.
 //!
 //! A job whose caller has gone (client disconnected, request timed out) is skipped
 //! when its batch is formed, not run. A worker that panics is restarted on the same
