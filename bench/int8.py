@@ -82,8 +82,7 @@ def batches_formed(model):
 
 
 def raw_at(model, b):
-    runs = max(1, a.n_sat // b)
-    return b * runs / sum(raw(model, b) for _ in range(runs))
+    return serving.raw_rate(sessions[model], batches[b], a.n_sat)
 
 
 # Raw ONNX Runtime at the batch size the server formed in the block just measured

@@ -29,14 +29,6 @@ sessions = {m: serving.raw_session(a.models_dir, m, a.threads) for m in models}
 inputs = {b: serving.noise(b) for b in sizes}
 
 
-def raw(m, b):
-    runs = max(1, a.n // b)
-    t = time.time()
-    for _ in range(runs):
-        sessions[m].run(["probabilities"], {"image": inputs[b]})
-    return b * runs / (time.time() - t)
-
-
 for m in models:
     for port in (a.a, a.b):
         for _ in range(4):
@@ -50,7 +42,7 @@ for r in range(a.rounds):
             res[(m, k)].append(serving.saturate(port, m, body, a.n, a.concurrency))
             time.sleep(GAP)
         for b in sizes:
-            res[(m, f"raw b{b}")].append(raw(m, b))
+            res[(m, f"raw b{b}")].append(serving.raw_rate(sessions[m], inputs[b], a.n))
             time.sleep(GAP)
 for m in models:
     med = {k: statistics.median(v) for (mm, k), v in res.items() if mm == m}

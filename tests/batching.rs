@@ -184,8 +184,8 @@ async fn announced_requests_join_the_batch_and_nobody_waits_for_nothing() {
     };
     // Two announced, one queued: the batch waits for the second, then runs both.
     let (b, probe) = fake_with(false, Duration::ZERO, cfg);
-    let second = b.announce(1);
-    let third = b.announce(1);
+    let second = b.announce();
+    let third = b.announce();
     assert_eq!(b.arriving(), 2);
     let first = b.submit(input(0.1)).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -225,7 +225,7 @@ async fn announced_requests_join_the_batch_and_nobody_waits_for_nothing() {
         ..cfg
     };
     let (b, _) = fake_with(false, Duration::ZERO, cfg);
-    let _stuck = b.announce(1);
+    let _stuck = b.announce();
     let t = Instant::now();
     let out = b.submit(input(0.4)).unwrap().await.unwrap().unwrap();
     let waited = t.elapsed();

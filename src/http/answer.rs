@@ -1,5 +1,5 @@
 //! From decoded inputs to answers: the decision threshold, the model's outputs
-//! through [`ServedModel::classify`], out-of-distribution scores, audit records, and
+//! through [`ServedModel::submit`], out-of-distribution scores, audit records, and
 //! each [`Prediction`] with its warnings, heatmap and timings.
 
 use super::*;

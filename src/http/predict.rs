@@ -1,6 +1,6 @@
 //! `POST /predict`: read the uploads (raw or multipart, within the body budget),
 //! decode them (bounded blocking decodes), classify them through the model's
-//! [`ServedModel::classify`], score their distance from the training images, write
+//! [`ServedModel::submit`], score their distance from the training images, write
 //! the audit records, and answer in JSON, a heatmap PNG or DICOM Structured Reports.
 
 use super::*;
@@ -227,7 +227,7 @@ pub(super) async fn decode_all(
     let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _on_drop = SetOnDrop(gone.clone());
     // On their way to the model's queue: a batch that is not full waits for them.
-    let arrivals: Vec<_> = images.iter().map(|_| model.batcher.announce(1)).collect();
+    let arrivals: Vec<_> = images.iter().map(|_| model.batcher.announce()).collect();
     let mut decoded = tokio::task::spawn_blocking(move || {
         images
             .iter()

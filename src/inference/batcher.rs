@@ -217,15 +217,12 @@ impl Batcher {
         self.depth.load(Ordering::SeqCst)
     }
 
-    /// Announces `n` jobs on their way (their requests are being decoded): until the
-    /// [`Arrival`] is dropped, which the caller does once it has submitted them (or
-    /// given up), a batch that is not full waits up to `arrival_wait` for them.
-    pub fn announce(&self, n: usize) -> Arrival {
-        self.arriving.fetch_add(n, Ordering::SeqCst);
-        Arrival {
-            arriving: self.arriving.clone(),
-            n,
-        }
+    /// Announces a job on its way (its request is being decoded): until the
+    /// [`Arrival`] is dropped, which the caller does once it has submitted the job (or
+    /// given up), a batch that is not full waits up to `arrival_wait` for it.
+    pub fn announce(&self) -> Arrival {
+        self.arriving.fetch_add(1, Ordering::SeqCst);
+        Arrival(self.arriving.clone())
     }
 
     /// Jobs announced and not yet submitted.
@@ -234,16 +231,13 @@ impl Batcher {
     }
 }
 
-/// Jobs announced to a [`Batcher`]; dropping it withdraws the announcement.
+/// A job announced to a [`Batcher`]; dropping it withdraws the announcement.
 #[derive(Debug)]
-pub struct Arrival {
-    arriving: Arc<AtomicUsize>,
-    n: usize,
-}
+pub struct Arrival(Arc<AtomicUsize>);
 
 impl Drop for Arrival {
     fn drop(&mut self) {
-        self.arriving.fetch_sub(self.n, Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

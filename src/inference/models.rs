@@ -89,22 +89,18 @@ pub enum InferError {
 }
 
 impl ServedModel {
-    /// Runs `inputs` (each one preprocessed `[3, s, s]` image) through this model and
-    /// returns their outputs in order. All are queued before any is awaited, so the
-    /// images of one request batch together; the queue and the replies stay in here.
-    pub async fn classify(&self, inputs: Vec<Vec<f32>>) -> Result<Vec<JobOutput>, InferError> {
-        classify_on(&self.batcher, &self.card.name, inputs).await
-    }
-
-    /// Queues `inputs` now; [`Pending::outputs`] awaits their answers. What a caller
-    /// holding an [`Arrival`](super::batcher::Arrival) for them uses, so that it can
-    /// withdraw the announcement as soon as they are queued.
+    /// Queues `inputs` (each one preprocessed `[3, s, s]` image) now, all of them
+    /// before any is awaited, so the images of one request batch together;
+    /// [`Pending::outputs`] awaits their answers in order. Splitting the two lets a
+    /// caller holding an [`Arrival`](super::batcher::Arrival) for them withdraw it as
+    /// soon as they are queued. The queue and the replies stay in here.
     pub fn submit(&self, inputs: Vec<Vec<f32>>) -> Result<Pending, InferError> {
         submit_on(&self.batcher, &self.card.name, inputs)
     }
 }
 
-/// [`ServedModel::classify`] on a bare batcher (tests run it on a fake backend).
+/// [`ServedModel::submit`] and [`Pending::outputs`] on a bare batcher (tests run it on
+/// a fake backend).
 pub async fn classify_on(
     batcher: &Batcher,
     name: &str,
