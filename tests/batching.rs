@@ -169,6 +169,16 @@ fn fake_with(fail: bool, stall: Duration, cfg: BatchConfig) -> (cxr::inference::
     (b, probe)
 }
 
+/// Batches of up to 8, formed at once, that wait up to 3 s for announced jobs.
+fn waiting_for_arrivals(capacity: usize) -> BatchConfig {
+    BatchConfig {
+        max_batch: 8,
+        batch_wait: Duration::ZERO,
+        arrival_wait: Duration::from_secs(3),
+        capacity,
+    }
+}
+
 /// A batch that is not full waits for requests announced as on their way (being
 /// decoded), so a burst runs as one batch; a lone request, and one whose announced
 /// companion never comes (its decode failed), do not wait out `arrival_wait`.
@@ -176,12 +186,7 @@ fn fake_with(fail: bool, stall: Duration, cfg: BatchConfig) -> (cxr::inference::
 async fn announced_requests_join_the_batch_and_nobody_waits_for_nothing() {
     use std::time::Instant;
     let input = |v: f32| vec![v; 3 * 2 * 2];
-    let cfg = BatchConfig {
-        max_batch: 8,
-        batch_wait: Duration::ZERO,
-        arrival_wait: Duration::from_secs(3),
-        capacity: 16,
-    };
+    let cfg = waiting_for_arrivals(16);
     // Two announced, one queued: the batch waits for the second, then runs both.
     let (b, probe) = fake_with(false, Duration::ZERO, cfg);
     let second = b.announce();
@@ -234,6 +239,46 @@ async fn announced_requests_join_the_batch_and_nobody_waits_for_nothing() {
         "waited {waited:?} for a request that never came (arrival_wait 400 ms)"
     );
     assert_eq!(out.batch_size, 1);
+}
+
+/// A job's announcement travels with it and is withdrawn when the worker takes it:
+/// the batch it starts never waits for its own job (the handler used to withdraw it
+/// right after queueing, and a worker that woke in between waited one poll, 0.5 ms,
+/// or all of `arrival_wait` where the handler was slow to withdraw). A refused job
+/// withdraws its announcement at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_own_announcement_never_holds_its_batch() {
+    use std::time::Instant;
+    let input = |v: f32| vec![v; 3 * 2 * 2];
+    let cfg = waiting_for_arrivals(1);
+    let (b, probe) = fake_with(false, Duration::from_millis(300), cfg);
+    let t = Instant::now();
+    let first = b.submit_announced(input(0.1), Some(b.announce())).unwrap();
+    let out = first.await.unwrap().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the batch waited for its own job: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(out.batch_size, 1);
+    assert_eq!(b.arriving(), 0);
+    // A running batch (300 ms) and a full queue (capacity 1): the third is refused,
+    // and its announcement goes with it.
+    let running = b.submit(input(0.2)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued = b.submit_announced(input(0.3), Some(b.announce())).unwrap();
+    assert_eq!(b.arriving(), 1, "queued, not yet taken");
+    let refused = b.submit_announced(input(0.4), Some(b.announce()));
+    assert!(refused.is_err());
+    assert_eq!(
+        b.arriving(),
+        1,
+        "the refused job's announcement is withdrawn"
+    );
+    running.await.unwrap().unwrap();
+    queued.await.unwrap().unwrap();
+    assert_eq!(b.arriving(), 0);
+    assert_eq!(*probe.batches.lock().unwrap(), vec![1, 1, 1]);
 }
 
 /// The inference facade on a fake backend: one call queues every input before

@@ -24,11 +24,14 @@ pub(super) async fn classify(
     let inputs = decoded
         .iter_mut()
         .map(|d| {
-            if explain {
+            let input = if explain {
                 d.input.clone()
             } else {
                 std::mem::take(&mut d.input)
-            }
+            };
+            // The announcement goes with the input: the worker withdraws it when it
+            // takes the job.
+            (input, d.arrival.take())
         })
         .collect();
     let overloaded = |e: InferError| {
@@ -37,12 +40,8 @@ pub(super) async fn classify(
         }
         ApiError::from(e)
     };
-    let pending = model.submit(inputs);
-    // Queued (or refused): no batch waits for them any more.
-    for d in &mut decoded {
-        d.arrival = None;
-    }
-    let outputs = pending
+    let outputs = model
+        .submit(inputs)
         .map_err(overloaded)?
         .outputs()
         .await

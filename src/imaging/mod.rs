@@ -24,7 +24,9 @@ use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Lim
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-pub use content::{MAX_COLOURFULNESS, MIN_GRAY_RANGE, check_not_blank, colourfulness};
+pub use content::{
+    MAX_COLOURFULNESS, MIN_GRAY_RANGE, check_not_blank, colourfulness, neutral_gray,
+};
 
 /// ImageNet channel means, the normalisation torchvision's pretrained weights expect.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -330,16 +332,22 @@ pub fn decode_gray_with(
         .set_limits(limits)
         .map_err(|e| ImageError::Decode(e.to_string()))?;
     let img = DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Decode(e.to_string()))?;
-    if geometry.is_some() && img.color().has_color() {
-        let c = colourfulness(&img);
-        if c > MAX_COLOURFULNESS {
-            return Err(ImageError::Colour {
-                colourfulness: c,
-                limit: MAX_COLOURFULNESS,
-            });
+    let gray = match neutral_gray(&img) {
+        // R = G = B everywhere: gray, no colour to measure.
+        Some(gray) => gray,
+        None => {
+            if geometry.is_some() && img.color().has_color() {
+                let c = colourfulness(&img);
+                if c > MAX_COLOURFULNESS {
+                    return Err(ImageError::Colour {
+                        colourfulness: c,
+                        limit: MAX_COLOURFULNESS,
+                    });
+                }
+            }
+            img.into_luma8()
         }
-    }
-    let gray = img.into_luma8();
+    };
     if geometry.is_some() {
         check_not_blank(&gray)?;
     }

@@ -51,6 +51,17 @@ struct Job {
     input: Vec<f32>,
     enqueued: Instant,
     reply: Reply,
+    /// Its announcement, withdrawn by the worker when it takes the job: the count a
+    /// forming batch waits on is then never the batch's own jobs.
+    arrival: Option<Arrival>,
+}
+
+impl Job {
+    /// The job, taken by the worker: its announcement is withdrawn.
+    fn taken(mut self) -> Self {
+        self.arrival = None;
+        self
+    }
 }
 
 /// Why a job was not accepted.
@@ -185,6 +196,19 @@ impl Batcher {
         &self,
         input: Vec<f32>,
     ) -> Result<oneshot::Receiver<Result<JobOutput, RunError>>, SubmitError> {
+        self.submit_announced(input, None)
+    }
+
+    /// [`Batcher::submit`] for a job announced with [`Batcher::announce`]: the
+    /// announcement travels with it and is withdrawn when the worker takes the job
+    /// (or at once, when the job is refused). Withdrawing it any earlier would let a
+    /// batch start without the job; any later, and the worker would wait for a job it
+    /// already holds.
+    pub fn submit_announced(
+        &self,
+        input: Vec<f32>,
+        arrival: Option<Arrival>,
+    ) -> Result<oneshot::Receiver<Result<JobOutput, RunError>>, SubmitError> {
         assert_eq!(
             input.len(),
             self.input_len,
@@ -197,6 +221,7 @@ impl Batcher {
             input,
             enqueued: Instant::now(),
             reply,
+            arrival,
         }) {
             Ok(()) => {
                 self.observer.depth(d);
@@ -218,14 +243,16 @@ impl Batcher {
     }
 
     /// Announces a job on its way (its request is being decoded): until the
-    /// [`Arrival`] is dropped, which the caller does once it has submitted the job (or
-    /// given up), a batch that is not full waits up to `arrival_wait` for it.
+    /// [`Arrival`] is dropped (it travels with the job into the queue, see
+    /// [`Batcher::submit_announced`], and is dropped when the worker takes the job or
+    /// when the caller gives up), a batch that is not full waits up to
+    /// `arrival_wait` for it.
     pub fn announce(&self) -> Arrival {
         self.arriving.fetch_add(1, Ordering::SeqCst);
         Arrival(self.arriving.clone())
     }
 
-    /// Jobs announced and not yet submitted.
+    /// Jobs announced and not yet taken by the worker.
     pub fn arriving(&self) -> usize {
         self.arriving.load(Ordering::SeqCst)
     }
@@ -329,7 +356,7 @@ fn worker(mut session: Box<dyn Backend>, ctx: &WorkerCtx, alive: &AtomicBool) {
     // `recv` fails only when every sender is gone and the queue is empty: then the
     // queue is drained and the worker ends.
     while let Ok(first) = rx.recv() {
-        let mut jobs = collect_batch(rx, first, cfg);
+        let mut jobs = collect_batch(rx, first.taken(), cfg);
         await_arrivals(rx, &mut jobs, cfg, arriving);
         // Nobody waits for these any more: skip them.
         let taken = jobs.len();
@@ -389,13 +416,13 @@ fn collect_batch(rx: &Receiver<Job>, first: Job, cfg: BatchConfig) -> Vec<Job> {
         if now >= deadline {
             // Take what is already there without waiting.
             match rx.try_recv() {
-                Ok(j) => jobs.push(j),
+                Ok(j) => jobs.push(j.taken()),
                 Err(_) => break,
             }
             continue;
         }
         match rx.recv_timeout(deadline - now) {
-            Ok(j) => jobs.push(j),
+            Ok(j) => jobs.push(j.taken()),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
         }
     }
@@ -421,7 +448,7 @@ fn await_arrivals(
             break;
         }
         match rx.recv_timeout((deadline - now).min(ARRIVAL_POLL)) {
-            Ok(j) => jobs.push(j),
+            Ok(j) => jobs.push(j.taken()),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }

@@ -12,7 +12,9 @@ use std::time::Instant;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::batcher::{BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError};
+use super::batcher::{
+    Arrival, BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError,
+};
 use super::runtime::{
     Device, Provider, SessionOptions, SharedPool, create_session, environment_with,
     run_probabilities,
@@ -89,12 +91,11 @@ pub enum InferError {
 }
 
 impl ServedModel {
-    /// Queues `inputs` (each one preprocessed `[3, s, s]` image) now, all of them
-    /// before any is awaited, so the images of one request batch together;
-    /// [`Pending::outputs`] awaits their answers in order. Splitting the two lets a
-    /// caller holding an [`Arrival`](super::batcher::Arrival) for them withdraw it as
-    /// soon as they are queued. The queue and the replies stay in here.
-    pub fn submit(&self, inputs: Vec<Vec<f32>>) -> Result<Pending, InferError> {
+    /// Queues `inputs` (each one preprocessed `[3, s, s]` image, with its
+    /// [`Arrival`] when it was announced) now, all of them before any is awaited, so
+    /// the images of one request batch together; [`Pending::outputs`] awaits their
+    /// answers in order. The queue and the replies stay in here.
+    pub fn submit(&self, inputs: Vec<(Vec<f32>, Option<Arrival>)>) -> Result<Pending, InferError> {
         submit_on(&self.batcher, &self.card.name, inputs)
     }
 }
@@ -106,6 +107,7 @@ pub async fn classify_on(
     name: &str,
     inputs: Vec<Vec<f32>>,
 ) -> Result<Vec<JobOutput>, InferError> {
+    let inputs = inputs.into_iter().map(|t| (t, None)).collect();
     submit_on(batcher, name, inputs)?.outputs().await
 }
 
@@ -114,14 +116,19 @@ pub async fn classify_on(
 pub fn submit_on(
     batcher: &Batcher,
     name: &str,
-    inputs: Vec<Vec<f32>>,
+    inputs: Vec<(Vec<f32>, Option<Arrival>)>,
 ) -> Result<Pending, InferError> {
     let mut replies = Vec::with_capacity(inputs.len());
-    for input in inputs {
-        replies.push(batcher.submit(input).map_err(|e| match e {
-            SubmitError::Full => InferError::Overloaded(name.to_string()),
-            SubmitError::Closed => InferError::Closed(name.to_string()),
-        })?);
+    // The first refusal ends it: the announcements not yet queued go with `inputs`.
+    for (input, arrival) in inputs {
+        replies.push(
+            batcher
+                .submit_announced(input, arrival)
+                .map_err(|e| match e {
+                    SubmitError::Full => InferError::Overloaded(name.to_string()),
+                    SubmitError::Closed => InferError::Closed(name.to_string()),
+                })?,
+        );
     }
     Ok(Pending(replies))
 }
