@@ -97,28 +97,18 @@ fn serves_on_a_real_socket_and_stops_on_sigterm() {
 fn a_bad_card_stops_start_up_with_a_clear_message() {
     let dir = common::models_dir();
     std::fs::write(dir.path().join("beta.onnx"), b"tampered").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
-        .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
-        .arg("--models-dir")
-        .arg(dir.path())
-        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = common::serve_fails(dir.path(), &["--host", "127.0.0.1", "--device", "cpu"]);
     assert!(
         err.contains("beta.onnx") && err.contains("SHA-256"),
         "{err}"
     );
 
-    let out = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
-        .args(["--port", "0", "--ort-lib", "/nonexistent/libonnxruntime.so"])
-        .arg("--models-dir")
-        .arg(common::models_dir().path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // The flag wins over ORT_DYLIB_PATH.
+    let models = common::models_dir();
+    let err = common::serve_fails(
+        models.path(),
+        &["--ort-lib", "/nonexistent/libonnxruntime.so"],
+    );
     assert!(
         err.contains("/nonexistent/libonnxruntime.so") && err.contains("scripts/setup.sh"),
         "{err}"

@@ -265,6 +265,21 @@ pub fn tcp_http_headers(
     (status, body)
 }
 
+/// Runs cxr-serve on port 0 with `args`, then `--models-dir models`, expecting it to
+/// refuse to start: its stderr (what an operator reads).
+pub fn serve_fails<S: AsRef<std::ffi::OsStr>>(models: &Path, args: &[S]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
+        .args(["--port", "0"])
+        .args(args)
+        .arg("--models-dir")
+        .arg(models)
+        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+        .output()
+        .expect("run cxr-serve");
+    assert!(!out.status.success(), "cxr-serve started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// The real `cxr-serve` binary on 127.0.0.1, port 0 (CPU, JSON logs, one intra-op
 /// thread) over `models`, with `extra` flags. Killed when dropped, so a failing test
 /// never leaves it holding the test runner's output open.

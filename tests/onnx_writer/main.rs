@@ -73,15 +73,21 @@ fn densenet161_loads_in_onnx_runtime_and_batches() {
     }
 }
 
-#[test]
-fn tiny_network_matches_reference_forward() {
-    let config = DenseNetConfig {
+/// Two dense blocks of 2 and 3 layers, growth 3, 6 initial features: every kind of
+/// layer, small enough for the reference forward pass.
+fn tiny_config() -> DenseNetConfig {
+    DenseNetConfig {
         growth_rate: 3,
         block_config: vec![2, 3],
         num_init_features: 6,
         bn_size: 2,
         num_classes: 2,
-    };
+    }
+}
+
+#[test]
+fn tiny_network_matches_reference_forward() {
+    let config = tiny_config();
     let mut w = config.random_weights(11);
     // Non-trivial BatchNorm statistics and biases, so every parameter matters.
     let mut r = cxr::arch::SplitMix64(5);
@@ -128,13 +134,7 @@ fn tiny_network_matches_reference_forward() {
 /// mean_hw(cam[:, c]) + bias[c] = logits[:, c].
 #[test]
 fn cam_and_embedding_match_the_reference_and_sum_to_the_logits() {
-    let config = DenseNetConfig {
-        growth_rate: 3,
-        block_config: vec![2, 3],
-        num_init_features: 6,
-        bn_size: 2,
-        num_classes: 2,
-    };
+    let config = tiny_config();
     let mut w = config.random_weights(21);
     let mut r = cxr::arch::SplitMix64(8);
     for v in &mut w.get_mut("classifier.bias").unwrap().data {

@@ -260,16 +260,10 @@ fn an_open_server_warns_once_and_a_bad_keys_file_stops_start_up() {
     let work = tempfile::tempdir().unwrap();
     let keys = work.path().join("keys.json");
     std::fs::write(&keys, r#"{"callers": []}"#).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
-        .args(["--port", "0", "--api-keys-file"])
-        .arg(&keys)
-        .arg("--models-dir")
-        .arg(dir.path())
-        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = common::serve_fails(
+        dir.path(),
+        &[std::ffi::OsStr::new("--api-keys-file"), keys.as_os_str()],
+    );
     assert!(
         err.contains("keys.json") && err.contains("no callers"),
         "{err}"
