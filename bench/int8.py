@@ -5,7 +5,10 @@ of a shared machine (30 % between minutes here) hits all four columns alike:
 
 - p50 at concurrency 1: each of `--n` rounds sends one POST /predict per model and
   runs raw ONNX Runtime b1 once per model (Python, same files, `--threads` intra-op
-  threads, ONNX Runtime's defaults otherwise);
+  threads, ONNX Runtime's defaults otherwise), the four in a random order (a fixed
+  order puts each column always after the same one: a position effect would read as
+  a difference), and reads the server's own timings of each answer (`timings_ms`), so
+  the served time splits into inference, the server's other steps and HTTP;
 - saturation: each of `--rounds` rounds runs, per model, a block of `--n-sat`
   requests from `--concurrency` clients, then raw ONNX Runtime for as many images at
   the batch size the server formed in that block (mean of its `cxr_batch_size`,
@@ -13,13 +16,14 @@ of a shared machine (30 % between minutes here) hits all four columns alike:
   harder baseline: a server that forms slow batches is measured against it); medians
   over rounds.
 
-A pause of 50 ms separates served from raw runs: ONNX Runtime's intra-op threads spin
-for a moment after each run (by default), and one side's spinning tail would slow the
+A pause (`--gap`, 150 ms) separates any two runs: ONNX Runtime's intra-op threads spin
+after each run (by default; here they burned 30-50 ms of CPU within 40 ms of a run,
+in the server and in Python alike), and one side's spinning tail would slow the
 other's next run. Prints INT8 / FP32 (served and raw) and served / raw per model.
 
     .venv/bin/python bench/int8.py --port 8090 [--model weighted] [--n 40] [--concurrency 8]
 """
-import os, statistics, sys, time, urllib.request
+import json, os, random, statistics, sys, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import serving  # noqa: E402
@@ -31,18 +35,25 @@ ap.add_argument("--n", type=int, default=40)
 ap.add_argument("--n-sat", type=int, default=48)
 ap.add_argument("--rounds", type=int, default=5)
 ap.add_argument("--raw-batches", default="1,2,4,8")
+ap.add_argument("--gap", type=float, default=0.15, help="seconds between runs")
 a = ap.parse_args()
 body = serving.test_jpeg(a.data)
 fp32, int8 = a.model, a.model + "-int8"
 models = (fp32, int8)
 
 
-GAP = 0.05  # s between switching served <-> raw: ONNX Runtime's threads spin for a
-# moment after each run (its default), and a spinning tail of one would slow the other
+GAP = a.gap  # s between runs: ONNX Runtime's threads spin after each run (its default),
+# and a spinning tail of one would slow the other
 
 
 def served(model):
     return serving.predict(a.port, model, body)
+
+
+def served_timed(model):
+    """One POST /predict: (seconds, the answer's own timings_ms)."""
+    t, answer = serving.predict_answer(a.port, model, body)
+    return t, json.loads(answer)["timings_ms"]
 
 
 sessions = {m: serving.raw_session(a.models_dir, m, a.threads) for m in models}
@@ -62,11 +73,18 @@ for m in models:
     raw(m, 4)
 
 seq = {(k, m): [] for k in ("served", "raw") for m in models}
+parts = {m: [] for m in models}
+rng = random.Random(0)
 for _ in range(a.n):
-    for m in models:
-        seq[("served", m)].append(served(m))
-        time.sleep(GAP)
-        seq[("raw", m)].append(raw(m, 1))
+    runs = [(k, m) for k in ("served", "raw") for m in models]
+    rng.shuffle(runs)
+    for k, m in runs:
+        if k == "served":
+            t, timings = served_timed(m)
+            seq[(k, m)].append(t)
+            parts[m].append(timings)
+        else:
+            seq[(k, m)].append(raw(m, 1))
         time.sleep(GAP)
 
 
@@ -114,6 +132,13 @@ for k in ("served", "raw"):
 for k in ("served", "raw"):
     what = f"{a.concurrency} clients" if k == "served" else f"at the server's batch sizes {formed}"
     print(f"{k} at saturation ({what}): {fp32} {ips[(k, fp32)]:.2f} img/s, {int8} {ips[(k, int8)]:.2f} img/s -> INT8 {ips[(k, int8)] / ips[(k, fp32)]:.3f}x")
+for m in models:
+    med = lambda f: statistics.median(f(p) for p in parts[m])
+    inf, total = med(lambda p: p["inference"]), med(lambda p: p["total"])
+    rest = med(lambda p: p["total"] - p["inference"])
+    http = statistics.median(s * 1e3 - p["total"] for s, p in zip(seq[("served", m)], parts[m]))
+    print(f"served {m} at concurrency 1, medians (ms): inference {inf:.1f} in the server vs raw {p50[('raw', m)]:.1f}; "
+          f"the server's other steps {rest:.2f} (decode {med(lambda p: p['decode']):.2f}, queue {med(lambda p: p['queue']):.2f}); HTTP and client {http:.2f}")
 for m in models:
     print(f"served / raw, {m}: saturation {ips[('served', m)] / ips[('raw', m)]:.3f} (throughput), p50 c=1 {p50[('served', m)] / p50[('raw', m)]:.3f} (time)")
 for m in models:

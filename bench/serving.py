@@ -39,14 +39,20 @@ def _connection(port):
 
 def predict(port, model, body):
     """One POST /predict on this thread's connection; its seconds."""
+    return predict_answer(port, model, body)[0]
+
+
+def predict_answer(port, model, body):
+    """One POST /predict on this thread's connection: (its seconds, the answer)."""
     c = _connection(port)
     t = time.time()
     c.request("POST", f"/predict?model={model}", body=body, headers={"Content-Type": "image/jpeg"})
     r = c.getresponse()
-    r.read()
+    answer = r.read()
+    took = time.time() - t
     if r.status != 200:
         raise RuntimeError(f"POST /predict?model={model}: {r.status}")
-    return time.time() - t
+    return took, answer
 
 
 def saturate(port, model, body, n, concurrency):
