@@ -134,7 +134,7 @@ for k in ("served", "raw"):
     print(f"{k} at saturation ({what}): {fp32} {ips[(k, fp32)]:.2f} img/s, {int8} {ips[(k, int8)]:.2f} img/s -> INT8 {ips[(k, int8)] / ips[(k, fp32)]:.3f}x")
 for m in models:
     med = lambda f: statistics.median(f(p) for p in parts[m])
-    inf, total = med(lambda p: p["inference"]), med(lambda p: p["total"])
+    inf = med(lambda p: p["inference"])
     rest = med(lambda p: p["total"] - p["inference"])
     http = statistics.median(s * 1e3 - p["total"] for s, p in zip(seq[("served", m)], parts[m]))
     print(f"served {m} at concurrency 1, medians (ms): inference {inf:.1f} in the server vs raw {p50[('raw', m)]:.1f}; "

@@ -34,7 +34,8 @@ pub(super) struct Decoded {
     pub(super) upload: UploadFacts,
     /// What a DICOM Structured Report of the answer needs (DICOM uploads).
     pub(super) sr: Option<crate::imaging::sr::SrSource>,
-    /// Its announcement to the model's batcher, withdrawn once it is queued.
+    /// Its announcement to the model's batcher; it goes into the queue with the input
+    /// and is withdrawn when the worker takes the job (or when the request fails).
     pub(super) arrival: Option<crate::inference::Arrival>,
 }
 

@@ -13,7 +13,7 @@ pub use batcher::{
 pub use measure::{CpuModel, MEASURE_BATCH};
 pub use models::{
     CPU_MAX_BATCH, CUDA_MAX_BATCH, InferError, LoadConfig, LoadError, ModelSet, Pending, Prefer,
-    SelectError, ServedModel, classify_on, load_models, submit_on,
+    SelectError, ServedModel, classify_on, load_models,
 };
 pub use runtime::{
     ClassMaps, Device, ModelOutput, Provider, RunError, RuntimeError, SessionOptions, SharedPool,

@@ -113,7 +113,7 @@ pub async fn classify_on(
 
 /// Queues every input (the first refusal ends it); [`Pending::outputs`] waits for
 /// their answers.
-pub fn submit_on(
+fn submit_on(
     batcher: &Batcher,
     name: &str,
     inputs: Vec<(Vec<f32>, Option<Arrival>)>,
