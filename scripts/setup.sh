@@ -9,7 +9,8 @@
 #                                   tritonclient[http] (NVIDIA's V2 protocol client),
 #                                   pydicom, Pillow, dciodvfy (Debian's dicom3tools), and
 #                                   for the page's browser test Debian's chromium, Node
-#                                   and puppeteer-core (npm; it downloads no browser)
+#                                   and puppeteer-core (npm; it downloads no browser),
+#                                   nginx (a real gateway in front of two replicas)
 #
 # Nothing is downloaded at build or run time: ONNX Runtime and libtorch come from
 # their official PyPI wheels, installed here with pip.
@@ -39,6 +40,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v cc >/dev/null || need_apt+=(build-essential)
 ((tests)) && ! command -v dciodvfy >/dev/null && need_apt+=(dicom3tools)
 ((tests)) && ! command -v chromium >/dev/null && need_apt+=(chromium)
+# A plain reverse proxy in front of two replicas (tests/gateway.rs).
+((tests)) && ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && need_apt+=(nginx-light)
 ((tests)) && ! command -v node >/dev/null && need_apt+=(nodejs)
 ((tests)) && ! command -v npm >/dev/null && need_apt+=(npm)
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

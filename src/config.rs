@@ -35,6 +35,10 @@ pub mod defaults {
     pub const MAX_ASPECT_RATIO: f64 = 4.0;
     /// `--request-timeout-s`.
     pub const REQUEST_TIMEOUT_S: f64 = 60.0;
+    /// `--idle-timeout-s`.
+    pub const IDLE_TIMEOUT_S: u64 = 75;
+    /// `--shutdown-timeout-s`: the body and request timeouts, plus 10 s.
+    pub const SHUTDOWN_TIMEOUT_S: u64 = 100;
 }
 
 /// Log line format.
@@ -137,6 +141,23 @@ pub struct ServeArgs {
     /// Most open connections; a new one beyond is closed at once.
     #[arg(long, env = "CXR_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// Longest a connection (HTTP/1 keep-alive or HTTP/2) stays open with no request
+    /// in flight, seconds. Longer than a gateway's own upstream keep-alive (nginx: 60
+    /// s), so that the gateway, not cxr, closes an idle connection it might reuse.
+    #[arg(long, env = "CXR_IDLE_TIMEOUT_S", default_value_t = defaults::IDLE_TIMEOUT_S)]
+    pub idle_timeout_s: u64,
+    /// Longest the drain after SIGTERM may take, seconds: requests in flight finish
+    /// within it, connections still open after it are dropped. At least
+    /// --body-timeout-s + --request-timeout-s, so that no accepted request is cut.
+    #[arg(long, env = "CXR_SHUTDOWN_TIMEOUT_S", default_value_t = defaults::SHUTDOWN_TIMEOUT_S)]
+    pub shutdown_timeout_s: u64,
+    /// Accept API connections while the models load (answering 503 `not_ready`), as
+    /// before 0.2. By default the API port refuses connections until every model is
+    /// loaded and warmed, so a gateway without health checks fails over instead of
+    /// sending requests that cannot be served; `/health` and `/ready` answer on
+    /// --metrics-port from the start.
+    #[arg(long, env = "CXR_LISTEN_BEFORE_READY")]
+    pub listen_before_ready: bool,
     /// Request bodies buffered at once, bytes; a request that would exceed it is
     /// answered 503 before its body is read.
     #[arg(long, env = "CXR_MAX_BUFFERED_BYTES", default_value_t = defaults::MAX_BUFFERED_BYTES)]
@@ -225,6 +246,8 @@ impl ServeArgs {
             ("--body-timeout-s", self.body_timeout_s),
             ("--max-connections", self.max_connections as u64),
             ("--max-decode-pixels", self.max_decode_pixels),
+            ("--idle-timeout-s", self.idle_timeout_s),
+            ("--shutdown-timeout-s", self.shutdown_timeout_s),
         ];
         if !(self.request_timeout_s.is_finite()
             && (0.001..=86_400.0).contains(&self.request_timeout_s))
@@ -247,6 +270,13 @@ impl ServeArgs {
         }
         if !(self.max_aspect_ratio.is_finite() && self.max_aspect_ratio >= 1.0) {
             return Err("--max-aspect-ratio must be a number >= 1".into());
+        }
+        if (self.shutdown_timeout_s as f64) < self.body_timeout_s as f64 + self.request_timeout_s {
+            return Err(format!(
+                "--shutdown-timeout-s ({}) must be at least --body-timeout-s + --request-timeout-s ({}), or the drain would cut requests it accepted",
+                self.shutdown_timeout_s,
+                self.body_timeout_s as f64 + self.request_timeout_s
+            ));
         }
         if self.metrics_port.is_some_and(|p| p != 0 && p == self.port) {
             return Err("--metrics-port must differ from --port".into());
@@ -297,7 +327,9 @@ impl ServeArgs {
     pub fn conn_limits(&self) -> crate::http::server::ConnLimits {
         crate::http::server::ConnLimits {
             header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_s),
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_s),
             max_connections: self.max_connections,
+            shutdown_timeout: std::time::Duration::from_secs(self.shutdown_timeout_s),
         }
     }
 

@@ -1,7 +1,9 @@
-//! cxr-serve: parses the configuration, starts listening at once (so `/health`
-//! answers while models load), loads and warms the models in the background, then
-//! turns `/ready` true. SIGINT/SIGTERM stop accepting, finish the requests in
-//! flight, drain the model queues and join the workers.
+//! cxr-serve: parses the configuration, opens the metrics port at once (`/health`
+//! and `/ready` answer there while models load), binds the API port, loads and warms
+//! the models, and only then accepts API connections (`--listen-before-ready`: at
+//! once, answering 503 until ready). SIGINT/SIGTERM stop accepting, finish the
+//! requests in flight within `--shutdown-timeout-s`, drain the model queues and join
+//! the workers.
 
 use std::sync::Arc;
 
@@ -32,7 +34,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if args.health_check {
-        std::process::exit(i32::from(!health_check(args.port)));
+        // The metrics port answers from the start; the API port once models are loaded.
+        let port = args.metrics_port.unwrap_or(args.port);
+        std::process::exit(i32::from(!health_check(port)));
     }
     args.validate()
         .map_err(anyhow::Error::msg)
@@ -49,13 +53,34 @@ fn main() -> anyhow::Result<()> {
             .with_env_filter(filter)
             .init(),
     }
+    quiet_panics();
     // No secrets in this configuration; log it whole.
     tracing::info!(config = %serde_json::to_string(&args).unwrap_or_default(), "starting cxr-serve {}", env!("CARGO_PKG_VERSION"));
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the tokio runtime")?
-        .block_on(serve(args))
+        .context("starting the tokio runtime")?;
+    let result = rt.block_on(serve(args));
+    // A loader still reading models (a stop while loading) is not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+/// Panics are logged as a fixed message with their place in the code, never their
+/// message: on a path that handles patient files, a message can quote a value from
+/// the file (a byte-offset panic on a DICOM text quotes the text). The request id is
+/// on the log line through the request's span.
+fn quiet_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(
+            location,
+            "a thread panicked (its message is not logged: it may quote patient data)"
+        );
+    }));
 }
 
 /// `GET /health` on 127.0.0.1:`port` with a plain HTTP/1.1 request and a 3-second
@@ -110,13 +135,14 @@ fn app_state(args: &ServeArgs, metrics: Arc<ServerMetrics>) -> anyhow::Result<Ap
     Ok(state)
 }
 
-/// Loads the models on the blocking pool; hands them to `state` when ready, or the
-/// error to `failed` (which stops the server). Returns their worker threads.
+/// Loads the models on the blocking pool; hands them to `state` when ready and says
+/// so on `outcome` (or sends the error, which stops the server). Returns their
+/// worker threads.
 fn spawn_loader(
     args: &ServeArgs,
     state: &AppState,
     metrics: Arc<ServerMetrics>,
-    failed_tx: tokio::sync::oneshot::Sender<String>,
+    outcome: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) -> tokio::task::JoinHandle<Option<Vec<std::thread::JoinHandle<()>>>> {
     let load_cfg = args.load_config();
     let loader_state = state.clone();
@@ -126,15 +152,44 @@ fn spawn_loader(
                 let names: Vec<String> = set.all().iter().map(|m| m.card.name.clone()).collect();
                 loader_state.set_models(set);
                 tracing::info!(models = ?names, "ready");
+                let _ = outcome.send(Ok(()));
                 Some(workers)
             }
             Err(e) => {
-                let _ = failed_tx.send(e.to_string());
+                let _ = outcome.send(Err(e.to_string()));
                 None
             }
         }
     })
 }
+
+/// The API socket, bound (so a taken port fails at once and `--port 0` has its
+/// number) but not yet listening: until [`tokio::net::TcpSocket::listen`], a
+/// connection attempt is refused.
+async fn bind_api(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpSocket> {
+    let addr = format!("{host}:{port}");
+    let resolved = tokio::net::lookup_host(&addr)
+        .await
+        .with_context(|| format!("cannot resolve {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))?;
+    let socket = if resolved.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .context("creating the API socket")?;
+    socket
+        .set_reuseaddr(true)
+        .context("creating the API socket")?;
+    socket
+        .bind(resolved)
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    Ok(socket)
+}
+
+/// Connections waiting to be accepted.
+const BACKLOG: u32 = 1024;
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(ServerMetrics::new());
@@ -145,24 +200,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let l = tokio::net::TcpListener::bind(&addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} (--metrics-port)"))?;
-            tracing::info!(metrics_addr = %l.local_addr()?, "metrics listener (/metrics is not on the API port)");
+            tracing::info!(metrics_addr = %l.local_addr()?, "metrics listener (/metrics, /health and /ready; open from the start)");
             state = state.without_public_metrics();
             Some(l)
         }
         None => None,
     };
-    let addr = format!("{}:{}", args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "listening; loading models");
+    let socket = bind_api(&args.host, args.port).await?;
+    let local = socket.local_addr()?;
 
     // Load in the background: `/health` answers meanwhile, `/ready` says 503.
-    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
-    let loader = spawn_loader(&args, &state, metrics, failed_tx);
+    let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let loader = spawn_loader(&args, &state, metrics, outcome_tx);
     let app = build_app(state.clone());
-    let load_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    let le = load_error.clone();
     // One stop signal for both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin_task = admin.map(|l| {
@@ -177,16 +227,67 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
         ))
     });
-    cxr::http::server::serve(listener, app, args.conn_limits(), async move {
+    let mut signal = std::pin::pin!(shutdown_signal());
+    let mut outcome_rx = Some(outcome_rx);
+    let mut load_error = None::<String>;
+    let listener = if args.listen_before_ready {
+        let l = socket
+            .listen(BACKLOG)
+            .context("listening on the API port")?;
+        tracing::info!(addr = %local, "listening; loading models (--listen-before-ready: the API answers 503 not_ready until they are)");
+        Some(l)
+    } else {
+        tracing::info!(bound = %local, "loading models; the API port accepts connections once every model is loaded and warmed");
+        let outcome = outcome_rx.take().context("model loader")?;
         tokio::select! {
-            () = shutdown_signal() => tracing::info!("shutdown signal: draining"),
-            Ok(e) = failed_rx => { *le.lock().unwrap_or_else(|p| p.into_inner()) = Some(e); }
+            outcome = outcome => match outcome {
+                Ok(Ok(())) => {
+                    let l = socket.listen(BACKLOG).context("listening on the API port")?;
+                    tracing::info!(addr = %local, "listening");
+                    Some(l)
+                }
+                Ok(Err(e)) => { load_error = Some(e); None }
+                Err(_) => { load_error = Some("the model loader stopped".into()); None }
+            },
+            () = &mut signal => {
+                tracing::info!("shutdown signal while loading: stopping");
+                None
+            }
         }
-    })
-    .await;
+    };
+    if let Some(listener) = listener {
+        let le = &mut load_error;
+        // With --listen-before-ready the loader may still fail while serving.
+        let failed = async move {
+            match outcome_rx {
+                Some(rx) => match rx.await {
+                    Ok(Err(e)) => e,
+                    _ => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
+        cxr::http::server::serve(listener, app, args.conn_limits(), async move {
+            tokio::select! {
+                () = &mut signal => tracing::info!("shutdown signal: draining"),
+                e = failed => { *le = Some(e); }
+            }
+        })
+        .await;
+    } else {
+        drop(app);
+    }
     let _ = stop_tx.send(true);
     if let Some(t) = admin_task {
         let _ = t.await;
+    }
+    if let Some(e) = load_error {
+        anyhow::bail!("cannot serve the models: {e}");
+    }
+    if !loader.is_finished() {
+        // Stopped while loading: the loader thread is left to the runtime's shutdown.
+        tracing::info!("stopped");
+        return Ok(());
     }
 
     // The router's state handles are gone; dropping ours closes the model queues, and
@@ -195,9 +296,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drop(state);
     for w in workers.into_iter().flatten() {
         let _ = w.join();
-    }
-    if let Some(e) = load_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        anyhow::bail!("cannot serve the models: {e}");
     }
     tracing::info!("stopped");
     Ok(())

@@ -127,3 +127,35 @@ async fn voi_luts_of_8_bit_entries_and_65536_entries_render_as_dcmtk_renders_the
     // Not any rendering: the 65536-entry curve answers otherwise than the 8-bit one.
     assert!((answers[0] - answers[2]).abs() > 1e-3, "{answers:?}");
 }
+
+/// JPEG 2000 codestreams from OpenJPEG's opj_compress (make_j2k_padding_fixtures.py):
+/// an odd-length codestream padded after its end marker with 0xFF or 0x00 decodes
+/// exactly as its even-length twin (and the native file: lossless); a codestream cut
+/// before its end is still refused, padded or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn padded_jpeg_2000_frames_decode_like_their_twin_and_cut_ones_are_refused() {
+    let t = common::test_app();
+    let answer = |bytes: Vec<u8>| {
+        let app = t.app.clone();
+        async move {
+            let (s, _, b) = send(&app, raw("/predict", "application/dicom", bytes)).await;
+            (s, json(&b))
+        }
+    };
+    let (s, native) = answer(fixture("native.dcm")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, twin) = answer(fixture("j2k_opj_even.dcm")).await;
+    assert_eq!(s, StatusCode::OK, "{twin}");
+    assert_eq!(twin["probabilities"], native["probabilities"]);
+    for padded in ["j2k_opj_pad_ff.dcm", "j2k_opj_pad_00.dcm"] {
+        let (s, v) = answer(fixture(padded)).await;
+        assert_eq!(s, StatusCode::OK, "{padded}: {v}");
+        assert_eq!(v["dicom"]["transfer_syntax"], "1.2.840.10008.1.2.4.90");
+        assert_eq!(v["probabilities"], twin["probabilities"], "{padded}");
+    }
+    for cut in ["j2k_opj_cut.dcm", "j2k_opj_cut_pad_ff.dcm"] {
+        let (s, v) = answer(fixture(cut)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{cut}: {v}");
+        assert_eq!(v["error_type"], "invalid_dicom", "{cut}");
+    }
+}

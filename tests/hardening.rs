@@ -334,3 +334,88 @@ fn abandoned_jobs_cause_no_inference() {
     drop(b);
     handle.join().unwrap();
 }
+
+/// A `PatientAge` whose unit letter is an ISO-8859-1 byte (`01\xE9 `, é where the
+/// unit goes): answered, never 5xx, and no part of the value reaches any log line of
+/// the real binary at TRACE (stdout and stderr).
+#[test]
+fn a_patient_age_in_another_character_set_is_answered_and_never_logged() {
+    let dir = common::models_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
+        .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
+        .args(["--log-format", "json", "--intra-threads", "1"])
+        .args(["--min-image-side", "16"])
+        .arg("--models-dir")
+        .arg(dir.path())
+        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+        .env("CXR_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cxr-serve");
+    let stderr = child.stderr.take().unwrap();
+    let err_lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .split(b'\n')
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).split(b'\n');
+    let mut out_lines: Vec<Vec<u8>> = Vec::new();
+    let addr = lines
+        .by_ref()
+        .find_map(|l| {
+            let l = l.ok()?;
+            let v: Option<serde_json::Value> = serde_json::from_slice(&l).ok();
+            out_lines.push(l);
+            v.and_then(|v| v["fields"]["addr"].as_str().map(str::to_string))
+        })
+        .expect("the server logs its address");
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+
+    let g = d::test_gray(64, 64, 5);
+    let file = d::build(&Spec::new(64, 64, 8, d::stored(&g, |v| v)));
+    let file = d::with_tags(
+        &file,
+        &[(
+            dicom_dictionary_std::tags::PATIENT_AGE,
+            dicom_core::VR::AS,
+            "01Q",
+        )],
+    );
+    let at = file
+        .windows(4)
+        .position(|w| w == b"01Q ")
+        .expect("the planted value");
+    let mut file = file;
+    file[at..at + 4].copy_from_slice(b"01\xE9 ");
+    let (status, body) = http(&addr, "POST", "/predict", Some("application/dicom"), &file);
+    assert!(status < 500, "{status}: {body}");
+    assert_eq!(status, 200, "{body}");
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    out_lines.extend(rest.join().unwrap());
+    let all: Vec<Vec<u8>> = out_lines
+        .into_iter()
+        .chain(err_lines.join().unwrap())
+        .collect();
+    assert!(
+        all.len() > 10,
+        "TRACE logs were captured ({} lines)",
+        all.len()
+    );
+    for line in &all {
+        let text = String::from_utf8_lossy(line);
+        for needle in ["01\u{e9}", "\u{e9}", "01\u{FFFD}", "\\u00e9", "01Q"] {
+            assert!(!text.contains(needle), "{needle:?} in a log line: {text}");
+        }
+        assert!(
+            !line.windows(3).any(|w| w == b"01\xE9"),
+            "raw value in: {text}"
+        );
+        assert!(!text.contains("panicked at"), "{text}");
+    }
+}

@@ -266,7 +266,8 @@ pub fn build_admin_app(state: AppState) -> Router {
     with_common_layers(
         Router::new()
             .route("/metrics", get(metrics_text))
-            .route("/health", get(health)),
+            .route("/health", get(health))
+            .route("/ready", get(ready)),
         &state,
     )
     .with_state(state)

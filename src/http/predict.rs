@@ -240,7 +240,9 @@ pub(super) async fn decode_all(
             .collect::<Result<Vec<_>, _>>()
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("decode task failed: {e}")))??;
+    // A panic's message may quote the upload's content (a DICOM value): never pass
+    // it on; the panic hook logged where it happened.
+    .map_err(|_| ApiError::Internal("the image decoder failed".into()))??;
     drop(permit);
     for (d, a) in decoded.iter_mut().zip(arrivals) {
         d.arrival = Some(a);

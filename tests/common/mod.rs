@@ -294,6 +294,13 @@ pub struct Server {
 
 impl Server {
     pub fn start<S: AsRef<std::ffi::OsStr>>(models: &Path, extra: &[S]) -> Self {
+        Self::start_until(models, extra, "addr")
+    }
+
+    /// [`Server::start`], returning once the start-up log names `field` (e.g.
+    /// `bound`, the API address before it accepts connections), which becomes
+    /// [`Server::addr`].
+    pub fn start_until<S: AsRef<std::ffi::OsStr>>(models: &Path, extra: &[S], field: &str) -> Self {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut child = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
@@ -314,7 +321,7 @@ impl Server {
             let line = line.unwrap();
             let v: serde_json::Value =
                 serde_json::from_str(&line).unwrap_or_else(|_| panic!("JSON log line: {line}"));
-            addr = v["fields"]["addr"].as_str().map(str::to_string);
+            addr = v["fields"][field].as_str().map(str::to_string);
             startup.push(v);
             if addr.is_some() {
                 break;
@@ -322,10 +329,27 @@ impl Server {
         }
         Self {
             child,
-            addr: addr.expect("the server logs its address"),
+            addr: addr.unwrap_or_else(|| panic!("the server logs `{field}`")),
             startup,
             logs: Some(logs),
         }
+    }
+
+    /// Reads the log until a line has `field`; its value.
+    pub fn wait_log_field(&mut self, field: &str) -> String {
+        let logs = self.logs.as_mut().expect("logs not discarded");
+        for line in logs.by_ref() {
+            let line = line.unwrap();
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| panic!("JSON log line: {line}"));
+            if let Some(value) = v["fields"][field].as_str() {
+                let value = value.to_string();
+                self.startup.push(v);
+                return value;
+            }
+            self.startup.push(v);
+        }
+        panic!("the log ended before `{field}`")
     }
 
     /// A start-up log field's first value (e.g. `metrics_addr`).

@@ -37,10 +37,8 @@ pub(super) fn check_codestream(
         ts_uid.starts_with("1.2.840.10008.1.2.4.9") || ts_uid.starts_with("1.2.840.10008.1.2.4.20");
     let dims = if j2k {
         // A cut JPEG 2000 codestream still decodes (at a lower quality, by design):
-        // refuse one without its end-of-codestream marker (fragments are padded to an
-        // even length with zeros).
-        let end = frame.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-        if !frame[..end].ends_with(&[0xFF, 0xD9]) {
+        // refuse one without its end-of-codestream marker.
+        if !j2k_ends_with_eoc(&frame) {
             return Err(malformed(
                 "the JPEG 2000 codestream ends before its end-of-codestream marker (truncated?)",
             ));
@@ -62,6 +60,19 @@ pub(super) fn check_codestream(
             "no frame header found in the compressed pixel data",
         )),
     }
+}
+
+/// Whether a JPEG 2000 codestream reaches its end-of-codestream marker (FF D9),
+/// ignoring the padding after it: an odd-length codestream is padded to an even
+/// fragment length (PS3.5 A.4 says with 0x00; writers also use 0xFF). Inside a
+/// codestream FF D9 cannot occur before its end (bit stuffing keeps packet data below
+/// FF 90), so a cut codestream never looks complete.
+fn j2k_ends_with_eoc(frame: &[u8]) -> bool {
+    let end = frame
+        .iter()
+        .rposition(|&b| b != 0x00 && b != 0xFF)
+        .map_or(0, |i| i + 1);
+    end >= 2 && frame[..end].ends_with(&[0xFF, 0xD9]) && frame.len() - end <= 8
 }
 
 /// Word `i` of an RLE fragment's 64-byte header (0: segment count, 1..=15: offsets).
@@ -177,6 +188,24 @@ fn j2k_dims(b: &[u8]) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn j2k_padding_after_the_end_marker_is_tolerated_and_a_cut_is_not() {
+        let stream = [0xFF, 0x4F, 0xFF, 0x51, 0x12, 0x34, 0xFF, 0xD9];
+        for pad in [&[][..], &[0x00], &[0xFF], &[0x00, 0x00], &[0xFF, 0x00]] {
+            assert!(j2k_ends_with_eoc(&[&stream[..], pad].concat()), "{pad:?}");
+        }
+        for cut in [
+            &stream[..7],
+            &stream[..6],
+            &[0xFF, 0x4F, 0x12, 0xFF][..],
+            &[],
+        ] {
+            for pad in [&[][..], &[0x00], &[0xFF]] {
+                assert!(!j2k_ends_with_eoc(&[cut, pad].concat()), "{cut:?} {pad:?}");
+            }
+        }
+    }
 
     #[test]
     fn codestream_headers() {

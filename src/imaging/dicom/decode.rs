@@ -346,16 +346,20 @@ fn warnings(
 
 /// Whether a DICOM Age String (`nnnD`, `nnnW`, `nnnM`, `nnnY`) is over 18 years.
 fn age_over_18(age: &str) -> bool {
-    let age = age.trim();
-    let (num, unit) = age.split_at(age.len().saturating_sub(1));
-    let Ok(n) = num.parse::<u32>() else {
+    // Characters, never byte offsets: a value from another character set (an
+    // ISO-8859-1 byte read as text) may end in a multi-byte character.
+    let mut chars = age.trim().chars();
+    let Some(unit) = chars.next_back() else {
+        return false;
+    };
+    let Ok(n) = chars.as_str().parse::<u32>() else {
         return false;
     };
     match unit {
-        "Y" | "y" => n > 18,
-        "M" | "m" => n > 18 * 12,
-        "W" | "w" => n > 18 * 52 + 1,
-        "D" | "d" => n > 18 * 365 + 4,
+        'Y' | 'y' => n > 18,
+        'M' | 'm' => n > 18 * 12,
+        'W' | 'w' => n > 18 * 52 + 1,
+        'D' | 'd' => n > 18 * 365 + 4,
         _ => false,
     }
 }
@@ -378,6 +382,10 @@ mod tests {
             ("", false),
             ("Y", false),
             ("abcY", false),
+            ("01é", false),
+            ("é", false),
+            ("0é1Y", false),
+            ("\u{FFFD}", false),
         ] {
             assert_eq!(age_over_18(a), want, "{a}");
         }
