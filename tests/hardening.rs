@@ -419,3 +419,70 @@ fn a_patient_age_in_another_character_set_is_answered_and_never_logged() {
         assert!(!text.contains("panicked at"), "{text}");
     }
 }
+
+/// Four concurrent ~29 MiB V2 JSON bodies whose `data` holds 15,000,000 zeros for a
+/// `[1, 3, 32, 32]` shape (and four of 7,000,000 zero-length binary BYTES elements
+/// for a `[1]` shape) are each refused 400 within 5 s, and the server's peak RSS
+/// grows by less than 300 MB (it was 14 bytes held per byte sent).
+#[test]
+fn a_v2_flood_of_huge_tensors_is_refused_without_the_memory() {
+    let dir = common::models_dir();
+    let mut server = common::Server::start(dir.path(), &[] as &[&str]);
+    server.discard_logs();
+    server.wait_ready();
+    let addr = server.addr.clone();
+    let zeros = 15_000_000;
+    let mut json =
+        br#"{"inputs":[{"name":"input","datatype":"FP32","shape":[1,3,32,32],"data":["#.to_vec();
+    json.reserve(zeros * 2 + 8);
+    for _ in 0..zeros - 1 {
+        json.extend_from_slice(b"0,");
+    }
+    json.extend_from_slice(b"0]}]}");
+    assert!(json.len() > 29_000_000 && json.len() < 32 << 20);
+    let json = std::sync::Arc::new(json);
+    let header = br#"{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":28000000}}]}"#;
+    let mut binary = header.to_vec();
+    binary.resize(header.len() + 28_000_000, 0);
+    let binary = std::sync::Arc::new((binary, header.len().to_string()));
+
+    let before = peak_rss_kb(server.child.id());
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let (addr, json, binary) = (addr.clone(), json.clone(), binary.clone());
+        clients.push(std::thread::spawn(move || {
+            let started = Instant::now();
+            let (status, body) = if i % 2 == 0 {
+                http(
+                    &addr,
+                    "POST",
+                    "/v2/models/alpha/infer",
+                    Some("application/json"),
+                    &json,
+                )
+            } else {
+                common::tcp_http_headers(
+                    &addr,
+                    "POST",
+                    "/v2/models/alpha/infer",
+                    &[
+                        ("Content-Type", "application/octet-stream"),
+                        ("Inference-Header-Content-Length", &binary.1),
+                    ],
+                    &binary.0,
+                )
+            };
+            (status, body, started.elapsed())
+        }));
+    }
+    for c in clients {
+        let (status, body, took) = c.join().unwrap();
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("more"), "{body}");
+        assert!(took < Duration::from_secs(5), "refused after {took:?}");
+    }
+    let growth_mb = peak_rss_kb(server.child.id()).saturating_sub(before) as f64 / 1024.0;
+    assert!(growth_mb < 300.0, "peak RSS grew {growth_mb:.0} MB");
+    // And the server still answers.
+    assert_eq!(http(&addr, "GET", "/ready", None, b"").0, 200);
+}

@@ -59,9 +59,12 @@ pub async fn infer(
             )));
         }
     };
-    let request: InferRequest = serde_json::from_slice(&json)
-        .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
+    // The slot before the JSON is read: parsing is work a flood must not get for free.
     let _permit = inflight_slot(&state)?;
+    // Typed and bounded: a tensor's data stays the request's own text until the
+    // model and shape say how much of it to read.
+    let request: InferRequest<'_> = serde_json::from_slice(&json)
+        .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
     let job = infer_inner(&state, &p, request, binary, caller, rid, started);
     within_request_timeout(&state, job).await
 }
@@ -69,7 +72,7 @@ pub async fn infer(
 async fn infer_inner(
     state: &AppState,
     p: &ModelPath,
-    request: InferRequest,
+    request: InferRequest<'_>,
     binary: Bytes,
     caller: Caller,
     rid: String,
@@ -88,7 +91,7 @@ async fn infer_inner(
         )));
     }
 
-    let decoded = decode_input(state, model, request.inputs, &binary).await?;
+    let decoded = decode_input(state, model, request.inputs.0, &binary).await?;
     let predictions = classify(
         state, model, &decision, decoded, &caller, &rid, started, false,
     )
@@ -145,11 +148,11 @@ fn query_of(parameters: &Map<String, Value>) -> Result<PredictQuery, ApiError> {
 async fn decode_input(
     state: &AppState,
     model: &ServedModel,
-    inputs: Vec<RequestInput>,
+    inputs: Vec<RequestInput<'_>>,
     binary: &Bytes,
 ) -> Result<Vec<Decoded>, ApiError> {
     let limits = &state.inner.limits;
-    let [input] = <[RequestInput; 1]>::try_from(inputs).map_err(|inputs| {
+    let [input] = <[RequestInput<'_>; 1]>::try_from(inputs).map_err(|inputs| {
         ApiError::BadRequest(format!(
             "{} inputs; send exactly one: `image` (BYTES, encoded files) or `input` (FP32 [N, 3, {s}, {s}])",
             inputs.len(),
@@ -159,7 +162,7 @@ async fn decode_input(
     let bin = input_binary(&input, binary)?;
     Ok(match input.name.as_str() {
         "image" => {
-            let files = image_elements(&input, bin)?;
+            let files = image_elements(&input, bin, limits.max_images)?;
             check_batch(files.len(), limits.max_images)?;
             let uploads = files.into_iter().map(Upload::sniff).collect();
             decode_all(state, model, uploads).await?
@@ -251,7 +254,7 @@ fn into_http(response: &InferResponse, tail: Vec<u8>) -> Result<Response, ApiErr
 }
 
 /// The outputs to return, in order, each with whether it goes as binary.
-fn selected_outputs(r: &InferRequest) -> Result<Vec<(&'static str, bool)>, ApiError> {
+fn selected_outputs(r: &InferRequest<'_>) -> Result<Vec<(&'static str, bool)>, ApiError> {
     let all_binary = match r.parameters.get("binary_data_output") {
         None => false,
         Some(v) => v.as_bool().ok_or_else(|| {
@@ -261,8 +264,8 @@ fn selected_outputs(r: &InferRequest) -> Result<Vec<(&'static str, bool)>, ApiEr
     let Some(asked) = &r.outputs else {
         return Ok(vec![("probabilities", all_binary), ("label", all_binary)]);
     };
-    let mut out = Vec::with_capacity(asked.len());
-    for o in asked {
+    let mut out = Vec::with_capacity(asked.0.len());
+    for o in &asked.0 {
         let name = match o.name.as_str() {
             "probabilities" => "probabilities",
             "label" => "label",

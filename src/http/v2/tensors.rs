@@ -6,7 +6,7 @@ use super::*;
 /// The input's bytes from the binary part, when it declares `binary_data_size` (the
 /// only input, so they are the whole binary part).
 pub(super) fn input_binary<'a>(
-    input: &RequestInput,
+    input: &RequestInput<'_>,
     binary: &'a Bytes,
 ) -> Result<Option<&'a [u8]>, ApiError> {
     match input.parameters.get("binary_data_size") {
@@ -52,7 +52,7 @@ pub(super) fn check_batch(n: usize, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub(super) fn check_datatype(input: &RequestInput, want: &str) -> Result<(), ApiError> {
+pub(super) fn check_datatype(input: &RequestInput<'_>, want: &str) -> Result<(), ApiError> {
     if input.datatype != want {
         return Err(ApiError::BadRequest(format!(
             "input `{}` must have datatype {want}, not {}",
@@ -62,13 +62,15 @@ pub(super) fn check_datatype(input: &RequestInput, want: &str) -> Result<(), Api
     Ok(())
 }
 
-/// The files of an `image` input: shape `[N]` (or `[N, 1]`).
+/// The files of an `image` input: shape `[N]` (or `[N, 1]`), `N` at most `max`.
+/// Refused as soon as the data holds more elements than the shape declares.
 pub(super) fn image_elements(
-    input: &RequestInput,
+    input: &RequestInput<'_>,
     bin: Option<&[u8]>,
+    max: usize,
 ) -> Result<Vec<Bytes>, ApiError> {
     check_datatype(input, "BYTES")?;
-    let n = match input.shape.as_slice() {
+    let n = match input.shape.0.as_slice() {
         [n] | [n, 1] if *n >= 0 => *n as usize,
         other => {
             return Err(ApiError::BadRequest(format!(
@@ -76,10 +78,19 @@ pub(super) fn image_elements(
             )));
         }
     };
+    check_batch(n, max)?;
+    let too_many = || {
+        ApiError::BadRequest(format!(
+            "input `image` has shape [{n}] but holds more elements"
+        ))
+    };
     let files: Vec<Bytes> = match bin {
         Some(mut b) => {
             let mut files = Vec::new();
             while !b.is_empty() {
+                if files.len() == n {
+                    return Err(too_many());
+                }
                 let (len, rest) = b
                     .split_first_chunk::<4>()
                     .ok_or_else(|| bad_bytes("a length prefix is cut short"))?;
@@ -93,39 +104,13 @@ pub(super) fn image_elements(
             files
         }
         None => {
-            let data = input.data.as_ref().ok_or_else(|| {
+            let data = input.data.ok_or_else(|| {
                 ApiError::BadRequest("input `image` has neither `data` nor binary_data_size".into())
             })?;
-            let mut leaves = Vec::new();
-            flatten(data, &mut leaves);
-            leaves
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    let s = match v {
-                        Value::String(s) => s.as_str(),
-                        Value::Object(o) => o.get("b64").and_then(Value::as_str).ok_or_else(|| {
-                            ApiError::BadRequest(format!(
-                                "element {i} of input `image` must be a base64 string or {{\"b64\": ...}}"
-                            ))
-                        })?,
-                        _ => {
-                            return Err(ApiError::BadRequest(format!(
-                                "element {i} of input `image` must be a base64 string (an encoded JPEG, PNG or DICOM file)"
-                            )));
-                        }
-                    };
-                    let clean: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-                    base64::engine::general_purpose::STANDARD
-                        .decode(clean.as_bytes())
-                        .map(Bytes::from)
-                        .map_err(|e| {
-                            ApiError::BadRequest(format!(
-                                "element {i} of input `image` is not base64 ({e})"
-                            ))
-                        })
-                })
-                .collect::<Result<_, _>>()?
+            read_data(data, FlatFiles { max: n }).map_err(|e| match e {
+                DataError::TooMany => too_many(),
+                DataError::Invalid(m) => ApiError::BadRequest(m),
+            })?
         }
     };
     if files.len() != n {
@@ -137,29 +122,220 @@ pub(super) fn image_elements(
     Ok(files)
 }
 
+/// Why a tensor's JSON data was refused.
+pub(super) enum DataError {
+    /// More elements than the shape declares.
+    TooMany,
+    /// Not the elements the input takes.
+    Invalid(String),
+}
+
+/// Reads a tensor's JSON `data` (its text, kept from the request) with `seed`.
+pub(super) fn read_data<T>(
+    data: &serde_json::value::RawValue,
+    seed: impl for<'de> serde::de::DeserializeSeed<'de, Value = T>,
+) -> Result<T, DataError> {
+    let mut de = serde_json::Deserializer::from_str(data.get());
+    let out = seed.deserialize(&mut de).map_err(|e| {
+        let text = e.to_string();
+        if text.starts_with(TOO_MANY) {
+            DataError::TooMany
+        } else {
+            DataError::Invalid(text)
+        }
+    })?;
+    de.end().map_err(|e| DataError::Invalid(e.to_string()))?;
+    Ok(out)
+}
+
+/// The error text that marks "more elements than the shape declares".
+const TOO_MANY: &str = "more elements than the shape declares";
+
+/// Numbers, nested arrays flattened, at most `max`: an FP32 tensor's data.
+pub(super) struct FlatNumbers {
+    pub max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for FlatNumbers {
+    type Value = Vec<f32>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<f32>, D::Error> {
+        let mut out = Vec::new();
+        d.deserialize_any(NumberVisitor {
+            out: &mut out,
+            max: self.max,
+        })?;
+        Ok(out)
+    }
+}
+
+struct NumberVisitor<'o> {
+    out: &'o mut Vec<f32>,
+    max: usize,
+}
+
+impl NumberVisitor<'_> {
+    fn push<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        if self.out.len() == self.max {
+            return Err(E::custom(TOO_MANY));
+        }
+        self.out.push(v as f32);
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NumberVisitor<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("input `input` data must be numbers")
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(v)
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(v as f64)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(v as f64)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        let (out, max) = (self.out, self.max);
+        while s
+            .next_element_seed(NestedNumbers {
+                out: &mut *out,
+                max,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+struct NestedNumbers<'o> {
+    out: &'o mut Vec<f32>,
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for NestedNumbers<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(NumberVisitor {
+            out: self.out,
+            max: self.max,
+        })
+    }
+}
+
+/// Files, each a base64 string or `{"b64": "..."}`, nested arrays flattened, at
+/// most `max`: a BYTES `image` tensor's data, decoded as it is read.
+pub(super) struct FlatFiles {
+    pub max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for FlatFiles {
+    type Value = Vec<Bytes>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<Bytes>, D::Error> {
+        let mut out = Vec::new();
+        d.deserialize_any(FileVisitor {
+            out: &mut out,
+            max: self.max,
+        })?;
+        Ok(out)
+    }
+}
+
+struct FileVisitor<'o> {
+    out: &'o mut Vec<Bytes>,
+    max: usize,
+}
+
+impl FileVisitor<'_> {
+    fn push<E: serde::de::Error>(self, b64: &str) -> Result<(), E> {
+        let i = self.out.len();
+        if i == self.max {
+            return Err(E::custom(TOO_MANY));
+        }
+        let clean: Vec<u8> = b64.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&clean)
+            .map_err(|e| E::custom(format!("element {i} of input `image` is not base64 ({e})")))?;
+        self.out.push(Bytes::from(bytes));
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FileVisitor<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "element {} of input `image` to be a base64 string (an encoded JPEG, PNG or DICOM file) or {{\"b64\": ...}}",
+            self.out.len()
+        )
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.push(v)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        let mut b64: Option<String> = None;
+        while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "b64" && b64.is_none() {
+                b64 = Some(m.next_value()?);
+            } else {
+                m.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        let i = self.out.len();
+        let b64 = b64.ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "element {i} of input `image` must be a base64 string or {{\"b64\": ...}}"
+            ))
+        })?;
+        self.push(&b64)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        let (out, max) = (self.out, self.max);
+        while s
+            .next_element_seed(NestedFiles {
+                out: &mut *out,
+                max,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+struct NestedFiles<'o> {
+    out: &'o mut Vec<Bytes>,
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for NestedFiles<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(FileVisitor {
+            out: self.out,
+            max: self.max,
+        })
+    }
+}
+
 pub(super) fn bad_bytes(what: &str) -> ApiError {
     ApiError::BadRequest(format!(
         "input `image` binary data: {what} (each element is a 4-byte little-endian length, then the bytes)"
     ))
 }
 
-pub(super) fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-    match v {
-        Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
-        other => out.push(other),
-    }
-}
-
 /// The rows of an `input` tensor `[N, 3, S, S]`, as decoded inputs.
 pub(super) fn tensor_rows(
-    input: &RequestInput,
+    input: &RequestInput<'_>,
     bin: Option<&[u8]>,
     size: u32,
     max: usize,
 ) -> Result<Vec<Decoded>, ApiError> {
     check_datatype(input, "FP32")?;
     let s = i64::from(size);
-    let n = match input.shape.as_slice() {
+    let n = match input.shape.0.as_slice() {
         [n, 3, h, w] if *n >= 0 && *h == s && *w == s => *n as usize,
         other => {
             return Err(ApiError::BadRequest(format!(
@@ -169,13 +345,14 @@ pub(super) fn tensor_rows(
     };
     check_batch(n, max)?;
     let row = 3 * (size as usize) * (size as usize);
+    let needed = n * row;
     let values: Vec<f32> = match bin {
         Some(b) => {
             if b.len() != n * row * 4 {
                 return Err(ApiError::BadRequest(format!(
                     "input `input` has {} bytes of FP32 data; shape {:?} needs {}",
                     b.len(),
-                    input.shape,
+                    input.shape.0,
                     n * row * 4
                 )));
             }
@@ -184,26 +361,25 @@ pub(super) fn tensor_rows(
                 .collect()
         }
         None => {
-            let data = input.data.as_ref().ok_or_else(|| {
+            let data = input.data.ok_or_else(|| {
                 ApiError::BadRequest("input `input` has neither `data` nor binary_data_size".into())
             })?;
-            let mut leaves = Vec::new();
-            flatten(data, &mut leaves);
-            leaves
-                .into_iter()
-                .map(|v| {
-                    v.as_f64().map(|x| x as f32).ok_or_else(|| {
-                        ApiError::BadRequest("input `input` data must be numbers".into())
-                    })
-                })
-                .collect::<Result<_, _>>()?
+            read_data(data, FlatNumbers { max: needed }).map_err(|e| match e {
+                DataError::TooMany => ApiError::BadRequest(format!(
+                    "input `input` holds more than the {needed} values its shape {:?} needs",
+                    input.shape.0
+                )),
+                DataError::Invalid(_) => {
+                    ApiError::BadRequest("input `input` data must be numbers".into())
+                }
+            })?
         }
     };
     if values.len() != n * row {
         return Err(ApiError::BadRequest(format!(
             "input `input` holds {} values; shape {:?} needs {}",
             values.len(),
-            input.shape,
+            input.shape.0,
             n * row
         )));
     }
