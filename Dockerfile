@@ -5,7 +5,8 @@
 #   docker run --rm -p 8080:8080 cxr:cpu
 #   docker run --rm -p 8080:8080 -v "$PWD/models:/opt/cxr/models:ro" cxr:cpu   # other models
 #
-# Stages: `build` compiles cxr-serve (dependencies in their own cached layer);
+# Stages: `chef`, `planner` and `build` compile cxr-serve (dependencies in their own
+# cached layer, by cargo-chef);
 # `ort-cpu` / `ort-cuda` take ONNX Runtime's shared library from the official PyPI
 # wheels; `runtime-cuda` and `runtime` (last, so the default) hold only the binary,
 # the library and models/. Configuration is by CXR_* environment variables (README).
@@ -16,26 +17,31 @@ ARG ORT_VERSION=1.32.0
 ARG CUDA_IMAGE=docker.io/nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------- build
-FROM docker.io/library/rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
+# Dependencies in their own cached layer, by cargo-chef: `prepare` derives a recipe
+# (the manifests and a skeleton of every target) from the sources as they are, so the
+# cached layer cannot go stale when a target is added; `cook` builds the dependencies
+# from it, and is rebuilt only when the recipe changes.
+FROM docker.io/library/rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS chef
+ARG CARGO_CHEF_VERSION=0.1.78
+RUN cargo install cargo-chef --locked --version "${CARGO_CHEF_VERSION}" \
+    && rm -rf "${CARGO_HOME:-/usr/local/cargo}/registry"
 WORKDIR /src
+
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS build
 # No debug info in the image's binary; function names stay for backtraces.
 ENV CARGO_PROFILE_RELEASE_DEBUG=false \
     CARGO_PROFILE_RELEASE_STRIP=debuginfo \
     CARGO_TERM_COLOR=never
-# Dependencies first, against stub targets: this layer is reused until Cargo.toml or
-# Cargo.lock change.
+COPY --from=planner /src/recipe.json recipe.json
+RUN cargo chef cook --release --locked --recipe-path recipe.json --bin cxr-serve
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin benches \
-    && echo 'fn main() {}' > src/main.rs \
-    && echo 'fn main() {}' > src/bin/cxr-train.rs \
-    && echo 'fn main() {}' > benches/serve.rs \
-    && echo 'fn main() {}' > benches/train_step.rs \
-    && touch src/lib.rs \
-    && cargo build --release --locked --bin cxr-serve \
-    && rm -rf src benches target/release/cxr-serve* \
-        target/release/deps/cxr* target/release/deps/libcxr* target/release/.fingerprint/cxr-*
 COPY src src
 COPY benches benches
+COPY examples examples
 RUN cargo build --release --locked --bin cxr-serve \
     && cp target/release/cxr-serve /cxr-serve \
     && /cxr-serve --version

@@ -191,7 +191,30 @@ async fn bind_api(host: &str, port: u16) -> anyhow::Result<tokio::net::TcpSocket
 /// Connections waiting to be accepted.
 const BACKLOG: u32 = 1024;
 
+/// A file size limit (`ulimit -f`, RLIMIT_FSIZE) reached by the audit file must fail
+/// the write (EFBIG: the request is refused, the file cut back), not kill the
+/// process: SIGXFSZ's default action. Handling the signal makes it so.
+#[cfg(target_os = "linux")]
+fn survive_file_size_limit() {
+    // SIGXFSZ is 25 on Linux's x86, Arm and RISC-V ABIs.
+    const SIGXFSZ: i32 = 25;
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ)) {
+        Ok(mut s) => {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    tracing::warn!(
+                        "a write passed the file size limit (SIGXFSZ); it fails instead"
+                    );
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ"),
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    #[cfg(target_os = "linux")]
+    survive_file_size_limit();
     let metrics = Arc::new(ServerMetrics::new());
     let mut state = app_state(&args, metrics.clone())?;
     let admin = match args.metrics_port {

@@ -94,15 +94,32 @@ async fn no_patient_tag_in_logs_or_answers() {
     assert!(logs.contains("request refused"), "{logs}");
     assert!(bodies[0].contains(d::STUDY_UID));
     // The audit file has a record per answered image (two), naming the image by
-    // its SOP Instance UID; the log has the same records.
+    // its SOP Instance UID, and one per refused image (its error type; a refused
+    // upload was not read far enough to name it); the log has the same records.
     let audit = std::fs::read_to_string(&audit_path).unwrap();
-    assert_eq!(audit.lines().count(), 2, "{audit}");
-    for l in audit.lines() {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        assert_eq!(v["sop_instance_uid"], d::SOP_UID, "{l}");
-        assert_eq!(v["input_kind"], "dicom", "{l}");
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let answered: Vec<_> = records
+        .iter()
+        .filter(|v| v["decision"] == "answered")
+        .collect();
+    assert_eq!(answered.len(), 2, "{audit}");
+    for v in &answered {
+        assert_eq!(v["sop_instance_uid"], d::SOP_UID, "{v}");
     }
-    assert_eq!(logs.matches("cxr::audit").count(), 2, "{logs}");
+    let refused = bodies.len() - 2;
+    assert_eq!(records.len(), 2 + refused, "{audit}");
+    for v in &records {
+        assert_eq!(v["input_kind"], "dicom", "{v}");
+        assert_eq!(
+            v["decision"] == "refused",
+            v.get("error_type").is_some(),
+            "{v}"
+        );
+    }
+    assert_eq!(logs.matches("cxr::audit").count(), records.len(), "{logs}");
 
     for secret in d::PATIENT_SECRETS {
         assert!(!logs.contains(secret), "`{secret}` in the logs:\n{logs}");

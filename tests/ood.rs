@@ -338,3 +338,44 @@ async fn the_open_inference_protocol_gives_the_score_and_refuses_alike() {
     let (_, _, b) = send(&t.app, common::http::get("/v2/models/beta")).await;
     assert!(!json(&b)["outputs"].to_string().contains("ood_score"));
 }
+
+/// An OOD refusal is a decision about a patient's image: its audit record says
+/// `refused`, `out_of_distribution`, the score, the model's probabilities and no
+/// label; an answered film's record carries its score too.
+#[tokio::test]
+async fn an_ood_refusal_has_its_audit_record() {
+    let dir = common::models_dir();
+    let threshold = fit_alpha(dir.path());
+    let log = tempfile::tempdir().unwrap();
+    let path = log.path().join("audit.jsonl");
+    let audit = cxr::audit::Audit::with_file(&path, 0).0;
+    let t = common::test_app_in(dir, common::test_limits(), common::default_batch(), |s| {
+        s.with_audit(audit)
+    });
+    let (s, v) = answer(&t.app, "alpha", &other(0, 7)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let score = v["details"]["ood_score"].as_f64().unwrap();
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r["decision"], "refused");
+    assert_eq!(r["error_type"], "out_of_distribution");
+    assert_eq!(r["model"], "alpha");
+    assert!(
+        (r["ood_score"].as_f64().unwrap() - score).abs() < 1e-9,
+        "{r}"
+    );
+    assert!(score > threshold);
+    assert!(
+        r["p_pneumonia"].is_number() && r.get("label").is_none(),
+        "{r}"
+    );
+    assert_eq!(
+        r["input_sha256"],
+        cxr::registry::sha256_hex(&png(&other(0, 7))).as_str()
+    );
+}

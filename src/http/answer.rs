@@ -7,14 +7,12 @@ use super::*;
 /// Runs decoded inputs through `model` (queued together, so they batch), writes their
 /// audit records (a record that cannot be written fails the whole request), and
 /// returns the answers in order.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn classify(
     state: &AppState,
     model: &ServedModel,
     decision: &Decision,
     decoded: Vec<Decoded>,
-    caller: &Caller,
-    rid: &str,
+    asker: &Asker,
     started: Instant,
     explain: bool,
 ) -> Result<Vec<Prediction>, ApiError> {
@@ -47,7 +45,27 @@ pub(super) async fn classify(
         .await
         .map_err(overloaded)?;
     let out: Vec<(JobOutput, Decoded)> = outputs.into_iter().zip(decoded).collect();
-    let ood = ood_scores(state, model, &out)?;
+    let ood = match ood_scores(state, model, &out) {
+        Ok(o) => o,
+        Err(e) => {
+            // A refusal by the OOD score is a decision about the image: recorded.
+            let temperature = model.card.temperature();
+            let facts: Vec<Facts> = out
+                .iter()
+                .map(|(r, d)| {
+                    Facts::of(
+                        d,
+                        Some(served_probabilities(r.logits, r.probabilities, temperature)),
+                    )
+                })
+                .collect();
+            let scores = match &e {
+                ApiError::OutOfDistribution { image, score, .. } => Some((*image, *score)),
+                _ => None,
+            };
+            return Err(refused(state, model, decision, &facts, asker, e, scores).await);
+        }
+    };
     let answers: Vec<(Prediction, JobOutput, Decoded)> = out
         .into_iter()
         .zip(ood)
@@ -55,12 +73,12 @@ pub(super) async fn classify(
             let p = Prediction {
                 ood_score: score,
                 in_distribution: inside,
-                ..prediction(model, &r, decision, rid)
+                ..prediction(model, &r, decision, asker)
             };
             (p, r, d)
         })
         .collect();
-    write_audit(state, &answers, caller, rid)?;
+    write_audit(state, &answers, asker).await?;
     let total = started.elapsed();
     Ok(answers
         .into_iter()
@@ -68,44 +86,132 @@ pub(super) async fn classify(
         .collect())
 }
 
+/// What the audit trail keeps of one image: its upload's facts, its DICOM SOP
+/// Instance UID, and the model's probabilities when it ran.
+pub(super) struct Facts {
+    upload: UploadFacts,
+    sop_instance_uid: Option<String>,
+    probabilities: Option<[f32; 2]>,
+}
+
+impl Facts {
+    fn of(d: &Decoded, probabilities: Option<[f32; 2]>) -> Self {
+        Self {
+            upload: d.upload.clone(),
+            sop_instance_uid: d.dicom.as_ref().and_then(|i| i.sop_instance_uid.clone()),
+            probabilities,
+        }
+    }
+
+    /// An upload that was not decoded (refused by a gate or the decoder).
+    pub(super) fn of_upload(u: &Upload) -> Self {
+        Self {
+            upload: UploadFacts::of(u),
+            sop_instance_uid: None,
+            probabilities: None,
+        }
+    }
+}
+
+/// Records the refusal of a request's images (every image of the request: a request
+/// is answered or refused whole) and returns the error to answer: `error` itself, or
+/// 503 `audit_unavailable` when the records cannot be written. Errors that are not
+/// decisions about an image (overload, timeouts) are returned unrecorded.
+pub(super) async fn refused(
+    state: &AppState,
+    model: &ServedModel,
+    decision: &Decision,
+    facts: &[Facts],
+    asker: &Asker,
+    error: ApiError,
+    ood: Option<(usize, f64)>,
+) -> ApiError {
+    let error_type = error.status_and_type().1;
+    if !error_type.is_image_refusal() {
+        return error;
+    }
+    let time = crate::audit::now_rfc3339();
+    let records: Vec<AuditRecord> = facts
+        .iter()
+        .enumerate()
+        .map(|(i, f)| AuditRecord {
+            time: time.clone(),
+            request_id: asker.request_id.clone(),
+            client_request_id: asker.client_request_id.clone(),
+            image_index: i,
+            caller: asker.caller.0.clone(),
+            decision: crate::audit::Decision::Refused,
+            error_type: Some(error_type.as_str().to_string()),
+            model: model.card.name.clone(),
+            model_version: model.card.version.clone(),
+            model_sha256: model.card.onnx.sha256.clone(),
+            threshold: decision.threshold,
+            threshold_source: decision.source.kind.clone(),
+            p_normal: f.probabilities.map(|p| p[0]),
+            p_pneumonia: f.probabilities.map(|p| p[1]),
+            label: None,
+            ood_score: ood.filter(|(at, _)| *at == i).map(|(_, s)| s),
+            input_sha256: f.upload.sha256.clone(),
+            input_kind: f.upload.kind.into(),
+            input_bytes: f.upload.bytes,
+            sop_instance_uid: f.sop_instance_uid.clone(),
+        })
+        .collect();
+    match record(state, &records).await {
+        Ok(()) => error,
+        Err(e) => e,
+    }
+}
+
+/// Writes `records` (all or none), counting a failure.
+async fn record(state: &AppState, records: &[AuditRecord]) -> Result<(), ApiError> {
+    if let Err(e) = state.inner.audit.record_all(records).await {
+        state
+            .metrics()
+            .audit_failures
+            .with_label_values(&[] as &[&str])
+            .inc();
+        tracing::error!(error = %e, "audit records not written; the request fails");
+        return Err(ApiError::AuditUnavailable);
+    }
+    Ok(())
+}
+
 /// Every answer's audit record, written before any answer is given: an answer
 /// without its record is a 503, never a success.
-fn write_audit(
+async fn write_audit(
     state: &AppState,
     answers: &[(Prediction, JobOutput, Decoded)],
-    caller: &Caller,
-    rid: &str,
+    asker: &Asker,
 ) -> Result<(), ApiError> {
     let time = crate::audit::now_rfc3339();
-    for (i, (p, _, d)) in answers.iter().enumerate() {
-        let record = AuditRecord {
+    let records: Vec<AuditRecord> = answers
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _, d))| AuditRecord {
             time: time.clone(),
-            request_id: rid.to_string(),
+            request_id: asker.request_id.clone(),
+            client_request_id: asker.client_request_id.clone(),
             image_index: i,
-            caller: caller.0.clone(),
+            caller: asker.caller.0.clone(),
+            decision: crate::audit::Decision::Answered,
+            error_type: None,
             model: p.model.name.clone(),
             model_version: p.model.version.clone(),
             model_sha256: p.model.sha256.clone(),
             threshold: p.threshold,
             threshold_source: p.threshold_source.kind.clone(),
-            p_normal: p.probabilities.NORMAL,
-            p_pneumonia: p.probabilities.PNEUMONIA,
-            label: p.label.clone(),
+            p_normal: Some(p.probabilities.NORMAL),
+            p_pneumonia: Some(p.probabilities.PNEUMONIA),
+            label: Some(p.label.clone()),
+            ood_score: p.ood_score,
             input_sha256: d.upload.sha256.clone(),
             input_kind: d.upload.kind.into(),
             input_bytes: d.upload.bytes,
             sop_instance_uid: d.dicom.as_ref().and_then(|i| i.sop_instance_uid.clone()),
-        };
-        if state.inner.audit.record(&record).is_err() {
-            state
-                .metrics()
-                .audit_failures
-                .with_label_values(&[] as &[&str])
-                .inc();
-            return Err(ApiError::AuditUnavailable);
-        }
-    }
-    Ok(())
+        })
+        .collect();
+    record(state, &records).await
 }
 
 /// One answer as given: counted, its latency recorded, with its warnings (the
@@ -281,7 +387,7 @@ pub(super) fn prediction(
     model: &ServedModel,
     r: &JobOutput,
     d: &Decision,
-    rid: &str,
+    asker: &Asker,
 ) -> Prediction {
     let p = served_probabilities(r.logits, r.probabilities, model.card.temperature());
     let pneumonia = f64::from(p[1]) >= d.threshold;
@@ -313,7 +419,8 @@ pub(super) fn prediction(
             inference: 0.0,
             total: 0.0,
         },
-        request_id: rid.to_string(),
+        request_id: asker.request_id.clone(),
+        client_request_id: asker.client_request_id.clone(),
         dicom: None,
         warnings: Vec::new(),
         ood_score: None,

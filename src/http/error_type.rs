@@ -115,6 +115,29 @@ impl ErrorType {
         ErrorType::Internal,
     ];
 
+    /// Whether this is a decision about an image's content (it is not a radiograph
+    /// the service classifies, or not one it can read), which the audit trail
+    /// records, as opposed to a refusal of the request itself (limits, keys, load).
+    pub fn is_image_refusal(self) -> bool {
+        matches!(
+            self,
+            ErrorType::EmptyImage
+                | ErrorType::InvalidImage
+                | ErrorType::UnsupportedMediaType
+                | ErrorType::ImplausibleGeometry
+                | ErrorType::TooManyPixels
+                | ErrorType::InvalidDicom
+                | ErrorType::MissingPixelData
+                | ErrorType::UnsupportedDicom
+                | ErrorType::UnsupportedTransferSyntax
+                | ErrorType::ColourImage
+                | ErrorType::BlankImage
+                | ErrorType::WrongBodyPart
+                | ErrorType::LateralView
+                | ErrorType::OutOfDistribution
+        )
+    }
+
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {

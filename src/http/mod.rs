@@ -33,7 +33,6 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::sync::Semaphore;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
@@ -277,20 +276,87 @@ fn with_common_layers(app: Router<AppState>, state: &AppState) -> Router<AppStat
     app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), track))
-        .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let path = req
                 .extensions()
                 .get::<MatchedPath>()
                 .map_or("unmatched", |p| p.as_str());
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            tracing::info_span!("request", method = %req.method(), path, request_id = id)
+            let ids = req.extensions().get::<RequestIds>();
+            let id = ids.map_or("", |i| i.server.as_str());
+            let client = ids.and_then(|i| i.client.as_deref()).unwrap_or("");
+            tracing::info_span!("request", method = %req.method(), path, request_id = id, client_request_id = client)
         }))
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(middleware::from_fn(request_ids))
+}
+
+/// A request's ids: the server's own (a UUID, the `request_id` of answers, logs and
+/// audit records) and the caller's `x-request-id`, bounded and sanitised.
+#[derive(Debug, Clone)]
+pub struct RequestIds {
+    /// The server's id.
+    pub server: String,
+    /// The caller's id, if it sent a usable one.
+    pub client: Option<String>,
+}
+
+/// Longest `x-request-id` kept from a caller.
+pub const MAX_CLIENT_REQUEST_ID: usize = 128;
+
+/// A caller's `x-request-id` as kept: at most [`MAX_CLIENT_REQUEST_ID`] characters
+/// of `A-Z a-z 0-9 - _ . : / + = @`, others dropped; `None` if nothing is left.
+pub fn sanitize_client_request_id(raw: &[u8]) -> Option<String> {
+    let kept: String = raw
+        .iter()
+        .filter(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b))
+        .take(MAX_CLIENT_REQUEST_ID)
+        .map(|&b| char::from(b))
+        .collect();
+    (!kept.is_empty()).then_some(kept)
+}
+
+/// Gives every request the server's own id (in the `x-request-id` the handlers
+/// read) and keeps the caller's; the answer's `x-request-id` echoes the caller's,
+/// or carries the server's when the caller sent none.
+async fn request_ids(mut req: Request, next: Next) -> Response {
+    let client = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| sanitize_client_request_id(v.as_bytes()));
+    let server = uuid::Uuid::new_v4().to_string();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&server) {
+        req.headers_mut().insert("x-request-id", v);
+    }
+    req.extensions_mut().insert(RequestIds {
+        server: server.clone(),
+        client: client.clone(),
+    });
+    let mut resp = next.run(req).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(client.as_deref().unwrap_or(&server)) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Who asked, and the request's ids: what answers and audit records name.
+#[derive(Debug, Clone)]
+pub(crate) struct Asker {
+    /// The caller (API key name, or anonymous).
+    pub caller: Caller,
+    /// The server's request id.
+    pub request_id: String,
+    /// The caller's own id, sanitised.
+    pub client_request_id: Option<String>,
+}
+
+impl Asker {
+    fn of(req: &Request) -> Self {
+        let ids = req.extensions().get::<RequestIds>();
+        Self {
+            caller: caller_of(req),
+            request_id: ids.map_or_else(|| request_id(req.headers()), |i| i.server.clone()),
+            client_request_id: ids.and_then(|i| i.client.clone()),
+        }
+    }
 }
 
 /// Counts requests and their latency by matched route, and logs every error answer

@@ -69,8 +69,7 @@ pub(super) async fn predict(
     let limits = &state.inner.limits;
     let _reserved = reserve_body(&state, &req)?;
     let started = Instant::now();
-    let rid = request_id(req.headers());
-    let caller = caller_of(&req);
+    let asker = Asker::of(&req);
     let accept = accept_header(req.headers());
     let q: PredictQuery = match req.uri().query() {
         None => PredictQuery::default(),
@@ -88,8 +87,7 @@ pub(super) async fn predict(
     let _permit = inflight_slot(&state)?;
     let input = Input {
         started,
-        rid,
-        caller,
+        asker,
         accept,
         q,
         images,
@@ -101,8 +99,7 @@ pub(super) async fn predict(
 /// A `/predict` request whose body has been read.
 pub(super) struct Input {
     pub(super) started: Instant,
-    pub(super) rid: String,
-    pub(super) caller: Caller,
+    pub(super) asker: Asker,
     /// The Accept header (`application/dicom`: answer Structured Reports;
     /// `image/png`: answer the heatmap overlay).
     pub(super) accept: Option<String>,
@@ -115,8 +112,7 @@ pub(super) async fn predict_inner(state: &AppState, input: Input) -> Result<Resp
     let limits = &state.inner.limits;
     let Input {
         started,
-        rid,
-        caller,
+        asker,
         accept,
         q,
         images,
@@ -146,7 +142,16 @@ pub(super) async fn predict_inner(state: &AppState, input: Input) -> Result<Resp
             "a DICOM Structured Report (Accept: application/dicom) answers DICOM uploads only; send application/dicom or accept application/json".into(),
         ));
     }
-    let mut decoded = decode_all(state, &model, images).await?;
+    // Kept (shared bytes) for the audit record of a refusal.
+    let uploads = images.clone();
+    let mut decoded = match decode_all(state, &model, images).await {
+        Ok(d) => d,
+        Err(e) => {
+            let facts: Vec<Facts> = uploads.iter().map(Facts::of_upload).collect();
+            return Err(refused(state, &model, &decision, &facts, &asker, e, None).await);
+        }
+    };
+    drop(uploads);
     let sources: Vec<_> = decoded
         .iter_mut()
         .map(|d| d.sr.take().unwrap_or_default())
@@ -157,10 +162,7 @@ pub(super) async fn predict_inner(state: &AppState, input: Input) -> Result<Resp
             "Accept: image/png answers one image with its heatmap overlay; send one image or accept application/json".into(),
         ));
     }
-    let predictions = classify(
-        state, &model, &decision, decoded, &caller, &rid, started, explain,
-    )
-    .await?;
+    let predictions = classify(state, &model, &decision, decoded, &asker, started, explain).await?;
     if wants_png {
         let Some(h) = predictions.first().and_then(|p| p.heatmap.as_ref()) else {
             return Err(ApiError::ExplanationUnavailable(format!(

@@ -119,8 +119,13 @@ pub struct Prediction {
     pub execution_provider: String,
     /// Timings.
     pub timings_ms: Timings,
-    /// The request id (also in the `x-request-id` header).
+    /// The server's id of the request (in the `x-request-id` header too when the
+    /// caller sent none); the audit record and feedback name it.
     pub request_id: String,
+    /// The caller's own `x-request-id`, bounded and sanitised (echoed in the
+    /// `x-request-id` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
     /// For a DICOM upload: its UIDs (to file the result) and technical facts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dicom: Option<DicomInfo>,

@@ -4,8 +4,8 @@
 
 use super::*;
 
-/// One uploaded image, as it came.
-#[derive(Debug)]
+/// One uploaded image, as it came (its bytes shared, so a copy is cheap).
+#[derive(Debug, Clone)]
 pub(super) enum Upload {
     /// JPEG or PNG (sniffed by the decoder).
     Encoded(Bytes),
@@ -40,6 +40,7 @@ pub(super) struct Decoded {
 }
 
 /// The audit trail's view of an upload: its hash, kind and size, never its bytes.
+#[derive(Debug, Clone)]
 pub(super) struct UploadFacts {
     pub(super) sha256: String,
     pub(super) kind: &'static str,

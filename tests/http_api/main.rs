@@ -72,8 +72,10 @@ async fn predict_raw_png_and_jpeg() {
         let (s, h, b) = send(&t.app, req).await;
         let v = json(&b);
         assert_eq!(s, StatusCode::OK, "{v}");
+        // The caller's id is echoed and kept; the answer's own id is the server's.
         assert_eq!(h["x-request-id"], "req-42");
-        assert_eq!(v["request_id"], "req-42");
+        assert_eq!(v["client_request_id"], "req-42");
+        assert_eq!(v["request_id"].as_str().unwrap().len(), 36, "{v}");
         let pn = v["probabilities"]["PNEUMONIA"].as_f64().unwrap();
         let no = v["probabilities"]["NORMAL"].as_f64().unwrap();
         assert!((pn + no - 1.0).abs() < 1e-5);

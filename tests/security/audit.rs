@@ -53,22 +53,26 @@ async fn one_image_one_audit_record_with_every_field_in_log_and_file() {
     let throwaway = cxr::audit::AuditRecord {
         time: cxr::audit::now_rfc3339(),
         request_id: "warm-up".into(),
+        client_request_id: None,
         image_index: 0,
         caller: "test".into(),
+        decision: cxr::audit::Decision::Answered,
+        error_type: None,
         model: "none".into(),
         model_version: "0".into(),
         model_sha256: String::new(),
         threshold: 0.5,
         threshold_source: "card".into(),
-        p_normal: 0.5,
-        p_pneumonia: 0.5,
-        label: "NORMAL".into(),
+        p_normal: Some(0.5),
+        p_pneumonia: Some(0.5),
+        label: Some("NORMAL".into()),
+        ood_score: None,
         input_sha256: String::new(),
         input_kind: "png".into(),
         input_bytes: 0,
         sop_instance_uid: None,
     };
-    Audit::log_only().record(&throwaway).unwrap();
+    Audit::log_only().record_all(&[throwaway]).await.unwrap();
     tracing::callsite::rebuild_interest_cache();
 
     let dir = tempfile::tempdir().unwrap();
@@ -100,6 +104,9 @@ async fn one_image_one_audit_record_with_every_field_in_log_and_file() {
     let card: serde_json::Value =
         serde_json::from_slice(&std::fs::read(t.dir.path().join("alpha.json")).unwrap()).unwrap();
     assert_eq!(r["request_id"], rid.as_str());
+    assert_eq!(r["request_id"], answer["request_id"]);
+    assert!(r.get("client_request_id").is_none(), "{r}");
+    assert_eq!(r["decision"], "answered");
     assert_eq!(r["image_index"], 0);
     assert_eq!(r["caller"], "ris");
     assert_eq!(r["model"], "alpha");
@@ -126,7 +133,7 @@ async fn one_image_one_audit_record_with_every_field_in_log_and_file() {
         "{time}"
     );
     let keys_in_record = r.as_object().unwrap().len();
-    assert_eq!(keys_in_record, 15, "{r}");
+    assert_eq!(keys_in_record, 16, "{r}");
 
     // The same record, once, in the log at INFO.
     let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
@@ -252,4 +259,111 @@ async fn an_unwritable_audit_file_fails_the_request() {
     let (s, _, b) = send(&t.app, raw("/predict", "image/png", png())).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json(&b)["error_type"], "audit_unavailable");
+}
+
+/// A caller's `x-request-id` never becomes the record's id: the server's own id is
+/// the `request_id`, the caller's is kept, bounded and sanitised, as
+/// `client_request_id`; two requests with the same forged id get two ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_request_id_is_kept_beside_the_servers_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let audit = Audit::with_file(&path, 0).0;
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_audit(audit)
+    });
+    let forged = format!("{}\"}},\"caller\":\"admin{}", "r-1", "x".repeat(500));
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let req = Request::post("/predict")
+            .header(header::CONTENT_TYPE, "image/png")
+            .header("x-request-id", forged.as_str())
+            .body(axum::body::Body::from(png()))
+            .unwrap();
+        let (s, h, b) = send(&t.app, req).await;
+        assert_eq!(s, StatusCode::OK);
+        let v = json(&b);
+        let kept = v["client_request_id"].as_str().unwrap().to_string();
+        assert_eq!(h["x-request-id"], kept.as_str());
+        assert!(
+            kept.len() <= 128 && kept.starts_with("r-1caller:admin"),
+            "{kept}"
+        );
+        assert!(
+            kept.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:/+=@".contains(c))
+        );
+        ids.push(v["request_id"].as_str().unwrap().to_string());
+    }
+    assert_ne!(ids[0], ids[1]);
+    let records = file_records(dir.path());
+    assert_eq!(records.len(), 2);
+    for (r, id) in records.iter().zip(&ids) {
+        assert_eq!(r["request_id"], id.as_str());
+        assert!(uuid_like(id), "{id}");
+        assert!(
+            r["client_request_id"]
+                .as_str()
+                .unwrap()
+                .starts_with("r-1caller:admin")
+        );
+        assert_eq!(r["caller"], "anonymous");
+    }
+}
+
+fn uuid_like(s: &str) -> bool {
+    s.len() == 36 && s.chars().filter(|&c| c == '-').count() == 4
+}
+
+/// Refusals are decisions about an image: a blank image refused by a content gate,
+/// and one image of a multipart request that a gate refuses, each leave one
+/// `refused` record per image of the request, with the error type and no label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_by_the_gates_have_their_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let audit = Audit::with_file(&path, 0).0;
+    let t = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_audit(audit)
+    });
+    let blank = common::png_bytes(&image::GrayImage::from_pixel(64, 64, image::Luma([128])));
+    let (s, h, b) = send(&t.app, raw("/predict", "image/png", blank.clone())).await;
+    assert_eq!(
+        s,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    let error_type = json(&b)["error_type"].as_str().unwrap().to_string();
+    let rid = h["x-request-id"].to_str().unwrap().to_string();
+    let (s, _, _) = send(
+        &t.app,
+        multipart(
+            "/predict",
+            &[
+                ("image", "image/png", png()),
+                ("image", "image/png", blank.clone()),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let records = file_records(dir.path());
+    assert_eq!(records.len(), 3, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r["request_id"], rid.as_str());
+    assert_eq!(r["decision"], "refused");
+    assert_eq!(r["error_type"], error_type.as_str());
+    assert_eq!(r["input_sha256"], hex(&Sha256::digest(&blank)).as_str());
+    assert!(
+        r.get("label").is_none() && r.get("p_pneumonia").is_none(),
+        "{r}"
+    );
+    // The multipart request: both images recorded as refused, none as answered.
+    assert_eq!(records[1]["request_id"], records[2]["request_id"]);
+    for r in &records[1..] {
+        assert_eq!(r["decision"], "refused");
+    }
+    assert_eq!(records[1]["image_index"], 0);
+    assert_eq!(records[2]["image_index"], 1);
 }

@@ -26,8 +26,7 @@ pub async fn infer(
     let limits = &state.inner.limits;
     let _reserved = reserve_body(&state, &req)?;
     let started = Instant::now();
-    let rid = request_id(req.headers());
-    let caller = caller_of(&req);
+    let asker = Asker::of(&req);
     let header_len = match req.headers().get(HEADER_LENGTH) {
         None => None,
         Some(v) => Some(
@@ -65,7 +64,7 @@ pub async fn infer(
     // model and shape say how much of it to read.
     let request: InferRequest<'_> = serde_json::from_slice(&json)
         .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
-    let job = infer_inner(&state, &p, request, binary, caller, rid, started);
+    let job = infer_inner(&state, &p, request, binary, asker, started);
     within_request_timeout(&state, job).await
 }
 
@@ -74,8 +73,7 @@ async fn infer_inner(
     p: &ModelPath,
     request: InferRequest<'_>,
     binary: Bytes,
-    caller: Caller,
-    rid: String,
+    asker: Asker,
     started: Instant,
 ) -> Result<Response, ApiError> {
     let limits = &state.inner.limits;
@@ -91,11 +89,8 @@ async fn infer_inner(
         )));
     }
 
-    let decoded = decode_input(state, model, request.inputs.0, &binary).await?;
-    let predictions = classify(
-        state, model, &decision, decoded, &caller, &rid, started, false,
-    )
-    .await?;
+    let decoded = decode_input(state, model, &decision, request.inputs.0, &binary, &asker).await?;
+    let predictions = classify(state, model, &decision, decoded, &asker, started, false).await?;
 
     let (out, tail) = response_outputs(&predictions, outputs);
     let mut parameters = Map::new();
@@ -104,7 +99,10 @@ async fn infer_inner(
         "threshold_source".into(),
         decision.source.kind.clone().into(),
     );
-    parameters.insert("request_id".into(), rid.into());
+    parameters.insert("request_id".into(), asker.request_id.clone().into());
+    if let Some(client) = &asker.client_request_id {
+        parameters.insert("client_request_id".into(), client.clone().into());
+    }
     parameters.insert("execution_provider".into(), model.provider.as_str().into());
     let response = InferResponse {
         model_name: model.card.name.clone(),
@@ -148,8 +146,10 @@ fn query_of(parameters: &Map<String, Value>) -> Result<PredictQuery, ApiError> {
 async fn decode_input(
     state: &AppState,
     model: &ServedModel,
+    decision: &Decision,
     inputs: Vec<RequestInput<'_>>,
     binary: &Bytes,
+    asker: &Asker,
 ) -> Result<Vec<Decoded>, ApiError> {
     let limits = &state.inner.limits;
     let [input] = <[RequestInput<'_>; 1]>::try_from(inputs).map_err(|inputs| {
@@ -164,8 +164,16 @@ async fn decode_input(
         "image" => {
             let files = image_elements(&input, bin, limits.max_images)?;
             check_batch(files.len(), limits.max_images)?;
-            let uploads = files.into_iter().map(Upload::sniff).collect();
-            decode_all(state, model, uploads).await?
+            let uploads: Vec<Upload> = files.into_iter().map(Upload::sniff).collect();
+            // Kept (shared bytes) for the audit record of a refusal.
+            let kept = uploads.clone();
+            match decode_all(state, model, uploads).await {
+                Ok(d) => d,
+                Err(e) => {
+                    let facts: Vec<Facts> = kept.iter().map(Facts::of_upload).collect();
+                    return Err(refused(state, model, decision, &facts, asker, e, None).await);
+                }
+            }
         }
         "input" => tensor_rows(&input, bin, model.card.input_size, limits.max_images)?,
         other => {

@@ -36,11 +36,11 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::auth::{self, Caller, Scope};
+use super::auth::{self, Scope};
 use super::types::PredictQuery;
 use super::{
-    ApiError, AppState, Decoded, Upload, UploadFacts, caller_of, classify, decision, decode_all,
-    inflight_slot, request_id, reserve_body, within_request_timeout,
+    ApiError, AppState, Asker, Decision, Decoded, Facts, Upload, UploadFacts, classify, decision,
+    decode_all, inflight_slot, refused, reserve_body, within_request_timeout,
 };
 use crate::inference::{SelectError, ServedModel};
 
