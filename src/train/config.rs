@@ -135,7 +135,8 @@ pub struct TrainArgs {
     /// model written by `--export-only` (its ONNX file holds the weights, the
     /// `.state` file beside it the progress), e.g. the one shipped in `models/`, so
     /// that a machine without the run folder picks up where the last one stopped.
-    /// Optimizer moments restart, as on every resume.
+    /// Optimizer moments restart (the interim model carries weights only); a resume
+    /// from the run folder restores them.
     #[arg(long, env = "CXR_RESUME_FROM", requires = "resume")]
     pub resume_from: Option<PathBuf>,
     /// torchvision-layout DenseNet weights (safetensors) to start from; the

@@ -61,20 +61,6 @@ impl Trainer<'_> {
     /// Trains from the current progress to the last epoch.
     pub(super) fn train(&mut self) -> anyhow::Result<Trained> {
         let args = self.args;
-        let mut opt = match args.optimizer {
-            OptimizerArg::Adamw => nn::AdamW {
-                wd: args.weight_decay,
-                ..Default::default()
-            }
-            .build(&self.vs, args.lr)?,
-            OptimizerArg::Sgd => nn::Sgd {
-                momentum: 0.9,
-                nesterov: true,
-                wd: args.weight_decay,
-                ..Default::default()
-            }
-            .build(&self.vs, args.lr)?,
-        };
         let loss_w = self
             .loss_weights
             .map(|w| Tensor::from_slice(&[w[0] as f32, w[1] as f32]).to_device(self.device));
@@ -109,13 +95,7 @@ impl Trainer<'_> {
                 order,
             };
             let epoch_start = Instant::now();
-            let sums = match self.epoch_steps(
-                &plan,
-                &mut opt,
-                loss_w.as_ref(),
-                total_steps,
-                &mut clock,
-            )? {
+            let sums = match self.epoch_steps(&plan, loss_w.as_ref(), total_steps, &mut clock)? {
                 Some(sums) => sums,
                 None => return Ok(Trained::Stopped),
             };
@@ -150,7 +130,6 @@ impl Trainer<'_> {
     fn epoch_steps(
         &mut self,
         plan: &EpochPlan<'_>,
-        opt: &mut nn::Optimizer,
         loss_w: Option<&Tensor>,
         total_steps: usize,
         clock: &mut RunClock,
@@ -164,8 +143,8 @@ impl Trainer<'_> {
         };
         while self.state.step < plan.steps {
             sums.lr = lr_at(args.schedule, args.lr, self.state.global_step, total_steps);
-            opt.set_lr(sums.lr);
-            self.step(plan, opt, loss_w, &mut sums)?;
+            self.optim.set_lr(sums.lr);
+            self.step(plan, loss_w, &mut sums)?;
             bar.set_position(self.state.step as u64);
             let ips = sums.seen as f64 / start.elapsed().as_secs_f64();
             bar.set_message(format!(
@@ -211,7 +190,6 @@ impl Trainer<'_> {
     fn step(
         &mut self,
         plan: &EpochPlan<'_>,
-        opt: &mut nn::Optimizer,
         loss_w: Option<&Tensor>,
         sums: &mut EpochSums,
     ) -> anyhow::Result<()> {
@@ -233,7 +211,7 @@ impl Trainer<'_> {
         let logits = self.net.forward_t(&x, true);
         let loss =
             logits.cross_entropy_loss(&y, loss_w, tch::Reduction::Mean, -100, args.label_smoothing);
-        opt.backward_step(&loss);
+        self.optim.backward_step(&loss);
         let l = loss.double_value(&[]);
         if !l.is_finite() {
             anyhow::bail!(

@@ -16,6 +16,7 @@ mod export;
 pub mod import;
 pub mod model;
 pub mod ood;
+mod optim;
 mod plots;
 pub mod quantize;
 mod recipe;
@@ -27,12 +28,12 @@ use std::time::Instant;
 
 use image::GrayImage;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
+use tch::{Device, Kind, Tensor, nn};
 
 use checkpoint::*;
 pub use checkpoint::{EpochRecord, STATE_FILE, TrainState};
 pub use config::TrainArgs;
-use config::{ArchArg, DeviceArg, OptimizerArg, ScheduleArg, StrategyArg, ThresholdRule};
+use config::{ArchArg, DeviceArg, ScheduleArg, StrategyArg, ThresholdRule};
 use data::{AugmentSpec, Sample};
 use epochs::{Trained, predict};
 pub use error::TrainError;

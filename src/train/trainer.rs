@@ -14,6 +14,8 @@ pub(super) struct RunFiles {
     pub(super) best: PathBuf,
     /// One line per finished epoch.
     pub(super) history: PathBuf,
+    /// The optimizer's state (moments, step count).
+    pub(super) optim: PathBuf,
 }
 
 /// One training run.
@@ -30,6 +32,8 @@ pub(super) struct Trainer<'a> {
     pub(super) generated: usize,
     pub(super) vs: nn::VarStore,
     pub(super) net: model::DenseNet,
+    /// The optimizer, its state saved with every checkpoint.
+    pub(super) optim: optim::Optim,
     pub(super) state: TrainState,
     pub(super) files: RunFiles,
     /// A run trained elsewhere (`--import-weights`): its recipe goes into the card.
@@ -62,6 +66,7 @@ impl<'a> Trainer<'a> {
         let (loss_weights, generated) = balance(args, &mut train)?;
         let vs = nn::VarStore::new(device);
         let net = model::DenseNet::new(&vs.root(), &arch);
+        let optim = optim::Optim::new(&vs, args.optimizer, args.lr, args.weight_decay);
         let out = &args.out;
         let mut t = Self {
             args,
@@ -74,6 +79,7 @@ impl<'a> Trainer<'a> {
             generated,
             vs,
             net,
+            optim,
             state: TrainState {
                 fingerprint: fingerprint(args),
                 ..Default::default()
@@ -83,6 +89,7 @@ impl<'a> Trainer<'a> {
                 checkpoint: out.join("checkpoint.safetensors"),
                 best: out.join("best.safetensors"),
                 history: out.join("history.csv"),
+                optim: out.join("checkpoint.optim.safetensors"),
             },
             imported: None,
         };
@@ -154,11 +161,23 @@ impl<'a> Trainer<'a> {
             .load(ckpt)
             .with_context(|| format!("loading {}", ckpt.display()))?;
         self.state = s;
+        let optim = &self.files.optim;
+        if optim.exists() {
+            self.optim
+                .load(optim)
+                .with_context(|| format!("loading {}", optim.display()))?;
+        } else {
+            log(format!(
+                "{} is missing (a checkpoint from before it was kept): the optimizer's moments restart",
+                optim.display()
+            ));
+        }
         log(format!(
-            "resumed at epoch {} step {} (global step {})",
+            "resumed at epoch {} step {} (global step {}, optimizer step {})",
             self.state.epoch + 1,
             self.state.step,
-            self.state.global_step
+            self.state.global_step,
+            self.optim.steps()
         ));
         Ok(())
     }
@@ -199,6 +218,7 @@ impl<'a> Trainer<'a> {
                 "the best epoch so far ({b}) is not the interim model's; the best is chosen among the epochs from here on"
             ));
         }
+        log("an interim model carries the weights, not the optimizer's state: its moments restart");
         // From here on the run folder holds the checkpoint, as after any other step.
         self.save_checkpoint()?;
         write_history(&self.files.history, &self.state.history)?;
@@ -214,6 +234,7 @@ impl<'a> Trainer<'a> {
 
     /// Saves the latest weights and the progress.
     pub(super) fn save_checkpoint(&self) -> anyhow::Result<()> {
+        self.optim.save(&self.files.optim)?;
         checkpoint(
             &self.vs,
             &self.state,
