@@ -135,8 +135,8 @@ pub struct TrainArgs {
     /// model written by `--export-only` (its ONNX file holds the weights, the
     /// `.state` file beside it the progress), e.g. the one shipped in `models/`, so
     /// that a machine without the run folder picks up where the last one stopped.
-    /// Optimizer moments restart (the interim model carries weights only); a resume
-    /// from the run folder restores them.
+    /// The optimizer's state comes from `<name>.optim.safetensors` beside it when
+    /// there is one (the interim export writes it); without it the moments restart.
     #[arg(long, env = "CXR_RESUME_FROM", requires = "resume")]
     pub resume_from: Option<PathBuf>,
     /// torchvision-layout DenseNet weights (safetensors) to start from; the

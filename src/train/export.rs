@@ -278,6 +278,12 @@ impl Trainer<'_> {
                 &dest.join(format!("{name}.state")),
                 serde_json::to_string_pretty(&self.state)?.as_bytes(),
             )?;
+            // And the optimizer's state, so that a resume from this model continues
+            // as the run folder would (twice the weights' size: scripts/train-models.sh
+            // does not ship it in models/, and a resume without it restarts the
+            // moments).
+            self.optim
+                .save(&dest.join(format!("{name}.optim.safetensors")))?;
         } else if args.limit_per_class.is_some() {
             tracing::warn!(target: "cxr::train", "no OOD model fitted: --limit-per-class trains on a subset; run cxr-train fit-ood on the full data");
         } else {

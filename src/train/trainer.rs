@@ -218,7 +218,17 @@ impl<'a> Trainer<'a> {
                 "the best epoch so far ({b}) is not the interim model's; the best is chosen among the epochs from here on"
             ));
         }
-        log("an interim model carries the weights, not the optimizer's state: its moments restart");
+        let optim = model.with_extension("optim.safetensors");
+        if optim.exists() {
+            self.optim
+                .load(&optim)
+                .with_context(|| format!("loading {}", optim.display()))?;
+        } else {
+            log(format!(
+                "no {} beside the interim model: the optimizer's moments restart",
+                optim.display()
+            ));
+        }
         // From here on the run folder holds the checkpoint, as after any other step.
         self.save_checkpoint()?;
         write_history(&self.files.history, &self.state.history)?;
