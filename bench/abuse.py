@@ -3,13 +3,19 @@
 measurements for bench/RESULTS.md. Traffic goes to 127.0.0.1 only; every loop is
 bounded in count and time.
 
-    .venv/bin/python bench/abuse.py --port 8090 --pid <server pid> [--only a,b,c] [--mutations 10000]
+    .venv/bin/python bench/abuse.py --port 8090 --pid <server pid> [--only a,b,c,d,e] [--mutations 10000]
 
 (a) 100 concurrent 32 MiB uploads that hold back their last byte: the server's RSS,
     how fast the ones beyond --max-buffered-bytes are refused, and a normal JPEG sent
     meanwhile. (b) 256 clients dripping a body at 1 byte/s plus one normal client.
     (c) mutated uploads (truncations, bit flips, header edits of real JPEG, PNG and
     DICOM files): status counts, 5xx, whether the process lives, RSS before/after.
+(d) the V2 flood (issue 29): concurrent ~29 MiB `/v2/models/<m>/infer` bodies whose
+    FP32 `data` holds 15,000,000 zeros for a [1,3,224,224] shape, and binary bodies of
+    7,000,000 zero-length BYTES elements for a [1] shape: status and time of each,
+    and the server's peak RSS (VmHWM) growth. (e) idle h2c: --max-connections
+    connections that send the HTTP/2 preface and an empty SETTINGS frame, then
+    nothing: when each is closed, and whether /health answers during and after.
 """
 import argparse, glob, os, random, socket, struct, sys, threading, time
 
@@ -219,6 +225,100 @@ def part_c(port, pid, data, n):
     print(f"  5xx or no answer: {five}; process alive: {alive}; RSS {start:.0f} MB -> {end:.0f} MB ({(end / start - 1) * 100:+.1f} %)")
 
 
+def v2_request(port, body, headers, path):
+    s = socket.create_connection((HOST, port), timeout=120)
+    try:
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        s.sendall(head.encode() + body)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+    except (OSError, ValueError, IndexError):
+        return 0
+    finally:
+        s.close()
+
+
+def part_d(port, pid, model, clients):
+    print(f"== (d) V2 flood: {clients} concurrent ~29 MiB bodies to /v2/models/{model}/infer")
+    zeros = 15_000_000
+    js = (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,3,224,224],"data":['
+          + b"0," * (zeros - 1) + b"0]}]}")
+    header = b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":28000000}}]}'
+    binary = header + bytes(28_000_000)
+    before = rss_mb(pid, "VmHWM")
+    results, lock = [], threading.Lock()
+
+    def one(i):
+        if i % 2 == 0:
+            body, headers = js, {"Content-Type": "application/json"}
+        else:
+            body, headers = binary, {"Content-Type": "application/octet-stream",
+                                     "Inference-Header-Content-Length": str(len(header))}
+        t = time.time()
+        code = v2_request(port, body, headers, f"/v2/models/{model}/infer")
+        with lock:
+            results.append(("json" if i % 2 == 0 else "binary", code, time.time() - t))
+
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    after = rss_mb(pid, "VmHWM")
+    for kind in ("json", "binary"):
+        rs = [r for r in results if r[0] == kind]
+        print(f"  {kind}: statuses {sorted(r[1] for r in rs)}, seconds {[round(r[2], 2) for r in rs]}")
+    print(f"  peak RSS (VmHWM) {before:.0f} MB -> {after:.0f} MB (+{after - before:.0f} MB); "
+          f"process alive: {os.path.exists(f'/proc/{pid}')}")
+
+
+def health(port, timeout=5):
+    try:
+        s = socket.create_connection((HOST, port), timeout=timeout)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = s.recv(64)
+        s.close()
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def part_e(port, n):
+    print(f"== (e) {n} idle h2c connections (preface + empty SETTINGS, then nothing)")
+    t0 = time.time()
+    conns = []
+    for _ in range(n):
+        s = socket.create_connection((HOST, port), timeout=60)
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        conns.append(s)
+    during = health(port, timeout=2)
+    closed = [None] * n
+
+    def watch(i):
+        s = conns[i]
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        closed[i] = time.time() - t0
+
+    ts = [threading.Thread(target=watch, args=(i,)) for i in range(n)]
+    [t.start() for t in ts]
+    [t.join(timeout=60) for t in ts]
+    after = health(port)
+    done = [c for c in closed if c is not None]
+    print(f"  /health while they were open: {during or 'no answer'}; closed {len(done)}/{n}, "
+          f"after {min(done):.1f}-{max(done):.1f} s" if done else f"  closed 0/{n} within 60 s")
+    print(f"  /health after: {after}")
+    for s in conns:
+        s.close()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=8090)
@@ -226,6 +326,9 @@ def main():
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "chest_xray_224"))
     ap.add_argument("--only", default="a,b,c")
     ap.add_argument("--mutations", type=int, default=10000)
+    ap.add_argument("--model", default="weighted", help="variant for (d)")
+    ap.add_argument("--flood", type=int, default=4, help="concurrent bodies in (d)")
+    ap.add_argument("--idle", type=int, default=20, help="idle h2c connections in (e): the server's --max-connections")
     a = ap.parse_args()
     normal = open(sorted(glob.glob(os.path.join(a.data, "test", "NORMAL", "*.jpeg")))[0], "rb").read()
     print(f"server pid {a.pid}, RSS {rss_mb(a.pid):.0f} MB; CPU flags: " +
@@ -236,6 +339,10 @@ def main():
         part_b(a.port, normal)
     if "c" in a.only:
         part_c(a.port, a.pid, a.data, a.mutations)
+    if "d" in a.only:
+        part_d(a.port, a.pid, a.model, a.flood)
+    if "e" in a.only:
+        part_e(a.port, a.idle)
 
 
 if __name__ == "__main__":
