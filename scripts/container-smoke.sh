@@ -19,7 +19,14 @@
 # fails. FRESH=1 remakes the base images.
 set -euo pipefail
 CI_MODE=0
-[ "${1:-}" = "--ci" ] && CI_MODE=1
+PREPARE=0
+for a in "$@"; do
+  case "$a" in
+    --ci) CI_MODE=1 ;;
+    --prepare) PREPARE=1 ;;  # tools and base images only (test.sh runs it early, in the background)
+    *) echo "usage: $0 [--ci] [--prepare]" >&2; exit 2 ;;
+  esac
+done
 skip() { printf 'container smoke SKIPPED: %s\n' "$*"; exit 0; }
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -109,6 +116,8 @@ if ! podman image exists "$RUST_IMAGE"; then
     - "$RUST_IMAGE" >/dev/null
   rm -rf "$WORK/rust"
 fi
+
+if ((PREPARE)); then say "tools and base images ready"; exit 0; fi
 
 # 4. Build the real Dockerfile.
 say "building $IMAGE from Dockerfile"

