@@ -17,7 +17,7 @@ use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 
 /// A radiograph-like gray image of `w × h`, written as an RGB JPEG.
 fn gray_rgb_jpeg(w: u32, h: u32) -> Vec<u8> {
-    let mut r = cxr::arch::SplitMix64(1);
+    let mut r = cxr::model::arch::SplitMix64(1);
     let img = RgbImage::from_fn(w, h, |x, y| {
         let v =
             128.0 + 60.0 * ((x as f64 / 37.0).sin() + (y as f64 / 23.0).cos()) + r.uniform() * 20.0;

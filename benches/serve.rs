@@ -13,11 +13,11 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cxr::arch::DenseNetConfig;
 use cxr::http::{AppState, Limits, ServerMetrics};
 use cxr::imaging::{Preprocessing, Preprocessor};
 use cxr::inference::{BatchConfig, Device, LoadConfig, SessionOptions};
-use cxr::onnx::WeightStorage;
+use cxr::model::arch::DenseNetConfig;
+use cxr::model::onnx::WeightStorage;
 use cxr::registry::{CardMetrics, NewModel, Recipe};
 use image::{GrayImage, ImageFormat, Luma};
 
@@ -27,7 +27,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn jpeg(w: u32, h: u32) -> Vec<u8> {
-    let mut r = cxr::arch::SplitMix64(1);
+    let mut r = cxr::model::arch::SplitMix64(1);
     let img = GrayImage::from_fn(w, h, |x, y| {
         let v =
             128.0 + 60.0 * ((x as f64 / 37.0).sin() + (y as f64 / 23.0).cos()) + r.uniform() * 20.0;

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use cxr::arch::DenseNetConfig;
+use cxr::model::arch::DenseNetConfig;
 use cxr::train::model::DenseNet;
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor, nn};

@@ -42,7 +42,7 @@ fn main() {
     };
     let (mut session, _, _) = create_session(env, &bytes, opts).expect("session");
     let s = 224;
-    let mut r = cxr::arch::SplitMix64(7);
+    let mut r = cxr::model::arch::SplitMix64(7);
     let largest = sizes.iter().copied().max().unwrap_or(1);
     let noise: Vec<f32> = (0..largest * 3 * s * s)
         .map(|_| (r.uniform() as f32 - 0.5) * 3.4)

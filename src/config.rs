@@ -12,34 +12,8 @@ use crate::inference::{
     BatchConfig, CPU_MAX_BATCH, CUDA_MAX_BATCH, Device, LoadConfig, resolve_library,
 };
 
-/// The request limits' defaults: the flags' defaults and [`Limits::default`] (and
-/// the trainer's decode limit) read them from here, so they cannot drift apart.
-pub mod defaults {
-    /// `--max-body-bytes`.
-    pub const MAX_BODY_BYTES: usize = 32 << 20;
-    /// `--max-pixels` (also what `cxr-train` decodes at most per image).
-    pub const MAX_PIXELS: u64 = 40_000_000;
-    /// `--max-images-per-request`.
-    pub const MAX_IMAGES: usize = 16;
-    /// `--max-inflight`.
-    pub const MAX_INFLIGHT: usize = 256;
-    /// `--body-timeout-s`.
-    pub const BODY_TIMEOUT_S: u64 = 30;
-    /// `--max-buffered-bytes`.
-    pub const MAX_BUFFERED_BYTES: usize = 1 << 30;
-    /// `--max-decode-pixels`.
-    pub const MAX_DECODE_PIXELS: u64 = 160_000_000;
-    /// `--min-image-side`.
-    pub const MIN_IMAGE_SIDE: u32 = 64;
-    /// `--max-aspect-ratio`.
-    pub const MAX_ASPECT_RATIO: f64 = 4.0;
-    /// `--request-timeout-s`.
-    pub const REQUEST_TIMEOUT_S: f64 = 60.0;
-    /// `--idle-timeout-s`.
-    pub const IDLE_TIMEOUT_S: u64 = 75;
-    /// `--shutdown-timeout-s`: the body and request timeouts, plus 10 s.
-    pub const SHUTDOWN_TIMEOUT_S: u64 = 100;
-}
+/// The flags' defaults, from the leaf module they live in.
+pub use crate::defaults;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -184,8 +158,8 @@ pub struct ServeArgs {
     /// What to do with an image whose out-of-distribution score is above its model's
     /// threshold: refuse it (422 out_of_distribution), answer it with a warning, or
     /// neither score nor refuse (off).
-    #[arg(long, env = "CXR_OOD_ACTION", value_enum, default_value_t = crate::ood::OodAction::Refuse)]
-    pub ood_action: crate::ood::OodAction,
+    #[arg(long, env = "CXR_OOD_ACTION", value_enum, default_value_t = crate::ood_score::OodAction::Refuse)]
+    pub ood_action: crate::ood_score::OodAction,
     /// Longest a /predict request may take, seconds, fractions allowed (then 503
     /// timeout).
     #[arg(long, env = "CXR_REQUEST_TIMEOUT_S", default_value_t = defaults::REQUEST_TIMEOUT_S)]

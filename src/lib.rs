@@ -5,16 +5,17 @@
 //! [`inference`] runs them through ONNX Runtime, [`registry`] holds the model cards,
 //! [`onnx`] writes the model files, [`arch`] describes the network, [`eval`] measures.
 
-pub mod arch;
 pub mod audit;
+pub mod clock;
 pub mod config;
+pub mod defaults;
+pub mod digest;
 pub mod eval;
 pub mod http;
 pub mod imaging;
 pub mod inference;
-pub mod onnx;
-pub mod ood;
-pub mod quantize;
+pub mod model;
+pub mod ood_score;
 pub mod registry;
 
 pub use http::{AppState, Limits, build_admin_app, build_app};

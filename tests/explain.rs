@@ -143,7 +143,8 @@ async fn explain_cam_adds_normalised_maps_and_an_overlay() {
 /// made before they existed) and its card's hash and size to match.
 fn strip_cam(dir: &std::path::Path, name: &str) {
     let path = dir.join(format!("{name}.onnx"));
-    let mut m = cxr::onnx::proto::ModelProto::decode(&std::fs::read(&path).unwrap()[..]).unwrap();
+    let mut m =
+        cxr::model::onnx::proto::ModelProto::decode(&std::fs::read(&path).unwrap()[..]).unwrap();
     let g = m.graph.as_mut().unwrap();
     g.output
         .retain(|o| o.name == "logits" || o.name == "probabilities");

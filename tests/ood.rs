@@ -10,10 +10,10 @@ mod common;
 
 use axum::http::StatusCode;
 use common::http::{json, raw, send};
-use cxr::arch::SplitMix64;
 use cxr::imaging::Preprocessor;
-use cxr::ood::OodAction;
-use cxr::train::ood::{Embeddings, acceptance_threshold, embed, fit, scores};
+use cxr::model::arch::SplitMix64;
+use cxr::ood_score::OodAction;
+use cxr::train::fit_ood::{Embeddings, acceptance_threshold, embed, fit, scores};
 use image::{GrayImage, Luma};
 
 /// Gaussian N(0, 1) from the generator (Box–Muller).
@@ -146,7 +146,7 @@ fn fit_alpha(dir: &std::path::Path) -> f64 {
     m.threshold = acceptance_threshold(&sv, 0.99);
     let bytes = m.to_json();
     std::fs::write(dir.join("alpha.ood.json"), &bytes).unwrap();
-    let entry = cxr::ood::OodCard {
+    let entry = cxr::ood_score::OodCard {
         file: "alpha.ood.json".into(),
         sha256: cxr::registry::sha256_hex(&bytes),
         method: "test".into(),

@@ -7,9 +7,9 @@
 
 mod common;
 
-use cxr::arch::DenseNetConfig;
 use cxr::imaging::{Preprocessing, Preprocessor};
-use cxr::onnx::{WeightStorage, WriteOptions};
+use cxr::model::arch::DenseNetConfig;
+use cxr::model::onnx::{WeightStorage, WriteOptions};
 use prost::Message;
 
 fn batches(pre: &Preprocessor, seeds: std::ops::Range<u32>) -> Vec<(usize, Vec<f32>)> {
@@ -48,12 +48,14 @@ fn int8_graph_loads_answers_close_to_fp32_and_keeps_its_weights() {
         metadata: vec![],
     };
     let pre = Preprocessor::new(32, &Preprocessing::default()).unwrap();
-    let fp32 = cxr::onnx::write_densenet(&config, &weights, &opts)
+    let fp32 = cxr::model::onnx::write_densenet(&config, &weights, &opts)
         .unwrap()
         .encode_to_vec();
-    let calib = cxr::quantize::calibration_graph(&config, &weights, &opts).unwrap();
+    let calib = cxr::model::int8::calibration_graph(&config, &weights, &opts).unwrap();
     let mut cs = common::cpu_model(&calib);
-    let ranges = cxr::quantize::calibrate(&mut cs, batches(&pre, 0..24), 32).unwrap();
+    let ranges =
+        cxr::model::int8::calibrate(|b, n, s| cs.run_named(b, n, s), batches(&pre, 0..24), 32)
+            .unwrap();
     // Every conv's input and output and the classifier's input have a range; a
     // dense layer's first conv (its norm folded in) outputs the second one's input.
     let convs = weights
@@ -66,9 +68,9 @@ fn int8_graph_loads_answers_close_to_fp32_and_keeps_its_weights() {
         "{:?}",
         ranges.keys().collect::<Vec<_>>()
     );
-    let int8 = cxr::quantize::int8_graph(&config, &weights, &opts, ranges).unwrap();
+    let int8 = cxr::model::int8::int8_graph(&config, &weights, &opts, ranges).unwrap();
     // The INT8 graph: Q/DQ pairs, INT8 weights.
-    let model = cxr::onnx::proto::ModelProto::decode(&int8[..]).unwrap();
+    let model = cxr::model::onnx::proto::ModelProto::decode(&int8[..]).unwrap();
     let graph = model.graph.unwrap();
     assert!(graph.node.iter().any(|n| n.op_type == "QuantizeLinear"));
     let mut a = common::cpu_session(&fp32);
@@ -109,13 +111,13 @@ fn int8_graph_loads_answers_close_to_fp32_and_keeps_its_weights() {
     );
     // The batch norms that follow a convolution directly (norm0, every norm2) are
     // folded into it: none is left in the graph.
-    let norms = |g: &cxr::onnx::proto::GraphProto| {
+    let norms = |g: &cxr::model::onnx::proto::GraphProto| {
         g.node
             .iter()
             .filter(|n| n.op_type == "BatchNormalization")
             .count()
     };
-    let fp32_graph = cxr::onnx::proto::ModelProto::decode(&fp32[..])
+    let fp32_graph = cxr::model::onnx::proto::ModelProto::decode(&fp32[..])
         .unwrap()
         .graph
         .unwrap();
@@ -188,7 +190,7 @@ async fn an_int8_variant_is_served_by_name_and_says_so() {
     let card_text = std::fs::read_to_string(dir.path().join("alpha.json")).unwrap();
     let mut card: cxr::registry::ModelCard = serde_json::from_str(&card_text).unwrap();
     let loaded = cxr::registry::load_card(&dir.path().join("alpha.json")).unwrap();
-    let weights = cxr::onnx::read_weights(&loaded.onnx_bytes).unwrap();
+    let weights = cxr::model::onnx::read_weights(&loaded.onnx_bytes).unwrap();
     let opts = WriteOptions {
         input_size: 32,
         storage: WeightStorage::Fp32,
@@ -196,13 +198,18 @@ async fn an_int8_variant_is_served_by_name_and_says_so() {
     };
     let config = card.architecture.config.clone();
     let pre = Preprocessor::new(32, &Preprocessing::default()).unwrap();
-    let calib = cxr::quantize::calibration_graph(&config, &weights, &opts).unwrap();
-    let ranges =
-        cxr::quantize::calibrate(&mut common::cpu_model(&calib), batches(&pre, 0..8), 32).unwrap();
-    let bytes = cxr::quantize::int8_graph(&config, &weights, &opts, ranges).unwrap();
+    let calib = cxr::model::int8::calibration_graph(&config, &weights, &opts).unwrap();
+    let mut calib_model = common::cpu_model(&calib);
+    let ranges = cxr::model::int8::calibrate(
+        |b, n, s| calib_model.run_named(b, n, s),
+        batches(&pre, 0..8),
+        32,
+    )
+    .unwrap();
+    let bytes = cxr::model::int8::int8_graph(&config, &weights, &opts, ranges).unwrap();
     std::fs::write(dir.path().join("alpha-int8.onnx"), &bytes).unwrap();
     card.name = "alpha-int8".into();
-    card.precision = cxr::quantize::Precision::Int8;
+    card.precision = cxr::model::int8::Precision::Int8;
     card.onnx.file = "alpha-int8.onnx".into();
     card.onnx.sha256 = cxr::registry::sha256_hex(&bytes);
     card.metrics.test.as_mut().unwrap().sensitivity = 1.0;

@@ -95,7 +95,7 @@ fn subcommand() -> anyhow::Result<Option<()>> {
         let a = RewriteArgs::parse_from(std::env::args().skip(1));
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
         for card in &a.cards {
-            let (old, new) = cxr::registry::rewrite_onnx(card, &lib).map_err(anyhow::Error::msg)?;
+            let (old, new) = cxr::train::rewrite_onnx(card, &lib).map_err(anyhow::Error::msg)?;
             println!("{}: {old} -> {new} (answers unchanged)", card.display());
         }
         return Ok(Some(()));
@@ -104,7 +104,7 @@ fn subcommand() -> anyhow::Result<Option<()>> {
         let a = OodArgs::parse_from(std::env::args().skip(1));
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
         for card in &a.cards {
-            let out = cxr::train::ood::fit_card(
+            let out = cxr::train::fit_ood::fit_card(
                 card,
                 &a.data,
                 &lib,
@@ -134,7 +134,7 @@ fn subcommand() -> anyhow::Result<Option<()>> {
             }
             println!(
                 "{}",
-                cxr::train::quantize::quantize_card(&card, &a.data, &lib, a.val_fraction)?
+                cxr::train::int8_copy::quantize_card(&card, &a.data, &lib, a.val_fraction)?
             );
         }
         return Ok(Some(()));

@@ -13,7 +13,7 @@
 
 use image::GrayImage;
 
-use crate::arch::SplitMix64;
+use crate::model::arch::SplitMix64;
 
 /// The seed of the stress set every card reports.
 pub const STRESS_SEED: u64 = 20_261_126;

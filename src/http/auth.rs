@@ -191,14 +191,7 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Lower-case hexadecimal.
-pub fn to_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
+pub use crate::digest::to_hex;
 
 /// The key a request presents: `Authorization: Bearer <key>` (scheme in any case),
 /// else `x-api-key`.

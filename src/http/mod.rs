@@ -55,7 +55,7 @@ use crate::eval::{Target, served_probabilities};
 use crate::imaging::dicom::{self, DicomInfo, DicomOptions};
 use crate::imaging::{Geometry, Preprocessor};
 use crate::inference::{InferError, JobOutput, ModelSet, ServedModel};
-use crate::ood::OodAction;
+use crate::ood_score::OodAction;
 use auth::{ApiKeys, Caller, Scope};
 
 /// Request limits.
@@ -87,13 +87,13 @@ pub struct Limits {
     /// Longest a client may take to send a `/predict` body (408 after).
     pub body_timeout: Duration,
     /// What an out-of-distribution image gets (`--ood-action`).
-    pub ood_action: crate::ood::OodAction,
+    pub ood_action: crate::ood_score::OodAction,
 }
 
-/// The flags' defaults ([`crate::config::defaults`]).
+/// The flags' defaults ([`crate::defaults`]).
 impl Default for Limits {
     fn default() -> Self {
-        use crate::config::defaults;
+        use crate::defaults;
         Self {
             max_body_bytes: defaults::MAX_BODY_BYTES,
             max_pixels: defaults::MAX_PIXELS,
@@ -107,7 +107,7 @@ impl Default for Limits {
             max_buffered_bytes: defaults::MAX_BUFFERED_BYTES,
             max_decode_pixels: defaults::MAX_DECODE_PIXELS,
             body_timeout: Duration::from_secs(defaults::BODY_TIMEOUT_S),
-            ood_action: crate::ood::OodAction::Refuse,
+            ood_action: crate::ood_score::OodAction::Refuse,
         }
     }
 }

@@ -64,9 +64,9 @@ impl Default for ConnLimits {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(crate::config::defaults::IDLE_TIMEOUT_S),
+            idle_timeout: Duration::from_secs(crate::defaults::IDLE_TIMEOUT_S),
             max_connections: 1024,
-            shutdown_timeout: Duration::from_secs(crate::config::defaults::SHUTDOWN_TIMEOUT_S),
+            shutdown_timeout: Duration::from_secs(crate::defaults::SHUTDOWN_TIMEOUT_S),
         }
     }
 }

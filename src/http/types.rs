@@ -75,7 +75,7 @@ pub struct ModelRef {
     /// SHA-256 of its ONNX file.
     pub sha256: String,
     /// The precision that answered: `fp32` or `int8`.
-    pub precision: crate::quantize::Precision,
+    pub precision: crate::model::int8::Precision,
 }
 
 /// Where the time went, in milliseconds.

@@ -99,8 +99,8 @@ pub struct Geometry {
 impl Default for Geometry {
     fn default() -> Self {
         Self {
-            min_side: crate::config::defaults::MIN_IMAGE_SIDE,
-            max_aspect: crate::config::defaults::MAX_ASPECT_RATIO,
+            min_side: crate::defaults::MIN_IMAGE_SIDE,
+            max_aspect: crate::defaults::MAX_ASPECT_RATIO,
         }
     }
 }

@@ -66,7 +66,7 @@ pub struct ServedModel {
     /// Its queue.
     pub batcher: Batcher,
     /// Its out-of-distribution model, when the card names one.
-    pub ood: Option<Arc<crate::ood::OodModel>>,
+    pub ood: Option<Arc<crate::ood_score::OodModel>>,
     /// Its training plots (kind, PNG bytes).
     pub plots: Vec<(&'static str, Vec<u8>)>,
     served: AtomicU64,

@@ -328,7 +328,7 @@ pub(super) fn run_batch(
     let input = ort::value::Tensor::from_array(([n, 3, s, s], batch.into_boxed_slice()))
         .map_err(ort_error)?;
     session
-        .run(ort::inputs![crate::onnx::INPUT_NAME => input])
+        .run(ort::inputs![crate::model::onnx::INPUT_NAME => input])
         .map_err(ort_error)
 }
 
@@ -355,9 +355,12 @@ pub fn run_outputs(
 ) -> Result<Vec<ModelOutput>, RunError> {
     let outputs = run_batch(session, batch, n, s)?;
     let mut rows = [Vec::new(), Vec::new()];
-    for (k, name) in [crate::onnx::LOGITS_NAME, crate::onnx::PROBABILITIES_NAME]
-        .into_iter()
-        .enumerate()
+    for (k, name) in [
+        crate::model::onnx::LOGITS_NAME,
+        crate::model::onnx::PROBABILITIES_NAME,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let (shape, data) = outputs[name]
             .try_extract_tensor::<f32>()
@@ -373,11 +376,11 @@ pub fn run_outputs(
     }
     let [logits, probs] = rows;
     let mut maps: Vec<Option<ClassMaps>> = vec![None; n];
-    if let Some(v) = outputs.get(crate::onnx::CAM_NAME) {
+    if let Some(v) = outputs.get(crate::model::onnx::CAM_NAME) {
         let (shape, data) = v.try_extract_tensor::<f32>().map_err(ort_error)?;
         if shape.len() != 4 || shape[0] as usize != n || shape[1] != 2 {
             return Err(RunError::Shape {
-                output: crate::onnx::CAM_NAME,
+                output: crate::model::onnx::CAM_NAME,
                 shape: shape.to_vec(),
                 n,
             });
@@ -392,11 +395,11 @@ pub fn run_outputs(
         }
     }
     let mut embeddings: Vec<Option<Vec<f32>>> = vec![None; n];
-    if let Some(v) = outputs.get(crate::onnx::EMBEDDING_NAME) {
+    if let Some(v) = outputs.get(crate::model::onnx::EMBEDDING_NAME) {
         let (shape, data) = v.try_extract_tensor::<f32>().map_err(ort_error)?;
         if shape.len() != 2 || shape[0] as usize != n || shape[1] < 1 {
             return Err(RunError::Shape {
-                output: crate::onnx::EMBEDDING_NAME,
+                output: crate::model::onnx::EMBEDDING_NAME,
                 shape: shape.to_vec(),
                 n,
             });

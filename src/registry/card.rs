@@ -3,10 +3,10 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::arch::DenseNetConfig;
 use crate::eval::{Calibration, Metrics, OperatingCurve};
 use crate::imaging::Preprocessing;
-use crate::onnx::WeightStorage;
+use crate::model::arch::DenseNetConfig;
+use crate::model::onnx::WeightStorage;
 
 /// Class names every cxr model uses, in output order.
 pub const CLASS_NAMES: [&str; 2] = ["NORMAL", "PNEUMONIA"];
@@ -162,13 +162,16 @@ pub struct ModelCard {
     /// The out-of-distribution model (absent: the variant's answers carry no
     /// `ood_score` and nothing is refused as out of distribution).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ood: Option<crate::ood::OodCard>,
+    pub ood: Option<crate::ood_score::OodCard>,
     /// The precision the file computes in (absent: fp32).
-    #[serde(default, skip_serializing_if = "crate::quantize::Precision::is_fp32")]
-    pub precision: crate::quantize::Precision,
+    #[serde(
+        default,
+        skip_serializing_if = "crate::model::int8::Precision::is_fp32"
+    )]
+    pub precision: crate::model::int8::Precision,
     /// For an INT8 copy: how it was made and how it compares with its source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quantization: Option<crate::quantize::QuantizationInfo>,
+    pub quantization: Option<crate::model::int8::QuantizationInfo>,
 }
 
 impl ModelCard {

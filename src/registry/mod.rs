@@ -10,8 +10,7 @@ mod write;
 use std::path::{Path, PathBuf};
 
 pub use card::{Architecture, CLASS_NAMES, CardMetrics, ModelCard, OnnxFile, Recipe, Strategy};
-use sha2::{Digest, Sha256};
-pub use write::{NewModel, rewrite_onnx, set_card_ood, write_model};
+pub use write::{NewModel, set_card_ood, write_model};
 
 use crate::imaging::Preprocessor;
 
@@ -51,7 +50,7 @@ pub struct LoadedModel {
     /// The ONNX file's bytes (verified against the card's SHA-256).
     pub onnx_bytes: Vec<u8>,
     /// The out-of-distribution model the card names (verified against its SHA-256).
-    pub ood: Option<std::sync::Arc<crate::ood::OodModel>>,
+    pub ood: Option<std::sync::Arc<crate::ood_score::OodModel>>,
     /// The training run's plots found beside the card (`plots/<name>-<kind>.png`,
     /// kinds in [`PLOT_KINDS`]), PNG bytes.
     pub plots: Vec<(&'static str, Vec<u8>)>,
@@ -63,13 +62,7 @@ pub const PLOT_KINDS: [&str; 3] = ["roc", "curves", "confusion"];
 /// Largest plot read (a plot is a few tens of KB).
 const MAX_PLOT_BYTES: u64 = 4 << 20;
 
-/// Lower-case hex SHA-256.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use crate::digest::sha256_hex;
 
 /// Loads and checks every `<name>.json` card in `dir` (sorted by name); JSON files
 /// with a further dot in their name (`<name>.test-scores.json`) are not cards.
@@ -198,7 +191,7 @@ fn check_card(card: &ModelCard, card_path: &Path) -> Result<(), RegistryError> {
 fn read_onnx(
     card: &ModelCard,
     card_path: &Path,
-) -> Result<(PathBuf, Vec<u8>, crate::onnx::Signature), RegistryError> {
+) -> Result<(PathBuf, Vec<u8>, crate::model::onnx::Signature), RegistryError> {
     let onnx_path = card_path.with_file_name(&card.onnx.file);
     let onnx_bytes = std::fs::read(&onnx_path).map_err(|e| {
         invalid(
@@ -216,8 +209,8 @@ fn read_onnx(
             ),
         ));
     }
-    let sig =
-        crate::onnx::signature(&onnx_bytes).map_err(|e| invalid(&onnx_path, e.to_string()))?;
+    let sig = crate::model::onnx::signature(&onnx_bytes)
+        .map_err(|e| invalid(&onnx_path, e.to_string()))?;
     sig.check_contract(card.input_size, CLASS_NAMES.len())
         .map_err(|e| {
             invalid(
@@ -231,10 +224,10 @@ fn read_onnx(
 /// The out-of-distribution model the card names, checked against the ONNX file's
 /// embedding and the card's threshold.
 fn load_ood(
-    o: &crate::ood::OodCard,
+    o: &crate::ood_score::OodCard,
     card_path: &Path,
-    sig: &crate::onnx::Signature,
-) -> Result<std::sync::Arc<crate::ood::OodModel>, RegistryError> {
+    sig: &crate::model::onnx::Signature,
+) -> Result<std::sync::Arc<crate::ood_score::OodModel>, RegistryError> {
     if Path::new(&o.file).components().count() != 1 {
         return Err(invalid(
             card_path,
@@ -242,7 +235,7 @@ fn load_ood(
         ));
     }
     let path = card_path.with_file_name(&o.file);
-    let m = crate::ood::OodModel::load(&path, &o.sha256)
+    let m = crate::ood_score::OodModel::load(&path, &o.sha256)
         .map_err(|e| invalid(&path, format!("out-of-distribution model: {e}")))?;
     let width = sig.embedding_width();
     if width != Some(m.dim) {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::onnx::WeightStorage;
+use crate::model::onnx::WeightStorage;
 
 /// Imbalance strategy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -7,15 +7,15 @@ use std::path::{Path, PathBuf};
 
 use image::GrayImage;
 
-use crate::arch::SplitMix64;
 use crate::imaging::{Preprocessor, decode_gray};
+use crate::model::arch::SplitMix64;
 
 /// Class folder names, in label order (0 = NORMAL, 1 = PNEUMONIA).
 pub const CLASSES: [&str; 2] = ["NORMAL", "PNEUMONIA"];
 
 /// Largest image the trainer decodes: what the server accepts (the originals are
 /// ~2000 px a side).
-pub const MAX_PIXELS: u64 = crate::config::defaults::MAX_PIXELS;
+pub const MAX_PIXELS: u64 = crate::defaults::MAX_PIXELS;
 
 /// One labelled image.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -291,7 +291,7 @@ impl Trainer<'_> {
             // as this run split it (a run on a subset of the data has no split to
             // rebuild).
             let cache = args.out.join("ood-cache");
-            let summary = ood::fit_card(
+            let summary = fit_ood::fit_card(
                 &card_path,
                 &args.data,
                 lib,
@@ -304,7 +304,7 @@ impl Trainer<'_> {
             // The INT8 copy, measured against this file (it needs the OOD entry).
             if !args.no_int8 {
                 let summary =
-                    quantize::quantize_card(&card_path, &args.data, lib, args.val_fraction)?;
+                    int8_copy::quantize_card(&card_path, &args.data, lib, args.val_fraction)?;
                 tracing::info!(target: "cxr::train", "{summary}");
             }
         }

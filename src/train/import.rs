@@ -98,7 +98,7 @@ impl ImportedRun {
             .map_err(|e| format!("{} is not a run history: {e}", path.display()))?;
         let bytes = std::fs::read(weights)
             .map_err(|e| format!("cannot read {}: {e}", weights.display()))?;
-        let digest = crate::registry::sha256_hex(&bytes);
+        let digest = crate::digest::sha256_hex(&bytes);
         if digest != run.sha256 {
             return Err(format!(
                 "{} has SHA-256 {digest}, but {} was written for {}",

@@ -13,13 +13,14 @@ pub mod data;
 mod epochs;
 mod error;
 mod export;
+pub mod fit_ood;
 pub mod import;
+pub mod int8_copy;
 pub mod model;
-pub mod ood;
 mod optim;
 mod plots;
-pub mod quantize;
 mod recipe;
+mod rewrite;
 mod scores;
 mod trainer;
 
@@ -38,11 +39,11 @@ use data::{AugmentSpec, Sample};
 use epochs::{Trained, predict};
 pub use error::TrainError;
 use export::*;
+pub use rewrite::rewrite_onnx;
 pub(crate) use scores::measuring_session;
 pub use scores::{TestScore, TestScores, write_test_scores};
 use trainer::Trainer;
 
-use crate::arch::{DenseNetConfig, SplitMix64};
 use crate::eval::calibration::nll;
 use crate::eval::{
     Calibration, Metrics, OperatingCurve, choose_threshold, fit_temperature, mean_log_loss,
@@ -50,6 +51,7 @@ use crate::eval::{
 };
 use crate::imaging::{Preprocessing, Preprocessor};
 use crate::inference::ModelOutput;
+use crate::model::arch::{DenseNetConfig, SplitMix64};
 use crate::registry::{CardMetrics, ModelCard, NewModel, Recipe, Strategy};
 
 /// What a finished run produced.

@@ -8,7 +8,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use crate::arch::{BN_EPS, DenseNetConfig, Weights};
+use crate::model::arch::{BN_EPS, DenseNetConfig, Weights};
 
 struct DenseLayer {
     norm1: nn::BatchNorm,
@@ -156,7 +156,7 @@ pub fn export_weights(vs: &nn::VarStore) -> Weights {
             let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
             let data = Vec::<f32>::try_from(t.flatten(0, -1))
                 .expect("a float tensor converts to Vec<f32>");
-            (name, crate::arch::Tensor::new(shape, data))
+            (name, crate::model::arch::Tensor::new(shape, data))
         })
         .collect()
 }
@@ -249,7 +249,7 @@ fn load_torchvision_file(
 }
 
 /// Loads every variable of `vs` (classifier included) from `weights`, e.g. those read
-/// back from an exported ONNX file by [`crate::onnx::read_weights`]. Says which
+/// back from an exported ONNX file by [`crate::model::onnx::read_weights`]. Says which
 /// variable is missing or misshapen; extra entries are an error too (another network).
 pub fn load_weights(vs: &mut nn::VarStore, weights: &Weights) -> Result<usize, String> {
     let vars = vs.variables();

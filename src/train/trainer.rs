@@ -193,7 +193,7 @@ impl<'a> Trainer<'a> {
             "use the same flags",
         )?;
         let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
-        let weights = crate::onnx::read_weights(&bytes)
+        let weights = crate::model::onnx::read_weights(&bytes)
             .with_context(|| format!("reading the weights of {}", model.display()))?;
         model::load_weights(&mut self.vs, &weights)
             .map_err(|e| anyhow!("--resume-from {}: {e}", model.display()))?;

@@ -9,9 +9,9 @@ pub mod http;
 use std::io::Cursor;
 use std::path::Path;
 
-use cxr::arch::{DenseNetConfig, Weights};
 use cxr::eval::Metrics as EvalMetrics;
-use cxr::onnx::WeightStorage;
+use cxr::model::arch::{DenseNetConfig, Weights};
+use cxr::model::onnx::WeightStorage;
 use cxr::registry::{CardMetrics, NewModel, Recipe, Strategy};
 use image::{GrayImage, ImageFormat, Luma};
 

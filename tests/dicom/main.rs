@@ -275,7 +275,7 @@ async fn lateral_view_and_multiframe_answer_with_warnings() {
 #[test]
 fn random_corruption_never_panics() {
     let g = d::test_gray(24, 16, 1);
-    let mut rng = cxr::arch::SplitMix64(7);
+    let mut rng = cxr::model::arch::SplitMix64(7);
     for (_, spec, _) in cases(&g) {
         let good = d::build(&spec);
         for _ in 0..400 {

@@ -4,9 +4,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use cxr::arch::{BN_EPS, DenseNetConfig, Tensor, Weights};
 use cxr::inference::run_probabilities;
-use cxr::onnx::{WeightStorage, WriteOptions, write_densenet};
+use cxr::model::arch::{BN_EPS, DenseNetConfig, Tensor, Weights};
+use cxr::model::onnx::{WeightStorage, WriteOptions, write_densenet};
 use prost::Message;
 
 fn write(config: &DenseNetConfig, w: &Weights, size: u32, storage: WeightStorage) -> Vec<u8> {
@@ -31,7 +31,7 @@ fn logits(session: &mut ort::session::Session, x: Vec<f32>, n: usize, s: usize) 
 }
 
 fn input(n: usize, s: usize, seed: u64) -> Vec<f32> {
-    let mut r = cxr::arch::SplitMix64(seed);
+    let mut r = cxr::model::arch::SplitMix64(seed);
     (0..n * 3 * s * s)
         .map(|_| (r.uniform() * 4.0 - 2.0) as f32)
         .collect()
@@ -90,7 +90,7 @@ fn tiny_network_matches_reference_forward() {
     let config = tiny_config();
     let mut w = config.random_weights(11);
     // Non-trivial BatchNorm statistics and biases, so every parameter matters.
-    let mut r = cxr::arch::SplitMix64(5);
+    let mut r = cxr::model::arch::SplitMix64(5);
     for (name, t) in w.iter_mut() {
         if name.ends_with("running_var") {
             t.data
@@ -136,13 +136,13 @@ fn tiny_network_matches_reference_forward() {
 fn cam_and_embedding_match_the_reference_and_sum_to_the_logits() {
     let config = tiny_config();
     let mut w = config.random_weights(21);
-    let mut r = cxr::arch::SplitMix64(8);
+    let mut r = cxr::model::arch::SplitMix64(8);
     for v in &mut w.get_mut("classifier.bias").unwrap().data {
         *v = (r.uniform() - 0.5) as f32;
     }
     let s = 40;
     let file = write(&config, &w, s as u32, WeightStorage::Fp32);
-    let sig = cxr::onnx::signature(&file).unwrap();
+    let sig = cxr::model::onnx::signature(&file).unwrap();
     let names: Vec<&str> = sig.outputs.iter().map(|o| o.0.as_str()).collect();
     assert_eq!(names, ["logits", "probabilities", "cam", "embedding"]);
     let mut session = common::cpu_session(&file);
@@ -214,13 +214,15 @@ fn fp16_storage_agrees_with_fp32() {
 fn weights_read_back_exactly_fp32_and_within_half_precision_fp16() {
     let config = DenseNetConfig::tiny();
     let w = config.random_weights(5);
-    let back = cxr::onnx::read_weights(&write(&config, &w, 32, WeightStorage::Fp32)).unwrap();
+    let back =
+        cxr::model::onnx::read_weights(&write(&config, &w, 32, WeightStorage::Fp32)).unwrap();
     assert_eq!(back.len(), w.len());
     for (name, t) in &w {
         assert_eq!(back[name].shape, t.shape, "{name}");
         assert_eq!(back[name].data, t.data, "{name}");
     }
-    let half = cxr::onnx::read_weights(&write(&config, &w, 32, WeightStorage::Fp16)).unwrap();
+    let half =
+        cxr::model::onnx::read_weights(&write(&config, &w, 32, WeightStorage::Fp16)).unwrap();
     assert_eq!(half.len(), w.len());
     for (name, t) in &w {
         assert_eq!(half[name].shape, t.shape, "{name}");
@@ -228,7 +230,7 @@ fn weights_read_back_exactly_fp32_and_within_half_precision_fp16() {
             assert!((a - b).abs() <= a.abs() * 1e-3 + 1e-7, "{name}: {a} vs {b}");
         }
     }
-    assert!(cxr::onnx::read_weights(b"not an onnx file").is_err());
+    assert!(cxr::model::onnx::read_weights(b"not an onnx file").is_err());
 }
 
 #[test]

@@ -20,7 +20,7 @@ use tower::ServiceExt;
 /// A Kermany-like folder: NORMAL images are bright discs, PNEUMONIA dark blotches;
 /// several images per patient; 3:1 imbalance in train.
 fn make_data(root: &Path) {
-    let mut rng = cxr::arch::SplitMix64(3);
+    let mut rng = cxr::model::arch::SplitMix64(3);
     for (split, normals, sick) in [("train", 8, 24), ("test", 6, 6)] {
         for (class, n) in [("NORMAL", normals), ("PNEUMONIA", sick)] {
             let dir = root.join(split).join(class);
@@ -257,8 +257,8 @@ fn resume_from_an_interim_model_equals_resuming_the_run_folder() {
         .expect("finished from the interim model");
     let s = state(fresh.path());
     assert_eq!((s.epoch, s.global_step, s.history.len()), (2, 6, 2));
-    let wa = cxr::onnx::read_weights(&std::fs::read(&a.onnx).unwrap()).unwrap();
-    let wb = cxr::onnx::read_weights(&std::fs::read(&b.onnx).unwrap()).unwrap();
+    let wa = cxr::model::onnx::read_weights(&std::fs::read(&a.onnx).unwrap()).unwrap();
+    let wb = cxr::model::onnx::read_weights(&std::fs::read(&b.onnx).unwrap()).unwrap();
     assert_eq!(wa.len(), wb.len());
     for (name, t) in &wa {
         assert_eq!(t.data, wb[name].data, "{name}");
@@ -360,9 +360,10 @@ fn training_learns_and_a_resume_restores_the_checkpoint_exactly() {
     ))
     .unwrap()
     .expect("interim export");
-    let resumed =
-        cxr::onnx::read_weights(&std::fs::read(run.path().join("interim/weighted.onnx")).unwrap())
-            .unwrap();
+    let resumed = cxr::model::onnx::read_weights(
+        &std::fs::read(run.path().join("interim/weighted.onnx")).unwrap(),
+    )
+    .unwrap();
     // A fresh run's weights before any step, for contrast.
     let fresh_dir = tempfile::tempdir().unwrap();
     let fresh_stop = ["--stop-after-steps", "1", "--resume"];

@@ -4,7 +4,7 @@ use super::*;
 
 #[test]
 fn torchvision_weight_files_load_except_the_classifier() {
-    use cxr::arch::DenseNetConfig;
+    use cxr::model::arch::DenseNetConfig;
     use cxr::train::model::{DenseNet, export_weights, load_torchvision};
     use tch::{Device, Tensor, nn};
     let cfg = DenseNetConfig::tiny();
@@ -74,7 +74,7 @@ fn torchvision_weight_files_load_except_the_classifier() {
 /// validation split, or belongs to another file, is refused.
 #[test]
 fn imported_runs_are_exported_with_their_own_weights_and_measured() {
-    use cxr::arch::DenseNetConfig;
+    use cxr::model::arch::DenseNetConfig;
     use cxr::train::model::{DenseNet, export_weights};
     use tch::{Device, nn};
     common::ort_env();
@@ -132,7 +132,7 @@ fn imported_runs_are_exported_with_their_own_weights_and_measured() {
         .expect("exported");
     // Exactly the file's weights, classifier included, are in the ONNX file.
     let onnx = std::fs::read(&done.onnx).unwrap();
-    let written = cxr::onnx::read_weights(&onnx).unwrap();
+    let written = cxr::model::onnx::read_weights(&onnx).unwrap();
     let want = export_weights(&src);
     assert_eq!(written.len(), want.len());
     for (k, t) in &want {

@@ -81,7 +81,7 @@ async fn infer_inner(
     let decision = decision(model, &query_of(&request.parameters)?)?;
     let outputs = selected_outputs(&request)?;
     if outputs.iter().any(|(n, _)| *n == "ood_score")
-        && (model.ood.is_none() || limits.ood_action == crate::ood::OodAction::Off)
+        && (model.ood.is_none() || limits.ood_action == crate::ood_score::OodAction::Off)
     {
         return Err(ApiError::BadRequest(format!(
             "output `ood_score`: model `{}` has no out-of-distribution model, or the server runs with --ood-action off",

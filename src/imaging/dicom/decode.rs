@@ -50,7 +50,7 @@ pub fn decode_dicom(
             voi: voi.into(),
         },
         warnings,
-        sr_source: crate::imaging::sr::SrSource::from_object(
+        sr_source: super::SrSource::from_object(
             obj,
             Some(parsed.meta.media_storage_sop_class_uid()),
         ),

@@ -27,9 +27,11 @@ use utoipa::ToSchema;
 mod codestream;
 mod decode;
 mod guard;
+mod source;
 mod voi;
 
 pub use decode::decode_dicom;
+pub use source::{COPIED_TAGS, SrSource};
 
 /// A text attribute of `obj`, its padding (NUL, spaces) trimmed; `None` when absent
 /// or empty. What the decoder and the SR's source read identifiers with.
@@ -192,7 +194,7 @@ pub struct DicomImage {
     /// Things the caller should know (lateral view, multi-frame).
     pub warnings: Vec<String>,
     /// What a Structured Report of the answer needs of this object.
-    pub sr_source: super::sr::SrSource,
+    pub sr_source: SrSource,
 }
 
 /// Offset of the `DICM` magic: 128 (standard preamble) or 0 (preamble stripped).

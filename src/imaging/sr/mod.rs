@@ -29,7 +29,7 @@
 //! physician; the Study Instance UID and the character set they are written in), and
 //! nothing else; none of it is logged.
 
-use dicom_core::{DataElement, Tag, VR};
+use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 
@@ -44,59 +44,7 @@ pub use uid::{check_uid_root, new_uid};
 pub const COMPREHENSIVE_3D_SR: &str = "1.2.840.10008.5.1.4.1.1.88.34";
 const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 
-/// The source attributes an SR carries for filing, copied as they were encoded.
-pub const COPIED_TAGS: [Tag; 9] = [
-    tags::SPECIFIC_CHARACTER_SET,
-    tags::PATIENT_NAME,
-    tags::PATIENT_ID,
-    tags::PATIENT_BIRTH_DATE,
-    tags::PATIENT_SEX,
-    tags::STUDY_DATE,
-    tags::STUDY_TIME,
-    tags::ACCESSION_NUMBER,
-    tags::REFERRING_PHYSICIAN_NAME,
-];
-
-/// What an SR needs of its source image. Its `Debug` shows no patient attribute.
-#[derive(Clone, Default)]
-pub struct SrSource {
-    copied: Vec<DataElement<InMemDicomObject>>,
-    /// StudyInstanceUID.
-    pub study_instance_uid: Option<String>,
-    /// SeriesInstanceUID.
-    pub series_instance_uid: Option<String>,
-    /// SOPClassUID (or the meta's MediaStorageSOPClassUID).
-    pub sop_class_uid: Option<String>,
-    /// SOPInstanceUID.
-    pub sop_instance_uid: Option<String>,
-}
-
-impl std::fmt::Debug for SrSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SrSource")
-            .field("copied_attributes", &self.copied.len())
-            .field("sop_instance_uid", &self.sop_instance_uid)
-            .finish()
-    }
-}
-
-impl SrSource {
-    /// Takes the attributes an SR needs from a decoded source object.
-    pub fn from_object(obj: &InMemDicomObject, meta_sop_class: Option<&str>) -> Self {
-        let text = |tag| crate::imaging::dicom::text(obj, tag);
-        Self {
-            copied: COPIED_TAGS
-                .iter()
-                .filter_map(|t| obj.element_opt(*t).ok().flatten().cloned())
-                .collect(),
-            study_instance_uid: text(tags::STUDY_INSTANCE_UID),
-            series_instance_uid: text(tags::SERIES_INSTANCE_UID),
-            sop_class_uid: text(tags::SOP_CLASS_UID)
-                .or_else(|| meta_sop_class.map(|s| s.trim_end_matches('\0').to_string())),
-            sop_instance_uid: text(tags::SOP_INSTANCE_UID),
-        }
-    }
-}
+pub use crate::imaging::dicom::{COPIED_TAGS, SrSource};
 
 /// What the SR reports.
 #[derive(Debug, Clone)]
@@ -204,7 +152,7 @@ pub fn build_sr(
 /// Patient and General Study: the copied source attributes; type 2 attributes the
 /// source lacked are present empty.
 fn put_patient_and_study(o: &mut InMemDicomObject, source: &SrSource, study_uid: &str) {
-    for e in &source.copied {
+    for e in source.copied() {
         o.put(e.clone());
     }
     for (tag, vr) in [
@@ -346,7 +294,7 @@ pub const LOCAL_SCHEME: &str = "99CXR";
 
 /// Date (YYYYMMDD) and time (HHMMSS) now, UTC.
 fn now_da_tm() -> (String, String) {
-    let t = crate::audit::now_rfc3339(); // 2026-11-26T16:52:54.123Z
+    let t = crate::clock::now_rfc3339(); // 2026-11-26T16:52:54.123Z
     let da = t[..10].replace('-', "");
     let tm = t[11..19].replace(':', "");
     (da, tm)

@@ -12,7 +12,7 @@ use image::GrayImage;
 use super::data;
 use crate::eval::{Metrics, OperatingCurve, roc_curve, served_probabilities, stress};
 use crate::imaging::Preprocessor;
-use crate::quantize::{Precision, QuantizationInfo};
+use crate::model::int8::{Precision, QuantizationInfo};
 use crate::registry::{CardMetrics, ModelCard};
 
 /// Validation images the ranges are calibrated on (every k-th, both classes).
@@ -158,7 +158,7 @@ fn make_int8(
     ort_lib: &Path,
 ) -> anyhow::Result<(Vec<u8>, String)> {
     let card = &loaded.card;
-    let weights = crate::onnx::read_weights(&loaded.onnx_bytes)?;
+    let weights = crate::model::onnx::read_weights(&loaded.onnx_bytes)?;
     let opts = int8_options(loaded, name)?;
     let config = &card.architecture.config;
     let step = (val_imgs.len() / CALIBRATION_IMAGES).max(1);
@@ -167,12 +167,12 @@ fn make_int8(
         .step_by(step)
         .take(CALIBRATION_IMAGES)
         .collect();
-    let calib_bytes = crate::quantize::calibration_graph(config, &weights, &opts)
+    let calib_bytes = crate::model::int8::calibration_graph(config, &weights, &opts)
         .map_err(super::TrainError::Graph)?;
     let mut cs = crate::inference::CpuModel::load(ort_lib, &calib_bytes)?;
     let s = pre.size() as usize;
-    let ranges = crate::quantize::calibrate(
-        &mut cs,
+    let ranges = crate::model::int8::calibrate(
+        |b, n, s| cs.run_named(b, n, s),
         calib.chunks(4).map(|c| {
             (
                 c.len(),
@@ -185,7 +185,7 @@ fn make_int8(
     )
     .map_err(super::TrainError::Graph)?;
     drop(cs);
-    let bytes = crate::quantize::int8_graph(config, &weights, &opts, ranges)
+    let bytes = crate::model::int8::int8_graph(config, &weights, &opts, ranges)
         .map_err(super::TrainError::Graph)?;
     let set = format!(
         "{} validation images (every {step}th of the {} by patient; never test images)",
@@ -199,10 +199,10 @@ fn make_int8(
 fn int8_options(
     loaded: &crate::registry::LoadedModel,
     name: &str,
-) -> anyhow::Result<crate::onnx::WriteOptions> {
+) -> anyhow::Result<crate::model::onnx::WriteOptions> {
     let model = {
         use prost::Message;
-        crate::onnx::proto::ModelProto::decode(&loaded.onnx_bytes[..])?
+        crate::model::onnx::proto::ModelProto::decode(&loaded.onnx_bytes[..])?
     };
     let mut metadata: Vec<(String, String)> = model
         .metadata_props
@@ -215,9 +215,9 @@ fn int8_options(
         }
     }
     metadata.push(("cxr.precision".into(), "int8".into()));
-    Ok(crate::onnx::WriteOptions {
+    Ok(crate::model::onnx::WriteOptions {
         input_size: loaded.card.input_size,
-        storage: crate::onnx::WeightStorage::Fp32,
+        storage: crate::model::onnx::WeightStorage::Fp32,
         metadata,
     })
 }
@@ -297,9 +297,9 @@ fn int8_card(
     );
     out.precision = Precision::Int8;
     out.onnx.file = format!("{name}.onnx");
-    out.onnx.sha256 = crate::registry::sha256_hex(bytes);
+    out.onnx.sha256 = crate::digest::sha256_hex(bytes);
     out.onnx.bytes = bytes.len() as u64;
-    out.onnx.weight_storage = crate::onnx::WeightStorage::Fp32;
+    out.onnx.weight_storage = crate::model::onnx::WeightStorage::Fp32;
     out.metrics = CardMetrics {
         test: Some(m.test_metrics.clone()),
         validation: Some(m.val_metrics.clone()),

@@ -235,7 +235,7 @@ impl OodModel {
     /// Reads `path`, checking its SHA-256 against `sha256`.
     pub fn load(path: &Path, sha256: &str) -> Result<Self, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-        let digest = crate::registry::sha256_hex(&bytes);
+        let digest = crate::digest::sha256_hex(&bytes);
         if digest != sha256.to_ascii_lowercase() {
             return Err(format!(
                 "SHA-256 is {digest} but the card says {sha256}: the file and card do not belong together"
@@ -324,7 +324,7 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         v["variances"] = serde_json::json!([0.0]);
         assert!(OodModel::from_json(&serde_json::to_vec(&v).unwrap()).is_err());
-        let sha = crate::registry::sha256_hex(&bytes);
+        let sha = crate::digest::sha256_hex(&bytes);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.ood.json");
         std::fs::write(&p, &bytes).unwrap();

@@ -1,14 +1,14 @@
 //! Static INT8 quantisation of a DenseNet written by our writer: calibration of the
 //! activation ranges on real inputs (min–max over the calibration images), then the
-//! QDQ graph ([`crate::onnx::Quant::Int8`]). `cxr-train quantize` drives it for a
+//! QDQ graph ([`crate::model::onnx::Quant::Int8`]). `cxr-train quantize` drives it for a
 //! shipped model and measures the copy (src/train/quantize.rs).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::{DenseNetConfig, Weights};
-use crate::onnx::{Quant, WriteOptions, activation_qparams, write_densenet_quant};
+use crate::model::arch::{DenseNetConfig, Weights};
+use crate::model::onnx::{Quant, WriteOptions, activation_qparams, write_densenet_quant};
 
 /// The numeric precision a model file computes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -57,18 +57,21 @@ pub struct QuantizationInfo {
 }
 
 /// Min–max range of every tensor the calibration graph exposes, over `batches` (each
-/// `(rows, [rows, 3, s, s] values)`), run with `model` on the
-/// [`Quant::Calibrate`] graph; returns each tensor's uint8 (scale, zero point).
-pub fn calibrate(
-    model: &mut crate::inference::CpuModel,
+/// `(rows, [rows, 3, s, s] values)`), run by `run` (batch, rows, side → each named
+/// output; a session of the [`Quant::Calibrate`] graph, e.g.
+/// `|b, n, s| model.run_named(b, n, s)`); returns each tensor's uint8 (scale, zero
+/// point). The runner is an argument: the model definition does not depend on the
+/// runtime.
+pub fn calibrate<E: std::fmt::Display>(
+    mut run: impl FnMut(Vec<f32>, usize, usize) -> Result<Vec<(String, Vec<f32>)>, E>,
     batches: impl IntoIterator<Item = (usize, Vec<f32>)>,
     s: usize,
 ) -> Result<BTreeMap<String, (f32, u8)>, String> {
     let mut ranges: BTreeMap<String, (f32, f32)> = BTreeMap::new();
     let standard = [
-        crate::onnx::LOGITS_NAME,
-        crate::onnx::PROBABILITIES_NAME,
-        crate::onnx::CAM_NAME,
+        crate::model::onnx::LOGITS_NAME,
+        crate::model::onnx::PROBABILITIES_NAME,
+        crate::model::onnx::CAM_NAME,
     ];
     for (n, batch) in batches {
         // The input's range is the batch's own (the graph input is not an output).
@@ -78,11 +81,11 @@ pub fn calibrate(
                 (l.min(v), h.max(v))
             });
         let r = ranges
-            .entry(crate::onnx::INPUT_NAME.to_string())
+            .entry(crate::model::onnx::INPUT_NAME.to_string())
             .or_insert((lo, hi));
         r.0 = r.0.min(lo);
         r.1 = r.1.max(hi);
-        for (name, data) in model.run_named(batch, n, s).map_err(|e| e.to_string())? {
+        for (name, data) in run(batch, n, s).map_err(|e| e.to_string())? {
             if standard.contains(&name.as_str()) {
                 continue;
             }

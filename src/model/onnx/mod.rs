@@ -11,10 +11,12 @@
 
 mod densenet;
 mod graph;
+mod options;
 pub mod proto;
 mod quant;
 
-pub use densenet::{Quant, WeightStorage, WriteOptions, write_densenet, write_densenet_quant};
+pub use densenet::{write_densenet, write_densenet_quant};
+pub use options::{Quant, WeightStorage, WriteOptions};
 use prost::Message;
 pub use quant::{activation_qparams, fold_bn, quantize_per_channel};
 
@@ -127,14 +129,14 @@ pub fn signature(bytes: &[u8]) -> Result<Signature, OnnxError> {
 }
 
 /// Reads every initializer of an ONNX model written by [`write_densenet`] back as
-/// float32 [`crate::arch::Weights`], keyed by initializer name (which is the training
+/// float32 [`crate::model::arch::Weights`], keyed by initializer name (which is the training
 /// variable's name). float16 storage is widened; other element types are refused.
-pub fn read_weights(bytes: &[u8]) -> Result<crate::arch::Weights, OnnxError> {
+pub fn read_weights(bytes: &[u8]) -> Result<crate::model::arch::Weights, OnnxError> {
     let model = proto::ModelProto::decode(bytes)?;
     let graph = model
         .graph
         .ok_or_else(|| OnnxError::Contract("the model has no graph".into()))?;
-    let mut out = crate::arch::Weights::new();
+    let mut out = crate::model::arch::Weights::new();
     for t in graph.initializer {
         let shape: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
         let n: usize = shape.iter().product();
@@ -159,7 +161,7 @@ pub fn read_weights(bytes: &[u8]) -> Result<crate::arch::Weights, OnnxError> {
                 )));
             }
         };
-        out.insert(t.name, crate::arch::Tensor::new(shape, data));
+        out.insert(t.name, crate::model::arch::Tensor::new(shape, data));
     }
     Ok(out)
 }

@@ -5,7 +5,7 @@
 //! training split's images; a density model is fitted on the images the network was
 //! trained on (the training split less the validation patients), and its threshold is
 //! chosen on the validation images so that a stated share of them is accepted. The fit
-//! itself is [`crate::ood::fit`]; this module gathers the embeddings (cached on disk by
+//! itself is [`crate::ood_score::fit`]; this module gathers the embeddings (cached on disk by
 //! the ONNX file's hash: they cost minutes per split on a CPU) and writes the file the
 //! card names.
 
@@ -160,14 +160,14 @@ pub const COMPONENTS: usize = 256;
 /// Shrinkage of the shared class covariance toward its mean variance.
 pub const SHRINK: f64 = 0.1;
 
-/// Fits the density model of [`crate::ood`] on `fit` (threshold left at 1: see
+/// Fits the density model of [`crate::ood_score`] on `fit` (threshold left at 1: see
 /// [`acceptance_threshold`]). `components` is capped by the embedding width and the
 /// number of rows.
 pub fn fit(
     fit: &Embeddings,
     components: usize,
     shrink: f64,
-) -> anyhow::Result<crate::ood::OodModel> {
+) -> anyhow::Result<crate::ood_score::OodModel> {
     use tch::{Kind, Tensor};
     let (n, dim) = (fit.len(), fit.dim);
     if n < 4 || dim < 2 {
@@ -223,7 +223,7 @@ pub fn fit(
             t.to_kind(Kind::Float).contiguous().view(-1),
         )?)
     };
-    Ok(crate::ood::OodModel {
+    Ok(crate::ood_score::OodModel {
         dim,
         center: to_f32(&center)?,
         basis: to_f32(&basis)?,
@@ -248,7 +248,7 @@ pub fn accepted(scores: &[f64], threshold: f64) -> f64 {
 }
 
 /// Scores of every row.
-pub fn scores(m: &crate::ood::OodModel, e: &Embeddings) -> Vec<f64> {
+pub fn scores(m: &crate::ood_score::OodModel, e: &Embeddings) -> Vec<f64> {
     (0..e.len()).map(|i| m.score(e.row(i))).collect()
 }
 
@@ -321,16 +321,16 @@ pub fn fit_card(
 /// `scores` are the validation, stressed validation and test scores.
 fn ood_card(
     name: &str,
-    model: &crate::ood::OodModel,
+    model: &crate::ood_score::OodModel,
     bytes: &[u8],
     accept: f64,
     sp: &Splits,
     scores: [&[f64]; 3],
-) -> crate::ood::OodCard {
+) -> crate::ood_score::OodCard {
     let [sv, svs, st] = scores;
-    crate::ood::OodCard {
+    crate::ood_score::OodCard {
         file: format!("{name}.ood.json"),
-        sha256: crate::registry::sha256_hex(bytes),
+        sha256: crate::digest::sha256_hex(bytes),
         method: format!(
             "class-conditional Mahalanobis distance (shared covariance shrunk {SHRINK} toward its mean variance) in the top {} principal components of the training embeddings, divided by the components, plus the squared norm outside them relative to its training mean (Lee et al. 2018); fitted on the {} training images (training split less validation)",
             model.components(),

@@ -4,13 +4,13 @@
 
 use half::f16;
 
-use super::densenet::{Quant, WeightStorage};
+use super::options::{Quant, WeightStorage};
 use super::proto::{
     AttributeProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
     attribute_type, data_type, tensor_shape_proto, type_proto,
 };
 use super::quant::*;
-use crate::arch::{BN_EPS, Weights};
+use crate::model::arch::{BN_EPS, Weights};
 
 pub(super) struct Graph<'w> {
     pub(super) nodes: Vec<NodeProto>,

@@ -1,7 +1,7 @@
 //! The numbers of static quantisation: batch norm folded into its convolution,
 //! per-channel symmetric INT8 weights, and uint8 activation scales.
 
-use crate::arch::{BN_EPS, Weights};
+use crate::model::arch::{BN_EPS, Weights};
 
 /// Conv weight `conv` (shape `[c, ...]`, no bias) with batch norm `bn` (prefix of its
 /// weight, bias, running mean and variance) folded in: per output channel `k`,
