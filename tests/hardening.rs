@@ -252,8 +252,7 @@ async fn a_dead_worker_is_restarted_and_ready_says_so_meanwhile() {
         .unwrap()
         .get("alpha")
         .unwrap()
-        .batcher
-        .inject_panic();
+        .inject_worker_panic();
     // The batch the worker dies on is answered (an error, not silence) ...
     let (s, _, b) = send(&t.app, req()).await;
     assert_eq!(

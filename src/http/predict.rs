@@ -229,7 +229,7 @@ pub(super) async fn decode_all(
     let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _on_drop = SetOnDrop(gone.clone());
     // On their way to the model's queue: a batch that is not full waits for them.
-    let arrivals: Vec<_> = images.iter().map(|_| model.batcher.announce()).collect();
+    let arrivals: Vec<_> = images.iter().map(|_| model.announce()).collect();
     let mut decoded = tokio::task::spawn_blocking(move || {
         images
             .iter()

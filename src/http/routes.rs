@@ -12,7 +12,7 @@ pub(super) fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
             cuda_fallback_reason: m.fallback_reason.clone(),
             load_time_ms: m.load_time_ms,
             requests_served: m.served(),
-            queue_depth: m.batcher.depth(),
+            queue_depth: m.queue_depth(),
             latency: m.latency(),
         },
         plots: m
@@ -119,7 +119,7 @@ pub(super) async fn health() -> Json<Status> {
     ))]
 pub(super) async fn ready(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
     let models = state.models().ok_or(ApiError::NotReady)?;
-    if let Some(dead) = models.all().iter().find(|m| !m.batcher.is_alive()) {
+    if let Some(dead) = models.all().iter().find(|m| !m.is_alive()) {
         return Err(ApiError::WorkerDown(dead.card.name.clone()));
     }
     Ok(Json(Status {

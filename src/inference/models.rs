@@ -63,8 +63,9 @@ pub struct ServedModel {
     pub load_time_ms: f64,
     /// Its preprocessing.
     pub preprocessor: Preprocessor,
-    /// Its queue.
-    pub batcher: Batcher,
+    /// Its queue (behind the facade: [`ServedModel::announce`], [`ServedModel::submit`],
+    /// [`ServedModel::queue_depth`], [`ServedModel::is_alive`]).
+    batcher: Batcher,
     /// Its out-of-distribution model, when the card names one.
     pub ood: Option<Arc<crate::ood_score::OodModel>>,
     /// Its training plots (kind, PNG bytes).
@@ -170,6 +171,29 @@ pub struct LatencySummary {
 }
 
 impl ServedModel {
+    /// Announces an input on its way (being decoded) for this model: a batch that is
+    /// not full waits for it (`--arrival-wait-us`); the announcement travels with the
+    /// input into [`ServedModel::submit`], or is withdrawn when dropped.
+    pub fn announce(&self) -> Arrival {
+        self.batcher.announce()
+    }
+
+    /// Jobs waiting in its queue.
+    pub fn queue_depth(&self) -> usize {
+        self.batcher.depth()
+    }
+
+    /// Whether its worker is taking jobs.
+    pub fn is_alive(&self) -> bool {
+        self.batcher.is_alive()
+    }
+
+    /// Makes its worker panic on the next batch (tests of the restart).
+    #[doc(hidden)]
+    pub fn inject_worker_panic(&self) {
+        self.batcher.inject_panic();
+    }
+
     /// Records one answered request.
     pub fn record(&self, total_ms: f64) {
         self.served.fetch_add(1, Ordering::Relaxed);

@@ -10,6 +10,17 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Why a configuration or a set of weights is not a buildable network.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ArchError {
+    /// The configuration describes no network.
+    #[error("{0}")]
+    Config(String),
+    /// The weights do not fit the configuration.
+    #[error("{0}")]
+    Weights(String),
+}
+
 /// Epsilon of every BatchNorm layer (torchvision's default).
 pub const BN_EPS: f32 = 1e-5;
 
@@ -53,15 +64,19 @@ impl DenseNetConfig {
     }
 
     /// Checks that the configuration describes a buildable network.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ArchError> {
         if self.growth_rate == 0 || self.num_init_features == 0 || self.bn_size == 0 {
-            return Err("growth_rate, num_init_features and bn_size must be > 0".into());
+            return Err(ArchError::Config(
+                "growth_rate, num_init_features and bn_size must be > 0".into(),
+            ));
         }
         if self.block_config.is_empty() || self.block_config.contains(&0) {
-            return Err("block_config needs at least one block, each with >= 1 layer".into());
+            return Err(ArchError::Config(
+                "block_config needs at least one block, each with >= 1 layer".into(),
+            ));
         }
         if self.num_classes < 2 {
-            return Err("num_classes must be >= 2".into());
+            return Err(ArchError::Config("num_classes must be >= 2".into()));
         }
         Ok(())
     }
@@ -188,24 +203,29 @@ impl DenseNetConfig {
 
     /// Checks that `weights` holds exactly this configuration's parameters with the
     /// right shapes, and says which one is missing, extra or misshapen.
-    pub fn check_weights(&self, weights: &Weights) -> Result<(), String> {
+    pub fn check_weights(&self, weights: &Weights) -> Result<(), ArchError> {
         let specs = self.parameters();
         for p in &specs {
             match weights.get(&p.name) {
-                None => return Err(format!("missing parameter `{}` {:?}", p.name, p.shape)),
+                None => {
+                    return Err(ArchError::Weights(format!(
+                        "missing parameter `{}` {:?}",
+                        p.name, p.shape
+                    )));
+                }
                 Some(t) if t.shape != p.shape => {
-                    return Err(format!(
+                    return Err(ArchError::Weights(format!(
                         "parameter `{}` has shape {:?}, the architecture needs {:?}",
                         p.name, t.shape, p.shape
-                    ));
+                    )));
                 }
                 Some(t) if t.data.len() != p.numel() => {
-                    return Err(format!(
+                    return Err(ArchError::Weights(format!(
                         "parameter `{}` holds {} values for shape {:?}",
                         p.name,
                         t.data.len(),
                         p.shape
-                    ));
+                    )));
                 }
                 Some(_) => {}
             }
@@ -218,7 +238,9 @@ impl DenseNetConfig {
                 .filter(|k| !known.contains(k.as_str()))
                 .take(3)
                 .collect();
-            return Err(format!("unexpected parameters {extra:?}"));
+            return Err(ArchError::Weights(format!(
+                "unexpected parameters {extra:?}"
+            )));
         }
         Ok(())
     }
@@ -360,6 +382,11 @@ mod tests {
         let mut w = c.random_weights(1);
         assert!(c.check_weights(&w).is_ok());
         w.remove("classifier.bias");
-        assert!(c.check_weights(&w).unwrap_err().contains("classifier.bias"));
+        assert!(
+            c.check_weights(&w)
+                .unwrap_err()
+                .to_string()
+                .contains("classifier.bias")
+        );
     }
 }

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::arch::{DenseNetConfig, Weights};
-use crate::model::onnx::{Quant, WriteOptions, activation_qparams, write_densenet_quant};
+use crate::model::onnx::{
+    OnnxError, Quant, WriteOptions, activation_qparams, write_densenet_quant,
+};
 
 /// The numeric precision a model file computes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -66,7 +68,7 @@ pub fn calibrate<E: std::fmt::Display>(
     mut run: impl FnMut(Vec<f32>, usize, usize) -> Result<Vec<(String, Vec<f32>)>, E>,
     batches: impl IntoIterator<Item = (usize, Vec<f32>)>,
     s: usize,
-) -> Result<BTreeMap<String, (f32, u8)>, String> {
+) -> Result<BTreeMap<String, (f32, u8)>, OnnxError> {
     let mut ranges: BTreeMap<String, (f32, f32)> = BTreeMap::new();
     let standard = [
         crate::model::onnx::LOGITS_NAME,
@@ -85,7 +87,7 @@ pub fn calibrate<E: std::fmt::Display>(
             .or_insert((lo, hi));
         r.0 = r.0.min(lo);
         r.1 = r.1.max(hi);
-        for (name, data) in run(batch, n, s).map_err(|e| e.to_string())? {
+        for (name, data) in run(batch, n, s).map_err(|e| OnnxError::Calibration(e.to_string()))? {
             if standard.contains(&name.as_str()) {
                 continue;
             }
@@ -100,7 +102,9 @@ pub fn calibrate<E: std::fmt::Display>(
         }
     }
     if ranges.is_empty() {
-        return Err("the calibration graph exposed no tensors".into());
+        return Err(OnnxError::Calibration(
+            "the calibration graph exposed no tensors".into(),
+        ));
     }
     Ok(ranges
         .into_iter()
@@ -113,7 +117,7 @@ pub fn calibration_graph(
     config: &DenseNetConfig,
     weights: &Weights,
     opts: &WriteOptions,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, OnnxError> {
     use prost::Message;
     Ok(write_densenet_quant(config, weights, opts, &Quant::Calibrate)?.encode_to_vec())
 }
@@ -124,7 +128,7 @@ pub fn int8_graph(
     weights: &Weights,
     opts: &WriteOptions,
     ranges: BTreeMap<String, (f32, u8)>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, OnnxError> {
     use prost::Message;
     Ok(write_densenet_quant(config, weights, opts, &Quant::Int8(ranges))?.encode_to_vec())
 }

@@ -7,29 +7,38 @@ use super::*;
 
 /// Names `ood` (a fitted out-of-distribution model beside the card) in the card at
 /// `card_path`, replacing any earlier entry; nothing else in the card changes.
-pub fn set_card_ood(card_path: &Path, ood: &crate::ood_score::OodCard) -> Result<(), String> {
+pub fn set_card_ood(
+    card_path: &Path,
+    ood: &crate::ood_score::OodCard,
+) -> Result<(), RegistryError> {
+    let bad = |reason: String| RegistryError::Invalid {
+        path: card_path.to_path_buf(),
+        reason,
+    };
     // The card's text is edited, not re-serialised: serde_json's float parsing is not
     // exact to the last bit, so a parse-print round trip would move its numbers. The
     // writer puts `ood` last; an earlier entry is cut from there.
-    let text = std::fs::read_to_string(card_path).map_err(|e| e.to_string())?;
-    let card: ModelCard = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(card_path).map_err(|e| bad(e.to_string()))?;
+    let card: ModelCard = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let body = match (&card.ood, text.rfind(",\n  \"ood\": ")) {
         (Some(_), Some(at)) => &text[..at],
         (Some(_), None) => {
-            return Err("the card's ood entry is not where its writer puts it".into());
+            return Err(bad(
+                "the card's ood entry is not where its writer puts it".into()
+            ));
         }
         (None, _) => text
             .trim_end()
             .strip_suffix('}')
-            .ok_or("the card does not end with `}`")?
+            .ok_or_else(|| bad("the card does not end with `}`".into()))?
             .trim_end(),
     };
-    let entry = serde_json::to_string_pretty(ood).map_err(|e| e.to_string())?;
+    let entry = serde_json::to_string_pretty(ood).map_err(|e| bad(e.to_string()))?;
     let json = format!("{body},\n  \"ood\": {}\n}}\n", entry.replace('\n', "\n  "));
     let tmp = card_path.with_extension("json.tmp");
-    std::fs::write(&tmp, json).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, card_path).map_err(|e| e.to_string())?;
-    load_card(card_path).map(|_| ()).map_err(|e| e.to_string())
+    std::fs::write(&tmp, json).map_err(|e| bad(e.to_string()))?;
+    std::fs::rename(&tmp, card_path).map_err(|e| bad(e.to_string()))?;
+    load_card(card_path).map(|_| ())
 }
 
 /// What [`write_model`] needs to write a variant.
@@ -60,7 +69,11 @@ pub struct NewModel<'a> {
 }
 
 /// Writes `<dir>/<name>.onnx` and its card `<dir>/<name>.json`; returns the card.
-pub fn write_model(dir: &Path, m: &NewModel<'_>) -> Result<ModelCard, String> {
+pub fn write_model(dir: &Path, m: &NewModel<'_>) -> Result<ModelCard, RegistryError> {
+    let bad = |reason: String| RegistryError::Invalid {
+        path: dir.to_path_buf(),
+        reason,
+    };
     use prost::Message;
     let opts = crate::model::onnx::WriteOptions {
         input_size: m.input_size,
@@ -70,8 +83,10 @@ pub fn write_model(dir: &Path, m: &NewModel<'_>) -> Result<ModelCard, String> {
             ("cxr.version".into(), m.version.into()),
         ],
     };
-    let bytes = crate::model::onnx::write_densenet(m.config, m.weights, &opts)?.encode_to_vec();
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let bytes = crate::model::onnx::write_densenet(m.config, m.weights, &opts)
+        .map_err(|e| bad(e.to_string()))?
+        .encode_to_vec();
+    std::fs::create_dir_all(dir).map_err(|e| bad(format!("cannot create it: {e}")))?;
     let file = format!("{}.onnx", m.name);
     let card = ModelCard {
         name: m.name.into(),
@@ -101,9 +116,10 @@ pub fn write_model(dir: &Path, m: &NewModel<'_>) -> Result<ModelCard, String> {
         precision: crate::model::int8::Precision::Fp32,
         quantization: None,
     };
-    std::fs::write(dir.join(&file), &bytes).map_err(|e| format!("cannot write {file}: {e}"))?;
+    std::fs::write(dir.join(&file), &bytes)
+        .map_err(|e| bad(format!("cannot write {file}: {e}")))?;
     let json = serde_json::to_string_pretty(&card).expect("a model card always serialises") + "\n";
     std::fs::write(dir.join(format!("{}.json", m.name)), json)
-        .map_err(|e| format!("cannot write the card: {e}"))?;
+        .map_err(|e| bad(format!("cannot write the card: {e}")))?;
     Ok(card)
 }

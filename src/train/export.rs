@@ -129,7 +129,7 @@ impl Trainer<'_> {
                 metrics: CardMetrics::default(),
             },
         )
-        .map_err(TrainError::Write)?;
+        .map_err(|e| TrainError::Write(e.to_string()))?;
         Ok(card)
     }
 

@@ -307,7 +307,8 @@ pub fn fit_card(
     let file = ood.file.clone();
     let dir = card_path.parent().unwrap_or(Path::new("."));
     super::write_atomic(&dir.join(&file), &bytes)?;
-    crate::registry::set_card_ood(card_path, &ood).map_err(super::TrainError::Write)?;
+    crate::registry::set_card_ood(card_path, &ood)
+        .map_err(|e| super::TrainError::Write(e.to_string()))?;
     Ok(format!(
         "{file} written: threshold {:.3}; accepted: validation {:.1} %, stressed {:.1} %, test {:.1} %",
         ood.threshold,

@@ -168,7 +168,7 @@ fn make_int8(
         .take(CALIBRATION_IMAGES)
         .collect();
     let calib_bytes = crate::model::int8::calibration_graph(config, &weights, &opts)
-        .map_err(super::TrainError::Graph)?;
+        .map_err(|e| super::TrainError::Graph(e.to_string()))?;
     let mut cs = crate::inference::CpuModel::load(ort_lib, &calib_bytes)?;
     let s = pre.size() as usize;
     let ranges = crate::model::int8::calibrate(
@@ -183,10 +183,10 @@ fn make_int8(
         }),
         s,
     )
-    .map_err(super::TrainError::Graph)?;
+    .map_err(|e| super::TrainError::Graph(e.to_string()))?;
     drop(cs);
     let bytes = crate::model::int8::int8_graph(config, &weights, &opts, ranges)
-        .map_err(super::TrainError::Graph)?;
+        .map_err(|e| super::TrainError::Graph(e.to_string()))?;
     let set = format!(
         "{} validation images (every {step}th of the {} by patient; never test images)",
         calib.len(),

@@ -167,7 +167,7 @@ pub async fn live() -> Json<Liveness> {
 pub async fn server_ready(State(state): State<AppState>) -> Response {
     let ready = state
         .models()
-        .is_some_and(|m| m.all().iter().all(|m| m.batcher.is_alive()));
+        .is_some_and(|m| m.all().iter().all(|m| m.is_alive()));
     readiness(ready)
 }
 
@@ -195,7 +195,7 @@ pub async fn model_ready(
         return Ok(readiness(false));
     }
     let m = served(&state, &p)?;
-    Ok(readiness(m.batcher.is_alive()))
+    Ok(readiness(m.is_alive()))
 }
 
 /// Model metadata: its inputs (send one of them) and outputs.

@@ -19,7 +19,7 @@ pub fn write_densenet(
     config: &DenseNetConfig,
     weights: &Weights,
     opts: &WriteOptions,
-) -> Result<ModelProto, String> {
+) -> Result<ModelProto, super::OnnxError> {
     write_densenet_quant(config, weights, opts, &Quant::None)
 }
 
@@ -31,7 +31,7 @@ pub fn write_densenet_quant(
     weights: &Weights,
     opts: &WriteOptions,
     quant: &Quant,
-) -> Result<ModelProto, String> {
+) -> Result<ModelProto, super::OnnxError> {
     config.validate()?;
     config.check_weights(weights)?;
     let mut g = Graph {
@@ -57,11 +57,10 @@ pub fn write_densenet_quant(
         }
     }
     if !g.missing.is_empty() {
-        return Err(format!(
-            "no calibrated range for {} tensors (e.g. `{}`): calibrate on the same network",
-            g.missing.len(),
-            g.missing[0]
-        ));
+        return Err(super::OnnxError::Uncalibrated {
+            count: g.missing.len(),
+            first: g.missing[0].clone(),
+        });
     }
     graph.node = g.nodes;
     graph.initializer = g.inits;

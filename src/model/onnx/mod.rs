@@ -40,6 +40,22 @@ pub enum OnnxError {
     /// The model lacks a graph, or the graph lacks a tensor it must have.
     #[error("{0}")]
     Contract(String),
+    /// The network cannot be written: its configuration or weights.
+    #[error(transparent)]
+    Arch(#[from] crate::model::arch::ArchError),
+    /// An INT8 graph lacks a calibrated range for a quantised tensor.
+    #[error(
+        "no calibrated range for {count} tensors (e.g. `{first}`): calibrate on the same network"
+    )]
+    Uncalibrated {
+        /// Tensors without a range.
+        count: usize,
+        /// The first of them.
+        first: String,
+    },
+    /// Calibration found nothing to calibrate, or its runner failed.
+    #[error("calibration: {0}")]
+    Calibration(String),
 }
 
 /// A dimension of a graph input or output.
