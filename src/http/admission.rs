@@ -1,7 +1,13 @@
 //! Admitting a request before its work starts: who called, a processing slot, the
 //! request timeout and the buffered-body budget.
 
-use super::*;
+use crate::AppState;
+use crate::http::auth::Caller;
+use crate::http::error::ApiError;
+use crate::http::upload::SMALL_BODY_BYTES;
+use crate::http::upload::kilo;
+use axum::extract::Request;
+use axum::response::Response;
 
 /// The caller the auth middleware let in (`anonymous` when the API is open).
 pub(super) fn caller_of(req: &Request) -> Caller {

@@ -2,7 +2,29 @@
 //! through [`ServedModel::submit`], out-of-distribution scores, audit records, and
 //! each [`Prediction`] with its warnings, heatmap and timings.
 
-use super::*;
+use crate::AppState;
+use crate::audit::AuditRecord;
+use crate::eval::Target;
+use crate::eval::served_probabilities;
+use crate::http::Asker;
+use crate::http::error::ApiError;
+use crate::http::explain;
+use crate::http::types::ModelRef;
+use crate::http::types::PredictQuery;
+use crate::http::types::Prediction;
+use crate::http::types::Probabilities;
+use crate::http::types::ThresholdSource;
+use crate::http::types::Timings;
+use crate::http::upload::Decoded;
+use crate::http::upload::Upload;
+use crate::http::upload::UploadFacts;
+use crate::http::upload::ms;
+use crate::inference::InferError;
+use crate::inference::JobOutput;
+use crate::inference::ServedModel;
+use crate::ood_score::OodAction;
+use std::time::Duration;
+use std::time::Instant;
 
 /// Runs decoded inputs through `model` (queued together, so they batch), writes their
 /// audit records (a record that cannot be written fails the whole request), and

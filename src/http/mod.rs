@@ -22,40 +22,38 @@ pub mod v2;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{
-    DefaultBodyLimit, FromRequest, MatchedPath, Multipart, Path, Query, Request, State,
-};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use tokio::sync::Semaphore;
 use tower_http::trace::TraceLayer;
-use utoipa::OpenApi;
 
-use admission::*;
-use answer::*;
 pub use error::{ApiError, ErrorBody, ErrorType};
 pub use metrics::ServerMetrics;
 pub use openapi::{ApiDoc, openapi_yaml};
 pub use predict::PredictUpload;
-use predict::*;
-use routes::*;
-use types::{
-    LiveFacts, ModelInfo, ModelList, ModelRef, PredictQuery, Prediction, Probabilities, Status,
-    ThresholdSource, Timings,
-};
-use upload::*;
+use types::Prediction;
 
-use crate::audit::{Audit, AuditRecord};
-use crate::eval::{Target, served_probabilities};
-use crate::imaging::dicom::{self, DicomInfo, DicomOptions};
-use crate::imaging::{Geometry, Preprocessor};
-use crate::inference::{InferError, JobOutput, ModelSet, ServedModel};
-use crate::ood_score::OodAction;
+use crate::audit::Audit;
+use crate::http::admission::caller_of;
+use crate::http::predict::predict;
+use crate::http::routes::docs;
+use crate::http::routes::get_model;
+use crate::http::routes::get_plot;
+use crate::http::routes::health;
+use crate::http::routes::list_models;
+use crate::http::routes::metrics_text;
+use crate::http::routes::openapi_json;
+use crate::http::routes::ready;
+use crate::http::routes::ui;
+use crate::http::upload::SMALL_BODY_SHARE;
+use crate::http::upload::kilo;
+use crate::imaging::Geometry;
+use crate::imaging::dicom::DicomOptions;
+use crate::inference::ModelSet;
 use auth::{ApiKeys, Caller, Scope};
 
 /// Request limits.

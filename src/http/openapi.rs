@@ -1,7 +1,24 @@
 //! The OpenAPI document: utoipa's derives are the source of truth, `openapi.yaml` is
 //! generated from it (`cxr-serve --print-openapi`).
 
-use super::*;
+use crate::http::error;
+use crate::http::error::ErrorBody;
+use crate::http::predict::__path_predict;
+use crate::http::predict::PredictUpload;
+use crate::http::routes::__path_get_model;
+use crate::http::routes::__path_get_plot;
+use crate::http::routes::__path_health;
+use crate::http::routes::__path_list_models;
+use crate::http::routes::__path_metrics_text;
+use crate::http::routes::__path_ready;
+use crate::http::types::ModelInfo;
+use crate::http::types::ModelList;
+use crate::http::types::Prediction;
+use crate::http::types::Status;
+use crate::http::types::ThresholdSource;
+use crate::http::v2;
+use crate::imaging::dicom::DicomInfo;
+use utoipa::OpenApi;
 
 /// The OpenAPI document (utoipa derives are the source of truth; `openapi.yaml` is
 /// generated from it by `cxr-serve --print-openapi`).

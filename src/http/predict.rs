@@ -3,7 +3,38 @@
 //! [`ServedModel::submit`], score their distance from the training images, write
 //! the audit records, and answer in JSON, a heatmap PNG or DICOM Structured Reports.
 
-use super::*;
+use crate::AppState;
+use crate::http::Asker;
+use crate::http::admission::inflight_slot;
+use crate::http::admission::reserve_body;
+use crate::http::admission::within_request_timeout;
+use crate::http::answer::Facts;
+use crate::http::answer::classify;
+use crate::http::answer::decision;
+use crate::http::answer::refused;
+use crate::http::error::ApiError;
+use crate::http::error::ErrorBody;
+use crate::http::types::PredictQuery;
+use crate::http::types::Prediction;
+use crate::http::upload::Decoded;
+use crate::http::upload::SetOnDrop;
+use crate::http::upload::Upload;
+use crate::http::upload::decode_upload;
+use crate::http::upload::kilo;
+use crate::http::upload::read_images;
+use crate::imaging::Preprocessor;
+use crate::imaging::dicom::DicomOptions;
+use crate::inference::ServedModel;
+use axum::Json;
+use axum::extract::Query;
+use axum::extract::Request;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::response::Response;
+use std::sync::Arc;
+use std::time::Instant;
 
 /// Multipart upload of one or more images.
 #[derive(utoipa::ToSchema)]

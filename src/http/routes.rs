@@ -1,7 +1,24 @@
 //! The other routes: the model cards and their plots, health and readiness, metrics,
 //! the OpenAPI document, the API docs page and the page for people.
 
-use super::*;
+use crate::AppState;
+use crate::http::error::ApiError;
+use crate::http::error::ErrorBody;
+use crate::http::openapi::ApiDoc;
+use crate::http::types::LiveFacts;
+use crate::http::types::ModelInfo;
+use crate::http::types::ModelList;
+use crate::http::types::Status;
+use crate::inference::ModelSet;
+use crate::inference::ServedModel;
+use axum::Json;
+use axum::extract::Path;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::Html;
+use axum::response::IntoResponse;
+use axum::response::Response;
+use utoipa::OpenApi;
 
 pub(super) fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
     ModelInfo {

@@ -2,7 +2,22 @@
 //! what an upload is (sniffed kind, size, SHA-256), and decoding it to the model's
 //! input.
 
-use super::*;
+use crate::AppState;
+use crate::http::auth;
+use crate::http::error::ApiError;
+use crate::imaging::Preprocessor;
+use crate::imaging::dicom;
+use crate::imaging::dicom::DicomInfo;
+use crate::imaging::dicom::DicomOptions;
+use axum::body::Bytes;
+use axum::extract::FromRequest;
+use axum::extract::Multipart;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::http::header;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
 
 /// One uploaded image, as it came (its bytes shared, so a copy is cheap).
 #[derive(Debug, Clone)]

@@ -1,8 +1,47 @@
 //! `POST /v2/models/{name}[/versions/{version}]/infer`.
 
-use super::tensors::*;
-use super::*;
+use crate::http::ApiError;
+use crate::http::AppState;
+use crate::http::Asker;
 use crate::http::Prediction;
+use crate::http::admission::inflight_slot;
+use crate::http::admission::reserve_body;
+use crate::http::admission::within_request_timeout;
+use crate::http::answer::Decision;
+use crate::http::answer::Facts;
+use crate::http::answer::classify;
+use crate::http::answer::decision;
+use crate::http::answer::refused;
+use crate::http::predict::decode_all;
+use crate::http::types::PredictQuery;
+use crate::http::upload::Decoded;
+use crate::http::upload::Upload;
+use crate::http::v2::HEADER_LENGTH;
+use crate::http::v2::InferRequest;
+use crate::http::v2::InferResponse;
+use crate::http::v2::ModelPath;
+use crate::http::v2::RequestInput;
+use crate::http::v2::ResponseOutput;
+use crate::http::v2::V2Error;
+use crate::http::v2::served;
+use crate::http::v2::tensors::check_batch;
+use crate::http::v2::tensors::image_elements;
+use crate::http::v2::tensors::input_binary;
+use crate::http::v2::tensors::tensor_rows;
+use crate::inference::ServedModel;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::Path;
+use axum::extract::Request;
+use axum::extract::State;
+use axum::http::HeaderValue;
+use axum::http::StatusCode;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::response::Response;
+use serde_json::Map;
+use serde_json::Value;
+use std::time::Instant;
 
 /// Inference: classify `image` files or a preprocessed `input` tensor.
 #[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "open inference protocol",

@@ -22,26 +22,20 @@
 //!
 //! Errors are `{"error": "..."}` with the same status codes as the cxr API.
 
-use std::time::Instant;
-
 use axum::Json;
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine;
+
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::auth::{self, Scope};
-use super::types::PredictQuery;
-use super::{
-    ApiError, AppState, Asker, Decision, Decoded, Facts, Upload, UploadFacts, classify, decision,
-    decode_all, inflight_slot, refused, reserve_body, within_request_timeout,
-};
+use super::{ApiError, AppState};
 use crate::inference::{SelectError, ServedModel};
 
 mod infer;

@@ -1,7 +1,12 @@
 //! An inference request's input tensor: its bytes (JSON or the binary part), its
 //! files (`image`, BYTES) or rows (`input`, FP32), within the server's limits.
 
-use super::*;
+use crate::http::ApiError;
+use crate::http::upload::Decoded;
+use crate::http::upload::UploadFacts;
+use crate::http::v2::RequestInput;
+use axum::body::Bytes;
+use base64::Engine;
 
 /// The input's bytes from the binary part, when it declares `binary_data_size` (the
 /// only input, so they are the whole binary part).

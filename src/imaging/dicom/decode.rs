@@ -13,7 +13,15 @@ use image::GrayImage;
 use super::codestream::check_codestream;
 use super::guard::{check_lengths, check_meta_group};
 use super::voi::{apply_voi_lut, apply_window, min_max, stored_values, voi_lut};
-use super::*;
+use crate::imaging::dicom::DicomError;
+use crate::imaging::dicom::DicomImage;
+use crate::imaging::dicom::DicomInfo;
+use crate::imaging::dicom::DicomOptions;
+use crate::imaging::dicom::RADIOGRAPHY_MODALITIES;
+use crate::imaging::dicom::Unsupported;
+use crate::imaging::dicom::dicm_offset;
+use crate::imaging::dicom::malformed;
+use crate::imaging::dicom::text;
 
 /// Decodes a DICOM Part-10 file to 8-bit grayscale (see the module docs for the order).
 pub fn decode_dicom(

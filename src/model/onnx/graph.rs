@@ -9,8 +9,10 @@ use super::proto::{
     AttributeProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
     attribute_type, data_type, tensor_shape_proto, type_proto,
 };
-use super::quant::*;
+
 use crate::model::arch::{BN_EPS, Weights};
+use crate::model::onnx::quant::fold_bn;
+use crate::model::onnx::quant::quantize_per_channel;
 
 pub(super) struct Graph<'w> {
     pub(super) nodes: Vec<NodeProto>,
