@@ -1,9 +1,16 @@
 //! Writing models and editing cards: a new variant's ONNX file and card, and the OOD
 //! entry of a card.
 
+use crate::digest::sha256_hex;
+use crate::registry::RegistryError;
+use crate::registry::card::Architecture;
+use crate::registry::card::CLASS_NAMES;
+use crate::registry::card::CardMetrics;
+use crate::registry::card::ModelCard;
+use crate::registry::card::OnnxFile;
+use crate::registry::card::Recipe;
+use crate::registry::load_card;
 use std::path::Path;
-
-use super::*;
 
 /// Names `ood` (a fitted out-of-distribution model beside the card) in the card at
 /// `card_path`, replacing any earlier entry; nothing else in the card changes.

@@ -2,7 +2,12 @@
 //! `checkpoint.safetensors`, [`TrainState`] in `checkpoint.state`, the history as CSV), the
 //! fingerprint a resume must match, and atomic writes.
 
-use super::*;
+use crate::train::config::TrainArgs;
+use crate::train::error::TrainError;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::nn;
 
 /// One row of `history.csv`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

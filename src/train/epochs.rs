@@ -2,7 +2,27 @@
 //! a validation pass at each epoch end (the best epoch by validation loss), and the
 //! stop after `--stop-after-steps`.
 
-use super::*;
+use crate::eval::Metrics;
+use crate::eval::mean_log_loss;
+use crate::imaging::Preprocessing;
+use crate::imaging::Preprocessor;
+use crate::model::arch::SplitMix64;
+use crate::train::checkpoint::EpochRecord;
+use crate::train::checkpoint::save_vs;
+use crate::train::checkpoint::write_history;
+use crate::train::data;
+use crate::train::data::AugmentSpec;
+use crate::train::error::TrainError;
+use crate::train::log;
+use crate::train::lr_at;
+use crate::train::model;
+use crate::train::report_bad;
+use crate::train::trainer::Trainer;
+use image::GrayImage;
+use std::time::Instant;
+use tch::Device;
+use tch::Kind;
+use tch::Tensor;
 
 /// How [`Trainer::train`] ended.
 pub(super) enum Trained {

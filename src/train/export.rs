@@ -3,7 +3,40 @@
 //! card, per-image test scores and plots; and the measuring helpers that `fit-ood`,
 //! `quantize` and `test-scores` share.
 
-use super::*;
+use crate::eval::Calibration;
+use crate::eval::Metrics;
+use crate::eval::OperatingCurve;
+use crate::eval::calibration::nll;
+use crate::eval::choose_threshold;
+use crate::eval::fit_temperature;
+use crate::eval::roc_curve;
+use crate::eval::served_probabilities;
+use crate::eval::stress;
+use crate::imaging::Preprocessing;
+use crate::imaging::Preprocessor;
+use crate::inference::ModelOutput;
+use crate::registry::CardMetrics;
+use crate::registry::ModelCard;
+use crate::registry::NewModel;
+use crate::registry::Strategy;
+use crate::train::RunOutput;
+use crate::train::checkpoint::write_atomic;
+use crate::train::config;
+use crate::train::config::ArchArg;
+use crate::train::config::ThresholdRule;
+use crate::train::data;
+use crate::train::epochs::predict;
+use crate::train::error::TrainError;
+use crate::train::fit_ood;
+use crate::train::int8_copy;
+use crate::train::log;
+use crate::train::model;
+use crate::train::plots;
+use crate::train::report_bad;
+use crate::train::scores::TestScores;
+use crate::train::trainer::Trainer;
+use image::GrayImage;
+use std::path::Path;
 
 /// The images an export measures, at the model's input size.
 struct ExportImages {

@@ -16,6 +16,7 @@ use image::GrayImage;
 use super::data::{self, Sample};
 use crate::eval::stress;
 use crate::imaging::Preprocessor;
+use crate::train::checkpoint::write_atomic;
 
 /// One split's embeddings, one row per image.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -306,7 +307,7 @@ pub fn fit_card(
     let ood = ood_card(&card.name, &model, &bytes, accept, &sp, [&sv, &svs, &st]);
     let file = ood.file.clone();
     let dir = card_path.parent().unwrap_or(Path::new("."));
-    super::write_atomic(&dir.join(&file), &bytes)?;
+    write_atomic(&dir.join(&file), &bytes)?;
     crate::registry::set_card_ood(card_path, &ood)
         .map_err(|e| super::TrainError::Write(e.to_string()))?;
     Ok(format!(

@@ -13,8 +13,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::EpochRecord;
 use super::data::Sample;
+use crate::train::checkpoint::EpochRecord;
 
 /// What the GPU script says about its run.
 #[derive(Debug, Clone, Deserialize)]

@@ -14,6 +14,7 @@ use crate::eval::{Metrics, OperatingCurve, roc_curve, served_probabilities, stre
 use crate::imaging::Preprocessor;
 use crate::model::int8::{Precision, QuantizationInfo};
 use crate::registry::{CardMetrics, ModelCard};
+use crate::train::checkpoint::write_atomic;
 
 /// Validation images the ranges are calibrated on (every k-th, both classes).
 pub const CALIBRATION_IMAGES: usize = 200;
@@ -70,18 +71,18 @@ pub fn quantize_card(
         calibration_set,
     );
     let dir = card_path.parent().unwrap_or(Path::new("."));
-    super::write_atomic(&dir.join(&out.onnx.file), &bytes)?;
+    write_atomic(&dir.join(&out.onnx.file), &bytes)?;
     let scores = super::TestScores::new(
         &out,
         &data_dir.join("test"),
         &images.test_samples,
         &m.test.p,
     );
-    super::write_atomic(
+    write_atomic(
         &dir.join(format!("{name}.test-scores.json")),
         (serde_json::to_string_pretty(&scores)? + "\n").as_bytes(),
     )?;
-    super::write_atomic(
+    write_atomic(
         &dir.join(format!("{name}.json")),
         (serde_json::to_string_pretty(&out)? + "\n").as_bytes(),
     )?;

@@ -24,35 +24,20 @@ mod rewrite;
 mod scores;
 mod trainer;
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use image::GrayImage;
-use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor, nn};
-
-use checkpoint::*;
 pub use checkpoint::{EpochRecord, STATE_FILE, TrainState};
+use config::ScheduleArg;
 pub use config::TrainArgs;
-use config::{ArchArg, DeviceArg, ScheduleArg, StrategyArg, ThresholdRule};
-use data::{AugmentSpec, Sample};
-use epochs::{Trained, predict};
+use data::Sample;
+use epochs::Trained;
 pub use error::TrainError;
-use export::*;
 pub use rewrite::rewrite_onnx;
 pub(crate) use scores::measuring_session;
 pub use scores::{TestScore, TestScores, write_test_scores};
 use trainer::Trainer;
 
-use crate::eval::calibration::nll;
-use crate::eval::{
-    Calibration, Metrics, OperatingCurve, choose_threshold, fit_temperature, mean_log_loss,
-    roc_curve, served_probabilities, stress,
-};
-use crate::imaging::{Preprocessing, Preprocessor};
-use crate::inference::ModelOutput;
-use crate::model::arch::{DenseNetConfig, SplitMix64};
-use crate::registry::{CardMetrics, ModelCard, NewModel, Recipe, Strategy};
+use crate::registry::ModelCard;
 
 /// What a finished run produced.
 #[derive(Debug)]

@@ -6,8 +6,8 @@ use std::path::Path;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
-use super::EpochRecord;
 use crate::eval::{Metrics, roc_curve};
+use crate::train::checkpoint::EpochRecord;
 
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 

@@ -1,7 +1,12 @@
 //! The card's recipe: how a run was trained, from its flags and progress, or from
 //! the history of a run trained elsewhere.
 
-use super::*;
+use crate::registry::Recipe;
+use crate::registry::Strategy;
+use crate::train::config::StrategyArg;
+use crate::train::data;
+use crate::train::import;
+use crate::train::trainer::Trainer;
 
 impl Trainer<'_> {
     /// The card's recipe: this run's flags and progress, or an imported run's own.

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::TrainError;
+use crate::train::error::TrainError;
 
 /// Rewrites a model's ONNX file with the current writer, from the file's own weights
 /// (same storage, input size and metadata), so that older files gain the outputs the

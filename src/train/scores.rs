@@ -1,7 +1,15 @@
 //! Per-image test scores (`<name>.test-scores.json`) and `cxr-train test-scores`,
 //! which re-measures a shipped model's file as the export did.
 
-use super::*;
+use crate::eval::Metrics;
+use crate::imaging::Preprocessor;
+use crate::registry::ModelCard;
+use crate::train::checkpoint::write_atomic;
+use crate::train::data;
+use crate::train::error::TrainError;
+use crate::train::export::served_scores;
+use crate::train::report_bad;
+use std::path::Path;
 
 /// Every test image's served probability and answer, as the card's measurement saw
 /// them (`<name>.test-scores.json` beside the card): what

@@ -2,7 +2,31 @@
 //! weights, progress), made by [`Trainer::new`] and advanced by [`Trainer::resume`],
 //! the epoch loop (`epochs.rs`) and the export (`export.rs`).
 
-use super::*;
+use crate::model::arch::DenseNetConfig;
+use crate::train::Split;
+use crate::train::checkpoint::STATE_FILE;
+use crate::train::checkpoint::TrainState;
+use crate::train::checkpoint::checkpoint;
+use crate::train::checkpoint::fingerprint;
+use crate::train::checkpoint::read_state;
+use crate::train::checkpoint::save_vs;
+use crate::train::checkpoint::write_history;
+use crate::train::config::ArchArg;
+use crate::train::config::DeviceArg;
+use crate::train::config::StrategyArg;
+use crate::train::config::TrainArgs;
+use crate::train::data;
+use crate::train::data::Sample;
+use crate::train::error::TrainError;
+use crate::train::import;
+use crate::train::limit_per_class;
+use crate::train::log;
+use crate::train::model;
+use crate::train::optim;
+use std::path::Path;
+use std::path::PathBuf;
+use tch::Device;
+use tch::nn;
 
 /// Where a run keeps its progress, under `--out`.
 pub(super) struct RunFiles {

@@ -43,7 +43,11 @@ mod tensors;
 mod types;
 
 pub use infer::{__path_infer, __path_infer_version, infer, infer_version};
-pub use types::*;
+pub use types::{
+    Bounded, InferRequest, InferResponse, Liveness, MAX_LIST, MAX_PARAMETERS, ModelMetadata,
+    Params, Readiness, RequestInput, RequestOutput, ResponseOutput, ServerMetadata, TensorMetadata,
+    V2Error,
+};
 
 /// The header that splits a binary-extension body (JSON length in bytes).
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
