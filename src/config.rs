@@ -15,6 +15,17 @@ use crate::inference::{
 /// The flags' defaults, from the leaf module they live in.
 pub use crate::defaults;
 
+/// What is wrong with the configuration, and what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl From<String> for ConfigError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -204,7 +215,7 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     /// Checks the values and says what to fix.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("--max-batch", self.max_batch.unwrap_or(1) as u64),
             ("--queue-capacity", self.queue_capacity as u64),
@@ -226,43 +237,55 @@ impl ServeArgs {
         if !(self.request_timeout_s.is_finite()
             && (0.001..=86_400.0).contains(&self.request_timeout_s))
         {
-            return Err("--request-timeout-s must be between 0.001 and 86400".into());
+            return Err(ConfigError(
+                "--request-timeout-s must be between 0.001 and 86400".into(),
+            ));
         }
         for (flag, v) in positive {
             if v == 0 {
-                return Err(format!("{flag} must be at least 1"));
+                return Err(ConfigError(format!("{flag} must be at least 1")));
             }
         }
         if self.max_batch.is_some_and(|b| b > 256) {
-            return Err("--max-batch must be at most 256".into());
+            return Err(ConfigError("--max-batch must be at most 256".into()));
         }
         if self.max_buffered_bytes < self.max_body_bytes {
-            return Err("--max-buffered-bytes must be at least --max-body-bytes".into());
+            return Err(ConfigError(
+                "--max-buffered-bytes must be at least --max-body-bytes".into(),
+            ));
         }
         if self.max_decode_pixels < self.max_pixels {
-            return Err("--max-decode-pixels must be at least --max-pixels".into());
+            return Err(ConfigError(
+                "--max-decode-pixels must be at least --max-pixels".into(),
+            ));
         }
         if !(self.max_aspect_ratio.is_finite() && self.max_aspect_ratio >= 1.0) {
-            return Err("--max-aspect-ratio must be a number >= 1".into());
+            return Err(ConfigError(
+                "--max-aspect-ratio must be a number >= 1".into(),
+            ));
         }
         if (self.shutdown_timeout_s as f64) < self.body_timeout_s as f64 + self.request_timeout_s {
-            return Err(format!(
+            return Err(ConfigError(format!(
                 "--shutdown-timeout-s ({}) must be at least --body-timeout-s + --request-timeout-s ({}), or the drain would cut requests it accepted",
                 self.shutdown_timeout_s,
                 self.body_timeout_s as f64 + self.request_timeout_s
-            ));
+            )));
         }
         if self.metrics_port.is_some_and(|p| p != 0 && p == self.port) {
-            return Err("--metrics-port must differ from --port".into());
+            return Err(ConfigError("--metrics-port must differ from --port".into()));
         }
         if let Some(r) = &self.uid_root {
-            crate::imaging::sr::check_uid_root(r)?;
+            crate::imaging::sr::check_uid_root(r).map_err(|e| ConfigError(e.0))?;
         }
         if self.batch_wait_us > 1_000_000 {
-            return Err("--batch-wait-us must be at most 1000000 (1 s)".into());
+            return Err(ConfigError(
+                "--batch-wait-us must be at most 1000000 (1 s)".into(),
+            ));
         }
         if self.arrival_wait_us > 1_000_000 {
-            return Err("--arrival-wait-us must be at most 1000000 (1 s)".into());
+            return Err(ConfigError(
+                "--arrival-wait-us must be at most 1000000 (1 s)".into(),
+            ));
         }
         Ok(())
     }
@@ -366,9 +389,9 @@ mod tests {
         let told = ServeArgs::parse_from(["cxr-serve", "--max-batch", "16"]).load_config();
         assert_eq!((told.batch.max_batch, told.cuda_max_batch), (16, 16));
         let big = ServeArgs::parse_from(["cxr-serve", "--max-batch", "257"]);
-        assert!(big.validate().unwrap_err().contains("--max-batch"));
+        assert!(big.validate().unwrap_err().0.contains("--max-batch"));
         let zero = ServeArgs::parse_from(["cxr-serve", "--max-batch", "0"]);
-        assert!(zero.validate().unwrap_err().contains("--max-batch"));
+        assert!(zero.validate().unwrap_err().0.contains("--max-batch"));
     }
 
     #[test]

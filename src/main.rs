@@ -142,7 +142,7 @@ fn spawn_loader(
     args: &ServeArgs,
     state: &AppState,
     metrics: Arc<ServerMetrics>,
-    outcome: tokio::sync::oneshot::Sender<Result<(), String>>,
+    outcome: tokio::sync::oneshot::Sender<Result<(), cxr::inference::LoadError>>,
 ) -> tokio::task::JoinHandle<Option<Vec<std::thread::JoinHandle<()>>>> {
     let load_cfg = args.load_config();
     let loader_state = state.clone();
@@ -156,7 +156,7 @@ fn spawn_loader(
                 Some(workers)
             }
             Err(e) => {
-                let _ = outcome.send(Err(e.to_string()));
+                let _ = outcome.send(Err(e));
                 None
             }
         }
@@ -233,7 +233,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let local = socket.local_addr()?;
 
     // Load in the background: `/health` answers meanwhile, `/ready` says 503.
-    let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let (outcome_tx, outcome_rx) =
+        tokio::sync::oneshot::channel::<Result<(), cxr::inference::LoadError>>();
     let loader = spawn_loader(&args, &state, metrics, outcome_tx);
     let app = build_app(state.clone());
     // One stop signal for both listeners.
@@ -252,7 +253,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let mut signal = std::pin::pin!(shutdown_signal());
     let mut outcome_rx = Some(outcome_rx);
-    let mut load_error = None::<String>;
+    let mut load_error = None::<anyhow::Error>;
     let listener = if args.listen_before_ready {
         let l = socket
             .listen(BACKLOG)
@@ -269,8 +270,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     tracing::info!(addr = %local, "listening");
                     Some(l)
                 }
-                Ok(Err(e)) => { load_error = Some(e); None }
-                Err(_) => { load_error = Some("the model loader stopped".into()); None }
+                Ok(Err(e)) => { load_error = Some(e.into()); None }
+                Err(_) => { load_error = Some(anyhow::anyhow!("the model loader stopped")); None }
             },
             () = &mut signal => {
                 tracing::info!("shutdown signal while loading: stopping");
@@ -293,7 +294,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cxr::http::server::serve(listener, app, args.conn_limits(), async move {
             tokio::select! {
                 () = &mut signal => tracing::info!("shutdown signal: draining"),
-                e = failed => { *le = Some(e); }
+                e = failed => { *le = Some(e.into()); }
             }
         })
         .await;

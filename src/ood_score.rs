@@ -20,6 +20,17 @@ use std::path::Path;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+/// Why an out-of-distribution model file is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OodError(pub String);
+
+impl From<String> for OodError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
 /// What the card says of a variant's OOD model (`ood` in `models/<name>.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OodCard {
@@ -98,12 +109,16 @@ fn to_b64(v: &[f32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn from_b64(s: &str, n: usize, what: &str) -> Result<Vec<f32>, String> {
+fn from_b64(s: &str, n: usize, what: &str) -> Result<Vec<f32>, OodError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(s)
         .map_err(|e| format!("{what}: {e}"))?;
     if bytes.len() != n * 4 {
-        return Err(format!("{what}: {} bytes, expected {}", bytes.len(), n * 4));
+        return Err(OodError(format!(
+            "{what}: {} bytes, expected {}",
+            bytes.len(),
+            n * 4
+        )));
     }
     Ok(bytes
         .chunks_exact(4)
@@ -192,14 +207,20 @@ impl OodModel {
     }
 
     /// Parses and checks a file's bytes.
-    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let f: OodFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    pub fn from_json(bytes: &[u8]) -> Result<Self, OodError> {
+        let f: OodFile = serde_json::from_slice(bytes).map_err(|e| OodError(e.to_string()))?;
         if f.format != FORMAT {
-            return Err(format!("format `{}`; this cxr reads `{FORMAT}`", f.format));
+            return Err(OodError(format!(
+                "format `{}`; this cxr reads `{FORMAT}`",
+                f.format
+            )));
         }
         let k = f.components;
         if f.dim == 0 || k == 0 || k > f.dim {
-            return Err(format!("dim {} and components {k} do not fit", f.dim));
+            return Err(OodError(format!(
+                "dim {} and components {k} do not fit",
+                f.dim
+            )));
         }
         let m = Self {
             dim: f.dim,
@@ -211,35 +232,37 @@ impl OodModel {
             threshold: f.threshold,
         };
         if m.variances.len() != k || m.variances.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
-            return Err("variances must be k positive numbers".into());
+            return Err(OodError("variances must be k positive numbers".into()));
         }
         if m.class_means.is_empty()
             || m.class_means
                 .iter()
                 .any(|r| r.len() != k || r.iter().any(|v| !v.is_finite()))
         {
-            return Err("class_means must be rows of k finite numbers".into());
+            return Err(OodError(
+                "class_means must be rows of k finite numbers".into(),
+            ));
         }
         if !(m.residual_mean_square.is_finite() && m.residual_mean_square > 0.0) {
-            return Err("residual_mean_square must be positive".into());
+            return Err(OodError("residual_mean_square must be positive".into()));
         }
         if !(m.threshold.is_finite() && m.threshold > 0.0) {
-            return Err("threshold must be positive".into());
+            return Err(OodError("threshold must be positive".into()));
         }
         if m.center.iter().chain(&m.basis).any(|v| !v.is_finite()) {
-            return Err("center and basis must be finite".into());
+            return Err(OodError("center and basis must be finite".into()));
         }
         Ok(m)
     }
 
     /// Reads `path`, checking its SHA-256 against `sha256`.
-    pub fn load(path: &Path, sha256: &str) -> Result<Self, String> {
+    pub fn load(path: &Path, sha256: &str) -> Result<Self, OodError> {
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
         let digest = crate::digest::sha256_hex(&bytes);
         if digest != sha256.to_ascii_lowercase() {
-            return Err(format!(
+            return Err(OodError(format!(
                 "SHA-256 is {digest} but the card says {sha256}: the file and card do not belong together"
-            ));
+            )));
         }
         Self::from_json(&bytes)
     }

@@ -319,6 +319,11 @@ fn the_manifests_grace_period_covers_the_drain_the_flags_allow() {
         "--body-timeout-s",
         "30",
     ]);
-    assert!(cut.validate().unwrap_err().contains("--shutdown-timeout-s"));
+    assert!(
+        cut.validate()
+            .unwrap_err()
+            .0
+            .contains("--shutdown-timeout-s")
+    );
     assert!(defaults.validate().is_ok());
 }

@@ -142,8 +142,8 @@ pub enum Target {
 }
 
 impl std::str::FromStr for Target {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::eval::ParseError;
+    fn from_str(s: &str) -> Result<Self, crate::eval::ParseError> {
         let (kind, v) = s.split_once(':').ok_or_else(|| {
             format!("operating point `{s}`: use sensitivity:<0..1> or specificity:<0..1>")
         })?;
@@ -155,9 +155,9 @@ impl std::str::FromStr for Target {
         match kind {
             "sensitivity" => Ok(Self::Sensitivity(v)),
             "specificity" => Ok(Self::Specificity(v)),
-            _ => Err(format!(
+            _ => Err(crate::eval::ParseError(format!(
                 "operating point `{s}`: use sensitivity:<0..1> or specificity:<0..1>"
-            )),
+            ))),
         }
     }
 }

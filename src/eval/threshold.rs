@@ -16,21 +16,23 @@ pub enum ThresholdRule {
 }
 
 impl std::str::FromStr for ThresholdRule {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::eval::ParseError;
+    fn from_str(s: &str) -> Result<Self, crate::eval::ParseError> {
         let prob = |v: &str| {
             v.parse::<f64>()
                 .ok()
                 .filter(|p| *p > 0.0 && *p < 1.0)
-                .ok_or_else(|| format!("`{v}` is not a probability in (0, 1)"))
+                .ok_or_else(|| {
+                    crate::eval::ParseError(format!("`{v}` is not a probability in (0, 1)"))
+                })
         };
         match s {
             "youden" => Ok(Self::Youden),
             _ => match s.strip_prefix("sensitivity:") {
                 Some(v) => prob(v).map(Self::MinSensitivity),
-                None => prob(s)
-                    .map(Self::Fixed)
-                    .map_err(|e| format!("{e}; use 0.5, youden or sensitivity:0.95")),
+                None => prob(s).map(Self::Fixed).map_err(|e| {
+                    crate::eval::ParseError(format!("{e}; use 0.5, youden or sensitivity:0.95"))
+                }),
             },
         }
     }

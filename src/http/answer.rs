@@ -368,7 +368,9 @@ pub(super) fn decision(model: &ServedModel, q: &PredictQuery) -> Result<Decision
             })
         }
         (None, Some(op)) => {
-            let target: Target = op.parse().map_err(ApiError::InvalidQuery)?;
+            let target: Target = op
+                .parse()
+                .map_err(|e: crate::eval::ParseError| ApiError::InvalidQuery(e.0))?;
             let curve = card.operating_curve.as_ref().ok_or_else(|| {
                 ApiError::OperatingPoint(format!(
                     "model `{}` {} has no validation ROC in its card, so no operating point can be chosen; use `threshold`",

@@ -93,49 +93,88 @@ pub enum AuthError {
     Forbidden { caller: String, scope: Scope },
 }
 
+/// Why a keys file (or a new key) is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    /// The file cannot be read.
+    #[error("cannot read the API keys file {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        error: std::io::Error,
+    },
+    /// The file's content is wrong (the inner error says how).
+    #[error("API keys file {}: {error}", path.display())]
+    In {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        error: Box<KeysError>,
+    },
+    /// Not JSON or TOML of the keys file's layout.
+    #[error("{0}")]
+    Syntax(String),
+    /// An entry breaks a rule (names, hashes, scopes).
+    #[error("{0}")]
+    Invalid(String),
+    /// The OS random source failed.
+    #[error("the OS random source failed: {0}")]
+    Random(String),
+}
+
 impl ApiKeys {
     /// Reads a keys file: JSON when its name ends in `.json`, TOML otherwise.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the API keys file {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, KeysError> {
+        let text = std::fs::read_to_string(path).map_err(|error| KeysError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
         let json = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-        Self::parse(&text, json).map_err(|e| format!("API keys file {}: {e}", path.display()))
+        Self::parse(&text, json).map_err(|e| KeysError::In {
+            path: path.to_path_buf(),
+            error: Box::new(e),
+        })
     }
 
     /// Parses a keys file's text (JSON or TOML) and checks it.
-    pub fn parse(text: &str, json: bool) -> Result<Self, String> {
+    pub fn parse(text: &str, json: bool) -> Result<Self, KeysError> {
         let file: KeysFile = if json {
-            serde_json::from_str(text).map_err(|e| e.to_string())?
+            serde_json::from_str(text).map_err(|e| KeysError::Syntax(e.to_string()))?
         } else {
-            toml::from_str(text).map_err(|e| e.to_string())?
+            toml::from_str(text).map_err(|e| KeysError::Syntax(e.to_string()))?
         };
         if file.callers.is_empty() {
-            return Err("no callers: add at least one [[callers]] entry".into());
+            return Err(KeysError::Invalid(
+                "no callers: add at least one [[callers]] entry".into(),
+            ));
         }
         let mut names = HashSet::new();
         let mut entries = Vec::with_capacity(file.callers.len());
         for c in file.callers {
             let name = c.name.trim().to_string();
             if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-                return Err(format!(
+                return Err(KeysError::Invalid(format!(
                     "caller name `{}` must be 1-128 printable characters",
                     c.name
-                ));
+                )));
             }
             if !names.insert(name.clone()) {
-                return Err(format!("caller `{name}` is listed twice"));
+                return Err(KeysError::Invalid(format!(
+                    "caller `{name}` is listed twice"
+                )));
             }
             let hash = parse_sha256(&c.key_sha256).ok_or_else(|| {
-                format!(
+                KeysError::Invalid(format!(
                     "caller `{name}`: key_sha256 must be 64 hexadecimal digits (the SHA-256 of the key; `cxr-serve --new-api-key NAME` prints one)"
-                )
+                ))
             })?;
             if c.scopes.is_empty() {
-                return Err(format!(
+                return Err(KeysError::Invalid(format!(
                     "caller `{name}` has no scopes (give `predict`, `models` or both)"
-                ));
+                )));
             }
             entries.push(Entry {
                 name,
@@ -218,9 +257,9 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// A new key (`cxr_` + 64 hex digits: 256 bits from the OS) and its SHA-256.
-pub fn new_key() -> Result<(String, String), String> {
+pub fn new_key() -> Result<(String, String), KeysError> {
     let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw).map_err(|e| format!("the OS random source failed: {e}"))?;
+    getrandom::fill(&mut raw).map_err(|e| KeysError::Random(e.to_string()))?;
     let key = format!("cxr_{}", to_hex(&raw));
     let hash = to_hex(&Sha256::digest(key.as_bytes()));
     Ok((key, hash))
@@ -228,7 +267,7 @@ pub fn new_key() -> Result<(String, String), String> {
 
 /// The text `cxr-serve --new-api-key NAME` prints: the key once, and the entry to
 /// add to the keys file.
-pub fn new_key_text(name: &str) -> Result<String, String> {
+pub fn new_key_text(name: &str) -> Result<String, KeysError> {
     let (key, hash) = new_key()?;
     Ok(format!(
         "# API key for `{name}`: give it to the caller; it is not stored anywhere.\n\

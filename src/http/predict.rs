@@ -339,7 +339,7 @@ pub(super) fn structured_reports(
         };
         files.push(
             build_sr(src, &result, state.inner.uid_root.as_deref())
-                .map_err(ApiError::SrUnavailable)?,
+                .map_err(|e| ApiError::SrUnavailable(e.to_string()))?,
         );
     }
     if !(multipart && files.len() > 1) {

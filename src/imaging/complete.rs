@@ -3,28 +3,41 @@
 //! walks follow the container's own structure to its end marker, in one pass over
 //! the bytes, without decoding a pixel.
 
+/// Why an encoded image is not all there (cut, or not the container it claims to be).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct IncompleteImage(pub String);
+
+impl From<String> for IncompleteImage {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
 /// A JPEG reaches its EOI marker: segments are skipped by their lengths (embedded
 /// thumbnails live inside APPn segments and cannot end the walk), entropy-coded data
 /// after each SOS is scanned for the next marker (stuffed `FF 00`, restart markers and
 /// fill bytes are data). Bytes after EOI are ignored.
-pub fn jpeg(b: &[u8]) -> Result<(), String> {
+pub fn jpeg(b: &[u8]) -> Result<(), IncompleteImage> {
     let cut = |what: &str| format!("the JPEG data ends {what} (truncated upload?)");
     if !b.starts_with(&[0xFF, 0xD8]) {
-        return Err("no JPEG start-of-image marker".into());
+        return Err(IncompleteImage("no JPEG start-of-image marker".into()));
     }
     let mut pos = 2;
     loop {
         if pos >= b.len() {
-            return Err(cut("before its end-of-image marker"));
+            return Err(IncompleteImage(cut("before its end-of-image marker")));
         }
         if b[pos] != 0xFF {
-            return Err(format!("expected a JPEG marker at byte {pos}"));
+            return Err(IncompleteImage(format!(
+                "expected a JPEG marker at byte {pos}"
+            )));
         }
         while pos < b.len() && b[pos] == 0xFF {
             pos += 1;
         }
         let Some(&marker) = b.get(pos) else {
-            return Err(cut("inside a marker"));
+            return Err(IncompleteImage(cut("inside a marker")));
         };
         pos += 1;
         match marker {
@@ -32,33 +45,36 @@ pub fn jpeg(b: &[u8]) -> Result<(), String> {
             // Standalone markers: no length.
             0x01 | 0xD0..=0xD7 => continue,
             0x00 | 0xD8 => {
-                return Err(format!(
+                return Err(IncompleteImage(format!(
                     "unexpected JPEG marker {marker:02X} at byte {}",
                     pos - 2
-                ));
+                )));
             }
             _ => {}
         }
         if pos + 2 > b.len() {
-            return Err(cut("inside a segment header"));
+            return Err(IncompleteImage(cut("inside a segment header")));
         }
         let len = usize::from(u16::from_be_bytes([b[pos], b[pos + 1]]));
         if len < 2 {
-            return Err(format!("JPEG segment at byte {} has length {len}", pos - 2));
+            return Err(IncompleteImage(format!(
+                "JPEG segment at byte {} has length {len}",
+                pos - 2
+            )));
         }
         if pos + len > b.len() {
-            return Err(cut("inside a segment"));
+            return Err(IncompleteImage(cut("inside a segment")));
         }
         pos += len;
         if marker == 0xDA {
             // Entropy-coded data up to the next real marker.
             loop {
                 match b[pos..].iter().position(|&v| v == 0xFF) {
-                    None => return Err(cut("inside the compressed image data")),
+                    None => return Err(IncompleteImage(cut("inside the compressed image data"))),
                     Some(i) => pos += i,
                 }
                 let Some(&next) = b.get(pos + 1) else {
-                    return Err(cut("inside the compressed image data"));
+                    return Err(IncompleteImage(cut("inside the compressed image data")));
                 };
                 match next {
                     0x00 | 0xD0..=0xD7 => pos += 2,
@@ -73,23 +89,25 @@ pub fn jpeg(b: &[u8]) -> Result<(), String> {
 /// A PNG's chunks are all there, up to IEND (each chunk's declared length fits in
 /// what follows it). A stream cut inside or after the image data lacks IEND; the
 /// decoder checks the chunks' CRCs and that the image data inflates to every row.
-pub fn png(b: &[u8]) -> Result<(), String> {
+pub fn png(b: &[u8]) -> Result<(), IncompleteImage> {
     const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
     if !b.starts_with(&SIGNATURE) {
-        return Err("no PNG signature".into());
+        return Err(IncompleteImage("no PNG signature".into()));
     }
     let mut pos = SIGNATURE.len();
     loop {
         if pos + 8 > b.len() {
-            return Err("the PNG data ends before its IEND chunk (truncated upload?)".into());
+            return Err(IncompleteImage(
+                "the PNG data ends before its IEND chunk (truncated upload?)".into(),
+            ));
         }
         let len = u32::from_be_bytes([b[pos], b[pos + 1], b[pos + 2], b[pos + 3]]) as usize;
         let kind = &b[pos + 4..pos + 8];
         if len > (1 << 31) - 1 || pos + 12 + len > b.len() {
-            return Err(format!(
+            return Err(IncompleteImage(format!(
                 "the PNG data ends inside its {} chunk (truncated upload?)",
                 String::from_utf8_lossy(kind)
-            ));
+            )));
         }
         if kind == b"IEND" {
             return Ok(());
@@ -114,7 +132,10 @@ mod tests {
     #[test]
     fn whole_images_pass_and_every_cut_fails() {
         for (fmt, check) in [
-            (ImageFormat::Jpeg, jpeg as fn(&[u8]) -> Result<(), String>),
+            (
+                ImageFormat::Jpeg,
+                jpeg as fn(&[u8]) -> Result<(), IncompleteImage>,
+            ),
             (ImageFormat::Png, png),
         ] {
             let b = encode(fmt);

@@ -28,6 +28,17 @@ pub use content::{
     MAX_COLOURFULNESS, MIN_GRAY_RANGE, check_not_blank, colourfulness, neutral_gray,
 };
 
+/// Why a card's preprocessing cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PreprocessingError(pub String);
+
+impl From<String> for PreprocessingError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
 /// ImageNet channel means, the normalisation torchvision's pretrained weights expect.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet channel standard deviations.
@@ -180,17 +191,19 @@ pub struct Preprocessor {
 
 impl Preprocessor {
     /// Builds the transform for a square input of `size` pixels.
-    pub fn new(size: u32, p: &Preprocessing) -> Result<Self, String> {
+    pub fn new(size: u32, p: &Preprocessing) -> Result<Self, PreprocessingError> {
         if !(8..=4096).contains(&size) {
-            return Err(format!("input size {size} is outside 8..=4096"));
+            return Err(PreprocessingError(format!(
+                "input size {size} is outside 8..=4096"
+            )));
         }
         if p.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
             || p.mean.iter().any(|m| !m.is_finite())
         {
-            return Err(format!(
+            return Err(PreprocessingError(format!(
                 "preprocessing mean {:?} / std {:?} must be finite with std > 0",
                 p.mean, p.std
-            ));
+            )));
         }
         let mut lut = Box::new([[0f32; 256]; 3]);
         for (c, table) in lut.iter_mut().enumerate() {
@@ -321,9 +334,9 @@ pub fn decode_gray_with(
     }
     // The whole stream must be there (header first: its size errors say more).
     if format == Some(ImageFormat::Jpeg) {
-        complete::jpeg(bytes).map_err(ImageError::Decode)?;
+        complete::jpeg(bytes).map_err(|e| ImageError::Decode(e.0))?;
     } else {
-        complete::png(bytes).map_err(ImageError::Decode)?;
+        complete::png(bytes).map_err(|e| ImageError::Decode(e.0))?;
     }
     let mut limits = Limits::default();
     // Worst case: 16-bit RGBA output plus the decoder's own working buffers.

@@ -23,4 +23,15 @@ impl Backend for Session {
 }
 
 /// Makes a fresh backend for a restarted worker.
-pub type SessionFactory = Arc<dyn Fn() -> Result<Box<dyn Backend>, String> + Send + Sync>;
+pub type SessionFactory = Arc<dyn Fn() -> Result<Box<dyn Backend>, RestartError> + Send + Sync>;
+
+/// Why a restarted worker got no backend.
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    /// The session could not be made.
+    #[error(transparent)]
+    Session(#[from] super::runtime::RuntimeError),
+    /// The new session failed its warm-up run.
+    #[error(transparent)]
+    Warmup(#[from] RunError),
+}

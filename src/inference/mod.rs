@@ -7,6 +7,7 @@ pub mod measure;
 pub mod models;
 pub mod runtime;
 
+pub use backend::RestartError;
 pub use batcher::{
     Arrival, Backend, BatchConfig, BatchObserver, Batcher, JobOutput, SessionFactory, SubmitError,
 };
@@ -16,7 +17,7 @@ pub use models::{
     SelectError, ServedModel, classify_on, load_models,
 };
 pub use runtime::{
-    ClassMaps, Device, ModelOutput, Provider, RunError, RuntimeError, SessionOptions, SharedPool,
-    create_session, create_session_via, environment, environment_with, resolve_library,
+    ClassMaps, CudaError, Device, ModelOutput, Provider, RunError, RuntimeError, SessionOptions,
+    SharedPool, create_session, create_session_via, environment, environment_with, resolve_library,
     run_outputs, run_probabilities,
 };

@@ -382,10 +382,8 @@ pub fn load_models(
         // A worker that dies gets a fresh session from the same verified bytes.
         let bytes = Arc::new(m.onnx_bytes.clone());
         let restart: SessionFactory = Arc::new(move || {
-            let (mut session, _, _) =
-                create_session(env, &bytes, opts).map_err(|e| e.to_string())?;
-            run_probabilities(&mut session, vec![0.0; 3 * s * s], 1, s)
-                .map_err(|e| e.to_string())?;
+            let (mut session, _, _) = create_session(env, &bytes, opts)?;
+            run_probabilities(&mut session, vec![0.0; 3 * s * s], 1, s)?;
             Ok(Box::new(session) as Box<dyn super::batcher::Backend>)
         });
         let (batcher, handle) = Batcher::spawn_restarting(

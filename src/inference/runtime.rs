@@ -204,7 +204,7 @@ pub fn create_session_via(
     env: &Environment,
     model: &[u8],
     opts: SessionOptions,
-    cuda_session: impl FnOnce(&Environment, &[u8]) -> Result<Session, String>,
+    cuda_session: impl FnOnce(&Environment, &[u8]) -> Result<Session, CudaError>,
 ) -> Result<(Session, Provider, Option<String>), RuntimeError> {
     let fail = |device, e: &dyn std::fmt::Display| RuntimeError::Session {
         device,
@@ -215,7 +215,7 @@ pub fn create_session_via(
         match cuda_session(env, model) {
             Ok(s) => return Ok((s, Provider::Cuda, None)),
             Err(e) if opts.device == Device::Cuda => return Err(fail(Device::Cuda, &e)),
-            Err(e) => cuda_error = Some(e),
+            Err(e) => cuda_error = Some(e.to_string()),
         }
     }
     let mut b = Session::builder(env).map_err(|e| fail(Device::Cpu, &e))?;
@@ -241,22 +241,32 @@ pub fn create_session_via(
     Ok((session, Provider::Cpu, cuda_error))
 }
 
+/// Why the CUDA execution provider gave no session.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CudaError {
+    /// This build has no CUDA execution provider.
+    #[error("this build of cxr has no CUDA support (built without feature `cuda`)")]
+    NotBuilt,
+    /// ONNX Runtime refused a step: the provider, the builder or the session.
+    #[error("{0}")]
+    Session(String),
+}
+
 #[cfg(feature = "cuda")]
-fn cuda_session(env: &Environment, model: &[u8]) -> Result<Session, String> {
+fn cuda_session(env: &Environment, model: &[u8]) -> Result<Session, CudaError> {
+    let fail = |e: &dyn std::fmt::Display| CudaError::Session(e.to_string());
     let ep = ort::ep::CUDA::default().build().error_on_failure();
-    let b = Session::builder(env).map_err(|e| e.to_string())?;
+    let b = Session::builder(env).map_err(|e| fail(&e))?;
     let b = b
         .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(|e| e.to_string())?;
-    let mut b = b
-        .with_execution_providers([ep])
-        .map_err(|e| e.to_string())?;
-    b.commit_from_memory(model).map_err(|e| e.to_string())
+        .map_err(|e| fail(&e))?;
+    let mut b = b.with_execution_providers([ep]).map_err(|e| fail(&e))?;
+    b.commit_from_memory(model).map_err(|e| fail(&e))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_session(_env: &Environment, _model: &[u8]) -> Result<Session, String> {
-    Err("this build of cxr has no CUDA support (built without feature `cuda`)".into())
+fn cuda_session(_env: &Environment, _model: &[u8]) -> Result<Session, CudaError> {
+    Err(CudaError::NotBuilt)
 }
 
 /// One image's two model outputs.

@@ -54,6 +54,7 @@ pub enum DeviceArg {
 }
 
 pub use crate::eval::threshold::ThresholdRule;
+use crate::train::error::TrainError;
 
 /// Trains one DenseNet variant on the Kermany layout and writes `<name>.onnx`, its
 /// model card `<name>.json`, `history.csv` and plots into `--out`.
@@ -205,41 +206,47 @@ impl From<StorageArg> for WeightStorage {
 impl TrainArgs {
     /// Checks the flags and says what to fix.
     pub fn validate(&self) -> Result<(), super::TrainError> {
-        self.check().map_err(super::TrainError::Flags)
+        self.check()
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), TrainError> {
         if self.epochs == 0 {
-            return Err("--epochs must be >= 1".into());
+            return Err(TrainError::Flags("--epochs must be >= 1".into()));
         }
         if self.final_epochs > self.epochs {
-            return Err("--final-epochs cannot exceed --epochs".into());
+            return Err(TrainError::Flags(
+                "--final-epochs cannot exceed --epochs".into(),
+            ));
         }
         if self.batch_size == 0 || self.final_batch_size == Some(0) {
-            return Err("--batch-size must be >= 1".into());
+            return Err(TrainError::Flags("--batch-size must be >= 1".into()));
         }
         if !(self.val_fraction > 0.0 && self.val_fraction < 0.5) {
-            return Err("--val-fraction must lie in (0, 0.5)".into());
+            return Err(TrainError::Flags(
+                "--val-fraction must lie in (0, 0.5)".into(),
+            ));
         }
         if self.lr.is_nan()
             || self.lr <= 0.0
             || self.weight_decay < 0.0
             || !(0.0..1.0).contains(&self.label_smoothing)
         {
-            return Err(
+            return Err(TrainError::Flags(
                 "--lr must be > 0, --weight-decay >= 0, --label-smoothing in [0, 1)".into(),
-            );
+            ));
         }
         for s in [Some(self.image_size), self.final_image_size]
             .into_iter()
             .flatten()
         {
             if !(32..=1024).contains(&s) {
-                return Err(format!("image size {s} is outside 32..=1024"));
+                return Err(TrainError::Flags(format!(
+                    "image size {s} is outside 32..=1024"
+                )));
             }
         }
         if self.checkpoint_every == 0 {
-            return Err("--checkpoint-every must be >= 1".into());
+            return Err(TrainError::Flags("--checkpoint-every must be >= 1".into()));
         }
         Ok(())
     }

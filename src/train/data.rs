@@ -9,6 +9,7 @@ use image::GrayImage;
 
 use crate::imaging::{Preprocessor, decode_gray};
 use crate::model::arch::SplitMix64;
+use crate::train::error::TrainError;
 
 /// Class folder names, in label order (0 = NORMAL, 1 = PNEUMONIA).
 pub const CLASSES: [&str; 2] = ["NORMAL", "PNEUMONIA"];
@@ -52,18 +53,20 @@ pub fn patient_id(file_name: &str) -> String {
 /// Lists `<root>/<split>/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png}`, sorted. Fails with the
 /// folder's name when a class folder is missing or empty.
 pub fn scan(root: &Path, split: &str) -> Result<Vec<Sample>, super::TrainError> {
-    scan_folders(root, split).map_err(super::TrainError::Data)
+    scan_folders(root, split)
 }
 
-fn scan_folders(root: &Path, split: &str) -> Result<Vec<Sample>, String> {
+fn scan_folders(root: &Path, split: &str) -> Result<Vec<Sample>, TrainError> {
     let mut out = Vec::new();
     for (label, class) in CLASSES.iter().enumerate() {
         let dir = root.join(split).join(class);
         let rd = std::fs::read_dir(&dir).map_err(|e| {
-            format!(
-                "cannot read {}: {e} (expected <data>/{{train,test}}/{{NORMAL,PNEUMONIA}})",
-                dir.display()
-            )
+            TrainError::Data({
+                format!(
+                    "cannot read {}: {e} (expected <data>/{{train,test}}/{{NORMAL,PNEUMONIA}})",
+                    dir.display()
+                )
+            })
         })?;
         let mut files: Vec<PathBuf> = rd
             .filter_map(Result::ok)
@@ -75,10 +78,10 @@ fn scan_folders(root: &Path, split: &str) -> Result<Vec<Sample>, String> {
             })
             .collect();
         if files.is_empty() {
-            return Err(format!(
+            return Err(TrainError::Data(format!(
                 "{} holds no .jpeg/.jpg/.png images: the class {class} is empty",
                 dir.display()
-            ));
+            )));
         }
         files.sort();
         for path in files {
@@ -266,11 +269,14 @@ pub fn top_up(
     count: usize,
     dir: &Path,
     seed: u64,
-) -> Result<Vec<Sample>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+) -> Result<Vec<Sample>, TrainError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| TrainError::Data(format!("cannot create {}: {e}", dir.display())))?;
     let normals: Vec<&Sample> = sources.iter().filter(|s| s.label == 0).collect();
     if normals.is_empty() && count > 0 {
-        return Err("no NORMAL training images to top up from".into());
+        return Err(TrainError::Data(
+            "no NORMAL training images to top up from".into(),
+        ));
     }
     let mut rng = SplitMix64(seed ^ 0x70_9D_0F);
     let mut out = Vec::with_capacity(count);
@@ -284,15 +290,16 @@ pub fn top_up(
             .unwrap_or("img");
         let path = dir.join(format!("gen{i:05}_{stem}.png"));
         if !path.exists() {
-            let bytes =
-                std::fs::read(&src.path).map_err(|e| format!("{}: {e}", src.path.display()))?;
+            let bytes = std::fs::read(&src.path)
+                .map_err(|e| TrainError::Data(format!("{}: {e}", src.path.display())))?;
             let g = decode_gray(&bytes, MAX_PIXELS)
-                .map_err(|e| format!("{}: {e}", src.path.display()))?;
+                .map_err(|e| TrainError::Data(format!("{}: {e}", src.path.display())))?;
             let aug = augment(&g, &AugmentSpec::TOP_UP, &mut local);
             let tmp = path.with_extension("png.tmp");
             aug.save_with_format(&tmp, image::ImageFormat::Png)
-                .map_err(|e| format!("{}: {e}", tmp.display()))?;
-            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+                .map_err(|e| TrainError::Data(format!("{}: {e}", tmp.display())))?;
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
         }
         out.push(Sample {
             path,

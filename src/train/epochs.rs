@@ -94,8 +94,8 @@ impl Trainer<'_> {
         while self.state.epoch < args.epochs {
             let e = self.state.epoch;
             let (size, batch) = args.epoch_shape(e);
-            let pre =
-                Preprocessor::new(size, &Preprocessing::default()).map_err(TrainError::Flags)?;
+            let pre = Preprocessor::new(size, &Preprocessing::default())
+                .map_err(|e| TrainError::Flags(e.0))?;
             if cache.as_ref().is_none_or(|c| c.size != size) {
                 cache = Some(self.decode(size, &pre)?);
             }

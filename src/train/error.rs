@@ -23,4 +23,7 @@ pub enum TrainError {
     /// its calibration failed.
     #[error("{0}")]
     Graph(String),
+    /// A plot could not be drawn or written.
+    #[error("plot: {0}")]
+    Plot(String),
 }

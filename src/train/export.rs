@@ -110,7 +110,8 @@ impl Trainer<'_> {
     }
 
     fn export_images(&self, size: u32) -> anyhow::Result<ExportImages> {
-        let pre = Preprocessor::new(size, &Preprocessing::default()).map_err(TrainError::Flags)?;
+        let pre = Preprocessor::new(size, &Preprocessing::default())
+            .map_err(|e| TrainError::Flags(e.0))?;
         let (val, _) = data::load_resized(&self.val.samples, &pre);
         let tch_val = predict(&self.net, &pre, &val, self.device);
         let (test, bad) = data::load_resized(&self.test.samples, &pre);

@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use super::data::Sample;
 use crate::train::checkpoint::EpochRecord;
+use crate::train::error::TrainError;
 
 /// What the GPU script says about its run.
 #[derive(Debug, Clone, Deserialize)]
@@ -83,7 +84,7 @@ impl ImportedRun {
         strategy: &str,
         val: &[Sample],
     ) -> Result<Self, super::TrainError> {
-        Self::read_checked(path, weights, strategy, val).map_err(super::TrainError::Import)
+        Self::read_checked(path, weights, strategy, val)
     }
 
     fn read_checked(
@@ -91,28 +92,29 @@ impl ImportedRun {
         weights: &Path,
         strategy: &str,
         val: &[Sample],
-    ) -> Result<Self, String> {
+    ) -> Result<Self, TrainError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let run: Self = serde_json::from_str(&text)
-            .map_err(|e| format!("{} is not a run history: {e}", path.display()))?;
+            .map_err(|e| TrainError::Import(format!("cannot read {}: {e}", path.display())))?;
+        let run: Self = serde_json::from_str(&text).map_err(|e| {
+            TrainError::Import(format!("{} is not a run history: {e}", path.display()))
+        })?;
         let bytes = std::fs::read(weights)
-            .map_err(|e| format!("cannot read {}: {e}", weights.display()))?;
+            .map_err(|e| TrainError::Import(format!("cannot read {}: {e}", weights.display())))?;
         let digest = crate::digest::sha256_hex(&bytes);
         if digest != run.sha256 {
-            return Err(format!(
+            return Err(TrainError::Import(format!(
                 "{} has SHA-256 {digest}, but {} was written for {}",
                 weights.display(),
                 path.display(),
                 run.sha256
-            ));
+            )));
         }
         if run.recipe.strategy != strategy {
-            return Err(format!(
+            return Err(TrainError::Import(format!(
                 "{} trained the `{}` strategy, not `{strategy}`",
                 path.display(),
                 run.recipe.strategy
-            ));
+            )));
         }
         let ours: Vec<String> = val
             .iter()
@@ -129,17 +131,20 @@ impl ImportedRun {
                 .iter()
                 .find(|n| !run.validation_files.contains(n))
                 .or_else(|| run.validation_files.iter().find(|n| !ours.contains(n)));
-            return Err(format!(
+            return Err(TrainError::Import(format!(
                 "{} held out another validation split ({} images, this one {}; e.g. `{}` differs): \
                  use the same data, --val-fraction and --seed",
                 path.display(),
                 run.validation_files.len(),
                 ours.len(),
                 missing.map_or("(order)", String::as_str)
-            ));
+            )));
         }
         if run.history.is_empty() || run.recipe.best_epoch == 0 {
-            return Err(format!("{} records no finished epoch", path.display()));
+            return Err(TrainError::Import(format!(
+                "{} records no finished epoch",
+                path.display()
+            )));
         }
         Ok(run)
     }

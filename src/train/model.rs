@@ -9,6 +9,7 @@ use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
 use crate::model::arch::{BN_EPS, DenseNetConfig, Weights};
+use crate::train::error::TrainError;
 
 struct DenseLayer {
     norm1: nn::BatchNorm,
@@ -185,7 +186,7 @@ pub fn load_torchvision(
     vs: &mut nn::VarStore,
     path: &std::path::Path,
 ) -> Result<usize, super::TrainError> {
-    load_torchvision_file(vs, path, false).map_err(super::TrainError::Weights)
+    load_torchvision_file(vs, path, false)
 }
 
 /// Loads a torchvision-layout safetensors file of a finished 2-class run into `vs`,
@@ -196,16 +197,16 @@ pub fn load_torchvision_full(
     vs: &mut nn::VarStore,
     path: &std::path::Path,
 ) -> Result<usize, super::TrainError> {
-    load_torchvision_file(vs, path, true).map_err(super::TrainError::Weights)
+    load_torchvision_file(vs, path, true)
 }
 
 fn load_torchvision_file(
     vs: &mut nn::VarStore,
     path: &std::path::Path,
     with_classifier: bool,
-) -> Result<usize, String> {
+) -> Result<usize, TrainError> {
     let named = Tensor::read_safetensors(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        .map_err(|e| TrainError::Weights(format!("cannot read {}: {e}", path.display())))?;
     let file: std::collections::HashMap<String, Tensor> = named
         .into_iter()
         .map(|(k, t)| (torchvision_key(&k), t))
@@ -216,10 +217,10 @@ fn load_torchvision_file(
             .keys()
             .find(|k| !k.ends_with("num_batches_tracked") && !vars.contains_key(*k))
     {
-        return Err(format!(
+        return Err(TrainError::Weights(format!(
             "{} holds `{extra}`, which this network lacks",
             path.display()
-        ));
+        )));
     }
     let mut loaded = 0;
     tch::no_grad(|| {
@@ -228,18 +229,20 @@ fn load_torchvision_file(
                 continue;
             }
             let src = file.get(&name).ok_or_else(|| {
-                format!(
-                    "{} has no `{name}`: not a torchvision DenseNet of this configuration",
-                    path.display()
-                )
+                TrainError::Weights({
+                    format!(
+                        "{} has no `{name}`: not a torchvision DenseNet of this configuration",
+                        path.display()
+                    )
+                })
             })?;
             if src.size() != var.size() {
-                return Err(format!(
+                return Err(TrainError::Weights(format!(
                     "`{name}` is {:?} in {}, the architecture needs {:?}",
                     src.size(),
                     path.display(),
                     var.size()
-                ));
+                )));
             }
             var.copy_(&src.to_kind(var.kind()).to_device(var.device()));
             loaded += 1;
@@ -251,22 +254,24 @@ fn load_torchvision_file(
 /// Loads every variable of `vs` (classifier included) from `weights`, e.g. those read
 /// back from an exported ONNX file by [`crate::model::onnx::read_weights`]. Says which
 /// variable is missing or misshapen; extra entries are an error too (another network).
-pub fn load_weights(vs: &mut nn::VarStore, weights: &Weights) -> Result<usize, String> {
+pub fn load_weights(vs: &mut nn::VarStore, weights: &Weights) -> Result<usize, TrainError> {
     let vars = vs.variables();
     if let Some(extra) = weights.keys().find(|k| !vars.contains_key(*k)) {
-        return Err(format!("`{extra}` is not a variable of this network"));
+        return Err(TrainError::Weights(format!(
+            "`{extra}` is not a variable of this network"
+        )));
     }
     tch::no_grad(|| {
         for (name, mut var) in vars {
             let src = weights
                 .get(&name)
-                .ok_or_else(|| format!("no `{name}` among the weights"))?;
+                .ok_or_else(|| TrainError::Weights(format!("no `{name}` among the weights")))?;
             let shape: Vec<i64> = src.shape.iter().map(|&d| d as i64).collect();
             if shape != var.size() {
-                return Err(format!(
+                return Err(TrainError::Weights(format!(
                     "`{name}` is {shape:?}, the network needs {:?}",
                     var.size()
-                ));
+                )));
             }
             let t = Tensor::from_slice(&src.data).reshape(&shape);
             var.copy_(&t.to_kind(var.kind()).to_device(var.device()));

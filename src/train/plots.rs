@@ -8,13 +8,14 @@ use plotters::style::{FontStyle, register_font};
 
 use crate::eval::{Metrics, roc_curve};
 use crate::train::checkpoint::EpochRecord;
+use crate::train::error::TrainError;
 
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
-type R = Result<(), String>;
+type R = Result<(), TrainError>;
 
-fn err<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
+fn err<E: std::fmt::Display>(e: E) -> TrainError {
+    TrainError::Plot(e.to_string())
 }
 
 /// What a run's plots are drawn from.

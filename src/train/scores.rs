@@ -83,8 +83,8 @@ pub(crate) fn measuring_session(
     ort_lib: &Path,
 ) -> anyhow::Result<(Preprocessor, crate::inference::CpuModel)> {
     let card = &loaded.card;
-    let pre =
-        Preprocessor::new(card.input_size, &card.preprocessing).map_err(TrainError::Weights)?;
+    let pre = Preprocessor::new(card.input_size, &card.preprocessing)
+        .map_err(|e| TrainError::Weights(e.0))?;
     let session = crate::inference::CpuModel::load(ort_lib, &loaded.onnx_bytes)?;
     Ok((pre, session))
 }

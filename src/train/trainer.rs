@@ -17,7 +17,6 @@ use crate::train::config::StrategyArg;
 use crate::train::config::TrainArgs;
 use crate::train::data;
 use crate::train::data::Sample;
-use crate::train::error::TrainError;
 use crate::train::import;
 use crate::train::limit_per_class;
 use crate::train::log;
@@ -312,8 +311,7 @@ fn balance(args: &TrainArgs, train: &mut Vec<Sample>) -> anyhow::Result<(Option<
                 need,
                 &args.out.join("generated").join("NORMAL"),
                 args.seed,
-            )
-            .map_err(TrainError::Data)?;
+            )?;
             let generated = extra.len();
             train.extend(extra);
             let c = data::class_counts(train);

@@ -310,8 +310,10 @@ fn a_cuda_session_that_fails_falls_back_to_the_cpu_with_its_reason() {
     };
     let failing = |_: &ort::environment::Environment,
                    _: &[u8]|
-     -> Result<ort::session::Session, String> {
-        Err("CUDA provider registered; session creation failed: out of memory (simulated)".into())
+     -> Result<ort::session::Session, cxr::inference::CudaError> {
+        Err(cxr::inference::CudaError::Session(
+            "CUDA provider registered; session creation failed: out of memory (simulated)".into(),
+        ))
     };
     let (mut s, provider, reason) =
         create_session_via(env, &bytes, opts(Device::Auto), failing).unwrap();
@@ -331,7 +333,7 @@ fn a_cuda_session_that_fails_falls_back_to_the_cpu_with_its_reason() {
     let tried = std::cell::Cell::new(false);
     let (_, provider, reason) = create_session_via(env, &bytes, opts(Device::Cpu), |_, _| {
         tried.set(true);
-        Err("never".into())
+        Err(cxr::inference::CudaError::Session("never".into()))
     })
     .unwrap();
     assert!(!tried.get() && provider == Provider::Cpu && reason.is_none());

@@ -33,6 +33,17 @@ use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 
+/// Why a Structured Report could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SrError(pub String);
+
+impl From<String> for SrError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
 mod content;
 mod uid;
 
@@ -72,7 +83,7 @@ struct SourceRefs<'a> {
 }
 
 impl<'a> SourceRefs<'a> {
-    fn of(source: &'a SrSource) -> Result<Self, String> {
+    fn of(source: &'a SrSource) -> Result<Self, SrError> {
         let missing = |what: &str| {
             format!("the source DICOM has no {what}, so a Structured Report cannot reference it")
         };
@@ -126,7 +137,7 @@ pub fn build_sr(
     source: &SrSource,
     result: &SrResult<'_>,
     uid_root: Option<&str>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, SrError> {
     let refs = SourceRefs::of(source)?;
     let (da, tm) = now_da_tm();
     let software = env!("CARGO_PKG_VERSION");
@@ -275,16 +286,17 @@ fn put_document_root(o: &mut InMemDicomObject) {
 }
 
 /// `o` with its file meta group, written as a Part-10 file.
-fn part10(o: InMemDicomObject, sop_uid: &str, software: &str) -> Result<Vec<u8>, String> {
+fn part10(o: InMemDicomObject, sop_uid: &str, software: &str) -> Result<Vec<u8>, SrError> {
     let meta = FileMetaTableBuilder::new()
         .transfer_syntax(EXPLICIT_VR_LE)
         .media_storage_sop_class_uid(COMPREHENSIVE_3D_SR)
         .media_storage_sop_instance_uid(sop_uid)
         .implementation_class_uid(name_uid("cxr-serve implementation"))
         .implementation_version_name(format!("CXR_{software}"));
-    let file = o.with_meta(meta).map_err(|e| e.to_string())?;
+    let file = o.with_meta(meta).map_err(|e| SrError(e.to_string()))?;
     let mut out = Vec::new();
-    file.write_all(&mut out).map_err(|e| e.to_string())?;
+    file.write_all(&mut out)
+        .map_err(|e| SrError(e.to_string()))?;
     Ok(out)
 }
 

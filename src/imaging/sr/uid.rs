@@ -1,6 +1,17 @@
 //! DICOM UIDs (PS3.5 9): new ones from UUIDs, under a configured root or `2.25`,
 //! and stable ones for named things.
 
+/// Why a UID root is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UidError(pub String);
+
+impl From<String> for UidError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
 /// A new UID: `2.25.<UUID as an integer>` (ISO/IEC 9834-8), or under `root` with the
 /// UUID's digits that fit in 64 characters.
 pub fn new_uid(root: Option<&str>) -> String {
@@ -18,7 +29,7 @@ pub fn new_uid(root: Option<&str>) -> String {
 
 /// Checks a `--uid-root`: numeric components without leading zeros, at most 40
 /// characters (so that at least 23 random digits follow).
-pub fn check_uid_root(root: &str) -> Result<(), String> {
+pub fn check_uid_root(root: &str) -> Result<(), UidError> {
     let ok = !root.is_empty()
         && root.len() <= 40
         && root.split('.').all(|c| {
@@ -29,9 +40,9 @@ pub fn check_uid_root(root: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(UidError(format!(
             "--uid-root `{root}` must be a DICOM UID root: digits and dots, no leading zeros, at most 40 characters"
-        ))
+        )))
     }
 }
 
