@@ -15,16 +15,10 @@ use crate::inference::{
 /// The flags' defaults, from the leaf module they live in.
 pub use crate::defaults;
 
-/// What is wrong with the configuration, and what to fix.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
-impl From<String> for ConfigError {
-    fn from(message: String) -> Self {
-        Self(message)
-    }
-}
+crate::message_error!(
+    /// What is wrong with the configuration, and what to fix.
+    ConfigError
+);
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]

@@ -5,6 +5,25 @@
 //! [`inference`] runs them through ONNX Runtime, [`registry`] holds the model cards,
 //! [`onnx`] writes the model files, [`arch`] describes the network, [`eval`] measures.
 
+/// An error that is its message: a newtype over `String` with `Display`, `Error` and
+/// `From<String>`, for the areas whose failures are described, not matched on.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! message_error {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+        #[error("{0}")]
+        pub struct $name(pub String);
+
+        impl From<String> for $name {
+            fn from(message: String) -> Self {
+                Self(message)
+            }
+        }
+    };
+}
+
 pub mod audit;
 pub mod clock;
 pub mod config;

@@ -20,16 +20,10 @@ use std::path::Path;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-/// Why an out-of-distribution model file is unusable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct OodError(pub String);
-
-impl From<String> for OodError {
-    fn from(message: String) -> Self {
-        Self(message)
-    }
-}
+crate::message_error!(
+    /// Why an out-of-distribution model file is unusable.
+    OodError
+);
 
 /// What the card says of a variant's OOD model (`ood` in `models/<name>.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -8,16 +8,10 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// Why a target or operating point given as text (`sensitivity:0.95`) is unusable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ParseError(pub String);
-
-impl From<String> for ParseError {
-    fn from(message: String) -> Self {
-        Self(message)
-    }
-}
+crate::message_error!(
+    /// Why a target or operating point given as text (`sensitivity:0.95`) is unusable.
+    ParseError
+);
 
 pub mod calibration;
 pub mod stress;

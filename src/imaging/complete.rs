@@ -3,16 +3,10 @@
 //! walks follow the container's own structure to its end marker, in one pass over
 //! the bytes, without decoding a pixel.
 
-/// Why an encoded image is not all there (cut, or not the container it claims to be).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct IncompleteImage(pub String);
-
-impl From<String> for IncompleteImage {
-    fn from(message: String) -> Self {
-        Self(message)
-    }
-}
+crate::message_error!(
+    /// Why an encoded image is not all there (cut, or not the container it claims to be).
+    IncompleteImage
+);
 
 /// A JPEG reaches its EOI marker: segments are skipped by their lengths (embedded
 /// thumbnails live inside APPn segments and cannot end the walk), entropy-coded data

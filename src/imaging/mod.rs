@@ -28,16 +28,10 @@ pub use content::{
     MAX_COLOURFULNESS, MIN_GRAY_RANGE, check_not_blank, colourfulness, neutral_gray,
 };
 
-/// Why a card's preprocessing cannot be applied.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct PreprocessingError(pub String);
-
-impl From<String> for PreprocessingError {
-    fn from(message: String) -> Self {
-        Self(message)
-    }
-}
+crate::message_error!(
+    /// Why a card's preprocessing cannot be applied.
+    PreprocessingError
+);
 
 /// ImageNet channel means, the normalisation torchvision's pretrained weights expect.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];

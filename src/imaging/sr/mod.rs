@@ -33,16 +33,10 @@ use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 
-/// Why a Structured Report could not be made.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct SrError(pub String);
-
-impl From<String> for SrError {
-    fn from(message: String) -> Self {
-        Self(message)
-    }
-}
+crate::message_error!(
+    /// Why a Structured Report could not be made.
+    SrError
+);
 
 mod content;
 mod uid;

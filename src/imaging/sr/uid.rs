@@ -1,16 +1,10 @@
 //! DICOM UIDs (PS3.5 9): new ones from UUIDs, under a configured root or `2.25`,
 //! and stable ones for named things.
 
-/// Why a UID root is unusable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct UidError(pub String);
-
-impl From<String> for UidError {
-    fn from(message: String) -> Self {
-        Self(message)
-    }
-}
+crate::message_error!(
+    /// Why a UID root is unusable.
+    UidError
+);
 
 /// A new UID: `2.25.<UUID as an integer>` (ISO/IEC 9834-8), or under `root` with the
 /// UUID's digits that fit in 64 characters.
