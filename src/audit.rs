@@ -325,7 +325,7 @@ impl AuditFile {
     }
 
     fn error(&self, e: &std::io::Error) -> AuditError {
-        tracing::error!(path = %self.path.display(), error = %e, "cannot write the audit record; the request fails");
+        // Logged once, by the request that fails (with its request id).
         AuditError::Write {
             path: self.path.display().to_string(),
             error: e.to_string(),

@@ -3,11 +3,12 @@
 //! each [`Prediction`] with its warnings, heatmap and timings.
 
 use crate::AppState;
-use crate::audit::AuditRecord;
+use crate::audit::{AuditRecord, Decision as AuditDecision};
 use crate::eval::Target;
 use crate::eval::served_probabilities;
 use crate::http::Asker;
 use crate::http::error::ApiError;
+use crate::http::error_type::ErrorType;
 use crate::http::explain;
 use crate::http::types::ModelRef;
 use crate::http::types::PredictQuery;
@@ -100,7 +101,7 @@ pub(super) async fn classify(
             (p, r, d)
         })
         .collect();
-    write_audit(state, &answers, asker).await?;
+    write_audit(state, model, decision, &answers, asker).await?;
     let total = started.elapsed();
     Ok(answers
         .into_iter()
@@ -135,6 +136,64 @@ impl Facts {
     }
 }
 
+/// What every audit record of one request shares: when, who asked, which model
+/// decided and at which threshold.
+struct Trail<'a> {
+    time: String,
+    asker: &'a Asker,
+    model: &'a ServedModel,
+    decision: &'a Decision,
+}
+
+impl<'a> Trail<'a> {
+    fn new(asker: &'a Asker, model: &'a ServedModel, decision: &'a Decision) -> Self {
+        Self {
+            time: crate::audit::now_rfc3339(),
+            asker,
+            model,
+            decision,
+        }
+    }
+
+    /// The record of image `image_index`: answered with `label`, or refused with
+    /// `error_type`.
+    fn record(
+        &self,
+        image_index: usize,
+        facts: &Facts,
+        outcome: Result<&str, ErrorType>,
+        ood_score: Option<f64>,
+    ) -> AuditRecord {
+        let (decision, label, error_type) = match outcome {
+            Ok(label) => (AuditDecision::Answered, Some(label.to_string()), None),
+            Err(t) => (AuditDecision::Refused, None, Some(t.as_str().to_string())),
+        };
+        let card = &self.model.card;
+        AuditRecord {
+            time: self.time.clone(),
+            request_id: self.asker.request_id.clone(),
+            client_request_id: self.asker.client_request_id.clone(),
+            image_index,
+            caller: self.asker.caller.0.clone(),
+            decision,
+            error_type,
+            model: card.name.clone(),
+            model_version: card.version.clone(),
+            model_sha256: card.onnx.sha256.clone(),
+            threshold: self.decision.threshold,
+            threshold_source: self.decision.source.kind.clone(),
+            p_normal: facts.probabilities.map(|p| p[0]),
+            p_pneumonia: facts.probabilities.map(|p| p[1]),
+            label,
+            ood_score,
+            input_sha256: facts.upload.sha256.clone(),
+            input_kind: facts.upload.kind.into(),
+            input_bytes: facts.upload.bytes,
+            sop_instance_uid: facts.sop_instance_uid.clone(),
+        }
+    }
+}
+
 /// Records the refusal of a request's images (every image of the request: a request
 /// is answered or refused whole) and returns the error to answer: `error` itself, or
 /// 503 `audit_unavailable` when the records cannot be written. Errors that are not
@@ -152,31 +211,13 @@ pub(super) async fn refused(
     if !error_type.is_image_refusal() {
         return error;
     }
-    let time = crate::audit::now_rfc3339();
+    let trail = Trail::new(asker, model, decision);
     let records: Vec<AuditRecord> = facts
         .iter()
         .enumerate()
-        .map(|(i, f)| AuditRecord {
-            time: time.clone(),
-            request_id: asker.request_id.clone(),
-            client_request_id: asker.client_request_id.clone(),
-            image_index: i,
-            caller: asker.caller.0.clone(),
-            decision: crate::audit::Decision::Refused,
-            error_type: Some(error_type.as_str().to_string()),
-            model: model.card.name.clone(),
-            model_version: model.card.version.clone(),
-            model_sha256: model.card.onnx.sha256.clone(),
-            threshold: decision.threshold,
-            threshold_source: decision.source.kind.clone(),
-            p_normal: f.probabilities.map(|p| p[0]),
-            p_pneumonia: f.probabilities.map(|p| p[1]),
-            label: None,
-            ood_score: ood.filter(|(at, _)| *at == i).map(|(_, s)| s),
-            input_sha256: f.upload.sha256.clone(),
-            input_kind: f.upload.kind.into(),
-            input_bytes: f.upload.bytes,
-            sop_instance_uid: f.sop_instance_uid.clone(),
+        .map(|(i, f)| {
+            let score = ood.filter(|(at, _)| *at == i).map(|(_, s)| s);
+            trail.record(i, f, Err(error_type), score)
         })
         .collect();
     match record(state, &records).await {
@@ -203,34 +244,18 @@ async fn record(state: &AppState, records: &[AuditRecord]) -> Result<(), ApiErro
 /// without its record is a 503, never a success.
 async fn write_audit(
     state: &AppState,
+    model: &ServedModel,
+    decision: &Decision,
     answers: &[(Prediction, JobOutput, Decoded)],
     asker: &Asker,
 ) -> Result<(), ApiError> {
-    let time = crate::audit::now_rfc3339();
+    let trail = Trail::new(asker, model, decision);
     let records: Vec<AuditRecord> = answers
         .iter()
         .enumerate()
-        .map(|(i, (p, _, d))| AuditRecord {
-            time: time.clone(),
-            request_id: asker.request_id.clone(),
-            client_request_id: asker.client_request_id.clone(),
-            image_index: i,
-            caller: asker.caller.0.clone(),
-            decision: crate::audit::Decision::Answered,
-            error_type: None,
-            model: p.model.name.clone(),
-            model_version: p.model.version.clone(),
-            model_sha256: p.model.sha256.clone(),
-            threshold: p.threshold,
-            threshold_source: p.threshold_source.kind.clone(),
-            p_normal: Some(p.probabilities.NORMAL),
-            p_pneumonia: Some(p.probabilities.PNEUMONIA),
-            label: Some(p.label.clone()),
-            ood_score: p.ood_score,
-            input_sha256: d.upload.sha256.clone(),
-            input_kind: d.upload.kind.into(),
-            input_bytes: d.upload.bytes,
-            sop_instance_uid: d.dicom.as_ref().and_then(|i| i.sop_instance_uid.clone()),
+        .map(|(i, (p, _, d))| {
+            let served = [p.probabilities.NORMAL, p.probabilities.PNEUMONIA];
+            trail.record(i, &Facts::of(d, Some(served)), Ok(&p.label), p.ood_score)
         })
         .collect();
     record(state, &records).await
