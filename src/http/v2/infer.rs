@@ -24,7 +24,6 @@ use crate::http::v2::RequestInput;
 use crate::http::v2::ResponseOutput;
 use crate::http::v2::V2Error;
 use crate::http::v2::served;
-use crate::http::v2::tensors::check_batch;
 use crate::http::v2::tensors::image_elements;
 use crate::http::v2::tensors::input_binary;
 use crate::http::v2::tensors::tensor_rows;
@@ -202,7 +201,6 @@ async fn decode_input(
     Ok(match input.name.as_str() {
         "image" => {
             let files = image_elements(&input, bin, limits.max_images)?;
-            check_batch(files.len(), limits.max_images)?;
             let uploads: Vec<Upload> = files.into_iter().map(Upload::sniff).collect();
             // Kept (shared bytes) for the audit record of a refusal.
             let kept = uploads.clone();

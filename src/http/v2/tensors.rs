@@ -112,7 +112,7 @@ pub(super) fn image_elements(
             let data = input.data.ok_or_else(|| {
                 ApiError::BadRequest("input `image` has neither `data` nor binary_data_size".into())
             })?;
-            read_data(data, FlatFiles { max: n }).map_err(|e| match e {
+            read_data(data, Flat::<Bytes>::at_most(n)).map_err(|e| match e {
                 DataError::TooMany => too_many(),
                 DataError::Invalid(m) => ApiError::BadRequest(m),
             })?
@@ -156,91 +156,80 @@ pub(super) fn read_data<T>(
 /// The error text that marks "more elements than the shape declares".
 const TOO_MANY: &str = "more elements than the shape declares";
 
-/// Numbers, nested arrays flattened, at most `max`: an FP32 tensor's data.
-pub(super) struct FlatNumbers {
-    pub max: usize,
+/// A leaf of a tensor's JSON data.
+pub(super) enum Leaf<'a> {
+    /// A number.
+    Number(f64),
+    /// A string, or an object's `b64` string.
+    Str(&'a str),
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for FlatNumbers {
-    type Value = Vec<f32>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<f32>, D::Error> {
-        let mut out = Vec::new();
-        d.deserialize_any(NumberVisitor {
-            out: &mut out,
-            max: self.max,
-        })?;
-        Ok(out)
+/// What one element of a tensor's JSON data is read as.
+pub(super) trait Element: Sized {
+    /// Whether the elements are strings (and `{"b64": "..."}` objects), else numbers.
+    const STRINGS: bool;
+    /// What the data must hold, for element `i`.
+    fn expecting(i: usize) -> String;
+    /// Element `i` from a leaf of the kind [`Element::STRINGS`] says.
+    fn make(leaf: Leaf<'_>, i: usize) -> Result<Self, String>;
+}
+
+/// FP32 tensors: numbers.
+impl Element for f32 {
+    const STRINGS: bool = false;
+    fn expecting(_i: usize) -> String {
+        "input `input` data must be numbers".into()
     }
-}
-
-struct NumberVisitor<'o> {
-    out: &'o mut Vec<f32>,
-    max: usize,
-}
-
-impl NumberVisitor<'_> {
-    fn push<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
-        if self.out.len() == self.max {
-            return Err(E::custom(TOO_MANY));
+    fn make(leaf: Leaf<'_>, _i: usize) -> Result<Self, String> {
+        match leaf {
+            Leaf::Number(v) => Ok(v as f32),
+            Leaf::Str(_) => Err(Self::expecting(0)),
         }
-        self.out.push(v as f32);
-        Ok(())
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for NumberVisitor<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("input `input` data must be numbers")
+/// BYTES `image` tensors: files, each a base64 string or `{"b64": "..."}`, decoded
+/// as they are read.
+impl Element for Bytes {
+    const STRINGS: bool = true;
+    fn expecting(i: usize) -> String {
+        format!(
+            "element {i} of input `image` to be a base64 string (an encoded JPEG, PNG or DICOM file) or {{\"b64\": ...}}"
+        )
     }
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
-        self.push(v)
-    }
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
-        self.push(v as f64)
-    }
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
-        self.push(v as f64)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
-        let (out, max) = (self.out, self.max);
-        while s
-            .next_element_seed(NestedNumbers {
-                out: &mut *out,
-                max,
-            })?
-            .is_some()
-        {}
-        Ok(())
+    fn make(leaf: Leaf<'_>, i: usize) -> Result<Self, String> {
+        let Leaf::Str(b64) = leaf else {
+            return Err(Self::expecting(i));
+        };
+        let clean: Vec<u8> = b64.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(&clean)
+            .map(Bytes::from)
+            .map_err(|e| format!("element {i} of input `image` is not base64 ({e})"))
     }
 }
 
-struct NestedNumbers<'o> {
-    out: &'o mut Vec<f32>,
-    max: usize,
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for NestedNumbers<'_> {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(NumberVisitor {
-            out: self.out,
-            max: self.max,
-        })
-    }
-}
-
-/// Files, each a base64 string or `{"b64": "..."}`, nested arrays flattened, at
-/// most `max`: a BYTES `image` tensor's data, decoded as it is read.
-pub(super) struct FlatFiles {
+/// A tensor's JSON data, nested arrays flattened, at most `max` elements: refused
+/// as soon as one more begins.
+pub(super) struct Flat<T> {
     pub max: usize,
+    pub element: std::marker::PhantomData<T>,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for FlatFiles {
-    type Value = Vec<Bytes>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<Bytes>, D::Error> {
+impl<T> Flat<T> {
+    pub(super) fn at_most(max: usize) -> Self {
+        Self {
+            max,
+            element: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Element> serde::de::DeserializeSeed<'de> for Flat<T> {
+    type Value = Vec<T>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<T>, D::Error> {
         let mut out = Vec::new();
-        d.deserialize_any(FileVisitor {
+        d.deserialize_any(FlatVisitor {
             out: &mut out,
             max: self.max,
         })?;
@@ -248,39 +237,57 @@ impl<'de> serde::de::DeserializeSeed<'de> for FlatFiles {
     }
 }
 
-struct FileVisitor<'o> {
-    out: &'o mut Vec<Bytes>,
+/// Reads one value of the data (an element, or an array of them) into `out`.
+struct FlatVisitor<'o, T> {
+    out: &'o mut Vec<T>,
     max: usize,
 }
 
-impl FileVisitor<'_> {
-    fn push<E: serde::de::Error>(self, b64: &str) -> Result<(), E> {
+impl<T: Element> FlatVisitor<'_, T> {
+    /// `leaf` as element `out.len()`, once its kind and the bound are checked.
+    fn push<E: serde::de::Error>(
+        self,
+        leaf: Leaf<'_>,
+        unexpected: serde::de::Unexpected<'_>,
+    ) -> Result<(), E> {
+        if matches!(leaf, Leaf::Str(_)) != T::STRINGS {
+            return Err(E::invalid_type(unexpected, &self));
+        }
         let i = self.out.len();
         if i == self.max {
             return Err(E::custom(TOO_MANY));
         }
-        let clean: Vec<u8> = b64.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(&clean)
-            .map_err(|e| E::custom(format!("element {i} of input `image` is not base64 ({e})")))?;
-        self.out.push(Bytes::from(bytes));
+        self.out.push(T::make(leaf, i).map_err(E::custom)?);
         Ok(())
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for FileVisitor<'_> {
+impl<'de, T: Element> serde::de::Visitor<'de> for FlatVisitor<'_, T> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(
-            f,
-            "element {} of input `image` to be a base64 string (an encoded JPEG, PNG or DICOM file) or {{\"b64\": ...}}",
-            self.out.len()
-        )
+        f.write_str(&T::expecting(self.out.len()))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(Leaf::Number(v), serde::de::Unexpected::Float(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(Leaf::Number(v as f64), serde::de::Unexpected::Signed(v))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(Leaf::Number(v as f64), serde::de::Unexpected::Unsigned(v))
     }
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
-        self.push(v)
+        self.push(Leaf::Str(v), serde::de::Unexpected::Str(v))
     }
+    /// `{"b64": "..."}`: its string, where strings are elements.
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        let i = self.out.len();
+        if !T::STRINGS {
+            return Err(serde::de::Error::invalid_type(
+                serde::de::Unexpected::Map,
+                &self,
+            ));
+        }
         let mut b64: Option<String> = None;
         while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
             if key == "b64" && b64.is_none() {
@@ -289,18 +296,17 @@ impl<'de> serde::de::Visitor<'de> for FileVisitor<'_> {
                 m.next_value::<serde::de::IgnoredAny>()?;
             }
         }
-        let i = self.out.len();
         let b64 = b64.ok_or_else(|| {
             serde::de::Error::custom(format!(
                 "element {i} of input `image` must be a base64 string or {{\"b64\": ...}}"
             ))
         })?;
-        self.push(&b64)
+        self.push(Leaf::Str(&b64), serde::de::Unexpected::Str(&b64))
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
         let (out, max) = (self.out, self.max);
         while s
-            .next_element_seed(NestedFiles {
+            .next_element_seed(Nested {
                 out: &mut *out,
                 max,
             })?
@@ -310,15 +316,16 @@ impl<'de> serde::de::Visitor<'de> for FileVisitor<'_> {
     }
 }
 
-struct NestedFiles<'o> {
-    out: &'o mut Vec<Bytes>,
+/// An element of an array: read into the same `out`.
+struct Nested<'o, T> {
+    out: &'o mut Vec<T>,
     max: usize,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for NestedFiles<'_> {
+impl<'de, T: Element> serde::de::DeserializeSeed<'de> for Nested<'_, T> {
     type Value = ();
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(FileVisitor {
+        d.deserialize_any(FlatVisitor {
             out: self.out,
             max: self.max,
         })
@@ -369,7 +376,7 @@ pub(super) fn tensor_rows(
             let data = input.data.ok_or_else(|| {
                 ApiError::BadRequest("input `input` has neither `data` nor binary_data_size".into())
             })?;
-            read_data(data, FlatNumbers { max: needed }).map_err(|e| match e {
+            read_data(data, Flat::<f32>::at_most(needed)).map_err(|e| match e {
                 DataError::TooMany => ApiError::BadRequest(format!(
                     "input `input` holds more than the {needed} values its shape {:?} needs",
                     input.shape.0
