@@ -29,11 +29,14 @@ def rss_mb(pid, field="VmRSS"):
     return float("nan")
 
 
-def request(port, body, ct="image/jpeg", path="/predict", timeout=60):
+def request(port, body, ct="image/jpeg", path="/predict", timeout=60, headers=None):
+    """One POST on its own connection; the status, or 0 when none came back."""
+    headers = {"Content-Type": ct, **(headers or {})}
     s = socket.create_connection((HOST, port), timeout=timeout)
     try:
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {ct}\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        s.sendall(head.encode() + body)
         data = b""
         while True:
             chunk = s.recv(65536)
@@ -225,25 +228,6 @@ def part_c(port, pid, data, n):
     print(f"  5xx or no answer: {five}; process alive: {alive}; RSS {start:.0f} MB -> {end:.0f} MB ({(end / start - 1) * 100:+.1f} %)")
 
 
-def v2_request(port, body, headers, path):
-    s = socket.create_connection((HOST, port), timeout=120)
-    try:
-        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        s.sendall(head.encode() + body)
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
-    except (OSError, ValueError, IndexError):
-        return 0
-    finally:
-        s.close()
-
-
 def part_d(port, pid, model, clients):
     print(f"== (d) V2 flood: {clients} concurrent ~29 MiB bodies to /v2/models/{model}/infer")
     zeros = 15_000_000
@@ -256,12 +240,12 @@ def part_d(port, pid, model, clients):
 
     def one(i):
         if i % 2 == 0:
-            body, headers = js, {"Content-Type": "application/json"}
+            body, ct, headers = js, "application/json", {}
         else:
-            body, headers = binary, {"Content-Type": "application/octet-stream",
-                                     "Inference-Header-Content-Length": str(len(header))}
+            body, ct, headers = binary, "application/octet-stream", {
+                "Inference-Header-Content-Length": str(len(header))}
         t = time.time()
-        code = v2_request(port, body, headers, f"/v2/models/{model}/infer")
+        code = request(port, body, ct, f"/v2/models/{model}/infer", timeout=120, headers=headers)
         with lock:
             results.append(("json" if i % 2 == 0 else "binary", code, time.time() - t))
 

@@ -66,26 +66,47 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
+/// A models folder whose model file is a FIFO: loading blocks on it until
+/// [`HeldModel::release`] writes the bytes, so "while loading" lasts as long as the
+/// test needs.
+struct HeldModel {
+    dir: tempfile::TempDir,
+    bytes: Vec<u8>,
+}
+
+impl HeldModel {
+    fn new() -> Self {
+        let written = common::models_dir();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            written.path().join("alpha.json"),
+            dir.path().join("alpha.json"),
+        )
+        .unwrap();
+        let bytes = std::fs::read(written.path().join("alpha.onnx")).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(dir.path().join("alpha.onnx"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        Self { dir, bytes }
+    }
+
+    /// Writes the model's bytes into the FIFO (blocks until the server reads it).
+    fn release(&self) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.path().join("alpha.onnx"))
+            .unwrap()
+            .write_all(&self.bytes)
+            .unwrap();
+    }
+}
+
 #[test]
 fn the_api_port_refuses_connections_until_the_models_are_loaded() {
-    // The model file is a FIFO: loading blocks on it until the test writes the
-    // bytes, so "while loading" lasts as long as the test needs.
-    let written = common::models_dir();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        written.path().join("alpha.json"),
-        dir.path().join("alpha.json"),
-    )
-    .unwrap();
-    let bytes = std::fs::read(written.path().join("alpha.onnx")).unwrap();
-    let fifo = dir.path().join("alpha.onnx");
-    assert!(
-        std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let held = HeldModel::new();
+    let dir = &held.dir;
     let mut server = Server::start_until(dir.path(), &["--metrics-port", "0"], "bound");
     let metrics = server.startup_field("metrics_addr").expect("metrics_addr");
     let api = server.addr.clone();
@@ -107,12 +128,7 @@ fn the_api_port_refuses_connections_until_the_models_are_loaded() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .unwrap()
-        .write_all(&bytes)
-        .unwrap();
+    held.release();
     assert_eq!(
         server.wait_log_field("addr"),
         api,
@@ -130,32 +146,13 @@ fn the_api_port_refuses_connections_until_the_models_are_loaded() {
 
 #[test]
 fn listen_before_ready_keeps_answering_503_while_loading() {
-    let written = common::models_dir();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        written.path().join("alpha.json"),
-        dir.path().join("alpha.json"),
-    )
-    .unwrap();
-    let bytes = std::fs::read(written.path().join("alpha.onnx")).unwrap();
-    let fifo = dir.path().join("alpha.onnx");
-    assert!(
-        std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let held = HeldModel::new();
+    let dir = &held.dir;
     let server = Server::start(dir.path(), &["--listen-before-ready"]);
     assert_eq!(http(&server.addr, "GET", "/health", None, b"").0, 200);
     let (status, body) = http(&server.addr, "GET", "/ready", None, b"");
     assert_eq!(status, 503, "{body}");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .unwrap()
-        .write_all(&bytes)
-        .unwrap();
+    held.release();
     server.wait_ready();
 }
 
