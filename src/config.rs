@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::http::Limits;
 use crate::imaging::dicom::DicomOptions;
 use crate::inference::{
     BatchConfig, CPU_MAX_BATCH, CUDA_MAX_BATCH, Device, LoadConfig, resolve_library,
 };
+use crate::predict::Limits;
 
 /// The flags' defaults, from the leaf module they live in.
 pub use crate::defaults;

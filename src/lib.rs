@@ -24,6 +24,7 @@ macro_rules! message_error {
     };
 }
 
+pub mod access;
 pub mod audit;
 pub mod clock;
 pub mod config;
@@ -33,10 +34,13 @@ pub mod eval;
 pub mod http;
 pub mod imaging;
 pub mod inference;
+pub mod metrics;
 pub mod model;
 pub mod ood_score;
+pub mod predict;
 pub mod registry;
 
-pub use http::{AppState, Limits, build_admin_app, build_app};
+pub use http::{AppState, build_admin_app, build_app};
+pub use predict::{Core, Limits};
 #[cfg(feature = "train")]
 pub mod train;

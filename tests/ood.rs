@@ -379,3 +379,66 @@ async fn an_ood_refusal_has_its_audit_record() {
         cxr::registry::sha256_hex(&png(&other(0, 7))).as_str()
     );
 }
+
+/// The prediction core, driven with no HTTP in between, answers one image exactly
+/// as `/predict` does for the same bytes: decoded, classified, scored for
+/// distribution and labelled at the card's threshold; and refuses an image of
+/// another kind with the same error type.
+#[tokio::test]
+async fn the_core_answers_as_predict_does_for_the_same_bytes() {
+    use cxr::predict::{Ask, Asker, Upload};
+    let (t, threshold) = app(OodAction::Refuse);
+    let core = t.state.core();
+    let ask = Ask {
+        model: Some("alpha".into()),
+        ..Ask::default()
+    };
+    let asker = || Asker {
+        caller: cxr::access::Caller::anonymous(),
+        request_id: "core-test".into(),
+        client_request_id: None,
+    };
+    let bytes = png(&film(7100));
+    let valid = core
+        .validate(asker(), &ask, std::time::Instant::now())
+        .unwrap();
+    let answered = core
+        .answer_files(&valid, vec![Upload::Encoded(bytes.clone().into())])
+        .await
+        .unwrap();
+    // As JSON text, the way /predict's answer travels.
+    let direct: serde_json::Value =
+        serde_json::from_slice(&serde_json::to_vec(&answered.predictions[0]).unwrap()).unwrap();
+    let (s, via_http) = answer(&t.app, "alpha", &film(7100)).await;
+    assert_eq!(s, StatusCode::OK, "{via_http}");
+    for field in [
+        "label",
+        "confidence",
+        "probabilities",
+        "threshold",
+        "threshold_source",
+        "model",
+        "ood_score",
+        "in_distribution",
+        "execution_provider",
+    ] {
+        assert_eq!(direct[field], via_http[field], "{field}");
+    }
+    assert!(direct["ood_score"].as_f64().unwrap() <= threshold);
+    assert_eq!(direct["request_id"], "core-test");
+
+    // Another kind of image: refused by the OOD score at both doors.
+    let other_bytes = png(&other(0, 9));
+    let valid = core
+        .validate(asker(), &ask, std::time::Instant::now())
+        .unwrap();
+    let refused = core
+        .answer_files(&valid, vec![Upload::Encoded(other_bytes.into())])
+        .await
+        .err()
+        .expect("refused");
+    let (s, via_http) = answer(&t.app, "alpha", &other(0, 9)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(refused.error_type().as_str(), via_http["error_type"]);
+    assert_eq!(refused.details().unwrap(), via_http["details"]);
+}

@@ -1,82 +1,79 @@
-//! Admitting a request before its work starts: who called, a processing slot, the
-//! request timeout and the buffered-body budget.
+//! Admitting an HTTP request before its body is read: the buffered-body budget. (The processing slot and the request
+//! timeout every door shares are the core's: [`crate::predict::Core::slot`].)
+
+use std::sync::Arc;
 
 use crate::AppState;
-use crate::http::auth::Caller;
 use crate::http::error::ApiError;
-use crate::http::upload::SMALL_BODY_BYTES;
-use crate::http::upload::kilo;
+use crate::predict::kilo;
 use axum::extract::Request;
-use axum::response::Response;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::Semaphore;
 
-/// The caller the auth middleware let in (`anonymous` when the API is open).
-pub(super) fn caller_of(req: &Request) -> Caller {
-    req.extensions()
-        .get::<Caller>()
-        .cloned()
-        .unwrap_or_else(Caller::anonymous)
+/// Bodies up to this size count as small (a JPEG or PNG radiograph).
+pub(super) const SMALL_BODY_BYTES: u64 = 4 << 20;
+/// Small bodies keep 1/this of `--max-buffered-bytes` for themselves.
+pub(super) const SMALL_BODY_SHARE: usize = 8;
+
+/// The buffered-body budget: `--max-buffered-bytes` in KiB permits, and the part of
+/// it large bodies may use (all but a reserve kept for small ones).
+pub(super) struct BodyBudget {
+    all: Arc<Semaphore>,
+    large: Arc<Semaphore>,
 }
 
-/// One of the `--max-inflight` processing slots, or 503 at once.
-pub(super) fn inflight_slot(
-    state: &AppState,
-) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
-    state.inner.inflight.try_acquire().map_err(|_| {
-        state.metrics().overloaded.with_label_values(&["all"]).inc();
-        ApiError::Overloaded("any".into())
-    })
-}
-
-/// `job` under `--request-timeout-s` (503 `timeout` past it).
-pub(super) async fn within_request_timeout(
-    state: &AppState,
-    job: impl std::future::Future<Output = Result<Response, ApiError>>,
-) -> Result<Response, ApiError> {
-    let timeout = state.inner.limits.request_timeout;
-    tokio::time::timeout(timeout, job)
-        .await
-        .unwrap_or(Err(ApiError::Timeout(timeout.as_secs_f64())))
+impl BodyBudget {
+    pub(super) fn new(max_buffered_bytes: usize) -> Self {
+        Self {
+            all: Arc::new(Semaphore::new(kilo(max_buffered_bytes as u64) as usize)),
+            large: Arc::new(Semaphore::new(kilo(
+                (max_buffered_bytes - max_buffered_bytes / SMALL_BODY_SHARE) as u64,
+            ) as usize)),
+        }
+    }
 }
 
 /// Reserves a request body's bytes in the buffered-body budget before it is read (its
 /// declared length, or the most a body may be): what is buffered stays bounded.
-pub(super) fn reserve_body<'a>(
-    state: &'a AppState,
-    req: &Request,
-) -> Result<BodyReservation<'a>, ApiError> {
-    let limits = &state.inner.limits;
-    // Reserve the body's bytes before reading it: what is buffered stays bounded. A
-    // body of unknown length (chunked) reserves the most a body may be.
+pub(super) fn reserve_body(state: &AppState, req: &Request) -> Result<BodyReservation, ApiError> {
+    let limits = state.limits();
+    // A body of unknown length (chunked) reserves the most a body may be.
     let declared = axum::body::HttpBody::size_hint(req.body()).exact();
     let reserve = declared
         .unwrap_or(limits.max_body_bytes as u64)
         .min(limits.max_body_bytes as u64);
+    let budget = state.body_budget();
+    let full = || {
+        state.metrics().overloaded.with_label_values(&["all"]).inc();
+        ApiError::BufferFull(limits.max_buffered_bytes)
+    };
     // Large bodies may fill all but 1/SMALL_BODY_SHARE of the budget, so that a flood
     // of them never refuses an ordinary X-ray.
     let large = if reserve > SMALL_BODY_BYTES {
-        match state
-            .inner
-            .large_body_budget
-            .try_acquire_many(kilo(reserve))
-        {
-            Ok(p) => Some(p),
-            Err(_) => {
-                state.metrics().overloaded.with_label_values(&["all"]).inc();
-                return Err(ApiError::BufferFull(limits.max_buffered_bytes));
-            }
-        }
+        Some(
+            budget
+                .large
+                .clone()
+                .try_acquire_many_owned(kilo(reserve))
+                .map_err(|_| full())?,
+        )
     } else {
         None
     };
-    let Ok(bytes) = state.inner.body_budget.try_acquire_many(kilo(reserve)) else {
-        state.metrics().overloaded.with_label_values(&["all"]).inc();
-        return Err(ApiError::BufferFull(limits.max_buffered_bytes));
-    };
-    Ok((bytes, large))
+    let bytes = budget
+        .all
+        .clone()
+        .try_acquire_many_owned(kilo(reserve))
+        .map_err(|_| full())?;
+    Ok(BodyReservation {
+        _bytes: bytes,
+        _large: large,
+    })
 }
 
-/// A body's bytes in the buffered-body budget (and in the large-body share).
-pub(super) type BodyReservation<'a> = (
-    tokio::sync::SemaphorePermit<'a>,
-    Option<tokio::sync::SemaphorePermit<'a>>,
-);
+/// A body's bytes in the buffered-body budget (and in the large-body share), given
+/// back when dropped.
+pub(crate) struct BodyReservation {
+    _bytes: OwnedSemaphorePermit,
+    _large: Option<OwnedSemaphorePermit>,
+}

@@ -27,3 +27,14 @@ fn retry_after_only_on_503() {
     let r = ApiError::BadRequest("x".into()).into_response();
     assert!(r.headers().get(header::RETRY_AFTER).is_none());
 }
+
+#[test]
+fn transient_types_and_only_they_answer_503() {
+    for k in ErrorType::ALL {
+        assert_eq!(
+            k.is_transient(),
+            status(k) == StatusCode::SERVICE_UNAVAILABLE,
+            "{k:?}"
+        );
+    }
+}

@@ -5,12 +5,8 @@
 //! workers: no handler blocks a tokio worker.
 
 mod admission;
-mod answer;
 pub mod auth;
 pub mod error;
-mod error_type;
-pub mod explain;
-pub mod metrics;
 mod openapi;
 mod predict;
 mod routes;
@@ -19,26 +15,31 @@ pub mod types;
 mod upload;
 pub mod v2;
 
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
+use axum::extract::FromRequestParts;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use tokio::sync::Semaphore;
 use tower_http::trace::TraceLayer;
 
+pub use crate::metrics::ServerMetrics;
+pub use crate::predict::Asker;
+pub use crate::predict::Limits;
+pub use crate::predict::Prediction;
+pub use crate::predict::explain;
 pub use error::{ApiError, ErrorBody, ErrorType};
-pub use metrics::ServerMetrics;
 pub use openapi::{ApiDoc, openapi_yaml};
 pub use predict::PredictUpload;
-use types::Prediction;
 
 use crate::audit::Audit;
-use crate::http::admission::caller_of;
+use crate::http::admission::BodyBudget;
+use crate::http::openapi::openapi_json;
 use crate::http::predict::predict;
 use crate::http::routes::docs;
 use crate::http::routes::get_model;
@@ -46,122 +47,39 @@ use crate::http::routes::get_plot;
 use crate::http::routes::health;
 use crate::http::routes::list_models;
 use crate::http::routes::metrics_text;
-use crate::http::routes::openapi_json;
 use crate::http::routes::ready;
 use crate::http::routes::ui;
-use crate::http::upload::SMALL_BODY_SHARE;
-use crate::http::upload::kilo;
-use crate::imaging::Geometry;
-use crate::imaging::dicom::DicomOptions;
 use crate::inference::ModelSet;
+use crate::predict::Core;
 use auth::{ApiKeys, Caller, Scope};
 
-/// Request limits.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest request body.
-    pub max_body_bytes: usize,
-    /// Largest decoded image (width × height).
-    pub max_pixels: u64,
-    /// Most images in one request.
-    pub max_images: usize,
-    /// Longest a request may take.
-    pub request_timeout: Duration,
-    /// Most `/predict` requests in flight; more are refused with 503.
-    pub max_inflight: usize,
-    /// Most images decoding at once (blocking pool).
-    pub max_decodes: usize,
-    /// DICOM policy (`--allow-any-modality`).
-    pub dicom: DicomOptions,
-    /// Sides and aspect ratio a radiograph can have (every upload).
-    pub geometry: Geometry,
-    /// Request bodies buffered at once, bytes (each request reserves its
-    /// Content-Length, or `max_body_bytes` when it declares none, before its body is
-    /// read); beyond it, 503 at once.
-    pub max_buffered_bytes: usize,
-    /// Pixels being decoded at once (each image reserves its declared size, a DICOM
-    /// object `max_pixels`); beyond it, decodes wait (within the request timeout).
-    pub max_decode_pixels: u64,
-    /// Longest a client may take to send a `/predict` body (408 after).
-    pub body_timeout: Duration,
-    /// What an out-of-distribution image gets (`--ood-action`).
-    pub ood_action: crate::ood_score::OodAction,
-}
-
-/// The flags' defaults ([`crate::defaults`]).
-impl Default for Limits {
-    fn default() -> Self {
-        use crate::defaults;
-        Self {
-            max_body_bytes: defaults::MAX_BODY_BYTES,
-            max_pixels: defaults::MAX_PIXELS,
-            max_images: defaults::MAX_IMAGES,
-            request_timeout: Duration::from_secs_f64(defaults::REQUEST_TIMEOUT_S),
-            max_inflight: defaults::MAX_INFLIGHT,
-            // The flag's default (0) means one per core; a fixed 4 keeps tests alike.
-            max_decodes: 4,
-            dicom: DicomOptions::default(),
-            geometry: Geometry::default(),
-            max_buffered_bytes: defaults::MAX_BUFFERED_BYTES,
-            max_decode_pixels: defaults::MAX_DECODE_PIXELS,
-            body_timeout: Duration::from_secs(defaults::BODY_TIMEOUT_S),
-            ood_action: crate::ood_score::OodAction::Refuse,
-        }
-    }
-}
-
-/// Shared state: the models (set once loaded), limits, metrics.
+/// Shared state of the HTTP doors: the prediction core, and what is HTTP's own
+/// (the buffered-body budget, API keys, where `/metrics` is served).
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    models: OnceLock<ModelSet>,
-    limits: Limits,
-    metrics: Arc<ServerMetrics>,
-    decode_permits: Semaphore,
-    inflight: Semaphore,
-    /// `max_buffered_bytes` in KiB permits.
-    body_budget: Semaphore,
-    /// The part of it large bodies may use (all but a reserve kept for small ones).
-    large_body_budget: Semaphore,
-    /// `max_decode_pixels` in kilopixel permits.
-    pixel_budget: Semaphore,
+    core: Core,
+    /// `--max-buffered-bytes`, reserved by each body before it is read.
+    body_budget: BodyBudget,
     /// Callers and their scopes (`--api-keys-file`); `None`: the API is open.
     api_keys: Option<ApiKeys>,
-    /// Where audit records go.
-    audit: Audit,
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
     public_metrics: bool,
-    /// Root of the UIDs of Structured Reports (`--uid-root`; none: 2.25 UUID UIDs).
-    uid_root: Option<String>,
 }
 
 impl AppState {
     /// A state with no models yet (`/ready` answers 503 until [`AppState::set_models`]).
     pub fn new(limits: Limits, metrics: Arc<ServerMetrics>) -> Self {
-        let decode_permits = Semaphore::new(limits.max_decodes.max(1));
-        let inflight = Semaphore::new(limits.max_inflight.max(1));
-        let body_budget = Semaphore::new(kilo(limits.max_buffered_bytes as u64) as usize);
-        let large_body_budget = Semaphore::new(kilo(
-            (limits.max_buffered_bytes - limits.max_buffered_bytes / SMALL_BODY_SHARE) as u64,
-        ) as usize);
-        let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
+        let body_budget = BodyBudget::new(limits.max_buffered_bytes);
         Self {
             inner: Arc::new(Inner {
-                models: OnceLock::new(),
-                limits,
-                metrics,
-                decode_permits,
-                inflight,
+                core: Core::new(limits, metrics),
                 body_budget,
-                large_body_budget,
-                pixel_budget,
                 api_keys: None,
-                audit: Audit::log_only(),
                 public_metrics: true,
-                uid_root: None,
             }),
         }
     }
@@ -180,7 +98,7 @@ impl AppState {
     /// Sends audit records to `audit` (call before sharing the state).
     #[must_use]
     pub fn with_audit(mut self, audit: Audit) -> Self {
-        self.configure().audit = audit;
+        self.configure().core.set_audit(audit);
         self
     }
 
@@ -195,8 +113,13 @@ impl AppState {
     /// Makes Structured Report UIDs under `root` (call before sharing the state).
     #[must_use]
     pub fn with_uid_root(mut self, root: String) -> Self {
-        self.configure().uid_root = Some(root);
+        self.configure().core.set_uid_root(root);
         self
+    }
+
+    /// The prediction core (what other doors share with this one).
+    pub fn core(&self) -> &Core {
+        &self.inner.core
     }
 
     /// The callers, when keys are required.
@@ -206,19 +129,26 @@ impl AppState {
 
     /// Installs the loaded models; the service is ready from now on.
     pub fn set_models(&self, models: ModelSet) {
-        if self.inner.models.set(models).is_err() {
-            tracing::warn!("models were already set; keeping the first set");
-        }
+        self.inner.core.set_models(models);
     }
 
     /// The models, once loaded.
     pub fn models(&self) -> Option<&ModelSet> {
-        self.inner.models.get()
+        self.inner.core.models()
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        self.inner.core.limits()
     }
 
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<ServerMetrics> {
-        &self.inner.metrics
+        self.inner.core.metrics()
+    }
+
+    fn body_budget(&self) -> &BodyBudget {
+        &self.inner.body_budget
     }
 }
 
@@ -229,7 +159,7 @@ impl AppState {
 /// (`/`, `/ui`, which asks for a key itself) stay open.
 /// `/metrics` is here unless the state was made [`AppState::without_public_metrics`].
 pub fn build_app(state: AppState) -> Router {
-    let max_body = state.inner.limits.max_body_bytes;
+    let max_body = state.limits().max_body_bytes;
     let guard =
         |scope: Scope| middleware::from_fn_with_state((state.clone(), scope), auth::require);
     let predict_routes = Router::new()
@@ -335,25 +265,22 @@ async fn request_ids(mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// Who asked, and the request's ids: what answers and audit records name.
-#[derive(Debug, Clone)]
-pub(crate) struct Asker {
-    /// The caller (API key name, or anonymous).
-    pub caller: Caller,
-    /// The server's request id.
-    pub request_id: String,
-    /// The caller's own id, sanitised.
-    pub client_request_id: Option<String>,
-}
+/// Who asked, read from the request: the caller the auth middleware let in, and
+/// the ids [`request_ids`] gave it.
+impl<S: Send + Sync> FromRequestParts<S> for Asker {
+    type Rejection = std::convert::Infallible;
 
-impl Asker {
-    fn of(req: &Request) -> Self {
-        let ids = req.extensions().get::<RequestIds>();
-        Self {
-            caller: caller_of(req),
-            request_id: ids.map_or_else(|| request_id(req.headers()), |i| i.server.clone()),
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let ids = parts.extensions.get::<RequestIds>();
+        Ok(Asker {
+            caller: parts
+                .extensions
+                .get::<Caller>()
+                .cloned()
+                .unwrap_or_else(Caller::anonymous),
+            request_id: ids.map_or_else(|| request_id(&parts.headers), |i| i.server.clone()),
             client_request_id: ids.and_then(|i| i.client.clone()),
-        }
+        })
     }
 }
 

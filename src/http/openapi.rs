@@ -77,3 +77,8 @@ pub fn openapi_yaml() -> String {
         .to_yaml()
         .expect("the OpenAPI document serialises to YAML")
 }
+
+/// `GET /openapi.json`: the document as JSON.
+pub(super) async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}

@@ -1,40 +1,29 @@
-//! `POST /predict`: read the uploads (raw or multipart, within the body budget),
-//! decode them (bounded blocking decodes), classify them through the model's
-//! [`ServedModel::submit`], score their distance from the training images, write
-//! the audit records, and answer in JSON, a heatmap PNG or DICOM Structured Reports.
+//! `POST /predict`: a thin door onto the prediction core. The extractors read who
+//! asked ([`Asker`]), the query and the uploads (raw or multipart, within the body
+//! budget); the core validates, decodes, classifies, scores, decides and records;
+//! this file turns the answers into JSON, a heatmap PNG or DICOM Structured Reports.
 
 use crate::AppState;
-use crate::http::Asker;
-use crate::http::admission::inflight_slot;
-use crate::http::admission::reserve_body;
-use crate::http::admission::within_request_timeout;
-use crate::http::answer::Facts;
-use crate::http::answer::classify;
-use crate::http::answer::decision;
-use crate::http::answer::refused;
 use crate::http::error::ApiError;
 use crate::http::error::ErrorBody;
 use crate::http::types::PredictQuery;
 use crate::http::types::Prediction;
-use crate::http::upload::Decoded;
-use crate::http::upload::SetOnDrop;
-use crate::http::upload::Upload;
-use crate::http::upload::decode_upload;
-use crate::http::upload::kilo;
-use crate::http::upload::read_images;
-use crate::imaging::Preprocessor;
-use crate::imaging::dicom::DicomOptions;
+use crate::http::upload::Uploads;
 use crate::inference::ServedModel;
+use crate::predict::Answered;
+use crate::predict::Ask;
+use crate::predict::Asker;
+use crate::predict::Core;
+use crate::predict::Upload;
 use axum::Json;
+use axum::extract::FromRequestParts;
 use axum::extract::Query;
-use axum::extract::Request;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::header;
+use axum::http::request::Parts;
 use axum::response::IntoResponse;
 use axum::response::Response;
-use std::sync::Arc;
-use std::time::Instant;
 
 /// Multipart upload of one or more images.
 #[derive(utoipa::ToSchema)]
@@ -95,200 +84,88 @@ pub struct PredictUpload {
 )]
 pub(super) async fn predict(
     State(state): State<AppState>,
-    req: Request,
+    asker: Asker,
+    headers: HeaderMap,
+    q: PredictQuery,
+    uploads: Uploads,
 ) -> Result<Response, ApiError> {
-    let limits = &state.inner.limits;
-    let _reserved = reserve_body(&state, &req)?;
-    let started = Instant::now();
-    let asker = Asker::of(&req);
-    let accept = accept_header(req.headers());
-    let q: PredictQuery = match req.uri().query() {
-        None => PredictQuery::default(),
-        Some(_) => {
-            Query::<PredictQuery>::try_from_uri(req.uri())
-                .map_err(|e| ApiError::InvalidQuery(e.body_text()))?
-                .0
-        }
-    };
-    // The body first, under its own deadline: a slow client holds only its bytes'
-    // reservation, not a processing slot.
-    let (images, multipart) = tokio::time::timeout(limits.body_timeout, read_images(&state, req))
-        .await
-        .map_err(|_| ApiError::BodyTimeout(limits.body_timeout.as_secs()))??;
-    let _permit = inflight_slot(&state)?;
-    let input = Input {
-        started,
-        asker,
-        accept,
-        q,
-        images,
-        multipart,
-    };
-    within_request_timeout(&state, predict_inner(&state, input)).await
-}
-
-/// A `/predict` request whose body has been read.
-pub(super) struct Input {
-    pub(super) started: Instant,
-    pub(super) asker: Asker,
-    /// The Accept header (`application/dicom`: answer Structured Reports;
-    /// `image/png`: answer the heatmap overlay).
-    pub(super) accept: Option<String>,
-    pub(super) q: PredictQuery,
-    pub(super) images: Vec<Upload>,
-    pub(super) multipart: bool,
-}
-
-pub(super) async fn predict_inner(state: &AppState, input: Input) -> Result<Response, ApiError> {
-    let limits = &state.inner.limits;
-    let Input {
-        started,
-        asker,
-        accept,
-        q,
-        images,
-        multipart,
-    } = input;
-    let wants_sr = accepts(accept.as_deref(), "application/dicom");
-    let wants_png = accepts(accept.as_deref(), "image/png");
-    if q.model.is_some() && q.prefer.is_some() {
-        return Err(ApiError::InvalidQuery(
-            "give `model` or `prefer`, not both".into(),
-        ));
-    }
-    let models = state.models().ok_or(ApiError::NotReady)?;
-    let model = models.select(q.model.as_deref(), q.prefer)?.clone();
-    let decision = decision(&model, &q)?;
-    if images.is_empty() {
-        return Err(ApiError::BadRequest(
-            "no image: send a JPEG/PNG body or multipart parts named `image`".into(),
-        ));
-    }
-    if images.len() > limits.max_images {
-        return Err(ApiError::TooManyImages(images.len(), limits.max_images));
-    }
-
-    if wants_sr && images.iter().any(|u| !matches!(u, Upload::Dicom(_))) {
-        return Err(ApiError::NotAcceptable(
-            "a DICOM Structured Report (Accept: application/dicom) answers DICOM uploads only; send application/dicom or accept application/json".into(),
-        ));
-    }
-    // Kept (shared bytes) for the audit record of a refusal.
-    let uploads = images.clone();
-    let mut decoded = match decode_all(state, &model, images).await {
-        Ok(d) => d,
-        Err(e) => {
-            let facts: Vec<Facts> = uploads.iter().map(Facts::of_upload).collect();
-            return Err(refused(state, &model, &decision, &facts, &asker, e, None).await);
-        }
-    };
-    drop(uploads);
-    let sources: Vec<_> = decoded
-        .iter_mut()
-        .map(|d| d.sr.take().unwrap_or_default())
-        .collect();
-    let explain = q.explain.is_some() || wants_png;
-    if wants_png && (multipart && decoded.len() > 1) {
-        return Err(ApiError::NotAcceptable(
-            "Accept: image/png answers one image with its heatmap overlay; send one image or accept application/json".into(),
-        ));
-    }
-    let predictions = classify(state, &model, &decision, decoded, &asker, started, explain).await?;
-    if wants_png {
-        let Some(h) = predictions.first().and_then(|p| p.heatmap.as_ref()) else {
-            return Err(ApiError::ExplanationUnavailable(format!(
-                "model `{}` {} has no `cam` output, so no heatmap can be drawn",
-                model.card.name, model.card.version
-            )));
+    let core = state.core();
+    let _slot = core.slot()?;
+    let started = uploads.started;
+    core.within_timeout(async {
+        let accept = accept_header(&headers);
+        let wants_sr = accepts(accept.as_deref(), "application/dicom");
+        let wants_png = accepts(accept.as_deref(), "image/png");
+        let ask = Ask {
+            explain: q.explain.is_some() || wants_png,
+            ..q.into_ask()
         };
-        let png =
-            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &h.overlay_png)
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-        return Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response());
-    }
-    if wants_sr {
-        return structured_reports(state, &model, &sources, &predictions, multipart);
-    }
-    Ok(if multipart && predictions.len() > 1 {
-        Json(predictions).into_response()
-    } else {
-        Json(predictions.into_iter().next().expect("at least one image")).into_response()
-    })
-}
-
-/// Decodes uploads on the blocking pool: a bounded number of requests decode at once,
-/// each reserving its images' declared pixels first.
-pub(super) async fn decode_all(
-    state: &AppState,
-    model: &ServedModel,
-    images: Vec<Upload>,
-) -> Result<Vec<Decoded>, ApiError> {
-    let limits = &state.inner.limits;
-    // Decode on the blocking pool, a bounded number at a time.
-    let permit = state
-        .inner
-        .decode_permits
-        .acquire()
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    // Reserve the pixels to decode (from the headers), bounded like the bodies.
-    let pixels: u64 = images
-        .iter()
-        .map(|u| match u {
-            Upload::Encoded(b) => crate::imaging::declared_pixels(b)
-                .unwrap_or(0)
-                .min(limits.max_pixels),
-            Upload::Dicom(_) => limits.max_pixels,
+        let valid = core.validate(asker, &ask, started)?;
+        let Uploads {
+            images, multipart, ..
+        } = uploads;
+        if wants_sr && images.iter().any(|u| !matches!(u, Upload::Dicom(_))) {
+            return Err(ApiError::NotAcceptable(
+                "a DICOM Structured Report (Accept: application/dicom) answers DICOM uploads only; send application/dicom or accept application/json".into(),
+            ));
+        }
+        if wants_png && (multipart && images.len() > 1) {
+            return Err(ApiError::NotAcceptable(
+                "Accept: image/png answers one image with its heatmap overlay; send one image or accept application/json".into(),
+            ));
+        }
+        let answered = core.answer_files(&valid, images).await?;
+        let model = &valid.model;
+        if wants_png {
+            let Some(h) = answered.predictions.first().and_then(|p| p.heatmap.as_ref()) else {
+                return Err(ApiError::ExplanationUnavailable(format!(
+                    "model `{}` {} has no `cam` output, so no heatmap can be drawn",
+                    model.card.name, model.card.version
+                )));
+            };
+            let png =
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &h.overlay_png)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+            return Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response());
+        }
+        if wants_sr {
+            return structured_reports(core, model, &answered, multipart);
+        }
+        let predictions = answered.predictions;
+        Ok(if multipart && predictions.len() > 1 {
+            Json(predictions).into_response()
+        } else {
+            Json(predictions.into_iter().next().expect("at least one image")).into_response()
         })
-        .sum();
-    // Decodes wait for their pixels (within the request's timeout): the body is
-    // already in, and a burst of large images is slowed, not refused.
-    let _pixels = state
-        .inner
-        .pixel_budget
-        .acquire_many(kilo(pixels.min(limits.max_decode_pixels)))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let pre: Preprocessor = model.preprocessor.clone();
-    let max_pixels = limits.max_pixels;
-    let dicom_opts = DicomOptions {
-        geometry: limits.geometry,
-        ..limits.dicom
-    };
-    // If this request goes (client gone, timed out), the images not yet decoded are
-    // not decoded.
-    let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _on_drop = SetOnDrop(gone.clone());
-    // On their way to the model's queue: a batch that is not full waits for them.
-    let arrivals: Vec<_> = images.iter().map(|_| model.announce()).collect();
-    let mut decoded = tokio::task::spawn_blocking(move || {
-        images
-            .iter()
-            .map(|u| {
-                if gone.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Err(ApiError::Timeout(0.0));
-                }
-                decode_upload(&pre, u, max_pixels, dicom_opts)
-            })
-            .collect::<Result<Vec<_>, _>>()
     })
     .await
-    // A panic's message may quote the upload's content (a DICOM value): never pass
-    // it on; the panic hook logged where it happened.
-    .map_err(|_| ApiError::Internal("the image decoder failed".into()))??;
-    drop(permit);
-    for (d, a) in decoded.iter_mut().zip(arrivals) {
-        d.arrival = Some(a);
+}
+
+/// The query of `/predict`, read from the URI (422 `invalid_query` when malformed).
+impl<S: Send + Sync> FromRequestParts<S> for PredictQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        match parts.uri.query() {
+            None => Ok(PredictQuery::default()),
+            Some(_) => Ok(Query::<PredictQuery>::try_from_uri(&parts.uri)
+                .map_err(|e| ApiError::InvalidQuery(e.body_text()))?
+                .0),
+        }
     }
-    let name = &model.card.name;
-    for d in &decoded {
-        state
-            .metrics()
-            .decode_duration
-            .with_label_values(&[name])
-            .observe(d.took.as_secs_f64());
+}
+
+impl PredictQuery {
+    /// What the query asks of the core.
+    pub(super) fn into_ask(self) -> Ask {
+        Ask {
+            model: self.model,
+            prefer: self.prefer,
+            threshold: self.threshold,
+            operating_point: self.operating_point,
+            explain: self.explain.is_some(),
+        }
     }
-    Ok(decoded)
 }
 
 /// The Accept header's values, joined.
@@ -319,28 +196,14 @@ pub(super) fn accepts(accept: Option<&str>, media: &str) -> bool {
 /// The answers as DICOM Structured Reports: one `application/dicom` body, or a
 /// `multipart/related; type="application/dicom"` body of one SR per image.
 pub(super) fn structured_reports(
-    state: &AppState,
+    core: &Core,
     model: &ServedModel,
-    sources: &[crate::imaging::sr::SrSource],
-    predictions: &[Prediction],
+    answered: &Answered,
     multipart: bool,
 ) -> Result<Response, ApiError> {
-    use crate::imaging::sr::{SrResult, build_sr};
-    let card = &model.card;
-    let mut files = Vec::with_capacity(predictions.len());
-    for (src, p) in sources.iter().zip(predictions) {
-        let result = SrResult {
-            variant: &card.name,
-            version: &card.version,
-            model_sha256: &card.onnx.sha256,
-            probability: f64::from(p.probabilities.PNEUMONIA),
-            threshold: p.threshold,
-            pneumonia: p.label == "PNEUMONIA",
-        };
-        files.push(
-            build_sr(src, &result, state.inner.uid_root.as_deref())
-                .map_err(|e| ApiError::SrUnavailable(e.to_string()))?,
-        );
+    let mut files = Vec::with_capacity(answered.predictions.len());
+    for (src, p) in answered.sources.iter().zip(&answered.predictions) {
+        files.push(core.structured_report(model, src, p)?);
     }
     if !(multipart && files.len() > 1) {
         let body = files.pop().expect("at least one image");

@@ -4,7 +4,6 @@
 use crate::AppState;
 use crate::http::error::ApiError;
 use crate::http::error::ErrorBody;
-use crate::http::openapi::ApiDoc;
 use crate::http::types::LiveFacts;
 use crate::http::types::ModelInfo;
 use crate::http::types::ModelList;
@@ -18,7 +17,6 @@ use axum::http::header;
 use axum::response::Html;
 use axum::response::IntoResponse;
 use axum::response::Response;
-use utoipa::OpenApi;
 
 pub(super) fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
     ModelInfo {
@@ -153,10 +151,6 @@ pub(super) async fn metrics_text(State(state): State<AppState>) -> impl IntoResp
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics().render(),
     )
-}
-
-pub(super) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
 }
 
 /// The page for people (`/`, `/ui`): drop X-rays, see every variant's answer and

@@ -1,169 +1,96 @@
-//! Uploads: reading the body (raw or multipart) within the buffered-bytes budget,
-//! what an upload is (sniffed kind, size, SHA-256), and decoding it to the model's
-//! input.
+//! Reading uploads from HTTP: the [`Uploads`] and [`ReservedBody`] extractors read
+//! a body within the buffered-bytes budget and the body timeout (a raw JPEG, PNG or
+//! DICOM body, or multipart `image` parts, dispatched on Content-Type).
 
 use crate::AppState;
-use crate::http::auth;
+use crate::http::admission::BodyReservation;
+use crate::http::admission::reserve_body;
 use crate::http::error::ApiError;
-use crate::imaging::Preprocessor;
-use crate::imaging::dicom;
-use crate::imaging::dicom::DicomInfo;
-use crate::imaging::dicom::DicomOptions;
+use crate::predict::Upload;
 use axum::body::Bytes;
 use axum::extract::FromRequest;
 use axum::extract::Multipart;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::http::header;
-use std::sync::Arc;
-use std::time::Duration;
 use std::time::Instant;
 
-/// One uploaded image, as it came (its bytes shared, so a copy is cheap).
-#[derive(Debug, Clone)]
-pub(super) enum Upload {
-    /// JPEG or PNG (sniffed by the decoder).
-    Encoded(Bytes),
-    /// DICOM Part-10.
-    Dicom(Bytes),
+/// The images of a `/predict` request: a raw body or multipart `image` parts, read
+/// after reserving their bytes and within `--body-timeout-s`.
+pub(crate) struct Uploads {
+    /// The images, in order.
+    pub(super) images: Vec<Upload>,
+    /// Whether they came as multipart (several answer an array).
+    pub(super) multipart: bool,
+    /// When the body's reservation was granted (the answer's total time counts from
+    /// here).
+    pub(super) started: Instant,
+    /// The body's bytes in the buffered-body budget, held until the answer.
+    pub(super) _reserved: BodyReservation,
 }
 
-impl Upload {
-    /// Classifies bytes whose declared type does not decide (octet-stream, none).
-    pub(super) fn sniff(bytes: Bytes) -> Self {
-        if dicom::is_dicom(&bytes) {
-            Upload::Dicom(bytes)
-        } else {
-            Upload::Encoded(bytes)
-        }
+impl FromRequest<AppState> for Uploads {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let (read, started, reserved) = reserved_read(state, req, read_images).await?;
+        let (images, multipart) = read?;
+        Ok(Self {
+            images,
+            multipart,
+            started,
+            _reserved: reserved,
+        })
     }
 }
 
-/// An upload turned into a model input.
-pub(super) struct Decoded {
-    pub(super) input: Vec<f32>,
-    pub(super) took: Duration,
-    pub(super) dicom: Option<DicomInfo>,
-    pub(super) warnings: Vec<String>,
-    /// What the audit record says of the upload.
-    pub(super) upload: UploadFacts,
-    /// What a DICOM Structured Report of the answer needs (DICOM uploads).
-    pub(super) sr: Option<crate::imaging::sr::SrSource>,
-    /// Its announcement to the model's batcher; it goes into the queue with the input
-    /// and is withdrawn when the worker takes the job (or when the request fails).
-    pub(super) arrival: Option<crate::inference::Arrival>,
+/// Reserves a body's bytes, then reads it with `read` within `--body-timeout-s`
+/// (408 after): what was read, when the reservation was granted, and the
+/// reservation. A slow client holds only its bytes' reservation, not a processing
+/// slot.
+async fn reserved_read<'s, T, F>(
+    state: &'s AppState,
+    req: Request,
+    read: impl FnOnce(&'s AppState, Request) -> F,
+) -> Result<(T, Instant, BodyReservation), ApiError>
+where
+    F: std::future::Future<Output = T>,
+{
+    let reserved = reserve_body(state, &req)?;
+    let started = Instant::now();
+    let timeout = state.limits().body_timeout;
+    let read = tokio::time::timeout(timeout, read(state, req))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(timeout.as_secs()))?;
+    Ok((read, started, reserved))
 }
 
-/// The audit trail's view of an upload: its hash, kind and size, never its bytes.
-#[derive(Debug, Clone)]
-pub(super) struct UploadFacts {
-    pub(super) sha256: String,
-    pub(super) kind: &'static str,
-    pub(super) bytes: usize,
+/// A whole body as bytes (the Open Inference Protocol's JSON and tensors), read
+/// after reserving its bytes and within `--body-timeout-s`.
+pub(crate) struct ReservedBody {
+    /// The bytes.
+    pub(super) bytes: Bytes,
+    /// When the reservation was granted.
+    pub(super) started: Instant,
+    /// The body's bytes in the buffered-body budget, held until the answer.
+    pub(super) _reserved: BodyReservation,
 }
 
-impl UploadFacts {
-    pub(super) fn of(upload: &Upload) -> Self {
-        use sha2::Digest;
-        let (b, kind) = match upload {
-            Upload::Encoded(b) => (
-                b,
-                match image::guess_format(b) {
-                    Ok(image::ImageFormat::Png) => "png",
-                    Ok(image::ImageFormat::Jpeg) => "jpeg",
-                    _ => "unknown",
-                },
-            ),
-            Upload::Dicom(b) => (b, "dicom"),
-        };
-        Self {
-            sha256: auth::to_hex(&sha2::Sha256::digest(b)),
-            kind,
-            bytes: b.len(),
-        }
+impl FromRequest<AppState> for ReservedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let max = state.limits().max_body_bytes;
+        let (read, started, reserved) = reserved_read(state, req, |_, req: Request| {
+            axum::body::to_bytes(req.into_body(), max)
+        })
+        .await?;
+        Ok(Self {
+            bytes: read.map_err(|_| ApiError::BodyTooLarge(max))?,
+            started,
+            _reserved: reserved,
+        })
     }
-
-    /// A preprocessed tensor row (Open Inference Protocol `input`): the SHA-256 of its
-    /// little-endian FP32 bytes.
-    pub(super) fn of_tensor(row: &[f32]) -> Self {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        for v in row {
-            h.update(v.to_le_bytes());
-        }
-        Self {
-            sha256: auth::to_hex(&h.finalize()),
-            kind: "tensor",
-            bytes: row.len() * 4,
-        }
-    }
-}
-
-pub(super) fn decode_upload(
-    pre: &Preprocessor,
-    upload: &Upload,
-    max_pixels: u64,
-    opts: DicomOptions,
-) -> Result<Decoded, ApiError> {
-    let t = Instant::now();
-    match upload {
-        Upload::Encoded(b) => Ok(Decoded {
-            input: pre.preprocess_checked(b, max_pixels, &opts.geometry)?,
-            took: t.elapsed(),
-            dicom: None,
-            warnings: Vec::new(),
-            upload: UploadFacts::of(upload),
-            sr: None,
-            arrival: None,
-        }),
-        Upload::Dicom(b) => {
-            let img = dicom::decode_dicom(b, max_pixels, opts)?;
-            // Identifiers and technical facts only: never a patient attribute.
-            tracing::debug!(
-                sop_instance_uid = img.info.sop_instance_uid.as_deref().unwrap_or(""),
-                modality = img.info.modality.as_deref().unwrap_or(""),
-                transfer_syntax = %img.info.transfer_syntax,
-                photometric = %img.info.photometric_interpretation,
-                bits_stored = img.info.bits_stored,
-                voi = %img.info.voi,
-                columns = img.gray.width(),
-                rows = img.gray.height(),
-                "DICOM decoded"
-            );
-            Ok(Decoded {
-                input: pre.gray_to_tensor(&img.gray),
-                took: t.elapsed(),
-                dicom: Some(img.info),
-                warnings: img.warnings,
-                upload: UploadFacts::of(upload),
-                sr: Some(img.sr_source),
-                arrival: None,
-            })
-        }
-    }
-}
-
-/// Sets its flag when dropped (the request's future is gone).
-pub(super) struct SetOnDrop(pub(super) Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for SetOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// Bodies up to this size count as small (a JPEG or PNG radiograph).
-pub(super) const SMALL_BODY_BYTES: u64 = 4 << 20;
-/// Small bodies keep 1/this of `--max-buffered-bytes` for themselves.
-pub(super) const SMALL_BODY_SHARE: usize = 8;
-
-/// `n` in units of 1024, rounded up, at least 1, as semaphore permits.
-pub(super) fn kilo(n: u64) -> u32 {
-    n.div_ceil(1024).clamp(1, u64::from(u32::MAX >> 4)) as u32
-}
-
-pub(super) fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// Reads the images of a request: a raw JPEG/PNG/DICOM body or multipart `image`
@@ -172,7 +99,7 @@ pub(super) async fn read_images(
     state: &AppState,
     req: Request,
 ) -> Result<(Vec<Upload>, bool), ApiError> {
-    let limit = state.inner.limits.max_body_bytes;
+    let limit = state.limits().max_body_bytes;
     let ct = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -226,10 +153,10 @@ pub(super) async fn read_images(
                     .await
                     .map_err(|e| multipart_error(&e, limit))?;
                 images.push(kind.upload(bytes));
-                if images.len() > state.inner.limits.max_images {
+                if images.len() > state.limits().max_images {
                     return Err(ApiError::TooManyImages(
                         images.len(),
-                        state.inner.limits.max_images,
+                        state.limits().max_images,
                     ));
                 }
             }

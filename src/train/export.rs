@@ -10,7 +10,6 @@ use crate::eval::calibration::nll;
 use crate::eval::choose_threshold;
 use crate::eval::fit_temperature;
 use crate::eval::roc_curve;
-use crate::eval::served_probabilities;
 use crate::eval::stress;
 use crate::imaging::Preprocessing;
 use crate::imaging::Preprocessor;
@@ -34,6 +33,7 @@ use crate::train::model;
 use crate::train::plots;
 use crate::train::report_bad;
 use crate::train::scores::TestScores;
+use crate::train::scores::served_scores;
 use crate::train::trainer::Trainer;
 use image::GrayImage;
 use std::path::Path;
@@ -355,14 +355,6 @@ impl Trainer<'_> {
         }
         Ok(())
     }
-}
-
-/// Served P(PNEUMONIA) of each output, at `temperature` (none: the file's softmax).
-pub(super) fn served_scores(outputs: &[ModelOutput], temperature: Option<f64>) -> Vec<f64> {
-    outputs
-        .iter()
-        .map(|o| f64::from(served_probabilities(o.logits, o.probabilities, temperature)[1]))
-        .collect()
 }
 
 /// The largest |ONNX Runtime − tch| on validation; an error over the storage's bound.

@@ -2,12 +2,13 @@
 //! which re-measures a shipped model's file as the export did.
 
 use crate::eval::Metrics;
+use crate::eval::served_probabilities;
 use crate::imaging::Preprocessor;
+use crate::inference::ModelOutput;
 use crate::registry::ModelCard;
 use crate::train::checkpoint::write_atomic;
 use crate::train::data;
 use crate::train::error::TrainError;
-use crate::train::export::served_scores;
 use crate::train::report_bad;
 use std::path::Path;
 
@@ -130,4 +131,12 @@ pub fn write_test_scores(
         (serde_json::to_string_pretty(&out)? + "\n").as_bytes(),
     )?;
     Ok(out.images.len())
+}
+
+/// Served P(PNEUMONIA) of each output, at `temperature` (none: the file's softmax).
+pub(super) fn served_scores(outputs: &[ModelOutput], temperature: Option<f64>) -> Vec<f64> {
+    outputs
+        .iter()
+        .map(|o| f64::from(served_probabilities(o.logits, o.probabilities, temperature)[1]))
+        .collect()
 }

@@ -2,20 +2,8 @@
 
 use crate::http::ApiError;
 use crate::http::AppState;
-use crate::http::Asker;
 use crate::http::Prediction;
-use crate::http::admission::inflight_slot;
-use crate::http::admission::reserve_body;
-use crate::http::admission::within_request_timeout;
-use crate::http::answer::Decision;
-use crate::http::answer::Facts;
-use crate::http::answer::classify;
-use crate::http::answer::decision;
-use crate::http::answer::refused;
-use crate::http::predict::decode_all;
-use crate::http::types::PredictQuery;
-use crate::http::upload::Decoded;
-use crate::http::upload::Upload;
+use crate::http::upload::ReservedBody;
 use crate::http::v2::HEADER_LENGTH;
 use crate::http::v2::InferRequest;
 use crate::http::v2::InferResponse;
@@ -27,12 +15,17 @@ use crate::http::v2::served;
 use crate::http::v2::tensors::image_elements;
 use crate::http::v2::tensors::input_binary;
 use crate::http::v2::tensors::tensor_rows;
-use crate::inference::ServedModel;
+use crate::predict::Answered;
+use crate::predict::Ask;
+use crate::predict::Asker;
+use crate::predict::Core;
+use crate::predict::Upload;
+use crate::predict::Valid;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::Path;
-use axum::extract::Request;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::http::HeaderValue;
 use axum::http::StatusCode;
 use axum::http::header;
@@ -56,16 +49,14 @@ use std::time::Instant;
         (status = 415, description = "An image format or DICOM transfer syntax not supported", body = V2Error),
         (status = 422, description = "An image that is not a classifiable radiograph, or an unreachable operating point", body = V2Error),
         (status = 503, description = "Not ready, overloaded, timed out, or audit record not written", body = V2Error)))]
-pub async fn infer(
+pub(crate) async fn infer(
     State(state): State<AppState>,
     Path(p): Path<ModelPath>,
-    req: Request,
+    asker: Asker,
+    headers: HeaderMap,
+    body: ReservedBody,
 ) -> Result<Response, ApiError> {
-    let limits = &state.inner.limits;
-    let _reserved = reserve_body(&state, &req)?;
-    let started = Instant::now();
-    let asker = Asker::of(&req);
-    let header_len = match req.headers().get(HEADER_LENGTH) {
+    let header_len = match headers.get(HEADER_LENGTH) {
         None => None,
         Some(v) => Some(
             v.to_str()
@@ -78,14 +69,8 @@ pub async fn infer(
                 })?,
         ),
     };
-    let max = limits.max_body_bytes;
-    let body = tokio::time::timeout(
-        limits.body_timeout,
-        axum::body::to_bytes(req.into_body(), max),
-    )
-    .await
-    .map_err(|_| ApiError::BodyTimeout(limits.body_timeout.as_secs()))?
-    .map_err(|_| ApiError::BodyTooLarge(max))?;
+    let started = body.started;
+    let body = body.bytes;
     let (json, binary) = match header_len {
         None => (body.clone(), Bytes::new()),
         Some(n) if n <= body.len() => (body.slice(..n), body.slice(n..)),
@@ -96,14 +81,15 @@ pub async fn infer(
             )));
         }
     };
+    let core = state.core();
     // The slot before the JSON is read: parsing is work a flood must not get for free.
-    let _permit = inflight_slot(&state)?;
+    let _slot = core.slot()?;
     // Typed and bounded: a tensor's data stays the request's own text until the
     // model and shape say how much of it to read.
     let request: InferRequest<'_> = serde_json::from_slice(&json)
         .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
     let job = infer_inner(&state, &p, request, binary, asker, started);
-    within_request_timeout(&state, job).await
+    core.within_timeout(job).await
 }
 
 async fn infer_inner(
@@ -114,12 +100,13 @@ async fn infer_inner(
     asker: Asker,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    let limits = &state.inner.limits;
-    let model = served(state, p)?;
-    let decision = decision(model, &query_of(&request.parameters)?)?;
+    let core = state.core();
+    let model = served(state, p)?.clone();
+    let valid = core.validate_for(asker, model, &ask_of(&request.parameters)?, started)?;
+    let model = &valid.model;
     let outputs = selected_outputs(&request)?;
     if outputs.iter().any(|(n, _)| *n == "ood_score")
-        && (model.ood.is_none() || limits.ood_action == crate::ood_score::OodAction::Off)
+        && (model.ood.is_none() || core.limits().ood_action == crate::ood_score::OodAction::Off)
     {
         return Err(ApiError::BadRequest(format!(
             "output `ood_score`: model `{}` has no out-of-distribution model, or the server runs with --ood-action off",
@@ -127,18 +114,18 @@ async fn infer_inner(
         )));
     }
 
-    let decoded = decode_input(state, model, &decision, request.inputs.0, &binary, &asker).await?;
-    let predictions = classify(state, model, &decision, decoded, &asker, started, false).await?;
+    let answered = answer_input(core, &valid, request.inputs.0, &binary).await?;
 
-    let (out, tail) = response_outputs(&predictions, outputs);
+    let (out, tail) = response_outputs(&answered.predictions, outputs);
     let mut parameters = Map::new();
+    let decision = &valid.decision;
     parameters.insert("threshold".into(), decision.threshold.into());
     parameters.insert(
         "threshold_source".into(),
         decision.source.kind.clone().into(),
     );
-    parameters.insert("request_id".into(), asker.request_id.clone().into());
-    if let Some(client) = &asker.client_request_id {
+    parameters.insert("request_id".into(), valid.asker.request_id.clone().into());
+    if let Some(client) = &valid.asker.client_request_id {
         parameters.insert("client_request_id".into(), client.clone().into());
     }
     parameters.insert("execution_provider".into(), model.provider.as_str().into());
@@ -152,10 +139,10 @@ async fn infer_inner(
     into_http(&response, tail)
 }
 
-/// `/predict`'s query from the request's `threshold` and `operating_point`
-/// parameters.
-fn query_of(parameters: &Map<String, Value>) -> Result<PredictQuery, ApiError> {
-    Ok(PredictQuery {
+/// What the request's `threshold` and `operating_point` parameters ask (as
+/// `/predict`'s query).
+fn ask_of(parameters: &Map<String, Value>) -> Result<Ask, ApiError> {
+    Ok(Ask {
         threshold: match parameters.get("threshold") {
             None => None,
             Some(v) => Some(v.as_f64().ok_or_else(|| {
@@ -175,21 +162,20 @@ fn query_of(parameters: &Map<String, Value>) -> Result<PredictQuery, ApiError> {
                     .to_string(),
             ),
         },
-        ..PredictQuery::default()
+        ..Ask::default()
     })
 }
 
-/// The request's one input, decoded: `image` files as `/predict` decodes them, or
+/// The request's one input, answered: `image` files as `/predict` answers them, or
 /// the rows of an `input` tensor.
-async fn decode_input(
-    state: &AppState,
-    model: &ServedModel,
-    decision: &Decision,
+async fn answer_input(
+    core: &Core,
+    valid: &Valid,
     inputs: Vec<RequestInput<'_>>,
     binary: &Bytes,
-    asker: &Asker,
-) -> Result<Vec<Decoded>, ApiError> {
-    let limits = &state.inner.limits;
+) -> Result<Answered, ApiError> {
+    let limits = core.limits();
+    let model = &valid.model;
     let [input] = <[RequestInput<'_>; 1]>::try_from(inputs).map_err(|inputs| {
         ApiError::BadRequest(format!(
             "{} inputs; send exactly one: `image` (BYTES, encoded files) or `input` (FP32 [N, 3, {s}, {s}])",
@@ -198,28 +184,21 @@ async fn decode_input(
         ))
     })?;
     let bin = input_binary(&input, binary)?;
-    Ok(match input.name.as_str() {
+    match input.name.as_str() {
         "image" => {
             let files = image_elements(&input, bin, limits.max_images)?;
             let uploads: Vec<Upload> = files.into_iter().map(Upload::sniff).collect();
-            // Kept (shared bytes) for the audit record of a refusal.
-            let kept = uploads.clone();
-            match decode_all(state, model, uploads).await {
-                Ok(d) => d,
-                Err(e) => {
-                    let facts: Vec<Facts> = kept.iter().map(Facts::of_upload).collect();
-                    return Err(refused(state, model, decision, &facts, asker, e, None).await);
-                }
-            }
+            core.answer_files(valid, uploads).await
         }
-        "input" => tensor_rows(&input, bin, model.card.input_size, limits.max_images)?,
-        other => {
-            return Err(ApiError::BadRequest(format!(
-                "unknown input `{other}`; model `{}` takes `image` (BYTES) or `input` (FP32)",
-                model.card.name
-            )));
+        "input" => {
+            let rows = tensor_rows(&input, bin, model.card.input_size, limits.max_images)?;
+            core.answer_decoded(valid, rows).await
         }
-    })
+        other => Err(ApiError::BadRequest(format!(
+            "unknown input `{other}`; model `{}` takes `image` (BYTES) or `input` (FP32)",
+            model.card.name
+        ))),
+    }
 }
 
 /// The asked outputs of `predictions`, and the bytes of those asked as binary (in
@@ -344,10 +323,12 @@ fn selected_outputs(r: &InferRequest<'_>) -> Result<Vec<(&'static str, bool)>, A
         (status = 200, description = "The outputs", body = InferResponse),
         (status = 400, description = "Malformed request", body = V2Error),
         (status = 404, description = "Unknown model or version", body = V2Error)))]
-pub async fn infer_version(
+pub(crate) async fn infer_version(
     state: State<AppState>,
     p: Path<ModelPath>,
-    req: Request,
+    asker: Asker,
+    headers: HeaderMap,
+    body: ReservedBody,
 ) -> Result<Response, ApiError> {
-    infer(state, p, req).await
+    infer(state, p, asker, headers, body).await
 }

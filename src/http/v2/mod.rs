@@ -33,6 +33,7 @@ use axum::routing::{get, post};
 
 use serde::Deserialize;
 use serde_json::Value;
+use std::sync::Arc;
 
 use super::auth::{self, Scope};
 use super::{ApiError, AppState};
@@ -42,7 +43,7 @@ mod infer;
 mod tensors;
 mod types;
 
-pub use infer::{__path_infer, __path_infer_version, infer, infer_version};
+pub(crate) use infer::{__path_infer, __path_infer_version, infer, infer_version};
 pub use types::{
     Bounded, InferRequest, InferResponse, Liveness, MAX_LIST, MAX_PARAMETERS, ModelMetadata,
     Params, Readiness, RequestInput, RequestOutput, ResponseOutput, ServerMetadata, TensorMetadata,
@@ -123,7 +124,7 @@ pub struct ModelPath {
     version: Option<String>,
 }
 
-fn served<'a>(state: &'a AppState, p: &ModelPath) -> Result<&'a ServedModel, ApiError> {
+fn served<'a>(state: &'a AppState, p: &ModelPath) -> Result<&'a Arc<ServedModel>, ApiError> {
     let models = state.models().ok_or(ApiError::NotReady)?;
     let m = models
         .get(&p.name)

@@ -2,9 +2,9 @@
 //! files (`image`, BYTES) or rows (`input`, FP32), within the server's limits.
 
 use crate::http::ApiError;
-use crate::http::upload::Decoded;
-use crate::http::upload::UploadFacts;
 use crate::http::v2::RequestInput;
+use crate::predict::Decoded;
+use crate::predict::UploadFacts;
 use axum::body::Bytes;
 use base64::Engine;
 
@@ -164,6 +164,11 @@ pub(super) enum Leaf<'a> {
     Str(&'a str),
 }
 
+crate::message_error!(
+    /// Why a leaf of a tensor's JSON data is not an element.
+    ElementError
+);
+
 /// What one element of a tensor's JSON data is read as.
 pub(super) trait Element: Sized {
     /// Whether the elements are strings (and `{"b64": "..."}` objects), else numbers.
@@ -171,7 +176,7 @@ pub(super) trait Element: Sized {
     /// What the data must hold, for element `i`.
     fn expecting(i: usize) -> String;
     /// Element `i` from a leaf of the kind [`Element::STRINGS`] says.
-    fn make(leaf: Leaf<'_>, i: usize) -> Result<Self, String>;
+    fn make(leaf: Leaf<'_>, i: usize) -> Result<Self, ElementError>;
 }
 
 /// FP32 tensors: numbers.
@@ -180,10 +185,10 @@ impl Element for f32 {
     fn expecting(_i: usize) -> String {
         "input `input` data must be numbers".into()
     }
-    fn make(leaf: Leaf<'_>, _i: usize) -> Result<Self, String> {
+    fn make(leaf: Leaf<'_>, _i: usize) -> Result<Self, ElementError> {
         match leaf {
             Leaf::Number(v) => Ok(v as f32),
-            Leaf::Str(_) => Err(Self::expecting(0)),
+            Leaf::Str(_) => Err(ElementError(Self::expecting(0))),
         }
     }
 }
@@ -197,15 +202,15 @@ impl Element for Bytes {
             "element {i} of input `image` to be a base64 string (an encoded JPEG, PNG or DICOM file) or {{\"b64\": ...}}"
         )
     }
-    fn make(leaf: Leaf<'_>, i: usize) -> Result<Self, String> {
+    fn make(leaf: Leaf<'_>, i: usize) -> Result<Self, ElementError> {
         let Leaf::Str(b64) = leaf else {
-            return Err(Self::expecting(i));
+            return Err(ElementError(Self::expecting(i)));
         };
         let clean: Vec<u8> = b64.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
         base64::engine::general_purpose::STANDARD
             .decode(&clean)
             .map(Bytes::from)
-            .map_err(|e| format!("element {i} of input `image` is not base64 ({e})"))
+            .map_err(|e| ElementError(format!("element {i} of input `image` is not base64 ({e})")))
     }
 }
 

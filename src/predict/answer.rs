@@ -2,28 +2,28 @@
 //! through [`ServedModel::submit`], out-of-distribution scores, audit records, and
 //! each [`Prediction`] with its warnings, heatmap and timings.
 
-use crate::AppState;
 use crate::audit::{AuditRecord, Decision as AuditDecision};
 use crate::eval::Target;
 use crate::eval::served_probabilities;
-use crate::http::Asker;
-use crate::http::error::ApiError;
-use crate::http::error_type::ErrorType;
-use crate::http::explain;
-use crate::http::types::ModelRef;
-use crate::http::types::PredictQuery;
-use crate::http::types::Prediction;
-use crate::http::types::Probabilities;
-use crate::http::types::ThresholdSource;
-use crate::http::types::Timings;
-use crate::http::upload::Decoded;
-use crate::http::upload::Upload;
-use crate::http::upload::UploadFacts;
-use crate::http::upload::ms;
 use crate::inference::InferError;
 use crate::inference::JobOutput;
 use crate::inference::ServedModel;
 use crate::ood_score::OodAction;
+use crate::predict::ApiError;
+use crate::predict::Ask;
+use crate::predict::Asker;
+use crate::predict::Core;
+use crate::predict::ErrorType;
+use crate::predict::explain;
+use crate::predict::types::ModelRef;
+use crate::predict::types::Prediction;
+use crate::predict::types::Probabilities;
+use crate::predict::types::ThresholdSource;
+use crate::predict::types::Timings;
+use crate::predict::upload::Decoded;
+use crate::predict::upload::Upload;
+use crate::predict::upload::UploadFacts;
+use crate::predict::upload::ms;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -31,7 +31,7 @@ use std::time::Instant;
 /// audit records (a record that cannot be written fails the whole request), and
 /// returns the answers in order.
 pub(super) async fn classify(
-    state: &AppState,
+    core: &Core,
     model: &ServedModel,
     decision: &Decision,
     decoded: Vec<Decoded>,
@@ -57,7 +57,7 @@ pub(super) async fn classify(
         .collect();
     let overloaded = |e: InferError| {
         if let InferError::Overloaded(_) = e {
-            state.metrics().overloaded.with_label_values(&[&name]).inc();
+            core.metrics().overloaded.with_label_values(&[&name]).inc();
         }
         ApiError::from(e)
     };
@@ -68,7 +68,7 @@ pub(super) async fn classify(
         .await
         .map_err(overloaded)?;
     let out: Vec<(JobOutput, Decoded)> = outputs.into_iter().zip(decoded).collect();
-    let ood = match ood_scores(state, model, &out) {
+    let ood = match ood_scores(core, model, &out) {
         Ok(o) => o,
         Err(e) => {
             // A refusal by the OOD score is a decision about the image: recorded.
@@ -86,7 +86,7 @@ pub(super) async fn classify(
                 ApiError::OutOfDistribution { image, score, .. } => Some((*image, *score)),
                 _ => None,
             };
-            return Err(refused(state, model, decision, &facts, asker, e, scores).await);
+            return Err(refused(core, model, decision, &facts, asker, e, scores).await);
         }
     };
     let answers: Vec<(Prediction, JobOutput, Decoded)> = out
@@ -101,11 +101,11 @@ pub(super) async fn classify(
             (p, r, d)
         })
         .collect();
-    write_audit(state, model, decision, &answers, asker).await?;
+    write_audit(core, model, decision, &answers, asker).await?;
     let total = started.elapsed();
     Ok(answers
         .into_iter()
-        .map(|(p, r, d)| complete(state, model, p, r, d, total, explain))
+        .map(|(p, r, d)| complete(core, model, p, r, d, total, explain))
         .collect())
 }
 
@@ -199,7 +199,7 @@ impl<'a> Trail<'a> {
 /// 503 `audit_unavailable` when the records cannot be written. Errors that are not
 /// decisions about an image (overload, timeouts) are returned unrecorded.
 pub(super) async fn refused(
-    state: &AppState,
+    core: &Core,
     model: &ServedModel,
     decision: &Decision,
     facts: &[Facts],
@@ -207,7 +207,7 @@ pub(super) async fn refused(
     error: ApiError,
     ood: Option<(usize, f64)>,
 ) -> ApiError {
-    let error_type = error.status_and_type().1;
+    let error_type = error.error_type();
     if !error_type.is_image_refusal() {
         return error;
     }
@@ -220,17 +220,16 @@ pub(super) async fn refused(
             trail.record(i, f, Err(error_type), score)
         })
         .collect();
-    match record(state, &records).await {
+    match record(core, &records).await {
         Ok(()) => error,
         Err(e) => e,
     }
 }
 
 /// Writes `records` (all or none), counting a failure.
-async fn record(state: &AppState, records: &[AuditRecord]) -> Result<(), ApiError> {
-    if let Err(e) = state.inner.audit.record_all(records).await {
-        state
-            .metrics()
+async fn record(core: &Core, records: &[AuditRecord]) -> Result<(), ApiError> {
+    if let Err(e) = core.inner.audit.record_all(records).await {
+        core.metrics()
             .audit_failures
             .with_label_values(&[] as &[&str])
             .inc();
@@ -243,7 +242,7 @@ async fn record(state: &AppState, records: &[AuditRecord]) -> Result<(), ApiErro
 /// Every answer's audit record, written before any answer is given: an answer
 /// without its record is a 503, never a success.
 async fn write_audit(
-    state: &AppState,
+    core: &Core,
     model: &ServedModel,
     decision: &Decision,
     answers: &[(Prediction, JobOutput, Decoded)],
@@ -258,14 +257,14 @@ async fn write_audit(
             trail.record(i, &Facts::of(d, Some(served)), Ok(&p.label), p.ood_score)
         })
         .collect();
-    record(state, &records).await
+    record(core, &records).await
 }
 
 /// One answer as given: counted, its latency recorded, with its warnings (the
 /// request's, out of distribution, no explanation), its heatmap when asked, and its
 /// timings.
 fn complete(
-    state: &AppState,
+    core: &Core,
     model: &ServedModel,
     p: Prediction,
     r: JobOutput,
@@ -273,8 +272,7 @@ fn complete(
     total: Duration,
     explain: bool,
 ) -> Prediction {
-    state
-        .metrics()
+    core.metrics()
         .predictions
         .with_label_values(&[&model.card.name, &p.label])
         .inc();
@@ -326,11 +324,11 @@ pub(super) type OodVerdict = (Option<f64>, Option<bool>);
 /// with `--ood-action off`); with `refuse`, the first image out of distribution
 /// refuses the request.
 pub(super) fn ood_scores(
-    state: &AppState,
+    core: &Core,
     model: &ServedModel,
     out: &[(JobOutput, Decoded)],
 ) -> Result<Vec<OodVerdict>, ApiError> {
-    let action = state.inner.limits.ood_action;
+    let action = core.inner.limits.ood_action;
     let (Some(ood), false) = (&model.ood, action == OodAction::Off) else {
         return Ok(vec![(None, None); out.len()]);
     };
@@ -342,8 +340,7 @@ pub(super) fn ood_scores(
         let score = ood.score(e);
         let inside = score <= ood.threshold;
         if !inside {
-            state
-                .metrics()
+            core.metrics()
                 .out_of_distribution
                 .with_label_values(&[&model.card.name, action.as_str()])
                 .inc();
@@ -362,14 +359,16 @@ pub(super) fn ood_scores(
 }
 
 /// The threshold a request is answered at, and where it came from.
-pub(super) struct Decision {
-    pub(super) threshold: f64,
-    pub(super) source: ThresholdSource,
+pub struct Decision {
+    /// On P(PNEUMONIA).
+    pub threshold: f64,
+    /// Where it came from.
+    pub source: ThresholdSource,
 }
 
 /// The card's threshold, or the caller's `threshold=`, or the one that reached the
 /// caller's `operating_point=` on the card's validation ROC.
-pub(super) fn decision(model: &ServedModel, q: &PredictQuery) -> Result<Decision, ApiError> {
+pub(super) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiError> {
     let card = &model.card;
     match (q.threshold, q.operating_point.as_deref()) {
         (Some(_), Some(_)) => Err(ApiError::InvalidQuery(

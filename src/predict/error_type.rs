@@ -4,8 +4,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 /// Every `error_type` the API answers with (listed in `openapi.yaml`): stable,
-/// machine-readable, one per kind of refusal; the status for each is decided in
-/// [`ApiError::status_and_type`].
+/// machine-readable, one per kind of refusal; each door decides its status for each
+/// once (HTTP: `http::error::status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorType {
@@ -135,6 +135,18 @@ impl ErrorType {
                 | ErrorType::WrongBodyPart
                 | ErrorType::LateralView
                 | ErrorType::OutOfDistribution
+        )
+    }
+
+    /// Whether the refusal is about the server's state (loading, full, slow, its
+    /// audit trail), not the request: the caller should retry shortly.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorType::NotReady
+                | ErrorType::Overloaded
+                | ErrorType::Timeout
+                | ErrorType::AuditUnavailable
         )
     }
 

@@ -1,0 +1,211 @@
+//! The prediction core: one path from an image to an answer, for every door.
+//!
+//! A door (the HTTP API, the Open Inference Protocol, a DICOM listener, a folder
+//! job) turns its wire format into an [`Ask`] and [`Upload`]s, and its answers back
+//! into its own format. Everything between is here, with no transport type in it:
+//!
+//! 1. [`Core::validate`]: the variant (by name or by preference) and the decision
+//!    threshold (the card's, the caller's, or an operating point) → a [`Valid`]
+//!    request, or a typed refusal.
+//! 2. [`Core::answer_files`] (encoded JPEG/PNG/DICOM files) or
+//!    [`Core::answer_tensors`] (preprocessed rows): bounded decoding on the blocking
+//!    pool with the gates (geometry, content, DICOM policy), the model's batcher, the
+//!    out-of-distribution score, the label at the threshold, and one audit record
+//!    per image written before any answer is given (a refusal of an image is
+//!    recorded too).
+//! 3. [`Core::structured_report`]: an answer as a DICOM TID 1500 SR.
+//!
+//! Admission that every door shares (a processing slot, the request timeout) is
+//! here too ([`Core::slot`], [`Core::within_timeout`]); what is the transport's own
+//! (reading a body within its budget, headers, status codes) stays at the door.
+//! Errors are [`ApiError`]s with a transport-neutral [`ErrorType`]; each door maps
+//! that type to its own status once (`http::error::status`).
+
+mod answer;
+pub mod error;
+mod error_type;
+pub mod explain;
+mod request;
+pub mod types;
+mod upload;
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::audit::Audit;
+use crate::imaging::Geometry;
+use crate::imaging::dicom::DicomOptions;
+use crate::inference::ModelSet;
+use crate::metrics::ServerMetrics;
+
+pub use answer::Decision;
+pub use error::ApiError;
+pub use error_type::ErrorType;
+pub use request::Answered;
+pub use request::Ask;
+pub use request::Asker;
+pub use request::Valid;
+pub use types::ModelRef;
+pub use types::Prediction;
+pub use types::Probabilities;
+pub use types::ThresholdSource;
+pub use types::Timings;
+pub use upload::Decoded;
+pub use upload::Upload;
+pub use upload::UploadFacts;
+pub use upload::kilo;
+
+/// Request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Largest decoded image (width × height).
+    pub max_pixels: u64,
+    /// Most images in one request.
+    pub max_images: usize,
+    /// Longest a request may take.
+    pub request_timeout: Duration,
+    /// Most requests in flight; more are refused with 503.
+    pub max_inflight: usize,
+    /// Most images decoding at once (blocking pool).
+    pub max_decodes: usize,
+    /// DICOM policy (`--allow-any-modality`).
+    pub dicom: DicomOptions,
+    /// Sides and aspect ratio a radiograph can have (every upload).
+    pub geometry: Geometry,
+    /// Request bodies buffered at once, bytes (each request reserves its
+    /// Content-Length, or `max_body_bytes` when it declares none, before its body is
+    /// read); beyond it, 503 at once.
+    pub max_buffered_bytes: usize,
+    /// Pixels being decoded at once (each image reserves its declared size, a DICOM
+    /// object `max_pixels`); beyond it, decodes wait (within the request timeout).
+    pub max_decode_pixels: u64,
+    /// Longest a client may take to send a `/predict` body (408 after).
+    pub body_timeout: Duration,
+    /// What an out-of-distribution image gets (`--ood-action`).
+    pub ood_action: crate::ood_score::OodAction,
+}
+
+/// The flags' defaults ([`crate::defaults`]).
+impl Default for Limits {
+    fn default() -> Self {
+        use crate::defaults;
+        Self {
+            max_body_bytes: defaults::MAX_BODY_BYTES,
+            max_pixels: defaults::MAX_PIXELS,
+            max_images: defaults::MAX_IMAGES,
+            request_timeout: Duration::from_secs_f64(defaults::REQUEST_TIMEOUT_S),
+            max_inflight: defaults::MAX_INFLIGHT,
+            // The flag's default (0) means one per core; a fixed 4 keeps tests alike.
+            max_decodes: 4,
+            dicom: DicomOptions::default(),
+            geometry: Geometry::default(),
+            max_buffered_bytes: defaults::MAX_BUFFERED_BYTES,
+            max_decode_pixels: defaults::MAX_DECODE_PIXELS,
+            body_timeout: Duration::from_secs(defaults::BODY_TIMEOUT_S),
+            ood_action: crate::ood_score::OodAction::Refuse,
+        }
+    }
+}
+
+/// The prediction core: the models (once loaded), the limits and the budgets every
+/// door shares, the metrics and the audit trail. Cheap to clone.
+#[derive(Clone)]
+pub struct Core {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    models: OnceLock<ModelSet>,
+    limits: Limits,
+    metrics: Arc<ServerMetrics>,
+    decode_permits: Semaphore,
+    inflight: Semaphore,
+    /// `max_decode_pixels` in kilopixel permits.
+    pixel_budget: Semaphore,
+    /// Where audit records go.
+    audit: Audit,
+    /// Root of the UIDs of Structured Reports (`--uid-root`; none: 2.25 UUID UIDs).
+    uid_root: Option<String>,
+}
+
+impl Core {
+    /// A core with no models yet ([`Core::models`] is `None` until
+    /// [`Core::set_models`]).
+    pub fn new(limits: Limits, metrics: Arc<ServerMetrics>) -> Self {
+        let decode_permits = Semaphore::new(limits.max_decodes.max(1));
+        let inflight = Semaphore::new(limits.max_inflight.max(1));
+        let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
+        Self {
+            inner: Arc::new(Inner {
+                models: OnceLock::new(),
+                limits,
+                metrics,
+                decode_permits,
+                inflight,
+                pixel_budget,
+                audit: Audit::log_only(),
+                uid_root: None,
+            }),
+        }
+    }
+
+    fn configure(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("configure the core before sharing it")
+    }
+
+    /// Sends audit records to `audit` (call before sharing the core).
+    pub fn set_audit(&mut self, audit: Audit) {
+        self.configure().audit = audit;
+    }
+
+    /// Makes Structured Report UIDs under `root` (call before sharing the core).
+    pub fn set_uid_root(&mut self, root: String) {
+        self.configure().uid_root = Some(root);
+    }
+
+    /// Installs the loaded models; the core answers from now on.
+    pub fn set_models(&self, models: ModelSet) {
+        if self.inner.models.set(models).is_err() {
+            tracing::warn!("models were already set; keeping the first set");
+        }
+    }
+
+    /// The models, once loaded.
+    pub fn models(&self) -> Option<&ModelSet> {
+        self.inner.models.get()
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<ServerMetrics> {
+        &self.inner.metrics
+    }
+
+    /// One of the `--max-inflight` processing slots, or 503 `overloaded` at once.
+    pub fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        self.inner.inflight.try_acquire().map_err(|_| {
+            self.metrics().overloaded.with_label_values(&["all"]).inc();
+            ApiError::Overloaded("any".into())
+        })
+    }
+
+    /// `job` under `--request-timeout-s` (503 `timeout` past it).
+    pub async fn within_timeout<T>(
+        &self,
+        job: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        let timeout = self.inner.limits.request_timeout;
+        tokio::time::timeout(timeout, job)
+            .await
+            .unwrap_or(Err(ApiError::Timeout(timeout.as_secs_f64())))
+    }
+}

@@ -1,0 +1,265 @@
+//! A request to the core: who asks ([`Asker`]), what they ask of the model
+//! ([`Ask`]), validated into a [`Valid`] request (the variant and the threshold
+//! chosen), then answered for the files or tensors a door received.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::access::Caller;
+use crate::imaging::Preprocessor;
+use crate::imaging::dicom::DicomOptions;
+use crate::imaging::sr::SrResult;
+use crate::imaging::sr::SrSource;
+use crate::imaging::sr::build_sr;
+use crate::inference::Prefer;
+use crate::inference::ServedModel;
+use crate::predict::ApiError;
+use crate::predict::Core;
+use crate::predict::Decision;
+use crate::predict::Prediction;
+use crate::predict::answer::Facts;
+use crate::predict::answer::classify;
+use crate::predict::answer::decision;
+use crate::predict::answer::refused;
+use crate::predict::upload::Decoded;
+use crate::predict::upload::SetOnDrop;
+use crate::predict::upload::Upload;
+use crate::predict::upload::decode_upload;
+use crate::predict::upload::kilo;
+
+/// Who asked, and the request's ids: what answers and audit records name.
+#[derive(Debug, Clone)]
+pub struct Asker {
+    /// The caller (an API key's name, a DICOM calling AE title, or anonymous).
+    pub caller: Caller,
+    /// The server's request id.
+    pub request_id: String,
+    /// The caller's own id, sanitised.
+    pub client_request_id: Option<String>,
+}
+
+/// What a caller asks of the model: which variant, at which threshold, and whether
+/// to explain.
+#[derive(Debug, Clone, Default)]
+pub struct Ask {
+    /// A variant by name.
+    pub model: Option<String>,
+    /// The variant with the best measured sensitivity or specificity.
+    pub prefer: Option<Prefer>,
+    /// A threshold on P(PNEUMONIA), in (0, 1).
+    pub threshold: Option<f64>,
+    /// An operating point on the card's validation ROC (`sensitivity:0.95`).
+    pub operating_point: Option<String>,
+    /// Add the class activation maps to each answer.
+    pub explain: bool,
+}
+
+/// A validated request: the variant that will answer and the decision it will
+/// answer at (the role of text-generation-inference's `ValidGenerateRequest`).
+pub struct Valid {
+    /// Who asked.
+    pub asker: Asker,
+    /// The variant.
+    pub model: Arc<ServedModel>,
+    /// The threshold, and where it came from.
+    pub decision: Decision,
+    /// Whether answers carry their heatmaps.
+    pub explain: bool,
+    /// When the door admitted the request (answers' `timings_ms.total`).
+    pub started: Instant,
+}
+
+/// A request's answers, one per image in order, with what a Structured Report of
+/// each needs (empty for an image that was not DICOM).
+pub struct Answered {
+    /// The answers.
+    pub predictions: Vec<Prediction>,
+    /// Their sources' DICOM facts.
+    pub sources: Vec<SrSource>,
+}
+
+impl Core {
+    /// Chooses the variant (by name, or the one with the best measured
+    /// sensitivity or specificity, or the default) and the threshold.
+    pub fn validate(&self, asker: Asker, ask: &Ask, started: Instant) -> Result<Valid, ApiError> {
+        if ask.model.is_some() && ask.prefer.is_some() {
+            return Err(ApiError::InvalidQuery(
+                "give `model` or `prefer`, not both".into(),
+            ));
+        }
+        let models = self.models().ok_or(ApiError::NotReady)?;
+        let model = models.select(ask.model.as_deref(), ask.prefer)?.clone();
+        self.validate_for(asker, model, ask, started)
+    }
+
+    /// As [`Core::validate`], for a variant the door has chosen itself (a V2 path).
+    pub fn validate_for(
+        &self,
+        asker: Asker,
+        model: Arc<ServedModel>,
+        ask: &Ask,
+        started: Instant,
+    ) -> Result<Valid, ApiError> {
+        let decision = decision(&model, ask)?;
+        Ok(Valid {
+            asker,
+            model,
+            decision,
+            explain: ask.explain,
+            started,
+        })
+    }
+
+    /// Answers encoded files (JPEG, PNG, DICOM): decoded through the gates, then
+    /// [`Core::answer_decoded`]. A refusal of an image is recorded in the audit
+    /// trail; the request is answered or refused whole.
+    pub async fn answer_files(
+        &self,
+        valid: &Valid,
+        uploads: Vec<Upload>,
+    ) -> Result<Answered, ApiError> {
+        if uploads.is_empty() {
+            return Err(ApiError::BadRequest(
+                "no image: send a JPEG/PNG body or multipart parts named `image`".into(),
+            ));
+        }
+        let max = self.limits().max_images;
+        if uploads.len() > max {
+            return Err(ApiError::TooManyImages(uploads.len(), max));
+        }
+        // Kept (shared bytes) for the audit record of a refusal.
+        let kept = uploads.clone();
+        let decoded = match self.decode_all(&valid.model, uploads).await {
+            Ok(d) => d,
+            Err(e) => {
+                let facts: Vec<Facts> = kept.iter().map(Facts::of_upload).collect();
+                let (model, decision) = (&valid.model, &valid.decision);
+                return Err(refused(self, model, decision, &facts, &valid.asker, e, None).await);
+            }
+        };
+        drop(kept);
+        self.answer_decoded(valid, decoded).await
+    }
+
+    /// Answers inputs already decoded (files, or the rows of a preprocessed
+    /// tensor): classified together (so they batch), scored for distribution,
+    /// labelled at the decision, recorded, then answered.
+    pub async fn answer_decoded(
+        &self,
+        valid: &Valid,
+        mut decoded: Vec<Decoded>,
+    ) -> Result<Answered, ApiError> {
+        let sources: Vec<SrSource> = decoded
+            .iter_mut()
+            .map(|d| d.sr.take().unwrap_or_default())
+            .collect();
+        let predictions = classify(
+            self,
+            &valid.model,
+            &valid.decision,
+            decoded,
+            &valid.asker,
+            valid.started,
+            valid.explain,
+        )
+        .await?;
+        Ok(Answered {
+            predictions,
+            sources,
+        })
+    }
+
+    /// One answer as a DICOM Comprehensive 3D SR (TID 1500) in its source's study.
+    pub fn structured_report(
+        &self,
+        model: &ServedModel,
+        source: &SrSource,
+        p: &Prediction,
+    ) -> Result<Vec<u8>, ApiError> {
+        let card = &model.card;
+        let result = SrResult {
+            variant: &card.name,
+            version: &card.version,
+            model_sha256: &card.onnx.sha256,
+            probability: f64::from(p.probabilities.PNEUMONIA),
+            threshold: p.threshold,
+            pneumonia: p.label == "PNEUMONIA",
+        };
+        build_sr(source, &result, self.inner.uid_root.as_deref())
+            .map_err(|e| ApiError::SrUnavailable(e.to_string()))
+    }
+
+    /// Decodes uploads on the blocking pool: a bounded number of requests decode at
+    /// once, each reserving its images' declared pixels first.
+    async fn decode_all(
+        &self,
+        model: &ServedModel,
+        images: Vec<Upload>,
+    ) -> Result<Vec<Decoded>, ApiError> {
+        let limits = self.limits();
+        // Decode on the blocking pool, a bounded number at a time.
+        let permit = self
+            .inner
+            .decode_permits
+            .acquire()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        // Reserve the pixels to decode (from the headers), bounded like the bodies.
+        let pixels: u64 = images
+            .iter()
+            .map(|u| match u {
+                Upload::Encoded(b) => crate::imaging::declared_pixels(b)
+                    .unwrap_or(0)
+                    .min(limits.max_pixels),
+                Upload::Dicom(_) => limits.max_pixels,
+            })
+            .sum();
+        // Decodes wait for their pixels (within the request's timeout): the body is
+        // already in, and a burst of large images is slowed, not refused.
+        let _pixels = self
+            .inner
+            .pixel_budget
+            .acquire_many(kilo(pixels.min(limits.max_decode_pixels)))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let pre: Preprocessor = model.preprocessor.clone();
+        let max_pixels = limits.max_pixels;
+        let dicom_opts = DicomOptions {
+            geometry: limits.geometry,
+            ..limits.dicom
+        };
+        // If this request goes (client gone, timed out), the images not yet decoded
+        // are not decoded.
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _on_drop = SetOnDrop(gone.clone());
+        // On their way to the model's queue: a batch that is not full waits for them.
+        let arrivals: Vec<_> = images.iter().map(|_| model.announce()).collect();
+        let mut decoded = tokio::task::spawn_blocking(move || {
+            images
+                .iter()
+                .map(|u| {
+                    if gone.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err(ApiError::Timeout(0.0));
+                    }
+                    decode_upload(&pre, u, max_pixels, dicom_opts)
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        // A panic's message may quote the upload's content (a DICOM value): never
+        // pass it on; the panic hook logged where it happened.
+        .map_err(|_| ApiError::Internal("the image decoder failed".into()))??;
+        drop(permit);
+        for (d, a) in decoded.iter_mut().zip(arrivals) {
+            d.arrival = Some(a);
+        }
+        let name = &model.card.name;
+        for d in &decoded {
+            self.metrics()
+                .decode_duration
+                .with_label_values(&[name])
+                .observe(d.took.as_secs_f64());
+        }
+        Ok(decoded)
+    }
+}

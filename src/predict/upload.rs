@@ -1,0 +1,155 @@
+//! Uploads: what an upload is (sniffed kind, size, SHA-256), and decoding it to the
+//! model's input.
+
+use crate::digest::to_hex;
+use crate::imaging::Preprocessor;
+use crate::imaging::dicom;
+use crate::imaging::dicom::DicomInfo;
+use crate::imaging::dicom::DicomOptions;
+use crate::predict::ApiError;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
+
+/// One image as a door received it (its bytes shared, so a copy is cheap).
+#[derive(Debug, Clone)]
+pub enum Upload {
+    /// JPEG or PNG (sniffed by the decoder).
+    Encoded(Bytes),
+    /// DICOM Part-10.
+    Dicom(Bytes),
+}
+
+impl Upload {
+    /// Classifies bytes whose declared type does not decide (octet-stream, none).
+    pub fn sniff(bytes: Bytes) -> Self {
+        if dicom::is_dicom(&bytes) {
+            Upload::Dicom(bytes)
+        } else {
+            Upload::Encoded(bytes)
+        }
+    }
+}
+
+/// An upload turned into a model input.
+pub struct Decoded {
+    pub input: Vec<f32>,
+    pub took: Duration,
+    pub dicom: Option<DicomInfo>,
+    pub warnings: Vec<String>,
+    /// What the audit record says of the upload.
+    pub upload: UploadFacts,
+    /// What a DICOM Structured Report of the answer needs (DICOM uploads).
+    pub sr: Option<crate::imaging::sr::SrSource>,
+    /// Its announcement to the model's batcher; it goes into the queue with the input
+    /// and is withdrawn when the worker takes the job (or when the request fails).
+    pub arrival: Option<crate::inference::Arrival>,
+}
+
+/// The audit trail's view of an upload: its hash, kind and size, never its bytes.
+#[derive(Debug, Clone)]
+pub struct UploadFacts {
+    pub sha256: String,
+    pub kind: &'static str,
+    pub bytes: usize,
+}
+
+impl UploadFacts {
+    pub fn of(upload: &Upload) -> Self {
+        use sha2::Digest;
+        let (b, kind) = match upload {
+            Upload::Encoded(b) => (
+                b,
+                match image::guess_format(b) {
+                    Ok(image::ImageFormat::Png) => "png",
+                    Ok(image::ImageFormat::Jpeg) => "jpeg",
+                    _ => "unknown",
+                },
+            ),
+            Upload::Dicom(b) => (b, "dicom"),
+        };
+        Self {
+            sha256: to_hex(&sha2::Sha256::digest(b)),
+            kind,
+            bytes: b.len(),
+        }
+    }
+
+    /// A preprocessed tensor row (Open Inference Protocol `input`): the SHA-256 of its
+    /// little-endian FP32 bytes.
+    pub fn of_tensor(row: &[f32]) -> Self {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for v in row {
+            h.update(v.to_le_bytes());
+        }
+        Self {
+            sha256: to_hex(&h.finalize()),
+            kind: "tensor",
+            bytes: row.len() * 4,
+        }
+    }
+}
+
+pub fn decode_upload(
+    pre: &Preprocessor,
+    upload: &Upload,
+    max_pixels: u64,
+    opts: DicomOptions,
+) -> Result<Decoded, ApiError> {
+    let t = Instant::now();
+    match upload {
+        Upload::Encoded(b) => Ok(Decoded {
+            input: pre.preprocess_checked(b, max_pixels, &opts.geometry)?,
+            took: t.elapsed(),
+            dicom: None,
+            warnings: Vec::new(),
+            upload: UploadFacts::of(upload),
+            sr: None,
+            arrival: None,
+        }),
+        Upload::Dicom(b) => {
+            let img = dicom::decode_dicom(b, max_pixels, opts)?;
+            // Identifiers and technical facts only: never a patient attribute.
+            tracing::debug!(
+                sop_instance_uid = img.info.sop_instance_uid.as_deref().unwrap_or(""),
+                modality = img.info.modality.as_deref().unwrap_or(""),
+                transfer_syntax = %img.info.transfer_syntax,
+                photometric = %img.info.photometric_interpretation,
+                bits_stored = img.info.bits_stored,
+                voi = %img.info.voi,
+                columns = img.gray.width(),
+                rows = img.gray.height(),
+                "DICOM decoded"
+            );
+            Ok(Decoded {
+                input: pre.gray_to_tensor(&img.gray),
+                took: t.elapsed(),
+                dicom: Some(img.info),
+                warnings: img.warnings,
+                upload: UploadFacts::of(upload),
+                sr: Some(img.sr_source),
+                arrival: None,
+            })
+        }
+    }
+}
+
+/// Sets its flag when dropped (the request's future is gone).
+pub struct SetOnDrop(pub Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `n` in units of 1024, rounded up, at least 1, as semaphore permits.
+pub fn kilo(n: u64) -> u32 {
+    n.div_ceil(1024).clamp(1, u64::from(u32::MAX >> 4)) as u32
+}
+
+pub fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
