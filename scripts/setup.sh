@@ -42,6 +42,11 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 ((tests)) && ! command -v chromium >/dev/null && need_apt+=(chromium)
 # A plain reverse proxy in front of two replicas (tests/gateway.rs).
 ((tests)) && ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && need_apt+=(nginx-light)
+# The DICOM node's tests: a real PACS (Orthanc, with its DICOMweb plugin for STOW-RS)
+# and dcmtk's echoscu/storescu as the modality (tests/dicom_node.rs).
+((tests)) && ! command -v storescu >/dev/null && need_apt+=(dcmtk)
+((tests)) && ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ] && need_apt+=(orthanc)
+((tests)) && ! ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1 && need_apt+=(orthanc-dicomweb)
 ((tests)) && ! command -v node >/dev/null && need_apt+=(nodejs)
 ((tests)) && ! command -v npm >/dev/null && need_apt+=(npm)
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

@@ -194,6 +194,49 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     #[serde(skip)]
     pub new_api_key: Option<String>,
+    /// Also serve as a DICOM node on this port (C-ECHO, C-STORE of CR and DX
+    /// radiographs; results filed back into the study); off by default.
+    #[arg(long, env = "CXR_DICOM_PORT")]
+    pub dicom_port: Option<u16>,
+    /// The DICOM node's AE title (the called AE title peers must use).
+    #[arg(long, env = "CXR_DICOM_AE_TITLE", default_value = "CXR")]
+    pub dicom_ae_title: String,
+    /// The calling AE titles (and hosts) that may associate (TOML; required with
+    /// --dicom-port): see docs/dicom.md.
+    #[arg(long, env = "CXR_DICOM_PEERS_FILE")]
+    pub dicom_peers_file: Option<PathBuf>,
+    /// Where the DICOM node sends results by C-STORE: AE@host:port (repeatable, or
+    /// comma-separated in the environment).
+    #[arg(long, env = "CXR_DICOM_DESTINATION", value_delimiter = ',')]
+    pub dicom_destination: Vec<String>,
+    /// Where the DICOM node sends results by DICOMweb STOW-RS (the service's base
+    /// URL, e.g. http://pacs:8042/dicom-web; http only).
+    #[arg(long, env = "CXR_STOW_URL")]
+    pub stow_url: Option<String>,
+    /// A bearer token for --stow-url (from the environment; never logged).
+    #[arg(long, env = "CXR_STOW_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
+    pub stow_token: Option<String>,
+    /// The DICOM node's outbox (SQLite): results waiting to be sent, and the record
+    /// of what was sent; shared by replicas on one volume.
+    #[arg(long, env = "CXR_DICOM_OUTBOX", default_value = "cxr-outbox.sqlite")]
+    pub dicom_outbox: PathBuf,
+    /// Most result objects waiting in the outbox; beyond it, C-STOREs are refused
+    /// (out of resources) until the destinations catch up.
+    #[arg(long, env = "CXR_DICOM_OUTBOX_CAPACITY", default_value_t = 10_000)]
+    pub dicom_outbox_capacity: usize,
+    /// The variant that answers DICOM C-STOREs (default: --default-model).
+    #[arg(long, env = "CXR_DICOM_MODEL")]
+    pub dicom_model: Option<String>,
+    /// Most DICOM associations at once.
+    #[arg(long, env = "CXR_DICOM_MAX_ASSOCIATIONS", default_value_t = 16)]
+    pub dicom_max_associations: usize,
+    /// Run as a folder job and exit: classify every DICOM, JPEG and PNG file under
+    /// IN and write, per image, its JSON answer and (for DICOM) its SR and Secondary
+    /// Capture under OUT (for orchestrators that run AI containers as jobs: mercure,
+    /// MONAI Deploy).
+    #[arg(long, num_args = 2, value_names = ["IN", "OUT"])]
+    pub job: Option<Vec<PathBuf>>,
     /// Log format.
     #[arg(long, env = "CXR_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -271,6 +314,9 @@ impl ServeArgs {
         if let Some(r) = &self.uid_root {
             crate::imaging::sr::check_uid_root(r).map_err(|e| ConfigError(e.0))?;
         }
+        if self.dicom_port.is_some() {
+            self.dicom_node()?;
+        }
         if self.batch_wait_us > 1_000_000 {
             return Err(ConfigError(
                 "--batch-wait-us must be at most 1000000 (1 s)".into(),
@@ -282,6 +328,54 @@ impl ServeArgs {
             ));
         }
         Ok(())
+    }
+
+    /// The DICOM node's configuration (`--dicom-port`), if it is on.
+    pub fn dicom_node(&self) -> Result<Option<crate::dicom_node::NodeConfig>, ConfigError> {
+        use crate::dicom_node::{Destination, NodeConfig, peers::Peers};
+        let Some(port) = self.dicom_port else {
+            return Ok(None);
+        };
+        let peers_file = self.dicom_peers_file.as_ref().ok_or_else(|| {
+            ConfigError(
+                "--dicom-port needs --dicom-peers-file: the calling AE titles that may associate"
+                    .into(),
+            )
+        })?;
+        let peers = Peers::load(peers_file).map_err(|e| ConfigError(e.0))?;
+        crate::dicom_node::peers::check_ae_title(&self.dicom_ae_title)
+            .map_err(|e| ConfigError(format!("--dicom-ae-title: {e}")))?;
+        let mut destinations = Vec::new();
+        for d in &self.dicom_destination {
+            destinations.push(Destination::parse_store(d).map_err(|e| ConfigError(e.0))?);
+        }
+        if let Some(url) = &self.stow_url {
+            destinations.push(
+                Destination::stow(url, self.stow_token.clone()).map_err(|e| ConfigError(e.0))?,
+            );
+        }
+        if destinations.is_empty() {
+            return Err(ConfigError(
+                "--dicom-port needs somewhere to send results: --dicom-destination AE@host:port and/or --stow-url".into(),
+            ));
+        }
+        let host: std::net::IpAddr = self.host.parse().map_err(|_| {
+            ConfigError(format!(
+                "--host `{}` must be an IP address with --dicom-port",
+                self.host
+            ))
+        })?;
+        Ok(Some(NodeConfig {
+            bind: std::net::SocketAddr::new(host, port),
+            ae_title: self.dicom_ae_title.clone(),
+            peers,
+            destinations,
+            outbox: self.dicom_outbox.clone(),
+            outbox_capacity: self.dicom_outbox_capacity,
+            model: self.dicom_model.clone(),
+            max_object_bytes: self.max_body_bytes,
+            max_associations: self.dicom_max_associations,
+        }))
     }
 
     /// Request limits for the HTTP layer.

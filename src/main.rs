@@ -60,7 +60,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let result = rt.block_on(serve(args));
+    let result = match args.job.clone() {
+        Some(dirs) => rt.block_on(job(args, &dirs[0], &dirs[1])),
+        None => rt.block_on(serve(args)),
+    };
     // A loader still reading models (a stop while loading) is not waited for.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     result
@@ -280,6 +283,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     if let Some(listener) = listener {
+        if let Some(cfg) = args.dicom_node().map_err(anyhow::Error::msg)? {
+            cxr::dicom_node::start(state.core().clone(), cfg)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
         let le = &mut load_error;
         // With --listen-before-ready the loader may still fail while serving.
         let failed = async move {
@@ -322,6 +330,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = w.join();
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `--job IN OUT`: loads the models, runs the folder job, and fails only on a
+/// failure of the job's own (an image it could not process for its own reasons).
+async fn job(
+    args: ServeArgs,
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(ServerMetrics::new());
+    let state = app_state(&args, metrics.clone())?;
+    let load_cfg = args.load_config();
+    let (set, workers) = tokio::task::spawn_blocking(move || {
+        cxr::inference::load_models(&load_cfg, |name| metrics.observer(name))
+    })
+    .await
+    .context("model loader")?
+    .context("cannot load the models")?;
+    state.set_models(set);
+    let summary = cxr::job::run(state.core(), input, output, args.dicom_model.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    drop(state);
+    for w in workers {
+        let _ = w.join();
+    }
+    if summary.failed > 0 {
+        anyhow::bail!("{} image(s) could not be processed", summary.failed);
+    }
     Ok(())
 }
 

@@ -42,6 +42,16 @@ pub struct ServerMetrics {
     pub audit_failures: IntCounterVec,
     /// Images above their model's OOD threshold, by model and `--ood-action`.
     pub out_of_distribution: IntCounterVec,
+    /// DICOM associations, by outcome (accepted, rejected).
+    pub dicom_associations: IntCounterVec,
+    /// DICOM C-STORE requests received, by outcome (analysed, not_analysed,
+    /// duplicate, failed).
+    pub dicom_stores: IntCounterVec,
+    /// Result objects (SR, SC) sent to a destination, by destination and outcome
+    /// (sent, retried).
+    pub dicom_results: IntCounterVec,
+    /// Result objects waiting in the outbox, by destination.
+    pub dicom_outbox_depth: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -149,7 +159,37 @@ impl ServerMetrics {
             "Audit records that could not be written to --audit-log (each failed its request with 503).",
             &[],
         );
+        let dicom_associations = c(
+            "cxr_dicom_associations_total",
+            "DICOM associations requested of the DICOM node, by outcome (accepted; rejected: an unknown calling AE title or host, or a wrong called AE title).",
+            &["outcome"],
+        );
+        let dicom_stores = c(
+            "cxr_dicom_stores_total",
+            "DICOM C-STORE requests received, by outcome (analysed; not_analysed: refused by a gate or the OOD score, an SR says why; duplicate: already analysed by this model file; failed: answered with a failure status).",
+            &["outcome"],
+        );
+        let dicom_results = c(
+            "cxr_dicom_results_total",
+            "Result objects (SR, SC) by destination and outcome (sent; retried: a send failed and is retried with backoff).",
+            &["destination", "outcome"],
+        );
+        let dicom_outbox_depth = IntGaugeVec::new(
+            Opts::new(
+                "cxr_dicom_outbox_depth",
+                "Result objects waiting in the outbox to be sent, by destination.",
+            ),
+            &["destination"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(dicom_outbox_depth.clone()))
+            .expect("unique metric name");
         Self {
+            dicom_associations,
+            dicom_stores,
+            dicom_results,
+            dicom_outbox_depth,
             registry,
             requests,
             request_duration,

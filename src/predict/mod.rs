@@ -26,6 +26,7 @@ pub mod error;
 mod error_type;
 pub mod explain;
 mod request;
+mod results;
 pub mod types;
 mod upload;
 
@@ -48,6 +49,8 @@ pub use request::Answered;
 pub use request::Ask;
 pub use request::Asker;
 pub use request::Valid;
+pub use results::Filed;
+pub use results::ResultObject;
 pub use types::ModelRef;
 pub use types::Prediction;
 pub use types::Probabilities;
@@ -178,6 +181,11 @@ impl Core {
     /// The models, once loaded.
     pub fn models(&self) -> Option<&ModelSet> {
         self.inner.models.get()
+    }
+
+    /// The root of new DICOM UIDs (`--uid-root`; none: `2.25` UUID UIDs).
+    pub fn uid_root(&self) -> Option<&str> {
+        self.inner.uid_root.as_deref()
     }
 
     /// The limits.

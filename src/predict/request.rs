@@ -8,9 +8,7 @@ use std::time::Instant;
 use crate::access::Caller;
 use crate::imaging::Preprocessor;
 use crate::imaging::dicom::DicomOptions;
-use crate::imaging::sr::SrResult;
 use crate::imaging::sr::SrSource;
-use crate::imaging::sr::build_sr;
 use crate::inference::Prefer;
 use crate::inference::ServedModel;
 use crate::predict::ApiError;
@@ -167,26 +165,6 @@ impl Core {
             predictions,
             sources,
         })
-    }
-
-    /// One answer as a DICOM Comprehensive 3D SR (TID 1500) in its source's study.
-    pub fn structured_report(
-        &self,
-        model: &ServedModel,
-        source: &SrSource,
-        p: &Prediction,
-    ) -> Result<Vec<u8>, ApiError> {
-        let card = &model.card;
-        let result = SrResult {
-            variant: &card.name,
-            version: &card.version,
-            model_sha256: &card.onnx.sha256,
-            probability: f64::from(p.probabilities.PNEUMONIA),
-            threshold: p.threshold,
-            pneumonia: p.label == "PNEUMONIA",
-        };
-        build_sr(source, &result, self.inner.uid_root.as_deref())
-            .map_err(|e| ApiError::SrUnavailable(e.to_string()))
     }
 
     /// Decodes uploads on the blocking pool: a bounded number of requests decode at

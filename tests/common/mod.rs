@@ -237,9 +237,22 @@ pub fn tcp_http_headers(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
+    let (status, body) = tcp_http_bytes(addr, method, path, headers, body).expect("connect");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// One HTTP/1.1 request over a real socket: status and body as bytes; `None` when
+/// nothing listens.
+pub fn tcp_http_bytes(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, Vec<u8>)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -248,21 +261,14 @@ pub fn tcp_http_headers(
         req += &format!("{k}: {v}\r\n");
     }
     req += "\r\n";
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    s.write_all(req.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
     let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    s.read_to_end(&mut out).ok()?;
+    let end = out.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&out[..end]).to_string();
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, out[end + 4..].to_vec()))
 }
 
 /// Runs cxr-serve on port 0 with `args`, then `--models-dir models`, expecting it to

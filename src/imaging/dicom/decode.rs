@@ -77,6 +77,33 @@ struct Parsed {
 
 /// Steps 1–4 of the module docs up to the data set: magic, meta group, transfer
 /// syntax, the length guard, then dicom-rs's parse.
+/// What a Part-10 file is, for filing results of it, without decoding its pixels
+/// (the same guarded parse as [`decode_dicom`]): what a result object needs of it,
+/// and the SHA-256 of its pixel data as encoded (native values, or the
+/// encapsulated fragments in order).
+pub fn identify(bytes: &[u8]) -> Result<(super::SrSource, String), DicomError> {
+    use sha2::Digest;
+    let parsed = parse(bytes)?;
+    let obj = &parsed.obj;
+    let source = super::SrSource::from_object(obj, Some(parsed.meta.media_storage_sop_class_uid()));
+    let mut h = sha2::Sha256::new();
+    if let Ok(e) = obj.element(tags::PIXEL_DATA) {
+        match e.value().fragments() {
+            Some(fragments) => {
+                for f in fragments {
+                    h.update(f);
+                }
+            }
+            None => {
+                if let Ok(b) = e.value().to_bytes() {
+                    h.update(&b);
+                }
+            }
+        }
+    }
+    Ok((source, crate::digest::to_hex(&h.finalize())))
+}
+
 fn parse(bytes: &[u8]) -> Result<Parsed, DicomError> {
     let Some(off) = dicm_offset(bytes) else {
         return Err(malformed(

@@ -30,7 +30,7 @@ mod guard;
 mod source;
 mod voi;
 
-pub use decode::decode_dicom;
+pub use decode::{decode_dicom, identify};
 pub use source::{COPIED_TAGS, SrSource};
 
 /// A text attribute of `obj`, its padding (NUL, spaces) trimmed; `None` when absent

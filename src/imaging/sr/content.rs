@@ -5,7 +5,7 @@ use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
-use super::{LOCAL_SCHEME, SrResult, name_uid, new_uid};
+use super::{LOCAL_SCHEME, SrFinding, SrResult, UidMaker, name_uid};
 
 pub(super) fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
     let mut o = InMemDicomObject::new_empty();
@@ -88,12 +88,12 @@ fn local(value: &str, meaning: &str) -> InMemDicomObject {
 pub(super) fn content_tree(
     result: &SrResult<'_>,
     image_ref: InMemDicomObject,
-    uid_root: Option<&str>,
+    uids: &UidMaker,
     algorithm: &str,
 ) -> Vec<InMemDicomObject> {
     let mut image = item("CONTAINS", "IMAGE", code("260753009", "SCT", "Source"));
     image.put(seq(tags::REFERENCED_SOP_SEQUENCE, vec![image_ref]));
-    let group = measurement_group(result, uid_root, algorithm);
+    let group = measurement_group(result, uids, algorithm);
     vec![
         code_item(
             "HAS CONCEPT MOD",
@@ -148,64 +148,84 @@ pub(super) fn content_tree(
 }
 
 /// TID 1501: the finding, its presence, the probability, the threshold, the variant
-/// and the algorithm that answered.
-fn measurement_group(
-    result: &SrResult<'_>,
-    uid_root: Option<&str>,
-    algorithm: &str,
-) -> InMemDicomObject {
+/// and the algorithm that answered; or, for an image not analysed, the finding and
+/// why it was not evaluated.
+fn measurement_group(result: &SrResult<'_>, uids: &UidMaker, algorithm: &str) -> InMemDicomObject {
     let finding = code("233604007", "SCT", "Pneumonia");
-    let presence = if result.pneumonia {
-        code("52101004", "SCT", "Present")
-    } else {
-        code("272519000", "SCT", "Absent")
+    let mut items = vec![
+        text_item(
+            "HAS OBS CONTEXT",
+            dcm("112039", "Tracking Identifier"),
+            "pneumonia classification",
+        ),
+        uid_item(
+            "HAS OBS CONTEXT",
+            dcm("112040", "Tracking Unique Identifier"),
+            &uids.instance("tracking"),
+        ),
+        code_item("CONTAINS", dcm("121071", "Finding"), finding.clone()),
+    ];
+    let params = match &result.finding {
+        SrFinding::Classified {
+            probability,
+            threshold,
+            pneumonia,
+        } => {
+            let presence = if *pneumonia {
+                code("52101004", "SCT", "Present")
+            } else {
+                code("272519000", "SCT", "Absent")
+            };
+            items.extend([
+                code_item("CONTAINS", finding, presence),
+                num_item("CONTAINS", dcm("122157", "Probability"), *probability),
+                num_item(
+                    "CONTAINS",
+                    local("THRESHOLD", "Decision threshold"),
+                    *threshold,
+                ),
+            ]);
+            format!(
+                "model_sha256={}; variant={}; threshold={threshold}",
+                result.model_sha256, result.variant
+            )
+        }
+        SrFinding::NotAnalysed { kind, reason } => {
+            items.extend([
+                code_item("CONTAINS", finding, local("NOTANALYSED", "Not analysed")),
+                text_item(
+                    "CONTAINS",
+                    local("REASON", "Reason not analysed"),
+                    &format!("{kind}: {reason}"),
+                ),
+            ]);
+            format!(
+                "model_sha256={}; variant={}; not analysed: {kind}",
+                result.model_sha256, result.variant
+            )
+        }
     };
-    let params = format!(
-        "model_sha256={}; variant={}; threshold={}",
-        result.model_sha256, result.variant, result.threshold
-    );
-    container(
-        "CONTAINS",
-        dcm("125007", "Measurement Group"),
-        vec![
-            text_item(
-                "HAS OBS CONTEXT",
-                dcm("112039", "Tracking Identifier"),
-                "pneumonia classification",
-            ),
-            uid_item(
-                "HAS OBS CONTEXT",
-                dcm("112040", "Tracking Unique Identifier"),
-                &new_uid(uid_root),
-            ),
-            code_item("CONTAINS", dcm("121071", "Finding"), finding.clone()),
-            code_item("CONTAINS", finding, presence),
-            num_item("CONTAINS", dcm("122157", "Probability"), result.probability),
-            num_item(
-                "CONTAINS",
-                local("THRESHOLD", "Decision threshold"),
-                result.threshold,
-            ),
-            text_item(
-                "CONTAINS",
-                local("VARIANT", "Model variant"),
-                result.variant,
-            ),
-            with_children(
-                text_item("CONTAINS", dcm("111001", "Algorithm Name"), algorithm),
-                vec![
-                    text_item(
-                        "HAS CONCEPT MOD",
-                        dcm("111003", "Algorithm Version"),
-                        result.version,
-                    ),
-                    text_item(
-                        "HAS CONCEPT MOD",
-                        dcm("111002", "Algorithm Parameters"),
-                        &params,
-                    ),
-                ],
-            ),
-        ],
-    )
+    items.extend([
+        text_item(
+            "CONTAINS",
+            local("VARIANT", "Model variant"),
+            result.variant,
+        ),
+        with_children(
+            text_item("CONTAINS", dcm("111001", "Algorithm Name"), algorithm),
+            vec![
+                text_item(
+                    "HAS CONCEPT MOD",
+                    dcm("111003", "Algorithm Version"),
+                    result.version,
+                ),
+                text_item(
+                    "HAS CONCEPT MOD",
+                    dcm("111002", "Algorithm Parameters"),
+                    &params,
+                ),
+            ],
+        ),
+    ]);
+    container("CONTAINS", dcm("125007", "Measurement Group"), items)
 }

@@ -39,11 +39,14 @@ crate::message_error!(
 );
 
 mod content;
+mod sc;
 mod uid;
+
+pub use sc::{SECONDARY_CAPTURE, ScImage, build_sc};
 
 use content::{content_tree, dcm, seq};
 use uid::name_uid;
-pub use uid::{check_uid_root, new_uid};
+pub use uid::{UidMaker, check_uid_root, new_uid};
 
 /// Comprehensive 3D SR Storage.
 pub const COMPREHENSIVE_3D_SR: &str = "1.2.840.10008.5.1.4.1.1.88.34";
@@ -60,24 +63,42 @@ pub struct SrResult<'a> {
     pub version: &'a str,
     /// SHA-256 of the model file.
     pub model_sha256: &'a str,
-    /// P(PNEUMONIA) as served.
-    pub probability: f64,
-    /// The threshold applied.
-    pub threshold: f64,
-    /// Whether the answer is PNEUMONIA.
-    pub pneumonia: bool,
+    /// What was found, or why the image was not analysed.
+    pub finding: SrFinding,
+}
+
+/// What an SR reports of its image.
+#[derive(Debug, Clone)]
+pub enum SrFinding {
+    /// The image was classified.
+    Classified {
+        /// P(PNEUMONIA) as served.
+        probability: f64,
+        /// The threshold applied.
+        threshold: f64,
+        /// Whether the answer is PNEUMONIA.
+        pneumonia: bool,
+    },
+    /// The image was seen but not classified (not a chest radiograph the model can
+    /// answer for), and why: so that the PACS shows the AI saw it.
+    NotAnalysed {
+        /// The refusal's `error_type`.
+        kind: String,
+        /// The refusal, for a reader.
+        reason: String,
+    },
 }
 
 /// The source's identifiers an SR references.
-struct SourceRefs<'a> {
-    study: &'a str,
+pub(super) struct SourceRefs<'a> {
+    pub(super) study: &'a str,
     series: &'a str,
     sop_class: &'a str,
     sop_instance: &'a str,
 }
 
 impl<'a> SourceRefs<'a> {
-    fn of(source: &'a SrSource) -> Result<Self, SrError> {
+    pub(super) fn of(source: &'a SrSource) -> Result<Self, SrError> {
         let missing = |what: &str| {
             format!("the source DICOM has no {what}, so a Structured Report cannot reference it")
         };
@@ -106,7 +127,7 @@ impl<'a> SourceRefs<'a> {
     }
 
     /// The Referenced SOP Sequence item of the source image.
-    fn image(&self) -> InMemDicomObject {
+    pub(super) fn image(&self) -> InMemDicomObject {
         let mut image_ref = InMemDicomObject::new_empty();
         image_ref.put_str(tags::REFERENCED_SOP_CLASS_UID, VR::UI, self.sop_class);
         image_ref.put_str(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, self.sop_instance);
@@ -130,14 +151,14 @@ struct Instance {
 pub fn build_sr(
     source: &SrSource,
     result: &SrResult<'_>,
-    uid_root: Option<&str>,
+    uids: &UidMaker,
 ) -> Result<Vec<u8>, SrError> {
     let refs = SourceRefs::of(source)?;
     let (da, tm) = now_da_tm();
     let software = env!("CARGO_PKG_VERSION");
     let inst = Instance {
-        series_uid: new_uid(uid_root),
-        sop_uid: new_uid(uid_root),
+        series_uid: uids.series("sr-series"),
+        sop_uid: uids.instance("sr"),
         da,
         tm,
         algorithm: format!("cxr {}", result.variant),
@@ -149,14 +170,21 @@ pub fn build_sr(
     put_document_general(&mut o, &inst, &refs);
     put_contributing_equipment(&mut o, &inst);
     put_document_root(&mut o);
-    let content = content_tree(result, refs.image(), uid_root, &inst.algorithm);
+    if let SrFinding::NotAnalysed { .. } = result.finding {
+        o.put_str(
+            tags::SERIES_DESCRIPTION,
+            VR::LO,
+            "cxr AI result: image not analysed",
+        );
+    }
+    let content = content_tree(result, refs.image(), uids, &inst.algorithm);
     o.put(seq(tags::CONTENT_SEQUENCE, content));
-    part10(o, &inst.sop_uid, software)
+    part10(o, COMPREHENSIVE_3D_SR, &inst.sop_uid, software)
 }
 
 /// Patient and General Study: the copied source attributes; type 2 attributes the
 /// source lacked are present empty.
-fn put_patient_and_study(o: &mut InMemDicomObject, source: &SrSource, study_uid: &str) {
+pub(super) fn put_patient_and_study(o: &mut InMemDicomObject, source: &SrSource, study_uid: &str) {
     for e in source.copied() {
         o.put(e.clone());
     }
@@ -280,10 +308,15 @@ fn put_document_root(o: &mut InMemDicomObject) {
 }
 
 /// `o` with its file meta group, written as a Part-10 file.
-fn part10(o: InMemDicomObject, sop_uid: &str, software: &str) -> Result<Vec<u8>, SrError> {
+pub(super) fn part10(
+    o: InMemDicomObject,
+    sop_class: &str,
+    sop_uid: &str,
+    software: &str,
+) -> Result<Vec<u8>, SrError> {
     let meta = FileMetaTableBuilder::new()
         .transfer_syntax(EXPLICIT_VR_LE)
-        .media_storage_sop_class_uid(COMPREHENSIVE_3D_SR)
+        .media_storage_sop_class_uid(sop_class)
         .media_storage_sop_instance_uid(sop_uid)
         .implementation_class_uid(name_uid("cxr-serve implementation"))
         .implementation_version_name(format!("CXR_{software}"));
@@ -299,7 +332,7 @@ fn part10(o: InMemDicomObject, sop_uid: &str, software: &str) -> Result<Vec<u8>,
 pub const LOCAL_SCHEME: &str = "99CXR";
 
 /// Date (YYYYMMDD) and time (HHMMSS) now, UTC.
-fn now_da_tm() -> (String, String) {
+pub(super) fn now_da_tm() -> (String, String) {
     let t = crate::clock::now_rfc3339(); // 2026-11-26T16:52:54.123Z
     let da = t[..10].replace('-', "");
     let tm = t[11..19].replace(':', "");

@@ -9,7 +9,11 @@ crate::message_error!(
 /// A new UID: `2.25.<UUID as an integer>` (ISO/IEC 9834-8), or under `root` with the
 /// UUID's digits that fit in 64 characters.
 pub fn new_uid(root: Option<&str>) -> String {
-    let n = uuid::Uuid::new_v4().as_u128();
+    uid_of(uuid::Uuid::new_v4().as_u128(), root)
+}
+
+/// A UID from 128 bits: `2.25.<n>`, or under `root` with the digits that fit.
+fn uid_of(n: u128, root: Option<&str>) -> String {
     match root {
         None => format!("2.25.{n}"),
         Some(r) => {
@@ -42,14 +46,64 @@ pub fn check_uid_root(root: &str) -> Result<(), UidError> {
 
 /// `2.25.` + the first 128 bits of SHA-256(`name`): a stable UID for a named thing.
 pub(super) fn name_uid(name: &str) -> String {
+    format!("2.25.{}", name_bits(name))
+}
+
+/// The first 128 bits of SHA-256(`name`), marked as a name-based (version 5 style)
+/// UUID, as ISO/IEC 9834-8 asks.
+fn name_bits(name: &str) -> u128 {
     use sha2::Digest;
     let h = sha2::Sha256::digest(name.as_bytes());
     let mut b = [0u8; 16];
     b.copy_from_slice(&h[..16]);
-    // Mark it as a name-based (version 5 style) UUID, as ISO/IEC 9834-8 asks.
     b[6] = (b[6] & 0x0f) | 0x50;
     b[8] = (b[8] & 0x3f) | 0x80;
-    format!("2.25.{}", u128::from_be_bytes(b))
+    u128::from_be_bytes(b)
+}
+
+/// How a result object's new UIDs are made: at random, or derived from what the
+/// result is of (the same source analysed by the same model file gets the same
+/// UIDs, so a PACS that receives it again replaces it instead of adding a copy).
+#[derive(Debug, Clone)]
+pub struct UidMaker {
+    root: Option<String>,
+    /// Seeds of the instance's UIDs and of its series' (none: random).
+    seeds: Option<(String, String)>,
+}
+
+impl UidMaker {
+    /// Random UIDs under `root` (or `2.25`).
+    pub fn random(root: Option<&str>) -> Self {
+        Self {
+            root: root.map(str::to_string),
+            seeds: None,
+        }
+    }
+
+    /// UIDs derived from `instance` (what the object is of) and `series` (what its
+    /// series gathers), under `root` (or `2.25`).
+    pub fn derived(root: Option<&str>, instance: String, series: String) -> Self {
+        Self {
+            root: root.map(str::to_string),
+            seeds: Some((instance, series)),
+        }
+    }
+
+    /// The instance's UID for `what` (`sop`, `tracking`, …).
+    pub fn instance(&self, what: &str) -> String {
+        match &self.seeds {
+            None => new_uid(self.root.as_deref()),
+            Some((i, _)) => uid_of(name_bits(&format!("{i}/{what}")), self.root.as_deref()),
+        }
+    }
+
+    /// Its series' UID for `what`.
+    pub fn series(&self, what: &str) -> String {
+        match &self.seeds {
+            None => new_uid(self.root.as_deref()),
+            Some((_, s)) => uid_of(name_bits(&format!("{s}/{what}")), self.root.as_deref()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -76,5 +130,19 @@ mod tests {
         }
         assert!(name_uid("x").len() <= 64);
         assert_eq!(name_uid("x"), name_uid("x"));
+        let d = UidMaker::derived(Some("1.2.3"), "a".into(), "s".into());
+        assert_eq!(d.instance("sop"), d.instance("sop"));
+        assert_ne!(d.instance("sop"), d.instance("tracking"));
+        assert_ne!(
+            d.instance("sop"),
+            UidMaker::derived(Some("1.2.3"), "b".into(), "s".into()).instance("sop")
+        );
+        assert_eq!(
+            d.series("sr"),
+            UidMaker::derived(Some("1.2.3"), "b".into(), "s".into()).series("sr")
+        );
+        assert!(d.instance("sop").starts_with("1.2.3.") && d.instance("sop").len() <= 64);
+        let r = UidMaker::random(None);
+        assert_ne!(r.instance("sop"), r.instance("sop"));
     }
 }

@@ -1,0 +1,221 @@
+//! The DICOM node: a door of the prediction core for hospitals that move images by
+//! DICOM networking. Peers (modalities, PACS routers) listed in the peers file
+//! associate and send radiographs by C-STORE; each goes through the same gates,
+//! model, OOD score, decision and audit trail as `/predict` (the caller is the
+//! calling AE title), and its results — the TID 1500 SR, and the Secondary Capture
+//! of its attention map (or, for an image refused, an SR that says why) — are queued
+//! in the outbox and sent back into the same study: by C-STORE to configured AEs
+//! and/or by DICOMweb STOW-RS.
+//!
+//! - `scp.rs`: associations in (C-ECHO, C-STORE).
+//! - `peers.rs`: who may associate.
+//! - `outbox.rs`: results waiting to be sent (SQLite; survives restarts).
+//! - `sender.rs`: sends them (C-STORE SCU, STOW-RS), retrying with backoff.
+
+pub mod outbox;
+pub mod peers;
+mod scp;
+mod sender;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::sync::Semaphore;
+
+use crate::dicom_node::outbox::Outbox;
+use crate::dicom_node::peers::Peers;
+use crate::dicom_node::peers::check_ae_title;
+use crate::predict::Core;
+
+pub use scp::RADIOGRAPH_STORAGE;
+pub use scp::TRANSFER_SYNTAXES;
+
+crate::message_error!(
+    /// Why the DICOM node could not start or do its work.
+    NodeError
+);
+
+/// Where results go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// C-STORE to an AE (`AE@host:port`).
+    Store {
+        /// Its AE title.
+        ae_title: String,
+        /// Its host and port.
+        address: String,
+    },
+    /// DICOMweb STOW-RS (`http://host:port/dicom-web`), with an optional bearer token.
+    Stow {
+        /// The service's base URL (its `/studies` is posted to).
+        url: String,
+        /// A bearer token.
+        token: Option<String>,
+    },
+}
+
+impl Destination {
+    /// Parses `AE@host:port`.
+    pub fn parse_store(s: &str) -> Result<Self, NodeError> {
+        let bad = || {
+            NodeError(format!(
+                "--dicom-destination `{s}` must be AE@host:port (an AE title of 1 to 16 characters)"
+            ))
+        };
+        let (ae, address) = s.split_once('@').ok_or_else(bad)?;
+        check_ae_title(ae).map_err(|_| bad())?;
+        let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(bad());
+        }
+        Ok(Self::Store {
+            ae_title: ae.to_string(),
+            address: address.to_string(),
+        })
+    }
+
+    /// A STOW-RS service at `url` (plain HTTP; put TLS in front with a sidecar).
+    pub fn stow(url: &str, token: Option<String>) -> Result<Self, NodeError> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| NodeError(format!("--stow-url `{url}`: {e}")))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(NodeError(format!(
+                "--stow-url `{url}` must be an http:// URL (for https, terminate TLS in a local proxy)"
+            )));
+        }
+        Ok(Self::Stow {
+            url: url.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    /// Its name in the outbox and the metrics.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Store { ae_title, address } => format!("{ae_title}@{address}"),
+            Self::Stow { url, .. } => url.clone(),
+        }
+    }
+}
+
+/// How the node runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Where it listens.
+    pub bind: SocketAddr,
+    /// Its own AE title (the called AE title peers must use).
+    pub ae_title: String,
+    /// Who may associate.
+    pub peers: Peers,
+    /// Where results go (at least one).
+    pub destinations: Vec<Destination>,
+    /// The outbox's SQLite file.
+    pub outbox: PathBuf,
+    /// Most result objects waiting in the outbox.
+    pub outbox_capacity: usize,
+    /// The variant that answers (none: the default).
+    pub model: Option<String>,
+    /// Largest data set taken, bytes.
+    pub max_object_bytes: usize,
+    /// Most associations at once.
+    pub max_associations: usize,
+}
+
+/// What the association threads and the sender share.
+pub(crate) struct Node {
+    core: Core,
+    ae_title: String,
+    peers: Peers,
+    destinations: Vec<Destination>,
+    destination_names: Vec<String>,
+    outbox: Arc<Outbox>,
+    model: Option<String>,
+    max_object_bytes: usize,
+    max_pdu: u32,
+    idle_timeout: Duration,
+    /// Wakes the sender when results are queued.
+    wake: Notify,
+}
+
+/// A running node.
+pub struct NodeHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+/// Starts the node: the listener (associations on blocking threads, at most
+/// `max_associations` at once) and the sender.
+pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
+    if cfg.destinations.is_empty() {
+        return Err(NodeError(
+            "the DICOM node needs a destination for its results: --dicom-destination AE@host:port and/or --stow-url".into(),
+        ));
+    }
+    check_ae_title(&cfg.ae_title).map_err(NodeError)?;
+    let outbox = Outbox::open(&cfg.outbox, cfg.outbox_capacity).map_err(|e| NodeError(e.0))?;
+    let listener = TcpListener::bind(cfg.bind)
+        .await
+        .map_err(|e| NodeError(format!("--dicom-port: cannot listen on {}: {e}", cfg.bind)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| NodeError(e.to_string()))?;
+    let node = Arc::new(Node {
+        core,
+        ae_title: cfg.ae_title,
+        peers: cfg.peers,
+        destination_names: cfg.destinations.iter().map(Destination::name).collect(),
+        destinations: cfg.destinations,
+        outbox: Arc::new(outbox),
+        model: cfg.model,
+        max_object_bytes: cfg.max_object_bytes,
+        max_pdu: 65_536,
+        idle_timeout: scp::IDLE_TIMEOUT,
+        wake: Notify::new(),
+    });
+    tokio::spawn(sender::run(node.clone()));
+    let slots = Arc::new(Semaphore::new(cfg.max_associations.max(1)));
+    tokio::spawn(async move {
+        loop {
+            let (socket, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "DICOM accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(peer = %peer, "DICOM association refused: --dicom-max-associations reached");
+                node.core
+                    .metrics()
+                    .dicom_associations
+                    .with_label_values(&["rejected"])
+                    .inc();
+                continue;
+            };
+            let socket = match socket.into_std().and_then(|s| {
+                s.set_nonblocking(false)?;
+                Ok(s)
+            }) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "DICOM socket unusable");
+                    continue;
+                }
+            };
+            let node = node.clone();
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                scp::serve(&node, socket, &rt);
+                drop(slot);
+            });
+        }
+    });
+    tracing::info!(dicom_addr = %addr, "DICOM node listening");
+    Ok(NodeHandle { addr })
+}

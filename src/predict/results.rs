@@ -1,0 +1,193 @@
+//! Results as DICOM objects to file in the source's study (IHE AI Results): the
+//! TID 1500 SR of an answer and the Secondary Capture of its attention map, or, for
+//! an image the core refused, an SR that says it was not analysed and why. The DICOM
+//! node and the folder job file these; their UIDs are derived from what they are of
+//! (the source image and the model file), so a resent image yields the same objects.
+
+use base64::Engine as _;
+
+use crate::imaging::sr::ScImage;
+use crate::imaging::sr::SrFinding;
+use crate::imaging::sr::SrResult;
+use crate::imaging::sr::SrSource;
+use crate::imaging::sr::UidMaker;
+use crate::imaging::sr::build_sc;
+use crate::imaging::sr::build_sr;
+use crate::inference::ServedModel;
+use crate::predict::ApiError;
+use crate::predict::Core;
+use crate::predict::Prediction;
+use crate::predict::Upload;
+use crate::predict::Valid;
+
+/// One result object, as a Part-10 file.
+#[derive(Debug, Clone)]
+pub struct ResultObject {
+    /// `sr` or `sc`.
+    pub kind: &'static str,
+    /// Its SOP Instance UID.
+    pub sop_instance_uid: String,
+    /// The file.
+    pub bytes: Vec<u8>,
+}
+
+/// What analysing one image for filing gave.
+pub struct Filed {
+    /// The answer, or the refusal of the image (a gate, the OOD score).
+    pub outcome: Result<Prediction, ApiError>,
+    /// The objects to file: SR and SC of an answer, the "not analysed" SR of a
+    /// refusal (none when the image has no DICOM source to file them with).
+    pub objects: Vec<ResultObject>,
+}
+
+/// The SR's model facts and finding for an answer.
+fn classified<'a>(model: &'a ServedModel, p: &Prediction) -> SrResult<'a> {
+    let card = &model.card;
+    SrResult {
+        variant: &card.name,
+        version: &card.version,
+        model_sha256: &card.onnx.sha256,
+        finding: SrFinding::Classified {
+            probability: f64::from(p.probabilities.PNEUMONIA),
+            threshold: p.threshold,
+            pneumonia: p.label == "PNEUMONIA",
+        },
+    }
+}
+
+impl Core {
+    /// One answer as a DICOM Comprehensive 3D SR (TID 1500) in its source's study,
+    /// with new UIDs.
+    pub fn structured_report(
+        &self,
+        model: &ServedModel,
+        source: &SrSource,
+        p: &Prediction,
+    ) -> Result<Vec<u8>, ApiError> {
+        build_sr(
+            source,
+            &classified(model, p),
+            &UidMaker::random(self.uid_root()),
+        )
+        .map_err(|e| ApiError::SrUnavailable(e.to_string()))
+    }
+
+    /// Analyses one image for filing: answered (with its attention map), then its
+    /// SR and SC; or refused as an image, then the SR that says why. `source` is
+    /// what the objects are filed with when the core has none (a DICOM object the
+    /// decoder refused); `seed` names what the image is (its SOP Instance UID and
+    /// pixels), from which, with the model file, the objects' UIDs are derived.
+    ///
+    /// Errors that are not about the image (not ready, overloaded, timeout, audit
+    /// trail) are returned: nothing was decided, the sender should retry.
+    pub async fn analyse_for_filing(
+        &self,
+        valid: &Valid,
+        upload: Upload,
+        source: Option<&SrSource>,
+        seed: &str,
+    ) -> Result<Filed, ApiError> {
+        let model = &valid.model;
+        let card = &model.card;
+        let study = |s: &SrSource| s.study_instance_uid.clone().unwrap_or_default();
+        let uids_for = |s: &SrSource| {
+            UidMaker::derived(
+                self.uid_root(),
+                format!("{}/{seed}", card.onnx.sha256),
+                format!("{}/{}", card.onnx.sha256, study(s)),
+            )
+        };
+        let sr_error = |e: crate::imaging::sr::SrError| ApiError::SrUnavailable(e.0);
+        match self.answer_files(valid, vec![upload]).await {
+            Ok(mut answered) => {
+                let p = answered.predictions.remove(0);
+                let own = answered.sources.remove(0);
+                let src = if own.study_instance_uid.is_some() {
+                    Some(&own)
+                } else {
+                    source
+                };
+                let mut objects = Vec::new();
+                if let Some(src) = src {
+                    let uids = uids_for(src);
+                    objects.push(ResultObject {
+                        kind: "sr",
+                        sop_instance_uid: uids.instance("sr"),
+                        bytes: build_sr(src, &classified(model, &p), &uids).map_err(sr_error)?,
+                    });
+                    if let Some(h) = &p.heatmap {
+                        let png = base64::engine::general_purpose::STANDARD
+                            .decode(&h.overlay_png)
+                            .map_err(|e| ApiError::Internal(e.to_string()))?;
+                        let overlay = image::load_from_memory(&png)
+                            .map_err(|e| ApiError::Internal(e.to_string()))?
+                            .to_rgb8();
+                        let mut lines = vec![
+                            format!(
+                                "cxr {} {}: {} (P(pneumonia) {:.2}, threshold {:.2})",
+                                card.name,
+                                card.version,
+                                p.label,
+                                p.probabilities.PNEUMONIA,
+                                p.threshold
+                            ),
+                            "Attention map of the model (CAM), not a localisation of disease"
+                                .into(),
+                        ];
+                        if p.in_distribution == Some(false) {
+                            lines.push("Out of distribution: do not rely on this label".into());
+                        }
+                        lines.push(
+                            "Computer-generated AI result, not for standalone diagnosis".into(),
+                        );
+                        let sc = ScImage {
+                            overlay: &overlay,
+                            lines,
+                            algorithm: &format!("cxr {}", card.name),
+                            versions: format!(
+                                "{}\\{} {}",
+                                env!("CARGO_PKG_VERSION"),
+                                card.name,
+                                card.version
+                            ),
+                        };
+                        objects.push(ResultObject {
+                            kind: "sc",
+                            sop_instance_uid: uids.instance("sc"),
+                            bytes: build_sc(src, &sc, &uids).map_err(sr_error)?,
+                        });
+                    }
+                }
+                Ok(Filed {
+                    outcome: Ok(p),
+                    objects,
+                })
+            }
+            Err(e) if e.error_type().is_image_refusal() => {
+                let mut objects = Vec::new();
+                if let Some(src) = source {
+                    let uids = uids_for(src);
+                    let result = SrResult {
+                        variant: &card.name,
+                        version: &card.version,
+                        model_sha256: &card.onnx.sha256,
+                        finding: SrFinding::NotAnalysed {
+                            kind: e.error_type().as_str().into(),
+                            reason: e.to_string(),
+                        },
+                    };
+                    objects.push(ResultObject {
+                        kind: "sr",
+                        sop_instance_uid: uids.instance("sr"),
+                        bytes: build_sr(src, &result, &uids).map_err(sr_error)?,
+                    });
+                }
+                Ok(Filed {
+                    outcome: Err(e),
+                    objects,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
