@@ -98,7 +98,7 @@ ENV CXR_HOST=0.0.0.0 \
     MALLOC_MMAP_THRESHOLD_=536870912 \
     MALLOC_TRIM_THRESHOLD_=1073741824
 USER 10001:10001
-EXPOSE 8080 9090
+EXPOSE 8080 9090 11112
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["/usr/local/bin/cxr-serve", "--health-check"]
 ENTRYPOINT ["/usr/local/bin/cxr-serve"]
@@ -125,7 +125,7 @@ ENV CXR_HOST=0.0.0.0 \
     MALLOC_MMAP_THRESHOLD_=536870912 \
     MALLOC_TRIM_THRESHOLD_=1073741824
 USER 10001:10001
-EXPOSE 8080 9090
+EXPOSE 8080 9090 11112
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["/usr/local/bin/cxr-serve", "--health-check"]
 ENTRYPOINT ["/usr/local/bin/cxr-serve"]

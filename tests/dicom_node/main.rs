@@ -63,6 +63,11 @@ struct Orthanc {
 
 impl Orthanc {
     fn start(dir: &Path, name: &str) -> Self {
+        Self::start_with(dir, name, serde_json::json!({}))
+    }
+
+    /// [`Orthanc::start`] with `extra` settings over the test's own.
+    fn start_with(dir: &Path, name: &str, extra: Value) -> Self {
         let (http, dicom) = (free_port(), free_port());
         let db = dir.join(format!("{name}-db"));
         std::fs::create_dir_all(&db).unwrap();
@@ -71,24 +76,23 @@ impl Orthanc {
             .find(|p| Path::new(p).exists())
             .expect("orthanc-dicomweb is not installed: run scripts/setup.sh --test");
         let config = dir.join(format!("{name}.json"));
-        std::fs::write(
-            &config,
-            serde_json::to_string_pretty(&serde_json::json!({
-                "Name": name,
-                "StorageDirectory": db,
-                "IndexDirectory": db,
-                "HttpPort": http,
-                "DicomPort": dicom,
-                "DicomAet": "ORTHANC",
-                "RemoteAccessAllowed": false,
-                "AuthenticationEnabled": false,
-                "Plugins": [plugin],
-                "DicomWeb": {"Enable": true, "Root": "/dicom-web/"},
-                "DicomCheckCalledAet": false,
-            }))
-            .unwrap(),
-        )
-        .unwrap();
+        let mut settings = serde_json::json!({
+            "Name": name,
+            "StorageDirectory": db,
+            "IndexDirectory": db,
+            "HttpPort": http,
+            "DicomPort": dicom,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "Plugins": [plugin],
+            "DicomWeb": {"Enable": true, "Root": "/dicom-web/"},
+            "DicomCheckCalledAet": false,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            settings[k] = v.clone();
+        }
+        std::fs::write(&config, serde_json::to_string_pretty(&settings).unwrap()).unwrap();
         let mut o = Self {
             child: Self::spawn(&config),
             http,
@@ -596,4 +600,74 @@ fn the_folder_job_writes_json_sr_and_sc_per_image_and_a_line_per_refusal() {
     // A PNG has no study to file an SR or SC in: its JSON answer only.
     assert!(exists("more/film.png.json") && !exists("more/film.png.sr.dcm"));
     assert!(!exists("notes.txt.json"));
+}
+
+/// `deploy/orthanc/orthanc.json` without its comments.
+fn shipped_orthanc_config() -> Value {
+    let text = std::fs::read_to_string(root().join("deploy/orthanc/orthanc.json")).unwrap();
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("/*") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find("*/").expect("a closed comment");
+        rest = &rest[start + end + 2..];
+    }
+    out.push_str(rest);
+    serde_json::from_str(&out).expect("deploy/orthanc/orthanc.json is JSON with comments")
+}
+
+/// Orthanc as the router, with the shipped settings and Lua script: a CR stored in
+/// it reaches cxr, and cxr's SR and SC come back into its study.
+#[test]
+fn orthanc_with_the_shipped_configuration_routes_radiographs_to_cxr() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let files = instances(dir);
+    let models = common::models_dir();
+    let shipped = shipped_orthanc_config();
+    let cxr_port = free_port();
+    let ae = shipped["DicomModalities"]["cxr"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pacs = Orthanc::start_with(
+        dir,
+        "router",
+        serde_json::json!({
+            "DicomModalities": {"cxr": [ae, "127.0.0.1", cxr_port]},
+            "DicomAlwaysAllowStore": shipped["DicomAlwaysAllowStore"],
+            "LuaScripts": [root().join("deploy/orthanc/route-to-cxr.lua")],
+        }),
+    );
+    let peers = dir.join("peers.toml");
+    let pacs_ae = shipped["DicomAet"].as_str().unwrap();
+    std::fs::write(&peers, format!("[[peers]]\nae_title = \"{pacs_ae}\"\n")).unwrap();
+    let args: Vec<String> = vec![
+        "--dicom-port".into(),
+        cxr_port.to_string(),
+        "--dicom-ae-title".into(),
+        ae.clone(),
+        "--dicom-peers-file".into(),
+        peers.display().to_string(),
+        "--dicom-destination".into(),
+        format!("{pacs_ae}@127.0.0.1:{}", pacs.dicom),
+        "--dicom-outbox".into(),
+        dir.join("outbox.sqlite").display().to_string(),
+    ];
+    let (_server, _) = start_cxr(models.path(), &args);
+    let out = Command::new(tool("storescu"))
+        .args(["-aet", "MODALITY", "-aec", pacs_ae, "127.0.0.1"])
+        .arg(pacs.dicom.to_string())
+        .arg(files.join("cr.dcm"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = pacs.wait_count(STUDY, 3, 60);
+    let mut modalities: Vec<&str> = got.iter().map(|(_, _, m)| m.as_str()).collect();
+    modalities.sort_unstable();
+    assert_eq!(modalities, ["CR", "OT", "SR"], "{got:?}");
 }
