@@ -47,6 +47,8 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 ((tests)) && ! command -v storescu >/dev/null && need_apt+=(dcmtk)
 ((tests)) && ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ] && need_apt+=(orthanc)
 ((tests)) && ! ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1 && need_apt+=(orthanc-dicomweb)
+# The outbox shared by replicas (--database-url) is tested against a real server.
+((tests)) && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && need_apt+=(postgresql)
 ((tests)) && ! command -v node >/dev/null && need_apt+=(nodejs)
 ((tests)) && ! command -v npm >/dev/null && need_apt+=(npm)
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

@@ -221,6 +221,12 @@ pub struct ServeArgs {
     /// of what was sent; shared by replicas on one volume.
     #[arg(long, env = "CXR_DICOM_OUTBOX", default_value = "cxr-outbox.sqlite")]
     pub dicom_outbox: PathBuf,
+    /// A PostgreSQL database (`postgres://user:password@host:port/db`) for state
+    /// replicas share: the DICOM node's outbox and record of what was sent (instead
+    /// of --dicom-outbox). Never logged.
+    #[arg(long, env = "CXR_DATABASE_URL", hide_env_values = true)]
+    #[serde(skip)]
+    pub database_url: Option<String>,
     /// Most result objects waiting in the outbox; beyond it, C-STOREs are refused
     /// (out of resources) until the destinations catch up.
     #[arg(long, env = "CXR_DICOM_OUTBOX_CAPACITY", default_value_t = 10_000)]
@@ -371,6 +377,7 @@ impl ServeArgs {
             peers,
             destinations,
             outbox: self.dicom_outbox.clone(),
+            database_url: self.database_url.clone(),
             outbox_capacity: self.dicom_outbox_capacity,
             model: self.dicom_model.clone(),
             max_object_bytes: self.max_body_bytes,

@@ -114,8 +114,10 @@ pub struct NodeConfig {
     pub peers: Peers,
     /// Where results go (at least one).
     pub destinations: Vec<Destination>,
-    /// The outbox's SQLite file.
+    /// The outbox's SQLite file (without `database_url`).
     pub outbox: PathBuf,
+    /// A PostgreSQL database for the outbox, shared by replicas (`--database-url`).
+    pub database_url: Option<String>,
     /// Most result objects waiting in the outbox.
     pub outbox_capacity: usize,
     /// The variant that answers (none: the default).
@@ -157,7 +159,19 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
         ));
     }
     check_ae_title(&cfg.ae_title).map_err(NodeError)?;
-    let outbox = Outbox::open(&cfg.outbox, cfg.outbox_capacity).map_err(|e| NodeError(e.0))?;
+    let (path, url, capacity) = (
+        cfg.outbox.clone(),
+        cfg.database_url.clone(),
+        cfg.outbox_capacity,
+    );
+    let outbox = tokio::task::spawn_blocking(move || match url {
+        Some(url) => Outbox::connect(&url, capacity),
+        None => Outbox::open(&path, capacity),
+    })
+    .await
+    .map_err(|e| NodeError(e.to_string()))?
+    .map_err(|e| NodeError(e.0))?;
+    tracing::info!(database = outbox.kind(), "DICOM outbox open");
     let listener = TcpListener::bind(cfg.bind)
         .await
         .map_err(|e| NodeError(format!("--dicom-port: cannot listen on {}: {e}", cfg.bind)))?;

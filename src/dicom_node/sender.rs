@@ -48,7 +48,8 @@ pub(super) async fn run(node: Arc<Node>) {
             Err(_) => Vec::new(),
         };
         if items.is_empty() {
-            update_depth(&node);
+            let n = node.clone();
+            let _ = tokio::task::spawn_blocking(move || update_depth(&n)).await;
             let outbox = node.outbox.clone();
             let next = tokio::task::spawn_blocking(move || outbox.next_due_in())
                 .await
@@ -72,10 +73,17 @@ pub(super) async fn run(node: Arc<Node>) {
         }
         for (name, items) in by_destination {
             let Some(dest) = node.destinations.iter().find(|d| d.name() == name).cloned() else {
-                // A destination no longer configured: its objects wait for it.
-                for i in &items {
-                    let _ = node.outbox.retry(i, "destination not configured");
-                }
+                // A destination no longer configured here (another replica's): its
+                // objects wait for a sender that has it.
+                let n = node.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for i in &items {
+                        let _ = n
+                            .outbox
+                            .retry(i, "destination not configured on this replica");
+                    }
+                })
+                .await;
                 continue;
             };
             let results = match &dest {
@@ -99,35 +107,46 @@ pub(super) async fn run(node: Arc<Node>) {
                     r
                 }
             };
-            let metrics = node.core.metrics();
-            for (item, result) in items.iter().zip(results) {
-                let marked = match &result {
-                    Ok(()) => {
-                        metrics
-                            .dicom_results
-                            .with_label_values(&[&name, "sent"])
-                            .inc();
-                        tracing::info!(destination = %name, sop_instance_uid = %item.sop_instance_uid, "result sent");
-                        node.outbox.sent(item.id).map(|()| Duration::ZERO)
-                    }
-                    Err(e) => {
-                        metrics
-                            .dicom_results
-                            .with_label_values(&[&name, "retried"])
-                            .inc();
-                        let r = node.outbox.retry(item, &e.0);
-                        if let Ok(after) = &r {
-                            tracing::warn!(destination = %name, sop_instance_uid = %item.sop_instance_uid, attempt = item.attempts + 1, retry_in_s = after.as_secs(), error = %e, "result not sent; will retry");
-                        }
-                        r
-                    }
-                };
-                if let Err(e) = marked {
-                    tracing::error!(error = %e, "outbox not writable");
-                }
+            let marker = node.clone();
+            let marked =
+                tokio::task::spawn_blocking(move || mark(&marker, &name, &items, results)).await;
+            if marked.is_err() {
+                tracing::error!("the outbox marker failed");
             }
         }
-        update_depth(&node);
+        let n = node.clone();
+        let _ = tokio::task::spawn_blocking(move || update_depth(&n)).await;
+    }
+}
+
+/// Marks each item sent or due again, and counts it.
+fn mark(node: &Node, name: &str, items: &[Item], results: Vec<Result<(), NodeError>>) {
+    let metrics = node.core.metrics();
+    for (item, result) in items.iter().zip(results) {
+        let marked = match &result {
+            Ok(()) => {
+                metrics
+                    .dicom_results
+                    .with_label_values(&[name, "sent"])
+                    .inc();
+                tracing::info!(destination = %name, sop_instance_uid = %item.sop_instance_uid, "result sent");
+                node.outbox.sent(item.id).map(|()| Duration::ZERO)
+            }
+            Err(e) => {
+                metrics
+                    .dicom_results
+                    .with_label_values(&[name, "retried"])
+                    .inc();
+                let r = node.outbox.retry(item, &e.0);
+                if let Ok(after) = &r {
+                    tracing::warn!(destination = %name, sop_instance_uid = %item.sop_instance_uid, attempt = item.attempts + 1, retry_in_s = after.as_secs(), error = %e, "result not sent; will retry");
+                }
+                r
+            }
+        };
+        if let Err(e) = marked {
+            tracing::error!(error = %e, "outbox not writable");
+        }
     }
 }
 

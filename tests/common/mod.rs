@@ -378,7 +378,15 @@ impl Server {
     /// pipe).
     pub fn discard_logs(&mut self) {
         if let Some(logs) = self.logs.take() {
-            std::thread::spawn(move || for _ in logs {});
+            // CXR_TEST_LOGS=1 shows them (on the test's stderr) instead.
+            let show = std::env::var_os("CXR_TEST_LOGS").is_some();
+            std::thread::spawn(move || {
+                for line in logs.map_while(Result::ok) {
+                    if show {
+                        eprintln!("{line}");
+                    }
+                }
+            });
         }
     }
 

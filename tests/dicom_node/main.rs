@@ -671,3 +671,150 @@ fn orthanc_with_the_shipped_configuration_routes_radiographs_to_cxr() {
     modalities.sort_unstable();
     assert_eq!(modalities, ["CR", "OT", "SR"], "{got:?}");
 }
+
+/// A PostgreSQL server of Debian's, started for a test on a free port (by
+/// `pg_ctl`, stopped by it when dropped).
+struct Postgres {
+    pg_ctl: PathBuf,
+    data: PathBuf,
+    root: bool,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// `program` run as the data directory's owner: the server refuses to run as
+    /// root, so as the `postgres` user then.
+    fn command(&self, program: &Path) -> Command {
+        owner_command(self.root, program)
+    }
+
+    fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path().join("bin"))
+                    .find(|p| p.join("initdb").exists())
+            })
+            .expect("PostgreSQL is not installed: run scripts/setup.sh --test (Debian package postgresql)");
+        let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let data = dir.path().join("data");
+        let init = owner_command(root, &bin.join("initdb"))
+            .args(["-U", "cxr", "--auth=trust", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let port = free_port();
+        let pg = Self {
+            pg_ctl: bin.join("pg_ctl"),
+            data,
+            root,
+            url: format!("postgres://cxr@127.0.0.1:{port}/postgres"),
+            _dir: dir,
+        };
+        let options = format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -k {}",
+            pg._dir.path().display()
+        );
+        let started = pg
+            .command(&pg.pg_ctl)
+            .arg("-D")
+            .arg(&pg.data)
+            .args(["-o", &options, "-l"])
+            .arg(pg._dir.path().join("server.log"))
+            .args(["-w", "-t", "30", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            started.status.success(),
+            "pg_ctl start: {}{}",
+            String::from_utf8_lossy(&started.stdout),
+            std::fs::read_to_string(pg._dir.path().join("server.log")).unwrap_or_default()
+        );
+        pg
+    }
+}
+
+fn owner_command(root: bool, program: &Path) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command(&self.pg_ctl)
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+/// Two replicas sharing their outbox in PostgreSQL: the second recognises an image
+/// the first analysed, and sends what the first queued after the first is gone.
+#[test]
+fn replicas_sharing_postgresql_send_each_result_once_and_take_over_a_dead_ones_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let files = instances(dir);
+    let models = common::models_dir();
+    let pg = Postgres::start();
+    let mut pacs = Orthanc::start(dir, "pacs");
+    let peers = dir.join("peers.toml");
+    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
+    let args: Vec<String> = vec![
+        "--dicom-port".into(),
+        "0".into(),
+        "--dicom-peers-file".into(),
+        peers.display().to_string(),
+        "--dicom-destination".into(),
+        format!("ORTHANC@127.0.0.1:{}", pacs.dicom),
+        "--database-url".into(),
+        pg.url.clone(),
+    ];
+    let (a, a_port) = start_cxr(models.path(), &args);
+    let (b, b_port) = start_cxr(models.path(), &args);
+    let metric = |s: &common::Server, m: &str| {
+        common::tcp_http(&s.addr, "GET", "/metrics", None, b"")
+            .1
+            .contains(m)
+    };
+    let (cr, cr2) = (files.join("cr.dcm"), files.join("cr2.dcm"));
+    assert!(store("MODALITY", a_port, &[&cr]).status.success());
+    assert_eq!(pacs.wait_count(STUDY, 2, 30).len(), 2);
+    // The router sends the same image to the other replica: recognised, not redone.
+    assert!(store("MODALITY", b_port, &[&cr]).status.success());
+    assert!(metric(
+        &b,
+        "cxr_dicom_stores_total{outcome=\"duplicate\"} 1"
+    ));
+    // A queues results while the PACS is down, then dies; B sends them.
+    pacs.stop();
+    assert!(store("MODALITY", a_port, &[&cr2]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !metric(&a, "outcome=\"retried\"") {
+        assert!(Instant::now() < deadline, "A never tried");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // (Killed: a row it held while sending is another's once its claim lapses.)
+    drop(a);
+    pacs.restart();
+    let got = pacs.wait_count(STUDY, 4, 90);
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert!(metric(&b, "outcome=\"sent\"} 2"));
+}
