@@ -38,7 +38,9 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=false \
     CARGO_TERM_COLOR=never
 COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --locked --recipe-path recipe.json --bin cxr-serve
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto proto
+COPY assets assets
 COPY src src
 COPY benches benches
 COPY examples examples

@@ -6,7 +6,7 @@
 #   bash scripts/setup.sh --train   + libtorch (PyPI torch wheel) for cxr-train
 #   bash scripts/setup.sh --gpu     ONNX Runtime with CUDA 13 (onnxruntime-gpu[cuda,cudnn])
 #   bash scripts/setup.sh --test    + the independent tools the tests check against:
-#                                   tritonclient[http] (NVIDIA's V2 protocol client),
+#                                   tritonclient[http,grpc] (NVIDIA's V2 protocol client),
 #                                   pydicom, Pillow, dciodvfy (Debian's dicom3tools), and
 #                                   for the page's browser test Debian's chromium, Node
 #                                   and puppeteer-core (npm; it downloads no browser),
@@ -22,6 +22,7 @@ ORT_VERSION=1.32.0
 TORCH_VERSION=2.13.0
 TRITONCLIENT_VERSION=2.73.0
 PYDICOM_VERSION=3.0.1
+GRPCIO_REFLECTION_VERSION=1.81.1
 PILLOW_VERSION=12.0.0
 
 train=0; gpu=0; tests=0
@@ -93,9 +94,9 @@ fi
 
 if ((tests)); then
   have=$(.venv/bin/python -m pip show tritonclient 2>/dev/null | awk '/^Version:/{print $2}' || true)
-  if [ "$have" != "$TRITONCLIENT_VERSION" ]; then
-    echo "setup: installing tritonclient[http]==$TRITONCLIENT_VERSION (V2 protocol interoperability test)"
-    pip install "tritonclient[http]==$TRITONCLIENT_VERSION"
+  if [ "$have" != "$TRITONCLIENT_VERSION" ] || ! .venv/bin/python -c 'import tritonclient.grpc, grpc_reflection' 2>/dev/null; then
+    echo "setup: installing tritonclient[http,grpc]==$TRITONCLIENT_VERSION and grpcio-reflection (V2 protocol interoperability tests, REST and gRPC)"
+    pip install "tritonclient[http,grpc]==$TRITONCLIENT_VERSION" "grpcio-reflection==$GRPCIO_REFLECTION_VERSION"
   fi
   have=$(.venv/bin/python -m pip show pydicom 2>/dev/null | awk '/^Version:/{print $2}' || true)
   if [ "$have" != "$PYDICOM_VERSION" ]; then

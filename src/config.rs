@@ -194,6 +194,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     #[serde(skip)]
     pub new_api_key: Option<String>,
+    /// Also serve the Open Inference Protocol over gRPC on this port
+    /// (`inference.GRPCInferenceService`, with the health service and reflection);
+    /// off by default.
+    #[arg(long, env = "CXR_GRPC_PORT")]
+    pub grpc_port: Option<u16>,
     /// Also serve as a DICOM node on this port (C-ECHO, C-STORE of CR and DX
     /// radiographs; results filed back into the study); off by default.
     #[arg(long, env = "CXR_DICOM_PORT")]
@@ -383,6 +388,18 @@ impl ServeArgs {
             max_object_bytes: self.max_body_bytes,
             max_associations: self.dicom_max_associations,
         }))
+    }
+
+    /// The gRPC listener's limits.
+    pub fn grpc_limits(&self) -> crate::grpc::GrpcLimits {
+        crate::grpc::GrpcLimits {
+            max_message_bytes: self.max_body_bytes,
+            max_concurrent_streams: 100,
+            keepalive: Duration::from_secs(self.idle_timeout_s.max(1)),
+            request_timeout: Duration::from_secs_f64(
+                self.body_timeout_s as f64 + self.request_timeout_s,
+            ),
+        }
     }
 
     /// Request limits for the HTTP layer.

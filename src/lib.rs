@@ -32,6 +32,7 @@ pub mod defaults;
 pub mod dicom_node;
 pub mod digest;
 pub mod eval;
+pub mod grpc;
 pub mod http;
 pub mod imaging;
 pub mod inference;

@@ -283,6 +283,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     if let Some(listener) = listener {
+        if let Some(port) = args.grpc_port {
+            let addr = format!("{}:{port}", args.host);
+            let l = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--grpc-port)"))?;
+            tracing::info!(grpc_addr = %l.local_addr()?, "gRPC listener (Open Inference Protocol)");
+            let keys = state.api_keys().cloned().map(Arc::new);
+            let mut rx = stop_rx.clone();
+            let (core, limits) = (state.core().clone(), args.grpc_limits());
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                if let Err(e) = cxr::grpc::serve(l, core, keys, limits, stop).await {
+                    tracing::error!(error = %e, "the gRPC listener failed");
+                }
+            });
+        }
         if let Some(cfg) = args.dicom_node().map_err(anyhow::Error::msg)? {
             cxr::dicom_node::start(state.core().clone(), cfg)
                 .await

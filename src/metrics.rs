@@ -52,6 +52,8 @@ pub struct ServerMetrics {
     pub dicom_results: IntCounterVec,
     /// Result objects waiting in the outbox, by destination.
     pub dicom_outbox_depth: IntGaugeVec,
+    /// gRPC calls, by method and status code.
+    pub grpc_requests: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -185,7 +187,13 @@ impl ServerMetrics {
         registry
             .register(Box::new(dicom_outbox_depth.clone()))
             .expect("unique metric name");
+        let grpc_requests = c(
+            "cxr_grpc_requests_total",
+            "gRPC calls of the Open Inference Protocol, by method and status code.",
+            &["method", "code"],
+        );
         Self {
+            grpc_requests,
             dicom_associations,
             dicom_stores,
             dicom_results,

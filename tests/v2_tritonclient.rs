@@ -26,35 +26,15 @@ fn tritonclient_talks_to_the_real_server() {
     server.wait_ready();
     let addr = server.addr.clone();
 
-    // The image, and its preprocessed tensor as the model's own transform makes it.
     let work = tempfile::tempdir().unwrap();
-    let png = common::png_bytes(&common::gray_image(128, 100, 6));
-    let card = cxr::registry::load_card(&dir.path().join("beta.json"))
-        .unwrap()
-        .card;
-    let pre = cxr::imaging::Preprocessor::new(card.input_size, &card.preprocessing).unwrap();
-    let tensor = pre
-        .preprocess_checked(&png, 1 << 24, &cxr::imaging::Geometry::default())
-        .unwrap();
-    let png_path = work.path().join("x.png");
-    let tensor_path = work.path().join("x.f32");
-    std::fs::write(&png_path, &png).unwrap();
-    std::fs::write(
-        &tensor_path,
-        tensor
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>(),
-    )
-    .unwrap();
-
+    let (png_path, tensor_path, size) = common::interop_inputs(dir.path(), "beta", work.path());
     let out = Command::new(&python)
         .arg(root.join("tests/interop/tritonclient_check.py"))
         .arg(&addr)
         .arg("beta")
         .arg(&png_path)
         .arg(&tensor_path)
-        .arg(card.input_size.to_string())
+        .arg(size.to_string())
         .output()
         .unwrap();
     let text = format!(

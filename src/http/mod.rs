@@ -227,20 +227,8 @@ pub struct RequestIds {
     pub client: Option<String>,
 }
 
-/// Longest `x-request-id` kept from a caller.
-pub const MAX_CLIENT_REQUEST_ID: usize = 128;
-
-/// A caller's `x-request-id` as kept: at most [`MAX_CLIENT_REQUEST_ID`] characters
-/// of `A-Z a-z 0-9 - _ . : / + = @`, others dropped; `None` if nothing is left.
-pub fn sanitize_client_request_id(raw: &[u8]) -> Option<String> {
-    let kept: String = raw
-        .iter()
-        .filter(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b))
-        .take(MAX_CLIENT_REQUEST_ID)
-        .map(|&b| char::from(b))
-        .collect();
-    (!kept.is_empty()).then_some(kept)
-}
+pub use crate::predict::MAX_CLIENT_REQUEST_ID;
+pub use crate::predict::sanitize_client_request_id;
 
 /// Gives every request the server's own id (in the `x-request-id` the handlers
 /// read) and keeps the caller's; the answer's `x-request-id` echoes the caller's,

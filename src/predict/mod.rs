@@ -27,6 +27,7 @@ mod error_type;
 pub mod explain;
 mod request;
 mod results;
+pub mod tensor;
 pub mod types;
 mod upload;
 
@@ -48,7 +49,9 @@ pub use error_type::ErrorType;
 pub use request::Answered;
 pub use request::Ask;
 pub use request::Asker;
+pub use request::MAX_CLIENT_REQUEST_ID;
 pub use request::Valid;
+pub use request::sanitize_client_request_id;
 pub use results::Filed;
 pub use results::ResultObject;
 pub use types::ModelRef;

@@ -25,6 +25,21 @@ use crate::predict::upload::Upload;
 use crate::predict::upload::decode_upload;
 use crate::predict::upload::kilo;
 
+/// Longest `x-request-id` kept from a caller.
+pub const MAX_CLIENT_REQUEST_ID: usize = 128;
+
+/// A caller's `x-request-id` as kept: at most [`MAX_CLIENT_REQUEST_ID`] characters
+/// of `A-Z a-z 0-9 - _ . : / + = @`, others dropped; `None` if nothing is left.
+pub fn sanitize_client_request_id(raw: &[u8]) -> Option<String> {
+    let kept: String = raw
+        .iter()
+        .filter(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b))
+        .take(MAX_CLIENT_REQUEST_ID)
+        .map(|&b| char::from(b))
+        .collect();
+    (!kept.is_empty()).then_some(kept)
+}
+
 /// Who asked, and the request's ids: what answers and audit records name.
 #[derive(Debug, Clone)]
 pub struct Asker {
@@ -88,6 +103,25 @@ impl Core {
         let models = self.models().ok_or(ApiError::NotReady)?;
         let model = models.select(ask.model.as_deref(), ask.prefer)?.clone();
         self.validate_for(asker, model, ask, started)
+    }
+
+    /// The variant `name` (at `version`, when given: the card's must match), as the
+    /// Open Inference Protocol names models.
+    pub fn served(&self, name: &str, version: Option<&str>) -> Result<&Arc<ServedModel>, ApiError> {
+        let models = self.models().ok_or(ApiError::NotReady)?;
+        let m = models
+            .get(name)
+            .ok_or_else(|| crate::inference::SelectError::Unknown(name.to_string()))?;
+        if let Some(v) = version
+            && !v.is_empty()
+            && v != m.card.version
+        {
+            return Err(ApiError::NoRoute(format!(
+                "model `{name}` version `{v}` (this server has version `{}`)",
+                m.card.version
+            )));
+        }
+        Ok(m)
     }
 
     /// As [`Core::validate`], for a variant the door has chosen itself (a V2 path).

@@ -7,7 +7,7 @@ pub mod dicom;
 pub mod http;
 
 use std::io::Cursor;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cxr::eval::Metrics as EvalMetrics;
 use cxr::model::arch::{DenseNetConfig, Weights};
@@ -415,4 +415,30 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An image for the protocol clients' tests, as a PNG file and as the preprocessed
+/// tensor (`[1, 3, S, S]`, little-endian FP32) that `model`'s own transform makes of
+/// it, in `work`: their paths and `S`.
+pub fn interop_inputs(models: &Path, model: &str, work: &Path) -> (PathBuf, PathBuf, u32) {
+    let png = png_bytes(&gray_image(128, 100, 6));
+    let card = cxr::registry::load_card(&models.join(format!("{model}.json")))
+        .unwrap()
+        .card;
+    let pre = cxr::imaging::Preprocessor::new(card.input_size, &card.preprocessing).unwrap();
+    let tensor = pre
+        .preprocess_checked(&png, 1 << 24, &cxr::imaging::Geometry::default())
+        .unwrap();
+    let png_path = work.join("x.png");
+    let tensor_path = work.join("x.f32");
+    std::fs::write(&png_path, &png).unwrap();
+    std::fs::write(
+        &tensor_path,
+        tensor
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    (png_path, tensor_path, card.input_size)
 }

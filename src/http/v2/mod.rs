@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 use super::auth::{self, Scope};
 use super::{ApiError, AppState};
-use crate::inference::{SelectError, ServedModel};
+use crate::inference::ServedModel;
 
 mod infer;
 mod tensors;
@@ -125,30 +125,39 @@ pub struct ModelPath {
 }
 
 fn served<'a>(state: &'a AppState, p: &ModelPath) -> Result<&'a Arc<ServedModel>, ApiError> {
-    let models = state.models().ok_or(ApiError::NotReady)?;
-    let m = models
-        .get(&p.name)
-        .ok_or_else(|| SelectError::Unknown(p.name.clone()))?;
-    if let Some(v) = &p.version
-        && v != &m.card.version
-    {
-        return Err(ApiError::NoRoute(format!(
-            "model `{}` version `{v}` (this server has version `{}`)",
-            p.name, m.card.version
-        )));
+    state.core().served(&p.name, p.version.as_deref())
+}
+
+fn server_metadata_of() -> ServerMetadata {
+    let (name, version, extensions) = crate::predict::tensor::server_metadata();
+    ServerMetadata {
+        name: name.into(),
+        version: version.into(),
+        extensions: extensions.into_iter().map(str::to_string).collect(),
     }
-    Ok(m)
+}
+
+fn model_metadata_of(m: &ServedModel) -> ModelMetadata {
+    let (platform, inputs, outputs) = crate::predict::tensor::model_tensors(m);
+    let t = |(name, datatype, shape): crate::predict::tensor::TensorSpec| TensorMetadata {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape,
+    };
+    ModelMetadata {
+        name: m.card.name.clone(),
+        versions: vec![m.card.version.clone()],
+        platform: platform.into(),
+        inputs: inputs.into_iter().map(t).collect(),
+        outputs: outputs.into_iter().map(t).collect(),
+    }
 }
 
 /// Server metadata.
 #[utoipa::path(get, path = "/v2", tag = "open inference protocol",
     responses((status = 200, description = "Server metadata", body = ServerMetadata)))]
 pub async fn server_metadata() -> Json<ServerMetadata> {
-    Json(ServerMetadata {
-        name: "cxr".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        extensions: vec!["binary_tensor_data".into()],
-    })
+    Json(server_metadata_of())
 }
 
 /// Server liveness.
@@ -208,32 +217,7 @@ pub async fn model_metadata(
     State(state): State<AppState>,
     Path(p): Path<ModelPath>,
 ) -> Result<Json<ModelMetadata>, ApiError> {
-    let m = served(&state, &p)?;
-    let s = i64::from(m.card.input_size);
-    let t = |name: &str, datatype: &str, shape: Vec<i64>| TensorMetadata {
-        name: name.into(),
-        datatype: datatype.into(),
-        shape,
-    };
-    Ok(Json(ModelMetadata {
-        name: m.card.name.clone(),
-        versions: vec![m.card.version.clone()],
-        platform: "onnxruntime_onnx".into(),
-        inputs: vec![
-            t("image", "BYTES", vec![-1]),
-            t("input", "FP32", vec![-1, 3, s, s]),
-        ],
-        outputs: {
-            let mut o = vec![
-                t("probabilities", "FP32", vec![-1, 2]),
-                t("label", "BYTES", vec![-1]),
-            ];
-            if m.ood.is_some() {
-                o.push(t("ood_score", "FP64", vec![-1]));
-            }
-            o
-        },
-    }))
+    Ok(Json(model_metadata_of(served(&state, &p)?)))
 }
 
 // The versioned paths: the same handlers, documented under their own paths (a version

@@ -4,7 +4,12 @@
 use crate::http::ApiError;
 use crate::http::v2::RequestInput;
 use crate::predict::Decoded;
-use crate::predict::UploadFacts;
+use crate::predict::tensor::check_count;
+use crate::predict::tensor::image_batch;
+use crate::predict::tensor::le_f32;
+use crate::predict::tensor::length_prefixed;
+use crate::predict::tensor::rows;
+use crate::predict::tensor::tensor_batch;
 use axum::body::Bytes;
 use base64::Engine;
 
@@ -47,16 +52,6 @@ pub(super) fn input_binary<'a>(
     }
 }
 
-pub(super) fn check_batch(n: usize, max: usize) -> Result<(), ApiError> {
-    if n == 0 {
-        return Err(ApiError::BadRequest("the input holds no element".into()));
-    }
-    if n > max {
-        return Err(ApiError::TooManyImages(n, max));
-    }
-    Ok(())
-}
-
 pub(super) fn check_datatype(input: &RequestInput<'_>, want: &str) -> Result<(), ApiError> {
     if input.datatype != want {
         return Err(ApiError::BadRequest(format!(
@@ -75,55 +70,22 @@ pub(super) fn image_elements(
     max: usize,
 ) -> Result<Vec<Bytes>, ApiError> {
     check_datatype(input, "BYTES")?;
-    let n = match input.shape.0.as_slice() {
-        [n] | [n, 1] if *n >= 0 => *n as usize,
-        other => {
-            return Err(ApiError::BadRequest(format!(
-                "input `image` must have shape [N] (one encoded file per element), not {other:?}"
-            )));
-        }
-    };
-    check_batch(n, max)?;
-    let too_many = || {
-        ApiError::BadRequest(format!(
-            "input `image` has shape [{n}] but holds more elements"
-        ))
-    };
+    let n = image_batch(&input.shape.0, max)?;
     let files: Vec<Bytes> = match bin {
-        Some(mut b) => {
-            let mut files = Vec::new();
-            while !b.is_empty() {
-                if files.len() == n {
-                    return Err(too_many());
-                }
-                let (len, rest) = b
-                    .split_first_chunk::<4>()
-                    .ok_or_else(|| bad_bytes("a length prefix is cut short"))?;
-                let len = u32::from_le_bytes(*len) as usize;
-                if len > rest.len() {
-                    return Err(bad_bytes("an element is longer than the bytes left"));
-                }
-                files.push(Bytes::copy_from_slice(&rest[..len]));
-                b = &rest[len..];
-            }
-            files
-        }
+        Some(b) => length_prefixed(b, n)?,
         None => {
             let data = input.data.ok_or_else(|| {
                 ApiError::BadRequest("input `image` has neither `data` nor binary_data_size".into())
             })?;
             read_data(data, Flat::<Bytes>::at_most(n)).map_err(|e| match e {
-                DataError::TooMany => too_many(),
+                DataError::TooMany => ApiError::BadRequest(format!(
+                    "input `image` has shape [{n}] but holds more elements"
+                )),
                 DataError::Invalid(m) => ApiError::BadRequest(m),
             })?
         }
     };
-    if files.len() != n {
-        return Err(ApiError::BadRequest(format!(
-            "input `image` has shape [{n}] but holds {} elements",
-            files.len()
-        )));
-    }
+    check_count(files.len(), n)?;
     Ok(files)
 }
 
@@ -337,12 +299,6 @@ impl<'de, T: Element> serde::de::DeserializeSeed<'de> for Nested<'_, T> {
     }
 }
 
-pub(super) fn bad_bytes(what: &str) -> ApiError {
-    ApiError::BadRequest(format!(
-        "input `image` binary data: {what} (each element is a 4-byte little-endian length, then the bytes)"
-    ))
-}
-
 /// The rows of an `input` tensor `[N, 3, S, S]`, as decoded inputs.
 pub(super) fn tensor_rows(
     input: &RequestInput<'_>,
@@ -351,40 +307,19 @@ pub(super) fn tensor_rows(
     max: usize,
 ) -> Result<Vec<Decoded>, ApiError> {
     check_datatype(input, "FP32")?;
-    let s = i64::from(size);
-    let n = match input.shape.0.as_slice() {
-        [n, 3, h, w] if *n >= 0 && *h == s && *w == s => *n as usize,
-        other => {
-            return Err(ApiError::BadRequest(format!(
-                "input `input` must have shape [N, 3, {s}, {s}] for this model, not {other:?}"
-            )));
-        }
-    };
-    check_batch(n, max)?;
+    let shape = &input.shape.0;
+    let n = tensor_batch(shape, size, max)?;
     let row = 3 * (size as usize) * (size as usize);
     let needed = n * row;
     let values: Vec<f32> = match bin {
-        Some(b) => {
-            if b.len() != n * row * 4 {
-                return Err(ApiError::BadRequest(format!(
-                    "input `input` has {} bytes of FP32 data; shape {:?} needs {}",
-                    b.len(),
-                    input.shape.0,
-                    n * row * 4
-                )));
-            }
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        }
+        Some(b) => le_f32(b, needed, shape)?,
         None => {
             let data = input.data.ok_or_else(|| {
                 ApiError::BadRequest("input `input` has neither `data` nor binary_data_size".into())
             })?;
             read_data(data, Flat::<f32>::at_most(needed)).map_err(|e| match e {
                 DataError::TooMany => ApiError::BadRequest(format!(
-                    "input `input` holds more than the {needed} values its shape {:?} needs",
-                    input.shape.0
+                    "input `input` holds more than the {needed} values its shape {shape:?} needs"
                 )),
                 DataError::Invalid(_) => {
                     ApiError::BadRequest("input `input` data must be numbers".into())
@@ -392,29 +327,5 @@ pub(super) fn tensor_rows(
             })?
         }
     };
-    if values.len() != n * row {
-        return Err(ApiError::BadRequest(format!(
-            "input `input` holds {} values; shape {:?} needs {}",
-            values.len(),
-            input.shape.0,
-            n * row
-        )));
-    }
-    if values.iter().any(|v| !v.is_finite()) {
-        return Err(ApiError::BadRequest(
-            "input `input` holds a value that is not finite (NaN or infinity)".into(),
-        ));
-    }
-    Ok(values
-        .chunks_exact(row)
-        .map(|r| Decoded {
-            input: r.to_vec(),
-            took: std::time::Duration::ZERO,
-            dicom: None,
-            warnings: Vec::new(),
-            upload: UploadFacts::of_tensor(r),
-            sr: None,
-            arrival: None,
-        })
-        .collect())
+    rows(&values, n, row, shape)
 }

@@ -1,0 +1,569 @@
+//! The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`, compiled
+//! from `proto/grpc_predict_v2.proto`): a door onto the prediction core beside the
+//! HTTP one, with the same inputs (`image` BYTES of encoded files, or `input` FP32
+//! `[N, 3, S, S]`, in `contents` or `raw_input_contents`), outputs, parameters,
+//! limits, queues, API keys (`authorization: Bearer …` or `x-api-key` metadata, the
+//! same scopes), audit records and metrics. Errors map to gRPC status codes once,
+//! in [`code`]. Also served: the standard health service and server reflection.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use crate::access::ApiKeys;
+use crate::access::AuthError;
+use crate::access::Caller;
+use crate::access::Scope;
+use crate::access::presented_key;
+use crate::predict::ApiError;
+use crate::predict::Ask;
+use crate::predict::Asker;
+use crate::predict::Core;
+use crate::predict::ErrorType;
+use crate::predict::Prediction;
+use crate::predict::Upload;
+use crate::predict::tensor;
+
+/// The generated protocol types and service.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("inference");
+}
+
+/// The protocol's descriptor set, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/inference_descriptor.bin"));
+
+use pb::grpc_inference_service_server::GrpcInferenceService;
+use pb::model_infer_response::InferOutputTensor;
+
+/// The gRPC status of each error type (one arm per type, no catch-all).
+pub fn code(kind: ErrorType) -> tonic::Code {
+    use tonic::Code;
+    match kind {
+        ErrorType::EmptyImage
+        | ErrorType::InvalidImage
+        | ErrorType::InvalidDicom
+        | ErrorType::InvalidRequest
+        | ErrorType::InvalidQuery
+        | ErrorType::UnsupportedMediaType
+        | ErrorType::UnsupportedTransferSyntax
+        | ErrorType::NotAcceptable => Code::InvalidArgument,
+        ErrorType::ImplausibleGeometry
+        | ErrorType::MissingPixelData
+        | ErrorType::UnsupportedDicom
+        | ErrorType::OperatingPointUnreachable
+        | ErrorType::ColourImage
+        | ErrorType::BlankImage
+        | ErrorType::WrongBodyPart
+        | ErrorType::LateralView
+        | ErrorType::SrUnavailable
+        | ErrorType::ExplanationUnavailable
+        | ErrorType::OutOfDistribution => Code::FailedPrecondition,
+        ErrorType::TooManyPixels | ErrorType::PayloadTooLarge | ErrorType::TooManyImages => {
+            Code::ResourceExhausted
+        }
+        ErrorType::ModelNotFound | ErrorType::NotFound => Code::NotFound,
+        ErrorType::MethodNotAllowed => Code::Unimplemented,
+        ErrorType::Unauthorized => Code::Unauthenticated,
+        ErrorType::Forbidden => Code::PermissionDenied,
+        ErrorType::NotReady | ErrorType::AuditUnavailable => Code::Unavailable,
+        ErrorType::Overloaded => Code::ResourceExhausted,
+        ErrorType::Timeout | ErrorType::BodyTimeout => Code::DeadlineExceeded,
+        ErrorType::Internal => Code::Internal,
+    }
+}
+
+/// An error as a gRPC status: its code, its message, and its `error_type` (and a
+/// retry delay when it is about the server's state) in the trailers.
+pub fn status(e: &ApiError) -> Status {
+    let kind = e.error_type();
+    let message = match e {
+        ApiError::Internal(detail) => {
+            tracing::error!(detail = %detail, "internal error");
+            e.to_string()
+        }
+        _ => e.to_string(),
+    };
+    let mut s = Status::new(code(kind), message);
+    let md = s.metadata_mut();
+    if let Ok(v) = kind.as_str().parse() {
+        md.insert("error-type", v);
+    }
+    if let Some(after) = e.retry_after()
+        && let Ok(v) = after.to_string().parse()
+    {
+        md.insert("retry-after", v);
+    }
+    s
+}
+
+/// The service.
+pub struct Inference {
+    core: Core,
+    keys: Option<Arc<ApiKeys>>,
+}
+
+impl Inference {
+    /// The service over `core`, requiring `keys` when given.
+    pub fn new(core: Core, keys: Option<Arc<ApiKeys>>) -> Self {
+        Self { core, keys }
+    }
+
+    /// Who calls, if its key has `scope`.
+    fn caller<T>(&self, req: &Request<T>, scope: Scope) -> Result<Caller, Status> {
+        let Some(keys) = &self.keys else {
+            return Ok(Caller::anonymous());
+        };
+        let headers = req.metadata().clone().into_headers();
+        keys.authorize(presented_key(&headers), scope).map_err(|e| {
+            let reason = match &e {
+                AuthError::Missing => "missing",
+                AuthError::Invalid => "invalid",
+                AuthError::Forbidden { .. } => "forbidden",
+            };
+            self.core
+                .metrics()
+                .auth_refused
+                .with_label_values(&[reason])
+                .inc();
+            status(&ApiError::Auth(e))
+        })
+    }
+
+    /// Counts a call by method and status code.
+    fn count<T>(&self, method: &str, r: Result<T, Status>) -> Result<T, Status> {
+        let code = match &r {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.core
+            .metrics()
+            .grpc_requests
+            .with_label_values(&[method, &format!("{code:?}")])
+            .inc();
+        r
+    }
+
+    async fn infer(
+        &self,
+        req: Request<pb::ModelInferRequest>,
+    ) -> Result<pb::ModelInferResponse, Status> {
+        let started = Instant::now();
+        let caller = self.caller(&req, Scope::Predict)?;
+        let client_request_id = req
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| crate::predict::sanitize_client_request_id(v.as_bytes()));
+        let asker = Asker {
+            caller,
+            request_id: uuid::Uuid::new_v4().to_string(),
+            client_request_id,
+        };
+        let core = &self.core;
+        let _slot = core.slot().map_err(|e| status(&e))?;
+        let r = req.into_inner();
+        core.within_timeout(infer_inner(core, r, asker, started))
+            .await
+            .map_err(|e| status(&e))
+    }
+}
+
+/// A request parameter as JSON (for the same checks as REST's).
+fn parameter(p: &pb::InferParameter) -> serde_json::Value {
+    use pb::infer_parameter::ParameterChoice;
+    match &p.parameter_choice {
+        Some(ParameterChoice::BoolParam(b)) => (*b).into(),
+        Some(ParameterChoice::Int64Param(i)) => (*i).into(),
+        Some(ParameterChoice::StringParam(s)) => s.clone().into(),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// What the request's `threshold` and `operating_point` parameters ask.
+fn ask_of(r: &pb::ModelInferRequest) -> Result<Ask, ApiError> {
+    let threshold =
+        match r.parameters.get("threshold").map(parameter) {
+            None => None,
+            Some(serde_json::Value::String(s)) => Some(s.parse::<f64>().map_err(|_| {
+                ApiError::BadRequest("parameter `threshold` must be a number".into())
+            })?),
+            Some(v) => Some(v.as_f64().ok_or_else(|| {
+                ApiError::BadRequest("parameter `threshold` must be a number".into())
+            })?),
+        };
+    let operating_point = match r.parameters.get("operating_point").map(parameter) {
+        None => None,
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "parameter `operating_point` must be a string such as `sensitivity:0.95`".into(),
+            ));
+        }
+    };
+    Ok(Ask {
+        threshold,
+        operating_point,
+        ..Ask::default()
+    })
+}
+
+async fn infer_inner(
+    core: &Core,
+    r: pb::ModelInferRequest,
+    asker: Asker,
+    started: Instant,
+) -> Result<pb::ModelInferResponse, ApiError> {
+    let version = (!r.model_version.is_empty()).then_some(r.model_version.as_str());
+    let model = core.served(&r.model_name, version)?.clone();
+    let valid = core.validate_for(asker, model, &ask_of(&r)?, started)?;
+    let model = valid.model.clone();
+    let outputs = selected_outputs(&r)?;
+    if outputs.contains(&"ood_score")
+        && (model.ood.is_none() || core.limits().ood_action == crate::ood_score::OodAction::Off)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "output `ood_score`: model `{}` has no out-of-distribution model, or the server runs with --ood-action off",
+            model.card.name
+        )));
+    }
+    if r.inputs.len() != 1 {
+        return Err(ApiError::BadRequest(format!(
+            "{} inputs; send exactly one: `image` (BYTES, encoded files) or `input` (FP32 [N, 3, {s}, {s}])",
+            r.inputs.len(),
+            s = model.card.input_size
+        )));
+    }
+    let input = &r.inputs[0];
+    let raw = match r.raw_input_contents.as_slice() {
+        [] => None,
+        [one] => Some(one.as_slice()),
+        more => {
+            return Err(ApiError::BadRequest(format!(
+                "{} raw_input_contents for one input",
+                more.len()
+            )));
+        }
+    };
+    if raw.is_some() && input.contents.is_some() {
+        return Err(ApiError::BadRequest(
+            "input has both `contents` and raw_input_contents; send one".into(),
+        ));
+    }
+    let max = core.limits().max_images;
+    let answered = match input.name.as_str() {
+        "image" => {
+            check_datatype(input, "BYTES")?;
+            let n = tensor::image_batch(&input.shape, max)?;
+            let files = match raw {
+                Some(b) => tensor::length_prefixed(b, n)?,
+                None => {
+                    let c = input
+                        .contents
+                        .as_ref()
+                        .map_or(&[][..], |c| &c.bytes_contents[..]);
+                    tensor::check_count(c.len(), n)?;
+                    c.iter().map(|f| bytes::Bytes::copy_from_slice(f)).collect()
+                }
+            };
+            let uploads = files.into_iter().map(Upload::sniff).collect();
+            core.answer_files(&valid, uploads).await?
+        }
+        "input" => {
+            check_datatype(input, "FP32")?;
+            let size = model.card.input_size;
+            let n = tensor::tensor_batch(&input.shape, size, max)?;
+            let row = 3 * (size as usize) * (size as usize);
+            let values = match raw {
+                Some(b) => tensor::le_f32(b, n * row, &input.shape)?,
+                None => input
+                    .contents
+                    .as_ref()
+                    .map(|c| c.fp32_contents.clone())
+                    .unwrap_or_default(),
+            };
+            let rows = tensor::rows(&values, n, row, &input.shape)?;
+            core.answer_decoded(&valid, rows).await?
+        }
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "unknown input `{other}`; model `{}` takes `image` (BYTES) or `input` (FP32)",
+                model.card.name
+            )));
+        }
+    };
+    let (tensors, raw_output_contents) = response_outputs(&answered.predictions, &outputs);
+    let mut parameters = std::collections::HashMap::new();
+    let string = |s: String| pb::InferParameter {
+        parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(s)),
+    };
+    parameters.insert(
+        "threshold".to_string(),
+        string(valid.decision.threshold.to_string()),
+    );
+    parameters.insert(
+        "threshold_source".to_string(),
+        string(valid.decision.source.kind.clone()),
+    );
+    parameters.insert(
+        "request_id".to_string(),
+        string(valid.asker.request_id.clone()),
+    );
+    parameters.insert(
+        "execution_provider".to_string(),
+        string(model.provider.as_str().to_string()),
+    );
+    Ok(pb::ModelInferResponse {
+        model_name: model.card.name.clone(),
+        model_version: model.card.version.clone(),
+        id: r.id.clone(),
+        parameters,
+        outputs: tensors,
+        raw_output_contents,
+    })
+}
+
+fn check_datatype(
+    input: &pb::model_infer_request::InferInputTensor,
+    want: &str,
+) -> Result<(), ApiError> {
+    if input.datatype != want {
+        return Err(ApiError::BadRequest(format!(
+            "input `{}` must have datatype {want}, not {}",
+            input.name, input.datatype
+        )));
+    }
+    Ok(())
+}
+
+/// The outputs to return, in order.
+fn selected_outputs(r: &pb::ModelInferRequest) -> Result<Vec<&'static str>, ApiError> {
+    if r.outputs.is_empty() {
+        return Ok(vec!["probabilities", "label"]);
+    }
+    r.outputs
+        .iter()
+        .map(|o| match o.name.as_str() {
+            "probabilities" => Ok("probabilities"),
+            "label" => Ok("label"),
+            "ood_score" => Ok("ood_score"),
+            other => Err(ApiError::BadRequest(format!(
+                "unknown output `{other}`; this model has `probabilities`, `label` and (with an OOD model) `ood_score`"
+            ))),
+        })
+        .collect()
+}
+
+/// The asked outputs, as tensors with their raw contents (little-endian; BYTES
+/// elements length-prefixed), as Triton answers.
+fn response_outputs(
+    predictions: &[Prediction],
+    outputs: &[&'static str],
+) -> (Vec<InferOutputTensor>, Vec<Vec<u8>>) {
+    let n = predictions.len() as i64;
+    let mut tensors = Vec::new();
+    let mut raw = Vec::new();
+    for name in outputs {
+        let (datatype, shape, bytes): (&str, Vec<i64>, Vec<u8>) = match *name {
+            "probabilities" => (
+                "FP32",
+                vec![n, 2],
+                predictions
+                    .iter()
+                    .flat_map(|p| [p.probabilities.NORMAL, p.probabilities.PNEUMONIA])
+                    .flat_map(f32::to_le_bytes)
+                    .collect(),
+            ),
+            "ood_score" => (
+                "FP64",
+                vec![n],
+                predictions
+                    .iter()
+                    .map(|p| p.ood_score.unwrap_or(f64::NAN))
+                    .flat_map(f64::to_le_bytes)
+                    .collect(),
+            ),
+            _ => {
+                let mut b = Vec::new();
+                for p in predictions {
+                    b.extend_from_slice(&(p.label.len() as u32).to_le_bytes());
+                    b.extend_from_slice(p.label.as_bytes());
+                }
+                ("BYTES", vec![n], b)
+            }
+        };
+        tensors.push(InferOutputTensor {
+            name: (*name).to_string(),
+            datatype: datatype.into(),
+            shape,
+            parameters: Default::default(),
+            contents: None,
+        });
+        raw.push(bytes);
+    }
+    (tensors, raw)
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Inference {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        self.count(
+            "ServerLive",
+            Ok(Response::new(pb::ServerLiveResponse { live: true })),
+        )
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        let ready = self
+            .core
+            .models()
+            .is_some_and(|m| m.all().iter().all(|m| m.is_alive()));
+        self.count(
+            "ServerReady",
+            Ok(Response::new(pb::ServerReadyResponse { ready })),
+        )
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = req.into_inner();
+        let out = if self.core.models().is_none() {
+            Ok(Response::new(pb::ModelReadyResponse { ready: false }))
+        } else {
+            let version = (!r.version.is_empty()).then_some(r.version.as_str());
+            self.core
+                .served(&r.name, version)
+                .map(|m| {
+                    Response::new(pb::ModelReadyResponse {
+                        ready: m.is_alive(),
+                    })
+                })
+                .map_err(|e| status(&e))
+        };
+        self.count("ModelReady", out)
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        let (name, version, extensions) = tensor::server_metadata();
+        self.count(
+            "ServerMetadata",
+            Ok(Response::new(pb::ServerMetadataResponse {
+                name: name.into(),
+                version: version.into(),
+                extensions: extensions.into_iter().map(str::to_string).collect(),
+            })),
+        )
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let out = (|| {
+            self.caller(&req, Scope::Models)?;
+            let r = req.get_ref();
+            let version = (!r.version.is_empty()).then_some(r.version.as_str());
+            let m = self.core.served(&r.name, version).map_err(|e| status(&e))?;
+            let (platform, inputs, outputs) = tensor::model_tensors(m);
+            let t = |(name, datatype, shape): tensor::TensorSpec| {
+                pb::model_metadata_response::TensorMetadata {
+                    name: name.into(),
+                    datatype: datatype.into(),
+                    shape,
+                }
+            };
+            Ok(Response::new(pb::ModelMetadataResponse {
+                name: m.card.name.clone(),
+                versions: vec![m.card.version.clone()],
+                platform: platform.into(),
+                inputs: inputs.into_iter().map(t).collect(),
+                outputs: outputs.into_iter().map(t).collect(),
+            }))
+        })();
+        self.count("ModelMetadata", out)
+    }
+
+    async fn model_infer(
+        &self,
+        req: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let out = self.infer(req).await.map(Response::new);
+        self.count("ModelInfer", out)
+    }
+}
+
+/// Limits of the gRPC listener (the HTTP listener's, in gRPC's terms).
+#[derive(Debug, Clone)]
+pub struct GrpcLimits {
+    /// Largest request message (`--max-body-bytes`).
+    pub max_message_bytes: usize,
+    /// Most concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// A connection idle this long is pinged, and closed if it does not answer.
+    pub keepalive: std::time::Duration,
+    /// Longest a request may take, whatever the client's deadline.
+    pub request_timeout: std::time::Duration,
+}
+
+/// Serves the protocol, the health service (`grpc.health.v1.Health`, SERVING once
+/// the models are loaded) and reflection (v1 and v1alpha) on `listener` until
+/// `shutdown` completes, then drains the calls in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    core: Core,
+    keys: Option<Arc<ApiKeys>>,
+    limits: GrpcLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    use pb::grpc_inference_service_server::GrpcInferenceServiceServer;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    if core.models().is_some() {
+        reporter
+            .set_serving::<GrpcInferenceServiceServer<Inference>>()
+            .await;
+    } else {
+        reporter
+            .set_not_serving::<GrpcInferenceServiceServer<Inference>>()
+            .await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the protocol's descriptor set is valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the protocol's descriptor set is valid");
+    let service = GrpcInferenceServiceServer::new(Inference::new(core, keys))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .timeout(limits.request_timeout)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(limits.keepalive))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
