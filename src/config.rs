@@ -399,6 +399,7 @@ impl ServeArgs {
             request_timeout: Duration::from_secs_f64(
                 self.body_timeout_s as f64 + self.request_timeout_s,
             ),
+            max_connections: self.max_connections,
         }
     }
 

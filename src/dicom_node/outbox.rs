@@ -85,6 +85,7 @@ const SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS outbox (
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at INTEGER NOT NULL,
+    claimed_until INTEGER,
     last_error TEXT,
     created_at INTEGER NOT NULL,
     sent_at INTEGER,
@@ -103,6 +104,7 @@ const SCHEMA_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS cxr_outbox (
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at BIGINT NOT NULL,
+    claimed_until BIGINT,
     last_error TEXT,
     created_at BIGINT NOT NULL,
     sent_at BIGINT,
@@ -121,6 +123,12 @@ impl Outbox {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA_SQLITE)?;
+        // One replica owns an SQLite outbox: what a previous run of it was sending
+        // when it stopped is due again now.
+        conn.execute(
+            "UPDATE outbox SET claimed_until = NULL WHERE claimed_until IS NOT NULL",
+            [],
+        )?;
         Ok(Self {
             store: Store::Sqlite(Mutex::new(conn)),
             capacity,
@@ -254,7 +262,9 @@ impl Outbox {
                 let items = {
                     let mut st = tx.prepare(
                         "SELECT id, destination, sop_instance_uid, payload, attempts FROM outbox
-                         WHERE state = 'pending' AND next_at <= ?1 ORDER BY next_at, id LIMIT ?2",
+                         WHERE state = 'pending' AND next_at <= ?1
+                           AND (claimed_until IS NULL OR claimed_until <= ?1)
+                         ORDER BY next_at, id LIMIT ?2",
                     )?;
                     let rows = st.query_map(rusqlite::params![now, limit as i64], |r| {
                         Ok(Item {
@@ -269,7 +279,7 @@ impl Outbox {
                 };
                 for i in &items {
                     tx.execute(
-                        "UPDATE outbox SET next_at = ?2 WHERE id = ?1",
+                        "UPDATE outbox SET claimed_until = ?2 WHERE id = ?1",
                         rusqlite::params![i.id, until],
                     )?;
                 }
@@ -278,8 +288,9 @@ impl Outbox {
             }
             Store::Postgres(c) => {
                 let rows = lock(c).query(
-                    "UPDATE cxr_outbox SET next_at = $3 WHERE id IN (
+                    "UPDATE cxr_outbox SET claimed_until = $3 WHERE id IN (
                          SELECT id FROM cxr_outbox WHERE state = 'pending' AND next_at <= $1
+                           AND (claimed_until IS NULL OR claimed_until <= $1)
                          ORDER BY next_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
                      RETURNING id, destination, sop_instance_uid, payload, attempts",
                     &[&now, &(limit as i64), &until],
@@ -304,13 +315,13 @@ impl Outbox {
     pub fn next_due_in(&self) -> Result<Option<Duration>, OutboxError> {
         let next: Option<i64> = match &self.store {
             Store::Sqlite(c) => lock(c).query_row(
-                "SELECT MIN(next_at) FROM outbox WHERE state = 'pending'",
+                "SELECT MIN(MAX(next_at, COALESCE(claimed_until, 0))) FROM outbox WHERE state = 'pending'",
                 [],
                 |r| r.get(0),
             )?,
             Store::Postgres(c) => lock(c)
                 .query_one(
-                    "SELECT MIN(next_at) FROM cxr_outbox WHERE state = 'pending'",
+                    "SELECT MIN(GREATEST(next_at, COALESCE(claimed_until, 0))) FROM cxr_outbox WHERE state = 'pending'",
                     &[],
                 )?
                 .get(0),
@@ -324,14 +335,14 @@ impl Outbox {
         match &self.store {
             Store::Sqlite(c) => {
                 lock(c).execute(
-                    "UPDATE outbox SET state = 'sent', payload = NULL, sent_at = ?2, last_error = NULL
+                    "UPDATE outbox SET state = 'sent', payload = NULL, sent_at = ?2, last_error = NULL, claimed_until = NULL
                      WHERE id = ?1",
                     rusqlite::params![id, now],
                 )?;
             }
             Store::Postgres(c) => {
                 lock(c).execute(
-                    "UPDATE cxr_outbox SET state = 'sent', payload = NULL, sent_at = $2, last_error = NULL
+                    "UPDATE cxr_outbox SET state = 'sent', payload = NULL, sent_at = $2, last_error = NULL, claimed_until = NULL
                      WHERE id = $1",
                     &[&id, &now],
                 )?;
@@ -348,13 +359,13 @@ impl Outbox {
         match &self.store {
             Store::Sqlite(c) => {
                 lock(c).execute(
-                    "UPDATE outbox SET attempts = attempts + 1, next_at = ?2, last_error = ?3 WHERE id = ?1",
+                    "UPDATE outbox SET attempts = attempts + 1, next_at = ?2, last_error = ?3, claimed_until = NULL WHERE id = ?1",
                     rusqlite::params![item.id, next, error],
                 )?;
             }
             Store::Postgres(c) => {
                 lock(c).execute(
-                    "UPDATE cxr_outbox SET attempts = attempts + 1, next_at = $2, last_error = $3 WHERE id = $1",
+                    "UPDATE cxr_outbox SET attempts = attempts + 1, next_at = $2, last_error = $3, claimed_until = NULL WHERE id = $1",
                     &[&item.id, &next, &error],
                 )?;
             }
@@ -424,6 +435,13 @@ mod tests {
         drop(o);
         let o = reopen();
         assert_eq!(o.depth().unwrap(), vec![("PACS".to_string(), 1)]);
+        // A row claimed by a run that stopped is due again after a restart.
+        std::thread::sleep(Duration::from_millis(1100));
+        let claimed = o.due(10).unwrap();
+        assert_eq!(claimed.len(), 1);
+        drop(o);
+        let o = reopen();
+        assert_eq!(o.due(10).unwrap().len(), 1);
         assert_eq!(o.add("k", &objs, &dests).unwrap(), 0);
         // Full: refused whole.
         let many: Vec<_> = (0..10)

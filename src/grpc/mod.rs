@@ -88,7 +88,18 @@ pub fn status(e: &ApiError) -> Status {
         }
         _ => e.to_string(),
     };
-    let mut s = Status::new(code(kind), message);
+    // The refusals about the server's state carry google.rpc.RetryInfo (and a
+    // retry-after header, for clients that read only metadata).
+    let mut s = match e.retry_after() {
+        Some(after) => <Status as tonic_types::StatusExt>::with_error_details(
+            code(kind),
+            message,
+            tonic_types::ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(
+                u64::from(after),
+            ))),
+        ),
+        None => Status::new(code(kind), message),
+    };
     let md = s.metadata_mut();
     if let Ok(v) = kind.as_str().parse() {
         md.insert("error-type", v);
@@ -163,13 +174,44 @@ impl Inference {
             request_id: uuid::Uuid::new_v4().to_string(),
             client_request_id,
         };
+        let deadline = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout);
         let core = &self.core;
         let _slot = core.slot().map_err(|e| status(&e))?;
         let r = req.into_inner();
-        core.within_timeout(infer_inner(core, r, asker, started))
-            .await
-            .map_err(|e| status(&e))
+        let job = core.within_timeout(infer_inner(core, r, asker, started));
+        // The client's deadline, when it is sooner than the server's own.
+        match deadline {
+            Some(d) => tokio::time::timeout(d, job)
+                .await
+                .unwrap_or(Err(ApiError::Timeout(d.as_secs_f64()))),
+            None => job.await,
+        }
+        .map_err(|e| status(&e))
     }
+}
+
+/// A `grpc-timeout` header's duration (gRPC over HTTP/2: up to 8 digits and a unit,
+/// H M S m u n).
+pub fn grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// A request parameter as JSON (for the same checks as REST's).
@@ -517,6 +559,54 @@ pub struct GrpcLimits {
     pub keepalive: std::time::Duration,
     /// Longest a request may take, whatever the client's deadline.
     pub request_timeout: std::time::Duration,
+    /// Most connections open at once (`--max-connections`); beyond it a new
+    /// connection is closed at once.
+    pub max_connections: usize,
+}
+
+/// A connection holding its place under the connection cap.
+struct Capped {
+    io: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Capped {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Capped {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Capped {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Serves the protocol, the health service (`grpc.health.v1.Health`, SERVING once
@@ -531,15 +621,20 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     use pb::grpc_inference_service_server::GrpcInferenceServiceServer;
     let (reporter, health) = tonic_health::server::health_reporter();
-    if core.models().is_some() {
+    reporter
+        .set_not_serving::<GrpcInferenceServiceServer<Inference>>()
+        .await;
+    // SERVING once every model is loaded (at once, unless the listener opened
+    // before them: --listen-before-ready).
+    let watched = core.clone();
+    tokio::spawn(async move {
+        while watched.models().is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         reporter
             .set_serving::<GrpcInferenceServiceServer<Inference>>()
             .await;
-    } else {
-        reporter
-            .set_not_serving::<GrpcInferenceServiceServer<Inference>>()
-            .await;
-    }
+    });
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -553,17 +648,93 @@ pub async fn serve(
     let service = GrpcInferenceServiceServer::new(Inference::new(core, keys))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Connections beyond the cap are closed as they come.
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let incoming = async_stream_of(listener, slots);
     tonic::transport::Server::builder()
-        .timeout(limits.request_timeout)
+        // A backstop: the core answers DEADLINE_EXCEEDED itself, sooner.
+        .timeout(limits.request_timeout + std::time::Duration::from_secs(5))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(limits.keepalive))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// The accepted connections, each holding a slot of `slots` (those over the cap
+/// are dropped, closing them).
+fn async_stream_of(
+    listener: tokio::net::TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Capped>> {
+    let accepted = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio_stream::StreamExt::filter_map(accepted, move |conn| match conn {
+        Err(e) => Some(Err(e)),
+        Ok(io) => match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                let _ = io.set_nodelay(true);
+                Some(Ok(Capped { io, _slot: slot }))
+            }
+            Err(_) => {
+                tracing::warn!("gRPC connection refused: --max-connections reached");
+                None
+            }
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_protocol_writes_them() {
+        assert_eq!(grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(
+            grpc_timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        for bad in ["", "S", "123456789S", "1x", "-1S", "1.5S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn refusals_map_to_their_grpc_codes_and_transient_ones_carry_retry_info() {
+        use tonic_types::StatusExt as _;
+        let s = status(&ApiError::Overloaded("m".into()));
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            s.get_details_retry_info().and_then(|r| r.retry_delay),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(s.metadata().get("error-type").unwrap(), "overloaded");
+        let s = status(&ApiError::BadRequest("x".into()));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.get_details_retry_info().is_none());
+        assert_eq!(
+            status(&ApiError::Timeout(1.0)).code(),
+            tonic::Code::DeadlineExceeded
+        );
+        assert_eq!(status(&ApiError::NotReady).code(), tonic::Code::Unavailable);
+        for k in ErrorType::ALL {
+            // Every transient refusal tells the client to come back; no other does.
+            let transient = matches!(
+                code(k),
+                tonic::Code::Unavailable
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::DeadlineExceeded
+            );
+            if k.is_transient() {
+                assert!(transient, "{k:?}");
+            }
+        }
+    }
 }

@@ -481,6 +481,8 @@ fn a_pacs_gets_each_radiographs_sr_and_sc_in_its_study_once_and_after_an_outage(
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(metrics().contains("cxr_dicom_outbox_depth"));
+    // The STOW-RS PACS, never down, has them before this replica stops.
+    assert_eq!(stow_pacs.wait_count(STUDY, 10, 60).len(), 10);
     server.sigterm();
     drop(server);
     store_pacs.restart();
@@ -816,5 +818,10 @@ fn replicas_sharing_postgresql_send_each_result_once_and_take_over_a_dead_ones_q
     pacs.restart();
     let got = pacs.wait_count(STUDY, 4, 90);
     assert_eq!(got.len(), 4, "{got:?}");
-    assert!(metric(&b, "outcome=\"sent\"} 2"));
+    // (Counted once the association that sent them is done.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !metric(&b, "outcome=\"sent\"} 2") {
+        assert!(Instant::now() < deadline, "B did not count its sends");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
