@@ -395,11 +395,12 @@ impl ServeArgs {
         crate::grpc::GrpcLimits {
             max_message_bytes: self.max_body_bytes,
             max_concurrent_streams: 100,
-            keepalive: Duration::from_secs(self.idle_timeout_s.max(1)),
             request_timeout: Duration::from_secs_f64(
                 self.body_timeout_s as f64 + self.request_timeout_s,
             ),
             max_connections: self.max_connections,
+            first_bytes_timeout: Duration::from_secs(self.header_read_timeout_s.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_s.max(1)),
         }
     }
 

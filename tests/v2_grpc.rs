@@ -72,3 +72,51 @@ fn tritonclient_grpc_talks_to_the_real_server() {
         "{metrics}"
     );
 }
+
+/// The gRPC listener closes a connection whose peer sends nothing (within
+/// `--header-read-timeout-s`) or goes quiet (for `--idle-timeout-s`), as the HTTP
+/// listener does.
+#[test]
+fn a_silent_or_idle_grpc_connection_is_closed() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let dir = common::models_dir();
+    let mut server = common::Server::start(
+        dir.path(),
+        &[
+            "--grpc-port",
+            "0",
+            "--header-read-timeout-s",
+            "1",
+            "--idle-timeout-s",
+            "2",
+        ],
+    );
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    // Read until the server closes; how long it took.
+    let closed_after = |s: &mut std::net::TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t = Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return t.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    };
+    // Nothing sent at all.
+    let mut s = std::net::TcpStream::connect(&grpc).unwrap();
+    let took = closed_after(&mut s);
+    assert!(took < Duration::from_secs(4), "open for {took:?}");
+    // The HTTP/2 preface and SETTINGS, then silence.
+    let mut s = std::net::TcpStream::connect(&grpc).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+    let took = closed_after(&mut s);
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "closed after {took:?}"
+    );
+}

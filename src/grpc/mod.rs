@@ -555,19 +555,26 @@ pub struct GrpcLimits {
     pub max_message_bytes: usize,
     /// Most concurrent streams per connection.
     pub max_concurrent_streams: u32,
-    /// A connection idle this long is pinged, and closed if it does not answer.
-    pub keepalive: std::time::Duration,
     /// Longest a request may take, whatever the client's deadline.
     pub request_timeout: std::time::Duration,
     /// Most connections open at once (`--max-connections`); beyond it a new
     /// connection is closed at once.
     pub max_connections: usize,
+    /// Longest a new connection may take to send its first bytes.
+    pub first_bytes_timeout: std::time::Duration,
+    /// Longest a connection may send nothing before it is closed.
+    pub idle_timeout: std::time::Duration,
 }
 
-/// A connection holding its place under the connection cap.
+/// A connection holding its place under the connection cap, closed when its peer
+/// sends nothing: no first bytes within the header-read timeout, or nothing more
+/// for the idle timeout (the HTTP listener's limits).
 struct Capped {
     io: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// When the connection is closed if nothing more arrives.
+    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
+    idle: std::time::Duration,
 }
 
 impl tonic::transport::server::Connected for Capped {
@@ -583,7 +590,26 @@ impl tokio::io::AsyncRead for Capped {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+        use std::future::Future as _;
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    let next = tokio::time::Instant::now() + self.idle;
+                    self.quiet.as_mut().reset(next);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match self.quiet.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the peer sent nothing within the header-read or idle timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
@@ -650,12 +676,14 @@ pub async fn serve(
         .max_encoding_message_size(limits.max_message_bytes);
     // Connections beyond the cap are closed as they come.
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
-    let incoming = async_stream_of(listener, slots);
+    let incoming = async_stream_of(listener, slots, &limits);
     tonic::transport::Server::builder()
         // A backstop: the core answers DEADLINE_EXCEEDED itself, sooner.
         .timeout(limits.request_timeout + std::time::Duration::from_secs(5))
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .http2_keepalive_interval(Some(limits.keepalive))
+        // Pings find dead peers of connections with calls in flight; longer than the
+        // idle timeout, so that they do not keep an idle connection open.
+        .http2_keepalive_interval(Some(limits.idle_timeout * 2))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(health)
         .add_service(reflection_v1)
@@ -670,14 +698,21 @@ pub async fn serve(
 fn async_stream_of(
     listener: tokio::net::TcpListener,
     slots: Arc<tokio::sync::Semaphore>,
+    limits: &GrpcLimits,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<Capped>> {
+    let (first, idle) = (limits.first_bytes_timeout, limits.idle_timeout);
     let accepted = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tokio_stream::StreamExt::filter_map(accepted, move |conn| match conn {
         Err(e) => Some(Err(e)),
         Ok(io) => match slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 let _ = io.set_nodelay(true);
-                Some(Ok(Capped { io, _slot: slot }))
+                Some(Ok(Capped {
+                    io,
+                    _slot: slot,
+                    quiet: Box::pin(tokio::time::sleep(first)),
+                    idle,
+                }))
             }
             Err(_) => {
                 tracing::warn!("gRPC connection refused: --max-connections reached");
