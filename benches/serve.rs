@@ -168,6 +168,7 @@ fn main() {
         intra_spinning: true,
         shared_pool: false,
         cuda_max_batch: cxr::inference::CUDA_MAX_BATCH,
+        backend: cxr::inference::BackendChoice::Ort,
         batch: BatchConfig {
             max_batch: cxr::inference::CPU_MAX_BATCH,
             batch_wait: Duration::ZERO,

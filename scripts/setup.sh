@@ -22,6 +22,7 @@ ORT_VERSION=1.32.0
 TORCH_VERSION=2.13.0
 TRITONCLIENT_VERSION=2.73.0
 PYDICOM_VERSION=3.0.1
+OPENVINO_VERSION=2026.4.1
 GRPCIO_REFLECTION_VERSION=1.81.1
 PILLOW_VERSION=12.0.0
 
@@ -82,6 +83,20 @@ mkdir -p .ort
 ln -sfn "$capi" .ort/lib
 ln -sfn "$(basename "$lib")" "$capi/libonnxruntime.so"
 echo "setup: ONNX Runtime $ORT_VERSION at .ort/lib/libonnxruntime.so -> $lib"
+
+# OpenVINO, the second CPU backend (--backend openvino|auto): its C library from the
+# PyPI wheel, linked at .openvino/lib/libopenvino_c.so (loaded at run time).
+have=$(.venv/bin/python -m pip show openvino 2>/dev/null | awk '/^Version:/{print $2}' || true)
+if [ "$have" != "$OPENVINO_VERSION" ]; then
+  echo "setup: installing openvino==$OPENVINO_VERSION (the OpenVINO backend's library)"
+  pip install "openvino==$OPENVINO_VERSION"
+fi
+ovlibs=$(.venv/bin/python -c 'import openvino, os; print(os.path.join(os.path.dirname(openvino.__file__), "libs"))')
+ovc=$(ls "$ovlibs"/libopenvino_c.so.* | head -1)
+mkdir -p .openvino
+ln -sfn "$ovlibs" .openvino/lib
+ln -sfn "$(basename "$ovc")" "$ovlibs/libopenvino_c.so"
+echo "setup: OpenVINO $OPENVINO_VERSION at .openvino/lib/libopenvino_c.so -> $ovc"
 
 if ((train)); then
   have=$(.venv/bin/python -m pip show torch 2>/dev/null | awk '/^Version:/{print $2}' || true)

@@ -194,6 +194,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     #[serde(skip)]
     pub new_api_key: Option<String>,
+    /// The CPU backend: `ort` (ONNX Runtime), `openvino` (OpenVINO, when it loads the
+    /// file and agrees with ONNX Runtime on a probe; else ONNX Runtime, logged), or
+    /// `auto` (both measured at load, the faster kept). CUDA always runs ONNX Runtime.
+    #[arg(long, env = "CXR_BACKEND", value_enum, default_value = "ort")]
+    pub backend: crate::inference::BackendChoice,
     /// Also serve the Open Inference Protocol over gRPC on this port
     /// (`inference.GRPCInferenceService`, with the health service and reflection);
     /// off by default.
@@ -456,6 +461,7 @@ impl ServeArgs {
             intra_spinning: self.intra_op_spinning,
             shared_pool: self.shared_pool,
             cuda_max_batch: self.max_batch.unwrap_or(CUDA_MAX_BATCH),
+            backend: self.backend,
             batch: BatchConfig {
                 max_batch: self.max_batch.unwrap_or(CPU_MAX_BATCH),
                 batch_wait: Duration::from_micros(self.batch_wait_us),

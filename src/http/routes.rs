@@ -25,6 +25,7 @@ pub(super) fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
         live: LiveFacts {
             execution_provider: m.provider.as_str().into(),
             cuda_fallback_reason: m.fallback_reason.clone(),
+            backend_choice: m.backend_choice.clone(),
             load_time_ms: m.load_time_ms,
             requests_served: m.served(),
             queue_depth: m.queue_depth(),

@@ -45,6 +45,10 @@ pub struct LiveFacts {
     pub execution_provider: String,
     /// Why CUDA was not used (with `--device auto`), if it was tried.
     pub cuda_fallback_reason: Option<String>,
+    /// With `--backend openvino` or `auto`: why this CPU backend serves (the
+    /// measurement of both, or why OpenVINO is not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_choice: Option<String>,
     /// Session creation and warm-up time, ms.
     pub load_time_ms: f64,
     /// Images answered since start.

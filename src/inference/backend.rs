@@ -35,3 +35,10 @@ pub enum RestartError {
     #[error(transparent)]
     Warmup(#[from] RunError),
 }
+
+/// A boxed backend (what a model's chosen backend is kept as) is a backend.
+impl Backend for Box<dyn Backend> {
+    fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, RunError> {
+        (**self).run(batch, n, s)
+    }
+}

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod batcher;
 pub mod measure;
 pub mod models;
+pub mod openvino;
 pub mod runtime;
 
 pub use backend::RestartError;
@@ -17,7 +18,7 @@ pub use models::{
     SelectError, ServedModel, classify_on, load_models,
 };
 pub use runtime::{
-    ClassMaps, CudaError, Device, ModelOutput, Provider, RunError, RuntimeError, SessionOptions,
-    SharedPool, create_session, create_session_via, environment, environment_with, resolve_library,
-    run_outputs, run_probabilities,
+    BackendChoice, ClassMaps, CudaError, Device, ModelOutput, Provider, RunError, RuntimeError,
+    SessionOptions, SharedPool, create_session, create_session_via, environment, environment_with,
+    resolve_library, run_outputs, run_probabilities,
 };

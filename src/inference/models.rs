@@ -59,6 +59,8 @@ pub struct ServedModel {
     pub provider: Provider,
     /// Why CUDA was not used, when `--device auto` fell back.
     pub fallback_reason: Option<String>,
+    /// With `--backend openvino|auto`: why this CPU backend serves.
+    pub backend_choice: Option<String>,
     /// Milliseconds to create the session and warm it up.
     pub load_time_ms: f64,
     /// Its preprocessing.
@@ -319,6 +321,8 @@ pub struct LoadConfig {
     pub batch: BatchConfig,
     /// Largest batch of a model whose session runs on CUDA.
     pub cuda_max_batch: usize,
+    /// The CPU backend (`--backend`).
+    pub backend: super::runtime::BackendChoice,
 }
 
 /// Why the models could not be served.
@@ -361,7 +365,8 @@ pub fn load_models(
             cpu_arena: cfg.cpu_mem_arena,
             intra_spinning: cfg.intra_spinning,
         };
-        let (mut session, provider, fallback_reason) = create_session(env, &m.onnx_bytes, opts)?;
+        let (mut session, mut provider, fallback_reason) =
+            create_session(env, &m.onnx_bytes, opts)?;
         if let Some(why) = &fallback_reason {
             tracing::warn!(model = %m.card.name, reason = %why, "CUDA unavailable, running on the CPU");
         }
@@ -369,7 +374,7 @@ pub fn load_models(
         let batch = BatchConfig {
             max_batch: match provider {
                 Provider::Cuda => cfg.cuda_max_batch,
-                Provider::Cpu => cfg.batch.max_batch,
+                Provider::Cpu | Provider::OpenVinoCpu => cfg.batch.max_batch,
             },
             ..cfg.batch
         };
@@ -379,16 +384,49 @@ pub fn load_models(
         }
         let preprocessor = Preprocessor::new(m.card.input_size, &m.card.preprocessing)
             .expect("the registry checked the preprocessing");
-        // A worker that dies gets a fresh session from the same verified bytes.
+        // The CPU backend: ONNX Runtime's session, or OpenVINO's compiled model when
+        // asked for (or measured faster) and it agrees with ONNX Runtime.
+        let mut backend: Box<dyn super::batcher::Backend> = Box::new(session);
+        let mut openvino = false;
+        let mut backend_choice = None;
+        if provider == Provider::Cpu && cfg.backend != super::runtime::BackendChoice::Ort {
+            match super::openvino::choose(cfg, &m.card, &m.onnx_bytes, backend, s, batch.max_batch)
+            {
+                (b, Ok(note)) => {
+                    backend = b;
+                    openvino = note.chose_openvino;
+                    if openvino {
+                        provider = Provider::OpenVinoCpu;
+                    }
+                    tracing::info!(model = %m.card.name, backend = provider.as_str(), why = %note.why, "CPU backend chosen");
+                    backend_choice = Some(note.why);
+                }
+                (b, Err(why)) => {
+                    backend = b;
+                    tracing::warn!(model = %m.card.name, reason = %why, "OpenVINO not used: ONNX Runtime serves this model");
+                    backend_choice = Some(format!("OpenVINO not used: {why}"));
+                }
+            }
+        }
+        // A worker that dies gets a fresh backend from the same verified bytes.
         let bytes = Arc::new(m.onnx_bytes.clone());
+        let (threads, precision) = (cfg.intra_threads, super::openvino::precision_hint(&m.card));
         let restart: SessionFactory = Arc::new(move || {
-            let (mut session, _, _) = create_session(env, &bytes, opts)?;
-            run_probabilities(&mut session, vec![0.0; 3 * s * s], 1, s)?;
-            Ok(Box::new(session) as Box<dyn super::batcher::Backend>)
+            let mut b: Box<dyn super::batcher::Backend> = if openvino {
+                Box::new(
+                    super::openvino::OpenVinoModel::load(&bytes, threads, precision).map_err(
+                        |e| super::RestartError::Warmup(super::runtime::RunError::Runtime(e.0)),
+                    )?,
+                )
+            } else {
+                Box::new(create_session(env, &bytes, opts)?.0)
+            };
+            b.run(vec![0.0; 3 * s * s], 1, s)?;
+            Ok(b)
         });
         let (batcher, handle) = Batcher::spawn_restarting(
             &m.card.name,
-            session,
+            backend,
             Some(restart),
             s,
             batch,
@@ -404,6 +442,7 @@ pub fn load_models(
             card: m.card,
             provider,
             fallback_reason,
+            backend_choice,
             load_time_ms,
             preprocessor,
             batcher,

@@ -19,6 +19,20 @@ use utoipa::ToSchema;
 /// Where the setup script links the library, relative to the repository root.
 pub const DEFAULT_LIB: &str = ".ort/lib/libonnxruntime.so";
 
+/// Which CPU backend runs a model (`--backend`): ONNX Runtime, OpenVINO, or the
+/// faster of the two on this machine, measured at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// ONNX Runtime (the default).
+    Ort,
+    /// OpenVINO (falls back to ONNX Runtime, logged, when it cannot load the file
+    /// or disagrees with ONNX Runtime on the probe).
+    Openvino,
+    /// Both measured at load on the batch sizes served; the faster kept.
+    Auto,
+}
+
 /// Which execution provider to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -40,6 +54,9 @@ pub enum Provider {
     /// `CUDAExecutionProvider`.
     #[serde(rename = "CUDAExecutionProvider")]
     Cuda,
+    /// OpenVINO's CPU plugin (`--backend openvino|auto`).
+    #[serde(rename = "OpenVINO:CPU")]
+    OpenVinoCpu,
 }
 
 impl Provider {
@@ -48,6 +65,7 @@ impl Provider {
         match self {
             Provider::Cpu => "CPUExecutionProvider",
             Provider::Cuda => "CUDAExecutionProvider",
+            Provider::OpenVinoCpu => "OpenVINO:CPU",
         }
     }
 }

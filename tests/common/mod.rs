@@ -149,6 +149,7 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
         intra_spinning: true,
         shared_pool: false,
         cuda_max_batch: batch.max_batch,
+        backend: cxr::inference::BackendChoice::Ort,
         batch,
     }
 }

@@ -267,6 +267,7 @@ fn device_auto_falls_back_to_cpu_and_cuda_refuses_without_a_gpu() {
             "fallback says why"
         ),
         Provider::Cuda => assert!(reason.is_none()),
+        Provider::OpenVinoCpu => panic!("create_session never makes an OpenVINO backend"),
     }
     assert_eq!(
         run_probabilities(&mut s, input(1, 32, 2), 1, 32)

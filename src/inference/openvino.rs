@@ -1,0 +1,329 @@
+//! The OpenVINO backend: the same ONNX file run by OpenVINO's CPU plugin (its ONNX
+//! front end reads our files directly), behind the same [`Backend`] trait as ONNX
+//! Runtime, with the same outputs (`logits`, `probabilities`, `cam`, `embedding`).
+//! The library (`libopenvino_c`) is loaded at run time from the `openvino` PyPI
+//! wheel that `scripts/setup.sh` installs (`.openvino/lib`), or `OPENVINO_LIB`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use openvino::{Core, DeviceType, ElementType, RwPropertyKey, Shape, Tensor};
+
+use crate::inference::backend::Backend;
+use crate::inference::runtime::{ClassMaps, ModelOutput, RunError};
+use crate::model::onnx::{CAM_NAME, EMBEDDING_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+
+crate::message_error!(
+    /// Why OpenVINO could not load or compile a model.
+    OpenVinoError
+);
+
+/// Where `scripts/setup.sh` links the wheel's library.
+pub const DEFAULT_LIB: &str = ".openvino/lib/libopenvino_c.so";
+
+/// The library to load: `OPENVINO_LIB`, else [`DEFAULT_LIB`] under the working
+/// directory or the executable's.
+pub fn resolve_library() -> PathBuf {
+    if let Ok(p) = std::env::var("OPENVINO_LIB")
+        && !p.is_empty()
+    {
+        return PathBuf::from(p);
+    }
+    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    roots
+        .iter()
+        .map(|r| r.join(DEFAULT_LIB))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_LIB))
+}
+
+static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Loads the library once.
+fn load() -> Result<(), OpenVinoError> {
+    LOADED
+        .get_or_init(|| {
+            let lib = resolve_library();
+            openvino_sys::library::load_from(&lib)
+                .map_err(|e| format!("OpenVINO library {}: {e}", lib.display()))
+        })
+        .clone()
+        .map_err(OpenVinoError)
+}
+
+fn ov(e: impl std::fmt::Display) -> OpenVinoError {
+    OpenVinoError(format!("OpenVINO: {e}"))
+}
+
+fn run_error(e: impl std::fmt::Display) -> RunError {
+    RunError::Runtime(format!("OpenVINO: {e}"))
+}
+
+/// A model compiled for OpenVINO's CPU plugin.
+pub struct OpenVinoModel {
+    // The compiled model keeps what it needs of the core; the core stays with it.
+    _core: Core,
+    compiled: openvino::CompiledModel,
+    outputs: Vec<String>,
+}
+
+impl OpenVinoModel {
+    /// Reads and compiles `onnx` with `threads` inference threads (0: OpenVINO's
+    /// choice) and the given precision hint (`f32` keeps an FP32 file in FP32).
+    pub fn load(
+        onnx: &[u8],
+        threads: usize,
+        precision: Option<&str>,
+    ) -> Result<Self, OpenVinoError> {
+        load()?;
+        let mut core = Core::new().map_err(ov)?;
+        let cpu = DeviceType::CPU;
+        if threads > 0 {
+            core.set_property(
+                &cpu,
+                &RwPropertyKey::InferenceNumThreads,
+                &threads.to_string(),
+            )
+            .map_err(ov)?;
+        }
+        core.set_property(&cpu, &RwPropertyKey::HintPerformanceMode, "LATENCY")
+            .map_err(ov)?;
+        if let Some(p) = precision {
+            core.set_property(&cpu, &RwPropertyKey::HintInferencePrecision, p)
+                .map_err(ov)?;
+        }
+        let model = core.read_model_from_buffer(onnx, None).map_err(ov)?;
+        let mut outputs = Vec::new();
+        for i in 0..model.get_outputs_len().map_err(ov)? {
+            outputs.push(
+                model
+                    .get_output_by_index(i)
+                    .map_err(ov)?
+                    .get_name()
+                    .map_err(ov)?,
+            );
+        }
+        for needed in [LOGITS_NAME, PROBABILITIES_NAME] {
+            if !outputs.iter().any(|o| o == needed) {
+                return Err(OpenVinoError(format!("the model has no `{needed}` output")));
+            }
+        }
+        let compiled = core.compile_model(&model, cpu).map_err(ov)?;
+        Ok(Self {
+            _core: core,
+            compiled,
+            outputs,
+        })
+    }
+}
+
+/// A named output's shape and values.
+fn output(req: &openvino::InferRequest, name: &str) -> Result<(Vec<i64>, Vec<f32>), RunError> {
+    let t = req.get_tensor(name).map_err(run_error)?;
+    let shape = t.get_shape().map_err(run_error)?.get_dimensions().to_vec();
+    let data = t.get_data::<f32>().map_err(run_error)?.to_vec();
+    Ok((shape, data))
+}
+
+impl Backend for OpenVinoModel {
+    fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, RunError> {
+        let mut req = self.compiled.create_infer_request().map_err(run_error)?;
+        let shape = Shape::new(&[n as i64, 3, s as i64, s as i64]).map_err(run_error)?;
+        let mut input = Tensor::new(ElementType::F32, &shape).map_err(run_error)?;
+        input
+            .get_data_mut::<f32>()
+            .map_err(run_error)?
+            .copy_from_slice(&batch);
+        req.set_input_tensor(&input).map_err(run_error)?;
+        req.infer().map_err(run_error)?;
+        let rows = |name: &'static str| -> Result<Vec<[f32; 2]>, RunError> {
+            let (shape, data) = output(&req, name)?;
+            if shape.len() != 2 || shape[0] as usize != n || shape[1] != 2 {
+                return Err(RunError::Shape {
+                    output: name,
+                    shape,
+                    n,
+                });
+            }
+            Ok(data.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
+        };
+        let logits = rows(LOGITS_NAME)?;
+        let probabilities = rows(PROBABILITIES_NAME)?;
+        let mut maps: Vec<Option<ClassMaps>> = vec![None; n];
+        if self.outputs.iter().any(|o| o == CAM_NAME) {
+            let (shape, data) = output(&req, CAM_NAME)?;
+            if shape.len() != 4 || shape[0] as usize != n || shape[1] != 2 {
+                return Err(RunError::Shape {
+                    output: CAM_NAME,
+                    shape,
+                    n,
+                });
+            }
+            let (h, w) = (shape[2] as usize, shape[3] as usize);
+            for (i, m) in maps.iter_mut().enumerate() {
+                *m = Some(ClassMaps {
+                    height: h,
+                    width: w,
+                    data: data[i * 2 * h * w..(i + 1) * 2 * h * w].to_vec(),
+                });
+            }
+        }
+        let mut embeddings: Vec<Option<Vec<f32>>> = vec![None; n];
+        if self.outputs.iter().any(|o| o == EMBEDDING_NAME) {
+            let (shape, data) = output(&req, EMBEDDING_NAME)?;
+            if shape.len() != 2 || shape[0] as usize != n || shape[1] < 1 {
+                return Err(RunError::Shape {
+                    output: EMBEDDING_NAME,
+                    shape,
+                    n,
+                });
+            }
+            let c = shape[1] as usize;
+            for (e, row) in embeddings.iter_mut().zip(data.chunks_exact(c)) {
+                *e = Some(row.to_vec());
+            }
+        }
+        Ok(logits
+            .into_iter()
+            .zip(probabilities)
+            .zip(maps)
+            .zip(embeddings)
+            .map(|(((logits, probabilities), cam), embedding)| ModelOutput {
+                logits,
+                probabilities,
+                cam,
+                embedding,
+            })
+            .collect())
+    }
+}
+
+/// What [`choose`] decided, and why.
+pub struct Choice {
+    /// OpenVINO serves the model.
+    pub chose_openvino: bool,
+    /// The reason, for the log.
+    pub why: String,
+}
+
+/// The precision OpenVINO computes a file's floating-point parts in: `f32` always,
+/// so that an FP32 file answers as ONNX Runtime does (OpenVINO's default on CPUs
+/// with bf16 is bf16, which moves answers and, measured, was slower here).
+pub fn precision_hint(_card: &crate::registry::ModelCard) -> Option<&'static str> {
+    Some("f32")
+}
+
+/// Most |Δ P(PNEUMONIA)| between the backends on the probe: FP32 files must agree
+/// to 1e-4; INT8 files run different INT8 kernels, so to 2e-2.
+fn tolerance(card: &crate::registry::ModelCard) -> f32 {
+    match card.precision {
+        crate::model::int8::Precision::Fp32 => 1e-4,
+        crate::model::int8::Precision::Int8 => 2e-2,
+    }
+}
+
+/// Seconds `b` takes for `runs` batches of `n` (after two warm-up runs).
+fn time(b: &mut dyn Backend, n: usize, s: usize, runs: usize) -> Result<f64, RunError> {
+    let input = vec![0.1_f32; n * 3 * s * s];
+    for _ in 0..2 {
+        b.run(input.clone(), n, s)?;
+    }
+    let t = std::time::Instant::now();
+    for _ in 0..runs {
+        b.run(input.clone(), n, s)?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Chooses the CPU backend of one model (`--backend openvino|auto`): OpenVINO must
+/// load the file and agree with ONNX Runtime on a fixed probe batch; `auto` then
+/// times both at batch 1 and at `max_batch` and keeps the faster. Returns the
+/// backend to serve with, and the choice or why OpenVINO is not used.
+pub(super) fn choose(
+    cfg: &crate::inference::LoadConfig,
+    card: &crate::registry::ModelCard,
+    onnx: &[u8],
+    mut ort: Box<dyn Backend>,
+    s: usize,
+    max_batch: usize,
+) -> (Box<dyn Backend>, Result<Choice, String>) {
+    use crate::inference::runtime::BackendChoice;
+    let mut ov = match OpenVinoModel::load(onnx, cfg.intra_threads, precision_hint(card)) {
+        Ok(m) => m,
+        Err(e) => return (ort, Err(e.0)),
+    };
+    let n = max_batch.max(1);
+    let probe: Vec<f32> = (0..n * 3 * s * s)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let (a, b) = match (ort.run(probe.clone(), n, s), ov.run(probe, n, s)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return (ort, Err(format!("probe run failed: {e}"))),
+    };
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x.probabilities[1] - y.probabilities[1]).abs())
+        .fold(0.0_f32, f32::max);
+    if diff > tolerance(card) {
+        return (
+            ort,
+            Err(format!(
+                "it disagrees with ONNX Runtime on the probe batch: |Δp| {diff:.2e} > {:.0e}",
+                tolerance(card)
+            )),
+        );
+    }
+    match cfg.backend {
+        BackendChoice::Ort => (ort, Err("--backend ort".into())),
+        BackendChoice::Openvino => (
+            Box::new(ov),
+            Ok(Choice {
+                chose_openvino: true,
+                why: format!("--backend openvino; agrees with ONNX Runtime (|Δp| {diff:.1e})"),
+            }),
+        ),
+        BackendChoice::Auto => {
+            let runs = 5;
+            let measure = |b: &mut dyn Backend| -> Result<(f64, f64), RunError> {
+                Ok((
+                    time(b, 1, s, runs)? / runs as f64,
+                    time(b, n, s, runs)? / (runs * n) as f64,
+                ))
+            };
+            match (measure(ort.as_mut()), measure(&mut ov)) {
+                (Ok((o1, on)), Ok((v1, vn))) => {
+                    let why = format!(
+                        "measured: ONNX Runtime {:.1} ms at batch 1, {:.1} ms per image at batch {n}; OpenVINO {:.1} ms, {:.1} ms (|Δp| {diff:.1e})",
+                        o1 * 1e3,
+                        on * 1e3,
+                        v1 * 1e3,
+                        vn * 1e3
+                    );
+                    // The faster at the batch size served under load, not slower at 1.
+                    if vn < on && v1 <= o1 * 1.05 {
+                        (
+                            Box::new(ov),
+                            Ok(Choice {
+                                chose_openvino: true,
+                                why,
+                            }),
+                        )
+                    } else {
+                        (
+                            ort,
+                            Ok(Choice {
+                                chose_openvino: false,
+                                why,
+                            }),
+                        )
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => (ort, Err(format!("timing run failed: {e}"))),
+            }
+        }
+    }
+}
