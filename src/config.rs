@@ -360,7 +360,7 @@ impl ServeArgs {
         })?;
         let peers = Peers::load(peers_file).map_err(|e| ConfigError(e.0))?;
         crate::dicom_node::peers::check_ae_title(&self.dicom_ae_title)
-            .map_err(|e| ConfigError(format!("--dicom-ae-title: {e}")))?;
+            .map_err(|e| ConfigError(format!("--dicom-ae-title: {}", e.0)))?;
         let mut destinations = Vec::new();
         for d in &self.dicom_destination {
             destinations.push(Destination::parse_store(d).map_err(|e| ConfigError(e.0))?);

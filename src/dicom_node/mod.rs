@@ -158,7 +158,7 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
             "the DICOM node needs a destination for its results: --dicom-destination AE@host:port and/or --stow-url".into(),
         ));
     }
-    check_ae_title(&cfg.ae_title).map_err(NodeError)?;
+    check_ae_title(&cfg.ae_title).map_err(|e| NodeError(e.0))?;
     let (path, url, capacity) = (
         cfg.outbox.clone(),
         cfg.database_url.clone(),

@@ -64,7 +64,7 @@ impl Peers {
         let file: PeersFile = toml::from_str(text).map_err(|e| PeersError(e.to_string()))?;
         let mut peers = Vec::with_capacity(file.peers.len());
         for p in file.peers {
-            check_ae_title(&p.ae_title).map_err(PeersError)?;
+            check_ae_title(&p.ae_title)?;
             let hosts = match p.hosts {
                 None => None,
                 Some(hs) => {
@@ -118,16 +118,16 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 /// An AE title: 1 to 16 characters of the default repertoire, no backslash or
 /// control character, not all spaces (PS3.5 6.2).
-pub fn check_ae_title(ae: &str) -> Result<(), String> {
+pub fn check_ae_title(ae: &str) -> Result<(), PeersError> {
     let ok = !ae.trim().is_empty()
         && ae.len() <= 16
         && ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\');
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(PeersError(format!(
             "AE title `{ae}` must be 1 to 16 printable ASCII characters, not all spaces, no backslash"
-        ))
+        )))
     }
 }
 

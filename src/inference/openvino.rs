@@ -40,7 +40,7 @@ pub fn resolve_library() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_LIB))
 }
 
-static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
+static LOADED: OnceLock<Result<(), OpenVinoError>> = OnceLock::new();
 
 /// Loads the library once.
 fn load() -> Result<(), OpenVinoError> {
@@ -48,10 +48,9 @@ fn load() -> Result<(), OpenVinoError> {
         .get_or_init(|| {
             let lib = resolve_library();
             openvino_sys::library::load_from(&lib)
-                .map_err(|e| format!("OpenVINO library {}: {e}", lib.display()))
+                .map_err(|e| OpenVinoError(format!("OpenVINO library {}: {e}", lib.display())))
         })
         .clone()
-        .map_err(OpenVinoError)
 }
 
 fn ov(e: impl std::fmt::Display) -> OpenVinoError {
@@ -249,11 +248,11 @@ pub(super) fn choose(
     mut ort: Box<dyn Backend>,
     s: usize,
     max_batch: usize,
-) -> (Box<dyn Backend>, Result<Choice, String>) {
+) -> (Box<dyn Backend>, Result<Choice, OpenVinoError>) {
     use crate::inference::runtime::BackendChoice;
     let mut ov = match OpenVinoModel::load(onnx, cfg.intra_threads, precision_hint(card)) {
         Ok(m) => m,
-        Err(e) => return (ort, Err(e.0)),
+        Err(e) => return (ort, Err(e)),
     };
     let n = max_batch.max(1);
     let probe: Vec<f32> = (0..n * 3 * s * s)
@@ -261,7 +260,9 @@ pub(super) fn choose(
         .collect();
     let (a, b) = match (ort.run(probe.clone(), n, s), ov.run(probe, n, s)) {
         (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => return (ort, Err(format!("probe run failed: {e}"))),
+        (Err(e), _) | (_, Err(e)) => {
+            return (ort, Err(OpenVinoError(format!("probe run failed: {e}"))));
+        }
     };
     let diff = a
         .iter()
@@ -271,14 +272,14 @@ pub(super) fn choose(
     if diff > tolerance(card) {
         return (
             ort,
-            Err(format!(
+            Err(OpenVinoError(format!(
                 "it disagrees with ONNX Runtime on the probe batch: |Δp| {diff:.2e} > {:.0e}",
                 tolerance(card)
-            )),
+            ))),
         );
     }
     match cfg.backend {
-        BackendChoice::Ort => (ort, Err("--backend ort".into())),
+        BackendChoice::Ort => (ort, Err(OpenVinoError("--backend ort".into()))),
         BackendChoice::Openvino => (
             Box::new(ov),
             Ok(Choice {
@@ -322,7 +323,9 @@ pub(super) fn choose(
                         )
                     }
                 }
-                (Err(e), _) | (_, Err(e)) => (ort, Err(format!("timing run failed: {e}"))),
+                (Err(e), _) | (_, Err(e)) => {
+                    (ort, Err(OpenVinoError(format!("timing run failed: {e}"))))
+                }
             }
         }
     }
