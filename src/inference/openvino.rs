@@ -4,14 +4,15 @@
 //! The library (`libopenvino_c`) is loaded at run time from the `openvino` PyPI
 //! wheel that `scripts/setup.sh` installs (`.openvino/lib`), or `OPENVINO_LIB`.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use openvino::{Core, DeviceType, ElementType, RwPropertyKey, Shape, Tensor};
 
 use crate::inference::backend::Backend;
-use crate::inference::runtime::{ClassMaps, ModelOutput, RunError};
-use crate::model::onnx::{CAM_NAME, EMBEDDING_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+use crate::inference::runtime::{ModelOutput, RunError, model_outputs};
+use crate::model::onnx::{LOGITS_NAME, PROBABILITIES_NAME};
 
 crate::message_error!(
     /// Why OpenVINO could not load or compile a model.
@@ -138,65 +139,13 @@ impl Backend for OpenVinoModel {
             .copy_from_slice(&batch);
         req.set_input_tensor(&input).map_err(run_error)?;
         req.infer().map_err(run_error)?;
-        let rows = |name: &'static str| -> Result<Vec<[f32; 2]>, RunError> {
+        model_outputs(n, |name| {
+            if !self.outputs.iter().any(|o| o == name) {
+                return Ok(None);
+            }
             let (shape, data) = output(&req, name)?;
-            if shape.len() != 2 || shape[0] as usize != n || shape[1] != 2 {
-                return Err(RunError::Shape {
-                    output: name,
-                    shape,
-                    n,
-                });
-            }
-            Ok(data.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
-        };
-        let logits = rows(LOGITS_NAME)?;
-        let probabilities = rows(PROBABILITIES_NAME)?;
-        let mut maps: Vec<Option<ClassMaps>> = vec![None; n];
-        if self.outputs.iter().any(|o| o == CAM_NAME) {
-            let (shape, data) = output(&req, CAM_NAME)?;
-            if shape.len() != 4 || shape[0] as usize != n || shape[1] != 2 {
-                return Err(RunError::Shape {
-                    output: CAM_NAME,
-                    shape,
-                    n,
-                });
-            }
-            let (h, w) = (shape[2] as usize, shape[3] as usize);
-            for (i, m) in maps.iter_mut().enumerate() {
-                *m = Some(ClassMaps {
-                    height: h,
-                    width: w,
-                    data: data[i * 2 * h * w..(i + 1) * 2 * h * w].to_vec(),
-                });
-            }
-        }
-        let mut embeddings: Vec<Option<Vec<f32>>> = vec![None; n];
-        if self.outputs.iter().any(|o| o == EMBEDDING_NAME) {
-            let (shape, data) = output(&req, EMBEDDING_NAME)?;
-            if shape.len() != 2 || shape[0] as usize != n || shape[1] < 1 {
-                return Err(RunError::Shape {
-                    output: EMBEDDING_NAME,
-                    shape,
-                    n,
-                });
-            }
-            let c = shape[1] as usize;
-            for (e, row) in embeddings.iter_mut().zip(data.chunks_exact(c)) {
-                *e = Some(row.to_vec());
-            }
-        }
-        Ok(logits
-            .into_iter()
-            .zip(probabilities)
-            .zip(maps)
-            .zip(embeddings)
-            .map(|(((logits, probabilities), cam), embedding)| ModelOutput {
-                logits,
-                probabilities,
-                cam,
-                embedding,
-            })
-            .collect())
+            Ok(Some((shape, Cow::Owned(data))))
+        })
     }
 }
 

@@ -373,8 +373,8 @@ pub fn run_probabilities(
         .collect())
 }
 
-/// Runs `session` on a `[n, 3, s, s]` batch and returns each row's `logits` and
-/// `probabilities`.
+/// Runs `session` on a `[n, 3, s, s]` batch: each input's logits and probabilities,
+/// and its class maps and embedding when the model has those outputs.
 pub fn run_outputs(
     session: &mut Session,
     batch: Vec<f32>,
@@ -382,34 +382,48 @@ pub fn run_outputs(
     s: usize,
 ) -> Result<Vec<ModelOutput>, RunError> {
     let outputs = run_batch(session, batch, n, s)?;
-    let mut rows = [Vec::new(), Vec::new()];
-    for (k, name) in [
-        crate::model::onnx::LOGITS_NAME,
-        crate::model::onnx::PROBABILITIES_NAME,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let (shape, data) = outputs[name]
-            .try_extract_tensor::<f32>()
-            .map_err(ort_error)?;
+    model_outputs(n, |name| match outputs.get(name) {
+        None => Ok(None),
+        Some(v) => {
+            let (shape, data) = v.try_extract_tensor::<f32>().map_err(ort_error)?;
+            Ok(Some((shape.to_vec(), std::borrow::Cow::Borrowed(data))))
+        }
+    })
+}
+
+/// A named output's shape and values, as a backend gives them (`None`: the model has
+/// no such output).
+pub(crate) type NamedOutput<'a> = Option<(Vec<i64>, std::borrow::Cow<'a, [f32]>)>;
+
+/// A batch of `n` inputs' [`ModelOutput`]s from a backend's named outputs, each
+/// checked against the model contract: `logits` and `probabilities` `[n, 2]`
+/// (required), `cam` `[n, 2, h, w]` and `embedding` `[n, c]` (when present). Every
+/// backend answers through this one reading.
+pub(crate) fn model_outputs<'a>(
+    n: usize,
+    mut output: impl FnMut(&'static str) -> Result<NamedOutput<'a>, RunError>,
+) -> Result<Vec<ModelOutput>, RunError> {
+    use crate::model::onnx::{CAM_NAME, EMBEDDING_NAME, LOGITS_NAME, PROBABILITIES_NAME};
+    let mut rows = |name: &'static str| -> Result<Vec<[f32; 2]>, RunError> {
+        let (shape, data) = output(name)?
+            .ok_or_else(|| RunError::Runtime(format!("the model has no `{name}` output")))?;
         if shape.len() != 2 || shape[0] as usize != n || shape[1] != 2 {
             return Err(RunError::Shape {
                 output: name,
-                shape: shape.to_vec(),
+                shape,
                 n,
             });
         }
-        rows[k] = data.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
-    }
-    let [logits, probs] = rows;
+        Ok(data.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
+    };
+    let logits = rows(LOGITS_NAME)?;
+    let probs = rows(PROBABILITIES_NAME)?;
     let mut maps: Vec<Option<ClassMaps>> = vec![None; n];
-    if let Some(v) = outputs.get(crate::model::onnx::CAM_NAME) {
-        let (shape, data) = v.try_extract_tensor::<f32>().map_err(ort_error)?;
+    if let Some((shape, data)) = output(CAM_NAME)? {
         if shape.len() != 4 || shape[0] as usize != n || shape[1] != 2 {
             return Err(RunError::Shape {
-                output: crate::model::onnx::CAM_NAME,
-                shape: shape.to_vec(),
+                output: CAM_NAME,
+                shape,
                 n,
             });
         }
@@ -423,12 +437,11 @@ pub fn run_outputs(
         }
     }
     let mut embeddings: Vec<Option<Vec<f32>>> = vec![None; n];
-    if let Some(v) = outputs.get(crate::model::onnx::EMBEDDING_NAME) {
-        let (shape, data) = v.try_extract_tensor::<f32>().map_err(ort_error)?;
+    if let Some((shape, data)) = output(EMBEDDING_NAME)? {
         if shape.len() != 2 || shape[0] as usize != n || shape[1] < 1 {
             return Err(RunError::Shape {
-                output: crate::model::onnx::EMBEDDING_NAME,
-                shape: shape.to_vec(),
+                output: EMBEDDING_NAME,
+                shape,
                 n,
             });
         }
