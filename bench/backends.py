@@ -7,7 +7,7 @@ an FP32 and an INT8 file. Starts its own servers (release build).
     cargo build --release --bin cxr-serve
     .venv/bin/python bench/backends.py [--models weighted,weighted-int8]
 """
-import os, socket, statistics, subprocess, sys, time
+import os, statistics, subprocess, sys, time
 
 import numpy as np
 import openvino as ov
@@ -16,14 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import serving  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def raw_ov(path, threads, n1, nsat):
@@ -67,7 +59,7 @@ def raw_ort(models_dir, name, threads, n1, nsat):
 
 
 def served(a, name, backend, body, n1, nsat):
-    port = free_port()
+    port = serving.free_port()
     srv = subprocess.Popen(
         [os.path.join(HERE, "..", "target", "release", "cxr-serve"), "--models-dir", a.models_dir,
          "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--intra-threads", str(a.threads),

@@ -7,7 +7,7 @@ interleaved round by round so drift hits them alike. Starts its own cxr-serve.
     cargo build --release --bin cxr-serve
     .venv/bin/python bench/protocols.py [--model weighted-int8] [--concurrency 8]
 """
-import concurrent.futures as cf, os, socket, statistics, subprocess, sys, time
+import concurrent.futures as cf, os, statistics, subprocess, sys, time
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -19,14 +19,6 @@ import serving  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def main():
     ap = serving.parser(__doc__)
     ap.add_argument("--model", default="weighted-int8")
@@ -35,7 +27,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     body = serving.test_jpeg(a.data)
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = serving.free_port(), serving.free_port()
     server = subprocess.Popen(
         [os.path.join(HERE, "..", "target", "release", "cxr-serve"), "--models-dir", a.models_dir,
          "--host", "127.0.0.1", "--port", str(http_port), "--grpc-port", str(grpc_port),

@@ -6,7 +6,7 @@ thread count.
 Each client thread keeps one HTTP/1.1 connection open (as a gateway in front of the
 service does, and wrk, hey or k6 by default); until 2026-11-27 the benchmarks opened
 a connection per request (urllib), which added 0.6-0.9 ms to every served time here."""
-import argparse, concurrent.futures as cf, glob, http.client, os, threading, time
+import argparse, concurrent.futures as cf, glob, http.client, os, socket, threading, time
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +21,15 @@ def parser(doc):
     ap.add_argument("--models-dir", default=os.path.join(HERE, "..", "models"))
     ap.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data", "chest_xray_224"))
     return ap
+
+
+def free_port():
+    """A port nothing listens on now (for a server the benchmark starts)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
 
 
 def test_jpeg(data):
