@@ -13,7 +13,12 @@ an ECE bin edge moves the ECE by up to 1/624).
 
 When `models/<name>.test-scores.json` exists (written by cxr-train at export, or by
 `cxr-train test-scores` for a shipped file), every served probability must also lie
-within 1e-5 of cxr-train's for that image, with the same label.
+within 1e-5 of cxr-train's for that image, with the same label. A server on another
+backend than cxr-train's ONNX Runtime (`--backend openvino`: other INT8 kernels) is
+checked with `--tolerance` (e.g. 2e-2, the load-time probe's bound for INT8 files)
+or with `--labels-only`: every image's label must still equal cxr-train's, and the
+confusion matrix and accuracy the card's; AUC, ECE and the probabilities outside
+the tolerance are then reported, not required.
 
 Standard library only. Exits non-zero on any mismatch or failed request.
 """
@@ -76,6 +81,10 @@ def main():
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--models-dir", default=os.path.join(os.path.dirname(__file__), "..", "models"),
                     help="where <name>.test-scores.json (cxr-train's per-image scores) are")
+    ap.add_argument("--tolerance", type=float, default=1e-5,
+                    help="most |served - cxr-train| P(PNEUMONIA) per image")
+    ap.add_argument("--labels-only", action="store_true",
+                    help="labels and confusion must match; AUC/ECE only reported")
     a = ap.parse_args()
     for _ in range(600):
         try:
@@ -109,7 +118,7 @@ def main():
         scores = [struct.unpack("f", struct.pack("f", float(ans["probabilities"]["PNEUMONIA"])))[0] for ans in answers]
         labels = [label for _, label in files]
         served_auc, served_ece = auc(scores, labels), ece(scores, labels, card["threshold"])
-        prob_match = abs(served_auc - test.get("auc", -1)) < 1e-4 and abs(served_ece - test.get("ece", -1)) < 2e-3
+        prob_match = a.labels_only or abs(served_auc - test.get("auc", -1)) < 1e-4 and abs(served_ece - test.get("ece", -1)) < 2e-3
         print(f"  {name}: served AUC {served_auc:.6f} (card {test.get('auc', float('nan')):.6f}), "
               f"ECE {served_ece:.6f} (card {test.get('ece', float('nan')):.6f})", file=sys.stderr)
         match = cc == c and abs(test.get("accuracy", -1) - acc) < 1e-12 and prob_match
@@ -121,15 +130,18 @@ def main():
                 print(f"  {name}: {sp} is of another ONNX file", file=sys.stderr)
                 match = False
             by_file = {i["file"]: i for i in ref["images"]}
-            bad = 0
+            bad, most, outside = 0, 0.0, 0
             for (path, label), ans, p in zip(files, answers, scores):
                 key = os.path.relpath(path, a.data)
                 r = by_file.get(key)
-                if r is None or r["label"] != label or abs(r["p_pneumonia"] - p) > 1e-5 or r["answer"] != ans["label"]:
+                most = max(most, abs(r["p_pneumonia"] - p)) if r else most
+                far = r is not None and abs(r["p_pneumonia"] - p) > a.tolerance
+                outside += far
+                if r is None or r["label"] != label or r["answer"] != ans["label"] or (far and not a.labels_only):
                     bad += 1
                     if bad <= 5:
                         print(f"  {name}: {key}: served {p} {ans['label']}, cxr-train {r and (r['p_pneumonia'], r['answer'])}", file=sys.stderr)
-            print(f"  {name}: per image: {len(files) - bad}/{len(files)} served probabilities within 1e-5 of cxr-train's and the same label", file=sys.stderr)
+            print(f"  {name}: per image: {len(files) - bad}/{len(files)} pass; {len(files) - outside}/{len(files)} served probabilities within {a.tolerance:g} of cxr-train's (most |Δp| {most:.2e}); labels must equal cxr-train's", file=sys.stderr)
             match &= bad == 0 and len(by_file) == len(files)
         else:
             print(f"  {name}: no {sp}: per-image comparison skipped", file=sys.stderr)

@@ -25,9 +25,24 @@ fn openvino_agrees_with_onnx_runtime_on_every_output_of_a_batch() {
     }
     let mut ort = common::cpu_session(&loaded.onnx_bytes);
     let want = cxr::inference::runtime::run_outputs(&mut ort, batch.clone(), n, s).unwrap();
-    let mut ov = OpenVinoModel::load(&loaded.onnx_bytes, 1, Some("f32"))
-        .expect("OpenVINO (scripts/setup.sh installs its library at .openvino/lib)");
-    let got = ov.run(batch, n, s).unwrap();
+    // One thread: one stream, the batch on the latency model. Two threads: two
+    // streams, the batch of three split 2 + 1 across them and joined in order.
+    for threads in [1, 2] {
+        let mut ov = OpenVinoModel::load(&loaded.onnx_bytes, threads, Some("f32"))
+            .expect("OpenVINO (scripts/setup.sh installs its library at .openvino/lib)");
+        if threads == 2 && std::thread::available_parallelism().map_or(1, |p| p.get()) >= 2 {
+            assert!(ov.streams() >= 2, "two threads on two cores give two streams");
+        }
+        let got = ov.run(batch.clone(), n, s).unwrap();
+        agree(&got, &want, n);
+    }
+}
+
+fn agree(
+    got: &[cxr::inference::ModelOutput],
+    want: &[cxr::inference::ModelOutput],
+    n: usize,
+) {
     assert_eq!(got.len(), n);
     let close = |a: &[f32], b: &[f32], what: &str| {
         assert_eq!(a.len(), b.len(), "{what}");
@@ -38,7 +53,7 @@ fn openvino_agrees_with_onnx_runtime_on_every_output_of_a_batch() {
             );
         }
     };
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
         close(&g.logits, &w.logits, &format!("logits {i}"));
         close(
             &g.probabilities,

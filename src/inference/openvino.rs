@@ -62,12 +62,25 @@ fn run_error(e: impl std::fmt::Display) -> RunError {
     RunError::Runtime(format!("OpenVINO: {e}"))
 }
 
-/// A model compiled for OpenVINO's CPU plugin.
+/// A model compiled for OpenVINO's CPU plugin, twice: for latency (one request
+/// using every inference thread: what a lone image runs on) and for throughput
+/// (OpenVINO's streams, each a request with a share of the threads: a batch is
+/// split across them and they run at once). A batch on the latency model makes all
+/// threads meet at every layer, so one core taken away for a moment (the server
+/// decoding the next request) stalls the other; streams do not wait on each other,
+/// and under load the served rate stays near raw OpenVINO's own async rate
+/// (bench/RESULTS.md).
 pub struct OpenVinoModel {
-    // The compiled model keeps what it needs of the core; the core stays with it.
-    _core: Core,
-    compiled: openvino::CompiledModel,
+    // Fields drop in order: requests before their compiled models, those before
+    // the core.
+    /// The latency model's request, reused batch after batch (the worker runs one
+    /// batch at a time): its buffers are kept.
+    req: openvino::InferRequest,
+    /// One request per stream of the throughput model (none with a single stream).
+    streams: Vec<openvino::InferRequest>,
     outputs: Vec<String>,
+    _compiled: [openvino::CompiledModel; 2],
+    _core: Core,
 }
 
 impl OpenVinoModel {
@@ -89,8 +102,6 @@ impl OpenVinoModel {
             )
             .map_err(ov)?;
         }
-        core.set_property(&cpu, &RwPropertyKey::HintPerformanceMode, "LATENCY")
-            .map_err(ov)?;
         if let Some(p) = precision {
             core.set_property(&cpu, &RwPropertyKey::HintInferencePrecision, p)
                 .map_err(ov)?;
@@ -111,13 +122,57 @@ impl OpenVinoModel {
                 return Err(OpenVinoError(format!("the model has no `{needed}` output")));
             }
         }
-        let compiled = core.compile_model(&model, cpu).map_err(ov)?;
+        let mut compile = |hint: &str| -> Result<openvino::CompiledModel, OpenVinoError> {
+            core.set_property(&cpu, &RwPropertyKey::HintPerformanceMode, hint)
+                .map_err(ov)?;
+            core.compile_model(&model, DeviceType::CPU).map_err(ov)
+        };
+        let mut latency = compile("LATENCY")?;
+        let mut throughput = compile("THROUGHPUT")?;
+        let req = latency.create_infer_request().map_err(ov)?;
+        let n: usize = throughput
+            .get_property(&openvino::PropertyKey::OptimalNumberOfInferRequests)
+            .map_err(ov)?
+            .trim()
+            .parse()
+            .map_err(ov)?;
+        let streams = if n > 1 {
+            (0..n)
+                .map(|_| throughput.create_infer_request().map_err(ov))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
-            _core: core,
-            compiled,
+            req,
+            streams,
             outputs,
+            _compiled: [latency, throughput],
+            _core: core,
         })
     }
+
+    /// Requests the throughput model runs at once (1: every batch on the latency
+    /// model).
+    pub fn streams(&self) -> usize {
+        self.streams.len().max(1)
+    }
+}
+
+/// Sets `n` images of `[3, s, s]` as `req`'s input.
+fn set_input(
+    req: &mut openvino::InferRequest,
+    batch: &[f32],
+    n: usize,
+    s: usize,
+) -> Result<(), RunError> {
+    let shape = Shape::new(&[n as i64, 3, s as i64, s as i64]).map_err(run_error)?;
+    let mut input = Tensor::new(ElementType::F32, &shape).map_err(run_error)?;
+    input
+        .get_data_mut::<f32>()
+        .map_err(run_error)?
+        .copy_from_slice(batch);
+    req.set_input_tensor(&input).map_err(run_error)
 }
 
 /// A named output's shape and values.
@@ -130,20 +185,70 @@ fn output(req: &openvino::InferRequest, name: &str) -> Result<(Vec<i64>, Vec<f32
 
 impl Backend for OpenVinoModel {
     fn run(&mut self, batch: Vec<f32>, n: usize, s: usize) -> Result<Vec<ModelOutput>, RunError> {
-        let mut req = self.compiled.create_infer_request().map_err(run_error)?;
-        let shape = Shape::new(&[n as i64, 3, s as i64, s as i64]).map_err(run_error)?;
-        let mut input = Tensor::new(ElementType::F32, &shape).map_err(run_error)?;
-        input
-            .get_data_mut::<f32>()
-            .map_err(run_error)?
-            .copy_from_slice(&batch);
-        req.set_input_tensor(&input).map_err(run_error)?;
-        req.infer().map_err(run_error)?;
+        let per = 3 * s * s;
+        // A lone image (or a single stream): the latency model, every thread on it.
+        if n == 1 || self.streams.len() < 2 {
+            set_input(&mut self.req, &batch, n, s)?;
+            self.req.infer().map_err(run_error)?;
+            let req = &self.req;
+            return model_outputs(n, |name| {
+                if !self.outputs.iter().any(|o| o == name) {
+                    return Ok(None);
+                }
+                let (shape, data) = output(req, name)?;
+                Ok(Some((shape, Cow::Owned(data))))
+            });
+        }
+        // A batch: split in order across the streams, run at once, joined in order.
+        let k = self.streams.len().min(n);
+        let sizes: Vec<usize> = (0..k).map(|i| n / k + usize::from(i < n % k)).collect();
+        // Each stream's request runs synchronously on a scoped thread of its own
+        // (the crate's `wait_for` reports no timeout, so waiting on an async start
+        // cannot tell finished from not yet): the scope ends when all have.
+        let mut parts = Vec::with_capacity(k);
+        let mut at = 0;
+        for &m in &sizes {
+            parts.push(&batch[at * per..(at + m) * per]);
+            at += m;
+        }
+        let ran: Vec<Result<(), RunError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self.streams[..k]
+                .iter_mut()
+                .zip(parts.iter().zip(&sizes))
+                .map(|(req, (part, &m))| {
+                    scope.spawn(move || {
+                        set_input(req, part, m, s)?;
+                        req.infer().map_err(run_error)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(RunError::Runtime("OpenVINO: a stream panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for r in ran {
+            r?;
+        }
+        let streams = &self.streams[..k];
         model_outputs(n, |name| {
             if !self.outputs.iter().any(|o| o == name) {
                 return Ok(None);
             }
-            let (shape, data) = output(&req, name)?;
+            let mut shape = Vec::new();
+            let mut data = Vec::new();
+            for req in streams {
+                let (sh, d) = output(req, name)?;
+                shape = sh;
+                data.extend_from_slice(&d);
+            }
+            if let Some(first) = shape.first_mut() {
+                *first = n as i64;
+            }
             Ok(Some((shape, Cow::Owned(data))))
         })
     }
