@@ -8,12 +8,13 @@
 # Stages: `chef`, `planner` and `build` compile cxr-serve (dependencies in their own
 # cached layer, by cargo-chef);
 # `ort-cpu` / `ort-cuda` take ONNX Runtime's shared library from the official PyPI
-# wheels; `runtime-cuda` and `runtime` (last, so the default) hold only the binary,
+# wheels, `openvino-cpu` OpenVINO's (the CPU image's second backend); `runtime-cuda` and `runtime` (last, so the default) hold only the binary,
 # the library and models/. Configuration is by CXR_* environment variables (README).
 
 ARG RUST_VERSION=1.95.0
 ARG DEBIAN_RELEASE=bookworm
 ARG ORT_VERSION=1.32.0
+ARG OPENVINO_VERSION=2026.4.1
 ARG CUDA_IMAGE=docker.io/nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------- build
@@ -78,6 +79,20 @@ RUN python3 -m pip download --no-deps --only-binary=:all: --python-version 311 \
     && test -f "/out/libonnxruntime.so.${ORT_VERSION}" \
     && test -f /out/libonnxruntime_providers_cuda.so
 
+FROM pip AS openvino-cpu
+ARG OPENVINO_VERSION
+# OpenVINO, the second CPU backend (--backend openvino|auto), from its PyPI wheel as
+# scripts/setup.sh installs it: the C library and what it loads for ONNX files on the
+# CPU (the core, the CPU plugin, the ONNX front end, TBB), nothing else.
+RUN python3 -m pip download --no-deps --only-binary=:all: --python-version 311 \
+        --platform manylinux_2_28_x86_64 --dest /wheels "openvino==${OPENVINO_VERSION}" \
+    && python3 -m zipfile -e /wheels/openvino-${OPENVINO_VERSION}-*.whl /wheel \
+    && mkdir -p /out \
+    && cd /wheel/openvino/libs \
+    && cp libopenvino_c.so.* libopenvino.so.* libopenvino_intel_cpu_plugin.so \
+        libopenvino_onnx_frontend.so.* libtbb.so.12 libtbbbind_2_5.so.3 libhwloc.so.15 /out/ \
+    && c=$(cd /out && ls libopenvino_c.so.*) && ln -s "$c" /out/libopenvino_c.so
+
 # ----------------------------------------------------------------- runtime, CUDA
 FROM ${CUDA_IMAGE} AS runtime-cuda
 ARG ORT_VERSION
@@ -109,17 +124,22 @@ ENTRYPOINT ["/usr/local/bin/cxr-serve"]
 FROM docker.io/library/debian:${DEBIAN_RELEASE}-slim AS runtime
 ARG ORT_VERSION
 LABEL org.opencontainers.image.title="cxr" \
-      org.opencontainers.image.description="Pediatric chest X-ray pneumonia classifier (DenseNet-161 on ONNX Runtime, CPU)" \
+      org.opencontainers.image.description="Pediatric chest X-ray pneumonia classifier (DenseNet-161 on ONNX Runtime or OpenVINO, CPU)" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0" \
       org.opencontainers.image.version="0.1.0"
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cxr
 COPY --from=build /cxr-serve /usr/local/bin/cxr-serve
 COPY --from=ort-cpu /out/ /opt/cxr/lib/
+COPY --from=openvino-cpu /out/ /opt/cxr/openvino/
 COPY models/ /opt/cxr/models/
+# The CPU image measures both backends per model at start and keeps the faster
+# (docs/performance.md); CXR_BACKEND=ort keeps ONNX Runtime.
 ENV CXR_HOST=0.0.0.0 \
     CXR_PORT=8080 \
     CXR_MODELS_DIR=/opt/cxr/models \
     CXR_DEVICE=cpu \
+    CXR_BACKEND=auto \
+    OPENVINO_LIB=/opt/cxr/openvino/libopenvino_c.so \
     CXR_LOG_FORMAT=json \
     ORT_DYLIB_PATH=/opt/cxr/lib/libonnxruntime.so.${ORT_VERSION} \
     RUST_LIB_BACKTRACE=0 \

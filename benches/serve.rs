@@ -169,6 +169,7 @@ fn main() {
         shared_pool: false,
         cuda_max_batch: cxr::inference::CUDA_MAX_BATCH,
         backend: cxr::inference::BackendChoice::Ort,
+        model_backends: Default::default(),
         batch: BatchConfig {
             max_batch: cxr::inference::CPU_MAX_BATCH,
             batch_wait: Duration::ZERO,

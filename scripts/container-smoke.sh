@@ -174,9 +174,18 @@ a = json.load(sys.stdin)
 assert a["label"] in ("NORMAL", "PNEUMONIA"), a
 assert abs(a["probabilities"]["NORMAL"] + a["probabilities"]["PNEUMONIA"] - 1) < 1e-4, a
 assert a["model"]["name"] and len(a["model"]["sha256"]) == 64, a
-assert a["execution_provider"] == "CPUExecutionProvider", a
+assert a["execution_provider"] in ("CPUExecutionProvider", "OpenVINO:CPU"), a
 print("   answer:", a["label"], round(a["confidence"], 4), "from", a["model"]["name"], a["execution_provider"])
 ' || fail "unexpected /predict answer: $answer"
+# The image's CXR_BACKEND=auto: OpenVINO's library loaded in the image, agreed with
+# ONNX Runtime on the probe, and both were measured (whichever won).
+curl -fsS "http://127.0.0.1:$PORT/models" | python3 -c '
+import json, sys
+for m in json.load(sys.stdin)["models"]:
+    why = m["live"].get("backend_choice") or ""
+    assert why.startswith("measured"), (m["card"]["name"], why)
+    print("   backend:", m["card"]["name"], m["live"]["execution_provider"], "-", why)
+' || fail "OpenVINO was not measured in the image (CXR_BACKEND=auto)"
 code=$(curl -s -o /dev/null -w '%{http_code}' -X POST --data-binary 'junk' -H 'Content-Type: image/png' "http://127.0.0.1:$PORT/predict")
 [ "$code" = 400 ] || fail "junk answered $code, not 400"
 podman exec "$NAME" /usr/local/bin/cxr-serve --health-check || fail "HEALTHCHECK command fails"

@@ -199,6 +199,11 @@ pub struct ServeArgs {
     /// `auto` (both measured at load, the faster kept). CUDA always runs ONNX Runtime.
     #[arg(long, env = "CXR_BACKEND", value_enum, default_value = "ort")]
     pub backend: crate::inference::BackendChoice,
+    /// The CPU backend of one model, over `--backend`: `NAME=ort|openvino|auto`
+    /// (repeat the flag, or separate by commas in `CXR_MODEL_BACKENDS`).
+    #[arg(long = "model-backend", env = "CXR_MODEL_BACKENDS", value_name = "NAME=BACKEND",
+          value_delimiter = ',', value_parser = parse_model_backend)]
+    pub model_backends: Vec<(String, crate::inference::BackendChoice)>,
     /// Also serve the Open Inference Protocol over gRPC on this port
     /// (`inference.GRPCInferenceService`, with the health service and reflection);
     /// off by default.
@@ -462,6 +467,7 @@ impl ServeArgs {
             shared_pool: self.shared_pool,
             cuda_max_batch: self.max_batch.unwrap_or(CUDA_MAX_BATCH),
             backend: self.backend,
+            model_backends: self.model_backends.iter().cloned().collect(),
             batch: BatchConfig {
                 max_batch: self.max_batch.unwrap_or(CPU_MAX_BATCH),
                 batch_wait: Duration::from_micros(self.batch_wait_us),
@@ -470,6 +476,24 @@ impl ServeArgs {
             },
         }
     }
+}
+
+crate::message_error!(
+    /// A `--model-backend` value that is not `NAME=ort|openvino|auto`.
+    ModelBackendError
+);
+
+/// `NAME=ort|openvino|auto` (`--model-backend`).
+fn parse_model_backend(
+    s: &str,
+) -> Result<(String, crate::inference::BackendChoice), ModelBackendError> {
+    use clap::ValueEnum;
+    let (name, choice) = s
+        .split_once('=')
+        .ok_or_else(|| ModelBackendError(format!("`{s}`: expected NAME=ort|openvino|auto")))?;
+    let choice = crate::inference::BackendChoice::from_str(choice.trim(), true)
+        .map_err(|_| ModelBackendError(format!("`{choice}`: expected ort, openvino or auto")))?;
+    Ok((name.trim().to_string(), choice))
 }
 
 #[cfg(test)]

@@ -31,18 +31,17 @@ fn openvino_agrees_with_onnx_runtime_on_every_output_of_a_batch() {
         let mut ov = OpenVinoModel::load(&loaded.onnx_bytes, threads, Some("f32"))
             .expect("OpenVINO (scripts/setup.sh installs its library at .openvino/lib)");
         if threads == 2 && std::thread::available_parallelism().map_or(1, |p| p.get()) >= 2 {
-            assert!(ov.streams() >= 2, "two threads on two cores give two streams");
+            assert!(
+                ov.streams() >= 2,
+                "two threads on two cores give two streams"
+            );
         }
         let got = ov.run(batch.clone(), n, s).unwrap();
         agree(&got, &want, n);
     }
 }
 
-fn agree(
-    got: &[cxr::inference::ModelOutput],
-    want: &[cxr::inference::ModelOutput],
-    n: usize,
-) {
+fn agree(got: &[cxr::inference::ModelOutput], want: &[cxr::inference::ModelOutput], n: usize) {
     assert_eq!(got.len(), n);
     let close = |a: &[f32], b: &[f32], what: &str| {
         assert_eq!(a.len(), b.len(), "{what}");
@@ -181,4 +180,17 @@ fn the_backend_is_chosen_reported_and_falls_back() {
     );
     let got = answer(&auto, &png);
     assert!((p(&got) - p(&want)).abs() < 1e-4, "{got} {want}");
+    drop(auto);
+
+    // Per model: beta on OpenVINO, alpha on the global ONNX Runtime.
+    let mut mixed = common::Server::start(
+        dir.path(),
+        &["--backend", "ort", "--model-backend", "beta=openvino"],
+    );
+    mixed.discard_logs();
+    assert_eq!(
+        live(&mixed, "alpha")["execution_provider"],
+        "CPUExecutionProvider"
+    );
+    assert_eq!(live(&mixed, "beta")["execution_provider"], "OpenVINO:CPU");
 }

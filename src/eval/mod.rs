@@ -14,6 +14,7 @@ crate::message_error!(
 );
 
 pub mod calibration;
+pub mod site;
 pub mod stress;
 pub mod threshold;
 

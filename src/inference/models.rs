@@ -323,6 +323,18 @@ pub struct LoadConfig {
     pub cuda_max_batch: usize,
     /// The CPU backend (`--backend`).
     pub backend: super::runtime::BackendChoice,
+    /// Per-model CPU backends over `backend` (`--model-backend NAME=BACKEND`).
+    pub model_backends: std::collections::BTreeMap<String, super::runtime::BackendChoice>,
+}
+
+impl LoadConfig {
+    /// The CPU backend asked for model `name`.
+    pub fn backend_of(&self, name: &str) -> super::runtime::BackendChoice {
+        self.model_backends
+            .get(name)
+            .copied()
+            .unwrap_or(self.backend)
+    }
 }
 
 /// Why the models could not be served.
@@ -389,9 +401,17 @@ pub fn load_models(
         let mut backend: Box<dyn super::batcher::Backend> = Box::new(session);
         let mut openvino = false;
         let mut backend_choice = None;
-        if provider == Provider::Cpu && cfg.backend != super::runtime::BackendChoice::Ort {
-            match super::openvino::choose(cfg, &m.card, &m.onnx_bytes, backend, s, batch.max_batch)
-            {
+        let asked = cfg.backend_of(&m.card.name);
+        if provider == Provider::Cpu && asked != super::runtime::BackendChoice::Ort {
+            match super::openvino::choose(
+                asked,
+                cfg.intra_threads,
+                &m.card,
+                &m.onnx_bytes,
+                backend,
+                s,
+                batch.max_batch,
+            ) {
                 (b, Ok(note)) => {
                     backend = b;
                     openvino = note.chose_openvino;

@@ -296,7 +296,8 @@ fn time(b: &mut dyn Backend, n: usize, s: usize, runs: usize) -> Result<f64, Run
 /// times both at batch 1 and at `max_batch` and keeps the faster. Returns the
 /// backend to serve with, and the choice or why OpenVINO is not used.
 pub(super) fn choose(
-    cfg: &crate::inference::LoadConfig,
+    asked: crate::inference::BackendChoice,
+    threads: usize,
     card: &crate::registry::ModelCard,
     onnx: &[u8],
     mut ort: Box<dyn Backend>,
@@ -304,7 +305,7 @@ pub(super) fn choose(
     max_batch: usize,
 ) -> (Box<dyn Backend>, Result<Choice, OpenVinoError>) {
     use crate::inference::runtime::BackendChoice;
-    let mut ov = match OpenVinoModel::load(onnx, cfg.intra_threads, precision_hint(card)) {
+    let mut ov = match OpenVinoModel::load(onnx, threads, precision_hint(card)) {
         Ok(m) => m,
         Err(e) => return (ort, Err(e)),
     };
@@ -318,6 +319,11 @@ pub(super) fn choose(
             return (ort, Err(OpenVinoError(format!("probe run failed: {e}"))));
         }
     };
+    // The probe ran the served batch size; a lone image runs on the latency model,
+    // whose first run is slow too: warm it before it answers anyone.
+    if let Err(e) = ov.run(vec![0.0; 3 * s * s], 1, s) {
+        return (ort, Err(OpenVinoError(format!("warm-up run failed: {e}"))));
+    }
     let diff = a
         .iter()
         .zip(&b)
@@ -332,7 +338,7 @@ pub(super) fn choose(
             ))),
         );
     }
-    match cfg.backend {
+    match asked {
         BackendChoice::Ort => (ort, Err(OpenVinoError("--backend ort".into()))),
         BackendChoice::Openvino => (
             Box::new(ov),

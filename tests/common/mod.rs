@@ -150,6 +150,7 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
         shared_pool: false,
         cuda_max_batch: batch.max_batch,
         backend: cxr::inference::BackendChoice::Ort,
+        model_backends: Default::default(),
         batch,
     }
 }
