@@ -134,7 +134,9 @@ user=$(podman run --rm --entrypoint id "$IMAGE" -u)
 if podman run --rm --entrypoint sh "$IMAGE" -c 'command -v cc gcc rustc cargo c++ ld' >/dev/null 2>&1; then
   fail "a compiler or linker is in the runtime image"
 fi
-[ "$size_mb" -lt 400 ] || fail "image is $size_mb MB (limit 400)"
+# The limit: Debian slim, ONNX Runtime, OpenVINO's CPU libraries (89 MB, the second
+# backend since issue 35) and the four shipped models (170 MB) fit in 520 MB.
+[ "$size_mb" -lt 520 ] || fail "image is $size_mb MB (limit 520)"
 
 # 6. Run it the way deploy/ does: non-root, read-only root, /tmp on tmpfs.
 cleanup() { podman rm -f "$NAME" >/dev/null 2>&1 || true; }

@@ -60,8 +60,11 @@ pub struct AuditRecord {
     pub model_sha256: String,
     /// The threshold the label was (or would have been) decided at.
     pub threshold: f64,
-    /// Where the threshold came from (`card`, `query`, `operating_point`).
+    /// Where the threshold came from (`card`, `site`, `query`, `operating_point`).
     pub threshold_source: String,
+    /// The site card the threshold came from (`site`): site, date, report SHA-256.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site_card: Option<String>,
     /// P(NORMAL), when the model ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p_normal: Option<f32>,
@@ -472,6 +475,7 @@ mod tests {
             model_sha256: "00".into(),
             threshold: 0.5,
             threshold_source: "card".into(),
+            site_card: None,
             p_normal: Some(0.25),
             p_pneumonia: Some(0.75),
             label: Some("PNEUMONIA".into()),

@@ -199,6 +199,11 @@ pub struct ServeArgs {
     /// `auto` (both measured at load, the faster kept). CUDA always runs ONNX Runtime.
     #[arg(long, env = "CXR_BACKEND", value_enum, default_value = "ort")]
     pub backend: crate::inference::BackendChoice,
+    /// A site card (`cxr-train validate … --choose …`): the thresholds (and OOD
+    /// acceptance) the site chose on its own films, applied to the models whose files
+    /// it validated; answers then say `threshold_source.kind: site`.
+    #[arg(long, env = "CXR_SITE_CARD", value_name = "FILE")]
+    pub site_card: Option<PathBuf>,
     /// The CPU backend of one model, over `--backend`: `NAME=ort|openvino|auto`
     /// (repeat the flag, or separate by commas in `CXR_MODEL_BACKENDS`).
     #[arg(long = "model-backend", env = "CXR_MODEL_BACKENDS", value_name = "NAME=BACKEND",
@@ -468,6 +473,7 @@ impl ServeArgs {
             cuda_max_batch: self.max_batch.unwrap_or(CUDA_MAX_BATCH),
             backend: self.backend,
             model_backends: self.model_backends.iter().cloned().collect(),
+            site_card: self.site_card.clone(),
             batch: BatchConfig {
                 max_batch: self.max_batch.unwrap_or(CPU_MAX_BATCH),
                 batch_wait: Duration::from_micros(self.batch_wait_us),

@@ -38,7 +38,7 @@ pub struct JobSummary {
 }
 
 /// Every file under `dir`, sorted, with its path relative to `dir`.
-fn files(dir: &Path) -> Result<Vec<PathBuf>, JobError> {
+pub(crate) fn files(dir: &Path) -> Result<Vec<PathBuf>, JobError> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -42,6 +42,7 @@ pub mod model;
 pub mod ood_score;
 pub mod predict;
 pub mod registry;
+pub mod validate;
 
 pub use http::{AppState, build_admin_app, build_app};
 pub use predict::{Core, Limits};

@@ -23,6 +23,55 @@ struct ScoresArgs {
     ort_lib: Option<std::path::PathBuf>,
 }
 
+/// `cxr-train validate --films DIR [--labels CSV|folders] --out DIR`: validates the
+/// models on a site's own films (DICOM, JPEG, PNG) through the same core the server
+/// answers with, and writes the site report (`site-report.json`, `site-report.md`
+/// with SVG plots) and, with `--choose`, the site card for `cxr-serve --site-card`.
+#[derive(Debug, Parser)]
+#[command(name = "cxr-train validate")]
+struct ValidateArgs {
+    /// The site's films (searched recursively; other files are skipped).
+    #[arg(long)]
+    films: std::path::PathBuf,
+    /// Labels: a CSV of `file,label` (file relative to --films; NORMAL or
+    /// PNEUMONIA), or `folders` (the nearest folder named NORMAL or PNEUMONIA).
+    /// Without: an unlabelled folder (distributions only).
+    #[arg(long)]
+    labels: Option<String>,
+    /// Where the report goes.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// The site's name (in the report and the site card).
+    #[arg(long, default_value = "site")]
+    site: String,
+    /// The day of the validation (YYYY-MM-DD; default: today, UTC).
+    #[arg(long)]
+    date: Option<String>,
+    /// The models folder.
+    #[arg(long, default_value = "models")]
+    models_dir: std::path::PathBuf,
+    /// Models to validate (default: every one in --models-dir).
+    #[arg(long = "model")]
+    models: Vec<String>,
+    /// The site's operating point on its own films (`sensitivity:0.95`,
+    /// `specificity:0.90`): writes `site-card.json`.
+    #[arg(long)]
+    choose: Option<cxr::eval::Target>,
+    /// Fit the OOD threshold to accept this share of the site's films (written to
+    /// the site card with --choose).
+    #[arg(long)]
+    ood_accept: Option<f64>,
+    /// Sensitivities to report thresholds for.
+    #[arg(long, value_delimiter = ',', default_value = "0.9,0.95,0.98")]
+    targets: Vec<f64>,
+    /// Bootstrap resamples for the AUC and ECE intervals.
+    #[arg(long, default_value_t = 2000)]
+    bootstrap: usize,
+    /// Path of libonnxruntime.so.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_lib: Option<std::path::PathBuf>,
+}
+
 /// `cxr-train fit-ood --data DIR CARD...`: fits each card's out-of-distribution model
 /// on its training split's embeddings, chooses its threshold on the validation split,
 /// measures it on the test split, writes `<name>.ood.json` and names it in the card.
@@ -100,6 +149,62 @@ fn subcommand() -> anyhow::Result<Option<()>> {
         }
         return Ok(Some(()));
     }
+    if std::env::args().nth(1).as_deref() == Some("validate") {
+        let a = ValidateArgs::parse_from(std::env::args().skip(1));
+        if a.choose.is_some() && a.labels.is_none() {
+            anyhow::bail!(
+                "--choose needs --labels: an operating point is chosen on labelled films"
+            );
+        }
+        if a.ood_accept.is_some_and(|q| !(q > 0.0 && q <= 1.0)) {
+            anyhow::bail!("--ood-accept must lie in (0, 1]");
+        }
+        let labels = match a.labels.as_deref() {
+            None => cxr::validate::Labels::None,
+            Some("folders") => cxr::validate::Labels::Folders,
+            Some(csv) => cxr::validate::Labels::Csv(csv.into()),
+        };
+        let cfg = cxr::validate::Config {
+            films: a.films,
+            labels,
+            out: a.out.clone(),
+            site: a.site,
+            date: a
+                .date
+                .unwrap_or_else(|| cxr::clock::now_rfc3339()[..10].to_string()),
+            models: a.models,
+            choose: a.choose,
+            ood_accept: a.ood_accept,
+            targets: a.targets,
+            bootstrap: a.bootstrap,
+        };
+        let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
+        let w = cxr::validate::validate_dir(&a.models_dir, lib, &cfg)?;
+        for m in &w.report.models {
+            let l = m.labelled.as_ref();
+            println!(
+                "{}: {} answered, {} refused; {}",
+                m.name,
+                m.answered,
+                m.refused.values().sum::<u64>(),
+                l.map_or("unlabelled".to_string(), |l| format!(
+                    "{} labelled: sensitivity {:.3}, specificity {:.3} at the card's threshold",
+                    l.n,
+                    l.at_card_threshold
+                        .sensitivity
+                        .map_or(f64::NAN, |i| i.value),
+                    l.at_card_threshold
+                        .specificity
+                        .map_or(f64::NAN, |i| i.value)
+                ))
+            );
+        }
+        println!("{}", a.out.join("site-report.md").display());
+        if let Some(card) = w.site_card {
+            println!("{}", card.display());
+        }
+        return Ok(Some(()));
+    }
     if std::env::args().nth(1).as_deref() == Some("fit-ood") {
         let a = OodArgs::parse_from(std::env::args().skip(1));
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
@@ -163,7 +268,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,ort=warn".into()),
+                .unwrap_or_else(|_| "info,ort=warn,cxr::audit=warn".into()),
         )
         .init();
     if let Some(done) = subcommand()? {

@@ -36,6 +36,7 @@ pub(super) fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
             .iter()
             .map(|(k, _)| format!("/models/{}/plots/{k}", m.card.name))
             .collect(),
+        site_card: m.site.clone(),
     }
 }
 

@@ -71,6 +71,10 @@ pub struct ModelInfo {
     /// Paths of its training plots (ROC, curves, confusion matrix) that were found
     /// beside the card.
     pub plots: Vec<String>,
+    /// What the site chose for it after validating it on its own films
+    /// (`--site-card`), with where it came from; absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site_card: Option<crate::registry::site::AppliedSite>,
 }
 
 /// `GET /models`.

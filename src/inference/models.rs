@@ -72,6 +72,9 @@ pub struct ServedModel {
     pub ood: Option<Arc<crate::ood_score::OodModel>>,
     /// Its training plots (kind, PNG bytes).
     pub plots: Vec<(&'static str, Vec<u8>)>,
+    /// What the site chose for it (`--site-card`): the threshold answers default to,
+    /// and the out-of-distribution threshold when the site fitted one.
+    pub site: Option<crate::registry::site::AppliedSite>,
     served: AtomicU64,
     latencies_ms: Mutex<VecDeque<f64>>,
 }
@@ -147,6 +150,20 @@ impl Pending {
             out.push(rx.await.map_err(|_| InferError::Dropped)??);
         }
         Ok(out)
+    }
+}
+
+impl ServedModel {
+    /// The out-of-distribution threshold in force: the site's, when its card fitted
+    /// one, else the model card's (none without an OOD model).
+    pub fn ood_threshold(&self) -> Option<f64> {
+        let ood = self.ood.as_ref()?;
+        Some(
+            self.site
+                .as_ref()
+                .and_then(|s| s.model.ood_threshold)
+                .unwrap_or(ood.threshold),
+        )
     }
 }
 
@@ -323,6 +340,8 @@ pub struct LoadConfig {
     pub cuda_max_batch: usize,
     /// The CPU backend (`--backend`).
     pub backend: super::runtime::BackendChoice,
+    /// The site card (`--site-card`).
+    pub site_card: Option<PathBuf>,
     /// Per-model CPU backends over `backend` (`--model-backend NAME=BACKEND`).
     pub model_backends: std::collections::BTreeMap<String, super::runtime::BackendChoice>,
 }
@@ -352,6 +371,9 @@ pub enum LoadError {
     /// Warm-up inference failed.
     #[error("warm-up of model `{0}` failed: {1}")]
     Warmup(String, String),
+    /// The site card cannot be read or does not fit the served files.
+    #[error(transparent)]
+    SiteCard(#[from] crate::registry::site::SiteCardError),
 }
 
 /// Loads every variant in `cfg.models_dir`, warms each up, and starts its worker.
@@ -362,6 +384,11 @@ pub fn load_models(
     observer: impl Fn(&str) -> Arc<dyn BatchObserver>,
 ) -> Result<(ModelSet, Vec<JoinHandle<()>>), LoadError> {
     let loaded = load_dir(&cfg.models_dir)?;
+    let site_card = cfg
+        .site_card
+        .as_deref()
+        .map(crate::registry::site::SiteCard::load)
+        .transpose()?;
     let pool = cfg.shared_pool.then_some(SharedPool {
         threads: cfg.intra_threads,
         spinning: cfg.intra_spinning,
@@ -458,6 +485,16 @@ pub fn load_models(
         let load_time_ms = t.elapsed().as_secs_f64() * 1e3;
         tracing::info!(model = %m.card.name, provider = provider.as_str(), max_batch = batch.max_batch, load_time_ms, path = %m.onnx_path.display(), "model ready");
         handles.push(handle);
+        let site = match &site_card {
+            Some(sc) => sc.entry_for(&m.card.name, &m.card.onnx.sha256)?,
+            None => None,
+        };
+        if let (Some(sc), None) = (&site_card, &site) {
+            tracing::warn!(model = %m.card.name, site = %sc.site, "the site card has no entry for this model: its card's threshold applies");
+        }
+        if let Some(s) = &site {
+            tracing::info!(model = %m.card.name, site = %s.provenance.site, threshold = s.model.threshold, ood_threshold = ?s.model.ood_threshold, rule = %s.model.rule, "site card applied");
+        }
         models.push(Arc::new(ServedModel {
             card: m.card,
             provider,
@@ -468,11 +505,17 @@ pub fn load_models(
             batcher,
             ood: m.ood,
             plots: m.plots,
+            site,
             served: AtomicU64::new(0),
             latencies_ms: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
         }));
     }
     let names: Vec<&str> = models.iter().map(|m| m.card.name.as_str()).collect();
+    for m in site_card.iter().flat_map(|sc| &sc.models) {
+        if !names.contains(&m.name.as_str()) {
+            tracing::warn!(model = %m.name, "the site card names a model that is not served");
+        }
+    }
     let default = match &cfg.default_model {
         Some(d) => names.iter().position(|n| n == d).ok_or_else(|| {
             LoadError::Default(d.clone(), cfg.models_dir.clone(), names.join(", "))

@@ -182,6 +182,9 @@ impl<'a> Trail<'a> {
             model_sha256: card.onnx.sha256.clone(),
             threshold: self.decision.threshold,
             threshold_source: self.decision.source.kind.clone(),
+            site_card: (self.decision.source.kind == "site")
+                .then(|| self.model.site.as_ref().map(|s| s.audit_name()))
+                .flatten(),
             p_normal: facts.probabilities.map(|p| p[0]),
             p_pneumonia: facts.probabilities.map(|p| p[1]),
             label,
@@ -278,11 +281,10 @@ fn complete(
         .inc();
     model.record(total.as_secs_f64() * 1e3);
     let mut warnings = d.warnings;
-    if let (Some(false), Some(o)) = (p.in_distribution, &model.ood) {
+    if let (Some(false), Some(t)) = (p.in_distribution, model.ood_threshold()) {
         warnings.push(format!(
-            "out of distribution: score {:.3} above the model's threshold {:.3}; this image does not resemble the pediatric frontal chest radiographs the model was trained on, so its label should not be relied on",
+            "out of distribution: score {:.3} above the model's threshold {t:.3}; this image does not resemble the pediatric frontal chest radiographs the model was trained on, so its label should not be relied on",
             p.ood_score.unwrap_or(f64::NAN),
-            o.threshold
         ));
     }
     let heatmap = match (explain, &r.cam) {
@@ -338,7 +340,8 @@ pub(super) fn ood_scores(
             ApiError::Internal("the model has an OOD model but returned no embedding".into())
         })?;
         let score = ood.score(e);
-        let inside = score <= ood.threshold;
+        let threshold = model.ood_threshold().unwrap_or(ood.threshold);
+        let inside = score <= threshold;
         if !inside {
             core.metrics()
                 .out_of_distribution
@@ -349,7 +352,7 @@ pub(super) fn ood_scores(
                     model: model.card.name.clone(),
                     image: i,
                     score,
-                    threshold: ood.threshold,
+                    threshold,
                 });
             }
         }
@@ -388,6 +391,7 @@ pub(super) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiErro
                     target: None,
                     validation_sensitivity: None,
                     validation_specificity: None,
+                    site: None,
                 },
             })
         }
@@ -415,17 +419,33 @@ pub(super) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiErro
                     target: Some(target.to_string()),
                     validation_sensitivity: Some(p.tpr),
                     validation_specificity: Some(1.0 - p.fpr),
+                    site: None,
                 },
             })
         }
-        (None, None) => Ok(Decision {
-            threshold: card.threshold,
-            source: ThresholdSource {
-                kind: "card".into(),
-                rule: card.threshold_rule.clone(),
-                target: None,
-                validation_sensitivity: None,
-                validation_specificity: None,
+        (None, None) => Ok(match &model.site {
+            // The site's own choice, on its own films, for this very file.
+            Some(site) => Decision {
+                threshold: site.model.threshold,
+                source: ThresholdSource {
+                    kind: "site".into(),
+                    rule: Some(site.model.rule.clone()),
+                    target: None,
+                    validation_sensitivity: site.model.sensitivity.map(|i| i.value),
+                    validation_specificity: site.model.specificity.map(|i| i.value),
+                    site: Some(site.provenance.clone()),
+                },
+            },
+            None => Decision {
+                threshold: card.threshold,
+                source: ThresholdSource {
+                    kind: "card".into(),
+                    rule: card.threshold_rule.clone(),
+                    target: None,
+                    validation_sensitivity: None,
+                    validation_specificity: None,
+                    site: None,
+                },
             },
         }),
     }

@@ -10,7 +10,8 @@ use crate::registry::Strategy;
 /// Where the applied threshold came from.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ThresholdSource {
-    /// `card` (the variant's own, chosen on validation), `query` (`threshold=`) or
+    /// `card` (the variant's own, chosen on validation), `site` (the site card's,
+    /// chosen on the site's own films: `--site-card`), `query` (`threshold=`) or
     /// `operating_point` (`operating_point=`).
     pub kind: String,
     /// How the card's threshold was chosen (`card`).
@@ -19,12 +20,17 @@ pub struct ThresholdSource {
     /// The requested target (`operating_point`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
-    /// Sensitivity this threshold reached on the variant's validation ROC.
+    /// Sensitivity this threshold reached on the variant's validation ROC (for
+    /// `site`: on the site's films).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_sensitivity: Option<f64>,
-    /// Specificity this threshold reached on the variant's validation ROC.
+    /// Specificity this threshold reached on the variant's validation ROC (for
+    /// `site`: on the site's films).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_specificity: Option<f64>,
+    /// The site validation it came from (`site`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<crate::registry::site::SiteProvenance>,
 }
 
 /// Both class probabilities.

@@ -5,6 +5,7 @@
 //! SHA-256, or asks for an input shape, class list or preprocessing we do not serve.
 
 mod card;
+pub mod site;
 mod write;
 
 use std::path::{Path, PathBuf};

@@ -63,6 +63,7 @@ async fn one_image_one_audit_record_with_every_field_in_log_and_file() {
         model_sha256: String::new(),
         threshold: 0.5,
         threshold_source: "card".into(),
+        site_card: None,
         p_normal: Some(0.5),
         p_pneumonia: Some(0.5),
         label: Some("NORMAL".into()),
