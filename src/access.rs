@@ -26,6 +26,8 @@ pub enum Scope {
     Predict,
     /// `GET /models` and `GET /models/{name}`.
     Models,
+    /// `POST /feedback`: confirmed labels of answered images.
+    Feedback,
 }
 
 impl Scope {
@@ -34,6 +36,7 @@ impl Scope {
         match self {
             Scope::Predict => "predict",
             Scope::Models => "models",
+            Scope::Feedback => "feedback",
         }
     }
 }
@@ -168,7 +171,7 @@ impl ApiKeys {
             })?;
             if c.scopes.is_empty() {
                 return Err(KeysError::Invalid(format!(
-                    "caller `{name}` has no scopes (give `predict`, `models` or both)"
+                    "caller `{name}` has no scopes (give any of `predict`, `models`, `feedback`)"
                 )));
             }
             entries.push(Entry {

@@ -241,9 +241,18 @@ pub struct ServeArgs {
     /// of what was sent; shared by replicas on one volume.
     #[arg(long, env = "CXR_DICOM_OUTBOX", default_value = "cxr-outbox.sqlite")]
     pub dicom_outbox: PathBuf,
+    /// Keep every answered image and the labels radiologists confirm for them
+    /// (`POST /feedback`) in this SQLite file, for the live figures of each model
+    /// (with --database-url they go to PostgreSQL instead, shared by replicas).
+    #[arg(long, env = "CXR_OUTCOMES", value_name = "FILE")]
+    pub outcomes: Option<PathBuf>,
+    /// The live figures count each model file's most recent confirmed answers, up
+    /// to this many.
+    #[arg(long, env = "CXR_OUTCOMES_WINDOW", default_value_t = 500)]
+    pub outcomes_window: u64,
     /// A PostgreSQL database (`postgres://user:password@host:port/db`) for state
     /// replicas share: the DICOM node's outbox and record of what was sent (instead
-    /// of --dicom-outbox). Never logged.
+    /// of --dicom-outbox), and the outcomes (instead of --outcomes). Never logged.
     #[arg(long, env = "CXR_DATABASE_URL", hide_env_values = true)]
     #[serde(skip)]
     pub database_url: Option<String>,

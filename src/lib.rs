@@ -40,6 +40,7 @@ pub mod job;
 pub mod metrics;
 pub mod model;
 pub mod ood_score;
+pub mod outcomes;
 pub mod predict;
 pub mod registry;
 pub mod validate;

@@ -135,6 +135,30 @@ fn app_state(args: &ServeArgs, metrics: Arc<ServerMetrics>) -> anyhow::Result<Ap
     if let Some(root) = &args.uid_root {
         state = state.with_uid_root(root.clone());
     }
+    // On a thread of its own: PostgreSQL's blocking client must not run inside the
+    // async runtime.
+    let outcomes = std::thread::scope(|s| {
+        s.spawn(|| match (&args.database_url, &args.outcomes) {
+            (Some(url), _) => Some(cxr::outcomes::Outcomes::connect(url, args.outcomes_window)),
+            (None, Some(path)) => Some(cxr::outcomes::Outcomes::open(path, args.outcomes_window)),
+            (None, None) => None,
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Some(Err(cxr::outcomes::OutcomesError(
+                "the outcomes store panicked while opening".into(),
+            )))
+        })
+    });
+    if let Some(o) = outcomes {
+        let o = o.map_err(anyhow::Error::msg)?;
+        tracing::info!(
+            store = o.kind(),
+            window = o.window(),
+            "answers and confirmed labels are kept (POST /feedback)"
+        );
+        state = state.with_outcomes(Arc::new(o));
+    }
     Ok(state)
 }
 

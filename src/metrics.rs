@@ -52,6 +52,11 @@ pub struct ServerMetrics {
     pub dicom_results: IntCounterVec,
     /// Result objects waiting in the outbox, by destination.
     pub dicom_outbox_depth: IntGaugeVec,
+    /// `cxr_live_outcomes{model,figure}`: the live figures of `POST /feedback`.
+    pub live_outcomes: prometheus::GaugeVec,
+    /// `cxr_live_sensitivity_alarm{model}`: 1 while live sensitivity is below the
+    /// card's (or site card's) lower bound.
+    pub live_sensitivity_alarm: IntGaugeVec,
     /// gRPC calls, by method and status code.
     pub grpc_requests: IntCounterVec,
 }
@@ -187,6 +192,28 @@ impl ServerMetrics {
         registry
             .register(Box::new(dicom_outbox_depth.clone()))
             .expect("unique metric name");
+        let live_outcomes = prometheus::GaugeVec::new(
+            Opts::new(
+                "cxr_live_outcomes",
+                "Live outcomes of each model over its most recent confirmed answers (POST /feedback): figure = confirmed, tp, fp, tn, fn, sensitivity, sensitivity_low, sensitivity_high, specificity, specificity_low, specificity_high (Wilson 95 %).",
+            ),
+            &["model", "figure"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(live_outcomes.clone()))
+            .expect("unique metric name");
+        let live_sensitivity_alarm = IntGaugeVec::new(
+            Opts::new(
+                "cxr_live_sensitivity_alarm",
+                "1 while a model's live sensitivity is below what its card (or site card) measured: the upper bound of its 95 % interval under the reference's lower bound.",
+            ),
+            &["model"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(live_sensitivity_alarm.clone()))
+            .expect("unique metric name");
         let grpc_requests = c(
             "cxr_grpc_requests_total",
             "gRPC calls of the Open Inference Protocol, by method and status code.",
@@ -198,6 +225,8 @@ impl ServerMetrics {
             dicom_stores,
             dicom_results,
             dicom_outbox_depth,
+            live_outcomes,
+            live_sensitivity_alarm,
             registry,
             requests,
             request_duration,
@@ -214,6 +243,50 @@ impl ServerMetrics {
             audit_failures,
             out_of_distribution,
         }
+    }
+
+    /// Sets a model's live-outcome gauges.
+    pub fn set_live(&self, model: &str, l: &crate::outcomes::LiveOutcomes) {
+        let c = &l.confusion;
+        let mut figures = vec![
+            ("confirmed", l.n as f64),
+            ("tp", c.tp as f64),
+            ("fp", c.fp as f64),
+            ("tn", c.tn as f64),
+            ("fn", c.fn_ as f64),
+        ];
+        for (name, i) in [
+            ("sensitivity", l.sensitivity),
+            ("specificity", l.specificity),
+        ] {
+            if let Some(i) = i {
+                figures.push((name, i.value));
+                figures.push((
+                    if name == "sensitivity" {
+                        "sensitivity_low"
+                    } else {
+                        "specificity_low"
+                    },
+                    i.low,
+                ));
+                figures.push((
+                    if name == "sensitivity" {
+                        "sensitivity_high"
+                    } else {
+                        "specificity_high"
+                    },
+                    i.high,
+                ));
+            }
+        }
+        for (figure, v) in figures {
+            self.live_outcomes
+                .with_label_values(&[model, figure])
+                .set(v);
+        }
+        self.live_sensitivity_alarm
+            .with_label_values(&[model])
+            .set(i64::from(l.sensitivity_alarm));
     }
 
     /// Prometheus text exposition.

@@ -66,7 +66,10 @@ pub fn code(kind: ErrorType) -> tonic::Code {
         ErrorType::TooManyPixels | ErrorType::PayloadTooLarge | ErrorType::TooManyImages => {
             Code::ResourceExhausted
         }
-        ErrorType::ModelNotFound | ErrorType::NotFound => Code::NotFound,
+        ErrorType::ModelNotFound | ErrorType::NotFound | ErrorType::UnknownRequest => {
+            Code::NotFound
+        }
+        ErrorType::FeedbackConflict => Code::AlreadyExists,
         ErrorType::MethodNotAllowed => Code::Unimplemented,
         ErrorType::Unauthorized => Code::Unauthenticated,
         ErrorType::Forbidden => Code::PermissionDenied,

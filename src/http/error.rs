@@ -38,7 +38,10 @@ pub fn status(kind: ErrorType) -> StatusCode {
         | ErrorType::InvalidRequest => StatusCode::BAD_REQUEST,
         ErrorType::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorType::Forbidden => StatusCode::FORBIDDEN,
-        ErrorType::ModelNotFound | ErrorType::NotFound => StatusCode::NOT_FOUND,
+        ErrorType::ModelNotFound | ErrorType::NotFound | ErrorType::UnknownRequest => {
+            StatusCode::NOT_FOUND
+        }
+        ErrorType::FeedbackConflict => StatusCode::CONFLICT,
         ErrorType::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorType::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
         ErrorType::BodyTimeout => StatusCode::REQUEST_TIMEOUT,

@@ -7,6 +7,7 @@
 mod admission;
 pub mod auth;
 pub mod error;
+mod feedback;
 mod openapi;
 mod predict;
 mod routes;
@@ -110,6 +111,14 @@ impl AppState {
         self
     }
 
+    /// Records answered images and confirmed labels in `outcomes` (call before
+    /// sharing the state).
+    #[must_use]
+    pub fn with_outcomes(mut self, outcomes: Arc<crate::outcomes::Outcomes>) -> Self {
+        self.configure().core.set_outcomes(outcomes);
+        self
+    }
+
     /// Makes Structured Report UIDs under `root` (call before sharing the state).
     #[must_use]
     pub fn with_uid_root(mut self, root: String) -> Self {
@@ -170,8 +179,12 @@ pub fn build_app(state: AppState) -> Router {
         .route("/models/{name}", get(get_model))
         .route("/models/{name}/plots/{kind}", get(get_plot))
         .route_layer(guard(Scope::Models));
+    let feedback_routes = Router::new()
+        .route("/feedback", post(feedback::feedback))
+        .route_layer(guard(Scope::Feedback));
     let mut app = Router::new()
         .merge(predict_routes)
+        .merge(feedback_routes)
         .merge(model_routes)
         .merge(v2::routes(&state))
         .route("/health", get(health))

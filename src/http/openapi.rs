@@ -3,6 +3,7 @@
 
 use crate::http::error;
 use crate::http::error::ErrorBody;
+use crate::http::feedback::__path_feedback;
 use crate::http::predict::__path_predict;
 use crate::http::predict::PredictUpload;
 use crate::http::routes::__path_get_model;
@@ -29,14 +30,14 @@ use utoipa::OpenApi;
         description = "Pediatric chest X-ray pneumonia classifier. POST an X-ray, get NORMAL or PNEUMONIA, a confidence and the model variant that answered.",
         license(name = "MIT OR Apache-2.0")
     ),
-    paths(predict, list_models, get_model, get_plot, health, ready, metrics_text,
+    paths(predict, list_models, get_model, get_plot, health, ready, metrics_text, feedback,
         v2::server_metadata, v2::live, v2::server_ready, v2::model_metadata, v2::model_ready, v2::infer,
         v2::model_metadata_version, v2::model_ready_version, v2::infer_version),
     modifiers(&SecuritySchemes),
-    components(schemas(Prediction, ThresholdSource, DicomInfo, ErrorBody, error::ErrorType, ModelList, ModelInfo, Status, PredictUpload,
+    components(schemas(super::feedback::FeedbackRequest, super::feedback::FeedbackAnswer, crate::outcomes::Answered, crate::outcomes::LiveOutcomes, Prediction, ThresholdSource, DicomInfo, ErrorBody, error::ErrorType, ModelList, ModelInfo, Status, PredictUpload,
         v2::V2Error, v2::ServerMetadata, v2::TensorMetadata, v2::ModelMetadata, v2::Readiness, v2::Liveness,
         v2::InferRequest, v2::RequestInput, v2::RequestOutput, v2::InferResponse, v2::ResponseOutput)),
-    tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "operations", description = "Health, readiness, metrics"), (name = "open inference protocol", description = "The Open Inference Protocol (KServe V2) REST API, with Triton's binary tensor data extension; also at /v2/models/{name}/versions/{version}[/infer|/ready]"))
+    tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "feedback", description = "Confirmed labels of answered images, and the live figures they give"), (name = "operations", description = "Health, readiness, metrics"), (name = "open inference protocol", description = "The Open Inference Protocol (KServe V2) REST API, with Triton's binary tensor data extension; also at /v2/models/{name}/versions/{version}[/infer|/ready]"))
 )]
 pub struct ApiDoc;
 

@@ -37,6 +37,7 @@ pub(super) fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
             .map(|(k, _)| format!("/models/{}/plots/{k}", m.card.name))
             .collect(),
         site_card: m.site.clone(),
+        live_outcomes: None,
     }
 }
 
@@ -79,7 +80,16 @@ pub(super) async fn get_model(
     let m = models
         .get(&name)
         .ok_or(crate::inference::SelectError::Unknown(name))?;
-    Ok(Json(model_info(models, m)))
+    let mut info = model_info(models, m);
+    if let Some(store) = state.core().outcomes().cloned() {
+        let (core, m) = (state.core().clone(), m.clone());
+        info.live_outcomes = Some(
+            tokio::task::spawn_blocking(move || super::feedback::live(&core, &store, &m))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??,
+        );
+    }
+    Ok(Json(info))
 }
 
 /// One of a variant's training plots (PNG): `roc`, `curves` or `confusion`.

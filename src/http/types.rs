@@ -75,6 +75,10 @@ pub struct ModelInfo {
     /// (`--site-card`), with where it came from; absent without one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub site_card: Option<crate::registry::site::AppliedSite>,
+    /// Its live figures from confirmed labels (`POST /feedback`), when the server
+    /// keeps outcomes (`--outcomes`, `--database-url`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_outcomes: Option<crate::outcomes::LiveOutcomes>,
 }
 
 /// `GET /models`.

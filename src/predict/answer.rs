@@ -231,13 +231,28 @@ pub(super) async fn refused(
 
 /// Writes `records` (all or none), counting a failure.
 async fn record(core: &Core, records: &[AuditRecord]) -> Result<(), ApiError> {
-    if let Err(e) = core.inner.audit.record_all(records).await {
+    let failed = |what: &str, e: String| {
         core.metrics()
             .audit_failures
             .with_label_values(&[] as &[&str])
             .inc();
-        tracing::error!(error = %e, "audit records not written; the request fails");
-        return Err(ApiError::AuditUnavailable);
+        tracing::error!(error = %e, "{what} not written; the request fails");
+        ApiError::AuditUnavailable
+    };
+    core.inner
+        .audit
+        .record_all(records)
+        .await
+        .map_err(|e| failed("audit records", e.to_string()))?;
+    // Beside the audit trail, what was answered, for live outcomes: recorded before
+    // the answer is sent, so that a confirmation of it always finds it.
+    if let Some(o) = core.outcomes().cloned() {
+        let rows = records.to_vec();
+        tokio::task::spawn_blocking(move || o.record_answers(&rows))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.0))
+            .map_err(|e| failed("answers in the outcomes store", e))?;
     }
     Ok(())
 }

@@ -93,6 +93,12 @@ pub enum ApiError {
     #[error("the audit record could not be written, so no answer is given; retry shortly")]
     AuditUnavailable,
     /// A server-side failure; details are only logged.
+    /// `POST /feedback` for an image nothing answered.
+    #[error("{0}")]
+    UnknownRequest(String),
+    /// `POST /feedback` with a label other than the one already confirmed.
+    #[error("{0}")]
+    FeedbackConflict(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -146,6 +152,8 @@ impl ApiError {
             ApiError::SrUnavailable(_) => ErrorType::SrUnavailable,
             ApiError::ExplanationUnavailable(_) => ErrorType::ExplanationUnavailable,
             ApiError::OutOfDistribution { .. } => ErrorType::OutOfDistribution,
+            ApiError::UnknownRequest(_) => ErrorType::UnknownRequest,
+            ApiError::FeedbackConflict(_) => ErrorType::FeedbackConflict,
             ApiError::Internal(_) => ErrorType::Internal,
         }
     }

@@ -65,6 +65,10 @@ pub enum ErrorType {
     Forbidden,
     /// `audit_unavailable`.
     AuditUnavailable,
+    /// `unknown_request`: `POST /feedback` names no answered image.
+    UnknownRequest,
+    /// `feedback_conflict`: another label was already confirmed for the image.
+    FeedbackConflict,
     /// `not_acceptable`.
     NotAcceptable,
     /// `sr_unavailable`.
@@ -79,7 +83,7 @@ pub enum ErrorType {
 
 impl ErrorType {
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorType; 33] = [
+    pub const ALL: [ErrorType; 35] = [
         ErrorType::EmptyImage,
         ErrorType::InvalidImage,
         ErrorType::UnsupportedMediaType,
@@ -108,6 +112,8 @@ impl ErrorType {
         ErrorType::Unauthorized,
         ErrorType::Forbidden,
         ErrorType::AuditUnavailable,
+        ErrorType::UnknownRequest,
+        ErrorType::FeedbackConflict,
         ErrorType::NotAcceptable,
         ErrorType::SrUnavailable,
         ErrorType::ExplanationUnavailable,
@@ -181,6 +187,8 @@ impl ErrorType {
             ErrorType::Unauthorized => "unauthorized",
             ErrorType::Forbidden => "forbidden",
             ErrorType::AuditUnavailable => "audit_unavailable",
+            ErrorType::UnknownRequest => "unknown_request",
+            ErrorType::FeedbackConflict => "feedback_conflict",
             ErrorType::NotAcceptable => "not_acceptable",
             ErrorType::SrUnavailable => "sr_unavailable",
             ErrorType::ExplanationUnavailable => "explanation_unavailable",

@@ -137,6 +137,9 @@ struct Inner {
     audit: Audit,
     /// Root of the UIDs of Structured Reports (`--uid-root`; none: 2.25 UUID UIDs).
     uid_root: Option<String>,
+    /// Where answered images are recorded for live outcomes (`--outcomes`,
+    /// `--database-url`).
+    outcomes: Option<Arc<crate::outcomes::Outcomes>>,
 }
 
 impl Core {
@@ -156,6 +159,7 @@ impl Core {
                 pixel_budget,
                 audit: Audit::log_only(),
                 uid_root: None,
+                outcomes: None,
             }),
         }
     }
@@ -167,6 +171,17 @@ impl Core {
     /// Sends audit records to `audit` (call before sharing the core).
     pub fn set_audit(&mut self, audit: Audit) {
         self.configure().audit = audit;
+    }
+
+    /// Records answered images in `outcomes` beside the audit trail, for
+    /// `POST /feedback` and the live figures (call before sharing the core).
+    pub fn set_outcomes(&mut self, outcomes: Arc<crate::outcomes::Outcomes>) {
+        self.configure().outcomes = Some(outcomes);
+    }
+
+    /// The outcomes store, when configured.
+    pub fn outcomes(&self) -> Option<&Arc<crate::outcomes::Outcomes>> {
+        self.inner.outcomes.as_ref()
     }
 
     /// Makes Structured Report UIDs under `root` (call before sharing the core).

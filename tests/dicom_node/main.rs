@@ -825,3 +825,55 @@ fn replicas_sharing_postgresql_send_each_result_once_and_take_over_a_dead_ones_q
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Outcomes in PostgreSQL are shared by replicas: an image answered by one is
+/// confirmed through the other, and both show the same live matrix.
+#[test]
+fn replicas_sharing_postgresql_share_answers_and_confirmed_labels() {
+    let models = common::models_dir();
+    let pg = Postgres::start();
+    let args = ["--database-url", pg.url.as_str()];
+    let mut a = common::Server::start(models.path(), &args);
+    a.discard_logs();
+    let mut b = common::Server::start(models.path(), &args);
+    b.discard_logs();
+    let png = common::png_bytes(&common::gray_image(96, 96, 5));
+    let (status, body) = common::tcp_http(
+        &a.addr,
+        "POST",
+        "/predict?model=alpha",
+        Some("image/png"),
+        &png,
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let feedback = format!(
+        r#"{{"request_id": "{}", "label": "PNEUMONIA"}}"#,
+        answer["request_id"].as_str().unwrap()
+    );
+    let (status, body) = common::tcp_http(
+        &b.addr,
+        "POST",
+        "/feedback",
+        Some("application/json"),
+        feedback.as_bytes(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = common::tcp_http(
+        &a.addr,
+        "POST",
+        "/feedback",
+        Some("application/json"),
+        feedback.as_bytes(),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("already_recorded"), "{body}");
+    let positive = answer["label"] == "PNEUMONIA";
+    for s in [&a, &b] {
+        let (_, body) = common::tcp_http(&s.addr, "GET", "/models/alpha", None, b"");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let c = &v["live_outcomes"]["confusion"];
+        assert_eq!(c["tp"], u64::from(positive), "{v}");
+        assert_eq!(c["fn"], u64::from(!positive), "{v}");
+    }
+}

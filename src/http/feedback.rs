@@ -1,0 +1,170 @@
+//! `POST /feedback`: the label a radiologist confirmed for an answered image,
+//! joined to what was answered, and the model's live figures.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::AppState;
+use crate::inference::ServedModel;
+use crate::outcomes::{Answered, FeedbackRefusal, LiveOutcomes, Outcomes, Recorded};
+use crate::predict::{ApiError, Asker, Core};
+
+/// A confirmed label.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackRequest {
+    /// The `request_id` of the answer (its `x-request-id`).
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// The image's position in that request (default 0).
+    #[serde(default)]
+    pub image_index: Option<i64>,
+    /// Or the DICOM SOP Instance UID of the image (its most recent answer).
+    #[serde(default)]
+    pub sop_instance_uid: Option<String>,
+    /// The confirmed label: `NORMAL` or `PNEUMONIA`.
+    pub label: String,
+}
+
+/// What was recorded.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FeedbackAnswer {
+    /// `recorded`, or `already_recorded` (the same label again: nothing changed).
+    pub status: String,
+    /// The answer it confirms.
+    pub answered: Answered,
+    /// The confirmed label.
+    pub label: String,
+    /// Whether the answer agreed with it.
+    pub agreed: bool,
+    /// The model's live figures now (its file's most recent confirmed answers).
+    pub live: LiveOutcomes,
+}
+
+/// The lower 95 % bound of the sensitivity `m` is held to: its site card's, else
+/// its card's test split (Wilson, from the counts).
+pub(super) fn reference(m: &ServedModel) -> Option<(&'static str, f64)> {
+    if let Some(s) = m.site.as_ref().and_then(|s| s.model.sensitivity) {
+        return Some(("site", s.low));
+    }
+    let c = m.card.metrics.test.as_ref()?.confusion;
+    crate::eval::site::wilson(c.tp, c.tp + c.fn_).map(|i| ("card", i.low))
+}
+
+/// A model's live figures (blocking: a database query), and its gauges set.
+pub(super) fn live(
+    core: &Core,
+    store: &Outcomes,
+    m: &ServedModel,
+) -> Result<LiveOutcomes, ApiError> {
+    let c = store
+        .confusion(&m.card.onnx.sha256)
+        .map_err(|e| ApiError::Internal(e.0))?;
+    let l = LiveOutcomes::of(c, store.window(), reference(m));
+    core.metrics().set_live(&m.card.name, &l);
+    Ok(l)
+}
+
+/// Records the label a radiologist confirmed for an answered image (scope
+/// `feedback`): joined to the stored answer (by `request_id` and `image_index`, or
+/// by DICOM `sop_instance_uid`), once; the same label again changes nothing, another
+/// label is a 409. Answers with the model's live figures.
+#[utoipa::path(post, path = "/feedback", tag = "feedback",
+    request_body(content = FeedbackRequest, content_type = "application/json"),
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "Recorded (or already recorded with the same label)", body = FeedbackAnswer),
+        (status = 400, description = "Not a confirmation: bad JSON, no id, a label other than NORMAL or PNEUMONIA", body = crate::http::error::ErrorBody),
+        (status = 401, description = "API keys are required and none or an unknown one was sent", body = crate::http::error::ErrorBody),
+        (status = 403, description = "The key's caller lacks the `feedback` scope", body = crate::http::error::ErrorBody),
+        (status = 404, description = "No answered image has this id (`unknown_request`), or the server keeps no outcomes (`not_found`)", body = crate::http::error::ErrorBody),
+        (status = 409, description = "Another label was already confirmed for this image", body = crate::http::error::ErrorBody),
+        (status = 503, description = "Models still loading", body = crate::http::error::ErrorBody)
+    ))]
+pub(super) async fn feedback(
+    State(state): State<AppState>,
+    asker: Asker,
+    body: Bytes,
+) -> Result<Json<FeedbackAnswer>, ApiError> {
+    let req: FeedbackRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "a feedback body is JSON with `request_id` (or `sop_instance_uid`) and `label`: {e}"
+        ))
+    })?;
+    let label = req.label.trim().to_ascii_uppercase();
+    if label != "NORMAL" && label != "PNEUMONIA" {
+        return Err(ApiError::BadRequest(format!(
+            "label `{}` is not NORMAL or PNEUMONIA",
+            req.label
+        )));
+    }
+    if req.request_id.is_none() && req.sop_instance_uid.is_none() {
+        return Err(ApiError::BadRequest(
+            "give the answer's `request_id` (and `image_index`) or the image's `sop_instance_uid`"
+                .into(),
+        ));
+    }
+    let core = state.core().clone();
+    let store = core.outcomes().cloned().ok_or_else(|| {
+        ApiError::NoRoute(
+            "POST /feedback: this server keeps no outcomes (start it with --outcomes FILE or --database-url)".into(),
+        )
+    })?;
+    if core.models().is_none() {
+        return Err(ApiError::NotReady);
+    }
+    let caller = asker.caller.0.clone();
+    tokio::task::spawn_blocking(move || {
+        let index = req.image_index.unwrap_or(0);
+        let answered = store
+            .find(req.request_id.as_deref(), index, req.sop_instance_uid.as_deref())
+            .map_err(|e| ApiError::Internal(e.0))?
+            .ok_or_else(|| {
+                ApiError::UnknownRequest(match (&req.request_id, &req.sop_instance_uid) {
+                    (Some(id), _) => format!("no answered image {index} of request `{id}`"),
+                    (None, Some(uid)) => format!("no answered image with SOP Instance UID `{uid}`"),
+                    (None, None) => "no id".into(),
+                })
+            })?;
+        let status = match store.confirm(&answered, &label, &caller) {
+            Ok(Recorded::New) => "recorded",
+            Ok(Recorded::Again) => "already_recorded",
+            Err(FeedbackRefusal::Unknown) => {
+                return Err(ApiError::UnknownRequest(format!(
+                    "no answered image {} of request `{}`",
+                    answered.image_index, answered.request_id
+                )));
+            }
+            Err(FeedbackRefusal::Conflict(was)) => {
+                return Err(ApiError::FeedbackConflict(format!(
+                    "image {} of request `{}` was already confirmed as {was}; the first confirmation stands",
+                    answered.image_index, answered.request_id
+                )));
+            }
+            Err(FeedbackRefusal::Store(e)) => return Err(ApiError::Internal(e.0)),
+        };
+        let live = match core.models().and_then(|ms| ms.get(&answered.model)) {
+            Some(m) if m.card.onnx.sha256 == answered.model_sha256 => live(&core, &store, m)?,
+            // A model file no longer served: its figures, without a reference.
+            _ => LiveOutcomes::of(
+                store
+                    .confusion(&answered.model_sha256)
+                    .map_err(|e| ApiError::Internal(e.0))?,
+                store.window(),
+                None,
+            ),
+        };
+        Ok(Json(FeedbackAnswer {
+            status: status.into(),
+            agreed: answered.label == label,
+            answered,
+            label,
+            live,
+        }))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+}

@@ -1,0 +1,174 @@
+//! Live outcomes through the real binary: answers are recorded beside the audit
+//! trail, `POST /feedback` joins a confirmed label to its answer (404 for an unknown
+//! id, idempotent for the same label, 409 for another), and the live confusion
+//! matrix in `/models/{name}` and `/metrics` equals the one counted by hand from the
+//! answers and labels sent, and the one computed from the stored rows.
+
+mod common;
+
+/// The confusion cell (tp, fp, tn, fn) of an answered and a confirmed label.
+fn cell(answered: &str, confirmed: &str) -> usize {
+    match (confirmed == "PNEUMONIA", answered == "PNEUMONIA") {
+        (true, true) => 0,
+        (false, true) => 1,
+        (false, false) => 2,
+        (true, false) => 3,
+    }
+}
+
+fn post_json(server: &common::Server, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let (status, text) = common::tcp_http(
+        &server.addr,
+        "POST",
+        path,
+        Some("application/json"),
+        body.as_bytes(),
+    );
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn feedback_joins_answers_and_the_live_matrix_is_the_stored_one() {
+    let models = common::models_dir();
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("outcomes.sqlite");
+    let mut server = common::Server::start(models.path(), &["--outcomes".as_ref(), db.as_os_str()]);
+    server.discard_logs();
+
+    // Six answers, and the label a radiologist confirms for each.
+    let mut expected = [0u64; 4]; // tp fp tn fn
+    let mut ids = Vec::new();
+    for i in 0..6u32 {
+        let png = common::png_bytes(&common::gray_image(96, 96, 40 + i * 11));
+        let (status, body) = common::tcp_http(
+            &server.addr,
+            "POST",
+            "/predict?model=alpha",
+            Some("image/png"),
+            &png,
+        );
+        assert_eq!(status, 200, "{body}");
+        let a: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let confirmed = if i % 3 == 0 { "NORMAL" } else { "PNEUMONIA" };
+        expected[cell(a["label"].as_str().unwrap(), confirmed)] += 1;
+        ids.push((
+            a["request_id"].as_str().unwrap().to_string(),
+            confirmed,
+            a["label"].clone(),
+        ));
+    }
+
+    // Unknown id: 404; not a label: 400; not JSON: 400.
+    let (s, v) = post_json(
+        &server,
+        "/feedback",
+        r#"{"request_id": "nope", "label": "NORMAL"}"#,
+    );
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (404, Some("unknown_request")),
+        "{v}"
+    );
+    let (s, _) = post_json(
+        &server,
+        "/feedback",
+        &format!(r#"{{"request_id": "{}", "label": "maybe"}}"#, ids[0].0),
+    );
+    assert_eq!(s, 400);
+    let (s, v) = post_json(&server, "/feedback", "label=NORMAL");
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    for (id, confirmed, answered) in &ids {
+        let (s, v) = post_json(
+            &server,
+            "/feedback",
+            &format!(r#"{{"request_id": "{id}", "label": "{confirmed}"}}"#),
+        );
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["status"], "recorded");
+        assert_eq!(&v["answered"]["label"], answered);
+        assert_eq!(v["agreed"], *answered == *confirmed);
+    }
+    // The same label again: nothing changes; another label: 409, the first stands.
+    let (id, confirmed, _) = &ids[1];
+    let (s, v) = post_json(
+        &server,
+        "/feedback",
+        &format!(r#"{{"request_id": "{id}", "image_index": 0, "label": "{confirmed}"}}"#),
+    );
+    assert_eq!((s, v["status"].as_str()), (200, Some("already_recorded")));
+    let (s, v) = post_json(
+        &server,
+        "/feedback",
+        &format!(r#"{{"request_id": "{id}", "label": "NORMAL"}}"#),
+    );
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (409, Some("feedback_conflict")),
+        "{v}"
+    );
+
+    // The live matrix: as counted by hand.
+    let (status, body) = common::tcp_http(&server.addr, "GET", "/models/alpha", None, b"");
+    assert_eq!(status, 200);
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let live = &info["live_outcomes"];
+    let got = ["tp", "fp", "tn", "fn"].map(|k| live["confusion"][k].as_u64().unwrap());
+    assert_eq!(got, expected, "{live}");
+    assert_eq!(live["n"], 6);
+    assert_eq!(live["reference"], "card");
+    let (_, metrics) = common::tcp_http(&server.addr, "GET", "/metrics", None, b"");
+    assert!(
+        metrics.contains(&format!(
+            "cxr_live_outcomes{{figure=\"tp\",model=\"alpha\"}} {}",
+            expected[0]
+        )),
+        "{metrics}"
+    );
+    drop(server);
+
+    // And as the stored rows say, read straight from the database.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mut st = conn
+        .prepare("SELECT a.label, f.label FROM feedback f JOIN answers a USING (request_id, image_index) WHERE a.model = 'alpha'")
+        .unwrap();
+    let mut stored = [0u64; 4];
+    for row in st
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .unwrap()
+    {
+        let (answered, confirmed) = row.unwrap();
+        stored[cell(&answered, &confirmed)] += 1;
+    }
+    assert_eq!(stored, got);
+
+    // Restarted on the same file: the outcomes are still there.
+    let mut again = common::Server::start(models.path(), &["--outcomes".as_ref(), db.as_os_str()]);
+    again.discard_logs();
+    let (_, body) = common::tcp_http(&again.addr, "GET", "/models/alpha", None, b"");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["live_outcomes"]["n"], 6);
+}
+
+#[test]
+fn without_an_outcomes_store_feedback_is_not_found() {
+    let models = common::models_dir();
+    let mut server = common::Server::start(models.path(), &[] as &[&str]);
+    server.discard_logs();
+    let (s, v) = post_json(
+        &server,
+        "/feedback",
+        r#"{"request_id": "x", "label": "NORMAL"}"#,
+    );
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (404, Some("not_found")),
+        "{v}"
+    );
+}
