@@ -52,6 +52,10 @@ pub struct ServerMetrics {
     pub dicom_results: IntCounterVec,
     /// Result objects waiting in the outbox, by destination.
     pub dicom_outbox_depth: IntGaugeVec,
+    /// `cxr_ood_score{model,manufacturer}`: input drift.
+    pub ood_score: HistogramVec,
+    /// The manufacturers given their own label (the rest are `other`).
+    manufacturers: Arc<std::sync::Mutex<Vec<String>>>,
     /// `cxr_live_outcomes{model,figure}`: the live figures of `POST /feedback`.
     pub live_outcomes: prometheus::GaugeVec,
     /// `cxr_live_sensitivity_alarm{model}`: 1 while live sensitivity is below the
@@ -64,6 +68,9 @@ pub struct ServerMetrics {
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// Manufacturers that get a label of their own in `cxr_ood_score`.
+pub const MANUFACTURER_LABELS: usize = 16;
 
 impl ServerMetrics {
     /// Registers every metric in a new registry.
@@ -192,6 +199,14 @@ impl ServerMetrics {
         registry
             .register(Box::new(dicom_outbox_depth.clone()))
             .expect("unique metric name");
+        let ood_score = h(
+            "cxr_ood_score",
+            "Out-of-distribution scores of the images scored, by model and by the DICOM Manufacturer (0008,0070) of the equipment: the first 16 seen by name, then `other`; `not_dicom` for JPEG and PNG, `unknown` for DICOM without one. Input drift: compare the distribution over time with the card's `ood.threshold`.",
+            &["model", "manufacturer"],
+            vec![
+                0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 15.0, 25.0, 50.0,
+            ],
+        );
         let live_outcomes = prometheus::GaugeVec::new(
             Opts::new(
                 "cxr_live_outcomes",
@@ -227,6 +242,8 @@ impl ServerMetrics {
             dicom_outbox_depth,
             live_outcomes,
             live_sensitivity_alarm,
+            ood_score,
+            manufacturers: Arc::new(std::sync::Mutex::new(Vec::new())),
             registry,
             requests,
             request_duration,
@@ -243,6 +260,46 @@ impl ServerMetrics {
             audit_failures,
             out_of_distribution,
         }
+    }
+
+    /// Records an image's OOD score for input drift, under its equipment's
+    /// manufacturer (a bounded label set: the first [`MANUFACTURER_LABELS`] seen,
+    /// then `other`).
+    pub fn observe_ood(
+        &self,
+        model: &str,
+        dicom: Option<&crate::imaging::dicom::DicomInfo>,
+        score: f64,
+    ) {
+        let label = match dicom.map(|d| d.manufacturer.as_deref()) {
+            None => "not_dicom".to_string(),
+            Some(None) => "unknown".to_string(),
+            Some(Some(m)) => {
+                let m: String = m
+                    .trim()
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(64)
+                    .collect();
+                let mut seen = self
+                    .manufacturers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if m.is_empty() {
+                    "unknown".to_string()
+                } else if seen.contains(&m) {
+                    m
+                } else if seen.len() < MANUFACTURER_LABELS {
+                    seen.push(m.clone());
+                    m
+                } else {
+                    "other".to_string()
+                }
+            }
+        };
+        self.ood_score
+            .with_label_values(&[model, &label])
+            .observe(score);
     }
 
     /// Sets a model's live-outcome gauges.
@@ -352,5 +409,54 @@ impl BatchObserver for ModelObserver {
             .worker_restarts
             .with_label_values(&[&self.model])
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(manufacturer: Option<&str>) -> crate::imaging::dicom::DicomInfo {
+        crate::imaging::dicom::DicomInfo {
+            study_instance_uid: None,
+            series_instance_uid: None,
+            sop_instance_uid: None,
+            modality: Some("CR".into()),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            photometric_interpretation: "MONOCHROME2".into(),
+            bits_stored: 12,
+            voi: "window".into(),
+            manufacturer: manufacturer.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn ood_scores_are_labelled_by_a_bounded_set_of_manufacturers() {
+        let m = ServerMetrics::new();
+        for i in 0..MANUFACTURER_LABELS + 4 {
+            m.observe_ood("w", Some(&info(Some(&format!("  Vendor {i}\n")))), 1.0);
+        }
+        m.observe_ood("w", Some(&info(Some("Vendor 0"))), 2.0);
+        m.observe_ood("w", Some(&info(None)), 3.0);
+        m.observe_ood("w", None, 4.0);
+        let text = m.render();
+        let count = |label: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("cxr_ood_score_count")
+                        && l.contains(&format!("manufacturer=\"{label}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(|v| v.parse::<u64>().unwrap())
+        };
+        assert_eq!(count("Vendor 0"), Some(2));
+        assert_eq!(
+            count(&format!("Vendor {}", MANUFACTURER_LABELS - 1)),
+            Some(1)
+        );
+        assert_eq!(count(&format!("Vendor {MANUFACTURER_LABELS}")), None);
+        assert_eq!(count("other"), Some(4));
+        assert_eq!(count("unknown"), Some(1));
+        assert_eq!(count("not_dicom"), Some(1));
     }
 }

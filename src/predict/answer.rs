@@ -350,11 +350,13 @@ pub(super) fn ood_scores(
         return Ok(vec![(None, None); out.len()]);
     };
     let mut v = Vec::with_capacity(out.len());
-    for (i, (r, _)) in out.iter().enumerate() {
+    for (i, (r, d)) in out.iter().enumerate() {
         let e = r.embedding.as_deref().ok_or_else(|| {
             ApiError::Internal("the model has an OOD model but returned no embedding".into())
         })?;
         let score = ood.score(e);
+        core.metrics()
+            .observe_ood(&model.card.name, d.dicom.as_ref(), score);
         let threshold = model.ood_threshold().unwrap_or(ood.threshold);
         let inside = score <= threshold;
         if !inside {

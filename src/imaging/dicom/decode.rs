@@ -56,6 +56,7 @@ pub fn decode_dicom(
             photometric_interpretation: a.photometric.as_str().to_string(),
             bits_stored: a.bits_stored as u16,
             voi: voi.into(),
+            manufacturer: text(obj, tags::MANUFACTURER),
         },
         warnings,
         sr_source: super::SrSource::from_object(

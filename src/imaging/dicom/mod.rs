@@ -182,6 +182,10 @@ pub struct DicomInfo {
     pub bits_stored: u16,
     /// The VOI transform used: `window`, `voi_lut_sequence` or `min_max`.
     pub voi: String,
+    /// Manufacturer (0008,0070) of the equipment that made the image (input drift
+    /// is watched per manufacturer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manufacturer: Option<String>,
 }
 
 /// A decoded DICOM radiograph.
