@@ -54,6 +54,8 @@ pub struct ServerMetrics {
     pub dicom_outbox_depth: IntGaugeVec,
     /// `cxr_ood_score{model,manufacturer}`: input drift.
     pub ood_score: HistogramVec,
+    /// `cxr_ood_verdicts_total{model,manufacturer,verdict}`: input drift, by verdict.
+    pub ood_verdicts: IntCounterVec,
     /// The manufacturers given their own label (the rest are `other`).
     manufacturers: Arc<std::sync::Mutex<Vec<String>>>,
     /// `cxr_live_outcomes{model,figure}`: the live figures of `POST /feedback`.
@@ -207,6 +209,11 @@ impl ServerMetrics {
                 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 15.0, 25.0, 50.0,
             ],
         );
+        let ood_verdicts = c(
+            "cxr_ood_verdicts_total",
+            "Images scored, by model, DICOM Manufacturer (as in cxr_ood_score) and verdict: in_distribution, distribution_shift (between the card's two thresholds: answered, flagged) or not_a_radiograph (above the refusal threshold; refused unless --ood-action warn). The share of distribution_shift over time, per manufacturer, is input drift.",
+            &["model", "manufacturer", "verdict"],
+        );
         let live_outcomes = prometheus::GaugeVec::new(
             Opts::new(
                 "cxr_live_outcomes",
@@ -243,6 +250,7 @@ impl ServerMetrics {
             live_outcomes,
             live_sensitivity_alarm,
             ood_score,
+            ood_verdicts,
             manufacturers: Arc::new(std::sync::Mutex::new(Vec::new())),
             registry,
             requests,
@@ -270,6 +278,7 @@ impl ServerMetrics {
         model: &str,
         dicom: Option<&crate::imaging::dicom::DicomInfo>,
         score: f64,
+        verdict: &str,
     ) {
         let label = match dicom.map(|d| d.manufacturer.as_deref()) {
             None => "not_dicom".to_string(),
@@ -300,6 +309,9 @@ impl ServerMetrics {
         self.ood_score
             .with_label_values(&[model, &label])
             .observe(score);
+        self.ood_verdicts
+            .with_label_values(&[model, &label, verdict])
+            .inc();
     }
 
     /// Sets a model's live-outcome gauges.
@@ -434,11 +446,21 @@ mod tests {
     fn ood_scores_are_labelled_by_a_bounded_set_of_manufacturers() {
         let m = ServerMetrics::new();
         for i in 0..MANUFACTURER_LABELS + 4 {
-            m.observe_ood("w", Some(&info(Some(&format!("  Vendor {i}\n")))), 1.0);
+            m.observe_ood(
+                "w",
+                Some(&info(Some(&format!("  Vendor {i}\n")))),
+                1.0,
+                "in_distribution",
+            );
         }
-        m.observe_ood("w", Some(&info(Some("Vendor 0"))), 2.0);
-        m.observe_ood("w", Some(&info(None)), 3.0);
-        m.observe_ood("w", None, 4.0);
+        m.observe_ood(
+            "w",
+            Some(&info(Some("Vendor 0"))),
+            2.0,
+            "distribution_shift",
+        );
+        m.observe_ood("w", Some(&info(None)), 3.0, "in_distribution");
+        m.observe_ood("w", None, 4.0, "in_distribution");
         let text = m.render();
         let count = |label: &str| {
             text.lines()
@@ -458,5 +480,8 @@ mod tests {
         assert_eq!(count("other"), Some(4));
         assert_eq!(count("unknown"), Some(1));
         assert_eq!(count("not_dicom"), Some(1));
+        assert!(text.contains(
+            r#"cxr_ood_verdicts_total{manufacturer="Vendor 0",model="w",verdict="distribution_shift"} 1"#
+        ));
     }
 }

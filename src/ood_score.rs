@@ -59,6 +59,17 @@ pub struct OodCard {
     /// What that set was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ood_set: Option<String>,
+    /// Two verdicts instead of one: scores above this are not a chest radiograph
+    /// the model can answer for (refused, 422 `out_of_distribution`); scores between
+    /// `threshold` and it are a radiograph unlike the training films (answered, with
+    /// `in_distribution: false` and a `distribution_shift` warning). Absent: every
+    /// score above `threshold` is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refuse_threshold: Option<f64>,
+    /// How `refuse_threshold` was chosen, and what it does on the sets it was
+    /// chosen on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refuse_rule: Option<String>,
 }
 
 /// The fitted density model (`models/<name>.ood.json`).

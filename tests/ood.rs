@@ -160,6 +160,8 @@ fn fit_alpha(dir: &std::path::Path) -> f64 {
         components: m.components(),
         ood_set_refused: None,
         ood_set: None,
+        refuse_threshold: None,
+        refuse_rule: None,
     };
     cxr::registry::set_card_ood(&card, &entry).unwrap();
     m.threshold
@@ -441,4 +443,137 @@ async fn the_core_answers_as_predict_does_for_the_same_bytes() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(refused.error_type().as_str(), via_http["error_type"]);
     assert_eq!(refused.details().unwrap(), via_http["details"]);
+}
+
+/// Two verdicts: with a second threshold in the card, an image scoring between the
+/// two is answered as a radiograph unlike the training films (`in_distribution:
+/// false`, a `distribution_shift` warning), one above the second is refused; a
+/// constant or colour image is refused by its gate before any score. The second
+/// threshold is put by the rule of `bench/ood_verdicts.py`: below every image of
+/// another kind that the first threshold refuses, halfway above the radiographs
+/// (films, and films perturbed as the stress validation perturbs them) when they
+/// all score below those.
+#[tokio::test]
+async fn two_verdicts_flag_a_shifted_film_and_refuse_what_is_not_a_radiograph() {
+    let dir = common::models_dir();
+    let inner = fit_alpha(dir.path());
+    // Every candidate's score, as the server computes it (refusal off).
+    let limits = cxr::http::Limits {
+        ood_action: OodAction::Warn,
+        ..common::test_limits()
+    };
+    let t = common::test_app_in(dir, limits, common::default_batch(), |s| s);
+    let radiographs: Vec<GrayImage> = (0..40)
+        .map(|i| {
+            let f = film(8000 + i);
+            if i % 2 == 0 {
+                f
+            } else {
+                cxr::eval::stress::perturb(&f, cxr::eval::stress::STRESS_SEED, i)
+            }
+        })
+        .collect();
+    let others: Vec<GrayImage> = (0..20).zip(300..).map(|(i, s)| other(i, s)).collect();
+    let mut r_scores = Vec::new();
+    for img in &radiographs {
+        let (s, v) = answer(&t.app, "alpha", img).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        r_scores.push(v["ood_score"].as_f64().unwrap());
+    }
+    let mut o_scores = Vec::new();
+    for img in &others {
+        let (_, v) = answer(&t.app, "alpha", img).await;
+        o_scores.push(v["ood_score"].as_f64().unwrap());
+    }
+    let top_r = r_scores.iter().copied().fold(f64::MIN, f64::max);
+    let low_o = o_scores
+        .iter()
+        .copied()
+        .filter(|&o| o > inner)
+        .fold(f64::MAX, f64::min);
+    assert!(
+        low_o < f64::MAX,
+        "the other kinds score above the first threshold"
+    );
+    let outer = if top_r < low_o {
+        (top_r + low_o) / 2.0
+    } else {
+        low_o * (1.0 - 1e-6)
+    }
+    .max(inner);
+    let common::TestApp { dir, .. } = t;
+    let card_path = dir.path().join("alpha.json");
+    let mut card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&card_path).unwrap()).unwrap();
+    card["ood"]["refuse_threshold"] = serde_json::json!(outer);
+    card["ood"]["refuse_rule"] = serde_json::json!("test");
+    std::fs::write(&card_path, serde_json::to_vec_pretty(&card).unwrap()).unwrap();
+
+    let t = common::test_app_in(dir, common::test_limits(), common::default_batch(), |s| s);
+    let mut shifted = 0;
+    for (img, &score) in radiographs
+        .iter()
+        .chain(&others)
+        .zip(r_scores.iter().chain(&o_scores))
+    {
+        let (s, v) = answer(&t.app, "alpha", img).await;
+        if score <= inner {
+            assert_eq!(
+                (s, &v["in_distribution"]),
+                (StatusCode::OK, &serde_json::json!(true)),
+                "{v}"
+            );
+        } else if score <= outer {
+            shifted += 1;
+            assert_eq!(s, StatusCode::OK, "{score} in ({inner}, {outer}]: {v}");
+            assert_eq!(v["in_distribution"], false, "{v}");
+            assert!(
+                v["warnings"][0]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("distribution_shift"),
+                "{v}"
+            );
+        } else {
+            assert_eq!(
+                s,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{score} > {outer}: {v}"
+            );
+            assert_eq!(v["error_type"], "out_of_distribution");
+            assert_eq!(v["details"]["threshold"].as_f64().unwrap(), outer);
+        }
+    }
+    // Every image of another kind the first threshold refused is still refused.
+    for (img, &score) in others.iter().zip(&o_scores) {
+        if score > inner {
+            let (s, _) = answer(&t.app, "alpha", img).await;
+            assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        }
+    }
+    // A constant image and a colour one: refused by their gates, before any score.
+    let (s, v) = answer(&t.app, "alpha", &GrayImage::from_pixel(64, 64, Luma([128]))).await;
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("blank_image")),
+        "{v}"
+    );
+    let colour = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 40])
+    });
+    let mut bytes = Vec::new();
+    colour
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    let (s, _, b) = send(&t.app, raw("/predict?model=alpha", "image/png", bytes)).await;
+    assert_eq!(
+        (s, json(&b)["error_type"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("colour_image"))
+    );
+    eprintln!(
+        "first threshold {inner:.3}, second {outer:.3}; {shifted} images answered as a shift"
+    );
 }

@@ -155,15 +155,31 @@ impl Pending {
 
 impl ServedModel {
     /// The out-of-distribution threshold in force: the site's, when its card fitted
-    /// one, else the model card's (none without an OOD model).
+    /// one (at most the card's second threshold), else the model card's (none
+    /// without an OOD model).
     pub fn ood_threshold(&self) -> Option<f64> {
         let ood = self.ood.as_ref()?;
-        Some(
-            self.site
-                .as_ref()
-                .and_then(|s| s.model.ood_threshold)
-                .unwrap_or(ood.threshold),
-        )
+        let site = self.site.as_ref().and_then(|s| s.model.ood_threshold);
+        let outer = self.card.ood.as_ref().and_then(|o| o.refuse_threshold);
+        Some(match (site, outer) {
+            // A site may move the first threshold, never past the card's second:
+            // what the OOD set shows is not a radiograph stays refused.
+            (Some(s), Some(o)) => s.min(o),
+            (Some(s), None) => s,
+            (None, _) => ood.threshold,
+        })
+    }
+}
+
+impl ServedModel {
+    /// The second threshold of the OOD score, when the card has one: above it an
+    /// image is refused as not a chest radiograph; between [`Self::ood_threshold`]
+    /// and it, answered as a radiograph unlike the training films. Never below the
+    /// first.
+    pub fn ood_refuse_threshold(&self) -> Option<f64> {
+        let inner = self.ood_threshold()?;
+        let outer = self.card.ood.as_ref()?.refuse_threshold?;
+        Some(outer.max(inner))
     }
 }
 

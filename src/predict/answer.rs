@@ -297,10 +297,15 @@ fn complete(
     model.record(total.as_secs_f64() * 1e3);
     let mut warnings = d.warnings;
     if let (Some(false), Some(t)) = (p.in_distribution, model.ood_threshold()) {
-        warnings.push(format!(
-            "out of distribution: score {:.3} above the model's threshold {t:.3}; this image does not resemble the pediatric frontal chest radiographs the model was trained on, so its label should not be relied on",
-            p.ood_score.unwrap_or(f64::NAN),
-        ));
+        let score = p.ood_score.unwrap_or(f64::NAN);
+        match model.ood_refuse_threshold() {
+            Some(r) if score <= r => warnings.push(format!(
+                "{DISTRIBUTION_SHIFT}: score {score:.3} above the training distribution's threshold {t:.3} (refused only above {r:.3}): a radiograph unlike the pediatric films the model was trained on (other equipment or technique, an older patient); its answer is less certain than the model card's figures say"
+            )),
+            _ => warnings.push(format!(
+                "out of distribution: score {score:.3} above the model's threshold {t:.3}; this image does not resemble the pediatric frontal chest radiographs the model was trained on, so its label should not be relied on",
+            )),
+        }
     }
     let heatmap = match (explain, &r.cam) {
         (false, _) => None,
@@ -334,6 +339,10 @@ fn complete(
     }
 }
 
+/// The first word of the warning on an answer whose image lies between the OOD
+/// score's two thresholds.
+pub const DISTRIBUTION_SHIFT: &str = "distribution_shift";
+
 /// An image's out-of-distribution score and whether it is within the threshold.
 pub(super) type OodVerdict = (Option<f64>, Option<bool>);
 
@@ -355,21 +364,38 @@ pub(super) fn ood_scores(
             ApiError::Internal("the model has an OOD model but returned no embedding".into())
         })?;
         let score = ood.score(e);
-        core.metrics()
-            .observe_ood(&model.card.name, d.dicom.as_ref(), score);
         let threshold = model.ood_threshold().unwrap_or(ood.threshold);
         let inside = score <= threshold;
+        // Two verdicts when the card has a second threshold: up to it, a radiograph
+        // unlike the training films (answered, flagged); above it (or above the only
+        // threshold), not one the model can answer for.
+        let refuse_at = model.ood_refuse_threshold().unwrap_or(threshold);
+        let shift = !inside && score <= refuse_at;
+        let verdict = if inside {
+            "in_distribution"
+        } else if shift {
+            "distribution_shift"
+        } else {
+            "not_a_radiograph"
+        };
+        core.metrics()
+            .observe_ood(&model.card.name, d.dicom.as_ref(), score, verdict);
         if !inside {
+            let counted = if shift && action == OodAction::Refuse {
+                "shift"
+            } else {
+                action.as_str()
+            };
             core.metrics()
                 .out_of_distribution
-                .with_label_values(&[&model.card.name, action.as_str()])
+                .with_label_values(&[&model.card.name, counted])
                 .inc();
-            if action == OodAction::Refuse {
+            if action == OodAction::Refuse && !shift {
                 return Err(ApiError::OutOfDistribution {
                     model: model.card.name.clone(),
                     image: i,
                     score,
-                    threshold,
+                    threshold: refuse_at,
                 });
             }
         }

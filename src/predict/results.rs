@@ -51,6 +51,11 @@ fn classified<'a>(model: &'a ServedModel, p: &Prediction) -> SrResult<'a> {
             probability: f64::from(p.probabilities.PNEUMONIA),
             threshold: p.threshold,
             pneumonia: p.label == "PNEUMONIA",
+            caution: p
+                .warnings
+                .iter()
+                .find(|w| w.starts_with(super::answer::DISTRIBUTION_SHIFT))
+                .cloned(),
         },
     }
 }

@@ -353,5 +353,7 @@ fn ood_card(
         components: model.components(),
         ood_set_refused: None,
         ood_set: None,
+        refuse_threshold: None,
+        refuse_rule: None,
     }
 }

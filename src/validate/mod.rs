@@ -130,11 +130,20 @@ impl Quantiles {
 pub struct OodReport {
     /// The model card's threshold.
     pub card_threshold: f64,
-    /// The threshold fitted on these films (`--ood-accept`), if asked.
+    /// The card's second threshold (above it: refused; between the two: answered
+    /// as a distribution shift), when the card has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card_refuse_threshold: Option<f64>,
+    /// The threshold fitted on these films (`--ood-accept`, capped at the card's
+    /// second threshold), if asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub site_threshold: Option<f64>,
-    /// The share of films refused at the card's threshold, with its Wilson interval.
+    /// The share of films the card's thresholds refuse, with its Wilson interval.
     pub refused_at_card: Interval,
+    /// The share the card's thresholds answer as a distribution shift (between its
+    /// two thresholds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shift_at_card: Option<Interval>,
     /// The share refused at the site's threshold.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused_at_site: Option<Interval>,
@@ -550,16 +559,25 @@ fn model_report(
         (Some(o), false) => {
             let mut sorted = scores.clone();
             sorted.sort_by(f64::total_cmp);
-            let site = cfg.ood_accept.map(|q| quantile_sorted(&sorted, q));
-            let share = |t: f64| {
-                let k = scores.iter().filter(|&&s| s > t).count() as u64;
-                wilson(k, scores.len() as u64)
+            let outer = card.ood.as_ref().and_then(|c| c.refuse_threshold);
+            // A site may move the first threshold, never past the card's second.
+            let site = cfg
+                .ood_accept
+                .map(|q| quantile_sorted(&sorted, q))
+                .map(|s| outer.map_or(s, |o| s.min(o)));
+            let n = scores.len() as u64;
+            let count = |f: &dyn Fn(f64) -> bool| scores.iter().filter(|&&s| f(s)).count() as u64;
+            let refused_above = |inner: f64| {
+                let at = outer.map_or(inner, |o| o.max(inner));
+                wilson(count(&|s| s > at), n)
             };
             Some(OodReport {
                 card_threshold: o.threshold,
+                card_refuse_threshold: outer,
                 site_threshold: site,
-                refused_at_card: share(o.threshold).expect("scores are not empty"),
-                refused_at_site: site.and_then(share),
+                refused_at_card: refused_above(o.threshold).expect("scores are not empty"),
+                shift_at_card: outer.and_then(|r| wilson(count(&|s| s > o.threshold && s <= r), n)),
+                refused_at_site: site.and_then(refused_above),
                 quantiles: Quantiles::of(&scores).expect("scores are not empty"),
             })
         }
@@ -567,9 +585,10 @@ fn model_report(
     };
     // What production would answer: the films the OOD gate lets through (at the
     // site's threshold when fitted, else the card's).
-    let gate = ood
-        .as_ref()
-        .map(|o| o.site_threshold.unwrap_or(o.card_threshold));
+    let gate = ood.as_ref().map(|o| {
+        let inner = o.site_threshold.unwrap_or(o.card_threshold);
+        o.card_refuse_threshold.map_or(inner, |r| r.max(inner))
+    });
     let (mut s, mut l) = (Vec::new(), Vec::new());
     for f in &answered {
         let through = match (gate, f.ood_score) {

@@ -164,13 +164,22 @@ pub(super) fn plots(m: &ModelReport) -> Vec<(String, String)> {
     }
     if let Some(o) = &m.ood {
         let s: Vec<f64> = m.films.iter().filter_map(|f| f.ood_score).collect();
-        let hi = (o.quantiles.max.max(o.card_threshold) * 1.1).max(1.0);
+        let hi = (o
+            .quantiles
+            .max
+            .max(o.card_threshold)
+            .max(o.card_refuse_threshold.unwrap_or(0.0))
+            * 1.1)
+            .max(1.0);
         let bars = histogram(&s, 0.0, hi, 30);
         let top = bars.iter().map(|b| b.2).fold(0.05, f64::max);
         let mut marks = vec![
             Mark::Bars("the site's films", BLUE, bars),
             Mark::VLine("the card's OOD threshold", RED, o.card_threshold),
         ];
+        if let Some(t) = o.card_refuse_threshold {
+            marks.push(Mark::VLine("the card's refusal threshold", ORANGE, t));
+        }
         if let Some(t) = o.site_threshold {
             marks.push(Mark::VLine("the site's OOD threshold", GREEN, t));
         }
@@ -250,13 +259,19 @@ pub(super) fn markdown(r: &SiteReport) -> String {
         if let Some(o) = &m.ood {
             let _ = writeln!(
                 s,
-                "- OOD score: median {:.2} (5–95 %: {:.2}–{:.2}, max {:.2}); the card's threshold {:.2} would refuse {} of these films{}.",
+                "- OOD score: median {:.2} (5–95 %: {:.2}–{:.2}, max {:.2}); the card's threshold {:.2}{} would refuse {} of these films{}{}.",
                 o.quantiles.p50,
                 o.quantiles.p05,
                 o.quantiles.p95,
                 o.quantiles.max,
                 o.card_threshold,
+                o.card_refuse_threshold
+                    .map_or(String::new(), |r| format!(" (refusing above {r:.2})")),
                 pct(&Some(o.refused_at_card)),
+                o.shift_at_card.map_or(String::new(), |i| format!(
+                    " and answer {} as a distribution shift",
+                    pct(&Some(i))
+                )),
                 match (o.site_threshold, o.refused_at_site) {
                     (Some(t), Some(r)) => format!(
                         "; the threshold fitted on this site, {t:.2}, refuses {} (the metrics below are on the films it lets through)",

@@ -301,3 +301,36 @@ print("pydicom read the SR: probability", p)
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An answer flagged as a distribution shift says so in its SR: a TEXT item
+/// "Caution" in the measurement group, and the SR still validates.
+#[test]
+fn a_distribution_shift_is_a_caution_in_the_sr() {
+    let (src, _) = cxr::imaging::dicom::identify(&source()).unwrap();
+    let caution = "distribution_shift: score 7.060 above the training distribution's threshold 6.692 (refused only above 7.142)";
+    let bytes = cxr::imaging::sr::build_sr(
+        &src,
+        &cxr::imaging::sr::SrResult {
+            variant: "weighted",
+            version: "2.0.0",
+            model_sha256: &"a".repeat(64),
+            finding: cxr::imaging::sr::SrFinding::Classified {
+                probability: 0.81,
+                threshold: 0.3,
+                pneumonia: true,
+                caution: Some(caution.into()),
+            },
+        },
+        &cxr::imaging::sr::UidMaker::random(None),
+    )
+    .unwrap();
+    let sr = parse(&bytes);
+    let group = child(&child(&sr, "126010", "DCM"), "125007", "DCM");
+    let item = child(&group, "CAUTION", "99CXR");
+    assert_eq!(text(&item, tags::VALUE_TYPE).as_deref(), Some("TEXT"));
+    assert_eq!(text(&item, tags::TEXT_VALUE).as_deref(), Some(caution));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shift.dcm");
+    std::fs::write(&path, &bytes).unwrap();
+    validate_with_dciodvfy(&path);
+}

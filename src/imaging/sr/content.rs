@@ -170,6 +170,7 @@ fn measurement_group(result: &SrResult<'_>, uids: &UidMaker, algorithm: &str) ->
             probability,
             threshold,
             pneumonia,
+            caution,
         } => {
             let presence = if *pneumonia {
                 code("52101004", "SCT", "Present")
@@ -185,6 +186,9 @@ fn measurement_group(result: &SrResult<'_>, uids: &UidMaker, algorithm: &str) ->
                     *threshold,
                 ),
             ]);
+            if let Some(c) = caution {
+                items.push(text_item("CONTAINS", local("CAUTION", "Caution"), c));
+            }
             format!(
                 "model_sha256={}; variant={}; threshold={threshold}",
                 result.model_sha256, result.variant

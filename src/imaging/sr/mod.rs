@@ -18,6 +18,7 @@
 //!        ├ CONTAINS CODE   Pneumonia = Present | Absent           (qualitative evaluation)
 //!        ├ CONTAINS NUM    Probability (122157, DCM) = P(PNEUMONIA), unit 1
 //!        ├ CONTAINS NUM    Decision threshold (99CXR) = the threshold, unit 1
+//!        ├ CONTAINS TEXT   Caution (99CXR) = a distribution shift, when flagged
 //!        ├ CONTAINS TEXT   Model variant (99CXR) = the variant's name
 //!        └ CONTAINS TEXT   Algorithm Name = "cxr <variant>"       TID 4019
 //!           ├ HAS CONCEPT MOD TEXT Algorithm Version
@@ -78,6 +79,8 @@ pub enum SrFinding {
         threshold: f64,
         /// Whether the answer is PNEUMONIA.
         pneumonia: bool,
+        /// What a reader must know of the answer (a distribution shift), if any.
+        caution: Option<String>,
     },
     /// The image was seen but not classified (not a chest radiograph the model can
     /// answer for), and why: so that the PACS shows the AI saw it.
