@@ -11,7 +11,8 @@ measures at load with nothing else running) and kept up; then every round measur
 every way once, in a rotated order, with a pause between ways. Latencies are the
 median over all rounds' samples, throughputs the median over rounds, and every ratio
 is the median of the per-round ratios (each taken between ways measured seconds
-apart).
+apart). Then each goal ratio (auto over raw OpenVINO, auto over ONNX Runtime) is
+measured again between its two ways alone, alternating, with no third way in between.
 
 The physical limit: DenseNet-161's multiply-accumulates per 224-px image (counted
 from the architecture, as torchvision's 7.73 G) over the machine's MAC rate. The FP32
@@ -165,6 +166,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--n1", type=int, default=6, help="batch-1 samples per way and round")
     ap.add_argument("--nsat", type=int, default=24, help="images per way and round at saturation")
+    ap.add_argument("--pair-rounds", type=int, default=10, help="alternating rounds of each goal pair")
     a = ap.parse_args()
     body = serving.test_jpeg(a.data)
     flags = open("/proc/cpuinfo").read()
@@ -221,6 +223,17 @@ def main():
                 print(f"| {name} | {k} | {statistics.median(lat[k]) * 1e3:.1f} ms | {rt:.1f} | "
                       f"{rt / bound:.0%} | {'; '.join(note)} |", flush=True)
             print(f"  {name} ({precision}): auto chose {ways[auto_s].provider}: {ways[auto_s].choice}", flush=True)
+            # The goal ratios again, each measured between its two ways alone,
+            # alternating (A B B A …), so that no third way runs in between.
+            for x, y in ((auto_s, raw_ov), (auto_s, ort_s)):
+                rx, ry = [], []
+                for r in range(a.pair_rounds):
+                    for k in ((x, y) if r % 2 == 0 else (y, x)):
+                        time.sleep(0.3)
+                        (rx if k == x else ry).append(ways[k].rate(a.nsat))
+                ratio_pair = statistics.median(p / q for p, q in zip(rx, ry))
+                print(f"  {name} pair: {x} / {y} at saturation {ratio_pair:.2f}× "
+                      f"({statistics.median(rx):.1f} / {statistics.median(ry):.1f} img/s, {a.pair_rounds} alternating rounds)", flush=True)
             print(f"  {name} goals: auto/ort at saturation {ratio(auto_s, ort_s):.2f}×, "
                   f"auto/raw OpenVINO {ratio(auto_s, raw_ov):.2f}×, openvino/ort {ratio(ov_s, ort_s):.2f}×", flush=True)
         finally:
