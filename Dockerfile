@@ -88,10 +88,11 @@ RUN python3 -m pip download --no-deps --only-binary=:all: --python-version 311 \
         --platform manylinux_2_28_x86_64 --dest /wheels "openvino==${OPENVINO_VERSION}" \
     && python3 -m zipfile -e /wheels/openvino-${OPENVINO_VERSION}-*.whl /wheel \
     && mkdir -p /out \
-    && cd /wheel/openvino/libs \
-    && cp libopenvino_c.so.* libopenvino.so.* libopenvino_intel_cpu_plugin.so \
-        libopenvino_onnx_frontend.so.* libtbb.so.12 libtbbbind_2_5.so.3 libhwloc.so.15 /out/ \
-    && c=$(cd /out && ls libopenvino_c.so.*) && ln -s "$c" /out/libopenvino_c.so
+    && libs=/wheel/openvino/libs \
+    && cp "$libs"/libopenvino_c.so.* "$libs"/libopenvino.so.* "$libs"/libopenvino_intel_cpu_plugin.so \
+        "$libs"/libopenvino_onnx_frontend.so.* "$libs"/libtbb.so.12 "$libs"/libtbbbind_2_5.so.3 \
+        "$libs"/libhwloc.so.15 /out/ \
+    && c=$(basename /out/libopenvino_c.so.*) && ln -s "$c" /out/libopenvino_c.so
 
 # ----------------------------------------------------------------- runtime, CUDA
 FROM ${CUDA_IMAGE} AS runtime-cuda
