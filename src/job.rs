@@ -58,6 +58,20 @@ pub(crate) fn files(dir: &Path) -> Result<Vec<PathBuf>, JobError> {
     Ok(out)
 }
 
+/// Bytes a file must start with to be told apart ([`is_image_file`]): a DICOM
+/// preamble and its `DICM`.
+pub(crate) const SNIFF_BYTES: u64 = 132;
+
+/// Whether a file whose first bytes (at least [`SNIFF_BYTES`] of them, or all) are
+/// `head` is a DICOM, JPEG or PNG file.
+pub(crate) fn is_image_file(head: &[u8]) -> bool {
+    crate::imaging::dicom::is_dicom(head)
+        || matches!(
+            image::guess_format(head),
+            Ok(image::ImageFormat::Jpeg | image::ImageFormat::Png)
+        )
+}
+
 fn write(path: &Path, bytes: &[u8]) -> Result<(), JobError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
@@ -106,11 +120,7 @@ pub async fn run(
         let bytes = std::fs::read(path)
             .map_err(|e| JobError(format!("cannot read {}: {e}", path.display())))?;
         let dicom = crate::imaging::dicom::is_dicom(&bytes);
-        let image = matches!(
-            image::guess_format(&bytes),
-            Ok(image::ImageFormat::Jpeg | image::ImageFormat::Png)
-        );
-        if !dicom && !image {
+        if !is_image_file(&bytes) {
             summary.skipped += 1;
             say(format!(
                 "skipped   {}: not a DICOM, JPEG or PNG file",

@@ -324,28 +324,18 @@ impl ServerMetrics {
             ("tn", c.tn as f64),
             ("fn", c.fn_ as f64),
         ];
-        for (name, i) in [
-            ("sensitivity", l.sensitivity),
-            ("specificity", l.specificity),
+        for (names, i) in [
+            (
+                ["sensitivity", "sensitivity_low", "sensitivity_high"],
+                l.sensitivity,
+            ),
+            (
+                ["specificity", "specificity_low", "specificity_high"],
+                l.specificity,
+            ),
         ] {
             if let Some(i) = i {
-                figures.push((name, i.value));
-                figures.push((
-                    if name == "sensitivity" {
-                        "sensitivity_low"
-                    } else {
-                        "specificity_low"
-                    },
-                    i.low,
-                ));
-                figures.push((
-                    if name == "sensitivity" {
-                        "sensitivity_high"
-                    } else {
-                        "specificity_high"
-                    },
-                    i.high,
-                ));
+                figures.extend(names.into_iter().zip([i.value, i.low, i.high]));
             }
         }
         for (figure, v) in figures {

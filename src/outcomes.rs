@@ -68,8 +68,6 @@ pub enum Recorded {
 /// Why a confirmation was not recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FeedbackRefusal {
-    /// No answered image has this id.
-    Unknown,
     /// A different label was already confirmed for this image.
     Conflict(String),
     /// The store failed.

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{auc, expected_calibration_error};
+use crate::model::arch::SplitMix64;
 
 /// A point estimate and its 95 % interval.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -42,22 +43,10 @@ pub fn wilson(k: u64, n: u64) -> Option<Interval> {
     })
 }
 
-/// SplitMix64: a small, seeded generator (the same resamples on every run).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next()) * n as u128) >> 64) as usize
-    }
+/// Uniform in `0..n` (n > 0) from the seeded generator (the same resamples on every
+/// run).
+fn below(rng: &mut SplitMix64, n: usize) -> usize {
+    ((u128::from(rng.next_u64()) * n as u128) >> 64) as usize
 }
 
 /// The `q` quantile of sorted `v` (linear between order statistics).
@@ -82,7 +71,7 @@ pub fn bootstrap(
     let value = stat(scores, labels)?;
     let pos: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == 1).collect();
     let neg: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] != 1).collect();
-    let mut rng = SplitMix(seed);
+    let mut rng = SplitMix64(seed);
     let mut stats = Vec::with_capacity(reps);
     let (mut s, mut l) = (
         Vec::with_capacity(scores.len()),
@@ -93,7 +82,7 @@ pub fn bootstrap(
         l.clear();
         for class in [&pos, &neg] {
             for _ in 0..class.len() {
-                let i = class[rng.below(class.len())];
+                let i = class[below(&mut rng, class.len())];
                 s.push(scores[i]);
                 l.push(labels[i]);
             }

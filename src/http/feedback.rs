@@ -132,12 +132,6 @@ pub(super) async fn feedback(
         let status = match store.confirm(&answered, &label, &caller) {
             Ok(Recorded::New) => "recorded",
             Ok(Recorded::Again) => "already_recorded",
-            Err(FeedbackRefusal::Unknown) => {
-                return Err(ApiError::UnknownRequest(format!(
-                    "no answered image {} of request `{}`",
-                    answered.image_index, answered.request_id
-                )));
-            }
             Err(FeedbackRefusal::Conflict(was)) => {
                 return Err(ApiError::FeedbackConflict(format!(
                     "image {} of request `{}` was already confirmed as {was}; the first confirmation stands",

@@ -169,9 +169,7 @@ impl ServedModel {
             (None, _) => ood.threshold,
         })
     }
-}
 
-impl ServedModel {
     /// The second threshold of the OOD score, when the card has one: above it an
     /// image is refused as not a chest radiograph; between [`Self::ood_threshold`]
     /// and it, answered as a radiograph unlike the training films. Never below the

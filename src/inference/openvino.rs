@@ -5,7 +5,7 @@
 //! wheel that `scripts/setup.sh` installs (`.openvino/lib`), or `OPENVINO_LIB`.
 
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use openvino::{Core, DeviceType, ElementType, RwPropertyKey, Shape, Tensor};
@@ -30,15 +30,7 @@ pub fn resolve_library() -> PathBuf {
     {
         return PathBuf::from(p);
     }
-    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
-    }
-    roots
-        .iter()
-        .map(|r| r.join(DEFAULT_LIB))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_LIB))
+    crate::inference::runtime::find_beside(DEFAULT_LIB)
 }
 
 static LOADED: OnceLock<Result<(), OpenVinoError>> = OnceLock::new();

@@ -119,15 +119,22 @@ pub fn resolve_library(explicit: Option<&Path>) -> PathBuf {
     {
         return PathBuf::from(p);
     }
+    find_beside(DEFAULT_LIB)
+}
+
+/// `rel` under the working directory or any folder above the executable, the first
+/// that exists (else `rel` itself): where `scripts/setup.sh` links the runtimes'
+/// libraries.
+pub(crate) fn find_beside(rel: &str) -> PathBuf {
     let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
     if let Ok(exe) = std::env::current_exe() {
         roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
     }
     roots
         .iter()
-        .map(|r| r.join(DEFAULT_LIB))
+        .map(|r| r.join(rel))
         .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_LIB))
+        .unwrap_or_else(|| PathBuf::from(rel))
 }
 
 static ENVIRONMENT: OnceLock<(PathBuf, Environment)> = OnceLock::new();

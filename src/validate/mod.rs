@@ -13,6 +13,7 @@ mod page;
 pub mod svg;
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -413,14 +414,12 @@ pub async fn run(core: &Core, cfg: &Config) -> Result<Written, ValidateError> {
     let mut images = Vec::new();
     let mut skipped = 0;
     for path in &all {
-        let bytes = std::fs::read(path)
+        // Its first bytes tell what it is; the whole file is read when it is answered.
+        let mut head = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(crate::job::SNIFF_BYTES).read_to_end(&mut head))
             .map_err(|e| ValidateError(format!("cannot read {}: {e}", path.display())))?;
-        let dicom = crate::imaging::dicom::is_dicom(&bytes);
-        let image = matches!(
-            image::guess_format(&bytes),
-            Ok(image::ImageFormat::Jpeg | image::ImageFormat::Png)
-        );
-        if dicom || image {
+        if crate::job::is_image_file(&head) {
             images.push(path.strip_prefix(&cfg.films).unwrap_or(path).to_path_buf());
         } else {
             skipped += 1;
