@@ -28,6 +28,8 @@ pub enum Scope {
     Models,
     /// `POST /feedback`: confirmed labels of answered images.
     Feedback,
+    /// The model repository: `POST /v2/repository/index`, `…/load`, `…/unload`.
+    Admin,
 }
 
 impl Scope {
@@ -37,6 +39,7 @@ impl Scope {
             Scope::Predict => "predict",
             Scope::Models => "models",
             Scope::Feedback => "feedback",
+            Scope::Admin => "admin",
         }
     }
 }
@@ -337,7 +340,7 @@ mod tests {
         for bad in [
             r#"{"callers": []}"#.to_string(),
             ok.replace(&h, "abc"),
-            ok.replace("predict", "admin"),
+            ok.replace("predict", "root"),
             ok.replace("\"predict\"", ""),
             ok.replace("\"name\": \"a\"", "\"name\": \"\""),
             ok.replace("key_sha256", "key"),

@@ -86,6 +86,28 @@ pub struct AuditRecord {
     /// DICOM SOP Instance UID (DICOM uploads only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sop_instance_uid: Option<String>,
+    /// A shadow record (`decision: shadow`): what the answer given was, beside what
+    /// the candidate (this record's model) said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowMark>,
+    /// The W3C trace id of the request (`traceparent`), when it was traced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+/// What a shadow record compares the candidate with: the answer that was given.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ShadowMark {
+    /// The version that answered.
+    pub answered_version: String,
+    /// The label answered.
+    pub answered_label: String,
+    /// P(PNEUMONIA) answered.
+    pub answered_p_pneumonia: f32,
+    /// Whether the candidate's label (this record's `label`) is the one answered.
+    pub agreed: bool,
+    /// |P(PNEUMONIA) of the candidate − P(PNEUMONIA) answered|.
+    pub abs_delta_p: f64,
 }
 
 /// What was decided about an image.
@@ -96,6 +118,9 @@ pub enum Decision {
     Answered,
     /// Refused (not a radiograph, out of distribution, a gate).
     Refused,
+    /// Not an answer: a candidate version run in the shadow of the answer given
+    /// (the record's `shadow` says what was answered).
+    Shadow,
 }
 
 /// Why records could not be written: the request must not be answered as decided.
@@ -484,6 +509,8 @@ mod tests {
             input_kind: "png".into(),
             input_bytes: 10,
             sop_instance_uid: None,
+            shadow: None,
+            trace_id: None,
         }
     }
 

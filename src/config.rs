@@ -209,6 +209,24 @@ pub struct ServeArgs {
     #[arg(long = "model-backend", env = "CXR_MODEL_BACKENDS", value_name = "NAME=BACKEND",
           value_delimiter = ',', value_parser = parse_model_backend)]
     pub model_backends: Vec<(String, crate::inference::BackendChoice)>,
+    /// Run a candidate version in the shadow of its variant's default: `NAME@VERSION`
+    /// (a version loaded beside the default, e.g. `models/weighted/2.1.0/`). It runs
+    /// on `--shadow-share` of the variant's requests after each answer is sent; its
+    /// agreement goes to metrics, `/models/{name}` and audit records marked `shadow`.
+    /// Repeat for several variants (or separate by commas in `CXR_SHADOW`).
+    #[arg(long = "shadow", env = "CXR_SHADOW", value_name = "NAME@VERSION", value_delimiter = ',')]
+    pub shadow: Vec<String>,
+    /// The share of a variant's requests its shadow candidate runs on, in (0, 1].
+    #[arg(long, env = "CXR_SHADOW_SHARE", default_value_t = 1.0)]
+    pub shadow_share: f64,
+    /// Export each request's spans (OpenTelemetry, OTLP over gRPC) to this
+    /// collector, e.g. `http://otel-collector:4317`; off by default. The W3C
+    /// `traceparent` is read and answered with either way.
+    #[arg(long, env = "CXR_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the exported spans.
+    #[arg(long, env = "CXR_OTLP_SERVICE_NAME", default_value = "cxr")]
+    pub otlp_service_name: String,
     /// Also serve the Open Inference Protocol over gRPC on this port
     /// (`inference.GRPCInferenceService`, with the health service and reflection);
     /// off by default.
@@ -466,6 +484,15 @@ impl ServeArgs {
             max_connections: self.max_connections,
             shutdown_timeout: std::time::Duration::from_secs(self.shutdown_timeout_s),
         }
+    }
+
+    /// The shadows asked for (`--shadow`, `--shadow-share`).
+    pub fn shadows(&self) -> Result<Vec<crate::repository::ShadowSpec>, crate::repository::ShadowError> {
+        self.shadow
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| crate::repository::ShadowSpec::parse(s.trim(), self.shadow_share))
+            .collect()
     }
 
     /// What model loading needs.

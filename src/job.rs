@@ -146,6 +146,7 @@ pub async fn run(
             caller: Caller("job".into()),
             request_id: uuid::Uuid::new_v4().to_string(),
             client_request_id: Some(rel.display().to_string()),
+            trace: None,
         };
         let ask = Ask {
             model: model.clone(),

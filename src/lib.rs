@@ -43,6 +43,8 @@ pub mod ood_score;
 pub mod outcomes;
 pub mod predict;
 pub mod registry;
+pub mod repository;
+pub mod trace;
 pub mod validate;
 
 pub use http::{AppState, build_admin_app, build_app};

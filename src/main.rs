@@ -162,32 +162,67 @@ fn app_state(args: &ServeArgs, metrics: Arc<ServerMetrics>) -> anyhow::Result<Ap
     Ok(state)
 }
 
-/// Loads the models on the blocking pool; hands them to `state` when ready and says
-/// so on `outcome` (or sends the error, which stops the server). Returns their
-/// worker threads.
+/// Loads the models on the blocking pool into the model repository; hands it to
+/// `state` when ready and says so on `outcome` (or sends the error, which stops the
+/// server).
 fn spawn_loader(
     args: &ServeArgs,
     state: &AppState,
     metrics: Arc<ServerMetrics>,
     outcome: tokio::sync::oneshot::Sender<Result<(), cxr::inference::LoadError>>,
-) -> tokio::task::JoinHandle<Option<Vec<std::thread::JoinHandle<()>>>> {
+) -> anyhow::Result<tokio::task::JoinHandle<Option<Arc<cxr::repository::Repository>>>> {
     let load_cfg = args.load_config();
-    let loader_state = state.clone();
-    tokio::task::spawn_blocking(move || {
-        match cxr::inference::load_models(&load_cfg, |name| metrics.observer(name)) {
-            Ok((set, workers)) => {
-                let names: Vec<String> = set.all().iter().map(|m| m.card.name.clone()).collect();
-                loader_state.set_models(set);
+    let shadows = args.shadows().map_err(anyhow::Error::msg)?;
+    let share = args.shadow_share;
+    let core = state.core().clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        match cxr::repository::Repository::start(load_cfg, metrics, core.live_set(), &shadows, share)
+        {
+            Ok(repo) => {
+                core.set_repository(repo.clone());
+                let names: Vec<String> = core
+                    .models()
+                    .map(|s| {
+                        s.every_version()
+                            .map(|m| format!("{}@{}", m.card.name, m.card.version))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 tracing::info!(models = ?names, "ready");
                 let _ = outcome.send(Ok(()));
-                Some(workers)
+                Some(repo)
             }
             Err(e) => {
                 let _ = outcome.send(Err(e));
                 None
             }
         }
-    })
+    }))
+}
+
+/// Rescans the models folder on each `SIGHUP` (new versions loaded and warmed, then
+/// swapped in; removed ones unloaded).
+#[cfg(unix)]
+fn rescan_on_sighup(core: cxr::predict::Core) {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut s) => {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    let Some(repo) = core.repository().cloned() else {
+                        tracing::warn!("SIGHUP while the models are still loading: ignored");
+                        continue;
+                    };
+                    tracing::info!("SIGHUP: rescanning the models folder");
+                    match tokio::task::spawn_blocking(move || repo.rescan()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "rescan failed; what was serving stays"),
+                        Err(e) => tracing::error!(error = %e, "rescan failed; what was serving stays"),
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP: rescans only by the repository API"),
+    }
 }
 
 /// The API socket, bound (so a taken port fails at once and `--port 0` has its
@@ -244,6 +279,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     survive_file_size_limit();
     let metrics = Arc::new(ServerMetrics::new());
     let mut state = app_state(&args, metrics.clone())?;
+    let exporter = match &args.otlp_endpoint {
+        Some(endpoint) => {
+            let (x, task) = cxr::trace::Exporter::start(endpoint, &args.otlp_service_name)
+                .map_err(anyhow::Error::msg)?;
+            tracing::info!(endpoint = %endpoint, "request spans are exported over OTLP/gRPC");
+            state = state.with_exporter(x.clone());
+            Some((x, task))
+        }
+        None => None,
+    };
     let admin = match args.metrics_port {
         Some(port) => {
             let addr = format!("{}:{}", args.host, port);
@@ -262,7 +307,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Load in the background: `/health` answers meanwhile, `/ready` says 503.
     let (outcome_tx, outcome_rx) =
         tokio::sync::oneshot::channel::<Result<(), cxr::inference::LoadError>>();
-    let loader = spawn_loader(&args, &state, metrics, outcome_tx);
+    let loader = spawn_loader(&args, &state, metrics, outcome_tx)?;
+    #[cfg(unix)]
+    rescan_on_sighup(state.core().clone());
     let app = build_app(state.clone());
     // One stop signal for both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -364,12 +411,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    // The router's state handles are gone; dropping ours closes the model queues, and
-    // each worker answers what is queued before it ends.
-    let workers = loader.await.context("model loader")?;
+    // The router's state handles are gone; taking every version out closes the
+    // model queues, and each worker answers what is queued before it ends.
+    let repo = loader.await.context("model loader")?;
+    let workers = repo.map(|r| r.close()).unwrap_or_default();
     drop(state);
-    for w in workers.into_iter().flatten() {
+    for w in workers {
         let _ = w.join();
+    }
+    if let Some((exporter, task)) = exporter {
+        drop(exporter);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
     }
     tracing::info!("stopped");
     Ok(())

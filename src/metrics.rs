@@ -65,6 +65,16 @@ pub struct ServerMetrics {
     pub live_sensitivity_alarm: IntGaugeVec,
     /// gRPC calls, by method and status code.
     pub grpc_requests: IntCounterVec,
+    /// `cxr_model_version{model,version,role}`: 1 for each loaded version.
+    pub model_versions: IntGaugeVec,
+    /// `cxr_repository_operations_total{operation,outcome}`.
+    pub repository_operations: IntCounterVec,
+    /// `cxr_shadow_images_total{model,version,answered_label,agreement}`.
+    pub shadow_images: IntCounterVec,
+    /// `cxr_shadow_abs_delta_p{model,version,answered_label}`.
+    pub shadow_abs_delta_p: HistogramVec,
+    /// `cxr_shadow_shed_total{model,version,reason}`.
+    pub shadow_shed: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -241,7 +251,44 @@ impl ServerMetrics {
             "gRPC calls of the Open Inference Protocol, by method and status code.",
             &["method", "code"],
         );
+        let model_versions = IntGaugeVec::new(
+            Opts::new(
+                "cxr_model_version",
+                "1 for each loaded version of each variant, by role: default (answers name no version), loaded (answers only `model=NAME@VERSION`), shadow (runs in the default's shadow).",
+            ),
+            &["model", "version", "role"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(model_versions.clone()))
+            .expect("unique metric name");
+        let repository_operations = c(
+            "cxr_repository_operations_total",
+            "Model repository changes (operation: load, unload, rescan) by outcome: ok, partly_refused (some version did not check out), refused_invalid (the version asked for did not check out; what was serving stays), refused.",
+            &["operation", "outcome"],
+        );
+        let shadow_images = c(
+            "cxr_shadow_images_total",
+            "Images a candidate version ran on in the shadow of its variant's default, after the answer was sent, by the label answered and whether the candidate agreed (agree, disagree).",
+            &["model", "version", "answered_label", "agreement"],
+        );
+        let shadow_abs_delta_p = h(
+            "cxr_shadow_abs_delta_p",
+            "|P(PNEUMONIA) of the shadow candidate - P(PNEUMONIA) answered|, by the label answered.",
+            &["model", "version", "answered_label"],
+            vec![0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],
+        );
+        let shadow_shed = c(
+            "cxr_shadow_shed_total",
+            "Requests sampled for a shadow candidate but not run, by reason (busy, load, queue_full, failed, preprocessing): under load the shadow is shed first.",
+            &["model", "version", "reason"],
+        );
         Self {
+            model_versions,
+            repository_operations,
+            shadow_images,
+            shadow_abs_delta_p,
+            shadow_shed,
             grpc_requests,
             dicom_associations,
             dicom_stores,
@@ -355,6 +402,27 @@ impl ServerMetrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+
+    /// Sets `cxr_model_version` to the versions of `set`.
+    pub fn set_model_versions(&self, set: &crate::inference::ModelSet) {
+        self.model_versions.reset();
+        for m in set.every_version() {
+            let name = &m.card.name;
+            let role = if set.is_default(m) {
+                "default"
+            } else if set
+                .shadow_of(name)
+                .is_some_and(|s| Arc::ptr_eq(&s.model, m))
+            {
+                "shadow"
+            } else {
+                "loaded"
+            };
+            self.model_versions
+                .with_label_values(&[name, &m.card.version, role])
+                .set(1);
+        }
     }
 
     /// A batch observer for one model.

@@ -495,6 +495,8 @@ mod tests {
             input_kind: "png".into(),
             input_bytes: 1,
             sop_instance_uid: (index == 1).then(|| "1.2.3".to_string()),
+            shadow: None,
+            trace_id: None,
         }
     }
 

@@ -73,13 +73,14 @@ async fn explain_cam_adds_normalised_maps_and_an_overlay() {
     )
     .unwrap()
     .to_luma8();
-    let card = &t
+    let card = t
         .state
         .models()
         .unwrap()
         .select(Some("alpha"), None)
         .unwrap()
-        .card;
+        .card
+        .clone();
     let pre = cxr::imaging::Preprocessor::new(card.input_size, &card.preprocessing).unwrap();
     let upload = image::load_from_memory(&img(3)).unwrap().to_luma8();
     assert_eq!(input, pre.resize(&upload));

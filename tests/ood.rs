@@ -399,6 +399,7 @@ async fn the_core_answers_as_predict_does_for_the_same_bytes() {
         caller: cxr::access::Caller::anonymous(),
         request_id: "core-test".into(),
         client_request_id: None,
+        trace: None,
     };
     let bytes = png(&film(7100));
     let valid = core

@@ -328,6 +328,7 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, ts: &str, s
         caller: Caller(calling.to_string()),
         request_id: uuid::Uuid::new_v4().to_string(),
         client_request_id: None,
+        trace: None,
     };
     let ask = Ask {
         model: node.model.clone(),

@@ -70,6 +70,7 @@ pub fn code(kind: ErrorType) -> tonic::Code {
             Code::NotFound
         }
         ErrorType::FeedbackConflict => Code::AlreadyExists,
+        ErrorType::RepositoryRefused => Code::FailedPrecondition,
         ErrorType::MethodNotAllowed => Code::Unimplemented,
         ErrorType::Unauthorized => Code::Unauthenticated,
         ErrorType::Forbidden => Code::PermissionDenied,
@@ -176,6 +177,7 @@ impl Inference {
             caller,
             request_id: uuid::Uuid::new_v4().to_string(),
             client_request_id,
+            trace: None,
         };
         let deadline = req
             .metadata()
@@ -523,7 +525,7 @@ impl GrpcInferenceService for Inference {
             let r = req.get_ref();
             let version = (!r.version.is_empty()).then_some(r.version.as_str());
             let m = self.core.served(&r.name, version).map_err(|e| status(&e))?;
-            let (platform, inputs, outputs) = tensor::model_tensors(m);
+            let (platform, inputs, outputs) = tensor::model_tensors(&m);
             let t = |(name, datatype, shape): tensor::TensorSpec| {
                 pb::model_metadata_response::TensorMetadata {
                     name: name.into(),

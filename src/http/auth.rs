@@ -27,6 +27,14 @@ pub async fn require(
     next: Next,
 ) -> Result<Response, ApiError> {
     let caller = match state.api_keys() {
+        // Changing the models is for a caller with a key of the `admin` scope, never
+        // for anyone who can reach the port.
+        None if scope == Scope::Admin => {
+            return Err(ApiError::Auth(crate::access::AuthError::Forbidden {
+                caller: Caller::anonymous().0,
+                scope,
+            }));
+        }
         None => Caller::anonymous(),
         Some(keys) => match keys.authorize(presented_key(req.headers()), scope) {
             Ok(c) => c,

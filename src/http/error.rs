@@ -35,7 +35,8 @@ pub fn status(kind: ErrorType) -> StatusCode {
         ErrorType::EmptyImage
         | ErrorType::InvalidImage
         | ErrorType::InvalidDicom
-        | ErrorType::InvalidRequest => StatusCode::BAD_REQUEST,
+        | ErrorType::InvalidRequest
+        | ErrorType::RepositoryRefused => StatusCode::BAD_REQUEST,
         ErrorType::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorType::Forbidden => StatusCode::FORBIDDEN,
         ErrorType::ModelNotFound | ErrorType::NotFound | ErrorType::UnknownRequest => {

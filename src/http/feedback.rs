@@ -140,8 +140,8 @@ pub(super) async fn feedback(
             }
             Err(FeedbackRefusal::Store(e)) => return Err(ApiError::Internal(e.0)),
         };
-        let live = match core.models().and_then(|ms| ms.get(&answered.model)) {
-            Some(m) if m.card.onnx.sha256 == answered.model_sha256 => live(&core, &store, m)?,
+        let live = match core.models().and_then(|ms| ms.get(&answered.model).cloned()) {
+            Some(m) if m.card.onnx.sha256 == answered.model_sha256 => live(&core, &store, &m)?,
             // A model file no longer served: its figures, without a reference.
             _ => LiveOutcomes::of(
                 store

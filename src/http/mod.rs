@@ -119,6 +119,13 @@ impl AppState {
         self
     }
 
+    /// Exports request spans with `exporter` (call before sharing the state).
+    #[must_use]
+    pub fn with_exporter(mut self, exporter: crate::trace::Exporter) -> Self {
+        self.configure().core.set_exporter(exporter);
+        self
+    }
+
     /// Makes Structured Report UIDs under `root` (call before sharing the state).
     #[must_use]
     pub fn with_uid_root(mut self, root: String) -> Self {
@@ -142,7 +149,7 @@ impl AppState {
     }
 
     /// The models, once loaded.
-    pub fn models(&self) -> Option<&ModelSet> {
+    pub fn models(&self) -> Option<Arc<ModelSet>> {
         self.inner.core.models()
     }
 
@@ -225,9 +232,14 @@ fn with_common_layers(app: Router<AppState>, state: &AppState) -> Router<AppStat
             let ids = req.extensions().get::<RequestIds>();
             let id = ids.map_or("", |i| i.server.as_str());
             let client = ids.and_then(|i| i.client.as_deref()).unwrap_or("");
-            tracing::info_span!("request", method = %req.method(), path, request_id = id, client_request_id = client)
+            let trace_id = req
+                .extensions()
+                .get::<Arc<crate::trace::RequestTrace>>()
+                .map(|t| t.trace_id())
+                .unwrap_or_default();
+            tracing::info_span!("request", method = %req.method(), path, request_id = id, client_request_id = client, trace_id)
         }))
-        .layer(middleware::from_fn(request_ids))
+        .layer(middleware::from_fn_with_state(state.clone(), request_ids))
 }
 
 /// A request's ids: the server's own (a UUID, the `request_id` of answers, logs and
@@ -246,7 +258,25 @@ pub use crate::predict::sanitize_client_request_id;
 /// Gives every request the server's own id (in the `x-request-id` the handlers
 /// read) and keeps the caller's; the answer's `x-request-id` echoes the caller's,
 /// or carries the server's when the caller sent none.
-async fn request_ids(mut req: Request, next: Next) -> Response {
+///
+/// Traces it too ([`crate::trace`]): a request with a valid `traceparent`, and
+/// every inference request, gets a trace (the caller's, or a new one); its answer
+/// carries `traceparent` (the server's span) and `tracestate`, and its spans are
+/// exported once it is answered.
+async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    use crate::trace::{RequestTrace, TRACEPARENT, TRACESTATE, TraceContext};
+    let headers = req.headers();
+    let caller_ctx = headers.get(TRACEPARENT).and_then(|tp| {
+        TraceContext::parse(tp.as_bytes(), headers.get(TRACESTATE).map(|v| v.as_bytes()))
+    });
+    let path = req.uri().path();
+    let inference = path == "/predict" || path.ends_with("/infer");
+    let trace = match caller_ctx {
+        Some(ctx) => Some(RequestTrace::start(ctx)),
+        None if inference => Some(RequestTrace::start(TraceContext::root())),
+        None => None,
+    };
+    let span_name = format!("{} {}", req.method(), path);
     let client = req
         .headers()
         .get("x-request-id")
@@ -259,9 +289,27 @@ async fn request_ids(mut req: Request, next: Next) -> Response {
         server: server.clone(),
         client: client.clone(),
     });
+    if let Some(t) = &trace {
+        t.set_request_id(&server);
+        req.extensions_mut().insert(t.clone());
+    }
     let mut resp = next.run(req).await;
     if let Ok(v) = axum::http::HeaderValue::from_str(client.as_deref().unwrap_or(&server)) {
         resp.headers_mut().insert("x-request-id", v);
+    }
+    if let Some(t) = trace {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&t.traceparent()) {
+            resp.headers_mut().insert(TRACEPARENT, v);
+        }
+        if let Some(Ok(v)) = t
+            .context()
+            .tracestate
+            .as_deref()
+            .map(axum::http::HeaderValue::from_str)
+        {
+            resp.headers_mut().insert(TRACESTATE, v);
+        }
+        t.finish(&span_name, resp.status().as_u16(), state.core().exporter());
     }
     resp
 }
@@ -281,6 +329,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Asker {
                 .unwrap_or_else(Caller::anonymous),
             request_id: ids.map_or_else(|| request_id(&parts.headers), |i| i.server.clone()),
             client_request_id: ids.and_then(|i| i.client.clone()),
+            trace: parts
+                .extensions
+                .get::<Arc<crate::trace::RequestTrace>>()
+                .cloned(),
         })
     }
 }

@@ -32,12 +32,16 @@ use utoipa::OpenApi;
     ),
     paths(predict, list_models, get_model, get_plot, health, ready, metrics_text, feedback,
         v2::server_metadata, v2::live, v2::server_ready, v2::model_metadata, v2::model_ready, v2::infer,
-        v2::model_metadata_version, v2::model_ready_version, v2::infer_version),
+        v2::model_metadata_version, v2::model_ready_version, v2::infer_version,
+        v2::repository::index, v2::repository::load, v2::repository::unload),
     modifiers(&SecuritySchemes),
     components(schemas(super::feedback::FeedbackRequest, super::feedback::FeedbackAnswer, crate::outcomes::Answered, crate::outcomes::LiveOutcomes, Prediction, ThresholdSource, DicomInfo, ErrorBody, error::ErrorType, ModelList, ModelInfo, Status, PredictUpload,
         v2::V2Error, v2::ServerMetadata, v2::TensorMetadata, v2::ModelMetadata, v2::Readiness, v2::Liveness,
-        v2::InferRequest, v2::RequestInput, v2::RequestOutput, v2::InferResponse, v2::ResponseOutput)),
-    tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "feedback", description = "Confirmed labels of answered images, and the live figures they give"), (name = "operations", description = "Health, readiness, metrics"), (name = "open inference protocol", description = "The Open Inference Protocol (KServe V2) REST API, with Triton's binary tensor data extension; also at /v2/models/{name}/versions/{version}[/infer|/ready]"))
+        v2::InferRequest, v2::RequestInput, v2::RequestOutput, v2::InferResponse, v2::ResponseOutput,
+        v2::repository::IndexRequest, v2::repository::LoadRequest, v2::repository::UnloadRequest, v2::repository::UnloadParams,
+        crate::repository::LoadParams, crate::repository::IndexEntry, crate::repository::Change,
+        crate::http::types::VersionInfo, crate::http::types::ShadowInfo, crate::inference::shadow::ShadowReport, crate::inference::shadow::ClassAgreement)),
+    tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "feedback", description = "Confirmed labels of answered images, and the live figures they give"), (name = "operations", description = "Health, readiness, metrics"), (name = "open inference protocol", description = "The Open Inference Protocol (KServe V2) REST API, with Triton's binary tensor data extension; also at /v2/models/{name}/versions/{version}[/infer|/ready]"), (name = "model repository", description = "The Open Inference Protocol's model repository extension: list, load (and swap, and shadow) and unload model versions live; callers with the `admin` scope"))
 )]
 pub struct ApiDoc;
 

@@ -90,9 +90,17 @@ pub(super) async fn predict(
     uploads: Uploads,
 ) -> Result<Response, ApiError> {
     let core = state.core();
+    let trace = asker.trace.clone();
+    let body_read = std::time::Instant::now();
     let _slot = core.slot()?;
     let started = uploads.started;
-    core.within_timeout(async {
+    if let Some(t) = &trace {
+        // Admission: from arrival to the body (keys, the body budget), and the
+        // processing slot after it; then the body.
+        t.stage("admission", t.started(), started, &[]);
+        t.stage("body", started, body_read, &[]);
+    }
+    let answer = core.within_timeout(async {
         let accept = accept_header(&headers);
         let wants_sr = accepts(accept.as_deref(), "application/dicom");
         let wants_png = accepts(accept.as_deref(), "image/png");
@@ -115,6 +123,7 @@ pub(super) async fn predict(
             ));
         }
         let answered = core.answer_files(&valid, images).await?;
+        let answering = std::time::Instant::now();
         let model = &valid.model;
         if wants_png {
             let Some(h) = answered.predictions.first().and_then(|p| p.heatmap.as_ref()) else {
@@ -132,13 +141,17 @@ pub(super) async fn predict(
             return structured_reports(core, model, &answered, multipart);
         }
         let predictions = answered.predictions;
-        Ok(if multipart && predictions.len() > 1 {
+        let resp = if multipart && predictions.len() > 1 {
             Json(predictions).into_response()
         } else {
             Json(predictions.into_iter().next().expect("at least one image")).into_response()
-        })
-    })
-    .await
+        };
+        if let Some(t) = &trace {
+            t.stage("answer", answering, std::time::Instant::now(), &[]);
+        }
+        Ok(resp)
+    });
+    answer.await
 }
 
 /// The query of `/predict`, read from the URI (422 `invalid_query` when malformed).

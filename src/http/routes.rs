@@ -7,7 +7,9 @@ use crate::http::error::ErrorBody;
 use crate::http::types::LiveFacts;
 use crate::http::types::ModelInfo;
 use crate::http::types::ModelList;
+use crate::http::types::ShadowInfo;
 use crate::http::types::Status;
+use crate::http::types::VersionInfo;
 use crate::inference::ModelSet;
 use crate::inference::ServedModel;
 use axum::Json;
@@ -18,26 +20,57 @@ use axum::response::Html;
 use axum::response::IntoResponse;
 use axum::response::Response;
 
+fn live_facts(m: &ServedModel) -> LiveFacts {
+    LiveFacts {
+        execution_provider: m.provider.as_str().into(),
+        cuda_fallback_reason: m.fallback_reason.clone(),
+        backend_choice: m.backend_choice.clone(),
+        load_time_ms: m.load_time_ms,
+        requests_served: m.served(),
+        queue_depth: m.queue_depth(),
+        latency: m.latency(),
+    }
+}
+
+/// `m` (a variant's default version, or one version of it) as `/models` shows it.
 pub(super) fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
+    let name = &m.card.name;
+    let shadow = models.shadow_of(name);
     ModelInfo {
         card: m.card.clone(),
-        default: models.default_model().card.name == m.card.name,
-        live: LiveFacts {
-            execution_provider: m.provider.as_str().into(),
-            cuda_fallback_reason: m.fallback_reason.clone(),
-            backend_choice: m.backend_choice.clone(),
-            load_time_ms: m.load_time_ms,
-            requests_served: m.served(),
-            queue_depth: m.queue_depth(),
-            latency: m.latency(),
-        },
+        default: models.default_model().card.name == *name,
+        live: live_facts(m),
         plots: m
             .plots
             .iter()
-            .map(|(k, _)| format!("/models/{}/plots/{k}", m.card.name))
+            .map(|(k, _)| format!("/models/{name}/plots/{k}"))
             .collect(),
         site_card: m.site.clone(),
         live_outcomes: None,
+        versions: models
+            .versions(name)
+            .iter()
+            .map(|v| VersionInfo {
+                version: v.card.version.clone(),
+                role: if models.is_default(v) {
+                    "default"
+                } else if shadow.is_some_and(|s| std::sync::Arc::ptr_eq(&s.model, v)) {
+                    "shadow"
+                } else {
+                    "loaded"
+                }
+                .into(),
+                card: v.card.clone(),
+                live: live_facts(v),
+            })
+            .collect(),
+        shadow: shadow
+            .filter(|_| models.is_default(m))
+            .map(|s| ShadowInfo {
+                version: s.model.card.version.clone(),
+                share: s.share,
+                agreement: s.model.shadow.report(),
+            }),
     }
 }
 
@@ -57,13 +90,13 @@ pub(super) async fn list_models(
     let models = state.models().ok_or(ApiError::NotReady)?;
     Ok(Json(ModelList {
         default: models.default_model().card.name.clone(),
-        models: models.all().iter().map(|m| model_info(models, m)).collect(),
+        models: models.all().iter().map(|m| model_info(&models, m)).collect(),
     }))
 }
 
-/// One model variant.
+/// One model variant (its default version), or one version of it (`NAME@VERSION`).
 #[utoipa::path(get, path = "/models/{name}", tag = "models",
-    params(("name" = String, Path, description = "Variant name")),
+    params(("name" = String, Path, description = "Variant name, or `NAME@VERSION` for one loaded version")),
     security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "The variant", body = ModelInfo),
@@ -77,10 +110,9 @@ pub(super) async fn get_model(
     Path(name): Path<String>,
 ) -> Result<Json<ModelInfo>, ApiError> {
     let models = state.models().ok_or(ApiError::NotReady)?;
-    let m = models
-        .get(&name)
-        .ok_or(crate::inference::SelectError::Unknown(name))?;
-    let mut info = model_info(models, m);
+    // `NAME` (its default version) or `NAME@VERSION`.
+    let m = models.select(Some(&name), None)?;
+    let mut info = model_info(&models, m);
     if let Some(store) = state.core().outcomes().cloned() {
         let (core, m) = (state.core().clone(), m.clone());
         info.live_outcomes = Some(

@@ -79,6 +79,38 @@ pub struct ModelInfo {
     /// keeps outcomes (`--outcomes`, `--database-url`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub live_outcomes: Option<crate::outcomes::LiveOutcomes>,
+    /// Every loaded version of the variant, ascending, each with its own card and
+    /// live facts (`model=NAME@VERSION` answers from one).
+    pub versions: Vec<VersionInfo>,
+    /// The candidate version running in the shadow of this one, and its agreement
+    /// with the answers given so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowInfo>,
+}
+
+/// One loaded version of a variant.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct VersionInfo {
+    /// The version (its card's).
+    pub version: String,
+    /// `default` (answers that name no version), `shadow` (runs in the default's
+    /// shadow, answers only when named), or `loaded` (answers only when named).
+    pub role: String,
+    /// Its model card.
+    pub card: ModelCard,
+    /// Its live facts.
+    pub live: LiveFacts,
+}
+
+/// A shadow candidate and what it has shown.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ShadowInfo {
+    /// The candidate's version.
+    pub version: String,
+    /// The share of this variant's requests it runs on.
+    pub share: f64,
+    /// Its agreement with the answers given, overall and by the label answered.
+    pub agreement: crate::inference::shadow::ShadowReport,
 }
 
 /// `GET /models`.

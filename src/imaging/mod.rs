@@ -317,7 +317,7 @@ pub fn decode_gray_with(
         return Err(ImageError::Decode("the image has no pixels".into()));
     }
     if let Some(g) = geometry {
-        g.check(width, height)?;
+        crate::trace::gate(|| g.check(width, height))?;
     }
     if u64::from(width) * u64::from(height) > max_pixels {
         return Err(ImageError::TooManyPixels {
@@ -344,7 +344,7 @@ pub fn decode_gray_with(
         Some(gray) => gray,
         None => {
             if geometry.is_some() && img.color().has_color() {
-                let c = colourfulness(&img);
+                let c = crate::trace::gate(|| colourfulness(&img));
                 if c > MAX_COLOURFULNESS {
                     return Err(ImageError::Colour {
                         colourfulness: c,
@@ -356,7 +356,7 @@ pub fn decode_gray_with(
         }
     };
     if geometry.is_some() {
-        check_not_blank(&gray)?;
+        crate::trace::gate(|| check_not_blank(&gray))?;
     }
     Ok(gray)
 }

@@ -7,6 +7,7 @@ pub mod measure;
 pub mod models;
 pub mod openvino;
 pub mod runtime;
+pub mod shadow;
 
 pub use backend::RestartError;
 pub use batcher::{
@@ -14,8 +15,8 @@ pub use batcher::{
 };
 pub use measure::{CpuModel, MEASURE_BATCH};
 pub use models::{
-    CPU_MAX_BATCH, CUDA_MAX_BATCH, InferError, LoadConfig, LoadError, ModelSet, Pending, Prefer,
-    SelectError, ServedModel, classify_on, load_models,
+    CPU_MAX_BATCH, CUDA_MAX_BATCH, InferError, LoadConfig, LoadContext, LoadError, ModelSet,
+    Pending, Prefer, SelectError, ServedModel, Shadow, classify_on, load_models,
 };
 pub use runtime::{
     BackendChoice, ClassMaps, CudaError, Device, ModelOutput, Provider, RunError, RuntimeError,

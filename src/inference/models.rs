@@ -2,7 +2,7 @@
 //! registry), one session and batching worker each, warm-up, live statistics, and
 //! the choice of a variant for a request (`model=`, `prefer=`, or the default).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +38,16 @@ pub enum SelectError {
     /// No variant of that name.
     #[error("unknown model `{0}`; GET /models lists the variants")]
     Unknown(String),
+    /// The variant is served but not at that version.
+    #[error("model `{name}` has no version `{version}` loaded (loaded: {loaded})")]
+    UnknownVersion {
+        /// The variant.
+        name: String,
+        /// The version asked for.
+        version: String,
+        /// The versions loaded.
+        loaded: String,
+    },
 }
 
 /// Largest batch on the CPU unless `--max-batch` says otherwise: the intra-op threads
@@ -55,6 +65,8 @@ const LATENCY_WINDOW: usize = 1024;
 pub struct ServedModel {
     /// Its card.
     pub card: ModelCard,
+    /// Where its card is.
+    pub card_path: PathBuf,
     /// The provider its session runs on.
     pub provider: Provider,
     /// Why CUDA was not used, when `--device auto` fell back.
@@ -77,6 +89,16 @@ pub struct ServedModel {
     pub site: Option<crate::registry::site::AppliedSite>,
     served: AtomicU64,
     latencies_ms: Mutex<VecDeque<f64>>,
+    /// Its agreement with the answers it shadowed (when run as a candidate).
+    pub shadow: super::shadow::ShadowTally,
+}
+
+impl Drop for ServedModel {
+    /// The last request that held it is done: its queue closes, and its worker ends
+    /// once it has answered what was queued.
+    fn drop(&mut self) {
+        tracing::info!(model = %self.card.name, version = %self.card.version, "model version unloaded");
+    }
 }
 
 /// Why a model gave no answer.
@@ -276,17 +298,90 @@ impl ServedModel {
     }
 }
 
-/// All loaded variants.
+/// A candidate version run in the shadow of a variant's default.
+#[derive(Debug, Clone)]
+pub struct Shadow {
+    /// The candidate.
+    pub model: Arc<ServedModel>,
+    /// The share of the variant's requests it runs on, in (0, 1].
+    pub share: f64,
+}
+
+/// All loaded variants, every version of each: what requests are answered from. A
+/// set is never changed; a load, swap or unload installs a new one.
 #[derive(Debug)]
 pub struct ModelSet {
+    /// The default version of each variant, sorted by name.
     models: Vec<Arc<ServedModel>>,
+    /// Every loaded version of each variant (same order), ascending.
+    versions: Vec<Vec<Arc<ServedModel>>>,
+    /// The candidate in each variant's shadow (same order).
+    shadows: Vec<Option<Shadow>>,
     default: usize,
 }
 
 impl ModelSet {
-    /// Every variant, sorted by name.
+    /// The set of `versions` (each name's, any order): each name's default is the
+    /// version `defaults` names when it is loaded, else the highest; the server's
+    /// default variant is `cfg.default_model`, else `weighted`, else the first by
+    /// name. `shadows` names a candidate version (and share) for a variant.
+    pub fn build(
+        versions: BTreeMap<String, Vec<Arc<ServedModel>>>,
+        defaults: &BTreeMap<String, String>,
+        cfg: &LoadConfig,
+        shadows: &BTreeMap<String, (String, f64)>,
+    ) -> Result<Self, LoadError> {
+        let mut set = ModelSet {
+            models: Vec::new(),
+            versions: Vec::new(),
+            shadows: Vec::new(),
+            default: 0,
+        };
+        for (name, mut vs) in versions {
+            if vs.is_empty() {
+                continue;
+            }
+            vs.sort_by(|a, b| crate::registry::version_cmp(&a.card.version, &b.card.version));
+            let chosen = defaults
+                .get(&name)
+                .and_then(|d| vs.iter().find(|m| m.card.version == *d))
+                .unwrap_or_else(|| vs.last().expect("not empty"))
+                .clone();
+            let shadow = shadows.get(&name).and_then(|(v, share)| {
+                vs.iter()
+                    .find(|m| m.card.version == *v && !Arc::ptr_eq(m, &chosen))
+                    .map(|m| Shadow {
+                        model: m.clone(),
+                        share: *share,
+                    })
+            });
+            set.models.push(chosen);
+            set.versions.push(vs);
+            set.shadows.push(shadow);
+        }
+        if set.models.is_empty() {
+            return Err(LoadError::Registry(RegistryError::Empty(
+                cfg.models_dir.clone(),
+            )));
+        }
+        let names: Vec<&str> = set.models.iter().map(|m| m.card.name.as_str()).collect();
+        set.default = match &cfg.default_model {
+            Some(d) => names.iter().position(|n| n == d).ok_or_else(|| {
+                LoadError::Default(d.clone(), cfg.models_dir.clone(), names.join(", "))
+            })?,
+            None => names.iter().position(|n| *n == "weighted").unwrap_or(0),
+        };
+        Ok(set)
+    }
+
+    /// The default version of every variant, sorted by name.
     pub fn all(&self) -> &[Arc<ServedModel>] {
         &self.models
+    }
+
+    /// Every loaded version of every variant.
+    pub fn every_version(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
+        self.versions.iter().flatten()
     }
 
     /// The default variant.
@@ -294,22 +389,69 @@ impl ModelSet {
         &self.models[self.default]
     }
 
-    /// A variant by name.
-    pub fn get(&self, name: &str) -> Option<&Arc<ServedModel>> {
-        self.models.iter().find(|m| m.card.name == name)
+    fn index(&self, name: &str) -> Option<usize> {
+        self.models.iter().position(|m| m.card.name == name)
     }
 
-    /// Chooses by name, else by preference (best measured value; ties go to the
+    /// A variant (its default version) by name.
+    pub fn get(&self, name: &str) -> Option<&Arc<ServedModel>> {
+        self.index(name).map(|i| &self.models[i])
+    }
+
+    /// Every loaded version of a variant, ascending (empty for an unknown name).
+    pub fn versions(&self, name: &str) -> &[Arc<ServedModel>] {
+        self.index(name).map_or(&[], |i| &self.versions[i])
+    }
+
+    /// One version of a variant.
+    pub fn get_version(&self, name: &str, version: &str) -> Option<&Arc<ServedModel>> {
+        self.versions(name)
+            .iter()
+            .find(|m| m.card.version == version)
+    }
+
+    /// The candidate running in the shadow of variant `name`.
+    pub fn shadow_of(&self, name: &str) -> Option<&Shadow> {
+        self.index(name).and_then(|i| self.shadows[i].as_ref())
+    }
+
+    /// Whether `m` is its variant's default version.
+    pub fn is_default(&self, m: &ServedModel) -> bool {
+        self.get(&m.card.name)
+            .is_some_and(|d| std::ptr::eq(Arc::as_ptr(d), m))
+    }
+
+    /// Chooses by name (`weighted`, or `weighted@2.0.0` for one version), else by
+    /// preference (best measured value among the default versions; ties go to the
     /// default, then to name order), else the default.
     pub fn select(
         &self,
         model: Option<&str>,
         prefer: Option<Prefer>,
     ) -> Result<&Arc<ServedModel>, SelectError> {
-        if let Some(name) = model {
-            return self
-                .get(name)
-                .ok_or_else(|| SelectError::Unknown(name.to_string()));
+        if let Some(asked) = model {
+            return match asked.split_once('@') {
+                Some((name, version)) => {
+                    self.get_version(name, version).ok_or_else(|| {
+                        match self.get(name) {
+                            Some(_) => SelectError::UnknownVersion {
+                                name: name.to_string(),
+                                version: version.to_string(),
+                                loaded: self
+                                    .versions(name)
+                                    .iter()
+                                    .map(|m| m.card.version.clone())
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                            },
+                            None => SelectError::Unknown(name.to_string()),
+                        }
+                    })
+                }
+                None => self
+                    .get(asked)
+                    .ok_or_else(|| SelectError::Unknown(asked.to_string())),
+            };
         }
         let Some(p) = prefer else {
             return Ok(self.default_model());
@@ -390,27 +532,83 @@ pub enum LoadError {
     SiteCard(#[from] crate::registry::site::SiteCardError),
 }
 
-/// Loads every variant in `cfg.models_dir`, warms each up, and starts its worker.
-/// Returns the set and the worker threads (they end once the set is dropped and
-/// their queues are drained).
+/// Loads every variant in `cfg.models_dir` (every version of each), warms each up,
+/// and starts its worker. Returns the set and the worker threads (they end once the
+/// set is dropped and their queues are drained).
 pub fn load_models(
     cfg: &LoadConfig,
     observer: impl Fn(&str) -> Arc<dyn BatchObserver>,
 ) -> Result<(ModelSet, Vec<JoinHandle<()>>), LoadError> {
     let loaded = load_dir(&cfg.models_dir)?;
-    let site_card = cfg
-        .site_card
-        .as_deref()
-        .map(crate::registry::site::SiteCard::load)
-        .transpose()?;
-    let pool = cfg.shared_pool.then_some(SharedPool {
-        threads: cfg.intra_threads,
-        spinning: cfg.intra_spinning,
-    });
-    let env = environment_with(&cfg.ort_lib, pool)?;
-    let mut models = Vec::new();
+    let ctx = LoadContext::new(cfg)?;
+    let mut versions: BTreeMap<String, Vec<Arc<ServedModel>>> = BTreeMap::new();
     let mut handles = Vec::new();
     for m in loaded {
+        let obs = observer(&m.card.name);
+        let (served, handle) = ctx.load(m, obs)?;
+        handles.push(handle);
+        versions
+            .entry(served.card.name.clone())
+            .or_default()
+            .push(served);
+    }
+    ctx.warn_unused_site_entries(versions.keys());
+    let defaults = versions
+        .keys()
+        .filter_map(|n| {
+            crate::registry::default_version(&cfg.models_dir, n).map(|v| (n.clone(), v))
+        })
+        .collect();
+    let set = ModelSet::build(versions, &defaults, cfg, &BTreeMap::new())?;
+    Ok((set, handles))
+}
+
+/// What loading a version needs beside its files: the configuration, the ONNX
+/// Runtime environment and the site card.
+pub struct LoadContext<'a> {
+    cfg: &'a LoadConfig,
+    env: &'static ort::environment::Environment,
+    site_card: Option<crate::registry::site::SiteCard>,
+}
+
+impl<'a> LoadContext<'a> {
+    /// Loads ONNX Runtime (once per process) and the site card.
+    pub fn new(cfg: &'a LoadConfig) -> Result<Self, LoadError> {
+        let site_card = cfg
+            .site_card
+            .as_deref()
+            .map(crate::registry::site::SiteCard::load)
+            .transpose()?;
+        let pool = cfg.shared_pool.then_some(SharedPool {
+            threads: cfg.intra_threads,
+            spinning: cfg.intra_spinning,
+        });
+        let env = environment_with(&cfg.ort_lib, pool)?;
+        Ok(Self {
+            cfg,
+            env,
+            site_card,
+        })
+    }
+
+    /// Warns of site card entries for models not served.
+    pub fn warn_unused_site_entries<'n>(&self, names: impl Iterator<Item = &'n String>) {
+        let names: Vec<&String> = names.collect();
+        for m in self.site_card.iter().flat_map(|sc| &sc.models) {
+            if !names.contains(&&m.name) {
+                tracing::warn!(model = %m.name, "the site card names a model that is not served");
+            }
+        }
+    }
+
+    /// Makes a verified card and file a served version: its session (or OpenVINO's
+    /// compiled model), warmed at batch 1 and the largest batch, and its worker.
+    pub fn load(
+        &self,
+        m: crate::registry::LoadedModel,
+        observer: Arc<dyn BatchObserver>,
+    ) -> Result<(Arc<ServedModel>, JoinHandle<()>), LoadError> {
+        let (cfg, env) = (self.cfg, self.env);
         let t = Instant::now();
         let opts = SessionOptions {
             device: cfg.device,
@@ -491,26 +689,26 @@ pub fn load_models(
             Some(restart),
             s,
             batch,
-            observer(&m.card.name),
+            observer,
         );
         if m.ood.is_none() {
             tracing::warn!(model = %m.card.name, "no out-of-distribution model in the card: its answers carry null ood_score and nothing is refused as out of distribution (cxr-train fit-ood fits one)");
         }
         let load_time_ms = t.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(model = %m.card.name, provider = provider.as_str(), max_batch = batch.max_batch, load_time_ms, path = %m.onnx_path.display(), "model ready");
-        handles.push(handle);
-        let site = match &site_card {
+        tracing::info!(model = %m.card.name, version = %m.card.version, provider = provider.as_str(), max_batch = batch.max_batch, load_time_ms, path = %m.onnx_path.display(), "model ready");
+        let site = match &self.site_card {
             Some(sc) => sc.entry_for(&m.card.name, &m.card.onnx.sha256)?,
             None => None,
         };
-        if let (Some(sc), None) = (&site_card, &site) {
+        if let (Some(sc), None) = (&self.site_card, &site) {
             tracing::warn!(model = %m.card.name, site = %sc.site, "the site card has no entry for this model: its card's threshold applies");
         }
         if let Some(s) = &site {
             tracing::info!(model = %m.card.name, site = %s.provenance.site, threshold = s.model.threshold, ood_threshold = ?s.model.ood_threshold, rule = %s.model.rule, "site card applied");
         }
-        models.push(Arc::new(ServedModel {
+        let served = Arc::new(ServedModel {
             card: m.card,
+            card_path: m.card_path,
             provider,
             fallback_reason,
             backend_choice,
@@ -522,19 +720,8 @@ pub fn load_models(
             site,
             served: AtomicU64::new(0),
             latencies_ms: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
-        }));
+            shadow: super::shadow::ShadowTally::default(),
+        });
+        Ok((served, handle))
     }
-    let names: Vec<&str> = models.iter().map(|m| m.card.name.as_str()).collect();
-    for m in site_card.iter().flat_map(|sc| &sc.models) {
-        if !names.contains(&m.name.as_str()) {
-            tracing::warn!(model = %m.name, "the site card names a model that is not served");
-        }
-    }
-    let default = match &cfg.default_model {
-        Some(d) => names.iter().position(|n| n == d).ok_or_else(|| {
-            LoadError::Default(d.clone(), cfg.models_dir.clone(), names.join(", "))
-        })?,
-        None => names.iter().position(|n| *n == "weighted").unwrap_or(0),
-    };
-    Ok((ModelSet { models, default }, handles))
 }

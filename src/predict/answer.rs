@@ -27,19 +27,21 @@ use crate::predict::upload::ms;
 use std::time::Duration;
 use std::time::Instant;
 
-/// Runs decoded inputs through `model` (queued together, so they batch), writes their
-/// audit records (a record that cannot be written fails the whole request), and
-/// returns the answers in order.
+/// Runs decoded inputs through the request's model (queued together, so they
+/// batch), writes their audit records (a record that cannot be written fails the
+/// whole request), and returns the answers in order; then, when the model has a
+/// candidate in its shadow and this request is sampled, hands the candidate its
+/// copy of the inputs (it runs after the answer, [`super::shadow`]).
 pub(super) async fn classify(
     core: &Core,
-    model: &ServedModel,
-    decision: &Decision,
+    valid: &super::Valid,
     decoded: Vec<Decoded>,
-    asker: &Asker,
-    started: Instant,
-    explain: bool,
 ) -> Result<Vec<Prediction>, ApiError> {
+    let (model, decision, asker) = (&*valid.model, &valid.decision, &valid.asker);
+    let (started, explain) = (valid.started, valid.explain);
+    let trace = asker.trace.as_deref();
     let name = model.card.name.clone();
+    let shadow = super::shadow::plan(core, model, &decoded);
     // An explanation draws on the input, so it keeps a copy.
     let mut decoded = decoded;
     let inputs = decoded
@@ -67,8 +69,28 @@ pub(super) async fn classify(
         .outputs()
         .await
         .map_err(overloaded)?;
+    if let Some(t) = trace {
+        // The worker measured them; the last answer arrived just now.
+        let now = Instant::now();
+        for (i, r) in outputs.iter().enumerate() {
+            let at = [
+                ("cxr.image_index", i.to_string()),
+                ("cxr.model", model.card.name.clone()),
+                ("cxr.model_version", model.card.version.clone()),
+                ("cxr.batch_size", r.batch_size.to_string()),
+            ];
+            let ran = now.checked_sub(r.inference).unwrap_or(now);
+            t.stage_took("queue", r.queued, ran, &at);
+            t.stage("inference", ran, now, &at);
+        }
+    }
     let out: Vec<(JobOutput, Decoded)> = outputs.into_iter().zip(decoded).collect();
-    let ood = match ood_scores(core, model, &out) {
+    let ood_start = Instant::now();
+    let ood = ood_scores(core, model, &out);
+    if let (Some(t), Some(_)) = (trace, &model.ood) {
+        t.stage("ood", ood_start, Instant::now(), &[]);
+    }
+    let ood = match ood {
         Ok(o) => o,
         Err(e) => {
             // A refusal by the OOD score is a decision about the image: recorded.
@@ -101,7 +123,22 @@ pub(super) async fn classify(
             (p, r, d)
         })
         .collect();
+    let audit_start = Instant::now();
     write_audit(core, model, decision, &answers, asker).await?;
+    if let Some(t) = trace {
+        t.stage("audit", audit_start, Instant::now(), &[]);
+    }
+    if let Some(run) = shadow {
+        let answered = answers
+            .iter()
+            .map(|(p, _, d)| super::shadow::Answered {
+                label: p.label.clone(),
+                p_pneumonia: p.probabilities.PNEUMONIA,
+                facts: Facts::of(d, None),
+            })
+            .collect();
+        run.spawn(core, valid, answered);
+    }
     let total = started.elapsed();
     Ok(answers
         .into_iter()
@@ -114,11 +151,11 @@ pub(super) async fn classify(
 pub(super) struct Facts {
     upload: UploadFacts,
     sop_instance_uid: Option<String>,
-    probabilities: Option<[f32; 2]>,
+    pub(super) probabilities: Option<[f32; 2]>,
 }
 
 impl Facts {
-    fn of(d: &Decoded, probabilities: Option<[f32; 2]>) -> Self {
+    pub(super) fn of(d: &Decoded, probabilities: Option<[f32; 2]>) -> Self {
         Self {
             upload: d.upload.clone(),
             sop_instance_uid: d.dicom.as_ref().and_then(|i| i.sop_instance_uid.clone()),
@@ -138,7 +175,7 @@ impl Facts {
 
 /// What every audit record of one request shares: when, who asked, which model
 /// decided and at which threshold.
-struct Trail<'a> {
+pub(super) struct Trail<'a> {
     time: String,
     asker: &'a Asker,
     model: &'a ServedModel,
@@ -146,7 +183,7 @@ struct Trail<'a> {
 }
 
 impl<'a> Trail<'a> {
-    fn new(asker: &'a Asker, model: &'a ServedModel, decision: &'a Decision) -> Self {
+    pub(super) fn new(asker: &'a Asker, model: &'a ServedModel, decision: &'a Decision) -> Self {
         Self {
             time: crate::audit::now_rfc3339(),
             asker,
@@ -157,7 +194,7 @@ impl<'a> Trail<'a> {
 
     /// The record of image `image_index`: answered with `label`, or refused with
     /// `error_type`.
-    fn record(
+    pub(super) fn record(
         &self,
         image_index: usize,
         facts: &Facts,
@@ -193,6 +230,8 @@ impl<'a> Trail<'a> {
             input_kind: facts.upload.kind.into(),
             input_bytes: facts.upload.bytes,
             sop_instance_uid: facts.sop_instance_uid.clone(),
+            shadow: None,
+            trace_id: self.asker.trace.as_ref().map(|t| t.trace_id()),
         }
     }
 }
@@ -405,6 +444,7 @@ pub(super) fn ood_scores(
 }
 
 /// The threshold a request is answered at, and where it came from.
+#[derive(Debug, Clone)]
 pub struct Decision {
     /// On P(PNEUMONIA).
     pub threshold: f64,
@@ -414,7 +454,7 @@ pub struct Decision {
 
 /// The card's threshold, or the caller's `threshold=`, or the one that reached the
 /// caller's `operating_point=` on the card's validation ROC.
-pub(super) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiError> {
+pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiError> {
     let card = &model.card;
     match (q.threshold, q.operating_point.as_deref()) {
         (Some(_), Some(_)) => Err(ApiError::InvalidQuery(

@@ -99,6 +99,10 @@ pub enum ApiError {
     /// `POST /feedback` with a label other than the one already confirmed.
     #[error("{0}")]
     FeedbackConflict(String),
+    /// A model repository change refused (a version that does not check out, or a
+    /// change that would leave the server unservable); what was serving stays.
+    #[error("{0}")]
+    RepositoryRefused(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -133,7 +137,9 @@ impl ApiError {
             ApiError::Dicom(DicomError::Lateral(_)) => ErrorType::LateralView,
             ApiError::Dicom(DicomError::TooManyPixels { .. }) => ErrorType::TooManyPixels,
             ApiError::BadRequest(_) => ErrorType::InvalidRequest,
-            ApiError::Select(SelectError::Unknown(_)) => ErrorType::ModelNotFound,
+            ApiError::Select(SelectError::Unknown(_) | SelectError::UnknownVersion { .. }) => {
+                ErrorType::ModelNotFound
+            }
             ApiError::NoRoute(_) => ErrorType::NotFound,
             ApiError::MethodNotAllowed => ErrorType::MethodNotAllowed,
             ApiError::BodyTooLarge(_) => ErrorType::PayloadTooLarge,
@@ -154,6 +160,7 @@ impl ApiError {
             ApiError::OutOfDistribution { .. } => ErrorType::OutOfDistribution,
             ApiError::UnknownRequest(_) => ErrorType::UnknownRequest,
             ApiError::FeedbackConflict(_) => ErrorType::FeedbackConflict,
+            ApiError::RepositoryRefused(_) => ErrorType::RepositoryRefused,
             ApiError::Internal(_) => ErrorType::Internal,
         }
     }

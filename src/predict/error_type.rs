@@ -69,6 +69,9 @@ pub enum ErrorType {
     UnknownRequest,
     /// `feedback_conflict`: another label was already confirmed for the image.
     FeedbackConflict,
+    /// `repository_refused`: a model repository load or unload refused; what was
+    /// serving stays.
+    RepositoryRefused,
     /// `not_acceptable`.
     NotAcceptable,
     /// `sr_unavailable`.
@@ -83,7 +86,7 @@ pub enum ErrorType {
 
 impl ErrorType {
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorType; 35] = [
+    pub const ALL: [ErrorType; 36] = [
         ErrorType::EmptyImage,
         ErrorType::InvalidImage,
         ErrorType::UnsupportedMediaType,
@@ -114,6 +117,7 @@ impl ErrorType {
         ErrorType::AuditUnavailable,
         ErrorType::UnknownRequest,
         ErrorType::FeedbackConflict,
+        ErrorType::RepositoryRefused,
         ErrorType::NotAcceptable,
         ErrorType::SrUnavailable,
         ErrorType::ExplanationUnavailable,
@@ -189,6 +193,7 @@ impl ErrorType {
             ErrorType::AuditUnavailable => "audit_unavailable",
             ErrorType::UnknownRequest => "unknown_request",
             ErrorType::FeedbackConflict => "feedback_conflict",
+            ErrorType::RepositoryRefused => "repository_refused",
             ErrorType::NotAcceptable => "not_acceptable",
             ErrorType::SrUnavailable => "sr_unavailable",
             ErrorType::ExplanationUnavailable => "explanation_unavailable",

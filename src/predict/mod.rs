@@ -27,6 +27,7 @@ mod error_type;
 pub mod explain;
 mod request;
 mod results;
+mod shadow;
 pub mod tensor;
 pub mod types;
 mod upload;
@@ -126,7 +127,11 @@ pub struct Core {
 }
 
 struct Inner {
-    models: OnceLock<ModelSet>,
+    /// The set answers come from: replaced whole by a load, swap or unload; each
+    /// request keeps the set (and the versions) it started with.
+    models: crate::repository::LiveSet,
+    /// The model repository behind the set, once loaded (live load and unload).
+    repository: OnceLock<Arc<crate::repository::Repository>>,
     limits: Limits,
     metrics: Arc<ServerMetrics>,
     decode_permits: Semaphore,
@@ -140,6 +145,10 @@ struct Inner {
     /// Where answered images are recorded for live outcomes (`--outcomes`,
     /// `--database-url`).
     outcomes: Option<Arc<crate::outcomes::Outcomes>>,
+    /// Shadow runs waiting or running ([`shadow::SHADOW_SLOTS`]).
+    shadow_slots: Arc<Semaphore>,
+    /// Where spans go (`--otlp-endpoint`).
+    exporter: Option<crate::trace::Exporter>,
 }
 
 impl Core {
@@ -151,7 +160,8 @@ impl Core {
         let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
         Self {
             inner: Arc::new(Inner {
-                models: OnceLock::new(),
+                models: Arc::new(std::sync::RwLock::new(None)),
+                repository: OnceLock::new(),
                 limits,
                 metrics,
                 decode_permits,
@@ -160,6 +170,8 @@ impl Core {
                 audit: Audit::log_only(),
                 uid_root: None,
                 outcomes: None,
+                shadow_slots: Arc::new(Semaphore::new(shadow::SHADOW_SLOTS)),
+                exporter: None,
             }),
         }
     }
@@ -184,6 +196,16 @@ impl Core {
         self.inner.outcomes.as_ref()
     }
 
+    /// Exports request spans with `exporter` (call before sharing the core).
+    pub fn set_exporter(&mut self, exporter: crate::trace::Exporter) {
+        self.configure().exporter = Some(exporter);
+    }
+
+    /// Where spans go, when exported.
+    pub fn exporter(&self) -> Option<&crate::trace::Exporter> {
+        self.inner.exporter.as_ref()
+    }
+
     /// Makes Structured Report UIDs under `root` (call before sharing the core).
     pub fn set_uid_root(&mut self, root: String) {
         self.configure().uid_root = Some(root);
@@ -191,14 +213,51 @@ impl Core {
 
     /// Installs the loaded models; the core answers from now on.
     pub fn set_models(&self, models: ModelSet) {
-        if self.inner.models.set(models).is_err() {
-            tracing::warn!("models were already set; keeping the first set");
-        }
+        self.install(Arc::new(models));
     }
 
-    /// The models, once loaded.
-    pub fn models(&self) -> Option<&ModelSet> {
-        self.inner.models.get()
+    /// Replaces the set answers come from, at once: requests already validated
+    /// finish on the versions they chose; the versions no set holds any more are
+    /// unloaded once those requests are done.
+    pub fn install(&self, models: Arc<ModelSet>) {
+        *self
+            .inner
+            .models
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(models);
+    }
+
+    /// The models now, once loaded.
+    pub fn models(&self) -> Option<Arc<ModelSet>> {
+        self.inner
+            .models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The cell the models are installed in (the repository fills it).
+    pub fn live_set(&self) -> crate::repository::LiveSet {
+        self.inner.models.clone()
+    }
+
+    /// Attaches the model repository (the server's live loads and unloads).
+    pub fn set_repository(&self, repository: Arc<crate::repository::Repository>) {
+        let _ = self.inner.repository.set(repository);
+    }
+
+    /// The model repository, when the server has one.
+    pub fn repository(&self) -> Option<&Arc<crate::repository::Repository>> {
+        self.inner.repository.get()
+    }
+
+    /// Requests holding one of the `--max-inflight` processing slots now.
+    pub fn inflight(&self) -> usize {
+        self.inner
+            .limits
+            .max_inflight
+            .max(1)
+            .saturating_sub(self.inner.inflight.available_permits())
     }
 
     /// The root of new DICOM UIDs (`--uid-root`; none: `2.25` UUID UIDs).

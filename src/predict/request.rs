@@ -49,6 +49,8 @@ pub struct Asker {
     pub request_id: String,
     /// The caller's own id, sanitised.
     pub client_request_id: Option<String>,
+    /// The request's trace (its stages become spans), when the door traces.
+    pub trace: Option<Arc<crate::trace::RequestTrace>>,
 }
 
 /// What a caller asks of the model: which variant, at which threshold, and whether
@@ -105,23 +107,27 @@ impl Core {
         self.validate_for(asker, model, ask, started)
     }
 
-    /// The variant `name` (at `version`, when given: the card's must match), as the
+    /// The variant `name` (its default version, or `version` when given), as the
     /// Open Inference Protocol names models.
-    pub fn served(&self, name: &str, version: Option<&str>) -> Result<&Arc<ServedModel>, ApiError> {
+    pub fn served(&self, name: &str, version: Option<&str>) -> Result<Arc<ServedModel>, ApiError> {
         let models = self.models().ok_or(ApiError::NotReady)?;
         let m = models
             .get(name)
             .ok_or_else(|| crate::inference::SelectError::Unknown(name.to_string()))?;
-        if let Some(v) = version
-            && !v.is_empty()
-            && v != m.card.version
-        {
-            return Err(ApiError::NoRoute(format!(
-                "model `{name}` version `{v}` (this server has version `{}`)",
-                m.card.version
-            )));
+        match version.filter(|v| !v.is_empty()) {
+            None => Ok(m.clone()),
+            Some(v) => models.get_version(name, v).cloned().ok_or_else(|| {
+                ApiError::NoRoute(format!(
+                    "model `{name}` version `{v}` (loaded: {})",
+                    models
+                        .versions(name)
+                        .iter()
+                        .map(|m| m.card.version.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }),
         }
-        Ok(m)
     }
 
     /// As [`Core::validate`], for a variant the door has chosen itself (a V2 path).
@@ -161,7 +167,10 @@ impl Core {
         }
         // Kept (shared bytes) for the audit record of a refusal.
         let kept = uploads.clone();
-        let decoded = match self.decode_all(&valid.model, uploads).await {
+        let decoded = match self
+            .decode_all(&valid.model, uploads, valid.asker.trace.clone())
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 let facts: Vec<Facts> = kept.iter().map(Facts::of_upload).collect();
@@ -185,16 +194,7 @@ impl Core {
             .iter_mut()
             .map(|d| d.sr.take().unwrap_or_default())
             .collect();
-        let predictions = classify(
-            self,
-            &valid.model,
-            &valid.decision,
-            decoded,
-            &valid.asker,
-            valid.started,
-            valid.explain,
-        )
-        .await?;
+        let predictions = classify(self, valid, decoded).await?;
         Ok(Answered {
             predictions,
             sources,
@@ -207,6 +207,7 @@ impl Core {
         &self,
         model: &ServedModel,
         images: Vec<Upload>,
+        asker_trace: Option<Arc<crate::trace::RequestTrace>>,
     ) -> Result<Vec<Decoded>, ApiError> {
         let limits = self.limits();
         // Decode on the blocking pool, a bounded number at a time.
@@ -266,11 +267,25 @@ impl Core {
             d.arrival = Some(a);
         }
         let name = &model.card.name;
-        for d in &decoded {
+        let done = std::time::Instant::now();
+        for (i, d) in decoded.iter().enumerate() {
             self.metrics()
                 .decode_duration
                 .with_label_values(&[name])
                 .observe(d.took.as_secs_f64());
+            if let Some(t) = &asker_trace {
+                // Images decode one after another on the blocking thread: each
+                // ended where the next began (placed back from the last).
+                let end = done
+                    .checked_sub(decoded[i + 1..].iter().map(|d| d.took).sum())
+                    .unwrap_or(done);
+                let start = end.checked_sub(d.took).unwrap_or(end);
+                let at = [("cxr.image_index", i.to_string())];
+                let id = t.stage_under(None, "decode", start, end, &at);
+                if let Some((g0, took)) = d.gates {
+                    t.stage_under(Some(id), "gates", g0, g0 + took, &at);
+                }
+            }
         }
         Ok(decoded)
     }

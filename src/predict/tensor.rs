@@ -130,6 +130,7 @@ pub fn rows(values: &[f32], n: usize, row: usize, shape: &[i64]) -> Result<Vec<D
             upload: UploadFacts::of_tensor(r),
             sr: None,
             arrival: None,
+            gates: None,
         })
         .collect())
 }

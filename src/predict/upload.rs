@@ -45,6 +45,8 @@ pub struct Decoded {
     /// Its announcement to the model's batcher; it goes into the queue with the input
     /// and is withdrawn when the worker takes the job (or when the request fails).
     pub arrival: Option<crate::inference::Arrival>,
+    /// When its content gates started and how long they took (its trace's `gates`).
+    pub gates: Option<(std::time::Instant, Duration)>,
 }
 
 /// The audit trail's view of an upload: its hash, kind and size, never its bytes.
@@ -99,6 +101,19 @@ pub fn decode_upload(
     opts: DicomOptions,
 ) -> Result<Decoded, ApiError> {
     let t = Instant::now();
+    let _ = crate::trace::take_gate_time();
+    let mut d = decode_timed(pre, upload, max_pixels, opts, t)?;
+    d.gates = crate::trace::take_gate_time();
+    Ok(d)
+}
+
+fn decode_timed(
+    pre: &Preprocessor,
+    upload: &Upload,
+    max_pixels: u64,
+    opts: DicomOptions,
+    t: Instant,
+) -> Result<Decoded, ApiError> {
     match upload {
         Upload::Encoded(b) => Ok(Decoded {
             input: pre.preprocess_checked(b, max_pixels, &opts.geometry)?,
@@ -108,6 +123,7 @@ pub fn decode_upload(
             upload: UploadFacts::of(upload),
             sr: None,
             arrival: None,
+            gates: None,
         }),
         Upload::Dicom(b) => {
             let img = dicom::decode_dicom(b, max_pixels, opts)?;
@@ -131,6 +147,7 @@ pub fn decode_upload(
                 upload: UploadFacts::of(upload),
                 sr: Some(img.sr_source),
                 arrival: None,
+                gates: None,
             })
         }
     }

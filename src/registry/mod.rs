@@ -1,4 +1,8 @@
-//! Model variants on disk: `models/<name>.onnx` beside its `models/<name>.json` card.
+//! Model variants on disk: `models/<name>.onnx` beside its `models/<name>.json` card
+//! (one version of each name), or several versions side by side in
+//! `models/<name>/<version>/<name>.json` (each folder a card, its ONNX file, its
+//! OOD model and plots), with an optional `models/<name>/DEFAULT` naming the
+//! version answers default to (else the highest).
 //!
 //! Loading reads every card in the folder and refuses, with the file and the reason,
 //! any card that does not parse, names a missing file, disagrees with the file's
@@ -46,6 +50,8 @@ pub enum RegistryError {
 pub struct LoadedModel {
     /// The card.
     pub card: ModelCard,
+    /// Path of the card.
+    pub card_path: PathBuf,
     /// Path of the ONNX file.
     pub onnx_path: PathBuf,
     /// The ONNX file's bytes (verified against the card's SHA-256).
@@ -65,30 +71,141 @@ const MAX_PLOT_BYTES: u64 = 4 << 20;
 
 pub use crate::digest::sha256_hex;
 
-/// Loads and checks every `<name>.json` card in `dir` (sorted by name); JSON files
-/// with a further dot in their name (`<name>.test-scores.json`) are not cards.
-pub fn load_dir(dir: &Path) -> Result<Vec<LoadedModel>, RegistryError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| RegistryError::Folder {
+/// A card found on disk: its variant name, the version its folder names (none in
+/// the flat layout) and its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardEntry {
+    /// The variant name (the card's file name).
+    pub name: String,
+    /// The version folder (`models/<name>/<version>/`), none for `models/<name>.json`.
+    pub folder_version: Option<String>,
+    /// The card.
+    pub path: PathBuf,
+}
+
+/// The file in `models/<name>/` that names the default version.
+pub const DEFAULT_FILE: &str = "DEFAULT";
+
+/// Every card in `dir`: the flat `<name>.json` cards and the versioned
+/// `<name>/<version>/<name>.json` ones, sorted by name then path. JSON files with a
+/// further dot in their name (`<name>.test-scores.json`) are not cards.
+pub fn scan(dir: &Path) -> Result<Vec<CardEntry>, RegistryError> {
+    let folder = |source| RegistryError::Folder {
         path: dir.into(),
         source,
-    })?;
-    let mut cards: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        // `<name>.json` with no other dot: `<name>.test-scores.json` and the like are
-        // companions of a card, not cards.
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "json")
-                && p.file_stem()
-                    .is_some_and(|s| !s.to_string_lossy().contains('.'))
-                && p.is_file()
-        })
-        .collect();
-    cards.sort();
+    };
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(folder)?.filter_map(Result::ok) {
+        let p = e.path();
+        if let Some(name) = card_name(&p) {
+            found.push(CardEntry {
+                name,
+                folder_version: None,
+                path: p,
+            });
+        } else if p.is_dir() {
+            let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+                continue;
+            };
+            let Ok(versions) = std::fs::read_dir(&p) else {
+                continue;
+            };
+            for v in versions.filter_map(Result::ok) {
+                let card = v.path().join(format!("{name}.json"));
+                if v.path().is_dir() && card.is_file() {
+                    found.push(CardEntry {
+                        name: name.clone(),
+                        folder_version: Some(v.file_name().to_string_lossy().into_owned()),
+                        path: card,
+                    });
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| (&a.name, &a.path).cmp(&(&b.name, &b.path)));
+    Ok(found)
+}
+
+/// The variant name of `p` when it is a flat card (`<name>.json`, no other dot).
+fn card_name(p: &Path) -> Option<String> {
+    let stem = p.file_stem()?.to_str()?;
+    (p.extension().is_some_and(|e| e == "json") && !stem.contains('.') && p.is_file())
+        .then(|| stem.to_string())
+}
+
+/// The version `models/<name>/DEFAULT` names, if that file exists.
+pub fn default_version(dir: &Path, name: &str) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(name).join(DEFAULT_FILE)).ok()?;
+    let v = text.trim();
+    (!v.is_empty()).then(|| v.to_string())
+}
+
+/// Orders versions as numbers where they are (`2.10.0` after `2.9.1`), else as text.
+pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let parts = |s: &str| -> Vec<(u64, String)> {
+        s.split(['.', '-', '+'])
+            .map(|p| (p.parse::<u64>().unwrap_or(u64::MAX), p.to_string()))
+            .collect()
+    };
+    parts(a).cmp(&parts(b)).then_with(|| a.cmp(b))
+}
+
+/// Loads and checks every card in `dir` (the flat and the versioned layouts, sorted
+/// by name then version).
+pub fn load_dir(dir: &Path) -> Result<Vec<LoadedModel>, RegistryError> {
+    let cards = scan(dir)?;
     if cards.is_empty() {
         return Err(RegistryError::Empty(dir.into()));
     }
-    cards.iter().map(|p| load_card(p)).collect()
+    let mut loaded = cards
+        .iter()
+        .map(load_entry)
+        .collect::<Result<Vec<_>, _>>()?;
+    loaded.sort_by(|a, b| {
+        (a.card.name.as_str())
+            .cmp(&b.card.name)
+            .then_with(|| version_cmp(&a.card.version, &b.card.version))
+    });
+    for w in loaded.windows(2) {
+        if w[0].card.name == w[1].card.name && w[0].card.version == w[1].card.version {
+            return Err(invalid(
+                &w[1].card_path,
+                format!(
+                    "model `{}` version `{}` is also at {}",
+                    w[1].card.name,
+                    w[1].card.version,
+                    w[0].card_path.display()
+                ),
+            ));
+        }
+    }
+    Ok(loaded)
+}
+
+/// Loads a card found by [`scan`]: in a version folder, the card's version must be
+/// the folder's.
+pub fn load_entry(e: &CardEntry) -> Result<LoadedModel, RegistryError> {
+    let m = load_card(&e.path)?;
+    if let Some(v) = &e.folder_version
+        && *v != m.card.version
+    {
+        return Err(invalid(
+            &e.path,
+            format!(
+                "the card says version `{}` but its folder is `{v}`",
+                m.card.version
+            ),
+        ));
+    }
+    Ok(m)
+}
+
+/// The version and ONNX SHA-256 a card declares, read without its ONNX file (to
+/// tell whether a loaded version changed on disk).
+pub fn peek(card_path: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(card_path).ok()?;
+    let card: ModelCard = serde_json::from_str(&text).ok()?;
+    Some((card.version, card.onnx.sha256.to_ascii_lowercase()))
 }
 
 /// Loads one card and its ONNX file, checking everything the server relies on.
@@ -106,6 +223,7 @@ pub fn load_card(card_path: &Path) -> Result<LoadedModel, RegistryError> {
     let plots = read_plots(&card.name, card_path);
     Ok(LoadedModel {
         card,
+        card_path: card_path.into(),
         onnx_path,
         onnx_bytes,
         ood,
@@ -145,6 +263,21 @@ fn check_card(card: &ModelCard, card_path: &Path) -> Result<(), RegistryError> {
         return Err(invalid(
             card_path,
             "name must be non-empty ASCII letters, digits, '-' or '_'".into(),
+        ));
+    }
+    if card.version.is_empty()
+        || card.version.len() > 64
+        || !card
+            .version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
+    {
+        return Err(invalid(
+            card_path,
+            format!(
+                "version `{}` must be 1-64 ASCII letters, digits, '.', '_', '-' or '+'",
+                card.version
+            ),
         ));
     }
     if card.class_names != CLASS_NAMES {

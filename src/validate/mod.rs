@@ -360,6 +360,7 @@ async fn answer(core: &Core, model: &str, bytes: Vec<u8>, rel: &str) -> FilmRow 
         caller: Caller("validate".into()),
         request_id: uuid::Uuid::new_v4().to_string(),
         client_request_id: Some(rel.to_string()),
+        trace: None,
     };
     let ask = Ask {
         model: Some(model.to_string()),

@@ -61,6 +61,32 @@ pub fn write_tiny_model_at(
     specificity: f64,
     threshold: f64,
 ) -> Weights {
+    write_tiny(dir, name, "0.0.1-test", seed, sensitivity, specificity, threshold)
+}
+
+/// A tiny variant `name` at `version` in the versioned layout:
+/// `models/<name>/<version>/<name>.json`.
+pub fn write_tiny_version(models: &Path, name: &str, version: &str, seed: u64) -> Weights {
+    write_tiny(
+        &models.join(name).join(version),
+        name,
+        version,
+        seed,
+        0.9,
+        0.8,
+        0.5,
+    )
+}
+
+fn write_tiny(
+    dir: &Path,
+    name: &str,
+    version: &str,
+    seed: u64,
+    sensitivity: f64,
+    specificity: f64,
+    threshold: f64,
+) -> Weights {
     let config = DenseNetConfig::tiny();
     let weights = config.random_weights(seed);
     let mut test = EvalMetrics::compute(&[0.9, 0.1], &[1, 0], 0.5);
@@ -70,7 +96,7 @@ pub fn write_tiny_model_at(
         dir,
         &NewModel {
             name,
-            version: "0.0.1-test",
+            version,
             description: "tiny random DenseNet for tests",
             architecture_name: "densenet-tiny",
             config: &config,

@@ -72,6 +72,8 @@ async fn one_image_one_audit_record_with_every_field_in_log_and_file() {
         input_kind: "png".into(),
         input_bytes: 0,
         sop_instance_uid: None,
+        shadow: None,
+        trace_id: None,
     };
     Audit::log_only().record_all(&[throwaway]).await.unwrap();
     tracing::callsite::rebuild_interest_cache();
@@ -133,8 +135,12 @@ async fn one_image_one_audit_record_with_every_field_in_log_and_file() {
             && time <= cxr::audit::rfc3339(secs(after) + 1, 0).as_str(),
         "{time}"
     );
+    // Every inference request is traced: the record names the trace the answer's
+    // `traceparent` continues.
+    let traceparent = h["traceparent"].to_str().unwrap();
+    assert_eq!(r["trace_id"], traceparent.split('-').nth(1).unwrap(), "{r}");
     let keys_in_record = r.as_object().unwrap().len();
-    assert_eq!(keys_in_record, 16, "{r}");
+    assert_eq!(keys_in_record, 17, "{r}");
 
     // The same record, once, in the log at INFO.
     let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();

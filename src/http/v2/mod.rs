@@ -40,6 +40,7 @@ use super::{ApiError, AppState};
 use crate::inference::ServedModel;
 
 mod infer;
+pub(crate) mod repository;
 mod tensors;
 mod types;
 
@@ -71,9 +72,21 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             get(model_metadata_version),
         )
         .route_layer(guard(Scope::Models));
+    let repository_routes = Router::new()
+        .route("/v2/repository/index", post(repository::index))
+        .route(
+            "/v2/repository/models/{name}/load",
+            post(repository::load),
+        )
+        .route(
+            "/v2/repository/models/{name}/unload",
+            post(repository::unload),
+        )
+        .route_layer(guard(Scope::Admin));
     Router::new()
         .merge(infer_routes)
         .merge(meta_routes)
+        .merge(repository_routes)
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(server_ready))
@@ -124,7 +137,7 @@ pub struct ModelPath {
     version: Option<String>,
 }
 
-fn served<'a>(state: &'a AppState, p: &ModelPath) -> Result<&'a Arc<ServedModel>, ApiError> {
+fn served(state: &AppState, p: &ModelPath) -> Result<Arc<ServedModel>, ApiError> {
     state.core().served(&p.name, p.version.as_deref())
 }
 
@@ -217,7 +230,16 @@ pub async fn model_metadata(
     State(state): State<AppState>,
     Path(p): Path<ModelPath>,
 ) -> Result<Json<ModelMetadata>, ApiError> {
-    Ok(Json(model_metadata_of(served(&state, &p)?)))
+    let m = served(&state, &p)?;
+    let mut meta = model_metadata_of(&m);
+    if let Some(set) = state.models() {
+        meta.versions = set
+            .versions(&m.card.name)
+            .iter()
+            .map(|v| v.card.version.clone())
+            .collect();
+    }
+    Ok(Json(meta))
 }
 
 // The versioned paths: the same handlers, documented under their own paths (a version

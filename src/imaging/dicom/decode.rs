@@ -44,7 +44,7 @@ pub fn decode_dicom(
     }
     let (gray, voi) = render(obj, &a)?;
     let warnings = warnings(obj, a.frames, opts)?;
-    crate::imaging::check_not_blank(&gray).map_err(DicomError::Content)?;
+    crate::trace::gate(|| crate::imaging::check_not_blank(&gray)).map_err(DicomError::Content)?;
     Ok(DicomImage {
         gray,
         info: DicomInfo {

@@ -1,0 +1,156 @@
+//! The Open Inference Protocol's model repository extension (as Triton serves it):
+//! `POST /v2/repository/index`, `POST /v2/repository/models/{name}/load` and
+//! `…/unload`, for callers whose key has the `admin` scope. The work is the
+//! repository's ([`crate::repository`]); this file reads the protocol's bodies and
+//! maps its refusals.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use serde::Deserialize;
+
+use super::{ApiError, AppState};
+use crate::repository::{Change, IndexEntry, LoadParams, RepoError, Repository};
+
+/// `POST /v2/repository/index`'s body.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub struct IndexRequest {
+    /// Only the versions ready to answer.
+    #[serde(default)]
+    pub ready: bool,
+}
+
+/// `…/load`'s body: `{"parameters": {...}}` (or none).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoadRequest {
+    /// What to load, and what to make of it.
+    #[serde(default)]
+    pub parameters: LoadParams,
+}
+
+/// `…/unload`'s parameters.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UnloadParams {
+    /// Unload only this version (else every version of the model).
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Triton's flag for ensembles; cxr has none, so it changes nothing.
+    #[serde(default)]
+    pub unload_dependents: Option<bool>,
+}
+
+/// `…/unload`'s body.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UnloadRequest {
+    /// What to unload.
+    #[serde(default)]
+    pub parameters: UnloadParams,
+}
+
+fn body<T: Default + for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid repository request: {e}")))
+}
+
+fn repository(state: &AppState) -> Result<std::sync::Arc<Repository>, ApiError> {
+    state.core().repository().cloned().ok_or(ApiError::NotReady)
+}
+
+fn refusal(e: RepoError) -> ApiError {
+    match e {
+        RepoError::NotFound(m) => ApiError::NoRoute(m),
+        RepoError::Refused(m) | RepoError::Invalid(m) => ApiError::RepositoryRefused(m),
+        RepoError::Load(e) => ApiError::RepositoryRefused(e.to_string()),
+    }
+}
+
+/// Runs a repository change on the blocking pool (loading a version reads and
+/// warms it; answers go on meanwhile).
+async fn change(
+    state: &AppState,
+    f: impl FnOnce(&Repository) -> Result<Change, RepoError> + Send + 'static,
+) -> Result<Json<Change>, ApiError> {
+    let repo = repository(state)?;
+    tokio::task::spawn_blocking(move || f(&repo))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map(Json)
+        .map_err(refusal)
+}
+
+/// Every version in the models folder or loaded, with its state.
+#[utoipa::path(post, path = "/v2/repository/index", tag = "model repository",
+    request_body(content = Option<IndexRequest>, description = "`{\"ready\": true}` lists only the versions that are loaded"),
+    security(("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "The versions: READY (loaded) or UNAVAILABLE with why", body = Vec<IndexEntry>),
+        (status = 403, description = "No key with the `admin` scope (without --api-keys-file the repository API is closed)", body = super::V2Error)))]
+pub async fn index(
+    State(state): State<AppState>,
+    bytes: Bytes,
+) -> Result<Json<Vec<IndexEntry>>, ApiError> {
+    let req: IndexRequest = body(&bytes)?;
+    let repo = repository(&state)?;
+    let mut entries = tokio::task::spawn_blocking(move || repo.index())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if req.ready {
+        entries.retain(|e| e.state == "READY");
+    }
+    Ok(Json(entries))
+}
+
+/// Loads a model's versions from the models folder (or one, with
+/// `parameters.version`): each is verified and warmed before it can answer; then
+/// the set is swapped at once. `default: true` makes that version the default
+/// (the swap); `shadow: true` runs it in the default's shadow. A version that does
+/// not check out is refused (400) and what was serving stays.
+#[utoipa::path(post, path = "/v2/repository/models/{name}/load", tag = "model repository",
+    params(("name" = String, Path, description = "Variant name")),
+    request_body(content = Option<LoadRequest>, description = "`{\"parameters\": {\"version\": \"2.1.0\", \"default\": true}}`; none loads every version on disk"),
+    security(("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "Loaded: what changed", body = Change),
+        (status = 400, description = "Refused: the version does not check out (card, SHA-256, OOD model), or the request is malformed; what was serving stays", body = super::V2Error),
+        (status = 403, description = "No key with the `admin` scope", body = super::V2Error),
+        (status = 404, description = "No such model or version in the models folder", body = super::V2Error)))]
+pub async fn load(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<Change>, ApiError> {
+    let req: LoadRequest = body(&bytes)?;
+    change(&state, move |r| r.load(&name, &req.parameters)).await
+}
+
+/// Unloads a model (every version), or one version with `parameters.version`: it
+/// leaves the set at once, answers what it has in flight, then is unloaded. The
+/// last model, the `--default-model`, and a model's only version cannot be
+/// unloaded.
+#[utoipa::path(post, path = "/v2/repository/models/{name}/unload", tag = "model repository",
+    params(("name" = String, Path, description = "Variant name")),
+    request_body(content = Option<UnloadRequest>, description = "`{\"parameters\": {\"version\": \"2.0.0\"}}`; none unloads every version"),
+    security(("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "Unloaded: what changed", body = Change),
+        (status = 400, description = "Refused: the server would be left without it", body = super::V2Error),
+        (status = 403, description = "No key with the `admin` scope", body = super::V2Error),
+        (status = 404, description = "Not loaded", body = super::V2Error)))]
+pub async fn unload(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<Change>, ApiError> {
+    let req: UnloadRequest = body(&bytes)?;
+    if req.parameters.unload_dependents == Some(true) {
+        tracing::debug!(model = %name, "unload_dependents: cxr has no ensembles; nothing more to unload");
+    }
+    let version = req.parameters.version;
+    change(&state, move |r| r.unload(&name, version.as_deref())).await
+}
