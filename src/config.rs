@@ -214,7 +214,12 @@ pub struct ServeArgs {
     /// on `--shadow-share` of the variant's requests after each answer is sent; its
     /// agreement goes to metrics, `/models/{name}` and audit records marked `shadow`.
     /// Repeat for several variants (or separate by commas in `CXR_SHADOW`).
-    #[arg(long = "shadow", env = "CXR_SHADOW", value_name = "NAME@VERSION", value_delimiter = ',')]
+    #[arg(
+        long = "shadow",
+        env = "CXR_SHADOW",
+        value_name = "NAME@VERSION",
+        value_delimiter = ','
+    )]
     pub shadow: Vec<String>,
     /// The share of a variant's requests its shadow candidate runs on, in (0, 1].
     #[arg(long, env = "CXR_SHADOW_SHARE", default_value_t = 1.0)]
@@ -487,7 +492,9 @@ impl ServeArgs {
     }
 
     /// The shadows asked for (`--shadow`, `--shadow-share`).
-    pub fn shadows(&self) -> Result<Vec<crate::repository::ShadowSpec>, crate::repository::ShadowError> {
+    pub fn shadows(
+        &self,
+    ) -> Result<Vec<crate::repository::ShadowSpec>, crate::repository::ShadowError> {
         self.shadow
             .iter()
             .filter(|s| !s.trim().is_empty())

@@ -175,9 +175,14 @@ fn spawn_loader(
     let shadows = args.shadows().map_err(anyhow::Error::msg)?;
     let share = args.shadow_share;
     let core = state.core().clone();
-    Ok(tokio::task::spawn_blocking(move || {
-        match cxr::repository::Repository::start(load_cfg, metrics, core.live_set(), &shadows, share)
-        {
+    Ok(tokio::task::spawn_blocking(
+        move || match cxr::repository::Repository::start(
+            load_cfg,
+            metrics,
+            core.live_set(),
+            &shadows,
+            share,
+        ) {
             Ok(repo) => {
                 core.set_repository(repo.clone());
                 let names: Vec<String> = core
@@ -196,8 +201,8 @@ fn spawn_loader(
                 let _ = outcome.send(Err(e));
                 None
             }
-        }
-    }))
+        },
+    ))
 }
 
 /// Rescans the models folder on each `SIGHUP` (new versions loaded and warmed, then
@@ -215,13 +220,19 @@ fn rescan_on_sighup(core: cxr::predict::Core) {
                     tracing::info!("SIGHUP: rescanning the models folder");
                     match tokio::task::spawn_blocking(move || repo.rescan()).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => tracing::error!(error = %e, "rescan failed; what was serving stays"),
-                        Err(e) => tracing::error!(error = %e, "rescan failed; what was serving stays"),
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "rescan failed; what was serving stays")
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "rescan failed; what was serving stays")
+                        }
                     }
                 }
             });
         }
-        Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP: rescans only by the repository API"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP: rescans only by the repository API")
+        }
     }
 }
 

@@ -276,7 +276,9 @@ impl ServerMetrics {
             "cxr_shadow_abs_delta_p",
             "|P(PNEUMONIA) of the shadow candidate - P(PNEUMONIA) answered|, by the label answered.",
             &["model", "version", "answered_label"],
-            vec![0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0],
+            vec![
+                0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0,
+            ],
         );
         let shadow_shed = c(
             "cxr_shadow_shed_total",

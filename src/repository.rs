@@ -58,7 +58,9 @@ impl ShadowSpec {
     /// Parses `NAME@VERSION` with the share given.
     pub fn parse(spec: &str, share: f64) -> Result<Self, ShadowError> {
         let (name, version) = spec.split_once('@').ok_or_else(|| {
-            ShadowError(format!("--shadow `{spec}`: give NAME@VERSION, e.g. weighted@2.1.0"))
+            ShadowError(format!(
+                "--shadow `{spec}`: give NAME@VERSION, e.g. weighted@2.1.0"
+            ))
         })?;
         if name.is_empty() || version.is_empty() {
             return Err(ShadowError(format!(
@@ -78,7 +80,9 @@ fn check_share(share: f64) -> Result<(), ShadowError> {
     if share > 0.0 && share <= 1.0 {
         Ok(())
     } else {
-        Err(ShadowError(format!("shadow share {share} must lie in (0, 1]")))
+        Err(ShadowError(format!(
+            "shadow share {share} must lie in (0, 1]"
+        )))
     }
 }
 
@@ -266,12 +270,7 @@ impl Repository {
         r
     }
 
-    fn load_locked(
-        &self,
-        st: &mut State,
-        name: &str,
-        p: &LoadParams,
-    ) -> Result<Change, RepoError> {
+    fn load_locked(&self, st: &mut State, name: &str, p: &LoadParams) -> Result<Change, RepoError> {
         if let Some(share) = p.shadow_share {
             check_share(share).map_err(|e| RepoError::Refused(e.to_string()))?;
         }
@@ -289,7 +288,8 @@ impl Repository {
         st.unloaded.remove(name);
         match version {
             Some(v) => {
-                st.unloaded_versions.remove(&(name.to_string(), v.to_string()));
+                st.unloaded_versions
+                    .remove(&(name.to_string(), v.to_string()));
             }
             None => st.unloaded_versions.retain(|(n, _)| n != name),
         }

@@ -95,7 +95,9 @@ impl TraceContext {
         let tracestate = tracestate
             .and_then(|t| std::str::from_utf8(t).ok())
             .map(str::trim)
-            .filter(|t| !t.is_empty() && t.len() <= 512 && t.bytes().all(|c| (0x20..0x7f).contains(&c)))
+            .filter(|t| {
+                !t.is_empty() && t.len() <= 512 && t.bytes().all(|c| (0x20..0x7f).contains(&c))
+            })
             .map(str::to_string);
         Some(Self {
             trace_id,
@@ -243,23 +245,34 @@ impl RequestTrace {
     }
 
     /// Records a stage that took `took` and ended at `end`.
-    pub fn stage_took(&self, name: &str, took: Duration, end: Instant, attributes: &[(&str, String)]) {
+    pub fn stage_took(
+        &self,
+        name: &str,
+        took: Duration,
+        end: Instant,
+        attributes: &[(&str, String)],
+    ) {
         let start = end.checked_sub(took).unwrap_or(end);
         self.stage(name, start, end, attributes);
     }
 
     fn push(&self, f: Finished) {
         if self.ctx.sampled {
-            self.spans
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(f);
+            self.spans.lock().unwrap_or_else(|p| p.into_inner()).push(f);
         }
     }
 
-    /// Ends the server span (`name`, e.g. `POST /predict`) now, and hands every span
-    /// of the request to `exporter`.
-    pub fn finish(&self, name: &str, status: u16, exporter: Option<&Exporter>) {
+    /// Ends the server span (`name`, e.g. `POST /predict`) now, with its status
+    /// attribute (`http.response.status_code`, `rpc.grpc.status_code`) and the error
+    /// when it failed on the server's side, and hands every span of the request to
+    /// `exporter`.
+    pub fn finish(
+        &self,
+        name: &str,
+        status: (&str, String),
+        error: Option<String>,
+        exporter: Option<&Exporter>,
+    ) {
         let Some(exporter) = exporter.filter(|_| self.ctx.sampled) else {
             return;
         };
@@ -276,18 +289,15 @@ impl RequestTrace {
             kind: span::SpanKind::Server,
             start: self.origin.1,
             end: SystemTime::now(),
-            attributes: vec![("http.response.status_code".into(), status.to_string())],
-            error: (status >= 500).then(|| format!("status {status}")),
+            attributes: vec![(status.0.into(), status.1)],
+            error,
         });
         let tracestate = self.ctx.tracestate.clone().unwrap_or_default();
         let out: Vec<Span> = spans
             .into_iter()
             .map(|f| {
-                let mut attributes: Vec<KeyValue> = f
-                    .attributes
-                    .into_iter()
-                    .map(|(k, v)| kv(&k, v))
-                    .collect();
+                let mut attributes: Vec<KeyValue> =
+                    f.attributes.into_iter().map(|(k, v)| kv(&k, v)).collect();
                 attributes.push(kv("cxr.request_id", request_id.clone()));
                 // Trace flags (sampled), and whether the parent is remote: only the
                 // server span's parent (the caller's span) is.
@@ -348,7 +358,10 @@ impl Exporter {
     /// Starts the exporter task (call within the tokio runtime): `endpoint` is the
     /// collector's OTLP/gRPC address (`http://collector:4317`); the connection is
     /// made when the first spans go, and again after a failure.
-    pub fn start(endpoint: &str, service: &str) -> Result<(Self, tokio::task::JoinHandle<()>), String> {
+    pub fn start(
+        endpoint: &str,
+        service: &str,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), String> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| format!("--otlp-endpoint {endpoint}: {e}"))?
             .timeout(EXPORT_TIMEOUT)
@@ -454,7 +467,10 @@ mod tests {
         let ok = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let c = TraceContext::parse(ok, Some(b"rojo=00f067aa0ba902b7")).unwrap();
         assert_eq!(c.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(c.parent_span_id, Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]));
+        assert_eq!(
+            c.parent_span_id,
+            Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+        );
         assert!(c.sampled);
         assert_eq!(c.tracestate.as_deref(), Some("rojo=00f067aa0ba902b7"));
         let unsampled = TraceContext::parse(
@@ -481,14 +497,21 @@ mod tests {
             b"00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             b"",
         ] {
-            assert!(TraceContext::parse(bad, None).is_none(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                TraceContext::parse(bad, None).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
     #[test]
     fn the_answer_names_the_server_span_in_the_callers_trace() {
-        let c = TraceContext::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None)
-            .unwrap();
+        let c = TraceContext::parse(
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            None,
+        )
+        .unwrap();
         let t = RequestTrace::start(c);
         let tp = t.traceparent();
         let back = TraceContext::parse(tp.as_bytes(), None).unwrap();

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, gray_image, png_bytes, tcp_http_headers, write_tiny_model, write_tiny_version};
+use common::{
+    Server, gray_image, png_bytes, tcp_http_headers, write_tiny_model, write_tiny_version,
+};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "cxr_repository_admin_key";
@@ -48,7 +50,14 @@ fn call(addr: &str, method: &str, path: &str, key: &str, ct: &str, body: &[u8]) 
 
 fn predict(addr: &str, query: &str, seed: u32) -> (u16, Value) {
     let img = png_bytes(&gray_image(96, 80, seed));
-    call(addr, "POST", &format!("/predict{query}"), READER, "image/png", &img)
+    call(
+        addr,
+        "POST",
+        &format!("/predict{query}"),
+        READER,
+        "image/png",
+        &img,
+    )
 }
 
 fn admin(addr: &str, path: &str, body: Value) -> (u16, Value) {
@@ -135,32 +144,44 @@ fn versions_side_by_side_each_answer_with_their_own_card() {
         versions_of(&list, "alpha"),
         [pair("1.0.0", "loaded"), pair("1.10.0", "default")]
     );
-    assert_eq!(
-        versions_of(&list, "beta"),
-        [pair("0.0.1-test", "default")]
-    );
+    assert_eq!(versions_of(&list, "beta"), [pair("0.0.1-test", "default")]);
     let alpha = get(&addr, "/models/alpha");
     assert_eq!(alpha["card"]["version"], "1.10.0");
     assert_eq!(
         alpha["versions"][0]["card"]["onnx"]["sha256"],
         card_sha(models, "alpha/1.0.0/alpha.json")
     );
-    assert_eq!(get(&addr, "/models/alpha@1.0.0")["card"]["version"], "1.0.0");
+    assert_eq!(
+        get(&addr, "/models/alpha@1.0.0")["card"]["version"],
+        "1.0.0"
+    );
 
     // Answers name the version that produced them, by the file's hash too.
     let (s, newest) = predict(&addr, "?model=alpha", 3);
     assert_eq!(s, 200, "{newest}");
     assert_eq!(newest["model"]["version"], "1.10.0");
-    assert_eq!(newest["model"]["sha256"], card_sha(models, "alpha/1.10.0/alpha.json"));
+    assert_eq!(
+        newest["model"]["sha256"],
+        card_sha(models, "alpha/1.10.0/alpha.json")
+    );
     let (s, pinned) = predict(&addr, "?model=alpha@1.0.0", 3);
     assert_eq!(s, 200, "{pinned}");
     assert_eq!(pinned["model"]["version"], "1.0.0");
-    assert_eq!(pinned["model"]["sha256"], card_sha(models, "alpha/1.0.0/alpha.json"));
-    assert_ne!(newest["probabilities"], pinned["probabilities"], "two different files");
+    assert_eq!(
+        pinned["model"]["sha256"],
+        card_sha(models, "alpha/1.0.0/alpha.json")
+    );
+    assert_ne!(
+        newest["probabilities"], pinned["probabilities"],
+        "two different files"
+    );
     let (s, e) = predict(&addr, "?model=alpha@9.9.9", 3);
     assert_eq!(s, 404, "{e}");
     assert_eq!(e["error_type"], "model_not_found");
-    assert!(e["error"].as_str().unwrap().contains("1.0.0, 1.10.0"), "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("1.0.0, 1.10.0"),
+        "{e}"
+    );
 
     // The Open Inference Protocol: the versions, and one version's answer.
     let meta = get(&addr, "/v2/models/alpha");
@@ -185,7 +206,14 @@ fn versions_side_by_side_each_answer_with_their_own_card() {
     assert!((p - pinned["probabilities"]["PNEUMONIA"].as_f64().unwrap()).abs() < 1e-6);
 
     // The repository needs the admin scope.
-    let (s, e) = call(&addr, "POST", "/v2/repository/index", READER, "application/json", b"{}");
+    let (s, e) = call(
+        &addr,
+        "POST",
+        "/v2/repository/index",
+        READER,
+        "application/json",
+        b"{}",
+    );
     assert_eq!(s, 403, "{e}");
     let (s, index) = admin(&addr, "/v2/repository/index", json!({"ready": true}));
     assert_eq!(s, 200, "{index}");
@@ -230,7 +258,11 @@ fn a_new_version_is_swapped_in_under_load_with_no_failed_request() {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let (s, v) = predict(&addr, "", c * 1000 + i);
-                    seen.push((s, v["model"]["version"].as_str().unwrap_or("").to_string(), v));
+                    seen.push((
+                        s,
+                        v["model"]["version"].as_str().unwrap_or("").to_string(),
+                        v,
+                    ));
                     i += 1;
                 }
                 seen
@@ -301,7 +333,11 @@ fn a_new_version_is_swapped_in_under_load_with_no_failed_request() {
         assert_eq!(versions.first(), Some(&"1.0.0"), "client {c}");
         assert_eq!(versions.last(), Some(&"1.1.0"), "client {c}");
     }
-    assert_eq!(not_ready.load(Ordering::Relaxed), 0, "/ready failed during the swap");
+    assert_eq!(
+        not_ready.load(Ordering::Relaxed),
+        0,
+        "/ready failed during the swap"
+    );
 
     let (s, index) = admin(&addr, "/v2/repository/index", json!({}));
     assert_eq!(s, 200);
@@ -319,7 +355,12 @@ fn a_new_version_is_swapped_in_under_load_with_no_failed_request() {
     assert_eq!(state("1.1.0")["state"], "READY");
     assert_eq!(state("1.1.0")["default"], true);
     assert_eq!(state("1.2.0")["state"], "UNAVAILABLE");
-    assert!(state("1.2.0")["reason"].as_str().unwrap().contains("SHA-256"));
+    assert!(
+        state("1.2.0")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("SHA-256")
+    );
     let (s, _) = predict(&addr, "?model=alpha@1.0.0", 1);
     assert_eq!(s, 404);
     let metrics = common::tcp_http(&addr, "GET", "/metrics", None, b"").1;
@@ -458,8 +499,14 @@ fn a_shadow_runs_after_the_answer_and_its_agreement_is_what_the_audit_says() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let answered: Vec<&Value> = records.iter().filter(|r| r["decision"] == "answered").collect();
-    let shadows: Vec<&Value> = records.iter().filter(|r| r["decision"] == "shadow").collect();
+    let answered: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["decision"] == "answered")
+        .collect();
+    let shadows: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["decision"] == "shadow")
+        .collect();
     assert_eq!((answered.len(), shadows.len()), (n as usize, n as usize));
     let mut by_label = std::collections::BTreeMap::<String, (u64, u64)>::new();
     for (i, s) in shadows.iter().enumerate() {
@@ -473,7 +520,8 @@ fn a_shadow_runs_after_the_answer_and_its_agreement_is_what_the_audit_says() {
         assert_eq!(s["shadow"]["answered_p_pneumonia"], a_rec["p_pneumonia"]);
         let agreed = s["label"] == a_rec["label"];
         assert_eq!(s["shadow"]["agreed"], agreed);
-        let dp = (s["p_pneumonia"].as_f64().unwrap() - a_rec["p_pneumonia"].as_f64().unwrap()).abs();
+        let dp =
+            (s["p_pneumonia"].as_f64().unwrap() - a_rec["p_pneumonia"].as_f64().unwrap()).abs();
         assert!((s["shadow"]["abs_delta_p"].as_f64().unwrap() - dp).abs() < 1e-6);
         let e = by_label
             .entry(a_rec["label"].as_str().unwrap().to_string())
@@ -498,7 +546,10 @@ fn a_shadow_runs_after_the_answer_and_its_agreement_is_what_the_audit_says() {
     let metrics = common::tcp_http(&a, "GET", "/metrics", None, b"").1;
     for (label, (images, agreed)) in &by_label {
         let l = &agreement["by_answered_label"][label];
-        assert_eq!((l["images"].as_u64(), l["agreed"].as_u64()), (Some(*images), Some(*agreed)));
+        assert_eq!(
+            (l["images"].as_u64(), l["agreed"].as_u64()),
+            (Some(*images), Some(*agreed))
+        );
         for (kind, count) in [("agree", *agreed), ("disagree", images - agreed)] {
             if count > 0 {
                 let line = format!(

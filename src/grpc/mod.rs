@@ -166,18 +166,33 @@ impl Inference {
     async fn infer(
         &self,
         req: Request<pb::ModelInferRequest>,
-    ) -> Result<pb::ModelInferResponse, Status> {
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let started = Instant::now();
         let caller = self.caller(&req, Scope::Predict)?;
         let client_request_id = req
             .metadata()
             .get("x-request-id")
             .and_then(|v| crate::predict::sanitize_client_request_id(v.as_bytes()));
+        // The caller's W3C trace context, from the call's metadata (or a trace of
+        // its own): the stages become spans, exported with the HTTP door's.
+        let md = req.metadata();
+        let ctx = md
+            .get(crate::trace::TRACEPARENT)
+            .and_then(|tp| {
+                crate::trace::TraceContext::parse(
+                    tp.as_bytes(),
+                    md.get(crate::trace::TRACESTATE).map(|v| v.as_bytes()),
+                )
+            })
+            .unwrap_or_else(crate::trace::TraceContext::root);
+        let trace = crate::trace::RequestTrace::start(ctx);
+        let request_id = uuid::Uuid::new_v4().to_string();
+        trace.set_request_id(&request_id);
         let asker = Asker {
             caller,
-            request_id: uuid::Uuid::new_v4().to_string(),
+            request_id,
             client_request_id,
-            trace: None,
+            trace: Some(trace.clone()),
         };
         let deadline = req
             .metadata()
@@ -186,16 +201,41 @@ impl Inference {
             .and_then(grpc_timeout);
         let core = &self.core;
         let _slot = core.slot().map_err(|e| status(&e))?;
+        trace.stage("admission", trace.started(), Instant::now(), &[]);
         let r = req.into_inner();
         let job = core.within_timeout(infer_inner(core, r, asker, started));
         // The client's deadline, when it is sooner than the server's own.
-        match deadline {
+        let out = match deadline {
             Some(d) => tokio::time::timeout(d, job)
                 .await
                 .unwrap_or(Err(ApiError::Timeout(d.as_secs_f64()))),
             None => job.await,
         }
-        .map_err(|e| status(&e))
+        .map_err(|e| status(&e));
+        let code = out.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        // Server errors, as OpenTelemetry's gRPC conventions count them.
+        let error = matches!(
+            code,
+            tonic::Code::Unknown
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unimplemented
+                | tonic::Code::Internal
+                | tonic::Code::Unavailable
+                | tonic::Code::DataLoss
+        );
+        trace.finish(
+            "inference.GRPCInferenceService/ModelInfer",
+            ("rpc.grpc.status_code", (code as i32).to_string()),
+            error.then(|| format!("{code:?}")),
+            core.exporter(),
+        );
+        out.map(|r| {
+            let mut resp = Response::new(r);
+            if let Ok(v) = trace.traceparent().parse() {
+                resp.metadata_mut().insert(crate::trace::TRACEPARENT, v);
+            }
+            resp
+        })
     }
 }
 
@@ -548,7 +588,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let out = self.infer(req).await.map(Response::new);
+        let out = self.infer(req).await;
         self.count("ModelInfer", out)
     }
 }

@@ -309,7 +309,15 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
         {
             resp.headers_mut().insert(TRACESTATE, v);
         }
-        t.finish(&span_name, resp.status().as_u16(), state.core().exporter());
+        let status = resp.status();
+        t.finish(
+            &span_name,
+            ("http.response.status_code", status.as_u16().to_string()),
+            status
+                .is_server_error()
+                .then(|| status.as_str().to_string()),
+            state.core().exporter(),
+        );
     }
     resp
 }

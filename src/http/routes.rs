@@ -64,13 +64,11 @@ pub(super) fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
                 live: live_facts(v),
             })
             .collect(),
-        shadow: shadow
-            .filter(|_| models.is_default(m))
-            .map(|s| ShadowInfo {
-                version: s.model.card.version.clone(),
-                share: s.share,
-                agreement: s.model.shadow.report(),
-            }),
+        shadow: shadow.filter(|_| models.is_default(m)).map(|s| ShadowInfo {
+            version: s.model.card.version.clone(),
+            share: s.share,
+            agreement: s.model.shadow.report(),
+        }),
     }
 }
 
@@ -90,7 +88,11 @@ pub(super) async fn list_models(
     let models = state.models().ok_or(ApiError::NotReady)?;
     Ok(Json(ModelList {
         default: models.default_model().card.name.clone(),
-        models: models.all().iter().map(|m| model_info(&models, m)).collect(),
+        models: models
+            .all()
+            .iter()
+            .map(|m| model_info(&models, m))
+            .collect(),
     }))
 }
 

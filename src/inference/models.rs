@@ -431,23 +431,21 @@ impl ModelSet {
     ) -> Result<&Arc<ServedModel>, SelectError> {
         if let Some(asked) = model {
             return match asked.split_once('@') {
-                Some((name, version)) => {
-                    self.get_version(name, version).ok_or_else(|| {
-                        match self.get(name) {
-                            Some(_) => SelectError::UnknownVersion {
-                                name: name.to_string(),
-                                version: version.to_string(),
-                                loaded: self
-                                    .versions(name)
-                                    .iter()
-                                    .map(|m| m.card.version.clone())
-                                    .collect::<Vec<_>>()
-                                    .join(", "),
-                            },
-                            None => SelectError::Unknown(name.to_string()),
-                        }
-                    })
-                }
+                Some((name, version)) => self.get_version(name, version).ok_or_else(|| match self
+                    .get(name)
+                {
+                    Some(_) => SelectError::UnknownVersion {
+                        name: name.to_string(),
+                        version: version.to_string(),
+                        loaded: self
+                            .versions(name)
+                            .iter()
+                            .map(|m| m.card.version.clone())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    },
+                    None => SelectError::Unknown(name.to_string()),
+                }),
                 None => self
                     .get(asked)
                     .ok_or_else(|| SelectError::Unknown(asked.to_string())),
@@ -683,14 +681,8 @@ impl<'a> LoadContext<'a> {
             b.run(vec![0.0; 3 * s * s], 1, s)?;
             Ok(b)
         });
-        let (batcher, handle) = Batcher::spawn_restarting(
-            &m.card.name,
-            backend,
-            Some(restart),
-            s,
-            batch,
-            observer,
-        );
+        let (batcher, handle) =
+            Batcher::spawn_restarting(&m.card.name, backend, Some(restart), s, batch, observer);
         if m.ood.is_none() {
             tracing::warn!(model = %m.card.name, "no out-of-distribution model in the card: its answers carry null ood_score and nothing is refused as out of distribution (cxr-train fit-ood fits one)");
         }

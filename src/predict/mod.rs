@@ -220,11 +220,7 @@ impl Core {
     /// finish on the versions they chose; the versions no set holds any more are
     /// unloaded once those requests are done.
     pub fn install(&self, models: Arc<ModelSet>) {
-        *self
-            .inner
-            .models
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(models);
+        *self.inner.models.write().unwrap_or_else(|p| p.into_inner()) = Some(models);
     }
 
     /// The models now, once loaded.

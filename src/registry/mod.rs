@@ -95,7 +95,10 @@ pub fn scan(dir: &Path) -> Result<Vec<CardEntry>, RegistryError> {
         source,
     };
     let mut found = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(folder)?.filter_map(Result::ok) {
+    for e in std::fs::read_dir(dir)
+        .map_err(folder)?
+        .filter_map(Result::ok)
+    {
         let p = e.path();
         if let Some(name) = card_name(&p) {
             found.push(CardEntry {

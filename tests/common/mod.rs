@@ -61,7 +61,15 @@ pub fn write_tiny_model_at(
     specificity: f64,
     threshold: f64,
 ) -> Weights {
-    write_tiny(dir, name, "0.0.1-test", seed, sensitivity, specificity, threshold)
+    write_tiny(
+        dir,
+        name,
+        "0.0.1-test",
+        seed,
+        sensitivity,
+        specificity,
+        threshold,
+    )
 }
 
 /// A tiny variant `name` at `version` in the versioned layout:

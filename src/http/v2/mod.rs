@@ -74,10 +74,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route_layer(guard(Scope::Models));
     let repository_routes = Router::new()
         .route("/v2/repository/index", post(repository::index))
-        .route(
-            "/v2/repository/models/{name}/load",
-            post(repository::load),
-        )
+        .route("/v2/repository/models/{name}/load", post(repository::load))
         .route(
             "/v2/repository/models/{name}/unload",
             post(repository::unload),

@@ -1,0 +1,344 @@
+//! OpenTelemetry tracing against a real OTLP receiver: the collector's TraceService
+//! from the protocol's own generated code (tests/otlp/receiver.py, opentelemetry-
+//! proto), not a mock of our exporter. One request's spans share the caller's trace
+//! id, the server span is the child of the caller's span, every stage span nests
+//! under it (`gates` under `decode`) and is named, and the answer and the audit
+//! record carry the trace.
+#![cfg(feature = "train")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use cxr::imaging::Preprocessor;
+use cxr::train::fit_ood::{Embeddings, embed, fit};
+use serde_json::Value;
+
+/// Gives `alpha` in `dir` an OOD model (fitted on generated images, a threshold
+/// nothing reaches), so its answers have an `ood` stage.
+fn give_alpha_an_ood_model(dir: &std::path::Path) {
+    let card = dir.join("alpha.json");
+    let loaded = cxr::registry::load_card(&card).unwrap();
+    let pre = Preprocessor::new(loaded.card.input_size, &loaded.card.preprocessing).unwrap();
+    let imgs: Vec<_> = (0..40)
+        .map(|i| pre.resize(&common::gray_image(64, 64, i)))
+        .collect();
+    let mut s = common::cpu_model(&loaded.onnx_bytes);
+    let (dim, data) = embed(&mut s, &pre, &imgs).unwrap();
+    let e = Embeddings {
+        dim,
+        labels: (0..imgs.len()).map(|i| (i % 2) as u8).collect(),
+        files: vec![String::new(); imgs.len()],
+        data,
+    };
+    let mut m = fit(&e, 2, 0.1).unwrap();
+    m.threshold = 1e12;
+    let bytes = m.to_json();
+    std::fs::write(dir.join("alpha.ood.json"), &bytes).unwrap();
+    let entry = cxr::ood_score::OodCard {
+        file: "alpha.ood.json".into(),
+        sha256: cxr::registry::sha256_hex(&bytes),
+        method: "test".into(),
+        threshold: m.threshold,
+        target_acceptance: 1.0,
+        threshold_source: "test".into(),
+        validation_acceptance: 1.0,
+        validation_stressed_acceptance: 1.0,
+        test_acceptance: None,
+        fit_images: 40,
+        components: m.components(),
+        ood_set_refused: None,
+        ood_set: None,
+        refuse_threshold: None,
+        refuse_rule: None,
+    };
+    cxr::registry::set_card_ood(&card, &entry).unwrap();
+}
+
+/// The receiver, and the spans it has printed so far.
+struct Receiver {
+    child: std::process::Child,
+    spans: mpsc::Receiver<Value>,
+    port: u16,
+}
+
+impl Receiver {
+    fn start() -> Self {
+        let mut child = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/otlp/receiver.py"
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the project's .venv with opentelemetry-proto (scripts/setup.sh --test)");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().expect("the receiver starts").unwrap();
+        let port = first
+            .strip_prefix("port ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("receiver said {first}"));
+        let (tx, spans) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                if tx.send(serde_json::from_str::<Value>(&l).unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, spans, port }
+    }
+
+    /// The spans of `trace_id`, once its server span has arrived.
+    fn trace(&self, trace_id: &str) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut got = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let s = self
+                .spans
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no server span of {trace_id}; got {got:?}"));
+            if s["trace_id"] == trace_id {
+                let server = s["kind"] == "SPAN_KIND_SERVER";
+                got.push(s);
+                if server {
+                    return got;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = stdin.write_all(b"");
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn attr(span: &Value, key: &str) -> Option<String> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)
+        .and_then(|a| a["value"]["string_value"].as_str())
+        .map(str::to_string)
+}
+
+fn nanos(span: &Value, field: &str) -> u128 {
+    span[field].as_str().unwrap().parse().unwrap()
+}
+
+const STAGES: [&str; 9] = [
+    "admission",
+    "body",
+    "decode",
+    "gates",
+    "queue",
+    "inference",
+    "ood",
+    "audit",
+    "answer",
+];
+
+#[test]
+fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
+    let receiver = Receiver::start();
+    let dir = common::models_dir();
+    give_alpha_an_ood_model(dir.path());
+    let audit = dir.path().join("audit.jsonl");
+    let (endpoint, audit_arg) = (
+        format!("http://127.0.0.1:{}", receiver.port),
+        audit.display().to_string(),
+    );
+    let mut server = common::Server::start(
+        dir.path(),
+        &[
+            "--otlp-endpoint",
+            endpoint.as_str(),
+            "--audit-log",
+            audit_arg.as_str(),
+        ],
+    );
+    server.discard_logs();
+    server.wait_ready();
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{caller_span}-01");
+    let png = common::png_bytes(&common::gray_image(96, 80, 5));
+    let (status, head, body) = raw_request(
+        &server.addr,
+        "/predict?model=alpha",
+        &[
+            ("Content-Type", "image/png"),
+            ("traceparent", traceparent.as_str()),
+            ("tracestate", "vendor=opaque"),
+        ],
+        &png,
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    // The answer continues the trace from the server's span, state passed on.
+    let back = header(&head, "traceparent").expect("traceparent in the answer");
+    let parts: Vec<&str> = back.split('-').collect();
+    assert_eq!((parts[0], parts[1], parts[3]), ("00", trace_id, "01"));
+    assert_ne!(parts[2], caller_span);
+    assert_eq!(
+        header(&head, "tracestate").as_deref(),
+        Some("vendor=opaque")
+    );
+
+    let spans = receiver.trace(trace_id);
+    let server_span = spans
+        .iter()
+        .find(|s| s["kind"] == "SPAN_KIND_SERVER")
+        .unwrap();
+    assert_eq!(server_span["name"], "POST /predict");
+    assert_eq!(
+        server_span["parent_span_id"], caller_span,
+        "child of the caller's span"
+    );
+    assert_eq!(
+        server_span["span_id"], parts[2],
+        "the span the answer names"
+    );
+    assert_eq!(server_span["trace_state"], "vendor=opaque");
+    assert_eq!(server_span["resource"]["service.name"], "cxr");
+    let (t0, t1) = (
+        nanos(server_span, "start_time_unix_nano"),
+        nanos(server_span, "end_time_unix_nano"),
+    );
+    let request_id = answer["request_id"].as_str().unwrap();
+    for stage in STAGES {
+        let s = spans
+            .iter()
+            .find(|s| s["name"] == stage)
+            .unwrap_or_else(|| panic!("a `{stage}` span in {spans:#?}"));
+        let parent = if stage == "gates" {
+            spans.iter().find(|s| s["name"] == "decode").unwrap()["span_id"].clone()
+        } else {
+            server_span["span_id"].clone()
+        };
+        assert_eq!(
+            s["parent_span_id"], parent,
+            "{stage} nests under its parent"
+        );
+        assert_eq!(
+            attr(s, "cxr.request_id").as_deref(),
+            Some(request_id),
+            "{stage}"
+        );
+        let (s0, s1) = (
+            nanos(s, "start_time_unix_nano"),
+            nanos(s, "end_time_unix_nano"),
+        );
+        assert!(
+            t0 <= s0 && s0 <= s1 && s1 <= t1,
+            "{stage} within the request"
+        );
+    }
+    for s in &spans {
+        assert_eq!(s["trace_id"], trace_id);
+    }
+    let inference = spans.iter().find(|s| s["name"] == "inference").unwrap();
+    assert_eq!(attr(inference, "cxr.model").as_deref(), Some("alpha"));
+
+    // The audit record carries the trace.
+    let record: Value = serde_json::from_str(
+        std::fs::read_to_string(&audit)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["trace_id"], trace_id);
+
+    // Without a traceparent: a trace of its own, rooted at the server span.
+    let (status, head, _) = raw_request(
+        &server.addr,
+        "/predict?model=alpha",
+        &[("Content-Type", "image/png")],
+        &png,
+    );
+    assert_eq!(status, 200);
+    let own = header(&head, "traceparent").unwrap();
+    let own_trace = own.split('-').nth(1).unwrap().to_string();
+    assert_ne!(own_trace, trace_id);
+    let spans = receiver.trace(&own_trace);
+    let root = spans
+        .iter()
+        .find(|s| s["kind"] == "SPAN_KIND_SERVER")
+        .unwrap();
+    assert_eq!(root["parent_span_id"], "");
+
+    // A malformed traceparent is not continued (nor its tracestate).
+    let (_, head, _) = raw_request(
+        &server.addr,
+        "/predict?model=alpha",
+        &[
+            ("Content-Type", "image/png"),
+            (
+                "traceparent",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "vendor=opaque"),
+        ],
+        &png,
+    );
+    assert!(
+        !header(&head, "traceparent")
+            .unwrap()
+            .contains("-00000000000000000000000000000000-")
+    );
+    assert!(header(&head, "tracestate").is_none());
+}
+
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// One HTTP/1.1 request: status, head and body.
+fn raw_request(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..end]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        head,
+        String::from_utf8_lossy(&out[end + 4..]).to_string(),
+    )
+}
