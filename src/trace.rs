@@ -161,12 +161,17 @@ pub struct RequestTrace {
     origin: (Instant, SystemTime),
     request_id: Mutex<String>,
     spans: Mutex<Vec<Finished>>,
+    /// Whether spans are kept (sampled, and an exporter to send them to).
+    recording: bool,
 }
 
 impl RequestTrace {
-    /// A request's trace, under the caller's context (or a new trace), starting now.
-    pub fn start(ctx: TraceContext) -> Arc<Self> {
+    /// A request's trace, under the caller's context (or a new trace), starting now;
+    /// its spans are kept when it is sampled and `exporting` (else only the context
+    /// is read, passed on, logged and audited).
+    pub fn start(ctx: TraceContext, exporting: bool) -> Arc<Self> {
         Arc::new(Self {
+            recording: ctx.sampled && exporting,
             ctx,
             span_id: random_id(),
             origin: (Instant::now(), SystemTime::now()),
@@ -227,6 +232,9 @@ impl RequestTrace {
         end: Instant,
         attributes: &[(&str, String)],
     ) -> [u8; 8] {
+        if !self.recording {
+            return [0; 8];
+        }
         let id = random_id();
         self.push(Finished {
             span_id: id,
@@ -257,7 +265,7 @@ impl RequestTrace {
     }
 
     fn push(&self, f: Finished) {
-        if self.ctx.sampled {
+        if self.recording {
             self.spans.lock().unwrap_or_else(|p| p.into_inner()).push(f);
         }
     }
@@ -273,7 +281,7 @@ impl RequestTrace {
         error: Option<String>,
         exporter: Option<&Exporter>,
     ) {
-        let Some(exporter) = exporter.filter(|_| self.ctx.sampled) else {
+        let Some(exporter) = exporter.filter(|_| self.recording) else {
             return;
         };
         let request_id = self
@@ -512,7 +520,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let t = RequestTrace::start(c);
+        let t = RequestTrace::start(c, false);
         let tp = t.traceparent();
         let back = TraceContext::parse(tp.as_bytes(), None).unwrap();
         assert_eq!(back.trace_id, t.context().trace_id);

@@ -166,8 +166,11 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
             endpoint.as_str(),
             "--audit-log",
             audit_arg.as_str(),
+            "--grpc-port",
+            "0",
         ],
     );
+    let grpc = server.wait_log_field("grpc_addr");
     server.discard_logs();
     server.wait_ready();
 
@@ -175,6 +178,7 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
     let caller_span = "00f067aa0ba902b7";
     let traceparent = format!("00-{trace_id}-{caller_span}-01");
     let png = common::png_bytes(&common::gray_image(96, 80, 5));
+    std::fs::write(dir.path().join("image.png"), &png).unwrap();
     let (status, head, body) = raw_request(
         &server.addr,
         "/predict?model=alpha",

@@ -185,7 +185,7 @@ impl Inference {
                 )
             })
             .unwrap_or_else(crate::trace::TraceContext::root);
-        let trace = crate::trace::RequestTrace::start(ctx);
+        let trace = crate::trace::RequestTrace::start(ctx, self.core.exporter().is_some());
         let request_id = uuid::Uuid::new_v4().to_string();
         trace.set_request_id(&request_id);
         let asker = Asker {
@@ -575,7 +575,16 @@ impl GrpcInferenceService for Inference {
             };
             Ok(Response::new(pb::ModelMetadataResponse {
                 name: m.card.name.clone(),
-                versions: vec![m.card.version.clone()],
+                // Every loaded version, as the REST metadata lists them.
+                versions: self.core.models().map_or_else(
+                    || vec![m.card.version.clone()],
+                    |set| {
+                        set.versions(&m.card.name)
+                            .iter()
+                            .map(|v| v.card.version.clone())
+                            .collect()
+                    },
+                ),
                 platform: platform.into(),
                 inputs: inputs.into_iter().map(t).collect(),
                 outputs: outputs.into_iter().map(t).collect(),

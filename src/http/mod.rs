@@ -271,9 +271,10 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
     });
     let path = req.uri().path();
     let inference = path == "/predict" || path.ends_with("/infer");
+    let exporting = state.core().exporter().is_some();
     let trace = match caller_ctx {
-        Some(ctx) => Some(RequestTrace::start(ctx)),
-        None if inference => Some(RequestTrace::start(TraceContext::root())),
+        Some(ctx) => Some(RequestTrace::start(ctx, exporting)),
+        None if inference => Some(RequestTrace::start(TraceContext::root(), exporting)),
         None => None,
     };
     let span_name = format!("{} {}", req.method(), path);

@@ -71,6 +71,10 @@ pub(crate) async fn infer(
     };
     let started = body.started;
     let body = body.bytes;
+    if let Some(t) = &asker.trace {
+        t.stage("admission", t.started(), started, &[]);
+        t.stage("body", started, Instant::now(), &[]);
+    }
     let (json, binary) = match header_len {
         None => (body.clone(), Bytes::new()),
         Some(n) if n <= body.len() => (body.slice(..n), body.slice(n..)),
@@ -115,6 +119,7 @@ async fn infer_inner(
     }
 
     let answered = answer_input(core, &valid, request.inputs.0, &binary).await?;
+    let answering = Instant::now();
 
     let (out, tail) = response_outputs(&answered.predictions, outputs);
     let mut parameters = Map::new();
@@ -136,7 +141,11 @@ async fn infer_inner(
         parameters,
         outputs: out,
     };
-    into_http(&response, tail)
+    let resp = into_http(&response, tail);
+    if let Some(t) = &valid.asker.trace {
+        t.stage("answer", answering, Instant::now(), &[]);
+    }
+    resp
 }
 
 /// What the request's `threshold` and `operating_point` parameters ask (as
