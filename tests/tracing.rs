@@ -305,7 +305,82 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
             .contains("-00000000000000000000000000000000-")
     );
     assert!(header(&head, "tracestate").is_none());
+
+    // The Open Inference Protocol over REST: the same stages under its server span.
+    let v2_trace = "0af7651916cd43dd8448eb211c80319c";
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &png);
+    let body = serde_json::json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]});
+    let v2_parent = format!("00-{v2_trace}-b7ad6b7169203331-01");
+    let (status, _, _) = raw_request(
+        &server.addr,
+        "/v2/models/alpha/infer",
+        &[
+            ("Content-Type", "application/json"),
+            ("traceparent", v2_parent.as_str()),
+        ],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200);
+    let spans = receiver.trace(v2_trace);
+    let root = spans
+        .iter()
+        .find(|s| s["kind"] == "SPAN_KIND_SERVER")
+        .unwrap();
+    assert_eq!(root["name"], "POST /v2/models/alpha/infer");
+    assert_eq!(root["parent_span_id"], "b7ad6b7169203331");
+    for stage in STAGES {
+        assert!(
+            spans.iter().any(|s| s["name"] == stage),
+            "V2 REST: no {stage} span"
+        );
+    }
+
+    // Over gRPC, with NVIDIA's client: the caller's traceparent in the metadata.
+    let grpc_trace = "5b8aa5a2d2c872e8321cf37308d69df2";
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
+        .arg("-c")
+        .arg(GRPC_CALL)
+        .arg(&grpc)
+        .arg(format!("00-{grpc_trace}-051581bf3cb55c13-01"))
+        .arg(dir.path().join("image.png"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spans = receiver.trace(grpc_trace);
+    let root = spans
+        .iter()
+        .find(|s| s["kind"] == "SPAN_KIND_SERVER")
+        .unwrap();
+    assert_eq!(root["name"], "inference.GRPCInferenceService/ModelInfer");
+    assert_eq!(root["parent_span_id"], "051581bf3cb55c13");
+    for stage in [
+        "admission",
+        "decode",
+        "gates",
+        "queue",
+        "inference",
+        "ood",
+        "audit",
+    ] {
+        assert!(
+            spans.iter().any(|s| s["name"] == stage),
+            "gRPC: no {stage} span"
+        );
+    }
 }
+
+/// One gRPC inference with tritonclient, the trace context in its metadata.
+const GRPC_CALL: &str = r#"
+import sys, numpy as np, tritonclient.grpc as g
+c = g.InferenceServerClient(sys.argv[1])
+img = g.InferInput("image", [1], "BYTES")
+img.set_data_from_numpy(np.array([open(sys.argv[3], "rb").read()], dtype=np.object_))
+c.infer("alpha", [img], headers={"traceparent": sys.argv[2]})
+"#;
 
 fn header(head: &str, name: &str) -> Option<String> {
     head.lines().find_map(|l| {

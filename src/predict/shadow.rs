@@ -6,7 +6,7 @@
 //!   the answer is computed, recorded and returned as without a shadow.
 //! - Shed first: one shadow run waits or runs at a time (another sampled meanwhile
 //!   is shed as `busy`); it waits for the server to fall idle (no request in
-//!   flight for [`IDLE_GAP`]) and is shed as `load` when that does not happen within
+//!   flight and no image queued for [`IDLE_GAP`]) and is shed as `load` when that does not happen within
 //!   [`MAX_WAIT`]; a full candidate queue sheds it as `queue_full`. A shadow run
 //!   never takes a request slot, and the candidate has its own queue and worker.
 //! - The candidate decides at its own threshold of the same kind as the answer's
@@ -50,6 +50,16 @@ pub(super) struct Answered {
     pub(super) label: String,
     pub(super) p_pneumonia: f32,
     pub(super) facts: Facts,
+}
+
+/// Whether the server is answering anything: a request holding a slot (HTTP,
+/// gRPC), or images in a model's queue (every door, the DICOM node and the folder
+/// job included).
+fn busy(core: &Core) -> bool {
+    core.inflight() > 0
+        || core
+            .models()
+            .is_some_and(|set| set.every_version().any(|m| m.queue_depth() > 0))
 }
 
 fn shed(core: &Core, candidate: &ServedModel, reason: &str) {
@@ -127,7 +137,7 @@ impl Run {
         let mut idle_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            if core.inflight() == 0 {
+            if !busy(&core) {
                 if now.duration_since(*idle_since.get_or_insert(now)) >= IDLE_GAP {
                     break;
                 }
