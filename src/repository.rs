@@ -169,6 +169,10 @@ struct State {
     pins: BTreeMap<String, String>,
     /// Shadows: name → (version, share).
     shadows: BTreeMap<String, (String, f64)>,
+    /// Versions a call loaded beside the default (not made the default): the
+    /// highest-version rule passes them over until a call, `DEFAULT` or an unload
+    /// makes one the default.
+    held: BTreeSet<(String, String)>,
     /// Worker threads of every version loaded (joined at shutdown).
     workers: Vec<JoinHandle<()>>,
 }
@@ -295,6 +299,16 @@ impl Repository {
         }
         let (old_pin, old_shadow) = (st.pins.get(name).cloned(), st.shadows.get(name).cloned());
         if let Some(v) = version {
+            // Loaded beside the default unless made the default: never swapped in
+            // by being the highest.
+            let key = (name.to_string(), v.to_string());
+            if p.default == Some(true) {
+                st.held.remove(&key);
+            } else if !st.pins.get(name).is_some_and(|pin| pin == v)
+                && !self.is_default_now(name, v)
+            {
+                st.held.insert(key);
+            }
             if p.default == Some(true) {
                 st.pins.insert(name.into(), v.into());
                 // A candidate made the default no longer shadows itself.
@@ -346,6 +360,12 @@ impl Repository {
         }
     }
 
+    /// Whether `name@version` is its variant's default in the set serving now.
+    fn is_default_now(&self, name: &str, version: &str) -> bool {
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner()).clone();
+        live.is_some_and(|set| set.get(name).is_some_and(|m| m.card.version == version))
+    }
+
     fn is_loaded(&self, st: &State, name: &str, version: &str) -> bool {
         st.loaded.get(name).is_some_and(|v| v.contains_key(version))
     }
@@ -383,6 +403,7 @@ impl Repository {
                     )));
                 }
                 st.unloaded_versions.insert((name.into(), v.into()));
+                st.held.remove(&(name.to_string(), v.to_string()));
                 if st.pins.get(name).is_some_and(|p| p == v) {
                     st.pins.remove(name);
                 }
@@ -648,7 +669,9 @@ impl Repository {
             .iter()
             .map(|(n, vs)| (n.clone(), vs.values().cloned().collect()))
             .collect();
-        let set = ModelSet::build(versions, &defaults, &self.cfg, &st.shadows)?;
+        st.held
+            .retain(|(n, v)| st.loaded.get(n).is_some_and(|vs| vs.contains_key(v)));
+        let set = ModelSet::build(versions, &defaults, &self.cfg, &st.shadows, &st.held)?;
         let chosen: BTreeMap<String, String> = set
             .all()
             .iter()

@@ -298,15 +298,28 @@ fn a_new_version_is_swapped_in_under_load_with_no_failed_request() {
     assert!(e["error"].as_str().unwrap().contains("SHA-256"), "{e}");
     std::thread::sleep(Duration::from_millis(400));
 
-    // The new version: loaded and warmed, then made the default at once.
+    // The new version, loaded beside the default: it answers only when named, though
+    // it is the highest.
     write_tiny_version(models, "alpha", "1.1.0", 22);
+    let (s, change) = admin(
+        &addr,
+        "/v2/repository/models/alpha/load",
+        json!({"parameters": {"version": "1.1.0"}}),
+    );
+    assert_eq!(s, 200, "{change}");
+    assert_eq!(change["loaded"], json!(["alpha@1.1.0"]));
+    assert_eq!(change["defaults"]["alpha"], "1.0.0");
+    let (s, v) = predict(&addr, "?model=alpha@1.1.0", 7);
+    assert_eq!((s, v["model"]["version"].as_str()), (200, Some("1.1.0")));
+    std::thread::sleep(Duration::from_millis(400));
+    // Then made the default: at once.
     let (s, change) = admin(
         &addr,
         "/v2/repository/models/alpha/load",
         json!({"parameters": {"version": "1.1.0", "default": true}}),
     );
     assert_eq!(s, 200, "{change}");
-    assert_eq!(change["loaded"], json!(["alpha@1.1.0"]));
+    assert_eq!(change["loaded"], json!([]), "already loaded and warm");
     assert_eq!(change["defaults"]["alpha"], "1.1.0");
     std::thread::sleep(Duration::from_millis(800));
     // The old one: out of the set, unloaded once its requests are done.
@@ -452,8 +465,9 @@ fn a_shadow_runs_after_the_answer_and_its_agreement_is_what_the_audit_says() {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path();
     write_tiny_version(models, "alpha", "1.0.0", 41);
+    // No DEFAULT: the candidate is the highest version, but a shadow is never the
+    // default.
     write_tiny_version(models, "alpha", "1.1.0", 42);
-    std::fs::write(models.join("alpha/DEFAULT"), "1.0.0").unwrap();
     let keys = keys(models);
     let audit = models.join("audit.jsonl");
     let audit_arg = audit.display().to_string();
@@ -469,6 +483,9 @@ fn a_shadow_runs_after_the_answer_and_its_agreement_is_what_the_audit_says() {
         ],
     );
     shadowed.discard_logs();
+    shadowed.wait_ready();
+    // Without a shadow the highest would answer: pin 1.0.0 for the comparison.
+    std::fs::write(models.join("alpha/DEFAULT"), "1.0.0").unwrap();
     let mut plain = Server::start(models, &["--api-keys-file", keys.as_str()]);
     plain.discard_logs();
     shadowed.wait_ready();

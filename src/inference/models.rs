@@ -322,14 +322,17 @@ pub struct ModelSet {
 
 impl ModelSet {
     /// The set of `versions` (each name's, any order): each name's default is the
-    /// version `defaults` names when it is loaded, else the highest; the server's
-    /// default variant is `cfg.default_model`, else `weighted`, else the first by
-    /// name. `shadows` names a candidate version (and share) for a variant.
+    /// version `defaults` names when it is loaded, else the highest that is neither
+    /// `held` (loaded beside the default by a call) nor its variant's shadow, else the
+    /// highest; the server's default variant is `cfg.default_model`, else
+    /// `weighted`, else the first by name. `shadows` names a candidate version (and
+    /// share) for a variant.
     pub fn build(
         versions: BTreeMap<String, Vec<Arc<ServedModel>>>,
         defaults: &BTreeMap<String, String>,
         cfg: &LoadConfig,
         shadows: &BTreeMap<String, (String, f64)>,
+        held: &std::collections::BTreeSet<(String, String)>,
     ) -> Result<Self, LoadError> {
         let mut set = ModelSet {
             models: Vec::new(),
@@ -342,9 +345,14 @@ impl ModelSet {
                 continue;
             }
             vs.sort_by(|a, b| crate::registry::version_cmp(&a.card.version, &b.card.version));
+            let eligible = |m: &&Arc<ServedModel>| {
+                !held.contains(&(name.clone(), m.card.version.clone()))
+                    && shadows.get(&name).is_none_or(|(v, _)| *v != m.card.version)
+            };
             let chosen = defaults
                 .get(&name)
                 .and_then(|d| vs.iter().find(|m| m.card.version == *d))
+                .or_else(|| vs.iter().rev().find(eligible))
                 .unwrap_or_else(|| vs.last().expect("not empty"))
                 .clone();
             let shadow = shadows.get(&name).and_then(|(v, share)| {
@@ -557,7 +565,13 @@ pub fn load_models(
             crate::registry::default_version(&cfg.models_dir, n).map(|v| (n.clone(), v))
         })
         .collect();
-    let set = ModelSet::build(versions, &defaults, cfg, &BTreeMap::new())?;
+    let set = ModelSet::build(
+        versions,
+        &defaults,
+        cfg,
+        &BTreeMap::new(),
+        &std::collections::BTreeSet::new(),
+    )?;
     Ok((set, handles))
 }
 
