@@ -304,8 +304,7 @@ impl Repository {
             let key = (name.to_string(), v.to_string());
             if p.default == Some(true) {
                 st.held.remove(&key);
-            } else if !st.pins.get(name).is_some_and(|pin| pin == v)
-                && !self.is_default_now(name, v)
+            } else if st.pins.get(name).is_none_or(|pin| pin != v) && !self.is_default_now(name, v)
             {
                 st.held.insert(key);
             }
