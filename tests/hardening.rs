@@ -422,7 +422,10 @@ fn a_patient_age_in_another_character_set_is_answered_and_never_logged() {
 /// Four concurrent ~29 MiB V2 JSON bodies whose `data` holds 15,000,000 zeros for a
 /// `[1, 3, 32, 32]` shape (and four of 7,000,000 zero-length binary BYTES elements
 /// for a `[1]` shape) are each refused 400 within 5 s, and the server's peak RSS
-/// grows by less than 300 MB (it was 14 bytes held per byte sent).
+/// grows by less than 400 MB (it was 14 bytes held per byte sent). The eight bodies
+/// themselves are 232 MB, held while they are read; the growth measured 209-269 MB
+/// over six runs here and once 322 MB with the whole suite running, so 300 MB was
+/// too near the floor to tell a regression (3 GB) from the allocator's slack.
 #[test]
 fn a_v2_flood_of_huge_tensors_is_refused_without_the_memory() {
     let dir = common::models_dir();
@@ -481,7 +484,7 @@ fn a_v2_flood_of_huge_tensors_is_refused_without_the_memory() {
         assert!(took < Duration::from_secs(5), "refused after {took:?}");
     }
     let growth_mb = peak_rss_kb(server.child.id()).saturating_sub(before) as f64 / 1024.0;
-    assert!(growth_mb < 300.0, "peak RSS grew {growth_mb:.0} MB");
+    assert!(growth_mb < 400.0, "peak RSS grew {growth_mb:.0} MB");
     // And the server still answers.
     assert_eq!(http(&addr, "GET", "/ready", None, b"").0, 200);
 }
