@@ -313,6 +313,12 @@ fn log(r: &AuditRecord) {
         input_kind = %r.input_kind,
         input_bytes = r.input_bytes,
         sop_instance_uid = r.sop_instance_uid.as_deref().unwrap_or(""),
+        trace_id = r.trace_id.as_deref().unwrap_or(""),
+        shadow = %r
+            .shadow
+            .as_ref()
+            .and_then(|s| serde_json::to_string(s).ok())
+            .unwrap_or_default(),
         "audit"
     );
 }

@@ -164,6 +164,7 @@ async fn one_image_one_audit_record_with_every_field_in_log_and_file() {
         "label",
         "input_sha256",
         "input_kind",
+        "trace_id",
     ] {
         assert_eq!(f[k], r[k], "{k}");
     }
