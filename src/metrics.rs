@@ -410,19 +410,8 @@ impl ServerMetrics {
     pub fn set_model_versions(&self, set: &crate::inference::ModelSet) {
         self.model_versions.reset();
         for m in set.every_version() {
-            let name = &m.card.name;
-            let role = if set.is_default(m) {
-                "default"
-            } else if set
-                .shadow_of(name)
-                .is_some_and(|s| Arc::ptr_eq(&s.model, m))
-            {
-                "shadow"
-            } else {
-                "loaded"
-            };
             self.model_versions
-                .with_label_values(&[name, &m.card.version, role])
+                .with_label_values(&[&m.card.name, &m.card.version, set.role(m)])
                 .set(1);
         }
     }

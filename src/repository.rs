@@ -23,7 +23,6 @@
 //! until the new one is installed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
@@ -480,9 +479,7 @@ impl Repository {
                 let mut e = entry(name, version, "READY", String::new());
                 if let Some(set) = &live {
                     e.default = set.is_default(m);
-                    e.shadow = set
-                        .shadow_of(name)
-                        .is_some_and(|s| Arc::ptr_eq(&s.model, m));
+                    e.shadow = set.is_shadow(m);
                 }
                 out.insert((name.clone(), version.clone()), e);
             }
@@ -679,10 +676,5 @@ impl Repository {
         self.metrics.set_model_versions(&set);
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(set));
         Ok(chosen)
-    }
-
-    /// The models folder.
-    pub fn dir(&self) -> &PathBuf {
-        &self.cfg.models_dir
     }
 }

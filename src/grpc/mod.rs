@@ -578,12 +578,7 @@ impl GrpcInferenceService for Inference {
                 // Every loaded version, as the REST metadata lists them.
                 versions: self.core.models().map_or_else(
                     || vec![m.card.version.clone()],
-                    |set| {
-                        set.versions(&m.card.name)
-                            .iter()
-                            .map(|v| v.card.version.clone())
-                            .collect()
-                    },
+                    |set| set.version_names(&m.card.name),
                 ),
                 platform: platform.into(),
                 inputs: inputs.into_iter().map(t).collect(),

@@ -52,14 +52,7 @@ pub(super) fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
             .iter()
             .map(|v| VersionInfo {
                 version: v.card.version.clone(),
-                role: if models.is_default(v) {
-                    "default"
-                } else if shadow.is_some_and(|s| std::sync::Arc::ptr_eq(&s.model, v)) {
-                    "shadow"
-                } else {
-                    "loaded"
-                }
-                .into(),
+                role: models.role(v).into(),
                 card: v.card.clone(),
                 live: live_facts(v),
             })

@@ -429,6 +429,33 @@ impl ModelSet {
             .is_some_and(|d| std::ptr::eq(Arc::as_ptr(d), m))
     }
 
+    /// Whether `m` runs in the shadow of its variant's default.
+    pub fn is_shadow(&self, m: &ServedModel) -> bool {
+        self.shadow_of(&m.card.name)
+            .is_some_and(|s| std::ptr::eq(Arc::as_ptr(&s.model), m))
+    }
+
+    /// What a loaded version is to its variant: `default` (answers that name no
+    /// version), `shadow` (runs in the default's shadow), or `loaded` (answers only
+    /// when named).
+    pub fn role(&self, m: &ServedModel) -> &'static str {
+        if self.is_default(m) {
+            "default"
+        } else if self.is_shadow(m) {
+            "shadow"
+        } else {
+            "loaded"
+        }
+    }
+
+    /// The loaded versions of a variant, ascending.
+    pub fn version_names(&self, name: &str) -> Vec<String> {
+        self.versions(name)
+            .iter()
+            .map(|m| m.card.version.clone())
+            .collect()
+    }
+
     /// Chooses by name (`weighted`, or `weighted@2.0.0` for one version), else by
     /// preference (best measured value among the default versions; ties go to the
     /// default, then to name order), else the default.
@@ -445,12 +472,7 @@ impl ModelSet {
                     Some(_) => SelectError::UnknownVersion {
                         name: name.to_string(),
                         version: version.to_string(),
-                        loaded: self
-                            .versions(name)
-                            .iter()
-                            .map(|m| m.card.version.clone())
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                        loaded: self.version_names(name).join(", "),
                     },
                     None => SelectError::Unknown(name.to_string()),
                 }),

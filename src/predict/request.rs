@@ -119,12 +119,7 @@ impl Core {
             Some(v) => models.get_version(name, v).cloned().ok_or_else(|| {
                 ApiError::NoRoute(format!(
                     "model `{name}` version `{v}` (loaded: {})",
-                    models
-                        .versions(name)
-                        .iter()
-                        .map(|m| m.card.version.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    models.version_names(name).join(", ")
                 ))
             }),
         }

@@ -147,7 +147,8 @@ fn server_metadata_of() -> ServerMetadata {
     }
 }
 
-fn model_metadata_of(m: &ServedModel) -> ModelMetadata {
+/// `m`'s metadata, listing `versions` (every loaded version of its variant).
+fn model_metadata_of(m: &ServedModel, versions: Vec<String>) -> ModelMetadata {
     let (platform, inputs, outputs) = crate::predict::tensor::model_tensors(m);
     let t = |(name, datatype, shape): crate::predict::tensor::TensorSpec| TensorMetadata {
         name: name.into(),
@@ -156,7 +157,7 @@ fn model_metadata_of(m: &ServedModel) -> ModelMetadata {
     };
     ModelMetadata {
         name: m.card.name.clone(),
-        versions: vec![m.card.version.clone()],
+        versions,
         platform: platform.into(),
         inputs: inputs.into_iter().map(t).collect(),
         outputs: outputs.into_iter().map(t).collect(),
@@ -228,15 +229,11 @@ pub async fn model_metadata(
     Path(p): Path<ModelPath>,
 ) -> Result<Json<ModelMetadata>, ApiError> {
     let m = served(&state, &p)?;
-    let mut meta = model_metadata_of(&m);
-    if let Some(set) = state.models() {
-        meta.versions = set
-            .versions(&m.card.name)
-            .iter()
-            .map(|v| v.card.version.clone())
-            .collect();
-    }
-    Ok(Json(meta))
+    let versions = state.models().map_or_else(
+        || vec![m.card.version.clone()],
+        |set| set.version_names(&m.card.name),
+    );
+    Ok(Json(model_metadata_of(&m, versions)))
 }
 
 // The versioned paths: the same handlers, documented under their own paths (a version
