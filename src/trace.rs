@@ -185,6 +185,12 @@ impl RequestTrace {
         &self.ctx
     }
 
+    /// Whether its spans are kept (sampled, and exported): callers skip building a
+    /// stage's attributes otherwise.
+    pub fn recording(&self) -> bool {
+        self.recording
+    }
+
     /// The trace id, hex.
     pub fn trace_id(&self) -> String {
         self.ctx.trace_id_hex()

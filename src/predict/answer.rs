@@ -39,7 +39,8 @@ pub(super) async fn classify(
 ) -> Result<Vec<Prediction>, ApiError> {
     let (model, decision, asker) = (&*valid.model, &valid.decision, &valid.asker);
     let (started, explain) = (valid.started, valid.explain);
-    let trace = asker.trace.as_deref();
+    // Stage spans only when they are kept: their attributes cost allocations.
+    let trace = asker.trace.as_deref().filter(|t| t.recording());
     let name = model.card.name.clone();
     let shadow = super::shadow::plan(core, model, &decoded);
     // An explanation draws on the input, so it keeps a copy.

@@ -163,7 +163,11 @@ impl Core {
         // Kept (shared bytes) for the audit record of a refusal.
         let kept = uploads.clone();
         let decoded = match self
-            .decode_all(&valid.model, uploads, valid.asker.trace.clone())
+            .decode_all(
+                &valid.model,
+                uploads,
+                valid.asker.trace.clone().filter(|t| t.recording()),
+            )
             .await
         {
             Ok(d) => d,
@@ -202,7 +206,7 @@ impl Core {
         &self,
         model: &ServedModel,
         images: Vec<Upload>,
-        asker_trace: Option<Arc<crate::trace::RequestTrace>>,
+        recording: Option<Arc<crate::trace::RequestTrace>>,
     ) -> Result<Vec<Decoded>, ApiError> {
         let limits = self.limits();
         // Decode on the blocking pool, a bounded number at a time.
@@ -268,7 +272,7 @@ impl Core {
                 .decode_duration
                 .with_label_values(&[name])
                 .observe(d.took.as_secs_f64());
-            if let Some(t) = &asker_trace {
+            if let Some(t) = &recording {
                 // Images decode one after another on the blocking thread: each
                 // ended where the next began (placed back from the last).
                 let end = done
