@@ -185,6 +185,9 @@ pub struct Repository {
     state: Mutex<State>,
 }
 
+/// The version and ONNX SHA-256 a card declares ([`registry::peek`]).
+type Declared = (String, String);
+
 /// Which versions a sync looks at.
 #[derive(Clone, Copy)]
 enum Scope<'a> {
@@ -513,9 +516,15 @@ impl Repository {
     /// the set.
     fn sync(&self, st: &mut State, scope: Scope<'_>) -> Result<Change, RepoError> {
         let entries = registry::scan(&self.cfg.models_dir).map_err(LoadError::from)?;
-        let mut by_name: BTreeMap<String, Vec<CardEntry>> = BTreeMap::new();
+        // Each card on disk with the version and file hash it declares (read once;
+        // none when it is not a card).
+        let mut by_name: BTreeMap<String, Vec<(CardEntry, Option<Declared>)>> = BTreeMap::new();
         for e in entries {
-            by_name.entry(e.name.clone()).or_default().push(e);
+            let declared = registry::peek(&e.path);
+            by_name
+                .entry(e.name.clone())
+                .or_default()
+                .push((e, declared));
         }
         let names: Vec<String> = match scope {
             Scope::All => by_name
@@ -535,8 +544,8 @@ impl Repository {
                 }
                 if let Some(v) = v
                     && !by_name.get(n).is_some_and(|es| {
-                        es.iter().any(|e| {
-                            registry::peek(&e.path).is_some_and(|(ver, _)| ver == v)
+                        es.iter().any(|(e, declared)| {
+                            declared.as_ref().is_some_and(|(ver, _)| ver == v)
                                 || e.folder_version.as_deref() == Some(v)
                         })
                     })
@@ -558,9 +567,9 @@ impl Repository {
         for name in &names {
             let disk = by_name.get(name).map(Vec::as_slice).unwrap_or_default();
             let mut on_disk = BTreeSet::new();
-            for e in disk {
+            for (e, declared) in disk {
                 let key_of_path = (name.clone(), e.path.display().to_string());
-                let Some((version, sha)) = registry::peek(&e.path) else {
+                let Some((version, sha)) = declared.clone() else {
                     // Not even a card: its full load says why.
                     let why = registry::load_entry(e)
                         .err()
