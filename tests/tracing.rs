@@ -202,24 +202,18 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
     );
 
     let spans = receiver.trace(trace_id);
-    let server_span = spans
-        .iter()
-        .find(|s| s["kind"] == "SPAN_KIND_SERVER")
-        .unwrap();
-    assert_eq!(server_span["name"], "POST /predict");
+    let root = server_span(&spans);
+    assert_eq!(root["name"], "POST /predict");
     assert_eq!(
-        server_span["parent_span_id"], caller_span,
+        root["parent_span_id"], caller_span,
         "child of the caller's span"
     );
-    assert_eq!(
-        server_span["span_id"], parts[2],
-        "the span the answer names"
-    );
-    assert_eq!(server_span["trace_state"], "vendor=opaque");
-    assert_eq!(server_span["resource"]["service.name"], "cxr");
+    assert_eq!(root["span_id"], parts[2], "the span the answer names");
+    assert_eq!(root["trace_state"], "vendor=opaque");
+    assert_eq!(root["resource"]["service.name"], "cxr");
     let (t0, t1) = (
-        nanos(server_span, "start_time_unix_nano"),
-        nanos(server_span, "end_time_unix_nano"),
+        nanos(root, "start_time_unix_nano"),
+        nanos(root, "end_time_unix_nano"),
     );
     let request_id = answer["request_id"].as_str().unwrap();
     for stage in STAGES {
@@ -230,7 +224,7 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
         let parent = if stage == "gates" {
             spans.iter().find(|s| s["name"] == "decode").unwrap()["span_id"].clone()
         } else {
-            server_span["span_id"].clone()
+            root["span_id"].clone()
         };
         assert_eq!(
             s["parent_span_id"], parent,
@@ -279,10 +273,7 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
     let own_trace = own.split('-').nth(1).unwrap().to_string();
     assert_ne!(own_trace, trace_id);
     let spans = receiver.trace(&own_trace);
-    let root = spans
-        .iter()
-        .find(|s| s["kind"] == "SPAN_KIND_SERVER")
-        .unwrap();
+    let root = server_span(&spans);
     assert_eq!(root["parent_span_id"], "");
 
     // A malformed traceparent is not continued (nor its tracestate).
@@ -322,10 +313,7 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
     );
     assert_eq!(status, 200);
     let spans = receiver.trace(v2_trace);
-    let root = spans
-        .iter()
-        .find(|s| s["kind"] == "SPAN_KIND_SERVER")
-        .unwrap();
+    let root = server_span(&spans);
     assert_eq!(root["name"], "POST /v2/models/alpha/infer");
     assert_eq!(root["parent_span_id"], "b7ad6b7169203331");
     for stage in STAGES {
@@ -351,10 +339,7 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
         String::from_utf8_lossy(&out.stderr)
     );
     let spans = receiver.trace(grpc_trace);
-    let root = spans
-        .iter()
-        .find(|s| s["kind"] == "SPAN_KIND_SERVER")
-        .unwrap();
+    let root = server_span(&spans);
     assert_eq!(root["name"], "inference.GRPCInferenceService/ModelInfer");
     assert_eq!(root["parent_span_id"], "051581bf3cb55c13");
     for stage in [
@@ -391,33 +376,22 @@ fn header(head: &str, name: &str) -> Option<String> {
     })
 }
 
-/// One HTTP/1.1 request: status, head and body.
+/// One HTTP/1.1 POST: status, head and body.
 fn raw_request(
     addr: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String, String) {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req += &format!("{k}: {v}\r\n");
-    }
-    req += "\r\n";
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&out[..end]).to_string();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        head,
-        String::from_utf8_lossy(&out[end + 4..]).to_string(),
-    )
+    let (status, head, body) =
+        common::tcp_http_full(addr, "POST", path, headers, body).expect("an answer");
+    (status, head, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The request's server span among its spans.
+fn server_span(spans: &[Value]) -> &Value {
+    spans
+        .iter()
+        .find(|s| s["kind"] == "SPAN_KIND_SERVER")
+        .expect("a server span")
 }

@@ -287,6 +287,17 @@ pub fn tcp_http_bytes(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Option<(u16, Vec<u8>)> {
+    tcp_http_full(addr, method, path, headers, body).map(|(status, _, body)| (status, body))
+}
+
+/// [`tcp_http_bytes`] with the response head (status line and headers) too.
+pub fn tcp_http_full(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, String, Vec<u8>)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
@@ -305,7 +316,7 @@ pub fn tcp_http_bytes(
     let end = out.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&out[..end]).to_string();
     let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, out[end + 4..].to_vec()))
+    Some((status, head, out[end + 4..].to_vec()))
 }
 
 /// Runs cxr-serve on port 0 with `args`, then `--models-dir models`, expecting it to
