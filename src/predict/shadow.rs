@@ -84,8 +84,7 @@ pub(super) fn plan(core: &Core, model: &ServedModel, decoded: &[Decoded]) -> Opt
         return None;
     }
     let same_inputs = candidate.card.input_size == model.card.input_size
-        && serde_json::to_value(&candidate.card.preprocessing).ok()
-            == serde_json::to_value(&model.card.preprocessing).ok();
+        && candidate.card.preprocessing == model.card.preprocessing;
     if !same_inputs {
         shed(core, &candidate, "preprocessing");
         return None;
