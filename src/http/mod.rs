@@ -277,7 +277,8 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
         None if inference => Some(RequestTrace::start(TraceContext::root(), exporting)),
         None => None,
     };
-    let span_name = format!("{} {}", req.method(), path);
+    // The server span's name, for a traced request only.
+    let span_name = trace.as_ref().map(|_| format!("{} {}", req.method(), path));
     let client = req
         .headers()
         .get("x-request-id")
@@ -298,7 +299,7 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
     if let Ok(v) = axum::http::HeaderValue::from_str(client.as_deref().unwrap_or(&server)) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    if let Some(t) = trace {
+    if let (Some(t), Some(span_name)) = (trace, span_name) {
         if let Ok(v) = axum::http::HeaderValue::from_str(&t.traceparent()) {
             resp.headers_mut().insert(TRACEPARENT, v);
         }
