@@ -161,6 +161,7 @@ fn main() {
     let cfg = LoadConfig {
         models_dir: dir.path().to_path_buf(),
         default_model: None,
+        door_models: Vec::new(),
         ort_lib: lib.clone(),
         device: Device::Cpu,
         intra_threads: threads,

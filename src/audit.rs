@@ -110,6 +110,62 @@ pub struct ShadowMark {
     pub abs_delta_p: f64,
 }
 
+/// A record of what was done or refused that is not a decision about an image: a
+/// change of the models, a confirmed label (feedback), a caller refused. One JSON
+/// line in the same file as the image records, told apart by its `event` field.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AuditEvent {
+    /// Server time, RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// What happened.
+    pub event: EventKind,
+    /// The server's own id of the request.
+    pub request_id: String,
+    /// The caller's name from the keys file, `anonymous` without keys, or
+    /// `unknown` for a key that is missing or not in the file.
+    pub caller: String,
+    /// The door: `http` or `grpc`.
+    pub door: &'static str,
+    /// The route (its template, never the raw path) or the RPC.
+    pub route: String,
+    /// `ok`, or the refusal's `error_type`.
+    pub outcome: String,
+    /// What the call was about: `NAME` or `NAME@VERSION` for a repository call,
+    /// the answer's request id (or SOP Instance UID) for feedback, the scope asked
+    /// for by a refused caller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Facts of the outcome: what a repository call changed, the label confirmed,
+    /// why a caller was refused (`missing`, `invalid`, `forbidden`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+    /// Refusals of callers not written since the last one that was (at most
+    /// [`REFUSALS_PER_SECOND`] are written a second, so a flood of them cannot fill
+    /// the disk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
+}
+
+/// What an [`AuditEvent`] records.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A repository `load` (or swap, or shadow) call.
+    RepositoryLoad,
+    /// A repository `unload` call.
+    RepositoryUnload,
+    /// A `SIGHUP` rescan of the models folder.
+    RepositoryRescan,
+    /// A label confirmed for an answered image (`POST /feedback`).
+    Feedback,
+    /// A caller refused: no key, an unknown key, or a key without the scope.
+    AuthRefused,
+}
+
+/// Most caller refusals written to the audit trail in one second; the rest are
+/// counted and the count written with the next one.
+pub const REFUSALS_PER_SECOND: u64 = 20;
+
 /// What was decided about an image.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +203,15 @@ pub enum AuditError {
 #[derive(Debug, Default)]
 pub struct Audit {
     writer: Option<Writer>,
+    refusals: std::sync::Mutex<RefusalWindow>,
+}
+
+/// The caller refusals of the current second, and those not written.
+#[derive(Debug, Default)]
+struct RefusalWindow {
+    second: u64,
+    written: u64,
+    suppressed: u64,
 }
 
 #[derive(Debug)]
@@ -217,7 +282,7 @@ struct AuditFile {
 impl Audit {
     /// Records to the log only.
     pub fn log_only() -> Self {
-        Self { writer: None }
+        Self::default()
     }
 
     /// Records to the log and appended to `path` (created if absent), rotated past
@@ -252,6 +317,7 @@ impl Audit {
                     path: path.to_path_buf(),
                     tx,
                 }),
+                refusals: std::sync::Mutex::default(),
             },
             problem,
         )
@@ -288,6 +354,83 @@ impl Audit {
         }
         Ok(())
     }
+}
+
+impl Audit {
+    /// Writes one event (a change of the models, a confirmation): durable in the
+    /// file before this returns, then logged. An error means it is not in the file.
+    pub async fn record_event(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        if let Some(w) = &self.writer {
+            let mut line = serde_json::to_vec(event).map_err(|e| AuditError::Write {
+                path: w.path.display().to_string(),
+                error: e.to_string(),
+            })?;
+            line.push(b'\n');
+            let (done, result) = tokio::sync::oneshot::channel();
+            match w.tx.try_send(Batch { lines: line, done }) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => return Err(AuditError::Busy),
+                Err(TrySendError::Disconnected(_)) => return Err(AuditError::Stopped),
+            }
+            result.await.map_err(|_| AuditError::Stopped)??;
+        }
+        log_event(event);
+        Ok(())
+    }
+
+    /// Notes a refused caller without waiting (the refusal is answered at once,
+    /// whatever the disk does): at most [`REFUSALS_PER_SECOND`] a second are
+    /// written, the rest counted into the next one's `suppressed`. Returns whether
+    /// it was written (queued).
+    pub fn note_refusal(&self, mut event: AuditEvent) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        {
+            let mut w = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            if w.second != now {
+                w.second = now;
+                w.written = 0;
+            }
+            if w.written >= REFUSALS_PER_SECOND {
+                w.suppressed += 1;
+                return false;
+            }
+            w.written += 1;
+            if w.suppressed > 0 {
+                event.suppressed = Some(std::mem::take(&mut w.suppressed));
+            }
+        }
+        log_event(&event);
+        let Some(w) = &self.writer else {
+            return true;
+        };
+        let Ok(mut line) = serde_json::to_vec(&event) else {
+            return false;
+        };
+        line.push(b'\n');
+        // Nobody waits for it: the answer is already a refusal.
+        let (done, _) = tokio::sync::oneshot::channel();
+        w.tx.try_send(Batch { lines: line, done }).is_ok()
+    }
+}
+
+/// An event's log line.
+fn log_event(e: &AuditEvent) {
+    tracing::info!(
+        target: "cxr::audit",
+        time = %e.time,
+        event = ?e.event,
+        request_id = %e.request_id,
+        caller = %e.caller,
+        door = e.door,
+        route = %e.route,
+        outcome = %e.outcome,
+        target_of = e.target.as_deref().unwrap_or(""),
+        detail = %e.detail.as_ref().map(ToString::to_string).unwrap_or_default(),
+        suppressed = e.suppressed.unwrap_or(0),
+        "audit event"
+    );
 }
 
 /// The record's log line.

@@ -507,6 +507,14 @@ impl ServeArgs {
         LoadConfig {
             models_dir: self.models_dir.clone(),
             default_model: self.default_model.clone(),
+            // The DICOM node's model answers every C-STORE: unloading it would
+            // refuse them all (A700, which PACSes retry forever).
+            door_models: self
+                .dicom_model
+                .iter()
+                .filter(|_| self.dicom_port.is_some())
+                .cloned()
+                .collect(),
             ort_lib: resolve_library(self.ort_lib.as_deref()),
             device: self.device,
             intra_threads: self.intra_threads,

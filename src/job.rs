@@ -4,7 +4,11 @@
 //! prediction core, and OUT receives, at the same relative path, `<file>.json` (the
 //! answer, or the refusal) and, for DICOM, `<file>.sr.dcm` (TID 1500; for a refused
 //! image, the SR that says why) and `<file>.sc.dcm` (the attention map as a Secondary
-//! Capture). One line per file says what happened. The job fails (non-zero exit)
+//! Capture). One line per file says what happened, a file not read included (a
+//! FIFO, socket or device, a link to a folder, a broken link; a link to a file is
+//! read as the file). A file over `--max-body-bytes` is refused by its size before
+//! it is read, as the HTTP door refuses such a body. Results are never written
+//! through a link already in OUT (a new file is renamed over the name). The job fails (non-zero exit)
 //! only on a failure of its own: IN unreadable, OUT unwritable, the models or the
 //! audit trail unavailable; a refused image is an answer, not a failure.
 
@@ -37,8 +41,20 @@ pub struct JobSummary {
     pub failed: usize,
 }
 
-/// Every file under `dir`, sorted, with its path relative to `dir`.
-pub(crate) fn files(dir: &Path) -> Result<Vec<PathBuf>, JobError> {
+/// One entry found under IN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// A regular file, or a symbolic link to one (followed: read as the file).
+    File(PathBuf),
+    /// Something not read, and why: a FIFO, socket or device (opening a FIFO
+    /// would wait for a writer forever), a link to a folder (not followed: it could
+    /// loop or leave IN), a broken link.
+    Skipped(PathBuf, &'static str),
+}
+
+/// Every entry under `dir`, sorted by path: the files to read and what is not
+/// read, with why (never dropped silently).
+pub(crate) fn walk(dir: &Path) -> Result<Vec<Entry>, JobError> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -46,16 +62,67 @@ pub(crate) fn files(dir: &Path) -> Result<Vec<PathBuf>, JobError> {
             .map_err(|e| JobError(format!("cannot read {}: {e}", d.display())))?;
         for e in entries {
             let e = e.map_err(|e| JobError(format!("cannot read {}: {e}", d.display())))?;
-            let t = e.file_type().map_err(|e| JobError(format!("{}: {e}", e)))?;
+            let path = e.path();
+            // The entry itself (a link is not followed here).
+            let t = e
+                .file_type()
+                .map_err(|err| JobError(format!("{}: {err}", path.display())))?;
             if t.is_dir() {
-                stack.push(e.path());
+                stack.push(path);
             } else if t.is_file() {
-                out.push(e.path());
+                out.push(Entry::File(path));
+            } else if t.is_symlink() {
+                out.push(match std::fs::metadata(&path) {
+                    Ok(m) if m.is_file() => Entry::File(path),
+                    Ok(m) if m.is_dir() => Entry::Skipped(
+                        path,
+                        "a link to a folder (links to folders are not followed)",
+                    ),
+                    Ok(_) => Entry::Skipped(path, "a link to a FIFO, socket or device"),
+                    Err(_) => Entry::Skipped(path, "a broken link"),
+                });
+            } else {
+                out.push(Entry::Skipped(path, "a FIFO, socket or device, not a file"));
             }
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.path().cmp(b.path()));
     Ok(out)
+}
+
+impl Entry {
+    fn path(&self) -> &Path {
+        match self {
+            Entry::File(p) | Entry::Skipped(p, _) => p,
+        }
+    }
+}
+
+/// Every file under `dir` (and link to one), sorted, with its path relative to
+/// `dir`; what is not a file is left out ([`walk`] says what and why).
+pub(crate) fn files(dir: &Path) -> Result<Vec<PathBuf>, JobError> {
+    Ok(walk(dir)?
+        .into_iter()
+        .filter_map(|e| match e {
+            Entry::File(p) => Some(p),
+            Entry::Skipped(..) => None,
+        })
+        .collect())
+}
+
+/// Reads a file of at most `max` bytes: refused by its size before anything is
+/// read, and read through a bound (a file that grows meanwhile is cut at `max` + 1
+/// and refused). `Ok(None)`: too large.
+fn read_bounded(path: &Path, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    if len > max as u64 {
+        return Ok(None);
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() <= max).then_some(bytes))
 }
 
 /// Bytes a file must start with to be told apart ([`is_image_file`]): a DICOM
@@ -72,20 +139,74 @@ pub(crate) fn is_image_file(head: &[u8]) -> bool {
         )
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<(), JobError> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| JobError(format!("cannot create {}: {e}", parent.display())))?;
+/// Writes `bytes` at `out/rel`, never through a link: each folder between OUT and
+/// the file must be a real folder (one that is a link is refused), and the file is
+/// written to a new temporary file beside it, then renamed over the name (a link
+/// already at that name is replaced, not followed).
+fn write(out: &Path, rel: &Path, bytes: &[u8]) -> Result<(), JobError> {
+    use std::io::Write as _;
+    let path = out.join(rel);
+    let mut dir = out.to_path_buf();
+    if let Some(parent) = rel.parent() {
+        for part in parent.components() {
+            dir.push(part);
+            match std::fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(JobError(format!(
+                        "cannot write {}: {} is a link (results are never written through links)",
+                        path.display(),
+                        dir.display()
+                    )));
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(JobError(format!(
+                        "cannot write {}: {} is not a folder",
+                        path.display(),
+                        dir.display()
+                    )));
+                }
+                Err(_) => std::fs::create_dir(&dir)
+                    .or_else(|e| {
+                        // Made meanwhile by someone else: fine if it is a folder.
+                        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(|e| JobError(format!("cannot create {}: {e}", dir.display())))?,
+            }
+        }
     }
-    std::fs::write(path, bytes)
-        .map_err(|e| JobError(format!("cannot write {}: {e}", path.display())))
+    let name = path
+        .file_name()
+        .ok_or_else(|| JobError(format!("cannot write {}: no file name", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+    let tmp = dir.join(tmp_name);
+    let cannot = |e: std::io::Error| JobError(format!("cannot write {}: {e}", path.display()));
+    // A new file only (O_CREAT|O_EXCL): never an existing one, and never through a
+    // link, which O_EXCL refuses wherever it points.
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    let written = opts
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_data()))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(cannot(e));
+    }
+    Ok(())
 }
 
-/// `out/rel` with `suffix` added to its file name.
-fn beside(out: &Path, rel: &Path, suffix: &str) -> PathBuf {
+/// `rel` with `suffix` added to its file name.
+fn beside(rel: &Path, suffix: &str) -> PathBuf {
     let mut name = rel.as_os_str().to_os_string();
     name.push(suffix);
-    out.join(name)
+    PathBuf::from(name)
 }
 
 /// Runs the job over `input`, writing under `output`, answered by `model` (none:
@@ -96,7 +217,7 @@ pub async fn run(
     output: &Path,
     model: Option<String>,
 ) -> Result<JobSummary, JobError> {
-    let all = files(input)?;
+    let all = walk(input)?;
     std::fs::create_dir_all(output)
         .map_err(|e| JobError(format!("cannot create {}: {e}", output.display())))?;
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -112,13 +233,42 @@ pub async fn run(
         None => println!("{line}"),
     };
     let mut summary = JobSummary::default();
-    for path in &all {
+    let max = core.limits().max_body_bytes;
+    for entry in &all {
+        let path = match entry {
+            Entry::File(p) => p,
+            Entry::Skipped(p, why) => {
+                summary.skipped += 1;
+                let rel = p.strip_prefix(input).unwrap_or(p);
+                say(format!("skipped   {}: {why}", rel.display()));
+                bar.iter().for_each(|b| b.inc(1));
+                continue;
+            }
+        };
         let rel = path.strip_prefix(input).unwrap_or(path).to_path_buf();
         if let Some(b) = &bar {
             b.set_message(rel.display().to_string());
         }
-        let bytes = std::fs::read(path)
+        let bytes = read_bounded(path, max)
             .map_err(|e| JobError(format!("cannot read {}: {e}", path.display())))?;
+        let Some(bytes) = bytes else {
+            // As the HTTP door refuses such a body (413): an answer, not a failure.
+            let e = crate::predict::ApiError::BodyTooLarge(max);
+            summary.refused += 1;
+            say(format!(
+                "refused   {}: {}: {e}",
+                rel.display(),
+                e.error_type()
+            ));
+            let json = serde_json::to_vec_pretty(&serde_json::json!({
+                "error": e.to_string(),
+                "error_type": e.error_type(),
+            }))
+            .map_err(|e| JobError(e.to_string()))?;
+            write(output, &beside(&rel, ".json"), &json)?;
+            bar.iter().for_each(|b| b.inc(1));
+            continue;
+        };
         let dicom = crate::imaging::dicom::is_dicom(&bytes);
         if !is_image_file(&bytes) {
             summary.skipped += 1;
@@ -201,9 +351,9 @@ pub async fn run(
             }
         }
         .map_err(|e| JobError(e.to_string()))?;
-        write(&beside(output, &rel, ".json"), &json)?;
+        write(output, &beside(&rel, ".json"), &json)?;
         for o in &filed.objects {
-            write(&beside(output, &rel, &format!(".{}.dcm", o.kind)), &o.bytes)?;
+            write(output, &beside(&rel, &format!(".{}.dcm", o.kind)), &o.bytes)?;
         }
         bar.iter().for_each(|b| b.inc(1));
     }

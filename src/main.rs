@@ -218,15 +218,32 @@ fn rescan_on_sighup(core: cxr::predict::Core) {
                         continue;
                     };
                     tracing::info!("SIGHUP: rescanning the models folder");
-                    match tokio::task::spawn_blocking(move || repo.rescan()).await {
-                        Ok(Ok(_)) => {}
+                    let (outcome, result) = match tokio::task::spawn_blocking(move || repo.rescan())
+                        .await
+                    {
+                        Ok(Ok(change)) => ("ok".to_string(), serde_json::to_value(change).ok()),
                         Ok(Err(e)) => {
-                            tracing::error!(error = %e, "rescan failed; what was serving stays")
+                            tracing::error!(error = %e, "rescan failed; what was serving stays");
+                            ("repository_refused".to_string(), Some(e.to_string().into()))
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, "rescan failed; what was serving stays")
+                            tracing::error!(error = %e, "rescan failed; what was serving stays");
+                            ("internal".to_string(), Some(e.to_string().into()))
                         }
-                    }
+                    };
+                    core.audit_event(cxr::audit::AuditEvent {
+                        time: cxr::audit::now_rfc3339(),
+                        event: cxr::audit::EventKind::RepositoryRescan,
+                        request_id: uuid::Uuid::new_v4().to_string(),
+                        caller: "SIGHUP".into(),
+                        door: "signal",
+                        route: "SIGHUP".into(),
+                        outcome,
+                        target: None,
+                        detail: Some(serde_json::json!({ "result": result })),
+                        suppressed: None,
+                    })
+                    .await;
                 }
             });
         }

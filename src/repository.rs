@@ -103,7 +103,7 @@ pub enum RepoError {
 }
 
 /// A `load` call's parameters (the repository extension's `parameters`).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadParams {
     /// Load only this version (else every version of the variant on disk).
@@ -174,6 +174,29 @@ struct State {
     held: BTreeSet<(String, String)>,
     /// Worker threads of every version loaded (joined at shutdown).
     workers: Vec<JoinHandle<()>>,
+}
+
+/// The marks a call sets or clears, kept to be put back when the call fails.
+struct Marks {
+    unloaded: BTreeSet<String>,
+    unloaded_versions: BTreeSet<(String, String)>,
+    held: BTreeSet<(String, String)>,
+}
+
+impl Marks {
+    fn of(st: &State) -> Self {
+        Self {
+            unloaded: st.unloaded.clone(),
+            unloaded_versions: st.unloaded_versions.clone(),
+            held: st.held.clone(),
+        }
+    }
+
+    fn restore(self, st: &mut State) {
+        st.unloaded = self.unloaded;
+        st.unloaded_versions = self.unloaded_versions;
+        st.held = self.held;
+    }
 }
 
 /// The model repository of a server.
@@ -291,6 +314,8 @@ impl Repository {
             ));
         }
         let version = p.version.as_deref();
+        // A call that fails changes nothing: every mark it touches is put back.
+        let before = Marks::of(st);
         st.unloaded.remove(name);
         match version {
             Some(v) => {
@@ -327,6 +352,7 @@ impl Repository {
         }
         let r = self.sync(st, Scope::Name(name, version));
         let restore = |st: &mut State| {
+            before.restore(st);
             match old_pin {
                 Some(v) => st.pins.insert(name.into(), v),
                 None => st.pins.remove(name),
@@ -359,6 +385,20 @@ impl Repository {
                 Err(e)
             }
         }
+    }
+
+    /// The door model (`--dicom-model`) that unloading `name` (or its `version`)
+    /// would take away, if any: a door set to `NAME` needs the variant, one set to
+    /// `NAME@VERSION` that version.
+    fn door_model(&self, name: &str, version: Option<&str>) -> Option<&str> {
+        self.cfg
+            .door_models
+            .iter()
+            .find(|spec| match spec.split_once('@') {
+                Some((n, v)) => n == name && version.is_none_or(|asked| asked == v),
+                None => spec.as_str() == name && version.is_none(),
+            })
+            .map(String::as_str)
     }
 
     /// Whether `name@version` is its variant's default in the set serving now.
@@ -403,6 +443,11 @@ impl Repository {
                         "`{name}@{v}` is the only version of `{name}` loaded: load another first, or unload the model"
                     )));
                 }
+                if let Some(door) = self.door_model(name, Some(v)) {
+                    return Err(RepoError::Refused(format!(
+                        "`{name}@{v}` answers the DICOM node (--dicom-model {door}): every C-STORE would be refused"
+                    )));
+                }
                 st.unloaded_versions.insert((name.into(), v.into()));
                 st.held.remove(&(name.to_string(), v.to_string()));
                 if st.pins.get(name).is_some_and(|p| p == v) {
@@ -425,6 +470,11 @@ impl Repository {
                 if self.cfg.default_model.as_deref() == Some(name) {
                     return Err(RepoError::Refused(format!(
                         "`{name}` is the server's --default-model"
+                    )));
+                }
+                if let Some(door) = self.door_model(name, None) {
+                    return Err(RepoError::Refused(format!(
+                        "`{name}` answers the DICOM node (--dicom-model {door}): every C-STORE would be refused"
                     )));
                 }
                 st.unloaded.insert(name.into());

@@ -10,42 +10,16 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{
-    Server, gray_image, png_bytes, tcp_http_headers, write_tiny_model, write_tiny_version,
-};
+use common::{Server, gray_image, png_bytes, write_tiny_model, write_tiny_version};
 use serde_json::{Value, json};
 
-const ADMIN: &str = "cxr_repository_admin_key";
-const READER: &str = "cxr_repository_reader_key";
+use common::ops::{READER, admin, get, hup, keys, wait_for};
 
-/// A keys file: an operator (predict, models, admin) and a reader (predict, models).
-fn keys(dir: &Path) -> String {
-    let path = dir.join("keys.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[[callers]]\nname = \"ops\"\nkey_sha256 = \"{}\"\nscopes = [\"predict\", \"models\", \"admin\"]\n\n\
-             [[callers]]\nname = \"reader\"\nkey_sha256 = \"{}\"\nscopes = [\"predict\", \"models\"]\n",
-            cxr::digest::sha256_hex(ADMIN.as_bytes()),
-            cxr::digest::sha256_hex(READER.as_bytes())
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
-
+/// A request with `key` (always sent here).
 fn call(addr: &str, method: &str, path: &str, key: &str, ct: &str, body: &[u8]) -> (u16, Value) {
-    let auth = format!("Bearer {key}");
-    let (s, b) = tcp_http_headers(
-        addr,
-        method,
-        path,
-        &[("Authorization", auth.as_str()), ("Content-Type", ct)],
-        body,
-    );
-    (s, serde_json::from_str(&b).unwrap_or(Value::String(b)))
+    common::ops::call(addr, method, path, Some(key), ct, body)
 }
 
 fn predict(addr: &str, query: &str, seed: u32) -> (u16, Value) {
@@ -58,23 +32,6 @@ fn predict(addr: &str, query: &str, seed: u32) -> (u16, Value) {
         "image/png",
         &img,
     )
-}
-
-fn admin(addr: &str, path: &str, body: Value) -> (u16, Value) {
-    call(
-        addr,
-        "POST",
-        path,
-        ADMIN,
-        "application/json",
-        body.to_string().as_bytes(),
-    )
-}
-
-fn get(addr: &str, path: &str) -> Value {
-    let (s, v) = call(addr, "GET", path, READER, "text/plain", b"");
-    assert_eq!(s, 200, "{path}: {v}");
-    v
 }
 
 fn card_sha(models: &Path, rel: &str) -> String {
@@ -102,22 +59,6 @@ fn versions_of(models: &Value, name: &str) -> Vec<(String, String)> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn hup(server: &Server) {
-    let ok = std::process::Command::new("kill")
-        .args(["-HUP", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }
 
 fn pair(a: &str, b: &str) -> (String, String) {

@@ -347,7 +347,7 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, ts: &str, s
     // What the image is: the same instance and pixels, analysed by the same model
     // file, gets the same results (and is not analysed twice).
     let seed = format!("{}/{pixels}", s.sop_instance);
-    let key = format!("{}/{seed}", valid.model.card.onnx.sha256);
+    let key = core.filing_key(&valid, &seed);
     match node.outbox.has_source(&key) {
         Ok(true) => {
             tracing::info!(calling_ae = %calling, sop_instance_uid = %s.sop_instance, "already analysed by this model file; not again");

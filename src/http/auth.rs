@@ -30,10 +30,12 @@ pub async fn require(
         // Changing the models is for a caller with a key of the `admin` scope, never
         // for anyone who can reach the port.
         None if scope == Scope::Admin => {
-            return Err(ApiError::Auth(crate::access::AuthError::Forbidden {
+            let e = crate::access::AuthError::Forbidden {
                 caller: Caller::anonymous().0,
                 scope,
-            }));
+            };
+            note_refusal(&state, &req, scope, &e);
+            return Err(ApiError::Auth(e));
         }
         None => Caller::anonymous(),
         Some(keys) => match keys.authorize(presented_key(req.headers()), scope) {
@@ -49,10 +51,63 @@ pub async fn require(
                     .auth_refused
                     .with_label_values(&[reason])
                     .inc();
+                note_refusal(&state, &req, scope, &e);
                 return Err(ApiError::Auth(e));
             }
         },
     };
     req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
+}
+
+/// The audit trail's record of a refused caller (rate-limited there): who, on which
+/// route (its template: a raw path may carry an identifier), for which scope.
+fn note_refusal(state: &AppState, req: &Request, scope: Scope, e: &AuthError) {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    let request_id = req
+        .extensions()
+        .get::<crate::http::RequestIds>()
+        .map(|i| i.server.clone())
+        .unwrap_or_default();
+    state.core().audit().note_refusal(refusal_event(
+        "http",
+        format!("{} {route}", req.method()),
+        request_id,
+        scope,
+        e,
+    ));
+}
+
+/// The audit event of a caller refused at `door` (`http`, `grpc`).
+pub fn refusal_event(
+    door: &'static str,
+    route: String,
+    request_id: String,
+    scope: Scope,
+    e: &AuthError,
+) -> crate::audit::AuditEvent {
+    let (caller, reason) = match e {
+        AuthError::Missing => ("anonymous".to_string(), "missing"),
+        AuthError::Invalid => ("unknown".to_string(), "invalid"),
+        AuthError::Forbidden { caller, .. } => (caller.clone(), "forbidden"),
+    };
+    crate::audit::AuditEvent {
+        time: crate::audit::now_rfc3339(),
+        event: crate::audit::EventKind::AuthRefused,
+        request_id,
+        caller,
+        door,
+        route,
+        outcome: match e {
+            AuthError::Forbidden { .. } => "forbidden",
+            _ => "unauthorized",
+        }
+        .into(),
+        target: Some(scope.as_str().into()),
+        detail: Some(serde_json::json!({ "reason": reason })),
+        suppressed: None,
+    }
 }

@@ -89,7 +89,58 @@ pub(super) async fn feedback(
     asker: Asker,
     body: Bytes,
 ) -> Result<Json<FeedbackAnswer>, ApiError> {
-    let req: FeedbackRequest = serde_json::from_slice(&body).map_err(|e| {
+    let (request_id, caller) = (asker.request_id.clone(), asker.caller.0.clone());
+    let asked: Option<FeedbackRequest> = serde_json::from_slice(&body).ok();
+    let r = confirm(&state, asker, &body).await;
+    // Every confirmation, and every refused one, is in the audit trail with who
+    // gave it.
+    let (outcome, detail) = match &r {
+        Ok(Json(a)) => (
+            "ok".to_string(),
+            serde_json::json!({
+                "status": a.status,
+                "label": a.label,
+                "agreed": a.agreed,
+                "answered_request_id": a.answered.request_id,
+                "image_index": a.answered.image_index,
+                "model": a.answered.model,
+                "model_sha256": a.answered.model_sha256,
+            }),
+        ),
+        Err(e) => (
+            e.error_type().as_str().to_string(),
+            serde_json::json!({ "error": e.to_string() }),
+        ),
+    };
+    // Bounded: the id is the caller's text.
+    let target = asked
+        .and_then(|a| a.request_id.or(a.sop_instance_uid))
+        .map(|t| t.chars().take(128).collect());
+    state
+        .core()
+        .audit_event(crate::audit::AuditEvent {
+            time: crate::audit::now_rfc3339(),
+            event: crate::audit::EventKind::Feedback,
+            request_id,
+            caller,
+            door: "http",
+            route: "POST /feedback".into(),
+            outcome,
+            target,
+            detail: Some(detail),
+            suppressed: None,
+        })
+        .await;
+    r
+}
+
+/// The confirmation itself ([`feedback`] records it in the audit trail).
+async fn confirm(
+    state: &AppState,
+    asker: Asker,
+    body: &[u8],
+) -> Result<Json<FeedbackAnswer>, ApiError> {
+    let req: FeedbackRequest = serde_json::from_slice(body).map_err(|e| {
         ApiError::BadRequest(format!(
             "a feedback body is JSON with `request_id` (or `sop_instance_uid`) and `label`: {e}"
         ))

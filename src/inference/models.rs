@@ -505,6 +505,9 @@ pub struct LoadConfig {
     pub models_dir: PathBuf,
     /// Default variant (else `weighted` if present, else the first by name).
     pub default_model: Option<String>,
+    /// Models a door is set to answer with (`--dicom-model` of the DICOM node:
+    /// `NAME` or `NAME@VERSION`): never unloaded by a call, as `default_model`.
+    pub door_models: Vec<String>,
     /// ONNX Runtime library.
     pub ort_lib: PathBuf,
     /// Device.

@@ -191,6 +191,19 @@ impl Core {
         self.configure().outcomes = Some(outcomes);
     }
 
+    /// Where audit records and events go.
+    pub fn audit(&self) -> &Audit {
+        &self.inner.audit
+    }
+
+    /// Writes `event` to the audit trail; a failure is logged (the change or
+    /// confirmation it records is done already, and is answered as done).
+    pub async fn audit_event(&self, event: crate::audit::AuditEvent) {
+        if let Err(e) = self.inner.audit.record_event(&event).await {
+            tracing::error!(error = %e, event = ?event.event, request_id = %event.request_id, "audit event not written");
+        }
+    }
+
     /// The outcomes store, when configured.
     pub fn outcomes(&self) -> Option<&Arc<crate::outcomes::Outcomes>> {
         self.inner.outcomes.as_ref()

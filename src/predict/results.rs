@@ -61,6 +61,45 @@ fn classified<'a>(model: &'a ServedModel, p: &Prediction) -> SrResult<'a> {
 }
 
 impl Core {
+    /// What decides a result besides the image and the model file: the threshold
+    /// and its source (a site card's provenance included), the OOD thresholds and
+    /// action, and the gates (DICOM policy, geometry). Two results that differ in
+    /// any of these are different results, with different UIDs; the same inputs
+    /// give the same digest (an idempotent resend).
+    pub fn decision_digest(&self, valid: &Valid) -> String {
+        let model = &valid.model;
+        let limits = self.limits();
+        let g = &limits.geometry;
+        let d = &limits.dicom;
+        let facts = serde_json::json!({
+            "threshold": valid.decision.threshold,
+            "threshold_source": &valid.decision.source,
+            "ood_action": format!("{:?}", limits.ood_action),
+            "ood_threshold": model.ood_threshold(),
+            "ood_refuse_threshold": model.ood_refuse_threshold(),
+            "ood_sha256": model.card.ood.as_ref().map(|o| o.sha256.as_str()),
+            "geometry": [f64::from(g.min_side), g.max_aspect],
+            "dicom": {
+                "allow_any_modality": d.allow_any_modality,
+                "allow_lateral": d.allow_lateral,
+                "geometry": [f64::from(d.geometry.min_side), d.geometry.max_aspect],
+            },
+        });
+        crate::digest::sha256_hex(facts.to_string().as_bytes())
+    }
+
+    /// The key under which the results of one image (`seed`: its SOP Instance UID
+    /// and pixels) analysed by `valid`'s model file with `valid`'s decision inputs
+    /// are filed: the same key is never analysed twice, and a change of any input
+    /// ([`Core::decision_digest`]) makes a new result.
+    pub fn filing_key(&self, valid: &Valid, seed: &str) -> String {
+        format!(
+            "{}/{}/{seed}",
+            valid.model.card.onnx.sha256,
+            self.decision_digest(valid)
+        )
+    }
+
     /// One answer as a DICOM Comprehensive 3D SR (TID 1500) in its source's study,
     /// with new UIDs.
     pub fn structured_report(
@@ -95,10 +134,15 @@ impl Core {
         let model = &valid.model;
         let card = &model.card;
         let study = |s: &SrSource| s.study_instance_uid.clone().unwrap_or_default();
-        let uids_for = |s: &SrSource| {
+        // The objects' UIDs come from everything that makes the result: the model
+        // file, the image, the decision inputs, and what was decided (so that two
+        // different results never share a UID, and a resend of the same gives the
+        // same objects).
+        let key = self.filing_key(valid, seed);
+        let uids_for = |s: &SrSource, outcome: &str| {
             UidMaker::derived(
                 self.uid_root(),
-                format!("{}/{seed}", card.onnx.sha256),
+                format!("{key}/{outcome}"),
                 format!("{}/{}", card.onnx.sha256, study(s)),
             )
         };
@@ -114,7 +158,14 @@ impl Core {
                 };
                 let mut objects = Vec::new();
                 if let Some(src) = src {
-                    let uids = uids_for(src);
+                    let outcome = format!(
+                        "answered/{}/{}/{}",
+                        p.label,
+                        p.probabilities.PNEUMONIA.to_bits(),
+                        p.in_distribution
+                            .map_or("unscored", |d| if d { "in" } else { "shift" })
+                    );
+                    let uids = uids_for(src, &outcome);
                     objects.push(ResultObject {
                         kind: "sr",
                         sop_instance_uid: uids.instance("sr"),
@@ -171,7 +222,7 @@ impl Core {
             Err(e) if e.error_type().is_image_refusal() => {
                 let mut objects = Vec::new();
                 if let Some(src) = source {
-                    let uids = uids_for(src);
+                    let uids = uids_for(src, &format!("refused/{}", e.error_type().as_str()));
                     let result = SrResult {
                         variant: &card.name,
                         version: &card.version,

@@ -695,6 +695,7 @@ pub fn validate_dir(
     let load = LoadConfig {
         models_dir: models_dir.to_path_buf(),
         default_model: None,
+        door_models: Vec::new(),
         ort_lib,
         device: crate::inference::Device::Cpu,
         intra_threads: 0,

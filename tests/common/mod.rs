@@ -5,6 +5,7 @@
 
 pub mod dicom;
 pub mod http;
+pub mod ops;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -176,6 +177,7 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
     LoadConfig {
         models_dir: dir.to_path_buf(),
         default_model: Some("alpha".into()),
+        door_models: Vec::new(),
         ort_lib: cxr::inference::resolve_library(None),
         device: Device::Cpu,
         intra_threads: 1,

@@ -228,8 +228,13 @@ fn the_binary_with_keys_metrics_port_and_audit_file() {
         "{text}"
     );
     let records = std::fs::read_to_string(&audit).unwrap();
-    assert_eq!(records.lines().count(), 1, "{records}");
+    // The answer's record, and the refusal of the request without a key.
+    assert_eq!(records.lines().count(), 2, "{records}");
     assert!(records.contains(r#""caller":"ris""#), "{records}");
+    assert!(
+        records.contains(r#""event":"auth_refused","#) && records.contains(r#""reason":"missing""#),
+        "{records}"
+    );
     assert!(!records.contains(&key));
 
     server.sigterm();

@@ -10,6 +10,8 @@ use axum::extract::{Path, State};
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
+use crate::audit::{AuditEvent, EventKind};
+use crate::predict::Asker;
 use crate::repository::{Change, IndexEntry, LoadParams, RepoError, Repository};
 
 /// `POST /v2/repository/index`'s body.
@@ -123,10 +125,62 @@ pub async fn index(
 pub async fn load(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    asker: Asker,
     bytes: Bytes,
 ) -> Result<Json<Change>, ApiError> {
     let req: LoadRequest = body(&bytes)?;
-    change(&state, move |r| r.load(&name, &req.parameters)).await
+    let target = match &req.parameters.version {
+        Some(v) => format!("{name}@{v}"),
+        None => name.clone(),
+    };
+    let asked = serde_json::to_value(&req.parameters).ok();
+    let r = change(&state, move |r| r.load(&name, &req.parameters)).await;
+    audit(
+        &state,
+        EventKind::RepositoryLoad,
+        "load",
+        asker,
+        target,
+        asked,
+        &r,
+    )
+    .await;
+    r
+}
+
+/// The audit event of a repository call: who, what was asked, what changed (or why
+/// it was refused).
+async fn audit(
+    state: &AppState,
+    event: EventKind,
+    op: &str,
+    asker: Asker,
+    target: String,
+    asked: Option<serde_json::Value>,
+    r: &Result<Json<Change>, ApiError>,
+) {
+    let (outcome, result) = match r {
+        Ok(Json(c)) => ("ok".to_string(), serde_json::to_value(c).ok()),
+        Err(e) => (
+            e.error_type().as_str().to_string(),
+            Some(serde_json::Value::String(e.to_string())),
+        ),
+    };
+    state
+        .core()
+        .audit_event(AuditEvent {
+            time: crate::audit::now_rfc3339(),
+            event,
+            request_id: asker.request_id,
+            caller: asker.caller.0,
+            door: "http",
+            route: format!("POST /v2/repository/models/{{name}}/{op}"),
+            outcome,
+            target: Some(target),
+            detail: Some(serde_json::json!({ "parameters": asked, "result": result })),
+            suppressed: None,
+        })
+        .await;
 }
 
 /// Unloads a model (every version), or one version with `parameters.version`: it
@@ -145,6 +199,7 @@ pub async fn load(
 pub async fn unload(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    asker: Asker,
     bytes: Bytes,
 ) -> Result<Json<Change>, ApiError> {
     let req: UnloadRequest = body(&bytes)?;
@@ -152,5 +207,21 @@ pub async fn unload(
         tracing::debug!(model = %name, "unload_dependents: cxr has no ensembles; nothing more to unload");
     }
     let version = req.parameters.version;
-    change(&state, move |r| r.unload(&name, version.as_deref())).await
+    let target = match &version {
+        Some(v) => format!("{name}@{v}"),
+        None => name.clone(),
+    };
+    let asked = serde_json::json!({ "version": version });
+    let r = change(&state, move |r| r.unload(&name, version.as_deref())).await;
+    audit(
+        &state,
+        EventKind::RepositoryUnload,
+        "unload",
+        asker,
+        target,
+        Some(asked),
+        &r,
+    )
+    .await;
+    r
 }
