@@ -342,7 +342,10 @@ impl ServeArgs {
             ("--max-decode-pixels", self.max_decode_pixels),
             ("--idle-timeout-s", self.idle_timeout_s),
             ("--shutdown-timeout-s", self.shutdown_timeout_s),
-            ("--dicom-max-associations", self.dicom_max_associations as u64),
+            (
+                "--dicom-max-associations",
+                self.dicom_max_associations as u64,
+            ),
             ("--dicom-max-negotiating", self.dicom_max_negotiating as u64),
             (
                 "--dicom-negotiation-timeout-s",

@@ -137,14 +137,17 @@ pub(super) fn command_set(fields: &[(dicom_core::Tag, Field)]) -> Vec<u8> {
 pub(super) fn response(cmd: &Command, code: u16) -> Vec<u8> {
     let mut fields = Vec::with_capacity(6);
     if !cmd.sop_class.is_empty() {
-        fields.push((tags::AFFECTED_SOP_CLASS_UID, Field::Uid(cmd.sop_class.clone())));
+        fields.push((
+            tags::AFFECTED_SOP_CLASS_UID,
+            Field::Uid(cmd.sop_class.clone()),
+        ));
     }
     fields.extend([
+        (tags::COMMAND_FIELD, Field::Us(cmd.field | field::RESPONSE)),
         (
-            tags::COMMAND_FIELD,
-            Field::Us(cmd.field | field::RESPONSE),
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            Field::Us(cmd.message_id),
         ),
-        (tags::MESSAGE_ID_BEING_RESPONDED_TO, Field::Us(cmd.message_id)),
         (tags::COMMAND_DATA_SET_TYPE, Field::Us(0x0101)),
         (tags::STATUS, Field::Us(code)),
     ]);
@@ -253,11 +256,7 @@ impl Messages {
     /// Takes one P-DATA value. `reserve(n)` is asked before `n` more data-set bytes
     /// are kept; refused, the C-STORE is answered out of resources and the rest of its
     /// data set is discarded.
-    pub fn push(
-        &mut self,
-        v: PDataValue,
-        reserve: &mut dyn FnMut(usize) -> bool,
-    ) -> Option<Event> {
+    pub fn push(&mut self, v: PDataValue, reserve: &mut dyn FnMut(usize) -> bool) -> Option<Event> {
         let Some(context) = self
             .contexts
             .iter()
@@ -478,11 +477,17 @@ mod tests {
         let mut yes = |_| true;
         let chunk = vec![0u8; 16 * 1024];
         for _ in 0..4 {
-            assert!(m.push(pdv(1, true, false, chunk.clone()), &mut yes).is_none());
+            assert!(
+                m.push(pdv(1, true, false, chunk.clone()), &mut yes)
+                    .is_none()
+            );
         }
         assert_eq!(m.buffered(), MAX_COMMAND_BYTES);
         let e = m.push(pdv(1, true, false, vec![0u8; 1]), &mut yes);
-        assert!(matches!(e, Some(Event::Abort(AbortReason::CommandTooLarge))));
+        assert!(matches!(
+            e,
+            Some(Event::Abort(AbortReason::CommandTooLarge))
+        ));
         assert_eq!(m.buffered(), 0);
     }
 
@@ -496,7 +501,10 @@ mod tests {
         };
         let store = rq(field::C_STORE_RQ, CT, true);
         assert!(m.push(pdv(3, true, true, store), &mut reserve).is_none());
-        assert!(m.push(pdv(3, false, false, vec![1; 100]), &mut reserve).is_none());
+        assert!(
+            m.push(pdv(3, false, false, vec![1; 100]), &mut reserve)
+                .is_none()
+        );
         assert_eq!(m.buffered(), 0);
         match m.push(pdv(3, false, true, vec![1; 100]), &mut reserve) {
             Some(Event::Respond {
@@ -553,10 +561,19 @@ mod tests {
             budget -= n;
             true
         };
-        m.push(pdv(3, true, true, rq(field::C_STORE_RQ, CR, true)), &mut reserve);
-        assert!(m.push(pdv(3, false, false, vec![1; 100]), &mut reserve).is_none());
+        m.push(
+            pdv(3, true, true, rq(field::C_STORE_RQ, CR, true)),
+            &mut reserve,
+        );
+        assert!(
+            m.push(pdv(3, false, false, vec![1; 100]), &mut reserve)
+                .is_none()
+        );
         assert_eq!(m.buffered(), 100);
-        assert!(m.push(pdv(3, false, false, vec![1; 100]), &mut reserve).is_none());
+        assert!(
+            m.push(pdv(3, false, false, vec![1; 100]), &mut reserve)
+                .is_none()
+        );
         assert_eq!(m.buffered(), 0);
         match m.push(pdv(3, false, true, vec![1; 100]), &mut reserve) {
             Some(Event::Respond {
@@ -573,7 +590,10 @@ mod tests {
     fn a_store_on_its_context_is_gathered_whole() {
         let mut m = Messages::new(contexts(), 1 << 20);
         let mut yes = |_| true;
-        m.push(pdv(3, true, true, rq(field::C_STORE_RQ, CR, true)), &mut yes);
+        m.push(
+            pdv(3, true, true, rq(field::C_STORE_RQ, CR, true)),
+            &mut yes,
+        );
         m.push(pdv(3, false, false, vec![1; 10]), &mut yes);
         match m.push(pdv(3, false, true, vec![2; 10]), &mut yes) {
             Some(Event::Store(s)) => {

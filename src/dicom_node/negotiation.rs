@@ -187,7 +187,10 @@ pub(super) async fn admit(node: &Node, pools: &Pools, socket: TcpStream, ip: IpA
             tracing::info!(peer = %ip, timeout_s = node.negotiation_timeout.as_secs_f64(), "DICOM association request not received in time; aborted");
             count("timed_out");
             // What arrived of it is read first, so the abort is not lost in a reset.
-            let pending = socket.peek(&mut vec![0u8; MAX_REQUEST_BYTES]).await.unwrap_or(0);
+            let pending = socket
+                .peek(&mut vec![0u8; MAX_REQUEST_BYTES])
+                .await
+                .unwrap_or(0);
             refuse(
                 socket,
                 &abort(AbortRQServiceProviderReason::ReasonNotSpecified),
@@ -215,7 +218,12 @@ pub(super) async fn admit(node: &Node, pools: &Pools, socket: TcpStream, ip: IpA
         peers: &node.peers,
         ip,
     };
-    if let Err(reason) = check.check_access(&node.ae_title, &rq.calling_ae_title, &rq.called_ae_title, None) {
+    if let Err(reason) = check.check_access(
+        &node.ae_title,
+        &rq.calling_ae_title,
+        &rq.called_ae_title,
+        None,
+    ) {
         tracing::info!(peer = %ip, %reason, "DICOM association rejected");
         count("rejected");
         let rj = Pdu::AssociationRJ(AssociationRJ {

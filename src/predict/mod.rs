@@ -161,7 +161,7 @@ impl Core {
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
         let buffered = Arc::new(Semaphore::new(
-            kilo(limits.max_buffered_bytes as u64) as usize,
+            kilo(limits.max_buffered_bytes as u64) as usize
         ));
         Self {
             inner: Arc::new(Inner {

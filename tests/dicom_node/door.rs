@@ -181,8 +181,13 @@ fn store_on_cr_context(port: u16, file: &Path) -> u16 {
     let mut a = associate(port);
     let ctx = context(&a, CR);
     let (instance, class, data) = data_set(file);
-    a.send(&pdata(ctx, true, true, command(0x0001, &class, &instance, true)))
-        .unwrap();
+    a.send(&pdata(
+        ctx,
+        true,
+        true,
+        command(0x0001, &class, &instance, true),
+    ))
+    .unwrap();
     send_data(&mut a, ctx, &data, true);
     let (field, status) = response(&mut a);
     assert_eq!(field, 0x8001);
@@ -303,7 +308,12 @@ fn an_association_is_aborted_at_its_deadline_however_busy() {
         );
         // (A send after the node closed may fail; its A-ABORT is read all the same.)
         let sent = a
-            .send(&pdata(ctx, true, true, command(0x0030, VERIFICATION, "", false)))
+            .send(&pdata(
+                ctx,
+                true,
+                true,
+                command(0x0030, VERIFICATION, "", false),
+            ))
             .is_ok();
         match a.receive() {
             Ok(Pdu::PData { .. }) if sent => std::thread::sleep(Duration::from_secs(1)),
@@ -405,8 +415,13 @@ fn an_unsupported_operation_is_refused_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5));
     // Still usable.
     let v = context(&a, VERIFICATION);
-    a.send(&pdata(v, true, true, command(0x0030, VERIFICATION, "", false)))
-        .unwrap();
+    a.send(&pdata(
+        v,
+        true,
+        true,
+        command(0x0030, VERIFICATION, "", false),
+    ))
+    .unwrap();
     assert_eq!(response(&mut a), (0x8030, 0x0000));
     a.release().unwrap();
 
@@ -469,14 +484,18 @@ fn a_store_takes_one_of_the_cores_inflight_slots() {
     );
     let m = metrics(&server);
     if dicom == 0xA700 {
-        assert!(m.contains("cxr_dicom_stores_total{outcome=\"busy\"} 1"), "{m}");
+        assert!(
+            m.contains("cxr_dicom_stores_total{outcome=\"busy\"} 1"),
+            "{m}"
+        );
     }
 }
 
-/// The data sets being received count against --max-buffered-bytes: with one
-/// association holding most of it in a data set still arriving, another's C-STORE
-/// is answered A700H (out of resources) without its data set being kept; once the
-/// first is gone, the same store is taken.
+/// The data sets being received count against --max-buffered-bytes, the budget
+/// every door shares: with one association holding most of it in a data set still
+/// arriving, another's C-STORE is answered A700H (out of resources) without its data
+/// set being kept; once the first is gone, the same store is taken. The same with an
+/// HTTP /predict body still arriving.
 #[test]
 fn data_sets_being_received_share_the_buffered_bytes_budget() {
     let tmp = tempfile::tempdir().unwrap();
@@ -492,7 +511,12 @@ fn data_sets_being_received_share_the_buffered_bytes_budget() {
     let mut holder = associate(port);
     let ctx = context(&holder, CR);
     holder
-        .send(&pdata(ctx, true, true, command(0x0001, CR, "1.2.3.4", true)))
+        .send(&pdata(
+            ctx,
+            true,
+            true,
+            command(0x0001, CR, "1.2.3.4", true),
+        ))
         .unwrap();
     send_data(&mut holder, ctx, &vec![0u8; 900 * 1024], false);
     std::thread::sleep(Duration::from_millis(500));
@@ -500,9 +524,30 @@ fn data_sets_being_received_share_the_buffered_bytes_budget() {
     let status = store_on_cr_context(port, &cr);
     assert_eq!(status, 0xA700, "status {status:04X}");
     let m = metrics(&server);
-    assert!(m.contains("cxr_dicom_stores_total{outcome=\"busy\"} 1"), "{m}");
+    assert!(
+        m.contains("cxr_dicom_stores_total{outcome=\"busy\"} 1"),
+        "{m}"
+    );
     holder.abort().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let status = store_on_cr_context(port, &cr);
+    assert_eq!(status, 0x0000, "status {status:04X}");
+
+    // The budget is the HTTP door's too: a /predict body of 1 MiB still arriving
+    // holds it all.
+    let mut upload = TcpStream::connect(&server.addr).unwrap();
+    write!(
+        upload,
+        "POST /predict HTTP/1.1\r\nHost: cxr\r\nContent-Type: image/png\r\nContent-Length: {mib}\r\n\r\n"
+    )
+    .unwrap();
+    upload.write_all(&[0u8; 1024]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let cr2 = files.join("cr2.dcm");
+    let status = store_on_cr_context(port, &cr2);
+    assert_eq!(status, 0xA700, "status {status:04X}");
+    drop(upload);
+    std::thread::sleep(Duration::from_millis(300));
+    let status = store_on_cr_context(port, &cr2);
     assert_eq!(status, 0x0000, "status {status:04X}");
 }
