@@ -20,6 +20,7 @@ use dicom_ul::pdu::AssociationRJ;
 use dicom_ul::pdu::AssociationRJResult;
 use dicom_ul::pdu::AssociationRJServiceProviderPresentationReason;
 use dicom_ul::pdu::AssociationRJSource;
+use dicom_ul::pdu::AssociationRQ;
 use tokio::io::AsyncReadExt as _;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -124,6 +125,15 @@ fn request_length(header: &[u8; 6]) -> Result<usize, AbortRQServiceProviderReaso
     Ok(len + 6)
 }
 
+/// The A-ASSOCIATE-RQ in `bytes` (a whole PDU, at most [`MAX_REQUEST_BYTES`]);
+/// `None` for anything else.
+fn parse_request(bytes: &[u8]) -> Option<AssociationRQ> {
+    match dicom_ul::read_pdu(bytes, MAX_REQUEST_BYTES as u32, false) {
+        Ok(Some(Pdu::AssociationRQ(rq))) => Some(rq),
+        _ => None,
+    }
+}
+
 /// Why no request came.
 enum NoRequest {
     /// The peer closed.
@@ -200,9 +210,9 @@ pub(super) async fn admit(node: &Node, pools: &Pools, socket: TcpStream, ip: IpA
             return Admitted::Refused;
         }
     };
-    let rq = match dicom_ul::read_pdu(&mut request.as_slice(), MAX_REQUEST_BYTES as u32, false) {
-        Ok(Some(Pdu::AssociationRQ(rq))) => rq,
-        _ => {
+    let rq = match parse_request(&request) {
+        Some(rq) => rq,
+        None => {
             tracing::info!(peer = %ip, "DICOM association request not readable; aborted");
             count("rejected");
             refuse(
@@ -240,6 +250,81 @@ pub(super) async fn admit(node: &Node, pools: &Pools, socket: TcpStream, ip: IpA
             count("busy");
             refuse(socket, &busy(), request.len()).await;
             Admitted::Refused
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A real A-ASSOCIATE-RQ (dicom-ul's own writer), to mutate.
+    fn request() -> Vec<u8> {
+        let rq = Pdu::AssociationRQ(AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: "MODALITY".into(),
+            called_ae_title: "CXR".into(),
+            application_context_name: "1.2.840.10008.3.1.1.1".into(),
+            presentation_contexts: vec![dicom_ul::pdu::PresentationContextProposed {
+                id: 1,
+                abstract_syntax: "1.2.840.10008.1.1".into(),
+                transfer_syntaxes: vec!["1.2.840.10008.1.2".into()],
+            }],
+            user_variables: vec![dicom_ul::pdu::UserVariableItem::MaxLength(16384)],
+        });
+        let mut out = Vec::new();
+        dicom_ul::write_pdu(&mut out, &rq).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_request_is_read_and_its_length_known_from_its_header() {
+        let bytes = request();
+        let header: [u8; 6] = bytes[..6].try_into().unwrap();
+        assert_eq!(request_length(&header), Ok(bytes.len()));
+        assert_eq!(parse_request(&bytes).unwrap().calling_ae_title, "MODALITY");
+        // Not an A-ASSOCIATE-RQ; one past the cap.
+        assert!(request_length(&[0x04, 0, 0, 0, 0, 10]).is_err());
+        assert!(request_length(&[0x01, 0, 0, 1, 0, 0]).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any header: a length within the cap or a refusal, never a panic.
+        #[test]
+        fn any_header_is_bounded(header in any::<[u8; 6]>()) {
+            if let Ok(n) = request_length(&header) {
+                prop_assert!(n <= MAX_REQUEST_BYTES);
+            }
+        }
+
+        /// A real request with bytes changed, cut or added: read or refused, never a
+        /// panic.
+        #[test]
+        fn any_mangled_request_is_read_or_refused(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+            cut in any::<prop::sample::Index>(),
+            tail in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut bytes = request();
+            for (i, b) in edits {
+                let at = i.index(bytes.len());
+                bytes[at] = b;
+            }
+            bytes.truncate(cut.index(bytes.len() + 1));
+            bytes.extend(tail);
+            let _ = parse_request(&bytes);
+        }
+
+        /// Arbitrary bytes after an A-ASSOCIATE-RQ header of their own length.
+        #[test]
+        fn any_request_body_is_read_or_refused(body in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let mut bytes = vec![0x01, 0x00];
+            bytes.extend((body.len() as u32).to_be_bytes());
+            bytes.extend(body);
+            let _ = parse_request(&bytes);
         }
     }
 }

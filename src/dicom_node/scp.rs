@@ -75,6 +75,8 @@ pub(super) fn serve(node: &Node, socket: TcpStream, rt: &tokio::runtime::Handle)
     // aborted. Dropping `_done` (this function returning) stops the watchdog.
     let expired = Arc::new(AtomicBool::new(false));
     let (_done, done) = tokio::sync::oneshot::channel::<()>();
+    // Kept to close the socket gently after an A-ABORT (see `linger`).
+    let after_abort = socket.try_clone().ok();
     if let Ok(clone) = socket.try_clone() {
         let (expired, deadline) = (expired.clone(), node.association_timeout);
         rt.spawn(async move {
@@ -137,6 +139,9 @@ pub(super) fn serve(node: &Node, socket: TcpStream, rt: &tokio::runtime::Handle)
     let abort = |assoc: ServerAssociation<TcpStream>, reason: &str| {
         metrics.dicom_aborts.with_label_values(&[reason]).inc();
         let _ = assoc.abort();
+        if let Some(s) = &after_abort {
+            linger(s);
+        }
     };
     loop {
         let pdu = match assoc.receive() {
@@ -212,6 +217,29 @@ pub(super) fn serve(node: &Node, socket: TcpStream, rt: &tokio::runtime::Handle)
         }
     }
 }
+
+/// After an A-ABORT: the write side closed, and what the peer still sends read and
+/// dropped for a moment (at most [`LINGER`]), so that closing with its bytes unread
+/// does not reset the connection before the peer reads the abort.
+fn linger(socket: &TcpStream) {
+    use std::io::Read as _;
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    let until = Instant::now() + LINGER;
+    let mut scratch = [0u8; 16 * 1024];
+    let mut s = socket;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match s.read(&mut scratch) {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+    }
+}
+
+/// Longest an aborted association's socket is drained before it is closed.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// One stored instance: identified, analysed through the core (unless this model
 /// file already analysed it), its results queued for every destination; the status

@@ -344,3 +344,32 @@ impl Buffered {
         self.bytes
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffered_bytes_grow_within_the_budget_and_come_back_when_dropped() {
+        let limits = Limits {
+            max_buffered_bytes: 8 * 1024,
+            ..Limits::default()
+        };
+        let core = Core::new(limits, Arc::new(ServerMetrics::new()));
+        let mut a = core.reserve_bytes();
+        // Fragments of any size take whole KiB only as they cross one.
+        for _ in 0..10 {
+            assert!(a.grow(500));
+        }
+        assert_eq!(a.bytes(), 5000);
+        let mut b = core.reserve_bytes();
+        assert!(b.grow(3 * 1024));
+        assert!(!b.grow(1), "the budget is spent");
+        assert_eq!(b.bytes(), 3 * 1024);
+        drop(a);
+        assert!(b.grow(5 * 1024));
+        assert!(!core.reserve_bytes().grow(1));
+        drop(b);
+        assert!(core.reserve_bytes().grow(8 * 1024));
+    }
+}
