@@ -70,10 +70,8 @@ pub(super) struct Command {
 /// elements: every length is checked against what is left before it is used, so
 /// no input allocates more than itself or panics. `None`: not a command set.
 pub(super) fn parse_command(bytes: &[u8]) -> Option<Command> {
-    let mut cmd = Command {
-        has_data_set: true,
-        ..Command::default()
-    };
+    // (Command Data Set Type is required; absent, no data set is waited for.)
+    let mut cmd = Command::default();
     let mut seen_field = false;
     let mut rest = bytes;
     while !rest.is_empty() {

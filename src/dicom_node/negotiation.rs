@@ -196,15 +196,14 @@ pub(super) async fn admit(node: &Node, pools: &Pools, socket: TcpStream, ip: IpA
         Err(_) => {
             tracing::info!(peer = %ip, timeout_s = node.negotiation_timeout.as_secs_f64(), "DICOM association request not received in time; aborted");
             count("timed_out");
-            // What arrived of it is read first, so the abort is not lost in a reset.
-            let pending = socket
-                .peek(&mut vec![0u8; MAX_REQUEST_BYTES])
-                .await
-                .unwrap_or(0);
+            // What arrived of it is read first (without waiting for more: a silent
+            // peer has sent nothing), so the abort is not lost in a reset.
+            let mut scratch = vec![0u8; 4096];
+            while matches!(socket.try_read(&mut scratch), Ok(n) if n > 0) {}
             refuse(
                 socket,
                 &abort(AbortRQServiceProviderReason::ReasonNotSpecified),
-                pending,
+                0,
             )
             .await;
             return Admitted::Refused;
