@@ -291,8 +291,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CXR_DICOM_MAX_ASSOCIATIONS", default_value_t = 16)]
     pub dicom_max_associations: usize,
     /// Most DICOM connections still negotiating (their A-ASSOCIATE-RQ not yet in),
-    /// kept apart from the associations so that unknown callers never hold a listed
-    /// peer's slot; beyond it, a transient A-ASSOCIATE-RJ at once.
+    /// a quarter of them from one host, kept apart from the associations so that
+    /// unknown callers never hold a listed peer's slot; beyond it, a transient
+    /// A-ASSOCIATE-RJ at once.
     #[arg(long, env = "CXR_DICOM_MAX_NEGOTIATING", default_value_t = 32)]
     pub dicom_max_negotiating: usize,
     /// Longest a DICOM connection may take to send its whole A-ASSOCIATE-RQ (then an

@@ -189,7 +189,7 @@ impl ServerMetrics {
         );
         let dicom_associations = c(
             "cxr_dicom_associations_total",
-            "DICOM associations requested of the DICOM node, by outcome (accepted; rejected: an unknown calling AE title or host, a wrong called AE title, or no A-ASSOCIATE-RQ; busy: refused with a transient A-ASSOCIATE-RJ, --dicom-max-associations or --dicom-max-negotiating reached; timed_out: the A-ASSOCIATE-RQ not whole within --dicom-negotiation-timeout-s, aborted).",
+            "DICOM associations requested of the DICOM node, by outcome (accepted; rejected: an unknown calling AE title or host, a wrong called AE title, or no A-ASSOCIATE-RQ; busy: refused with a transient A-ASSOCIATE-RJ, --dicom-max-associations or --dicom-max-negotiating (or its host's quarter) reached; timed_out: the A-ASSOCIATE-RQ not whole within --dicom-negotiation-timeout-s, aborted).",
             &["outcome"],
         );
         let dicom_aborts = c(

@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio::sync::Semaphore;
 
 use crate::dicom_node::negotiation::Admitted;
 use crate::dicom_node::negotiation::Pools;
@@ -212,11 +211,7 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
         wake: Notify::new(),
     });
     tokio::spawn(sender::run(node.clone()));
-    let pools = Arc::new(Pools {
-        negotiating: Arc::new(Semaphore::new(cfg.max_negotiating.max(1))),
-        associations: Arc::new(Semaphore::new(cfg.max_associations.max(1))),
-        closing: Arc::new(Semaphore::new(cfg.max_negotiating.max(1))),
-    });
+    let pools = Arc::new(Pools::new(cfg.max_negotiating, cfg.max_associations));
     tokio::spawn(async move {
         loop {
             let (socket, peer) = match listener.accept().await {
@@ -229,8 +224,8 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
             };
             // Connections not yet associated wait in their own pool: they never hold
             // an association slot, so they cannot starve the listed peers.
-            let Ok(negotiating) = pools.negotiating.clone().try_acquire_owned() else {
-                tracing::warn!(peer = %peer, "DICOM connection refused: --dicom-max-negotiating reached");
+            let Some(negotiating) = pools.negotiate(peer.ip()) else {
+                tracing::warn!(peer = %peer, "DICOM connection refused: --dicom-max-negotiating (or its host's quarter of it) reached");
                 node.core
                     .metrics()
                     .dicom_associations

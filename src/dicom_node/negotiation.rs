@@ -8,8 +8,10 @@
 //! The request is peeked, not read: once it is whole in the socket's buffer the
 //! connection goes to dicom-ul's (blocking) `establish`, which reads it at once.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use dicom_ul::Pdu;
@@ -47,10 +49,67 @@ const LINGER: Duration = Duration::from_secs(2);
 pub(super) struct Pools {
     /// Connections still negotiating.
     pub negotiating: Arc<Semaphore>,
+    /// Connections still negotiating, by host: at most [`Pools::per_host`] each, so
+    /// that one host cannot fill the negotiating pool (a listed peer's negotiation
+    /// takes milliseconds; only a stalling one stays). Never more entries than
+    /// negotiating connections.
+    hosts: Mutex<HashMap<IpAddr, usize>>,
+    per_host: usize,
     /// Associations (listed peers only).
     pub associations: Arc<Semaphore>,
     /// Refusals still lingering (past it, a refused socket is dropped at once).
     pub closing: Arc<Semaphore>,
+}
+
+impl Pools {
+    /// `max_negotiating` connections negotiating (a quarter of them from one host),
+    /// `max_associations` associations.
+    pub fn new(max_negotiating: usize, max_associations: usize) -> Self {
+        let max_negotiating = max_negotiating.max(1);
+        Self {
+            negotiating: Arc::new(Semaphore::new(max_negotiating)),
+            hosts: Mutex::new(HashMap::new()),
+            per_host: (max_negotiating / 4).max(1),
+            associations: Arc::new(Semaphore::new(max_associations.max(1))),
+            closing: Arc::new(Semaphore::new(max_negotiating)),
+        }
+    }
+
+    /// A negotiating place for a connection from `ip`, or `None` when the pool or
+    /// the host's share of it is full.
+    pub fn negotiate(self: &Arc<Self>, ip: IpAddr) -> Option<Negotiating> {
+        let permit = self.negotiating.clone().try_acquire_owned().ok()?;
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = hosts.entry(ip).or_insert(0);
+        if *n >= self.per_host {
+            return None;
+        }
+        *n += 1;
+        Some(Negotiating {
+            pools: self.clone(),
+            ip,
+            _permit: permit,
+        })
+    }
+}
+
+/// A connection's place in the negotiating pool, and in its host's share.
+pub(super) struct Negotiating {
+    pools: Arc<Pools>,
+    ip: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Negotiating {
+    fn drop(&mut self) {
+        let mut hosts = self.pools.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = hosts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                hosts.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// What became of a connection's negotiation.

@@ -258,6 +258,55 @@ fn trickling_connections_hold_no_association_slot_and_are_aborted_in_time() {
     );
 }
 
+/// A connection to the node from `source` (a loopback address of its own).
+fn connect_from(source: &str, port: u16) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(format!("{source}:0").parse().unwrap())?;
+            socket
+                .connect(format!("127.0.0.1:{port}").parse().unwrap())
+                .await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    s.set_nonblocking(false).unwrap();
+    s
+}
+
+/// Row 2: one host cannot fill the negotiating pool: past its quarter of
+/// --dicom-max-negotiating, its stalling connections are refused at once (a
+/// transient A-ASSOCIATE-RJ), and a peer on another host still associates.
+#[test]
+fn one_host_gets_a_quarter_of_the_negotiating_pool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = common::models_dir();
+    let (server, port) = node(tmp.path(), models.path(), &["--dicom-max-negotiating", "8"]);
+    let mut stalling: Vec<TcpStream> = (0..4).map(|_| connect_from("127.0.0.2", port)).collect();
+    // The first two negotiate (nothing comes back yet); the others are refused.
+    for (i, s) in stalling.iter_mut().enumerate() {
+        let got = read_for(s, 1);
+        if i < 2 {
+            assert!(got.is_empty(), "{i}: {got:?}");
+        } else {
+            // A-ASSOCIATE-RJ: type 03H, result 2 (transient), source 3, reason 2.
+            assert_eq!(got, [0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2], "{i}");
+        }
+    }
+    let out = echo(port);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = metrics(&server);
+    assert!(
+        m.contains("cxr_dicom_associations_total{outcome=\"busy\"} 2"),
+        "{m}"
+    );
+}
+
 /// Row 2: a listed peer over --dicom-max-associations is told so at once with a
 /// transient A-ASSOCIATE-RJ (local limit exceeded), not closed in silence.
 #[test]
