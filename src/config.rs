@@ -286,9 +286,24 @@ pub struct ServeArgs {
     /// The variant that answers DICOM C-STOREs (default: --default-model).
     #[arg(long, env = "CXR_DICOM_MODEL")]
     pub dicom_model: Option<String>,
-    /// Most DICOM associations at once.
+    /// Most DICOM associations at once: listed peers, once their A-ASSOCIATE-RQ is
+    /// accepted; beyond it, a transient A-ASSOCIATE-RJ (local limit exceeded).
     #[arg(long, env = "CXR_DICOM_MAX_ASSOCIATIONS", default_value_t = 16)]
     pub dicom_max_associations: usize,
+    /// Most DICOM connections still negotiating (their A-ASSOCIATE-RQ not yet in),
+    /// a quarter of them from one host, kept apart from the associations so that
+    /// unknown callers never hold a listed peer's slot; beyond it, a transient
+    /// A-ASSOCIATE-RJ at once.
+    #[arg(long, env = "CXR_DICOM_MAX_NEGOTIATING", default_value_t = 32)]
+    pub dicom_max_negotiating: usize,
+    /// Longest a DICOM connection may take to send its whole A-ASSOCIATE-RQ (then an
+    /// A-ABORT), seconds.
+    #[arg(long, env = "CXR_DICOM_NEGOTIATION_TIMEOUT_S", default_value_t = 10)]
+    pub dicom_negotiation_timeout_s: u64,
+    /// Longest a DICOM association may last (then an A-ABORT; the sender associates
+    /// again for the rest), seconds. Each read also idles out after 60 s.
+    #[arg(long, env = "CXR_DICOM_ASSOCIATION_TIMEOUT_S", default_value_t = 600)]
+    pub dicom_association_timeout_s: u64,
     /// Run as a folder job and exit: classify every DICOM, JPEG and PNG file under
     /// IN and write, per image, its JSON answer and (for DICOM) its SR and Secondary
     /// Capture under OUT (for orchestrators that run AI containers as jobs: mercure,
@@ -328,6 +343,19 @@ impl ServeArgs {
             ("--max-decode-pixels", self.max_decode_pixels),
             ("--idle-timeout-s", self.idle_timeout_s),
             ("--shutdown-timeout-s", self.shutdown_timeout_s),
+            (
+                "--dicom-max-associations",
+                self.dicom_max_associations as u64,
+            ),
+            ("--dicom-max-negotiating", self.dicom_max_negotiating as u64),
+            (
+                "--dicom-negotiation-timeout-s",
+                self.dicom_negotiation_timeout_s,
+            ),
+            (
+                "--dicom-association-timeout-s",
+                self.dicom_association_timeout_s,
+            ),
         ];
         if !(self.request_timeout_s.is_finite()
             && (0.001..=86_400.0).contains(&self.request_timeout_s))
@@ -434,6 +462,9 @@ impl ServeArgs {
             model: self.dicom_model.clone(),
             max_object_bytes: self.max_body_bytes,
             max_associations: self.dicom_max_associations,
+            max_negotiating: self.dicom_max_negotiating,
+            negotiation_timeout: Duration::from_secs(self.dicom_negotiation_timeout_s),
+            association_timeout: Duration::from_secs(self.dicom_association_timeout_s),
         }))
     }
 

@@ -42,10 +42,12 @@ pub struct ServerMetrics {
     pub audit_failures: IntCounterVec,
     /// Images above their model's OOD threshold, by model and `--ood-action`.
     pub out_of_distribution: IntCounterVec,
-    /// DICOM associations, by outcome (accepted, rejected).
+    /// DICOM associations, by outcome (accepted, rejected, busy, timed_out).
     pub dicom_associations: IntCounterVec,
+    /// DICOM associations aborted by the node, by reason.
+    pub dicom_aborts: IntCounterVec,
     /// DICOM C-STORE requests received, by outcome (analysed, not_analysed,
-    /// duplicate, failed).
+    /// duplicate, failed, busy).
     pub dicom_stores: IntCounterVec,
     /// Result objects (SR, SC) sent to a destination, by destination and outcome
     /// (sent, retried).
@@ -187,12 +189,17 @@ impl ServerMetrics {
         );
         let dicom_associations = c(
             "cxr_dicom_associations_total",
-            "DICOM associations requested of the DICOM node, by outcome (accepted; rejected: an unknown calling AE title or host, or a wrong called AE title).",
+            "DICOM associations requested of the DICOM node, by outcome (accepted; rejected: an unknown calling AE title or host, a wrong called AE title, or no A-ASSOCIATE-RQ; busy: refused with a transient A-ASSOCIATE-RJ, --dicom-max-associations or --dicom-max-negotiating (or its host's quarter) reached; timed_out: the A-ASSOCIATE-RQ not whole within --dicom-negotiation-timeout-s, aborted).",
             &["outcome"],
+        );
+        let dicom_aborts = c(
+            "cxr_dicom_aborts_total",
+            "DICOM associations the node aborted (A-ABORT), by reason (command_too_large: a command set past 64 KiB; object_too_large: a data set past --max-body-bytes; out_of_order: P-DATA out of protocol; deadline: past --dicom-association-timeout-s).",
+            &["reason"],
         );
         let dicom_stores = c(
             "cxr_dicom_stores_total",
-            "DICOM C-STORE requests received, by outcome (analysed; not_analysed: refused by a gate or the OOD score, an SR says why; duplicate: already analysed by this model file; failed: answered with a failure status).",
+            "DICOM C-STORE requests received, by outcome (analysed; not_analysed: refused by a gate or the OOD score, an SR says why; duplicate: already analysed by this model file; failed: answered with a failure status; busy: answered out of resources, A700, --max-inflight or --max-buffered-bytes reached).",
             &["outcome"],
         );
         let dicom_results = c(
@@ -293,6 +300,7 @@ impl ServerMetrics {
             shadow_shed,
             grpc_requests,
             dicom_associations,
+            dicom_aborts,
             dicom_stores,
             dicom_results,
             dicom_outbox_depth,

@@ -1,5 +1,7 @@
-//! Admitting an HTTP request before its body is read: the buffered-body budget. (The processing slot and the request
-//! timeout every door shares are the core's: [`crate::predict::Core::slot`].)
+//! Admitting an HTTP request before its body is read: the buffered-body budget. (The processing slot, the request
+//! timeout and the buffered-bytes budget every door shares are the core's:
+//! [`crate::predict::Core::slot`], [`crate::predict::Core::reserve_bytes`]; the share kept for
+//! small bodies is this door's.)
 
 use std::sync::Arc;
 
@@ -15,17 +17,15 @@ pub(super) const SMALL_BODY_BYTES: u64 = 4 << 20;
 /// Small bodies keep 1/this of `--max-buffered-bytes` for themselves.
 pub(super) const SMALL_BODY_SHARE: usize = 8;
 
-/// The buffered-body budget: `--max-buffered-bytes` in KiB permits, and the part of
-/// it large bodies may use (all but a reserve kept for small ones).
+/// The part of `--max-buffered-bytes` large bodies may use (all but a reserve kept for
+/// small ones), in KiB permits; the whole is the core's.
 pub(super) struct BodyBudget {
-    all: Arc<Semaphore>,
     large: Arc<Semaphore>,
 }
 
 impl BodyBudget {
     pub(super) fn new(max_buffered_bytes: usize) -> Self {
         Self {
-            all: Arc::new(Semaphore::new(kilo(max_buffered_bytes as u64) as usize)),
             large: Arc::new(Semaphore::new(kilo(
                 (max_buffered_bytes - max_buffered_bytes / SMALL_BODY_SHARE) as u64,
             ) as usize)),
@@ -60,11 +60,11 @@ pub(super) fn reserve_body(state: &AppState, req: &Request) -> Result<BodyReserv
     } else {
         None
     };
-    let bytes = budget
-        .all
-        .clone()
-        .try_acquire_many_owned(kilo(reserve))
-        .map_err(|_| full())?;
+    // The whole budget is the core's, shared with the other doors (DICOM C-STOREs).
+    let mut bytes = state.core().reserve_bytes();
+    if !bytes.grow(reserve as usize) {
+        return Err(full());
+    }
     Ok(BodyReservation {
         _bytes: bytes,
         _large: large,
@@ -74,6 +74,6 @@ pub(super) fn reserve_body(state: &AppState, req: &Request) -> Result<BodyReserv
 /// A body's bytes in the buffered-body budget (and in the large-body share), given
 /// back when dropped.
 pub(crate) struct BodyReservation {
-    _bytes: OwnedSemaphorePermit,
+    _bytes: crate::predict::Buffered,
     _large: Option<OwnedSemaphorePermit>,
 }

@@ -138,6 +138,8 @@ struct Inner {
     inflight: Semaphore,
     /// `max_decode_pixels` in kilopixel permits.
     pixel_budget: Semaphore,
+    /// `max_buffered_bytes` in KiB permits: what every door buffers of requests.
+    buffered: Arc<Semaphore>,
     /// Where audit records go.
     audit: Audit,
     /// Root of the UIDs of Structured Reports (`--uid-root`; none: 2.25 UUID UIDs).
@@ -158,6 +160,9 @@ impl Core {
         let decode_permits = Semaphore::new(limits.max_decodes.max(1));
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
+        let buffered = Arc::new(Semaphore::new(
+            kilo(limits.max_buffered_bytes as u64) as usize
+        ));
         Self {
             inner: Arc::new(Inner {
                 models: Arc::new(std::sync::RwLock::new(None)),
@@ -167,6 +172,7 @@ impl Core {
                 decode_permits,
                 inflight,
                 pixel_budget,
+                buffered,
                 audit: Audit::log_only(),
                 uid_root: None,
                 outcomes: None,
@@ -292,6 +298,17 @@ impl Core {
         })
     }
 
+    /// An empty reservation in the buffered-bytes budget (`--max-buffered-bytes`),
+    /// for a door that buffers a request as it arrives: it [`Buffered::grow`]s the
+    /// reservation before keeping more, and gives it all back when dropped.
+    pub fn reserve_bytes(&self) -> Buffered {
+        Buffered {
+            budget: self.inner.buffered.clone(),
+            bytes: 0,
+            permits: None,
+        }
+    }
+
     /// `job` under `--request-timeout-s` (503 `timeout` past it).
     pub async fn within_timeout<T>(
         &self,
@@ -301,5 +318,71 @@ impl Core {
         tokio::time::timeout(timeout, job)
             .await
             .unwrap_or(Err(ApiError::Timeout(timeout.as_secs_f64())))
+    }
+}
+
+/// Bytes of a request held in the buffered-bytes budget ([`Core::reserve_bytes`]).
+pub struct Buffered {
+    budget: Arc<Semaphore>,
+    bytes: u64,
+    permits: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Buffered {
+    /// Reserves `n` more bytes, or `false` at once when the budget has not them
+    /// (nothing more is reserved then).
+    pub fn grow(&mut self, n: usize) -> bool {
+        let total = self.bytes + n as u64;
+        let held = if self.permits.is_some() {
+            kilo(self.bytes)
+        } else {
+            0
+        };
+        let more = kilo(total).saturating_sub(held);
+        if more > 0 {
+            let Ok(p) = self.budget.clone().try_acquire_many_owned(more) else {
+                return false;
+            };
+            match &mut self.permits {
+                Some(held) => held.merge(p),
+                None => self.permits = Some(p),
+            }
+        }
+        self.bytes = total;
+        true
+    }
+
+    /// Bytes reserved.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffered_bytes_grow_within_the_budget_and_come_back_when_dropped() {
+        let limits = Limits {
+            max_buffered_bytes: 8 * 1024,
+            ..Limits::default()
+        };
+        let core = Core::new(limits, Arc::new(ServerMetrics::new()));
+        let mut a = core.reserve_bytes();
+        // Fragments of any size take whole KiB only as they cross one.
+        for _ in 0..10 {
+            assert!(a.grow(500));
+        }
+        assert_eq!(a.bytes(), 5000);
+        let mut b = core.reserve_bytes();
+        assert!(b.grow(3 * 1024));
+        assert!(!b.grow(1), "the budget is spent");
+        assert_eq!(b.bytes(), 3 * 1024);
+        drop(a);
+        assert!(b.grow(5 * 1024));
+        assert!(!core.reserve_bytes().grow(1));
+        drop(b);
+        assert!(core.reserve_bytes().grow(8 * 1024));
     }
 }

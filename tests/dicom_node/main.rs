@@ -6,6 +6,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod door;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
