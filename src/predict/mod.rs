@@ -15,13 +15,15 @@
 //!    recorded too).
 //! 3. [`Core::structured_report`]: an answer as a DICOM TID 1500 SR.
 //!
-//! Admission that every door shares (a processing slot, the request timeout) is
-//! here too ([`Core::slot`], [`Core::within_timeout`]); what is the transport's own
-//! (reading a body within its budget, headers, status codes) stays at the door.
+//! Admission that every door shares (the buffered-bytes budget, a processing slot,
+//! the request timeout) is here too ([`Core::reserve_bytes`], [`Core::slot`],
+//! [`Core::within_timeout`]); what is the transport's own (reading a body, headers,
+//! status codes) stays at the door.
 //! Errors are [`ApiError`]s with a transport-neutral [`ErrorType`]; each door maps
 //! that type to its own status once (`http::error::status`).
 
 mod answer;
+mod budget;
 pub mod error;
 mod error_type;
 pub mod explain;
@@ -45,6 +47,7 @@ use crate::inference::ModelSet;
 use crate::metrics::ServerMetrics;
 
 pub use answer::Decision;
+pub use budget::Reservation;
 pub use error::ApiError;
 pub use error_type::ErrorType;
 pub use request::Answered;
@@ -145,6 +148,8 @@ struct Inner {
     /// Where answered images are recorded for live outcomes (`--outcomes`,
     /// `--database-url`).
     outcomes: Option<Arc<crate::outcomes::Outcomes>>,
+    /// `max_buffered_bytes`, reserved by each body or message before it is read.
+    buffered: budget::BufferBudget,
     /// Shadow runs waiting or running ([`shadow::SHADOW_SLOTS`]).
     shadow_slots: Arc<Semaphore>,
     /// Where spans go (`--otlp-endpoint`).
@@ -158,6 +163,7 @@ impl Core {
         let decode_permits = Semaphore::new(limits.max_decodes.max(1));
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
+        let buffered = budget::BufferBudget::new(limits.max_buffered_bytes);
         Self {
             inner: Arc::new(Inner {
                 models: Arc::new(std::sync::RwLock::new(None)),
@@ -170,6 +176,7 @@ impl Core {
                 audit: Audit::log_only(),
                 uid_root: None,
                 outcomes: None,
+                buffered,
                 shadow_slots: Arc::new(Semaphore::new(shadow::SHADOW_SLOTS)),
                 exporter: None,
             }),
@@ -289,6 +296,18 @@ impl Core {
         self.inner.inflight.try_acquire().map_err(|_| {
             self.metrics().overloaded.with_label_values(&["all"]).inc();
             ApiError::Overloaded("any".into())
+        })
+    }
+
+    /// Reserves `n` bytes of the `--max-buffered-bytes` budget before a door reads
+    /// them (an HTTP body, a gRPC message), held until the reservation is dropped;
+    /// or 503 / RESOURCE_EXHAUSTED `overloaded` ([`ApiError::BufferFull`]) at once.
+    /// More than 4 MiB comes from all but an eighth of the budget, kept for small
+    /// uploads.
+    pub fn reserve_bytes(&self, n: u64) -> Result<Reservation, ApiError> {
+        self.inner.buffered.try_reserve(n).ok_or_else(|| {
+            self.metrics().overloaded.with_label_values(&["all"]).inc();
+            ApiError::BufferFull(self.inner.limits.max_buffered_bytes)
         })
     }
 

@@ -1,0 +1,67 @@
+//! The buffered-bytes budget every door shares (`--max-buffered-bytes`): a request
+//! reserves the bytes it will hold (an HTTP body's declared length, a gRPC message's
+//! declared length) before they are read, and gives them back when its answer is
+//! done. Over budget, the door refuses at once ([`ApiError::BufferFull`], 503 /
+//! RESOURCE_EXHAUSTED with a retry delay) instead of buffering.
+
+use std::sync::Arc;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::Semaphore;
+
+use crate::predict::upload::kilo;
+
+/// Reservations up to this size count as small (a JPEG or PNG radiograph).
+pub const SMALL_BYTES: u64 = 4 << 20;
+/// Small reservations keep 1/this of `--max-buffered-bytes` for themselves.
+pub const SMALL_SHARE: usize = 8;
+
+/// `--max-buffered-bytes` in KiB permits, and the part of it large reservations may
+/// use (all but a share kept for small ones, so that a flood of large bodies never
+/// refuses an ordinary X-ray).
+pub(super) struct BufferBudget {
+    all: Arc<Semaphore>,
+    large: Arc<Semaphore>,
+}
+
+impl BufferBudget {
+    pub(super) fn new(max_buffered_bytes: usize) -> Self {
+        Self {
+            all: Arc::new(Semaphore::new(kilo(max_buffered_bytes as u64) as usize)),
+            large: Arc::new(Semaphore::new(kilo(
+                (max_buffered_bytes - max_buffered_bytes / SMALL_SHARE) as u64,
+            ) as usize)),
+        }
+    }
+
+    /// `n` bytes, or `None` when the budget (or the large share, for a large
+    /// reservation) is full.
+    pub(super) fn try_reserve(&self, n: u64) -> Option<Reservation> {
+        let large = if n > SMALL_BYTES {
+            Some(self.large.clone().try_acquire_many_owned(kilo(n)).ok()?)
+        } else {
+            None
+        };
+        let bytes = self.all.clone().try_acquire_many_owned(kilo(n)).ok()?;
+        Some(Reservation {
+            _bytes: bytes,
+            _large: large,
+        })
+    }
+}
+
+/// Bytes held in the buffered-bytes budget (and in the large share), given back when
+/// dropped.
+#[must_use = "the bytes are given back when the reservation is dropped"]
+pub struct Reservation {
+    _bytes: OwnedSemaphorePermit,
+    _large: Option<OwnedSemaphorePermit>,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("kib", &self._bytes.num_permits())
+            .finish()
+    }
+}
