@@ -65,3 +65,22 @@ impl std::fmt::Debug for Reservation {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_reservations_leave_the_small_share_and_bytes_come_back() {
+        let b = BufferBudget::new(40 << 20);
+        let big = b.try_reserve(30 << 20).expect("within the large share");
+        assert!(b.try_reserve(30 << 20).is_none(), "over the budget");
+        // 5 MiB of the large share (35 MiB) is left: a 6 MiB body is refused ...
+        assert!(b.try_reserve(6 << 20).is_none());
+        // ... and a radiograph still comes from the small share.
+        let small = b.try_reserve(4 << 20).expect("the small share");
+        drop(big);
+        assert!(b.try_reserve(30 << 20).is_some(), "given back when dropped");
+        drop(small);
+    }
+}
