@@ -461,8 +461,11 @@ fn spans_are_named_by_route_and_refused_requests_are_not_exported() {
             endpoint.as_str(),
             "--api-keys-file",
             keys_arg.as_str(),
+            "--grpc-port",
+            "0",
         ],
     );
+    let grpc = server.wait_log_field("grpc_addr");
     server.discard_logs();
     server.wait_ready();
     let png = common::png_bytes(&common::gray_image(96, 80, 5));
@@ -512,6 +515,23 @@ fn spans_are_named_by_route_and_refused_requests_are_not_exported() {
         let (status, _, _) = raw_request(&server.addr, path, &headers, body.as_bytes());
         assert_eq!(status, *want, "{}", &path[..20]);
     }
+    // Over gRPC, a model nobody serves: NOT_FOUND, not exported either.
+    let grpc_trace = "77777777777777777777777777777777";
+    std::fs::write(dir.path().join("image.png"), &png).unwrap();
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
+        .arg("-c")
+        .arg(GRPC_UNKNOWN_MODEL)
+        .arg(&grpc)
+        .arg(tp(grpc_trace))
+        .arg(dir.path().join("image.png"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("StatusCode.NOT_FOUND"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ok_trace = "55555555555555555555555555555555";
     let parent = tp(ok_trace);
     let (status, _, _) = raw_request(
@@ -527,9 +547,9 @@ fn spans_are_named_by_route_and_refused_requests_are_not_exported() {
     assert_eq!(status, 200);
     // Spans leave in order: all those queued before the answered request's.
     let spans = receiver.all_until(ok_trace);
-    for (trace, ..) in &refused {
+    for trace in refused.iter().map(|r| r.0).chain([grpc_trace]) {
         assert!(
-            !spans.iter().any(|s| s["trace_id"] == *trace),
+            !spans.iter().any(|s| s["trace_id"] == trace),
             "a refused request's spans were exported: {trace}"
         );
     }
@@ -643,3 +663,17 @@ fn spans_the_collector_never_took_are_counted_in_metrics() {
         }
     }
 }
+
+/// One gRPC inference of a model nobody serves, with a key and the trace context
+/// in its metadata: prints the status code.
+const GRPC_UNKNOWN_MODEL: &str = r#"
+import sys, numpy as np, tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+c = g.InferenceServerClient(sys.argv[1])
+img = g.InferInput("image", [1], "BYTES")
+img.set_data_from_numpy(np.array([open(sys.argv[3], "rb").read()], dtype=np.object_))
+try:
+    c.infer("nobody", [img], headers={"traceparent": sys.argv[2], "authorization": "Bearer k-trace"})
+except InferenceServerException as e:
+    print(e.status())
+"#;

@@ -519,3 +519,70 @@ async fn the_buffered_bytes_budget_is_one_for_every_door() {
     let (status, _, _) = send(&t.app, raw("/predict", "image/png", png)).await;
     assert_eq!(status, axum::http::StatusCode::OK);
 }
+
+/// Issue #43, row 1 (checked): a ModelInfer holds one of the core's
+/// `--max-inflight` processing slots until it is answered, as an HTTP request does:
+/// with one slot, a call made while another runs is refused RESOURCE_EXHAUSTED
+/// `overloaded` at once, and once the first is answered the next is served.
+#[test]
+fn a_grpc_inference_holds_a_processing_slot_until_it_is_answered() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = common::models_dir();
+    let mut server = common::Server::start(
+        dir.path(),
+        &[
+            "--grpc-port",
+            "0",
+            "--max-inflight",
+            "1",
+            "--max-batch",
+            "32",
+            "--batch-wait-us",
+            "1000000",
+        ],
+    );
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    server.wait_ready();
+    let png = dir.path().join("x.png");
+    std::fs::write(&png, common::png_bytes(&common::gray_image(96, 80, 5))).unwrap();
+    let out = Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(
+            r#"
+import sys, threading, time, numpy as np, tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+png = open(sys.argv[2], "rb").read()
+def call():
+    img = g.InferInput("image", [1], "BYTES")
+    img.set_data_from_numpy(np.array([png], dtype=np.object_))
+    return g.InferenceServerClient(sys.argv[1]).infer("alpha", [img])
+first = threading.Thread(target=call)
+first.start()
+time.sleep(0.4)
+try:
+    call()
+    print("second: answered")
+except InferenceServerException as e:
+    print("second:", e.status())
+first.join()
+call()
+print("third: answered")
+"#,
+        )
+        .arg(&grpc)
+        .arg(&png)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("second: StatusCode.RESOURCE_EXHAUSTED"),
+        "{text}"
+    );
+    assert!(text.contains("third: answered"), "{text}");
+}
