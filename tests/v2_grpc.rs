@@ -586,3 +586,30 @@ print("third: answered")
     );
     assert!(text.contains("third: answered"), "{text}");
 }
+
+/// Issue #43, row 1 (the budget, held): a ModelInfer whose message does not
+/// arrive within `--body-timeout-s` is answered DEADLINE_EXCEEDED `body_timeout`
+/// then, and gives its bytes back; before, a stalled message held its bytes until
+/// the request timeout's backstop (65 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_message_that_stalls_past_the_body_timeout_is_refused() {
+    let dir = common::models_dir();
+    let mut server =
+        common::Server::start(dir.path(), &["--grpc-port", "0", "--body-timeout-s", "1"]);
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    server.wait_ready();
+    let (client, _task) = h2_connect(&grpc).await;
+    let started = Instant::now();
+    let a = stalled_call(&client, &grpc, "ModelInfer", &[], 1 << 20, 1000).await;
+    let (code, headers) = grpc_status(a, Duration::from_secs(10))
+        .await
+        .expect("an answer within the body timeout");
+    assert_eq!(code, 4, "DEADLINE_EXCEEDED");
+    assert_eq!(headers.get("error-type").unwrap(), "body_timeout");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+}
