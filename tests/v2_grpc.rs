@@ -247,9 +247,18 @@ async fn a_call_without_a_key_is_refused_before_its_message_is_read() {
         dir.path(),
         &[("k-predict", "\"predict\""), ("k-models", "\"models\"")],
     );
+    let audit = dir.path().join("audit.jsonl");
+    let audit_arg = audit.display().to_string();
     let mut server = common::Server::start(
         dir.path(),
-        &["--grpc-port", "0", "--api-keys-file", keys.as_str()],
+        &[
+            "--grpc-port",
+            "0",
+            "--api-keys-file",
+            keys.as_str(),
+            "--audit-log",
+            audit_arg.as_str(),
+        ],
     );
     let grpc = server.wait_log_field("grpc_addr");
     server.discard_logs();
@@ -307,6 +316,23 @@ async fn a_call_without_a_key_is_refused_before_its_message_is_read() {
         "cxr_auth_refused_total{reason=\"forbidden\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    // And noted in the audit trail as the HTTP door notes them (rate-limited).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let refused: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["event"] == "auth_refused" && v["door"] == "grpc")
+            .collect();
+        if let Some(v) = refused.first() {
+            assert_eq!(v["route"], "inference.GRPCInferenceService/ModelInfer");
+            assert_eq!(v["outcome"], "unauthorized");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no gRPC refusal in {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

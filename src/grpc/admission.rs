@@ -4,7 +4,8 @@
 //! 1. The API key, from the call's metadata (`authorization: Bearer …` or
 //!    `x-api-key`), for the method's scope (`ModelInfer`: predict, `ModelMetadata`:
 //!    models): UNAUTHENTICATED or PERMISSION_DENIED at once, before any byte of the
-//!    message, counted as the service counts its refusals.
+//!    message, counted as the service counts its refusals and noted in the audit
+//!    trail as the HTTP door notes them (door `grpc`, the method as the route).
 //! 2. Each message's declared length (gRPC's 5-byte prefix), as its first bytes
 //!    arrive: at most `--max-body-bytes` for `ModelInfer`, at most
 //!    [`PRE_AUTH_MESSAGE_BYTES`] for every method that needs no key; then reserved
@@ -36,6 +37,7 @@ use crate::access::AuthError;
 use crate::access::Scope;
 use crate::access::presented_key;
 use crate::grpc::status;
+use crate::http::auth::refusal_event;
 use crate::predict::ApiError;
 use crate::predict::Core;
 use crate::predict::Reservation;
@@ -188,7 +190,7 @@ impl Admission {
             Some("ModelMetadata") => Scope::Models,
             _ => return Ok(None),
         };
-        let Some(keys) = &self.keys else {
+        let (Some(keys), Some(m)) = (&self.keys, method) else {
             return Ok(None);
         };
         keys.authorize(presented_key(headers), scope)
@@ -204,6 +206,13 @@ impl Admission {
                     .auth_refused
                     .with_label_values(&[reason])
                     .inc();
+                self.core.audit().note_refusal(refusal_event(
+                    "grpc",
+                    format!("{}{m}", &INFERENCE[1..]),
+                    uuid::Uuid::new_v4().to_string(),
+                    scope,
+                    &e,
+                ));
                 let s = status(&ApiError::Auth(e));
                 Self::count(&self.core, method, s.code());
                 s
