@@ -232,6 +232,11 @@ pub struct ServeArgs {
     /// The `service.name` of the exported spans.
     #[arg(long, env = "CXR_OTLP_SERVICE_NAME", default_value = "cxr")]
     pub otlp_service_name: String,
+    /// Also export the spans of refused requests (401, 403, 404; gRPC
+    /// UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND): off by default, so that
+    /// anyone who can reach the port cannot fill the collector.
+    #[arg(long, env = "CXR_OTLP_EXPORT_REFUSED")]
+    pub otlp_export_refused: bool,
     /// Also serve the Open Inference Protocol over gRPC on this port
     /// (`inference.GRPCInferenceService`, with the health service and reflection);
     /// off by default.

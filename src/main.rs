@@ -309,8 +309,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut state = app_state(&args, metrics.clone())?;
     let exporter = match &args.otlp_endpoint {
         Some(endpoint) => {
-            let (x, task) = cxr::trace::Exporter::start(endpoint, &args.otlp_service_name)
-                .map_err(anyhow::Error::msg)?;
+            let (x, task) = cxr::trace::Exporter::start(
+                endpoint,
+                &args.otlp_service_name,
+                metrics.otlp_spans_dropped.clone(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            let x = x.exporting_refused(args.otlp_export_refused);
             tracing::info!(endpoint = %endpoint, "request spans are exported over OTLP/gRPC");
             state = state.with_exporter(x.clone());
             Some((x, task))

@@ -77,6 +77,8 @@ pub struct ServerMetrics {
     pub shadow_abs_delta_p: HistogramVec,
     /// `cxr_shadow_shed_total{model,version,reason}`.
     pub shadow_shed: IntCounterVec,
+    /// `cxr_otlp_spans_dropped_total{reason}`: spans never exported.
+    pub otlp_spans_dropped: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -292,7 +294,13 @@ impl ServerMetrics {
             "Requests sampled for a shadow candidate but not run, by reason (busy, load, queue_full, failed, preprocessing): under load the shadow is shed first.",
             &["model", "version", "reason"],
         );
+        let otlp_spans_dropped = c(
+            "cxr_otlp_spans_dropped_total",
+            "Request spans not exported to --otlp-endpoint, by reason (queue_full: the export queue was full; export_failed: the collector refused, was unreachable or did not answer within 5 s).",
+            &["reason"],
+        );
         Self {
+            otlp_spans_dropped,
             model_versions,
             repository_operations,
             shadow_images,

@@ -135,7 +135,7 @@ pub(super) fn serve(node: &Node, socket: TcpStream, rt: &tokio::runtime::Handle)
         .collect();
     let mut messages = Messages::new(contexts, node.max_object_bytes);
     // The data set being gathered, in the buffered-bytes budget every door shares.
-    let mut buffered = node.core.reserve_bytes();
+    let mut buffered = node.core.reserve_growing();
     let abort = |assoc: ServerAssociation<TcpStream>, reason: &str| {
         metrics.dicom_aborts.with_label_values(&[reason]).inc();
         let _ = assoc.abort();
@@ -186,7 +186,7 @@ pub(super) fn serve(node: &Node, socket: TcpStream, rt: &tokio::runtime::Handle)
                         }
                     };
                     if messages.buffered() == 0 {
-                        buffered = node.core.reserve_bytes();
+                        buffered = node.core.reserve_growing();
                     }
                     if let Some((context, rsp)) = reply {
                         let pdu = Pdu::PData {

@@ -39,7 +39,6 @@ pub use openapi::{ApiDoc, openapi_yaml};
 pub use predict::PredictUpload;
 
 use crate::audit::Audit;
-use crate::http::admission::BodyBudget;
 use crate::http::openapi::openapi_json;
 use crate::http::predict::predict;
 use crate::http::routes::docs;
@@ -54,8 +53,9 @@ use crate::inference::ModelSet;
 use crate::predict::Core;
 use auth::{ApiKeys, Caller, Scope};
 
-/// Shared state of the HTTP doors: the prediction core, and what is HTTP's own
-/// (the buffered-body budget, API keys, where `/metrics` is served).
+/// Shared state of the HTTP doors: the prediction core (with the buffered-bytes
+/// budget every door shares), and what is HTTP's own (API keys, where `/metrics` is
+/// served).
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
@@ -63,8 +63,6 @@ pub struct AppState {
 
 struct Inner {
     core: Core,
-    /// `--max-buffered-bytes`, reserved by each body before it is read.
-    body_budget: BodyBudget,
     /// Callers and their scopes (`--api-keys-file`); `None`: the API is open.
     api_keys: Option<ApiKeys>,
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
@@ -74,11 +72,9 @@ struct Inner {
 impl AppState {
     /// A state with no models yet (`/ready` answers 503 until [`AppState::set_models`]).
     pub fn new(limits: Limits, metrics: Arc<ServerMetrics>) -> Self {
-        let body_budget = BodyBudget::new(limits.max_buffered_bytes);
         Self {
             inner: Arc::new(Inner {
                 core: Core::new(limits, metrics),
-                body_budget,
                 api_keys: None,
                 public_metrics: true,
             }),
@@ -161,10 +157,6 @@ impl AppState {
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<ServerMetrics> {
         self.inner.core.metrics()
-    }
-
-    fn body_budget(&self) -> &BodyBudget {
-        &self.inner.body_budget
     }
 }
 
@@ -269,16 +261,28 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
     let caller_ctx = headers.get(TRACEPARENT).and_then(|tp| {
         TraceContext::parse(tp.as_bytes(), headers.get(TRACESTATE).map(|v| v.as_bytes()))
     });
-    let path = req.uri().path();
-    let inference = path == "/predict" || path.ends_with("/infer");
+    // The route's template, never the path the client sent (which may carry
+    // anything, a patient's name among it): unmatched requests have none.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string());
+    let inference = route
+        .as_deref()
+        .is_some_and(|r| r == "/predict" || r.ends_with("/infer"));
     let exporting = state.core().exporter().is_some();
     let trace = match caller_ctx {
         Some(ctx) => Some(RequestTrace::start(ctx, exporting)),
         None if inference => Some(RequestTrace::start(TraceContext::root(), exporting)),
         None => None,
     };
-    // The server span's name, for a traced request only.
-    let span_name = trace.as_ref().map(|_| format!("{} {}", req.method(), path));
+    // The server span's name, for a traced request only: the method and the route
+    // (OpenTelemetry's HTTP conventions), or the method alone when none matched.
+    let method = req.method().clone();
+    let span_name = trace.as_ref().map(|_| match &route {
+        Some(r) => format!("{method} {r}"),
+        None => method.to_string(),
+    });
     let client = req
         .headers()
         .get("x-request-id")
@@ -312,13 +316,25 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
             resp.headers_mut().insert(TRACESTATE, v);
         }
         let status = resp.status();
+        // Refused requests are not exported unless asked (--otlp-export-refused).
+        let refused = matches!(status.as_u16(), 401 | 403 | 404);
+        let mut attributes = vec![
+            ("http.request.method", method.to_string()),
+            ("http.response.status_code", status.as_u16().to_string()),
+        ];
+        if let Some(r) = route {
+            attributes.push(("http.route", r));
+        }
         t.finish(
             &span_name,
-            ("http.response.status_code", status.as_u16().to_string()),
+            &attributes,
             status
                 .is_server_error()
                 .then(|| status.as_str().to_string()),
-            state.core().exporter(),
+            state
+                .core()
+                .exporter()
+                .and_then(|x| x.unless_refused(refused)),
         );
     }
     resp

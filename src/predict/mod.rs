@@ -15,13 +15,15 @@
 //!    recorded too).
 //! 3. [`Core::structured_report`]: an answer as a DICOM TID 1500 SR.
 //!
-//! Admission that every door shares (a processing slot, the request timeout) is
-//! here too ([`Core::slot`], [`Core::within_timeout`]); what is the transport's own
-//! (reading a body within its budget, headers, status codes) stays at the door.
+//! Admission that every door shares (the buffered-bytes budget, a processing slot,
+//! the request timeout) is here too ([`Core::reserve_bytes`], [`Core::slot`],
+//! [`Core::within_timeout`]); what is the transport's own (reading a body, headers,
+//! status codes) stays at the door.
 //! Errors are [`ApiError`]s with a transport-neutral [`ErrorType`]; each door maps
 //! that type to its own status once (`http::error::status`).
 
 mod answer;
+mod budget;
 pub mod error;
 mod error_type;
 pub mod explain;
@@ -45,6 +47,8 @@ use crate::inference::ModelSet;
 use crate::metrics::ServerMetrics;
 
 pub use answer::Decision;
+pub use budget::Buffered;
+pub use budget::Reservation;
 pub use error::ApiError;
 pub use error_type::ErrorType;
 pub use request::Answered;
@@ -138,8 +142,6 @@ struct Inner {
     inflight: Semaphore,
     /// `max_decode_pixels` in kilopixel permits.
     pixel_budget: Semaphore,
-    /// `max_buffered_bytes` in KiB permits: what every door buffers of requests.
-    buffered: Arc<Semaphore>,
     /// Where audit records go.
     audit: Audit,
     /// Root of the UIDs of Structured Reports (`--uid-root`; none: 2.25 UUID UIDs).
@@ -147,6 +149,8 @@ struct Inner {
     /// Where answered images are recorded for live outcomes (`--outcomes`,
     /// `--database-url`).
     outcomes: Option<Arc<crate::outcomes::Outcomes>>,
+    /// `max_buffered_bytes`, reserved by each body or message before it is read.
+    buffered: budget::BufferBudget,
     /// Shadow runs waiting or running ([`shadow::SHADOW_SLOTS`]).
     shadow_slots: Arc<Semaphore>,
     /// Where spans go (`--otlp-endpoint`).
@@ -160,9 +164,7 @@ impl Core {
         let decode_permits = Semaphore::new(limits.max_decodes.max(1));
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
-        let buffered = Arc::new(Semaphore::new(
-            kilo(limits.max_buffered_bytes as u64) as usize
-        ));
+        let buffered = budget::BufferBudget::new(limits.max_buffered_bytes);
         Self {
             inner: Arc::new(Inner {
                 models: Arc::new(std::sync::RwLock::new(None)),
@@ -172,10 +174,10 @@ impl Core {
                 decode_permits,
                 inflight,
                 pixel_budget,
-                buffered,
                 audit: Audit::log_only(),
                 uid_root: None,
                 outcomes: None,
+                buffered,
                 shadow_slots: Arc::new(Semaphore::new(shadow::SHADOW_SLOTS)),
                 exporter: None,
             }),
@@ -298,15 +300,23 @@ impl Core {
         })
     }
 
-    /// An empty reservation in the buffered-bytes budget (`--max-buffered-bytes`),
-    /// for a door that buffers a request as it arrives: it [`Buffered::grow`]s the
-    /// reservation before keeping more, and gives it all back when dropped.
-    pub fn reserve_bytes(&self) -> Buffered {
-        Buffered {
-            budget: self.inner.buffered.clone(),
-            bytes: 0,
-            permits: None,
-        }
+    /// Reserves `n` bytes of the `--max-buffered-bytes` budget before a door reads
+    /// them (an HTTP body, a gRPC message), held until the reservation is dropped;
+    /// or 503 / RESOURCE_EXHAUSTED `overloaded` ([`ApiError::BufferFull`]) at once.
+    /// More than 4 MiB comes from all but an eighth of the budget, kept for small
+    /// uploads.
+    pub fn reserve_bytes(&self, n: u64) -> Result<Reservation, ApiError> {
+        self.inner.buffered.try_reserve(n).ok_or_else(|| {
+            self.metrics().overloaded.with_label_values(&["all"]).inc();
+            ApiError::BufferFull(self.inner.limits.max_buffered_bytes)
+        })
+    }
+
+    /// An empty reservation in the same budget, for a door that cannot know a
+    /// request's size before it arrives (a DICOM data set, in fragments): it
+    /// [`Buffered::grow`]s before keeping more, and gives it all back when dropped.
+    pub fn reserve_growing(&self) -> Buffered {
+        self.inner.buffered.growing()
     }
 
     /// `job` under `--request-timeout-s` (503 `timeout` past it).
@@ -321,43 +331,6 @@ impl Core {
     }
 }
 
-/// Bytes of a request held in the buffered-bytes budget ([`Core::reserve_bytes`]).
-pub struct Buffered {
-    budget: Arc<Semaphore>,
-    bytes: u64,
-    permits: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Buffered {
-    /// Reserves `n` more bytes, or `false` at once when the budget has not them
-    /// (nothing more is reserved then).
-    pub fn grow(&mut self, n: usize) -> bool {
-        let total = self.bytes + n as u64;
-        let held = if self.permits.is_some() {
-            kilo(self.bytes)
-        } else {
-            0
-        };
-        let more = kilo(total).saturating_sub(held);
-        if more > 0 {
-            let Ok(p) = self.budget.clone().try_acquire_many_owned(more) else {
-                return false;
-            };
-            match &mut self.permits {
-                Some(held) => held.merge(p),
-                None => self.permits = Some(p),
-            }
-        }
-        self.bytes = total;
-        true
-    }
-
-    /// Bytes reserved.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,20 +342,20 @@ mod tests {
             ..Limits::default()
         };
         let core = Core::new(limits, Arc::new(ServerMetrics::new()));
-        let mut a = core.reserve_bytes();
+        let mut a = core.reserve_growing();
         // Fragments of any size take whole KiB only as they cross one.
         for _ in 0..10 {
             assert!(a.grow(500));
         }
         assert_eq!(a.bytes(), 5000);
-        let mut b = core.reserve_bytes();
+        let mut b = core.reserve_growing();
         assert!(b.grow(3 * 1024));
         assert!(!b.grow(1), "the budget is spent");
         assert_eq!(b.bytes(), 3 * 1024);
         drop(a);
         assert!(b.grow(5 * 1024));
-        assert!(!core.reserve_bytes().grow(1));
+        assert!(!core.reserve_growing().grow(1));
         drop(b);
-        assert!(core.reserve_bytes().grow(8 * 1024));
+        assert!(core.reserve_growing().grow(8 * 1024));
     }
 }
