@@ -1030,10 +1030,16 @@ fn objects_a_destination_refuses_become_dead_letters_and_free_the_outbox() {
         keys_file(dir),
     ];
     let (server, port) = start_cxr(models.path(), &args);
-    let (cr, dx, cr2) = (files.join("cr.dcm"), files.join("dx.dcm"), files.join("cr2.dcm"));
+    let (cr, dx, cr2) = (
+        files.join("cr.dcm"),
+        files.join("dx.dcm"),
+        files.join("cr2.dcm"),
+    );
     // Two radiographs: 4 objects, over the capacity of 3 once the SRs stay.
     let results = |outcome: &str, n: u32| {
-        format!("cxr_dicom_results_total{{destination=\"{destination}\",outcome=\"{outcome}\"}} {n}")
+        format!(
+            "cxr_dicom_results_total{{destination=\"{destination}\",outcome=\"{outcome}\"}} {n}"
+        )
     };
     let dead = |n: u32| results("dead_letter", n);
     assert!(store("MODALITY", port, &[&cr]).status.success());
@@ -1063,7 +1069,11 @@ fn objects_a_destination_refuses_become_dead_letters_and_free_the_outbox() {
     }
     // Listed for the admin scope only.
     let (s, v) = dead_letters(&server, READER_KEY);
-    assert_eq!((s, v["error_type"].as_str()), (403, Some("forbidden")), "{v}");
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (403, Some("forbidden")),
+        "{v}"
+    );
     let (s, v) = dead_letters(&server, ADMIN_KEY);
     assert_eq!(s, 200, "{v}");
     let letters = v["dead_letters"].as_array().unwrap();
@@ -1073,10 +1083,9 @@ fn objects_a_destination_refuses_become_dead_letters_and_free_the_outbox() {
         assert_eq!(l["kind"], "sr", "{l}");
         assert_eq!(l["attempts"], 3, "{l}");
         assert!(
-            l["last_error"]
-                .as_str()
-                .unwrap()
-                .starts_with("the destination did not accept SOP class 1.2.840.10008.5.1.4.1.1.88.34"),
+            l["last_error"].as_str().unwrap().starts_with(
+                "the destination did not accept SOP class 1.2.840.10008.5.1.4.1.1.88.34"
+            ),
             "{l}"
         );
         assert!(l["dead_at"].as_str().unwrap() >= l["created_at"].as_str().unwrap());
@@ -1084,11 +1093,9 @@ fn objects_a_destination_refuses_become_dead_letters_and_free_the_outbox() {
         assert!(!l.to_string().contains("CXR-0001") && !l.to_string().contains("TEST^CXR"));
     }
     // Each SC went in the round of its refused SR: never an attempt counted.
-    let conn = rusqlite::Connection::open_with_flags(
-        &outbox,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let conn =
+        rusqlite::Connection::open_with_flags(&outbox, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     let sc_attempts: Vec<i64> = conn
         .prepare("SELECT attempts FROM outbox WHERE kind = 'sc'")
         .unwrap()
@@ -1255,7 +1262,11 @@ fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
     let results = |outcome: &str, n: u32| {
         format!("cxr_dicom_results_total{{destination=\"{url}\",outcome=\"{outcome}\"}} {n}")
     };
-    assert!(store("MODALITY", port, &[&files.join("cr.dcm")]).status.success());
+    assert!(
+        store("MODALITY", port, &[&files.join("cr.dcm")])
+            .status
+            .success()
+    );
     wait_metric(&[&server], &results("dead_letter", 1), 60);
     // Time for more posts, had any been due.
     std::thread::sleep(Duration::from_secs(5));
@@ -1277,7 +1288,10 @@ fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
     let letters = v["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 1, "{v}");
     assert_eq!(
-        (letters[0]["sop_instance_uid"].as_str(), letters[0]["kind"].as_str()),
+        (
+            letters[0]["sop_instance_uid"].as_str(),
+            letters[0]["kind"].as_str()
+        ),
         (Some(sc.as_str()), Some("sc"))
     );
     let error = letters[0]["last_error"].as_str().unwrap();
@@ -1295,7 +1309,11 @@ fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
             (503, "{}".into())
         }
     }));
-    assert!(store("MODALITY", port, &[&files.join("dx.dcm")]).status.success());
+    assert!(
+        store("MODALITY", port, &[&files.join("dx.dcm")])
+            .status
+            .success()
+    );
     wait_metric(&[&server], &results("dead_letter", 2), 60);
     let (_, v) = dead_letters(&server, ADMIN_KEY);
     let letters = v["dead_letters"].as_array().unwrap();
@@ -1318,7 +1336,9 @@ fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
     assert!(sc_dx > 3, "the 503 was not retried like a failure: {sc_dx}");
     let (_, v) = dead_letters(&server, ADMIN_KEY);
     assert_eq!(v["dead_letters"].as_array().unwrap().len(), 2, "{v}");
-    assert!(metrics_of(&server).contains(&format!("cxr_dicom_outbox_depth{{destination=\"{url}\"}} 1")));
+    assert!(metrics_of(&server).contains(&format!(
+        "cxr_dicom_outbox_depth{{destination=\"{url}\"}} 1"
+    )));
 }
 
 /// Guards issue #43 row (a). Two replicas share their outbox in PostgreSQL and a
@@ -1349,7 +1369,11 @@ fn a_slow_destination_does_not_let_another_replica_send_what_one_holds() {
     ];
     let (a, a_port) = start_cxr(models.path(), &args);
     let (b, _) = start_cxr(models.path(), &args);
-    assert!(store("MODALITY", a_port, &[&files.join("cr.dcm")]).status.success());
+    assert!(
+        store("MODALITY", a_port, &[&files.join("cr.dcm")])
+            .status
+            .success()
+    );
     let sent = |s: &common::Server| {
         let m = metrics_of(s);
         m.lines()
@@ -1398,9 +1422,13 @@ fn sent_results_leave_no_patient_data_on_disk_and_old_records_are_pruned() {
     ];
     let (server, port) = start_cxr(models.path(), &args);
     assert!(
-        store("MODALITY", port, &[&files.join("cr.dcm"), &files.join("dx.dcm")])
-            .status
-            .success()
+        store(
+            "MODALITY",
+            port,
+            &[&files.join("cr.dcm"), &files.join("dx.dcm")]
+        )
+        .status
+        .success()
     );
     assert_eq!(pacs.wait_count(STUDY, 4, 60).len(), 4);
     wait_metric(&[&server], "outcome=\"sent\"} 4", 30);
