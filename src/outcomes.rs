@@ -191,6 +191,7 @@ const SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS answers (
 );
 CREATE INDEX IF NOT EXISTS answers_sop ON answers (sop_instance_uid);
 CREATE INDEX IF NOT EXISTS answers_model ON answers (model_sha256);
+CREATE INDEX IF NOT EXISTS answers_time ON answers (time);
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
@@ -218,6 +219,7 @@ const SCHEMA_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS cxr_answers (
 );
 CREATE INDEX IF NOT EXISTS cxr_answers_sop ON cxr_answers (sop_instance_uid);
 CREATE INDEX IF NOT EXISTS cxr_answers_model ON cxr_answers (model_sha256);
+CREATE INDEX IF NOT EXISTS cxr_answers_time ON cxr_answers (time);
 CREATE TABLE IF NOT EXISTS cxr_feedback (
     id BIGSERIAL PRIMARY KEY,
     request_id TEXT NOT NULL,
