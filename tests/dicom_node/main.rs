@@ -1476,3 +1476,106 @@ fn sent_results_leave_no_patient_data_on_disk_and_old_records_are_pruned() {
         .collect();
     assert_eq!(kinds, ["sr", "sr"]);
 }
+
+/// Guards issue #43 rows 4 and (b), with a failure status. A destination (a
+/// pynetdicom SCP) that negotiates SR but answers each SR's C-STORE with 0122H (SOP
+/// class not supported): the SR is refused `--dicom-max-attempts` times, then a dead
+/// letter whose last error names the status; the SC after it goes on the same
+/// association, and is stored once, no attempt counted against it. (A failure
+/// status used to abort the rest of the association's round, each counted as a
+/// failed attempt, and the SR was retried forever.)
+#[test]
+fn a_failure_status_refuses_one_object_and_the_association_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let files = instances(dir);
+    let models = common::models_dir();
+    let port = free_port();
+    let log = dir.join("scp.jsonl");
+    let mut scp = Command::new(python())
+        .arg(root().join("tests/dicom_node/refusing_scp.py"))
+        .arg(port.to_string())
+        .arg(&log)
+        .args([SR_CLASS, "0122"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pynetdicom SCP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the SCP did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let peers = dir.join("peers.toml");
+    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
+    let outbox = dir.join("outbox.sqlite");
+    let destination = format!("REFUSER@127.0.0.1:{port}");
+    let args: Vec<String> = vec![
+        "--dicom-port".into(),
+        "0".into(),
+        "--dicom-peers-file".into(),
+        peers.display().to_string(),
+        "--dicom-destination".into(),
+        destination.clone(),
+        "--dicom-outbox".into(),
+        outbox.display().to_string(),
+        "--dicom-max-attempts".into(),
+        "2".into(),
+        "--api-keys-file".into(),
+        keys_file(dir),
+    ];
+    let (server, cxr_port) = start_cxr(models.path(), &args);
+    assert!(
+        store("MODALITY", cxr_port, &[&files.join("cr.dcm")])
+            .status
+            .success()
+    );
+    wait_metric(
+        &[&server],
+        &format!(
+            "cxr_dicom_results_total{{destination=\"{destination}\",outcome=\"dead_letter\"}} 1"
+        ),
+        60,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = scp.kill();
+    let _ = scp.wait();
+    let stores: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of =
+        |class: &str| -> Vec<&Value> { stores.iter().filter(|s| s["class"] == class).collect() };
+    let (srs, scs) = (of(SR_CLASS), of(SC_CLASS));
+    assert_eq!((srs.len(), scs.len()), (2, 1), "{stores:?}");
+    // The SC went on the association that refused the SR first.
+    assert_eq!(scs[0]["association"], srs[0]["association"], "{stores:?}");
+    let (s, v) = dead_letters(&server, ADMIN_KEY);
+    assert_eq!(s, 200, "{v}");
+    let letter = &v["dead_letters"][0];
+    assert_eq!(
+        (
+            letter["kind"].as_str(),
+            letter["attempts"].as_u64(),
+            letter["last_error"].as_str()
+        ),
+        (
+            Some("sr"),
+            Some(2),
+            Some("C-STORE failed with status 0122H")
+        ),
+        "{v}"
+    );
+    let conn =
+        rusqlite::Connection::open_with_flags(&outbox, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let sc: (String, i64) = conn
+        .query_row(
+            "SELECT state, attempts FROM outbox WHERE kind = 'sc'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(sc, ("sent".to_string(), 0));
+}
