@@ -288,6 +288,21 @@ pub struct ServeArgs {
     /// (out of resources) until the destinations catch up.
     #[arg(long, env = "CXR_DICOM_OUTBOX_CAPACITY", default_value_t = 10_000)]
     pub dicom_outbox_capacity: usize,
+    /// Times a destination may refuse a result object (a C-STORE failure status, a
+    /// presentation context it did not accept, a 4xx from STOW-RS) before it is set
+    /// aside as a dead letter (`GET /dicom/outbox/dead-letters`; not counted against
+    /// --dicom-outbox-capacity).
+    #[arg(long, env = "CXR_DICOM_MAX_ATTEMPTS", default_value_t = crate::defaults::DICOM_MAX_ATTEMPTS)]
+    pub dicom_max_attempts: u32,
+    /// Hours a result object that keeps failing without a refusal (destination
+    /// unreachable, timing out, a 5xx) is retried before it is a dead letter.
+    #[arg(long, env = "CXR_DICOM_GIVE_UP_AFTER_HOURS", default_value_t = crate::defaults::DICOM_GIVE_UP_AFTER_HOURS)]
+    pub dicom_give_up_after_hours: u64,
+    /// Days the records of sent results and the dead letters (outbox), and the
+    /// answers and confirmed labels (outcomes) are kept; pruned at start and hourly.
+    /// 0 keeps them forever.
+    #[arg(long, env = "CXR_RETENTION_DAYS", default_value_t = crate::defaults::RETENTION_DAYS)]
+    pub retention_days: u64,
     /// The variant that answers DICOM C-STOREs (default: --default-model).
     #[arg(long, env = "CXR_DICOM_MODEL")]
     pub dicom_model: Option<String>,
@@ -405,6 +420,11 @@ impl ServeArgs {
         if let Some(r) = &self.uid_root {
             crate::imaging::sr::check_uid_root(r).map_err(|e| ConfigError(e.0))?;
         }
+        if self.dicom_max_attempts == 0 {
+            return Err(ConfigError(
+                "--dicom-max-attempts must be at least 1 (the first refusal)".into(),
+            ));
+        }
         if self.dicom_port.is_some() {
             self.dicom_node()?;
         }
@@ -463,7 +483,12 @@ impl ServeArgs {
             destinations,
             outbox: self.dicom_outbox.clone(),
             database_url: self.database_url.clone(),
-            outbox_capacity: self.dicom_outbox_capacity,
+            outbox_policy: crate::dicom_node::outbox::Policy {
+                capacity: self.dicom_outbox_capacity,
+                max_attempts: self.dicom_max_attempts,
+                give_up_after: Duration::from_secs(self.dicom_give_up_after_hours * 3600),
+                retention: self.retention(),
+            },
             model: self.dicom_model.clone(),
             max_object_bytes: self.max_body_bytes,
             max_associations: self.dicom_max_associations,
@@ -471,6 +496,11 @@ impl ServeArgs {
             negotiation_timeout: Duration::from_secs(self.dicom_negotiation_timeout_s),
             association_timeout: Duration::from_secs(self.dicom_association_timeout_s),
         }))
+    }
+
+    /// `--retention-days` (none: kept forever).
+    pub fn retention(&self) -> Option<Duration> {
+        (self.retention_days > 0).then(|| Duration::from_secs(self.retention_days * 86_400))
     }
 
     /// The gRPC listener's limits.

@@ -54,6 +54,8 @@ pub struct ServerMetrics {
     pub dicom_results: IntCounterVec,
     /// Result objects waiting in the outbox, by destination.
     pub dicom_outbox_depth: IntGaugeVec,
+    /// Dead letters in the outbox, by destination.
+    pub dicom_dead_letters: IntGaugeVec,
     /// `cxr_ood_score{model,manufacturer}`: input drift.
     pub ood_score: HistogramVec,
     /// `cxr_ood_verdicts_total{model,manufacturer,verdict}`: input drift, by verdict.
@@ -206,7 +208,7 @@ impl ServerMetrics {
         );
         let dicom_results = c(
             "cxr_dicom_results_total",
-            "Result objects (SR, SC) by destination and outcome (sent; retried: a send failed and is retried with backoff).",
+            "Result objects (SR, SC) by destination and outcome (sent; retried: a send failed and is retried with backoff; dead_letter: refused --dicom-max-attempts times, or failing for --dicom-give-up-after-hours, and set aside: GET /dicom/outbox/dead-letters).",
             &["destination", "outcome"],
         );
         let dicom_outbox_depth = IntGaugeVec::new(
@@ -219,6 +221,17 @@ impl ServerMetrics {
         .expect("valid gauge");
         registry
             .register(Box::new(dicom_outbox_depth.clone()))
+            .expect("unique metric name");
+        let dicom_dead_letters = IntGaugeVec::new(
+            Opts::new(
+                "cxr_dicom_dead_letters",
+                "Result objects set aside as dead letters (not sent, not retried; kept for --retention-days), by destination.",
+            ),
+            &["destination"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(dicom_dead_letters.clone()))
             .expect("unique metric name");
         let ood_score = h(
             "cxr_ood_score",
@@ -312,6 +325,7 @@ impl ServerMetrics {
             dicom_stores,
             dicom_results,
             dicom_outbox_depth,
+            dicom_dead_letters,
             live_outcomes,
             live_sensitivity_alarm,
             ood_score,

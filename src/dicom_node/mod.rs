@@ -126,8 +126,9 @@ pub struct NodeConfig {
     pub outbox: PathBuf,
     /// A PostgreSQL database for the outbox, shared by replicas (`--database-url`).
     pub database_url: Option<String>,
-    /// Most result objects waiting in the outbox.
-    pub outbox_capacity: usize,
+    /// Most result objects waiting in the outbox, how long they are tried, how
+    /// long records are kept.
+    pub outbox_policy: outbox::Policy,
     /// The variant that answers (none: the default).
     pub model: Option<String>,
     /// Largest data set taken, bytes.
@@ -164,6 +165,8 @@ pub(crate) struct Node {
 pub struct NodeHandle {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its outbox (for the dead letters' route: [`crate::AppState::set_dicom_outbox`]).
+    pub outbox: Arc<Outbox>,
 }
 
 /// Starts the node: the listener (connections negotiating on tasks, at most
@@ -176,19 +179,20 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
         ));
     }
     check_ae_title(&cfg.ae_title).map_err(|e| NodeError(e.0))?;
-    let (path, url, capacity) = (
+    let (path, url, policy) = (
         cfg.outbox.clone(),
         cfg.database_url.clone(),
-        cfg.outbox_capacity,
+        cfg.outbox_policy,
     );
     let outbox = tokio::task::spawn_blocking(move || match url {
-        Some(url) => Outbox::connect(&url, capacity),
-        None => Outbox::open(&path, capacity),
+        Some(url) => Outbox::connect(&url, policy),
+        None => Outbox::open(&path, policy),
     })
     .await
     .map_err(|e| NodeError(e.to_string()))?
     .map_err(|e| NodeError(e.0))?;
     tracing::info!(database = outbox.kind(), "DICOM outbox open");
+    let outbox = Arc::new(outbox);
     let listener = TcpListener::bind(cfg.bind)
         .await
         .map_err(|e| NodeError(format!("--dicom-port: cannot listen on {}: {e}", cfg.bind)))?;
@@ -201,7 +205,7 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
         peers: cfg.peers,
         destination_names: cfg.destinations.iter().map(Destination::name).collect(),
         destinations: cfg.destinations,
-        outbox: Arc::new(outbox),
+        outbox: outbox.clone(),
         model: cfg.model,
         max_object_bytes: cfg.max_object_bytes,
         max_pdu: 65_536,
@@ -260,5 +264,5 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
         }
     });
     tracing::info!(dicom_addr = %addr, "DICOM node listening");
-    Ok(NodeHandle { addr })
+    Ok(NodeHandle { addr, outbox })
 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 mod feedback;
 mod openapi;
+mod outbox;
 mod predict;
 mod routes;
 pub mod server;
@@ -67,6 +68,8 @@ struct Inner {
     api_keys: Option<ApiKeys>,
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
     public_metrics: bool,
+    /// The DICOM node's outbox, once the node runs (`--dicom-port`).
+    dicom_outbox: std::sync::OnceLock<Arc<crate::dicom_node::outbox::Outbox>>,
 }
 
 impl AppState {
@@ -77,6 +80,7 @@ impl AppState {
                 core: Core::new(limits, metrics),
                 api_keys: None,
                 public_metrics: true,
+                dicom_outbox: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -134,6 +138,17 @@ impl AppState {
         &self.inner.core
     }
 
+    /// Lists `outbox`'s dead letters (`GET /dicom/outbox/dead-letters`): the
+    /// DICOM node's, once it runs. Set once; a second call changes nothing.
+    pub fn set_dicom_outbox(&self, outbox: Arc<crate::dicom_node::outbox::Outbox>) {
+        let _ = self.inner.dicom_outbox.set(outbox);
+    }
+
+    /// The DICOM node's outbox, when it runs.
+    pub fn dicom_outbox(&self) -> Option<Arc<crate::dicom_node::outbox::Outbox>> {
+        self.inner.dicom_outbox.get().cloned()
+    }
+
     /// The callers, when keys are required.
     pub fn api_keys(&self) -> Option<&ApiKeys> {
         self.inner.api_keys.as_ref()
@@ -186,6 +201,7 @@ pub fn build_app(state: AppState) -> Router {
         .merge(feedback_routes)
         .merge(model_routes)
         .merge(v2::routes(&state))
+        .merge(outbox::routes(&state))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/openapi.json", get(openapi_json))
