@@ -37,8 +37,9 @@ For --minutes, at once:
   UNAVAILABLE, a refused connection (the restart), A700 or a transient
   association rejection is retried after Retry-After (or 1 s), bounded; each
   retry is counted;
-- a hostile mix on every door, at most --hostile-per-door sockets per door at a
-  time, each held at most --hostile-cap seconds:
+- a hostile mix on every door: the kinds that hold a socket open, at most
+  --hostile-per-door per door at a time, each held at most --hostile-cap seconds;
+  the quick kinds (refused at once, or oversized), at most 4 per door at a time:
   HTTP: slowloris (head trickled a byte a second), stalled body, idle connection,
   oversized body (declared 64 MiB, and chunked without a length), no key, a wrong key;
   gRPC (raw HTTP/2 where grpcio cannot misbehave): no key, a huge message (declared
@@ -54,14 +55,15 @@ At the end it waits (at most --drain-timeout) for the outbox to drain, then chec
 1. every legitimate HTTP/gRPC request answered: 200, or a gate refusal
    (422 / FAILED_PRECONDITION), possibly after retries; none dropped after its
    connection was accepted, none left unanswered, no other status;
-2. every legitimate DICOM instance acknowledged (0000, or a B-warning);
+2. every legitimate DICOM instance acknowledged (0000, or a B-warning), none
+   left unanswered on an established association;
 3. every acknowledged instance's results (SR + SC when analysed, SR when not, per
    the audit log) are in Orthanc, or dead-lettered with a reason (matched in the
    dead-letter route by the result's SOP Instance UID, the source's SOP Instance
    UID or its study; without the route, only in aggregate from /metrics);
 4. the same for the instances acknowledged before the restart (nothing lost);
-5. the server exits on SIGTERM within its shutdown timeout, and never dies
-   otherwise; the outbox is drained (depth 0).
+5. the server exits on SIGTERM within --exit-timeout, and never dies otherwise;
+   the outbox is drained (depth 0); the RSS peak stays under --rss-limit-mb.
 and reports the RSS peaks, the legit answers' latency (retries included) and, per
 hostile kind, how many were sent and how each ended (status, RST_STREAM, gRPC
 trailers, A-ASSOCIATE-RJ, A-ABORT, closed by the server after N s, or "held to
@@ -83,7 +85,8 @@ DEPTH_METRIC = "cxr_dicom_outbox_depth"             # {destination}
 STORES_METRIC = "cxr_dicom_stores_total"            # {outcome}
 ASSOC_METRIC = "cxr_dicom_associations_total"       # {outcome}
 DEAD_LETTER_ROUTES = ("/dicom/outbox/dead-letters", "/dicom/dead-letters", "/dicom/outbox?state=dead")
-REASON_KEYS = ("reason", "error", "last_error", "why", "status")
+REASON_KEYS = ("reason", "error", "why", "cause")     # a dead letter's reason: a non-empty string under
+                                                    # a key containing one of these
 # ---------------------------------------------------------------------------------------
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -114,6 +117,7 @@ ap.add_argument("--ready-timeout", type=float, default=300)
 ap.add_argument("--exit-timeout", type=float, default=150, help="longest a SIGTERMed server may take to exit")
 ap.add_argument("--drain-timeout", type=float, default=300)
 ap.add_argument("--request-deadline", type=float, default=300, help="longest a legit request keeps retrying, s")
+ap.add_argument("--rss-limit-mb", type=float, default=2048, help="the RSS check's bound")
 ap.add_argument("--server-arg", action="append", default=[], help="extra cxr-serve argument (repeat)")
 ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, outbox, audit log)")
 ap.add_argument("--seed", type=int, default=43)
@@ -578,7 +582,11 @@ def legit_dicom(i):
         except Exception:
             pass
         if status is None:
-            count("dicom", "retried_aborted")
+            # The association was up and the C-STORE sent: no response is a dropped
+            # request (a draining node answers what it took), retried all the same.
+            count("dicom", "dropped")
+            with LOCK:
+                FAILS["dicom"].append(f"t={now():.0f}s association ended with the C-STORE unanswered")
             time.sleep(1)
             continue
         if status == 0 or (status & 0xF000) == 0xB000:
@@ -1012,27 +1020,30 @@ def d_oversized():
     outcome(kind, f"{what} after {bucket(time.time() - t0)}")
 
 
-HOSTILE_KINDS = [  # (door, every s, function)
-    ("http", 4, h_slowloris), ("http", 6, h_stalled_body), ("http", 8, h_idle),
-    ("http", 15, lambda: h_oversized(False)), ("http", 20, lambda: h_oversized(True)),
-    ("http", 3, lambda: h_key(False)), ("http", 5, lambda: h_key(True)),
-    ("grpc", 3, g_no_key), ("grpc", 6, g_huge_stalled), ("grpc", 6, g_slow_stream), ("grpc", 8, g_idle),
-    ("grpc", 20, g_oversized),
-    ("dicom", 6, d_idle), ("dicom", 6, d_trickle), ("dicom", 3, lambda: d_unknown("STRANGER", "CXR",
-                                                                                   "dicom unknown calling AE")),
-    ("dicom", 10, lambda: d_unknown("MODALITY", "NOTCXR", "dicom wrong called AE")),
-    ("dicom", 8, d_fragment), ("dicom", 10, d_huge_pdu), ("dicom", 30, d_oversized),
+HOSTILE_KINDS = [  # (door, every s, function, held: holds its socket open, counted against --hostile-per-door)
+    ("http", 4, h_slowloris, True), ("http", 6, h_stalled_body, True), ("http", 8, h_idle, True),
+    ("http", 15, lambda: h_oversized(False), False), ("http", 20, lambda: h_oversized(True), True),
+    ("http", 3, lambda: h_key(False), False), ("http", 5, lambda: h_key(True), False),
+    ("grpc", 3, g_no_key, False), ("grpc", 6, g_huge_stalled, True), ("grpc", 6, g_slow_stream, True),
+    ("grpc", 8, g_idle, True), ("grpc", 20, g_oversized, False),
+    ("dicom", 6, d_idle, True), ("dicom", 6, d_trickle, True),
+    ("dicom", 3, lambda: d_unknown("STRANGER", "CXR", "dicom unknown calling AE"), False),
+    ("dicom", 10, lambda: d_unknown("MODALITY", "NOTCXR", "dicom wrong called AE"), False),
+    ("dicom", 8, d_fragment, True), ("dicom", 10, d_huge_pdu, False), ("dicom", 30, d_oversized, False),
 ]
+QUICK_PER_DOOR = 4   # quick kinds (a refusal expected at once) at a time per door, beside the held ones
 HOSTILE_THREADS = []
 
 
-def hostile_launcher(door, every, fn, offset):
+def hostile_launcher(door, every, fn, held, offset):
+    slot = door if held else door + " quick"
+    cap = A.hostile_per_door if held else QUICK_PER_DOOR
     time.sleep(offset)
     while not STOP.is_set():
         with LOCK:
-            ok = ACTIVE[door] < A.hostile_per_door
+            ok = ACTIVE[slot] < cap
             if ok:
-                ACTIVE[door] += 1
+                ACTIVE[slot] += 1
         if ok:
             def run():
                 try:
@@ -1043,7 +1054,7 @@ def hostile_launcher(door, every, fn, offset):
                     outcome(f"{door} (any kind)", f"client error {type(e).__name__}")
                 finally:
                     with LOCK:
-                        ACTIVE[door] -= 1
+                        ACTIVE[slot] -= 1
             t = threading.Thread(target=run, daemon=True)
             t.start()
             with LOCK:
@@ -1071,8 +1082,8 @@ def entry_reason(e):
     if not isinstance(e, dict):
         return None
     for k, v in e.items():
-        if any(r in k.lower() for r in REASON_KEYS) and v not in (None, "", [], {}):
-            return str(v)
+        if any(r in k.lower() for r in REASON_KEYS) and isinstance(v, str) and v.strip():
+            return v
     return None
 
 
@@ -1108,6 +1119,61 @@ def audit_decisions(sops):
     return out
 
 
+def account(sources, decisions, index, gate_log, dls, refused_ok, restart_t):
+    """Each acknowledged source's expected results (SR + SC when the audit says
+    answered, else SR) against what Orthanc holds, the dead letters (each entry
+    accounts for one object: matched by a result SOP Instance UID the PACS refused,
+    else by the source's SOP Instance UID or study, of the same kind when the entry
+    names a SOP class) and, without a dead-letter route, the aggregate."""
+    gate_refused = {}
+    for t, sop, study, cls, refused, status in gate_log:
+        if refused:
+            st, c, k = gate_refused.get(sop, (study, cls, 0))
+            gate_refused[sop] = (st, c, k + 1)
+    refused_by_study = collections.defaultdict(list)
+    for sop, (study, cls, k) in gate_refused.items():
+        refused_by_study[study].append((sop, cls))
+    dl_text = [(json.dumps(e), entry_reason(e)) for e in (dls or [])]
+    used = set()
+    acct = collections.Counter()
+    lost, lost_before = [], []
+    for sop, (t, n, study) in sources.items():
+        kinds_filed = collections.Counter("SC" if m == "OT" else m for m, _ in index.get(study, []))
+        expected = ["SR", "SC"] if decisions.get(sop) == "answered" else ["SR"]
+        if sop not in decisions:
+            acct["no audit record"] += 1
+        missing = []
+        for k in expected:
+            if kinds_filed.get(k):
+                acct[f"{k} filed"] += 1
+                continue
+            mine, other = (SR_CLASSES, SC_CLASSES) if k == "SR" else (SC_CLASSES, SR_CLASSES)
+            refused = [u for u, cls in refused_by_study.get(study, []) if cls in mine]
+            hit = next((i for i, (txt, _) in enumerate(dl_text) if i not in used and any(u in txt for u in refused)),
+                       None)
+            if hit is None:
+                hit = next((i for i, (txt, _) in enumerate(dl_text) if i not in used and (sop in txt or study in txt)
+                            and not any(c in txt for c in other)), None)
+            if hit is not None:
+                used.add(hit)
+                if dl_text[hit][1]:
+                    acct[f"{k} dead-lettered with a reason"] += 1
+                else:
+                    acct[f"{k} dead-lettered WITHOUT a reason"] += 1
+                    missing.append(k)
+            elif refused and refused_ok:
+                acct[f"{k} refused by the PACS, dead-lettered (in aggregate: no route)"] += 1
+            else:
+                missing.append(k)
+                acct[f"{k} neither filed nor dead-lettered" + (" (refused by the PACS)" if refused else "")] += 1
+        if missing:
+            lost.append((sop, study, missing, decisions.get(sop)))
+            if restart_t is not None and t < restart_t:
+                lost_before.append(sop)
+    n_before = sum(1 for t, _, _ in sources.values() if restart_t is not None and t < restart_t)
+    return acct, lost, lost_before, n_before, gate_refused
+
+
 def main():
     global DEFAULT_MODEL
     if not os.path.exists(A.bin):
@@ -1128,8 +1194,8 @@ def main():
     threads = paced("http", A.http_rate, legit_http) + paced("grpc", A.grpc_rate, legit_grpc) + \
         paced("dicom", A.dicom_rate, legit_dicom)
     if not A.no_hostile:
-        threads += [threading.Thread(target=hostile_launcher, args=(d, e, f, i * 0.37), daemon=True)
-                    for i, (d, e, f) in enumerate(HOSTILE_KINDS)]
+        threads += [threading.Thread(target=hostile_launcher, args=(d, e, f, h, i * 0.37), daemon=True)
+                    for i, (d, e, f, h) in enumerate(HOSTILE_KINDS)]
     for t in threads:
         t.start()
     died = []
@@ -1186,49 +1252,9 @@ def main():
     refused_ok = dls is None and depth == 0 and dead_metric >= len({g[1] for g in GATE_LOG if g[4]})
 
     # per-source accounting
-    gate_refused = {}
-    for t, sop, study, cls, refused, status in GATE_LOG:
-        if refused:
-            gate_refused.setdefault(sop, (study, cls, 0))
-            st, c, k = gate_refused[sop]
-            gate_refused[sop] = (st, c, k + 1)
-    refused_by_study = collections.defaultdict(list)
-    for sop, (study, cls, k) in gate_refused.items():
-        refused_by_study[study].append((sop, cls))
-    dl_text = [(json.dumps(e), entry_reason(e)) for e in (dls or [])]
-    acct = collections.Counter()
-    lost, lost_before = [], []
     restart_t = next((r["sigterm"] for r in RUNS if r["sigterm"] is not None and r is not last), None)
-    for sop, (t, n, study) in sources.items():
-        filed = index.get(study, [])
-        kinds_filed = collections.Counter("SC" if m == "OT" else m for m, _ in filed)
-        expected = ["SR", "SC"] if decisions.get(sop) == "answered" else ["SR"]
-        if sop not in decisions:
-            acct["no audit record"] += 1
-        missing = []
-        for k in expected:
-            if kinds_filed.get(k):
-                acct[f"{k} filed"] += 1
-                continue
-            refused = [u for u, cls in refused_by_study.get(study, [])
-                       if (cls in SR_CLASSES) == (k == "SR")]
-            hits = [(txt, why) for txt, why in dl_text
-                    if any(x in txt for x in refused + [sop, study])] if dls is not None else []
-            if hits and all(why for _, why in hits):
-                acct[f"{k} dead-lettered with a reason"] += 1
-            elif hits:
-                acct[f"{k} dead-lettered WITHOUT a reason"] += 1
-                missing.append(k)
-            elif refused and refused_ok:
-                acct[f"{k} refused by the PACS, dead-lettered (in aggregate: no route)"] += 1
-            else:
-                missing.append(k)
-                acct[f"{k} neither filed nor dead-lettered" + (" (refused by the PACS)" if refused else "")] += 1
-        if missing:
-            lost.append((sop, study, missing, decisions.get(sop)))
-            if restart_t is not None and t < restart_t:
-                lost_before.append(sop)
-    n_before = sum(1 for t, _, _ in sources.values() if restart_t is not None and t < restart_t)
+    acct, lost, lost_before, n_before, gate_refused = account(sources, decisions, index, GATE_LOG, dls,
+                                                              refused_ok, restart_t)
     n_refused_objects = len(gate_refused)
 
     # checks
@@ -1244,8 +1270,8 @@ def main():
               f"{c['sent']} sent, {bad} unanswered/dropped/other status")
     c = LEGIT["dicom"]
     acked = sum(v for k, v in c.items() if k.startswith("acknowledged") and k != "acknowledged_after_retry")
-    check("every legitimate DICOM instance acknowledged", acked == c["sent"] and c["sent"] > 0,
-          f"{c['sent']} sent, {acked} acknowledged")
+    check("every legitimate DICOM instance acknowledged", acked == c["sent"] and c["sent"] > 0 and not c["dropped"],
+          f"{c['sent']} sent, {acked} acknowledged, {c['dropped']} C-STOREs left unanswered")
     check("every acknowledged instance's results filed or dead-lettered with a reason",
           not lost and sources,
           f"{len(sources)} instances, {len(lost)} with results missing" +
@@ -1258,6 +1284,8 @@ def main():
         check("SIGTERM: the server exits by itself", isinstance(r0["rc"], int),
               f"rc {r0['rc']} in {r0['exited'] - r0['sigterm']:.1f} s")
     check("the server never died on its own", not died, f"{died}" if died else "")
+    peak = max(r["rss_peak"] for r in RUNS)
+    check(f"RSS bounded (peak under {A.rss_limit_mb:g} MB)", peak < A.rss_limit_mb, f"peak {peak:.0f} MB")
     check("the outbox drained", depth == 0, f"depth {depth}" if depth is not None else f"no {DEPTH_METRIC}")
 
     # ---- the report ----
@@ -1269,8 +1297,8 @@ def main():
     P()
     P(f"`bench/soak.py --minutes {A.minutes:g}` ({git}), `{os.path.relpath(A.bin, ROOT) if A.bin.startswith(ROOT) else A.bin}`, "
       f"model `{DEFAULT_MODEL}`; {cpu_line()}. Legit load: /predict {A.http_rate:g}/s, gRPC {A.grpc_rate:g}/s, "
-      f"C-STORE {A.dicom_rate:g}/s ({A.clients} clients per door); hostile: at most {A.hostile_per_door} sockets "
-      f"per door, each held at most {A.hostile_cap:g} s. PACS: Orthanc behind a gate refusing "
+      f"C-STORE {A.dicom_rate:g}/s ({A.clients} clients per door); hostile: at most {A.hostile_per_door} held "
+      f"sockets per door, each at most {A.hostile_cap:g} s, and {QUICK_PER_DOOR} quick ones. PACS: Orthanc behind a gate refusing "
       f"{A.reject_share * 100:.0f} % of the result objects with status {A.reject_status:04X}.")
     P()
     P("| door | sent | answered | after retries | retries | not answered | p50 / p99 / max s (retries included) |")
