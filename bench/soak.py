@@ -436,7 +436,7 @@ def count(door, what, n=1):
 
 def took(door, t0):
     with LOCK:
-        LATENCY[door].append(time.time() - t0)
+        LATENCY[door].append((t0 - T0, time.time() - t0))
 
 
 def paced(door, rate, fn):
@@ -1301,17 +1301,20 @@ def main():
       f"sockets per door, each at most {A.hostile_cap:g} s, and {QUICK_PER_DOOR} quick ones. PACS: Orthanc behind a gate refusing "
       f"{A.reject_share * 100:.0f} % of the result objects with status {A.reject_status:04X}.")
     P()
-    P("| door | sent | answered | after retries | retries | not answered | p50 / p99 / max s (retries included) |")
-    P("|---|---|---|---|---|---|---|")
+    P("| door | sent | answered | after retries | retries | not answered "
+      "| p50 / p99 / max s, retries included | p50 / p99 s away from the restart |")
+    P("|---|---|---|---|---|---|---|---|")
     for d in ("http", "grpc", "dicom"):
         c = LEGIT[d]
         ans = {k: v for k, v in c.items() if (k.startswith("answered") or k.startswith("acknowledged"))
                and not k.endswith("after_retry")}
         ret = {k[8:]: v for k, v in c.items() if k.startswith("retried_")}
         bad = {k: v for k, v in c.items() if k in ("unanswered", "dropped", "client_error") or k.startswith("status_")}
+        lat = [x for _, x in LATENCY[d]]
+        calm = [x for t, x in LATENCY[d] if not restart_window(t - 5, t + x + 5)]
         P(f"| {d} | {c['sent']} | {sum(ans.values())} {dict(ans) if len(ans) > 1 else ''} | "
           f"{c['answered_after_retry'] + c['acknowledged_after_retry']} | {dict(ret) or 0} | {dict(bad) or 0} | "
-          f"{pct(LATENCY[d], .5):.2f} / {pct(LATENCY[d], .99):.2f} / {pct(LATENCY[d], 1):.1f} |")
+          f"{pct(lat, .5):.2f} / {pct(lat, .99):.2f} / {pct(lat, 1):.1f} | {pct(calm, .5):.2f} / {pct(calm, .99):.2f} |")
     P()
     P(f"DICOM results: {len(sources)} instances acknowledged ({n_before} before the restart); audit decisions "
       f"{dict(collections.Counter(decisions.values()))}; per expected object: {dict(acct)}.")
