@@ -1292,8 +1292,9 @@ def main():
     git = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     P = print
     P()
-    P(f"### Soak: {A.minutes:g} min, HTTP + gRPC + DICOM beside a hostile mix, restart at "
-      f"{A.restart_at * 100:.0f} % ({time.strftime('%Y-%m-%d', time.gmtime())})")
+    P(f"### Soak: {A.minutes:g} min, HTTP + gRPC + DICOM" + ("" if A.no_hostile else " beside a hostile mix")
+      + (f", restart at {A.restart_at * 100:.0f} %" if A.restart_at else "")
+      + f" ({time.strftime('%Y-%m-%d', time.gmtime())})")
     P()
     P(f"`bench/soak.py --minutes {A.minutes:g}` ({git}), `{os.path.relpath(A.bin, ROOT) if A.bin.startswith(ROOT) else A.bin}`, "
       f"model `{DEFAULT_MODEL}`; {cpu_line()}. Legit load: /predict {A.http_rate:g}/s, gRPC {A.grpc_rate:g}/s, "
