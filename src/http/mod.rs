@@ -401,8 +401,13 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
+/// 404 for a path no route matches. The path is not named back: it can carry an
+/// identifier (a patient's name, an MRN), and the refusal's message is logged.
 async fn not_found(req: Request) -> ApiError {
-    ApiError::NoRoute(format!("{} {}", req.method(), req.uri().path()))
+    ApiError::NoRoute(format!(
+        "{}: no such route on this server (see /docs)",
+        req.method()
+    ))
 }
 
 async fn method_not_allowed() -> ApiError {
