@@ -37,7 +37,6 @@ use crate::access::AuthError;
 use crate::access::Scope;
 use crate::access::presented_key;
 use crate::grpc::status;
-use crate::http::auth::refusal_event;
 use crate::predict::ApiError;
 use crate::predict::Core;
 use crate::predict::Reservation;
@@ -206,7 +205,7 @@ impl Admission {
                     .auth_refused
                     .with_label_values(&[reason])
                     .inc();
-                self.core.audit().note_refusal(refusal_event(
+                self.core.audit().note_refusal(crate::audit::AuditEvent::auth_refused(
                     "grpc",
                     format!("{}{m}", &INFERENCE[1..]),
                     uuid::Uuid::new_v4().to_string(),
