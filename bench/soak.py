@@ -1324,6 +1324,7 @@ def main():
       f"{n_refused_objects} objects refused in {sum(k for _, _, k in gate_refused.values())} attempts.")
     P(f"/metrics summed over the runs: `{RESULTS_METRIC}` by outcome {results}; `{STORES_METRIC}` {stores}; "
       f"`{ASSOC_METRIC}` {assocs}; outbox depth {depth}.")
+    dl_text = [(json.dumps(e), entry_reason(e)) for e in (dls or [])]
     P(f"Dead letters: " + (f"`GET {dl_route}` lists {len(dls)}, {sum(1 for _, w in dl_text if w)} with a reason"
                            + (f" (e.g. {dl_text[0][1][:100]!r})" if dl_text and dl_text[0][1] else "")
                            if dls is not None else f"no route answered ({', '.join(DEAD_LETTER_ROUTES)})") + ".")
