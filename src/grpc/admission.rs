@@ -205,13 +205,15 @@ impl Admission {
                     .auth_refused
                     .with_label_values(&[reason])
                     .inc();
-                self.core.audit().note_refusal(crate::audit::AuditEvent::auth_refused(
-                    "grpc",
-                    format!("{}{m}", &INFERENCE[1..]),
-                    uuid::Uuid::new_v4().to_string(),
-                    scope,
-                    &e,
-                ));
+                self.core
+                    .audit()
+                    .note_refusal(crate::audit::AuditEvent::auth_refused(
+                        "grpc",
+                        format!("{}{m}", &INFERENCE[1..]),
+                        uuid::Uuid::new_v4().to_string(),
+                        scope,
+                        &e,
+                    ));
                 let s = status(&ApiError::Auth(e));
                 Self::count(&self.core, method, s.code());
                 s

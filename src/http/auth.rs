@@ -72,11 +72,14 @@ fn note_refusal(state: &AppState, req: &Request, scope: Scope, e: &AuthError) {
         .get::<crate::http::RequestIds>()
         .map(|i| i.server.clone())
         .unwrap_or_default();
-    state.core().audit().note_refusal(crate::audit::AuditEvent::auth_refused(
-        "http",
-        format!("{} {route}", req.method()),
-        request_id,
-        scope,
-        e,
-    ));
+    state
+        .core()
+        .audit()
+        .note_refusal(crate::audit::AuditEvent::auth_refused(
+            "http",
+            format!("{} {route}", req.method()),
+            request_id,
+            scope,
+            e,
+        ));
 }
