@@ -73,6 +73,9 @@ pub struct ServedModel {
     pub fallback_reason: Option<String>,
     /// With `--backend openvino|auto`: why this CPU backend serves.
     pub backend_choice: Option<String>,
+    /// With `--backend auto`: the deployment's decision it serves by, and whether it
+    /// was measured now or read.
+    pub backend_decision: Option<super::decision::BackendDecision>,
     /// Milliseconds to create the session and warm it up.
     pub load_time_ms: f64,
     /// Its preprocessing.
@@ -531,6 +534,9 @@ pub struct LoadConfig {
     pub site_card: Option<PathBuf>,
     /// Per-model CPU backends over `backend` (`--model-backend NAME=BACKEND`).
     pub model_backends: std::collections::BTreeMap<String, super::runtime::BackendChoice>,
+    /// Where `auto`'s decision and OpenVINO's compiled models are kept
+    /// (`--backend-decision`, `--openvino-cache-dir`).
+    pub decision: super::decision::DecisionConfig,
 }
 
 impl LoadConfig {
@@ -606,6 +612,10 @@ pub struct LoadContext<'a> {
     cfg: &'a LoadConfig,
     env: &'static ort::environment::Environment,
     site_card: Option<crate::registry::site::SiteCard>,
+    /// The decision file, read when a model first needs it (`auto`).
+    decisions: std::sync::OnceLock<Option<super::decision::DecisionStore>>,
+    /// OpenVINO's compiled-model cache, checked writable when first needed.
+    openvino_cache: std::sync::OnceLock<Option<PathBuf>>,
 }
 
 impl<'a> LoadContext<'a> {
@@ -625,7 +635,29 @@ impl<'a> LoadContext<'a> {
             cfg,
             env,
             site_card,
+            decisions: std::sync::OnceLock::new(),
+            openvino_cache: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The decision file, read once per context (a rescan reads it again).
+    fn decisions(&self) -> Option<&super::decision::DecisionStore> {
+        self.decisions
+            .get_or_init(|| {
+                self.cfg
+                    .decision
+                    .file
+                    .as_deref()
+                    .map(super::decision::DecisionStore::open)
+            })
+            .as_ref()
+    }
+
+    /// OpenVINO's compiled-model cache, if it can be written.
+    fn openvino_cache(&self) -> Option<PathBuf> {
+        self.openvino_cache
+            .get_or_init(|| self.cfg.decision.usable_cache())
+            .clone()
     }
 
     /// Warns of site card entries for models not served.
@@ -677,25 +709,34 @@ impl<'a> LoadContext<'a> {
         let mut backend: Box<dyn super::batcher::Backend> = Box::new(session);
         let mut openvino = false;
         let mut backend_choice = None;
+        let mut backend_decision = None;
         let asked = cfg.backend_of(&m.card.name);
+        let cache = (provider == Provider::Cpu && asked != super::runtime::BackendChoice::Ort)
+            .then(|| self.openvino_cache())
+            .flatten();
         if provider == Provider::Cpu && asked != super::runtime::BackendChoice::Ort {
-            match super::openvino::choose(
+            let chooser = super::openvino::Chooser {
                 asked,
-                cfg.intra_threads,
-                &m.card,
-                &m.onnx_bytes,
-                backend,
-                s,
-                batch.max_batch,
-            ) {
+                threads: cfg.intra_threads,
+                max_batch: batch.max_batch,
+                cache: cache.as_deref(),
+                decisions: if asked == super::runtime::BackendChoice::Auto {
+                    self.decisions()
+                } else {
+                    None
+                },
+            };
+            match super::openvino::choose(&chooser, &m.card, &m.onnx_bytes, backend, s) {
                 (b, Ok(note)) => {
                     backend = b;
                     openvino = note.chose_openvino;
                     if openvino {
                         provider = Provider::OpenVinoCpu;
                     }
-                    tracing::info!(model = %m.card.name, backend = provider.as_str(), why = %note.why, "CPU backend chosen");
+                    let source = note.decision.as_ref().map_or("none", |d| d.source.as_str());
+                    tracing::info!(model = %m.card.name, backend = provider.as_str(), decision = source, why = %note.why, "CPU backend chosen");
                     backend_choice = Some(note.why);
+                    backend_decision = note.decision;
                 }
                 (b, Err(why)) => {
                     backend = b;
@@ -710,9 +751,15 @@ impl<'a> LoadContext<'a> {
         let restart: SessionFactory = Arc::new(move || {
             let mut b: Box<dyn super::batcher::Backend> = if openvino {
                 Box::new(
-                    super::openvino::OpenVinoModel::load(&bytes, threads, precision).map_err(
-                        |e| super::RestartError::Warmup(super::runtime::RunError::Runtime(e.0)),
-                    )?,
+                    super::openvino::OpenVinoModel::load(
+                        &bytes,
+                        threads,
+                        precision,
+                        cache.as_deref(),
+                    )
+                    .map_err(|e| {
+                        super::RestartError::Warmup(super::runtime::RunError::Runtime(e.0))
+                    })?,
                 )
             } else {
                 Box::new(create_session(env, &bytes, opts)?.0)
@@ -743,6 +790,7 @@ impl<'a> LoadContext<'a> {
             provider,
             fallback_reason,
             backend_choice,
+            backend_decision,
             load_time_ms,
             preprocessor,
             batcher,

@@ -108,6 +108,18 @@ pub enum RuntimeError {
     },
 }
 
+/// The loaded library's build (`git-branch=rel-…, git-commit-id=…`, without its
+/// compiler flags), as backend decisions are keyed by. Call after [`environment`].
+pub fn ort_build() -> String {
+    let info = ort::info();
+    let info = info.strip_prefix("ORT Build Info: ").unwrap_or(info);
+    info.split(", cmake")
+        .next()
+        .unwrap_or(info)
+        .trim()
+        .to_string()
+}
+
 /// Finds the library: `explicit` (flag or `ORT_DYLIB_PATH`) if given, else
 /// [`DEFAULT_LIB`] under the working directory or any folder above the executable.
 pub fn resolve_library(explicit: Option<&Path>) -> PathBuf {
