@@ -17,7 +17,6 @@ use super::batcher::{
 };
 use super::runtime::{
     Device, Provider, SessionOptions, SharedPool, create_session, environment_with,
-    run_probabilities,
 };
 use crate::imaging::Preprocessor;
 use crate::registry::{ModelCard, RegistryError, load_dir};
@@ -685,8 +684,7 @@ impl<'a> LoadContext<'a> {
             cpu_arena: cfg.cpu_mem_arena,
             intra_spinning: cfg.intra_spinning,
         };
-        let (mut session, mut provider, fallback_reason) =
-            create_session(env, &m.onnx_bytes, opts)?;
+        let (session, mut provider, fallback_reason) = create_session(env, &m.onnx_bytes, opts)?;
         if let Some(why) = &fallback_reason {
             tracing::warn!(model = %m.card.name, reason = %why, "CUDA unavailable, running on the CPU");
         }
@@ -698,10 +696,6 @@ impl<'a> LoadContext<'a> {
             },
             ..cfg.batch
         };
-        for n in [1, batch.max_batch.max(1)] {
-            run_probabilities(&mut session, vec![0.0; n * 3 * s * s], n, s)
-                .map_err(|e| LoadError::Warmup(m.card.name.clone(), e.to_string()))?;
-        }
         let preprocessor = Preprocessor::new(m.card.input_size, &m.card.preprocessing)
             .expect("the registry checked the preprocessing");
         // The CPU backend: ONNX Runtime's session, or OpenVINO's compiled model when
@@ -743,6 +737,16 @@ impl<'a> LoadContext<'a> {
                     tracing::warn!(model = %m.card.name, reason = %why, "OpenVINO not used: ONNX Runtime serves this model");
                     backend_choice = Some(format!("OpenVINO not used: {why}"));
                 }
+            }
+        }
+        // ONNX Runtime warmed only where it serves: OpenVINO ran the probe batch and a
+        // lone image already (a start that reads its decision skips ONNX Runtime's
+        // warm-up runs for the models OpenVINO serves).
+        if !openvino {
+            for n in [1, batch.max_batch.max(1)] {
+                backend
+                    .run(vec![0.0; n * 3 * s * s], n, s)
+                    .map_err(|e| LoadError::Warmup(m.card.name.clone(), e.to_string()))?;
             }
         }
         // A worker that dies gets a fresh backend from the same verified bytes.
