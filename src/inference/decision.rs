@@ -232,7 +232,8 @@ fn check_entry(e: &Entry) -> Result<(), String> {
         f.openvino_batch1_ms,
         f.openvino_per_image_ms,
     ];
-    if !times.iter().all(|t| t.is_finite() && *t > 0.0) || !(f.max_abs_dp >= 0.0) {
+    let dp_ok = f.max_abs_dp.is_finite() && f.max_abs_dp >= 0.0;
+    if !times.iter().all(|t| t.is_finite() && *t > 0.0) || !dp_ok {
         return Err("its figures are not positive, finite times".into());
     }
     if f.batch != e.key.max_batch.max(1) {
@@ -322,7 +323,7 @@ pub struct WriteError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lookup {
     /// An entry with this key: take it as is.
-    Found(Entry),
+    Found(Box<Entry>),
     /// None: measure. The backend in place for the model (its latest entry on this
     /// CPU, else on any), if it has one.
     Missing {
@@ -399,7 +400,7 @@ impl DecisionStore {
     /// The entry for `key`, else the backend in place for `model`.
     pub fn lookup(&self, model: &str, key: &Key) -> Lookup {
         if let Some(e) = self.entries.iter().rev().find(|e| e.key == *key) {
-            return Lookup::Found(e.clone());
+            return Lookup::Found(Box::new(e.clone()));
         }
         let latest = |same_cpu: bool| {
             self.entries
@@ -684,7 +685,10 @@ mod tests {
             Recorded::Written(e.clone())
         );
         let store = DecisionStore::open(&path);
-        assert_eq!(store.lookup("a", &e.key), Lookup::Found(e.clone()));
+        assert_eq!(
+            store.lookup("a", &e.key),
+            Lookup::Found(Box::new(e.clone()))
+        );
         let mut other_cpu = e.key.clone();
         other_cpu.cpu.flags.remove("avx2");
         let mut other_file = e.key.clone();
