@@ -150,6 +150,9 @@ fn replicas_sharing_a_decision_take_it_and_answer_alike() {
         let (la, lb) = (live(&a, m), live(&b, m));
         assert_eq!(source(&lb), "read", "{lb}");
         assert_eq!(lb["backend_decision"]["written"], false);
+        // Taken from the file, not measured (and then found there).
+        let why = lb["backend_choice"].as_str().unwrap();
+        assert!(why.starts_with("read from"), "{why}");
         assert_eq!(
             lb["backend_decision"]["decided_at"],
             la["backend_decision"]["decided_at"]

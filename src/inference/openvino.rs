@@ -442,10 +442,10 @@ fn choose_by_decision(
                 Ok(Recorded::Written(e)) => (e, BackendDecisionSource::Measured, true, measured),
                 Ok(Recorded::Standing(e)) => {
                     let why = format!(
-                        "read from {}: {} (written by {} while this replica measured; {measured})",
+                        "{measured}; but {} wrote its decision to {} meanwhile, and it stands: {}",
+                        e.decided_by,
                         path.display(),
-                        e.backend.as_str(),
-                        e.decided_by
+                        e.backend.as_str()
                     );
                     (e, BackendDecisionSource::Read, false, why)
                 }
