@@ -12,8 +12,12 @@ use serde_json::Value;
 
 /// A replica: `--backend auto` with its decision and OpenVINO's cache in `state`.
 fn replica(models: &Path, state: &Path) -> common::Server {
+    replica_cached(models, state, &state.join("ov-cache"))
+}
+
+/// [`replica`] with OpenVINO's compiled-model cache in `cache`.
+fn replica_cached(models: &Path, state: &Path, cache: &Path) -> common::Server {
     let file = decision_file(state);
-    let cache = state.join("ov-cache");
     let args: [&std::ffi::OsStr; 6] = [
         "--backend".as_ref(),
         "auto".as_ref(),
@@ -170,7 +174,9 @@ fn replicas_sharing_a_decision_take_it_and_answer_alike() {
     assert_eq!(read_file(state.path()), written, "reading writes nothing");
 
     // Taken as is: a decision naming OpenVINO for alpha and ONNX Runtime for beta
-    // (its figures say so) serves both replicas so, whatever they would measure.
+    // (its figures say so) serves both replicas so, whatever they would measure;
+    // one compiles OpenVINO's model afresh (an empty cache), the other loads it
+    // from the cache, and they answer alike to the bit.
     let mut f = written.clone();
     for (m, backend, ort, ov) in [("alpha", "openvino", 10.0, 5.0), ("beta", "ort", 5.0, 10.0)] {
         let e = entry_of(&mut f, m);
@@ -185,7 +191,11 @@ fn replicas_sharing_a_decision_take_it_and_answer_alike() {
     }
     write_file(state.path(), &f);
     let (c, d) = (
-        replica(models.path(), state.path()),
+        replica_cached(
+            models.path(),
+            state.path(),
+            &state.path().join("empty-cache"),
+        ),
         replica(models.path(), state.path()),
     );
     for (m, provider) in [("alpha", "OpenVINO:CPU"), ("beta", "CPUExecutionProvider")] {
@@ -303,6 +313,40 @@ fn a_corrupt_or_foreign_decision_file_is_ignored_with_a_warning() {
     );
     assert_eq!(source(&live(&s, "alpha")), "measured");
     assert_eq!(source(&live(&s, "beta")), "read");
+    drop(s);
+
+    // A decision naming OpenVINO whose recorded ONNX Runtime answers are not what
+    // OpenVINO answers: warned, and OpenVINO is checked against ONNX Runtime itself.
+    let state = tempfile::tempdir().unwrap();
+    let mut f = good.clone();
+    let e = entry_of(&mut f, "alpha");
+    e["backend"] = "openvino".into();
+    e["incumbent"] = "ort".into();
+    for k in ["ort_batch1_ms", "ort_per_image_ms"] {
+        e["figures"][k] = 10.0.into();
+    }
+    for k in ["openvino_batch1_ms", "openvino_per_image_ms"] {
+        e["figures"][k] = 5.0.into();
+    }
+    let wrong: Vec<Value> = e["ort_probe"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (1.0 - p.as_f64().unwrap()).into())
+        .collect();
+    e["ort_probe"] = wrong.into();
+    write_file(state.path(), &f);
+    let s = replica(models.path(), state.path());
+    let warned = warnings(&s);
+    assert!(
+        warned
+            .iter()
+            .any(|(m, _)| m.starts_with("OpenVINO disagrees with the probe answers")),
+        "{warned:?}"
+    );
+    let l = live(&s, "alpha");
+    assert_eq!(source(&l), "read", "{l}");
+    assert_eq!(l["execution_provider"], "OpenVINO:CPU", "{l}");
 }
 
 /// Without the flags, the decision and the cache live beside the models, and the

@@ -177,6 +177,10 @@ pub struct Entry {
     pub backend: CpuBackend,
     /// The measurement it was chosen by.
     pub figures: BackendFigures,
+    /// ONNX Runtime's P(PNEUMONIA) for each image of the fixed probe batch: a replica
+    /// that reads a decision naming OpenVINO checks OpenVINO against these (within
+    /// the card's tolerance) instead of making ONNX Runtime's session.
+    pub ort_probe: Vec<f64>,
     /// The backend in place when it was measured (hysteresis: [`decide`]).
     pub incumbent: CpuBackend,
     /// When (RFC 3339 UTC).
@@ -235,6 +239,9 @@ fn check_entry(e: &Entry) -> Result<(), String> {
     let dp_ok = f.max_abs_dp.is_finite() && f.max_abs_dp >= 0.0;
     if !times.iter().all(|t| t.is_finite() && *t > 0.0) || !dp_ok {
         return Err("its figures are not positive, finite times".into());
+    }
+    if e.ort_probe.len() != f.batch || !e.ort_probe.iter().all(|p| (0.0..=1.0).contains(p)) {
+        return Err("its probe answers are not one probability per probe image".into());
     }
     if f.batch != e.key.max_batch.max(1) {
         return Err(format!(
@@ -616,6 +623,7 @@ mod tests {
             },
             backend,
             figures: f,
+            ort_probe: vec![0.25, 0.75],
             incumbent: CpuBackend::Ort,
             decided_at: "2026-12-07T00:00:00.000Z".into(),
             decided_by: "test".into(),

@@ -617,6 +617,24 @@ pub struct LoadContext<'a> {
     openvino_cache: std::sync::OnceLock<Option<PathBuf>>,
 }
 
+/// A version's backend as [`LoadContext::choose_backend`] chose it.
+struct Chosen {
+    /// What runs its batches (warmed).
+    backend: Box<dyn super::batcher::Backend>,
+    /// Where.
+    provider: Provider,
+    /// Why CUDA was not used, when `--device auto` fell back.
+    fallback_reason: Option<String>,
+    /// OpenVINO serves (a restarted worker gets OpenVINO too).
+    openvino: bool,
+    /// OpenVINO's compiled-model cache.
+    cache: Option<PathBuf>,
+    /// Why this CPU backend (`--backend openvino|auto`).
+    choice: Option<String>,
+    /// The deployment's decision it serves by (`auto`).
+    decision: Option<super::decision::BackendDecision>,
+}
+
 impl<'a> LoadContext<'a> {
     /// Loads ONNX Runtime (once per process) and the site card.
     pub fn new(cfg: &'a LoadConfig) -> Result<Self, LoadError> {
@@ -669,6 +687,101 @@ impl<'a> LoadContext<'a> {
         }
     }
 
+    /// The backend a version serves on: OpenVINO at once when `auto` reads a decision
+    /// naming it on a CPU-only device (ONNX Runtime's session is then never made);
+    /// else ONNX Runtime's session (CUDA or the CPU), replaced by OpenVINO's compiled
+    /// model when asked for, read or measured faster and it agrees with ONNX Runtime.
+    /// Warmed at batch 1 and the largest batch.
+    fn choose_backend(
+        &self,
+        m: &crate::registry::LoadedModel,
+        opts: SessionOptions,
+        s: usize,
+    ) -> Result<Chosen, LoadError> {
+        use super::runtime::BackendChoice;
+        let cfg = self.cfg;
+        let name = &m.card.name;
+        let asked = cfg.backend_of(name);
+        let cache = (cfg.device != Device::Cuda && asked != BackendChoice::Ort)
+            .then(|| self.openvino_cache())
+            .flatten();
+        let chooser = super::openvino::Chooser {
+            asked,
+            threads: cfg.intra_threads,
+            max_batch: cfg.batch.max_batch,
+            cache: cache.as_deref(),
+            decisions: if asked == BackendChoice::Auto {
+                self.decisions()
+            } else {
+                None
+            },
+        };
+        if cfg.device == Device::Cpu
+            && let Some((ov, note)) =
+                super::openvino::read_openvino(&chooser, &m.card, &m.onnx_bytes, s)
+        {
+            tracing::info!(model = %name, backend = Provider::OpenVinoCpu.as_str(), decision = "read", why = %note.why, "CPU backend chosen");
+            return Ok(Chosen {
+                backend: Box::new(ov),
+                provider: Provider::OpenVinoCpu,
+                fallback_reason: None,
+                openvino: true,
+                cache,
+                choice: Some(note.why),
+                decision: note.decision,
+            });
+        }
+        let (session, mut provider, fallback_reason) =
+            create_session(self.env, &m.onnx_bytes, opts)?;
+        if let Some(why) = &fallback_reason {
+            tracing::warn!(model = %name, reason = %why, "CUDA unavailable, running on the CPU");
+        }
+        let mut backend: Box<dyn super::batcher::Backend> = Box::new(session);
+        let (mut openvino, mut choice, mut decision) = (false, None, None);
+        if provider == Provider::Cpu && asked != BackendChoice::Ort {
+            match super::openvino::choose(&chooser, &m.card, &m.onnx_bytes, backend, s) {
+                (b, Ok(note)) => {
+                    backend = b;
+                    openvino = note.chose_openvino;
+                    if openvino {
+                        provider = Provider::OpenVinoCpu;
+                    }
+                    let source = note.decision.as_ref().map_or("none", |d| d.source.as_str());
+                    tracing::info!(model = %name, backend = provider.as_str(), decision = source, why = %note.why, "CPU backend chosen");
+                    choice = Some(note.why);
+                    decision = note.decision;
+                }
+                (b, Err(why)) => {
+                    backend = b;
+                    tracing::warn!(model = %name, reason = %why, "OpenVINO not used: ONNX Runtime serves this model");
+                    choice = Some(format!("OpenVINO not used: {why}"));
+                }
+            }
+        }
+        // ONNX Runtime warmed only where it serves: OpenVINO ran the probe batch and a
+        // lone image already.
+        if !openvino {
+            let largest = match provider {
+                Provider::Cuda => cfg.cuda_max_batch,
+                Provider::Cpu | Provider::OpenVinoCpu => cfg.batch.max_batch,
+            };
+            for n in [1, largest.max(1)] {
+                backend
+                    .run(vec![0.0; n * 3 * s * s], n, s)
+                    .map_err(|e| LoadError::Warmup(name.clone(), e.to_string()))?;
+            }
+        }
+        Ok(Chosen {
+            backend,
+            provider,
+            fallback_reason,
+            openvino,
+            cache,
+            choice,
+            decision,
+        })
+    }
+
     /// Makes a verified card and file a served version: its session (or OpenVINO's
     /// compiled model), warmed at batch 1 and the largest batch, and its worker.
     pub fn load(
@@ -684,11 +797,16 @@ impl<'a> LoadContext<'a> {
             cpu_arena: cfg.cpu_mem_arena,
             intra_spinning: cfg.intra_spinning,
         };
-        let (session, mut provider, fallback_reason) = create_session(env, &m.onnx_bytes, opts)?;
-        if let Some(why) = &fallback_reason {
-            tracing::warn!(model = %m.card.name, reason = %why, "CUDA unavailable, running on the CPU");
-        }
         let s = m.card.input_size as usize;
+        let Chosen {
+            backend,
+            provider,
+            fallback_reason,
+            openvino,
+            cache,
+            choice: backend_choice,
+            decision: backend_decision,
+        } = self.choose_backend(&m, opts, s)?;
         let batch = BatchConfig {
             max_batch: match provider {
                 Provider::Cuda => cfg.cuda_max_batch,
@@ -698,57 +816,6 @@ impl<'a> LoadContext<'a> {
         };
         let preprocessor = Preprocessor::new(m.card.input_size, &m.card.preprocessing)
             .expect("the registry checked the preprocessing");
-        // The CPU backend: ONNX Runtime's session, or OpenVINO's compiled model when
-        // asked for (or measured faster) and it agrees with ONNX Runtime.
-        let mut backend: Box<dyn super::batcher::Backend> = Box::new(session);
-        let mut openvino = false;
-        let mut backend_choice = None;
-        let mut backend_decision = None;
-        let asked = cfg.backend_of(&m.card.name);
-        let cache = (provider == Provider::Cpu && asked != super::runtime::BackendChoice::Ort)
-            .then(|| self.openvino_cache())
-            .flatten();
-        if provider == Provider::Cpu && asked != super::runtime::BackendChoice::Ort {
-            let chooser = super::openvino::Chooser {
-                asked,
-                threads: cfg.intra_threads,
-                max_batch: batch.max_batch,
-                cache: cache.as_deref(),
-                decisions: if asked == super::runtime::BackendChoice::Auto {
-                    self.decisions()
-                } else {
-                    None
-                },
-            };
-            match super::openvino::choose(&chooser, &m.card, &m.onnx_bytes, backend, s) {
-                (b, Ok(note)) => {
-                    backend = b;
-                    openvino = note.chose_openvino;
-                    if openvino {
-                        provider = Provider::OpenVinoCpu;
-                    }
-                    let source = note.decision.as_ref().map_or("none", |d| d.source.as_str());
-                    tracing::info!(model = %m.card.name, backend = provider.as_str(), decision = source, why = %note.why, "CPU backend chosen");
-                    backend_choice = Some(note.why);
-                    backend_decision = note.decision;
-                }
-                (b, Err(why)) => {
-                    backend = b;
-                    tracing::warn!(model = %m.card.name, reason = %why, "OpenVINO not used: ONNX Runtime serves this model");
-                    backend_choice = Some(format!("OpenVINO not used: {why}"));
-                }
-            }
-        }
-        // ONNX Runtime warmed only where it serves: OpenVINO ran the probe batch and a
-        // lone image already (a start that reads its decision skips ONNX Runtime's
-        // warm-up runs for the models OpenVINO serves).
-        if !openvino {
-            for n in [1, batch.max_batch.max(1)] {
-                backend
-                    .run(vec![0.0; n * 3 * s * s], n, s)
-                    .map_err(|e| LoadError::Warmup(m.card.name.clone(), e.to_string()))?;
-            }
-        }
         // A worker that dies gets a fresh backend from the same verified bytes.
         let bytes = Arc::new(m.onnx_bytes.clone());
         let (threads, precision) = (cfg.intra_threads, super::openvino::precision_hint(&m.card));

@@ -337,7 +337,7 @@ pub(super) fn choose(
     {
         return choose_by_decision(c, store, card, onnx, ort, s);
     }
-    let (mut ov, diff) = match checked(c, card, onnx, ort.as_mut(), s) {
+    let (mut ov, diff, _) = match checked(c, card, onnx, ort.as_mut(), s) {
         Ok(v) => v,
         Err(e) => return (ort, Err(e)),
     };
@@ -370,31 +370,15 @@ fn choose_by_decision(
     mut ort: Box<dyn Backend>,
     s: usize,
 ) -> (Box<dyn Backend>, Result<Choice, OpenVinoError>) {
-    let key = match runtime_version() {
-        Ok(openvino) => Key {
-            file_sha256: card.onnx.sha256.to_ascii_lowercase(),
-            cpu: store.cpu().clone(),
-            runtimes: Runtimes {
-                onnxruntime: crate::inference::runtime::ort_build(),
-                openvino,
-            },
-            intra_threads: c.threads,
-            max_batch: c.max_batch.max(1),
-        },
+    let key = match key_for(c, store, card) {
+        Ok(k) => k,
         Err(e) => return (ort, Err(e)),
     };
     let path = store.path();
     match store.lookup(&card.name, &key) {
         Lookup::Found(entry) => {
             let facts = BackendDecision::of(&entry, BackendDecisionSource::Read, path, false);
-            let why = format!(
-                "read from {}: {} (measured {} by {}: {})",
-                path.display(),
-                entry.backend.as_str(),
-                entry.decided_at,
-                entry.decided_by,
-                entry.figures.describe()
-            );
+            let why = read_why(path, &entry);
             match entry.backend {
                 CpuBackend::Ort => (
                     ort,
@@ -406,7 +390,7 @@ fn choose_by_decision(
                 ),
                 // Taken as is, but OpenVINO still has to agree with ONNX Runtime here.
                 CpuBackend::Openvino => match checked(c, card, onnx, ort.as_mut(), s) {
-                    Ok((ov, _)) => serve(CpuBackend::Openvino, ort, ov, why, Some(facts)),
+                    Ok((ov, _, _)) => serve(CpuBackend::Openvino, ort, ov, why, Some(facts)),
                     Err(e) => (
                         ort,
                         Err(OpenVinoError(format!(
@@ -418,7 +402,7 @@ fn choose_by_decision(
             }
         }
         Lookup::Missing { incumbent } => {
-            let (mut ov, diff) = match checked(c, card, onnx, ort.as_mut(), s) {
+            let (mut ov, diff, ort_probe) = match checked(c, card, onnx, ort.as_mut(), s) {
                 Ok(v) => v,
                 Err(e) => return (ort, Err(e)),
             };
@@ -433,6 +417,7 @@ fn choose_by_decision(
                 key,
                 backend: decide(&f, incumbent),
                 figures: f,
+                ort_probe: ort_probe.iter().map(|&p| f64::from(p)).collect(),
                 incumbent,
                 decided_at: crate::clock::now_rfc3339(),
                 decided_by: store.host().to_string(),
@@ -460,20 +445,105 @@ fn choose_by_decision(
     }
 }
 
-/// OpenVINO's model, agreeing with ONNX Runtime on a fixed probe batch (the served
-/// batch size) and warm at batch 1; with the most |Δp| on the probe.
+/// The fixed probe batch: `n` images of `[3, s, s]`.
+fn probe(n: usize, s: usize) -> Vec<f32> {
+    (0..n * 3 * s * s)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+/// What this replica's decision for `card` is keyed by.
+fn key_for(
+    c: &Chooser<'_>,
+    store: &DecisionStore,
+    card: &crate::registry::ModelCard,
+) -> Result<Key, OpenVinoError> {
+    Ok(Key {
+        file_sha256: card.onnx.sha256.to_ascii_lowercase(),
+        cpu: store.cpu().clone(),
+        runtimes: Runtimes {
+            onnxruntime: crate::inference::runtime::ort_build(),
+            openvino: runtime_version()?,
+        },
+        intra_threads: c.threads,
+        max_batch: c.max_batch.max(1),
+    })
+}
+
+/// Why a model serves by a decision read from `path`.
+fn read_why(path: &Path, entry: &Entry) -> String {
+    format!(
+        "read from {}: {} (measured {} by {}: {})",
+        path.display(),
+        entry.backend.as_str(),
+        entry.decided_at,
+        entry.decided_by,
+        entry.figures.describe()
+    )
+}
+
+/// `auto` before ONNX Runtime's session is made: OpenVINO, when the decision file
+/// has an entry for this file, CPU and runtimes that names it and OpenVINO agrees
+/// (within the card's tolerance) with ONNX Runtime's probe answers recorded there,
+/// warm at the probe's batch size and at 1. `None` otherwise: the session is made
+/// and [`choose`] decides (reading the same entry, checking OpenVINO against ONNX
+/// Runtime itself).
+pub(super) fn read_openvino(
+    c: &Chooser<'_>,
+    card: &crate::registry::ModelCard,
+    onnx: &[u8],
+    s: usize,
+) -> Option<(OpenVinoModel, Choice)> {
+    let store = c.decisions?;
+    let key = key_for(c, store, card).ok()?;
+    let Lookup::Found(entry) = store.lookup(&card.name, &key) else {
+        return None;
+    };
+    if entry.backend != CpuBackend::Openvino {
+        return None;
+    }
+    let n = c.max_batch.max(1);
+    let mut ov = OpenVinoModel::load(onnx, c.threads, precision_hint(card), c.cache).ok()?;
+    let got = ov.run(probe(n, s), n, s).ok()?;
+    ov.run(vec![0.0; 3 * s * s], 1, s).ok()?;
+    let diff = got
+        .iter()
+        .zip(&entry.ort_probe)
+        .map(|(o, &r)| (f64::from(o.probabilities[1]) - r).abs())
+        .fold(0.0_f64, f64::max);
+    if got.len() != entry.ort_probe.len() || diff > f64::from(tolerance(card)) {
+        tracing::warn!(model = %card.name, max_abs_dp = diff, "OpenVINO disagrees with the probe answers of the decision it read: ONNX Runtime checks it here");
+        return None;
+    }
+    let path = store.path();
+    Some((
+        ov,
+        Choice {
+            chose_openvino: true,
+            why: read_why(path, &entry),
+            decision: Some(BackendDecision::of(
+                &entry,
+                BackendDecisionSource::Read,
+                path,
+                false,
+            )),
+        },
+    ))
+}
+
+/// OpenVINO's model, agreeing with ONNX Runtime on the fixed probe batch (the served
+/// batch size) and warm at batch 1; with the most |Δp| on the probe and ONNX
+/// Runtime's P(PNEUMONIA) for each probe image.
 fn checked(
     c: &Chooser<'_>,
     card: &crate::registry::ModelCard,
     onnx: &[u8],
     ort: &mut dyn Backend,
     s: usize,
-) -> Result<(OpenVinoModel, f32), OpenVinoError> {
+) -> Result<(OpenVinoModel, f32, Vec<f32>), OpenVinoError> {
     let mut ov = OpenVinoModel::load(onnx, c.threads, precision_hint(card), c.cache)?;
     let n = c.max_batch.max(1);
-    let probe: Vec<f32> = (0..n * 3 * s * s)
-        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-        .collect();
+    let probe = probe(n, s);
     let (a, b) = match (ort.run(probe.clone(), n, s), ov.run(probe, n, s)) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
@@ -495,7 +565,7 @@ fn checked(
             tolerance(card)
         )));
     }
-    Ok((ov, diff))
+    Ok((ov, diff, a.iter().map(|x| x.probabilities[1]).collect()))
 }
 
 /// Both backends timed: 5 runs at batch 1 and 5 at the served batch size, each
