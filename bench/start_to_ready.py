@@ -104,8 +104,10 @@ class Image:
 
 
 def sources(port):
-    """Each model's decision source (`measured`, `read`, or `-` without one)."""
-    return {m["card"]["name"]: (m["live"].get("backend_decision") or {}).get("source", "-")
+    """Each model's decision source (`measured`, `read`, or `-` without one) and the
+    backend serving it."""
+    return {m["card"]["name"]: ((m["live"].get("backend_decision") or {}).get("source", "-"),
+                                "ov" if m["live"]["execution_provider"] == "OpenVINO:CPU" else "ort")
             for m in models(port)}
 
 
@@ -130,7 +132,7 @@ def start_to_ready(a, kind):
                 src = sources(s.port)
                 s.stop()
                 want = {"ort": {"-"}, "auto-cold": {"measured"}, "auto-warm": {"read"}}[way]
-                if set(src.values()) != want:
+                if {s for s, _ in src.values()} != want:
                     raise RuntimeError(f"{way}: decisions {src}, expected {want}")
                 times[way].append(s.seconds)
                 print(f"round {r + 1}: {kind} {way}: {s.seconds:.2f} s  {src}", flush=True)

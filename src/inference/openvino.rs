@@ -305,17 +305,23 @@ fn tolerance(card: &crate::registry::ModelCard) -> f32 {
     }
 }
 
-/// Seconds `b` takes for `runs` batches of `n` (after two warm-up runs).
-fn time(b: &mut dyn Backend, n: usize, s: usize, runs: usize) -> Result<f64, RunError> {
+/// Milliseconds `b` takes for one batch of `n`.
+fn time_ms(b: &mut dyn Backend, n: usize, s: usize) -> Result<f64, RunError> {
     let input = vec![0.1_f32; n * 3 * s * s];
-    for _ in 0..2 {
-        b.run(input.clone(), n, s)?;
-    }
     let t = std::time::Instant::now();
-    for _ in 0..runs {
-        b.run(input.clone(), n, s)?;
+    b.run(input, n, s)?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// The median of `xs` (not empty).
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let m = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[m]
+    } else {
+        (xs[m - 1] + xs[m]) / 2.0
     }
-    Ok(t.elapsed().as_secs_f64())
 }
 
 /// Chooses the CPU backend of one model (`--backend openvino|auto`): OpenVINO must
@@ -568,8 +574,9 @@ fn checked(
     Ok((ov, diff, a.iter().map(|x| x.probabilities[1]).collect()))
 }
 
-/// Both backends timed: 5 runs at batch 1 and 5 at the served batch size, each
-/// after 2 warm-up runs.
+/// Both backends timed, interleaved so that a burst of load from elsewhere on a
+/// shared CPU falls on both alike: 2 warm-up runs each at batch 1 and at the served
+/// batch size, then 5 rounds of one run of each; the median run of each.
 fn measure(
     ort: &mut dyn Backend,
     ov: &mut OpenVinoModel,
@@ -577,15 +584,22 @@ fn measure(
     s: usize,
     diff: f32,
 ) -> Result<BackendFigures, RunError> {
-    let (runs, n) = (5, max_batch.max(1));
-    let ms = |b: &mut dyn Backend| -> Result<(f64, f64), RunError> {
-        Ok((
-            time(b, 1, s, runs)? * 1e3 / runs as f64,
-            time(b, n, s, runs)? * 1e3 / (runs * n) as f64,
-        ))
-    };
-    let (o1, on) = ms(ort)?;
-    let (v1, vn) = ms(ov)?;
+    let (rounds, n) = (5, max_batch.max(1));
+    let mut t: [Vec<f64>; 4] = Default::default();
+    for round in 0..2 + rounds {
+        let runs = [
+            time_ms(ort, 1, s)?,
+            time_ms(ov, 1, s)?,
+            time_ms(ort, n, s)? / n as f64,
+            time_ms(ov, n, s)? / n as f64,
+        ];
+        if round >= 2 {
+            for (all, run) in t.iter_mut().zip(runs) {
+                all.push(run);
+            }
+        }
+    }
+    let [o1, v1, on, vn] = t.map(median);
     Ok(BackendFigures {
         batch: n,
         ort_batch1_ms: o1,
