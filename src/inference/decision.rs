@@ -130,8 +130,8 @@ pub struct Key {
 }
 
 /// The measurement: milliseconds per image at batch 1 and at the served batch size
-/// on each backend (the median of 5 runs, the backends interleaved, after 2 warm-up
-/// runs), and their agreement.
+/// on each backend (the fastest of 6 runs in two blocks per backend, ABBA), and
+/// their agreement.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendFigures {

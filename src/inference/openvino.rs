@@ -313,15 +313,10 @@ fn time_ms(b: &mut dyn Backend, n: usize, s: usize) -> Result<f64, RunError> {
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
-/// The median of `xs` (not empty).
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let m = xs.len() / 2;
-    if xs.len() % 2 == 1 {
-        xs[m]
-    } else {
-        (xs[m - 1] + xs[m]) / 2.0
-    }
+/// The fastest of `xs`: load from elsewhere only ever adds time, so the fastest run
+/// is the one nearest what the backend itself takes.
+fn fastest(xs: Vec<f64>) -> f64 {
+    xs.into_iter().fold(f64::INFINITY, f64::min)
 }
 
 /// Chooses the CPU backend of one model (`--backend openvino|auto`): OpenVINO must
@@ -574,9 +569,12 @@ fn checked(
     Ok((ov, diff, a.iter().map(|x| x.probabilities[1]).collect()))
 }
 
-/// Both backends timed, interleaved so that a burst of load from elsewhere on a
-/// shared CPU falls on both alike: 2 warm-up runs each at batch 1 and at the served
-/// batch size, then 5 rounds of one run of each; the median run of each.
+/// Both backends timed in four blocks, ONNX Runtime, OpenVINO, OpenVINO, ONNX Runtime
+/// (a drift in the load from elsewhere on a shared CPU falls on both alike), each
+/// block one warm-up run and 3 timed runs at batch 1, then the same at the served
+/// batch size, after a pause that lets the other backend's threads stop spinning
+/// (ONNX Runtime's spin after each run: run right after it, OpenVINO measured up to
+/// 2× slower); each figure the fastest of its 6 runs.
 fn measure(
     ort: &mut dyn Backend,
     ov: &mut OpenVinoModel,
@@ -584,22 +582,21 @@ fn measure(
     s: usize,
     diff: f32,
 ) -> Result<BackendFigures, RunError> {
-    let (rounds, n) = (5, max_batch.max(1));
+    let n = max_batch.max(1);
+    // [ort batch 1, ort per image at n, OpenVINO batch 1, OpenVINO per image at n]
     let mut t: [Vec<f64>; 4] = Default::default();
-    for round in 0..2 + rounds {
-        let runs = [
-            time_ms(ort, 1, s)?,
-            time_ms(ov, 1, s)?,
-            time_ms(ort, n, s)? / n as f64,
-            time_ms(ov, n, s)? / n as f64,
-        ];
-        if round >= 2 {
-            for (all, run) in t.iter_mut().zip(runs) {
-                all.push(run);
+    for use_ov in [false, true, true, false] {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let b: &mut dyn Backend = if use_ov { &mut *ov } else { &mut *ort };
+        let at = if use_ov { 2 } else { 0 };
+        for (k, size) in [(0, 1), (1, n)] {
+            time_ms(b, size, s)?;
+            for _ in 0..3 {
+                t[at + k].push(time_ms(b, size, s)? / size as f64);
             }
         }
     }
-    let [o1, v1, on, vn] = t.map(median);
+    let [o1, on, v1, vn] = t.map(fastest);
     Ok(BackendFigures {
         batch: n,
         ort_batch1_ms: o1,
