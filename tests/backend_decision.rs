@@ -170,6 +170,19 @@ fn replicas_sharing_a_decision_take_it_and_answer_alike() {
             );
         }
     }
+    // And in metrics: where each version's backend came from.
+    for (r, how) in [(&a, "measured"), (&b, "read")] {
+        let (status, text) = common::tcp_http(&r.addr, "GET", "/metrics", None, b"");
+        assert_eq!(status, 200);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cxr_model_backend{") && l.contains("model=\"alpha\""))
+            .unwrap_or_else(|| panic!("no cxr_model_backend for alpha"));
+        assert!(
+            line.contains(&format!("decision=\"{how}\"")) && line.ends_with(" 1"),
+            "{line}"
+        );
+    }
     drop((a, b));
     assert_eq!(read_file(state.path()), written, "reading writes nothing");
 
