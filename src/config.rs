@@ -632,6 +632,30 @@ mod tests {
     }
 
     #[test]
+    fn the_backend_decision_lives_beside_the_models_unless_told() {
+        let beside = ServeArgs::parse_from(["cxr-serve", "--models-dir", "/m"]).load_config();
+        assert_eq!(
+            beside.decision.file.as_deref(),
+            Some(std::path::Path::new("/m/backend.decision.json"))
+        );
+        assert_eq!(
+            beside.decision.openvino_cache.as_deref(),
+            Some(std::path::Path::new("/m/openvino-cache"))
+        );
+        // The cache follows the decision onto its volume.
+        let told = ServeArgs::parse_from(["cxr-serve", "--backend-decision", "/v/d.json"]);
+        let told = told.load_config().decision;
+        assert_eq!(
+            told.file.as_deref(),
+            Some(std::path::Path::new("/v/d.json"))
+        );
+        assert_eq!(
+            told.openvino_cache.as_deref(),
+            Some(std::path::Path::new("/v/openvino-cache"))
+        );
+    }
+
+    #[test]
     fn lone_requests_do_not_wait_for_a_batch() {
         // A batch is what queued while the previous one ran (bench/RESULTS.md).
         let cfg = ServeArgs::parse_from(["cxr-serve"]).load_config();
