@@ -383,3 +383,43 @@ fn by_default_the_decision_lives_beside_the_models() {
     assert_eq!(source(&live(&b, "alpha")), "read");
     assert_eq!(source(&live(&b, "beta")), "read");
 }
+
+/// A decision that cannot be written (here its folder is a file): the replica serves
+/// by its own measurement, says so once, and the next start measures again.
+#[test]
+fn an_unwritable_decision_is_measured_at_each_start_and_said_so() {
+    let models = common::models_dir();
+    let state = tempfile::tempdir().unwrap();
+    let blocked = state.path().join("not-a-folder");
+    std::fs::write(&blocked, b"").unwrap();
+    let file = blocked.join("decision.json");
+    let cache = state.path().join("ov-cache");
+    for _ in 0..2 {
+        let args: [&std::ffi::OsStr; 6] = [
+            "--backend".as_ref(),
+            "auto".as_ref(),
+            "--backend-decision".as_ref(),
+            file.as_os_str(),
+            "--openvino-cache-dir".as_ref(),
+            cache.as_os_str(),
+        ];
+        let mut s = common::Server::start(models.path(), &args);
+        s.discard_logs();
+        let not_kept = s
+            .startup
+            .iter()
+            .filter(|v| {
+                v["level"] == "WARN"
+                    && v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("the backend decision is not kept"))
+            })
+            .count();
+        assert_eq!(not_kept, 1, "one warning for the two models");
+        for m in ["alpha", "beta"] {
+            let l = live(&s, m);
+            assert_eq!(source(&l), "measured", "{l}");
+            assert_eq!(l["backend_decision"]["written"], false, "{l}");
+        }
+    }
+}

@@ -358,6 +358,8 @@ pub struct DecisionStore {
     cpu: CpuFacts,
     host: String,
     entries: Vec<Entry>,
+    /// A write has failed (warned once, not per model).
+    write_failed: std::sync::atomic::AtomicBool,
 }
 
 impl DecisionStore {
@@ -387,7 +389,15 @@ impl DecisionStore {
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into()),
             entries,
+            write_failed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Notes that a write failed: `true` the first time (the caller warns then).
+    pub fn first_write_failure(&self) -> bool {
+        !self
+            .write_failed
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The file.

@@ -436,7 +436,9 @@ fn choose_by_decision(
                     (e, BackendDecisionSource::Read, false, why)
                 }
                 Err(e) => {
-                    tracing::warn!(model = %card.name, error = %e, "the backend decision is not kept: the next start measures again (give --backend-decision a writable path, e.g. a volume)");
+                    if store.first_write_failure() {
+                        tracing::warn!(error = %e, "the backend decision is not kept: the next start measures again (give --backend-decision a writable path, e.g. a volume)");
+                    }
                     (ours, BackendDecisionSource::Measured, false, measured)
                 }
             };
