@@ -350,14 +350,14 @@ pub enum Recorded {
 }
 
 /// Where the decision lives: the file, read once when opened (each later lookup
-/// answers from that reading; [`DecisionStore::record`] reads it again under the
-/// lock).
+/// answers from that reading and the entries recorded since; [`DecisionStore::record`]
+/// reads the file again under the lock).
 #[derive(Debug)]
 pub struct DecisionStore {
     path: PathBuf,
     cpu: CpuFacts,
     host: String,
-    entries: Vec<Entry>,
+    entries: std::sync::Mutex<Vec<Entry>>,
     /// A write has failed (warned once, not per model).
     write_failed: std::sync::atomic::AtomicBool,
 }
@@ -388,7 +388,7 @@ impl DecisionStore {
             host: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into()),
-            entries,
+            entries: std::sync::Mutex::new(entries),
             write_failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -417,11 +417,12 @@ impl DecisionStore {
 
     /// The entry for `key`, else the backend in place for `model`.
     pub fn lookup(&self, model: &str, key: &Key) -> Lookup {
-        if let Some(e) = self.entries.iter().rev().find(|e| e.key == *key) {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = entries.iter().rev().find(|e| e.key == *key) {
             return Lookup::Found(Box::new(e.clone()));
         }
         let latest = |same_cpu: bool| {
-            self.entries
+            entries
                 .iter()
                 .rev()
                 .find(|e| e.model == model && (!same_cpu || e.key.cpu == key.cpu))
@@ -462,6 +463,7 @@ impl DecisionStore {
             Read::Parsed { entries, .. } => entries,
         };
         if let Some(first) = entries.iter().find(|e| e.key == entry.key) {
+            self.remember(first);
             return Ok(Recorded::Standing(first.clone()));
         }
         entries.push(entry.clone());
@@ -478,7 +480,17 @@ impl DecisionStore {
         bytes.push(b'\n');
         write_atomic(&self.path, &bytes).map_err(err)?;
         drop(lock);
+        self.remember(&entry);
         Ok(Recorded::Written(entry))
+    }
+
+    /// `entry` answers this store's later lookups (a second version with the same
+    /// file, in the same start).
+    fn remember(&self, entry: &Entry) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(entry.clone());
     }
 }
 
