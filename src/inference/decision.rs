@@ -715,6 +715,11 @@ mod tests {
             store.record(e.clone()).unwrap(),
             Recorded::Written(e.clone())
         );
+        // The store that wrote it finds it (another version of the same file).
+        assert_eq!(
+            store.lookup("a2", &e.key),
+            Lookup::Found(Box::new(e.clone()))
+        );
         let store = DecisionStore::open(&path);
         assert_eq!(
             store.lookup("a", &e.key),
