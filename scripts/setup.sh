@@ -26,6 +26,7 @@ OPENVINO_VERSION=2026.4.1
 GRPCIO_REFLECTION_VERSION=1.81.1
 PILLOW_VERSION=12.0.0
 OTEL_PROTO_VERSION=1.45.2
+PYNETDICOM_VERSION=3.0.4
 
 train=0; gpu=0; tests=0
 for a in "$@"; do
@@ -128,6 +129,11 @@ if ((tests)); then
   if [ "$have" != "$OTEL_PROTO_VERSION" ]; then
     echo "setup: installing opentelemetry-proto==$OTEL_PROTO_VERSION (a real OTLP receiver for the tracing test)"
     pip install "opentelemetry-proto==$OTEL_PROTO_VERSION"
+  fi
+  have=$(.venv/bin/python -m pip show pynetdicom 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  if [ "$have" != "$PYNETDICOM_VERSION" ]; then
+    echo "setup: installing pynetdicom==$PYNETDICOM_VERSION (a destination that refuses objects, tests/dicom_node; bench/soak.py)"
+    pip install "pynetdicom==$PYNETDICOM_VERSION"
   fi
   # puppeteer-core drives the system chromium (tests/ui.rs); it never downloads one.
   if [ ! -d tests/ui/node_modules/puppeteer-core ] || [ tests/ui/package-lock.json -nt tests/ui/node_modules ]; then

@@ -146,6 +146,41 @@ pub struct AuditEvent {
     pub suppressed: Option<u64>,
 }
 
+impl AuditEvent {
+    /// The event of a caller refused at `door` (`http`, `grpc`) on `route` (its
+    /// template, or the RPC), for `scope`.
+    pub fn auth_refused(
+        door: &'static str,
+        route: String,
+        request_id: String,
+        scope: crate::access::Scope,
+        e: &crate::access::AuthError,
+    ) -> Self {
+        use crate::access::AuthError;
+        let (caller, reason) = match e {
+            AuthError::Missing => ("anonymous".to_string(), "missing"),
+            AuthError::Invalid => ("unknown".to_string(), "invalid"),
+            AuthError::Forbidden { caller, .. } => (caller.clone(), "forbidden"),
+        };
+        Self {
+            time: now_rfc3339(),
+            event: EventKind::AuthRefused,
+            request_id,
+            caller,
+            door,
+            route,
+            outcome: match e {
+                AuthError::Forbidden { .. } => "forbidden",
+                _ => "unauthorized",
+            }
+            .into(),
+            target: Some(scope.as_str().into()),
+            detail: Some(serde_json::json!({ "reason": reason })),
+            suppressed: None,
+        }
+    }
+}
+
 /// What an [`AuditEvent`] records.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

@@ -245,6 +245,11 @@ pub struct ServeArgs {
     /// The `service.name` of the exported spans.
     #[arg(long, env = "CXR_OTLP_SERVICE_NAME", default_value = "cxr")]
     pub otlp_service_name: String,
+    /// Also export the spans of refused requests (401, 403, 404; gRPC
+    /// UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND): off by default, so that
+    /// anyone who can reach the port cannot fill the collector.
+    #[arg(long, env = "CXR_OTLP_EXPORT_REFUSED")]
+    pub otlp_export_refused: bool,
     /// Also serve the Open Inference Protocol over gRPC on this port
     /// (`inference.GRPCInferenceService`, with the health service and reflection);
     /// off by default.
@@ -296,12 +301,42 @@ pub struct ServeArgs {
     /// (out of resources) until the destinations catch up.
     #[arg(long, env = "CXR_DICOM_OUTBOX_CAPACITY", default_value_t = 10_000)]
     pub dicom_outbox_capacity: usize,
+    /// Times a destination may refuse a result object (a C-STORE failure status, a
+    /// presentation context it did not accept, a 4xx from STOW-RS) before it is set
+    /// aside as a dead letter (`GET /dicom/outbox/dead-letters`; not counted against
+    /// --dicom-outbox-capacity).
+    #[arg(long, env = "CXR_DICOM_MAX_ATTEMPTS", default_value_t = crate::defaults::DICOM_MAX_ATTEMPTS)]
+    pub dicom_max_attempts: u32,
+    /// Hours a result object that keeps failing without a refusal (destination
+    /// unreachable, timing out, a 5xx) is retried before it is a dead letter.
+    #[arg(long, env = "CXR_DICOM_GIVE_UP_AFTER_HOURS", default_value_t = crate::defaults::DICOM_GIVE_UP_AFTER_HOURS)]
+    pub dicom_give_up_after_hours: u64,
+    /// Days the records of sent results and the dead letters (outbox), and the
+    /// answers and confirmed labels (outcomes) are kept; pruned at start and hourly.
+    /// 0 keeps them forever.
+    #[arg(long, env = "CXR_RETENTION_DAYS", default_value_t = crate::defaults::RETENTION_DAYS)]
+    pub retention_days: u64,
     /// The variant that answers DICOM C-STOREs (default: --default-model).
     #[arg(long, env = "CXR_DICOM_MODEL")]
     pub dicom_model: Option<String>,
-    /// Most DICOM associations at once.
+    /// Most DICOM associations at once: listed peers, once their A-ASSOCIATE-RQ is
+    /// accepted; beyond it, a transient A-ASSOCIATE-RJ (local limit exceeded).
     #[arg(long, env = "CXR_DICOM_MAX_ASSOCIATIONS", default_value_t = 16)]
     pub dicom_max_associations: usize,
+    /// Most DICOM connections still negotiating (their A-ASSOCIATE-RQ not yet in),
+    /// a quarter of them from one host, kept apart from the associations so that
+    /// unknown callers never hold a listed peer's slot; beyond it, a transient
+    /// A-ASSOCIATE-RJ at once.
+    #[arg(long, env = "CXR_DICOM_MAX_NEGOTIATING", default_value_t = 32)]
+    pub dicom_max_negotiating: usize,
+    /// Longest a DICOM connection may take to send its whole A-ASSOCIATE-RQ (then an
+    /// A-ABORT), seconds.
+    #[arg(long, env = "CXR_DICOM_NEGOTIATION_TIMEOUT_S", default_value_t = 10)]
+    pub dicom_negotiation_timeout_s: u64,
+    /// Longest a DICOM association may last (then an A-ABORT; the sender associates
+    /// again for the rest), seconds. Each read also idles out after 60 s.
+    #[arg(long, env = "CXR_DICOM_ASSOCIATION_TIMEOUT_S", default_value_t = 600)]
+    pub dicom_association_timeout_s: u64,
     /// Run as a folder job and exit: classify every DICOM, JPEG and PNG file under
     /// IN and write, per image, its JSON answer and (for DICOM) its SR and Secondary
     /// Capture under OUT (for orchestrators that run AI containers as jobs: mercure,
@@ -341,6 +376,19 @@ impl ServeArgs {
             ("--max-decode-pixels", self.max_decode_pixels),
             ("--idle-timeout-s", self.idle_timeout_s),
             ("--shutdown-timeout-s", self.shutdown_timeout_s),
+            (
+                "--dicom-max-associations",
+                self.dicom_max_associations as u64,
+            ),
+            ("--dicom-max-negotiating", self.dicom_max_negotiating as u64),
+            (
+                "--dicom-negotiation-timeout-s",
+                self.dicom_negotiation_timeout_s,
+            ),
+            (
+                "--dicom-association-timeout-s",
+                self.dicom_association_timeout_s,
+            ),
         ];
         if !(self.request_timeout_s.is_finite()
             && (0.001..=86_400.0).contains(&self.request_timeout_s))
@@ -384,6 +432,11 @@ impl ServeArgs {
         }
         if let Some(r) = &self.uid_root {
             crate::imaging::sr::check_uid_root(r).map_err(|e| ConfigError(e.0))?;
+        }
+        if self.dicom_max_attempts == 0 {
+            return Err(ConfigError(
+                "--dicom-max-attempts must be at least 1 (the first refusal)".into(),
+            ));
         }
         if self.dicom_port.is_some() {
             self.dicom_node()?;
@@ -443,11 +496,24 @@ impl ServeArgs {
             destinations,
             outbox: self.dicom_outbox.clone(),
             database_url: self.database_url.clone(),
-            outbox_capacity: self.dicom_outbox_capacity,
+            outbox_policy: crate::dicom_node::outbox::Policy {
+                capacity: self.dicom_outbox_capacity,
+                max_attempts: self.dicom_max_attempts,
+                give_up_after: Duration::from_secs(self.dicom_give_up_after_hours * 3600),
+                retention: self.retention(),
+            },
             model: self.dicom_model.clone(),
             max_object_bytes: self.max_body_bytes,
             max_associations: self.dicom_max_associations,
+            max_negotiating: self.dicom_max_negotiating,
+            negotiation_timeout: Duration::from_secs(self.dicom_negotiation_timeout_s),
+            association_timeout: Duration::from_secs(self.dicom_association_timeout_s),
         }))
+    }
+
+    /// `--retention-days` (none: kept forever).
+    pub fn retention(&self) -> Option<Duration> {
+        (self.retention_days > 0).then(|| Duration::from_secs(self.retention_days * 86_400))
     }
 
     /// The gRPC listener's limits.

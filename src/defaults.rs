@@ -26,3 +26,12 @@ pub const REQUEST_TIMEOUT_S: f64 = 60.0;
 pub const IDLE_TIMEOUT_S: u64 = 75;
 /// `--shutdown-timeout-s`: the body and request timeouts, plus 10 s.
 pub const SHUTDOWN_TIMEOUT_S: u64 = 100;
+/// `--dicom-max-attempts`: refusals by a destination before a result object is a
+/// dead letter.
+pub const DICOM_MAX_ATTEMPTS: u32 = 5;
+/// `--dicom-give-up-after-hours`: how long a result object that keeps failing
+/// without a refusal (destination unreachable) is tried.
+pub const DICOM_GIVE_UP_AFTER_HOURS: u64 = 72;
+/// `--retention-days`: how long the records of sent results, the dead letters, the
+/// answers and the confirmed labels are kept.
+pub const RETENTION_DAYS: u64 = 90;

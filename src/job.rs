@@ -312,9 +312,13 @@ pub async fn run(
             Upload::Encoded(bytes.into())
         };
         let source = identity.as_ref().map(|(s, _)| s);
+        // One of the core's in-flight slots, as every door takes (the job runs
+        // alone, one file at a time, so one is always free).
+        let slot = core.slot().map_err(|e| JobError(e.to_string()))?;
         let filed = core
             .within_timeout(core.analyse_for_filing(&valid, upload, source, &seed))
             .await;
+        drop(slot);
         let filed = match filed {
             Ok(f) => f,
             Err(e) => {

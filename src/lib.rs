@@ -44,6 +44,7 @@ pub mod outcomes;
 pub mod predict;
 pub mod registry;
 pub mod repository;
+pub mod sqlite_file;
 pub mod trace;
 pub mod validate;
 

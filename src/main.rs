@@ -139,8 +139,14 @@ fn app_state(args: &ServeArgs, metrics: Arc<ServerMetrics>) -> anyhow::Result<Ap
     // async runtime.
     let outcomes = std::thread::scope(|s| {
         s.spawn(|| match (&args.database_url, &args.outcomes) {
-            (Some(url), _) => Some(cxr::outcomes::Outcomes::connect(url, args.outcomes_window)),
-            (None, Some(path)) => Some(cxr::outcomes::Outcomes::open(path, args.outcomes_window)),
+            (Some(url), _) => Some(
+                cxr::outcomes::Outcomes::connect(url, args.outcomes_window)
+                    .and_then(|o| o.with_retention(args.retention())),
+            ),
+            (None, Some(path)) => Some(
+                cxr::outcomes::Outcomes::open(path, args.outcomes_window)
+                    .and_then(|o| o.with_retention(args.retention())),
+            ),
             (None, None) => None,
         })
         .join()
@@ -309,8 +315,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut state = app_state(&args, metrics.clone())?;
     let exporter = match &args.otlp_endpoint {
         Some(endpoint) => {
-            let (x, task) = cxr::trace::Exporter::start(endpoint, &args.otlp_service_name)
-                .map_err(anyhow::Error::msg)?;
+            let (x, task) = cxr::trace::Exporter::start(
+                endpoint,
+                &args.otlp_service_name,
+                metrics.otlp_spans_dropped.clone(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            let x = x.exporting_refused(args.otlp_export_refused);
             tracing::info!(endpoint = %endpoint, "request spans are exported over OTLP/gRPC");
             state = state.with_exporter(x.clone());
             Some((x, task))
@@ -401,9 +412,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             });
         }
         if let Some(cfg) = args.dicom_node().map_err(anyhow::Error::msg)? {
-            cxr::dicom_node::start(state.core().clone(), cfg)
+            let node = cxr::dicom_node::start(state.core().clone(), cfg)
                 .await
                 .map_err(anyhow::Error::msg)?;
+            state.set_dicom_outbox(node.outbox);
         }
         let le = &mut load_error;
         // With --listen-before-ready the loader may still fail while serving.

@@ -42,16 +42,20 @@ pub struct ServerMetrics {
     pub audit_failures: IntCounterVec,
     /// Images above their model's OOD threshold, by model and `--ood-action`.
     pub out_of_distribution: IntCounterVec,
-    /// DICOM associations, by outcome (accepted, rejected).
+    /// DICOM associations, by outcome (accepted, rejected, busy, timed_out).
     pub dicom_associations: IntCounterVec,
+    /// DICOM associations aborted by the node, by reason.
+    pub dicom_aborts: IntCounterVec,
     /// DICOM C-STORE requests received, by outcome (analysed, not_analysed,
-    /// duplicate, failed).
+    /// duplicate, failed, busy).
     pub dicom_stores: IntCounterVec,
     /// Result objects (SR, SC) sent to a destination, by destination and outcome
     /// (sent, retried).
     pub dicom_results: IntCounterVec,
     /// Result objects waiting in the outbox, by destination.
     pub dicom_outbox_depth: IntGaugeVec,
+    /// Dead letters in the outbox, by destination.
+    pub dicom_dead_letters: IntGaugeVec,
     /// `cxr_ood_score{model,manufacturer}`: input drift.
     pub ood_score: HistogramVec,
     /// `cxr_ood_verdicts_total{model,manufacturer,verdict}`: input drift, by verdict.
@@ -78,6 +82,8 @@ pub struct ServerMetrics {
     pub shadow_abs_delta_p: HistogramVec,
     /// `cxr_shadow_shed_total{model,version,reason}`.
     pub shadow_shed: IntCounterVec,
+    /// `cxr_otlp_spans_dropped_total{reason}`: spans never exported.
+    pub otlp_spans_dropped: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -190,17 +196,22 @@ impl ServerMetrics {
         );
         let dicom_associations = c(
             "cxr_dicom_associations_total",
-            "DICOM associations requested of the DICOM node, by outcome (accepted; rejected: an unknown calling AE title or host, or a wrong called AE title).",
+            "DICOM associations requested of the DICOM node, by outcome (accepted; rejected: an unknown calling AE title or host, a wrong called AE title, or no A-ASSOCIATE-RQ; busy: refused with a transient A-ASSOCIATE-RJ, --dicom-max-associations or --dicom-max-negotiating (or its host's quarter) reached; timed_out: the A-ASSOCIATE-RQ not whole within --dicom-negotiation-timeout-s, aborted).",
             &["outcome"],
+        );
+        let dicom_aborts = c(
+            "cxr_dicom_aborts_total",
+            "DICOM associations the node aborted (A-ABORT), by reason (command_too_large: a command set past 64 KiB; object_too_large: a data set past --max-body-bytes; out_of_order: P-DATA out of protocol; deadline: past --dicom-association-timeout-s).",
+            &["reason"],
         );
         let dicom_stores = c(
             "cxr_dicom_stores_total",
-            "DICOM C-STORE requests received, by outcome (analysed; not_analysed: refused by a gate or the OOD score, an SR says why; duplicate: already analysed by this model file; failed: answered with a failure status).",
+            "DICOM C-STORE requests received, by outcome (analysed; not_analysed: refused by a gate or the OOD score, an SR says why; duplicate: already analysed by this model file; failed: answered with a failure status; busy: answered out of resources, A700, --max-inflight or --max-buffered-bytes reached).",
             &["outcome"],
         );
         let dicom_results = c(
             "cxr_dicom_results_total",
-            "Result objects (SR, SC) by destination and outcome (sent; retried: a send failed and is retried with backoff).",
+            "Result objects (SR, SC) by destination and outcome (sent; retried: a send failed and is retried with backoff; dead_letter: refused --dicom-max-attempts times, or failing for --dicom-give-up-after-hours, and set aside: GET /dicom/outbox/dead-letters).",
             &["destination", "outcome"],
         );
         let dicom_outbox_depth = IntGaugeVec::new(
@@ -213,6 +224,17 @@ impl ServerMetrics {
         .expect("valid gauge");
         registry
             .register(Box::new(dicom_outbox_depth.clone()))
+            .expect("unique metric name");
+        let dicom_dead_letters = IntGaugeVec::new(
+            Opts::new(
+                "cxr_dicom_dead_letters",
+                "Result objects set aside as dead letters (not sent, not retried; kept for --retention-days), by destination.",
+            ),
+            &["destination"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(dicom_dead_letters.clone()))
             .expect("unique metric name");
         let ood_score = h(
             "cxr_ood_score",
@@ -299,7 +321,13 @@ impl ServerMetrics {
             "Requests sampled for a shadow candidate but not run, by reason (busy, load, queue_full, failed, preprocessing): under load the shadow is shed first.",
             &["model", "version", "reason"],
         );
+        let otlp_spans_dropped = c(
+            "cxr_otlp_spans_dropped_total",
+            "Request spans not exported to --otlp-endpoint, by reason (queue_full: the export queue was full; export_failed: the collector refused, was unreachable or did not answer within 5 s).",
+            &["reason"],
+        );
         Self {
+            otlp_spans_dropped,
             model_versions,
             model_backends,
             repository_operations,
@@ -308,9 +336,11 @@ impl ServerMetrics {
             shadow_shed,
             grpc_requests,
             dicom_associations,
+            dicom_aborts,
             dicom_stores,
             dicom_results,
             dicom_outbox_depth,
+            dicom_dead_letters,
             live_outcomes,
             live_sensitivity_alarm,
             ood_score,

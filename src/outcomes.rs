@@ -5,6 +5,9 @@
 //! outbox). From them, per model file, the live confusion matrix over the most recent
 //! confirmed answers, its sensitivity and specificity with Wilson intervals, and an
 //! alarm when live sensitivity is below what the card (or the site card) measured.
+//! Answers and confirmations older than `--retention-days` are deleted (at open and
+//! at most hourly as answers are recorded); the SQLite file is owner-only with
+//! `secure_delete` on ([`crate::sqlite_file`]).
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -138,6 +141,28 @@ enum Store {
 pub struct Outcomes {
     store: Store,
     window: u64,
+    /// How long rows are kept (none: forever).
+    retention: Option<Duration>,
+    /// When they were last pruned (ms since the epoch).
+    pruned_ms: std::sync::atomic::AtomicI64,
+}
+
+/// How often answers are pruned while they are recorded.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Why a confirmation by SOP Instance UID names no single answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FindRefusal {
+    /// Several models answered the image, and the request named none of them.
+    Ambiguous(Vec<String>),
+    /// The store failed.
+    Store(OutcomesError),
+}
+
+impl From<OutcomesError> for FindRefusal {
+    fn from(e: OutcomesError) -> Self {
+        Self::Store(e)
+    }
 }
 
 impl std::fmt::Debug for Outcomes {
@@ -165,6 +190,8 @@ const SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS answers (
     PRIMARY KEY (request_id, image_index)
 );
 CREATE INDEX IF NOT EXISTS answers_sop ON answers (sop_instance_uid);
+CREATE INDEX IF NOT EXISTS answers_model ON answers (model_sha256);
+CREATE INDEX IF NOT EXISTS answers_time ON answers (time);
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
@@ -191,6 +218,8 @@ const SCHEMA_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS cxr_answers (
     PRIMARY KEY (request_id, image_index)
 );
 CREATE INDEX IF NOT EXISTS cxr_answers_sop ON cxr_answers (sop_instance_uid);
+CREATE INDEX IF NOT EXISTS cxr_answers_model ON cxr_answers (model_sha256);
+CREATE INDEX IF NOT EXISTS cxr_answers_time ON cxr_answers (time);
 CREATE TABLE IF NOT EXISTS cxr_feedback (
     id BIGSERIAL PRIMARY KEY,
     request_id TEXT NOT NULL,
@@ -217,10 +246,8 @@ impl Outcomes {
     /// Opens (or creates) the store in the SQLite file at `path`; the live figures
     /// count the `window` most recent confirmed answers of a model file.
     pub fn open(path: &std::path::Path, window: u64) -> Result<Self, OutcomesError> {
-        let conn = rusqlite::Connection::open(path)
-            .map_err(|e| OutcomesError(format!("outcomes {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let conn = crate::sqlite_file::open_private(path)
+            .map_err(|e| OutcomesError(format!("outcomes {e}")))?;
         // Durable across a crash of the process (WAL); an answer is recorded before
         // it is sent.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -228,6 +255,8 @@ impl Outcomes {
         Ok(Self {
             store: Store::Sqlite(Mutex::new(conn)),
             window: window.max(1),
+            retention: None,
+            pruned_ms: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -239,6 +268,50 @@ impl Outcomes {
         Ok(Self {
             store: Store::Postgres(Mutex::new(client)),
             window: window.max(1),
+            retention: None,
+            pruned_ms: std::sync::atomic::AtomicI64::new(0),
+        })
+    }
+
+    /// Keeps answers and confirmations for `retention` (none: forever); those
+    /// older are deleted now, and at most hourly as answers are recorded.
+    pub fn with_retention(mut self, retention: Option<Duration>) -> Result<Self, OutcomesError> {
+        self.retention = retention;
+        self.prune()?;
+        Ok(self)
+    }
+
+    /// Deletes the answers and confirmations older than the retention; how many
+    /// rows went.
+    pub fn prune(&self) -> Result<usize, OutcomesError> {
+        let Some(retention) = self.retention else {
+            return Ok(0);
+        };
+        let now = now_ms();
+        self.pruned_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        let cutoff_ms = now - retention.as_millis() as i64;
+        let cutoff = crate::clock::rfc3339(cutoff_ms.div_euclid(1000), 0);
+        Ok(match &self.store {
+            Store::Sqlite(c) => {
+                let mut c = lock(c);
+                let tx = c.transaction()?;
+                let n = tx.execute("DELETE FROM feedback WHERE received_ms < ?1", [cutoff_ms])?
+                    + tx.execute("DELETE FROM answers WHERE time < ?1", [&cutoff])?;
+                tx.commit()?;
+                crate::sqlite_file::empty_wal(&c)?;
+                n
+            }
+            Store::Postgres(c) => {
+                let mut c = lock(c);
+                let mut tx = c.transaction()?;
+                let n = tx.execute(
+                    "DELETE FROM cxr_feedback WHERE received_ms < $1",
+                    &[&cutoff_ms],
+                )? + tx.execute("DELETE FROM cxr_answers WHERE time < $1", &[&cutoff])?;
+                tx.commit()?;
+                n as usize
+            }
         })
     }
 
@@ -258,6 +331,10 @@ impl Outcomes {
             .collect();
         if rows.is_empty() {
             return Ok(());
+        }
+        let since = now_ms() - self.pruned_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if self.retention.is_some() && since >= PRUNE_EVERY.as_millis() as i64 {
+            self.prune()?;
         }
         match &self.store {
             Store::Sqlite(c) => {
@@ -312,8 +389,77 @@ impl Outcomes {
         Ok(())
     }
 
+    /// The answer a confirmation by SOP Instance UID is for: the most recent answer
+    /// to the image by `model` when given, else by the one model that answered it;
+    /// several models answered it and none was named: [`FindRefusal::Ambiguous`]
+    /// (the models), since a label confirmed for one model's answer would count
+    /// against another's figures.
+    pub fn find_instance(
+        &self,
+        sop_instance_uid: &str,
+        model: Option<&str>,
+    ) -> Result<Option<Answered>, FindRefusal> {
+        const SQL: &str =
+            "SELECT {} FROM {} WHERE sop_instance_uid = {} ORDER BY time DESC LIMIT 1000";
+        let sql = |table: &str, p: &str| {
+            SQL.replacen("{}", ANSWERED_COLUMNS, 1)
+                .replacen("{}", table, 1)
+                .replacen("{}", p, 1)
+        };
+        let all: Vec<Answered> = match &self.store {
+            Store::Sqlite(c) => {
+                let c = lock(c);
+                let mut st = c
+                    .prepare(&sql("answers", "?1"))
+                    .map_err(OutcomesError::from)?;
+                st.query_map([sop_instance_uid], |r| {
+                    Ok(Answered {
+                        request_id: r.get(0)?,
+                        image_index: r.get(1)?,
+                        model: r.get(2)?,
+                        model_version: r.get(3)?,
+                        model_sha256: r.get(4)?,
+                        label: r.get(5)?,
+                        p_pneumonia: r.get(6)?,
+                        sop_instance_uid: r.get(7)?,
+                    })
+                })
+                .map_err(OutcomesError::from)?
+                .collect::<Result<_, _>>()
+                .map_err(OutcomesError::from)?
+            }
+            Store::Postgres(c) => lock(c)
+                .query(&sql("cxr_answers", "$1"), &[&sop_instance_uid])
+                .map_err(OutcomesError::from)?
+                .iter()
+                .map(|r| Answered {
+                    request_id: r.get(0),
+                    image_index: r.get(1),
+                    model: r.get(2),
+                    model_version: r.get(3),
+                    model_sha256: r.get(4),
+                    label: r.get(5),
+                    p_pneumonia: r.get(6),
+                    sop_instance_uid: r.get(7),
+                })
+                .collect(),
+        };
+        let mut of_model: Vec<Answered> = all
+            .into_iter()
+            .filter(|a| model.is_none_or(|m| a.model == m))
+            .collect();
+        let mut models: Vec<String> = of_model.iter().map(|a| a.model.clone()).collect();
+        models.sort();
+        models.dedup();
+        if models.len() > 1 {
+            return Err(FindRefusal::Ambiguous(models));
+        }
+        Ok((!of_model.is_empty()).then(|| of_model.swap_remove(0)))
+    }
+
     /// The answered image with this request id and index, or (when `request_id`
-    /// is none) the most recent answered image with this SOP Instance UID.
+    /// is none) the most recent answered image with this SOP Instance UID (of any
+    /// model: [`Outcomes::find_instance`] picks one unambiguously).
     pub fn find(
         &self,
         request_id: Option<&str>,

@@ -13,7 +13,13 @@
 //!   (the model's worker) are placed from the times they measured.
 //! - Export: the OpenTelemetry protocol's own messages and client
 //!   (`opentelemetry-proto`), batched by one task, bounded: when the collector is
-//!   slow or gone, spans are dropped (and counted), never requests slowed.
+//!   slow or gone, spans are dropped and counted (`cxr_otlp_spans_dropped_total`),
+//!   never requests slowed. The spans of refused requests (401, 403, 404 and their
+//!   gRPC codes) are not exported unless `--otlp-export-refused`: anyone who can
+//!   reach the port could otherwise fill the collector.
+//! - The server span is named from the route's template (`POST
+//!   /v2/models/{name}/infer`; only the method when no route matched), never from
+//!   the path the client sent, which may carry anything (a patient's name).
 //!   Nothing is exported without `--otlp-endpoint`, but the context is still read,
 //!   passed on, logged and audited.
 //! - The trace id is in the request's log span (`trace_id`) and in its audit
@@ -276,14 +282,14 @@ impl RequestTrace {
         }
     }
 
-    /// Ends the server span (`name`, e.g. `POST /predict`) now, with its status
-    /// attribute (`http.response.status_code`, `rpc.grpc.status_code`) and the error
-    /// when it failed on the server's side, and hands every span of the request to
-    /// `exporter`.
+    /// Ends the server span (`name`, e.g. `POST /predict`) now, with its
+    /// attributes (the status, `http.response.status_code` or
+    /// `rpc.grpc.status_code`, and the route) and the error when it failed on the
+    /// server's side, and hands every span of the request to `exporter`.
     pub fn finish(
         &self,
         name: &str,
-        status: (&str, String),
+        attributes: &[(&str, String)],
         error: Option<String>,
         exporter: Option<&Exporter>,
     ) {
@@ -303,7 +309,10 @@ impl RequestTrace {
             kind: span::SpanKind::Server,
             start: self.origin.1,
             end: SystemTime::now(),
-            attributes: vec![(status.0.into(), status.1)],
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), v.clone()))
+                .collect(),
             error,
         });
         let tracestate = self.ctx.tracestate.clone().unwrap_or_default();
@@ -365,23 +374,28 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Exporter {
     tx: tokio::sync::mpsc::Sender<Vec<Span>>,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// `cxr_otlp_spans_dropped_total{reason}`.
+    dropped: prometheus::IntCounterVec,
+    /// Whether refused requests' spans are exported too (`--otlp-export-refused`).
+    refused: bool,
 }
 
 impl Exporter {
     /// Starts the exporter task (call within the tokio runtime): `endpoint` is the
     /// collector's OTLP/gRPC address (`http://collector:4317`); the connection is
-    /// made when the first spans go, and again after a failure.
+    /// made when the first spans go, and again after a failure. Spans it cannot
+    /// export are counted in `dropped` (`cxr_otlp_spans_dropped_total{reason}`).
     pub fn start(
         endpoint: &str,
         service: &str,
+        dropped: prometheus::IntCounterVec,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), String> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| format!("--otlp-endpoint {endpoint}: {e}"))?
             .timeout(EXPORT_TIMEOUT)
             .connect_lazy();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Span>>(QUEUE_SPANS / 8);
-        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = dropped.with_label_values(&["export_failed"]);
         let resource = Resource {
             attributes: vec![
                 kv("service.name", service.to_string()),
@@ -403,6 +417,7 @@ impl Exporter {
                         Err(_) => break,
                     }
                 }
+                let n = spans.len() as u64;
                 let req = ExportTraceServiceRequest {
                     resource_spans: vec![ResourceSpans {
                         resource: Some(resource.clone()),
@@ -418,7 +433,11 @@ impl Exporter {
                         schema_url: String::new(),
                     }],
                 };
-                match tokio::time::timeout(EXPORT_TIMEOUT, client.export(req)).await {
+                let sent = tokio::time::timeout(EXPORT_TIMEOUT, client.export(req)).await;
+                if !matches!(sent, Ok(Ok(_))) {
+                    failed.inc_by(n);
+                }
+                match sent {
                     Ok(Ok(_)) => {
                         if failing {
                             tracing::info!(endpoint = %endpoint, "OTLP export works again");
@@ -437,14 +456,34 @@ impl Exporter {
                 }
             }
         });
-        Ok((Self { tx, dropped }, task))
+        Ok((
+            Self {
+                tx,
+                dropped,
+                refused: false,
+            },
+            task,
+        ))
     }
 
-    /// Queues one request's spans (dropped when the queue is full).
+    /// Exports the spans of refused requests too (`--otlp-export-refused`).
+    #[must_use]
+    pub fn exporting_refused(mut self, yes: bool) -> Self {
+        self.refused = yes;
+        self
+    }
+
+    /// This exporter for a request's spans: `None` for a refused request (401,
+    /// 403, 404) unless refused requests are exported.
+    pub fn unless_refused(&self, refused: bool) -> Option<&Self> {
+        (!refused || self.refused).then_some(self)
+    }
+
+    /// Queues one request's spans (dropped and counted when the queue is full).
     pub fn send(&self, spans: Vec<Span>) {
+        let n = spans.len() as u64;
         if self.tx.try_send(spans).is_err() {
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.dropped.with_label_values(&["queue_full"]).inc_by(n);
         }
     }
 }

@@ -172,3 +172,185 @@ fn without_an_outcomes_store_feedback_is_not_found() {
         "{v}"
     );
 }
+
+fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// Guards issue #43 rows 7 and (c). The outcomes store is owner-only (0600), its
+/// answers and confirmations older than `--retention-days` are deleted (they were
+/// kept forever), and the live figures' query by model file has its index, added
+/// to a database made before it.
+#[test]
+fn answers_and_confirmations_past_the_retention_go_and_the_store_is_private_and_indexed() {
+    use std::os::unix::fs::PermissionsExt;
+    let models = common::models_dir();
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("outcomes.sqlite");
+    let args = [
+        "--outcomes".as_ref(),
+        db.as_os_str(),
+        "--retention-days".as_ref(),
+        "30".as_ref(),
+    ];
+    let mut server = common::Server::start(models.path(), &args);
+    server.discard_logs();
+    let mut ids = Vec::new();
+    for seed in [3u32, 4] {
+        let png = common::png_bytes(&common::gray_image(96, 96, seed));
+        let (status, body) = common::tcp_http(
+            &server.addr,
+            "POST",
+            "/predict?model=alpha",
+            Some("image/png"),
+            &png,
+        );
+        assert_eq!(status, 200, "{body}");
+        let a: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let id = a["request_id"].as_str().unwrap().to_string();
+        let (s, v) = post_json(
+            &server,
+            "/feedback",
+            &format!(r#"{{"request_id": "{id}", "label": "NORMAL"}}"#),
+        );
+        assert_eq!(s, 200, "{v}");
+        ids.push(id);
+    }
+    drop(server);
+    for suffix in ["", "-wal", "-shm"] {
+        let p = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "outcomes.sqlite{suffix}");
+    }
+    // The first answer and its confirmation are 100 days old; the index is gone
+    // (a database made before it).
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "UPDATE answers SET time = '2000-01-01T00:00:00.000Z' WHERE request_id = ?1",
+        [&ids[0]],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE feedback SET received_ms = received_ms - 100 * 86400000 WHERE request_id = ?1",
+        [&ids[0]],
+    )
+    .unwrap();
+    conn.execute_batch("DROP INDEX IF EXISTS answers_model")
+        .unwrap();
+    drop(conn);
+    let mut again = common::Server::start(models.path(), &args);
+    again.discard_logs();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM answers"), 1);
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM feedback"), 1);
+    let kept: String = conn
+        .query_row("SELECT request_id FROM feedback", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kept, ids[1]);
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'answers_model'"
+        ),
+        1
+    );
+    // The live figures count what is kept.
+    let (_, body) = common::tcp_http(&again.addr, "GET", "/models/alpha", None, b"");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["live_outcomes"]["n"], 1, "{info}");
+}
+
+/// Guards issue #43 row (d). A confirmation by SOP Instance UID of an image that
+/// several models answered names the model (`model`): without it, 409 (it used to
+/// go to the most recent answer of any model, counting in that model's figures);
+/// with it, that model's answer. An image one model answered needs no name.
+#[test]
+fn feedback_by_sop_instance_uid_names_the_model_when_several_answered() {
+    use common::dicom as d;
+    let models = common::models_dir();
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("outcomes.sqlite");
+    let mut server = common::Server::start(models.path(), &["--outcomes".as_ref(), db.as_os_str()]);
+    server.discard_logs();
+    let g = d::test_gray(96, 96, 7);
+    let dcm = d::build(&d::Spec::new(96, 96, 8, d::stored(&g, |v| v)));
+    let other = d::with_tags(
+        &dcm,
+        &[(
+            dicom_dictionary_std::tags::SOP_INSTANCE_UID,
+            dicom_core::VR::UI,
+            "1.2.826.0.1.3680043.10.1.99",
+        )],
+    );
+    let predict = |model: &str, bytes: &[u8]| {
+        let (status, body) = common::tcp_http(
+            &server.addr,
+            "POST",
+            &format!("/predict?model={model}"),
+            Some("application/dicom"),
+            bytes,
+        );
+        assert_eq!(status, 200, "{body}");
+    };
+    predict("alpha", &dcm);
+    predict("beta", &dcm);
+    predict("alpha", &other);
+    let (s, v) = post_json(
+        &server,
+        "/feedback",
+        &format!(
+            r#"{{"sop_instance_uid": "{}", "label": "PNEUMONIA"}}"#,
+            d::SOP_UID
+        ),
+    );
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (409, Some("feedback_conflict")),
+        "{v}"
+    );
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("alpha, beta") && error.contains("`model`"),
+        "{error}"
+    );
+    let (s, v) = post_json(
+        &server,
+        "/feedback",
+        &format!(
+            r#"{{"sop_instance_uid": "{}", "model": "beta", "label": "PNEUMONIA"}}"#,
+            d::SOP_UID
+        ),
+    );
+    assert_eq!(
+        (s, v["answered"]["model"].as_str()),
+        (200, Some("beta")),
+        "{v}"
+    );
+    let (s, v) = post_json(
+        &server,
+        "/feedback",
+        &format!(
+            r#"{{"sop_instance_uid": "{}", "model": "gamma", "label": "PNEUMONIA"}}"#,
+            d::SOP_UID
+        ),
+    );
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (404, Some("unknown_request")),
+        "{v}"
+    );
+    let (s, v) = post_json(
+        &server,
+        "/feedback",
+        r#"{"sop_instance_uid": "1.2.826.0.1.3680043.10.1.99", "label": "NORMAL"}"#,
+    );
+    assert_eq!(
+        (s, v["answered"]["model"].as_str()),
+        (200, Some("alpha")),
+        "{v}"
+    );
+    // Only beta's answer to the first image counts: alpha's figures hold the other.
+    let (_, body) = common::tcp_http(&server.addr, "GET", "/models/alpha", None, b"");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["live_outcomes"]["n"], 1, "{info}");
+}

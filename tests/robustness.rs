@@ -146,6 +146,88 @@ fn node(dir: &Path, models: &Path, model: &str) -> Server {
     server
 }
 
+/// Row 6, at the DICOM node: the same instance stored again under the same
+/// settings is a duplicate (not analysed twice, nothing queued twice); stored
+/// again after a change of a decision input (here a gate: `--max-aspect-ratio`,
+/// on the same outbox after a restart) it is analysed anew and its results queued
+/// with new UIDs. Before the fix the resend was logged "duplicate" and the old
+/// result stood.
+#[test]
+fn a_resend_after_a_change_of_settings_is_a_new_result_at_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = two_models(dir.path());
+    let peers = dir.path().join("peers.toml");
+    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
+    let outbox = dir.path().join("outbox.sqlite");
+    let file = dir.path().join("cr.dcm");
+    std::fs::write(&file, cr()).unwrap();
+    let run = |extra: &[&str]| -> (u64, u64) {
+        let mut args = vec![
+            "--min-image-side",
+            "16",
+            "--dicom-port",
+            "0",
+            "--dicom-peers-file",
+            peers.to_str().unwrap(),
+            // Never reached: the results wait in the outbox.
+            "--dicom-destination",
+            "PACS@127.0.0.1:9",
+            "--dicom-outbox",
+            outbox.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut server = Server::start(&models, &args);
+        let port: u16 = server
+            .wait_log_field("dicom_addr")
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        server.discard_logs();
+        server.wait_ready();
+        for _ in 0..2 {
+            let out = Command::new("storescu")
+                .args(["-aet", "MODALITY", "-aec", "CXR", "127.0.0.1"])
+                .arg(port.to_string())
+                .arg(&file)
+                .output()
+                .expect("storescu (dcmtk: scripts/setup.sh --test)");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let (_, metrics) = call(&server.addr, "GET", "/metrics", None, "text/plain", b"");
+        let count = |outcome: &str| -> u64 {
+            let sample = format!("cxr_dicom_stores_total{{outcome=\"{outcome}\"}} ");
+            metrics
+                .as_str()
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix(sample.as_str()))
+                .map_or(0, |v| v.trim().parse().unwrap())
+        };
+        (count("analysed"), count("duplicate"))
+    };
+    // The same settings: analysed once, then a duplicate.
+    assert_eq!(run(&[]), (1, 1));
+    // Another gate setting: a new result (then a duplicate of it).
+    assert_eq!(run(&["--max-aspect-ratio", "3.5"]), (1, 1));
+    // The queue holds both results, with four distinct UIDs (SR and SC of each).
+    let conn = rusqlite::Connection::open(&outbox).unwrap();
+    let uids: Vec<String> = conn
+        .prepare("SELECT sop_instance_uid FROM outbox ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let distinct: std::collections::BTreeSet<_> = uids.iter().collect();
+    assert_eq!((uids.len(), distinct.len()), (4, 4), "{uids:?}");
+}
+
 /// Row 9: the `--dicom-model` cannot be unloaded (it answers every C-STORE: without
 /// it each would be refused A700, which PACSes retry forever), by name or, when
 /// pinned, by version; other variants and versions can.

@@ -3,8 +3,9 @@
 //! proto), not a mock of our exporter. One request's spans share the caller's trace
 //! id, the server span is the child of the caller's span, every stage span nests
 //! under it (`gates` under `decode`) and is named, and the answer and the audit
-//! record carry the trace.
-#![cfg(feature = "train")]
+//! record carry the trace. The server span is named from the route, never the
+//! path sent; refused requests are not exported; spans the collector never took are
+//! counted in `/metrics`. (The stage test fits an OOD model: `--features train`.)
 
 mod common;
 
@@ -13,10 +14,13 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "train")]
 use cxr::imaging::Preprocessor;
+#[cfg(feature = "train")]
 use cxr::train::fit_ood::{Embeddings, embed, fit};
 use serde_json::Value;
 
+#[cfg(feature = "train")]
 /// Gives `alpha` in `dir` an OOD model (fitted on generated images, a threshold
 /// nothing reaches), so its answers have an `ood` stage.
 fn give_alpha_an_ood_model(dir: &std::path::Path) {
@@ -114,6 +118,26 @@ impl Receiver {
     }
 }
 
+impl Receiver {
+    /// Every span received until the server span of `trace_id` (of any trace).
+    fn all_until(&self, trace_id: &str) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut got = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let s = self
+                .spans
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no server span of {trace_id}; got {got:?}"));
+            let last = s["trace_id"] == trace_id && s["kind"] == "SPAN_KIND_SERVER";
+            got.push(s);
+            if last {
+                return got;
+            }
+        }
+    }
+}
+
 impl Drop for Receiver {
     fn drop(&mut self) {
         if let Some(mut stdin) = self.child.stdin.take() {
@@ -133,10 +157,12 @@ fn attr(span: &Value, key: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+#[cfg(feature = "train")]
 fn nanos(span: &Value, field: &str) -> u128 {
     span[field].as_str().unwrap().parse().unwrap()
 }
 
+#[cfg(feature = "train")]
 const STAGES: [&str; 9] = [
     "admission",
     "body",
@@ -149,6 +175,7 @@ const STAGES: [&str; 9] = [
     "answer",
 ];
 
+#[cfg(feature = "train")]
 #[test]
 fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
     let receiver = Receiver::start();
@@ -314,7 +341,7 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
     assert_eq!(status, 200);
     let spans = receiver.trace(v2_trace);
     let root = server_span(&spans);
-    assert_eq!(root["name"], "POST /v2/models/alpha/infer");
+    assert_eq!(root["name"], "POST /v2/models/{name}/infer");
     assert_eq!(root["parent_span_id"], "b7ad6b7169203331");
     for stage in STAGES {
         assert!(
@@ -359,6 +386,7 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
 }
 
 /// One gRPC inference with tritonclient, the trace context in its metadata.
+#[cfg(feature = "train")]
 const GRPC_CALL: &str = r#"
 import sys, numpy as np, tritonclient.grpc as g
 c = g.InferenceServerClient(sys.argv[1])
@@ -367,6 +395,7 @@ img.set_data_from_numpy(np.array([open(sys.argv[3], "rb").read()], dtype=np.obje
 c.infer("alpha", [img], headers={"traceparent": sys.argv[2]})
 "#;
 
+#[cfg(feature = "train")]
 fn header(head: &str, name: &str) -> Option<String> {
     head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
@@ -395,3 +424,256 @@ fn server_span(spans: &[Value]) -> &Value {
         .find(|s| s["kind"] == "SPAN_KIND_SERVER")
         .expect("a server span")
 }
+
+/// A patient's name and MRN as a client might put them in a path: ~3,000
+/// characters.
+fn patient_path_segment() -> String {
+    format!("DOE%5EJANE%20MRN{}", "0123456789".repeat(300))
+}
+
+/// Issue #43, row 11: the server span is named from the route's template (`POST
+/// /v2/models/{name}/infer`; the method alone when no route matched), never from
+/// the path sent, and no attribute carries that path; requests refused with 401,
+/// 403 or 404 are not exported unless `--otlp-export-refused`. Seen before: an
+/// unauthenticated 404 exported a 3,034-character span name with a patient's name
+/// and MRN from its path.
+#[test]
+fn spans_are_named_by_route_and_refused_requests_are_not_exported() {
+    let receiver = Receiver::start();
+    let dir = common::models_dir();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[callers]]\nname = \"t\"\nkey_sha256 = \"{}\"\nscopes = [\"predict\"]\n",
+            cxr::digest::sha256_hex(b"k-trace")
+        ),
+    )
+    .unwrap();
+    let (endpoint, keys_arg) = (
+        format!("http://127.0.0.1:{}", receiver.port),
+        keys.display().to_string(),
+    );
+    let mut server = common::Server::start(
+        dir.path(),
+        &[
+            "--otlp-endpoint",
+            endpoint.as_str(),
+            "--api-keys-file",
+            keys_arg.as_str(),
+            "--grpc-port",
+            "0",
+        ],
+    );
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    server.wait_ready();
+    let png = common::png_bytes(&common::gray_image(96, 80, 5));
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &png);
+    let body = serde_json::json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}).to_string();
+    let patient = patient_path_segment();
+    let tp = |t: &str| format!("00-{t}-00f067aa0ba902b7-01");
+    let bearer = "Bearer k-trace";
+    let refused = [
+        // No key on a route that needs one: 401.
+        (
+            "11111111111111111111111111111111",
+            format!("/v2/models/{patient}/infer"),
+            None,
+            401,
+        ),
+        // No route: 404, with and without a key.
+        (
+            "22222222222222222222222222222222",
+            format!("/patients/{patient}/infer"),
+            None,
+            404,
+        ),
+        (
+            "33333333333333333333333333333333",
+            format!("/patients/{patient}/infer"),
+            Some(bearer),
+            404,
+        ),
+        // A key, and a model nobody serves: 404.
+        (
+            "44444444444444444444444444444444",
+            format!("/v2/models/{patient}/infer"),
+            Some(bearer),
+            404,
+        ),
+    ];
+    for (trace, path, key, want) in &refused {
+        let parent = tp(trace);
+        let mut headers = vec![
+            ("Content-Type", "application/json"),
+            ("traceparent", parent.as_str()),
+        ];
+        if let Some(k) = key {
+            headers.push(("Authorization", k));
+        }
+        let (status, _, _) = raw_request(&server.addr, path, &headers, body.as_bytes());
+        assert_eq!(status, *want, "{}", &path[..20]);
+    }
+    // Over gRPC, a model nobody serves: NOT_FOUND, not exported either.
+    let grpc_trace = "77777777777777777777777777777777";
+    std::fs::write(dir.path().join("image.png"), &png).unwrap();
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
+        .arg("-c")
+        .arg(GRPC_UNKNOWN_MODEL)
+        .arg(&grpc)
+        .arg(tp(grpc_trace))
+        .arg(dir.path().join("image.png"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("StatusCode.NOT_FOUND"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok_trace = "55555555555555555555555555555555";
+    let parent = tp(ok_trace);
+    let (status, _, _) = raw_request(
+        &server.addr,
+        "/v2/models/alpha/infer",
+        &[
+            ("Content-Type", "application/json"),
+            ("traceparent", parent.as_str()),
+            ("Authorization", bearer),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(status, 200);
+    // Spans leave in order: all those queued before the answered request's.
+    let spans = receiver.all_until(ok_trace);
+    for trace in refused.iter().map(|r| r.0).chain([grpc_trace]) {
+        assert!(
+            !spans.iter().any(|s| s["trace_id"] == trace),
+            "a refused request's spans were exported: {trace}"
+        );
+    }
+    let root = spans
+        .iter()
+        .find(|s| s["trace_id"] == ok_trace && s["kind"] == "SPAN_KIND_SERVER")
+        .unwrap();
+    assert_eq!(root["name"], "POST /v2/models/{name}/infer");
+    assert_eq!(
+        attr(root, "http.route").as_deref(),
+        Some("/v2/models/{name}/infer")
+    );
+    assert_eq!(
+        attr(root, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    for s in &spans {
+        let text = s.to_string();
+        assert!(
+            !text.contains("/v2/models/alpha"),
+            "the path sent in {text}"
+        );
+    }
+    drop(server);
+
+    // Asked for, a refused request is exported: named by its method alone when no
+    // route matched, and the path sent is nowhere in it.
+    let mut server = common::Server::start(
+        dir.path(),
+        &[
+            "--otlp-endpoint",
+            endpoint.as_str(),
+            "--otlp-export-refused",
+        ],
+    );
+    server.discard_logs();
+    server.wait_ready();
+    let trace = "66666666666666666666666666666666";
+    let parent = tp(trace);
+    let (status, _, _) = raw_request(
+        &server.addr,
+        &format!("/patients/{patient}/infer"),
+        &[("traceparent", parent.as_str())],
+        b"",
+    );
+    assert_eq!(status, 404);
+    let spans = receiver.trace(trace);
+    let root = server_span(&spans);
+    assert_eq!(root["name"], "POST");
+    assert_eq!(
+        attr(root, "http.response.status_code").as_deref(),
+        Some("404")
+    );
+    let text = serde_json::to_string(&spans).unwrap();
+    assert!(!text.contains("MRN"), "the path sent in {text}");
+    assert!(!text.contains("patients"), "the path sent in {text}");
+}
+
+/// Issue #43 (from reading): the exporter dropped spans when the collector was
+/// down or slow and counted them where nobody could read them. They are in
+/// `/metrics` now: `cxr_otlp_spans_dropped_total{reason="export_failed"}`, for a
+/// collector that refuses connections and for one that accepts and never answers.
+#[test]
+fn spans_the_collector_never_took_are_counted_in_metrics() {
+    // Nothing listens on `down`; `slow` accepts and never answers.
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_port = down.local_addr().unwrap().port();
+    drop(down);
+    let slow = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow_port = slow.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in slow.incoming() {
+            held.push(c);
+        }
+    });
+    let dir = common::models_dir();
+    let png = common::png_bytes(&common::gray_image(96, 80, 5));
+    for port in [down_port, slow_port] {
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let mut server = common::Server::start(dir.path(), &["--otlp-endpoint", endpoint.as_str()]);
+        server.discard_logs();
+        server.wait_ready();
+        for _ in 0..3 {
+            let (status, _, _) = raw_request(
+                &server.addr,
+                "/predict?model=alpha",
+                &[("Content-Type", "image/png")],
+                &png,
+            );
+            assert_eq!(status, 200);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let metrics = common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1;
+            let dropped: u64 = metrics
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("cxr_otlp_spans_dropped_total{reason=\"export_failed\"} ")
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if dropped > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no dropped spans counted for the collector on port {port}: {metrics}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// One gRPC inference of a model nobody serves, with a key and the trace context
+/// in its metadata: prints the status code.
+const GRPC_UNKNOWN_MODEL: &str = r#"
+import sys, numpy as np, tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+c = g.InferenceServerClient(sys.argv[1])
+img = g.InferInput("image", [1], "BYTES")
+img.set_data_from_numpy(np.array([open(sys.argv[3], "rb").read()], dtype=np.object_))
+try:
+    c.infer("nobody", [img], headers={"traceparent": sys.argv[2], "authorization": "Bearer k-trace"})
+except InferenceServerException as e:
+    print(e.status())
+"#;

@@ -9,6 +9,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 #[test]
 fn tritonclient_grpc_talks_to_the_real_server() {
@@ -118,5 +119,523 @@ fn a_silent_or_idle_grpc_connection_is_closed() {
     assert!(
         took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
         "closed after {took:?}"
+    );
+}
+
+/// A raw HTTP/2 connection to the gRPC listener (h2), for the calls no gRPC client
+/// makes: a message stalled before its end.
+async fn h2_connect(
+    addr: &str,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (client, task)
+}
+
+/// Opens a call of `method` with `headers`, sends a message prefix declaring
+/// `declared` bytes, then up to `send` bytes of the message as the server's flow
+/// control lets them through (in the background, never ending the stream): the
+/// answer's future.
+async fn stalled_call(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    addr: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    declared: u32,
+    send: usize,
+) -> h2::client::ResponseFuture {
+    let mut req = http::Request::post(format!(
+        "http://{addr}/inference.GRPCInferenceService/{method}"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut ready = client.clone().ready().await.unwrap();
+    let (answer, mut stream) = ready.send_request(req.body(()).unwrap(), false).unwrap();
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&declared.to_be_bytes());
+    // The server may have answered (and closed the stream) from the headers alone.
+    if stream.send_data(prefix.into(), false).is_err() {
+        return answer;
+    }
+    tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![0u8; 1 << 20]);
+        let mut sent = 0;
+        while sent < send {
+            stream.reserve_capacity((send - sent).min(chunk.len()));
+            let Some(Ok(n)) = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await else {
+                return;
+            };
+            let n = n.min(send - sent);
+            if n == 0 || stream.send_data(chunk.slice(..n), false).is_err() {
+                return;
+            }
+            sent += n;
+        }
+        // Stalled one byte short, the stream held open.
+        std::future::pending::<()>().await;
+    });
+    answer
+}
+
+/// The gRPC status of an answer (trailers-only, or in its trailers), and its
+/// headers; `None` when none came within `within`.
+async fn grpc_status(
+    answer: h2::client::ResponseFuture,
+    within: Duration,
+) -> Option<(u32, http::HeaderMap)> {
+    tokio::time::timeout(within, async move {
+        let resp = answer.await.ok()?;
+        let (parts, mut body) = resp.into_parts();
+        let code = match parts.headers.get("grpc-status") {
+            Some(c) => c.to_str().ok()?.parse().ok()?,
+            None => {
+                while let Some(d) = body.data().await {
+                    let _ = d;
+                }
+                let trailers = body.trailers().await.ok()??;
+                trailers.get("grpc-status")?.to_str().ok()?.parse().ok()?
+            }
+        };
+        Some((code, parts.headers))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// `VmHWM` (peak resident set) of `pid`, kB.
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+fn keys_file(dir: &std::path::Path, keys: &[(&str, &str)]) -> String {
+    let path = dir.join("keys.toml");
+    let mut text = String::new();
+    for (key, scopes) in keys {
+        text += &format!(
+            "[[callers]]\nname = \"{key}\"\nkey_sha256 = \"{}\"\nscopes = [{scopes}]\n",
+            cxr::digest::sha256_hex(key.as_bytes())
+        );
+    }
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// Issue #43, row 1 (the key before the message): a call with no key, or a key
+/// without the method's scope, is refused from its metadata at once, however
+/// large the message it declares and however long it takes to send it. Seen
+/// before: 2 connections × 10 streams with no key, each ~30 MiB stalled one byte
+/// before its end, were read whole (RSS 517 MB → 1.18 GB, held) and never answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_a_key_is_refused_before_its_message_is_read() {
+    let dir = common::models_dir();
+    let keys = keys_file(
+        dir.path(),
+        &[("k-predict", "\"predict\""), ("k-models", "\"models\"")],
+    );
+    let audit = dir.path().join("audit.jsonl");
+    let audit_arg = audit.display().to_string();
+    let mut server = common::Server::start(
+        dir.path(),
+        &[
+            "--grpc-port",
+            "0",
+            "--api-keys-file",
+            keys.as_str(),
+            "--audit-log",
+            audit_arg.as_str(),
+        ],
+    );
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    server.wait_ready();
+    let before = peak_rss_kb(server.child.id());
+    let declared: u32 = 30 << 20;
+    let send = declared as usize - 1;
+    let mut answers = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let (client, task) = h2_connect(&grpc).await;
+        for _ in 0..10 {
+            answers.push(stalled_call(&client, &grpc, "ModelInfer", &[], declared, send).await);
+        }
+        conns.push((client, task));
+    }
+    let started = Instant::now();
+    for a in answers {
+        let (code, _) = grpc_status(a, Duration::from_secs(5))
+            .await
+            .expect("an answer before the message's end");
+        assert_eq!(code, 16, "UNAUTHENTICATED");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let client = &conns[0].0;
+    // A key without the method's scope, a key nobody has, and the metadata method.
+    let wrong = [("authorization", "Bearer k-models")];
+    let a = stalled_call(client, &grpc, "ModelInfer", &wrong, declared, send).await;
+    let (code, headers) = grpc_status(a, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(code, 7, "PERMISSION_DENIED");
+    assert_eq!(headers.get("error-type").unwrap(), "forbidden");
+    let unknown = [("x-api-key", "k-nobody")];
+    let a = stalled_call(client, &grpc, "ModelInfer", &unknown, declared, send).await;
+    assert_eq!(grpc_status(a, Duration::from_secs(5)).await.unwrap().0, 16);
+    let a = stalled_call(client, &grpc, "ModelMetadata", &[], 1 << 10, 100).await;
+    assert_eq!(grpc_status(a, Duration::from_secs(5)).await.unwrap().0, 16);
+    let growth_mb = peak_rss_kb(server.child.id()).saturating_sub(before) as f64 / 1024.0;
+    assert!(growth_mb < 150.0, "peak RSS grew {growth_mb:.0} MB");
+    // Counted as the service counts its refusals.
+    let addr = server.addr.clone();
+    let metrics = tokio::task::spawn_blocking(move || {
+        common::tcp_http(&addr, "GET", "/metrics", None, b"").1
+    })
+    .await
+    .unwrap();
+    for line in [
+        "cxr_grpc_requests_total{code=\"Unauthenticated\",method=\"ModelInfer\"} 21",
+        "cxr_grpc_requests_total{code=\"PermissionDenied\",method=\"ModelInfer\"} 1",
+        "cxr_grpc_requests_total{code=\"Unauthenticated\",method=\"ModelMetadata\"} 1",
+        "cxr_auth_refused_total{reason=\"missing\"} 21",
+        "cxr_auth_refused_total{reason=\"forbidden\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    // And noted in the audit trail as the HTTP door notes them (rate-limited).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let refused: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["event"] == "auth_refused" && v["door"] == "grpc")
+            .collect();
+        if let Some(v) = refused.first() {
+            assert_eq!(v["route"], "inference.GRPCInferenceService/ModelInfer");
+            assert_eq!(v["outcome"], "unauthorized");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no gRPC refusal in {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A ModelInfer message of `image` BYTES `[1]`: one element of `len` zeros (no
+/// image), in raw_input_contents.
+fn zeros_infer_message(len: usize) -> Vec<u8> {
+    use cxr::grpc::pb;
+    use prost::Message as _;
+    let mut raw = (len as u32).to_le_bytes().to_vec();
+    raw.resize(4 + len, 0);
+    let m = pb::ModelInferRequest {
+        model_name: "alpha".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "image".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    };
+    let body = m.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Issue #43, row 1 (the budget): `--max-buffered-bytes` holds for gRPC messages
+/// too. A message that would take the budget past its limit is refused at once with
+/// RESOURCE_EXHAUSTED and a retry delay, from its declared length; the bytes are
+/// given back when the call that held them ends. A method that needs no key takes
+/// a small message only. Before, neither was checked until the message was read
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_message_beyond_the_buffered_budget_is_refused_at_once() {
+    let dir = common::models_dir();
+    let mut server = common::Server::start(
+        dir.path(),
+        &["--grpc-port", "0", "--max-buffered-bytes", "41943040"],
+    );
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    server.wait_ready();
+    let declared: u32 = 30 << 20;
+    // One call holds 30 of the budget's 40 MiB, stalled.
+    let (holder, holder_task) = h2_connect(&grpc).await;
+    let held = stalled_call(
+        &holder,
+        &grpc,
+        "ModelInfer",
+        &[],
+        declared,
+        declared as usize - 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (client, _task) = h2_connect(&grpc).await;
+    let started = Instant::now();
+    let a = stalled_call(&client, &grpc, "ModelInfer", &[], declared, 1 << 20).await;
+    let (code, headers) = grpc_status(a, Duration::from_secs(5))
+        .await
+        .expect("an answer before the message's end");
+    assert_eq!(code, 8, "RESOURCE_EXHAUSTED");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(headers.get("error-type").unwrap(), "overloaded");
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    assert!(headers.contains_key("grpc-status-details-bin"), "RetryInfo");
+    // A method that needs no key: no message beyond 64 KiB.
+    let a = stalled_call(&client, &grpc, "ServerLive", &[], 1 << 20, 100).await;
+    let (code, headers) = grpc_status(a, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(code, 8);
+    assert_eq!(headers.get("error-type").unwrap(), "payload_too_large");
+    // The holder goes: its bytes come back, and a message as large is read whole
+    // (and refused for what it holds, not for its size).
+    drop(held);
+    holder_task.abort();
+    drop(holder);
+    let whole = bytes::Bytes::from(zeros_infer_message(29 << 20));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        let req = http::Request::post(format!(
+            "http://{grpc}/inference.GRPCInferenceService/ModelInfer"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        let mut ready = client.clone().ready().await.unwrap();
+        let (answer, mut stream) = ready.send_request(req, false).unwrap();
+        stream.send_data(whole.clone(), true).unwrap();
+        let (code, _) = grpc_status(answer, Duration::from_secs(20)).await.unwrap();
+        if code != 8 || Instant::now() > deadline {
+            break code;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        code, 3,
+        "INVALID_ARGUMENT: read whole, then refused as no image"
+    );
+    let addr = server.addr.clone();
+    let metrics = tokio::task::spawn_blocking(move || {
+        common::tcp_http(&addr, "GET", "/metrics", None, b"").1
+    })
+    .await
+    .unwrap();
+    assert!(
+        metrics
+            .contains("cxr_grpc_requests_total{code=\"ResourceExhausted\",method=\"ModelInfer\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "cxr_grpc_requests_total{code=\"ResourceExhausted\",method=\"ServerLive\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+/// Issue #43, row 12: a call that runs longer than `--idle-timeout-s` is answered;
+/// the connection's idle timer waits for its calls. Seen before: with
+/// `--idle-timeout-s 2`, a 16-image ModelInfer failed UNAVAILABLE at 2.0 s (the
+/// timer counted only what the client sent). Here the batcher waits 1 s for more
+/// images (`--batch-wait-us`) after 16 large PNGs decode one at a time, past a 1 s
+/// idle timeout.
+#[test]
+fn a_grpc_call_longer_than_the_idle_timeout_is_answered() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = common::models_dir();
+    let mut server = common::Server::start(
+        dir.path(),
+        &[
+            "--grpc-port",
+            "0",
+            "--idle-timeout-s",
+            "1",
+            "--max-batch",
+            "32",
+            "--batch-wait-us",
+            "1000000",
+            "--decode-threads",
+            "1",
+        ],
+    );
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    server.wait_ready();
+    let png = dir.path().join("big.png");
+    std::fs::write(&png, common::png_bytes(&common::gray_image(1600, 1300, 9))).unwrap();
+    let out = Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(
+            r#"
+import sys, time, numpy as np, tritonclient.grpc as g
+c = g.InferenceServerClient(sys.argv[1])
+png = open(sys.argv[2], "rb").read()
+img = g.InferInput("image", [16], "BYTES")
+img.set_data_from_numpy(np.array([png] * 16, dtype=np.object_))
+t = time.monotonic()
+r = c.infer("alpha", [img])
+print("took", time.monotonic() - t, r.as_numpy("probabilities").shape)
+"#,
+        )
+        .arg(&grpc)
+        .arg(&png)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let took: f64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(took > 1.2, "the call must outlast the idle timeout: {text}");
+    assert!(text.contains("(16, 2)"), "{text}");
+}
+
+/// Issue #43, row 1: the buffered-bytes budget is the core's, one for every door:
+/// bytes a gRPC message holds ([`cxr::predict::Core::reserve_bytes`]) are not
+/// there for an HTTP body, which is refused 503 `overloaded` until they come back.
+#[tokio::test]
+async fn the_buffered_bytes_budget_is_one_for_every_door() {
+    use common::http::{expect_error, raw, send};
+    let limits = cxr::http::Limits {
+        max_body_bytes: 8 << 20,
+        max_buffered_bytes: 8 << 20,
+        ..common::test_limits()
+    };
+    let t = common::test_app_with(limits, common::default_batch());
+    let png = common::png_bytes(&common::gray_image(96, 80, 5));
+    let core = t.state.core();
+    let held = [
+        core.reserve_bytes(4 << 20).unwrap(),
+        core.reserve_bytes(4 << 20).unwrap(),
+    ];
+    expect_error(
+        &t.app,
+        raw("/predict", "image/png", png.clone()),
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+    )
+    .await;
+    drop(held);
+    let (status, _, _) = send(&t.app, raw("/predict", "image/png", png)).await;
+    assert_eq!(status, axum::http::StatusCode::OK);
+}
+
+/// Issue #43, row 1 (checked): a ModelInfer holds one of the core's
+/// `--max-inflight` processing slots until it is answered, as an HTTP request does:
+/// with one slot, a call made while another runs is refused RESOURCE_EXHAUSTED
+/// `overloaded` at once, and once the first is answered the next is served.
+#[test]
+fn a_grpc_inference_holds_a_processing_slot_until_it_is_answered() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = common::models_dir();
+    let mut server = common::Server::start(
+        dir.path(),
+        &[
+            "--grpc-port",
+            "0",
+            "--max-inflight",
+            "1",
+            "--max-batch",
+            "32",
+            "--batch-wait-us",
+            "1000000",
+        ],
+    );
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    server.wait_ready();
+    let png = dir.path().join("x.png");
+    std::fs::write(&png, common::png_bytes(&common::gray_image(96, 80, 5))).unwrap();
+    let out = Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(
+            r#"
+import sys, threading, time, numpy as np, tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+png = open(sys.argv[2], "rb").read()
+def call():
+    img = g.InferInput("image", [1], "BYTES")
+    img.set_data_from_numpy(np.array([png], dtype=np.object_))
+    return g.InferenceServerClient(sys.argv[1]).infer("alpha", [img])
+first = threading.Thread(target=call)
+first.start()
+time.sleep(0.4)
+try:
+    call()
+    print("second: answered")
+except InferenceServerException as e:
+    print("second:", e.status())
+first.join()
+call()
+print("third: answered")
+"#,
+        )
+        .arg(&grpc)
+        .arg(&png)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("second: StatusCode.RESOURCE_EXHAUSTED"),
+        "{text}"
+    );
+    assert!(text.contains("third: answered"), "{text}");
+}
+
+/// Issue #43, row 1 (the budget, held): a ModelInfer whose message does not
+/// arrive within `--body-timeout-s` is answered DEADLINE_EXCEEDED `body_timeout`
+/// then, and gives its bytes back; before, a stalled message held its bytes until
+/// the request timeout's backstop (65 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_message_that_stalls_past_the_body_timeout_is_refused() {
+    let dir = common::models_dir();
+    let mut server =
+        common::Server::start(dir.path(), &["--grpc-port", "0", "--body-timeout-s", "1"]);
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    server.wait_ready();
+    let (client, _task) = h2_connect(&grpc).await;
+    let started = Instant::now();
+    let a = stalled_call(&client, &grpc, "ModelInfer", &[], 1 << 20, 1000).await;
+    let (code, headers) = grpc_status(a, Duration::from_secs(10))
+        .await
+        .expect("an answer within the body timeout");
+    assert_eq!(code, 4, "DEADLINE_EXCEEDED");
+    assert_eq!(headers.get("error-type").unwrap(), "body_timeout");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
     );
 }

@@ -7,11 +7,16 @@
 //! in the outbox and sent back into the same study: by C-STORE to configured AEs
 //! and/or by DICOMweb STOW-RS.
 //!
-//! - `scp.rs`: associations in (C-ECHO, C-STORE).
+//! - `negotiation.rs`: the door before an association (the A-ASSOCIATE-RQ in time,
+//!   from a listed peer, a free slot; else refused out loud).
+//! - `scp.rs`: associations in (C-ECHO, C-STORE), each within its deadline.
+//! - `dimse.rs`: DIMSE messages out of P-DATA, bounded, and the answers to them.
 //! - `peers.rs`: who may associate.
 //! - `outbox.rs`: results waiting to be sent (SQLite; survives restarts).
 //! - `sender.rs`: sends them (C-STORE SCU, STOW-RS), retrying with backoff.
 
+mod dimse;
+mod negotiation;
 pub mod outbox;
 pub mod peers;
 mod scp;
@@ -24,13 +29,16 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio::sync::Semaphore;
 
+use crate::dicom_node::negotiation::Admitted;
+use crate::dicom_node::negotiation::Pools;
 use crate::dicom_node::outbox::Outbox;
 use crate::dicom_node::peers::Peers;
 use crate::dicom_node::peers::check_ae_title;
 use crate::predict::Core;
 
+pub use dimse::MAX_COMMAND_BYTES;
+pub use negotiation::MAX_REQUEST_BYTES;
 pub use scp::RADIOGRAPH_STORAGE;
 pub use scp::TRANSFER_SYNTAXES;
 
@@ -118,14 +126,21 @@ pub struct NodeConfig {
     pub outbox: PathBuf,
     /// A PostgreSQL database for the outbox, shared by replicas (`--database-url`).
     pub database_url: Option<String>,
-    /// Most result objects waiting in the outbox.
-    pub outbox_capacity: usize,
+    /// Most result objects waiting in the outbox, how long they are tried, how
+    /// long records are kept.
+    pub outbox_policy: outbox::Policy,
     /// The variant that answers (none: the default).
     pub model: Option<String>,
     /// Largest data set taken, bytes.
     pub max_object_bytes: usize,
-    /// Most associations at once.
+    /// Most associations at once (listed peers, once accepted).
     pub max_associations: usize,
+    /// Most connections still negotiating (before their A-ASSOCIATE-RQ is in).
+    pub max_negotiating: usize,
+    /// Longest the A-ASSOCIATE-RQ may take to arrive whole.
+    pub negotiation_timeout: Duration,
+    /// Longest an association may last.
+    pub association_timeout: Duration,
 }
 
 /// What the association threads and the sender share.
@@ -140,6 +155,8 @@ pub(crate) struct Node {
     max_object_bytes: usize,
     max_pdu: u32,
     idle_timeout: Duration,
+    negotiation_timeout: Duration,
+    association_timeout: Duration,
     /// Wakes the sender when results are queued.
     wake: Notify,
 }
@@ -148,9 +165,12 @@ pub(crate) struct Node {
 pub struct NodeHandle {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its outbox (for the dead letters' route: [`crate::AppState::set_dicom_outbox`]).
+    pub outbox: Arc<Outbox>,
 }
 
-/// Starts the node: the listener (associations on blocking threads, at most
+/// Starts the node: the listener (connections negotiating on tasks, at most
+/// `max_negotiating` at once; associations on blocking threads, at most
 /// `max_associations` at once) and the sender.
 pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
     if cfg.destinations.is_empty() {
@@ -159,19 +179,20 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
         ));
     }
     check_ae_title(&cfg.ae_title).map_err(|e| NodeError(e.0))?;
-    let (path, url, capacity) = (
+    let (path, url, policy) = (
         cfg.outbox.clone(),
         cfg.database_url.clone(),
-        cfg.outbox_capacity,
+        cfg.outbox_policy,
     );
     let outbox = tokio::task::spawn_blocking(move || match url {
-        Some(url) => Outbox::connect(&url, capacity),
-        None => Outbox::open(&path, capacity),
+        Some(url) => Outbox::connect(&url, policy),
+        None => Outbox::open(&path, policy),
     })
     .await
     .map_err(|e| NodeError(e.to_string()))?
     .map_err(|e| NodeError(e.0))?;
     tracing::info!(database = outbox.kind(), "DICOM outbox open");
+    let outbox = Arc::new(outbox);
     let listener = TcpListener::bind(cfg.bind)
         .await
         .map_err(|e| NodeError(format!("--dicom-port: cannot listen on {}: {e}", cfg.bind)))?;
@@ -184,15 +205,17 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
         peers: cfg.peers,
         destination_names: cfg.destinations.iter().map(Destination::name).collect(),
         destinations: cfg.destinations,
-        outbox: Arc::new(outbox),
+        outbox: outbox.clone(),
         model: cfg.model,
         max_object_bytes: cfg.max_object_bytes,
         max_pdu: 65_536,
         idle_timeout: scp::IDLE_TIMEOUT,
+        negotiation_timeout: cfg.negotiation_timeout,
+        association_timeout: cfg.association_timeout,
         wake: Notify::new(),
     });
     tokio::spawn(sender::run(node.clone()));
-    let slots = Arc::new(Semaphore::new(cfg.max_associations.max(1)));
+    let pools = Arc::new(Pools::new(cfg.max_negotiating, cfg.max_associations));
     tokio::spawn(async move {
         loop {
             let (socket, peer) = match listener.accept().await {
@@ -203,33 +226,43 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(peer = %peer, "DICOM association refused: --dicom-max-associations reached");
+            // Connections not yet associated wait in their own pool: they never hold
+            // an association slot, so they cannot starve the listed peers.
+            let Some(negotiating) = pools.negotiate(peer.ip()) else {
+                tracing::warn!(peer = %peer, "DICOM connection refused: --dicom-max-negotiating (or its host's quarter of it) reached");
                 node.core
                     .metrics()
                     .dicom_associations
-                    .with_label_values(&["rejected"])
+                    .with_label_values(&["busy"])
                     .inc();
+                negotiation::refuse_later(&pools, socket, negotiation::busy());
                 continue;
             };
-            let socket = match socket.into_std().and_then(|s| {
-                s.set_nonblocking(false)?;
-                Ok(s)
-            }) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "DICOM socket unusable");
-                    continue;
-                }
-            };
-            let node = node.clone();
-            let rt = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || {
-                scp::serve(&node, socket, &rt);
-                drop(slot);
+            let (node, pools) = (node.clone(), pools.clone());
+            tokio::spawn(async move {
+                let admitted = negotiation::admit(&node, &pools, socket, peer.ip()).await;
+                drop(negotiating);
+                let Admitted::Associate(socket, slot) = admitted else {
+                    return;
+                };
+                let socket = match socket.into_std().and_then(|s| {
+                    s.set_nonblocking(false)?;
+                    Ok(s)
+                }) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "DICOM socket unusable");
+                        return;
+                    }
+                };
+                let rt = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || {
+                    scp::serve(&node, socket, &rt);
+                    drop(slot);
+                });
             });
         }
     });
     tracing::info!(dicom_addr = %addr, "DICOM node listening");
-    Ok(NodeHandle { addr })
+    Ok(NodeHandle { addr, outbox })
 }

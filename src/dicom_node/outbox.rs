@@ -3,10 +3,14 @@
 //! default (one replica), PostgreSQL when `--database-url` names one (replicas share
 //! it). A row is written (durably) before the C-STORE that caused it is answered; a
 //! sender claims due rows for a while (so two replicas never send the same row at
-//! once), then marks each sent (its payload dropped, its row kept as the record of
-//! what was sent) or due again after a backoff. A result object already in the
-//! outbox for a destination (the same SOP Instance UID: results' UIDs are derived
-//! from what they are of) is not added again.
+//! once; the claim is renewed before each send), then marks each sent (its payload
+//! dropped, its row kept as the record of what was sent), due again after a backoff,
+//! or dead: a *dead letter*, set aside with its reason, once a destination refused it
+//! `max_attempts` times or it failed for longer than `give_up_after`. Dead letters
+//! do not count against the capacity. A result object already in the outbox for a
+//! destination (the same SOP Instance UID: results' UIDs are derived from what they
+//! are of) is not added again. Sent rows and dead letters are deleted once older
+//! than the retention.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -15,6 +19,8 @@ use std::time::SystemTime;
 use std::time::UNIX_EPOCH;
 
 use rusqlite::OptionalExtension;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 crate::message_error!(
     /// Why the outbox could not be read or written.
@@ -44,8 +50,84 @@ pub struct Item {
     pub sop_instance_uid: String,
     /// The Part-10 file.
     pub payload: Vec<u8>,
-    /// Sends tried so far.
+    /// Sends tried so far (refused or failed).
     pub attempts: u32,
+    /// Of them, the ones the destination refused.
+    pub refusals: u32,
+    /// When it was queued (ms since the epoch).
+    pub created_at: i64,
+}
+
+/// How a send failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The destination answered, and refused the object (a C-STORE failure status,
+    /// a presentation context it did not accept, a 4xx from STOW-RS): the same bytes
+    /// will most likely be refused again, so it is tried at most `max_attempts` times.
+    Refused,
+    /// No answer (unreachable, timed out, the association broke, a 5xx): tried again
+    /// until it has waited `give_up_after`.
+    Failed,
+}
+
+/// What became of a failed object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Due again after this backoff.
+    Retry(Duration),
+    /// A dead letter: not tried again.
+    Dead,
+}
+
+/// An object not tried again, as `GET /dicom/outbox/dead-letters` lists it (no
+/// patient data: the UIDs, the kind, the destination and why).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct DeadLetter {
+    /// Where it was going.
+    pub destination: String,
+    /// Its SOP Instance UID.
+    pub sop_instance_uid: String,
+    /// `sr` (the Structured Report) or `sc` (the Secondary Capture).
+    pub kind: String,
+    /// Sends tried.
+    pub attempts: u32,
+    /// The last failure.
+    pub last_error: String,
+    /// When it was queued (RFC 3339).
+    pub created_at: String,
+    /// When it was set aside (RFC 3339).
+    pub dead_at: String,
+}
+
+/// How long objects are tried, how many may wait, how long records are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Most objects waiting (dead letters not counted); beyond it new results are
+    /// refused (the C-STORE fails with "out of resources", so the sender of the
+    /// image retries later).
+    pub capacity: usize,
+    /// Refusals by the destination after which an object is a dead letter.
+    pub max_attempts: u32,
+    /// How long an object that keeps failing without a refusal (destination down)
+    /// is tried before it is a dead letter.
+    pub give_up_after: Duration,
+    /// How long the records of sent objects and the dead letters are kept (none:
+    /// forever).
+    pub retention: Option<Duration>,
+}
+
+impl Policy {
+    /// `capacity` objects waiting, the defaults otherwise.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            capacity,
+            max_attempts: crate::defaults::DICOM_MAX_ATTEMPTS,
+            give_up_after: Duration::from_secs(crate::defaults::DICOM_GIVE_UP_AFTER_HOURS * 3600),
+            retention: Some(Duration::from_secs(
+                crate::defaults::RETENTION_DAYS * 86_400,
+            )),
+        }
+    }
 }
 
 /// Where the rows are.
@@ -58,21 +140,24 @@ enum Store {
 /// threads, never from an async task.
 pub struct Outbox {
     store: Store,
-    /// Most rows waiting; beyond it new results are refused (the C-STORE fails
-    /// with "out of resources", so the sender of the image retries later).
-    capacity: usize,
+    policy: Policy,
 }
 
 /// Longest wait between tries of one object.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long a claimed row is the claimer's before another sender may take it (a
-/// replica that died while sending): longer than one send may take (30 s).
-const CLAIM: Duration = Duration::from_secs(45);
+/// replica that died while sending): longer than one send may take (30 s); the
+/// sender renews the claim of every row of its round before each send.
+pub(super) const CLAIM: Duration = Duration::from_secs(45);
 
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn rfc3339(ms: i64) -> String {
+    crate::clock::rfc3339(ms.div_euclid(1000), ms.rem_euclid(1000) as u32)
 }
 
 const SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS outbox (
@@ -94,6 +179,12 @@ const SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at);
 CREATE INDEX IF NOT EXISTS outbox_source ON outbox (source_key);";
 
+/// Columns added since the first schema (an existing outbox gains them at open).
+const ADDED_COLUMNS: [(&str, &str); 2] = [
+    ("refusals", "INTEGER NOT NULL DEFAULT 0"),
+    ("dead_at", "BIGINT"),
+];
+
 const SCHEMA_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS cxr_outbox (
     id BIGSERIAL PRIMARY KEY,
     destination TEXT NOT NULL,
@@ -113,39 +204,83 @@ const SCHEMA_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS cxr_outbox (
 CREATE INDEX IF NOT EXISTS cxr_outbox_due ON cxr_outbox (state, next_at);
 CREATE INDEX IF NOT EXISTS cxr_outbox_source ON cxr_outbox (source_key);";
 
+const ITEM_COLUMNS: &str =
+    "id, destination, sop_instance_uid, payload, attempts, refusals, created_at";
+
+fn item_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
+    Ok(Item {
+        id: r.get(0)?,
+        destination: r.get(1)?,
+        sop_instance_uid: r.get(2)?,
+        payload: r.get(3)?,
+        attempts: r.get(4)?,
+        refusals: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}
+
+fn item_postgres(r: &postgres::Row) -> Item {
+    Item {
+        id: r.get(0),
+        destination: r.get(1),
+        sop_instance_uid: r.get(2),
+        payload: r.get(3),
+        attempts: r.get::<_, i32>(4) as u32,
+        refusals: r.get::<_, i32>(5) as u32,
+        created_at: r.get(6),
+    }
+}
+
 impl Outbox {
-    /// Opens (or creates) the outbox in the SQLite file at `path`.
-    pub fn open(path: &Path, capacity: usize) -> Result<Self, OutboxError> {
-        let conn = rusqlite::Connection::open(path)
-            .map_err(|e| OutboxError(format!("outbox {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+    /// Opens (or creates) the outbox in the SQLite file at `path` (owner-only,
+    /// `secure_delete` on: see [`crate::sqlite_file`]).
+    pub fn open(path: &Path, policy: Policy) -> Result<Self, OutboxError> {
+        let conn = crate::sqlite_file::open_private(path)
+            .map_err(|e| OutboxError(format!("outbox {e}")))?;
         // WAL with full sync: a row is on disk before the C-STORE is answered.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA_SQLITE)?;
+        let has: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('outbox')")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for (name, ty) in ADDED_COLUMNS {
+            if !has.iter().any(|h| h == name) {
+                conn.execute_batch(&format!("ALTER TABLE outbox ADD COLUMN {name} {ty}"))?;
+            }
+        }
         // One replica owns an SQLite outbox: what a previous run of it was sending
         // when it stopped is due again now.
         conn.execute(
             "UPDATE outbox SET claimed_until = NULL WHERE claimed_until IS NOT NULL",
             [],
         )?;
-        Ok(Self {
+        let o = Self {
             store: Store::Sqlite(Mutex::new(conn)),
-            capacity,
-        })
+            policy,
+        };
+        o.prune()?;
+        Ok(o)
     }
 
     /// Opens (or creates) the outbox in the PostgreSQL database at `url`
     /// (`postgres://user:password@host:port/db`; TLS is not supported: use a local
     /// connection or a sidecar).
-    pub fn connect(url: &str, capacity: usize) -> Result<Self, OutboxError> {
+    pub fn connect(url: &str, policy: Policy) -> Result<Self, OutboxError> {
         let mut client = postgres::Client::connect(url, postgres::NoTls)
             .map_err(|e| OutboxError(format!("--database-url: {e}")))?;
         client.batch_execute(SCHEMA_POSTGRES)?;
-        Ok(Self {
+        for (name, ty) in ADDED_COLUMNS {
+            client.batch_execute(&format!(
+                "ALTER TABLE cxr_outbox ADD COLUMN IF NOT EXISTS {name} {ty}"
+            ))?;
+        }
+        let o = Self {
             store: Store::Postgres(Mutex::new(client)),
-            capacity,
-        })
+            policy,
+        };
+        o.prune()?;
+        Ok(o)
     }
 
     /// Which database holds it.
@@ -154,6 +289,11 @@ impl Outbox {
             Store::Sqlite(_) => "sqlite",
             Store::Postgres(_) => "postgresql",
         }
+    }
+
+    /// How it treats its objects.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// Whether results of `source_key` (a source image analysed by a model file)
@@ -179,18 +319,19 @@ impl Outbox {
 
     /// Adds the result objects of one source for every destination, all or none;
     /// an object already there for a destination is not added again. Refused when
-    /// the outbox is full. Returns how many rows were added.
+    /// the outbox is full (dead letters do not count). Returns how many rows were
+    /// added.
     pub fn add(
         &self,
         source_key: &str,
         objects: &[(&str, String, Vec<u8>)],
         destinations: &[String],
     ) -> Result<usize, OutboxError> {
+        let capacity = self.policy.capacity;
         let full = |waiting: i64| {
-            (waiting as usize + objects.len() * destinations.len() > self.capacity).then(|| {
+            (waiting as usize + objects.len() * destinations.len() > capacity).then(|| {
                 OutboxError(format!(
-                    "the outbox holds its limit of {} result objects waiting to be sent",
-                    self.capacity
+                    "the outbox holds its limit of {capacity} result objects waiting to be sent"
                 ))
             })
         };
@@ -250,8 +391,9 @@ impl Outbox {
     }
 
     /// Claims up to `limit` objects due now, oldest first: they are this sender's
-    /// for [`CLAIM`] (another replica's sender skips them), until marked
-    /// [`Outbox::sent`] or [`Outbox::retry`].
+    /// for [`CLAIM`] (another replica's sender skips them; [`Outbox::renew`]
+    /// extends it), until marked [`Outbox::sent`], [`Outbox::fail`]ed or
+    /// [`Outbox::release`]d.
     pub fn due(&self, limit: usize) -> Result<Vec<Item>, OutboxError> {
         let now = now_ms();
         let until = now + CLAIM.as_millis() as i64;
@@ -260,21 +402,13 @@ impl Outbox {
                 let mut c = lock(c);
                 let tx = c.transaction()?;
                 let items = {
-                    let mut st = tx.prepare(
-                        "SELECT id, destination, sop_instance_uid, payload, attempts FROM outbox
+                    let mut st = tx.prepare(&format!(
+                        "SELECT {ITEM_COLUMNS} FROM outbox
                          WHERE state = 'pending' AND next_at <= ?1
                            AND (claimed_until IS NULL OR claimed_until <= ?1)
-                         ORDER BY next_at, id LIMIT ?2",
-                    )?;
-                    let rows = st.query_map(rusqlite::params![now, limit as i64], |r| {
-                        Ok(Item {
-                            id: r.get(0)?,
-                            destination: r.get(1)?,
-                            sop_instance_uid: r.get(2)?,
-                            payload: r.get(3)?,
-                            attempts: r.get(4)?,
-                        })
-                    })?;
+                         ORDER BY next_at, id LIMIT ?2"
+                    ))?;
+                    let rows = st.query_map(rusqlite::params![now, limit as i64], item_sqlite)?;
                     rows.collect::<Result<Vec<_>, _>>()?
                 };
                 for i in &items {
@@ -288,27 +422,77 @@ impl Outbox {
             }
             Store::Postgres(c) => {
                 let rows = lock(c).query(
-                    "UPDATE cxr_outbox SET claimed_until = $3 WHERE id IN (
+                    &format!(
+                        "UPDATE cxr_outbox SET claimed_until = $3 WHERE id IN (
                          SELECT id FROM cxr_outbox WHERE state = 'pending' AND next_at <= $1
                            AND (claimed_until IS NULL OR claimed_until <= $1)
                          ORDER BY next_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
-                     RETURNING id, destination, sop_instance_uid, payload, attempts",
+                     RETURNING {ITEM_COLUMNS}"
+                    ),
                     &[&now, &(limit as i64), &until],
                 )?;
-                let mut items: Vec<Item> = rows
-                    .iter()
-                    .map(|r| Item {
-                        id: r.get(0),
-                        destination: r.get(1),
-                        sop_instance_uid: r.get(2),
-                        payload: r.get(3),
-                        attempts: r.get::<_, i32>(4) as u32,
-                    })
-                    .collect();
+                let mut items: Vec<Item> = rows.iter().map(item_postgres).collect();
                 items.sort_by_key(|i| i.id);
                 Ok(items)
             }
         }
+    }
+
+    /// Extends the claim on `ids` (still pending and claimed) to [`CLAIM`] from now:
+    /// called before each send, so that rows of a round waiting behind slow sends
+    /// are not taken (and sent again) by another replica.
+    pub fn renew(&self, ids: &[i64]) -> Result<(), OutboxError> {
+        let until = now_ms() + CLAIM.as_millis() as i64;
+        match &self.store {
+            Store::Sqlite(c) => {
+                let mut c = lock(c);
+                let tx = c.transaction()?;
+                for id in ids {
+                    tx.execute(
+                        "UPDATE outbox SET claimed_until = ?2
+                         WHERE id = ?1 AND state = 'pending' AND claimed_until IS NOT NULL",
+                        rusqlite::params![id, until],
+                    )?;
+                }
+                tx.commit()?;
+            }
+            Store::Postgres(c) => {
+                lock(c).execute(
+                    "UPDATE cxr_outbox SET claimed_until = $2
+                     WHERE id = ANY($1) AND state = 'pending' AND claimed_until IS NOT NULL",
+                    &[&ids, &until],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives claimed objects back untried (no attempt counted): due again after
+    /// `after`.
+    pub fn release(&self, ids: &[i64], after: Duration) -> Result<(), OutboxError> {
+        let next = now_ms() + after.as_millis() as i64;
+        match &self.store {
+            Store::Sqlite(c) => {
+                let mut c = lock(c);
+                let tx = c.transaction()?;
+                for id in ids {
+                    tx.execute(
+                        "UPDATE outbox SET claimed_until = NULL, next_at = MAX(next_at, ?2)
+                         WHERE id = ?1 AND state = 'pending'",
+                        rusqlite::params![id, next],
+                    )?;
+                }
+                tx.commit()?;
+            }
+            Store::Postgres(c) => {
+                lock(c).execute(
+                    "UPDATE cxr_outbox SET claimed_until = NULL, next_at = GREATEST(next_at, $2)
+                     WHERE id = ANY($1) AND state = 'pending'",
+                    &[&ids, &next],
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// When the next pending object falls due (none: nothing waits).
@@ -329,7 +513,8 @@ impl Outbox {
         Ok(next.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64)))
     }
 
-    /// Marks an object sent: its payload is dropped, its row kept as the record.
+    /// Marks an object sent: its payload is dropped (overwritten in an SQLite file:
+    /// `secure_delete`), its row kept as the record until the retention passes.
     pub fn sent(&self, id: i64) -> Result<(), OutboxError> {
         let now = now_ms();
         match &self.store {
@@ -352,43 +537,156 @@ impl Outbox {
     }
 
     /// Marks a failed send: due again after a backoff that doubles per attempt (1 s
-    /// up to 5 min).
-    pub fn retry(&self, item: &Item, error: &str) -> Result<Duration, OutboxError> {
+    /// up to 5 min), or a dead letter once the destination refused it
+    /// `max_attempts` times, or it failed for `give_up_after` since it was queued.
+    /// `error` is kept (the dead letters list it): no patient data in it.
+    pub fn fail(&self, item: &Item, how: Failure, error: &str) -> Result<Settled, OutboxError> {
+        let now = now_ms();
+        let refusals = item.refusals + u32::from(how == Failure::Refused);
+        let dead = match how {
+            Failure::Refused => refusals >= self.policy.max_attempts,
+            Failure::Failed => {
+                now - item.created_at >= self.policy.give_up_after.as_millis() as i64
+            }
+        };
         let backoff = Duration::from_secs(1u64 << item.attempts.min(9)).min(MAX_BACKOFF);
-        let next = now_ms() + backoff.as_millis() as i64;
+        let next = now + backoff.as_millis() as i64;
+        let (state, dead_at) = if dead {
+            ("dead", Some(now))
+        } else {
+            ("pending", None)
+        };
+        let refusals = refusals as i32;
         match &self.store {
             Store::Sqlite(c) => {
                 lock(c).execute(
-                    "UPDATE outbox SET attempts = attempts + 1, next_at = ?2, last_error = ?3, claimed_until = NULL WHERE id = ?1",
-                    rusqlite::params![item.id, next, error],
+                    "UPDATE outbox SET attempts = attempts + 1, refusals = ?2, next_at = ?3, last_error = ?4,
+                     claimed_until = NULL, state = ?5, dead_at = ?6 WHERE id = ?1",
+                    rusqlite::params![item.id, refusals, next, error, state, dead_at],
                 )?;
             }
             Store::Postgres(c) => {
                 lock(c).execute(
-                    "UPDATE cxr_outbox SET attempts = attempts + 1, next_at = $2, last_error = $3, claimed_until = NULL WHERE id = $1",
-                    &[&item.id, &next, &error],
+                    "UPDATE cxr_outbox SET attempts = attempts + 1, refusals = $2, next_at = $3, last_error = $4,
+                     claimed_until = NULL, state = $5, dead_at = $6 WHERE id = $1",
+                    &[&item.id, &refusals, &next, &error, &state, &dead_at],
                 )?;
             }
         }
-        Ok(backoff)
+        Ok(if dead {
+            Settled::Dead
+        } else {
+            Settled::Retry(backoff)
+        })
     }
 
     /// Objects waiting, by destination.
     pub fn depth(&self) -> Result<Vec<(String, i64)>, OutboxError> {
-        const SQL: &str = "SELECT destination, COUNT(*) FROM {} WHERE state = 'pending' GROUP BY destination ORDER BY destination";
+        self.count_by_destination("pending")
+    }
+
+    /// Dead letters, by destination.
+    pub fn dead_depth(&self) -> Result<Vec<(String, i64)>, OutboxError> {
+        self.count_by_destination("dead")
+    }
+
+    fn count_by_destination(&self, state: &str) -> Result<Vec<(String, i64)>, OutboxError> {
+        const SQL: &str = "SELECT destination, COUNT(*) FROM {} WHERE state = {} GROUP BY destination ORDER BY destination";
+        let sql = |table: &str, param: &str| SQL.replacen("{}", table, 1).replacen("{}", param, 1);
         Ok(match &self.store {
             Store::Sqlite(c) => {
                 let c = lock(c);
-                let mut st = c.prepare(&SQL.replace("{}", "outbox"))?;
-                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let mut st = c.prepare(&sql("outbox", "?1"))?;
+                let rows = st.query_map([state], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 rows.collect::<Result<_, _>>()?
             }
             Store::Postgres(c) => lock(c)
-                .query(&SQL.replace("{}", "cxr_outbox"), &[])?
+                .query(&sql("cxr_outbox", "$1"), &[&state])?
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect(),
         })
+    }
+
+    /// The dead letters, the most recent first, at most `limit`.
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+        const SQL: &str = "SELECT destination, sop_instance_uid, kind, attempts, COALESCE(last_error, ''), created_at, dead_at
+             FROM {} WHERE state = 'dead' ORDER BY dead_at DESC, id DESC LIMIT ";
+        let limit = limit as i64;
+        let letter = |d, u, k, a: i32, e, c: i64, x: Option<i64>| DeadLetter {
+            destination: d,
+            sop_instance_uid: u,
+            kind: k,
+            attempts: a as u32,
+            last_error: e,
+            created_at: rfc3339(c),
+            dead_at: rfc3339(x.unwrap_or(c)),
+        };
+        Ok(match &self.store {
+            Store::Sqlite(c) => {
+                let c = lock(c);
+                let mut st = c.prepare(&format!("{}?1", SQL.replace("{}", "outbox")))?;
+                let rows = st.query_map([limit], |r| {
+                    Ok(letter(
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                })?;
+                rows.collect::<Result<_, _>>()?
+            }
+            Store::Postgres(c) => lock(c)
+                .query(&format!("{}$1", SQL.replace("{}", "cxr_outbox")), &[&limit])?
+                .iter()
+                .map(|r| {
+                    letter(
+                        r.get(0),
+                        r.get(1),
+                        r.get(2),
+                        r.get(3),
+                        r.get(4),
+                        r.get(5),
+                        r.get(6),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// Deletes the records of sent objects and the dead letters older than the
+    /// retention (then empties an SQLite file's log: [`Outbox::compact`]). Returns
+    /// how many rows went.
+    pub fn prune(&self) -> Result<usize, OutboxError> {
+        let Some(retention) = self.policy.retention else {
+            return Ok(0);
+        };
+        let cutoff = now_ms() - retention.as_millis() as i64;
+        let n = match &self.store {
+            Store::Sqlite(c) => lock(c).execute(
+                "DELETE FROM outbox WHERE (state = 'sent' AND sent_at < ?1) OR (state = 'dead' AND dead_at < ?1)",
+                [cutoff],
+            )?,
+            Store::Postgres(c) => lock(c).execute(
+                "DELETE FROM cxr_outbox WHERE (state = 'sent' AND sent_at < $1) OR (state = 'dead' AND dead_at < $1)",
+                &[&cutoff],
+            )? as usize,
+        };
+        self.compact()?;
+        Ok(n)
+    }
+
+    /// Empties an SQLite outbox's write-ahead log into the file (whose dropped
+    /// payloads `secure_delete` overwrote), so that no old frame keeps a sent
+    /// payload on disk; nothing for PostgreSQL.
+    pub fn compact(&self) -> Result<(), OutboxError> {
+        if let Store::Sqlite(c) = &self.store {
+            crate::sqlite_file::empty_wal(&lock(c))?;
+        }
+        Ok(())
     }
 }
 
@@ -396,21 +694,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The outbox's contract, for the tests of every database (SQLite here,
+/// PostgreSQL in `tests/dicom_node`).
+#[doc(hidden)]
+pub mod contract {
+    use std::time::Duration;
 
-    #[test]
-    fn objects_are_queued_once_sent_once_and_retried_with_backoff() {
-        let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(&dir.path().join("o.sqlite"), 10).unwrap();
-        exercise(o, || {
-            Outbox::open(&dir.path().join("o.sqlite"), 10).unwrap()
-        });
+    use super::Failure;
+    use super::Outbox;
+    use super::Policy;
+    use super::Settled;
+
+    /// The policy [`exercise`] expects: `capacity`, 2 refusals, 3 s of failures.
+    pub fn policy(capacity: usize) -> Policy {
+        Policy {
+            capacity,
+            max_attempts: 2,
+            give_up_after: Duration::from_secs(3),
+            retention: Some(Duration::from_secs(3600)),
+        }
     }
 
-    /// The outbox's contract, on any database: `reopen` opens the same one again.
-    pub(crate) fn exercise(o: Outbox, reopen: impl Fn() -> Outbox) {
+    /// The outbox's contract, on any database: `reopen` opens the same one again
+    /// (opened with [`policy`]`(10)`).
+    pub fn exercise(o: Outbox, reopen: impl Fn() -> Outbox) {
         let objs = vec![
             ("sr", "1.2.3".to_string(), vec![1u8, 2]),
             ("sc", "1.2.4".to_string(), vec![3u8]),
@@ -423,11 +730,13 @@ mod tests {
         assert_eq!(o.add("k", &objs, &dests).unwrap(), 0);
         let due = o.due(10).unwrap();
         assert_eq!(due.len(), 2);
-        // Claimed: not due to another sender meanwhile.
+        // Claimed: not due to another sender meanwhile, renewed or not.
+        assert!(o.due(10).unwrap().is_empty());
+        o.renew(&[due[0].id, due[1].id]).unwrap();
         assert!(o.due(10).unwrap().is_empty());
         o.sent(due[0].id).unwrap();
-        let backoff = o.retry(&due[1], "down").unwrap();
-        assert_eq!(backoff, Duration::from_secs(1));
+        let settled = o.fail(&due[1], Failure::Failed, "down").unwrap();
+        assert_eq!(settled, Settled::Retry(Duration::from_secs(1)));
         // Not due until the backoff passes; the sent one never again.
         assert!(o.due(10).unwrap().is_empty());
         assert_eq!(o.depth().unwrap(), vec![("PACS".to_string(), 1)]);
@@ -435,13 +744,21 @@ mod tests {
         drop(o);
         let o = reopen();
         assert_eq!(o.depth().unwrap(), vec![("PACS".to_string(), 1)]);
-        // A row claimed by a run that stopped is due again after a restart.
+        // A row claimed by a run that stopped is due again after a restart (SQLite:
+        // one replica owns the file).
         std::thread::sleep(Duration::from_millis(1100));
         let claimed = o.due(10).unwrap();
         assert_eq!(claimed.len(), 1);
         drop(o);
         let o = reopen();
-        assert_eq!(o.due(10).unwrap().len(), 1);
+        if o.kind() == "postgresql" {
+            // Shared by replicas: a claim outlives a restart of one of them (another
+            // may hold it) until it lapses, or is given back.
+            assert!(o.due(10).unwrap().is_empty());
+            o.release(&[claimed[0].id], Duration::ZERO).unwrap();
+        }
+        let held = o.due(10).unwrap();
+        assert_eq!(held.len(), 1);
         assert_eq!(o.add("k", &objs, &dests).unwrap(), 0);
         // Full: refused whole.
         let many: Vec<_> = (0..10)
@@ -449,5 +766,70 @@ mod tests {
             .collect();
         assert!(o.add("m", &many, &dests).is_err());
         assert!(!o.has_source("m").unwrap());
+
+        // Refused twice (the policy's max_attempts): a dead letter, with its reason;
+        // it no longer counts against the capacity, and is never due again.
+        let refused = vec![("sc", "5.1".to_string(), vec![7u8])];
+        assert_eq!(o.add("r", &refused, &dests).unwrap(), 1);
+        let due = o.due(10).unwrap();
+        assert_eq!(due.len(), 1, "{due:?}");
+        let r = due[0].clone();
+        // Given back untried (an association broke before it): no attempt counted.
+        o.release(&[r.id], Duration::ZERO).unwrap();
+        let again = o.due(10).unwrap();
+        assert_eq!((again.len(), again[0].attempts), (1, 0));
+        let first = o.fail(&again[0], Failure::Refused, "status A900H").unwrap();
+        assert!(matches!(first, Settled::Retry(_)));
+        std::thread::sleep(Duration::from_millis(1100));
+        let again = o.due(10).unwrap();
+        assert_eq!((again.len(), again[0].refusals), (1, 1));
+        assert_eq!(
+            o.fail(&again[0], Failure::Refused, "status A900H").unwrap(),
+            Settled::Dead
+        );
+        // The one held since the restart (queued over 3 s ago) keeps failing
+        // without a refusal: dead too.
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(
+            o.fail(&held[0], Failure::Failed, "unreachable").unwrap(),
+            Settled::Dead
+        );
+        assert!(o.depth().unwrap().is_empty());
+        assert_eq!(o.dead_depth().unwrap(), vec![("PACS".to_string(), 2)]);
+        let letters = o.dead_letters(10).unwrap();
+        assert_eq!(letters.len(), 2);
+        let r = letters
+            .iter()
+            .find(|l| l.sop_instance_uid == "5.1")
+            .unwrap();
+        assert_eq!(
+            (r.kind.as_str(), r.attempts, r.last_error.as_str()),
+            ("sc", 2, "status A900H")
+        );
+        assert!(r.dead_at >= r.created_at && r.dead_at.ends_with('Z'));
+        drop(o);
+        let o = reopen();
+        assert!(o.due(10).unwrap().is_empty());
+        assert_eq!(o.dead_letters(10).unwrap().len(), 2);
+        // Dead letters do not count: ten objects fit again.
+        assert_eq!(o.add("m", &many, &dests).unwrap(), 10);
+        // Within the retention nothing is pruned.
+        assert_eq!(o.prune().unwrap(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contract::exercise;
+    use super::contract::policy;
+    use super::*;
+
+    #[test]
+    fn objects_are_queued_once_sent_once_and_retried_with_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(&dir.path().join("o.sqlite"), policy(10)).unwrap();
+        exercise(o, || {
+            Outbox::open(&dir.path().join("o.sqlite"), policy(10)).unwrap()
+        });
     }
 }

@@ -1,6 +1,7 @@
 //! One association with a peer (a modality, a PACS router): C-ECHO answered, C-STORE
-//! of radiographs analysed through the prediction core and their results queued in
-//! the outbox before the store is answered. Runs on a blocking thread (dicom-ul's
+//! of radiographs analysed through the prediction core (holding one of its in-flight
+//! slots, the data set held in its buffered-bytes budget) and their results queued in
+//! the outbox before the store is answered; any other operation refused at once. Runs on a blocking thread (dicom-ul's
 //! synchronous associations); the core is reached through the runtime's handle.
 
 use std::io::Write as _;
@@ -8,27 +9,36 @@ use std::net::TcpStream;
 use std::time::Duration;
 use std::time::Instant;
 
-use dicom_core::VR;
-use dicom_dictionary_std::tags;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+
 use dicom_object::FileMetaTableBuilder;
-use dicom_object::InMemDicomObject;
 use dicom_ul::Pdu;
+use dicom_ul::ServerAssociation;
 use dicom_ul::ServerAssociationOptions;
 use dicom_ul::association::Association as _;
 use dicom_ul::pdu::PDataValue;
 use dicom_ul::pdu::PDataValueType;
+use dicom_ul::pdu::PresentationContextResultReason;
 
 use crate::access::Caller;
 use crate::dicom_node::Node;
 use crate::dicom_node::NodeError;
+use crate::dicom_node::dimse;
+use crate::dicom_node::dimse::AbortReason;
+use crate::dicom_node::dimse::Context;
+use crate::dicom_node::dimse::Event;
+use crate::dicom_node::dimse::Messages;
+use crate::dicom_node::dimse::Store;
+use crate::dicom_node::dimse::VERIFICATION;
+use crate::dicom_node::dimse::status;
 use crate::dicom_node::peers::PeerCheck;
 use crate::predict::Ask;
 use crate::predict::Asker;
 use crate::predict::ErrorType;
 use crate::predict::Upload;
 
-/// Verification SOP Class (C-ECHO).
-pub const VERIFICATION: &str = "1.2.840.10008.1.1";
 /// The storage SOP classes taken: Computed Radiography, Digital X-Ray for
 /// presentation and for processing.
 pub const RADIOGRAPH_STORAGE: [&str; 3] = [
@@ -52,34 +62,33 @@ pub const TRANSFER_SYNTAXES: [&str; 9] = [
 
 const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 
-/// C-STORE statuses (PS3.4 B.2.3, PS3.7 C).
-mod status {
-    pub const SUCCESS: u16 = 0x0000;
-    /// Refused: out of resources (the node is loading, full, or its outbox is).
-    pub const OUT_OF_RESOURCES: u16 = 0xA700;
-    /// Error: data set does not match SOP class.
-    pub const DATASET_MISMATCH: u16 = 0xA900;
-    /// Error: cannot understand.
-    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
-    /// Failure: processing failure.
-    pub const PROCESSING_FAILURE: u16 = 0x0110;
-}
-
-/// A C-STORE under way: its command's facts, then its data set's fragments.
-struct Store {
-    message_id: u16,
-    sop_class: String,
-    sop_instance: String,
-    context: u8,
-    data: Vec<u8>,
-}
-
-/// Serves one connection until the peer releases or aborts, or it idles out.
+/// Serves one connection (its A-ASSOCIATE-RQ already whole in the socket's buffer,
+/// from a listed peer) until the peer releases or aborts, it idles out, it breaks the
+/// protocol, or its deadline (`--dicom-association-timeout-s`) passes.
 pub(super) fn serve(node: &Node, socket: TcpStream, rt: &tokio::runtime::Handle) {
     let ip = match socket.peer_addr() {
         Ok(a) => a.ip(),
         Err(_) => return,
     };
+    // The deadline: dicom-ul's association blocks in reads, so a watchdog shuts the
+    // socket's read side when it passes; the next read ends and the association is
+    // aborted. Dropping `_done` (this function returning) stops the watchdog.
+    let expired = Arc::new(AtomicBool::new(false));
+    let (_done, done) = tokio::sync::oneshot::channel::<()>();
+    // Kept to close the socket gently after an A-ABORT (see `linger`).
+    let after_abort = socket.try_clone().ok();
+    if let Ok(clone) = socket.try_clone() {
+        let (expired, deadline) = (expired.clone(), node.association_timeout);
+        rt.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(deadline) => {
+                    expired.store(true, Ordering::SeqCst);
+                    let _ = clone.shutdown(std::net::Shutdown::Read);
+                }
+                _ = done => {}
+            }
+        });
+    }
     let mut opts = ServerAssociationOptions::new()
         .ae_access_control(PeerCheck {
             peers: &node.peers,
@@ -114,59 +123,71 @@ pub(super) fn serve(node: &Node, socket: TcpStream, rt: &tokio::runtime::Handle)
         .inc();
     let calling = assoc.peer_ae_title().trim().to_string();
     tracing::info!(peer = %ip, calling_ae = %calling, "DICOM association accepted");
-    let contexts: Vec<(u8, String)> = assoc
+    let contexts: Vec<Context> = assoc
         .presentation_contexts()
         .iter()
-        .map(|pc| (pc.id, pc.transfer_syntax.trim_end_matches('\0').to_string()))
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .map(|pc| Context {
+            id: pc.id,
+            abstract_syntax: pc.abstract_syntax.trim_end_matches('\0').to_string(),
+            transfer_syntax: pc.transfer_syntax.trim_end_matches('\0').to_string(),
+        })
         .collect();
-    let mut command: Vec<u8> = Vec::new();
-    let mut store: Option<Store> = None;
+    let mut messages = Messages::new(contexts, node.max_object_bytes);
+    // The data set being gathered, in the buffered-bytes budget every door shares.
+    let mut buffered = node.core.reserve_growing();
+    let abort = |assoc: ServerAssociation<TcpStream>, reason: &str| {
+        metrics.dicom_aborts.with_label_values(&[reason]).inc();
+        let _ = assoc.abort();
+        if let Some(s) = &after_abort {
+            linger(s);
+        }
+    };
     loop {
         let pdu = match assoc.receive() {
             Ok(p) => p,
             Err(e) => {
-                tracing::info!(calling_ae = %calling, error = %e, "DICOM association ended");
+                if expired.load(Ordering::SeqCst) {
+                    tracing::warn!(calling_ae = %calling, timeout_s = node.association_timeout.as_secs_f64(), "DICOM association past its deadline; aborted");
+                    abort(assoc, "deadline");
+                } else {
+                    tracing::info!(calling_ae = %calling, error = %e, "DICOM association ended");
+                }
                 return;
             }
         };
         match pdu {
             Pdu::PData { data } => {
                 for v in data {
-                    let reply = match v.value_type {
-                        PDataValueType::Command => {
-                            command.extend_from_slice(&v.data);
-                            if !v.is_last {
-                                continue;
-                            }
-                            let cmd = std::mem::take(&mut command);
-                            on_command(&cmd, v.presentation_context_id, &mut store)
-                        }
-                        PDataValueType::Data => {
-                            let Some(s) = store.as_mut() else {
-                                tracing::warn!(calling_ae = %calling, "data set without a C-STORE command; aborting");
-                                let _ = assoc.abort();
-                                return;
-                            };
-                            if s.data.len() + v.data.len() > node.max_object_bytes {
-                                tracing::warn!(calling_ae = %calling, limit = node.max_object_bytes, "data set over the size limit; aborting");
+                    let event = messages.push(v, &mut |n| buffered.grow(n));
+                    let reply = match event {
+                        None => None,
+                        Some(Event::Abort(reason)) => {
+                            tracing::warn!(calling_ae = %calling, reason = reason.as_str(), "DICOM message refused; association aborted");
+                            if reason == AbortReason::ObjectTooLarge {
                                 metrics.dicom_stores.with_label_values(&["failed"]).inc();
-                                let _ = assoc.abort();
-                                return;
                             }
-                            s.data.extend_from_slice(&v.data);
-                            if !v.is_last {
-                                continue;
+                            abort(assoc, reason.as_str());
+                            return;
+                        }
+                        Some(Event::Respond {
+                            context,
+                            command,
+                            outcome,
+                        }) => {
+                            if let Some(o) = outcome {
+                                metrics.dicom_stores.with_label_values(&[o]).inc();
                             }
-                            let s = store.take().expect("a store under way");
-                            let ts = contexts
-                                .iter()
-                                .find(|(id, _)| *id == s.context)
-                                .map(|(_, ts)| ts.clone())
-                                .unwrap_or_default();
-                            let code = on_store(node, rt, &calling, &ts, &s);
-                            Some((s.context, store_response(&s, code)))
+                            Some((context, command))
+                        }
+                        Some(Event::Store(s)) => {
+                            let code = on_store(node, rt, &calling, &s);
+                            Some((s.context.id, dimse::response(&s.command, code)))
                         }
                     };
+                    if messages.buffered() == 0 {
+                        buffered = node.core.reserve_growing();
+                    }
                     if let Some((context, rsp)) = reply {
                         let pdu = Pdu::PData {
                             data: vec![PDataValue {
@@ -197,112 +218,44 @@ pub(super) fn serve(node: &Node, socket: TcpStream, rt: &tokio::runtime::Handle)
     }
 }
 
-/// A command: a C-ECHO is answered at once; a C-STORE's facts are kept for its data
-/// set. Returns the response to send, if any.
-fn on_command(bytes: &[u8], context: u8, store: &mut Option<Store>) -> Option<(u8, Vec<u8>)> {
-    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts).ok()?;
-    let field = obj
-        .element(tags::COMMAND_FIELD)
-        .ok()?
-        .to_int::<u16>()
-        .ok()?;
-    let message_id = obj
-        .element(tags::MESSAGE_ID)
-        .ok()
-        .and_then(|e| e.to_int::<u16>().ok())
-        .unwrap_or(0);
-    let text = |tag| {
-        obj.element(tag)
-            .ok()
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-            .unwrap_or_default()
-    };
-    match field {
-        // C-ECHO-RQ.
-        0x0030 => Some((
-            context,
-            command(&[
-                (
-                    tags::AFFECTED_SOP_CLASS_UID,
-                    Field::Uid(VERIFICATION.into()),
-                ),
-                (tags::COMMAND_FIELD, Field::Us(0x8030)),
-                (tags::MESSAGE_ID_BEING_RESPONDED_TO, Field::Us(message_id)),
-                (tags::COMMAND_DATA_SET_TYPE, Field::Us(0x0101)),
-                (tags::STATUS, Field::Us(status::SUCCESS)),
-            ]),
-        )),
-        // C-STORE-RQ: its data set follows.
-        0x0001 => {
-            *store = Some(Store {
-                message_id,
-                sop_class: text(tags::AFFECTED_SOP_CLASS_UID),
-                sop_instance: text(tags::AFFECTED_SOP_INSTANCE_UID),
-                context,
-                data: Vec::new(),
-            });
-            None
+/// After an A-ABORT: the write side closed, and what the peer still sends read and
+/// dropped for a moment (at most [`LINGER`]), so that closing with its bytes unread
+/// does not reset the connection before the peer reads the abort.
+fn linger(socket: &TcpStream) {
+    use std::io::Read as _;
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    let until = Instant::now() + LINGER;
+    let mut scratch = [0u8; 16 * 1024];
+    let mut s = socket;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return;
         }
-        other => {
-            tracing::info!(
-                command_field = other,
-                "DICOM command not supported; ignored"
-            );
-            None
+        match s.read(&mut scratch) {
+            Ok(n) if n > 0 => {}
+            _ => return,
         }
     }
 }
 
-/// A command field's value.
-enum Field {
-    Uid(String),
-    Us(u16),
-}
-
-/// A command set (implicit VR little endian, with its group length).
-fn command(fields: &[(dicom_core::Tag, Field)]) -> Vec<u8> {
-    let obj = InMemDicomObject::command_from_element_iter(fields.iter().map(|(tag, f)| match f {
-        Field::Uid(u) => {
-            dicom_core::DataElement::new(*tag, VR::UI, dicom_core::PrimitiveValue::from(u.as_str()))
-        }
-        Field::Us(v) => {
-            dicom_core::DataElement::new(*tag, VR::US, dicom_core::PrimitiveValue::from(*v))
-        }
-    }));
-    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let mut out = Vec::new();
-    obj.write_dataset_with_ts(&mut out, &ts)
-        .expect("a command set can be written");
-    out
-}
-
-fn store_response(s: &Store, code: u16) -> Vec<u8> {
-    command(&[
-        (
-            tags::AFFECTED_SOP_CLASS_UID,
-            Field::Uid(s.sop_class.clone()),
-        ),
-        (tags::COMMAND_FIELD, Field::Us(0x8001)),
-        (tags::MESSAGE_ID_BEING_RESPONDED_TO, Field::Us(s.message_id)),
-        (tags::COMMAND_DATA_SET_TYPE, Field::Us(0x0101)),
-        (tags::STATUS, Field::Us(code)),
-        (
-            tags::AFFECTED_SOP_INSTANCE_UID,
-            Field::Uid(s.sop_instance.clone()),
-        ),
-    ])
-}
+/// Longest an aborted association's socket is drained before it is closed.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// One stored instance: identified, analysed through the core (unless this model
 /// file already analysed it), its results queued for every destination; the status
 /// to answer.
-fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, ts: &str, s: &Store) -> u16 {
+fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, s: &Store) -> u16 {
     let metrics = node.core.metrics();
     let outcome = |o: &str| metrics.dicom_stores.with_label_values(&[o]).inc();
     let started = Instant::now();
-    let file = match part10(ts, s) {
+    // One of the core's in-flight slots, as every door takes: busy, the modality is
+    // told to retry.
+    let Ok(_slot) = node.core.slot() else {
+        tracing::warn!(calling_ae = %calling, "DICOM instance not analysed: --max-inflight reached");
+        outcome("busy");
+        return status::OUT_OF_RESOURCES;
+    };
+    let file = match part10(s) {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(calling_ae = %calling, error = %e, "DICOM instance not readable");
@@ -318,8 +271,8 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, ts: &str, s
             return status::CANNOT_UNDERSTAND;
         }
     };
-    if source.sop_instance_uid.as_deref() != Some(s.sop_instance.as_str())
-        || source.sop_class_uid.as_deref() != Some(s.sop_class.as_str())
+    if source.sop_instance_uid.as_deref() != Some(s.command.sop_instance.as_str())
+        || source.sop_class_uid.as_deref() != Some(s.command.sop_class.as_str())
     {
         outcome("failed");
         return status::DATASET_MISMATCH;
@@ -346,11 +299,11 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, ts: &str, s
     };
     // What the image is: the same instance and pixels, analysed by the same model
     // file, gets the same results (and is not analysed twice).
-    let seed = format!("{}/{pixels}", s.sop_instance);
+    let seed = format!("{}/{pixels}", s.command.sop_instance);
     let key = core.filing_key(&valid, &seed);
     match node.outbox.has_source(&key) {
         Ok(true) => {
-            tracing::info!(calling_ae = %calling, sop_instance_uid = %s.sop_instance, "already analysed by this model file; not again");
+            tracing::info!(calling_ae = %calling, sop_instance_uid = %s.command.sop_instance, "already analysed by this model file with these settings; not again");
             outcome("duplicate");
             return status::SUCCESS;
         }
@@ -393,11 +346,11 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, ts: &str, s
     node.wake.notify_one();
     match &filed.outcome {
         Ok(p) => {
-            tracing::info!(calling_ae = %calling, sop_instance_uid = %s.sop_instance, label = %p.label, request_id = %p.request_id, "DICOM instance analysed");
+            tracing::info!(calling_ae = %calling, sop_instance_uid = %s.command.sop_instance, label = %p.label, request_id = %p.request_id, "DICOM instance analysed");
             outcome("analysed");
         }
         Err(e) => {
-            tracing::info!(calling_ae = %calling, sop_instance_uid = %s.sop_instance, error_type = e.error_type().as_str(), "DICOM instance not analysed: an SR says why");
+            tracing::info!(calling_ae = %calling, sop_instance_uid = %s.command.sop_instance, error_type = e.error_type().as_str(), "DICOM instance not analysed: an SR says why");
             outcome("not_analysed");
         }
     }
@@ -406,11 +359,12 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, ts: &str, s
 
 /// The received data set as a Part-10 file: preamble, `DICM`, the meta group (its
 /// transfer syntax the negotiated one), then the data set as it came.
-fn part10(ts: &str, s: &Store) -> Result<Vec<u8>, NodeError> {
+fn part10(s: &Store) -> Result<Vec<u8>, NodeError> {
+    let ts = s.context.transfer_syntax.as_str();
     let meta = FileMetaTableBuilder::new()
         .transfer_syntax(if ts.is_empty() { IMPLICIT_VR_LE } else { ts })
-        .media_storage_sop_class_uid(s.sop_class.as_str())
-        .media_storage_sop_instance_uid(s.sop_instance.as_str())
+        .media_storage_sop_class_uid(s.command.sop_class.as_str())
+        .media_storage_sop_instance_uid(s.command.sop_instance.as_str())
         .implementation_class_uid("2.25.215536178186338154513012399960186455557")
         .build()
         .map_err(|e| NodeError(e.to_string()))?;

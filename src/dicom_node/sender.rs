@@ -1,11 +1,21 @@
 //! Sends the outbox's result objects to their destinations: by C-STORE (one
-//! association per round and destination) or by STOW-RS (one POST per object). A
-//! failed send is due again after a backoff; nothing is dropped.
+//! association per round and destination) or by STOW-RS (one POST per object). Each
+//! object's outcome is its own: stored; refused by the destination (a C-STORE
+//! failure status, a presentation context it did not accept, a 4xx or an instance in
+//! STOW-RS's FailedSOPSequence), tried again after a backoff up to
+//! `--dicom-max-attempts` times, then a dead letter; or failed without an answer
+//! (unreachable, timed out, the association broke, a 5xx), tried again for
+//! `--dicom-give-up-after-hours`. Objects not tried because their association broke
+//! before them are given back without counting an attempt. The claim on a round's
+//! objects is renewed before each send, so a slow destination never lets another
+//! replica take (and send again) objects this one still holds.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
+use std::time::Instant;
 
 use bytes::Bytes;
 use dicom_dictionary_std::tags;
@@ -17,43 +27,154 @@ use dicom_ul::ClientAssociationOptions;
 use dicom_ul::Pdu;
 use dicom_ul::pdu::PDataValue;
 use dicom_ul::pdu::PDataValueType;
+use http_body_util::BodyExt as _;
 use http_body_util::Full;
+use http_body_util::Limited;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::dicom_node::Destination;
 use crate::dicom_node::Node;
-use crate::dicom_node::NodeError;
+use crate::dicom_node::outbox::Failure;
 use crate::dicom_node::outbox::Item;
+use crate::dicom_node::outbox::Settled;
 use crate::imaging::sr::COMPREHENSIVE_3D_SR;
 use crate::imaging::sr::SECONDARY_CAPTURE;
 
 const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
-/// Longest one send may take.
+/// Longest one send may take (shorter than the outbox's claim, renewed before each).
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest STOW-RS response body read (its failure and warning lists).
+const MAX_STOW_RESPONSE: usize = 1 << 20;
+/// How often sent records and dead letters past the retention are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How long objects for a destination this replica does not have wait before
+/// another look (another replica's sender may have it).
+const NOT_HERE_WAIT: Duration = Duration::from_secs(30);
+
+/// Why one object was not stored, and whether the destination refused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SendError {
+    how: Failure,
+    reason: String,
+}
+
+impl SendError {
+    fn refused(reason: String) -> Self {
+        Self {
+            how: Failure::Refused,
+            reason,
+        }
+    }
+
+    fn failed(reason: String) -> Self {
+        Self {
+            how: Failure::Failed,
+            reason,
+        }
+    }
+}
+
+/// One round: the objects claimed, and which of them are not settled yet (their
+/// claim is renewed before each send).
+struct Round {
+    node: Arc<Node>,
+    unsettled: Mutex<Vec<i64>>,
+    sent: std::sync::atomic::AtomicBool,
+}
+
+impl Round {
+    /// Renews the claim on every object of the round not settled yet (blocking).
+    fn renew(&self) {
+        let ids = lock(&self.unsettled).clone();
+        if let Err(e) = self.node.outbox.renew(&ids) {
+            tracing::error!(error = %e, "outbox not writable (claim renewal)");
+        }
+    }
+
+    /// Marks `item` sent, due again or dead, and counts it (blocking).
+    fn settle(&self, name: &str, item: &Item, result: Result<(), SendError>) {
+        lock(&self.unsettled).retain(|id| *id != item.id);
+        let metrics = self.node.core.metrics();
+        let count = |outcome: &str| {
+            metrics
+                .dicom_results
+                .with_label_values(&[name, outcome])
+                .inc();
+        };
+        let marked = match result {
+            Ok(()) => {
+                count("sent");
+                self.sent.store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(destination = %name, sop_instance_uid = %item.sop_instance_uid, "result sent");
+                self.node.outbox.sent(item.id)
+            }
+            Err(e) => match self.node.outbox.fail(item, e.how, &e.reason) {
+                Ok(Settled::Retry(after)) => {
+                    count("retried");
+                    tracing::warn!(destination = %name, sop_instance_uid = %item.sop_instance_uid, attempt = item.attempts + 1, refused = (e.how == Failure::Refused), retry_in_s = after.as_secs(), error = %e.reason, "result not sent; will retry");
+                    Ok(())
+                }
+                Ok(Settled::Dead) => {
+                    count("dead_letter");
+                    tracing::error!(destination = %name, sop_instance_uid = %item.sop_instance_uid, attempts = item.attempts + 1, error = %e.reason, "result not sent; set aside as a dead letter (GET /dicom/outbox/dead-letters)");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = marked {
+            tracing::error!(error = %e, "outbox not writable");
+        }
+    }
+
+    /// Gives `items` back untried: no attempt counted (blocking).
+    fn release(&self, items: &[Item], after: Duration) {
+        let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
+        lock(&self.unsettled).retain(|id| !ids.contains(id));
+        if let Err(e) = self.node.outbox.release(&ids, after) {
+            tracing::error!(error = %e, "outbox not writable");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs `f` on a blocking thread (the outbox's calls block).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
 
 /// The sender's loop: due objects, sent by destination; then a wait until the next
-/// is due, or until new results are queued.
+/// is due, or until new results are queued. Hourly, records past the retention go.
 pub(super) async fn run(node: Arc<Node>) {
+    let mut pruned = Instant::now();
     loop {
+        if pruned.elapsed() >= PRUNE_EVERY {
+            pruned = Instant::now();
+            let n = node.clone();
+            if let Some(Err(e)) = blocking(move || n.outbox.prune()).await {
+                tracing::error!(error = %e, "outbox not prunable");
+            }
+        }
         let outbox = node.outbox.clone();
-        let due = tokio::task::spawn_blocking(move || outbox.due(32)).await;
-        let items = match due {
-            Ok(Ok(items)) => items,
-            Ok(Err(e)) => {
+        let items = match blocking(move || outbox.due(32)).await {
+            Some(Ok(items)) => items,
+            Some(Err(e)) => {
                 tracing::error!(error = %e, "outbox not readable");
                 Vec::new()
             }
-            Err(_) => Vec::new(),
+            None => Vec::new(),
         };
         if items.is_empty() {
             let n = node.clone();
-            let _ = tokio::task::spawn_blocking(move || update_depth(&n)).await;
+            let _ = blocking(move || update_gauges(&n)).await;
             let outbox = node.outbox.clone();
-            let next = tokio::task::spawn_blocking(move || outbox.next_due_in())
+            let next = blocking(move || outbox.next_due_in())
                 .await
-                .ok()
                 .and_then(Result::ok)
                 .flatten()
                 .unwrap_or(Duration::from_secs(5))
@@ -64,6 +185,11 @@ pub(super) async fn run(node: Arc<Node>) {
             }
             continue;
         }
+        let round = Arc::new(Round {
+            node: node.clone(),
+            unsettled: Mutex::new(items.iter().map(|i| i.id).collect()),
+            sent: std::sync::atomic::AtomicBool::new(false),
+        });
         let mut by_destination: BTreeMap<String, Vec<Item>> = BTreeMap::new();
         for i in items {
             by_destination
@@ -72,100 +198,103 @@ pub(super) async fn run(node: Arc<Node>) {
                 .push(i);
         }
         for (name, items) in by_destination {
-            let Some(dest) = node.destinations.iter().find(|d| d.name() == name).cloned() else {
-                // A destination no longer configured here (another replica's): its
-                // objects wait for a sender that has it.
-                let n = node.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    for i in &items {
-                        let _ = n
-                            .outbox
-                            .retry(i, "destination not configured on this replica");
-                    }
-                })
-                .await;
-                continue;
-            };
-            let results = match &dest {
-                Destination::Store { ae_title, address } => {
-                    let (calling, called, address) =
-                        (node.ae_title.clone(), ae_title.clone(), address.clone());
-                    let sent = items.clone();
-                    tokio::task::spawn_blocking(move || {
-                        store_all(&calling, &called, &address, &sent)
-                    })
-                    .await
-                    .unwrap_or_else(|_| {
-                        vec![Err(NodeError("the sender failed".into())); items.len()]
-                    })
-                }
-                Destination::Stow { url, token } => {
-                    let mut r = Vec::with_capacity(items.len());
-                    for i in &items {
-                        r.push(stow(url, token.as_deref(), i).await);
-                    }
-                    r
-                }
-            };
-            let marker = node.clone();
-            let marked =
-                tokio::task::spawn_blocking(move || mark(&marker, &name, &items, results)).await;
-            if marked.is_err() {
-                tracing::error!("the outbox marker failed");
-            }
+            send_to(&round, name, items).await;
         }
-        let n = node.clone();
-        let _ = tokio::task::spawn_blocking(move || update_depth(&n)).await;
+        // Anything the round left unsettled (a sender thread that panicked) is
+        // given back.
+        let r = round.clone();
+        let _ = blocking(move || {
+            let ids = lock(&r.unsettled).clone();
+            if !ids.is_empty() {
+                let _ = r.node.outbox.release(&ids, Duration::from_secs(1));
+            }
+            if r.sent.load(std::sync::atomic::Ordering::Relaxed) {
+                // Sent payloads were overwritten in the file; their old frames
+                // leave the write-ahead log now.
+                if let Err(e) = r.node.outbox.compact() {
+                    tracing::warn!(error = %e, "outbox log not emptied");
+                }
+            }
+            update_gauges(&r.node);
+        })
+        .await;
     }
 }
 
-/// Marks each item sent or due again, and counts it.
-fn mark(node: &Node, name: &str, items: &[Item], results: Vec<Result<(), NodeError>>) {
+/// Sends one destination's objects of a round.
+async fn send_to(round: &Arc<Round>, name: String, items: Vec<Item>) {
+    let node = &round.node;
+    let Some(dest) = node.destinations.iter().find(|d| d.name() == name).cloned() else {
+        // A destination no longer configured here (another replica's): its objects
+        // wait for a sender that has it, no attempt counted.
+        let r = round.clone();
+        let _ = blocking(move || r.release(&items, NOT_HERE_WAIT)).await;
+        return;
+    };
+    match dest {
+        Destination::Store { ae_title, address } => {
+            let calling = node.ae_title.clone();
+            let r = round.clone();
+            let done =
+                blocking(move || store_all(&r, &name, &calling, &ae_title, &address, &items)).await;
+            if done.is_none() {
+                tracing::error!("the C-STORE sender failed");
+            }
+        }
+        Destination::Stow { url, token } => {
+            for item in items {
+                let r = round.clone();
+                let _ = blocking(move || r.renew()).await;
+                let result = stow(&url, token.as_deref(), &item).await;
+                let (r, name) = (round.clone(), name.clone());
+                let _ = blocking(move || r.settle(&name, &item, result)).await;
+            }
+        }
+    }
+}
+
+fn update_gauges(node: &Node) {
     let metrics = node.core.metrics();
-    for (item, result) in items.iter().zip(results) {
-        let marked = match &result {
-            Ok(()) => {
-                metrics
-                    .dicom_results
-                    .with_label_values(&[name, "sent"])
-                    .inc();
-                tracing::info!(destination = %name, sop_instance_uid = %item.sop_instance_uid, "result sent");
-                node.outbox.sent(item.id).map(|()| Duration::ZERO)
-            }
-            Err(e) => {
-                metrics
-                    .dicom_results
-                    .with_label_values(&[name, "retried"])
-                    .inc();
-                let r = node.outbox.retry(item, &e.0);
-                if let Ok(after) = &r {
-                    tracing::warn!(destination = %name, sop_instance_uid = %item.sop_instance_uid, attempt = item.attempts + 1, retry_in_s = after.as_secs(), error = %e, "result not sent; will retry");
-                }
-                r
-            }
-        };
-        if let Err(e) = marked {
-            tracing::error!(error = %e, "outbox not writable");
-        }
-    }
-}
-
-fn update_depth(node: &Node) {
-    let gauge = &node.core.metrics().dicom_outbox_depth;
     let depth = node.outbox.depth().unwrap_or_default();
+    let dead = node.outbox.dead_depth().unwrap_or_default();
+    let of = |counts: &[(String, i64)], name: &str| {
+        counts
+            .iter()
+            .find(|(d, _)| d == name)
+            .map_or(0, |(_, n)| *n)
+    };
     for name in &node.destination_names {
-        let n = depth.iter().find(|(d, _)| d == name).map_or(0, |(_, n)| *n);
-        gauge.with_label_values(&[name]).set(n);
+        metrics
+            .dicom_outbox_depth
+            .with_label_values(&[name])
+            .set(of(&depth, name));
+        metrics
+            .dicom_dead_letters
+            .with_label_values(&[name])
+            .set(of(&dead, name));
     }
 }
 
-/// C-STORE of every item over one association; each item's outcome.
+/// Why one C-STORE did not store its object.
+enum StoreError {
+    /// The object was refused (or could not be offered); the association is usable.
+    Refused(String),
+    /// The association is unusable (a transport error, an unexpected answer).
+    Broken(String),
+}
+
+/// C-STORE of every item over one association, each settled as it goes: a refused
+/// object does not stop the others; a broken association gives the untried ones
+/// back (no attempt counted).
 fn store_all(
+    round: &Round,
+    name: &str,
     calling: &str,
     called: &str,
     address: &str,
     items: &[Item],
-) -> Vec<Result<(), NodeError>> {
+) {
+    round.renew();
     let opts = ClientAssociationOptions::new()
         .calling_ae_title(calling)
         .called_ae_title(called)
@@ -177,36 +306,42 @@ fn store_all(
     let mut assoc = match opts.establish(address) {
         Ok(a) => a,
         Err(e) => {
-            let e = NodeError(format!("association with {called}@{address}: {e}"));
-            return vec![Err(e); items.len()];
+            let e = SendError::failed(format!("association with {called}@{address}: {e}"));
+            for item in items {
+                round.settle(name, item, Err(e.clone()));
+            }
+            return;
         }
     };
-    let mut out = Vec::with_capacity(items.len());
     for (n, item) in items.iter().enumerate() {
-        let r = store_one(&mut assoc, item, (n + 1) as u16);
-        let broken = r.is_err();
-        out.push(r);
-        if broken {
-            // The association may be unusable: the rest wait for the next round.
-            let e = NodeError("not tried: an earlier send on the association failed".into());
-            out.extend((n + 1..items.len()).map(|_| Err(e.clone())));
-            let _ = assoc.abort();
-            return out;
+        round.renew();
+        match store_one(&mut assoc, item, (n + 1) as u16) {
+            Ok(()) => round.settle(name, item, Ok(())),
+            Err(StoreError::Refused(e)) => round.settle(name, item, Err(SendError::refused(e))),
+            Err(StoreError::Broken(e)) => {
+                round.settle(name, item, Err(SendError::failed(e)));
+                // The rest wait for the next round, untried.
+                round.release(&items[n + 1..], Duration::ZERO);
+                let _ = assoc.abort();
+                return;
+            }
         }
     }
     let _ = assoc.release();
-    out
 }
 
 fn store_one(
     assoc: &mut dicom_ul::ClientAssociation<std::net::TcpStream>,
     item: &Item,
     message_id: u16,
-) -> Result<(), NodeError> {
-    let err = |e: &dyn std::fmt::Display| NodeError(e.to_string());
+) -> Result<(), StoreError> {
+    // Before anything is sent, a failure is about the object: the association is
+    // still usable.
+    let refused = |e: &dyn std::fmt::Display| StoreError::Refused(e.to_string());
+    let broken = |e: &dyn std::fmt::Display| StoreError::Broken(e.to_string());
     let file = OpenFileOptions::new()
-        .from_reader(&item.payload[128..])
-        .map_err(|e| err(&e))?;
+        .from_reader(item.payload.get(128..).unwrap_or_default())
+        .map_err(|e| refused(&e))?;
     let sop_class = file
         .meta()
         .media_storage_sop_class_uid()
@@ -218,17 +353,17 @@ fn store_one(
         .find(|pc| pc.abstract_syntax.trim_end_matches('\0') == sop_class)
         .cloned()
         .ok_or_else(|| {
-            NodeError(format!(
+            StoreError::Refused(format!(
                 "the destination did not accept SOP class {sop_class}"
             ))
         })?;
     let ts_uid = pc.transfer_syntax.trim_end_matches('\0');
     let ts = TransferSyntaxRegistry
         .get(ts_uid)
-        .ok_or_else(|| NodeError(format!("transfer syntax {ts_uid} unknown")))?;
+        .ok_or_else(|| StoreError::Refused(format!("transfer syntax {ts_uid} unknown")))?;
     let mut data = Vec::with_capacity(item.payload.len());
     file.write_dataset_with_ts(&mut data, ts)
-        .map_err(|e| err(&e))?;
+        .map_err(|e| refused(&e))?;
     let cmd = InMemDicomObject::command_from_element_iter([
         dicom_core::DataElement::new(
             tags::AFFECTED_SOP_CLASS_UID,
@@ -264,7 +399,7 @@ fn store_one(
     let implicit = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
     let mut cmd_data = Vec::new();
     cmd.write_dataset_with_ts(&mut cmd_data, &implicit)
-        .map_err(|e| err(&e))?;
+        .map_err(|e| refused(&e))?;
     assoc
         .send(&Pdu::PData {
             data: vec![PDataValue {
@@ -274,30 +409,36 @@ fn store_one(
                 data: cmd_data,
             }],
         })
-        .map_err(|e| err(&e))?;
+        .map_err(|e| broken(&e))?;
     {
         let mut w = assoc.send_pdata(pc.id);
-        w.write_all(&data).map_err(|e| err(&e))?;
+        w.write_all(&data).map_err(|e| broken(&e))?;
     }
-    match assoc.receive().map_err(|e| err(&e))? {
+    match assoc.receive().map_err(|e| broken(&e))? {
         Pdu::PData { data } => {
             let v = data
                 .first()
-                .ok_or_else(|| NodeError("an empty response".into()))?;
+                .ok_or_else(|| StoreError::Broken("an empty response".into()))?;
             let rsp = InMemDicomObject::read_dataset_with_ts(&v.data[..], &implicit)
-                .map_err(|e| err(&e))?;
+                .map_err(|e| broken(&e))?;
             let status = rsp
                 .element(tags::STATUS)
-                .map_err(|e| err(&e))?
+                .map_err(|e| broken(&e))?
                 .to_int::<u16>()
-                .map_err(|e| err(&e))?;
+                .map_err(|e| broken(&e))?;
             match status {
                 // Success, and the warnings (coercion, elements discarded): stored.
                 0x0000 | 0x0001 | 0x0107 | 0x0116 | 0xB000..=0xBFFF => Ok(()),
-                s => Err(NodeError(format!("C-STORE failed with status {s:04X}H"))),
+                // Every other status is a failure (PS3.4 B.2.3: A7xx out of resources,
+                // A9xx data set does not match, Cxxx cannot understand, 0122 SOP
+                // class not supported, 0124 not authorised, ...): the object is
+                // refused, the association goes on.
+                s => Err(StoreError::Refused(format!(
+                    "C-STORE failed with status {s:04X}H"
+                ))),
             }
         }
-        other => Err(NodeError(format!(
+        other => Err(StoreError::Broken(format!(
             "unexpected answer to a C-STORE: {}",
             other.short_description()
         ))),
@@ -305,7 +446,10 @@ fn store_one(
 }
 
 /// STOW-RS of one object (PS3.18 10.5): `POST {url}/studies`, multipart/related.
-async fn stow(url: &str, token: Option<&str>, item: &Item) -> Result<(), NodeError> {
+/// 200 and 202 are stored (202: with warnings, logged), unless the response's
+/// FailedSOPSequence lists the instance; 408 and 429 are failures to retry; any
+/// other 4xx (409 among them) is a refusal; 5xx, no answer, a timeout are failures.
+async fn stow(url: &str, token: Option<&str>, item: &Item) -> Result<(), SendError> {
     let boundary = format!("cxr-stow-{}", uuid::Uuid::new_v4().simple());
     let mut body = Vec::with_capacity(item.payload.len() + 256);
     body.extend_from_slice(
@@ -324,18 +468,146 @@ async fn stow(url: &str, token: Option<&str>, item: &Item) -> Result<(), NodeErr
     }
     let req = req
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| NodeError(e.to_string()))?;
+        .map_err(|e| SendError::refused(e.to_string()))?;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let no_answer = || {
+        SendError::failed(format!(
+            "STOW-RS to {url}: no answer within {SEND_TIMEOUT:?}"
+        ))
+    };
+    // Cancel safety: dropping the request future on timeout closes its connection.
     let resp = tokio::time::timeout(SEND_TIMEOUT, client.request(req))
         .await
-        .map_err(|_| {
-            NodeError(format!(
-                "STOW-RS to {url}: no answer within {SEND_TIMEOUT:?}"
-            ))
-        })?
-        .map_err(|e| NodeError(format!("STOW-RS to {url}: {e}")))?;
-    match resp.status().as_u16() {
-        200 => Ok(()),
-        s => Err(NodeError(format!("STOW-RS to {url}: status {s}"))),
+        .map_err(|_| no_answer())?
+        .map_err(|e| SendError::failed(format!("STOW-RS to {url}: {e}")))?;
+    let status = resp.status().as_u16();
+    // The body says which instances failed and why; an unreadable one says nothing.
+    let body = tokio::time::timeout(
+        SEND_TIMEOUT,
+        Limited::new(resp.into_body(), MAX_STOW_RESPONSE).collect(),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map(|b| b.to_bytes())
+    .unwrap_or_default();
+    let report = StowReport::parse(&body, &item.sop_instance_uid);
+    let failed = |reason: Option<u16>| {
+        reason.map_or_else(String::new, |r| {
+            format!(", FailedSOPSequence FailureReason {r:04X}H")
+        })
+    };
+    match status {
+        200 | 202 => match report.failure {
+            Some(reason) => Err(SendError::refused(format!(
+                "STOW-RS to {url}: status {status}{}",
+                failed(Some(reason))
+            ))),
+            None => {
+                if status == 202 || !report.warnings.is_empty() {
+                    let warnings: Vec<String> = report
+                        .warnings
+                        .iter()
+                        .map(|w| format!("{w:04X}H"))
+                        .collect();
+                    tracing::warn!(destination = %url, sop_instance_uid = %item.sop_instance_uid, status, warning_reasons = ?warnings, "result stored with warnings (STOW-RS 202)");
+                }
+                Ok(())
+            }
+        },
+        408 | 429 => Err(SendError::failed(format!(
+            "STOW-RS to {url}: status {status}"
+        ))),
+        400..=499 => Err(SendError::refused(format!(
+            "STOW-RS to {url}: status {status}{}",
+            failed(report.failure)
+        ))),
+        _ => Err(SendError::failed(format!(
+            "STOW-RS to {url}: status {status}"
+        ))),
+    }
+}
+
+/// What a STOW-RS response body (PS3.18 10.5.3, `application/dicom+json`) says of
+/// one instance.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct StowReport {
+    /// Its FailureReason (0008,1197) when FailedSOPSequence (0008,1198) lists it
+    /// (or lists an item without a UID: one instance is posted at a time); 0 when
+    /// listed without a reason.
+    failure: Option<u16>,
+    /// The WarningReasons (0008,1196) of the response and of its
+    /// ReferencedSOPSequence (0008,1199) items.
+    warnings: Vec<u16>,
+}
+
+impl StowReport {
+    fn parse(body: &[u8], sop_instance_uid: &str) -> Self {
+        let mut out = Self::default();
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return out;
+        };
+        // A data set, or (some servers) an array of one.
+        let ds = match &v {
+            serde_json::Value::Array(a) => a.first().unwrap_or(&serde_json::Value::Null),
+            other => other,
+        };
+        let values = |ds: &serde_json::Value, tag: &str| -> Vec<serde_json::Value> {
+            ds.get(tag)
+                .and_then(|e| e.get("Value"))
+                .and_then(serde_json::Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let code = |v: &serde_json::Value| v.as_u64().map(|n| n as u16);
+        for item in values(ds, "00081198") {
+            let uid = values(&item, "00081155");
+            let ours = uid.first().and_then(serde_json::Value::as_str);
+            if ours.is_none_or(|u| u.trim_end_matches('\0') == sop_instance_uid) {
+                out.failure = Some(
+                    values(&item, "00081197")
+                        .first()
+                        .and_then(code)
+                        .unwrap_or(0),
+                );
+            }
+        }
+        out.warnings
+            .extend(values(ds, "00081196").iter().filter_map(code));
+        for item in values(ds, "00081199") {
+            out.warnings
+                .extend(values(&item, "00081196").iter().filter_map(code));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stow_response_lists_the_instance_as_failed_or_warns() {
+        let failed = br#"{"00081198": {"vr": "SQ", "Value": [
+            {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.7"]},
+             "00081155": {"vr": "UI", "Value": ["1.2.3"]},
+             "00081197": {"vr": "US", "Value": [272]}}]}}"#;
+        assert_eq!(StowReport::parse(failed, "1.2.3").failure, Some(0x0110));
+        // Another instance's failure is not this one's.
+        assert_eq!(StowReport::parse(failed, "1.2.4").failure, None);
+        let warned = br#"[{"00081199": {"vr": "SQ", "Value": [
+            {"00081155": {"vr": "UI", "Value": ["1.2.3"]},
+             "00081196": {"vr": "US", "Value": [45056]}}]}}]"#;
+        assert_eq!(
+            StowReport::parse(warned, "1.2.3"),
+            StowReport {
+                failure: None,
+                warnings: vec![0xB000]
+            }
+        );
+        assert_eq!(
+            StowReport::parse(b"not json", "1.2.3"),
+            StowReport::default()
+        );
     }
 }

@@ -5,6 +5,18 @@
 //! limits, queues, API keys (`authorization: Bearer …` or `x-api-key` metadata, the
 //! same scopes), audit records and metrics. Errors map to gRPC status codes once,
 //! in [`code`]. Also served: the standard health service and server reflection.
+//!
+//! Admission ([`admission`]) comes before any byte of a message is read: the API
+//! key from the call's metadata, the message's declared length against its
+//! method's limit and the core's buffered-bytes budget, the body timeout. A call in
+//! flight keeps its connection open past the idle timeout ([`Capped`]).
+
+mod admission;
+
+pub use admission::Calls;
+pub use admission::ConnInfo;
+pub use admission::Framing;
+pub use admission::PRE_AUTH_MESSAGE_BYTES;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -128,11 +140,16 @@ impl Inference {
         Self { core, keys }
     }
 
-    /// Who calls, if its key has `scope`.
+    /// Who calls, if its key has `scope`: the caller [`admission`] let in (it
+    /// checked the key before the message was read), or the key checked here when
+    /// the service runs without that layer.
     fn caller<T>(&self, req: &Request<T>, scope: Scope) -> Result<Caller, Status> {
         let Some(keys) = &self.keys else {
             return Ok(Caller::anonymous());
         };
+        if let Some(c) = req.extensions().get::<Caller>() {
+            return Ok(c.clone());
+        }
         let headers = req.metadata().clone().into_headers();
         keys.authorize(presented_key(&headers), scope).map_err(|e| {
             let reason = match &e {
@@ -223,11 +240,19 @@ impl Inference {
                 | tonic::Code::Unavailable
                 | tonic::Code::DataLoss
         );
+        // Refused calls are not exported unless asked (--otlp-export-refused).
+        let refused = matches!(
+            code,
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::NotFound
+        );
         trace.finish(
             "inference.GRPCInferenceService/ModelInfer",
-            ("rpc.grpc.status_code", (code as i32).to_string()),
+            &[
+                ("rpc.system", "grpc".into()),
+                ("rpc.grpc.status_code", (code as i32).to_string()),
+            ],
             error.then(|| format!("{code:?}")),
-            core.exporter(),
+            core.exporter().and_then(|x| x.unless_refused(refused)),
         );
         out.map(|r| {
             let mut resp = Response::new(r);
@@ -317,70 +342,17 @@ async fn infer_inner(
             model.card.name
         )));
     }
-    if r.inputs.len() != 1 {
-        return Err(ApiError::BadRequest(format!(
-            "{} inputs; send exactly one: `image` (BYTES, encoded files) or `input` (FP32 [N, 3, {s}, {s}])",
-            r.inputs.len(),
-            s = model.card.input_size
-        )));
-    }
-    let input = &r.inputs[0];
-    let raw = match r.raw_input_contents.as_slice() {
-        [] => None,
-        [one] => Some(one.as_slice()),
-        more => {
-            return Err(ApiError::BadRequest(format!(
-                "{} raw_input_contents for one input",
-                more.len()
-            )));
-        }
-    };
-    if raw.is_some() && input.contents.is_some() {
-        return Err(ApiError::BadRequest(
-            "input has both `contents` and raw_input_contents; send one".into(),
-        ));
-    }
-    let max = core.limits().max_images;
-    let answered = match input.name.as_str() {
-        "image" => {
-            check_datatype(input, "BYTES")?;
-            let n = tensor::image_batch(&input.shape, max)?;
-            let files = match raw {
-                Some(b) => tensor::length_prefixed(b, n)?,
-                None => {
-                    let c = input
-                        .contents
-                        .as_ref()
-                        .map_or(&[][..], |c| &c.bytes_contents[..]);
-                    tensor::check_count(c.len(), n)?;
-                    c.iter().map(|f| bytes::Bytes::copy_from_slice(f)).collect()
-                }
-            };
+    let answered = match inputs_of(
+        &r,
+        &model.card.name,
+        model.card.input_size,
+        core.limits().max_images,
+    )? {
+        Inputs::Files(files) => {
             let uploads = files.into_iter().map(Upload::sniff).collect();
             core.answer_files(&valid, uploads).await?
         }
-        "input" => {
-            check_datatype(input, "FP32")?;
-            let size = model.card.input_size;
-            let n = tensor::tensor_batch(&input.shape, size, max)?;
-            let row = 3 * (size as usize) * (size as usize);
-            let values = match raw {
-                Some(b) => tensor::le_f32(b, n * row, &input.shape)?,
-                None => input
-                    .contents
-                    .as_ref()
-                    .map(|c| c.fp32_contents.clone())
-                    .unwrap_or_default(),
-            };
-            let rows = tensor::rows(&values, n, row, &input.shape)?;
-            core.answer_decoded(&valid, rows).await?
-        }
-        other => {
-            return Err(ApiError::BadRequest(format!(
-                "unknown input `{other}`; model `{}` takes `image` (BYTES) or `input` (FP32)",
-                model.card.name
-            )));
-        }
+        Inputs::Rows(rows) => core.answer_decoded(&valid, rows).await?,
     };
     let (tensors, raw_output_contents) = response_outputs(&answered.predictions, &outputs);
     let mut parameters = std::collections::HashMap::new();
@@ -411,6 +383,116 @@ async fn infer_inner(
         outputs: tensors,
         raw_output_contents,
     })
+}
+
+/// What a request's one input holds, checked against the model's input size and
+/// the request limits: the encoded files of `image`, or the rows of `input`.
+pub enum Inputs {
+    /// `image` (BYTES `[N]`): the encoded files.
+    Files(Vec<bytes::Bytes>),
+    /// `input` (FP32 `[N, 3, S, S]`): the preprocessed rows.
+    Rows(Vec<crate::predict::Decoded>),
+}
+
+impl std::fmt::Debug for Inputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Inputs::Files(files) => write!(f, "Files({} files)", files.len()),
+            Inputs::Rows(rows) => write!(f, "Rows({} rows)", rows.len()),
+        }
+    }
+}
+
+/// The door's translation of a request's input for model `model` (input size
+/// `size`, at most `max` images): every count a shape declares is checked against
+/// `max` and against the bytes sent before anything is allocated for it.
+pub fn inputs_of(
+    r: &pb::ModelInferRequest,
+    model: &str,
+    size: u32,
+    max: usize,
+) -> Result<Inputs, ApiError> {
+    if r.inputs.len() != 1 {
+        return Err(ApiError::BadRequest(format!(
+            "{} inputs; send exactly one: `image` (BYTES, encoded files) or `input` (FP32 [N, 3, {s}, {s}])",
+            r.inputs.len(),
+            s = size
+        )));
+    }
+    let input = &r.inputs[0];
+    let raw = match r.raw_input_contents.as_slice() {
+        [] => None,
+        [one] => Some(one.as_slice()),
+        more => {
+            return Err(ApiError::BadRequest(format!(
+                "{} raw_input_contents for one input",
+                more.len()
+            )));
+        }
+    };
+    if raw.is_some() && input.contents.is_some() {
+        return Err(ApiError::BadRequest(
+            "input has both `contents` and raw_input_contents; send one".into(),
+        ));
+    }
+    Ok(match input.name.as_str() {
+        "image" => {
+            check_datatype(input, "BYTES")?;
+            let n = tensor::image_batch(&input.shape, max)?;
+            let files = match raw {
+                Some(b) => tensor::length_prefixed(b, n)?,
+                None => {
+                    let c = input
+                        .contents
+                        .as_ref()
+                        .map_or(&[][..], |c| &c.bytes_contents[..]);
+                    tensor::check_count(c.len(), n)?;
+                    c.iter().map(|f| bytes::Bytes::copy_from_slice(f)).collect()
+                }
+            };
+            Inputs::Files(files)
+        }
+        "input" => {
+            check_datatype(input, "FP32")?;
+            let n = tensor::tensor_batch(&input.shape, size, max)?;
+            let row = 3 * (size as usize) * (size as usize);
+            // The values are counted before they are copied: `rows` refuses a count
+            // the shape does not declare.
+            let decoded;
+            let values = match raw {
+                Some(b) => {
+                    decoded = tensor::le_f32(b, n * row, &input.shape)?;
+                    &decoded[..]
+                }
+                None => input
+                    .contents
+                    .as_ref()
+                    .map_or(&[][..], |c| &c.fp32_contents[..]),
+            };
+            Inputs::Rows(tensor::rows(values, n, row, &input.shape)?)
+        }
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "unknown input `{other}`; model `{model}` takes `image` (BYTES) or `input` (FP32)"
+            )));
+        }
+    })
+}
+
+/// The whole translation of a request (its parameters, outputs and input), as
+/// [`Inference`] does it before the core: for tests and tools that check it
+/// without a model.
+pub fn translate(
+    r: &pb::ModelInferRequest,
+    model: &str,
+    size: u32,
+    max: usize,
+) -> Result<(Ask, Vec<&'static str>, Inputs), ApiError> {
+    Ok((
+        ask_of(r)?,
+        selected_outputs(r)?,
+        inputs_of(r, model, size, max)?,
+    ))
 }
 
 fn check_datatype(
@@ -617,19 +699,26 @@ pub struct GrpcLimits {
 
 /// A connection holding its place under the connection cap, closed when its peer
 /// sends nothing: no first bytes within the header-read timeout, or nothing more
-/// for the idle timeout (the HTTP listener's limits).
+/// for the idle timeout (the HTTP listener's limits), unless a call on it is in
+/// flight or ended less than the idle timeout ago (the answer is what the peer
+/// waits for, not silence).
 struct Capped {
     io: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
     /// When the connection is closed if nothing more arrives.
     quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
     idle: std::time::Duration,
+    /// Its calls in flight (counted by [`admission`]).
+    calls: Arc<admission::Calls>,
 }
 
 impl tonic::transport::server::Connected for Capped {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = admission::ConnInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        admission::ConnInfo {
+            tcp: self.io.connect_info(),
+            calls: self.calls.clone(),
+        }
     }
 }
 
@@ -650,12 +739,21 @@ impl tokio::io::AsyncRead for Capped {
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => match self.quiet.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the peer sent nothing within the header-read or idle timeout",
-                ))),
-                Poll::Pending => Poll::Pending,
+            Poll::Pending => loop {
+                if self.quiet.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // Quiet for the timeout: closed, unless a call keeps it (the timer
+                // is set again, and polled again so that it wakes this task).
+                match self.calls.keep_until(self.idle) {
+                    Some(until) => self.quiet.as_mut().reset(until),
+                    None => {
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the peer sent nothing within the header-read or idle timeout",
+                        )));
+                    }
+                }
             },
             other => other,
         }
@@ -720,6 +818,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the protocol's descriptor set is valid");
+    let admission = admission::Admission::new(core.clone(), keys.clone(), limits.max_message_bytes);
     let service = GrpcInferenceServiceServer::new(Inference::new(core, keys))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
@@ -734,6 +833,8 @@ pub async fn serve(
         // idle timeout, so that they do not keep an idle connection open.
         .http2_keepalive_interval(Some(limits.idle_timeout * 2))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        // The key, the message's size and the budget, before the message is read.
+        .layer(admission)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -761,6 +862,7 @@ fn async_stream_of(
                     _slot: slot,
                     quiet: Box::pin(tokio::time::sleep(first)),
                     idle,
+                    calls: Arc::default(),
                 }))
             }
             Err(_) => {

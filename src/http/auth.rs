@@ -72,42 +72,11 @@ fn note_refusal(state: &AppState, req: &Request, scope: Scope, e: &AuthError) {
         .get::<crate::http::RequestIds>()
         .map(|i| i.server.clone())
         .unwrap_or_default();
-    state.core().audit().note_refusal(refusal_event(
+    state.core().audit().note_refusal(crate::audit::AuditEvent::auth_refused(
         "http",
         format!("{} {route}", req.method()),
         request_id,
         scope,
         e,
     ));
-}
-
-/// The audit event of a caller refused at `door` (`http`, `grpc`).
-pub fn refusal_event(
-    door: &'static str,
-    route: String,
-    request_id: String,
-    scope: Scope,
-    e: &AuthError,
-) -> crate::audit::AuditEvent {
-    let (caller, reason) = match e {
-        AuthError::Missing => ("anonymous".to_string(), "missing"),
-        AuthError::Invalid => ("unknown".to_string(), "invalid"),
-        AuthError::Forbidden { caller, .. } => (caller.clone(), "forbidden"),
-    };
-    crate::audit::AuditEvent {
-        time: crate::audit::now_rfc3339(),
-        event: crate::audit::EventKind::AuthRefused,
-        request_id,
-        caller,
-        door,
-        route,
-        outcome: match e {
-            AuthError::Forbidden { .. } => "forbidden",
-            _ => "unauthorized",
-        }
-        .into(),
-        target: Some(scope.as_str().into()),
-        detail: Some(serde_json::json!({ "reason": reason })),
-        suppressed: None,
-    }
 }

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use crate::inference::ServedModel;
-use crate::outcomes::{Answered, FeedbackRefusal, LiveOutcomes, Outcomes, Recorded};
+use crate::outcomes::{Answered, FeedbackRefusal, FindRefusal, LiveOutcomes, Outcomes, Recorded};
 use crate::predict::{ApiError, Asker, Core};
 
 /// A confirmed label.
@@ -22,9 +22,14 @@ pub struct FeedbackRequest {
     /// The image's position in that request (default 0).
     #[serde(default)]
     pub image_index: Option<i64>,
-    /// Or the DICOM SOP Instance UID of the image (its most recent answer).
+    /// Or the DICOM SOP Instance UID of the image (its most recent answer by
+    /// `model`, or by the one model that answered it).
     #[serde(default)]
     pub sop_instance_uid: Option<String>,
+    /// With `sop_instance_uid`: the model whose answer is confirmed; required when
+    /// several models answered the image (else 409).
+    #[serde(default)]
+    pub model: Option<String>,
     /// The confirmed label: `NORMAL` or `PNEUMONIA`.
     pub label: String,
 }
@@ -70,8 +75,8 @@ pub(super) fn live(
 
 /// Records the label a radiologist confirmed for an answered image (scope
 /// `feedback`): joined to the stored answer (by `request_id` and `image_index`, or
-/// by DICOM `sop_instance_uid`), once; the same label again changes nothing, another
-/// label is a 409. Answers with the model's live figures.
+/// by DICOM `sop_instance_uid`, with `model` when several models answered it),
+/// once; the same label again changes nothing, another label is a 409. Answers with the model's live figures.
 #[utoipa::path(post, path = "/feedback", tag = "feedback",
     request_body(content = FeedbackRequest, content_type = "application/json"),
     security((), ("bearer" = []), ("api_key" = [])),
@@ -81,7 +86,7 @@ pub(super) fn live(
         (status = 401, description = "API keys are required and none or an unknown one was sent", body = crate::http::error::ErrorBody),
         (status = 403, description = "The key's caller lacks the `feedback` scope", body = crate::http::error::ErrorBody),
         (status = 404, description = "No answered image has this id (`unknown_request`), or the server keeps no outcomes (`not_found`)", body = crate::http::error::ErrorBody),
-        (status = 409, description = "Another label was already confirmed for this image", body = crate::http::error::ErrorBody),
+        (status = 409, description = "Another label was already confirmed for this image, or (by `sop_instance_uid` without `model`) several models answered it", body = crate::http::error::ErrorBody),
         (status = 503, description = "Models still loading", body = crate::http::error::ErrorBody)
     ))]
 pub(super) async fn feedback(
@@ -170,9 +175,22 @@ async fn confirm(
     let caller = asker.caller.0.clone();
     tokio::task::spawn_blocking(move || {
         let index = req.image_index.unwrap_or(0);
-        let answered = store
-            .find(req.request_id.as_deref(), index, req.sop_instance_uid.as_deref())
-            .map_err(|e| ApiError::Internal(e.0))?
+        let found = match (&req.request_id, &req.sop_instance_uid) {
+            (None, Some(uid)) => match store.find_instance(uid, req.model.as_deref()) {
+                Ok(a) => a,
+                Err(FindRefusal::Ambiguous(models)) => {
+                    return Err(ApiError::FeedbackConflict(format!(
+                        "the image with SOP Instance UID `{uid}` was answered by several models ({}): name the one confirmed in `model`",
+                        models.join(", ")
+                    )));
+                }
+                Err(FindRefusal::Store(e)) => return Err(ApiError::Internal(e.0)),
+            },
+            _ => store
+                .find(req.request_id.as_deref(), index, None)
+                .map_err(|e| ApiError::Internal(e.0))?,
+        };
+        let answered = found
             .ok_or_else(|| {
                 ApiError::UnknownRequest(match (&req.request_id, &req.sop_instance_uid) {
                     (Some(id), _) => format!("no answered image {index} of request `{id}`"),

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 mod feedback;
 mod openapi;
+mod outbox;
 mod predict;
 mod routes;
 pub mod server;
@@ -39,7 +40,6 @@ pub use openapi::{ApiDoc, openapi_yaml};
 pub use predict::PredictUpload;
 
 use crate::audit::Audit;
-use crate::http::admission::BodyBudget;
 use crate::http::openapi::openapi_json;
 use crate::http::predict::predict;
 use crate::http::routes::docs;
@@ -54,8 +54,9 @@ use crate::inference::ModelSet;
 use crate::predict::Core;
 use auth::{ApiKeys, Caller, Scope};
 
-/// Shared state of the HTTP doors: the prediction core, and what is HTTP's own
-/// (the buffered-body budget, API keys, where `/metrics` is served).
+/// Shared state of the HTTP doors: the prediction core (with the buffered-bytes
+/// budget every door shares), and what is HTTP's own (API keys, where `/metrics` is
+/// served).
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
@@ -63,24 +64,23 @@ pub struct AppState {
 
 struct Inner {
     core: Core,
-    /// `--max-buffered-bytes`, reserved by each body before it is read.
-    body_budget: BodyBudget,
     /// Callers and their scopes (`--api-keys-file`); `None`: the API is open.
     api_keys: Option<ApiKeys>,
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
     public_metrics: bool,
+    /// The DICOM node's outbox, once the node runs (`--dicom-port`).
+    dicom_outbox: std::sync::OnceLock<Arc<crate::dicom_node::outbox::Outbox>>,
 }
 
 impl AppState {
     /// A state with no models yet (`/ready` answers 503 until [`AppState::set_models`]).
     pub fn new(limits: Limits, metrics: Arc<ServerMetrics>) -> Self {
-        let body_budget = BodyBudget::new(limits.max_buffered_bytes);
         Self {
             inner: Arc::new(Inner {
                 core: Core::new(limits, metrics),
-                body_budget,
                 api_keys: None,
                 public_metrics: true,
+                dicom_outbox: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -138,6 +138,17 @@ impl AppState {
         &self.inner.core
     }
 
+    /// Lists `outbox`'s dead letters (`GET /dicom/outbox/dead-letters`): the
+    /// DICOM node's, once it runs. Set once; a second call changes nothing.
+    pub fn set_dicom_outbox(&self, outbox: Arc<crate::dicom_node::outbox::Outbox>) {
+        let _ = self.inner.dicom_outbox.set(outbox);
+    }
+
+    /// The DICOM node's outbox, when it runs.
+    pub fn dicom_outbox(&self) -> Option<Arc<crate::dicom_node::outbox::Outbox>> {
+        self.inner.dicom_outbox.get().cloned()
+    }
+
     /// The callers, when keys are required.
     pub fn api_keys(&self) -> Option<&ApiKeys> {
         self.inner.api_keys.as_ref()
@@ -161,10 +172,6 @@ impl AppState {
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<ServerMetrics> {
         self.inner.core.metrics()
-    }
-
-    fn body_budget(&self) -> &BodyBudget {
-        &self.inner.body_budget
     }
 }
 
@@ -194,6 +201,7 @@ pub fn build_app(state: AppState) -> Router {
         .merge(feedback_routes)
         .merge(model_routes)
         .merge(v2::routes(&state))
+        .merge(outbox::routes(&state))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/openapi.json", get(openapi_json))
@@ -269,16 +277,28 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
     let caller_ctx = headers.get(TRACEPARENT).and_then(|tp| {
         TraceContext::parse(tp.as_bytes(), headers.get(TRACESTATE).map(|v| v.as_bytes()))
     });
-    let path = req.uri().path();
-    let inference = path == "/predict" || path.ends_with("/infer");
+    // The route's template, never the path the client sent (which may carry
+    // anything, a patient's name among it): unmatched requests have none.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string());
+    let inference = route
+        .as_deref()
+        .is_some_and(|r| r == "/predict" || r.ends_with("/infer"));
     let exporting = state.core().exporter().is_some();
     let trace = match caller_ctx {
         Some(ctx) => Some(RequestTrace::start(ctx, exporting)),
         None if inference => Some(RequestTrace::start(TraceContext::root(), exporting)),
         None => None,
     };
-    // The server span's name, for a traced request only.
-    let span_name = trace.as_ref().map(|_| format!("{} {}", req.method(), path));
+    // The server span's name, for a traced request only: the method and the route
+    // (OpenTelemetry's HTTP conventions), or the method alone when none matched.
+    let method = req.method().clone();
+    let span_name = trace.as_ref().map(|_| match &route {
+        Some(r) => format!("{method} {r}"),
+        None => method.to_string(),
+    });
     let client = req
         .headers()
         .get("x-request-id")
@@ -312,13 +332,25 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
             resp.headers_mut().insert(TRACESTATE, v);
         }
         let status = resp.status();
+        // Refused requests are not exported unless asked (--otlp-export-refused).
+        let refused = matches!(status.as_u16(), 401 | 403 | 404);
+        let mut attributes = vec![
+            ("http.request.method", method.to_string()),
+            ("http.response.status_code", status.as_u16().to_string()),
+        ];
+        if let Some(r) = route {
+            attributes.push(("http.route", r));
+        }
         t.finish(
             &span_name,
-            ("http.response.status_code", status.as_u16().to_string()),
+            &attributes,
             status
                 .is_server_error()
                 .then(|| status.as_str().to_string()),
-            state.core().exporter(),
+            state
+                .core()
+                .exporter()
+                .and_then(|x| x.unless_refused(refused)),
         );
     }
     resp
@@ -369,8 +401,13 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
+/// 404 for a path no route matches. The path is not named back: it can carry an
+/// identifier (a patient's name, an MRN), and the refusal's message is logged.
 async fn not_found(req: Request) -> ApiError {
-    ApiError::NoRoute(format!("{} {}", req.method(), req.uri().path()))
+    ApiError::NoRoute(format!(
+        "{}: no such route on this server (see /docs)",
+        req.method()
+    ))
 }
 
 async fn method_not_allowed() -> ApiError {

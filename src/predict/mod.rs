@@ -15,13 +15,15 @@
 //!    recorded too).
 //! 3. [`Core::structured_report`]: an answer as a DICOM TID 1500 SR.
 //!
-//! Admission that every door shares (a processing slot, the request timeout) is
-//! here too ([`Core::slot`], [`Core::within_timeout`]); what is the transport's own
-//! (reading a body within its budget, headers, status codes) stays at the door.
+//! Admission that every door shares (the buffered-bytes budget, a processing slot,
+//! the request timeout) is here too ([`Core::reserve_bytes`], [`Core::slot`],
+//! [`Core::within_timeout`]); what is the transport's own (reading a body, headers,
+//! status codes) stays at the door.
 //! Errors are [`ApiError`]s with a transport-neutral [`ErrorType`]; each door maps
 //! that type to its own status once (`http::error::status`).
 
 mod answer;
+mod budget;
 pub mod error;
 mod error_type;
 pub mod explain;
@@ -45,6 +47,8 @@ use crate::inference::ModelSet;
 use crate::metrics::ServerMetrics;
 
 pub use answer::Decision;
+pub use budget::Buffered;
+pub use budget::Reservation;
 pub use error::ApiError;
 pub use error_type::ErrorType;
 pub use request::Answered;
@@ -145,6 +149,8 @@ struct Inner {
     /// Where answered images are recorded for live outcomes (`--outcomes`,
     /// `--database-url`).
     outcomes: Option<Arc<crate::outcomes::Outcomes>>,
+    /// `max_buffered_bytes`, reserved by each body or message before it is read.
+    buffered: budget::BufferBudget,
     /// Shadow runs waiting or running ([`shadow::SHADOW_SLOTS`]).
     shadow_slots: Arc<Semaphore>,
     /// Where spans go (`--otlp-endpoint`).
@@ -158,6 +164,7 @@ impl Core {
         let decode_permits = Semaphore::new(limits.max_decodes.max(1));
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
+        let buffered = budget::BufferBudget::new(limits.max_buffered_bytes);
         Self {
             inner: Arc::new(Inner {
                 models: Arc::new(std::sync::RwLock::new(None)),
@@ -170,6 +177,7 @@ impl Core {
                 audit: Audit::log_only(),
                 uid_root: None,
                 outcomes: None,
+                buffered,
                 shadow_slots: Arc::new(Semaphore::new(shadow::SHADOW_SLOTS)),
                 exporter: None,
             }),
@@ -292,6 +300,25 @@ impl Core {
         })
     }
 
+    /// Reserves `n` bytes of the `--max-buffered-bytes` budget before a door reads
+    /// them (an HTTP body, a gRPC message), held until the reservation is dropped;
+    /// or 503 / RESOURCE_EXHAUSTED `overloaded` ([`ApiError::BufferFull`]) at once.
+    /// More than 4 MiB comes from all but an eighth of the budget, kept for small
+    /// uploads.
+    pub fn reserve_bytes(&self, n: u64) -> Result<Reservation, ApiError> {
+        self.inner.buffered.try_reserve(n).ok_or_else(|| {
+            self.metrics().overloaded.with_label_values(&["all"]).inc();
+            ApiError::BufferFull(self.inner.limits.max_buffered_bytes)
+        })
+    }
+
+    /// An empty reservation in the same budget, for a door that cannot know a
+    /// request's size before it arrives (a DICOM data set, in fragments): it
+    /// [`Buffered::grow`]s before keeping more, and gives it all back when dropped.
+    pub fn reserve_growing(&self) -> Buffered {
+        self.inner.buffered.growing()
+    }
+
     /// `job` under `--request-timeout-s` (503 `timeout` past it).
     pub async fn within_timeout<T>(
         &self,
@@ -301,5 +328,34 @@ impl Core {
         tokio::time::timeout(timeout, job)
             .await
             .unwrap_or(Err(ApiError::Timeout(timeout.as_secs_f64())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffered_bytes_grow_within_the_budget_and_come_back_when_dropped() {
+        let limits = Limits {
+            max_buffered_bytes: 8 * 1024,
+            ..Limits::default()
+        };
+        let core = Core::new(limits, Arc::new(ServerMetrics::new()));
+        let mut a = core.reserve_growing();
+        // Fragments of any size take whole KiB only as they cross one.
+        for _ in 0..10 {
+            assert!(a.grow(500));
+        }
+        assert_eq!(a.bytes(), 5000);
+        let mut b = core.reserve_growing();
+        assert!(b.grow(3 * 1024));
+        assert!(!b.grow(1), "the budget is spent");
+        assert_eq!(b.bytes(), 3 * 1024);
+        drop(a);
+        assert!(b.grow(5 * 1024));
+        assert!(!core.reserve_growing().grow(1));
+        drop(b);
+        assert!(core.reserve_growing().grow(8 * 1024));
     }
 }

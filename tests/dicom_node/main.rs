@@ -6,6 +6,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod door;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -876,4 +877,706 @@ fn replicas_sharing_postgresql_share_answers_and_confirmed_labels() {
         assert_eq!(c["tp"], u64::from(positive), "{v}");
         assert_eq!(c["fn"], u64::from(!positive), "{v}");
     }
+}
+
+/// The outbox's contract ([`cxr::dicom_node::outbox::contract::exercise`], run on
+/// SQLite by the unit tests) on PostgreSQL: the same answers, dead letters included.
+#[test]
+fn the_outbox_contract_holds_on_postgresql() {
+    use cxr::dicom_node::outbox::{Outbox, contract};
+    let pg = Postgres::start();
+    let open = || Outbox::connect(&pg.url, contract::policy(10)).unwrap();
+    contract::exercise(open(), open);
+}
+
+const ADMIN_KEY: &str = "admin-key-for-the-outbox";
+const READER_KEY: &str = "reader-key-for-the-outbox";
+
+/// An API keys file with an `admin` caller and a `models` one.
+fn keys_file(dir: &Path) -> String {
+    let path = dir.join("keys.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[callers]]\nname = \"ops\"\nkey_sha256 = \"{}\"\nscopes = [\"models\", \"admin\"]\n\n\
+             [[callers]]\nname = \"reader\"\nkey_sha256 = \"{}\"\nscopes = [\"predict\", \"models\"]\n",
+            cxr::digest::sha256_hex(ADMIN_KEY.as_bytes()),
+            cxr::digest::sha256_hex(READER_KEY.as_bytes())
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// `GET /dicom/outbox/dead-letters` with `key`: status and body.
+fn dead_letters(server: &common::Server, key: &str) -> (u16, Value) {
+    let auth = format!("Bearer {key}");
+    let (s, b) = common::tcp_http_headers(
+        &server.addr,
+        "GET",
+        "/dicom/outbox/dead-letters",
+        &[("Authorization", auth.as_str())],
+        b"",
+    );
+    (s, serde_json::from_str(&b).unwrap_or(Value::Null))
+}
+
+fn metrics_of(server: &common::Server) -> String {
+    common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1
+}
+
+/// Waits (up to `secs`) until `/metrics` of one of `servers` holds `line`.
+fn wait_metric(servers: &[&common::Server], line: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !servers.iter().any(|s| metrics_of(s).contains(line)) {
+        assert!(
+            Instant::now() < deadline,
+            "no `{line}` in {secs} s:\n{}",
+            servers.iter().map(|s| metrics_of(s)).collect::<String>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// dcmtk's storescp as a destination that takes Secondary Captures (and CRs) but
+/// not Structured Reports: its association profile has no presentation context for
+/// them, so each SR is refused at the association (a presentation context the
+/// destination did not accept). Killed when dropped.
+struct NoSrScp {
+    child: Child,
+    port: u16,
+    out: PathBuf,
+}
+
+impl NoSrScp {
+    fn start(dir: &Path) -> Self {
+        let cfg = dir.join("no-sr.cfg");
+        std::fs::write(
+            &cfg,
+            "[[TransferSyntaxes]]\n[LE]\nTransferSyntax1 = 1.2.840.10008.1.2.1\nTransferSyntax2 = 1.2.840.10008.1.2\n\n\
+             [[PresentationContexts]]\n[NoSR]\nPresentationContext1 = 1.2.840.10008.5.1.4.1.1.7\\LE\n\n\
+             [[Profiles]]\n[Default]\nPresentationContexts = NoSR\n",
+        )
+        .unwrap();
+        let out = dir.join("scp-out");
+        std::fs::create_dir_all(&out).unwrap();
+        let port = free_port();
+        let child = Command::new(tool("storescp"))
+            .arg("-xf")
+            .arg(&cfg)
+            .arg("Default")
+            .arg("-od")
+            .arg(&out)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("storescp");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "storescp did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port, out }
+    }
+
+    /// The files it stored.
+    fn stored(&self) -> usize {
+        std::fs::read_dir(&self.out).unwrap().count()
+    }
+}
+
+impl Drop for NoSrScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Guards issue #43 rows 4 and (b). A destination that takes Secondary Captures but
+/// refuses Structured Reports (dcmtk's storescp without a presentation context for
+/// them): each SR is refused `--dicom-max-attempts` times, then set aside as a dead
+/// letter (listed for the `admin` scope, counted in `/metrics`) and no longer
+/// counted against `--dicom-outbox-capacity`, so new images are still taken once
+/// the outbox would be "full" of refused objects (row 4; they were retried forever
+/// and every new C-STORE was refused A700). The SC queued behind a refused SR goes
+/// on the same association, in the same round, without an attempt counted against
+/// it (row (b); a refusal used to abort the rest of the round, each counted as a
+/// failed attempt).
+#[test]
+fn objects_a_destination_refuses_become_dead_letters_and_free_the_outbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let files = instances(dir);
+    let models = common::models_dir();
+    let pacs = NoSrScp::start(dir);
+    let peers = dir.join("peers.toml");
+    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
+    let outbox = dir.join("outbox.sqlite");
+    let destination = format!("STORESCP@127.0.0.1:{}", pacs.port);
+    let args: Vec<String> = vec![
+        "--dicom-port".into(),
+        "0".into(),
+        "--dicom-peers-file".into(),
+        peers.display().to_string(),
+        "--dicom-destination".into(),
+        destination.clone(),
+        "--dicom-outbox".into(),
+        outbox.display().to_string(),
+        "--dicom-outbox-capacity".into(),
+        "3".into(),
+        "--dicom-max-attempts".into(),
+        "3".into(),
+        "--api-keys-file".into(),
+        keys_file(dir),
+    ];
+    let (server, port) = start_cxr(models.path(), &args);
+    let (cr, dx, cr2) = (
+        files.join("cr.dcm"),
+        files.join("dx.dcm"),
+        files.join("cr2.dcm"),
+    );
+    // Two radiographs: 4 objects, over the capacity of 3 once the SRs stay.
+    let results = |outcome: &str, n: u32| {
+        format!(
+            "cxr_dicom_results_total{{destination=\"{destination}\",outcome=\"{outcome}\"}} {n}"
+        )
+    };
+    let dead = |n: u32| results("dead_letter", n);
+    assert!(store("MODALITY", port, &[&cr]).status.success());
+    // (Its SC sent: one object waits, the refused SR.)
+    wait_metric(&[&server], &results("sent", 1), 30);
+    assert!(store("MODALITY", port, &[&dx]).status.success());
+    wait_metric(&[&server], &dead(2), 60);
+    // The outbox holds no waiting object: a third radiograph is taken.
+    let third = store("MODALITY", port, &[&cr2]);
+    assert!(
+        third.status.success() && !String::from_utf8_lossy(&third.stderr).contains("Refused"),
+        "{}",
+        String::from_utf8_lossy(&third.stderr)
+    );
+    wait_metric(&[&server], &dead(3), 60);
+    // The destination has the three SCs, and no SR.
+    assert_eq!(pacs.stored(), 3);
+    let m = metrics_of(&server);
+    for line in [
+        format!("cxr_dicom_dead_letters{{destination=\"{destination}\"}} 3"),
+        format!("cxr_dicom_outbox_depth{{destination=\"{destination}\"}} 0"),
+        results("sent", 3),
+        // Two refusals retried per SR, and nothing else: the SCs never waited.
+        results("retried", 6),
+    ] {
+        assert!(m.contains(&line), "{line}\n{m}");
+    }
+    // Listed for the admin scope only.
+    let (s, v) = dead_letters(&server, READER_KEY);
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (403, Some("forbidden")),
+        "{v}"
+    );
+    let (s, v) = dead_letters(&server, ADMIN_KEY);
+    assert_eq!(s, 200, "{v}");
+    let letters = v["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 3, "{v}");
+    for l in letters {
+        assert_eq!(l["destination"], destination.as_str(), "{l}");
+        assert_eq!(l["kind"], "sr", "{l}");
+        assert_eq!(l["attempts"], 3, "{l}");
+        assert!(
+            l["last_error"].as_str().unwrap().starts_with(
+                "the destination did not accept SOP class 1.2.840.10008.5.1.4.1.1.88.34"
+            ),
+            "{l}"
+        );
+        assert!(l["dead_at"].as_str().unwrap() >= l["created_at"].as_str().unwrap());
+        // No patient data in a dead letter.
+        assert!(!l.to_string().contains("CXR-0001") && !l.to_string().contains("TEST^CXR"));
+    }
+    // Each SC went in the round of its refused SR: never an attempt counted.
+    let conn =
+        rusqlite::Connection::open_with_flags(&outbox, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let sc_attempts: Vec<i64> = conn
+        .prepare("SELECT attempts FROM outbox WHERE kind = 'sc'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(sc_attempts, [0, 0, 0]);
+}
+
+/// A STOW-RS server of the test's own (a real HTTP/1.1 socket): answers each POST
+/// with what `answer` says for the posted object's SOP class and instance UID
+/// (read from its meta group), after `delay`; keeps every (SOP class, UID) posted.
+struct StowServer {
+    url: String,
+    posts: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    answer: std::sync::Arc<std::sync::Mutex<StowAnswer>>,
+}
+
+type StowAnswer = Box<dyn Fn(&str, &str) -> (u16, String) + Send>;
+
+const SR_CLASS: &str = "1.2.840.10008.5.1.4.1.1.88.34";
+const SC_CLASS: &str = "1.2.840.10008.5.1.4.1.1.7";
+
+impl StowServer {
+    fn start(delay: Duration, answer: StowAnswer) -> Self {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/dicom-web", listener.local_addr().unwrap());
+        let posts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answer = std::sync::Arc::new(std::sync::Mutex::new(answer));
+        let (p, a) = (posts.clone(), answer.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let (p, a) = (p.clone(), a.clone());
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 65536];
+                    let body_start = loop {
+                        let Ok(n) = conn.read(&mut chunk) else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..body_start]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < body_start + length {
+                        let Ok(n) = conn.read(&mut chunk) else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let body = &buf[body_start..];
+                    let (class, uid) = (meta_ui(body, 0x0002), meta_ui(body, 0x0003));
+                    p.lock().unwrap().push((class.clone(), uid.clone()));
+                    std::thread::sleep(delay);
+                    let (status, json) = (a.lock().unwrap())(&class, &uid);
+                    let _ = conn.write_all(
+                        format!(
+                            "HTTP/1.1 {status} X\r\nContent-Type: application/dicom+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+                            json.len()
+                        )
+                        .as_bytes(),
+                    );
+                });
+            }
+        });
+        Self { url, posts, answer }
+    }
+
+    fn set_answer(&self, answer: StowAnswer) {
+        *self.answer.lock().unwrap() = answer;
+    }
+
+    fn posts(&self) -> Vec<(String, String)> {
+        self.posts.lock().unwrap().clone()
+    }
+
+    /// How many times `uid` was posted.
+    fn count(&self, uid: &str) -> usize {
+        self.posts().iter().filter(|(_, u)| u == uid).count()
+    }
+}
+
+/// The value of the meta group's UI element (0002,`element`) in a posted Part-10
+/// file (explicit VR little endian, as the meta group always is).
+fn meta_ui(body: &[u8], element: u16) -> String {
+    let mut pattern = vec![0x02, 0x00];
+    pattern.extend_from_slice(&element.to_le_bytes());
+    pattern.extend_from_slice(b"UI");
+    let Some(at) = body.windows(6).position(|w| w == pattern.as_slice()) else {
+        return String::new();
+    };
+    let len = u16::from_le_bytes([body[at + 6], body[at + 7]]) as usize;
+    String::from_utf8_lossy(&body[at + 8..at + 8 + len])
+        .trim_end_matches(['\0', ' '])
+        .to_string()
+}
+
+/// A STOW-RS response body (PS3.18 10.5.3) listing `uid` as failed (FailureReason
+/// `reason`), or as stored with WarningReason `warning`.
+fn stow_body(uid: &str, failed: Option<u16>, warning: Option<u16>) -> String {
+    match (failed, warning) {
+        (Some(r), _) => serde_json::json!({"00081198": {"vr": "SQ", "Value": [
+            {"00081155": {"vr": "UI", "Value": [uid]}, "00081197": {"vr": "US", "Value": [r]}}]}})
+        .to_string(),
+        (None, Some(w)) => serde_json::json!({"00081199": {"vr": "SQ", "Value": [
+            {"00081155": {"vr": "UI", "Value": [uid]}, "00081196": {"vr": "US", "Value": [w]}}]}})
+        .to_string(),
+        (None, None) => "{}".into(),
+    }
+}
+
+/// Guards issue #43 row 5. STOW-RS answers are read as PS3.18 says: `202 Accepted`
+/// (stored, with warnings) is stored and posted once (it used to be posted again
+/// and again: only 200 counted); a 409, and a 202 whose FailedSOPSequence lists the
+/// instance, are refusals, posted `--dicom-max-attempts` times and then dead
+/// letters; a 503 is a failure retried (not a refusal).
+#[test]
+fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let files = instances(dir);
+    let models = common::models_dir();
+    // First: the SR stored with a warning (B000H, coercion), the SC refused (409).
+    let stow = StowServer::start(
+        Duration::ZERO,
+        Box::new(|class, uid| {
+            if class == SR_CLASS {
+                (202, stow_body(uid, None, Some(0xB000)))
+            } else {
+                (409, stow_body(uid, Some(0x0110), None))
+            }
+        }),
+    );
+    let peers = dir.join("peers.toml");
+    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
+    let args: Vec<String> = vec![
+        "--dicom-port".into(),
+        "0".into(),
+        "--dicom-peers-file".into(),
+        peers.display().to_string(),
+        "--stow-url".into(),
+        stow.url.clone(),
+        "--dicom-outbox".into(),
+        dir.join("outbox.sqlite").display().to_string(),
+        "--dicom-max-attempts".into(),
+        "3".into(),
+        "--api-keys-file".into(),
+        keys_file(dir),
+    ];
+    let (server, port) = start_cxr(models.path(), &args);
+    let url = stow.url.clone();
+    let results = |outcome: &str, n: u32| {
+        format!("cxr_dicom_results_total{{destination=\"{url}\",outcome=\"{outcome}\"}} {n}")
+    };
+    assert!(
+        store("MODALITY", port, &[&files.join("cr.dcm")])
+            .status
+            .success()
+    );
+    wait_metric(&[&server], &results("dead_letter", 1), 60);
+    // Time for more posts, had any been due.
+    std::thread::sleep(Duration::from_secs(5));
+    let posts = stow.posts();
+    let uid_of = |class: &str| {
+        posts
+            .iter()
+            .find(|(c, _)| c == class)
+            .map(|(_, u)| u.clone())
+            .unwrap_or_else(|| panic!("no {class} posted: {posts:?}"))
+    };
+    let (sr, sc) = (uid_of(SR_CLASS), uid_of(SC_CLASS));
+    assert_eq!(stow.count(&sr), 1, "the 202 was posted again: {posts:?}");
+    assert_eq!(stow.count(&sc), 3, "{posts:?}");
+    let m = metrics_of(&server);
+    assert!(m.contains(&results("sent", 1)), "{m}");
+    let (s, v) = dead_letters(&server, ADMIN_KEY);
+    assert_eq!(s, 200, "{v}");
+    let letters = v["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{v}");
+    assert_eq!(
+        (
+            letters[0]["sop_instance_uid"].as_str(),
+            letters[0]["kind"].as_str()
+        ),
+        (Some(sc.as_str()), Some("sc"))
+    );
+    let error = letters[0]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("status 409") && error.contains("FailureReason 0110H"),
+        "{error}"
+    );
+
+    // Then: a 202 that lists the SR as failed (a refusal), and a 503 for the SC (a
+    // failure, retried, never a refusal).
+    stow.set_answer(Box::new(|class, uid| {
+        if class == SR_CLASS {
+            (202, stow_body(uid, Some(0xC000), None))
+        } else {
+            (503, "{}".into())
+        }
+    }));
+    assert!(
+        store("MODALITY", port, &[&files.join("dx.dcm")])
+            .status
+            .success()
+    );
+    wait_metric(&[&server], &results("dead_letter", 2), 60);
+    let (_, v) = dead_letters(&server, ADMIN_KEY);
+    let letters = v["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 2, "{v}");
+    assert_eq!(letters[0]["kind"], "sr", "{v}");
+    assert!(
+        letters[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("status 202, FailedSOPSequence FailureReason C000H"),
+        "{v}"
+    );
+    // The SC of the DX keeps being tried (refusals would have set it aside by now).
+    std::thread::sleep(Duration::from_secs(8));
+    let sc_dx = stow
+        .posts()
+        .iter()
+        .filter(|(c, u)| c == SC_CLASS && *u != sc)
+        .count();
+    assert!(sc_dx > 3, "the 503 was not retried like a failure: {sc_dx}");
+    let (_, v) = dead_letters(&server, ADMIN_KEY);
+    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 2, "{v}");
+    assert!(metrics_of(&server).contains(&format!(
+        "cxr_dicom_outbox_depth{{destination=\"{url}\"}} 1"
+    )));
+}
+
+/// Guards issue #43 row (a). Two replicas share their outbox in PostgreSQL and a
+/// STOW-RS destination that takes 25 s per object: the replica sending a round of
+/// two holds both for 50 s, beyond the 45 s claim; its claim is renewed before each
+/// send, so the other replica never takes (and posts again) an object this one
+/// holds. (A claim used to last 45 s from the round's start: the second object, and
+/// the first not yet marked, were posted again by the other replica.)
+#[test]
+fn a_slow_destination_does_not_let_another_replica_send_what_one_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let files = instances(dir);
+    let models = common::models_dir();
+    let pg = Postgres::start();
+    let stow = StowServer::start(Duration::from_secs(25), Box::new(|_, _| (200, "{}".into())));
+    let peers = dir.join("peers.toml");
+    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
+    let args: Vec<String> = vec![
+        "--dicom-port".into(),
+        "0".into(),
+        "--dicom-peers-file".into(),
+        peers.display().to_string(),
+        "--stow-url".into(),
+        stow.url.clone(),
+        "--database-url".into(),
+        pg.url.clone(),
+    ];
+    let (a, a_port) = start_cxr(models.path(), &args);
+    let (b, _) = start_cxr(models.path(), &args);
+    assert!(
+        store("MODALITY", a_port, &[&files.join("cr.dcm")])
+            .status
+            .success()
+    );
+    let sent = |s: &common::Server| {
+        let m = metrics_of(s);
+        m.lines()
+            .filter(|l| l.starts_with("cxr_dicom_results_total") && l.contains("outcome=\"sent\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sent(&a) + sent(&b) < 2 {
+        assert!(Instant::now() < deadline, "not sent: {:?}", stow.posts());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Time for a late duplicate to arrive.
+    std::thread::sleep(Duration::from_secs(5));
+    let posts = stow.posts();
+    assert_eq!(posts.len(), 2, "posted more than once: {posts:?}");
+    assert_ne!(posts[0].1, posts[1].1, "{posts:?}");
+}
+
+/// Guards issue #43 row 7. After every result was sent, the outbox's files hold
+/// no patient data: not the SQLite file (`secure_delete` overwrites the dropped
+/// payloads) nor its write-ahead log (emptied after each round that sent). The
+/// files are owner-only (0600). Sent records past `--retention-days` are deleted.
+#[test]
+fn sent_results_leave_no_patient_data_on_disk_and_old_records_are_pruned() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let files = instances(dir);
+    let models = common::models_dir();
+    let pacs = Orthanc::start(dir, "pacs");
+    let peers = dir.join("peers.toml");
+    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
+    let outbox = dir.join("outbox.sqlite");
+    let args: Vec<String> = vec![
+        "--dicom-port".into(),
+        "0".into(),
+        "--dicom-peers-file".into(),
+        peers.display().to_string(),
+        "--dicom-destination".into(),
+        format!("ORTHANC@127.0.0.1:{}", pacs.dicom),
+        "--dicom-outbox".into(),
+        outbox.display().to_string(),
+        "--retention-days".into(),
+        "30".into(),
+    ];
+    let (server, port) = start_cxr(models.path(), &args);
+    assert!(
+        store(
+            "MODALITY",
+            port,
+            &[&files.join("cr.dcm"), &files.join("dx.dcm")]
+        )
+        .status
+        .success()
+    );
+    assert_eq!(pacs.wait_count(STUDY, 4, 60).len(), 4);
+    wait_metric(&[&server], "outcome=\"sent\"} 4", 30);
+    let side = |suffix: &str| PathBuf::from(format!("{}{suffix}", outbox.display()));
+    let phi = |bytes: &[u8]| {
+        [b"TEST^CXR".as_slice(), b"CXR-0001".as_slice()]
+            .iter()
+            .any(|p| bytes.windows(p.len()).any(|w| w == *p))
+    };
+    let on_disk = || {
+        ["", "-wal"]
+            .iter()
+            .filter(|s| phi(&std::fs::read(side(s)).unwrap_or_default()))
+            .map(|s| format!("outbox.sqlite{s}"))
+            .collect::<Vec<_>>()
+    };
+    // (The log is emptied once the round that sent is over.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !on_disk().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(on_disk(), Vec::<String>::new(), "patient data left in");
+    for s in ["", "-wal", "-shm"] {
+        let mode = std::fs::metadata(side(s)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "outbox.sqlite{s}");
+    }
+    drop(server);
+
+    // Two of the records were sent 40 days ago: gone at the next start.
+    let conn = rusqlite::Connection::open(&outbox).unwrap();
+    conn.execute(
+        "UPDATE outbox SET sent_at = sent_at - 40 * 86400000 WHERE kind = 'sc'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let (_server, _) = start_cxr(models.path(), &args);
+    let conn = rusqlite::Connection::open(&outbox).unwrap();
+    let kinds: Vec<String> = conn
+        .prepare("SELECT kind FROM outbox ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kinds, ["sr", "sr"]);
+}
+
+/// Guards issue #43 rows 4 and (b), with a failure status. A destination (a
+/// pynetdicom SCP) that negotiates SR but answers each SR's C-STORE with 0122H (SOP
+/// class not supported): the SR is refused `--dicom-max-attempts` times, then a dead
+/// letter whose last error names the status; the SC after it goes on the same
+/// association, and is stored once, no attempt counted against it. (A failure
+/// status used to abort the rest of the association's round, each counted as a
+/// failed attempt, and the SR was retried forever.)
+#[test]
+fn a_failure_status_refuses_one_object_and_the_association_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let files = instances(dir);
+    let models = common::models_dir();
+    let port = free_port();
+    let log = dir.join("scp.jsonl");
+    let mut scp = Command::new(python())
+        .arg(root().join("tests/dicom_node/refusing_scp.py"))
+        .arg(port.to_string())
+        .arg(&log)
+        .args([SR_CLASS, "0122"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pynetdicom SCP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the SCP did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let peers = dir.join("peers.toml");
+    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
+    let outbox = dir.join("outbox.sqlite");
+    let destination = format!("REFUSER@127.0.0.1:{port}");
+    let args: Vec<String> = vec![
+        "--dicom-port".into(),
+        "0".into(),
+        "--dicom-peers-file".into(),
+        peers.display().to_string(),
+        "--dicom-destination".into(),
+        destination.clone(),
+        "--dicom-outbox".into(),
+        outbox.display().to_string(),
+        "--dicom-max-attempts".into(),
+        "2".into(),
+        "--api-keys-file".into(),
+        keys_file(dir),
+    ];
+    let (server, cxr_port) = start_cxr(models.path(), &args);
+    assert!(
+        store("MODALITY", cxr_port, &[&files.join("cr.dcm")])
+            .status
+            .success()
+    );
+    wait_metric(
+        &[&server],
+        &format!(
+            "cxr_dicom_results_total{{destination=\"{destination}\",outcome=\"dead_letter\"}} 1"
+        ),
+        60,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = scp.kill();
+    let _ = scp.wait();
+    let stores: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of =
+        |class: &str| -> Vec<&Value> { stores.iter().filter(|s| s["class"] == class).collect() };
+    let (srs, scs) = (of(SR_CLASS), of(SC_CLASS));
+    assert_eq!((srs.len(), scs.len()), (2, 1), "{stores:?}");
+    // The SC went on the association that refused the SR first.
+    assert_eq!(scs[0]["association"], srs[0]["association"], "{stores:?}");
+    let (s, v) = dead_letters(&server, ADMIN_KEY);
+    assert_eq!(s, 200, "{v}");
+    let letter = &v["dead_letters"][0];
+    assert_eq!(
+        (
+            letter["kind"].as_str(),
+            letter["attempts"].as_u64(),
+            letter["last_error"].as_str()
+        ),
+        (
+            Some("sr"),
+            Some(2),
+            Some("C-STORE failed with status 0122H")
+        ),
+        "{v}"
+    );
+    let conn =
+        rusqlite::Connection::open_with_flags(&outbox, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let sc: (String, i64) = conn
+        .query_row(
+            "SELECT state, attempts FROM outbox WHERE kind = 'sc'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(sc, ("sent".to_string(), 0));
 }
