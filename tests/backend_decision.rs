@@ -423,3 +423,38 @@ fn an_unwritable_decision_is_measured_at_each_start_and_said_so() {
         }
     }
 }
+
+/// Two replicas started at once on no decision: both measure, the first to write
+/// wins, and the other serves by its entry: one entry per model, one backend, the
+/// same answers.
+#[test]
+fn replicas_racing_at_first_start_end_with_one_decision() {
+    let models = common::models_dir();
+    let state = tempfile::tempdir().unwrap();
+    let (a, b) = std::thread::scope(|s| {
+        let start = || s.spawn(|| replica(models.path(), state.path()));
+        let (a, b) = (start(), start());
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let f = read_file(state.path());
+    assert_eq!(f["entries"].as_array().unwrap().len(), 2, "{f}");
+    for m in ["alpha", "beta"] {
+        let (la, lb) = (live(&a, m), live(&b, m));
+        let d = |l: &Value| l["backend_decision"]["decided_at"].clone();
+        assert_eq!(d(&la), d(&lb), "{la} {lb}");
+        assert_eq!(la["execution_provider"], lb["execution_provider"]);
+        assert!(
+            la["backend_decision"]["written"] != lb["backend_decision"]["written"]
+                || source(&la) == "read"
+                || source(&lb) == "read",
+            "one of them wrote, the other took it: {la} {lb}"
+        );
+        for png in films() {
+            assert_eq!(
+                probabilities(&a, m, &png),
+                probabilities(&b, m, &png),
+                "{m}"
+            );
+        }
+    }
+}

@@ -115,6 +115,12 @@ impl OpenVinoModel {
             core.set_property(&cpu, &RwPropertyKey::HintInferencePrecision, p)
                 .map_err(ov)?;
         }
+        // OpenVINO writes a cache entry in place and maps the entries it loads: a
+        // replica loading an entry another is still writing died of SIGBUS (two
+        // replicas racing at their first start, tests/backend_decision.rs). Every
+        // process compiles under one lock on the cache; an entry, once written
+        // whole, is only ever read.
+        let _compiling = cache.and_then(lock_cache);
         let model = core.read_model_from_buffer(onnx, None).map_err(ov)?;
         let mut outputs = Vec::new();
         for i in 0..model.get_outputs_len().map_err(ov)? {
@@ -166,6 +172,20 @@ impl OpenVinoModel {
     pub fn streams(&self) -> usize {
         self.streams.len().max(1)
     }
+}
+
+/// An exclusive lock on OpenVINO's cache folder (`.cxr-compile.lock` in it), held
+/// until dropped; `None` (and compiling unlocked) where the lock file cannot be
+/// made.
+fn lock_cache(dir: &Path) -> Option<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".cxr-compile.lock"))
+        .ok()?;
+    f.lock().ok()?;
+    Some(f)
 }
 
 /// Sets `n` images of `[3, s, s]` as `req`'s input.
