@@ -197,7 +197,9 @@ pub struct ServeArgs {
     pub new_api_key: Option<String>,
     /// The CPU backend: `ort` (ONNX Runtime), `openvino` (OpenVINO, when it loads the
     /// file and agrees with ONNX Runtime on a probe; else ONNX Runtime, logged), or
-    /// `auto` (both measured at load, the faster kept). CUDA always runs ONNX Runtime.
+    /// `auto` (the deployment's decision for each model file and CPU, read from
+    /// --backend-decision, or both measured once, the faster kept and the decision
+    /// written there). CUDA always runs ONNX Runtime.
     #[arg(long, env = "CXR_BACKEND", value_enum, default_value = "ort")]
     pub backend: crate::inference::BackendChoice,
     /// A site card (`cxr-train validate … --choose …`): the thresholds (and OOD

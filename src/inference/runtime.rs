@@ -29,7 +29,9 @@ pub enum BackendChoice {
     /// OpenVINO (falls back to ONNX Runtime, logged, when it cannot load the file
     /// or disagrees with ONNX Runtime on the probe).
     Openvino,
-    /// Both measured at load on the batch sizes served; the faster kept.
+    /// The deployment's decision for the file and CPU (`--backend-decision`): read,
+    /// or both measured at load on the batch sizes served, the faster kept (by a
+    /// margin) and the decision written.
     Auto,
 }
 
