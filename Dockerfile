@@ -128,18 +128,24 @@ LABEL org.opencontainers.image.title="cxr" \
       org.opencontainers.image.description="Pediatric chest X-ray pneumonia classifier (DenseNet-161 on ONNX Runtime or OpenVINO, CPU)" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0" \
       org.opencontainers.image.version="0.1.0"
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cxr
+# /var/lib/cxr/backend: the backend decision and OpenVINO's compiled models, for a
+# volume shared by the replicas (a named volume starts owned by the user).
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cxr \
+    && install -d -o 10001 -g 10001 /var/lib/cxr/backend
 COPY --from=build /cxr-serve /usr/local/bin/cxr-serve
 COPY --from=ort-cpu /out/ /opt/cxr/lib/
 COPY --from=openvino-cpu /out/ /opt/cxr/openvino/
 COPY models/ /opt/cxr/models/
-# The CPU image measures both backends per model at start and keeps the faster
-# (docs/performance.md); CXR_BACKEND=ort keeps ONNX Runtime.
+# The CPU image serves each model on the backend the deployment's decision names,
+# measured once per model file and CPU and kept in CXR_BACKEND_DECISION (with
+# OpenVINO's compiled models beside it; docs/performance.md); CXR_BACKEND=ort keeps
+# ONNX Runtime.
 ENV CXR_HOST=0.0.0.0 \
     CXR_PORT=8080 \
     CXR_MODELS_DIR=/opt/cxr/models \
     CXR_DEVICE=cpu \
     CXR_BACKEND=auto \
+    CXR_BACKEND_DECISION=/var/lib/cxr/backend/backend.decision.json \
     OPENVINO_LIB=/opt/cxr/openvino/libopenvino_c.so \
     CXR_LOG_FORMAT=json \
     ORT_DYLIB_PATH=/opt/cxr/lib/libonnxruntime.so.${ORT_VERSION} \

@@ -171,6 +171,7 @@ fn main() {
         cuda_max_batch: cxr::inference::CUDA_MAX_BATCH,
         backend: cxr::inference::BackendChoice::Ort,
         model_backends: Default::default(),
+        decision: Default::default(),
         site_card: None,
         batch: BatchConfig {
             max_batch: cxr::inference::CPU_MAX_BATCH,

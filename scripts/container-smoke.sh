@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the repository's Dockerfile, unchanged, with podman and smoke-tests the image:
 # runs it as its non-root user with a read-only root filesystem, waits for /ready,
-# POSTs an X-ray to /predict, checks the answer, stops it (SIGTERM) and prints the
-# image size, build time and start-to-ready time.
+# POSTs an X-ray to /predict, checks the answer, stops it (SIGTERM), starts it again
+# on the same backend volume (the decision and OpenVINO's compiled models the first
+# start left) and prints the image size, build time and both start-to-ready times
+# (cold: measured; warm: read).
 #
 #   bash scripts/container-smoke.sh            # CPU image (the default target)
 #
@@ -138,21 +140,29 @@ fi
 # backend since issue 35) and the four shipped models (170 MB) fit in 520 MB.
 [ "$size_mb" -lt 520 ] || fail "image is $size_mb MB (limit 520)"
 
-# 6. Run it the way deploy/ does: non-root, read-only root, /tmp on tmpfs.
-cleanup() { podman rm -f "$NAME" >/dev/null 2>&1 || true; }
+# 6. Run it the way deploy/ does: non-root, read-only root, /tmp on tmpfs, the
+#    backend decision and OpenVINO's compiled models on a volume (empty: cold).
+STATE=$WORK/backend-state
+rm -rf "$STATE" && mkdir -p "$STATE" && chmod 777 "$STATE"
+cleanup() { podman rm -f "$NAME" "$NAME-warm" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
-say "starting $NAME on 127.0.0.1:$PORT"
-t0=$(date +%s.%N)
-podman run -d --name "$NAME" --read-only --tmpfs /tmp -p "127.0.0.1:$PORT:8080" "$IMAGE" >/dev/null
-ready=""
-for _ in $(seq 1 600); do
-  if curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1; then ready=1; break; fi
-  podman container exists "$NAME" && [ "$(podman inspect --format '{{.State.Running}}' "$NAME")" = true ] \
-    || { podman logs "$NAME" | tail -20; fail "the container exited"; }
-  sleep 0.2
-done
-[ -n "$ready" ] || { podman logs "$NAME" | tail -20; fail "not ready within 120 s"; }
-ready_s=$(python3 -c "import sys; print(float(sys.argv[1]) - float(sys.argv[2]))" "$(date +%s.%N)" "$t0")
+start() { # start <name>: runs the image on the backend volume; sets ready_s
+  local name=$1 t0 ready=""
+  say "starting $name on 127.0.0.1:$PORT"
+  t0=$(date +%s.%N)
+  podman run -d --name "$name" --read-only --tmpfs /tmp -v "$STATE:/var/lib/cxr/backend" \
+    -p "127.0.0.1:$PORT:8080" "$IMAGE" >/dev/null
+  for _ in $(seq 1 600); do
+    if curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1; then ready=1; break; fi
+    podman container exists "$name" && [ "$(podman inspect --format '{{.State.Running}}' "$name")" = true ] \
+      || { podman logs "$name" | tail -20; fail "the container exited"; }
+    sleep 0.2
+  done
+  [ -n "$ready" ] || { podman logs "$name" | tail -20; fail "not ready within 120 s"; }
+  ready_s=$(python3 -c "import sys; print(float(sys.argv[1]) - float(sys.argv[2]))" "$(date +%s.%N)" "$t0")
+}
+start "$NAME"
+cold_s=$ready_s
 
 # 7. An X-ray: a test image of the data set when present, else a generated PNG.
 xray=$(ls ../shared/data/chest_xray_224/test/PNEUMONIA/* 2>/dev/null | head -1 || true)
@@ -180,14 +190,17 @@ assert a["execution_provider"] in ("CPUExecutionProvider", "OpenVINO:CPU"), a
 print("   answer:", a["label"], round(a["confidence"], 4), "from", a["model"]["name"], a["execution_provider"])
 ' || fail "unexpected /predict answer: $answer"
 # The image's CXR_BACKEND=auto: OpenVINO's library loaded in the image, agreed with
-# ONNX Runtime on the probe, and both were measured (whichever won).
+# ONNX Runtime on the probe, and both were measured (whichever won), the decision
+# written to the volume.
 curl -fsS "http://127.0.0.1:$PORT/models" | python3 -c '
 import json, sys
 for m in json.load(sys.stdin)["models"]:
     why = m["live"].get("backend_choice") or ""
+    d = m["live"].get("backend_decision") or {}
     assert why.startswith("measured"), (m["card"]["name"], why)
+    assert d.get("source") == "measured" and d.get("written"), (m["card"]["name"], d)
     print("   backend:", m["card"]["name"], m["live"]["execution_provider"], "-", why)
-' || fail "OpenVINO was not measured in the image (CXR_BACKEND=auto)"
+' || fail "OpenVINO was not measured in the image, or its decision not written (CXR_BACKEND=auto)"
 code=$(curl -s -o /dev/null -w '%{http_code}' -X POST --data-binary 'junk' -H 'Content-Type: image/png' "http://127.0.0.1:$PORT/predict")
 [ "$code" = 400 ] || fail "junk answered $code, not 400"
 podman exec "$NAME" /usr/local/bin/cxr-serve --health-check || fail "HEALTHCHECK command fails"
@@ -199,6 +212,18 @@ exit_code=$(podman inspect --format '{{.State.ExitCode}}' "$NAME")
 podman logs "$NAME" 2>&1 | grep -q '"stopped' || podman logs "$NAME" 2>&1 | grep -q stopped \
   || fail "no clean-stop log line"
 
+# 9. Again on the same volume: the decision read, OpenVINO's models from its cache.
+start "$NAME-warm"
+warm_s=$ready_s
+curl -fsS "http://127.0.0.1:$PORT/models" | python3 -c '
+import json, sys
+for m in json.load(sys.stdin)["models"]:
+    d = m["live"].get("backend_decision") or {}
+    assert d.get("source") == "read", (m["card"]["name"], d)
+    print("   backend:", m["card"]["name"], m["live"]["execution_provider"], "- read")
+' || fail "the second start did not read the decision from the volume"
+podman stop -t 20 "$NAME-warm" >/dev/null
+
 say "PASS"
-printf '| image | size | build (s) | start to ready (s) | user |\n|---|---|---|---|---|\n'
-printf '| %s | %s MB | %s | %.1f | %s |\n' "$IMAGE" "$size_mb" "$build_s" "$ready_s" "$user"
+printf '| image | size | build (s) | start to ready, cold (s) | start to ready, warm (s) | user |\n|---|---|---|---|---|---|\n'
+printf '| %s | %s MB | %s | %.1f | %.1f | %s |\n' "$IMAGE" "$size_mb" "$build_s" "$cold_s" "$warm_s" "$user"

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::imaging::dicom::DicomOptions;
+use crate::inference::decision::DecisionConfig;
 use crate::inference::{
     BatchConfig, CPU_MAX_BATCH, CUDA_MAX_BATCH, Device, LoadConfig, resolve_library,
 };
@@ -196,7 +197,9 @@ pub struct ServeArgs {
     pub new_api_key: Option<String>,
     /// The CPU backend: `ort` (ONNX Runtime), `openvino` (OpenVINO, when it loads the
     /// file and agrees with ONNX Runtime on a probe; else ONNX Runtime, logged), or
-    /// `auto` (both measured at load, the faster kept). CUDA always runs ONNX Runtime.
+    /// `auto` (the deployment's decision for each model file and CPU, read from
+    /// --backend-decision, or both measured once, the faster kept and the decision
+    /// written there). CUDA always runs ONNX Runtime.
     #[arg(long, env = "CXR_BACKEND", value_enum, default_value = "ort")]
     pub backend: crate::inference::BackendChoice,
     /// A site card (`cxr-train validate … --choose …`): the thresholds (and OOD
@@ -209,6 +212,18 @@ pub struct ServeArgs {
     #[arg(long = "model-backend", env = "CXR_MODEL_BACKENDS", value_name = "NAME=BACKEND",
           value_delimiter = ',', value_parser = parse_model_backend)]
     pub model_backends: Vec<(String, crate::inference::BackendChoice)>,
+    /// The deployment's backend decision (`--backend auto`): which CPU backend serves
+    /// each model file on each CPU, read by every replica. The first replica that
+    /// finds no entry for its model file, CPU and runtimes measures and adds one (the
+    /// others take it as is); put it where every replica reads and writes, e.g. a
+    /// volume. Default: `backend.decision.json` in --models-dir.
+    #[arg(long, env = "CXR_BACKEND_DECISION", value_name = "FILE")]
+    pub backend_decision: Option<PathBuf>,
+    /// OpenVINO's compiled-model cache (its CACHE_DIR), so a model is compiled once
+    /// per CPU and runtime, not at every start. Default: `openvino-cache` beside the
+    /// --backend-decision file.
+    #[arg(long, env = "CXR_OPENVINO_CACHE_DIR", value_name = "DIR")]
+    pub openvino_cache_dir: Option<PathBuf>,
     /// Run a candidate version in the shadow of its variant's default: `NAME@VERSION`
     /// (a version loaded beside the default, e.g. `models/weighted/2.1.0/`). It runs
     /// on `--shadow-share` of the variant's requests after each answer is sent; its
@@ -590,6 +605,7 @@ impl ServeArgs {
             cuda_max_batch: self.max_batch.unwrap_or(CUDA_MAX_BATCH),
             backend: self.backend,
             model_backends: self.model_backends.iter().cloned().collect(),
+            decision: self.decision_config(),
             site_card: self.site_card.clone(),
             batch: BatchConfig {
                 max_batch: self.max_batch.unwrap_or(CPU_MAX_BATCH),
@@ -597,6 +613,28 @@ impl ServeArgs {
                 arrival_wait: Duration::from_micros(self.arrival_wait_us),
                 capacity: self.queue_capacity,
             },
+        }
+    }
+}
+
+impl ServeArgs {
+    /// Where `auto`'s decision and OpenVINO's compiled models are kept: the flags,
+    /// else beside the models.
+    pub fn decision_config(&self) -> DecisionConfig {
+        use crate::inference::decision::{DEFAULT_CACHE_DIR, DEFAULT_FILE};
+        let file = self
+            .backend_decision
+            .clone()
+            .unwrap_or_else(|| self.models_dir.join(DEFAULT_FILE));
+        let openvino_cache = self.openvino_cache_dir.clone().unwrap_or_else(|| {
+            file.parent().map_or_else(
+                || PathBuf::from(DEFAULT_CACHE_DIR),
+                |d| d.join(DEFAULT_CACHE_DIR),
+            )
+        });
+        DecisionConfig {
+            file: Some(file),
+            openvino_cache: Some(openvino_cache),
         }
     }
 }
@@ -659,6 +697,30 @@ mod tests {
         assert!(big.validate().unwrap_err().0.contains("--max-batch"));
         let zero = ServeArgs::parse_from(["cxr-serve", "--max-batch", "0"]);
         assert!(zero.validate().unwrap_err().0.contains("--max-batch"));
+    }
+
+    #[test]
+    fn the_backend_decision_lives_beside_the_models_unless_told() {
+        let beside = ServeArgs::parse_from(["cxr-serve", "--models-dir", "/m"]).load_config();
+        assert_eq!(
+            beside.decision.file.as_deref(),
+            Some(std::path::Path::new("/m/backend.decision.json"))
+        );
+        assert_eq!(
+            beside.decision.openvino_cache.as_deref(),
+            Some(std::path::Path::new("/m/openvino-cache"))
+        );
+        // The cache follows the decision onto its volume.
+        let told = ServeArgs::parse_from(["cxr-serve", "--backend-decision", "/v/d.json"]);
+        let told = told.load_config().decision;
+        assert_eq!(
+            told.file.as_deref(),
+            Some(std::path::Path::new("/v/d.json"))
+        );
+        assert_eq!(
+            told.openvino_cache.as_deref(),
+            Some(std::path::Path::new("/v/openvino-cache"))
+        );
     }
 
     #[test]

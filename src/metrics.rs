@@ -71,6 +71,9 @@ pub struct ServerMetrics {
     pub grpc_requests: IntCounterVec,
     /// `cxr_model_version{model,version,role}`: 1 for each loaded version.
     pub model_versions: IntGaugeVec,
+    /// `cxr_model_backend{model,version,backend,decision}`: 1 for each loaded
+    /// version, by the backend serving it and where that came from.
+    pub model_backends: IntGaugeVec,
     /// `cxr_repository_operations_total{operation,outcome}`.
     pub repository_operations: IntCounterVec,
     /// `cxr_shadow_images_total{model,version,answered_label,agreement}`.
@@ -284,6 +287,17 @@ impl ServerMetrics {
         registry
             .register(Box::new(model_versions.clone()))
             .expect("unique metric name");
+        let model_backends = IntGaugeVec::new(
+            Opts::new(
+                "cxr_model_backend",
+                "1 for each loaded version, by the backend serving it (execution provider) and its decision: measured (by this replica at load, --backend auto), read (the deployment's decision file, --backend-decision), or asked (--backend ort|openvino, --model-backend, CUDA).",
+            ),
+            &["model", "version", "backend", "decision"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(model_backends.clone()))
+            .expect("unique metric name");
         let repository_operations = c(
             "cxr_repository_operations_total",
             "Model repository changes (operation: load, unload, rescan) by outcome: ok, partly_refused (some version did not check out), refused_invalid (the version asked for did not check out; what was serving stays), refused.",
@@ -315,6 +329,7 @@ impl ServerMetrics {
         Self {
             otlp_spans_dropped,
             model_versions,
+            model_backends,
             repository_operations,
             shadow_images,
             shadow_abs_delta_p,
@@ -436,12 +451,20 @@ impl ServerMetrics {
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
 
-    /// Sets `cxr_model_version` to the versions of `set`.
+    /// Sets `cxr_model_version` and `cxr_model_backend` to the versions of `set`.
     pub fn set_model_versions(&self, set: &crate::inference::ModelSet) {
         self.model_versions.reset();
+        self.model_backends.reset();
         for m in set.every_version() {
             self.model_versions
                 .with_label_values(&[&m.card.name, &m.card.version, set.role(m)])
+                .set(1);
+            let decision = m
+                .backend_decision
+                .as_ref()
+                .map_or("asked", |d| d.source.as_str());
+            self.model_backends
+                .with_label_values(&[&m.card.name, &m.card.version, m.provider.as_str(), decision])
                 .set(1);
         }
     }

@@ -28,7 +28,7 @@ fn openvino_agrees_with_onnx_runtime_on_every_output_of_a_batch() {
     // One thread: one stream, the batch on the latency model. Two threads: two
     // streams, the batch of three split 2 + 1 across them and joined in order.
     for threads in [1, 2] {
-        let mut ov = OpenVinoModel::load(&loaded.onnx_bytes, threads, Some("f32"))
+        let mut ov = OpenVinoModel::load(&loaded.onnx_bytes, threads, Some("f32"), None)
             .expect("OpenVINO (scripts/setup.sh installs its library at .openvino/lib)");
         if threads == 2 && std::thread::available_parallelism().map_or(1, |p| p.get()) >= 2 {
             assert!(

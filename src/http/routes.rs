@@ -25,6 +25,7 @@ fn live_facts(m: &ServedModel) -> LiveFacts {
         execution_provider: m.provider.as_str().into(),
         cuda_fallback_reason: m.fallback_reason.clone(),
         backend_choice: m.backend_choice.clone(),
+        backend_decision: m.backend_decision.clone(),
         load_time_ms: m.load_time_ms,
         requests_served: m.served(),
         queue_depth: m.queue_depth(),

@@ -49,6 +49,10 @@ pub struct LiveFacts {
     /// measurement of both, or why OpenVINO is not used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_choice: Option<String>,
+    /// With `--backend auto`: the deployment's backend decision this model serves by
+    /// (`source`: `measured` by this replica as it started, or `read` from `file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_decision: Option<crate::inference::decision::BackendDecision>,
     /// Session creation and warm-up time, ms.
     pub load_time_ms: f64,
     /// Images answered since start.

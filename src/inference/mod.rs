@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod decision;
 pub mod measure;
 pub mod models;
 pub mod openvino;

@@ -17,7 +17,6 @@ use super::batcher::{
 };
 use super::runtime::{
     Device, Provider, SessionOptions, SharedPool, create_session, environment_with,
-    run_probabilities,
 };
 use crate::imaging::Preprocessor;
 use crate::registry::{ModelCard, RegistryError, load_dir};
@@ -73,6 +72,9 @@ pub struct ServedModel {
     pub fallback_reason: Option<String>,
     /// With `--backend openvino|auto`: why this CPU backend serves.
     pub backend_choice: Option<String>,
+    /// With `--backend auto`: the deployment's decision it serves by, and whether it
+    /// was measured now or read.
+    pub backend_decision: Option<super::decision::BackendDecision>,
     /// Milliseconds to create the session and warm it up.
     pub load_time_ms: f64,
     /// Its preprocessing.
@@ -531,6 +533,9 @@ pub struct LoadConfig {
     pub site_card: Option<PathBuf>,
     /// Per-model CPU backends over `backend` (`--model-backend NAME=BACKEND`).
     pub model_backends: std::collections::BTreeMap<String, super::runtime::BackendChoice>,
+    /// Where `auto`'s decision and OpenVINO's compiled models are kept
+    /// (`--backend-decision`, `--openvino-cache-dir`).
+    pub decision: super::decision::DecisionConfig,
 }
 
 impl LoadConfig {
@@ -606,6 +611,28 @@ pub struct LoadContext<'a> {
     cfg: &'a LoadConfig,
     env: &'static ort::environment::Environment,
     site_card: Option<crate::registry::site::SiteCard>,
+    /// The decision file, read when a model first needs it (`auto`).
+    decisions: std::sync::OnceLock<Option<super::decision::DecisionStore>>,
+    /// OpenVINO's compiled-model cache, checked writable when first needed.
+    openvino_cache: std::sync::OnceLock<Option<PathBuf>>,
+}
+
+/// A version's backend as [`LoadContext::choose_backend`] chose it.
+struct Chosen {
+    /// What runs its batches (warmed).
+    backend: Box<dyn super::batcher::Backend>,
+    /// Where.
+    provider: Provider,
+    /// Why CUDA was not used, when `--device auto` fell back.
+    fallback_reason: Option<String>,
+    /// OpenVINO serves (a restarted worker gets OpenVINO too).
+    openvino: bool,
+    /// OpenVINO's compiled-model cache.
+    cache: Option<PathBuf>,
+    /// Why this CPU backend (`--backend openvino|auto`).
+    choice: Option<String>,
+    /// The deployment's decision it serves by (`auto`).
+    decision: Option<super::decision::BackendDecision>,
 }
 
 impl<'a> LoadContext<'a> {
@@ -625,7 +652,29 @@ impl<'a> LoadContext<'a> {
             cfg,
             env,
             site_card,
+            decisions: std::sync::OnceLock::new(),
+            openvino_cache: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The decision file, read once per context (a rescan reads it again).
+    fn decisions(&self) -> Option<&super::decision::DecisionStore> {
+        self.decisions
+            .get_or_init(|| {
+                self.cfg
+                    .decision
+                    .file
+                    .as_deref()
+                    .map(super::decision::DecisionStore::open)
+            })
+            .as_ref()
+    }
+
+    /// OpenVINO's compiled-model cache, if it can be written.
+    fn openvino_cache(&self) -> Option<PathBuf> {
+        self.openvino_cache
+            .get_or_init(|| self.cfg.decision.usable_cache())
+            .clone()
     }
 
     /// Warns of site card entries for models not served.
@@ -636,6 +685,101 @@ impl<'a> LoadContext<'a> {
                 tracing::warn!(model = %m.name, "the site card names a model that is not served");
             }
         }
+    }
+
+    /// The backend a version serves on: OpenVINO at once when `auto` reads a decision
+    /// naming it on a CPU-only device (ONNX Runtime's session is then never made);
+    /// else ONNX Runtime's session (CUDA or the CPU), replaced by OpenVINO's compiled
+    /// model when asked for, read or measured faster and it agrees with ONNX Runtime.
+    /// Warmed at batch 1 and the largest batch.
+    fn choose_backend(
+        &self,
+        m: &crate::registry::LoadedModel,
+        opts: SessionOptions,
+        s: usize,
+    ) -> Result<Chosen, LoadError> {
+        use super::runtime::BackendChoice;
+        let cfg = self.cfg;
+        let name = &m.card.name;
+        let asked = cfg.backend_of(name);
+        let cache = (cfg.device != Device::Cuda && asked != BackendChoice::Ort)
+            .then(|| self.openvino_cache())
+            .flatten();
+        let chooser = super::openvino::Chooser {
+            asked,
+            threads: cfg.intra_threads,
+            max_batch: cfg.batch.max_batch,
+            cache: cache.as_deref(),
+            decisions: if asked == BackendChoice::Auto {
+                self.decisions()
+            } else {
+                None
+            },
+        };
+        if cfg.device == Device::Cpu
+            && let Some((ov, note)) =
+                super::openvino::read_openvino(&chooser, &m.card, &m.onnx_bytes, s)
+        {
+            tracing::info!(model = %name, backend = Provider::OpenVinoCpu.as_str(), decision = "read", why = %note.why, "CPU backend chosen");
+            return Ok(Chosen {
+                backend: Box::new(ov),
+                provider: Provider::OpenVinoCpu,
+                fallback_reason: None,
+                openvino: true,
+                cache,
+                choice: Some(note.why),
+                decision: note.decision,
+            });
+        }
+        let (session, mut provider, fallback_reason) =
+            create_session(self.env, &m.onnx_bytes, opts)?;
+        if let Some(why) = &fallback_reason {
+            tracing::warn!(model = %name, reason = %why, "CUDA unavailable, running on the CPU");
+        }
+        let mut backend: Box<dyn super::batcher::Backend> = Box::new(session);
+        let (mut openvino, mut choice, mut decision) = (false, None, None);
+        if provider == Provider::Cpu && asked != BackendChoice::Ort {
+            match super::openvino::choose(&chooser, &m.card, &m.onnx_bytes, backend, s) {
+                (b, Ok(note)) => {
+                    backend = b;
+                    openvino = note.chose_openvino;
+                    if openvino {
+                        provider = Provider::OpenVinoCpu;
+                    }
+                    let source = note.decision.as_ref().map_or("none", |d| d.source.as_str());
+                    tracing::info!(model = %name, backend = provider.as_str(), decision = source, why = %note.why, "CPU backend chosen");
+                    choice = Some(note.why);
+                    decision = note.decision;
+                }
+                (b, Err(why)) => {
+                    backend = b;
+                    tracing::warn!(model = %name, reason = %why, "OpenVINO not used: ONNX Runtime serves this model");
+                    choice = Some(format!("OpenVINO not used: {why}"));
+                }
+            }
+        }
+        // ONNX Runtime warmed only where it serves: OpenVINO ran the probe batch and a
+        // lone image already.
+        if !openvino {
+            let largest = match provider {
+                Provider::Cuda => cfg.cuda_max_batch,
+                Provider::Cpu | Provider::OpenVinoCpu => cfg.batch.max_batch,
+            };
+            for n in [1, largest.max(1)] {
+                backend
+                    .run(vec![0.0; n * 3 * s * s], n, s)
+                    .map_err(|e| LoadError::Warmup(name.clone(), e.to_string()))?;
+            }
+        }
+        Ok(Chosen {
+            backend,
+            provider,
+            fallback_reason,
+            openvino,
+            cache,
+            choice,
+            decision,
+        })
     }
 
     /// Makes a verified card and file a served version: its session (or OpenVINO's
@@ -653,12 +797,16 @@ impl<'a> LoadContext<'a> {
             cpu_arena: cfg.cpu_mem_arena,
             intra_spinning: cfg.intra_spinning,
         };
-        let (mut session, mut provider, fallback_reason) =
-            create_session(env, &m.onnx_bytes, opts)?;
-        if let Some(why) = &fallback_reason {
-            tracing::warn!(model = %m.card.name, reason = %why, "CUDA unavailable, running on the CPU");
-        }
         let s = m.card.input_size as usize;
+        let Chosen {
+            backend,
+            provider,
+            fallback_reason,
+            openvino,
+            cache,
+            choice: backend_choice,
+            decision: backend_decision,
+        } = self.choose_backend(&m, opts, s)?;
         let batch = BatchConfig {
             max_batch: match provider {
                 Provider::Cuda => cfg.cuda_max_batch,
@@ -666,53 +814,23 @@ impl<'a> LoadContext<'a> {
             },
             ..cfg.batch
         };
-        for n in [1, batch.max_batch.max(1)] {
-            run_probabilities(&mut session, vec![0.0; n * 3 * s * s], n, s)
-                .map_err(|e| LoadError::Warmup(m.card.name.clone(), e.to_string()))?;
-        }
         let preprocessor = Preprocessor::new(m.card.input_size, &m.card.preprocessing)
             .expect("the registry checked the preprocessing");
-        // The CPU backend: ONNX Runtime's session, or OpenVINO's compiled model when
-        // asked for (or measured faster) and it agrees with ONNX Runtime.
-        let mut backend: Box<dyn super::batcher::Backend> = Box::new(session);
-        let mut openvino = false;
-        let mut backend_choice = None;
-        let asked = cfg.backend_of(&m.card.name);
-        if provider == Provider::Cpu && asked != super::runtime::BackendChoice::Ort {
-            match super::openvino::choose(
-                asked,
-                cfg.intra_threads,
-                &m.card,
-                &m.onnx_bytes,
-                backend,
-                s,
-                batch.max_batch,
-            ) {
-                (b, Ok(note)) => {
-                    backend = b;
-                    openvino = note.chose_openvino;
-                    if openvino {
-                        provider = Provider::OpenVinoCpu;
-                    }
-                    tracing::info!(model = %m.card.name, backend = provider.as_str(), why = %note.why, "CPU backend chosen");
-                    backend_choice = Some(note.why);
-                }
-                (b, Err(why)) => {
-                    backend = b;
-                    tracing::warn!(model = %m.card.name, reason = %why, "OpenVINO not used: ONNX Runtime serves this model");
-                    backend_choice = Some(format!("OpenVINO not used: {why}"));
-                }
-            }
-        }
         // A worker that dies gets a fresh backend from the same verified bytes.
         let bytes = Arc::new(m.onnx_bytes.clone());
         let (threads, precision) = (cfg.intra_threads, super::openvino::precision_hint(&m.card));
         let restart: SessionFactory = Arc::new(move || {
             let mut b: Box<dyn super::batcher::Backend> = if openvino {
                 Box::new(
-                    super::openvino::OpenVinoModel::load(&bytes, threads, precision).map_err(
-                        |e| super::RestartError::Warmup(super::runtime::RunError::Runtime(e.0)),
-                    )?,
+                    super::openvino::OpenVinoModel::load(
+                        &bytes,
+                        threads,
+                        precision,
+                        cache.as_deref(),
+                    )
+                    .map_err(|e| {
+                        super::RestartError::Warmup(super::runtime::RunError::Runtime(e.0))
+                    })?,
                 )
             } else {
                 Box::new(create_session(env, &bytes, opts)?.0)
@@ -743,6 +861,7 @@ impl<'a> LoadContext<'a> {
             provider,
             fallback_reason,
             backend_choice,
+            backend_decision,
             load_time_ms,
             preprocessor,
             batcher,

@@ -5,12 +5,16 @@
 //! wheel that `scripts/setup.sh` installs (`.openvino/lib`), or `OPENVINO_LIB`.
 
 use std::borrow::Cow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use openvino::{Core, DeviceType, ElementType, RwPropertyKey, Shape, Tensor};
 
 use crate::inference::backend::Backend;
+use crate::inference::decision::{
+    BackendDecision, BackendDecisionSource, BackendFigures, CpuBackend, DecisionStore, Entry, Key,
+    Lookup, Recorded, Runtimes, decide,
+};
 use crate::inference::runtime::{ModelOutput, RunError, model_outputs};
 use crate::model::onnx::{LOGITS_NAME, PROBABILITIES_NAME};
 
@@ -46,6 +50,12 @@ fn load() -> Result<(), OpenVinoError> {
         .clone()
 }
 
+/// OpenVINO's build number (its library loaded first), as decisions are keyed by.
+pub fn runtime_version() -> Result<String, OpenVinoError> {
+    load()?;
+    Ok(openvino::version().build_number)
+}
+
 fn ov(e: impl std::fmt::Display) -> OpenVinoError {
     OpenVinoError(format!("OpenVINO: {e}"))
 }
@@ -77,15 +87,22 @@ pub struct OpenVinoModel {
 
 impl OpenVinoModel {
     /// Reads and compiles `onnx` with `threads` inference threads (0: OpenVINO's
-    /// choice) and the given precision hint (`f32` keeps an FP32 file in FP32).
+    /// choice) and the given precision hint (`f32` keeps an FP32 file in FP32). With
+    /// `cache`, OpenVINO's compiled-model cache (`CACHE_DIR`): a model compiled
+    /// before with the same settings on this CPU is loaded from there, not compiled.
     pub fn load(
         onnx: &[u8],
         threads: usize,
         precision: Option<&str>,
+        cache: Option<&Path>,
     ) -> Result<Self, OpenVinoError> {
         load()?;
         let mut core = Core::new().map_err(ov)?;
         let cpu = DeviceType::CPU;
+        if let Some(dir) = cache {
+            core.set_property(&cpu, &RwPropertyKey::CacheDir, &dir.to_string_lossy())
+                .map_err(ov)?;
+        }
         if threads > 0 {
             core.set_property(
                 &cpu,
@@ -98,6 +115,12 @@ impl OpenVinoModel {
             core.set_property(&cpu, &RwPropertyKey::HintInferencePrecision, p)
                 .map_err(ov)?;
         }
+        // OpenVINO writes a cache entry in place and maps the entries it loads: a
+        // replica loading an entry another is still writing died of SIGBUS (two
+        // replicas racing at their first start, tests/backend_decision.rs). Every
+        // process compiles under one lock on the cache; an entry, once written
+        // whole, is only ever read.
+        let _compiling = cache.and_then(lock_cache);
         let model = core.read_model_from_buffer(onnx, None).map_err(ov)?;
         let mut outputs = Vec::new();
         for i in 0..model.get_outputs_len().map_err(ov)? {
@@ -149,6 +172,20 @@ impl OpenVinoModel {
     pub fn streams(&self) -> usize {
         self.streams.len().max(1)
     }
+}
+
+/// An exclusive lock on OpenVINO's cache folder (`.cxr-compile.lock` in it), held
+/// until dropped; `None` (and compiling unlocked) where the lock file cannot be
+/// made.
+fn lock_cache(dir: &Path) -> Option<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".cxr-compile.lock"))
+        .ok()?;
+    f.lock().ok()?;
+    Some(f)
 }
 
 /// Sets `n` images of `[3, s, s]` as `req`'s input.
@@ -252,6 +289,24 @@ pub struct Choice {
     pub chose_openvino: bool,
     /// The reason, for the log.
     pub why: String,
+    /// With `--backend auto` and a decision file: the decision and where it came
+    /// from.
+    pub decision: Option<BackendDecision>,
+}
+
+/// How [`choose`] chooses: what was asked, what OpenVINO is compiled with, and
+/// where the deployment's decision is kept.
+pub(super) struct Chooser<'a> {
+    /// `--backend` (or `--model-backend`) for this model.
+    pub asked: crate::inference::BackendChoice,
+    /// Inference threads (0: the runtime's choice).
+    pub threads: usize,
+    /// The served batch size.
+    pub max_batch: usize,
+    /// OpenVINO's compiled-model cache.
+    pub cache: Option<&'a Path>,
+    /// The deployment's decision (`--backend auto`); `None`: measured and not kept.
+    pub decisions: Option<&'a DecisionStore>,
 }
 
 /// The precision OpenVINO computes a file's floating-point parts in: `f32` always,
@@ -270,115 +325,326 @@ fn tolerance(card: &crate::registry::ModelCard) -> f32 {
     }
 }
 
-/// Seconds `b` takes for `runs` batches of `n` (after two warm-up runs).
-fn time(b: &mut dyn Backend, n: usize, s: usize, runs: usize) -> Result<f64, RunError> {
+/// Milliseconds `b` takes for one batch of `n`.
+fn time_ms(b: &mut dyn Backend, n: usize, s: usize) -> Result<f64, RunError> {
     let input = vec![0.1_f32; n * 3 * s * s];
-    for _ in 0..2 {
-        b.run(input.clone(), n, s)?;
-    }
     let t = std::time::Instant::now();
-    for _ in 0..runs {
-        b.run(input.clone(), n, s)?;
-    }
-    Ok(t.elapsed().as_secs_f64())
+    b.run(input, n, s)?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// The fastest of `xs`: load from elsewhere only ever adds time, so the fastest run
+/// is the one nearest what the backend itself takes.
+fn fastest(xs: Vec<f64>) -> f64 {
+    xs.into_iter().fold(f64::INFINITY, f64::min)
 }
 
 /// Chooses the CPU backend of one model (`--backend openvino|auto`): OpenVINO must
-/// load the file and agree with ONNX Runtime on a fixed probe batch; `auto` then
-/// times both at batch 1 and at `max_batch` and keeps the faster. Returns the
-/// backend to serve with, and the choice or why OpenVINO is not used.
+/// load the file and agree with ONNX Runtime on a fixed probe batch. `auto` with a
+/// decision file takes the decision for this file, CPU and runtimes when there is
+/// one, else measures both at batch 1 and at `max_batch`, decides ([`decide`], with
+/// hysteresis) and writes the decision; without one it measures and decides.
+/// Returns the backend to serve with, and the choice or why OpenVINO is not used.
 pub(super) fn choose(
-    asked: crate::inference::BackendChoice,
-    threads: usize,
+    c: &Chooser<'_>,
     card: &crate::registry::ModelCard,
     onnx: &[u8],
     mut ort: Box<dyn Backend>,
     s: usize,
-    max_batch: usize,
 ) -> (Box<dyn Backend>, Result<Choice, OpenVinoError>) {
     use crate::inference::runtime::BackendChoice;
-    let mut ov = match OpenVinoModel::load(onnx, threads, precision_hint(card)) {
-        Ok(m) => m,
+    if c.asked == BackendChoice::Auto
+        && let Some(store) = c.decisions
+    {
+        return choose_by_decision(c, store, card, onnx, ort, s);
+    }
+    let (mut ov, diff, _) = match checked(c, card, onnx, ort.as_mut(), s) {
+        Ok(v) => v,
         Err(e) => return (ort, Err(e)),
     };
-    let n = max_batch.max(1);
-    let probe: Vec<f32> = (0..n * 3 * s * s)
-        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-        .collect();
-    let (a, b) = match (ort.run(probe.clone(), n, s), ov.run(probe, n, s)) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => {
-            return (ort, Err(OpenVinoError(format!("probe run failed: {e}"))));
-        }
-    };
-    // The probe ran the served batch size; a lone image runs on the latency model,
-    // whose first run is slow too: warm it before it answers anyone.
-    if let Err(e) = ov.run(vec![0.0; 3 * s * s], 1, s) {
-        return (ort, Err(OpenVinoError(format!("warm-up run failed: {e}"))));
-    }
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x.probabilities[1] - y.probabilities[1]).abs())
-        .fold(0.0_f32, f32::max);
-    if diff > tolerance(card) {
-        return (
-            ort,
-            Err(OpenVinoError(format!(
-                "it disagrees with ONNX Runtime on the probe batch: |Δp| {diff:.2e} > {:.0e}",
-                tolerance(card)
-            ))),
-        );
-    }
-    match asked {
+    match c.asked {
         BackendChoice::Ort => (ort, Err(OpenVinoError("--backend ort".into()))),
         BackendChoice::Openvino => (
             Box::new(ov),
             Ok(Choice {
                 chose_openvino: true,
                 why: format!("--backend openvino; agrees with ONNX Runtime (|Δp| {diff:.1e})"),
+                decision: None,
             }),
         ),
-        BackendChoice::Auto => {
-            let runs = 5;
-            let measure = |b: &mut dyn Backend| -> Result<(f64, f64), RunError> {
-                Ok((
-                    time(b, 1, s, runs)? / runs as f64,
-                    time(b, n, s, runs)? / (runs * n) as f64,
-                ))
+        BackendChoice::Auto => match measure(ort.as_mut(), &mut ov, c.max_batch, s, diff) {
+            Ok(f) => {
+                let why = format!("measured: {}", f.describe());
+                serve(decide(&f, CpuBackend::Ort), ort, ov, why, None)
+            }
+            Err(e) => (ort, Err(OpenVinoError(format!("timing run failed: {e}")))),
+        },
+    }
+}
+
+/// `auto` with a decision file: the decision read, or measured and written.
+fn choose_by_decision(
+    c: &Chooser<'_>,
+    store: &DecisionStore,
+    card: &crate::registry::ModelCard,
+    onnx: &[u8],
+    mut ort: Box<dyn Backend>,
+    s: usize,
+) -> (Box<dyn Backend>, Result<Choice, OpenVinoError>) {
+    let key = match key_for(c, store, card) {
+        Ok(k) => k,
+        Err(e) => return (ort, Err(e)),
+    };
+    let path = store.path();
+    match store.lookup(&card.name, &key) {
+        Lookup::Found(entry) => {
+            let facts = BackendDecision::of(&entry, BackendDecisionSource::Read, path, false);
+            let why = read_why(path, &entry);
+            match entry.backend {
+                CpuBackend::Ort => (
+                    ort,
+                    Ok(Choice {
+                        chose_openvino: false,
+                        why,
+                        decision: Some(facts),
+                    }),
+                ),
+                // Taken as is, but OpenVINO still has to agree with ONNX Runtime here.
+                CpuBackend::Openvino => match checked(c, card, onnx, ort.as_mut(), s) {
+                    Ok((ov, _, _)) => serve(CpuBackend::Openvino, ort, ov, why, Some(facts)),
+                    Err(e) => (
+                        ort,
+                        Err(OpenVinoError(format!(
+                            "the decision in {} names OpenVINO, but {e}",
+                            path.display()
+                        ))),
+                    ),
+                },
+            }
+        }
+        Lookup::Missing { incumbent } => {
+            let (mut ov, diff, ort_probe) = match checked(c, card, onnx, ort.as_mut(), s) {
+                Ok(v) => v,
+                Err(e) => return (ort, Err(e)),
             };
-            match (measure(ort.as_mut()), measure(&mut ov)) {
-                (Ok((o1, on)), Ok((v1, vn))) => {
+            let f = match measure(ort.as_mut(), &mut ov, c.max_batch, s, diff) {
+                Ok(f) => f,
+                Err(e) => return (ort, Err(OpenVinoError(format!("timing run failed: {e}")))),
+            };
+            let incumbent = incumbent.unwrap_or(CpuBackend::Ort);
+            let ours = Entry {
+                model: card.name.clone(),
+                version: card.version.clone(),
+                key,
+                backend: decide(&f, incumbent),
+                figures: f,
+                ort_probe: ort_probe.iter().map(|&p| f64::from(p)).collect(),
+                incumbent,
+                decided_at: crate::clock::now_rfc3339(),
+                decided_by: store.host().to_string(),
+            };
+            let measured = format!("measured: {}", f.describe());
+            let (entry, source, written, why) = match store.record(ours.clone()) {
+                Ok(Recorded::Written(e)) => (e, BackendDecisionSource::Measured, true, measured),
+                Ok(Recorded::Standing(e)) => {
                     let why = format!(
-                        "measured: ONNX Runtime {:.1} ms at batch 1, {:.1} ms per image at batch {n}; OpenVINO {:.1} ms, {:.1} ms (|Δp| {diff:.1e})",
-                        o1 * 1e3,
-                        on * 1e3,
-                        v1 * 1e3,
-                        vn * 1e3
+                        "{measured}; but {} wrote its decision to {} meanwhile, and it stands: {}",
+                        e.decided_by,
+                        path.display(),
+                        e.backend.as_str()
                     );
-                    // The faster at the batch size served under load, not slower at 1.
-                    if vn < on && v1 <= o1 * 1.05 {
-                        (
-                            Box::new(ov),
-                            Ok(Choice {
-                                chose_openvino: true,
-                                why,
-                            }),
-                        )
-                    } else {
-                        (
-                            ort,
-                            Ok(Choice {
-                                chose_openvino: false,
-                                why,
-                            }),
-                        )
+                    (e, BackendDecisionSource::Read, false, why)
+                }
+                Err(e) => {
+                    if store.first_write_failure() {
+                        tracing::warn!(error = %e, "the backend decision is not kept: the next start measures again (give --backend-decision a writable path, e.g. a volume)");
                     }
+                    (ours, BackendDecisionSource::Measured, false, measured)
                 }
-                (Err(e), _) | (_, Err(e)) => {
-                    (ort, Err(OpenVinoError(format!("timing run failed: {e}"))))
-                }
+            };
+            let facts = BackendDecision::of(&entry, source, path, written);
+            serve(entry.backend, ort, ov, why, Some(facts))
+        }
+    }
+}
+
+/// The fixed probe batch: `n` images of `[3, s, s]`.
+fn probe(n: usize, s: usize) -> Vec<f32> {
+    (0..n * 3 * s * s)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+/// What this replica's decision for `card` is keyed by.
+fn key_for(
+    c: &Chooser<'_>,
+    store: &DecisionStore,
+    card: &crate::registry::ModelCard,
+) -> Result<Key, OpenVinoError> {
+    Ok(Key {
+        file_sha256: card.onnx.sha256.to_ascii_lowercase(),
+        cpu: store.cpu().clone(),
+        runtimes: Runtimes {
+            onnxruntime: crate::inference::runtime::ort_build(),
+            openvino: runtime_version()?,
+        },
+        intra_threads: c.threads,
+        max_batch: c.max_batch.max(1),
+    })
+}
+
+/// Why a model serves by a decision read from `path`.
+fn read_why(path: &Path, entry: &Entry) -> String {
+    format!(
+        "read from {}: {} (measured {} by {}: {})",
+        path.display(),
+        entry.backend.as_str(),
+        entry.decided_at,
+        entry.decided_by,
+        entry.figures.describe()
+    )
+}
+
+/// `auto` before ONNX Runtime's session is made: OpenVINO, when the decision file
+/// has an entry for this file, CPU and runtimes that names it and OpenVINO agrees
+/// (within the card's tolerance) with ONNX Runtime's probe answers recorded there,
+/// warm at the probe's batch size and at 1. `None` otherwise: the session is made
+/// and [`choose`] decides (reading the same entry, checking OpenVINO against ONNX
+/// Runtime itself).
+pub(super) fn read_openvino(
+    c: &Chooser<'_>,
+    card: &crate::registry::ModelCard,
+    onnx: &[u8],
+    s: usize,
+) -> Option<(OpenVinoModel, Choice)> {
+    let store = c.decisions?;
+    let key = key_for(c, store, card).ok()?;
+    let Lookup::Found(entry) = store.lookup(&card.name, &key) else {
+        return None;
+    };
+    if entry.backend != CpuBackend::Openvino {
+        return None;
+    }
+    let n = c.max_batch.max(1);
+    let mut ov = OpenVinoModel::load(onnx, c.threads, precision_hint(card), c.cache).ok()?;
+    let got = ov.run(probe(n, s), n, s).ok()?;
+    ov.run(vec![0.0; 3 * s * s], 1, s).ok()?;
+    let diff = got
+        .iter()
+        .zip(&entry.ort_probe)
+        .map(|(o, &r)| (f64::from(o.probabilities[1]) - r).abs())
+        .fold(0.0_f64, f64::max);
+    if got.len() != entry.ort_probe.len() || diff > f64::from(tolerance(card)) {
+        tracing::warn!(model = %card.name, max_abs_dp = diff, "OpenVINO disagrees with the probe answers of the decision it read: ONNX Runtime checks it here");
+        return None;
+    }
+    let path = store.path();
+    Some((
+        ov,
+        Choice {
+            chose_openvino: true,
+            why: read_why(path, &entry),
+            decision: Some(BackendDecision::of(
+                &entry,
+                BackendDecisionSource::Read,
+                path,
+                false,
+            )),
+        },
+    ))
+}
+
+/// OpenVINO's model, agreeing with ONNX Runtime on the fixed probe batch (the served
+/// batch size) and warm at batch 1; with the most |Δp| on the probe and ONNX
+/// Runtime's P(PNEUMONIA) for each probe image.
+fn checked(
+    c: &Chooser<'_>,
+    card: &crate::registry::ModelCard,
+    onnx: &[u8],
+    ort: &mut dyn Backend,
+    s: usize,
+) -> Result<(OpenVinoModel, f32, Vec<f32>), OpenVinoError> {
+    let mut ov = OpenVinoModel::load(onnx, c.threads, precision_hint(card), c.cache)?;
+    let n = c.max_batch.max(1);
+    let probe = probe(n, s);
+    let (a, b) = match (ort.run(probe.clone(), n, s), ov.run(probe, n, s)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(OpenVinoError(format!("probe run failed: {e}")));
+        }
+    };
+    // The probe ran the served batch size; a lone image runs on the latency model,
+    // whose first run is slow too: warm it before it answers anyone.
+    ov.run(vec![0.0; 3 * s * s], 1, s)
+        .map_err(|e| OpenVinoError(format!("warm-up run failed: {e}")))?;
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x.probabilities[1] - y.probabilities[1]).abs())
+        .fold(0.0_f32, f32::max);
+    if diff > tolerance(card) {
+        return Err(OpenVinoError(format!(
+            "it disagrees with ONNX Runtime on the probe batch: |Δp| {diff:.2e} > {:.0e}",
+            tolerance(card)
+        )));
+    }
+    Ok((ov, diff, a.iter().map(|x| x.probabilities[1]).collect()))
+}
+
+/// Both backends timed in four blocks, ONNX Runtime, OpenVINO, OpenVINO, ONNX Runtime
+/// (a drift in the load from elsewhere on a shared CPU falls on both alike), each
+/// block one warm-up run and 3 timed runs at batch 1, then the same at the served
+/// batch size, after a pause that lets the other backend's threads stop spinning
+/// (ONNX Runtime's spin after each run: run right after it, OpenVINO measured up to
+/// 2× slower); each figure the fastest of its 6 runs.
+fn measure(
+    ort: &mut dyn Backend,
+    ov: &mut OpenVinoModel,
+    max_batch: usize,
+    s: usize,
+    diff: f32,
+) -> Result<BackendFigures, RunError> {
+    let n = max_batch.max(1);
+    // [ort batch 1, ort per image at n, OpenVINO batch 1, OpenVINO per image at n]
+    let mut t: [Vec<f64>; 4] = Default::default();
+    for use_ov in [false, true, true, false] {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let b: &mut dyn Backend = if use_ov { &mut *ov } else { &mut *ort };
+        let at = if use_ov { 2 } else { 0 };
+        for (k, size) in [(0, 1), (1, n)] {
+            time_ms(b, size, s)?;
+            for _ in 0..3 {
+                t[at + k].push(time_ms(b, size, s)? / size as f64);
             }
         }
     }
+    let [o1, on, v1, vn] = t.map(fastest);
+    Ok(BackendFigures {
+        batch: n,
+        ort_batch1_ms: o1,
+        ort_per_image_ms: on,
+        openvino_batch1_ms: v1,
+        openvino_per_image_ms: vn,
+        max_abs_dp: f64::from(diff),
+    })
+}
+
+/// The backend decided, the other dropped.
+fn serve(
+    backend: CpuBackend,
+    ort: Box<dyn Backend>,
+    ov: OpenVinoModel,
+    why: String,
+    decision: Option<BackendDecision>,
+) -> (Box<dyn Backend>, Result<Choice, OpenVinoError>) {
+    let chose_openvino = backend == CpuBackend::Openvino;
+    let b: Box<dyn Backend> = if chose_openvino { Box::new(ov) } else { ort };
+    (
+        b,
+        Ok(Choice {
+            chose_openvino,
+            why,
+            decision,
+        }),
+    )
 }

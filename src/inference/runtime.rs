@@ -29,7 +29,9 @@ pub enum BackendChoice {
     /// OpenVINO (falls back to ONNX Runtime, logged, when it cannot load the file
     /// or disagrees with ONNX Runtime on the probe).
     Openvino,
-    /// Both measured at load on the batch sizes served; the faster kept.
+    /// The deployment's decision for the file and CPU (`--backend-decision`): read,
+    /// or both measured at load on the batch sizes served, the faster kept (by a
+    /// margin) and the decision written.
     Auto,
 }
 
@@ -106,6 +108,18 @@ pub enum RuntimeError {
         /// Why.
         reason: String,
     },
+}
+
+/// The loaded library's build (`git-branch=rel-…, git-commit-id=…`, without its
+/// compiler flags), as backend decisions are keyed by. Call after [`environment`].
+pub fn ort_build() -> String {
+    let info = ort::info();
+    let info = info.strip_prefix("ORT Build Info: ").unwrap_or(info);
+    info.split(", cmake")
+        .next()
+        .unwrap_or(info)
+        .trim()
+        .to_string()
 }
 
 /// Finds the library: `explicit` (flag or `ORT_DYLIB_PATH`) if given, else

@@ -705,6 +705,7 @@ pub fn validate_dir(
         cuda_max_batch: 4,
         backend: crate::inference::BackendChoice::Ort,
         model_backends: Default::default(),
+        decision: Default::default(),
         site_card: None,
         batch: BatchConfig {
             max_batch: 4,

@@ -187,6 +187,7 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
         cuda_max_batch: batch.max_batch,
         backend: cxr::inference::BackendChoice::Ort,
         model_backends: Default::default(),
+        decision: Default::default(),
         site_card: None,
         batch,
     }

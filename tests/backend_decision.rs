@@ -1,0 +1,460 @@
+//! The deployment's backend decision (`--backend auto --backend-decision FILE`),
+//! through the real binary on writer-made tiny models: replicas sharing the file take
+//! one decision and answer alike to the bit; a changed model file or CPU measures
+//! anew; a corrupt or foreign file, or an entry its own figures contradict, is
+//! ignored with a warning and never trusted.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// A replica: `--backend auto` with its decision and OpenVINO's cache in `state`.
+fn replica(models: &Path, state: &Path) -> common::Server {
+    replica_cached(models, state, &state.join("ov-cache"))
+}
+
+/// [`replica`] with OpenVINO's compiled-model cache in `cache`.
+fn replica_cached(models: &Path, state: &Path, cache: &Path) -> common::Server {
+    let file = decision_file(state);
+    let args: [&std::ffi::OsStr; 6] = [
+        "--backend".as_ref(),
+        "auto".as_ref(),
+        "--backend-decision".as_ref(),
+        file.as_os_str(),
+        "--openvino-cache-dir".as_ref(),
+        cache.as_os_str(),
+    ];
+    let mut s = common::Server::start(models, &args);
+    s.discard_logs();
+    s
+}
+
+fn decision_file(state: &Path) -> PathBuf {
+    state.join("decision.json")
+}
+
+/// `live` of `/models/{name}`.
+fn live(server: &common::Server, name: &str) -> Value {
+    let (status, body) =
+        common::tcp_http(&server.addr, "GET", &format!("/models/{name}"), None, b"");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Value>(&body).unwrap()["live"].clone()
+}
+
+/// The probabilities `model` answers for `png`, as JSON (shortest round-trip floats:
+/// equal values are equal bits).
+fn probabilities(server: &common::Server, model: &str, png: &[u8]) -> Value {
+    let (status, body) = common::tcp_http(
+        &server.addr,
+        "POST",
+        &format!("/predict?model={model}"),
+        Some("image/png"),
+        png,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["probabilities"].clone()
+}
+
+fn read_file(state: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(decision_file(state)).unwrap()).unwrap()
+}
+
+fn write_file(state: &Path, v: &Value) {
+    std::fs::write(decision_file(state), serde_json::to_vec_pretty(v).unwrap()).unwrap();
+}
+
+/// The latest entry of `model` in the file.
+fn entry_of<'a>(file: &'a mut Value, model: &str) -> &'a mut Value {
+    file["entries"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .rev()
+        .find(|e| e["model"] == model)
+        .unwrap_or_else(|| panic!("no entry for {model}"))
+}
+
+/// The warnings in a replica's start-up log: (message, reason).
+fn warnings(server: &common::Server) -> Vec<(String, String)> {
+    server
+        .startup
+        .iter()
+        .filter(|v| v["level"] == "WARN")
+        .map(|v| {
+            (
+                v["fields"]["message"].as_str().unwrap_or("").to_string(),
+                v["fields"]["reason"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn films() -> Vec<Vec<u8>> {
+    (0..3)
+        .map(|i| common::png_bytes(&common::gray_image(80 + 8 * i, 72, 3 + i)))
+        .collect()
+}
+
+fn source(l: &Value) -> &str {
+    l["backend_decision"]["source"].as_str().unwrap_or("none")
+}
+
+#[test]
+fn replicas_sharing_a_decision_take_it_and_answer_alike() {
+    let models = common::models_dir();
+    let state = tempfile::tempdir().unwrap();
+    let file = decision_file(state.path());
+    let a = replica(models.path(), state.path());
+    for m in ["alpha", "beta"] {
+        let l = live(&a, m);
+        assert_eq!(source(&l), "measured", "{l}");
+        assert_eq!(l["backend_decision"]["written"], true, "{l}");
+        assert_eq!(l["backend_decision"]["file"], file.display().to_string());
+        assert!(
+            l["backend_choice"]
+                .as_str()
+                .unwrap()
+                .starts_with("measured")
+        );
+    }
+    // The file: one entry per model, keyed by its file's hash, this CPU and the
+    // runtimes.
+    let written = read_file(state.path());
+    assert_eq!(written["format"], "cxr-backend-decision/1");
+    assert_eq!(written["entries"].as_array().unwrap().len(), 2, "{written}");
+    let card = cxr::registry::load_card(&models.path().join("alpha.json")).unwrap();
+    let mut w = written.clone();
+    let alpha = entry_of(&mut w, "alpha").clone();
+    assert_eq!(alpha["key"]["file_sha256"], card.card.onnx.sha256);
+    let flags = cxr::inference::decision::CpuFacts::this_machine().flags;
+    assert_eq!(
+        alpha["key"]["cpu"]["flags"].as_array().unwrap().len(),
+        flags.len()
+    );
+    assert!(alpha["key"]["runtimes"]["openvino"].as_str().unwrap() != "");
+    // OpenVINO's compiled models are in the cache.
+    let cached = std::fs::read_dir(state.path().join("ov-cache"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "blob")
+        })
+        .count();
+    assert!(cached >= 2, "{cached} compiled models in the cache");
+
+    // A second replica beside the first: the decision read, not measured.
+    let b = replica(models.path(), state.path());
+    for m in ["alpha", "beta"] {
+        let (la, lb) = (live(&a, m), live(&b, m));
+        assert_eq!(source(&lb), "read", "{lb}");
+        assert_eq!(lb["backend_decision"]["written"], false);
+        // Taken from the file, not measured (and then found there).
+        let why = lb["backend_choice"].as_str().unwrap();
+        assert!(why.starts_with("read from"), "{why}");
+        assert_eq!(
+            lb["backend_decision"]["decided_at"],
+            la["backend_decision"]["decided_at"]
+        );
+        assert_eq!(la["execution_provider"], lb["execution_provider"]);
+        for png in films() {
+            assert_eq!(
+                probabilities(&a, m, &png),
+                probabilities(&b, m, &png),
+                "{m}"
+            );
+        }
+    }
+    // And in metrics: where each version's backend came from.
+    for (r, how) in [(&a, "measured"), (&b, "read")] {
+        let (status, text) = common::tcp_http(&r.addr, "GET", "/metrics", None, b"");
+        assert_eq!(status, 200);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cxr_model_backend{") && l.contains("model=\"alpha\""))
+            .unwrap_or_else(|| panic!("no cxr_model_backend for alpha"));
+        assert!(
+            line.contains(&format!("decision=\"{how}\"")) && line.ends_with(" 1"),
+            "{line}"
+        );
+    }
+    drop((a, b));
+    assert_eq!(read_file(state.path()), written, "reading writes nothing");
+
+    // Taken as is: a decision naming OpenVINO for alpha and ONNX Runtime for beta
+    // (its figures say so) serves both replicas so, whatever they would measure;
+    // one compiles OpenVINO's model afresh (an empty cache), the other loads it
+    // from the cache, and they answer alike to the bit.
+    let mut f = written.clone();
+    for (m, backend, ort, ov) in [("alpha", "openvino", 10.0, 5.0), ("beta", "ort", 5.0, 10.0)] {
+        let e = entry_of(&mut f, m);
+        e["backend"] = backend.into();
+        e["incumbent"] = "ort".into();
+        for k in ["ort_batch1_ms", "ort_per_image_ms"] {
+            e["figures"][k] = ort.into();
+        }
+        for k in ["openvino_batch1_ms", "openvino_per_image_ms"] {
+            e["figures"][k] = ov.into();
+        }
+    }
+    write_file(state.path(), &f);
+    let (c, d) = (
+        replica_cached(
+            models.path(),
+            state.path(),
+            &state.path().join("empty-cache"),
+        ),
+        replica(models.path(), state.path()),
+    );
+    for (m, provider) in [("alpha", "OpenVINO:CPU"), ("beta", "CPUExecutionProvider")] {
+        for r in [&c, &d] {
+            let l = live(r, m);
+            assert_eq!(source(&l), "read", "{l}");
+            assert_eq!(l["execution_provider"], provider, "{l}");
+        }
+        for png in films() {
+            assert_eq!(
+                probabilities(&c, m, &png),
+                probabilities(&d, m, &png),
+                "{m}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_changed_model_file_or_cpu_measures_anew() {
+    let models = common::models_dir();
+    let state = tempfile::tempdir().unwrap();
+    drop(replica(models.path(), state.path()));
+
+    // The stored alpha entry was made on a CPU with other flags.
+    let mut f = read_file(state.path());
+    let e = entry_of(&mut f, "alpha");
+    let flags = e["key"]["cpu"]["flags"].as_array_mut().unwrap();
+    flags.retain(|x| x != "avx2");
+    flags.push("cxr_other_cpu".into());
+    write_file(state.path(), &f);
+    let b = replica(models.path(), state.path());
+    assert_eq!(source(&live(&b, "alpha")), "measured");
+    assert_eq!(live(&b, "alpha")["backend_decision"]["written"], true);
+    assert_eq!(source(&live(&b, "beta")), "read");
+    drop(b);
+    // The other CPU's entry is kept beside this CPU's new one.
+    let f = read_file(state.path());
+    assert_eq!(f["entries"].as_array().unwrap().len(), 3, "{f}");
+
+    // A new alpha file (other weights, other hash).
+    common::write_tiny_model(models.path(), "alpha", 11, 0.99, 0.70);
+    let sha = cxr::registry::load_card(&models.path().join("alpha.json"))
+        .unwrap()
+        .card
+        .onnx
+        .sha256;
+    let c = replica(models.path(), state.path());
+    assert_eq!(source(&live(&c, "alpha")), "measured");
+    assert_eq!(source(&live(&c, "beta")), "read");
+    drop(c);
+    let mut f = read_file(state.path());
+    assert_eq!(f["entries"].as_array().unwrap().len(), 4, "{f}");
+    assert_eq!(entry_of(&mut f, "alpha")["key"]["file_sha256"], sha);
+}
+
+#[test]
+fn a_corrupt_or_foreign_decision_file_is_ignored_with_a_warning() {
+    let models = common::models_dir();
+    // A valid file to spoil.
+    let good = {
+        let state = tempfile::tempdir().unwrap();
+        drop(replica(models.path(), state.path()));
+        read_file(state.path())
+    };
+    let mut foreign = good.clone();
+    foreign["format"] = "cxr-backend-decision/2".into();
+    let truncated = serde_json::to_vec(&good).unwrap()[..200].to_vec();
+    for (what, bytes) in [
+        ("corrupt", truncated),
+        ("foreign", serde_json::to_vec(&foreign).unwrap()),
+    ] {
+        let state = tempfile::tempdir().unwrap();
+        std::fs::write(decision_file(state.path()), &bytes).unwrap();
+        let s = replica(models.path(), state.path());
+        let warned = warnings(&s);
+        assert!(
+            warned
+                .iter()
+                .any(|(m, _)| m.starts_with("backend decision file ignored")),
+            "{what}: {warned:?}"
+        );
+        for m in ["alpha", "beta"] {
+            assert_eq!(source(&live(&s, m)), "measured", "{what}");
+        }
+        drop(s);
+        // Replaced by a file of ours; the old one kept aside.
+        let f = read_file(state.path());
+        assert_eq!(f["format"], "cxr-backend-decision/1");
+        assert_eq!(f["entries"].as_array().unwrap().len(), 2, "{what}");
+        let aside = state.path().join("decision.json.rejected");
+        assert_eq!(std::fs::read(aside).unwrap(), bytes, "{what}");
+    }
+
+    // An entry whose figures do not choose the backend it names.
+    let state = tempfile::tempdir().unwrap();
+    let mut f = good.clone();
+    let e = entry_of(&mut f, "alpha");
+    let flipped = if e["backend"] == "ort" {
+        "openvino"
+    } else {
+        "ort"
+    };
+    e["backend"] = flipped.into();
+    write_file(state.path(), &f);
+    let s = replica(models.path(), state.path());
+    let warned = warnings(&s);
+    assert!(
+        warned
+            .iter()
+            .any(|(m, r)| m == "backend decision entry ignored"
+                && r.contains("alpha")
+                && r.contains(&format!("not the {flipped}"))),
+        "{warned:?}"
+    );
+    assert_eq!(source(&live(&s, "alpha")), "measured");
+    assert_eq!(source(&live(&s, "beta")), "read");
+    drop(s);
+
+    // A decision naming OpenVINO whose recorded ONNX Runtime answers are not what
+    // OpenVINO answers: warned, and OpenVINO is checked against ONNX Runtime itself.
+    let state = tempfile::tempdir().unwrap();
+    let mut f = good.clone();
+    let e = entry_of(&mut f, "alpha");
+    e["backend"] = "openvino".into();
+    e["incumbent"] = "ort".into();
+    for k in ["ort_batch1_ms", "ort_per_image_ms"] {
+        e["figures"][k] = 10.0.into();
+    }
+    for k in ["openvino_batch1_ms", "openvino_per_image_ms"] {
+        e["figures"][k] = 5.0.into();
+    }
+    let wrong: Vec<Value> = e["ort_probe"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (1.0 - p.as_f64().unwrap()).into())
+        .collect();
+    e["ort_probe"] = wrong.into();
+    write_file(state.path(), &f);
+    let s = replica(models.path(), state.path());
+    let warned = warnings(&s);
+    assert!(
+        warned
+            .iter()
+            .any(|(m, _)| m.starts_with("OpenVINO disagrees with the probe answers")),
+        "{warned:?}"
+    );
+    let l = live(&s, "alpha");
+    assert_eq!(source(&l), "read", "{l}");
+    assert_eq!(l["execution_provider"], "OpenVINO:CPU", "{l}");
+}
+
+/// Without the flags, the decision and the cache live beside the models, and the
+/// next start reads them (the file is not taken for a model card).
+#[test]
+fn by_default_the_decision_lives_beside_the_models() {
+    let models = common::models_dir();
+    let start = || {
+        let mut s = common::Server::start(models.path(), &["--backend", "auto"]);
+        s.discard_logs();
+        s
+    };
+    let a = start();
+    let l = live(&a, "alpha");
+    assert_eq!(source(&l), "measured", "{l}");
+    let file = models.path().join("backend.decision.json");
+    assert_eq!(l["backend_decision"]["file"], file.display().to_string());
+    assert!(models.path().join("openvino-cache").is_dir());
+    drop(a);
+    let b = start();
+    assert_eq!(source(&live(&b, "alpha")), "read");
+    assert_eq!(source(&live(&b, "beta")), "read");
+}
+
+/// A decision that cannot be written (here its folder is a file): the replica serves
+/// by its own measurement, says so once, and the next start measures again.
+#[test]
+fn an_unwritable_decision_is_measured_at_each_start_and_said_so() {
+    let models = common::models_dir();
+    let state = tempfile::tempdir().unwrap();
+    let blocked = state.path().join("not-a-folder");
+    std::fs::write(&blocked, b"").unwrap();
+    let file = blocked.join("decision.json");
+    let cache = state.path().join("ov-cache");
+    for _ in 0..2 {
+        let args: [&std::ffi::OsStr; 6] = [
+            "--backend".as_ref(),
+            "auto".as_ref(),
+            "--backend-decision".as_ref(),
+            file.as_os_str(),
+            "--openvino-cache-dir".as_ref(),
+            cache.as_os_str(),
+        ];
+        let mut s = common::Server::start(models.path(), &args);
+        s.discard_logs();
+        let not_kept = s
+            .startup
+            .iter()
+            .filter(|v| {
+                v["level"] == "WARN"
+                    && v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("the backend decision is not kept"))
+            })
+            .count();
+        assert_eq!(not_kept, 1, "one warning for the two models");
+        for m in ["alpha", "beta"] {
+            let l = live(&s, m);
+            assert_eq!(source(&l), "measured", "{l}");
+            assert_eq!(l["backend_decision"]["written"], false, "{l}");
+        }
+    }
+}
+
+/// Two replicas started at once on no decision: both measure, the first to write
+/// wins, and the other serves by its entry: one entry per model, one backend, the
+/// same answers.
+#[test]
+fn replicas_racing_at_first_start_end_with_one_decision() {
+    let models = common::models_dir();
+    let state = tempfile::tempdir().unwrap();
+    let (a, b) = std::thread::scope(|s| {
+        let start = || s.spawn(|| replica(models.path(), state.path()));
+        let (a, b) = (start(), start());
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let f = read_file(state.path());
+    assert_eq!(f["entries"].as_array().unwrap().len(), 2, "{f}");
+    for m in ["alpha", "beta"] {
+        let (la, lb) = (live(&a, m), live(&b, m));
+        let d = |l: &Value| l["backend_decision"]["decided_at"].clone();
+        assert_eq!(d(&la), d(&lb), "{la} {lb}");
+        assert_eq!(la["execution_provider"], lb["execution_provider"]);
+        assert!(
+            la["backend_decision"]["written"] != lb["backend_decision"]["written"]
+                || source(&la) == "read"
+                || source(&lb) == "read",
+            "one of them wrote, the other took it: {la} {lb}"
+        );
+        for png in films() {
+            assert_eq!(
+                probabilities(&a, m, &png),
+                probabilities(&b, m, &png),
+                "{m}"
+            );
+        }
+    }
+}
