@@ -94,6 +94,18 @@ pub enum AuthError {
     Forbidden { caller: String, scope: Scope },
 }
 
+impl AuthError {
+    /// Why, as `cxr_auth_refused_total{reason}` and the audit trail name it:
+    /// `missing`, `invalid` or `forbidden`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Invalid => "invalid",
+            AuthError::Forbidden { .. } => "forbidden",
+        }
+    }
+}
+
 /// Why a keys file (or a new key) is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {

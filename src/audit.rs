@@ -157,10 +157,10 @@ impl AuditEvent {
         e: &crate::access::AuthError,
     ) -> Self {
         use crate::access::AuthError;
-        let (caller, reason) = match e {
-            AuthError::Missing => ("anonymous".to_string(), "missing"),
-            AuthError::Invalid => ("unknown".to_string(), "invalid"),
-            AuthError::Forbidden { caller, .. } => (caller.clone(), "forbidden"),
+        let caller = match e {
+            AuthError::Missing => "anonymous".to_string(),
+            AuthError::Invalid => "unknown".to_string(),
+            AuthError::Forbidden { caller, .. } => caller.clone(),
         };
         Self {
             time: now_rfc3339(),
@@ -175,7 +175,7 @@ impl AuditEvent {
             }
             .into(),
             target: Some(scope.as_str().into()),
-            detail: Some(serde_json::json!({ "reason": reason })),
+            detail: Some(serde_json::json!({ "reason": e.reason() })),
             suppressed: None,
         }
     }

@@ -242,6 +242,34 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 const ANSWERED_COLUMNS: &str = "request_id, image_index, model, model_version, model_sha256, label, p_pneumonia, sop_instance_uid";
 
+/// An [`Answered`] from a SQLite row of [`ANSWERED_COLUMNS`].
+fn answered_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Answered> {
+    Ok(Answered {
+        request_id: r.get(0)?,
+        image_index: r.get(1)?,
+        model: r.get(2)?,
+        model_version: r.get(3)?,
+        model_sha256: r.get(4)?,
+        label: r.get(5)?,
+        p_pneumonia: r.get(6)?,
+        sop_instance_uid: r.get(7)?,
+    })
+}
+
+/// An [`Answered`] from a PostgreSQL row of [`ANSWERED_COLUMNS`].
+fn answered_postgres(r: &postgres::Row) -> Answered {
+    Answered {
+        request_id: r.get(0),
+        image_index: r.get(1),
+        model: r.get(2),
+        model_version: r.get(3),
+        model_sha256: r.get(4),
+        label: r.get(5),
+        p_pneumonia: r.get(6),
+        sop_instance_uid: r.get(7),
+    }
+}
+
 impl Outcomes {
     /// Opens (or creates) the store in the SQLite file at `path`; the live figures
     /// count the `window` most recent confirmed answers of a model file.
@@ -412,36 +440,16 @@ impl Outcomes {
                 let mut st = c
                     .prepare(&sql("answers", "?1"))
                     .map_err(OutcomesError::from)?;
-                st.query_map([sop_instance_uid], |r| {
-                    Ok(Answered {
-                        request_id: r.get(0)?,
-                        image_index: r.get(1)?,
-                        model: r.get(2)?,
-                        model_version: r.get(3)?,
-                        model_sha256: r.get(4)?,
-                        label: r.get(5)?,
-                        p_pneumonia: r.get(6)?,
-                        sop_instance_uid: r.get(7)?,
-                    })
-                })
-                .map_err(OutcomesError::from)?
-                .collect::<Result<_, _>>()
-                .map_err(OutcomesError::from)?
+                st.query_map([sop_instance_uid], answered_sqlite)
+                    .map_err(OutcomesError::from)?
+                    .collect::<Result<_, _>>()
+                    .map_err(OutcomesError::from)?
             }
             Store::Postgres(c) => lock(c)
                 .query(&sql("cxr_answers", "$1"), &[&sop_instance_uid])
                 .map_err(OutcomesError::from)?
                 .iter()
-                .map(|r| Answered {
-                    request_id: r.get(0),
-                    image_index: r.get(1),
-                    model: r.get(2),
-                    model_version: r.get(3),
-                    model_sha256: r.get(4),
-                    label: r.get(5),
-                    p_pneumonia: r.get(6),
-                    sop_instance_uid: r.get(7),
-                })
+                .map(answered_postgres)
                 .collect(),
         };
         let mut of_model: Vec<Answered> = all
@@ -489,33 +497,16 @@ impl Outcomes {
         };
         Ok(match &self.store {
             Store::Sqlite(c) => lock(c)
-                .query_row(&sql_lite, rusqlite::params![key, image_index], |r| {
-                    Ok(Answered {
-                        request_id: r.get(0)?,
-                        image_index: r.get(1)?,
-                        model: r.get(2)?,
-                        model_version: r.get(3)?,
-                        model_sha256: r.get(4)?,
-                        label: r.get(5)?,
-                        p_pneumonia: r.get(6)?,
-                        sop_instance_uid: r.get(7)?,
-                    })
-                })
+                .query_row(
+                    &sql_lite,
+                    rusqlite::params![key, image_index],
+                    answered_sqlite,
+                )
                 .optional()?,
-            Store::Postgres(c) => {
-                lock(c)
-                    .query_opt(&sql_pg, &[&key, &image_index])?
-                    .map(|r| Answered {
-                        request_id: r.get(0),
-                        image_index: r.get(1),
-                        model: r.get(2),
-                        model_version: r.get(3),
-                        model_sha256: r.get(4),
-                        label: r.get(5),
-                        p_pneumonia: r.get(6),
-                        sop_instance_uid: r.get(7),
-                    })
-            }
+            Store::Postgres(c) => lock(c)
+                .query_opt(&sql_pg, &[&key, &image_index])?
+                .as_ref()
+                .map(answered_postgres),
         })
     }
 

@@ -33,7 +33,6 @@ use tonic::Status;
 use tonic::body::Body;
 
 use crate::access::ApiKeys;
-use crate::access::AuthError;
 use crate::access::Scope;
 use crate::access::presented_key;
 use crate::grpc::status;
@@ -195,11 +194,7 @@ impl Admission {
         keys.authorize(presented_key(headers), scope)
             .map(Some)
             .map_err(|e| {
-                let reason = match &e {
-                    AuthError::Missing => "missing",
-                    AuthError::Invalid => "invalid",
-                    AuthError::Forbidden { .. } => "forbidden",
-                };
+                let reason = e.reason();
                 self.core
                     .metrics()
                     .auth_refused

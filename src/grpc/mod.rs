@@ -26,7 +26,6 @@ use tonic::Response;
 use tonic::Status;
 
 use crate::access::ApiKeys;
-use crate::access::AuthError;
 use crate::access::Caller;
 use crate::access::Scope;
 use crate::access::presented_key;
@@ -152,11 +151,7 @@ impl Inference {
         }
         let headers = req.metadata().clone().into_headers();
         keys.authorize(presented_key(&headers), scope).map_err(|e| {
-            let reason = match &e {
-                AuthError::Missing => "missing",
-                AuthError::Invalid => "invalid",
-                AuthError::Forbidden { .. } => "forbidden",
-            };
+            let reason = e.reason();
             self.core
                 .metrics()
                 .auth_refused

@@ -41,11 +41,7 @@ pub async fn require(
         Some(keys) => match keys.authorize(presented_key(req.headers()), scope) {
             Ok(c) => c,
             Err(e) => {
-                let reason = match &e {
-                    AuthError::Missing => "missing",
-                    AuthError::Invalid => "invalid",
-                    AuthError::Forbidden { .. } => "forbidden",
-                };
+                let reason = e.reason();
                 state
                     .metrics()
                     .auth_refused
