@@ -29,6 +29,7 @@ pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod defaults;
+pub mod delivery;
 pub mod dicom_node;
 pub mod digest;
 pub mod eval;
