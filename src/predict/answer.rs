@@ -3,22 +3,21 @@
 //! each [`Prediction`] with its warnings, heatmap and timings.
 
 use crate::audit::{AuditRecord, Decision as AuditDecision};
-use crate::eval::Target;
 use crate::eval::served_probabilities;
 use crate::inference::InferError;
 use crate::inference::JobOutput;
 use crate::inference::ServedModel;
 use crate::ood_score::OodAction;
 use crate::predict::ApiError;
-use crate::predict::Ask;
-use crate::predict::Asker;
 use crate::predict::Core;
 use crate::predict::ErrorType;
+use crate::predict::ask::Asker;
+use crate::predict::ask::Decision;
+use crate::predict::ask::Valid;
 use crate::predict::explain;
 use crate::predict::types::ModelRef;
 use crate::predict::types::Prediction;
 use crate::predict::types::Probabilities;
-use crate::predict::types::ThresholdSource;
 use crate::predict::types::Timings;
 use crate::predict::upload::Decoded;
 use crate::predict::upload::Upload;
@@ -27,22 +26,24 @@ use crate::predict::upload::ms;
 use std::time::Duration;
 use std::time::Instant;
 
+/// One image answered and audited, before its timings and heatmap are added
+/// ([`complete_all`]).
+pub(super) type Audited = (Prediction, JobOutput, Decoded);
+
 /// Runs decoded inputs through the request's model (queued together, so they
 /// batch), writes their audit records (a record that cannot be written fails the
-/// whole request), and returns the answers in order; then, when the model has a
-/// candidate in its shadow and this request is sampled, hands the candidate its
-/// copy of the inputs (it runs after the answer, [`super::shadow`]).
+/// whole request), and returns the answers in order ([`complete_all`] finishes
+/// them; the caller may first hand a shadow candidate its copy).
 pub(super) async fn classify(
     core: &Core,
-    valid: &super::Valid,
+    valid: &Valid,
     decoded: Vec<Decoded>,
-) -> Result<Vec<Prediction>, ApiError> {
+) -> Result<Vec<Audited>, ApiError> {
     let (model, decision, asker) = (&*valid.model, &valid.decision, &valid.asker);
-    let (started, explain) = (valid.started, valid.explain);
+    let explain = valid.explain;
     // Stage spans only when they are kept: their attributes cost allocations.
     let trace = asker.trace.as_deref().filter(|t| t.recording());
     let name = model.card.name.clone();
-    let shadow = super::shadow::plan(core, model, &decoded);
     // An explanation draws on the input, so it keeps a copy.
     let mut decoded = decoded;
     let inputs = decoded
@@ -129,22 +130,17 @@ pub(super) async fn classify(
     if let Some(t) = trace {
         t.stage("audit", audit_start, Instant::now(), &[]);
     }
-    if let Some(run) = shadow {
-        let answered = answers
-            .iter()
-            .map(|(p, _, d)| super::shadow::Answered {
-                label: p.label.clone(),
-                p_pneumonia: p.probabilities.PNEUMONIA,
-                facts: Facts::of(d, None),
-            })
-            .collect();
-        run.spawn(core, valid, answered);
-    }
-    let total = started.elapsed();
-    Ok(answers
+    Ok(answers)
+}
+
+/// The audited answers finished: timings (the request's total so far) and, when
+/// asked, heatmaps.
+pub(super) fn complete_all(core: &Core, valid: &Valid, answers: Vec<Audited>) -> Vec<Prediction> {
+    let total = valid.started.elapsed();
+    answers
         .into_iter()
-        .map(|(p, r, d)| complete(core, model, p, r, d, total, explain))
-        .collect())
+        .map(|(p, r, d)| complete(core, &valid.model, p, r, d, total, valid.explain))
+        .collect()
 }
 
 /// What the audit trail keeps of one image: its upload's facts, its DICOM SOP
@@ -442,97 +438,6 @@ pub(super) fn ood_scores(
         v.push((Some(score), Some(inside)));
     }
     Ok(v)
-}
-
-/// The threshold a request is answered at, and where it came from.
-#[derive(Debug, Clone)]
-pub struct Decision {
-    /// On P(PNEUMONIA).
-    pub threshold: f64,
-    /// Where it came from.
-    pub source: ThresholdSource,
-}
-
-/// The card's threshold, or the caller's `threshold=`, or the one that reached the
-/// caller's `operating_point=` on the card's validation ROC.
-pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiError> {
-    let card = &model.card;
-    match (q.threshold, q.operating_point.as_deref()) {
-        (Some(_), Some(_)) => Err(ApiError::InvalidQuery(
-            "give `threshold` or `operating_point`, not both".into(),
-        )),
-        (Some(t), None) => {
-            if !(t > 0.0 && t < 1.0) {
-                return Err(ApiError::InvalidQuery(format!(
-                    "threshold {t} must lie in (0, 1)"
-                )));
-            }
-            Ok(Decision {
-                threshold: t,
-                source: ThresholdSource {
-                    kind: "query".into(),
-                    rule: None,
-                    target: None,
-                    validation_sensitivity: None,
-                    validation_specificity: None,
-                    site: None,
-                },
-            })
-        }
-        (None, Some(op)) => {
-            let target: Target = op
-                .parse()
-                .map_err(|e: crate::eval::ParseError| ApiError::InvalidQuery(e.0))?;
-            let curve = card.operating_curve.as_ref().ok_or_else(|| {
-                ApiError::OperatingPoint(format!(
-                    "model `{}` {} has no validation ROC in its card, so no operating point can be chosen; use `threshold`",
-                    card.name, card.version
-                ))
-            })?;
-            let p = curve.threshold_for(target).ok_or_else(|| {
-                ApiError::OperatingPoint(format!(
-                    "no threshold of model `{}` reached {target} on its validation ROC ({})",
-                    card.name, curve.source
-                ))
-            })?;
-            Ok(Decision {
-                threshold: p.threshold,
-                source: ThresholdSource {
-                    kind: "operating_point".into(),
-                    rule: None,
-                    target: Some(target.to_string()),
-                    validation_sensitivity: Some(p.tpr),
-                    validation_specificity: Some(1.0 - p.fpr),
-                    site: None,
-                },
-            })
-        }
-        (None, None) => Ok(match &model.site {
-            // The site's own choice, on its own films, for this very file.
-            Some(site) => Decision {
-                threshold: site.model.threshold,
-                source: ThresholdSource {
-                    kind: "site".into(),
-                    rule: Some(site.model.rule.clone()),
-                    target: None,
-                    validation_sensitivity: site.model.sensitivity.map(|i| i.value),
-                    validation_specificity: site.model.specificity.map(|i| i.value),
-                    site: Some(site.provenance.clone()),
-                },
-            },
-            None => Decision {
-                threshold: card.threshold,
-                source: ThresholdSource {
-                    kind: "card".into(),
-                    rule: card.threshold_rule.clone(),
-                    target: None,
-                    validation_sensitivity: None,
-                    validation_specificity: None,
-                    site: None,
-                },
-            },
-        }),
-    }
 }
 
 pub(super) fn prediction(

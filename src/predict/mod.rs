@@ -23,6 +23,7 @@
 //! that type to its own status once (`http::error::status`).
 
 mod answer;
+mod ask;
 mod budget;
 pub mod error;
 mod error_type;
@@ -46,17 +47,17 @@ use crate::imaging::dicom::DicomOptions;
 use crate::inference::ModelSet;
 use crate::metrics::ServerMetrics;
 
-pub use answer::Decision;
+pub use ask::Answered;
+pub use ask::Ask;
+pub use ask::Asker;
+pub use ask::Decision;
+pub use ask::MAX_CLIENT_REQUEST_ID;
+pub use ask::Valid;
+pub use ask::sanitize_client_request_id;
 pub use budget::Buffered;
 pub use budget::Reservation;
 pub use error::ApiError;
 pub use error_type::ErrorType;
-pub use request::Answered;
-pub use request::Ask;
-pub use request::Asker;
-pub use request::MAX_CLIENT_REQUEST_ID;
-pub use request::Valid;
-pub use request::sanitize_client_request_id;
 pub use results::Filed;
 pub use results::ResultObject;
 pub use types::ModelRef;

@@ -25,9 +25,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::audit::{Decision as AuditDecision, ShadowMark};
 use crate::eval::served_probabilities;
 use crate::inference::ServedModel;
-use crate::predict::answer::{Facts, Trail, decision};
+use crate::predict::Core;
+use crate::predict::answer::{Audited, Facts, Trail};
+use crate::predict::ask::decision;
+use crate::predict::ask::{Ask, Asker, Valid};
 use crate::predict::upload::Decoded;
-use crate::predict::{Ask, Asker, Core, Valid};
 
 /// How long the server must have had no request in flight before a shadow runs.
 pub const IDLE_GAP: Duration = Duration::from_millis(20);
@@ -68,6 +70,18 @@ fn shed(core: &Core, candidate: &ServedModel, reason: &str) {
         .shadow_shed
         .with_label_values(&[&candidate.card.name, &candidate.card.version, reason])
         .inc();
+}
+
+/// What the shadow compares of each audited answer.
+pub(super) fn answered(audited: &[Audited]) -> Vec<Answered> {
+    audited
+        .iter()
+        .map(|(p, _, d)| Answered {
+            label: p.label.clone(),
+            p_pneumonia: p.probabilities.PNEUMONIA,
+            facts: Facts::of(d, None),
+        })
+        .collect()
 }
 
 /// Whether this request runs `model`'s shadow candidate (the model is its
