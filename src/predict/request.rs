@@ -68,6 +68,14 @@ impl Core {
         started: Instant,
     ) -> Result<Valid, ApiError> {
         let decision = decision(&model, ask)?;
+        if ask.explain && !model.has_cam {
+            // Refused before anything is classified or recorded: a door that answers
+            // with the heatmap itself (Accept: image/png) has nothing to answer with.
+            return Err(ApiError::ExplanationUnavailable(format!(
+                "model `{}` {} has no `cam` output, so no heatmap can be drawn",
+                model.card.name, model.card.version
+            )));
+        }
         Ok(Valid {
             asker,
             model,
