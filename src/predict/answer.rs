@@ -18,11 +18,14 @@ use crate::predict::explain;
 use crate::predict::types::ModelRef;
 use crate::predict::types::Prediction;
 use crate::predict::types::Probabilities;
+use crate::predict::types::ThresholdKind;
 use crate::predict::types::Timings;
+use crate::predict::types::Verdict;
 use crate::predict::upload::Decoded;
 use crate::predict::upload::Upload;
 use crate::predict::upload::UploadFacts;
 use crate::predict::upload::ms;
+use crate::registry::Label;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -215,8 +218,8 @@ impl<'a> Trail<'a> {
             model_version: card.version.clone(),
             model_sha256: card.onnx.sha256.clone(),
             threshold: self.decision.threshold,
-            threshold_source: self.decision.source.kind.clone(),
-            site_card: (self.decision.source.kind == "site")
+            threshold_source: self.decision.source.kind.as_str().to_string(),
+            site_card: (self.decision.source.kind == ThresholdKind::Site)
                 .then(|| self.model.site.as_ref().map(|s| s.audit_name()))
                 .flatten(),
             p_normal: facts.probabilities.map(|p| p[0]),
@@ -308,7 +311,12 @@ async fn write_audit(
         .enumerate()
         .map(|(i, (p, _, d))| {
             let served = [p.probabilities.NORMAL, p.probabilities.PNEUMONIA];
-            trail.record(i, &Facts::of(d, Some(served)), Ok(&p.label), p.ood_score)
+            trail.record(
+                i,
+                &Facts::of(d, Some(served)),
+                Ok(p.label.as_str()),
+                p.ood_score,
+            )
         })
         .collect();
     record(core, &records).await
@@ -328,16 +336,25 @@ fn complete(
 ) -> Prediction {
     core.metrics()
         .predictions
-        .with_label_values(&[&model.card.name, &p.label])
+        .with_label_values(&[&model.card.name, p.label.as_str()])
         .inc();
     model.record(total.as_secs_f64() * 1e3);
     let mut warnings = d.warnings;
+    let (mut verdict, mut caution) = match p.in_distribution {
+        None => (Verdict::NotScored, None),
+        Some(true) => (Verdict::InDistribution, None),
+        Some(false) => (Verdict::Outside, None),
+    };
     if let (Some(false), Some(t)) = (p.in_distribution, model.ood_threshold()) {
         let score = p.ood_score.unwrap_or(f64::NAN);
         match model.ood_refuse_threshold() {
-            Some(r) if score <= r => warnings.push(format!(
-                "{DISTRIBUTION_SHIFT}: score {score:.3} above the training distribution's threshold {t:.3} (refused only above {r:.3}): a radiograph unlike the pediatric films the model was trained on (other equipment or technique, an older patient); its answer is less certain than the model card's figures say"
-            )),
+            Some(r) if score <= r => {
+                let c = format!(
+                    "{DISTRIBUTION_SHIFT}: score {score:.3} above the training distribution's threshold {t:.3} (refused only above {r:.3}): a radiograph unlike the pediatric films the model was trained on (other equipment or technique, an older patient); its answer is less certain than the model card's figures say"
+                );
+                warnings.push(c.clone());
+                (verdict, caution) = (Verdict::Shift, Some(c));
+            }
             _ => warnings.push(format!(
                 "out of distribution: score {score:.3} above the model's threshold {t:.3}; this image does not resemble the pediatric frontal chest radiographs the model was trained on, so its label should not be relied on",
             )),
@@ -354,8 +371,8 @@ fn complete(
         }
         (true, Some(cam)) => Some(explain::heatmap(
             cam,
-            usize::from(p.label == "PNEUMONIA"),
-            &p.label,
+            p.label.index(),
+            p.label.as_str(),
             &d.input,
             model.card.input_size,
             &model.card.preprocessing,
@@ -370,6 +387,8 @@ fn complete(
         },
         dicom: d.dicom,
         warnings,
+        verdict,
+        caution,
         heatmap,
         ..p
     }
@@ -447,15 +466,10 @@ pub(super) fn prediction(
     asker: &Asker,
 ) -> Prediction {
     let p = served_probabilities(r.logits, r.probabilities, model.card.temperature());
-    let pneumonia = f64::from(p[1]) >= d.threshold;
-    let (label, confidence) = if pneumonia {
-        ("PNEUMONIA", p[1])
-    } else {
-        ("NORMAL", p[0])
-    };
+    let label = Label::at(f64::from(p[1]), d.threshold);
     Prediction {
-        label: label.into(),
-        confidence,
+        label,
+        confidence: p[label.index()],
         probabilities: Probabilities {
             NORMAL: p[0],
             PNEUMONIA: p[1],
@@ -482,6 +496,8 @@ pub(super) fn prediction(
         warnings: Vec::new(),
         ood_score: None,
         in_distribution: None,
+        verdict: Verdict::NotScored,
+        caution: None,
         heatmap: None,
     }
 }

@@ -14,6 +14,7 @@ use crate::inference::Prefer;
 use crate::inference::ServedModel;
 use crate::predict::ApiError;
 use crate::predict::types::Prediction;
+use crate::predict::types::ThresholdKind;
 use crate::predict::types::ThresholdSource;
 
 /// Longest `x-request-id` kept from a caller.
@@ -67,6 +68,8 @@ pub struct Valid {
     pub asker: Asker,
     /// The variant.
     pub model: Arc<ServedModel>,
+    /// What the caller asked (a shadow candidate is asked the same).
+    pub ask: Ask,
     /// The threshold, and where it came from.
     pub decision: Decision,
     /// Whether answers carry their heatmaps.
@@ -110,7 +113,7 @@ pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiErro
             Ok(Decision {
                 threshold: t,
                 source: ThresholdSource {
-                    kind: "query".into(),
+                    kind: ThresholdKind::Query,
                     rule: None,
                     target: None,
                     validation_sensitivity: None,
@@ -138,7 +141,7 @@ pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiErro
             Ok(Decision {
                 threshold: p.threshold,
                 source: ThresholdSource {
-                    kind: "operating_point".into(),
+                    kind: ThresholdKind::OperatingPoint,
                     rule: None,
                     target: Some(target.to_string()),
                     validation_sensitivity: Some(p.tpr),
@@ -152,7 +155,7 @@ pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiErro
             Some(site) => Decision {
                 threshold: site.model.threshold,
                 source: ThresholdSource {
-                    kind: "site".into(),
+                    kind: ThresholdKind::Site,
                     rule: Some(site.model.rule.clone()),
                     target: None,
                     validation_sensitivity: site.model.sensitivity.map(|i| i.value),
@@ -163,7 +166,7 @@ pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiErro
             None => Decision {
                 threshold: card.threshold,
                 source: ThresholdSource {
-                    kind: "card".into(),
+                    kind: ThresholdKind::Card,
                     rule: card.threshold_rule.clone(),
                     target: None,
                     validation_sensitivity: None,

@@ -31,7 +31,7 @@ pub mod explain;
 mod request;
 mod results;
 mod shadow;
-pub mod tensor;
+
 pub mod types;
 mod upload;
 
@@ -63,8 +63,10 @@ pub use results::ResultObject;
 pub use types::ModelRef;
 pub use types::Prediction;
 pub use types::Probabilities;
+pub use types::ThresholdKind;
 pub use types::ThresholdSource;
 pub use types::Timings;
+pub use types::Verdict;
 pub use upload::Decoded;
 pub use upload::Upload;
 pub use upload::UploadFacts;

@@ -79,6 +79,7 @@ impl Core {
         Ok(Valid {
             asker,
             model,
+            ask: ask.clone(),
             decision,
             explain: ask.explain,
             started,

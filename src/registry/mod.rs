@@ -14,7 +14,9 @@ mod write;
 
 use std::path::{Path, PathBuf};
 
-pub use card::{Architecture, CLASS_NAMES, CardMetrics, ModelCard, OnnxFile, Recipe, Strategy};
+pub use card::{
+    Architecture, CLASS_NAMES, CardMetrics, Label, ModelCard, OnnxFile, Recipe, Strategy,
+};
 pub use write::{NewModel, set_card_ood, write_model};
 
 use crate::imaging::Preprocessor;
