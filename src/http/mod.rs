@@ -68,8 +68,9 @@ struct Inner {
     api_keys: Option<ApiKeys>,
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
     public_metrics: bool,
-    /// The DICOM node's outbox, once the node runs (`--dicom-port`).
-    dicom_outbox: std::sync::OnceLock<Arc<crate::dicom_node::outbox::Outbox>>,
+    /// The outbox and its channels, when a destination is configured (the DICOM
+    /// node's, `--hl7-destination`).
+    delivery: std::sync::OnceLock<Arc<crate::delivery::Delivery>>,
 }
 
 impl AppState {
@@ -80,7 +81,7 @@ impl AppState {
                 core: Core::new(limits, metrics),
                 api_keys: None,
                 public_metrics: true,
-                dicom_outbox: std::sync::OnceLock::new(),
+                delivery: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -138,15 +139,16 @@ impl AppState {
         &self.inner.core
     }
 
-    /// Lists `outbox`'s dead letters (`GET /dicom/outbox/dead-letters`): the
-    /// DICOM node's, once it runs. Set once; a second call changes nothing.
-    pub fn set_dicom_outbox(&self, outbox: Arc<crate::dicom_node::outbox::Outbox>) {
-        let _ = self.inner.dicom_outbox.set(outbox);
+    /// The outbox and its channels: `/predict` files answers given the order's
+    /// identifiers through it, and its dead letters are listed at
+    /// `GET /dicom/outbox/dead-letters`. Set once; a second call changes nothing.
+    pub fn set_delivery(&self, delivery: Arc<crate::delivery::Delivery>) {
+        let _ = self.inner.delivery.set(delivery);
     }
 
-    /// The DICOM node's outbox, when it runs.
-    pub fn dicom_outbox(&self) -> Option<Arc<crate::dicom_node::outbox::Outbox>> {
-        self.inner.dicom_outbox.get().cloned()
+    /// The outbox and its channels, when a destination is configured.
+    pub fn delivery(&self) -> Option<Arc<crate::delivery::Delivery>> {
+        self.inner.delivery.get().cloned()
     }
 
     /// The callers, when keys are required.

@@ -4,8 +4,10 @@
 //! this file turns the answers into JSON, a heatmap PNG or DICOM Structured Reports.
 
 use crate::AppState;
+use crate::delivery::Kind;
 use crate::http::error::ApiError;
 use crate::http::error::ErrorBody;
+use crate::http::types::OrderIds;
 use crate::http::types::PredictQuery;
 use crate::http::types::Prediction;
 use crate::http::upload::Uploads;
@@ -100,6 +102,7 @@ pub(super) async fn predict(
         t.stage("admission", t.started(), started, &[]);
         t.stage("body", started, body_read, &[]);
     }
+    let order = q.order_ids()?;
     let answer = core.within_timeout(async {
         let accept = accept_header(&headers);
         let wants_sr = accepts(accept.as_deref(), "application/dicom");
@@ -122,7 +125,24 @@ pub(super) async fn predict(
                 "Accept: image/png answers one image with its heatmap overlay; send one image or accept application/json".into(),
             ));
         }
-        let answered = core.answer_files(&valid, images).await?;
+        let filing = match (&order, state.delivery()) {
+            (Some(order), Some(d)) if d.has(Kind::Hl7) || d.has(Kind::Fhir) => {
+                Some(Filing::new(d, order, &images)?)
+            }
+            _ => None,
+        };
+        let answered = core.answer_files(&valid, images).await;
+        if let Some(f) = filing {
+            let outcome = match &answered {
+                Ok(a) => Some(Ok(&a.predictions[0])),
+                Err(e) if e.error_type().is_image_refusal() => Some(Err(e)),
+                Err(_) => None,
+            };
+            if let Some(outcome) = outcome {
+                f.file(core, &valid, outcome).await;
+            }
+        }
+        let answered = answered?;
         let answering = std::time::Instant::now();
         let model = &valid.model;
         if wants_png {
@@ -154,6 +174,88 @@ pub(super) async fn predict(
     answer.await
 }
 
+/// One `/predict` answer to deliver: the order's identifiers, the image's identity
+/// and its DICOM source (patient module), the outbox.
+struct Filing {
+    delivery: std::sync::Arc<crate::delivery::Delivery>,
+    order: OrderIds,
+    source: Option<crate::imaging::dicom::SrSource>,
+    seed: String,
+}
+
+impl Filing {
+    fn new(
+        delivery: std::sync::Arc<crate::delivery::Delivery>,
+        order: &OrderIds,
+        images: &[Upload],
+    ) -> Result<Self, ApiError> {
+        let [image] = images else {
+            return Err(ApiError::InvalidQuery(
+                "accession_number and patient_id deliver the answer of one image; send one image per request".into(),
+            ));
+        };
+        let (bytes, dicom) = match image {
+            Upload::Dicom(b) => (b, true),
+            Upload::Encoded(b) => (b, false),
+        };
+        let source = if dicom {
+            crate::imaging::dicom::identify(bytes).ok().map(|(s, _)| s)
+        } else {
+            None
+        };
+        // The same image for the same order is one result (delivered once).
+        let seed = format!(
+            "predict/{}/{}",
+            crate::digest::sha256_hex(bytes),
+            crate::digest::sha256_hex(
+                format!(
+                    "{}\n{}\n{}",
+                    order.accession_number,
+                    order.patient_id,
+                    order.study_instance_uid.as_deref().unwrap_or_default()
+                )
+                .as_bytes()
+            )
+        );
+        Ok(Self {
+            delivery,
+            order: order.clone(),
+            source,
+            seed,
+        })
+    }
+
+    /// Queues the result for the report channels (a failure is logged: the
+    /// caller's answer stands).
+    async fn file(
+        self,
+        core: &Core,
+        valid: &crate::predict::Valid,
+        outcome: Result<&Prediction, &crate::predict::ApiError>,
+    ) {
+        let key = core.filing_key(valid, &self.seed);
+        let mut facts = crate::delivery::report_facts(
+            valid,
+            outcome,
+            self.source.as_ref(),
+            &key,
+            self.delivery.urgent_at(),
+        );
+        facts.patient.id = Some(self.order.patient_id.clone());
+        facts.order.accession_number = Some(self.order.accession_number.clone());
+        if let Some(uid) = &self.order.study_instance_uid {
+            facts.study.study_instance_uid = Some(uid.clone());
+        }
+        let d = self.delivery;
+        let queued = tokio::task::spawn_blocking(move || d.file(&key, &[], Some(&facts))).await;
+        match queued {
+            Ok(Ok(n)) => tracing::info!(queued = n, "answer queued for delivery"),
+            Ok(Err(e)) => tracing::error!(error = %e, "answer not queued for delivery"),
+            Err(e) => tracing::error!(error = %e, "answer not queued for delivery"),
+        }
+    }
+}
+
 /// The query of `/predict`, read from the URI (422 `invalid_query` when malformed).
 impl<S: Send + Sync> FromRequestParts<S> for PredictQuery {
     type Rejection = ApiError;
@@ -169,6 +271,41 @@ impl<S: Send + Sync> FromRequestParts<S> for PredictQuery {
 }
 
 impl PredictQuery {
+    /// The order's identifiers, when the caller gave them (`accession_number` and
+    /// `patient_id` both, or neither; `study_instance_uid` optional): each 1 to 64
+    /// printable characters (a UID: digits and dots).
+    pub(super) fn order_ids(&self) -> Result<Option<OrderIds>, ApiError> {
+        let check = |name: &str, v: &str| {
+            if v.is_empty() || v.chars().count() > 64 || v.chars().any(char::is_control) {
+                return Err(ApiError::InvalidQuery(format!(
+                    "{name} must be 1 to 64 printable characters"
+                )));
+            }
+            Ok(v.to_string())
+        };
+        match (&self.accession_number, &self.patient_id) {
+            (None, None) if self.study_instance_uid.is_none() => Ok(None),
+            (Some(a), Some(p)) => {
+                let study = match &self.study_instance_uid {
+                    Some(u) if u.is_empty() || u.len() > 64 || !u.chars().all(|c| c.is_ascii_digit() || c == '.') => {
+                        return Err(ApiError::InvalidQuery(
+                            "study_instance_uid must be a DICOM UID (digits and dots, at most 64)".into(),
+                        ));
+                    }
+                    other => other.clone(),
+                };
+                Ok(Some(OrderIds {
+                    accession_number: check("accession_number", a)?,
+                    patient_id: check("patient_id", p)?,
+                    study_instance_uid: study,
+                }))
+            }
+            _ => Err(ApiError::InvalidQuery(
+                "give accession_number and patient_id together (and study_instance_uid if known) for the answer to be delivered".into(),
+            )),
+        }
+    }
+
     /// What the query asks of the core.
     pub(super) fn into_ask(self) -> Ask {
         Ask {
