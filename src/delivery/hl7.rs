@@ -9,6 +9,7 @@
 //! intended use as an NTE, then OBX: the finding (SNOMED CT 233604007, present or
 //! absent; OBX-8 `A` when present), P(PNEUMONIA), the threshold and its source, the
 //! model, its SHA-256, the OOD verdict and each warning, the study instance UID;
+//! (a required PID-3 or PID-5 the source has no value for is HL7's null, `""`);
 //! for an image not analysed, the refusal in place of the finding. Text is escaped
 //! (`\F\ \S\ \T\ \R\ \E\`).
 //!
@@ -126,7 +127,8 @@ pub fn oru(facts: &ReportFacts, urgent_priority: &str) -> String {
     let pid3 = match (&p.id, &p.issuer) {
         (Some(id), Some(issuer)) => format!("{}^^^{}", escape(id), escape(issuer)),
         (Some(id), None) => escape(id),
-        (None, _) => String::new(),
+        // Required fields: HL7's explicit null when the source has no value.
+        (None, _) => "\"\"".to_string(),
     };
     let sex = match p.sex.as_deref() {
         Some(s @ ("M" | "F" | "O")) => s,
@@ -135,7 +137,11 @@ pub fn oru(facts: &ReportFacts, urgent_priority: &str) -> String {
     };
     segs.push(format!(
         "PID|1||{pid3}||{}||{}|{sex}",
-        p.name.as_deref().map(xpn).unwrap_or_default(),
+        p.name
+            .as_deref()
+            .map(xpn)
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "\"\"".to_string()),
         e(&p.birth_date)
     ));
     let o = &facts.order;
@@ -176,13 +182,13 @@ pub fn oru(facts: &ReportFacts, urgent_priority: &str) -> String {
             obx.push((
                 "NM",
                 code("cxr-probability", "P(PNEUMONIA)"),
-                format!("{probability:.4}"),
+                format!("{probability:.6}"),
                 "",
             ));
             obx.push((
                 "NM",
                 code("cxr-threshold", "Decision threshold"),
-                format!("{threshold:.4}"),
+                format!("{threshold:.6}"),
                 "",
             ));
             obx.push((

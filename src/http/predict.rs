@@ -241,7 +241,14 @@ impl Filing {
             &key,
             self.delivery.urgent_at(),
         );
-        facts.patient.id = Some(self.order.patient_id.clone());
+        // The caller's patient: the upload's demographics only when they are of
+        // the same patient ID (never one patient's name under another's ID).
+        if facts.patient.id.as_deref() != Some(self.order.patient_id.as_str()) {
+            facts.patient = crate::delivery::Patient {
+                id: Some(self.order.patient_id.clone()),
+                ..crate::delivery::Patient::default()
+            };
+        }
         facts.order.accession_number = Some(self.order.accession_number.clone());
         if let Some(uid) = &self.order.study_instance_uid {
             facts.study.study_instance_uid = Some(uid.clone());
