@@ -34,6 +34,13 @@ pub struct PredictUpload {
     /// One or more X-ray images (JPEG, PNG or DICOM), each in a part named `image`.
     #[schema(value_type = Vec<String>, format = Binary)]
     image: Vec<Vec<u8>>,
+    /// The order's accession number (as the query parameter: the answer is
+    /// delivered to the RIS with `patient_id`).
+    accession_number: Option<String>,
+    /// The patient's identifier (as the query parameter).
+    patient_id: Option<String>,
+    /// The study's instance UID (as the query parameter).
+    study_instance_uid: Option<String>,
 }
 
 /// Classify one or more chest X-rays.
@@ -102,6 +109,7 @@ pub(super) async fn predict(
         t.stage("admission", t.started(), started, &[]);
         t.stage("body", started, body_read, &[]);
     }
+    let q = q.with_fields(&uploads.fields)?;
     let order = q.order_ids()?;
     let answer = core.within_timeout(async {
         let accept = accept_header(&headers);
@@ -278,6 +286,25 @@ impl<S: Send + Sync> FromRequestParts<S> for PredictQuery {
 }
 
 impl PredictQuery {
+    /// The order's identifiers given as multipart text parts, added to the query's
+    /// (the same identifier in both: 422).
+    pub(super) fn with_fields(mut self, fields: &[(String, String)]) -> Result<Self, ApiError> {
+        for (name, value) in fields {
+            let slot = match name.as_str() {
+                "accession_number" => &mut self.accession_number,
+                "patient_id" => &mut self.patient_id,
+                _ => &mut self.study_instance_uid,
+            };
+            if slot.is_some() {
+                return Err(ApiError::InvalidQuery(format!(
+                    "`{name}` given both in the query and as a multipart part"
+                )));
+            }
+            *slot = Some(value.clone());
+        }
+        Ok(self)
+    }
+
     /// The order's identifiers, when the caller gave them (`accession_number` and
     /// `patient_id` both, or neither; `study_instance_uid` optional): each 1 to 64
     /// printable characters (a UID: digits and dots).

@@ -431,6 +431,45 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
         );
         assert_eq!(f["obr_5"], if urgent { "S" } else { "" });
     }
+    // The identifiers as multipart text parts, beside the image.
+    let boundary = "cxr-hl7-test";
+    let mut body = Vec::new();
+    for (name, value) in [("accession_number", "ACC-M"), ("patient_id", "PAT|7")] {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"f.dcm\"\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(&dicom);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let (s, _) = call(
+        &server.addr,
+        "POST",
+        "/predict?threshold=0.99999",
+        Some(ADMIN),
+        &format!("multipart/form-data; boundary={boundary}"),
+        &body,
+    );
+    assert_eq!(s, 200);
+    let msgs = wait_received(&record, 5);
+    let m = &msgs[4];
+    check_common(m, &card);
+    assert_eq!(m["fields"]["obr_18"], "ACC-M");
+    // The upload's own patient ID: its demographics and study come along.
+    assert_eq!(
+        m["fields"]["pid_3"],
+        serde_json::json!(["PAT|7", "", "", "HOSP"])
+    );
+    assert_eq!(m["fields"]["pid_5"][1], "Zoë");
+    assert_eq!(
+        obx_text(m, "110180"),
+        dicom_text(&film2, "StudyInstanceUID")
+    );
     let urgent_count = 1 + usize::from(positive);
     assert_eq!(
         metric(&server, "cxr_urgent_results_total"),
@@ -439,8 +478,8 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
 
     // An AR: a dead letter with the listener's reason, not retried.
     predict("accession_number=ACC-R&patient_id=REFUSE-9");
-    let msgs = wait_received(&record, 5);
-    assert!(msgs[4]["ack"].as_str().unwrap().contains("MSA|AR|"));
+    let msgs = wait_received(&record, 6);
+    assert!(msgs[5]["ack"].as_str().unwrap().contains("MSA|AR|"));
     common::ops::wait_for("the AR's dead letter", || {
         let (s, v) = call(
             &server.addr,
@@ -463,7 +502,7 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
     let letter = &v["dead_letters"][0];
     assert_eq!(letter["kind"], "oru");
     assert_eq!(letter["destination"], format!("hl7:127.0.0.1:{hl7_port}"));
-    assert_eq!(letter["sop_instance_uid"], msgs[4]["fields"]["control_id"]);
+    assert_eq!(letter["sop_instance_uid"], msgs[5]["fields"]["control_id"]);
     let reason = letter["last_error"].as_str().unwrap();
     assert!(
         reason.contains("MSA-1 AR") && reason.contains("unknown patient REFUSE-9"),
@@ -479,12 +518,12 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
     drop(server);
     let _mllp = listener(hl7_port, &record);
     let (server, _) = start(models.path(), &args);
-    let msgs = wait_received(&record, 6);
-    check_common(&msgs[5], &card);
-    assert_eq!(msgs[5]["fields"]["pid_3"][0], "PAT|7");
+    let msgs = wait_received(&record, 7);
+    check_common(&msgs[6], &card);
+    assert_eq!(msgs[6]["fields"]["pid_3"][0], "PAT|7");
     std::thread::sleep(Duration::from_secs(3));
     let all = received(&record);
-    assert_eq!(all.len(), 6, "a message was delivered twice");
+    assert_eq!(all.len(), 7, "a message was delivered twice");
     assert!(
         control_ids(&all).values().all(|n| *n == 1),
         "{:?}",
