@@ -10,7 +10,9 @@
 #                                   pydicom, Pillow, dciodvfy (Debian's dicom3tools), and
 #                                   for the page's browser test Debian's chromium, Node
 #                                   and puppeteer-core (npm; it downloads no browser),
-#                                   nginx (a real gateway in front of two replicas)
+#                                   nginx (a real gateway in front of two replicas),
+#                                   hl7 (python-hl7's MLLP server) and hl7apy (HL7 v2
+#                                   validation) for the RIS delivery tests
 #
 # Nothing is downloaded at build or run time: ONNX Runtime and libtorch come from
 # their official PyPI wheels, installed here with pip.
@@ -27,6 +29,8 @@ GRPCIO_REFLECTION_VERSION=1.81.1
 PILLOW_VERSION=12.0.0
 OTEL_PROTO_VERSION=1.45.2
 PYNETDICOM_VERSION=3.0.4
+HL7_VERSION=0.4.5
+HL7APY_VERSION=1.3.5
 
 train=0; gpu=0; tests=0
 for a in "$@"; do
@@ -134,6 +138,12 @@ if ((tests)); then
   if [ "$have" != "$PYNETDICOM_VERSION" ]; then
     echo "setup: installing pynetdicom==$PYNETDICOM_VERSION (a destination that refuses objects, tests/dicom_node; bench/soak.py)"
     pip install "pynetdicom==$PYNETDICOM_VERSION"
+  fi
+  have=$(.venv/bin/python -m pip show hl7 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  have_apy=$(.venv/bin/python -m pip show hl7apy 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  if [ "$have" != "$HL7_VERSION" ] || [ "$have_apy" != "$HL7APY_VERSION" ]; then
+    echo "setup: installing hl7==$HL7_VERSION and hl7apy==$HL7APY_VERSION (a real MLLP listener and a v2.5.1 validator, tests/hl7)"
+    pip install "hl7==$HL7_VERSION" "hl7apy==$HL7APY_VERSION"
   fi
   # puppeteer-core drives the system chromium (tests/ui.rs); it never downloads one.
   if [ ! -d tests/ui/node_modules/puppeteer-core ] || [ tests/ui/package-lock.json -nt tests/ui/node_modules ]; then
