@@ -241,7 +241,7 @@ impl RequestTrace {
         self.stage_under(None, name, start, end, attributes);
     }
 
-    /// Records a stage under another stage (`parent`, from [`Self::stage_id`]).
+    /// Records a stage under another stage (`parent`: that stage's span id).
     pub fn stage_under(
         &self,
         parent: Option<[u8; 8]>,
