@@ -405,3 +405,118 @@ fn the_checker_finds_a_circle_through_a_re_export() {
     assert_eq!(wrong.len(), 1, "{wrong:?}");
     assert!(wrong[0].contains("a → b → c → a"), "{wrong:?}");
 }
+
+/// The names in ARCHITECTURE.md's "How a request flows": every `a::b` path and every
+/// backticked identifier, by its last segment.
+fn flow_names(architecture: &str) -> BTreeSet<String> {
+    let section = architecture
+        .split("\n## How a request flows")
+        .nth(1)
+        .expect("ARCHITECTURE.md has a \"## How a request flows\" section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let mut names = BTreeSet::new();
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let chars: Vec<char> = section.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if !(chars[i].is_ascii_alphabetic() || chars[i] == '_')
+            || (i > 0 && (ident(chars[i - 1]) || chars[i - 1] == '-'))
+        {
+            i += 1;
+            continue;
+        }
+        // A run of identifiers joined by `::`.
+        let mut segments = Vec::new();
+        let mut j = i;
+        loop {
+            let start = j;
+            while j < chars.len() && ident(chars[j]) {
+                j += 1;
+            }
+            segments.push(chars[start..j].iter().collect::<String>());
+            if j + 2 < chars.len() && chars[j] == ':' && chars[j + 1] == ':' && ident(chars[j + 2])
+            {
+                j += 2;
+            } else {
+                break;
+            }
+        }
+        let backticked = i > 0 && chars[i - 1] == '`' && chars.get(j) == Some(&'`');
+        if segments.len() > 1 || backticked {
+            names.insert(segments.last().unwrap().clone());
+        }
+        i = j;
+    }
+    names
+}
+
+/// Whether `name` is defined under `src/`: a function, a type, a trait, a module
+/// (a file or folder of that name, or `mod name`).
+fn defined(name: &str, files: &[(PathBuf, String)]) -> bool {
+    let kinds = [
+        "fn ", "struct ", "enum ", "trait ", "type ", "mod ", "const ",
+    ];
+    files.iter().any(|(path, text)| {
+        path.file_stem().is_some_and(|s| s == name)
+            || path
+                .parent()
+                .and_then(|p| p.file_name())
+                .is_some_and(|d| d == name)
+            || kinds.iter().any(|k| {
+                text.match_indices(&format!("{k}{name}")).any(|(at, m)| {
+                    !text[at + m.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
+                })
+            })
+    })
+}
+
+fn all_sources(dir: &Path, out: &mut Vec<(PathBuf, String)>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            all_sources(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            out.push((p, text));
+        }
+    }
+}
+
+#[test]
+fn every_function_the_request_flows_name_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let architecture = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let mut files = Vec::new();
+    all_sources(&root.join("src"), &mut files);
+    let names = flow_names(&architecture);
+    assert!(names.len() > 40, "{names:?}");
+    let missing: Vec<&String> = names.iter().filter(|n| !defined(n, &files)).collect();
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md's request flows name what src/ does not define: {missing:?}"
+    );
+}
+
+#[test]
+fn the_flow_check_finds_a_name_that_is_not_there() {
+    let text = "\n## How a request flows\n\n`Core::validate` → `no_such_function` and \
+        oip::infer, a --flag-name and plain words\n\n## After\n";
+    let names = flow_names(text);
+    assert_eq!(
+        names,
+        ["infer", "no_such_function", "validate"]
+            .map(String::from)
+            .into()
+    );
+    let files = vec![(
+        PathBuf::from("src/oip/mod.rs"),
+        "pub async fn infer() {}\nfn validate_for() {}\n".to_string(),
+    )];
+    assert!(defined("infer", &files));
+    assert!(defined("oip", &files));
+    assert!(
+        !defined("validate", &files),
+        "a longer name is not the name"
+    );
+    assert!(!defined("no_such_function", &files));
+}
