@@ -6,6 +6,8 @@
 //! These are facts the code already has, typed: nothing here is parsed back out of a
 //! message or an answer's text.
 
+pub mod fhir;
+
 /// The intended-use wording every message carries.
 pub const INTENDED_USE: &str = "AI result: preliminary, not for standalone diagnosis";
 
