@@ -95,22 +95,40 @@ fn ai_asserted() -> Value {
     json!({ "security": [coding(V3_OBSERVATION_VALUE, "AIAST", "Artificial Intelligence asserted")] })
 }
 
-/// A conditional create of `resource` under `full_url`, skipped by the server when
-/// a resource of its type already has the identifier `full_url` (the same URN).
-fn entry(full_url: &str, resource: Value) -> Value {
-    let kind = resource["resourceType"]
-        .as_str()
-        .expect("every entry is a resource with its type")
-        .to_string();
-    json!({
-        "fullUrl": full_url,
-        "resource": resource,
-        "request": {
-            "method": "POST",
-            "url": kind,
-            "ifNoneExist": format!("identifier={URI_SYSTEM}|{full_url}"),
-        },
-    })
+/// One resource of the Bundle: the URN that is its identifier, and the (other) URN
+/// that is its `fullUrl`. They differ because a server replaces a `fullUrl` wherever
+/// it occurs in the Bundle (Medplum even in strings), which would change the
+/// identifier a resend is matched on.
+struct Named {
+    identifier: String,
+    full_url: String,
+}
+
+impl Named {
+    fn new(kind: &str, of: &str) -> Self {
+        Self {
+            identifier: urn(kind, of),
+            full_url: urn(&format!("{kind} entry"), of),
+        }
+    }
+
+    /// A conditional create of `resource`, skipped by the server when a resource of
+    /// its type already has this identifier.
+    fn entry(&self, resource: Value) -> Value {
+        let kind = resource["resourceType"]
+            .as_str()
+            .expect("every entry is a resource with its type")
+            .to_string();
+        json!({
+            "fullUrl": self.full_url,
+            "resource": resource,
+            "request": {
+                "method": "POST",
+                "url": kind,
+                "ifNoneExist": format!("identifier={URI_SYSTEM}|{}", self.identifier),
+            },
+        })
+    }
 }
 
 /// A DICOM PN (`Family^Given^Middle^Prefix^Suffix`) as it is read aloud.
@@ -181,12 +199,12 @@ fn imaging_study(facts: &ReportFacts) -> Option<Value> {
 }
 
 /// The model: one Device per model file (its SHA-256 names it).
-fn device(model: &ModelFacts) -> (String, Value) {
-    let full_url = urn("model", &model.sha256);
+fn device(model: &ModelFacts) -> (Named, Value) {
+    let named = Named::new("model", &model.sha256);
     let resource = json!({
         "resourceType": "Device",
         "identifier": [
-            { "system": URI_SYSTEM, "value": full_url },
+            { "system": URI_SYSTEM, "value": named.identifier },
             { "type": { "text": "SHA-256 of the ONNX model file" }, "value": model.sha256 },
         ],
         "status": "active",
@@ -197,7 +215,7 @@ fn device(model: &ModelFacts) -> (String, Value) {
             { "type": { "text": "SHA-256 of the ONNX model file" }, "value": model.sha256 },
         ],
     });
-    (full_url, resource)
+    (named, resource)
 }
 
 fn probability(value: f64) -> Value {
@@ -215,7 +233,7 @@ fn verdict_text(v: Verdict) -> (&'static str, &'static str) {
 /// The transaction Bundle of one result: the same facts give the same Bundle.
 pub fn bundle(facts: &ReportFacts) -> Value {
     let id = &facts.result_id;
-    let report_url = urn("report", id);
+    let report = Named::new("report", id);
     let subject = subject(&facts.patient);
     let study = imaging_study(facts);
     let mut entries = Vec::new();
@@ -229,11 +247,12 @@ pub fn bundle(facts: &ReportFacts) -> Value {
     if let Some(m) = facts.study.modality.as_deref().filter(|m| !m.is_empty()) {
         category.push(json!({ "coding": [{ "system": DICOM_DCM, "code": m }] }));
     }
+    let report_named = report;
     let mut report = json!({
         "resourceType": "DiagnosticReport",
         "meta": ai_asserted(),
         "identifier": [
-            { "system": URI_SYSTEM, "value": report_url },
+            { "system": URI_SYSTEM, "value": report_named.identifier },
             { "use": "secondary", "type": { "text": "cxr result id" }, "value": id },
         ],
         "status": "preliminary",
@@ -268,8 +287,8 @@ pub fn bundle(facts: &ReportFacts) -> Value {
             ood_score,
             warnings,
         } => {
-            let (device_url, device) = device(&facts.model);
-            let observation_url = urn("finding", id);
+            let (device_named, device) = device(&facts.model);
+            let finding = Named::new("finding", id);
             let (value_code, value_display) = if *pneumonia {
                 ("52101004", "Present")
             } else {
@@ -310,7 +329,7 @@ pub fn bundle(facts: &ReportFacts) -> Value {
             let mut observation = json!({
                 "resourceType": "Observation",
                 "meta": ai_asserted(),
-                "identifier": [{ "system": URI_SYSTEM, "value": observation_url }],
+                "identifier": [{ "system": URI_SYSTEM, "value": finding.identifier }],
                 "status": "preliminary",
                 "category": [{ "coding": [coding(OBSERVATION_CATEGORY, "imaging", "Imaging")] }],
                 "code": {
@@ -324,7 +343,7 @@ pub fn bundle(facts: &ReportFacts) -> Value {
                 },
                 "interpretation": [{ "coding": [interpretation] }],
                 "note": notes,
-                "device": { "reference": device_url },
+                "device": { "reference": device_named.full_url },
                 "component": components,
             });
             if let Some(s) = &subject {
@@ -333,7 +352,7 @@ pub fn bundle(facts: &ReportFacts) -> Value {
             if let Some(s) = &study {
                 observation["derivedFrom"] = json!([s]);
             }
-            report["result"] = json!([{ "reference": observation_url }]);
+            report["result"] = json!([{ "reference": finding.full_url }]);
             if *pneumonia && facts.urgent {
                 report["meta"]["tag"] = json!([coding(
                     CXR_CODES,
@@ -341,16 +360,16 @@ pub fn bundle(facts: &ReportFacts) -> Value {
                     "Suspected finding (passive AI flag)"
                 )]);
             }
-            entries.push(entry(&device_url, device));
-            entries.push(entry(&observation_url, observation));
-            let finding = if *pneumonia { "present" } else { "absent" };
+            entries.push(device_named.entry(device));
+            entries.push(finding.entry(observation));
+            let said = if *pneumonia { "present" } else { "absent" };
             format!(
-                "{INTENDED_USE}. Pneumonia {finding} (P(PNEUMONIA) {p:.3}, threshold {threshold:.3} from {threshold_source})."
+                "{INTENDED_USE}. Pneumonia {said} (P(PNEUMONIA) {p:.3}, threshold {threshold:.3} from {threshold_source})."
             )
         }
     };
     report["conclusion"] = json!(conclusion);
-    entries.push(entry(&report_url, report));
+    entries.push(report_named.entry(report));
     json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries })
 }
 
@@ -615,11 +634,16 @@ mod tests {
             assert!(full_url.starts_with("urn:uuid:"));
             assert_eq!(e["request"]["method"], "POST");
             assert_eq!(e["request"]["url"], e["resource"]["resourceType"]);
+            let identifier = e["resource"]["identifier"][0]["value"].as_str().unwrap();
+            assert!(identifier.starts_with("urn:uuid:"));
             assert_eq!(
                 e["request"]["ifNoneExist"],
-                format!("identifier=urn:ietf:rfc:3986|{full_url}")
+                format!("identifier=urn:ietf:rfc:3986|{identifier}")
             );
-            assert_eq!(e["resource"]["identifier"][0]["value"], full_url);
+            // No fullUrl is an identifier (a server rewrites every fullUrl it finds).
+            for other in entries {
+                assert_ne!(other["fullUrl"], identifier);
+            }
         }
     }
 

@@ -1,0 +1,339 @@
+//! FHIR R4 out, against a real FHIR server: Medplum's FHIR router over its in-memory
+//! repository (`tests/fhir_server/server.js`, started here on port 0, no network).
+//! Bundles made by `delivery::fhir::bundle` from typed `ReportFacts` (positive,
+//! urgent positive, negative, refused) go through `FhirTarget::post`; what the server
+//! then holds is read back and validated with fhir.resources' R4 models
+//! (`tests/fhir_server/check.py`), references followed (DiagnosticReport.result →
+//! Observation, Observation.device → Device). A resend creates nothing twice; the
+//! server's refusals (bad token, an invalid resource, an ambiguous conditional
+//! create) are refusals with the server's OperationOutcome text; a server that is down
+//! or does not answer is a failure to retry. `scripts/setup.sh --test` installs the
+//! server and fhir.resources.
+
+use std::io::BufRead as _;
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+
+use cxr::delivery::ModelFacts;
+use cxr::delivery::Order;
+use cxr::delivery::Outcome;
+use cxr::delivery::Patient;
+use cxr::delivery::ReportFacts;
+use cxr::delivery::Study;
+use cxr::delivery::Verdict;
+use cxr::delivery::fhir::FhirTarget;
+use cxr::delivery::fhir::Posted;
+use cxr::delivery::fhir::bundle;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The FHIR server, a child process killed on drop.
+struct FhirServer {
+    child: Child,
+    url: String,
+}
+
+impl FhirServer {
+    fn start(token: Option<&str>) -> Self {
+        let dir = root().join("tests/fhir_server");
+        assert!(
+            dir.join("node_modules/@medplum/fhir-router").is_dir(),
+            "the FHIR server is not installed: run `bash scripts/setup.sh --test`"
+        );
+        let mut cmd = Command::new("node");
+        cmd.arg(dir.join("server.js")).args(["--port", "0"]);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run node (scripts/setup.sh --test installs it)");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the FHIR server starts within 60 s");
+        let port: u16 = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the FHIR server did not start: {line:?}"));
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Every DiagnosticReport, Observation and Device it holds, validated as R4,
+    /// with the reports' references followed.
+    fn check(&self, token: Option<&str>) -> Value {
+        let python = root().join("tests/fhir_server/.venv/bin/python");
+        assert!(
+            python.is_file(),
+            "fhir.resources is not installed: run `bash scripts/setup.sh --test`"
+        );
+        let mut cmd = Command::new(python);
+        cmd.arg(root().join("tests/fhir_server/check.py"))
+            .arg(&self.url);
+        if let Some(t) = token {
+            cmd.arg(t);
+        }
+        let out = cmd.output().expect("run check.py");
+        assert!(
+            out.status.success(),
+            "check.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("check.py prints JSON")
+    }
+}
+
+impl Drop for FhirServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn facts(result_id: &str, outcome: Outcome, urgent: bool) -> ReportFacts {
+    ReportFacts {
+        result_id: result_id.into(),
+        observed_at: "2026-12-07T10:00:00Z".into(),
+        patient: Patient {
+            id: Some("P-77".into()),
+            issuer: Some("St Elsewhere".into()),
+            name: Some("Müller^Zoë".into()),
+            birth_date: Some("20210304".into()),
+            sex: Some("F".into()),
+        },
+        order: Order {
+            accession_number: Some(format!("A-{result_id}")),
+            placer_order_number: Some("PL-1".into()),
+            filler_order_number: None,
+        },
+        study: Study {
+            study_instance_uid: Some("1.2.826.0.1.3680043.8.498.1".into()),
+            series_instance_uid: Some("1.2.826.0.1.3680043.8.498.1.1".into()),
+            sop_instance_uid: Some(format!("1.2.826.0.1.3680043.8.498.1.1.{}", result_id.len())),
+            modality: Some("CR".into()),
+        },
+        model: ModelFacts {
+            name: "weighted".into(),
+            version: "2.0.0".into(),
+            sha256: "5e".repeat(32),
+        },
+        outcome,
+        urgent,
+    }
+}
+
+fn classified(pneumonia: bool, probability: f64) -> Outcome {
+    Outcome::Classified {
+        pneumonia,
+        probability,
+        threshold: 0.42,
+        threshold_source: "site".into(),
+        verdict: Verdict::Shift,
+        ood_score: Some(2.25),
+        warnings: vec!["distribution shift: read with caution".into()],
+    }
+}
+
+fn refused() -> Outcome {
+    Outcome::NotAnalysed {
+        error_type: "out_of_distribution".into(),
+        reason: "the image is unlike the training data".into(),
+    }
+}
+
+fn body(facts: &ReportFacts) -> Vec<u8> {
+    serde_json::to_vec(&bundle(facts)).unwrap()
+}
+
+fn report_with<'a>(checked: &'a Value, result_id: &str) -> &'a Value {
+    checked["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| {
+            r["identifiers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i == result_id)
+        })
+        .unwrap_or_else(|| panic!("no report for {result_id}: {checked}"))
+}
+
+#[tokio::test]
+async fn results_are_stored_as_valid_r4_with_resolving_references_once() {
+    let server = FhirServer::start(Some("s3cret"));
+    let target = FhirTarget::new(&server.url, Some("s3cret".into())).unwrap();
+    let urgent = facts("urgent", classified(true, 0.97), true);
+    let positive = facts("positive", classified(true, 0.61), false);
+    let negative = facts("negative", classified(false, 0.08), false);
+    let not_analysed = facts("refused", refused(), false);
+    for f in [&urgent, &positive, &negative, &not_analysed] {
+        assert_eq!(target.post(&body(f)).await, Posted::Sent, "{}", f.result_id);
+    }
+    // A resend (the answer lost, the process restarted): the same Bundle, nothing new.
+    for f in [&urgent, &not_analysed] {
+        assert_eq!(target.post(&body(f)).await, Posted::Sent);
+    }
+    let checked = server.check(Some("s3cret"));
+    // One report per result, one Observation per analysed result, one Device for
+    // the one model file.
+    assert_eq!(checked["counts"]["DiagnosticReport"], 4, "{checked}");
+    assert_eq!(checked["counts"]["Observation"], 3, "{checked}");
+    assert_eq!(checked["counts"]["Device"], 1, "{checked}");
+
+    let r = report_with(&checked, "urgent");
+    assert_eq!(r["status"], "preliminary");
+    assert!(r["category"].as_array().unwrap().iter().any(|c| c == "RAD"));
+    assert_eq!(r["security"], serde_json::json!(["AIAST"]));
+    assert_eq!(r["tags"], serde_json::json!(["suspected-finding"]));
+    assert!(
+        r["conclusion"]
+            .as_str()
+            .unwrap()
+            .starts_with(cxr::delivery::INTENDED_USE)
+    );
+    assert_eq!(
+        r["imagingStudy"][0]["identifier"]["value"],
+        "urn:oid:1.2.826.0.1.3680043.8.498.1"
+    );
+    assert_eq!(r["basedOn"][0]["identifier"]["value"], "A-urgent");
+    assert_eq!(
+        r["basedOn"][0]["identifier"]["type"]["coding"][0]["code"],
+        "ACSN"
+    );
+    assert_eq!(r["subject"]["display"], "Zoë Müller");
+    let obs = &r["observations"][0];
+    assert_eq!(obs["code"], serde_json::json!(["233604007"]));
+    assert_eq!(obs["value"], serde_json::json!(["52101004"]));
+    assert_eq!(obs["interpretation"], serde_json::json!(["AA"]));
+    assert_eq!(obs["security"], serde_json::json!(["AIAST"]));
+    assert_eq!(obs["components"]["probability"], 0.97);
+    assert_eq!(obs["components"]["threshold"], 0.42);
+    assert_eq!(obs["components"]["threshold-source"], "site");
+    assert_eq!(
+        obs["components"]["ood-verdict"],
+        serde_json::json!(["distribution-shift"])
+    );
+    assert_eq!(obs["components"]["ood-score"], 2.25);
+    assert_eq!(obs["derivedFrom"][0]["type"], "ImagingStudy");
+    assert_eq!(obs["device"]["names"], serde_json::json!(["cxr weighted"]));
+    assert_eq!(
+        obs["device"]["versions"],
+        serde_json::json!(["2.0.0", "5e".repeat(32)])
+    );
+
+    let r = report_with(&checked, "positive");
+    assert!(r["tags"].as_array().unwrap().is_empty());
+    assert_eq!(
+        r["observations"][0]["interpretation"],
+        serde_json::json!(["A"])
+    );
+    let r = report_with(&checked, "negative");
+    assert!(r["tags"].as_array().unwrap().is_empty());
+    assert_eq!(
+        r["observations"][0]["value"],
+        serde_json::json!(["2667000"])
+    );
+    assert_eq!(
+        r["observations"][0]["interpretation"],
+        serde_json::json!(["N"])
+    );
+    // The three Observations name the one Device.
+    let devices: std::collections::BTreeSet<String> = checked["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["observations"].as_array().unwrap().clone())
+        .map(|o| o["device"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(devices.len(), 1);
+
+    let r = report_with(&checked, "refused");
+    assert!(r["observations"].as_array().unwrap().is_empty());
+    assert!(r["tags"].as_array().unwrap().is_empty());
+    let c = r["conclusion"].as_str().unwrap();
+    assert!(c.starts_with(cxr::delivery::INTENDED_USE), "{c}");
+    assert!(c.contains("the image is unlike the training data"), "{c}");
+}
+
+#[tokio::test]
+async fn refusals_carry_the_servers_reason_and_failures_are_retried() {
+    let server = FhirServer::start(Some("s3cret"));
+    let f = facts("r1", classified(true, 0.9), false);
+
+    // A wrong token: refused, as the server said.
+    let wrong = FhirTarget::new(&server.url, Some("guess".into())).unwrap();
+    let Posted::Refused(reason) = wrong.post(&body(&f)).await else {
+        panic!("a wrong token is a refusal")
+    };
+    assert!(reason.contains("status 401"), "{reason}");
+
+    let target = FhirTarget::new(&server.url, Some("s3cret".into())).unwrap();
+    // A resource the server finds invalid: refused with its OperationOutcome's text.
+    let mut invalid = bundle(&f);
+    invalid["entry"][2]["resource"]
+        .as_object_mut()
+        .unwrap()
+        .remove("code");
+    let Posted::Refused(reason) = target.post(&serde_json::to_vec(&invalid).unwrap()).await else {
+        panic!("an invalid resource is a refusal")
+    };
+    assert!(reason.contains("status 400"), "{reason}");
+    assert!(reason.contains("DiagnosticReport.code"), "{reason}");
+
+    // Two reports already hold the result's identifier (another writer's): the
+    // conditional create is ambiguous, and the server refuses it.
+    let mut unconditional = bundle(&f);
+    for e in unconditional["entry"].as_array_mut().unwrap() {
+        e["request"].as_object_mut().unwrap().remove("ifNoneExist");
+    }
+    let unconditional = serde_json::to_vec(&unconditional).unwrap();
+    assert_eq!(target.post(&unconditional).await, Posted::Sent);
+    assert_eq!(target.post(&unconditional).await, Posted::Sent);
+    let Posted::Refused(reason) = target.post(&body(&f)).await else {
+        panic!("an ambiguous conditional create is a refusal")
+    };
+    assert!(
+        reason.ends_with("status 412: Multiple resources found matching condition"),
+        "{reason}"
+    );
+
+    // Down: a failure to retry.
+    let url = server.url.clone();
+    drop(server);
+    let down = FhirTarget::new(&url, Some("s3cret".into())).unwrap();
+    assert!(
+        matches!(down.post(&body(&f)).await, Posted::Transient(_)),
+        "a server that is down is retried"
+    );
+
+    // Connected, but no answer in time: a failure to retry.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut slow =
+        FhirTarget::new(&format!("http://{}", silent.local_addr().unwrap()), None).unwrap();
+    slow.timeout = Duration::from_millis(500);
+    let Posted::Transient(reason) = slow.post(&body(&f)).await else {
+        panic!("no answer is retried")
+    };
+    assert!(reason.contains("no answer"), "{reason}");
+}
