@@ -190,6 +190,12 @@ async fn results_are_stored_as_valid_r4_with_resolving_references_once() {
     for f in [&urgent, &positive, &negative, &not_analysed] {
         assert_eq!(target.post(&body(f)).await, Posted::Sent, "{}", f.result_id);
     }
+    // The example in docs/ris-ehr.md is this Bundle, as sent.
+    let example = root().join("target/fhir-example-bundle.json");
+    let _ = std::fs::write(
+        &example,
+        serde_json::to_string_pretty(&bundle(&urgent)).unwrap(),
+    );
     // A resend (the answer lost, the process restarted): the same Bundle, nothing new.
     for f in [&urgent, &not_analysed] {
         assert_eq!(target.post(&body(f)).await, Posted::Sent);

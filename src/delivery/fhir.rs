@@ -524,14 +524,22 @@ fn classify(url: &str, status: u16, body: &[u8]) -> Posted {
 }
 
 /// An OperationOutcome's issues as one line: each issue's details text (or its
-/// diagnostics, or its code), with its expression.
+/// diagnostics, or its code), with its expression; only the errors when it has any
+/// (a refusal's warnings are not its reason).
 fn outcome_text(v: &Value) -> Option<String> {
     if v["resourceType"] != "OperationOutcome" {
         return None;
     }
-    let issues: Vec<String> = v["issue"]
-        .as_array()?
-        .iter()
+    let all = v["issue"].as_array()?;
+    let is_error = |i: &&Value| matches!(i["severity"].as_str(), Some("error" | "fatal"));
+    let errors: Vec<&Value> = all.iter().filter(is_error).collect();
+    let chosen: Vec<&Value> = if errors.is_empty() {
+        all.iter().collect()
+    } else {
+        errors
+    };
+    let issues: Vec<String> = chosen
+        .into_iter()
         .map(|i| {
             let text = i["details"]["text"]
                 .as_str()
@@ -771,6 +779,7 @@ mod tests {
         assert!(r.contains("Multiple matches"), "{r}");
         assert!(matches!(classify("u", 200, b"<html>"), Posted::Refused(_)));
         let outcome = json!({ "resourceType": "OperationOutcome", "issue": [
+            { "severity": "warning", "code": "structure", "details": { "text": "Unusual" } },
             { "severity": "error", "code": "structure", "details": { "text": "Missing required property" }, "expression": ["Observation.code"] }] });
         let outcome = serde_json::to_vec(&outcome).unwrap();
         assert_eq!(
