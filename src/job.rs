@@ -18,6 +18,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::access::Caller;
+use crate::imaging::files::Entry;
+use crate::imaging::files::is_image_file;
+use crate::imaging::files::walk;
 use crate::predict::Ask;
 use crate::predict::Asker;
 use crate::predict::Core;
@@ -41,75 +44,6 @@ pub struct JobSummary {
     pub failed: usize,
 }
 
-/// One entry found under IN.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Entry {
-    /// A regular file, or a symbolic link to one (followed: read as the file).
-    File(PathBuf),
-    /// Something not read, and why: a FIFO, socket or device (opening a FIFO
-    /// would wait for a writer forever), a link to a folder (not followed: it could
-    /// loop or leave IN), a broken link.
-    Skipped(PathBuf, &'static str),
-}
-
-/// Every entry under `dir`, sorted by path: the files to read and what is not
-/// read, with why (never dropped silently).
-pub(crate) fn walk(dir: &Path) -> Result<Vec<Entry>, JobError> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d)
-            .map_err(|e| JobError(format!("cannot read {}: {e}", d.display())))?;
-        for e in entries {
-            let e = e.map_err(|e| JobError(format!("cannot read {}: {e}", d.display())))?;
-            let path = e.path();
-            // The entry itself (a link is not followed here).
-            let t = e
-                .file_type()
-                .map_err(|err| JobError(format!("{}: {err}", path.display())))?;
-            if t.is_dir() {
-                stack.push(path);
-            } else if t.is_file() {
-                out.push(Entry::File(path));
-            } else if t.is_symlink() {
-                out.push(match std::fs::metadata(&path) {
-                    Ok(m) if m.is_file() => Entry::File(path),
-                    Ok(m) if m.is_dir() => Entry::Skipped(
-                        path,
-                        "a link to a folder (links to folders are not followed)",
-                    ),
-                    Ok(_) => Entry::Skipped(path, "a link to a FIFO, socket or device"),
-                    Err(_) => Entry::Skipped(path, "a broken link"),
-                });
-            } else {
-                out.push(Entry::Skipped(path, "a FIFO, socket or device, not a file"));
-            }
-        }
-    }
-    out.sort_by(|a, b| a.path().cmp(b.path()));
-    Ok(out)
-}
-
-impl Entry {
-    fn path(&self) -> &Path {
-        match self {
-            Entry::File(p) | Entry::Skipped(p, _) => p,
-        }
-    }
-}
-
-/// Every file under `dir` (and link to one), sorted, with its path relative to
-/// `dir`; what is not a file is left out ([`walk`] says what and why).
-pub(crate) fn files(dir: &Path) -> Result<Vec<PathBuf>, JobError> {
-    Ok(walk(dir)?
-        .into_iter()
-        .filter_map(|e| match e {
-            Entry::File(p) => Some(p),
-            Entry::Skipped(..) => None,
-        })
-        .collect())
-}
-
 /// Reads a file of at most `max` bytes: refused by its size before anything is
 /// read, and read through a bound (a file that grows meanwhile is cut at `max` + 1
 /// and refused). `Ok(None)`: too large.
@@ -123,20 +57,6 @@ fn read_bounded(path: &Path, max: usize) -> std::io::Result<Option<Vec<u8>>> {
     let mut bytes = Vec::with_capacity(len as usize);
     f.take(max as u64 + 1).read_to_end(&mut bytes)?;
     Ok((bytes.len() <= max).then_some(bytes))
-}
-
-/// Bytes a file must start with to be told apart ([`is_image_file`]): a DICOM
-/// preamble and its `DICM`.
-pub(crate) const SNIFF_BYTES: u64 = 132;
-
-/// Whether a file whose first bytes (at least [`SNIFF_BYTES`] of them, or all) are
-/// `head` is a DICOM, JPEG or PNG file.
-pub(crate) fn is_image_file(head: &[u8]) -> bool {
-    crate::imaging::dicom::is_dicom(head)
-        || matches!(
-            image::guess_format(head),
-            Ok(image::ImageFormat::Jpeg | image::ImageFormat::Png)
-        )
 }
 
 /// Writes `bytes` at `out/rel`, never through a link: each folder between OUT and
@@ -217,7 +137,7 @@ pub async fn run(
     output: &Path,
     model: Option<String>,
 ) -> Result<JobSummary, JobError> {
-    let all = walk(input)?;
+    let all = walk(input).map_err(|e| JobError(e.0))?;
     std::fs::create_dir_all(output)
         .map_err(|e| JobError(format!("cannot create {}: {e}", output.display())))?;
     let bar = std::io::stderr().is_terminal().then(|| {

@@ -40,6 +40,7 @@ pub mod inference;
 pub mod job;
 pub mod metrics;
 pub mod model;
+pub mod oip;
 pub mod ood_score;
 pub mod outcomes;
 pub mod predict;

@@ -164,7 +164,7 @@ fn strip_cam(dir: &std::path::Path, name: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_without_cam_serves_and_says_the_explanation_is_unavailable() {
+async fn a_model_without_cam_serves_and_refuses_an_explanation_before_classifying() {
     common::ort_env();
     let dir = common::models_dir();
     strip_cam(dir.path(), "alpha");
@@ -177,24 +177,38 @@ async fn a_model_without_cam_serves_and_says_the_explanation_is_unavailable() {
     .expect("a model file without cam loads");
     state.set_models(set);
     let app = cxr::build_app(state);
-    let (s, _, b) = send(&app, raw("/predict?explain=cam", "image/png", img(2))).await;
+    // It answers without an explanation.
+    let (s, _, b) = send(&app, raw("/predict", "image/png", img(2))).await;
     assert_eq!(s, StatusCode::OK);
-    let v = json(&b);
-    assert!(v.get("heatmap").is_none());
-    assert!(
-        v["warnings"][0]
-            .as_str()
-            .unwrap()
-            .contains("explanation unavailable"),
-        "{v}"
-    );
-    let (s, _, b) = send(
-        &app,
+    assert!(json(&b).get("heatmap").is_none());
+    let answered = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("cxr_predictions_total") && l.contains("alpha"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    assert_eq!(answered(&metrics.render()), 1.0);
+    // An explanation asked of it, in JSON or as the PNG overlay, is refused before
+    // the image is classified: nothing answered, nothing counted.
+    for req in [
+        raw("/predict?explain=cam", "image/png", img(2)),
         with_accept(raw("/predict", "image/png", img(2)), "image/png"),
-    )
-    .await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(json(&b)["error_type"], "explanation_unavailable");
+    ] {
+        let (s, _, b) = send(&app, req).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(json(&b)["error_type"], "explanation_unavailable");
+        assert!(
+            json(&b)["error"]
+                .as_str()
+                .unwrap()
+                .contains("no `cam` output")
+        );
+    }
+    assert_eq!(
+        answered(&metrics.render()),
+        1.0,
+        "a refused explanation was classified"
+    );
     // The other variant still has its maps.
     let (s, _, b) = send(
         &app,

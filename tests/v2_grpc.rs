@@ -639,3 +639,38 @@ async fn a_grpc_message_that_stalls_past_the_body_timeout_is_refused() {
         "{took:?}"
     );
 }
+
+/// The same request with the same parameters, sent by tritonclient over REST and
+/// over gRPC, gets the same outputs and the same response parameters (issue #44:
+/// the two doors had drifted: gRPC refused tritonclient's `double_param`
+/// threshold, answered the threshold as a string and dropped `client_request_id`).
+#[test]
+fn rest_and_grpc_answer_the_same_request_alike() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv/bin/python");
+    let dir = common::models_dir();
+    let mut server = common::Server::start(dir.path(), &["--grpc-port", "0"]);
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    server.wait_ready();
+    let work = tempfile::tempdir().unwrap();
+    let (png_path, _, _) = common::interop_inputs(dir.path(), "beta", work.path());
+    let out = Command::new(&python)
+        .arg(root.join("tests/interop/tritonclient_parity.py"))
+        .arg(&server.addr)
+        .arg(&grpc)
+        .arg("beta")
+        .arg(&png_path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("4 requests answered alike over REST and gRPC"),
+        "{text}"
+    );
+}

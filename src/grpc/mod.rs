@@ -13,6 +13,7 @@
 
 mod admission;
 
+pub use crate::oip::Inputs;
 pub use admission::Calls;
 pub use admission::ConnInfo;
 pub use admission::Framing;
@@ -29,14 +30,17 @@ use crate::access::ApiKeys;
 use crate::access::Caller;
 use crate::access::Scope;
 use crate::access::presented_key;
+use crate::oip;
+use crate::oip::AskedOutput;
+use crate::oip::OutTensor;
+use crate::oip::Param;
+use crate::oip::Params;
+use crate::oip::tensor;
 use crate::predict::ApiError;
 use crate::predict::Ask;
 use crate::predict::Asker;
 use crate::predict::Core;
 use crate::predict::ErrorType;
-use crate::predict::Prediction;
-use crate::predict::Upload;
-use crate::predict::tensor;
 
 /// The generated protocol types and service.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -279,43 +283,36 @@ pub fn grpc_timeout(v: &str) -> Option<std::time::Duration> {
     })
 }
 
-/// A request parameter as JSON (for the same checks as REST's).
-fn parameter(p: &pb::InferParameter) -> serde_json::Value {
+/// A request's parameters in the protocol's terms.
+fn params(p: &std::collections::HashMap<String, pb::InferParameter>) -> Params {
     use pb::infer_parameter::ParameterChoice;
-    match &p.parameter_choice {
-        Some(ParameterChoice::BoolParam(b)) => (*b).into(),
-        Some(ParameterChoice::Int64Param(i)) => (*i).into(),
-        Some(ParameterChoice::StringParam(s)) => s.clone().into(),
-        None => serde_json::Value::Null,
-    }
+    p.iter()
+        .map(|(k, v)| {
+            let v = match &v.parameter_choice {
+                Some(ParameterChoice::BoolParam(b)) => Some(Param::Bool(*b)),
+                Some(ParameterChoice::Int64Param(i)) => Some(Param::Int(*i)),
+                Some(ParameterChoice::Uint64Param(u)) => Some(Param::Uint(*u)),
+                Some(ParameterChoice::DoubleParam(f)) => Some(Param::Double(*f)),
+                Some(ParameterChoice::StringParam(s)) => Some(Param::Str(s.clone())),
+                None => None,
+            };
+            (k.clone(), v)
+        })
+        .collect()
 }
 
-/// What the request's `threshold` and `operating_point` parameters ask.
-fn ask_of(r: &pb::ModelInferRequest) -> Result<Ask, ApiError> {
-    let threshold =
-        match r.parameters.get("threshold").map(parameter) {
-            None => None,
-            Some(serde_json::Value::String(s)) => Some(s.parse::<f64>().map_err(|_| {
-                ApiError::BadRequest("parameter `threshold` must be a number".into())
-            })?),
-            Some(v) => Some(v.as_f64().ok_or_else(|| {
-                ApiError::BadRequest("parameter `threshold` must be a number".into())
-            })?),
-        };
-    let operating_point = match r.parameters.get("operating_point").map(parameter) {
-        None => None,
-        Some(serde_json::Value::String(s)) => Some(s),
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "parameter `operating_point` must be a string such as `sensitivity:0.95`".into(),
-            ));
-        }
-    };
-    Ok(Ask {
-        threshold,
-        operating_point,
-        ..Ask::default()
-    })
+/// A response parameter in gRPC's terms.
+fn parameter(p: Param) -> pb::InferParameter {
+    use pb::infer_parameter::ParameterChoice;
+    pb::InferParameter {
+        parameter_choice: Some(match p {
+            Param::Bool(b) => ParameterChoice::BoolParam(b),
+            Param::Int(i) => ParameterChoice::Int64Param(i),
+            Param::Uint(u) => ParameterChoice::Uint64Param(u),
+            Param::Double(f) => ParameterChoice::DoubleParam(f),
+            Param::Str(s) => ParameterChoice::StringParam(s),
+        }),
+    }
 }
 
 async fn infer_inner(
@@ -326,76 +323,51 @@ async fn infer_inner(
 ) -> Result<pb::ModelInferResponse, ApiError> {
     let version = (!r.model_version.is_empty()).then_some(r.model_version.as_str());
     let model = core.served(&r.model_name, version)?.clone();
-    let valid = core.validate_for(asker, model, &ask_of(&r)?, started)?;
-    let model = valid.model.clone();
-    let outputs = selected_outputs(&r)?;
-    if outputs.contains(&"ood_score")
-        && (model.ood.is_none() || core.limits().ood_action == crate::ood_score::OodAction::Off)
-    {
-        return Err(ApiError::BadRequest(format!(
-            "output `ood_score`: model `{}` has no out-of-distribution model, or the server runs with --ood-action off",
-            model.card.name
-        )));
-    }
-    let answered = match inputs_of(
-        &r,
-        &model.card.name,
-        model.card.input_size,
-        core.limits().max_images,
-    )? {
-        Inputs::Files(files) => {
-            let uploads = files.into_iter().map(Upload::sniff).collect();
-            core.answer_files(&valid, uploads).await?
-        }
-        Inputs::Rows(rows) => core.answer_decoded(&valid, rows).await?,
-    };
-    let (tensors, raw_output_contents) = response_outputs(&answered.predictions, &outputs);
-    let mut parameters = std::collections::HashMap::new();
-    let string = |s: String| pb::InferParameter {
-        parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(s)),
-    };
-    parameters.insert(
-        "threshold".to_string(),
-        string(valid.decision.threshold.to_string()),
-    );
-    parameters.insert(
-        "threshold_source".to_string(),
-        string(valid.decision.source.kind.clone()),
-    );
-    parameters.insert(
-        "request_id".to_string(),
-        string(valid.asker.request_id.clone()),
-    );
-    parameters.insert(
-        "execution_provider".to_string(),
-        string(model.provider.as_str().to_string()),
-    );
+    let (ask, outputs) = ask_and_outputs(&r)?;
+    let valid = core.validate_for(asker, model, &ask, started)?;
+    let card = &valid.model.card;
+    let inputs = inputs_of(&r, &card.name, card.input_size, core.limits().max_images)?;
+    let answer = oip::infer(core, &valid, &outputs, inputs).await?;
     Ok(pb::ModelInferResponse {
-        model_name: model.card.name.clone(),
-        model_version: model.card.version.clone(),
+        model_name: answer.model_name,
+        model_version: answer.model_version,
         id: r.id.clone(),
-        parameters,
-        outputs: tensors,
-        raw_output_contents,
+        parameters: answer
+            .parameters
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), parameter(v)))
+            .collect(),
+        // gRPC answers every output in raw_output_contents, as Triton does.
+        outputs: answer
+            .outputs
+            .iter()
+            .map(|t| InferOutputTensor {
+                name: t.output.name().to_string(),
+                datatype: t.datatype().into(),
+                shape: t.shape.clone(),
+                parameters: Default::default(),
+                contents: None,
+            })
+            .collect(),
+        raw_output_contents: answer.outputs.iter().map(OutTensor::raw).collect(),
     })
 }
 
-/// What a request's one input holds, checked against the model's input size and
-/// the request limits: the encoded files of `image`, or the rows of `input`.
-pub enum Inputs {
-    /// `image` (BYTES `[N]`): the encoded files.
-    Files(Vec<bytes::Bytes>),
-    /// `input` (FP32 `[N, 3, S, S]`): the preprocessed rows.
-    Rows(Vec<crate::predict::Decoded>),
-}
-
-impl std::fmt::Debug for Inputs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Inputs::Files(files) => write!(f, "Files({} files)", files.len()),
-            Inputs::Rows(rows) => write!(f, "Rows({} rows)", rows.len()),
-        }
-    }
+/// The request's parameters and asked outputs, in the protocol's terms.
+fn ask_and_outputs(r: &pb::ModelInferRequest) -> Result<(Ask, Vec<oip::Selected>), ApiError> {
+    let parameters = params(&r.parameters);
+    let asked: Vec<AskedOutput> = r
+        .outputs
+        .iter()
+        .map(|o| AskedOutput {
+            name: o.name.clone(),
+            parameters: params(&o.parameters),
+        })
+        .collect();
+    Ok((
+        oip::ask_of(&parameters)?,
+        oip::selected_outputs(&parameters, Some(&asked))?,
+    ))
 }
 
 /// The door's translation of a request's input for model `model` (input size
@@ -407,14 +379,7 @@ pub fn inputs_of(
     size: u32,
     max: usize,
 ) -> Result<Inputs, ApiError> {
-    if r.inputs.len() != 1 {
-        return Err(ApiError::BadRequest(format!(
-            "{} inputs; send exactly one: `image` (BYTES, encoded files) or `input` (FP32 [N, 3, {s}, {s}])",
-            r.inputs.len(),
-            s = size
-        )));
-    }
-    let input = &r.inputs[0];
+    let input = oip::one_input(r.inputs.iter().collect(), size)?;
     let raw = match r.raw_input_contents.as_slice() {
         [] => None,
         [one] => Some(one.as_slice()),
@@ -432,7 +397,7 @@ pub fn inputs_of(
     }
     Ok(match input.name.as_str() {
         "image" => {
-            check_datatype(input, "BYTES")?;
+            oip::check_datatype(&input.name, &input.datatype, "BYTES")?;
             let n = tensor::image_batch(&input.shape, max)?;
             let files = match raw {
                 Some(b) => tensor::length_prefixed(b, n)?,
@@ -448,7 +413,7 @@ pub fn inputs_of(
             Inputs::Files(files)
         }
         "input" => {
-            check_datatype(input, "FP32")?;
+            oip::check_datatype(&input.name, &input.datatype, "FP32")?;
             let n = tensor::tensor_batch(&input.shape, size, max)?;
             let row = 3 * (size as usize) * (size as usize);
             // The values are counted before they are copied: `rows` refuses a count
@@ -466,11 +431,7 @@ pub fn inputs_of(
             };
             Inputs::Rows(tensor::rows(values, n, row, &input.shape)?)
         }
-        other => {
-            return Err(ApiError::BadRequest(format!(
-                "unknown input `{other}`; model `{model}` takes `image` (BYTES) or `input` (FP32)"
-            )));
-        }
+        other => return Err(oip::unknown_input(other, model)),
     })
 }
 
@@ -482,93 +443,9 @@ pub fn translate(
     model: &str,
     size: u32,
     max: usize,
-) -> Result<(Ask, Vec<&'static str>, Inputs), ApiError> {
-    Ok((
-        ask_of(r)?,
-        selected_outputs(r)?,
-        inputs_of(r, model, size, max)?,
-    ))
-}
-
-fn check_datatype(
-    input: &pb::model_infer_request::InferInputTensor,
-    want: &str,
-) -> Result<(), ApiError> {
-    if input.datatype != want {
-        return Err(ApiError::BadRequest(format!(
-            "input `{}` must have datatype {want}, not {}",
-            input.name, input.datatype
-        )));
-    }
-    Ok(())
-}
-
-/// The outputs to return, in order.
-fn selected_outputs(r: &pb::ModelInferRequest) -> Result<Vec<&'static str>, ApiError> {
-    if r.outputs.is_empty() {
-        return Ok(vec!["probabilities", "label"]);
-    }
-    r.outputs
-        .iter()
-        .map(|o| match o.name.as_str() {
-            "probabilities" => Ok("probabilities"),
-            "label" => Ok("label"),
-            "ood_score" => Ok("ood_score"),
-            other => Err(ApiError::BadRequest(format!(
-                "unknown output `{other}`; this model has `probabilities`, `label` and (with an OOD model) `ood_score`"
-            ))),
-        })
-        .collect()
-}
-
-/// The asked outputs, as tensors with their raw contents (little-endian; BYTES
-/// elements length-prefixed), as Triton answers.
-fn response_outputs(
-    predictions: &[Prediction],
-    outputs: &[&'static str],
-) -> (Vec<InferOutputTensor>, Vec<Vec<u8>>) {
-    let n = predictions.len() as i64;
-    let mut tensors = Vec::new();
-    let mut raw = Vec::new();
-    for name in outputs {
-        let (datatype, shape, bytes): (&str, Vec<i64>, Vec<u8>) = match *name {
-            "probabilities" => (
-                "FP32",
-                vec![n, 2],
-                predictions
-                    .iter()
-                    .flat_map(|p| [p.probabilities.NORMAL, p.probabilities.PNEUMONIA])
-                    .flat_map(f32::to_le_bytes)
-                    .collect(),
-            ),
-            "ood_score" => (
-                "FP64",
-                vec![n],
-                predictions
-                    .iter()
-                    .map(|p| p.ood_score.unwrap_or(f64::NAN))
-                    .flat_map(f64::to_le_bytes)
-                    .collect(),
-            ),
-            _ => {
-                let mut b = Vec::new();
-                for p in predictions {
-                    b.extend_from_slice(&(p.label.len() as u32).to_le_bytes());
-                    b.extend_from_slice(p.label.as_bytes());
-                }
-                ("BYTES", vec![n], b)
-            }
-        };
-        tensors.push(InferOutputTensor {
-            name: (*name).to_string(),
-            datatype: datatype.into(),
-            shape,
-            parameters: Default::default(),
-            contents: None,
-        });
-        raw.push(bytes);
-    }
-    (tensors, raw)
+) -> Result<(Ask, Vec<oip::Selected>, Inputs), ApiError> {
+    let (ask, outputs) = ask_and_outputs(r)?;
+    Ok((ask, outputs, inputs_of(r, model, size, max)?))
 }
 
 #[tonic::async_trait]

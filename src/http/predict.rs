@@ -126,11 +126,9 @@ pub(super) async fn predict(
         let answering = std::time::Instant::now();
         let model = &valid.model;
         if wants_png {
+            // Core::validate refused a model without `cam` before classifying.
             let Some(h) = answered.predictions.first().and_then(|p| p.heatmap.as_ref()) else {
-                return Err(ApiError::ExplanationUnavailable(format!(
-                    "model `{}` {} has no `cam` output, so no heatmap can be drawn",
-                    model.card.name, model.card.version
-                )));
+                return Err(ApiError::Internal("an explained answer without its heatmap".into()));
             };
             let png =
                 base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &h.overlay_png)

@@ -11,6 +11,7 @@
 pub mod complete;
 mod content;
 pub mod dicom;
+pub mod files;
 pub mod sr;
 
 use std::cell::RefCell;

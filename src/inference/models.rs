@@ -84,6 +84,8 @@ pub struct ServedModel {
     batcher: Batcher,
     /// Its out-of-distribution model, when the card names one.
     pub ood: Option<Arc<crate::ood_score::OodModel>>,
+    /// Whether its file has a `cam` output (heatmaps can be drawn).
+    pub has_cam: bool,
     /// Its training plots (kind, PNG bytes).
     pub plots: Vec<(&'static str, Vec<u8>)>,
     /// What the site chose for it (`--site-card`): the threshold answers default to,
@@ -866,6 +868,7 @@ impl<'a> LoadContext<'a> {
             preprocessor,
             batcher,
             ood: m.ood,
+            has_cam: m.has_cam,
             plots: m.plots,
             site,
             served: AtomicU64::new(0),

@@ -3,46 +3,50 @@
 //! each [`Prediction`] with its warnings, heatmap and timings.
 
 use crate::audit::{AuditRecord, Decision as AuditDecision};
-use crate::eval::Target;
 use crate::eval::served_probabilities;
 use crate::inference::InferError;
 use crate::inference::JobOutput;
 use crate::inference::ServedModel;
 use crate::ood_score::OodAction;
 use crate::predict::ApiError;
-use crate::predict::Ask;
-use crate::predict::Asker;
 use crate::predict::Core;
 use crate::predict::ErrorType;
+use crate::predict::ask::Asker;
+use crate::predict::ask::Decision;
+use crate::predict::ask::Valid;
 use crate::predict::explain;
 use crate::predict::types::ModelRef;
 use crate::predict::types::Prediction;
 use crate::predict::types::Probabilities;
-use crate::predict::types::ThresholdSource;
+use crate::predict::types::ThresholdKind;
 use crate::predict::types::Timings;
+use crate::predict::types::Verdict;
 use crate::predict::upload::Decoded;
 use crate::predict::upload::Upload;
 use crate::predict::upload::UploadFacts;
 use crate::predict::upload::ms;
+use crate::registry::Label;
 use std::time::Duration;
 use std::time::Instant;
 
+/// One image answered and audited, before its timings and heatmap are added
+/// ([`complete_all`]).
+pub(super) type Audited = (Prediction, JobOutput, Decoded);
+
 /// Runs decoded inputs through the request's model (queued together, so they
 /// batch), writes their audit records (a record that cannot be written fails the
-/// whole request), and returns the answers in order; then, when the model has a
-/// candidate in its shadow and this request is sampled, hands the candidate its
-/// copy of the inputs (it runs after the answer, [`super::shadow`]).
+/// whole request), and returns the answers in order ([`complete_all`] finishes
+/// them; the caller may first hand a shadow candidate its copy).
 pub(super) async fn classify(
     core: &Core,
-    valid: &super::Valid,
+    valid: &Valid,
     decoded: Vec<Decoded>,
-) -> Result<Vec<Prediction>, ApiError> {
+) -> Result<Vec<Audited>, ApiError> {
     let (model, decision, asker) = (&*valid.model, &valid.decision, &valid.asker);
-    let (started, explain) = (valid.started, valid.explain);
+    let explain = valid.explain;
     // Stage spans only when they are kept: their attributes cost allocations.
     let trace = asker.trace.as_deref().filter(|t| t.recording());
     let name = model.card.name.clone();
-    let shadow = super::shadow::plan(core, model, &decoded);
     // An explanation draws on the input, so it keeps a copy.
     let mut decoded = decoded;
     let inputs = decoded
@@ -129,22 +133,17 @@ pub(super) async fn classify(
     if let Some(t) = trace {
         t.stage("audit", audit_start, Instant::now(), &[]);
     }
-    if let Some(run) = shadow {
-        let answered = answers
-            .iter()
-            .map(|(p, _, d)| super::shadow::Answered {
-                label: p.label.clone(),
-                p_pneumonia: p.probabilities.PNEUMONIA,
-                facts: Facts::of(d, None),
-            })
-            .collect();
-        run.spawn(core, valid, answered);
-    }
-    let total = started.elapsed();
-    Ok(answers
+    Ok(answers)
+}
+
+/// The audited answers finished: timings (the request's total so far) and, when
+/// asked, heatmaps.
+pub(super) fn complete_all(core: &Core, valid: &Valid, answers: Vec<Audited>) -> Vec<Prediction> {
+    let total = valid.started.elapsed();
+    answers
         .into_iter()
-        .map(|(p, r, d)| complete(core, model, p, r, d, total, explain))
-        .collect())
+        .map(|(p, r, d)| complete(core, &valid.model, p, r, d, total, valid.explain))
+        .collect()
 }
 
 /// What the audit trail keeps of one image: its upload's facts, its DICOM SOP
@@ -219,8 +218,8 @@ impl<'a> Trail<'a> {
             model_version: card.version.clone(),
             model_sha256: card.onnx.sha256.clone(),
             threshold: self.decision.threshold,
-            threshold_source: self.decision.source.kind.clone(),
-            site_card: (self.decision.source.kind == "site")
+            threshold_source: self.decision.source.kind.as_str().to_string(),
+            site_card: (self.decision.source.kind == ThresholdKind::Site)
                 .then(|| self.model.site.as_ref().map(|s| s.audit_name()))
                 .flatten(),
             p_normal: facts.probabilities.map(|p| p[0]),
@@ -312,7 +311,12 @@ async fn write_audit(
         .enumerate()
         .map(|(i, (p, _, d))| {
             let served = [p.probabilities.NORMAL, p.probabilities.PNEUMONIA];
-            trail.record(i, &Facts::of(d, Some(served)), Ok(&p.label), p.ood_score)
+            trail.record(
+                i,
+                &Facts::of(d, Some(served)),
+                Ok(p.label.as_str()),
+                p.ood_score,
+            )
         })
         .collect();
     record(core, &records).await
@@ -332,16 +336,25 @@ fn complete(
 ) -> Prediction {
     core.metrics()
         .predictions
-        .with_label_values(&[&model.card.name, &p.label])
+        .with_label_values(&[&model.card.name, p.label.as_str()])
         .inc();
     model.record(total.as_secs_f64() * 1e3);
     let mut warnings = d.warnings;
+    let (mut verdict, mut caution) = match p.in_distribution {
+        None => (Verdict::NotScored, None),
+        Some(true) => (Verdict::InDistribution, None),
+        Some(false) => (Verdict::Outside, None),
+    };
     if let (Some(false), Some(t)) = (p.in_distribution, model.ood_threshold()) {
         let score = p.ood_score.unwrap_or(f64::NAN);
         match model.ood_refuse_threshold() {
-            Some(r) if score <= r => warnings.push(format!(
-                "{DISTRIBUTION_SHIFT}: score {score:.3} above the training distribution's threshold {t:.3} (refused only above {r:.3}): a radiograph unlike the pediatric films the model was trained on (other equipment or technique, an older patient); its answer is less certain than the model card's figures say"
-            )),
+            Some(r) if score <= r => {
+                let c = format!(
+                    "{DISTRIBUTION_SHIFT}: score {score:.3} above the training distribution's threshold {t:.3} (refused only above {r:.3}): a radiograph unlike the pediatric films the model was trained on (other equipment or technique, an older patient); its answer is less certain than the model card's figures say"
+                );
+                warnings.push(c.clone());
+                (verdict, caution) = (Verdict::Shift, Some(c));
+            }
             _ => warnings.push(format!(
                 "out of distribution: score {score:.3} above the model's threshold {t:.3}; this image does not resemble the pediatric frontal chest radiographs the model was trained on, so its label should not be relied on",
             )),
@@ -358,8 +371,8 @@ fn complete(
         }
         (true, Some(cam)) => Some(explain::heatmap(
             cam,
-            usize::from(p.label == "PNEUMONIA"),
-            &p.label,
+            p.label.index(),
+            p.label.as_str(),
             &d.input,
             model.card.input_size,
             &model.card.preprocessing,
@@ -374,6 +387,8 @@ fn complete(
         },
         dicom: d.dicom,
         warnings,
+        verdict,
+        caution,
         heatmap,
         ..p
     }
@@ -444,97 +459,6 @@ pub(super) fn ood_scores(
     Ok(v)
 }
 
-/// The threshold a request is answered at, and where it came from.
-#[derive(Debug, Clone)]
-pub struct Decision {
-    /// On P(PNEUMONIA).
-    pub threshold: f64,
-    /// Where it came from.
-    pub source: ThresholdSource,
-}
-
-/// The card's threshold, or the caller's `threshold=`, or the one that reached the
-/// caller's `operating_point=` on the card's validation ROC.
-pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiError> {
-    let card = &model.card;
-    match (q.threshold, q.operating_point.as_deref()) {
-        (Some(_), Some(_)) => Err(ApiError::InvalidQuery(
-            "give `threshold` or `operating_point`, not both".into(),
-        )),
-        (Some(t), None) => {
-            if !(t > 0.0 && t < 1.0) {
-                return Err(ApiError::InvalidQuery(format!(
-                    "threshold {t} must lie in (0, 1)"
-                )));
-            }
-            Ok(Decision {
-                threshold: t,
-                source: ThresholdSource {
-                    kind: "query".into(),
-                    rule: None,
-                    target: None,
-                    validation_sensitivity: None,
-                    validation_specificity: None,
-                    site: None,
-                },
-            })
-        }
-        (None, Some(op)) => {
-            let target: Target = op
-                .parse()
-                .map_err(|e: crate::eval::ParseError| ApiError::InvalidQuery(e.0))?;
-            let curve = card.operating_curve.as_ref().ok_or_else(|| {
-                ApiError::OperatingPoint(format!(
-                    "model `{}` {} has no validation ROC in its card, so no operating point can be chosen; use `threshold`",
-                    card.name, card.version
-                ))
-            })?;
-            let p = curve.threshold_for(target).ok_or_else(|| {
-                ApiError::OperatingPoint(format!(
-                    "no threshold of model `{}` reached {target} on its validation ROC ({})",
-                    card.name, curve.source
-                ))
-            })?;
-            Ok(Decision {
-                threshold: p.threshold,
-                source: ThresholdSource {
-                    kind: "operating_point".into(),
-                    rule: None,
-                    target: Some(target.to_string()),
-                    validation_sensitivity: Some(p.tpr),
-                    validation_specificity: Some(1.0 - p.fpr),
-                    site: None,
-                },
-            })
-        }
-        (None, None) => Ok(match &model.site {
-            // The site's own choice, on its own films, for this very file.
-            Some(site) => Decision {
-                threshold: site.model.threshold,
-                source: ThresholdSource {
-                    kind: "site".into(),
-                    rule: Some(site.model.rule.clone()),
-                    target: None,
-                    validation_sensitivity: site.model.sensitivity.map(|i| i.value),
-                    validation_specificity: site.model.specificity.map(|i| i.value),
-                    site: Some(site.provenance.clone()),
-                },
-            },
-            None => Decision {
-                threshold: card.threshold,
-                source: ThresholdSource {
-                    kind: "card".into(),
-                    rule: card.threshold_rule.clone(),
-                    target: None,
-                    validation_sensitivity: None,
-                    validation_specificity: None,
-                    site: None,
-                },
-            },
-        }),
-    }
-}
-
 pub(super) fn prediction(
     model: &ServedModel,
     r: &JobOutput,
@@ -542,15 +466,10 @@ pub(super) fn prediction(
     asker: &Asker,
 ) -> Prediction {
     let p = served_probabilities(r.logits, r.probabilities, model.card.temperature());
-    let pneumonia = f64::from(p[1]) >= d.threshold;
-    let (label, confidence) = if pneumonia {
-        ("PNEUMONIA", p[1])
-    } else {
-        ("NORMAL", p[0])
-    };
+    let label = Label::at(f64::from(p[1]), d.threshold);
     Prediction {
-        label: label.into(),
-        confidence,
+        label,
+        confidence: p[label.index()],
         probabilities: Probabilities {
             NORMAL: p[0],
             PNEUMONIA: p[1],
@@ -577,6 +496,8 @@ pub(super) fn prediction(
         warnings: Vec::new(),
         ood_score: None,
         in_distribution: None,
+        verdict: Verdict::NotScored,
+        caution: None,
         heatmap: None,
     }
 }

@@ -23,6 +23,7 @@
 //! that type to its own status once (`http::error::status`).
 
 mod answer;
+mod ask;
 mod budget;
 pub mod error;
 mod error_type;
@@ -30,7 +31,7 @@ pub mod explain;
 mod request;
 mod results;
 mod shadow;
-pub mod tensor;
+
 pub mod types;
 mod upload;
 
@@ -46,24 +47,26 @@ use crate::imaging::dicom::DicomOptions;
 use crate::inference::ModelSet;
 use crate::metrics::ServerMetrics;
 
-pub use answer::Decision;
+pub use ask::Answered;
+pub use ask::Ask;
+pub use ask::Asker;
+pub use ask::Decision;
+pub use ask::MAX_CLIENT_REQUEST_ID;
+pub use ask::Valid;
+pub use ask::sanitize_client_request_id;
 pub use budget::Buffered;
 pub use budget::Reservation;
 pub use error::ApiError;
 pub use error_type::ErrorType;
-pub use request::Answered;
-pub use request::Ask;
-pub use request::Asker;
-pub use request::MAX_CLIENT_REQUEST_ID;
-pub use request::Valid;
-pub use request::sanitize_client_request_id;
 pub use results::Filed;
 pub use results::ResultObject;
 pub use types::ModelRef;
 pub use types::Prediction;
 pub use types::Probabilities;
+pub use types::ThresholdKind;
 pub use types::ThresholdSource;
 pub use types::Timings;
+pub use types::Verdict;
 pub use upload::Decoded;
 pub use upload::Upload;
 pub use upload::UploadFacts;

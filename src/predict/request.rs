@@ -5,93 +5,27 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::access::Caller;
 use crate::imaging::Preprocessor;
 use crate::imaging::dicom::DicomOptions;
 use crate::imaging::sr::SrSource;
-use crate::inference::Prefer;
 use crate::inference::ServedModel;
 use crate::predict::ApiError;
 use crate::predict::Core;
-use crate::predict::Decision;
-use crate::predict::Prediction;
 use crate::predict::answer::Facts;
 use crate::predict::answer::classify;
-use crate::predict::answer::decision;
+use crate::predict::answer::complete_all;
 use crate::predict::answer::refused;
+use crate::predict::ask::Answered;
+use crate::predict::ask::Ask;
+use crate::predict::ask::Asker;
+use crate::predict::ask::Valid;
+use crate::predict::ask::decision;
+use crate::predict::shadow;
 use crate::predict::upload::Decoded;
 use crate::predict::upload::SetOnDrop;
 use crate::predict::upload::Upload;
 use crate::predict::upload::decode_upload;
 use crate::predict::upload::kilo;
-
-/// Longest `x-request-id` kept from a caller.
-pub const MAX_CLIENT_REQUEST_ID: usize = 128;
-
-/// A caller's `x-request-id` as kept: at most [`MAX_CLIENT_REQUEST_ID`] characters
-/// of `A-Z a-z 0-9 - _ . : / + = @`, others dropped; `None` if nothing is left.
-pub fn sanitize_client_request_id(raw: &[u8]) -> Option<String> {
-    let kept: String = raw
-        .iter()
-        .filter(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b))
-        .take(MAX_CLIENT_REQUEST_ID)
-        .map(|&b| char::from(b))
-        .collect();
-    (!kept.is_empty()).then_some(kept)
-}
-
-/// Who asked, and the request's ids: what answers and audit records name.
-#[derive(Debug, Clone)]
-pub struct Asker {
-    /// The caller (an API key's name, a DICOM calling AE title, or anonymous).
-    pub caller: Caller,
-    /// The server's request id.
-    pub request_id: String,
-    /// The caller's own id, sanitised.
-    pub client_request_id: Option<String>,
-    /// The request's trace (its stages become spans), when the door traces.
-    pub trace: Option<Arc<crate::trace::RequestTrace>>,
-}
-
-/// What a caller asks of the model: which variant, at which threshold, and whether
-/// to explain.
-#[derive(Debug, Clone, Default)]
-pub struct Ask {
-    /// A variant by name.
-    pub model: Option<String>,
-    /// The variant with the best measured sensitivity or specificity.
-    pub prefer: Option<Prefer>,
-    /// A threshold on P(PNEUMONIA), in (0, 1).
-    pub threshold: Option<f64>,
-    /// An operating point on the card's validation ROC (`sensitivity:0.95`).
-    pub operating_point: Option<String>,
-    /// Add the class activation maps to each answer.
-    pub explain: bool,
-}
-
-/// A validated request: the variant that will answer and the decision it will
-/// answer at (the role of text-generation-inference's `ValidGenerateRequest`).
-pub struct Valid {
-    /// Who asked.
-    pub asker: Asker,
-    /// The variant.
-    pub model: Arc<ServedModel>,
-    /// The threshold, and where it came from.
-    pub decision: Decision,
-    /// Whether answers carry their heatmaps.
-    pub explain: bool,
-    /// When the door admitted the request (answers' `timings_ms.total`).
-    pub started: Instant,
-}
-
-/// A request's answers, one per image in order, with what a Structured Report of
-/// each needs (empty for an image that was not DICOM).
-pub struct Answered {
-    /// The answers.
-    pub predictions: Vec<Prediction>,
-    /// Their sources' DICOM facts.
-    pub sources: Vec<SrSource>,
-}
 
 impl Core {
     /// Chooses the variant (by name, or the one with the best measured
@@ -134,9 +68,18 @@ impl Core {
         started: Instant,
     ) -> Result<Valid, ApiError> {
         let decision = decision(&model, ask)?;
+        if ask.explain && !model.has_cam {
+            // Refused before anything is classified or recorded: a door that answers
+            // with the heatmap itself (Accept: image/png) has nothing to answer with.
+            return Err(ApiError::ExplanationUnavailable(format!(
+                "model `{}` {} has no `cam` output, so no heatmap can be drawn",
+                model.card.name, model.card.version
+            )));
+        }
         Ok(Valid {
             asker,
             model,
+            ask: ask.clone(),
             decision,
             explain: ask.explain,
             started,
@@ -193,7 +136,13 @@ impl Core {
             .iter_mut()
             .map(|d| d.sr.take().unwrap_or_default())
             .collect();
-        let predictions = classify(self, valid, decoded).await?;
+        let shadow = shadow::plan(self, &valid.model, &decoded);
+        let audited = classify(self, valid, decoded).await?;
+        if let Some(run) = shadow {
+            // The candidate runs after the answer, on its own copy of the inputs.
+            run.spawn(self, valid, shadow::answered(&audited));
+        }
+        let predictions = complete_all(self, valid, audited);
         Ok(Answered {
             predictions,
             sources,

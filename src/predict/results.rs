@@ -50,12 +50,8 @@ fn classified<'a>(model: &'a ServedModel, p: &Prediction) -> SrResult<'a> {
         finding: SrFinding::Classified {
             probability: f64::from(p.probabilities.PNEUMONIA),
             threshold: p.threshold,
-            pneumonia: p.label == "PNEUMONIA",
-            caution: p
-                .warnings
-                .iter()
-                .find(|w| w.starts_with(super::answer::DISTRIBUTION_SHIFT))
-                .cloned(),
+            pneumonia: p.label.is_pneumonia(),
+            caution: p.caution.clone(),
         },
     }
 }

@@ -25,9 +25,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::audit::{Decision as AuditDecision, ShadowMark};
 use crate::eval::served_probabilities;
 use crate::inference::ServedModel;
-use crate::predict::answer::{Facts, Trail, decision};
+use crate::predict::Core;
+use crate::predict::answer::{Audited, Facts, Trail};
+use crate::predict::ask::decision;
+use crate::predict::ask::{Ask, Asker, Valid};
 use crate::predict::upload::Decoded;
-use crate::predict::{Ask, Asker, Core, Valid};
+use crate::registry::Label;
 
 /// How long the server must have had no request in flight before a shadow runs.
 pub const IDLE_GAP: Duration = Duration::from_millis(20);
@@ -47,7 +50,7 @@ pub(super) struct Run {
 
 /// What was answered for one image.
 pub(super) struct Answered {
-    pub(super) label: String,
+    pub(super) label: Label,
     pub(super) p_pneumonia: f32,
     pub(super) facts: Facts,
 }
@@ -68,6 +71,18 @@ fn shed(core: &Core, candidate: &ServedModel, reason: &str) {
         .shadow_shed
         .with_label_values(&[&candidate.card.name, &candidate.card.version, reason])
         .inc();
+}
+
+/// What the shadow compares of each audited answer.
+pub(super) fn answered(audited: &[Audited]) -> Vec<Answered> {
+    audited
+        .iter()
+        .map(|(p, _, d)| Answered {
+            label: p.label,
+            p_pneumonia: p.probabilities.PNEUMONIA,
+            facts: Facts::of(d, None),
+        })
+        .collect()
 }
 
 /// Whether this request runs `model`'s shadow candidate (the model is its
@@ -106,16 +121,11 @@ impl Run {
     pub(super) fn spawn(self, core: &Core, valid: &Valid, answered: Vec<Answered>) {
         let core = core.clone();
         let asker = valid.asker.clone();
-        let ask = match valid.decision.source.kind.as_str() {
-            "query" => Ask {
-                threshold: Some(valid.decision.threshold),
-                ..Ask::default()
-            },
-            "operating_point" => Ask {
-                operating_point: valid.decision.source.target.clone(),
-                ..Ask::default()
-            },
-            _ => Ask::default(),
+        // The caller's own threshold or operating point, on the candidate's card.
+        let ask = Ask {
+            threshold: valid.ask.threshold,
+            operating_point: valid.ask.operating_point.clone(),
+            ..Ask::default()
         };
         let answered_version = valid.model.card.version.clone();
         tokio::spawn(async move {
@@ -169,19 +179,15 @@ impl Run {
         let mut marks = Vec::with_capacity(outputs.len());
         for (i, (r, mut a)) in outputs.into_iter().zip(answered).enumerate() {
             let p = served_probabilities(r.logits, r.probabilities, cand.card.temperature());
-            let label = if f64::from(p[1]) >= decided.threshold {
-                "PNEUMONIA"
-            } else {
-                "NORMAL"
-            };
+            let label = Label::at(f64::from(p[1]), decided.threshold);
             let agreed = label == a.label;
             let abs_delta_p = f64::from((p[1] - a.p_pneumonia).abs());
             a.facts.probabilities = Some(p);
-            let mut rec = trail.record(i, &a.facts, Ok(label), None);
+            let mut rec = trail.record(i, &a.facts, Ok(label.as_str()), None);
             rec.decision = AuditDecision::Shadow;
             rec.shadow = Some(ShadowMark {
                 answered_version: answered_version.clone(),
-                answered_label: a.label.clone(),
+                answered_label: a.label.to_string(),
                 answered_p_pneumonia: a.p_pneumonia,
                 agreed,
                 abs_delta_p,
@@ -199,13 +205,13 @@ impl Run {
         let m = core.metrics();
         for (label, agreed, dp) in marks {
             let (name, version) = (&cand.card.name, &cand.card.version);
-            cand.shadow.add(&label, agreed, dp);
+            cand.shadow.add(label.as_str(), agreed, dp);
             let agreement = if agreed { "agree" } else { "disagree" };
             m.shadow_images
-                .with_label_values(&[name, version, &label, agreement])
+                .with_label_values(&[name, version, label.as_str(), agreement])
                 .inc();
             m.shadow_abs_delta_p
-                .with_label_values(&[name, version, &label])
+                .with_label_values(&[name, version, label.as_str()])
                 .observe(dp);
         }
     }

@@ -5,7 +5,50 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::imaging::dicom::DicomInfo;
+use crate::registry::Label;
 use crate::registry::Strategy;
+
+/// Which threshold answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdKind {
+    /// The variant's own, chosen on validation.
+    Card,
+    /// The site card's, chosen on the site's own films (`--site-card`).
+    Site,
+    /// The caller's `threshold=`.
+    Query,
+    /// The one that reached the caller's `operating_point=` on the card's
+    /// validation ROC.
+    OperatingPoint,
+}
+
+impl ThresholdKind {
+    /// Its name in answers and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThresholdKind::Card => "card",
+            ThresholdKind::Site => "site",
+            ThresholdKind::Query => "query",
+            ThresholdKind::OperatingPoint => "operating_point",
+        }
+    }
+}
+
+/// The out-of-distribution verdict on an answered image, typed (the JSON says it by
+/// `in_distribution` and its warning).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Verdict {
+    /// No OOD model, or `--ood-action off`.
+    #[default]
+    NotScored,
+    /// At or under the model's threshold.
+    InDistribution,
+    /// Between the two thresholds: answered, with a distribution-shift caution.
+    Shift,
+    /// Above the refusal threshold and answered all the same (`--ood-action warn`).
+    Outside,
+}
 
 /// Where the applied threshold came from.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -13,7 +56,7 @@ pub struct ThresholdSource {
     /// `card` (the variant's own, chosen on validation), `site` (the site card's,
     /// chosen on the site's own films: `--site-card`), `query` (`threshold=`) or
     /// `operating_point` (`operating_point=`).
-    pub kind: String,
+    pub kind: ThresholdKind,
     /// How the card's threshold was chosen (`card`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
@@ -84,7 +127,7 @@ pub struct Timings {
 }))]
 pub struct Prediction {
     /// `PNEUMONIA` when P(PNEUMONIA) >= threshold, else `NORMAL`.
-    pub label: String,
+    pub label: Label,
     /// Probability of the answered label.
     pub confidence: f32,
     /// Both probabilities (calibrated with the card's temperature, when it has one).
@@ -120,6 +163,14 @@ pub struct Prediction {
     /// no score. With `--ood-action refuse` (the default) an answer is only given when
     /// true.
     pub in_distribution: Option<bool>,
+    /// The verdict, typed (not in the JSON: `in_distribution` and the warnings say
+    /// it there).
+    #[serde(skip)]
+    pub verdict: Verdict,
+    /// The distribution-shift caution, when the verdict is [`Verdict::Shift`] (also
+    /// among the warnings).
+    #[serde(skip)]
+    pub caution: Option<String>,
     /// With `explain=cam`: the class activation maps (an attention map, not a
     /// localisation).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -11,6 +11,67 @@ use crate::model::onnx::WeightStorage;
 /// Class names every cxr model uses, in output order.
 pub const CLASS_NAMES: [&str; 2] = ["NORMAL", "PNEUMONIA"];
 
+/// A class, as answered: `NORMAL` or `PNEUMONIA`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
+pub enum Label {
+    /// No pneumonia found.
+    #[serde(rename = "NORMAL")]
+    Normal,
+    /// Pneumonia found (the positive class).
+    #[serde(rename = "PNEUMONIA")]
+    Pneumonia,
+}
+
+impl Label {
+    /// The label of P(PNEUMONIA) `p` at `threshold`: positive at or above it.
+    pub fn at(p: f64, threshold: f64) -> Self {
+        if p >= threshold {
+            Label::Pneumonia
+        } else {
+            Label::Normal
+        }
+    }
+
+    /// Its index among the model's outputs.
+    pub fn index(self) -> usize {
+        match self {
+            Label::Normal => 0,
+            Label::Pneumonia => 1,
+        }
+    }
+
+    /// Whether it is the positive class.
+    pub fn is_pneumonia(self) -> bool {
+        self == Label::Pneumonia
+    }
+
+    /// Its name, as in [`CLASS_NAMES`].
+    pub fn as_str(self) -> &'static str {
+        CLASS_NAMES[self.index()]
+    }
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Label {
+    type Err = String;
+
+    /// `NORMAL` or `PNEUMONIA`, in any case, surrounding spaces ignored.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "NORMAL" => Ok(Label::Normal),
+            "PNEUMONIA" => Ok(Label::Pneumonia),
+            _ => Err(format!("label `{s}` is neither NORMAL nor PNEUMONIA")),
+        }
+    }
+}
+
 /// How the class imbalance was handled in training.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]

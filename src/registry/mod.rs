@@ -14,7 +14,9 @@ mod write;
 
 use std::path::{Path, PathBuf};
 
-pub use card::{Architecture, CLASS_NAMES, CardMetrics, ModelCard, OnnxFile, Recipe, Strategy};
+pub use card::{
+    Architecture, CLASS_NAMES, CardMetrics, Label, ModelCard, OnnxFile, Recipe, Strategy,
+};
 pub use write::{NewModel, set_card_ood, write_model};
 
 use crate::imaging::Preprocessor;
@@ -58,6 +60,9 @@ pub struct LoadedModel {
     pub onnx_bytes: Vec<u8>,
     /// The out-of-distribution model the card names (verified against its SHA-256).
     pub ood: Option<std::sync::Arc<crate::ood_score::OodModel>>,
+    /// Whether the file has a `cam` output (class activation maps: heatmaps can be
+    /// drawn), as its graph declares.
+    pub has_cam: bool,
     /// The training run's plots found beside the card (`plots/<name>-<kind>.png`,
     /// kinds in [`PLOT_KINDS`]), PNG bytes.
     pub plots: Vec<(&'static str, Vec<u8>)>,
@@ -224,12 +229,17 @@ pub fn load_card(card_path: &Path) -> Result<LoadedModel, RegistryError> {
         Some(o) => Some(load_ood(o, card_path, &sig)?),
     };
     let plots = read_plots(&card.name, card_path);
+    let has_cam = sig
+        .outputs
+        .iter()
+        .any(|(n, _, _)| n == crate::model::onnx::CAM_NAME);
     Ok(LoadedModel {
         card,
         card_path: card_path.into(),
         onnx_path,
         onnx_bytes,
         ood,
+        has_cam,
         plots,
     })
 }

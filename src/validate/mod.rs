@@ -411,16 +411,19 @@ pub async fn run(core: &Core, cfg: &Config) -> Result<Written, ValidateError> {
     } else {
         cfg.models.clone()
     };
-    let all = crate::job::files(&cfg.films).map_err(|e| ValidateError(e.0))?;
+    let all = crate::imaging::files::files(&cfg.films).map_err(|e| ValidateError(e.0))?;
     let mut images = Vec::new();
     let mut skipped = 0;
     for path in &all {
         // Its first bytes tell what it is; the whole file is read when it is answered.
         let mut head = Vec::new();
         std::fs::File::open(path)
-            .and_then(|f| f.take(crate::job::SNIFF_BYTES).read_to_end(&mut head))
+            .and_then(|f| {
+                f.take(crate::imaging::files::SNIFF_BYTES)
+                    .read_to_end(&mut head)
+            })
             .map_err(|e| ValidateError(format!("cannot read {}: {e}", path.display())))?;
-        if crate::job::is_image_file(&head) {
+        if crate::imaging::files::is_image_file(&head) {
             images.push(path.strip_prefix(&cfg.films).unwrap_or(path).to_path_buf());
         } else {
             skipped += 1;

@@ -2,7 +2,6 @@
 
 use crate::http::ApiError;
 use crate::http::AppState;
-use crate::http::Prediction;
 use crate::http::upload::ReservedBody;
 use crate::http::v2::HEADER_LENGTH;
 use crate::http::v2::InferRequest;
@@ -15,11 +14,13 @@ use crate::http::v2::served;
 use crate::http::v2::tensors::image_elements;
 use crate::http::v2::tensors::input_binary;
 use crate::http::v2::tensors::tensor_rows;
-use crate::predict::Answered;
-use crate::predict::Ask;
+use crate::oip;
+use crate::oip::AskedOutput;
+use crate::oip::Inputs;
+use crate::oip::Param;
+use crate::oip::Params;
 use crate::predict::Asker;
 use crate::predict::Core;
-use crate::predict::Upload;
 use crate::predict::Valid;
 use axum::Json;
 use axum::body::Bytes;
@@ -106,39 +107,53 @@ async fn infer_inner(
 ) -> Result<Response, ApiError> {
     let core = state.core();
     let model = served(state, p)?.clone();
-    let valid = core.validate_for(asker, model, &ask_of(&request.parameters)?, started)?;
-    let model = &valid.model;
-    let outputs = selected_outputs(&request)?;
-    if outputs.iter().any(|(n, _)| *n == "ood_score")
-        && (model.ood.is_none() || core.limits().ood_action == crate::ood_score::OodAction::Off)
-    {
-        return Err(ApiError::BadRequest(format!(
-            "output `ood_score`: model `{}` has no out-of-distribution model, or the server runs with --ood-action off",
-            model.card.name
-        )));
-    }
-
-    let answered = answer_input(core, &valid, request.inputs.0, &binary).await?;
+    let parameters = params(&request.parameters);
+    let asked: Option<Vec<AskedOutput>> = request.outputs.as_ref().map(|o| {
+        o.0.iter()
+            .map(|o| AskedOutput {
+                name: o.name.clone(),
+                parameters: params(&o.parameters),
+            })
+            .collect()
+    });
+    let ask = oip::ask_of(&parameters)?;
+    let valid = core.validate_for(asker, model, &ask, started)?;
+    let outputs = oip::selected_outputs(&parameters, asked.as_deref())?;
+    let inputs = inputs_of(core, &valid, request.inputs.0, &binary)?;
+    let answer = oip::infer(core, &valid, &outputs, inputs).await?;
     let answering = Instant::now();
-
-    let (out, tail) = response_outputs(&answered.predictions, outputs);
-    let mut parameters = Map::new();
-    let decision = &valid.decision;
-    parameters.insert("threshold".into(), decision.threshold.into());
-    parameters.insert(
-        "threshold_source".into(),
-        decision.source.kind.clone().into(),
-    );
-    parameters.insert("request_id".into(), valid.asker.request_id.clone().into());
-    if let Some(client) = &valid.asker.client_request_id {
-        parameters.insert("client_request_id".into(), client.clone().into());
-    }
-    parameters.insert("execution_provider".into(), model.provider.as_str().into());
+    let mut tail: Vec<u8> = Vec::new();
+    let out = answer
+        .outputs
+        .iter()
+        .map(|t| {
+            let (parameters, data) = if t.binary {
+                let bytes = t.raw();
+                let mut m = Map::new();
+                m.insert("binary_data_size".into(), bytes.len().into());
+                tail.extend_from_slice(&bytes);
+                (Some(m), None)
+            } else {
+                (None, Some(t.json()))
+            };
+            ResponseOutput {
+                name: t.output.name().into(),
+                shape: t.shape.clone(),
+                datatype: t.datatype().into(),
+                parameters,
+                data,
+            }
+        })
+        .collect();
     let response = InferResponse {
-        model_name: model.card.name.clone(),
-        model_version: model.card.version.clone(),
+        model_name: answer.model_name,
+        model_version: answer.model_version,
         id: request.id,
-        parameters,
+        parameters: answer
+            .parameters
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_json()))
+            .collect(),
         outputs: out,
     };
     let resp = into_http(&response, tail);
@@ -148,123 +163,39 @@ async fn infer_inner(
     resp
 }
 
-/// What the request's `threshold` and `operating_point` parameters ask (as
-/// `/predict`'s query).
-fn ask_of(parameters: &Map<String, Value>) -> Result<Ask, ApiError> {
-    Ok(Ask {
-        threshold: match parameters.get("threshold") {
-            None => None,
-            Some(v) => Some(v.as_f64().ok_or_else(|| {
-                ApiError::BadRequest("parameter `threshold` must be a number".into())
-            })?),
-        },
-        operating_point: match parameters.get("operating_point") {
-            None => None,
-            Some(v) => Some(
-                v.as_str()
-                    .ok_or_else(|| {
-                        ApiError::BadRequest(
-                            "parameter `operating_point` must be a string such as `sensitivity:0.95`"
-                                .into(),
-                        )
-                    })?
-                    .to_string(),
-            ),
-        },
-        ..Ask::default()
-    })
+/// JSON parameters in the protocol's terms (an array, an object or null is kept
+/// as a value no parameter accepts).
+fn params(p: &Map<String, Value>) -> Params {
+    p.iter()
+        .map(|(k, v)| (k.clone(), Param::from_json(v)))
+        .collect()
 }
 
-/// The request's one input, answered: `image` files as `/predict` answers them, or
-/// the rows of an `input` tensor.
-async fn answer_input(
+/// The request's one input, read: `image` files or the rows of an `input` tensor.
+fn inputs_of(
     core: &Core,
     valid: &Valid,
     inputs: Vec<RequestInput<'_>>,
     binary: &Bytes,
-) -> Result<Answered, ApiError> {
+) -> Result<Inputs, ApiError> {
     let limits = core.limits();
-    let model = &valid.model;
-    let [input] = <[RequestInput<'_>; 1]>::try_from(inputs).map_err(|inputs| {
-        ApiError::BadRequest(format!(
-            "{} inputs; send exactly one: `image` (BYTES, encoded files) or `input` (FP32 [N, 3, {s}, {s}])",
-            inputs.len(),
-            s = model.card.input_size
-        ))
-    })?;
+    let card = &valid.model.card;
+    let input = oip::one_input(inputs, card.input_size)?;
     let bin = input_binary(&input, binary)?;
     match input.name.as_str() {
-        "image" => {
-            let files = image_elements(&input, bin, limits.max_images)?;
-            let uploads: Vec<Upload> = files.into_iter().map(Upload::sniff).collect();
-            core.answer_files(valid, uploads).await
-        }
-        "input" => {
-            let rows = tensor_rows(&input, bin, model.card.input_size, limits.max_images)?;
-            core.answer_decoded(valid, rows).await
-        }
-        other => Err(ApiError::BadRequest(format!(
-            "unknown input `{other}`; model `{}` takes `image` (BYTES) or `input` (FP32)",
-            model.card.name
-        ))),
+        "image" => Ok(Inputs::Files(image_elements(
+            &input,
+            bin,
+            limits.max_images,
+        )?)),
+        "input" => Ok(Inputs::Rows(tensor_rows(
+            &input,
+            bin,
+            card.input_size,
+            limits.max_images,
+        )?)),
+        other => Err(oip::unknown_input(other, &card.name)),
     }
-}
-
-/// The asked outputs of `predictions`, and the bytes of those asked as binary (in
-/// order, after the JSON).
-fn response_outputs(
-    predictions: &[Prediction],
-    outputs: Vec<(&'static str, bool)>,
-) -> (Vec<ResponseOutput>, Vec<u8>) {
-    let n = predictions.len() as i64;
-    let mut tail: Vec<u8> = Vec::new();
-    let mut out = Vec::new();
-    for (name, binary_out) in outputs {
-        let (datatype, shape, data, bytes): (&str, Vec<i64>, Value, Vec<u8>) = match name {
-            "probabilities" => {
-                let flat: Vec<f32> = predictions
-                    .iter()
-                    .flat_map(|p| [p.probabilities.NORMAL, p.probabilities.PNEUMONIA])
-                    .collect();
-                let bytes = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
-                ("FP32", vec![n, 2], serde_json::json!(flat), bytes)
-            }
-            "ood_score" => {
-                // Checked before inference: every answer has a score.
-                let scores: Vec<f64> = predictions
-                    .iter()
-                    .map(|p| p.ood_score.unwrap_or(f64::NAN))
-                    .collect();
-                let bytes = scores.iter().flat_map(|v| v.to_le_bytes()).collect();
-                ("FP64", vec![n], serde_json::json!(scores), bytes)
-            }
-            _ => {
-                let labels: Vec<&str> = predictions.iter().map(|p| p.label.as_str()).collect();
-                let mut bytes = Vec::new();
-                for l in &labels {
-                    bytes.extend_from_slice(&(l.len() as u32).to_le_bytes());
-                    bytes.extend_from_slice(l.as_bytes());
-                }
-                ("BYTES", vec![n], serde_json::json!(labels), bytes)
-            }
-        };
-        let (parameters, data) = if binary_out {
-            let mut m = Map::new();
-            m.insert("binary_data_size".into(), bytes.len().into());
-            tail.extend_from_slice(&bytes);
-            (Some(m), None)
-        } else {
-            (None, Some(data))
-        };
-        out.push(ResponseOutput {
-            name: name.into(),
-            shape,
-            datatype: datatype.into(),
-            parameters,
-            data,
-        });
-    }
-    (out, tail)
 }
 
 /// The response: JSON, or with binary outputs the JSON then their bytes
@@ -284,42 +215,6 @@ fn into_http(response: &InferResponse, tail: Vec<u8>) -> Result<Response, ApiErr
     );
     h.insert(HEADER_LENGTH, HeaderValue::from(json_len));
     Ok(resp)
-}
-
-/// The outputs to return, in order, each with whether it goes as binary.
-fn selected_outputs(r: &InferRequest<'_>) -> Result<Vec<(&'static str, bool)>, ApiError> {
-    let all_binary = match r.parameters.get("binary_data_output") {
-        None => false,
-        Some(v) => v.as_bool().ok_or_else(|| {
-            ApiError::BadRequest("parameter `binary_data_output` must be a boolean".into())
-        })?,
-    };
-    let Some(asked) = &r.outputs else {
-        return Ok(vec![("probabilities", all_binary), ("label", all_binary)]);
-    };
-    let mut out = Vec::with_capacity(asked.0.len());
-    for o in &asked.0 {
-        let name = match o.name.as_str() {
-            "probabilities" => "probabilities",
-            "label" => "label",
-            "ood_score" => "ood_score",
-            other => {
-                return Err(ApiError::BadRequest(format!(
-                    "unknown output `{other}`; this model has `probabilities`, `label` and (with an OOD model) `ood_score`"
-                )));
-            }
-        };
-        let binary = match o.parameters.get("binary_data") {
-            None => all_binary,
-            Some(v) => v.as_bool().ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "output `{name}`: parameter `binary_data` must be a boolean"
-                ))
-            })?,
-        };
-        out.push((name, binary));
-    }
-    Ok(out)
 }
 
 /// Inference on one version.

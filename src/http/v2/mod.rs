@@ -139,7 +139,7 @@ fn served(state: &AppState, p: &ModelPath) -> Result<Arc<ServedModel>, ApiError>
 }
 
 fn server_metadata_of() -> ServerMetadata {
-    let (name, version, extensions) = crate::predict::tensor::server_metadata();
+    let (name, version, extensions) = crate::oip::tensor::server_metadata();
     ServerMetadata {
         name: name.into(),
         version: version.into(),
@@ -149,8 +149,8 @@ fn server_metadata_of() -> ServerMetadata {
 
 /// `m`'s metadata, listing `versions` (every loaded version of its variant).
 fn model_metadata_of(m: &ServedModel, versions: Vec<String>) -> ModelMetadata {
-    let (platform, inputs, outputs) = crate::predict::tensor::model_tensors(m);
-    let t = |(name, datatype, shape): crate::predict::tensor::TensorSpec| TensorMetadata {
+    let (platform, inputs, outputs) = crate::oip::tensor::model_tensors(m);
+    let t = |(name, datatype, shape): crate::oip::tensor::TensorSpec| TensorMetadata {
         name: name.into(),
         datatype: datatype.into(),
         shape,

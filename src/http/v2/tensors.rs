@@ -3,13 +3,13 @@
 
 use crate::http::ApiError;
 use crate::http::v2::RequestInput;
+use crate::oip::tensor::check_count;
+use crate::oip::tensor::image_batch;
+use crate::oip::tensor::le_f32;
+use crate::oip::tensor::length_prefixed;
+use crate::oip::tensor::rows;
+use crate::oip::tensor::tensor_batch;
 use crate::predict::Decoded;
-use crate::predict::tensor::check_count;
-use crate::predict::tensor::image_batch;
-use crate::predict::tensor::le_f32;
-use crate::predict::tensor::length_prefixed;
-use crate::predict::tensor::rows;
-use crate::predict::tensor::tensor_batch;
 use axum::body::Bytes;
 use base64::Engine;
 
@@ -52,14 +52,8 @@ pub(super) fn input_binary<'a>(
     }
 }
 
-pub(super) fn check_datatype(input: &RequestInput<'_>, want: &str) -> Result<(), ApiError> {
-    if input.datatype != want {
-        return Err(ApiError::BadRequest(format!(
-            "input `{}` must have datatype {want}, not {}",
-            input.name, input.datatype
-        )));
-    }
-    Ok(())
+fn check_datatype(input: &RequestInput<'_>, want: &str) -> Result<(), ApiError> {
+    crate::oip::check_datatype(&input.name, &input.datatype, want)
 }
 
 /// The files of an `image` input: shape `[N]` (or `[N, 1]`), `N` at most `max`.

@@ -1,0 +1,179 @@
+//! A request to the core, typed: who asks ([`Asker`]), what they ask of the model
+//! ([`Ask`]), and the request validated ([`Valid`]: the variant and the
+//! [`Decision`] it answers at), as text-generation-inference's `validation.rs`
+//! makes one typed request for every door. Below `request` (which answers it) and
+//! `answer`, `shadow` (which use it).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::access::Caller;
+use crate::eval::Target;
+use crate::imaging::sr::SrSource;
+use crate::inference::Prefer;
+use crate::inference::ServedModel;
+use crate::predict::ApiError;
+use crate::predict::types::Prediction;
+use crate::predict::types::ThresholdKind;
+use crate::predict::types::ThresholdSource;
+
+/// Longest `x-request-id` kept from a caller.
+pub const MAX_CLIENT_REQUEST_ID: usize = 128;
+
+/// A caller's `x-request-id` as kept: at most [`MAX_CLIENT_REQUEST_ID`] characters
+/// of `A-Z a-z 0-9 - _ . : / + = @`, others dropped; `None` if nothing is left.
+pub fn sanitize_client_request_id(raw: &[u8]) -> Option<String> {
+    let kept: String = raw
+        .iter()
+        .filter(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b))
+        .take(MAX_CLIENT_REQUEST_ID)
+        .map(|&b| char::from(b))
+        .collect();
+    (!kept.is_empty()).then_some(kept)
+}
+
+/// Who asked, and the request's ids: what answers and audit records name.
+#[derive(Debug, Clone)]
+pub struct Asker {
+    /// The caller (an API key's name, a DICOM calling AE title, or anonymous).
+    pub caller: Caller,
+    /// The server's request id.
+    pub request_id: String,
+    /// The caller's own id, sanitised.
+    pub client_request_id: Option<String>,
+    /// The request's trace (its stages become spans), when the door traces.
+    pub trace: Option<Arc<crate::trace::RequestTrace>>,
+}
+
+/// What a caller asks of the model: which variant, at which threshold, and whether
+/// to explain.
+#[derive(Debug, Clone, Default)]
+pub struct Ask {
+    /// A variant by name.
+    pub model: Option<String>,
+    /// The variant with the best measured sensitivity or specificity.
+    pub prefer: Option<Prefer>,
+    /// A threshold on P(PNEUMONIA), in (0, 1).
+    pub threshold: Option<f64>,
+    /// An operating point on the card's validation ROC (`sensitivity:0.95`).
+    pub operating_point: Option<String>,
+    /// Add the class activation maps to each answer.
+    pub explain: bool,
+}
+
+/// A validated request: the variant that will answer and the decision it will
+/// answer at (the role of text-generation-inference's `ValidGenerateRequest`).
+pub struct Valid {
+    /// Who asked.
+    pub asker: Asker,
+    /// The variant.
+    pub model: Arc<ServedModel>,
+    /// What the caller asked (a shadow candidate is asked the same).
+    pub ask: Ask,
+    /// The threshold, and where it came from.
+    pub decision: Decision,
+    /// Whether answers carry their heatmaps.
+    pub explain: bool,
+    /// When the door admitted the request (answers' `timings_ms.total`).
+    pub started: Instant,
+}
+
+/// A request's answers, one per image in order, with what a Structured Report of
+/// each needs (empty for an image that was not DICOM).
+pub struct Answered {
+    /// The answers.
+    pub predictions: Vec<Prediction>,
+    /// Their sources' DICOM facts.
+    pub sources: Vec<SrSource>,
+}
+
+/// The threshold a request is answered at, and where it came from.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// On P(PNEUMONIA).
+    pub threshold: f64,
+    /// Where it came from.
+    pub source: ThresholdSource,
+}
+
+/// The card's threshold, or the caller's `threshold=`, or the one that reached the
+/// caller's `operating_point=` on the card's validation ROC.
+pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiError> {
+    let card = &model.card;
+    match (q.threshold, q.operating_point.as_deref()) {
+        (Some(_), Some(_)) => Err(ApiError::InvalidQuery(
+            "give `threshold` or `operating_point`, not both".into(),
+        )),
+        (Some(t), None) => {
+            if !(t > 0.0 && t < 1.0) {
+                return Err(ApiError::InvalidQuery(format!(
+                    "threshold {t} must lie in (0, 1)"
+                )));
+            }
+            Ok(Decision {
+                threshold: t,
+                source: ThresholdSource {
+                    kind: ThresholdKind::Query,
+                    rule: None,
+                    target: None,
+                    validation_sensitivity: None,
+                    validation_specificity: None,
+                    site: None,
+                },
+            })
+        }
+        (None, Some(op)) => {
+            let target: Target = op
+                .parse()
+                .map_err(|e: crate::eval::ParseError| ApiError::InvalidQuery(e.0))?;
+            let curve = card.operating_curve.as_ref().ok_or_else(|| {
+                ApiError::OperatingPoint(format!(
+                    "model `{}` {} has no validation ROC in its card, so no operating point can be chosen; use `threshold`",
+                    card.name, card.version
+                ))
+            })?;
+            let p = curve.threshold_for(target).ok_or_else(|| {
+                ApiError::OperatingPoint(format!(
+                    "no threshold of model `{}` reached {target} on its validation ROC ({})",
+                    card.name, curve.source
+                ))
+            })?;
+            Ok(Decision {
+                threshold: p.threshold,
+                source: ThresholdSource {
+                    kind: ThresholdKind::OperatingPoint,
+                    rule: None,
+                    target: Some(target.to_string()),
+                    validation_sensitivity: Some(p.tpr),
+                    validation_specificity: Some(1.0 - p.fpr),
+                    site: None,
+                },
+            })
+        }
+        (None, None) => Ok(match &model.site {
+            // The site's own choice, on its own films, for this very file.
+            Some(site) => Decision {
+                threshold: site.model.threshold,
+                source: ThresholdSource {
+                    kind: ThresholdKind::Site,
+                    rule: Some(site.model.rule.clone()),
+                    target: None,
+                    validation_sensitivity: site.model.sensitivity.map(|i| i.value),
+                    validation_specificity: site.model.specificity.map(|i| i.value),
+                    site: Some(site.provenance.clone()),
+                },
+            },
+            None => Decision {
+                threshold: card.threshold,
+                source: ThresholdSource {
+                    kind: ThresholdKind::Card,
+                    rule: card.threshold_rule.clone(),
+                    target: None,
+                    validation_sensitivity: None,
+                    validation_specificity: None,
+                    site: None,
+                },
+            },
+        }),
+    }
+}
