@@ -6,15 +6,13 @@
 // (@medplum/core's validator, so an invalid resource is refused 400 as a real
 // server would), and checks the bearer token.
 //
-//   node server.js --port 0 [--token T] [--state FILE]
+//   node server.js --port 0 [--token T]
 //
-// It prints `listening <port>` on stdout once it accepts connections. --state keeps
-// the repository in a JSON file, written after each write and read at start, so a
-// restarted server still has what it stored (the tests stop and start it).
+// It prints `listening <port>` on stdout once it accepts connections. What it
+// stores lives as long as the process.
 'use strict';
 
 const http = require('node:http');
-const fs = require('node:fs');
 const {
   indexSearchParameterBundle,
   indexStructureDefinitionBundle,
@@ -42,29 +40,10 @@ indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
 }
 
 const token = arg('token', undefined);
-const statePath = arg('state', undefined);
 const repo = new MemoryRepository();
 const router = new FhirRouter();
 router.addEventListener('warn', (e) => console.error('router warn:', e.message));
 router.addEventListener('error', (e) => console.error('router error:', e.message));
-
-async function load() {
-  if (!statePath || !fs.existsSync(statePath)) return;
-  for (const r of JSON.parse(fs.readFileSync(statePath, 'utf8'))) {
-    await repo.updateResource(r);
-  }
-}
-
-async function save() {
-  if (!statePath) return;
-  const all = [];
-  for (const type of ['Patient', 'Device', 'DiagnosticReport', 'Observation', 'ImagingStudy', 'ServiceRequest']) {
-    const b = await repo.search({ resourceType: type, count: 1000 });
-    for (const e of b.entry ?? []) all.push(e.resource);
-  }
-  fs.writeFileSync(`${statePath}.tmp`, JSON.stringify(all));
-  fs.renameSync(`${statePath}.tmp`, statePath);
-}
 
 // Every resource a request would write, validated before the router sees it.
 function validateBody(body) {
@@ -127,18 +106,15 @@ async function handle(req, res) {
   };
   const [outcome, resource] = await router.handleRequest(fhirReq, repo);
   const status = getStatus(outcome);
-  if (req.method !== 'GET' && status < 300) await save();
   send(res, status, resource ?? outcome);
 }
 
-load().then(() => {
-  const server = http.createServer((req, res) => {
-    handle(req, res).catch((e) => {
-      console.error('server error:', e);
-      if (!res.headersSent) send(res, 500, normalizeOperationOutcome(e));
-    });
+const server = http.createServer((req, res) => {
+  handle(req, res).catch((e) => {
+    console.error('server error:', e);
+    if (!res.headersSent) send(res, 500, normalizeOperationOutcome(e));
   });
-  server.listen(Number(arg('port', '0')), '127.0.0.1', () => {
-    process.stdout.write(`listening ${server.address().port}\n`);
-  });
+});
+server.listen(Number(arg('port', '0')), '127.0.0.1', () => {
+  process.stdout.write(`listening ${server.address().port}\n`);
 });
