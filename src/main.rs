@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use cxr::Core;
 use cxr::config::{LogFormat, ServeArgs};
 use cxr::http::{AppState, ServerMetrics, build_app, openapi_yaml};
 use tracing_subscriber::EnvFilter;
@@ -108,9 +109,9 @@ fn health_check(port: u16) -> bool {
     stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
-/// The app's state: limits, metrics, API keys, audit file and UID root from `args`.
-fn app_state(args: &ServeArgs, metrics: Arc<ServerMetrics>) -> anyhow::Result<AppState> {
-    let mut state = AppState::new(args.limits(), metrics);
+/// The HTTP door's state: the core and the API keys from `args`.
+fn app_state(core: Core, args: &ServeArgs) -> anyhow::Result<AppState> {
+    let mut state = AppState::with_core(core);
     match &args.api_keys_file {
         Some(path) => {
             let keys = cxr::http::auth::ApiKeys::load(path).map_err(anyhow::Error::msg)?;
@@ -121,6 +122,17 @@ fn app_state(args: &ServeArgs, metrics: Arc<ServerMetrics>) -> anyhow::Result<Ap
             "no --api-keys-file: /predict and /models are open to anyone who can reach this port"
         ),
     }
+    Ok(state)
+}
+
+/// The one prediction core every door shares: limits, metrics, the audit file, the
+/// UID root, the outcomes store and the span exporter from `args`.
+fn build_core(
+    args: &ServeArgs,
+    metrics: Arc<ServerMetrics>,
+    exporter: Option<cxr::trace::Exporter>,
+) -> anyhow::Result<Core> {
+    let mut core = Core::builder(args.limits(), metrics);
     if let Some(path) = &args.audit_log {
         let (audit, problem) = cxr::audit::Audit::with_file(path, args.audit_log_max_bytes);
         match problem {
@@ -130,10 +142,13 @@ fn app_state(args: &ServeArgs, metrics: Arc<ServerMetrics>) -> anyhow::Result<Ap
                 "cannot open the audit file: every /predict answers 503 audit_unavailable until it can be written"
             ),
         }
-        state = state.with_audit(audit);
+        core = core.audit(audit);
     }
     if let Some(root) = &args.uid_root {
-        state = state.with_uid_root(root.clone());
+        core = core.uid_root(root.clone());
+    }
+    if let Some(x) = exporter {
+        core = core.exporter(x);
     }
     // On a thread of its own: PostgreSQL's blocking client must not run inside the
     // async runtime.
@@ -163,9 +178,9 @@ fn app_state(args: &ServeArgs, metrics: Arc<ServerMetrics>) -> anyhow::Result<Ap
             window = o.window(),
             "answers and confirmed labels are kept (POST /feedback)"
         );
-        state = state.with_outcomes(Arc::new(o));
+        core = core.outcomes(Arc::new(o));
     }
-    Ok(state)
+    Ok(core.build())
 }
 
 /// Loads the models on the blocking pool into the model repository; hands it to
@@ -312,7 +327,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     #[cfg(target_os = "linux")]
     survive_file_size_limit();
     let metrics = Arc::new(ServerMetrics::new());
-    let mut state = app_state(&args, metrics.clone())?;
     let exporter = match &args.otlp_endpoint {
         Some(endpoint) => {
             let (x, task) = cxr::trace::Exporter::start(
@@ -323,11 +337,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
             let x = x.exporting_refused(args.otlp_export_refused);
             tracing::info!(endpoint = %endpoint, "request spans are exported over OTLP/gRPC");
-            state = state.with_exporter(x.clone());
             Some((x, task))
         }
         None => None,
     };
+    let core = build_core(
+        &args,
+        metrics.clone(),
+        exporter.as_ref().map(|(x, _)| x.clone()),
+    )?;
+    let mut state = app_state(core, &args)?;
     let admin = match args.metrics_port {
         Some(port) => {
             let addr = format!("{}:{}", args.host, port);
@@ -475,7 +494,7 @@ async fn job(
     output: &std::path::Path,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(ServerMetrics::new());
-    let state = app_state(&args, metrics.clone())?;
+    let core = build_core(&args, metrics.clone(), None)?;
     let load_cfg = args.load_config();
     let (set, workers) = tokio::task::spawn_blocking(move || {
         cxr::inference::load_models(&load_cfg, |name| metrics.observer(name))
@@ -483,11 +502,11 @@ async fn job(
     .await
     .context("model loader")?
     .context("cannot load the models")?;
-    state.set_models(set);
-    let summary = cxr::job::run(state.core(), input, output, args.dicom_model.clone())
+    core.set_models(set);
+    let summary = cxr::job::run(&core, input, output, args.dicom_model.clone())
         .await
         .map_err(anyhow::Error::msg)?;
-    drop(state);
+    drop(core);
     for w in workers {
         let _ = w.join();
     }

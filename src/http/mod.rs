@@ -39,7 +39,6 @@ pub use error::{ApiError, ErrorBody, ErrorType};
 pub use openapi::{ApiDoc, openapi_yaml};
 pub use predict::PredictUpload;
 
-use crate::audit::Audit;
 use crate::http::openapi::openapi_json;
 use crate::http::predict::predict;
 use crate::http::routes::docs;
@@ -59,119 +58,87 @@ use auth::{ApiKeys, Caller, Scope};
 /// served).
 #[derive(Clone)]
 pub struct AppState {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
     core: Core,
     /// Callers and their scopes (`--api-keys-file`); `None`: the API is open.
-    api_keys: Option<ApiKeys>,
+    api_keys: Option<Arc<ApiKeys>>,
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
     public_metrics: bool,
     /// The DICOM node's outbox, once the node runs (`--dicom-port`).
-    dicom_outbox: std::sync::OnceLock<Arc<crate::dicom_node::outbox::Outbox>>,
+    dicom_outbox: Arc<std::sync::OnceLock<Arc<crate::dicom_node::outbox::Outbox>>>,
 }
 
 impl AppState {
-    /// A state with no models yet (`/ready` answers 503 until [`AppState::set_models`]).
-    pub fn new(limits: Limits, metrics: Arc<ServerMetrics>) -> Self {
+    /// The HTTP door's state over `core` (built by `main`, shared with the other
+    /// doors): the API open, `/metrics` on the API port.
+    pub fn with_core(core: Core) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                core: Core::new(limits, metrics),
-                api_keys: None,
-                public_metrics: true,
-                dicom_outbox: std::sync::OnceLock::new(),
-            }),
+            core,
+            api_keys: None,
+            public_metrics: true,
+            dicom_outbox: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
-    fn configure(&mut self) -> &mut Inner {
-        Arc::get_mut(&mut self.inner).expect("configure the state before sharing it")
+    /// A state over a new core with `limits` and `metrics` and nothing else (no
+    /// models yet: `/ready` answers 503 until [`AppState::set_models`]).
+    pub fn new(limits: Limits, metrics: Arc<ServerMetrics>) -> Self {
+        Self::with_core(Core::new(limits, metrics))
     }
 
-    /// Requires API keys on `/predict` and `/models*` (call before sharing the state).
+    /// Requires API keys on `/predict` and `/models*`.
     #[must_use]
     pub fn with_api_keys(mut self, keys: ApiKeys) -> Self {
-        self.configure().api_keys = Some(keys);
-        self
-    }
-
-    /// Sends audit records to `audit` (call before sharing the state).
-    #[must_use]
-    pub fn with_audit(mut self, audit: Audit) -> Self {
-        self.configure().core.set_audit(audit);
+        self.api_keys = Some(Arc::new(keys));
         self
     }
 
     /// Serves `/metrics` only on the admin listener ([`build_admin_app`]), not on
-    /// the API port (call before sharing the state).
+    /// the API port.
     #[must_use]
     pub fn without_public_metrics(mut self) -> Self {
-        self.configure().public_metrics = false;
-        self
-    }
-
-    /// Records answered images and confirmed labels in `outcomes` (call before
-    /// sharing the state).
-    #[must_use]
-    pub fn with_outcomes(mut self, outcomes: Arc<crate::outcomes::Outcomes>) -> Self {
-        self.configure().core.set_outcomes(outcomes);
-        self
-    }
-
-    /// Exports request spans with `exporter` (call before sharing the state).
-    #[must_use]
-    pub fn with_exporter(mut self, exporter: crate::trace::Exporter) -> Self {
-        self.configure().core.set_exporter(exporter);
-        self
-    }
-
-    /// Makes Structured Report UIDs under `root` (call before sharing the state).
-    #[must_use]
-    pub fn with_uid_root(mut self, root: String) -> Self {
-        self.configure().core.set_uid_root(root);
+        self.public_metrics = false;
         self
     }
 
     /// The prediction core (what other doors share with this one).
     pub fn core(&self) -> &Core {
-        &self.inner.core
+        &self.core
     }
 
     /// Lists `outbox`'s dead letters (`GET /dicom/outbox/dead-letters`): the
     /// DICOM node's, once it runs. Set once; a second call changes nothing.
     pub fn set_dicom_outbox(&self, outbox: Arc<crate::dicom_node::outbox::Outbox>) {
-        let _ = self.inner.dicom_outbox.set(outbox);
+        let _ = self.dicom_outbox.set(outbox);
     }
 
     /// The DICOM node's outbox, when it runs.
     pub fn dicom_outbox(&self) -> Option<Arc<crate::dicom_node::outbox::Outbox>> {
-        self.inner.dicom_outbox.get().cloned()
+        self.dicom_outbox.get().cloned()
     }
 
     /// The callers, when keys are required.
     pub fn api_keys(&self) -> Option<&ApiKeys> {
-        self.inner.api_keys.as_ref()
+        self.api_keys.as_deref()
     }
 
     /// Installs the loaded models; the service is ready from now on.
     pub fn set_models(&self, models: ModelSet) {
-        self.inner.core.set_models(models);
+        self.core.set_models(models);
     }
 
     /// The models, once loaded.
     pub fn models(&self) -> Option<Arc<ModelSet>> {
-        self.inner.core.models()
+        self.core.models()
     }
 
     /// The limits.
     pub fn limits(&self) -> &Limits {
-        self.inner.core.limits()
+        self.core.limits()
     }
 
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<ServerMetrics> {
-        self.inner.core.metrics()
+        self.core.metrics()
     }
 }
 
@@ -208,7 +175,7 @@ pub fn build_app(state: AppState) -> Router {
         .route("/docs", get(docs))
         .route("/", get(ui))
         .route("/ui", get(ui));
-    if state.inner.public_metrics {
+    if state.public_metrics {
         app = app.route("/metrics", get(metrics_text));
     }
     with_common_layers(app, &state)

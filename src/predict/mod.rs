@@ -160,46 +160,92 @@ struct Inner {
     exporter: Option<crate::trace::Exporter>,
 }
 
-impl Core {
-    /// A core with no models yet ([`Core::models`] is `None` until
+/// What a [`Core`] is built from: `main` sets each part (the audit trail, the
+/// outcomes store, the span exporter, the UID root), then builds the one core every
+/// door shares.
+pub struct CoreBuilder {
+    limits: Limits,
+    metrics: Arc<ServerMetrics>,
+    audit: Audit,
+    outcomes: Option<Arc<crate::outcomes::Outcomes>>,
+    exporter: Option<crate::trace::Exporter>,
+    uid_root: Option<String>,
+}
+
+impl CoreBuilder {
+    /// Sends audit records to `audit` (default: the log only).
+    #[must_use]
+    pub fn audit(mut self, audit: Audit) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// Records answered images in `outcomes` beside the audit trail, for
+    /// `POST /feedback` and the live figures.
+    #[must_use]
+    pub fn outcomes(mut self, outcomes: Arc<crate::outcomes::Outcomes>) -> Self {
+        self.outcomes = Some(outcomes);
+        self
+    }
+
+    /// Exports request spans with `exporter`.
+    #[must_use]
+    pub fn exporter(mut self, exporter: crate::trace::Exporter) -> Self {
+        self.exporter = Some(exporter);
+        self
+    }
+
+    /// Makes result UIDs under `root` (default: 2.25 UUID UIDs).
+    #[must_use]
+    pub fn uid_root(mut self, root: String) -> Self {
+        self.uid_root = Some(root);
+        self
+    }
+
+    /// The core, with no models yet ([`Core::models`] is `None` until
     /// [`Core::set_models`]).
-    pub fn new(limits: Limits, metrics: Arc<ServerMetrics>) -> Self {
+    pub fn build(self) -> Core {
+        let limits = self.limits;
         let decode_permits = Semaphore::new(limits.max_decodes.max(1));
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let pixel_budget = Semaphore::new(kilo(limits.max_decode_pixels) as usize);
         let buffered = budget::BufferBudget::new(limits.max_buffered_bytes);
-        Self {
+        Core {
             inner: Arc::new(Inner {
                 models: Arc::new(std::sync::RwLock::new(None)),
                 repository: OnceLock::new(),
                 limits,
-                metrics,
+                metrics: self.metrics,
                 decode_permits,
                 inflight,
                 pixel_budget,
-                audit: Audit::log_only(),
-                uid_root: None,
-                outcomes: None,
+                audit: self.audit,
+                uid_root: self.uid_root,
+                outcomes: self.outcomes,
                 buffered,
                 shadow_slots: Arc::new(Semaphore::new(shadow::SHADOW_SLOTS)),
-                exporter: None,
+                exporter: self.exporter,
             }),
         }
     }
+}
 
-    fn configure(&mut self) -> &mut Inner {
-        Arc::get_mut(&mut self.inner).expect("configure the core before sharing it")
+impl Core {
+    /// A builder of the core from its limits and metrics registry.
+    pub fn builder(limits: Limits, metrics: Arc<ServerMetrics>) -> CoreBuilder {
+        CoreBuilder {
+            limits,
+            metrics,
+            audit: Audit::log_only(),
+            outcomes: None,
+            exporter: None,
+            uid_root: None,
+        }
     }
 
-    /// Sends audit records to `audit` (call before sharing the core).
-    pub fn set_audit(&mut self, audit: Audit) {
-        self.configure().audit = audit;
-    }
-
-    /// Records answered images in `outcomes` beside the audit trail, for
-    /// `POST /feedback` and the live figures (call before sharing the core).
-    pub fn set_outcomes(&mut self, outcomes: Arc<crate::outcomes::Outcomes>) {
-        self.configure().outcomes = Some(outcomes);
+    /// A core with nothing but its limits and metrics (the log as audit trail).
+    pub fn new(limits: Limits, metrics: Arc<ServerMetrics>) -> Self {
+        Self::builder(limits, metrics).build()
     }
 
     /// Where audit records and events go.
@@ -220,19 +266,9 @@ impl Core {
         self.inner.outcomes.as_ref()
     }
 
-    /// Exports request spans with `exporter` (call before sharing the core).
-    pub fn set_exporter(&mut self, exporter: crate::trace::Exporter) {
-        self.configure().exporter = Some(exporter);
-    }
-
     /// Where spans go, when exported.
     pub fn exporter(&self) -> Option<&crate::trace::Exporter> {
         self.inner.exporter.as_ref()
-    }
-
-    /// Makes Structured Report UIDs under `root` (call before sharing the core).
-    pub fn set_uid_root(&mut self, root: String) {
-        self.configure().uid_root = Some(root);
     }
 
     /// Installs the loaded models; the core answers from now on.

@@ -197,12 +197,54 @@ pub fn test_app_with(limits: Limits, batch: BatchConfig) -> TestApp {
     test_app_configured(limits, batch, |s| s)
 }
 
-/// [`test_app_with`], the state first passed through `configure` (API keys, audit,
-/// metrics port).
+/// What a test sets before the core and the HTTP door's state are built: the
+/// core's parts (audit trail, UID root) and the door's own (API keys, metrics port).
+pub struct Setup {
+    core: cxr::predict::CoreBuilder,
+    keys: Option<cxr::access::ApiKeys>,
+    public_metrics: bool,
+}
+
+#[allow(dead_code)]
+impl Setup {
+    pub fn with_audit(mut self, audit: cxr::audit::Audit) -> Self {
+        self.core = self.core.audit(audit);
+        self
+    }
+
+    pub fn with_uid_root(mut self, root: String) -> Self {
+        self.core = self.core.uid_root(root);
+        self
+    }
+
+    pub fn with_api_keys(mut self, keys: cxr::access::ApiKeys) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    pub fn without_public_metrics(mut self) -> Self {
+        self.public_metrics = false;
+        self
+    }
+
+    fn build(self) -> AppState {
+        let mut state = AppState::with_core(self.core.build());
+        if let Some(k) = self.keys {
+            state = state.with_api_keys(k);
+        }
+        if !self.public_metrics {
+            state = state.without_public_metrics();
+        }
+        state
+    }
+}
+
+/// [`test_app_with`], the core and state first set up by `configure` (API keys,
+/// audit, metrics port).
 pub fn test_app_configured(
     limits: Limits,
     batch: BatchConfig,
-    configure: impl FnOnce(AppState) -> AppState,
+    configure: impl FnOnce(Setup) -> Setup,
 ) -> TestApp {
     test_app_in(models_dir(), limits, batch, configure)
 }
@@ -212,11 +254,16 @@ pub fn test_app_in(
     dir: tempfile::TempDir,
     limits: Limits,
     batch: BatchConfig,
-    configure: impl FnOnce(AppState) -> AppState,
+    configure: impl FnOnce(Setup) -> Setup,
 ) -> TestApp {
     ort_env();
     let metrics = Arc::new(ServerMetrics::new());
-    let state = configure(AppState::new(limits, metrics.clone()));
+    let state = configure(Setup {
+        core: cxr::Core::builder(limits, metrics.clone()),
+        keys: None,
+        public_metrics: true,
+    })
+    .build();
     let (set, _workers) =
         load_models(&load_config(dir.path(), batch), |n| metrics.observer(n)).expect("load models");
     state.set_models(set);
