@@ -13,7 +13,9 @@
 #                                   nginx (a real gateway in front of two replicas),
 #                                   a real FHIR R4 server (npm @medplum/fhir-router in
 #                                   tests/fhir_server) and fhir.resources (R4 models, in
-#                                   their own venv tests/fhir_server/.venv: pydantic 1)
+#                                   their own venv tests/fhir_server/.venv: pydantic 1),
+#                                   hl7 (python-hl7's MLLP server) and hl7apy (HL7 v2
+#                                   validation) for the RIS delivery tests
 #
 # Nothing is downloaded at build or run time: ONNX Runtime and libtorch come from
 # their official PyPI wheels, installed here with pip.
@@ -34,6 +36,8 @@ PYNETDICOM_VERSION=3.0.4
 # It needs pydantic 1, so it has a venv of its own (the main one has pydantic 2).
 FHIR_RESOURCES_VERSION=6.1.0
 FHIR_PYDANTIC_VERSION=1.10.21
+HL7_VERSION=0.4.5
+HL7APY_VERSION=1.3.5
 
 train=0; gpu=0; tests=0
 for a in "$@"; do
@@ -141,6 +145,12 @@ if ((tests)); then
   if [ "$have" != "$PYNETDICOM_VERSION" ]; then
     echo "setup: installing pynetdicom==$PYNETDICOM_VERSION (a destination that refuses objects, tests/dicom_node; bench/soak.py)"
     pip install "pynetdicom==$PYNETDICOM_VERSION"
+  fi
+  have=$(.venv/bin/python -m pip show hl7 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  have_apy=$(.venv/bin/python -m pip show hl7apy 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  if [ "$have" != "$HL7_VERSION" ] || [ "$have_apy" != "$HL7APY_VERSION" ]; then
+    echo "setup: installing hl7==$HL7_VERSION and hl7apy==$HL7APY_VERSION (a real MLLP listener and a v2.5.1 validator, tests/hl7)"
+    pip install "hl7==$HL7_VERSION" "hl7apy==$HL7APY_VERSION"
   fi
   # puppeteer-core drives the system chromium (tests/ui.rs); it never downloads one.
   if [ ! -d tests/ui/node_modules/puppeteer-core ] || [ tests/ui/package-lock.json -nt tests/ui/node_modules ]; then

@@ -280,10 +280,32 @@ pub struct ServeArgs {
     #[arg(long, env = "CXR_STOW_TOKEN", hide_env_values = true)]
     #[serde(skip)]
     pub stow_token: Option<String>,
-    /// The DICOM node's outbox (SQLite): results waiting to be sent, and the record
-    /// of what was sent; shared by replicas on one volume.
-    #[arg(long, env = "CXR_DICOM_OUTBOX", default_value = "cxr-outbox.sqlite")]
+    /// The outbox (SQLite): results waiting to be sent (DICOM objects, HL7
+    /// messages), and the record of what was sent; used by every door that files
+    /// results (the DICOM node, the folder job, `/predict` with order identifiers)
+    /// when a destination is configured. `--dicom-outbox` is its older name.
+    #[arg(
+        long = "outbox",
+        visible_alias = "dicom-outbox",
+        env = "CXR_OUTBOX",
+        default_value = "cxr-outbox.sqlite"
+    )]
     pub dicom_outbox: PathBuf,
+    /// Where results go as HL7 v2.5.1 ORU^R01 over MLLP: host:port (repeatable, or
+    /// comma-separated in the environment). Every analysed or refused image of the
+    /// DICOM node and the folder job, and `/predict` answers given the order's
+    /// identifiers, are sent through the outbox.
+    #[arg(long, env = "CXR_HL7_DESTINATION", value_delimiter = ',')]
+    pub hl7_destination: Vec<String>,
+    /// OBR-5 (priority) of an urgent result's ORU (HL7 table 0027: S stat, A ASAP).
+    #[arg(long, env = "CXR_HL7_URGENT_PRIORITY", default_value = crate::delivery::hl7::DEFAULT_URGENT_PRIORITY)]
+    pub hl7_urgent_priority: String,
+    /// A positive result at or above this P(PNEUMONIA) is flagged urgent in its
+    /// reports (passive: nothing is reordered): a probability, or an operating
+    /// point on the card's validation ROC (`sensitivity:0.95`, the default; the
+    /// card's threshold when it has no ROC).
+    #[arg(long, env = "CXR_URGENT_AT", default_value = "sensitivity:0.95")]
+    pub urgent_at: String,
     /// Keep every answered image and the labels radiologists confirm for them
     /// (`POST /feedback`) in this SQLite file, for the live figures of each model
     /// (with --database-url they go to PostgreSQL instead, shared by replicas).
@@ -496,14 +518,6 @@ impl ServeArgs {
             ae_title: self.dicom_ae_title.clone(),
             peers,
             destinations,
-            outbox: self.dicom_outbox.clone(),
-            database_url: self.database_url.clone(),
-            outbox_policy: crate::dicom_node::outbox::Policy {
-                capacity: self.dicom_outbox_capacity,
-                max_attempts: self.dicom_max_attempts,
-                give_up_after: Duration::from_secs(self.dicom_give_up_after_hours * 3600),
-                retention: self.retention(),
-            },
             model: self.dicom_model.clone(),
             max_object_bytes: self.max_body_bytes,
             max_associations: self.dicom_max_associations,
@@ -511,6 +525,39 @@ impl ServeArgs {
             negotiation_timeout: Duration::from_secs(self.dicom_negotiation_timeout_s),
             association_timeout: Duration::from_secs(self.dicom_association_timeout_s),
         }))
+    }
+
+    /// Where the outbox is, and its policy.
+    pub fn outbox_config(&self) -> crate::delivery::OutboxConfig {
+        crate::delivery::OutboxConfig {
+            path: self.dicom_outbox.clone(),
+            database_url: self.database_url.clone(),
+            policy: crate::delivery::outbox::Policy {
+                capacity: self.dicom_outbox_capacity,
+                max_attempts: self.dicom_max_attempts,
+                give_up_after: Duration::from_secs(self.dicom_give_up_after_hours * 3600),
+                retention: self.retention(),
+            },
+        }
+    }
+
+    /// The HL7 channels (`--hl7-destination`).
+    pub fn hl7_channels(&self) -> Result<Vec<crate::delivery::hl7::Hl7Channel>, ConfigError> {
+        let p = self.hl7_urgent_priority.trim();
+        if p.is_empty() || p.len() > 2 || !p.chars().all(|c| c.is_ascii_alphabetic()) {
+            return Err(ConfigError(format!(
+                "--hl7-urgent-priority `{p}` must be a code of HL7 table 0027 (S, A, R, P, C, T)"
+            )));
+        }
+        self.hl7_destination
+            .iter()
+            .map(|d| crate::delivery::hl7::Hl7Channel::parse(d, p).map_err(ConfigError))
+            .collect()
+    }
+
+    /// `--urgent-at`.
+    pub fn urgent_at(&self) -> Result<crate::delivery::UrgentAt, ConfigError> {
+        self.urgent_at.parse().map_err(ConfigError)
     }
 
     /// `--retention-days` (none: kept forever).

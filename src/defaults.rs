@@ -35,3 +35,6 @@ pub const DICOM_GIVE_UP_AFTER_HOURS: u64 = 72;
 /// `--retention-days`: how long the records of sent results, the dead letters, the
 /// answers and the confirmed labels are kept.
 pub const RETENTION_DAYS: u64 = 90;
+/// `--urgent-at`'s default operating point: a positive result at or above the card's
+/// threshold for this validation sensitivity is flagged urgent.
+pub const URGENT_SENSITIVITY: f64 = 0.95;

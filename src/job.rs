@@ -17,7 +17,11 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::access::Caller;
+use crate::delivery::Delivery;
 use crate::imaging::files::Entry;
 use crate::imaging::files::is_image_file;
 use crate::imaging::files::walk;
@@ -25,6 +29,9 @@ use crate::predict::Ask;
 use crate::predict::Asker;
 use crate::predict::Core;
 use crate::predict::Upload;
+
+/// How long the job waits, at its end, for the results it queued to be delivered.
+const SEND_WAIT: Duration = Duration::from_secs(30);
 
 crate::message_error!(
     /// A failure of the job's own.
@@ -136,6 +143,7 @@ pub async fn run(
     input: &Path,
     output: &Path,
     model: Option<String>,
+    delivery: Option<Arc<Delivery>>,
 ) -> Result<JobSummary, JobError> {
     let all = walk(input).map_err(|e| JobError(e.0))?;
     std::fs::create_dir_all(output)
@@ -279,10 +287,36 @@ pub async fn run(
         for o in &filed.objects {
             write(output, &beside(&rel, &format!(".{}.dcm", o.kind)), &o.bytes)?;
         }
+        // A DICOM instance's result goes to the RIS too (--hl7-destination).
+        if let (Some(d), Some(src)) = (&delivery, source) {
+            let key = core.filing_key(&valid, &seed);
+            let facts = crate::delivery::report_facts(
+                &valid,
+                filed.outcome.as_ref(),
+                Some(src),
+                &key,
+                d.urgent_at(),
+            );
+            let d = d.clone();
+            tokio::task::spawn_blocking(move || d.file(&key, &[], Some(&facts)))
+                .await
+                .map_err(|e| JobError(e.to_string()))?
+                .map_err(|e| JobError(format!("results not queued: {e}")))?;
+        }
         bar.iter().for_each(|b| b.inc(1));
     }
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+    if let Some(d) = &delivery {
+        // What was queued is sent before the job ends, as far as the destinations
+        // answer in time; the rest stays in the outbox for the next run.
+        let waiting = d.settle_within(SEND_WAIT).await;
+        if waiting > 0 {
+            println!(
+                "{waiting} result message(s) not yet delivered: kept in the outbox for the next run"
+            );
+        }
     }
     println!(
         "done: {} analysed, {} refused, {} skipped, {} failed",

@@ -430,11 +430,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 }
             });
         }
-        if let Some(cfg) = args.dicom_node().map_err(anyhow::Error::msg)? {
-            let node = cxr::dicom_node::start(state.core().clone(), cfg)
-                .await
-                .map_err(anyhow::Error::msg)?;
-            state.set_dicom_outbox(node.outbox);
+        let node = args.dicom_node().map_err(anyhow::Error::msg)?;
+        if let Some(delivery) = delivery(&args, state.core(), node.as_ref()).await? {
+            state.set_delivery(delivery.clone());
+            if let Some(cfg) = node {
+                cxr::dicom_node::start(state.core().clone(), cfg, delivery)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            }
         }
         let le = &mut load_error;
         // With --listen-before-ready the loader may still fail while serving.
@@ -503,7 +506,8 @@ async fn job(
     .context("model loader")?
     .context("cannot load the models")?;
     core.set_models(set);
-    let summary = cxr::job::run(&core, input, output, args.dicom_model.clone())
+    let delivery = delivery(&args, &core, None).await?;
+    let summary = cxr::job::run(&core, input, output, args.dicom_model.clone(), delivery)
         .await
         .map_err(anyhow::Error::msg)?;
     drop(core);
@@ -514,6 +518,27 @@ async fn job(
         anyhow::bail!("{} image(s) could not be processed", summary.failed);
     }
     Ok(())
+}
+
+/// The outbox and its sending loop, when results go somewhere: the DICOM node's
+/// destinations (`node`) and `--hl7-destination`.
+async fn delivery(
+    args: &ServeArgs,
+    core: &cxr::predict::Core,
+    node: Option<&cxr::dicom_node::NodeConfig>,
+) -> anyhow::Result<Option<Arc<cxr::delivery::Delivery>>> {
+    let mut channels = node.map(cxr::dicom_node::channels).unwrap_or_default();
+    for c in args.hl7_channels().map_err(anyhow::Error::msg)? {
+        channels.push(Arc::new(c));
+    }
+    if channels.is_empty() {
+        return Ok(None);
+    }
+    let urgent_at = args.urgent_at().map_err(anyhow::Error::msg)?;
+    let d = cxr::delivery::Delivery::start(core.clone(), args.outbox_config(), channels, urgent_at)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(Some(d))
 }
 
 async fn shutdown_signal() {

@@ -56,6 +56,9 @@ pub struct ServerMetrics {
     pub dicom_outbox_depth: IntGaugeVec,
     /// Dead letters in the outbox, by destination.
     pub dicom_dead_letters: IntGaugeVec,
+    /// `cxr_urgent_results_total`: positive results at or above `--urgent-at`,
+    /// flagged urgent in their reports (passive: nothing is reordered).
+    pub urgent_results: prometheus::IntCounter,
     /// `cxr_ood_score{model,manufacturer}`: input drift.
     pub ood_score: HistogramVec,
     /// `cxr_ood_verdicts_total{model,manufacturer,verdict}`: input drift, by verdict.
@@ -236,6 +239,14 @@ impl ServerMetrics {
         registry
             .register(Box::new(dicom_dead_letters.clone()))
             .expect("unique metric name");
+        let urgent_results = prometheus::IntCounter::new(
+            "cxr_urgent_results_total",
+            "Positive results at or above --urgent-at, flagged urgent in their HL7 (OBR-5, OBX-8) and FHIR reports as they were queued (passive: nothing is reordered or hidden).",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(urgent_results.clone()))
+            .expect("unique metric name");
         let ood_score = h(
             "cxr_ood_score",
             "Out-of-distribution scores of the images scored, by model and by the DICOM Manufacturer (0008,0070) of the equipment: the first 16 seen by name, then `other`; `not_dicom` for JPEG and PNG, `unknown` for DICOM without one. Input drift: compare the distribution over time with the card's `ood.threshold`.",
@@ -341,6 +352,7 @@ impl ServerMetrics {
             dicom_results,
             dicom_outbox_depth,
             dicom_dead_letters,
+            urgent_results,
             live_outcomes,
             live_sensitivity_alarm,
             ood_score,

@@ -12,27 +12,28 @@
 //! - `scp.rs`: associations in (C-ECHO, C-STORE), each within its deadline.
 //! - `dimse.rs`: DIMSE messages out of P-DATA, bounded, and the answers to them.
 //! - `peers.rs`: who may associate.
-//! - `outbox.rs`: results waiting to be sent (SQLite; survives restarts).
-//! - `sender.rs`: sends them (C-STORE SCU, STOW-RS), retrying with backoff.
+//! - `sender.rs`: the DICOM channels of the delivery loop (C-STORE SCU, STOW-RS).
+//!
+//! The outbox, its loop and the HL7/FHIR reports are `delivery`'s: the node files
+//! each result through [`crate::delivery::Delivery::file`].
 
 mod dimse;
 mod negotiation;
-pub mod outbox;
 pub mod peers;
 mod scp;
 mod sender;
 
+pub use sender::DicomChannel;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 
+use crate::delivery::Delivery;
 use crate::dicom_node::negotiation::Admitted;
 use crate::dicom_node::negotiation::Pools;
-use crate::dicom_node::outbox::Outbox;
 use crate::dicom_node::peers::Peers;
 use crate::dicom_node::peers::check_ae_title;
 use crate::predict::Core;
@@ -120,15 +121,8 @@ pub struct NodeConfig {
     pub ae_title: String,
     /// Who may associate.
     pub peers: Peers,
-    /// Where results go (at least one).
+    /// Where results go (at least one): the delivery's DICOM channels.
     pub destinations: Vec<Destination>,
-    /// The outbox's SQLite file (without `database_url`).
-    pub outbox: PathBuf,
-    /// A PostgreSQL database for the outbox, shared by replicas (`--database-url`).
-    pub database_url: Option<String>,
-    /// Most result objects waiting in the outbox, how long they are tried, how
-    /// long records are kept.
-    pub outbox_policy: outbox::Policy,
     /// The variant that answers (none: the default).
     pub model: Option<String>,
     /// Largest data set taken, bytes.
@@ -148,51 +142,49 @@ pub(crate) struct Node {
     core: Core,
     ae_title: String,
     peers: Peers,
-    destinations: Vec<Destination>,
-    destination_names: Vec<String>,
-    outbox: Arc<Outbox>,
+    delivery: Arc<Delivery>,
     model: Option<String>,
     max_object_bytes: usize,
     max_pdu: u32,
     idle_timeout: Duration,
     negotiation_timeout: Duration,
     association_timeout: Duration,
-    /// Wakes the sender when results are queued.
-    wake: Notify,
 }
 
 /// A running node.
 pub struct NodeHandle {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// Its outbox (for the dead letters' route: [`crate::AppState::set_dicom_outbox`]).
-    pub outbox: Arc<Outbox>,
+}
+
+/// The delivery channels of `cfg`'s destinations (our AE title calling).
+pub fn channels(cfg: &NodeConfig) -> Vec<Arc<dyn crate::delivery::Channel>> {
+    cfg.destinations
+        .iter()
+        .map(|d| {
+            Arc::new(DicomChannel {
+                destination: d.clone(),
+                calling: cfg.ae_title.clone(),
+            }) as Arc<dyn crate::delivery::Channel>
+        })
+        .collect()
 }
 
 /// Starts the node: the listener (connections negotiating on tasks, at most
 /// `max_negotiating` at once; associations on blocking threads, at most
-/// `max_associations` at once) and the sender.
-pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError> {
-    if cfg.destinations.is_empty() {
+/// `max_associations` at once). Its results are filed through `delivery`, whose
+/// loop sends them (its DICOM channels: [`channels`]).
+pub async fn start(
+    core: Core,
+    cfg: NodeConfig,
+    delivery: Arc<Delivery>,
+) -> Result<NodeHandle, NodeError> {
+    if cfg.destinations.is_empty() || !delivery.has(crate::delivery::Kind::Dicom) {
         return Err(NodeError(
             "the DICOM node needs a destination for its results: --dicom-destination AE@host:port and/or --stow-url".into(),
         ));
     }
     check_ae_title(&cfg.ae_title).map_err(|e| NodeError(e.0))?;
-    let (path, url, policy) = (
-        cfg.outbox.clone(),
-        cfg.database_url.clone(),
-        cfg.outbox_policy,
-    );
-    let outbox = tokio::task::spawn_blocking(move || match url {
-        Some(url) => Outbox::connect(&url, policy),
-        None => Outbox::open(&path, policy),
-    })
-    .await
-    .map_err(|e| NodeError(e.to_string()))?
-    .map_err(|e| NodeError(e.0))?;
-    tracing::info!(database = outbox.kind(), "DICOM outbox open");
-    let outbox = Arc::new(outbox);
     let listener = TcpListener::bind(cfg.bind)
         .await
         .map_err(|e| NodeError(format!("--dicom-port: cannot listen on {}: {e}", cfg.bind)))?;
@@ -203,18 +195,14 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
         core,
         ae_title: cfg.ae_title,
         peers: cfg.peers,
-        destination_names: cfg.destinations.iter().map(Destination::name).collect(),
-        destinations: cfg.destinations,
-        outbox: outbox.clone(),
+        delivery,
         model: cfg.model,
         max_object_bytes: cfg.max_object_bytes,
         max_pdu: 65_536,
         idle_timeout: scp::IDLE_TIMEOUT,
         negotiation_timeout: cfg.negotiation_timeout,
         association_timeout: cfg.association_timeout,
-        wake: Notify::new(),
     });
-    tokio::spawn(sender::run(node.clone()));
     let pools = Arc::new(Pools::new(cfg.max_negotiating, cfg.max_associations));
     tokio::spawn(async move {
         loop {
@@ -264,5 +252,5 @@ pub async fn start(core: Core, cfg: NodeConfig) -> Result<NodeHandle, NodeError>
         }
     });
     tracing::info!(dicom_addr = %addr, "DICOM node listening");
-    Ok(NodeHandle { addr, outbox })
+    Ok(NodeHandle { addr })
 }

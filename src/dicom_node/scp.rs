@@ -301,7 +301,7 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, s: &Store) 
     // file, gets the same results (and is not analysed twice).
     let seed = format!("{}/{pixels}", s.command.sop_instance);
     let key = core.filing_key(&valid, &seed);
-    match node.outbox.has_source(&key) {
+    match node.delivery.outbox().has_source(&key) {
         Ok(true) => {
             tracing::info!(calling_ae = %calling, sop_instance_uid = %s.command.sop_instance, "already analysed by this model file with these settings; not again");
             outcome("duplicate");
@@ -333,17 +333,18 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, s: &Store) 
             };
         }
     };
-    let objects: Vec<(&str, String, Vec<u8>)> = filed
-        .objects
-        .into_iter()
-        .map(|o| (o.kind, o.sop_instance_uid, o.bytes))
-        .collect();
-    if let Err(e) = node.outbox.add(&key, &objects, &node.destination_names) {
+    let facts = crate::delivery::report_facts(
+        &valid,
+        filed.outcome.as_ref(),
+        Some(&source),
+        &key,
+        node.delivery.urgent_at(),
+    );
+    if let Err(e) = node.delivery.file(&key, &filed.objects, Some(&facts)) {
         tracing::error!(error = %e, "results not queued; the store is refused");
         outcome("failed");
         return status::OUT_OF_RESOURCES;
     }
-    node.wake.notify_one();
     match &filed.outcome {
         Ok(p) => {
             tracing::info!(calling_ae = %calling, sop_instance_uid = %s.command.sop_instance, label = %p.label, request_id = %p.request_id, "DICOM instance analysed");

@@ -1,4 +1,4 @@
-//! Sends the outbox's result objects to their destinations: by C-STORE (one
+//! The DICOM channels of the delivery loop (`delivery::sender`): result objects sent by C-STORE (one
 //! association per round and destination) or by STOW-RS (one POST per object). Each
 //! object's outcome is its own: stored; refused by the destination (a C-STORE
 //! failure status, a presentation context it did not accept, a 4xx or an instance in
@@ -10,12 +10,9 @@
 //! objects is renewed before each send, so a slow destination never lets another
 //! replica take (and send again) objects this one still holds.
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
-use std::time::Instant;
 
 use bytes::Bytes;
 use dicom_dictionary_std::tags;
@@ -33,11 +30,14 @@ use http_body_util::Limited;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::delivery::Channel;
+use crate::delivery::Kind;
+use crate::delivery::Sending;
+use crate::delivery::outbox::Item;
+use crate::delivery::sender::Round;
+use crate::delivery::sender::SendError;
+use crate::delivery::sender::blocking;
 use crate::dicom_node::Destination;
-use crate::dicom_node::Node;
-use crate::dicom_node::outbox::Failure;
-use crate::dicom_node::outbox::Item;
-use crate::dicom_node::outbox::Settled;
 use crate::imaging::sr::COMPREHENSIVE_3D_SR;
 use crate::imaging::sr::SECONDARY_CAPTURE;
 
@@ -47,231 +47,52 @@ const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest STOW-RS response body read (its failure and warning lists).
 const MAX_STOW_RESPONSE: usize = 1 << 20;
-/// How often sent records and dead letters past the retention are deleted.
-const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// How long objects for a destination this replica does not have wait before
-/// another look (another replica's sender may have it).
-const NOT_HERE_WAIT: Duration = Duration::from_secs(30);
 
-/// Why one object was not stored, and whether the destination refused it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct SendError {
-    how: Failure,
-    reason: String,
+/// One DICOM destination as a delivery channel: C-STORE (one association per
+/// round) or STOW-RS (one POST per object).
+pub struct DicomChannel {
+    /// Where.
+    pub destination: Destination,
+    /// Our AE title (the calling AE title of our associations).
+    pub calling: String,
 }
 
-impl SendError {
-    fn refused(reason: String) -> Self {
-        Self {
-            how: Failure::Refused,
-            reason,
-        }
+impl Channel for DicomChannel {
+    fn name(&self) -> String {
+        self.destination.name()
     }
 
-    fn failed(reason: String) -> Self {
-        Self {
-            how: Failure::Failed,
-            reason,
-        }
-    }
-}
-
-/// One round: the objects claimed, and which of them are not settled yet (their
-/// claim is renewed before each send).
-struct Round {
-    node: Arc<Node>,
-    unsettled: Mutex<Vec<i64>>,
-    sent: std::sync::atomic::AtomicBool,
-}
-
-impl Round {
-    /// Renews the claim on every object of the round not settled yet (blocking).
-    fn renew(&self) {
-        let ids = lock(&self.unsettled).clone();
-        if let Err(e) = self.node.outbox.renew(&ids) {
-            tracing::error!(error = %e, "outbox not writable (claim renewal)");
-        }
+    fn kind(&self) -> Kind {
+        Kind::Dicom
     }
 
-    /// Marks `item` sent, due again or dead, and counts it (blocking).
-    fn settle(&self, name: &str, item: &Item, result: Result<(), SendError>) {
-        lock(&self.unsettled).retain(|id| *id != item.id);
-        let metrics = self.node.core.metrics();
-        let count = |outcome: &str| {
-            metrics
-                .dicom_results
-                .with_label_values(&[name, outcome])
-                .inc();
-        };
-        let marked = match result {
-            Ok(()) => {
-                count("sent");
-                self.sent.store(true, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(destination = %name, sop_instance_uid = %item.sop_instance_uid, "result sent");
-                self.node.outbox.sent(item.id)
-            }
-            Err(e) => match self.node.outbox.fail(item, e.how, &e.reason) {
-                Ok(Settled::Retry(after)) => {
-                    count("retried");
-                    tracing::warn!(destination = %name, sop_instance_uid = %item.sop_instance_uid, attempt = item.attempts + 1, refused = (e.how == Failure::Refused), retry_in_s = after.as_secs(), error = %e.reason, "result not sent; will retry");
-                    Ok(())
+    fn send(self: Arc<Self>, round: Arc<Round>, items: Vec<Item>) -> Sending {
+        Box::pin(async move {
+            let name = self.name();
+            match &self.destination {
+                Destination::Store { ae_title, address } => {
+                    let (calling, called, address) =
+                        (self.calling.clone(), ae_title.clone(), address.clone());
+                    let r = round.clone();
+                    let done = blocking(move || {
+                        store_all(&r, &name, &calling, &called, &address, &items);
+                    })
+                    .await;
+                    if done.is_none() {
+                        tracing::error!("the C-STORE sender failed");
+                    }
                 }
-                Ok(Settled::Dead) => {
-                    count("dead_letter");
-                    tracing::error!(destination = %name, sop_instance_uid = %item.sop_instance_uid, attempts = item.attempts + 1, error = %e.reason, "result not sent; set aside as a dead letter (GET /dicom/outbox/dead-letters)");
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            },
-        };
-        if let Err(e) = marked {
-            tracing::error!(error = %e, "outbox not writable");
-        }
-    }
-
-    /// Gives `items` back untried: no attempt counted (blocking).
-    fn release(&self, items: &[Item], after: Duration) {
-        let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
-        lock(&self.unsettled).retain(|id| !ids.contains(id));
-        if let Err(e) = self.node.outbox.release(&ids, after) {
-            tracing::error!(error = %e, "outbox not writable");
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Runs `f` on a blocking thread (the outbox's calls block).
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    tokio::task::spawn_blocking(f).await.ok()
-}
-
-/// The sender's loop: due objects, sent by destination; then a wait until the next
-/// is due, or until new results are queued. Hourly, records past the retention go.
-pub(super) async fn run(node: Arc<Node>) {
-    let mut pruned = Instant::now();
-    loop {
-        if pruned.elapsed() >= PRUNE_EVERY {
-            pruned = Instant::now();
-            let n = node.clone();
-            if let Some(Err(e)) = blocking(move || n.outbox.prune()).await {
-                tracing::error!(error = %e, "outbox not prunable");
-            }
-        }
-        let outbox = node.outbox.clone();
-        let items = match blocking(move || outbox.due(32)).await {
-            Some(Ok(items)) => items,
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "outbox not readable");
-                Vec::new()
-            }
-            None => Vec::new(),
-        };
-        if items.is_empty() {
-            let n = node.clone();
-            let _ = blocking(move || update_gauges(&n)).await;
-            let outbox = node.outbox.clone();
-            let next = blocking(move || outbox.next_due_in())
-                .await
-                .and_then(Result::ok)
-                .flatten()
-                .unwrap_or(Duration::from_secs(5))
-                .clamp(Duration::from_millis(50), Duration::from_secs(5));
-            tokio::select! {
-                () = node.wake.notified() => {}
-                () = tokio::time::sleep(next) => {}
-            }
-            continue;
-        }
-        let round = Arc::new(Round {
-            node: node.clone(),
-            unsettled: Mutex::new(items.iter().map(|i| i.id).collect()),
-            sent: std::sync::atomic::AtomicBool::new(false),
-        });
-        let mut by_destination: BTreeMap<String, Vec<Item>> = BTreeMap::new();
-        for i in items {
-            by_destination
-                .entry(i.destination.clone())
-                .or_default()
-                .push(i);
-        }
-        for (name, items) in by_destination {
-            send_to(&round, name, items).await;
-        }
-        // Anything the round left unsettled (a sender thread that panicked) is
-        // given back.
-        let r = round.clone();
-        let _ = blocking(move || {
-            let ids = lock(&r.unsettled).clone();
-            if !ids.is_empty() {
-                let _ = r.node.outbox.release(&ids, Duration::from_secs(1));
-            }
-            if r.sent.load(std::sync::atomic::Ordering::Relaxed) {
-                // Sent payloads were overwritten in the file; their old frames
-                // leave the write-ahead log now.
-                if let Err(e) = r.node.outbox.compact() {
-                    tracing::warn!(error = %e, "outbox log not emptied");
+                Destination::Stow { url, token } => {
+                    for item in items {
+                        let r = round.clone();
+                        let _ = blocking(move || r.renew()).await;
+                        let result = stow(url, token.as_deref(), &item).await;
+                        let (r, name) = (round.clone(), name.clone());
+                        let _ = blocking(move || r.settle(&name, &item, result)).await;
+                    }
                 }
             }
-            update_gauges(&r.node);
         })
-        .await;
-    }
-}
-
-/// Sends one destination's objects of a round.
-async fn send_to(round: &Arc<Round>, name: String, items: Vec<Item>) {
-    let node = &round.node;
-    let Some(dest) = node.destinations.iter().find(|d| d.name() == name).cloned() else {
-        // A destination no longer configured here (another replica's): its objects
-        // wait for a sender that has it, no attempt counted.
-        let r = round.clone();
-        let _ = blocking(move || r.release(&items, NOT_HERE_WAIT)).await;
-        return;
-    };
-    match dest {
-        Destination::Store { ae_title, address } => {
-            let calling = node.ae_title.clone();
-            let r = round.clone();
-            let done =
-                blocking(move || store_all(&r, &name, &calling, &ae_title, &address, &items)).await;
-            if done.is_none() {
-                tracing::error!("the C-STORE sender failed");
-            }
-        }
-        Destination::Stow { url, token } => {
-            for item in items {
-                let r = round.clone();
-                let _ = blocking(move || r.renew()).await;
-                let result = stow(&url, token.as_deref(), &item).await;
-                let (r, name) = (round.clone(), name.clone());
-                let _ = blocking(move || r.settle(&name, &item, result)).await;
-            }
-        }
-    }
-}
-
-fn update_gauges(node: &Node) {
-    let metrics = node.core.metrics();
-    let depth = node.outbox.depth().unwrap_or_default();
-    let dead = node.outbox.dead_depth().unwrap_or_default();
-    let of = |counts: &[(String, i64)], name: &str| {
-        counts
-            .iter()
-            .find(|(d, _)| d == name)
-            .map_or(0, |(_, n)| *n)
-    };
-    for name in &node.destination_names {
-        metrics
-            .dicom_outbox_depth
-            .with_label_values(&[name])
-            .set(of(&depth, name));
-        metrics
-            .dicom_dead_letters
-            .with_label_values(&[name])
-            .set(of(&dead, name));
     }
 }
 

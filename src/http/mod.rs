@@ -63,8 +63,9 @@ pub struct AppState {
     api_keys: Option<Arc<ApiKeys>>,
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
     public_metrics: bool,
-    /// The DICOM node's outbox, once the node runs (`--dicom-port`).
-    dicom_outbox: Arc<std::sync::OnceLock<Arc<crate::dicom_node::outbox::Outbox>>>,
+    /// The outbox and its channels, when a destination is configured (the DICOM
+    /// node's, `--hl7-destination`).
+    delivery: Arc<std::sync::OnceLock<Arc<crate::delivery::Delivery>>>,
 }
 
 impl AppState {
@@ -75,7 +76,7 @@ impl AppState {
             core,
             api_keys: None,
             public_metrics: true,
-            dicom_outbox: Arc::new(std::sync::OnceLock::new()),
+            delivery: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -105,15 +106,16 @@ impl AppState {
         &self.core
     }
 
-    /// Lists `outbox`'s dead letters (`GET /dicom/outbox/dead-letters`): the
-    /// DICOM node's, once it runs. Set once; a second call changes nothing.
-    pub fn set_dicom_outbox(&self, outbox: Arc<crate::dicom_node::outbox::Outbox>) {
-        let _ = self.dicom_outbox.set(outbox);
+    /// The outbox and its channels: `/predict` files answers given the order's
+    /// identifiers through it, and its dead letters are listed at
+    /// `GET /dicom/outbox/dead-letters`. Set once; a second call changes nothing.
+    pub fn set_delivery(&self, delivery: Arc<crate::delivery::Delivery>) {
+        let _ = self.delivery.set(delivery);
     }
 
-    /// The DICOM node's outbox, when it runs.
-    pub fn dicom_outbox(&self) -> Option<Arc<crate::dicom_node::outbox::Outbox>> {
-        self.dicom_outbox.get().cloned()
+    /// The outbox and its channels, when a destination is configured.
+    pub fn delivery(&self) -> Option<Arc<crate::delivery::Delivery>> {
+        self.delivery.get().cloned()
     }
 
     /// The callers, when keys are required.

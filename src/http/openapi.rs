@@ -36,7 +36,7 @@ use utoipa::OpenApi;
         v2::repository::index, v2::repository::load, v2::repository::unload,
         crate::http::outbox::dead_letters),
     modifiers(&SecuritySchemes),
-    components(schemas(super::feedback::FeedbackRequest, super::feedback::FeedbackAnswer, crate::outcomes::Answered, crate::outcomes::LiveOutcomes, crate::http::outbox::DeadLetters, crate::dicom_node::outbox::DeadLetter, Prediction, ThresholdSource, DicomInfo, ErrorBody, error::ErrorType, ModelList, ModelInfo, Status, PredictUpload,
+    components(schemas(super::feedback::FeedbackRequest, super::feedback::FeedbackAnswer, crate::outcomes::Answered, crate::outcomes::LiveOutcomes, crate::http::outbox::DeadLetters, crate::delivery::outbox::DeadLetter, Prediction, ThresholdSource, DicomInfo, ErrorBody, error::ErrorType, ModelList, ModelInfo, Status, PredictUpload,
         v2::V2Error, v2::ServerMetadata, v2::TensorMetadata, v2::ModelMetadata, v2::Readiness, v2::Liveness,
         v2::InferRequest, v2::RequestInput, v2::RequestOutput, v2::InferResponse, v2::ResponseOutput,
         v2::repository::IndexRequest, v2::repository::LoadRequest, v2::repository::UnloadRequest, v2::repository::UnloadParams,

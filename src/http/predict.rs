@@ -4,8 +4,10 @@
 //! this file turns the answers into JSON, a heatmap PNG or DICOM Structured Reports.
 
 use crate::AppState;
+use crate::delivery::Kind;
 use crate::http::error::ApiError;
 use crate::http::error::ErrorBody;
+use crate::http::types::OrderIds;
 use crate::http::types::PredictQuery;
 use crate::http::types::Prediction;
 use crate::http::upload::Uploads;
@@ -32,6 +34,13 @@ pub struct PredictUpload {
     /// One or more X-ray images (JPEG, PNG or DICOM), each in a part named `image`.
     #[schema(value_type = Vec<String>, format = Binary)]
     image: Vec<Vec<u8>>,
+    /// The order's accession number (as the query parameter: the answer is
+    /// delivered to the RIS with `patient_id`).
+    accession_number: Option<String>,
+    /// The patient's identifier (as the query parameter).
+    patient_id: Option<String>,
+    /// The study's instance UID (as the query parameter).
+    study_instance_uid: Option<String>,
 }
 
 /// Classify one or more chest X-rays.
@@ -100,6 +109,8 @@ pub(super) async fn predict(
         t.stage("admission", t.started(), started, &[]);
         t.stage("body", started, body_read, &[]);
     }
+    let q = q.with_fields(&uploads.fields)?;
+    let order = q.order_ids()?;
     let answer = core.within_timeout(async {
         let accept = accept_header(&headers);
         let wants_sr = accepts(accept.as_deref(), "application/dicom");
@@ -122,7 +133,24 @@ pub(super) async fn predict(
                 "Accept: image/png answers one image with its heatmap overlay; send one image or accept application/json".into(),
             ));
         }
-        let answered = core.answer_files(&valid, images).await?;
+        let filing = match (&order, state.delivery()) {
+            (Some(order), Some(d)) if d.has(Kind::Hl7) || d.has(Kind::Fhir) => {
+                Some(Filing::new(d, order, &images)?)
+            }
+            _ => None,
+        };
+        let answered = core.answer_files(&valid, images).await;
+        if let Some(f) = filing {
+            let outcome = match &answered {
+                Ok(a) => Some(Ok(&a.predictions[0])),
+                Err(e) if e.error_type().is_image_refusal() => Some(Err(e)),
+                Err(_) => None,
+            };
+            if let Some(outcome) = outcome {
+                f.file(core, &valid, outcome).await;
+            }
+        }
+        let answered = answered?;
         let answering = std::time::Instant::now();
         let model = &valid.model;
         if wants_png {
@@ -152,6 +180,95 @@ pub(super) async fn predict(
     answer.await
 }
 
+/// One `/predict` answer to deliver: the order's identifiers, the image's identity
+/// and its DICOM source (patient module), the outbox.
+struct Filing {
+    delivery: std::sync::Arc<crate::delivery::Delivery>,
+    order: OrderIds,
+    source: Option<crate::imaging::dicom::SrSource>,
+    seed: String,
+}
+
+impl Filing {
+    fn new(
+        delivery: std::sync::Arc<crate::delivery::Delivery>,
+        order: &OrderIds,
+        images: &[Upload],
+    ) -> Result<Self, ApiError> {
+        let [image] = images else {
+            return Err(ApiError::InvalidQuery(
+                "accession_number and patient_id deliver the answer of one image; send one image per request".into(),
+            ));
+        };
+        let (bytes, dicom) = match image {
+            Upload::Dicom(b) => (b, true),
+            Upload::Encoded(b) => (b, false),
+        };
+        let source = if dicom {
+            crate::imaging::dicom::identify(bytes).ok().map(|(s, _)| s)
+        } else {
+            None
+        };
+        // The same image for the same order is one result (delivered once).
+        let seed = format!(
+            "predict/{}/{}",
+            crate::digest::sha256_hex(bytes),
+            crate::digest::sha256_hex(
+                format!(
+                    "{}\n{}\n{}",
+                    order.accession_number,
+                    order.patient_id,
+                    order.study_instance_uid.as_deref().unwrap_or_default()
+                )
+                .as_bytes()
+            )
+        );
+        Ok(Self {
+            delivery,
+            order: order.clone(),
+            source,
+            seed,
+        })
+    }
+
+    /// Queues the result for the report channels (a failure is logged: the
+    /// caller's answer stands).
+    async fn file(
+        self,
+        core: &Core,
+        valid: &crate::predict::Valid,
+        outcome: Result<&Prediction, &crate::predict::ApiError>,
+    ) {
+        let key = core.filing_key(valid, &self.seed);
+        let mut facts = crate::delivery::report_facts(
+            valid,
+            outcome,
+            self.source.as_ref(),
+            &key,
+            self.delivery.urgent_at(),
+        );
+        // The caller's patient: the upload's demographics only when they are of
+        // the same patient ID (never one patient's name under another's ID).
+        if facts.patient.id.as_deref() != Some(self.order.patient_id.as_str()) {
+            facts.patient = crate::delivery::Patient {
+                id: Some(self.order.patient_id.clone()),
+                ..crate::delivery::Patient::default()
+            };
+        }
+        facts.order.accession_number = Some(self.order.accession_number.clone());
+        if let Some(uid) = &self.order.study_instance_uid {
+            facts.study.study_instance_uid = Some(uid.clone());
+        }
+        let d = self.delivery;
+        let queued = tokio::task::spawn_blocking(move || d.file(&key, &[], Some(&facts))).await;
+        match queued {
+            Ok(Ok(n)) => tracing::info!(queued = n, "answer queued for delivery"),
+            Ok(Err(e)) => tracing::error!(error = %e, "answer not queued for delivery"),
+            Err(e) => tracing::error!(error = %e, "answer not queued for delivery"),
+        }
+    }
+}
+
 /// The query of `/predict`, read from the URI (422 `invalid_query` when malformed).
 impl<S: Send + Sync> FromRequestParts<S> for PredictQuery {
     type Rejection = ApiError;
@@ -167,6 +284,60 @@ impl<S: Send + Sync> FromRequestParts<S> for PredictQuery {
 }
 
 impl PredictQuery {
+    /// The order's identifiers given as multipart text parts, added to the query's
+    /// (the same identifier in both: 422).
+    pub(super) fn with_fields(mut self, fields: &[(String, String)]) -> Result<Self, ApiError> {
+        for (name, value) in fields {
+            let slot = match name.as_str() {
+                "accession_number" => &mut self.accession_number,
+                "patient_id" => &mut self.patient_id,
+                _ => &mut self.study_instance_uid,
+            };
+            if slot.is_some() {
+                return Err(ApiError::InvalidQuery(format!(
+                    "`{name}` given both in the query and as a multipart part"
+                )));
+            }
+            *slot = Some(value.clone());
+        }
+        Ok(self)
+    }
+
+    /// The order's identifiers, when the caller gave them (`accession_number` and
+    /// `patient_id` both, or neither; `study_instance_uid` optional): each 1 to 64
+    /// printable characters (a UID: digits and dots).
+    pub(super) fn order_ids(&self) -> Result<Option<OrderIds>, ApiError> {
+        let check = |name: &str, v: &str| {
+            if v.is_empty() || v.chars().count() > 64 || v.chars().any(char::is_control) {
+                return Err(ApiError::InvalidQuery(format!(
+                    "{name} must be 1 to 64 printable characters"
+                )));
+            }
+            Ok(v.to_string())
+        };
+        match (&self.accession_number, &self.patient_id) {
+            (None, None) if self.study_instance_uid.is_none() => Ok(None),
+            (Some(a), Some(p)) => {
+                let study = match &self.study_instance_uid {
+                    Some(u) if u.is_empty() || u.len() > 64 || !u.chars().all(|c| c.is_ascii_digit() || c == '.') => {
+                        return Err(ApiError::InvalidQuery(
+                            "study_instance_uid must be a DICOM UID (digits and dots, at most 64)".into(),
+                        ));
+                    }
+                    other => other.clone(),
+                };
+                Ok(Some(OrderIds {
+                    accession_number: check("accession_number", a)?,
+                    patient_id: check("patient_id", p)?,
+                    study_instance_uid: study,
+                }))
+            }
+            _ => Err(ApiError::InvalidQuery(
+                "give accession_number and patient_id together (and study_instance_uid if known) for the answer to be delivered".into(),
+            )),
+        }
+    }
+
     /// What the query asks of the core.
     pub(super) fn into_ask(self) -> Ask {
         Ask {

@@ -22,6 +22,26 @@ pub struct PredictQuery {
     pub threshold: Option<f64>,
     /// `cam`: add the class activation maps to each answer (`heatmap`).
     pub explain: Option<Explain>,
+    /// The order's accession number: with `patient_id`, the answer (or the
+    /// refusal) of the one image is also delivered to the RIS (`--hl7-destination`)
+    /// as the DICOM node's results are; without them nothing is sent.
+    pub accession_number: Option<String>,
+    /// The patient's identifier (PID-3), for the delivered result.
+    pub patient_id: Option<String>,
+    /// The study's instance UID, for the delivered result (a DICOM upload's own
+    /// when not given).
+    pub study_instance_uid: Option<String>,
+}
+
+/// The order identifiers a `/predict` caller gave for its answer to be delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderIds {
+    /// AccessionNumber.
+    pub accession_number: String,
+    /// PatientID.
+    pub patient_id: String,
+    /// StudyInstanceUID.
+    pub study_instance_uid: Option<String>,
 }
 
 /// What explanation to add.

@@ -22,6 +22,9 @@ pub(crate) struct Uploads {
     pub(super) images: Vec<Upload>,
     /// Whether they came as multipart (several answer an array).
     pub(super) multipart: bool,
+    /// The multipart text fields that name the order (`accession_number`,
+    /// `patient_id`, `study_instance_uid`), as the query's parameters do.
+    pub(super) fields: Vec<(String, String)>,
     /// When the body's reservation was granted (the answer's total time counts from
     /// here).
     pub(super) started: Instant,
@@ -34,10 +37,11 @@ impl FromRequest<AppState> for Uploads {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let (read, started, reserved) = reserved_read(state, req, read_images).await?;
-        let (images, multipart) = read?;
+        let (images, multipart, fields) = read?;
         Ok(Self {
             images,
             multipart,
+            fields,
             started,
             _reserved: reserved,
         })
@@ -93,12 +97,19 @@ impl FromRequest<AppState> for ReservedBody {
     }
 }
 
+/// The multipart text parts taken beside the images: the order's identifiers.
+pub(super) const ORDER_FIELDS: [&str; 3] = ["accession_number", "patient_id", "study_instance_uid"];
+/// Longest such part.
+const MAX_FIELD_BYTES: usize = 256;
+
 /// Reads the images of a request: a raw JPEG/PNG/DICOM body or multipart `image`
-/// parts. Returns the images and whether the request was multipart.
+/// parts (and the order's identifiers as text parts). Returns the images, whether
+/// the request was multipart, and the text parts.
+#[allow(clippy::type_complexity)]
 pub(super) async fn read_images(
     state: &AppState,
     req: Request,
-) -> Result<(Vec<Upload>, bool), ApiError> {
+) -> Result<(Vec<Upload>, bool, Vec<(String, String)>), ApiError> {
     let limit = state.limits().max_body_bytes;
     let ct = req
         .headers()
@@ -125,6 +136,7 @@ pub(super) async fn read_images(
                 .await
                 .map_err(|e| ApiError::BadRequest(e.body_text()))?;
             let mut images = Vec::new();
+            let mut fields = Vec::new();
             loop {
                 let field = match mp.next_field().await {
                     Ok(Some(f)) => f,
@@ -132,6 +144,22 @@ pub(super) async fn read_images(
                     Err(e) => return Err(multipart_error(&e, limit)),
                 };
                 let name = field.name().unwrap_or_default().to_string();
+                if ORDER_FIELDS.contains(&name.as_str()) {
+                    let bytes = field
+                        .bytes()
+                        .await
+                        .map_err(|e| multipart_error(&e, limit))?;
+                    if bytes.len() > MAX_FIELD_BYTES || fields.iter().any(|(n, _)| *n == name) {
+                        return Err(ApiError::BadRequest(format!(
+                            "part `{name}` must be given once, at most {MAX_FIELD_BYTES} bytes"
+                        )));
+                    }
+                    let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                        ApiError::BadRequest(format!("part `{name}` must be UTF-8 text"))
+                    })?;
+                    fields.push((name, text));
+                    continue;
+                }
                 if name != "image" {
                     return Err(ApiError::BadRequest(format!(
                         "unexpected part `{name}`; send images in parts named `image`"
@@ -160,14 +188,14 @@ pub(super) async fn read_images(
                     ));
                 }
             }
-            Ok((images, true))
+            Ok((images, true, fields))
         }
         Some(c) => {
             let kind = check_image_type(c, false)?;
             let bytes = axum::body::to_bytes(req.into_body(), limit)
                 .await
                 .map_err(|_| ApiError::BodyTooLarge(limit))?;
-            Ok((vec![kind.upload(bytes)], false))
+            Ok((vec![kind.upload(bytes)], false, Vec::new()))
         }
         None => Err(ApiError::UnsupportedMediaType(
             "missing Content-Type; send image/jpeg, image/png, application/dicom or multipart/form-data".into(),

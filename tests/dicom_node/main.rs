@@ -879,11 +879,11 @@ fn replicas_sharing_postgresql_share_answers_and_confirmed_labels() {
     }
 }
 
-/// The outbox's contract ([`cxr::dicom_node::outbox::contract::exercise`], run on
+/// The outbox's contract ([`cxr::delivery::outbox::contract::exercise`], run on
 /// SQLite by the unit tests) on PostgreSQL: the same answers, dead letters included.
 #[test]
 fn the_outbox_contract_holds_on_postgresql() {
-    use cxr::dicom_node::outbox::{Outbox, contract};
+    use cxr::delivery::outbox::{Outbox, contract};
     let pg = Postgres::start();
     let open = || Outbox::connect(&pg.url, contract::policy(10)).unwrap();
     contract::exercise(open(), open);

@@ -31,7 +31,7 @@ mod source;
 mod voi;
 
 pub use decode::{decode_dicom, identify};
-pub use source::{COPIED_TAGS, SrSource};
+pub use source::{COPIED_TAGS, SourceIds, SrSource};
 
 /// A text attribute of `obj`, its padding (NUL, spaces) trimmed; `None` when absent
 /// or empty. What the decoder and the SR's source read identifiers with.

@@ -32,6 +32,33 @@ pub struct SrSource {
     pub sop_class_uid: Option<String>,
     /// SOPInstanceUID.
     pub sop_instance_uid: Option<String>,
+    /// The patient and order identifiers a report to the RIS or EHR names, decoded
+    /// (Unicode, by the source's Specific Character Set).
+    pub ids: SourceIds,
+}
+
+/// The patient and order attributes of a source image, decoded to Unicode (for the
+/// HL7 and FHIR reports; the SR copies the encoded elements instead).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SourceIds {
+    /// PatientID (0010,0020).
+    pub patient_id: Option<String>,
+    /// IssuerOfPatientID (0010,0021).
+    pub issuer_of_patient_id: Option<String>,
+    /// PatientName (0010,0010), its alphabetic group.
+    pub patient_name: Option<String>,
+    /// PatientBirthDate (0010,0030).
+    pub patient_birth_date: Option<String>,
+    /// PatientSex (0010,0040).
+    pub patient_sex: Option<String>,
+    /// AccessionNumber (0008,0050).
+    pub accession_number: Option<String>,
+    /// PlacerOrderNumberImagingServiceRequest (0040,2016).
+    pub placer_order_number: Option<String>,
+    /// FillerOrderNumberImagingServiceRequest (0040,2017).
+    pub filler_order_number: Option<String>,
+    /// Modality (0008,0060).
+    pub modality: Option<String>,
 }
 
 impl std::fmt::Debug for SrSource {
@@ -62,6 +89,20 @@ impl SrSource {
             sop_class_uid: text(tags::SOP_CLASS_UID)
                 .or_else(|| meta_sop_class.map(|s| s.trim_end_matches('\0').to_string())),
             sop_instance_uid: text(tags::SOP_INSTANCE_UID),
+            ids: SourceIds {
+                patient_id: text(tags::PATIENT_ID),
+                issuer_of_patient_id: text(tags::ISSUER_OF_PATIENT_ID),
+                // The alphabetic group of a PN (ideographic and phonetic follow `=`).
+                patient_name: text(tags::PATIENT_NAME)
+                    .and_then(|n| n.split('=').next().map(str::to_string))
+                    .filter(|n| !n.is_empty()),
+                patient_birth_date: text(tags::PATIENT_BIRTH_DATE),
+                patient_sex: text(tags::PATIENT_SEX),
+                accession_number: text(tags::ACCESSION_NUMBER),
+                placer_order_number: text(tags::PLACER_ORDER_NUMBER_IMAGING_SERVICE_REQUEST),
+                filler_order_number: text(tags::FILLER_ORDER_NUMBER_IMAGING_SERVICE_REQUEST),
+                modality: text(tags::MODALITY),
+            },
         }
     }
 }

@@ -1,4 +1,6 @@
-//! The outbox: result objects waiting to reach their destinations, in a database,
+//! The outbox: results waiting to reach their destinations (DICOM objects for a PACS,
+//! HL7 v2 messages for a RIS, ...), each row its destination, its kind and its
+//! payload's bytes, in a database,
 //! so that they survive a restart and are sent once: an embedded SQLite file by
 //! default (one replica), PostgreSQL when `--database-url` names one (replicas share
 //! it). A row is written (durably) before the C-STORE that caused it is answered; a
@@ -46,8 +48,11 @@ pub struct Item {
     pub id: i64,
     /// Where it goes (a destination's name).
     pub destination: String,
-    /// Its SOP Instance UID.
+    /// Its identity at the destination: a DICOM object's SOP Instance UID, an HL7
+    /// message's control ID (MSH-10).
     pub sop_instance_uid: String,
+    /// What it is: `sr`, `sc` (DICOM objects), `oru` (an HL7 v2 ORU^R01), ...
+    pub kind: String,
     /// The Part-10 file.
     pub payload: Vec<u8>,
     /// Sends tried so far (refused or failed).
@@ -56,6 +61,20 @@ pub struct Item {
     pub refusals: u32,
     /// When it was queued (ms since the epoch).
     pub created_at: i64,
+}
+
+/// One item to queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its destination's name.
+    pub destination: String,
+    /// What it is (`sr`, `sc`, `oru`, ...).
+    pub kind: String,
+    /// Its identity at the destination (a SOP Instance UID, an HL7 message control
+    /// ID): one row per destination and uid, ever.
+    pub uid: String,
+    /// What is sent.
+    pub payload: Vec<u8>,
 }
 
 /// How a send failed.
@@ -87,7 +106,8 @@ pub struct DeadLetter {
     pub destination: String,
     /// Its SOP Instance UID.
     pub sop_instance_uid: String,
-    /// `sr` (the Structured Report) or `sc` (the Secondary Capture).
+    /// `sr` (the Structured Report), `sc` (the Secondary Capture) or `oru` (an HL7
+    /// v2 ORU^R01; its `sop_instance_uid` is then the message control ID, MSH-10).
     pub kind: String,
     /// Sends tried.
     pub attempts: u32,
@@ -148,7 +168,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long a claimed row is the claimer's before another sender may take it (a
 /// replica that died while sending): longer than one send may take (30 s); the
 /// sender renews the claim of every row of its round before each send.
-pub(super) const CLAIM: Duration = Duration::from_secs(45);
+pub const CLAIM: Duration = Duration::from_secs(45);
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -205,7 +225,7 @@ CREATE INDEX IF NOT EXISTS cxr_outbox_due ON cxr_outbox (state, next_at);
 CREATE INDEX IF NOT EXISTS cxr_outbox_source ON cxr_outbox (source_key);";
 
 const ITEM_COLUMNS: &str =
-    "id, destination, sop_instance_uid, payload, attempts, refusals, created_at";
+    "id, destination, sop_instance_uid, payload, attempts, refusals, created_at, kind";
 
 fn item_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
     Ok(Item {
@@ -216,6 +236,7 @@ fn item_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
         attempts: r.get(4)?,
         refusals: r.get(5)?,
         created_at: r.get(6)?,
+        kind: r.get(7)?,
     })
 }
 
@@ -228,6 +249,7 @@ fn item_postgres(r: &postgres::Row) -> Item {
         attempts: r.get::<_, i32>(4) as u32,
         refusals: r.get::<_, i32>(5) as u32,
         created_at: r.get(6),
+        kind: r.get(7),
     }
 }
 
@@ -317,19 +339,35 @@ impl Outbox {
         })
     }
 
-    /// Adds the result objects of one source for every destination, all or none;
-    /// an object already there for a destination is not added again. Refused when
-    /// the outbox is full (dead letters do not count). Returns how many rows were
-    /// added.
+    /// Adds the result objects of one source for every destination, all or none
+    /// (the cross product as [`Outbox::queue`] entries).
     pub fn add(
         &self,
         source_key: &str,
         objects: &[(&str, String, Vec<u8>)],
         destinations: &[String],
     ) -> Result<usize, OutboxError> {
+        let entries: Vec<Entry> = destinations
+            .iter()
+            .flat_map(|d| {
+                objects.iter().map(|(kind, uid, payload)| Entry {
+                    destination: d.clone(),
+                    kind: (*kind).to_string(),
+                    uid: uid.clone(),
+                    payload: payload.clone(),
+                })
+            })
+            .collect();
+        self.queue(source_key, &entries)
+    }
+
+    /// Adds the items of one source (a result), all or none; an item already there
+    /// for its destination (the same `uid`) is not added again. Refused when the
+    /// outbox is full (dead letters do not count). Returns how many rows were added.
+    pub fn queue(&self, source_key: &str, entries: &[Entry]) -> Result<usize, OutboxError> {
         let capacity = self.policy.capacity;
         let full = |waiting: i64| {
-            (waiting as usize + objects.len() * destinations.len() > capacity).then(|| {
+            (waiting as usize + entries.len() > capacity).then(|| {
                 OutboxError(format!(
                     "the outbox holds its limit of {capacity} result objects waiting to be sent"
                 ))
@@ -349,15 +387,13 @@ impl Outbox {
                 if let Some(e) = full(waiting) {
                     return Err(e);
                 }
-                for d in destinations {
-                    for (kind, uid, payload) in objects {
-                        added += tx.execute(
-                            "INSERT OR IGNORE INTO outbox
-                             (destination, sop_instance_uid, source_key, kind, payload, state, next_at, created_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
-                            rusqlite::params![d, uid, source_key, kind, payload, now],
-                        )?;
-                    }
+                for e in entries {
+                    added += tx.execute(
+                        "INSERT OR IGNORE INTO outbox
+                         (destination, sop_instance_uid, source_key, kind, payload, state, next_at, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
+                        rusqlite::params![e.destination, e.uid, source_key, e.kind, e.payload, now],
+                    )?;
                 }
                 tx.commit()?;
             }
@@ -373,16 +409,14 @@ impl Outbox {
                 if let Some(e) = full(waiting) {
                     return Err(e);
                 }
-                for d in destinations {
-                    for (kind, uid, payload) in objects {
-                        added += tx.execute(
-                            "INSERT INTO cxr_outbox
-                             (destination, sop_instance_uid, source_key, kind, payload, state, next_at, created_at)
-                             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)
-                             ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
-                            &[d, uid, &source_key, kind, payload, &now],
-                        )? as usize;
-                    }
+                for e in entries {
+                    added += tx.execute(
+                        "INSERT INTO cxr_outbox
+                         (destination, sop_instance_uid, source_key, kind, payload, state, next_at, created_at)
+                         VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)
+                         ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
+                        &[&e.destination, &e.uid, &source_key, &e.kind, &e.payload, &now],
+                    )? as usize;
                 }
                 tx.commit()?;
             }
