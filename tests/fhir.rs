@@ -10,6 +10,8 @@
 //! or does not answer is a failure to retry. `scripts/setup.sh --test` installs the
 //! server and fhir.resources.
 
+mod common;
+
 use std::io::BufRead as _;
 use std::io::BufReader;
 use std::path::PathBuf;
@@ -42,13 +44,19 @@ struct FhirServer {
 
 impl FhirServer {
     fn start(token: Option<&str>) -> Self {
+        Self::start_on(token, 0)
+    }
+
+    /// On `port` (0: any), e.g. the port of a server stopped before.
+    fn start_on(token: Option<&str>, port: u16) -> Self {
         let dir = root().join("tests/fhir_server");
         assert!(
             dir.join("node_modules/@medplum/fhir-router").is_dir(),
             "the FHIR server is not installed: run `bash scripts/setup.sh --test`"
         );
         let mut cmd = Command::new("node");
-        cmd.arg(dir.join("server.js")).args(["--port", "0"]);
+        cmd.arg(dir.join("server.js"))
+            .args(["--port", &port.to_string()]);
         if let Some(t) = token {
             cmd.args(["--token", t]);
         }
@@ -99,6 +107,27 @@ impl FhirServer {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("check.py prints JSON")
+    }
+}
+
+impl FhirServer {
+    fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// How many `kind` resources it holds (a search, as a client would).
+    fn count(&self, kind: &str, token: &str) -> usize {
+        let auth = format!("Bearer {token}");
+        let (status, body) = common::tcp_http_headers(
+            self.url.trim_start_matches("http://"),
+            "GET",
+            &format!("/{kind}?_count=1000"),
+            &[("Authorization", auth.as_str())],
+            b"",
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["entry"].as_array().map_or(0, Vec::len)
     }
 }
 
@@ -342,4 +371,155 @@ async fn refusals_carry_the_servers_reason_and_failures_are_retried() {
         panic!("no answer is retried")
     };
     assert!(reason.contains("no answer"), "{reason}");
+}
+
+/// `cxr-serve --fhir-url` with the token from the environment, an outbox in `dir`
+/// and the keys of `common::ops`.
+fn serve(
+    models: &std::path::Path,
+    dir: &std::path::Path,
+    fhir_url: &str,
+    token: &str,
+    extra: &[&str],
+) -> common::Server {
+    // The token travels by the environment only (never a flag on a command line).
+    let outbox = dir.join("outbox.sqlite");
+    let keys = common::ops::keys(dir);
+    let mut args: Vec<String> = vec![
+        "--min-image-side".into(),
+        "16".into(),
+        "--api-keys-file".into(),
+        keys,
+        "--outbox".into(),
+        outbox.display().to_string(),
+        "--fhir-url".into(),
+        fhir_url.into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let s = common::Server::start_with_env(models, &args, "addr", &[("CXR_FHIR_TOKEN", token)]);
+    s.wait_ready();
+    s
+}
+
+fn predict(server: &common::Server, image: &[u8], accession: &str) -> Value {
+    let (status, body) = common::ops::call(
+        &server.addr,
+        "POST",
+        &format!("/predict?accession_number={accession}&patient_id=P-42"),
+        Some(common::ops::ADMIN),
+        "image/png",
+        image,
+    );
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn metric(server: &common::Server, name: &str, outcome: &str) -> f64 {
+    let (_, m) = common::tcp_http(&server.addr, "GET", "/metrics", None, b"");
+    m.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && l.contains("destination=\"fhir:")
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The real binary: a `/predict` answer with the order's identifiers becomes a
+/// DiagnosticReport on the FHIR server; queued while the server is down, kept
+/// across a restart of cxr-serve, delivered once the server is back, and never
+/// twice (the same image for the same order again adds nothing).
+#[test]
+fn predict_with_an_order_is_delivered_once_across_a_down_server_and_a_restart() {
+    let models = common::models_dir();
+    let dir = tempfile::tempdir().unwrap();
+    // A port with no server on it (one was there; it is stopped).
+    let port = FhirServer::start(Some("tok")).port();
+    let url = format!("http://127.0.0.1:{port}");
+    let image = common::png_bytes(&common::gray_image(128, 100, 3));
+
+    let mut s = serve(models.path(), dir.path(), &url, "tok", &[]);
+    s.discard_logs();
+    let answer = predict(&s, &image, "ACC-1");
+    // Tried, failed (nothing listens), to be retried.
+    common::ops::wait_for("a failed FHIR send", || {
+        metric(&s, "cxr_dicom_results_total", "retried") >= 1.0
+    });
+    assert_eq!(metric(&s, "cxr_dicom_results_total", "sent"), 0.0);
+    drop(s);
+
+    let fhir = FhirServer::start_on(Some("tok"), port);
+    let mut s = serve(models.path(), dir.path(), &url, "tok", &[]);
+    s.discard_logs();
+    common::ops::wait_for("the report on the FHIR server", || {
+        fhir.count("DiagnosticReport", "tok") == 1
+    });
+    // Again: the same image for the same order is the same result.
+    predict(&s, &image, "ACC-1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(metric(&s, "cxr_dicom_results_total", "sent"), 1.0);
+    let checked = fhir.check(Some("tok"));
+    assert_eq!(checked["counts"]["DiagnosticReport"], 1, "{checked}");
+    let r = &checked["reports"][0];
+    assert_eq!(r["basedOn"][0]["identifier"]["value"], "ACC-1");
+    assert_eq!(r["subject"]["identifier"]["value"], "P-42");
+    assert_eq!(r["security"], serde_json::json!(["AIAST"]));
+    // The report says what /predict answered.
+    let label = answer["label"].as_str().unwrap_or_default().to_string();
+    let obs = &r["observations"][0];
+    let expected = if label == "PNEUMONIA" {
+        "52101004"
+    } else {
+        "2667000"
+    };
+    assert_eq!(obs["value"], serde_json::json!([expected]), "{answer}");
+    let p = answer["probabilities"]["PNEUMONIA"].as_f64();
+    let stored = obs["components"]["probability"].as_f64().unwrap();
+    assert!((stored - p.unwrap()).abs() < 1e-6, "{stored} {answer}");
+    assert_eq!(checked["counts"]["Device"], 1);
+}
+
+/// The real binary: a FHIR server that refuses (a wrong token) makes the result a
+/// dead letter with the server's reason, listed at `/dicom/outbox/dead-letters`.
+#[test]
+fn a_refused_bundle_is_a_dead_letter_with_the_servers_reason() {
+    let models = common::models_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let fhir = FhirServer::start(Some("right"));
+    let mut s = serve(
+        models.path(),
+        dir.path(),
+        &fhir.url,
+        "wrong",
+        &["--dicom-max-attempts", "1"],
+    );
+    s.discard_logs();
+    predict(
+        &s,
+        &common::png_bytes(&common::gray_image(128, 100, 4)),
+        "ACC-2",
+    );
+    common::ops::wait_for("a dead letter", || {
+        metric(&s, "cxr_dicom_results_total", "dead_letter") >= 1.0
+    });
+    let (status, dead) = common::ops::call(
+        &s.addr,
+        "GET",
+        "/dicom/outbox/dead-letters",
+        Some(common::ops::ADMIN),
+        "text/plain",
+        b"",
+    );
+    assert_eq!(status, 200, "{dead}");
+    let letters = dead
+        .as_array()
+        .cloned()
+        .or_else(|| dead["dead_letters"].as_array().cloned())
+        .unwrap_or_default();
+    assert_eq!(letters.len(), 1, "{dead}");
+    assert_eq!(letters[0]["kind"], "fhir", "{dead}");
+    let reason = letters[0]["last_error"].as_str().unwrap();
+    assert!(reason.contains("status 401: Unauthorized"), "{reason}");
+    assert_eq!(fhir.count("DiagnosticReport", "right"), 0);
 }

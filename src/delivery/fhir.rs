@@ -23,6 +23,7 @@
 //!   the Observation (what the model wrote), not on the Device (which describes it);
 //! - the intended use opens every `DiagnosticReport.conclusion`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,13 +35,21 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use serde_json::json;
 
+use crate::delivery::Channel;
 use crate::delivery::INTENDED_USE;
+use crate::delivery::Kind;
 use crate::delivery::ModelFacts;
 use crate::delivery::Outcome;
 use crate::delivery::Patient;
+use crate::delivery::Rendered;
 use crate::delivery::ReportFacts;
 use crate::delivery::SNOMED_PNEUMONIA;
+use crate::delivery::Sending;
 use crate::delivery::Verdict;
+use crate::delivery::outbox::Item;
+use crate::delivery::sender::Round;
+use crate::delivery::sender::SendError;
+use crate::delivery::sender::blocking;
 
 /// The media type of what is posted (FHIR R4, JSON).
 pub const FHIR_JSON: &str = "application/fhir+json";
@@ -218,8 +227,14 @@ fn device(model: &ModelFacts) -> (Named, Value) {
     (named, resource)
 }
 
+/// `x` to 6 decimal places: the model's outputs are `f32`s, whose widening to `f64`
+/// would show digits that mean nothing (0.8984099 as 0.898409903049469).
+fn decimal(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
 fn probability(value: f64) -> Value {
-    json!({ "value": value, "unit": "probability", "system": UCUM, "code": "1" })
+    json!({ "value": decimal(value), "unit": "probability", "system": UCUM, "code": "1" })
 }
 
 fn verdict_text(v: Verdict) -> (&'static str, &'static str) {
@@ -316,7 +331,7 @@ pub fn bundle(facts: &ReportFacts) -> Value {
             if let Some(score) = ood_score {
                 components.push(json!({
                     "code": cxr_code("ood-score", "Out-of-distribution score"),
-                    "valueQuantity": { "value": score, "unit": "score", "system": UCUM, "code": "1" },
+                    "valueQuantity": { "value": decimal(*score), "unit": "score", "system": UCUM, "code": "1" },
                 }));
             }
             let mut notes = vec![json!({ "text": INTENDED_USE })];
@@ -458,6 +473,62 @@ impl FhirTarget {
         .map(|b| b.to_bytes())
         .unwrap_or_default();
         classify(url, status, &body)
+    }
+}
+
+/// The FHIR channel (`--fhir-url`): each result's Bundle, queued in the outbox and
+/// POSTed by the sending loop; sent, refused (counted against
+/// `--dicom-max-attempts`, then a dead letter with the server's reason) or failed
+/// (retried until `--dicom-give-up-after-hours`).
+#[derive(Debug, Clone)]
+pub struct FhirChannel {
+    target: FhirTarget,
+}
+
+impl FhirChannel {
+    /// The channel to `target`.
+    pub fn new(target: FhirTarget) -> Self {
+        Self { target }
+    }
+}
+
+/// The outbox row's kind of a FHIR Bundle.
+pub const ITEM_KIND: &str = "fhir";
+
+impl Channel for FhirChannel {
+    fn name(&self) -> String {
+        format!("fhir:{}", self.target.url)
+    }
+
+    fn kind(&self) -> Kind {
+        Kind::Fhir
+    }
+
+    fn render(&self, facts: &ReportFacts) -> Option<Rendered> {
+        let b = bundle(facts);
+        Some(Rendered {
+            kind: ITEM_KIND,
+            // The report's identifier: one result is one item, never queued twice.
+            uid: Named::new("report", &facts.result_id).identifier,
+            payload: serde_json::to_vec(&b).expect("a JSON value serialises"),
+        })
+    }
+
+    fn send(self: Arc<Self>, round: Arc<Round>, items: Vec<Item>) -> Sending {
+        Box::pin(async move {
+            let name = self.name();
+            for item in items {
+                let r = round.clone();
+                let _ = blocking(move || r.renew()).await;
+                let result = match self.target.post(&item.payload).await {
+                    Posted::Sent => Ok(()),
+                    Posted::Refused(reason) => Err(SendError::refused(reason)),
+                    Posted::Transient(reason) => Err(SendError::failed(reason)),
+                };
+                let (r, name) = (round.clone(), name.clone());
+                let _ = blocking(move || r.settle(&name, &item, result)).await;
+            }
+        })
     }
 }
 

@@ -15,7 +15,10 @@
 //! - `outbox.rs`: items waiting (any kind), claims, dead letters, retention.
 //! - `sender.rs`: the loop, rounds, settling (sent, retried, dead).
 //! - `hl7.rs`: ORU^R01 (v2.5.1) from [`ReportFacts`], and the MLLP channel.
+//! - `fhir.rs`: a FHIR R4 transaction Bundle from [`ReportFacts`], and the channel
+//!   that POSTs it.
 
+pub mod fhir;
 pub mod hl7;
 pub mod outbox;
 pub mod sender;
@@ -41,8 +44,6 @@ use crate::predict::Core;
 use crate::predict::Prediction;
 use crate::predict::ResultObject;
 use crate::predict::Valid;
-
-pub mod fhir;
 
 /// The intended-use wording every message carries.
 pub const INTENDED_USE: &str = "AI result: preliminary, not for standalone diagnosis";
