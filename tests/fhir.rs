@@ -175,7 +175,7 @@ fn classified(pneumonia: bool, probability: f64) -> Outcome {
         pneumonia,
         probability,
         threshold: 0.42,
-        threshold_source: "site".into(),
+        threshold_source: cxr::delivery::ThresholdKind::Site,
         verdict: Verdict::Shift,
         ood_score: Some(2.25),
         warnings: vec!["distribution shift: read with caution".into()],

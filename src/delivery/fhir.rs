@@ -241,6 +241,10 @@ fn verdict_text(v: Verdict) -> (&'static str, &'static str) {
     match v {
         Verdict::InDistribution => ("in-distribution", "In distribution"),
         Verdict::Shift => ("distribution-shift", "Distribution shift"),
+        Verdict::Outside => (
+            "out-of-distribution",
+            "Out of distribution (answered: --ood-action warn)",
+        ),
         Verdict::NotScored => ("not-scored", "Not scored"),
     }
 }
@@ -321,7 +325,7 @@ pub fn bundle(facts: &ReportFacts) -> Value {
                 }),
                 json!({
                     "code": cxr_code("threshold-source", "Source of the decision threshold"),
-                    "valueString": threshold_source,
+                    "valueString": threshold_source.as_str(),
                 }),
                 json!({
                     "code": cxr_code("ood-verdict", "Out-of-distribution verdict"),
@@ -379,7 +383,8 @@ pub fn bundle(facts: &ReportFacts) -> Value {
             entries.push(finding.entry(observation));
             let said = if *pneumonia { "present" } else { "absent" };
             format!(
-                "{INTENDED_USE}. Pneumonia {said} (P(PNEUMONIA) {p:.3}, threshold {threshold:.3} from {threshold_source})."
+                "{INTENDED_USE}. Pneumonia {said} (P(PNEUMONIA) {p:.3}, threshold {threshold:.3} from {}).",
+                threshold_source.as_str()
             )
         }
     };
@@ -669,7 +674,7 @@ mod tests {
             pneumonia,
             probability: if pneumonia { 0.91 } else { 0.12 },
             threshold: 0.5,
-            threshold_source: "card".into(),
+            threshold_source: crate::delivery::ThresholdKind::Card,
             verdict: Verdict::InDistribution,
             ood_score: Some(1.5),
             warnings: vec!["lateral view".into()],
