@@ -637,36 +637,23 @@ mod tests {
     use crate::delivery::Order;
     use crate::delivery::Study;
 
+    /// The HL7 writer's facts, with an order and a study of their own.
     fn facts(outcome: Outcome, urgent: bool) -> ReportFacts {
-        ReportFacts {
-            result_id: "r-1".into(),
-            observed_at: "2026-12-07T10:00:00Z".into(),
-            patient: Patient {
-                id: Some("P123".into()),
-                issuer: Some("HOSP".into()),
-                name: Some("Doe^Jane^M".into()),
-                birth_date: Some("20200102".into()),
-                sex: Some("F".into()),
-            },
-            order: Order {
-                accession_number: Some("ACC1".into()),
-                placer_order_number: None,
-                filler_order_number: Some("F9".into()),
-            },
-            study: Study {
-                study_instance_uid: Some("1.2.3".into()),
-                series_instance_uid: Some("1.2.3.4".into()),
-                sop_instance_uid: Some("1.2.3.4.5".into()),
-                modality: Some("DX".into()),
-            },
-            model: ModelFacts {
-                name: "weighted".into(),
-                version: "2.0.0".into(),
-                sha256: "ab".repeat(32),
-            },
-            outcome,
-            urgent,
-        }
+        let mut f = crate::delivery::hl7::message_tests::facts(outcome, urgent);
+        f.patient.id = Some("P123".into());
+        f.patient.name = Some("Doe^Jane^M".into());
+        f.order = Order {
+            accession_number: Some("ACC1".into()),
+            placer_order_number: None,
+            filler_order_number: Some("F9".into()),
+        };
+        f.study = Study {
+            study_instance_uid: Some("1.2.3".into()),
+            series_instance_uid: Some("1.2.3.4".into()),
+            sop_instance_uid: Some("1.2.3.4.5".into()),
+            modality: Some("DX".into()),
+        };
+        f
     }
 
     fn classified(pneumonia: bool) -> Outcome {
