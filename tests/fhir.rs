@@ -429,7 +429,8 @@ fn metric(server: &common::Server, name: &str, outcome: &str) -> f64 {
 /// The real binary: a `/predict` answer with the order's identifiers becomes a
 /// DiagnosticReport on the FHIR server; queued while the server is down, kept
 /// across a restart of cxr-serve, delivered once the server is back, and never
-/// twice (the same image for the same order again adds nothing).
+/// twice (the same image for the same order again adds nothing); a refused image is
+/// a report saying why.
 #[test]
 fn predict_with_an_order_is_delivered_once_across_a_down_server_and_a_restart() {
     let models = common::models_dir();
@@ -478,6 +479,32 @@ fn predict_with_an_order_is_delivered_once_across_a_down_server_and_a_restart() 
     let stored = obs["components"]["probability"].as_f64().unwrap();
     assert!((stored - p.unwrap()).abs() < 1e-6, "{stored} {answer}");
     assert_eq!(checked["counts"]["Device"], 1);
+
+    // A refused image (blank) for another order: a report that says why, no finding.
+    let blank = image::GrayImage::from_pixel(128, 100, image::Luma([0]));
+    let (status, body) = common::ops::call(
+        &s.addr,
+        "POST",
+        "/predict?accession_number=ACC-3&patient_id=P-42",
+        Some(common::ops::ADMIN),
+        "image/png",
+        &common::png_bytes(&blank),
+    );
+    assert_eq!(status, 422, "{body}");
+    common::ops::wait_for("the refusal's report", || {
+        fhir.count("DiagnosticReport", "tok") == 2
+    });
+    let checked = fhir.check(Some("tok"));
+    let r = checked["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["basedOn"][0]["identifier"]["value"] == "ACC-3")
+        .unwrap_or_else(|| panic!("{checked}"));
+    assert!(r["observations"].as_array().unwrap().is_empty(), "{r}");
+    let c = r["conclusion"].as_str().unwrap();
+    assert!(c.starts_with(cxr::delivery::INTENDED_USE), "{c}");
+    assert!(c.contains("Not analysed (blank_image)"), "{c}");
 }
 
 /// The real binary: a FHIR server that refuses (a wrong token) makes the result a
