@@ -158,9 +158,7 @@ pub(super) async fn predict(
             let Some(h) = answered.predictions.first().and_then(|p| p.heatmap.as_ref()) else {
                 return Err(ApiError::Internal("an explained answer without its heatmap".into()));
             };
-            let png =
-                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &h.overlay_png)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let png = crate::predict::explain::png(&h.overlay);
             return Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response());
         }
         if wants_sr {

@@ -3,7 +3,6 @@
 //! for a class lies in the film (an attention map); it is not a localisation of
 //! disease and must not be read as one.
 
-use base64::Engine;
 use image::{ImageFormat, Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -33,10 +32,72 @@ pub struct Heatmap {
     pub other: Vec<f32>,
     /// PNG (base64) of the answered class's map, upsampled bilinearly, over the
     /// input as the model saw it (its own size, grayscale, jet colour map at 40 %).
-    pub overlay_png: String,
+    // An image until a door encodes it (JSON: here; the PNG door and the DICOM
+    // Secondary Capture take the image itself).
+    #[serde(rename = "overlay_png", with = "png_base64")]
+    #[schema(value_type = String)]
+    pub overlay: RgbImage,
     /// PNG (base64) of the input as the model saw it (its own size, grayscale), the
     /// overlay's background: a viewer can show it alone or under the overlay.
-    pub input_png: String,
+    #[serde(rename = "input_png", with = "png_base64")]
+    #[schema(value_type = String)]
+    pub input: image::GrayImage,
+}
+
+/// An image as PNG bytes.
+pub fn png<P, C>(img: &image::ImageBuffer<P, C>) -> Vec<u8>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+    C: std::ops::Deref<Target = [P::Subpixel]>,
+{
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, ImageFormat::Png)
+        .expect("PNG encoding to memory does not fail");
+    out.into_inner()
+}
+
+/// An image in JSON: PNG in base64 (encoded when the answer is written).
+mod png_base64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<P, C, S>(img: &image::ImageBuffer<P, C>, s: S) -> Result<S::Ok, S::Error>
+    where
+        P: image::PixelWithColorType,
+        [P::Subpixel]: image::EncodableLayout,
+        C: std::ops::Deref<Target = [P::Subpixel]>,
+        S: Serializer,
+    {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(super::png(img)))
+    }
+
+    pub fn deserialize<'de, I: FromPng, D: Deserializer<'de>>(d: D) -> Result<I, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)?;
+        let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+            .map_err(serde::de::Error::custom)?;
+        Ok(I::from_png(img))
+    }
+
+    /// The image types a heatmap holds.
+    pub trait FromPng {
+        fn from_png(img: image::DynamicImage) -> Self;
+    }
+
+    impl FromPng for image::RgbImage {
+        fn from_png(img: image::DynamicImage) -> Self {
+            img.to_rgb8()
+        }
+    }
+
+    impl FromPng for image::GrayImage {
+        fn from_png(img: image::DynamicImage) -> Self {
+            img.to_luma8()
+        }
+    }
 }
 
 /// Min-max normalised to 0..1 (a constant map is all zeros).
@@ -64,7 +125,7 @@ pub fn heatmap(
 ) -> Heatmap {
     let a = normalise(cam.class(answered));
     let o = normalise(cam.class(1 - answered));
-    let png = overlay(&a, cam.height, cam.width, input, size, pre);
+    let overlay = overlay(&a, cam.height, cam.width, input, size, pre);
     Heatmap {
         method: "cam".into(),
         note: CAM_NOTE.into(),
@@ -73,26 +134,22 @@ pub fn heatmap(
         grid_width: cam.width,
         answered: a,
         other: o,
-        overlay_png: base64::engine::general_purpose::STANDARD.encode(png),
-        input_png: base64::engine::general_purpose::STANDARD.encode(input_gray(input, size, pre)),
+        overlay,
+        input: input_gray(input, size, pre),
     }
 }
 
-/// The input's first channel, un-normalised back to 8-bit gray, as PNG bytes.
-pub fn input_gray(input: &[f32], size: u32, pre: &Preprocessing) -> Vec<u8> {
+/// The input's first channel, un-normalised back to 8-bit gray.
+pub fn input_gray(input: &[f32], size: u32, pre: &Preprocessing) -> image::GrayImage {
     let s = size as usize;
-    let img = image::GrayImage::from_fn(size, size, |x, y| {
+    image::GrayImage::from_fn(size, size, |x, y| {
         let v = input[y as usize * s + x as usize] * pre.std[0] + pre.mean[0];
         image::Luma([(v * 255.0).round().clamp(0.0, 255.0) as u8])
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, ImageFormat::Png)
-        .expect("PNG encoding to memory does not fail");
-    out.into_inner()
+    })
 }
 
 /// The grid (0..1, `h × w`) upsampled to `size`, in a jet colour map at 40 % over the
-/// input's first channel (un-normalised back to gray), as PNG bytes.
+/// input's first channel (un-normalised back to gray).
 pub fn overlay(
     grid: &[f32],
     h: usize,
@@ -100,9 +157,9 @@ pub fn overlay(
     input: &[f32],
     size: u32,
     pre: &Preprocessing,
-) -> Vec<u8> {
+) -> RgbImage {
     let s = size as usize;
-    let img = RgbImage::from_fn(size, size, |x, y| {
+    RgbImage::from_fn(size, size, |x, y| {
         let (x, y) = (x as usize, y as usize);
         let gray = (input[y * s + x] * pre.std[0] + pre.mean[0]).clamp(0.0, 1.0);
         let t = bilinear(
@@ -119,11 +176,7 @@ pub fn overlay(
                 .clamp(0.0, 255.0) as u8
         };
         Rgb([mix(0), mix(1), mix(2)])
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, ImageFormat::Png)
-        .expect("PNG encoding to memory does not fail");
-    out.into_inner()
+    })
 }
 
 /// Bilinear sample of a row-major grid at (fx, fy) in grid cells (edges clamped).

@@ -4,8 +4,6 @@
 //! node and the folder job file these; their UIDs are derived from what they are of
 //! (the source image and the model file), so a resent image yields the same objects.
 
-use base64::Engine as _;
-
 use crate::imaging::sr::ScImage;
 use crate::imaging::sr::SrFinding;
 use crate::imaging::sr::SrResult;
@@ -168,12 +166,7 @@ impl Core {
                         bytes: build_sr(src, &classified(model, &p), &uids).map_err(sr_error)?,
                     });
                     if let Some(h) = &p.heatmap {
-                        let png = base64::engine::general_purpose::STANDARD
-                            .decode(&h.overlay_png)
-                            .map_err(|e| ApiError::Internal(e.to_string()))?;
-                        let overlay = image::load_from_memory(&png)
-                            .map_err(|e| ApiError::Internal(e.to_string()))?
-                            .to_rgb8();
+                        let overlay = &h.overlay;
                         let mut lines = vec![
                             format!(
                                 "cxr {} {}: {} (P(pneumonia) {:.2}, threshold {:.2})",
@@ -193,7 +186,7 @@ impl Core {
                             "Computer-generated AI result, not for standalone diagnosis".into(),
                         );
                         let sc = ScImage {
-                            overlay: &overlay,
+                            overlay,
                             lines,
                             algorithm: &format!("cxr {}", card.name),
                             versions: format!(
