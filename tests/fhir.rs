@@ -36,9 +36,9 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The FHIR server, a child process killed on drop.
+/// The FHIR server, killed when dropped.
 struct FhirServer {
-    child: Child,
+    _child: Killed,
     url: String,
 }
 
@@ -81,7 +81,7 @@ impl FhirServer {
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("the FHIR server did not start: {line:?}"));
         Self {
-            child,
+            _child: Killed(child),
             url: format!("http://127.0.0.1:{port}"),
         }
     }
@@ -128,13 +128,6 @@ impl FhirServer {
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
         v["entry"].as_array().map_or(0, Vec::len)
-    }
-}
-
-impl Drop for FhirServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -549,4 +542,160 @@ fn a_refused_bundle_is_a_dead_letter_with_the_servers_reason() {
     let reason = letters[0]["last_error"].as_str().unwrap();
     assert!(reason.contains("status 401: Unauthorized"), "{reason}");
     assert_eq!(fhir.count("DiagnosticReport", "right"), 0);
+}
+
+/// A child process, killed when dropped (a failing test leaves none behind).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A program of Debian's dcmtk (`scripts/setup.sh --test`).
+fn dcmtk(name: &str) -> Command {
+    let path = ["/usr/bin", "/usr/local/bin"]
+        .iter()
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} is not installed: run scripts/setup.sh --test"));
+    Command::new(path)
+}
+
+/// The real binary as a DICOM node: films from pydicom (`tests/hl7/make_films.py`:
+/// a patient and an order with characters that need care, UTF-8) sent by dcmtk's
+/// storescu become DiagnosticReports whose references carry the films' own
+/// attributes (the mapping of docs/ris-ehr.md); the lateral view, refused, becomes a
+/// report saying why. The node's DICOM results go to dcmtk's storescp.
+#[test]
+fn the_dicom_nodes_results_map_the_films_attributes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let python = root().join(".venv/bin/python");
+    let films = dir.join("films");
+    let made = Command::new(&python)
+        .arg(root().join("tests/hl7/make_films.py"))
+        .arg(&films)
+        .status()
+        .expect("python (scripts/setup.sh --test installs pydicom)");
+    assert!(made.success());
+    let study_uid = {
+        let out = Command::new(&python)
+            .args([
+                "-c",
+                "import sys, pydicom; print(pydicom.dcmread(sys.argv[1]).StudyInstanceUID)",
+            ])
+            .arg(films.join("film.dcm"))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let scp_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::create_dir_all(dir.join("scp")).unwrap();
+    let _scp = Killed(
+        dcmtk("storescp")
+            .args(["-aet", "STORESCP", "-od"])
+            .arg(dir.join("scp"))
+            .arg(scp_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let fhir = FhirServer::start(Some("tok"));
+    let peers = dir.join("peers.toml");
+    std::fs::write(
+        &peers,
+        "[[peers]]\nae_title = \"MODALITY\"\nhosts = [\"127.0.0.1\"]\n",
+    )
+    .unwrap();
+    let peers = peers.display().to_string();
+    let destination = format!("STORESCP@127.0.0.1:{scp_port}");
+    let models = common::models_dir();
+    let mut s = serve(
+        models.path(),
+        dir,
+        &fhir.url,
+        "tok",
+        &[
+            "--dicom-port",
+            "0",
+            "--dicom-peers-file",
+            &peers,
+            "--dicom-destination",
+            &destination,
+        ],
+    );
+    let node = s.wait_log_field("dicom_addr");
+    s.discard_logs();
+    let node_port = node.rsplit(':').next().unwrap();
+    for film in ["film.dcm", "lateral.dcm"] {
+        let out = dcmtk("storescu")
+            .args(["-aet", "MODALITY", "-aec", "CXR", "127.0.0.1", node_port])
+            .arg(films.join(film))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "storescu: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    common::ops::wait_for("two reports", || fhir.count("DiagnosticReport", "tok") == 2);
+    let checked = fhir.check(Some("tok"));
+    for r in checked["reports"].as_array().unwrap() {
+        let subject = &r["subject"];
+        assert_eq!(subject["identifier"]["value"], "PAT|7", "{r}");
+        assert_eq!(subject["identifier"]["assigner"]["display"], "HOSP");
+        assert_eq!(subject["display"], "Dr Zoë Q Müller&Co Jr");
+        let orders: Vec<(String, String)> = r["basedOn"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                let i = &o["identifier"];
+                (
+                    i["type"]["coding"][0]["code"].as_str().unwrap().to_string(),
+                    i["value"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let want = [("ACSN", "ACC^1"), ("PLAC", "PL~7"), ("FILL", "FL-9")];
+        assert_eq!(
+            orders,
+            want.map(|(a, b)| (a.to_string(), b.to_string())).to_vec()
+        );
+        assert!(r["category"].as_array().unwrap().iter().any(|c| c == "RAD"));
+    }
+    let analysed = checked["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| !r["observations"].as_array().unwrap().is_empty())
+        .unwrap_or_else(|| panic!("the film's report: {checked}"));
+    assert_eq!(
+        analysed["imagingStudy"][0]["identifier"]["value"],
+        format!("urn:oid:{study_uid}")
+    );
+    assert!(
+        analysed["category"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "CR")
+    );
+    let refused = checked["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["observations"].as_array().unwrap().is_empty())
+        .unwrap_or_else(|| panic!("the lateral's report: {checked}"));
+    let c = refused["conclusion"].as_str().unwrap();
+    assert!(c.contains("Not analysed ("), "{c}");
 }
