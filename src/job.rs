@@ -220,12 +220,7 @@ pub async fn run(
             ),
             None => crate::digest::sha256_hex(&bytes),
         };
-        let asker = Asker {
-            caller: Caller("job".into()),
-            request_id: uuid::Uuid::new_v4().to_string(),
-            client_request_id: Some(rel.display().to_string()),
-            trace: None,
-        };
+        let asker = Asker::new(Caller("job".into()), Some(rel.display().to_string()));
         let ask = Ask {
             model: model.clone(),
             explain: true,

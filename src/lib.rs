@@ -1,9 +1,13 @@
 //! cxr: pediatric chest X-ray pneumonia classification.
 //!
 //! The library does the work; `cxr-serve` and `cxr-train` parse flags and call it.
-//! Modules follow a request's path: [`imaging`] turns bytes into tensors,
-//! [`inference`] runs them through ONNX Runtime, [`registry`] holds the model cards,
-//! [`onnx`] writes the model files, [`arch`] describes the network, [`eval`] measures.
+//! Modules follow a request's path: a door ([`http`], [`grpc`] with [`oip`],
+//! [`dicom_node`], [`job`]) translates its wire format into the core's types;
+//! [`predict`] answers (validation, decoding through [`imaging`], the model through
+//! [`inference`], the OOD score, the audit trail); [`delivery`] sends results on to
+//! the PACS, the RIS and the EHR. [`registry`] holds the model cards, [`model`]
+//! writes and reads the model files, [`eval`] measures. ARCHITECTURE.md draws the
+//! layers, and `tests/architecture.rs` keeps the imports to them.
 
 /// An error that is its message: a newtype over `String` with `Display`, `Error` and
 /// `From<String>`, for the areas whose failures are described, not matched on.

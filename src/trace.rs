@@ -73,6 +73,12 @@ fn hex(b: &[u8]) -> String {
 }
 
 impl TraceContext {
+    /// The caller's context from its headers or gRPC metadata (`header` looks a
+    /// name up): `traceparent` and `tracestate`, when valid.
+    pub fn from_headers<'a>(header: impl Fn(&str) -> Option<&'a [u8]>) -> Option<Self> {
+        Self::parse(header(TRACEPARENT)?, header(TRACESTATE))
+    }
+
     /// The context of a `traceparent` value (and `tracestate`), when valid.
     pub fn parse(traceparent: &[u8], tracestate: Option<&[u8]>) -> Option<Self> {
         let s = std::str::from_utf8(traceparent).ok()?.trim();
@@ -235,7 +241,7 @@ impl RequestTrace {
         self.stage_under(None, name, start, end, attributes);
     }
 
-    /// Records a stage under another stage (`parent`, from [`Self::stage_id`]).
+    /// Records a stage under another stage (`parent`: that stage's span id).
     pub fn stage_under(
         &self,
         parent: Option<[u8; 8]>,

@@ -1,5 +1,5 @@
 //! The outbox's sending loop, one for every kind of destination: due items are
-//! claimed, grouped by destination and handed to that destination's [`Channel`]
+//! claimed, grouped by destination and handed to that destination's [`Channel`](crate::delivery::Channel)
 //! (C-STORE and STOW-RS in `dicom_node`, HL7 v2 over MLLP in `hl7`), which settles
 //! each: sent; refused by the destination (a C-STORE failure status, a 4xx, an HL7
 //! AE/AR), tried again after a backoff up to the policy's attempts, then a dead

@@ -277,12 +277,7 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, s: &Store) 
         outcome("failed");
         return status::DATASET_MISMATCH;
     }
-    let asker = Asker {
-        caller: Caller(calling.to_string()),
-        request_id: uuid::Uuid::new_v4().to_string(),
-        client_request_id: None,
-        trace: None,
-    };
+    let asker = Asker::new(Caller(calling.to_string()), None);
     let ask = Ask {
         model: node.model.clone(),
         explain: true,

@@ -185,31 +185,16 @@ impl Inference {
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let started = Instant::now();
         let caller = self.caller(&req, Scope::Predict)?;
-        let client_request_id = req
-            .metadata()
-            .get("x-request-id")
-            .and_then(|v| crate::predict::sanitize_client_request_id(v.as_bytes()));
         // The caller's W3C trace context, from the call's metadata (or a trace of
         // its own): the stages become spans, exported with the HTTP door's.
         let md = req.metadata();
-        let ctx = md
-            .get(crate::trace::TRACEPARENT)
-            .and_then(|tp| {
-                crate::trace::TraceContext::parse(
-                    tp.as_bytes(),
-                    md.get(crate::trace::TRACESTATE).map(|v| v.as_bytes()),
-                )
-            })
+        let ctx = crate::trace::TraceContext::from_headers(|n| md.get(n).map(|v| v.as_bytes()))
             .unwrap_or_else(crate::trace::TraceContext::root);
         let trace = crate::trace::RequestTrace::start(ctx, self.core.exporter().is_some());
-        let request_id = uuid::Uuid::new_v4().to_string();
-        trace.set_request_id(&request_id);
-        let asker = Asker {
-            caller,
-            request_id,
-            client_request_id,
-            trace: Some(trace.clone()),
-        };
+        let client_request_id = md
+            .get("x-request-id")
+            .and_then(|v| crate::predict::sanitize_client_request_id(v.as_bytes()));
+        let asker = Asker::new(caller, client_request_id).traced(trace.clone());
         let deadline = req
             .metadata()
             .get("grpc-timeout")

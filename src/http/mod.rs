@@ -243,9 +243,7 @@ pub use crate::predict::sanitize_client_request_id;
 async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     use crate::trace::{RequestTrace, TRACEPARENT, TRACESTATE, TraceContext};
     let headers = req.headers();
-    let caller_ctx = headers.get(TRACEPARENT).and_then(|tp| {
-        TraceContext::parse(tp.as_bytes(), headers.get(TRACESTATE).map(|v| v.as_bytes()))
-    });
+    let caller_ctx = TraceContext::from_headers(|n| headers.get(n).map(|v| v.as_bytes()));
     // The route's template, never the path the client sent (which may carry
     // anything, a patient's name among it): unmatched requests have none.
     let route = req

@@ -45,6 +45,28 @@ pub struct Asker {
     pub trace: Option<Arc<crate::trace::RequestTrace>>,
 }
 
+impl Asker {
+    /// One request of `caller`: a new server request id, the caller's own id (a
+    /// door sanitises one it was sent: [`sanitize_client_request_id`]), and no
+    /// trace yet.
+    pub fn new(caller: Caller, client_request_id: Option<String>) -> Self {
+        Self {
+            caller,
+            request_id: uuid::Uuid::new_v4().to_string(),
+            client_request_id,
+            trace: None,
+        }
+    }
+
+    /// The request traced by `trace` (its spans carry the request id).
+    #[must_use]
+    pub fn traced(mut self, trace: Arc<crate::trace::RequestTrace>) -> Self {
+        trace.set_request_id(&self.request_id);
+        self.trace = Some(trace);
+        self
+    }
+}
+
 /// What a caller asks of the model: which variant, at which threshold, and whether
 /// to explain.
 #[derive(Debug, Clone, Default)]

@@ -8,7 +8,7 @@
 //!    threshold (the card's, the caller's, or an operating point) → a [`Valid`]
 //!    request, or a typed refusal.
 //! 2. [`Core::answer_files`] (encoded JPEG/PNG/DICOM files) or
-//!    [`Core::answer_tensors`] (preprocessed rows): bounded decoding on the blocking
+//!    [`Core::answer_decoded`] (preprocessed rows): bounded decoding on the blocking
 //!    pool with the gates (geometry, content, DICOM policy), the model's batcher, the
 //!    out-of-distribution score, the label at the threshold, and one audit record
 //!    per image written before any answer is given (a refusal of an image is
@@ -20,7 +20,11 @@
 //! [`Core::within_timeout`]); what is the transport's own (reading a body, headers,
 //! status codes) stays at the door.
 //! Errors are [`ApiError`]s with a transport-neutral [`ErrorType`]; each door maps
-//! that type to its own status once (`http::error::status`).
+//! that type to its own status once (`http::error::status`, `grpc::status`, the
+//! DICOM node's C-STORE statuses).
+//!
+//! The core is built once, by `main`, with [`Core::builder`], and handed to every
+//! door; the Open Inference Protocol's two transports share [`crate::oip`].
 
 mod answer;
 mod ask;

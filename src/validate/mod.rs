@@ -356,12 +356,7 @@ fn read_labels(cfg: &Config, files: &[PathBuf]) -> Result<HashMap<String, u8>, V
 
 /// One film through the core, as the server would answer it.
 async fn answer(core: &Core, model: &str, bytes: Vec<u8>, rel: &str) -> FilmRow {
-    let asker = Asker {
-        caller: Caller("validate".into()),
-        request_id: uuid::Uuid::new_v4().to_string(),
-        client_request_id: Some(rel.to_string()),
-        trace: None,
-    };
+    let asker = Asker::new(Caller("validate".into()), Some(rel.to_string()));
     let ask = Ask {
         model: Some(model.to_string()),
         ..Ask::default()
