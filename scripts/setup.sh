@@ -11,6 +11,9 @@
 #                                   for the page's browser test Debian's chromium, Node
 #                                   and puppeteer-core (npm; it downloads no browser),
 #                                   nginx (a real gateway in front of two replicas),
+#                                   a real FHIR R4 server (npm @medplum/fhir-router in
+#                                   tests/fhir_server) and fhir.resources (R4 models, in
+#                                   their own venv tests/fhir_server/.venv: pydantic 1),
 #                                   hl7 (python-hl7's MLLP server) and hl7apy (HL7 v2
 #                                   validation) for the RIS delivery tests
 #
@@ -29,6 +32,10 @@ GRPCIO_REFLECTION_VERSION=1.81.1
 PILLOW_VERSION=12.0.0
 OTEL_PROTO_VERSION=1.45.2
 PYNETDICOM_VERSION=3.0.4
+# The last fhir.resources whose models are FHIR R4 (4.0.1); later ones are R5 and R4B.
+# It needs pydantic 1, so it has a venv of its own (the main one has pydantic 2).
+FHIR_RESOURCES_VERSION=6.1.0
+FHIR_PYDANTIC_VERSION=1.10.21
 HL7_VERSION=0.4.5
 HL7APY_VERSION=1.3.5
 
@@ -149,5 +156,18 @@ if ((tests)); then
   if [ ! -d tests/ui/node_modules/puppeteer-core ] || [ tests/ui/package-lock.json -nt tests/ui/node_modules ]; then
     echo "setup: installing puppeteer-core (npm ci in tests/ui; the page's browser test)"
     (cd tests/ui && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+  fi
+  # A real FHIR R4 server for the FHIR sender's tests (tests/fhir.rs): Medplum's
+  # router over its in-memory repository, no database, no network at run time.
+  if [ ! -d tests/fhir_server/node_modules/@medplum/fhir-router ] || [ tests/fhir_server/package-lock.json -nt tests/fhir_server/node_modules ]; then
+    echo "setup: installing @medplum/fhir-router (npm ci in tests/fhir_server; the FHIR server of the tests)"
+    (cd tests/fhir_server && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+  fv=tests/fhir_server/.venv
+  [ -x $fv/bin/python ] || python3 -m venv $fv
+  have=$($fv/bin/python -m pip show fhir.resources 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  if [ "$have" != "$FHIR_RESOURCES_VERSION" ]; then
+    echo "setup: installing fhir.resources==$FHIR_RESOURCES_VERSION (FHIR R4 models, validating what the FHIR server stored)"
+    $fv/bin/python -m pip -q --disable-pip-version-check install "fhir.resources==$FHIR_RESOURCES_VERSION" "pydantic==$FHIR_PYDANTIC_VERSION"
   fi
 fi

@@ -297,6 +297,16 @@ pub struct ServeArgs {
     /// identifiers, are sent through the outbox.
     #[arg(long, env = "CXR_HL7_DESTINATION", value_delimiter = ',')]
     pub hl7_destination: Vec<String>,
+    /// Where results go as FHIR R4 (a transaction Bundle: DiagnosticReport,
+    /// Observation, Device), the server's base URL (http only, e.g.
+    /// http://ehr:8080/fhir/R4). The same results as --hl7-destination, through the
+    /// outbox.
+    #[arg(long, env = "CXR_FHIR_URL")]
+    pub fhir_url: Option<String>,
+    /// A bearer token for --fhir-url (from the environment; never logged).
+    #[arg(long, env = "CXR_FHIR_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
+    pub fhir_token: Option<String>,
     /// OBR-5 (priority) of an urgent result's ORU (HL7 table 0027: S stat, A ASAP).
     #[arg(long, env = "CXR_HL7_URGENT_PRIORITY", default_value = crate::delivery::hl7::DEFAULT_URGENT_PRIORITY)]
     pub hl7_urgent_priority: String,
@@ -553,6 +563,18 @@ impl ServeArgs {
             .iter()
             .map(|d| crate::delivery::hl7::Hl7Channel::parse(d, p).map_err(ConfigError))
             .collect()
+    }
+
+    /// The FHIR channel (`--fhir-url`).
+    pub fn fhir_channel(&self) -> Result<Option<crate::delivery::fhir::FhirChannel>, ConfigError> {
+        self.fhir_url
+            .as_deref()
+            .map(|url| {
+                crate::delivery::fhir::FhirTarget::new(url, self.fhir_token.clone())
+                    .map(crate::delivery::fhir::FhirChannel::new)
+                    .map_err(ConfigError)
+            })
+            .transpose()
     }
 
     /// `--urgent-at`.

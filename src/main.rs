@@ -521,7 +521,7 @@ async fn job(
 }
 
 /// The outbox and its sending loop, when results go somewhere: the DICOM node's
-/// destinations (`node`) and `--hl7-destination`.
+/// destinations (`node`), `--hl7-destination` and `--fhir-url`.
 async fn delivery(
     args: &ServeArgs,
     core: &cxr::predict::Core,
@@ -529,6 +529,9 @@ async fn delivery(
 ) -> anyhow::Result<Option<Arc<cxr::delivery::Delivery>>> {
     let mut channels = node.map(cxr::dicom_node::channels).unwrap_or_default();
     for c in args.hl7_channels().map_err(anyhow::Error::msg)? {
+        channels.push(Arc::new(c));
+    }
+    if let Some(c) = args.fhir_channel().map_err(anyhow::Error::msg)? {
         channels.push(Arc::new(c));
     }
     if channels.is_empty() {

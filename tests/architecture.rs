@@ -234,7 +234,7 @@ fn violations(architecture: &str, src: &Path) -> Vec<String> {
             let me = &f.path[1];
             let mut targets = Vec::new();
             for p in crate_paths(&f.code) {
-                if &p[0] == *top && p.len() >= 2 {
+                if p[0] == **top && p.len() >= 2 {
                     targets.push(p[1].clone());
                 }
             }

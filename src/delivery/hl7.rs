@@ -456,7 +456,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod message_tests {
+pub(crate) mod message_tests {
     use super::*;
     use crate::delivery::ModelFacts;
     use crate::delivery::Order;

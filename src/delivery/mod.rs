@@ -15,7 +15,10 @@
 //! - `outbox.rs`: items waiting (any kind), claims, dead letters, retention.
 //! - `sender.rs`: the loop, rounds, settling (sent, retried, dead).
 //! - `hl7.rs`: ORU^R01 (v2.5.1) from [`ReportFacts`], and the MLLP channel.
+//! - `fhir.rs`: a FHIR R4 transaction Bundle from [`ReportFacts`], and the channel
+//!   that POSTs it.
 
+pub mod fhir;
 pub mod hl7;
 pub mod outbox;
 pub mod sender;

@@ -51,7 +51,8 @@ pub struct Item {
     /// Its identity at the destination: a DICOM object's SOP Instance UID, an HL7
     /// message's control ID (MSH-10).
     pub sop_instance_uid: String,
-    /// What it is: `sr`, `sc` (DICOM objects), `oru` (an HL7 v2 ORU^R01), ...
+    /// What it is: `sr`, `sc` (DICOM objects), `oru` (an HL7 v2 ORU^R01), `fhir`
+    /// (a FHIR R4 transaction Bundle).
     pub kind: String,
     /// The Part-10 file.
     pub payload: Vec<u8>,
@@ -106,8 +107,10 @@ pub struct DeadLetter {
     pub destination: String,
     /// Its SOP Instance UID.
     pub sop_instance_uid: String,
-    /// `sr` (the Structured Report), `sc` (the Secondary Capture) or `oru` (an HL7
-    /// v2 ORU^R01; its `sop_instance_uid` is then the message control ID, MSH-10).
+    /// `sr` (the Structured Report), `sc` (the Secondary Capture), `oru` (an HL7
+    /// v2 ORU^R01; its `sop_instance_uid` is then the message control ID, MSH-10) or
+    /// `fhir` (a FHIR transaction Bundle; its `sop_instance_uid` is then the
+    /// DiagnosticReport's identifier, a `urn:uuid:`).
     pub kind: String,
     /// Sends tried.
     pub attempts: u32,

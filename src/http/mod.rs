@@ -64,7 +64,7 @@ pub struct AppState {
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
     public_metrics: bool,
     /// The outbox and its channels, when a destination is configured (the DICOM
-    /// node's, `--hl7-destination`).
+    /// node's, `--hl7-destination`, `--fhir-url`).
     delivery: Arc<std::sync::OnceLock<Arc<crate::delivery::Delivery>>>,
 }
 

@@ -37,22 +37,22 @@ pub(super) fn routes(state: &AppState) -> Router<AppState> {
         ))
 }
 
-/// The outbox's dead letters: results not sent and no longer tried (DICOM objects
-/// and HL7 messages), with their destination, SOP Instance UID (an HL7 message's
-/// control ID), kind, attempts, last error and times (no patient data). Scope
-/// `admin`.
+/// The outbox's dead letters: results not sent and no longer tried (DICOM objects,
+/// HL7 messages, FHIR Bundles), with their destination, SOP Instance UID (an HL7
+/// message's control ID, a FHIR report's identifier), kind, attempts, last error and
+/// times (no patient data). Scope `admin`.
 #[utoipa::path(get, path = "/dicom/outbox/dead-letters", tag = "operations",
     security(("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "The dead letters, the most recent first", body = DeadLetters),
         (status = 401, description = "API keys are required and none or an unknown one was sent", body = crate::http::error::ErrorBody),
         (status = 403, description = "No key with the `admin` scope (without --api-keys-file the route is closed)", body = crate::http::error::ErrorBody),
-        (status = 404, description = "This server has no outbox (no --dicom-port, no --hl7-destination)", body = crate::http::error::ErrorBody)
+        (status = 404, description = "This server has no outbox (no --dicom-port, no --hl7-destination, no --fhir-url)", body = crate::http::error::ErrorBody)
     ))]
 pub async fn dead_letters(State(state): State<AppState>) -> Result<Json<DeadLetters>, ApiError> {
     let outbox = state.delivery().map(|d| d.outbox().clone()).ok_or_else(|| {
         ApiError::NoRoute(
-            "GET /dicom/outbox/dead-letters: this server has no outbox (--dicom-port, --hl7-destination)".into(),
+            "GET /dicom/outbox/dead-letters: this server has no outbox (--dicom-port, --hl7-destination, --fhir-url)".into(),
         )
     })?;
     let letters = tokio::task::spawn_blocking(move || outbox.dead_letters(MAX_LISTED))

@@ -35,7 +35,7 @@ pub struct PredictUpload {
     #[schema(value_type = Vec<String>, format = Binary)]
     image: Vec<Vec<u8>>,
     /// The order's accession number (as the query parameter: the answer is
-    /// delivered to the RIS with `patient_id`).
+    /// delivered to the RIS and the EHR with `patient_id`).
     accession_number: Option<String>,
     /// The patient's identifier (as the query parameter).
     patient_id: Option<String>,

@@ -23,8 +23,9 @@ pub struct PredictQuery {
     /// `cam`: add the class activation maps to each answer (`heatmap`).
     pub explain: Option<Explain>,
     /// The order's accession number: with `patient_id`, the answer (or the
-    /// refusal) of the one image is also delivered to the RIS (`--hl7-destination`)
-    /// as the DICOM node's results are; without them nothing is sent.
+    /// refusal) of the one image is also delivered to the RIS and the EHR
+    /// (`--hl7-destination`, `--fhir-url`) as the DICOM node's results are; without
+    /// them nothing is sent.
     pub accession_number: Option<String>,
     /// The patient's identifier (PID-3), for the delivered result.
     pub patient_id: Option<String>,

@@ -405,6 +405,17 @@ impl Server {
     /// `bound`, the API address before it accepts connections), which becomes
     /// [`Server::addr`].
     pub fn start_until<S: AsRef<std::ffi::OsStr>>(models: &Path, extra: &[S], field: &str) -> Self {
+        Self::start_with_env(models, extra, field, &[])
+    }
+
+    /// [`Server::start_until`] with environment variables set for the server (a
+    /// secret that is never a flag, e.g. `CXR_FHIR_TOKEN`).
+    pub fn start_with_env<S: AsRef<std::ffi::OsStr>>(
+        models: &Path,
+        extra: &[S],
+        field: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut child = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
@@ -414,6 +425,7 @@ impl Server {
             .arg("--models-dir")
             .arg(models)
             .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
