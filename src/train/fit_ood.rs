@@ -5,7 +5,7 @@
 //! training split's images; a density model is fitted on the images the network was
 //! trained on (the training split less the validation patients), and its threshold is
 //! chosen on the validation images so that a stated share of them is accepted. The fit
-//! itself is [`crate::ood_score::fit`]; this module gathers the embeddings (cached on disk by
+//! itself is [`fit`] (the score it fits is [`crate::ood_score`]'s); this module gathers the embeddings (cached on disk by
 //! the ONNX file's hash: they cost minutes per split on a CPU) and writes the file the
 //! card names.
 
