@@ -335,7 +335,9 @@ pub fn report_facts(
 /// The outbox, its channels and its sending loop: what every door files results
 /// through.
 pub struct Delivery {
-    core: Core,
+    /// The server's metrics (not the core: the loop must not keep the models'
+    /// workers alive after the doors are gone).
+    metrics: Arc<crate::metrics::ServerMetrics>,
     outbox: Arc<Outbox>,
     channels: Vec<Arc<dyn Channel>>,
     urgent_at: UrgentAt,
@@ -346,7 +348,7 @@ pub struct Delivery {
 impl Delivery {
     /// Opens the outbox and starts the sending loop.
     pub async fn start(
-        core: Core,
+        core: &Core,
         cfg: OutboxConfig,
         channels: Vec<Arc<dyn Channel>>,
         urgent_at: UrgentAt,
@@ -359,7 +361,7 @@ impl Delivery {
         .map_err(|e| OutboxError(e.to_string()))??;
         tracing::info!(database = outbox.kind(), destinations = ?channels.iter().map(|c| c.name()).collect::<Vec<_>>(), "outbox open");
         let d = Arc::new(Self {
-            core,
+            metrics: core.metrics().clone(),
             outbox: Arc::new(outbox),
             channels,
             urgent_at,
@@ -416,7 +418,7 @@ impl Delivery {
         let added = self.outbox.queue(source_key, &entries)?;
         if added > 0 {
             if facts.is_some_and(|f| f.urgent) {
-                self.core.metrics().urgent_results.inc();
+                self.metrics.urgent_results.inc();
             }
             self.wake.notify_one();
         }
@@ -441,7 +443,7 @@ impl Delivery {
     }
 
     fn update_gauges(&self) {
-        let metrics = self.core.metrics();
+        let metrics = &self.metrics;
         let depth = self.outbox.depth().unwrap_or_default();
         let dead = self.outbox.dead_depth().unwrap_or_default();
         let of = |counts: &[(String, i64)], name: &str| {

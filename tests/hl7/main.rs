@@ -532,3 +532,80 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
     let depth0 = format!("cxr_dicom_outbox_depth{{destination=\"hl7:127.0.0.1:{hl7_port}\"}} 0");
     common::ops::wait_for("the outbox emptied", || metrics(&server).contains(&depth0));
 }
+
+/// Guards issue #46 (HL7, the folder door): `cxr-serve --job IN OUT` with
+/// `--hl7-destination` sends one valid ORU per DICOM instance, analysed or refused
+/// (none for a PNG, which has no patient), before it exits; run again over the same
+/// folder and outbox, nothing is sent twice.
+#[test]
+fn the_folder_job_sends_one_oru_per_dicom_instance_before_it_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let films = dir.join("films");
+    assert!(
+        Command::new(python())
+            .arg(root().join("tests/hl7/make_films.py"))
+            .arg(&films)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::remove_file(films.join("film2.dcm")).unwrap();
+    std::fs::write(
+        films.join("photo.png"),
+        common::png_bytes(&common::gray_image(96, 96, 3)),
+    )
+    .unwrap();
+    let models = common::models_dir();
+    let record = dir.join("received.jsonl");
+    let hl7_port = free_port();
+    let _mllp = listener(hl7_port, &record);
+    let job = || {
+        let run = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
+            .args([
+                "--device",
+                "cpu",
+                "--intra-threads",
+                "1",
+                "--min-image-side",
+                "16",
+            ])
+            .arg("--models-dir")
+            .arg(models.path())
+            .arg("--hl7-destination")
+            .arg(format!("127.0.0.1:{hl7_port}"))
+            .arg("--outbox")
+            .arg(dir.join("outbox.sqlite"))
+            .arg("--job")
+            .arg(&films)
+            .arg(dir.join("out"))
+            .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+        assert!(
+            run.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        stdout
+    };
+    let stdout = job();
+    assert!(!stdout.contains("not yet delivered"), "{stdout}");
+    // Delivered before the job ended: recorded already.
+    let msgs = received(&record);
+    assert_eq!(msgs.len(), 2, "{stdout}");
+    for m in &msgs {
+        assert_eq!(m["errors"], serde_json::json!([]), "hl7apy: {}", m["raw"]);
+        assert_eq!(m["fields"]["pid_3"][0], "PAT|7");
+        assert_eq!(m["fields"]["nte"][0], cxr::delivery::INTENDED_USE);
+    }
+    assert_eq!(
+        msgs.iter()
+            .filter(|m| obx(m, "cxr-not-analysed").is_some())
+            .count(),
+        1
+    );
+    job();
+    assert_eq!(received(&record).len(), 2, "the second run sent again");
+}
