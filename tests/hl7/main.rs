@@ -529,6 +529,14 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
         "{:?}",
         control_ids(&all)
     );
+    // CXR_HL7_CAPTURE=FILE keeps the messages (docs/ris-ehr.md's example).
+    if let Some(path) = std::env::var_os("CXR_HL7_CAPTURE") {
+        let text: Vec<String> = all
+            .iter()
+            .map(|m| m["raw"].as_str().unwrap().replace('\r', "\n"))
+            .collect();
+        std::fs::write(path, text.join("\n")).unwrap();
+    }
     let depth0 = format!("cxr_dicom_outbox_depth{{destination=\"hl7:127.0.0.1:{hl7_port}\"}} 0");
     common::ops::wait_for("the outbox emptied", || metrics(&server).contains(&depth0));
 }
