@@ -470,6 +470,30 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
         obx_text(m, "110180"),
         dicom_text(&film2, "StudyInstanceUID")
     );
+    // A refused upload with the order's identifiers: its ORU says why, not urgent.
+    let (s, v) = call(
+        &server.addr,
+        "POST",
+        "/predict?accession_number=ACC-L&patient_id=PAT%7C7&threshold=0.00001",
+        Some(ADMIN),
+        "application/dicom",
+        &std::fs::read(&lateral).unwrap(),
+    );
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (422, Some("lateral_view")),
+        "{v}"
+    );
+    let msgs = wait_received(&record, 6);
+    let m = &msgs[5];
+    check_common(m, &card);
+    assert_eq!(m["fields"]["obr_18"], "ACC-L");
+    assert!(obx(m, "233604007").is_none());
+    assert_eq!(
+        obx_text(m, "cxr-not-analysed"),
+        format!("lateral_view: {}", v["error"].as_str().unwrap())
+    );
+    assert_eq!(m["fields"]["obr_5"], "");
     let urgent_count = 1 + usize::from(positive);
     assert_eq!(
         metric(&server, "cxr_urgent_results_total"),
@@ -478,8 +502,8 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
 
     // An AR: a dead letter with the listener's reason, not retried.
     predict("accession_number=ACC-R&patient_id=REFUSE-9");
-    let msgs = wait_received(&record, 6);
-    assert!(msgs[5]["ack"].as_str().unwrap().contains("MSA|AR|"));
+    let msgs = wait_received(&record, 7);
+    assert!(msgs[6]["ack"].as_str().unwrap().contains("MSA|AR|"));
     common::ops::wait_for("the AR's dead letter", || {
         let (s, v) = call(
             &server.addr,
@@ -502,7 +526,7 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
     let letter = &v["dead_letters"][0];
     assert_eq!(letter["kind"], "oru");
     assert_eq!(letter["destination"], format!("hl7:127.0.0.1:{hl7_port}"));
-    assert_eq!(letter["sop_instance_uid"], msgs[5]["fields"]["control_id"]);
+    assert_eq!(letter["sop_instance_uid"], msgs[6]["fields"]["control_id"]);
     let reason = letter["last_error"].as_str().unwrap();
     assert!(
         reason.contains("MSA-1 AR") && reason.contains("unknown patient REFUSE-9"),
@@ -518,12 +542,12 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
     drop(server);
     let _mllp = listener(hl7_port, &record);
     let (server, _) = start(models.path(), &args);
-    let msgs = wait_received(&record, 7);
-    check_common(&msgs[6], &card);
-    assert_eq!(msgs[6]["fields"]["pid_3"][0], "PAT|7");
+    let msgs = wait_received(&record, 8);
+    check_common(&msgs[7], &card);
+    assert_eq!(msgs[7]["fields"]["pid_3"][0], "PAT|7");
     std::thread::sleep(Duration::from_secs(3));
     let all = received(&record);
-    assert_eq!(all.len(), 7, "a message was delivered twice");
+    assert_eq!(all.len(), 8, "a message was delivered twice");
     assert!(
         control_ids(&all).values().all(|n| *n == 1),
         "{:?}",
