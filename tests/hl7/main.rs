@@ -18,29 +18,7 @@ use serde_json::Value;
 
 use common::ops::{ADMIN, call};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python() -> PathBuf {
-    root().join(".venv/bin/python")
-}
-
-fn tool(name: &str) -> PathBuf {
-    ["/usr/bin", "/usr/sbin", "/usr/local/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{name} is not installed: run scripts/setup.sh --test"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, python, root, tool};
 
 fn wait_port(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -91,6 +69,18 @@ fn storescp(dir: &Path) -> (Proc, u16) {
     (Proc(child), port)
 }
 
+/// The films (make_films.py) in `dir/films`.
+fn films(dir: &Path) -> PathBuf {
+    let films = dir.join("films");
+    let ok = Command::new(python())
+        .arg(root().join("tests/hl7/make_films.py"))
+        .arg(&films)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "make_films.py failed");
+    films
+}
+
 /// Every message the listener recorded, in order.
 fn received(record: &Path) -> Vec<Value> {
     std::fs::read_to_string(record)
@@ -118,18 +108,7 @@ fn wait_received(record: &Path, n: usize) -> Vec<Value> {
 }
 
 fn store(port: u16, file: &Path) {
-    let out = Command::new(tool("storescu"))
-        .args([
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "CXR",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
-        .arg(file)
-        .output()
-        .unwrap();
+    let out = common::storescu("MODALITY", port, &[file]);
     assert!(
         out.status.success(),
         "storescu: {}",
@@ -153,22 +132,11 @@ fn dicom_text(file: &Path, keyword: &str) -> String {
         .to_string()
 }
 
-fn metrics(server: &common::Server) -> String {
-    common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1
-}
-
 fn metric(server: &common::Server, name: &str) -> f64 {
-    metrics(server)
+    common::metrics_of(server)
         .lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-fn start(models: &Path, args: &[String]) -> (common::Server, u16) {
-    let mut s = common::Server::start(models, args);
-    let dicom = s.wait_log_field("dicom_addr");
-    s.discard_logs();
-    (s, dicom.rsplit(':').next().unwrap().parse().unwrap())
 }
 
 /// The OBX of `code` (OBX-3.1), if any.
@@ -247,15 +215,7 @@ fn control_ids(msgs: &[Value]) -> HashMap<String, usize> {
 fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let films = dir.join("films");
-    assert!(
-        Command::new(python())
-            .arg(root().join("tests/hl7/make_films.py"))
-            .arg(&films)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let films = films(dir);
     let (film, lateral, film2) = (
         films.join("film.dcm"),
         films.join("lateral.dcm"),
@@ -295,7 +255,7 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let (server, port) = start(models.path(), &args);
+    let (server, port) = common::start_node(models.path(), &args);
     let (_, listed) = call(
         &server.addr,
         "GET",
@@ -504,7 +464,7 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
     predict("accession_number=ACC-R&patient_id=REFUSE-9");
     let msgs = wait_received(&record, 7);
     assert!(msgs[6]["ack"].as_str().unwrap().contains("MSA|AR|"));
-    common::ops::wait_for("the AR's dead letter", || {
+    let letters = || {
         let (s, v) = call(
             &server.addr,
             "GET",
@@ -513,16 +473,13 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
             "text/plain",
             b"",
         );
-        s == 200 && !v["dead_letters"].as_array().unwrap().is_empty()
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    common::ops::wait_for("the AR's dead letter", || {
+        !letters()["dead_letters"].as_array().unwrap().is_empty()
     });
-    let (_, v) = call(
-        &server.addr,
-        "GET",
-        "/dicom/outbox/dead-letters",
-        Some(ADMIN),
-        "text/plain",
-        b"",
-    );
+    let v = letters();
     let letter = &v["dead_letters"][0];
     assert_eq!(letter["kind"], "oru");
     assert_eq!(letter["destination"], format!("hl7:127.0.0.1:{hl7_port}"));
@@ -538,10 +495,12 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
     drop(mllp.take());
     store(port, &film2);
     let depth = format!("cxr_dicom_outbox_depth{{destination=\"hl7:127.0.0.1:{hl7_port}\"}} 1");
-    common::ops::wait_for("the ORU queued", || metrics(&server).contains(&depth));
+    common::ops::wait_for("the ORU queued", || {
+        common::metrics_of(&server).contains(&depth)
+    });
     drop(server);
     let _mllp = listener(hl7_port, &record);
-    let (server, _) = start(models.path(), &args);
+    let (server, _) = common::start_node(models.path(), &args);
     let msgs = wait_received(&record, 8);
     check_common(&msgs[7], &card);
     assert_eq!(msgs[7]["fields"]["pid_3"][0], "PAT|7");
@@ -562,7 +521,9 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
         std::fs::write(path, text.join("\n")).unwrap();
     }
     let depth0 = format!("cxr_dicom_outbox_depth{{destination=\"hl7:127.0.0.1:{hl7_port}\"}} 0");
-    common::ops::wait_for("the outbox emptied", || metrics(&server).contains(&depth0));
+    common::ops::wait_for("the outbox emptied", || {
+        common::metrics_of(&server).contains(&depth0)
+    });
 }
 
 /// Guards issue #46 (HL7, the folder door): `cxr-serve --job IN OUT` with
@@ -573,15 +534,7 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
 fn the_folder_job_sends_one_oru_per_dicom_instance_before_it_exits() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let films = dir.join("films");
-    assert!(
-        Command::new(python())
-            .arg(root().join("tests/hl7/make_films.py"))
-            .arg(&films)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let films = films(dir);
     std::fs::remove_file(films.join("film2.dcm")).unwrap();
     std::fs::write(
         films.join("photo.png"),
@@ -592,36 +545,17 @@ fn the_folder_job_sends_one_oru_per_dicom_instance_before_it_exits() {
     let record = dir.join("received.jsonl");
     let hl7_port = free_port();
     let _mllp = listener(hl7_port, &record);
-    let job = || {
-        let run = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
-            .args([
-                "--device",
-                "cpu",
-                "--intra-threads",
-                "1",
-                "--min-image-side",
-                "16",
-            ])
-            .arg("--models-dir")
-            .arg(models.path())
-            .arg("--hl7-destination")
-            .arg(format!("127.0.0.1:{hl7_port}"))
-            .arg("--outbox")
-            .arg(dir.join("outbox.sqlite"))
-            .arg("--job")
-            .arg(&films)
-            .arg(dir.join("out"))
-            .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&run.stdout).to_string();
-        assert!(
-            run.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        stdout
-    };
+    let (dest, outbox) = (
+        format!("127.0.0.1:{hl7_port}"),
+        dir.join("outbox.sqlite").display().to_string(),
+    );
+    let extra = [
+        "--hl7-destination",
+        dest.as_str(),
+        "--outbox",
+        outbox.as_str(),
+    ];
+    let job = || common::job(models.path(), &films, &dir.join("out"), &extra);
     let stdout = job();
     assert!(!stdout.contains("not yet delivered"), "{stdout}");
     // Delivered before the job ended: recorded already.
