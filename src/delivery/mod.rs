@@ -253,13 +253,16 @@ impl std::str::FromStr for UrgentAt {
 impl UrgentAt {
     /// The probability at or above which `card`'s positive results are urgent.
     pub fn threshold(&self, card: &crate::registry::ModelCard) -> f64 {
+        self.on(card.threshold, card.operating_curve.as_ref())
+    }
+
+    /// The probability for a card's `threshold` and validation ROC.
+    fn on(&self, threshold: f64, curve: Option<&crate::eval::calibration::OperatingCurve>) -> f64 {
         match self {
             Self::Probability(p) => *p,
-            Self::OperatingPoint(t) => card
-                .operating_curve
-                .as_ref()
+            Self::OperatingPoint(t) => curve
                 .and_then(|c| c.threshold_for(*t))
-                .map_or(card.threshold, |p| p.threshold),
+                .map_or(threshold, |p| p.threshold),
         }
     }
 }
@@ -463,5 +466,41 @@ impl Delivery {
                 .with_label_values(&[&name])
                 .set(of(&dead, &name));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::RocPoint;
+    use crate::eval::calibration::OperatingCurve;
+
+    #[test]
+    fn the_urgency_threshold_is_a_probability_or_the_cards_operating_point() {
+        assert_eq!("0.7".parse::<UrgentAt>(), Ok(UrgentAt::Probability(0.7)));
+        assert!("1.5".parse::<UrgentAt>().is_err());
+        assert!("fast".parse::<UrgentAt>().is_err());
+        let point = |threshold, tpr| RocPoint {
+            threshold,
+            fpr: 1.0 - threshold,
+            tpr,
+        };
+        let curve = OperatingCurve {
+            source: "validation".into(),
+            n: 100,
+            points: vec![
+                point(0.9, 0.5),
+                point(0.6, 0.93),
+                point(0.4, 0.96),
+                point(0.1, 1.0),
+            ],
+        };
+        // The default: the strictest threshold reaching 95 % validation sensitivity.
+        let default = UrgentAt::default();
+        assert_eq!(default, "sensitivity:0.95".parse().unwrap());
+        assert_eq!(default.on(0.5, Some(&curve)), 0.4);
+        // Without a ROC, the card's own threshold.
+        assert_eq!(default.on(0.5, None), 0.5);
+        assert_eq!(UrgentAt::Probability(0.8).on(0.5, Some(&curve)), 0.8);
     }
 }
