@@ -284,13 +284,13 @@ pub struct ServeArgs {
     /// messages), and the record of what was sent; used by every door that files
     /// results (the DICOM node, the folder job, `/predict` with order identifiers)
     /// when a destination is configured. `--dicom-outbox` is its older name.
-    #[arg(
-        long = "outbox",
-        visible_alias = "dicom-outbox",
-        env = "CXR_OUTBOX",
-        default_value = "cxr-outbox.sqlite"
-    )]
-    pub dicom_outbox: PathBuf,
+    /// [default: cxr-outbox.sqlite]
+    #[arg(long, env = "CXR_OUTBOX", conflicts_with = "dicom_outbox")]
+    pub outbox: Option<PathBuf>,
+    /// The older name of --outbox (and of CXR_OUTBOX: CXR_DICOM_OUTBOX), still
+    /// accepted.
+    #[arg(long, env = "CXR_DICOM_OUTBOX", hide = true)]
+    pub dicom_outbox: Option<PathBuf>,
     /// Where results go as HL7 v2.5.1 ORU^R01 over MLLP: host:port (repeatable, or
     /// comma-separated in the environment). Every analysed or refused image of the
     /// DICOM node and the folder job, and `/predict` answers given the order's
@@ -327,7 +327,7 @@ pub struct ServeArgs {
     pub outcomes_window: u64,
     /// A PostgreSQL database (`postgres://user:password@host:port/db`) for state
     /// replicas share: the DICOM node's outbox and record of what was sent (instead
-    /// of --dicom-outbox), and the outcomes (instead of --outcomes). Never logged.
+    /// of --outbox), and the outcomes (instead of --outcomes). Never logged.
     #[arg(long, env = "CXR_DATABASE_URL", hide_env_values = true)]
     #[serde(skip)]
     pub database_url: Option<String>,
@@ -540,7 +540,11 @@ impl ServeArgs {
     /// Where the outbox is, and its policy.
     pub fn outbox_config(&self) -> crate::delivery::OutboxConfig {
         crate::delivery::OutboxConfig {
-            path: self.dicom_outbox.clone(),
+            path: self
+                .outbox
+                .clone()
+                .or_else(|| self.dicom_outbox.clone())
+                .unwrap_or_else(|| PathBuf::from(crate::defaults::OUTBOX)),
             database_url: self.database_url.clone(),
             policy: crate::delivery::outbox::Policy {
                 capacity: self.dicom_outbox_capacity,

@@ -38,3 +38,5 @@ pub const RETENTION_DAYS: u64 = 90;
 /// `--urgent-at`'s default operating point: a positive result at or above the card's
 /// threshold for this validation sensitivity is flagged urgent.
 pub const URGENT_SENSITIVITY: f64 = 0.95;
+/// `--outbox`: the SQLite outbox's file.
+pub const OUTBOX: &str = "cxr-outbox.sqlite";

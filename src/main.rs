@@ -538,7 +538,7 @@ async fn delivery(
         return Ok(None);
     }
     let urgent_at = args.urgent_at().map_err(anyhow::Error::msg)?;
-    let d = cxr::delivery::Delivery::start(core.clone(), args.outbox_config(), channels, urgent_at)
+    let d = cxr::delivery::Delivery::start(core, args.outbox_config(), channels, urgent_at)
         .await
         .map_err(anyhow::Error::msg)?;
     Ok(Some(d))

@@ -374,35 +374,6 @@ fn model_changes_feedback_and_refused_callers_are_audited() {
     assert_eq!(feedback["detail"]["label"], "PNEUMONIA");
 }
 
-/// Runs the folder job over `input` into `out` with `extra` flags; its stdout.
-fn job(models: &Path, input: &Path, out: &Path, extra: &[&str]) -> String {
-    let run = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
-        .args([
-            "--device",
-            "cpu",
-            "--intra-threads",
-            "1",
-            "--min-image-side",
-            "16",
-        ])
-        .args(extra)
-        .arg("--models-dir")
-        .arg(models)
-        .arg("--job")
-        .arg(input)
-        .arg(out)
-        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    stdout
-}
-
 /// A DICOM CR of a generated film.
 fn cr() -> Vec<u8> {
     use common::dicom::{Spec, build, stored, test_gray};
@@ -439,7 +410,7 @@ fn result_uids_change_with_the_decision_inputs_and_only_then() {
     std::fs::write(input.join("cr.dcm"), cr()).unwrap();
     let uids = |n: &str, extra: &[&str]| {
         let out = dir.path().join(n);
-        let stdout = job(&models, &input, &out, extra);
+        let stdout = common::job(&models, &input, &out, extra);
         assert!(stdout.contains("done: 1 analysed"), "{stdout}");
         (
             sop_instance_uid(&out.join("cr.dcm.sr.dcm")),
@@ -499,7 +470,7 @@ fn the_folder_job_bounds_reads_reports_what_it_skips_and_never_writes_through_li
     std::fs::write(&victim, "do not overwrite").unwrap();
     std::os::unix::fs::symlink(&victim, out.join("film.png.json")).unwrap();
 
-    let stdout = job(&models, &input, &out, &["--max-body-bytes", "4000000"]);
+    let stdout = common::job(&models, &input, &out, &["--max-body-bytes", "4000000"]);
     for (status, name) in [
         ("analysed", "film.png"),
         ("analysed", "link.png"),

@@ -252,13 +252,16 @@ impl std::str::FromStr for UrgentAt {
 impl UrgentAt {
     /// The probability at or above which `card`'s positive results are urgent.
     pub fn threshold(&self, card: &crate::registry::ModelCard) -> f64 {
+        self.on(card.threshold, card.operating_curve.as_ref())
+    }
+
+    /// The probability for a card's `threshold` and validation ROC.
+    fn on(&self, threshold: f64, curve: Option<&crate::eval::calibration::OperatingCurve>) -> f64 {
         match self {
             Self::Probability(p) => *p,
-            Self::OperatingPoint(t) => card
-                .operating_curve
-                .as_ref()
+            Self::OperatingPoint(t) => curve
                 .and_then(|c| c.threshold_for(*t))
-                .map_or(card.threshold, |p| p.threshold),
+                .map_or(threshold, |p| p.threshold),
         }
     }
 }
@@ -330,7 +333,9 @@ pub fn report_facts(
 /// The outbox, its channels and its sending loop: what every door files results
 /// through.
 pub struct Delivery {
-    core: Core,
+    /// The server's metrics (not the core: the loop must not keep the models'
+    /// workers alive after the doors are gone).
+    metrics: Arc<crate::metrics::ServerMetrics>,
     outbox: Arc<Outbox>,
     channels: Vec<Arc<dyn Channel>>,
     urgent_at: UrgentAt,
@@ -341,7 +346,7 @@ pub struct Delivery {
 impl Delivery {
     /// Opens the outbox and starts the sending loop.
     pub async fn start(
-        core: Core,
+        core: &Core,
         cfg: OutboxConfig,
         channels: Vec<Arc<dyn Channel>>,
         urgent_at: UrgentAt,
@@ -354,7 +359,7 @@ impl Delivery {
         .map_err(|e| OutboxError(e.to_string()))??;
         tracing::info!(database = outbox.kind(), destinations = ?channels.iter().map(|c| c.name()).collect::<Vec<_>>(), "outbox open");
         let d = Arc::new(Self {
-            core,
+            metrics: core.metrics().clone(),
             outbox: Arc::new(outbox),
             channels,
             urgent_at,
@@ -411,7 +416,7 @@ impl Delivery {
         let added = self.outbox.queue(source_key, &entries)?;
         if added > 0 {
             if facts.is_some_and(|f| f.urgent) {
-                self.core.metrics().urgent_results.inc();
+                self.metrics.urgent_results.inc();
             }
             self.wake.notify_one();
         }
@@ -436,7 +441,7 @@ impl Delivery {
     }
 
     fn update_gauges(&self) {
-        let metrics = self.core.metrics();
+        let metrics = &self.metrics;
         let depth = self.outbox.depth().unwrap_or_default();
         let dead = self.outbox.dead_depth().unwrap_or_default();
         let of = |counts: &[(String, i64)], name: &str| {
@@ -456,5 +461,41 @@ impl Delivery {
                 .with_label_values(&[&name])
                 .set(of(&dead, &name));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::RocPoint;
+    use crate::eval::calibration::OperatingCurve;
+
+    #[test]
+    fn the_urgency_threshold_is_a_probability_or_the_cards_operating_point() {
+        assert_eq!("0.7".parse::<UrgentAt>(), Ok(UrgentAt::Probability(0.7)));
+        assert!("1.5".parse::<UrgentAt>().is_err());
+        assert!("fast".parse::<UrgentAt>().is_err());
+        let point = |threshold, tpr| RocPoint {
+            threshold,
+            fpr: 1.0 - threshold,
+            tpr,
+        };
+        let curve = OperatingCurve {
+            source: "validation".into(),
+            n: 100,
+            points: vec![
+                point(0.9, 0.5),
+                point(0.6, 0.93),
+                point(0.4, 0.96),
+                point(0.1, 1.0),
+            ],
+        };
+        // The default: the strictest threshold reaching 95 % validation sensitivity.
+        let default = UrgentAt::default();
+        assert_eq!(default, "sensitivity:0.95".parse().unwrap());
+        assert_eq!(default.on(0.5, Some(&curve)), 0.4);
+        // Without a ROC, the card's own threshold.
+        assert_eq!(default.on(0.5, None), 0.5);
+        assert_eq!(UrgentAt::Probability(0.8).on(0.5, Some(&curve)), 0.8);
     }
 }

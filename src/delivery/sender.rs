@@ -77,7 +77,7 @@ impl Round {
     /// Marks `item` sent, due again or dead, and counts it.
     pub fn settle(&self, name: &str, item: &Item, result: Result<(), SendError>) {
         lock(&self.unsettled).retain(|id| *id != item.id);
-        let metrics = self.delivery.core.metrics();
+        let metrics = &self.delivery.metrics;
         let count = |outcome: &str| {
             metrics
                 .dicom_results

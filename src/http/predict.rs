@@ -135,7 +135,7 @@ pub(super) async fn predict(
         }
         let filing = match (&order, state.delivery()) {
             (Some(order), Some(d)) if d.has(Kind::Hl7) || d.has(Kind::Fhir) => {
-                Some(Filing::new(d, order, &images)?)
+                Some(Filing::new(d, order, &images).await?)
             }
             _ => None,
         };
@@ -188,7 +188,7 @@ struct Filing {
 }
 
 impl Filing {
-    fn new(
+    async fn new(
         delivery: std::sync::Arc<crate::delivery::Delivery>,
         order: &OrderIds,
         images: &[Upload],
@@ -202,15 +202,21 @@ impl Filing {
             Upload::Dicom(b) => (b, true),
             Upload::Encoded(b) => (b, false),
         };
-        let source = if dicom {
-            crate::imaging::dicom::identify(bytes).ok().map(|(s, _)| s)
-        } else {
-            None
-        };
+        // A parse of the whole file and hashes of it: off the runtime.
+        let b = bytes.clone();
+        let (source, digest) = tokio::task::spawn_blocking(move || {
+            let source = if dicom {
+                crate::imaging::dicom::identify(&b).ok().map(|(s, _)| s)
+            } else {
+                None
+            };
+            (source, crate::digest::sha256_hex(&b))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
         // The same image for the same order is one result (delivered once).
         let seed = format!(
-            "predict/{}/{}",
-            crate::digest::sha256_hex(bytes),
+            "predict/{digest}/{}",
             crate::digest::sha256_hex(
                 format!(
                     "{}\n{}\n{}",

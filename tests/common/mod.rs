@@ -552,3 +552,91 @@ pub fn interop_inputs(models: &Path, model: &str, work: &Path) -> (PathBuf, Path
     .unwrap();
     (png_path, tensor_path, card.input_size)
 }
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The project's Python (scripts/setup.sh --test installs the test tools there).
+pub fn python() -> PathBuf {
+    root().join(".venv/bin/python")
+}
+
+/// A Debian tool's path (scripts/setup.sh --test installs them).
+pub fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} is not installed: run scripts/setup.sh --test (Debian packages orthanc, orthanc-dicomweb, dcmtk, dicom3tools)"
+    );
+}
+
+/// A TCP port free now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs the folder job (`cxr-serve --job`) over `input` into `out` with `extra`
+/// flags; its stdout (it must succeed).
+pub fn job(models: &Path, input: &Path, out: &Path, extra: &[&str]) -> String {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
+        .args([
+            "--device",
+            "cpu",
+            "--intra-threads",
+            "1",
+            "--min-image-side",
+            "16",
+        ])
+        .args(extra)
+        .arg("--models-dir")
+        .arg(models)
+        .arg("--job")
+        .arg(input)
+        .arg(out)
+        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+}
+
+/// `cxr-serve` as a DICOM node ([`Server::start`] with `extra`, which must include
+/// `--dicom-port 0`): the server, its logs discarded, and the node's port.
+pub fn start_node(models: &Path, extra: &[String]) -> (Server, u16) {
+    let mut s = Server::start(models, extra);
+    let dicom = s.wait_log_field("dicom_addr");
+    s.discard_logs();
+    let port = dicom.rsplit(':').next().unwrap().parse().unwrap();
+    (s, port)
+}
+
+/// `GET /metrics` of `server`.
+pub fn metrics_of(server: &Server) -> String {
+    tcp_http(&server.addr, "GET", "/metrics", None, b"").1
+}
+
+/// dcmtk's storescu: `files` to the node on `port` as `ae` (called AE `CXR`).
+pub fn storescu(ae: &str, port: u16, files: &[&Path]) -> std::process::Output {
+    let mut args = vec!["-aet".to_string(), ae.into(), "-aec".into(), "CXR".into()];
+    args.extend(["127.0.0.1".to_string(), port.to_string()]);
+    args.extend(files.iter().map(|f| f.display().to_string()));
+    std::process::Command::new(tool("storescu"))
+        .args(&args)
+        .output()
+        .expect("storescu")
+}

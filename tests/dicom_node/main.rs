@@ -14,33 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python() -> PathBuf {
-    root().join(".venv/bin/python")
-}
-
-fn tool(name: &str) -> PathBuf {
-    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!(
-        "{name} is not installed: run scripts/setup.sh --test (Debian packages orthanc, orthanc-dicomweb, dcmtk, dicom3tools)"
-    );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{
+    free_port, metrics_of, python, root, start_node as start_cxr, storescu as store, tool,
+};
 
 /// The radiographs, made by pydicom.
 fn instances(dir: &Path) -> PathBuf {
@@ -186,16 +162,6 @@ fn dcmtk(name: &str, args: &[&str]) -> std::process::Output {
     Command::new(tool(name)).args(args).output().expect(name)
 }
 
-fn store(ae: &str, port: u16, files: &[&Path]) -> std::process::Output {
-    let mut args = vec!["-aet".to_string(), ae.into(), "-aec".into(), "CXR".into()];
-    args.extend(["127.0.0.1".to_string(), port.to_string()]);
-    args.extend(files.iter().map(|f| f.display().to_string()));
-    Command::new(tool("storescu"))
-        .args(&args)
-        .output()
-        .expect("storescu")
-}
-
 /// `bytes` in a new file under `dir`.
 fn temp_file(bytes: &[u8], dir: &Path) -> PathBuf {
     let f = dir.join(format!("object-{}.dcm", uuid::Uuid::new_v4()));
@@ -245,14 +211,6 @@ fn sop_instance_uid(file: &Path) -> String {
 }
 
 const STUDY: &str = "1.2.826.0.1.3680043.8.498.11111111111111111111";
-
-fn start_cxr(models: &Path, extra: &[String]) -> (common::Server, u16) {
-    let mut s = common::Server::start(models, extra);
-    let dicom = s.wait_log_field("dicom_addr");
-    s.discard_logs();
-    let port = dicom.rsplit(':').next().unwrap().parse().unwrap();
-    (s, port)
-}
 
 #[test]
 fn a_pacs_gets_each_radiographs_sr_and_sc_in_its_study_once_and_after_an_outage() {
@@ -532,29 +490,7 @@ fn the_folder_job_writes_json_sr_and_sc_per_image_and_a_line_per_refusal() {
     std::fs::write(files.join("notes.txt"), "not an image").unwrap();
     let models = common::models_dir();
     let out = dir.join("out");
-    let run = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
-        .args([
-            "--device",
-            "cpu",
-            "--intra-threads",
-            "1",
-            "--min-image-side",
-            "16",
-        ])
-        .arg("--models-dir")
-        .arg(models.path())
-        .arg("--job")
-        .arg(&files)
-        .arg(&out)
-        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let stdout = common::job(models.path(), &files, &out, &[]);
     for (name, status) in [
         ("cr.dcm", "analysed"),
         ("dx.dcm", "analysed"),
@@ -919,10 +855,6 @@ fn dead_letters(server: &common::Server, key: &str) -> (u16, Value) {
         b"",
     );
     (s, serde_json::from_str(&b).unwrap_or(Value::Null))
-}
-
-fn metrics_of(server: &common::Server) -> String {
-    common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1
 }
 
 /// Waits (up to `secs`) until `/metrics` of one of `servers` holds `line`.

@@ -18,29 +18,7 @@ use serde_json::Value;
 
 use common::ops::{ADMIN, call};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python() -> PathBuf {
-    root().join(".venv/bin/python")
-}
-
-fn tool(name: &str) -> PathBuf {
-    ["/usr/bin", "/usr/sbin", "/usr/local/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{name} is not installed: run scripts/setup.sh --test"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, python, root, tool};
 
 fn wait_port(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -91,6 +69,18 @@ fn storescp(dir: &Path) -> (Proc, u16) {
     (Proc(child), port)
 }
 
+/// The films (make_films.py) in `dir/films`.
+fn films(dir: &Path) -> PathBuf {
+    let films = dir.join("films");
+    let ok = Command::new(python())
+        .arg(root().join("tests/hl7/make_films.py"))
+        .arg(&films)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "make_films.py failed");
+    films
+}
+
 /// Every message the listener recorded, in order.
 fn received(record: &Path) -> Vec<Value> {
     std::fs::read_to_string(record)
@@ -118,18 +108,7 @@ fn wait_received(record: &Path, n: usize) -> Vec<Value> {
 }
 
 fn store(port: u16, file: &Path) {
-    let out = Command::new(tool("storescu"))
-        .args([
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "CXR",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
-        .arg(file)
-        .output()
-        .unwrap();
+    let out = common::storescu("MODALITY", port, &[file]);
     assert!(
         out.status.success(),
         "storescu: {}",
@@ -153,22 +132,11 @@ fn dicom_text(file: &Path, keyword: &str) -> String {
         .to_string()
 }
 
-fn metrics(server: &common::Server) -> String {
-    common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1
-}
-
 fn metric(server: &common::Server, name: &str) -> f64 {
-    metrics(server)
+    common::metrics_of(server)
         .lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-fn start(models: &Path, args: &[String]) -> (common::Server, u16) {
-    let mut s = common::Server::start(models, args);
-    let dicom = s.wait_log_field("dicom_addr");
-    s.discard_logs();
-    (s, dicom.rsplit(':').next().unwrap().parse().unwrap())
 }
 
 /// The OBX of `code` (OBX-3.1), if any.
@@ -247,15 +215,7 @@ fn control_ids(msgs: &[Value]) -> HashMap<String, usize> {
 fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let films = dir.join("films");
-    assert!(
-        Command::new(python())
-            .arg(root().join("tests/hl7/make_films.py"))
-            .arg(&films)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let films = films(dir);
     let (film, lateral, film2) = (
         films.join("film.dcm"),
         films.join("lateral.dcm"),
@@ -295,7 +255,7 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let (server, port) = start(models.path(), &args);
+    let (server, port) = common::start_node(models.path(), &args);
     let (_, listed) = call(
         &server.addr,
         "GET",
@@ -470,6 +430,30 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
         obx_text(m, "110180"),
         dicom_text(&film2, "StudyInstanceUID")
     );
+    // A refused upload with the order's identifiers: its ORU says why, not urgent.
+    let (s, v) = call(
+        &server.addr,
+        "POST",
+        "/predict?accession_number=ACC-L&patient_id=PAT%7C7&threshold=0.00001",
+        Some(ADMIN),
+        "application/dicom",
+        &std::fs::read(&lateral).unwrap(),
+    );
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (422, Some("lateral_view")),
+        "{v}"
+    );
+    let msgs = wait_received(&record, 6);
+    let m = &msgs[5];
+    check_common(m, &card);
+    assert_eq!(m["fields"]["obr_18"], "ACC-L");
+    assert!(obx(m, "233604007").is_none());
+    assert_eq!(
+        obx_text(m, "cxr-not-analysed"),
+        format!("lateral_view: {}", v["error"].as_str().unwrap())
+    );
+    assert_eq!(m["fields"]["obr_5"], "");
     let urgent_count = 1 + usize::from(positive);
     assert_eq!(
         metric(&server, "cxr_urgent_results_total"),
@@ -478,9 +462,9 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
 
     // An AR: a dead letter with the listener's reason, not retried.
     predict("accession_number=ACC-R&patient_id=REFUSE-9");
-    let msgs = wait_received(&record, 6);
-    assert!(msgs[5]["ack"].as_str().unwrap().contains("MSA|AR|"));
-    common::ops::wait_for("the AR's dead letter", || {
+    let msgs = wait_received(&record, 7);
+    assert!(msgs[6]["ack"].as_str().unwrap().contains("MSA|AR|"));
+    let letters = || {
         let (s, v) = call(
             &server.addr,
             "GET",
@@ -489,20 +473,17 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
             "text/plain",
             b"",
         );
-        s == 200 && !v["dead_letters"].as_array().unwrap().is_empty()
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    common::ops::wait_for("the AR's dead letter", || {
+        !letters()["dead_letters"].as_array().unwrap().is_empty()
     });
-    let (_, v) = call(
-        &server.addr,
-        "GET",
-        "/dicom/outbox/dead-letters",
-        Some(ADMIN),
-        "text/plain",
-        b"",
-    );
+    let v = letters();
     let letter = &v["dead_letters"][0];
     assert_eq!(letter["kind"], "oru");
     assert_eq!(letter["destination"], format!("hl7:127.0.0.1:{hl7_port}"));
-    assert_eq!(letter["sop_instance_uid"], msgs[5]["fields"]["control_id"]);
+    assert_eq!(letter["sop_instance_uid"], msgs[6]["fields"]["control_id"]);
     let reason = letter["last_error"].as_str().unwrap();
     assert!(
         reason.contains("MSA-1 AR") && reason.contains("unknown patient REFUSE-9"),
@@ -514,21 +495,83 @@ fn the_ris_gets_one_valid_oru_per_result_flagged_when_urgent_and_after_an_outage
     drop(mllp.take());
     store(port, &film2);
     let depth = format!("cxr_dicom_outbox_depth{{destination=\"hl7:127.0.0.1:{hl7_port}\"}} 1");
-    common::ops::wait_for("the ORU queued", || metrics(&server).contains(&depth));
+    common::ops::wait_for("the ORU queued", || {
+        common::metrics_of(&server).contains(&depth)
+    });
     drop(server);
     let _mllp = listener(hl7_port, &record);
-    let (server, _) = start(models.path(), &args);
-    let msgs = wait_received(&record, 7);
-    check_common(&msgs[6], &card);
-    assert_eq!(msgs[6]["fields"]["pid_3"][0], "PAT|7");
+    let (server, _) = common::start_node(models.path(), &args);
+    let msgs = wait_received(&record, 8);
+    check_common(&msgs[7], &card);
+    assert_eq!(msgs[7]["fields"]["pid_3"][0], "PAT|7");
     std::thread::sleep(Duration::from_secs(3));
     let all = received(&record);
-    assert_eq!(all.len(), 7, "a message was delivered twice");
+    assert_eq!(all.len(), 8, "a message was delivered twice");
     assert!(
         control_ids(&all).values().all(|n| *n == 1),
         "{:?}",
         control_ids(&all)
     );
+    // CXR_HL7_CAPTURE=FILE keeps the messages (docs/ris-ehr.md's example).
+    if let Some(path) = std::env::var_os("CXR_HL7_CAPTURE") {
+        let text: Vec<String> = all
+            .iter()
+            .map(|m| m["raw"].as_str().unwrap().replace('\r', "\n"))
+            .collect();
+        std::fs::write(path, text.join("\n")).unwrap();
+    }
     let depth0 = format!("cxr_dicom_outbox_depth{{destination=\"hl7:127.0.0.1:{hl7_port}\"}} 0");
-    common::ops::wait_for("the outbox emptied", || metrics(&server).contains(&depth0));
+    common::ops::wait_for("the outbox emptied", || {
+        common::metrics_of(&server).contains(&depth0)
+    });
+}
+
+/// Guards issue #46 (HL7, the folder door): `cxr-serve --job IN OUT` with
+/// `--hl7-destination` sends one valid ORU per DICOM instance, analysed or refused
+/// (none for a PNG, which has no patient), before it exits; run again over the same
+/// folder and outbox, nothing is sent twice.
+#[test]
+fn the_folder_job_sends_one_oru_per_dicom_instance_before_it_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let films = films(dir);
+    std::fs::remove_file(films.join("film2.dcm")).unwrap();
+    std::fs::write(
+        films.join("photo.png"),
+        common::png_bytes(&common::gray_image(96, 96, 3)),
+    )
+    .unwrap();
+    let models = common::models_dir();
+    let record = dir.join("received.jsonl");
+    let hl7_port = free_port();
+    let _mllp = listener(hl7_port, &record);
+    let (dest, outbox) = (
+        format!("127.0.0.1:{hl7_port}"),
+        dir.join("outbox.sqlite").display().to_string(),
+    );
+    let extra = [
+        "--hl7-destination",
+        dest.as_str(),
+        "--outbox",
+        outbox.as_str(),
+    ];
+    let job = || common::job(models.path(), &films, &dir.join("out"), &extra);
+    let stdout = job();
+    assert!(!stdout.contains("not yet delivered"), "{stdout}");
+    // Delivered before the job ended: recorded already.
+    let msgs = received(&record);
+    assert_eq!(msgs.len(), 2, "{stdout}");
+    for m in &msgs {
+        assert_eq!(m["errors"], serde_json::json!([]), "hl7apy: {}", m["raw"]);
+        assert_eq!(m["fields"]["pid_3"][0], "PAT|7");
+        assert_eq!(m["fields"]["nte"][0], cxr::delivery::INTENDED_USE);
+    }
+    assert_eq!(
+        msgs.iter()
+            .filter(|m| obx(m, "cxr-not-analysed").is_some())
+            .count(),
+        1
+    );
+    job();
+    assert_eq!(received(&record).len(), 2, "the second run sent again");
 }
