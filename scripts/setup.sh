@@ -27,6 +27,10 @@ GRPCIO_REFLECTION_VERSION=1.81.1
 PILLOW_VERSION=12.0.0
 OTEL_PROTO_VERSION=1.45.2
 PYNETDICOM_VERSION=3.0.4
+# OpenSSF Model Signing (tests/signing.rs: interop both ways); its certificate module
+# imports pyOpenSSL, which 1.1.1 does not declare.
+MODEL_SIGNING_VERSION=1.1.1
+PYOPENSSL_VERSION=26.4.0
 
 train=0; gpu=0; tests=0
 for a in "$@"; do
@@ -134,6 +138,11 @@ if ((tests)); then
   if [ "$have" != "$PYNETDICOM_VERSION" ]; then
     echo "setup: installing pynetdicom==$PYNETDICOM_VERSION (a destination that refuses objects, tests/dicom_node; bench/soak.py)"
     pip install "pynetdicom==$PYNETDICOM_VERSION"
+  fi
+  have=$(.venv/bin/python -m pip show model-signing 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  if [ "$have" != "$MODEL_SIGNING_VERSION" ]; then
+    echo "setup: installing model-signing==$MODEL_SIGNING_VERSION (OMS bundles verified both ways, tests/signing.rs)"
+    pip install "model-signing==$MODEL_SIGNING_VERSION" "pyopenssl==$PYOPENSSL_VERSION"
   fi
   # puppeteer-core drives the system chromium (tests/ui.rs); it never downloads one.
   if [ ! -d tests/ui/node_modules/puppeteer-core ] || [ tests/ui/package-lock.json -nt tests/ui/node_modules ]; then

@@ -78,6 +78,20 @@ pub(super) async fn classify(
                 ("cxr.image_index", i.to_string()),
                 ("cxr.model", model.card.name.clone()),
                 ("cxr.model_version", model.card.version.clone()),
+                (
+                    "cxr.model_signer",
+                    model
+                        .provenance
+                        .signed_by()
+                        .map_or_else(|| "unsigned".into(), |s| s.signer.clone()),
+                ),
+                (
+                    "cxr.model_signer_key_id",
+                    model
+                        .provenance
+                        .signed_by()
+                        .map_or_else(String::new, |s| s.key_id.clone()),
+                ),
                 ("cxr.batch_size", r.batch_size.to_string()),
             ];
             let ran = now.checked_sub(r.inference).unwrap_or(now);
@@ -218,6 +232,7 @@ impl<'a> Trail<'a> {
             model: card.name.clone(),
             model_version: card.version.clone(),
             model_sha256: card.onnx.sha256.clone(),
+            model_signer: self.model.provenance.signed_by().map(audit_signer),
             threshold: self.decision.threshold,
             threshold_source: self.decision.source.kind.clone(),
             site_card: (self.decision.source.kind == "site")
@@ -235,6 +250,11 @@ impl<'a> Trail<'a> {
             trace_id: self.asker.trace.as_ref().map(|t| t.trace_id()),
         }
     }
+}
+
+/// A signer as the audit trail names it: `name (key id)`.
+fn audit_signer(s: &crate::signing::SignedBy) -> String {
+    format!("{} (key {})", s.signer, s.key_id)
 }
 
 /// Records the refusal of a request's images (every image of the request: a request
@@ -336,6 +356,12 @@ fn complete(
         .inc();
     model.record(total.as_secs_f64() * 1e3);
     let mut warnings = d.warnings;
+    if let crate::signing::Provenance::Unverified(why) = &model.provenance {
+        warnings.push(format!(
+            "model `{}` {} is not signature-verified ({why}): its files are not known to be the ones its publisher released",
+            model.card.name, model.card.version
+        ));
+    }
     if let (Some(false), Some(t)) = (p.in_distribution, model.ood_threshold()) {
         let score = p.ood_score.unwrap_or(f64::NAN);
         match model.ood_refuse_threshold() {
@@ -563,6 +589,7 @@ pub(super) fn prediction(
             strategy: model.card.training.strategy,
             sha256: model.card.onnx.sha256.clone(),
             precision: model.card.precision,
+            signed_by: model.provenance.signed_by().cloned(),
         },
         execution_provider: model.provider.as_str().into(),
         timings_ms: Timings {
