@@ -239,8 +239,8 @@ pub fn load_card(card_path: &Path) -> Result<LoadedModel, RegistryError> {
 
 impl LoadedModel {
     /// The files of this version as its signature covers them: the version folder
-    /// (`models/<name>/<version>/`), or in the flat layout `models/<name>.*`, the files
-    /// the card names and its plots (see [`crate::signing`]).
+    /// (`models/<name>/<version>/`), or in the flat layout `models/<name>.*` and the
+    /// files the card names (see [`crate::signing`]).
     pub fn signed_files(&self) -> crate::signing::VersionFiles {
         let root = self
             .card_path
@@ -252,11 +252,6 @@ impl LoadedModel {
         let mut named = vec![self.card.onnx.file.clone()];
         named.extend(self.card.ood.iter().map(|o| o.file.clone()));
         named.push(format!("{}.json", self.card.name));
-        named.extend(
-            self.plots
-                .iter()
-                .map(|(kind, _)| format!("plots/{}-{kind}.png", self.card.name)),
-        );
         crate::signing::VersionFiles {
             root,
             name: self.card.name.clone(),

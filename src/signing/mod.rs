@@ -16,10 +16,11 @@
 //!   `model_signing sign key models/<name>/<version>` lists them;
 //! - flat layout `models/<name>.*`: the files of `models/` whose name up to its first
 //!   dot is `<name>` (`<name>.onnx`, `<name>.json`, `<name>.ood.json`,
-//!   `<name>.test-scores.json`, …), the files the card names, and its plots
-//!   (`plots/<name>-<kind>.png`); names relative to `models/`. Other variants' files
-//!   are not this version's: `model_signing verify key models --ignore_unsigned_files`
-//!   verifies such a bundle.
+//!   `<name>.test-scores.json`, …) and the files the card names; names relative to
+//!   `models/`. Other variants' files are not this version's, nor is the shared
+//!   `plots/` folder (illustrations for /models, never used in an answer, left out of
+//!   the image): `model_signing verify key models --ignore_unsigned_files` verifies
+//!   such a bundle.
 //!
 //! The card, ONNX and OOD files are checked against the digests of the bytes the
 //! registry read and checked (no second read between check and use); other files are
@@ -158,8 +159,8 @@ pub struct VersionFiles {
     pub name: String,
     /// `models/<name>.*` (flat) rather than a version folder of its own.
     pub flat: bool,
-    /// Files that belong to the version whatever their name (the card, the files it
-    /// names, the plots served), relative to `root`.
+    /// Files that belong to the version whatever their name (the card and the files
+    /// it names), relative to `root`.
     pub named: Vec<String>,
 }
 
