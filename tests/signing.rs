@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::ops::{READER, admin, get, hup, keys};
-use common::{Server, gray_image, png_bytes, serve_fails, write_tiny_model, write_tiny_version};
+use common::{Server, gray_image, png_bytes, write_tiny_model, write_tiny_version};
 use serde_json::{Value, json};
 
 /// An ECDSA key made by openssl (`curve`: prime256v1 or secp384r1): the private
@@ -88,6 +88,33 @@ fn predict(addr: &str, query: &str, seed: u32) -> (u16, Value) {
         "image/png",
         &img,
     )
+}
+
+/// Runs cxr-serve over `models` with `args`, expecting it to refuse to start within
+/// 60 s (a server that starts is killed and fails the test rather than hang it): its
+/// stderr.
+fn serve_fails(models: &Path, args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
+        .args(["--port", "0", "--device", "cpu"])
+        .args(args)
+        .arg("--models-dir")
+        .arg(models)
+        .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cxr-serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cxr-serve started over {}", models.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A log field's value, logged before or after the address.
@@ -210,13 +237,38 @@ fn a_signed_version_loads_and_each_tampering_is_refused_at_start_with_its_reason
         trusted.as_str(),
     ];
 
-    // Signed by the trusted key: it loads and answers.
+    // Signed by the trusted key: it loads and answers, saying who signed it (the key
+    // id as model-signing's hint: SHA-256 of the PEM openssl wrote).
+    let key_id = cxr::digest::sha256_hex(&std::fs::read(&public).unwrap());
     let models = signed_alpha(&dir.path().join("ok"), &key);
-    let mut server = Server::start(&models, &required);
+    let audit = dir.path().join("audit.jsonl");
+    let audit_flag = audit.display().to_string();
+    let mut server = Server::start(
+        &models,
+        &[&required[..], &["--audit-log", audit_flag.as_str()]].concat(),
+    );
     server.discard_logs();
     server.wait_ready();
     let (s, v) = predict(&server.addr, "", 1);
     assert_eq!(s, 200, "{v}");
+    assert_eq!(v["model"]["signed_by"]["signer"], "release", "{v}");
+    assert_eq!(v["model"]["signed_by"]["key_id"], key_id.as_str(), "{v}");
+    assert!(v.get("warnings").is_none(), "{v}");
+    let live = &get(&server.addr, "/models/alpha")["live"];
+    assert_eq!(live["signed_by"]["key_id"], key_id.as_str(), "{live}");
+    let record: Value = serde_json::from_str(
+        std::fs::read_to_string(&audit)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        record["model_signer"],
+        format!("release (key {key_id})"),
+        "{record}"
+    );
     drop(server);
 
     for (i, (what, tamper, reason)) in tamperings().into_iter().enumerate() {
@@ -247,6 +299,23 @@ fn a_signed_version_loads_and_each_tampering_is_refused_at_start_with_its_reason
     let mut server = Server::start(&unsigned, &["--trusted-signers", trusted.as_str()]);
     let warned = log_field(&mut server, "reason");
     assert!(warned.contains("unsigned"), "{warned}");
+    server.discard_logs();
+    server.wait_ready();
+    let (s, v) = predict(&server.addr, "", 1);
+    assert_eq!((s, &v["model"]["signed_by"]), (200, &Value::Null), "{v}");
+    assert!(
+        v["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("not signature-verified")),
+        "{v}"
+    );
+    let live = &get(&server.addr, "/models/alpha")["live"];
+    assert!(
+        live["signature_warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("no signature bundle")),
+        "{live}"
+    );
 }
 
 #[test]

@@ -338,6 +338,9 @@ async fn write_audit(
     record(core, &records).await
 }
 
+/// How an answer's warning about a model without a verified signature begins.
+pub const UNVERIFIED_MODEL: &str = "model not signature-verified";
+
 /// One answer as given: counted, its latency recorded, with its warnings (the
 /// request's, out of distribution, no explanation), its heatmap when asked, and its
 /// timings.
@@ -356,12 +359,6 @@ fn complete(
         .inc();
     model.record(total.as_secs_f64() * 1e3);
     let mut warnings = d.warnings;
-    if let crate::signing::Provenance::Unverified(why) = &model.provenance {
-        warnings.push(format!(
-            "model `{}` {} is not signature-verified ({why}): its files are not known to be the ones its publisher released",
-            model.card.name, model.card.version
-        ));
-    }
     if let (Some(false), Some(t)) = (p.in_distribution, model.ood_threshold()) {
         let score = p.ood_score.unwrap_or(f64::NAN);
         match model.ood_refuse_threshold() {
@@ -391,6 +388,13 @@ fn complete(
             &model.card.preprocessing,
         )),
     };
+    // Last, so that the image's own warnings come first.
+    if let crate::signing::Provenance::Unverified(why) = &model.provenance {
+        warnings.push(format!(
+            "{UNVERIFIED_MODEL}: `{}` {} ({why}); its files are not known to be the ones its publisher released",
+            model.card.name, model.card.version
+        ));
+    }
     Prediction {
         timings_ms: Timings {
             decode: ms(d.took),

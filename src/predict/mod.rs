@@ -46,7 +46,7 @@ use crate::imaging::dicom::DicomOptions;
 use crate::inference::ModelSet;
 use crate::metrics::ServerMetrics;
 
-pub use answer::Decision;
+pub use answer::{Decision, UNVERIFIED_MODEL};
 pub use budget::Buffered;
 pub use budget::Reservation;
 pub use error::ApiError;

@@ -638,3 +638,67 @@ pub fn sign(files: &VersionFiles, key: &PrivateKey) -> std::io::Result<String> {
     std::fs::rename(&tmp, &out)?;
     Ok(root)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder signed by PyPI `model-signing` 1.1.1 (`model_signing sign key`, an
+    /// openssl P-256 key): a writer that is not ours.
+    fn fixture() -> (VersionFiles, TrustedSigners) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oms");
+        let pem = std::fs::read_to_string(dir.join("model-signing.pub.pem")).unwrap();
+        let key = PublicKey::from_pem(&pem).unwrap();
+        let trusted = TrustedSigners {
+            path: dir.join("signers.toml"),
+            signers: vec![TrustedSigner {
+                name: "fixture".into(),
+                key_id: key.key_id(),
+                key,
+                expires: Some("2099-12-31".into()),
+            }],
+        };
+        let files = VersionFiles {
+            root: dir.join("model"),
+            name: "a".into(),
+            flat: false,
+            named: vec!["a.onnx".into(), "a.json".into()],
+        };
+        (files, trusted)
+    }
+
+    #[test]
+    fn a_model_signing_bundle_verifies_with_its_root_digest() {
+        let (files, trusted) = fixture();
+        // model-signing's hint is the SHA-256 of the PEM file openssl wrote.
+        let pem = std::fs::read(files.root.join("../model-signing.pub.pem")).unwrap();
+        assert_eq!(trusted.signers[0].key_id, crate::digest::sha256_hex(&pem));
+        let s = verify(&files, &BTreeMap::new(), &trusted, "2026-12-08").unwrap();
+        assert_eq!(s.signer, "fixture");
+        assert_eq!(
+            s.root_digest,
+            "c61d22da2be5bd4536b7424572d4768dc12cb43545fbd2ab99c9eac5bf3d1ecb"
+        );
+    }
+
+    #[test]
+    fn a_known_digest_is_used_instead_of_the_disk_and_expiry_is_checked() {
+        let (files, trusted) = fixture();
+        let known = BTreeMap::from([("a.onnx".to_string(), "00".repeat(32))]);
+        let e = verify(&files, &known, &trusted, "2026-12-08").unwrap_err();
+        assert!(
+            matches!(&e, SigningError::DigestMismatch { file, .. } if file == "a.onnx"),
+            "{e}"
+        );
+        let e = verify(&files, &BTreeMap::new(), &trusted, "2100-01-01").unwrap_err();
+        assert!(matches!(e, SigningError::Expired { .. }), "{e}");
+    }
+
+    #[test]
+    fn manifest_names_stay_inside_the_folder() {
+        assert!(is_inside("sub/p.png"));
+        assert!(!is_inside("../etc/passwd"));
+        assert!(!is_inside("/etc/passwd"));
+        assert!(!is_inside("a/../../b"));
+    }
+}
