@@ -822,9 +822,10 @@ impl<'a> LoadContext<'a> {
         // Before a session is made: a version whose signature fails never answers.
         let provenance =
             crate::signing::check(&m.signed_files(), &m.known_digests(), &self.signing)?;
+        let verify_ms = t.elapsed().as_secs_f64() * 1e3;
         match &provenance {
             crate::signing::Provenance::Signed(s) => {
-                tracing::info!(model = %m.card.name, version = %m.card.version, signer = %s.signer, key_id = %s.key_id, root_digest = %s.root_digest, "signature verified")
+                tracing::info!(model = %m.card.name, version = %m.card.version, signer = %s.signer, key_id = %s.key_id, root_digest = %s.root_digest, verify_ms, "signature verified")
             }
             crate::signing::Provenance::Unverified(why) => {
                 tracing::warn!(model = %m.card.name, version = %m.card.version, reason = %why, "model loads without a verified signature (--require-signed-models is off)")
