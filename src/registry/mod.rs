@@ -312,19 +312,16 @@ pub fn sign_dir(
     Ok(out)
 }
 
+/// One version's signature check: who signed it, or why it is refused.
+pub type Verified = Result<crate::signing::SignedBy, crate::signing::SigningError>;
+
 /// Verifies every version in `dir` (or those `only` names) as the server does before
 /// loading it: `name@version` and who signed it, or why not.
 pub fn verify_dir(
     dir: &Path,
     trusted: &crate::signing::TrustedSigners,
     only: &[String],
-) -> Result<
-    Vec<(
-        String,
-        Result<crate::signing::SignedBy, crate::signing::SigningError>,
-    )>,
-    RegistryError,
-> {
+) -> Result<Vec<(String, Verified)>, RegistryError> {
     let today = crate::clock::now_rfc3339();
     Ok(versions_named(dir, only)?
         .into_iter()

@@ -270,7 +270,7 @@ fn root_digest(resources: &[Resource]) -> Result<String, String> {
 }
 
 fn hex_bytes(s: &str) -> Option<Vec<u8>> {
-    (s.len() % 2 == 0 && s.bytes().all(|c| c.is_ascii_hexdigit())).then(|| {
+    (s.len().is_multiple_of(2) && s.bytes().all(|c| c.is_ascii_hexdigit())).then(|| {
         (0..s.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("checked hex"))
