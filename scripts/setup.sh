@@ -54,6 +54,8 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 # and dcmtk's echoscu/storescu as the modality (tests/dicom_node.rs).
 ((tests)) && ! command -v storescu >/dev/null && need_apt+=(dcmtk)
 ((tests)) && ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ] && need_apt+=(orthanc)
+# tests/signing.rs: keys made by an independent tool (and scripts/sign-models.sh).
+((tests)) && ! command -v openssl >/dev/null && need_apt+=(openssl)
 ((tests)) && ! ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1 && need_apt+=(orthanc-dicomweb)
 # The outbox shared by replicas (--database-url) is tested against a real server.
 ((tests)) && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && need_apt+=(postgresql)
