@@ -136,6 +136,10 @@ COPY --from=build /cxr-serve /usr/local/bin/cxr-serve
 COPY --from=ort-cpu /out/ /opt/cxr/lib/
 COPY --from=openvino-cpu /out/ /opt/cxr/openvino/
 COPY models/ /opt/cxr/models/
+# Only signed models answer: each version's OMS bundle (models/<name>.sig, by
+# scripts/sign-models.sh) verified at start against the committed public key
+# (docs/security.md); a deployment that rotates signers mounts its own file here.
+COPY deploy/signing/ /opt/cxr/signing/
 # The CPU image serves each model on the backend the deployment's decision names,
 # measured once per model file and CPU and kept in CXR_BACKEND_DECISION (with
 # OpenVINO's compiled models beside it; docs/performance.md); CXR_BACKEND=ort keeps
@@ -146,6 +150,8 @@ ENV CXR_HOST=0.0.0.0 \
     CXR_DEVICE=cpu \
     CXR_BACKEND=auto \
     CXR_BACKEND_DECISION=/var/lib/cxr/backend/backend.decision.json \
+    CXR_TRUSTED_SIGNERS=/opt/cxr/signing/trusted-signers.toml \
+    CXR_REQUIRE_SIGNED_MODELS=true \
     OPENVINO_LIB=/opt/cxr/openvino/libopenvino_c.so \
     CXR_LOG_FORMAT=json \
     ORT_DYLIB_PATH=/opt/cxr/lib/libonnxruntime.so.${ORT_VERSION} \

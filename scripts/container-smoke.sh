@@ -187,6 +187,9 @@ assert a["label"] in ("NORMAL", "PNEUMONIA"), a
 assert abs(a["probabilities"]["NORMAL"] + a["probabilities"]["PNEUMONIA"] - 1) < 1e-4, a
 assert a["model"]["name"] and len(a["model"]["sha256"]) == 64, a
 assert a["execution_provider"] in ("CPUExecutionProvider", "OpenVINO:CPU"), a
+# The image requires signed models: the answer names the signer it verified.
+assert a["model"]["signed_by"]["signer"] == "cxr model release", a
+print("   signed by:", a["model"]["signed_by"]["signer"], a["model"]["signed_by"]["key_id"][:16])
 print("   answer:", a["label"], round(a["confidence"], 4), "from", a["model"]["name"], a["execution_provider"])
 ' || fail "unexpected /predict answer: $answer"
 # The image's CXR_BACKEND=auto: OpenVINO's library loaded in the image, agreed with

@@ -26,6 +26,11 @@ fn live_facts(m: &ServedModel) -> LiveFacts {
         cuda_fallback_reason: m.fallback_reason.clone(),
         backend_choice: m.backend_choice.clone(),
         backend_decision: m.backend_decision.clone(),
+        signed_by: m.provenance.signed_by().cloned(),
+        signature_warning: match &m.provenance {
+            crate::signing::Provenance::Signed(_) => None,
+            crate::signing::Provenance::Unverified(why) => Some(why.clone()),
+        },
         load_time_ms: m.load_time_ms,
         requests_served: m.served(),
         queue_depth: m.queue_depth(),

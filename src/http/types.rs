@@ -74,6 +74,12 @@ pub struct LiveFacts {
     /// (`source`: `measured` by this replica as it started, or `read` from `file`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_decision: Option<crate::inference::decision::BackendDecision>,
+    /// Who signed its files, verified before it loaded (`--trusted-signers`); null
+    /// when it loaded unsigned.
+    pub signed_by: Option<crate::signing::SignedBy>,
+    /// Why it loaded without a verified signature (`--require-signed-models` off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature_warning: Option<String>,
     /// Session creation and warm-up time, ms.
     pub load_time_ms: f64,
     /// Images answered since start.

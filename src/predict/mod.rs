@@ -51,6 +51,7 @@ use crate::imaging::dicom::DicomOptions;
 use crate::inference::ModelSet;
 use crate::metrics::ServerMetrics;
 
+pub use answer::UNVERIFIED_MODEL;
 pub use ask::Answered;
 pub use ask::Ask;
 pub use ask::Asker;

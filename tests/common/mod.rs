@@ -189,6 +189,8 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
         model_backends: Default::default(),
         decision: Default::default(),
         site_card: None,
+        trusted_signers: None,
+        require_signed: false,
         batch,
     }
 }
