@@ -110,24 +110,31 @@ fn with_api_keys_the_page_shows_the_401_then_works_with_a_key() {
         format!("[[callers]]\nname = \"ui\"\nkey_sha256 = \"{hash}\"\nscopes = [\"predict\", \"models\"]\n"),
     )
     .unwrap();
-    let mut s = common::Server::start(
+    check_one_png(
         models.path(),
-        &[
-            "--min-image-side",
-            "16",
-            "--api-keys-file",
-            keys.to_str().unwrap(),
-        ],
+        &["--api-keys-file", keys.to_str().unwrap()],
+        "keys",
+        &["--key", key],
     );
+}
+
+/// Serves the variants in `models` (with `server_args`) and runs the page's check on
+/// one PNG film with `extra`; screenshots under `target/ui-shots/<shots>`.
+fn check_one_png(models: &Path, server_args: &[&str], shots: &str, extra: &[&str]) {
+    let args: Vec<&str> = ["--min-image-side", "16"]
+        .into_iter()
+        .chain(server_args.iter().copied())
+        .collect();
+    let mut s = common::Server::start(models, &args);
     s.discard_logs();
     s.wait_ready();
     let dir = tempfile::tempdir().unwrap();
     let (png, _, _) = inputs(dir.path());
     run_check(
         &s.addr,
-        &root().join("target/ui-shots/keys"),
+        &root().join("target/ui-shots").join(shots),
         &[&png],
-        &["--key", key],
+        extra,
     );
 }
 
@@ -137,15 +144,10 @@ fn with_api_keys_the_page_shows_the_401_then_works_with_a_key() {
 fn check_disagreement(shots: &str, predict_only: bool, make: impl FnOnce(&Path)) {
     let models = tempfile::tempdir().unwrap();
     make(models.path());
-    let mut s = common::Server::start(models.path(), &["--min-image-side", "16"]);
-    s.discard_logs();
-    s.wait_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let (png, _, _) = inputs(dir.path());
-    run_check(
-        &s.addr,
-        &root().join("target/ui-shots").join(shots),
-        &[&png],
+    check_one_png(
+        models.path(),
+        &[],
+        shots,
         &[
             "--expect-disagreement",
             "yes",
