@@ -128,6 +128,63 @@ fn write_tiny(
     weights
 }
 
+/// Gives `name` (in `dir`) an OOD model under which every image scores above `inner`:
+/// a one-component density model centred at zero, whose score of any non-zero
+/// embedding is positive. With `outer` above every score, every film is answered with
+/// a distribution-shift warning; without it, every film is refused.
+pub fn ood_above_everything(dir: &Path, name: &str, outer: Option<f64>) -> cxr::ood_score::OodCard {
+    ood_at(dir, name, 1e-6, outer)
+}
+
+/// [`ood_above_everything`] with the first threshold `inner` (1e12: every film is in
+/// distribution).
+pub fn ood_at(dir: &Path, name: &str, inner: f64, outer: Option<f64>) -> cxr::ood_score::OodCard {
+    let card = dir.join(format!("{name}.json"));
+    let loaded = cxr::registry::load_card(&card).unwrap();
+    let pre = cxr::imaging::Preprocessor::new(loaded.card.input_size, &loaded.card.preprocessing)
+        .unwrap();
+    let out = cpu_model(&loaded.onnx_bytes)
+        .run_images(&pre, &[pre.resize(&gray_image(64, 64, 1))])
+        .unwrap();
+    let dim = out[0]
+        .embedding
+        .as_ref()
+        .expect("an embedding output")
+        .len();
+    let mut basis = vec![0.0f32; dim];
+    basis[0] = 1.0;
+    let m = cxr::ood_score::OodModel {
+        dim,
+        center: vec![0.0; dim],
+        basis,
+        variances: vec![1.0],
+        class_means: vec![vec![0.0], vec![0.0]],
+        residual_mean_square: 1.0,
+        threshold: inner,
+    };
+    let bytes = m.to_json();
+    std::fs::write(dir.join(format!("{name}.ood.json")), &bytes).unwrap();
+    let entry = cxr::ood_score::OodCard {
+        file: format!("{name}.ood.json"),
+        sha256: cxr::registry::sha256_hex(&bytes),
+        method: "test: every non-zero embedding scores above the threshold".into(),
+        threshold: inner,
+        target_acceptance: 0.99,
+        threshold_source: "test".into(),
+        validation_acceptance: 0.0,
+        validation_stressed_acceptance: 0.0,
+        test_acceptance: None,
+        fit_images: 0,
+        components: 1,
+        ood_set_refused: None,
+        ood_set: None,
+        refuse_threshold: outer,
+        refuse_rule: outer.map(|_| "test".into()),
+    };
+    cxr::registry::set_card_ood(&card, &entry).unwrap();
+    entry
+}
+
 /// A grayscale gradient with a seed-dependent pattern.
 pub fn gray_image(w: u32, h: u32, seed: u32) -> GrayImage {
     GrayImage::from_fn(w, h, |x, y| {
