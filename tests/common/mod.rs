@@ -622,6 +622,19 @@ pub fn python() -> PathBuf {
     root().join(".venv/bin/python")
 }
 
+/// Runs `cmd` to its end and asserts it succeeded; its stdout and stderr together.
+#[allow(dead_code)]
+pub fn succeeds(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("the command runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
+}
+
 /// A Debian tool's path (scripts/setup.sh --test installs them).
 pub fn tool(name: &str) -> PathBuf {
     for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
