@@ -114,10 +114,10 @@ pub(super) async fn get_model(
     // `NAME` (its default version) or `NAME@VERSION`.
     let m = models.select(Some(&name), None)?;
     let mut info = model_info(&models, m);
-    if let Some(store) = state.core().outcomes().cloned() {
+    if state.core().outcomes().is_some() {
         let (core, m) = (state.core().clone(), m.clone());
         info.live_outcomes = Some(
-            tokio::task::spawn_blocking(move || super::feedback::live(&core, &store, &m))
+            tokio::task::spawn_blocking(move || core.live_outcomes(&m))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))??,
         );

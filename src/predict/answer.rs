@@ -424,6 +424,18 @@ fn complete(
     }
 }
 
+/// The equipment an image came from, for the OOD score's drift labels.
+fn equipment(d: &Decoded) -> crate::metrics::Equipment<'_> {
+    use crate::metrics::Equipment;
+    match &d.dicom {
+        None => Equipment::NotDicom,
+        Some(i) => i
+            .manufacturer
+            .as_deref()
+            .map_or(Equipment::Unknown, Equipment::Manufacturer),
+    }
+}
+
 /// The first word of the warning on an answer whose image lies between the OOD
 /// score's two thresholds.
 pub const DISTRIBUTION_SHIFT: &str = "distribution_shift";
@@ -464,7 +476,7 @@ pub(super) fn ood_scores(
             "not_a_radiograph"
         };
         core.metrics()
-            .observe_ood(&model.card.name, d.dicom.as_ref(), score, verdict);
+            .observe_ood(&model.card.name, equipment(d), score, verdict);
         if !inside {
             let counted = if shift && action == OodAction::Refuse {
                 "shift"

@@ -32,6 +32,7 @@ mod budget;
 pub mod error;
 mod error_type;
 pub mod explain;
+pub mod feedback;
 mod request;
 mod results;
 mod shadow;
