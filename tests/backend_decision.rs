@@ -217,6 +217,17 @@ fn replicas_sharing_a_decision_take_it_and_answer_alike() {
             assert_eq!(source(&l), "read", "{l}");
             assert_eq!(l["execution_provider"], provider, "{l}");
         }
+        // Compiled where the cache was empty, loaded where it was filled; nothing
+        // to say for ONNX Runtime.
+        let cached = |r: &common::Server| live(r, m)["openvino_from_cache"].clone();
+        let want = |b: bool| {
+            if m == "alpha" {
+                Value::Bool(b)
+            } else {
+                Value::Null
+            }
+        };
+        assert_eq!((cached(&c), cached(&d)), (want(false), want(true)), "{m}");
         for png in films() {
             assert_eq!(
                 probabilities(&c, m, &png),
@@ -457,4 +468,91 @@ fn replicas_racing_at_first_start_end_with_one_decision() {
             );
         }
     }
+}
+
+/// A replica that reads a decision naming OpenVINO but cannot read OpenVINO's cache
+/// (here the CPU image's libraries without the IR front end, as the image shipped
+/// them before issue 45's fix: every start compiled again) serves, and says so with
+/// the cause; with the image's libraries as they are, it loads the compiled model
+/// from the cache another replica filled, and says nothing.
+#[test]
+fn a_cache_that_is_not_read_is_said_with_its_cause() {
+    let models = common::models_dir();
+    let state = tempfile::tempdir().unwrap();
+    drop(replica(models.path(), state.path()));
+    let mut f = read_file(state.path());
+    let e = entry_of(&mut f, "alpha");
+    e["backend"] = "openvino".into();
+    e["incumbent"] = "ort".into();
+    for (k, v) in [
+        ("ort_batch1_ms", 10.0),
+        ("ort_per_image_ms", 10.0),
+        ("openvino_batch1_ms", 5.0),
+        ("openvino_per_image_ms", 5.0),
+    ] {
+        e["figures"][k] = v.into();
+    }
+    write_file(state.path(), &f);
+    let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let lib = common::image_openvino_libs(&work.path().join("lib"));
+    let start = || {
+        let (file, cache) = (decision_file(state.path()), state.path().join("ov-cache"));
+        let args: [&std::ffi::OsStr; 6] = [
+            "--backend".as_ref(),
+            "auto".as_ref(),
+            "--backend-decision".as_ref(),
+            file.as_os_str(),
+            "--openvino-cache-dir".as_ref(),
+            cache.as_os_str(),
+        ];
+        let mut s =
+            common::Server::start_env(models.path(), &args, "addr", &[("OPENVINO_LIB", &lib)]);
+        s.discard_logs();
+        s
+    };
+    let compiled_again = |s: &common::Server| -> Vec<String> {
+        s.startup
+            .iter()
+            .filter(|v| v["level"] == "WARN")
+            .filter(|v| {
+                v["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("OpenVINO compiled the model again"))
+            })
+            .map(|v| v["fields"]["reason"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+
+    let good = start();
+    let l = live(&good, "alpha");
+    assert_eq!(
+        (source(&l), &l["execution_provider"]),
+        ("read", &"OpenVINO:CPU".into()),
+        "{l}"
+    );
+    assert_eq!(l["openvino_from_cache"], true, "{l}");
+    assert_eq!(compiled_again(&good), Vec::<String>::new());
+    drop(good);
+
+    for e in std::fs::read_dir(lib.parent().unwrap())
+        .unwrap()
+        .map(Result::unwrap)
+    {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with("libopenvino_ir_frontend")
+        {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let broken = start();
+    let l = live(&broken, "alpha");
+    assert_eq!(l["execution_provider"], "OpenVINO:CPU", "{l}");
+    assert_eq!(l["openvino_from_cache"], false, "{l}");
+    let reasons = compiled_again(&broken);
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].contains("libopenvino_ir_frontend"),
+        "{reasons:?}"
+    );
 }

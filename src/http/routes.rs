@@ -26,6 +26,7 @@ fn live_facts(m: &ServedModel) -> LiveFacts {
         cuda_fallback_reason: m.fallback_reason.clone(),
         backend_choice: m.backend_choice.clone(),
         backend_decision: m.backend_decision.clone(),
+        openvino_from_cache: m.openvino_from_cache,
         load_time_ms: m.load_time_ms,
         requests_served: m.served(),
         queue_depth: m.queue_depth(),

@@ -358,6 +358,16 @@ impl Server {
     /// `bound`, the API address before it accepts connections), which becomes
     /// [`Server::addr`].
     pub fn start_until<S: AsRef<std::ffi::OsStr>>(models: &Path, extra: &[S], field: &str) -> Self {
+        Self::start_env(models, extra, field, &[])
+    }
+
+    /// [`Server::start_until`] with `env` set for the process (e.g. `OPENVINO_LIB`).
+    pub fn start_env<S: AsRef<std::ffi::OsStr>>(
+        models: &Path,
+        extra: &[S],
+        field: &str,
+        env: &[(&str, &Path)],
+    ) -> Self {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut child = Command::new(env!("CARGO_BIN_EXE_cxr-serve"))
@@ -367,6 +377,7 @@ impl Server {
             .arg("--models-dir")
             .arg(models)
             .env("ORT_DYLIB_PATH", cxr::inference::resolve_library(None))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -492,4 +503,50 @@ pub fn interop_inputs(models: &Path, model: &str, work: &Path) -> (PathBuf, Path
     )
     .unwrap();
     (png_path, tensor_path, card.input_size)
+}
+
+/// The CPU image's OpenVINO libraries, as the Dockerfile's `openvino-cpu` stage
+/// copies them (each `"$libs"/NAME` of its `cp`), linked from the wheel's folder
+/// into `dir` with the `libopenvino_c.so` link it makes; the library to load.
+pub fn image_openvino_libs(dir: &Path) -> PathBuf {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let stage = dockerfile
+        .split(" AS openvino-cpu")
+        .nth(1)
+        .and_then(|s| s.split("\nFROM ").next())
+        .expect("the Dockerfile's openvino-cpu stage");
+    let names: Vec<&str> = stage
+        .split("\"$libs\"/")
+        .skip(1)
+        .filter_map(|t| t.split_whitespace().next())
+        .collect();
+    assert!(names.len() >= 5, "the stage's libraries: {names:?}");
+    let wheel = std::fs::canonicalize(
+        cxr::inference::openvino::resolve_library()
+            .parent()
+            .unwrap(),
+    )
+    .expect("OpenVINO's wheel (scripts/setup.sh)");
+    std::fs::create_dir_all(dir).unwrap();
+    let mut c_lib = None;
+    for e in std::fs::read_dir(&wheel).unwrap().map(Result::unwrap) {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let wanted = names.iter().any(|n| match n.strip_suffix('*') {
+            Some(prefix) => file.starts_with(prefix),
+            None => file == *n,
+        });
+        if wanted && !e.file_type().unwrap().is_symlink() {
+            let to = dir.join(&file);
+            if std::fs::hard_link(e.path(), &to).is_err() {
+                std::fs::copy(e.path(), &to).unwrap();
+            }
+            if file.starts_with("libopenvino_c.so.") {
+                c_lib = Some(file);
+            }
+        }
+    }
+    let link = dir.join("libopenvino_c.so");
+    std::os::unix::fs::symlink(c_lib.expect("libopenvino_c.so.* in the list"), &link).unwrap();
+    link
 }
