@@ -7,7 +7,8 @@
 - `auto-warm`: `--backend auto` with the decision and the cache the cold start left
   (the decision read, OpenVINO's models loaded from its cache).
 
-Each round runs the three in that order on a fresh state folder (the warm start uses
+Each start also prints the CPU seconds cxr-serve spent until ready (user + system,
+every thread), which a shared machine's load hardly moves. Each round runs the three in that order on a fresh state folder (the warm start uses
 the cold start's state), `--runs` rounds; the table gives each run and the median.
 `throughput` then compares the served rate of one model with the decision measured at
 this start against the same decision read from the file (closed loop, 8 clients,
@@ -92,6 +93,7 @@ class Binary:
         self.t0 = time.time()
         self.p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.seconds = wait_ready(self.port, lambda: self.p.poll() is None, self.t0)
+        self.cpu = cpu_seconds(open(f"/proc/{self.p.pid}/stat").read())
 
     def stop(self):
         self.p.send_signal(signal.SIGTERM)
@@ -118,9 +120,19 @@ class Image:
             return out.stdout.strip() == "true"
 
         self.seconds = wait_ready(self.port, alive, self.t0)
+        stat = subprocess.run(["podman", "exec", self.name, "cat", "/proc/1/stat"],
+                              capture_output=True, text=True, check=True).stdout
+        self.cpu = cpu_seconds(stat)
 
     def stop(self):
         subprocess.run(["podman", "rm", "-f", "-t", "20", self.name], stdout=subprocess.DEVNULL)
+
+
+def cpu_seconds(stat):
+    """CPU seconds (user + system, every thread) of a process, from its /proc stat
+    line: what the start cost, whatever else the machine ran meanwhile."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sources(port):
@@ -162,7 +174,8 @@ def start_to_ready(a, kind):
                 if way == "auto-warm" and not a.allow_compile and any(b == "ov" for _, b in src.values()):
                     raise RuntimeError(f"{way}: OpenVINO compiled again, its cache not used: {src}")
                 times[way].append(s.seconds)
-                print(f"round {r + 1}: {kind} {way}: {s.seconds:.2f} s  {src}", flush=True)
+                print(f"round {r + 1}: {kind} {way}: {s.seconds:.2f} s (CPU {s.cpu:.2f} s)  {src}",
+                      flush=True)
                 time.sleep(a.pause)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
