@@ -46,7 +46,7 @@ fn tritonclient_grpc_talks_to_the_real_server() {
     let work = tempfile::tempdir().unwrap();
     let (png_path, tensor_path, size) = common::interop_inputs(dir.path(), "beta", work.path());
     let text = common::succeeds(
-        &mut Command::new(&python)
+        Command::new(&python)
             .arg(root.join("tests/interop/tritonclient_grpc_check.py"))
             .arg(&server.addr)
             .arg(&grpc)
@@ -478,7 +478,7 @@ fn a_grpc_call_longer_than_the_idle_timeout_is_answered() {
     let png = dir.path().join("big.png");
     std::fs::write(&png, common::png_bytes(&common::gray_image(1600, 1300, 9))).unwrap();
     let text = common::succeeds(
-        &mut Command::new(root.join(".venv/bin/python"))
+        Command::new(root.join(".venv/bin/python"))
             .arg("-c")
             .arg(
                 r#"
@@ -561,7 +561,7 @@ fn a_grpc_inference_holds_a_processing_slot_until_it_is_answered() {
     let png = dir.path().join("x.png");
     std::fs::write(&png, common::png_bytes(&common::gray_image(96, 80, 5))).unwrap();
     let text = common::succeeds(
-        &mut Command::new(root.join(".venv/bin/python"))
+        Command::new(root.join(".venv/bin/python"))
             .arg("-c")
             .arg(
                 r#"
@@ -638,7 +638,7 @@ fn rest_and_grpc_answer_the_same_request_alike() {
     let work = tempfile::tempdir().unwrap();
     let (png_path, _, _) = common::interop_inputs(dir.path(), "beta", work.path());
     let text = common::succeeds(
-        &mut Command::new(&python)
+        Command::new(&python)
             .arg(root.join("tests/interop/tritonclient_parity.py"))
             .arg(&server.addr)
             .arg(&grpc)

@@ -29,7 +29,7 @@ fn tritonclient_talks_to_the_real_server() {
     let work = tempfile::tempdir().unwrap();
     let (png_path, tensor_path, size) = common::interop_inputs(dir.path(), "beta", work.path());
     let text = common::succeeds(
-        &mut Command::new(&python)
+        Command::new(&python)
             .arg(root.join("tests/interop/tritonclient_check.py"))
             .arg(&addr)
             .arg("beta")

@@ -31,6 +31,7 @@ fn live_facts(m: &ServedModel) -> LiveFacts {
             crate::signing::Provenance::Signed(_) => None,
             crate::signing::Provenance::Unverified(why) => Some(why.clone()),
         },
+        openvino_from_cache: m.openvino_from_cache,
         load_time_ms: m.load_time_ms,
         requests_served: m.served(),
         queue_depth: m.queue_depth(),

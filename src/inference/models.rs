@@ -75,6 +75,9 @@ pub struct ServedModel {
     /// With `--backend auto`: the deployment's decision it serves by, and whether it
     /// was measured now or read.
     pub backend_decision: Option<super::decision::BackendDecision>,
+    /// OpenVINO serving with its compiled-model cache (`--openvino-cache-dir`):
+    /// whether this start loaded its compiled models from there (`false`: compiled).
+    pub openvino_from_cache: Option<bool>,
     /// Milliseconds to create the session and warm it up.
     pub load_time_ms: f64,
     /// Its preprocessing.
@@ -646,6 +649,8 @@ struct Chosen {
     choice: Option<String>,
     /// The deployment's decision it serves by (`auto`).
     decision: Option<super::decision::BackendDecision>,
+    /// OpenVINO serving with its cache: whether its compiled models came from there.
+    from_cache: Option<bool>,
 }
 
 impl<'a> LoadContext<'a> {
@@ -759,6 +764,7 @@ impl<'a> LoadContext<'a> {
                 cache,
                 choice: Some(note.why),
                 decision: note.decision,
+                from_cache: note.from_cache,
             });
         }
         let (session, mut provider, fallback_reason) =
@@ -767,7 +773,7 @@ impl<'a> LoadContext<'a> {
             tracing::warn!(model = %name, reason = %why, "CUDA unavailable, running on the CPU");
         }
         let mut backend: Box<dyn super::batcher::Backend> = Box::new(session);
-        let (mut openvino, mut choice, mut decision) = (false, None, None);
+        let (mut openvino, mut choice, mut decision, mut from_cache) = (false, None, None, None);
         if provider == Provider::Cpu && asked != BackendChoice::Ort {
             match super::openvino::choose(&chooser, &m.card, &m.onnx_bytes, backend, s) {
                 (b, Ok(note)) => {
@@ -780,6 +786,7 @@ impl<'a> LoadContext<'a> {
                     tracing::info!(model = %name, backend = provider.as_str(), decision = source, why = %note.why, "CPU backend chosen");
                     choice = Some(note.why);
                     decision = note.decision;
+                    from_cache = note.from_cache;
                 }
                 (b, Err(why)) => {
                     backend = b;
@@ -809,6 +816,7 @@ impl<'a> LoadContext<'a> {
             cache,
             choice,
             decision,
+            from_cache,
         })
     }
 
@@ -848,6 +856,7 @@ impl<'a> LoadContext<'a> {
             cache,
             choice: backend_choice,
             decision: backend_decision,
+            from_cache: openvino_from_cache,
         } = self.choose_backend(&m, opts, s)?;
         let batch = BatchConfig {
             max_batch: match provider {
@@ -904,6 +913,7 @@ impl<'a> LoadContext<'a> {
             fallback_reason,
             backend_choice,
             backend_decision,
+            openvino_from_cache,
             load_time_ms,
             preprocessor,
             batcher,

@@ -467,6 +467,22 @@ impl Server {
         Self::start_with_env(models, extra, field, &[])
     }
 
+    /// [`Server::start_until`] with `env` set for the process (e.g. `OPENVINO_LIB`).
+    #[allow(dead_code)]
+    pub fn start_env<S: AsRef<std::ffi::OsStr>>(
+        models: &Path,
+        extra: &[S],
+        field: &str,
+        env: &[(&str, &Path)],
+    ) -> Self {
+        let env: Vec<(&str, String)> = env
+            .iter()
+            .map(|(k, v)| (*k, v.display().to_string()))
+            .collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Self::start_with_env(models, extra, field, &env)
+    }
+
     /// [`Server::start_until`] with environment variables set for the server (a
     /// secret that is never a flag, e.g. `CXR_FHIR_TOKEN`).
     pub fn start_with_env<S: AsRef<std::ffi::OsStr>>(
@@ -711,4 +727,49 @@ pub fn storescu(ae: &str, port: u16, files: &[&Path]) -> std::process::Output {
         .args(&args)
         .output()
         .expect("storescu")
+}
+/// The CPU image's OpenVINO libraries, as the Dockerfile's `openvino-cpu` stage
+/// copies them (each `"$libs"/NAME` of its `cp`), linked from the wheel's folder
+/// into `dir` with the `libopenvino_c.so` link it makes; the library to load.
+pub fn image_openvino_libs(dir: &Path) -> PathBuf {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let stage = dockerfile
+        .split(" AS openvino-cpu")
+        .nth(1)
+        .and_then(|s| s.split("\nFROM ").next())
+        .expect("the Dockerfile's openvino-cpu stage");
+    let names: Vec<&str> = stage
+        .split("\"$libs\"/")
+        .skip(1)
+        .filter_map(|t| t.split_whitespace().next())
+        .collect();
+    assert!(names.len() >= 5, "the stage's libraries: {names:?}");
+    let wheel = std::fs::canonicalize(
+        cxr::inference::openvino::resolve_library()
+            .parent()
+            .unwrap(),
+    )
+    .expect("OpenVINO's wheel (scripts/setup.sh)");
+    std::fs::create_dir_all(dir).unwrap();
+    let mut c_lib = None;
+    for e in std::fs::read_dir(&wheel).unwrap().map(Result::unwrap) {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let wanted = names.iter().any(|n| match n.strip_suffix('*') {
+            Some(prefix) => file.starts_with(prefix),
+            None => file == *n,
+        });
+        if wanted && !e.file_type().unwrap().is_symlink() {
+            let to = dir.join(&file);
+            if std::fs::hard_link(e.path(), &to).is_err() {
+                std::fs::copy(e.path(), &to).unwrap();
+            }
+            if file.starts_with("libopenvino_c.so.") {
+                c_lib = Some(file);
+            }
+        }
+    }
+    let link = dir.join("libopenvino_c.so");
+    std::os::unix::fs::symlink(c_lib.expect("libopenvino_c.so.* in the list"), &link).unwrap();
+    link
 }
