@@ -51,6 +51,7 @@ pub mod predict;
 pub mod registry;
 pub mod repository;
 pub mod sqlite_file;
+pub mod store;
 pub mod trace;
 pub mod validate;
 
