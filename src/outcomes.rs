@@ -603,14 +603,7 @@ mod tests {
         );
         assert_eq!(o.confusion("aa").unwrap().fp, 1);
         drop(o);
-        let c = rusqlite::Connection::open(&path).unwrap();
-        let version: i64 = c
-            .query_row(
-                "SELECT version FROM migrations WHERE store = 'outcomes'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(version, MIGRATIONS.len() as i64);
+        let db = Db::open(&path, Durability::Normal).unwrap();
+        assert_eq!(db.version("outcomes").unwrap(), MIGRATIONS.len());
     }
 }

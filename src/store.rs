@@ -408,6 +408,22 @@ fn pg_params(params: &[Value]) -> Vec<&(dyn postgres::types::ToSql + Sync)> {
         .collect()
 }
 
+/// How many of the migrations of `store` were applied (the table that says so
+/// made when missing).
+fn version(t: &mut Tx<'_>, store: &str) -> Result<usize, StoreError> {
+    t.batch(
+        "CREATE TABLE IF NOT EXISTS cxr_migrations (
+            store TEXT PRIMARY KEY,
+            version BIGINT NOT NULL
+        )",
+    )?;
+    let at = t.query_opt(
+        "SELECT version FROM cxr_migrations WHERE store = ?1",
+        params![store],
+    )?;
+    Ok(at.map(|r| r.get::<i64>(0)).transpose()?.unwrap_or(0).max(0) as usize)
+}
+
 /// One migration of a store: applied once, in its order.
 #[derive(Debug, Clone, Copy)]
 pub enum Step {
@@ -552,6 +568,12 @@ impl Db {
         Ok(())
     }
 
+    /// How many of the migrations of `store` were applied (0: none, or a database
+    /// made before the versions were kept).
+    pub fn version(&self, store: &str) -> Result<usize, StoreError> {
+        self.with(|t| version(t, store))
+    }
+
     /// Brings the tables of `store` to its last version: applies the `steps` not
     /// applied yet, in order, in one transaction. Returns the version it is at.
     pub fn migrate(&self, store: &str, steps: &[Step]) -> Result<usize, StoreError> {
@@ -560,21 +582,7 @@ impl Db {
                 // Replicas starting together: one migrates, the others wait for it.
                 t.execute("SELECT pg_advisory_xact_lock(7432001)", &[])?;
             }
-            t.batch(
-                "CREATE TABLE IF NOT EXISTS cxr_migrations (
-                    store TEXT PRIMARY KEY,
-                    version BIGINT NOT NULL
-                )",
-            )?;
-            let at = t
-                .query_opt(
-                    "SELECT version FROM cxr_migrations WHERE store = ?1",
-                    params![store],
-                )?
-                .map(|r| r.get::<i64>(0))
-                .transpose()?
-                .unwrap_or(0)
-                .max(0) as usize;
+            let at = version(t, store)?;
             if at > steps.len() {
                 return Err(StoreError(format!(
                     "the {store} tables are at version {at}, newer than this cxr knows ({})",

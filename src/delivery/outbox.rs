@@ -551,10 +551,62 @@ impl Outbox {
 pub mod contract {
     use std::time::Duration;
 
+    use super::Db;
     use super::Failure;
+    use super::MIGRATIONS;
     use super::Outbox;
     use super::Policy;
     use super::Settled;
+    use crate::params;
+
+    /// An outbox as the code before versioned migrations left it in `db`: its first
+    /// schema (with the columns it added at open when `added`), no version, one row
+    /// due.
+    pub fn unversioned(db: &Db, added: bool) {
+        let forget = || {
+            db.version("outbox").unwrap();
+            db.execute("DELETE FROM cxr_migrations WHERE store = 'outbox'", &[])
+                .unwrap();
+        };
+        db.execute("DROP TABLE IF EXISTS cxr_outbox", &[]).unwrap();
+        forget();
+        let steps = if added { MIGRATIONS } else { &MIGRATIONS[..1] };
+        db.migrate("outbox", steps).unwrap();
+        forget();
+        db.execute(
+            "INSERT INTO cxr_outbox (destination, sop_instance_uid, source_key, kind, payload,
+                 state, next_at, created_at)
+             VALUES ('PACS', '1.2.3', 'k', 'sr', ?1, 'pending', 0, 1)",
+            params![&vec![1u8, 2]],
+        )
+        .unwrap();
+        assert_eq!(db.version("outbox").unwrap(), 0);
+    }
+
+    /// Outboxes made before the versions ([`unversioned`], with and without the
+    /// added columns) open migrated, their rows kept: `db` and `open` open the same
+    /// database.
+    pub fn migrates(db: impl Fn() -> Db, open: impl Fn() -> Outbox) {
+        for added in [false, true] {
+            unversioned(&db(), added);
+            let o = open();
+            assert!(o.has_source("k").unwrap());
+            let due = o.due(10).unwrap();
+            assert_eq!((due.len(), due[0].payload.as_slice()), (1, &[1u8, 2][..]));
+            // The added columns are there (a refusal is counted).
+            assert_eq!(
+                o.fail(&due[0], Failure::Refused, "no").unwrap(),
+                Settled::Retry(Duration::from_secs(1))
+            );
+            drop(o);
+            assert_eq!(db().version("outbox").unwrap(), MIGRATIONS.len());
+            // Opened again: nothing to migrate, the row still there.
+            let o = open();
+            assert_eq!(o.depth().unwrap(), vec![("PACS".to_string(), 1)]);
+            std::thread::sleep(Duration::from_millis(1100));
+            assert_eq!(o.due(10).unwrap()[0].refusals, 1);
+        }
+    }
 
     /// The policy [`exercise`] expects: `capacity`, 2 refusals, 3 s of failures.
     pub fn policy(capacity: usize) -> Policy {
@@ -684,73 +736,13 @@ mod tests {
         });
     }
 
-    /// The outbox as the code before versioned migrations made it: its first
-    /// schema, the columns it added at open.
-    const UNVERSIONED: &str = "CREATE TABLE outbox (
-        id INTEGER PRIMARY KEY,
-        destination TEXT NOT NULL,
-        sop_instance_uid TEXT NOT NULL,
-        source_key TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        payload BLOB,
-        state TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_at INTEGER NOT NULL,
-        claimed_until INTEGER,
-        last_error TEXT,
-        created_at INTEGER NOT NULL,
-        sent_at INTEGER,
-        UNIQUE (destination, sop_instance_uid)
-    );
-    CREATE INDEX outbox_due ON outbox (state, next_at);
-    CREATE INDEX outbox_source ON outbox (source_key);
-    INSERT INTO outbox (destination, sop_instance_uid, source_key, kind, payload, state,
-        next_at, claimed_until, created_at)
-        VALUES ('PACS', '1.2.3', 'k', 'sr', x'0102', 'pending', 0, 99999999999999, 1);";
-
     #[test]
     fn outboxes_made_before_the_versions_open_migrated() {
         let dir = tempfile::tempdir().unwrap();
-        for added in [false, true] {
-            let path = dir.path().join(format!("old-{added}.sqlite"));
-            let c = rusqlite::Connection::open(&path).unwrap();
-            c.execute_batch(UNVERSIONED).unwrap();
-            if added {
-                c.execute_batch(
-                    "ALTER TABLE outbox ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0;
-                     ALTER TABLE outbox ADD COLUMN dead_at BIGINT;",
-                )
-                .unwrap();
-            }
-            drop(c);
-            let o = Outbox::open(&path, policy(10)).unwrap();
-            // Its row is there, its claim (a run that stopped) lapsed, the added
-            // columns work.
-            assert!(o.has_source("k").unwrap());
-            let due = o.due(10).unwrap();
-            assert_eq!((due.len(), due[0].payload.as_slice()), (1, &[1u8, 2][..]));
-            assert_eq!(
-                o.fail(&due[0], Failure::Refused, "no").unwrap(),
-                Settled::Retry(Duration::from_secs(1))
-            );
-            drop(o);
-            let c = rusqlite::Connection::open(&path).unwrap();
-            let version: i64 = c
-                .query_row(
-                    "SELECT version FROM migrations WHERE store = 'outbox'",
-                    [],
-                    |r| r.get(0),
-                )
-                .unwrap();
-            assert_eq!(version, MIGRATIONS.len() as i64);
-            let refusals: i64 = c
-                .query_row("SELECT refusals FROM outbox", [], |r| r.get(0))
-                .unwrap();
-            assert_eq!(refusals, 1);
-            drop(c);
-            // Opened again: nothing to migrate, the row still there.
-            let o = Outbox::open(&path, policy(10)).unwrap();
-            assert_eq!(o.depth().unwrap(), vec![("PACS".to_string(), 1)]);
-        }
+        let path = dir.path().join("old.sqlite");
+        contract::migrates(
+            || Db::open(&path, Durability::Full).unwrap(),
+            || Outbox::open(&path, policy(10)).unwrap(),
+        );
     }
 }
