@@ -52,6 +52,7 @@ pub mod registry;
 pub mod repository;
 pub mod signing;
 pub mod sqlite_file;
+pub mod store;
 pub mod trace;
 pub mod validate;
 

@@ -9,31 +9,25 @@
 //! at most hourly as answers are recorded); the SQLite file is owner-only with
 //! `secure_delete` on ([`crate::sqlite_file`]).
 
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::audit::{AuditRecord, Decision};
 use crate::eval::Confusion;
 use crate::eval::site::{Interval, wilson};
+use crate::params;
+use crate::store::{Db, Durability, Row, Step, StoreError};
 
 crate::message_error!(
     /// Why the outcomes store could not be read or written.
     OutcomesError
 );
 
-impl From<rusqlite::Error> for OutcomesError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self(format!("outcomes (SQLite): {e}"))
-    }
-}
-
-impl From<postgres::Error> for OutcomesError {
-    fn from(e: postgres::Error) -> Self {
-        Self(format!("outcomes (PostgreSQL): {e}"))
+impl From<crate::store::StoreError> for OutcomesError {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self(format!("outcomes {e}"))
     }
 }
 
@@ -131,15 +125,10 @@ impl LiveOutcomes {
     }
 }
 
-enum Store {
-    Sqlite(Mutex<rusqlite::Connection>),
-    Postgres(Mutex<postgres::Client>),
-}
-
 /// The outcomes store. Its calls block (a database round trip): make them from
 /// blocking threads.
 pub struct Outcomes {
-    store: Store,
+    db: Db,
     window: u64,
     /// How long rows are kept (none: forever).
     retention: Option<Duration>,
@@ -174,7 +163,10 @@ impl std::fmt::Debug for Outcomes {
     }
 }
 
-const SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS answers (
+/// The outcomes' migrations, in order ([`crate::store`]); the first is the schema
+/// the outcomes had before the versions were kept.
+const MIGRATIONS: &[Step] = &[Step::Each {
+    sqlite: "CREATE TABLE IF NOT EXISTS answers (
     request_id TEXT NOT NULL,
     image_index INTEGER NOT NULL,
     time TEXT NOT NULL,
@@ -200,9 +192,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     caller TEXT NOT NULL,
     received_ms INTEGER NOT NULL,
     UNIQUE (request_id, image_index)
-);";
-
-const SCHEMA_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS cxr_answers (
+);",
+    postgres: "CREATE TABLE IF NOT EXISTS cxr_answers (
     request_id TEXT NOT NULL,
     image_index BIGINT NOT NULL,
     time TEXT NOT NULL,
@@ -228,7 +219,8 @@ CREATE TABLE IF NOT EXISTS cxr_feedback (
     caller TEXT NOT NULL,
     received_ms BIGINT NOT NULL,
     UNIQUE (request_id, image_index)
-);";
+);",
+}];
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -236,14 +228,10 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 const ANSWERED_COLUMNS: &str = "request_id, image_index, model, model_version, model_sha256, label, p_pneumonia, sop_instance_uid";
 
-/// An [`Answered`] from a SQLite row of [`ANSWERED_COLUMNS`].
-fn answered_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Answered> {
+/// An [`Answered`] from a row of [`ANSWERED_COLUMNS`].
+fn answered(r: &Row) -> Result<Answered, StoreError> {
     Ok(Answered {
         request_id: r.get(0)?,
         image_index: r.get(1)?,
@@ -256,45 +244,24 @@ fn answered_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Answered> {
     })
 }
 
-/// An [`Answered`] from a PostgreSQL row of [`ANSWERED_COLUMNS`].
-fn answered_postgres(r: &postgres::Row) -> Answered {
-    Answered {
-        request_id: r.get(0),
-        image_index: r.get(1),
-        model: r.get(2),
-        model_version: r.get(3),
-        model_sha256: r.get(4),
-        label: r.get(5),
-        p_pneumonia: r.get(6),
-        sop_instance_uid: r.get(7),
-    }
-}
-
 impl Outcomes {
     /// Opens (or creates) the store in the SQLite file at `path`; the live figures
     /// count the `window` most recent confirmed answers of a model file.
     pub fn open(path: &std::path::Path, window: u64) -> Result<Self, OutcomesError> {
-        let conn = crate::sqlite_file::open_private(path)
-            .map_err(|e| OutcomesError(format!("outcomes {e}")))?;
         // Durable across a crash of the process (WAL); an answer is recorded before
         // it is sent.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA_SQLITE)?;
-        Ok(Self {
-            store: Store::Sqlite(Mutex::new(conn)),
-            window: window.max(1),
-            retention: None,
-            pruned_ms: std::sync::atomic::AtomicI64::new(0),
-        })
+        Self::on(Db::open(path, Durability::Normal)?, window)
     }
 
     /// Opens (or creates) the store in PostgreSQL (`postgres://…`; no TLS).
     pub fn connect(url: &str, window: u64) -> Result<Self, OutcomesError> {
-        let mut client = postgres::Client::connect(url, postgres::NoTls)
-            .map_err(|e| OutcomesError(format!("--database-url: {e}")))?;
-        client.batch_execute(SCHEMA_POSTGRES)?;
+        Self::on(Db::connect(url)?, window)
+    }
+
+    fn on(db: Db, window: u64) -> Result<Self, OutcomesError> {
+        db.migrate("outcomes", MIGRATIONS)?;
         Ok(Self {
-            store: Store::Postgres(Mutex::new(client)),
+            db,
             window: window.max(1),
             retention: None,
             pruned_ms: std::sync::atomic::AtomicI64::new(0),
@@ -320,35 +287,21 @@ impl Outcomes {
             .store(now, std::sync::atomic::Ordering::Relaxed);
         let cutoff_ms = now - retention.as_millis() as i64;
         let cutoff = crate::clock::rfc3339(cutoff_ms.div_euclid(1000), 0);
-        Ok(match &self.store {
-            Store::Sqlite(c) => {
-                let mut c = lock(c);
-                let tx = c.transaction()?;
-                let n = tx.execute("DELETE FROM feedback WHERE received_ms < ?1", [cutoff_ms])?
-                    + tx.execute("DELETE FROM answers WHERE time < ?1", [&cutoff])?;
-                tx.commit()?;
-                crate::sqlite_file::empty_wal(&c)?;
-                n
-            }
-            Store::Postgres(c) => {
-                let mut c = lock(c);
-                let mut tx = c.transaction()?;
-                let n = tx.execute(
-                    "DELETE FROM cxr_feedback WHERE received_ms < $1",
-                    &[&cutoff_ms],
-                )? + tx.execute("DELETE FROM cxr_answers WHERE time < $1", &[&cutoff])?;
-                tx.commit()?;
-                n as usize
-            }
-        })
+        let n = self.db.transaction(|t| {
+            Ok::<_, StoreError>(
+                t.execute(
+                    "DELETE FROM cxr_feedback WHERE received_ms < ?1",
+                    params![cutoff_ms],
+                )? + t.execute("DELETE FROM cxr_answers WHERE time < ?1", params![&cutoff])?,
+            )
+        })?;
+        self.db.empty_wal()?;
+        Ok(n)
     }
 
     /// Which database holds it.
     pub fn kind(&self) -> &'static str {
-        match self.store {
-            Store::Sqlite(_) => "sqlite",
-            Store::Postgres(_) => "postgresql",
-        }
+        self.db.kind()
     }
 
     /// Records the answered images of one request (refusals are not outcomes).
@@ -364,56 +317,29 @@ impl Outcomes {
         if self.retention.is_some() && since >= PRUNE_EVERY.as_millis() as i64 {
             self.prune()?;
         }
-        match &self.store {
-            Store::Sqlite(c) => {
-                let mut c = lock(c);
-                let tx = c.transaction()?;
-                for r in rows {
-                    tx.execute(
-                        "INSERT OR IGNORE INTO answers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                        rusqlite::params![
-                            r.request_id,
-                            r.image_index as i64,
-                            r.time,
-                            r.model,
-                            r.model_version,
-                            r.model_sha256,
-                            r.threshold,
-                            r.threshold_source,
-                            r.label.clone().unwrap_or_default(),
-                            r.p_pneumonia.map_or(f64::NAN, f64::from),
-                            r.ood_score,
-                            r.sop_instance_uid,
-                        ],
-                    )?;
-                }
-                tx.commit()?;
+        self.db.transaction(|t| {
+            for r in rows {
+                t.execute(
+                    "INSERT INTO cxr_answers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                     ON CONFLICT DO NOTHING",
+                    params![
+                        &r.request_id,
+                        r.image_index as i64,
+                        &r.time,
+                        &r.model,
+                        &r.model_version,
+                        &r.model_sha256,
+                        r.threshold,
+                        &r.threshold_source,
+                        r.label.clone().unwrap_or_default(),
+                        r.p_pneumonia.map_or(f64::NAN, f64::from),
+                        r.ood_score,
+                        r.sop_instance_uid.as_deref(),
+                    ],
+                )?;
             }
-            Store::Postgres(c) => {
-                let mut c = lock(c);
-                let mut tx = c.transaction()?;
-                for r in rows {
-                    tx.execute(
-                        "INSERT INTO cxr_answers VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING",
-                        &[
-                            &r.request_id,
-                            &(r.image_index as i64),
-                            &r.time,
-                            &r.model,
-                            &r.model_version,
-                            &r.model_sha256,
-                            &r.threshold,
-                            &r.threshold_source,
-                            &r.label.clone().unwrap_or_default(),
-                            &r.p_pneumonia.map_or(f64::NAN, f64::from),
-                            &r.ood_score,
-                            &r.sop_instance_uid,
-                        ],
-                    )?;
-                }
-                tx.commit()?;
-            }
-        }
+            Ok::<_, StoreError>(())
+        })?;
         Ok(())
     }
 
@@ -427,31 +353,17 @@ impl Outcomes {
         sop_instance_uid: &str,
         model: Option<&str>,
     ) -> Result<Option<Answered>, FindRefusal> {
-        const SQL: &str =
-            "SELECT {} FROM {} WHERE sop_instance_uid = {} ORDER BY time DESC LIMIT 1000";
-        let sql = |table: &str, p: &str| {
-            SQL.replacen("{}", ANSWERED_COLUMNS, 1)
-                .replacen("{}", table, 1)
-                .replacen("{}", p, 1)
-        };
-        let all: Vec<Answered> = match &self.store {
-            Store::Sqlite(c) => {
-                let c = lock(c);
-                let mut st = c
-                    .prepare(&sql("answers", "?1"))
-                    .map_err(OutcomesError::from)?;
-                st.query_map([sop_instance_uid], answered_sqlite)
-                    .map_err(OutcomesError::from)?
-                    .collect::<Result<_, _>>()
-                    .map_err(OutcomesError::from)?
-            }
-            Store::Postgres(c) => lock(c)
-                .query(&sql("cxr_answers", "$1"), &[&sop_instance_uid])
-                .map_err(OutcomesError::from)?
-                .iter()
-                .map(answered_postgres)
-                .collect(),
-        };
+        let all: Vec<Answered> = self
+            .db
+            .query(
+                &format!(
+                    "SELECT {ANSWERED_COLUMNS} FROM cxr_answers WHERE sop_instance_uid = ?1
+                     ORDER BY time DESC LIMIT 1000"
+                ),
+                params![sop_instance_uid],
+            )
+            .and_then(|rows| rows.iter().map(answered).collect())
+            .map_err(OutcomesError::from)?;
         let mut of_model: Vec<Answered> = all
             .into_iter()
             .filter(|a| model.is_none_or(|m| a.model == m))
@@ -474,40 +386,19 @@ impl Outcomes {
         image_index: i64,
         sop_instance_uid: Option<&str>,
     ) -> Result<Option<Answered>, OutcomesError> {
-        let (sql_lite, sql_pg, key) = match (request_id, sop_instance_uid) {
-            (Some(id), _) => (
-                format!(
-                    "SELECT {ANSWERED_COLUMNS} FROM answers WHERE request_id = ?1 AND image_index = ?2"
-                ),
-                format!(
-                    "SELECT {ANSWERED_COLUMNS} FROM cxr_answers WHERE request_id = $1 AND image_index = $2"
-                ),
-                id,
-            ),
+        let (filter, key) = match (request_id, sop_instance_uid) {
+            (Some(id), _) => ("request_id = ?1 AND image_index = ?2", id),
             (None, Some(uid)) => (
-                format!(
-                    "SELECT {ANSWERED_COLUMNS} FROM answers WHERE sop_instance_uid = ?1 AND ?2 >= 0 ORDER BY time DESC LIMIT 1"
-                ),
-                format!(
-                    "SELECT {ANSWERED_COLUMNS} FROM cxr_answers WHERE sop_instance_uid = $1 AND $2 >= 0 ORDER BY time DESC LIMIT 1"
-                ),
+                "sop_instance_uid = ?1 AND ?2 >= 0 ORDER BY time DESC LIMIT 1",
                 uid,
             ),
             (None, None) => return Ok(None),
         };
-        Ok(match &self.store {
-            Store::Sqlite(c) => lock(c)
-                .query_row(
-                    &sql_lite,
-                    rusqlite::params![key, image_index],
-                    answered_sqlite,
-                )
-                .optional()?,
-            Store::Postgres(c) => lock(c)
-                .query_opt(&sql_pg, &[&key, &image_index])?
-                .as_ref()
-                .map(answered_postgres),
-        })
+        let row = self.db.query_opt(
+            &format!("SELECT {ANSWERED_COLUMNS} FROM cxr_answers WHERE {filter}"),
+            params![key, image_index],
+        )?;
+        Ok(row.as_ref().map(answered).transpose()?)
     }
 
     /// Records the confirmed `label` of an answered image: once; the same label
@@ -520,40 +411,27 @@ impl Outcomes {
         caller: &str,
     ) -> Result<Recorded, FeedbackRefusal> {
         let (id, idx) = (&answered.request_id, answered.image_index);
-        let existing: Option<String> = match &self.store {
-            Store::Sqlite(c) => {
-                let c = lock(c);
-                let inserted = c.execute(
-                    "INSERT OR IGNORE INTO feedback (request_id, image_index, label, caller, received_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    rusqlite::params![id, idx, label, caller, now_ms()],
-                ).map_err(OutcomesError::from)?;
+        // None: newly recorded; else the label recorded before (if any).
+        let before = self
+            .db
+            .with(|t| -> Result<Option<Option<String>>, StoreError> {
+                let inserted = t.execute(
+                    "INSERT INTO cxr_feedback (request_id, image_index, label, caller, received_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                    params![id, idx, label, caller, now_ms()],
+                )?;
                 if inserted == 1 {
-                    return Ok(Recorded::New);
+                    return Ok(None);
                 }
-                c.query_row(
-                    "SELECT label FROM feedback WHERE request_id = ?1 AND image_index = ?2",
-                    rusqlite::params![id, idx],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(OutcomesError::from)?
-            }
-            Store::Postgres(c) => {
-                let mut c = lock(c);
-                let inserted = c.execute(
-                    "INSERT INTO cxr_feedback (request_id, image_index, label, caller, received_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    &[id, &idx, &label, &caller, &now_ms()],
-                ).map_err(OutcomesError::from)?;
-                if inserted == 1 {
-                    return Ok(Recorded::New);
-                }
-                c.query_opt(
-                    "SELECT label FROM cxr_feedback WHERE request_id = $1 AND image_index = $2",
-                    &[id, &idx],
-                )
-                .map_err(OutcomesError::from)?
-                .map(|r| r.get(0))
-            }
+                let row = t.query_opt(
+                    "SELECT label FROM cxr_feedback WHERE request_id = ?1 AND image_index = ?2",
+                    params![id, idx],
+                )?;
+                Ok(Some(row.map(|r| r.get(0)).transpose()?))
+            })
+            .map_err(OutcomesError::from)?;
+        let Some(existing) = before else {
+            return Ok(Recorded::New);
         };
         match existing {
             Some(l) if l == label => Ok(Recorded::Again),
@@ -568,32 +446,15 @@ impl Outcomes {
     /// recent confirmed answers, answered label against confirmed label.
     pub fn confusion(&self, sha256: &str) -> Result<Confusion, OutcomesError> {
         let window = self.window as i64;
-        let pairs: Vec<(String, String)> = match &self.store {
-            Store::Sqlite(c) => {
-                let c = lock(c);
-                let mut st = c.prepare(
-                    "SELECT a.label, f.label FROM feedback f JOIN answers a \
-                     ON a.request_id = f.request_id AND a.image_index = f.image_index \
-                     WHERE a.model_sha256 = ?1 ORDER BY f.id DESC LIMIT ?2",
-                )?;
-                st.query_map(rusqlite::params![sha256, window], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
-                .collect::<Result<_, _>>()?
-            }
-            Store::Postgres(c) => lock(c)
-                .query(
-                    "SELECT a.label, f.label FROM cxr_feedback f JOIN cxr_answers a \
-                     ON a.request_id = f.request_id AND a.image_index = f.image_index \
-                     WHERE a.model_sha256 = $1 ORDER BY f.id DESC LIMIT $2",
-                    &[&sha256, &window],
-                )?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect(),
-        };
+        let rows = self.db.query(
+            "SELECT a.label, f.label FROM cxr_feedback f JOIN cxr_answers a \
+             ON a.request_id = f.request_id AND a.image_index = f.image_index \
+             WHERE a.model_sha256 = ?1 ORDER BY f.id DESC LIMIT ?2",
+            params![sha256, window],
+        )?;
         let mut c = Confusion::default();
-        for (answered, confirmed) in pairs {
+        for r in rows {
+            let (answered, confirmed): (String, String) = (r.get(0)?, r.get(1)?);
             c.add(confirmed == "PNEUMONIA", answered == "PNEUMONIA");
         }
         Ok(c)
@@ -705,5 +566,45 @@ mod tests {
         assert!(
             !LiveOutcomes::of(Confusion::default(), 500, Some(("card", 0.9))).sensitivity_alarm
         );
+    }
+
+    #[test]
+    fn stores_made_before_the_versions_open_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        // The outcomes as the code before versioned migrations made them.
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE answers (
+                request_id TEXT NOT NULL, image_index INTEGER NOT NULL, time TEXT NOT NULL,
+                model TEXT NOT NULL, model_version TEXT NOT NULL, model_sha256 TEXT NOT NULL,
+                threshold REAL NOT NULL, threshold_source TEXT NOT NULL, label TEXT NOT NULL,
+                p_pneumonia REAL NOT NULL, ood_score REAL, sop_instance_uid TEXT,
+                PRIMARY KEY (request_id, image_index));
+            CREATE INDEX answers_sop ON answers (sop_instance_uid);
+            CREATE INDEX answers_model ON answers (model_sha256);
+            CREATE INDEX answers_time ON answers (time);
+            CREATE TABLE feedback (
+                id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, image_index INTEGER NOT NULL,
+                label TEXT NOT NULL, caller TEXT NOT NULL, received_ms INTEGER NOT NULL,
+                UNIQUE (request_id, image_index));
+            INSERT INTO answers VALUES ('r1', 0, '2026-01-01T00:00:00Z', 'm', '1', 'aa', 0.5,
+                'card', 'PNEUMONIA', 0.75, NULL, '1.2.3');
+            INSERT INTO feedback (request_id, image_index, label, caller, received_ms)
+                VALUES ('r1', 0, 'NORMAL', 'rad', 1);",
+        )
+        .unwrap();
+        drop(c);
+        let o = Outcomes::open(&path, 10).unwrap();
+        let a = o.find(None, 0, Some("1.2.3")).unwrap().unwrap();
+        assert_eq!((a.request_id.as_str(), a.p_pneumonia), ("r1", 0.75));
+        assert_eq!(
+            o.confirm(&a, "PNEUMONIA", "rad"),
+            Err(FeedbackRefusal::Conflict("NORMAL".into()))
+        );
+        assert_eq!(o.confusion("aa").unwrap().fp, 1);
+        drop(o);
+        let db = Db::open(&path, Durability::Normal).unwrap();
+        assert_eq!(db.version("outcomes").unwrap(), MIGRATIONS.len());
     }
 }

@@ -223,7 +223,8 @@ fn answers_and_confirmations_past_the_retention_go_and_the_store_is_private_and_
         assert_eq!(mode, 0o600, "outcomes.sqlite{suffix}");
     }
     // The first answer and its confirmation are 100 days old; the index is gone
-    // (a database made before it).
+    // (a database made before it, so before the migrations were versioned: no
+    // `migrations` table either).
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute(
         "UPDATE answers SET time = '2000-01-01T00:00:00.000Z' WHERE request_id = ?1",
@@ -235,7 +236,7 @@ fn answers_and_confirmations_past_the_retention_go_and_the_store_is_private_and_
         [&ids[0]],
     )
     .unwrap();
-    conn.execute_batch("DROP INDEX IF EXISTS answers_model")
+    conn.execute_batch("DROP INDEX IF EXISTS answers_model; DROP TABLE migrations")
         .unwrap();
     drop(conn);
     let mut again = common::Server::start(models.path(), &args);

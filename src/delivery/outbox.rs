@@ -15,29 +15,28 @@
 //! than the retention.
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 use std::time::SystemTime;
 use std::time::UNIX_EPOCH;
 
-use rusqlite::OptionalExtension;
 use serde::Serialize;
 use utoipa::ToSchema;
+
+use crate::params;
+use crate::store::Db;
+use crate::store::Durability;
+use crate::store::Row;
+use crate::store::Step;
+use crate::store::StoreError;
 
 crate::message_error!(
     /// Why the outbox could not be read or written.
     OutboxError
 );
 
-impl From<rusqlite::Error> for OutboxError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self(format!("outbox (SQLite): {e}"))
-    }
-}
-
-impl From<postgres::Error> for OutboxError {
-    fn from(e: postgres::Error) -> Self {
-        Self(format!("outbox (PostgreSQL): {e}"))
+impl From<StoreError> for OutboxError {
+    fn from(e: StoreError) -> Self {
+        Self(format!("outbox {e}"))
     }
 }
 
@@ -153,16 +152,10 @@ impl Policy {
     }
 }
 
-/// Where the rows are.
-enum Store {
-    Sqlite(Mutex<rusqlite::Connection>),
-    Postgres(Mutex<postgres::Client>),
-}
-
 /// The outbox. Its calls block (a database round trip): make them from blocking
 /// threads, never from an async task.
 pub struct Outbox {
-    store: Store,
+    db: Db,
     policy: Policy,
 }
 
@@ -183,7 +176,12 @@ fn rfc3339(ms: i64) -> String {
     crate::clock::rfc3339(ms.div_euclid(1000), ms.rem_euclid(1000) as u32)
 }
 
-const SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS outbox (
+/// The outbox's migrations, in order ([`crate::store`]): its first schema, then the
+/// columns added since (an outbox made before the versions were kept gained them at
+/// open, so they are added only where missing).
+const MIGRATIONS: &[Step] = &[
+    Step::Each {
+        sqlite: "CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
     destination TEXT NOT NULL,
     sop_instance_uid TEXT NOT NULL,
@@ -200,15 +198,8 @@ const SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at);
-CREATE INDEX IF NOT EXISTS outbox_source ON outbox (source_key);";
-
-/// Columns added since the first schema (an existing outbox gains them at open).
-const ADDED_COLUMNS: [(&str, &str); 2] = [
-    ("refusals", "INTEGER NOT NULL DEFAULT 0"),
-    ("dead_at", "BIGINT"),
-];
-
-const SCHEMA_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS cxr_outbox (
+CREATE INDEX IF NOT EXISTS outbox_source ON outbox (source_key);",
+        postgres: "CREATE TABLE IF NOT EXISTS cxr_outbox (
     id BIGSERIAL PRIMARY KEY,
     destination TEXT NOT NULL,
     sop_instance_uid TEXT NOT NULL,
@@ -225,12 +216,24 @@ const SCHEMA_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS cxr_outbox (
     UNIQUE (destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS cxr_outbox_due ON cxr_outbox (state, next_at);
-CREATE INDEX IF NOT EXISTS cxr_outbox_source ON cxr_outbox (source_key);";
+CREATE INDEX IF NOT EXISTS cxr_outbox_source ON cxr_outbox (source_key);",
+    },
+    Step::AddColumn {
+        table: "cxr_outbox",
+        column: "refusals",
+        decl: "INTEGER NOT NULL DEFAULT 0",
+    },
+    Step::AddColumn {
+        table: "cxr_outbox",
+        column: "dead_at",
+        decl: "BIGINT",
+    },
+];
 
 const ITEM_COLUMNS: &str =
     "id, destination, sop_instance_uid, payload, attempts, refusals, created_at, kind";
 
-fn item_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
+fn item(r: &Row) -> Result<Item, StoreError> {
     Ok(Item {
         id: r.get(0)?,
         destination: r.get(1)?,
@@ -243,77 +246,40 @@ fn item_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
     })
 }
 
-fn item_postgres(r: &postgres::Row) -> Item {
-    Item {
-        id: r.get(0),
-        destination: r.get(1),
-        sop_instance_uid: r.get(2),
-        payload: r.get(3),
-        attempts: r.get::<_, i32>(4) as u32,
-        refusals: r.get::<_, i32>(5) as u32,
-        created_at: r.get(6),
-        kind: r.get(7),
-    }
-}
-
 impl Outbox {
     /// Opens (or creates) the outbox in the SQLite file at `path` (owner-only,
     /// `secure_delete` on: see [`crate::sqlite_file`]).
     pub fn open(path: &Path, policy: Policy) -> Result<Self, OutboxError> {
-        let conn = crate::sqlite_file::open_private(path)
-            .map_err(|e| OutboxError(format!("outbox {e}")))?;
         // WAL with full sync: a row is on disk before the C-STORE is answered.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA_SQLITE)?;
-        let has: Vec<String> = conn
-            .prepare("SELECT name FROM pragma_table_info('outbox')")?
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        for (name, ty) in ADDED_COLUMNS {
-            if !has.iter().any(|h| h == name) {
-                conn.execute_batch(&format!("ALTER TABLE outbox ADD COLUMN {name} {ty}"))?;
-            }
-        }
+        let db = Db::open(path, Durability::Full)?;
+        db.migrate("outbox", MIGRATIONS)?;
         // One replica owns an SQLite outbox: what a previous run of it was sending
         // when it stopped is due again now.
-        conn.execute(
-            "UPDATE outbox SET claimed_until = NULL WHERE claimed_until IS NOT NULL",
-            [],
+        db.execute(
+            "UPDATE cxr_outbox SET claimed_until = NULL WHERE claimed_until IS NOT NULL",
+            &[],
         )?;
-        let o = Self {
-            store: Store::Sqlite(Mutex::new(conn)),
-            policy,
-        };
-        o.prune()?;
-        Ok(o)
+        Self::on(db, policy)
     }
 
     /// Opens (or creates) the outbox in the PostgreSQL database at `url`
     /// (`postgres://user:password@host:port/db`; TLS is not supported: use a local
     /// connection or a sidecar).
     pub fn connect(url: &str, policy: Policy) -> Result<Self, OutboxError> {
-        let mut client = postgres::Client::connect(url, postgres::NoTls)
-            .map_err(|e| OutboxError(format!("--database-url: {e}")))?;
-        client.batch_execute(SCHEMA_POSTGRES)?;
-        for (name, ty) in ADDED_COLUMNS {
-            client.batch_execute(&format!(
-                "ALTER TABLE cxr_outbox ADD COLUMN IF NOT EXISTS {name} {ty}"
-            ))?;
-        }
-        let o = Self {
-            store: Store::Postgres(Mutex::new(client)),
-            policy,
-        };
+        let db = Db::connect(url)?;
+        db.migrate("outbox", MIGRATIONS)?;
+        Self::on(db, policy)
+    }
+
+    fn on(db: Db, policy: Policy) -> Result<Self, OutboxError> {
+        let o = Self { db, policy };
         o.prune()?;
         Ok(o)
     }
 
     /// Which database holds it.
     pub fn kind(&self) -> &'static str {
-        match self.store {
-            Store::Sqlite(_) => "sqlite",
-            Store::Postgres(_) => "postgresql",
-        }
+        self.db.kind()
     }
 
     /// How it treats its objects.
@@ -324,22 +290,13 @@ impl Outbox {
     /// Whether results of `source_key` (a source image analysed by a model file)
     /// were already queued or sent.
     pub fn has_source(&self, source_key: &str) -> Result<bool, OutboxError> {
-        Ok(match &self.store {
-            Store::Sqlite(c) => lock(c)
-                .query_row(
-                    "SELECT 1 FROM outbox WHERE source_key = ?1 LIMIT 1",
-                    [source_key],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some(),
-            Store::Postgres(c) => lock(c)
-                .query_opt(
-                    "SELECT 1 FROM cxr_outbox WHERE source_key = $1 LIMIT 1",
-                    &[&source_key],
-                )?
-                .is_some(),
-        })
+        Ok(self
+            .db
+            .query_opt(
+                "SELECT 1 FROM cxr_outbox WHERE source_key = ?1 LIMIT 1",
+                params![source_key],
+            )?
+            .is_some())
     }
 
     /// Adds the result objects of one source for every destination, all or none
@@ -369,62 +326,29 @@ impl Outbox {
     /// outbox is full (dead letters do not count). Returns how many rows were added.
     pub fn queue(&self, source_key: &str, entries: &[Entry]) -> Result<usize, OutboxError> {
         let capacity = self.policy.capacity;
-        let full = |waiting: i64| {
-            (waiting as usize + entries.len() > capacity).then(|| {
-                OutboxError(format!(
-                    "the outbox holds its limit of {capacity} result objects waiting to be sent"
-                ))
-            })
-        };
         let now = now_ms();
-        let mut added = 0;
-        match &self.store {
-            Store::Sqlite(c) => {
-                let mut c = lock(c);
-                let tx = c.transaction()?;
-                let waiting: i64 = tx.query_row(
-                    "SELECT COUNT(*) FROM outbox WHERE state = 'pending'",
-                    [],
-                    |r| r.get(0),
+        self.db.transaction(|t| {
+            let waiting: i64 = t
+                .query("SELECT COUNT(*) FROM cxr_outbox WHERE state = 'pending'", &[])?
+                .first()
+                .map_or(Ok(0), |r| r.get(0))?;
+            if waiting as usize + entries.len() > capacity {
+                return Err(OutboxError(format!(
+                    "the outbox holds its limit of {capacity} result objects waiting to be sent"
+                )));
+            }
+            let mut added = 0;
+            for e in entries {
+                added += t.execute(
+                    "INSERT INTO cxr_outbox
+                     (destination, sop_instance_uid, source_key, kind, payload, state, next_at, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)
+                     ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
+                    params![&e.destination, &e.uid, source_key, &e.kind, &e.payload, now],
                 )?;
-                if let Some(e) = full(waiting) {
-                    return Err(e);
-                }
-                for e in entries {
-                    added += tx.execute(
-                        "INSERT OR IGNORE INTO outbox
-                         (destination, sop_instance_uid, source_key, kind, payload, state, next_at, created_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
-                        rusqlite::params![e.destination, e.uid, source_key, e.kind, e.payload, now],
-                    )?;
-                }
-                tx.commit()?;
             }
-            Store::Postgres(c) => {
-                let mut c = lock(c);
-                let mut tx = c.transaction()?;
-                let waiting: i64 = tx
-                    .query_one(
-                        "SELECT COUNT(*) FROM cxr_outbox WHERE state = 'pending'",
-                        &[],
-                    )?
-                    .get(0);
-                if let Some(e) = full(waiting) {
-                    return Err(e);
-                }
-                for e in entries {
-                    added += tx.execute(
-                        "INSERT INTO cxr_outbox
-                         (destination, sop_instance_uid, source_key, kind, payload, state, next_at, created_at)
-                         VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)
-                         ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
-                        &[&e.destination, &e.uid, &source_key, &e.kind, &e.payload, &now],
-                    )? as usize;
-                }
-                tx.commit()?;
-            }
-        }
-        Ok(added)
+            Ok(added)
+        })
     }
 
     /// Claims up to `limit` objects due now, oldest first: they are this sender's
@@ -434,45 +358,27 @@ impl Outbox {
     pub fn due(&self, limit: usize) -> Result<Vec<Item>, OutboxError> {
         let now = now_ms();
         let until = now + CLAIM.as_millis() as i64;
-        match &self.store {
-            Store::Sqlite(c) => {
-                let mut c = lock(c);
-                let tx = c.transaction()?;
-                let items = {
-                    let mut st = tx.prepare(&format!(
-                        "SELECT {ITEM_COLUMNS} FROM outbox
-                         WHERE state = 'pending' AND next_at <= ?1
-                           AND (claimed_until IS NULL OR claimed_until <= ?1)
-                         ORDER BY next_at, id LIMIT ?2"
-                    ))?;
-                    let rows = st.query_map(rusqlite::params![now, limit as i64], item_sqlite)?;
-                    rows.collect::<Result<Vec<_>, _>>()?
-                };
-                for i in &items {
-                    tx.execute(
-                        "UPDATE outbox SET claimed_until = ?2 WHERE id = ?1",
-                        rusqlite::params![i.id, until],
-                    )?;
-                }
-                tx.commit()?;
-                Ok(items)
-            }
-            Store::Postgres(c) => {
-                let rows = lock(c).query(
-                    &format!(
-                        "UPDATE cxr_outbox SET claimed_until = $3 WHERE id IN (
-                         SELECT id FROM cxr_outbox WHERE state = 'pending' AND next_at <= $1
-                           AND (claimed_until IS NULL OR claimed_until <= $1)
-                         ORDER BY next_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
-                     RETURNING {ITEM_COLUMNS}"
-                    ),
-                    &[&now, &(limit as i64), &until],
+        Ok(self.db.transaction(|t| {
+            let sql = format!(
+                "SELECT {ITEM_COLUMNS} FROM cxr_outbox
+                 WHERE state = 'pending' AND next_at <= ?1
+                   AND (claimed_until IS NULL OR claimed_until <= ?1)
+                 ORDER BY next_at, id LIMIT ?2{}",
+                t.skip_locked()
+            );
+            let items = t
+                .query(&sql, params![now, limit as i64])?
+                .iter()
+                .map(item)
+                .collect::<Result<Vec<_>, _>>()?;
+            for i in &items {
+                t.execute(
+                    "UPDATE cxr_outbox SET claimed_until = ?2 WHERE id = ?1",
+                    params![i.id, until],
                 )?;
-                let mut items: Vec<Item> = rows.iter().map(item_postgres).collect();
-                items.sort_by_key(|i| i.id);
-                Ok(items)
             }
-        }
+            Ok::<_, StoreError>(items)
+        })?)
     }
 
     /// Extends the claim on `ids` (still pending and claimed) to [`CLAIM`] from now:
@@ -480,96 +386,59 @@ impl Outbox {
     /// are not taken (and sent again) by another replica.
     pub fn renew(&self, ids: &[i64]) -> Result<(), OutboxError> {
         let until = now_ms() + CLAIM.as_millis() as i64;
-        match &self.store {
-            Store::Sqlite(c) => {
-                let mut c = lock(c);
-                let tx = c.transaction()?;
-                for id in ids {
-                    tx.execute(
-                        "UPDATE outbox SET claimed_until = ?2
-                         WHERE id = ?1 AND state = 'pending' AND claimed_until IS NOT NULL",
-                        rusqlite::params![id, until],
-                    )?;
-                }
-                tx.commit()?;
-            }
-            Store::Postgres(c) => {
-                lock(c).execute(
-                    "UPDATE cxr_outbox SET claimed_until = $2
-                     WHERE id = ANY($1) AND state = 'pending' AND claimed_until IS NOT NULL",
-                    &[&ids, &until],
-                )?;
-            }
-        }
-        Ok(())
+        self.each(
+            ids,
+            "UPDATE cxr_outbox SET claimed_until = ?2
+             WHERE id = ?1 AND state = 'pending' AND claimed_until IS NOT NULL",
+            until,
+        )
     }
 
     /// Gives claimed objects back untried (no attempt counted): due again after
     /// `after`.
     pub fn release(&self, ids: &[i64], after: Duration) -> Result<(), OutboxError> {
         let next = now_ms() + after.as_millis() as i64;
-        match &self.store {
-            Store::Sqlite(c) => {
-                let mut c = lock(c);
-                let tx = c.transaction()?;
-                for id in ids {
-                    tx.execute(
-                        "UPDATE outbox SET claimed_until = NULL, next_at = MAX(next_at, ?2)
-                         WHERE id = ?1 AND state = 'pending'",
-                        rusqlite::params![id, next],
-                    )?;
-                }
-                tx.commit()?;
+        self.each(
+            ids,
+            "UPDATE cxr_outbox SET claimed_until = NULL,
+                 next_at = CASE WHEN next_at > ?2 THEN next_at ELSE ?2 END
+             WHERE id = ?1 AND state = 'pending'",
+            next,
+        )
+    }
+
+    /// Runs `sql` (`?1` the row, `?2` the time) for each of `ids`, in one transaction.
+    fn each(&self, ids: &[i64], sql: &str, time: i64) -> Result<(), OutboxError> {
+        Ok(self.db.transaction(|t| {
+            for id in ids {
+                t.execute(sql, params![*id, time])?;
             }
-            Store::Postgres(c) => {
-                lock(c).execute(
-                    "UPDATE cxr_outbox SET claimed_until = NULL, next_at = GREATEST(next_at, $2)
-                     WHERE id = ANY($1) AND state = 'pending'",
-                    &[&ids, &next],
-                )?;
-            }
-        }
-        Ok(())
+            Ok::<_, StoreError>(())
+        })?)
     }
 
     /// When the next pending object falls due (none: nothing waits).
     pub fn next_due_in(&self) -> Result<Option<Duration>, OutboxError> {
-        let next: Option<i64> = match &self.store {
-            Store::Sqlite(c) => lock(c).query_row(
-                "SELECT MIN(MAX(next_at, COALESCE(claimed_until, 0))) FROM outbox WHERE state = 'pending'",
-                [],
-                |r| r.get(0),
-            )?,
-            Store::Postgres(c) => lock(c)
-                .query_one(
-                    "SELECT MIN(GREATEST(next_at, COALESCE(claimed_until, 0))) FROM cxr_outbox WHERE state = 'pending'",
-                    &[],
-                )?
-                .get(0),
-        };
+        let next: Option<i64> = self
+            .db
+            .query_opt(
+                "SELECT MIN(CASE WHEN claimed_until > next_at THEN claimed_until ELSE next_at END)
+                 FROM cxr_outbox WHERE state = 'pending'",
+                &[],
+            )?
+            .map_or(Ok(None), |r| r.get(0))?;
         Ok(next.map(|t| Duration::from_millis((t - now_ms()).max(0) as u64)))
     }
 
     /// Marks an object sent: its payload is dropped (overwritten in an SQLite file:
     /// `secure_delete`), its row kept as the record until the retention passes.
     pub fn sent(&self, id: i64) -> Result<(), OutboxError> {
-        let now = now_ms();
-        match &self.store {
-            Store::Sqlite(c) => {
-                lock(c).execute(
-                    "UPDATE outbox SET state = 'sent', payload = NULL, sent_at = ?2, last_error = NULL, claimed_until = NULL
-                     WHERE id = ?1",
-                    rusqlite::params![id, now],
-                )?;
-            }
-            Store::Postgres(c) => {
-                lock(c).execute(
-                    "UPDATE cxr_outbox SET state = 'sent', payload = NULL, sent_at = $2, last_error = NULL, claimed_until = NULL
-                     WHERE id = $1",
-                    &[&id, &now],
-                )?;
-            }
-        }
+        self.db.execute(
+            "UPDATE cxr_outbox SET state = 'sent', payload = NULL, sent_at = ?2, last_error = NULL,
+                 claimed_until = NULL
+             WHERE id = ?1",
+            params![id, now_ms()],
+        )?;
         Ok(())
     }
 
@@ -593,23 +462,12 @@ impl Outbox {
         } else {
             ("pending", None)
         };
-        let refusals = refusals as i32;
-        match &self.store {
-            Store::Sqlite(c) => {
-                lock(c).execute(
-                    "UPDATE outbox SET attempts = attempts + 1, refusals = ?2, next_at = ?3, last_error = ?4,
-                     claimed_until = NULL, state = ?5, dead_at = ?6 WHERE id = ?1",
-                    rusqlite::params![item.id, refusals, next, error, state, dead_at],
-                )?;
-            }
-            Store::Postgres(c) => {
-                lock(c).execute(
-                    "UPDATE cxr_outbox SET attempts = attempts + 1, refusals = $2, next_at = $3, last_error = $4,
-                     claimed_until = NULL, state = $5, dead_at = $6 WHERE id = $1",
-                    &[&item.id, &refusals, &next, &error, &state, &dead_at],
-                )?;
-            }
-        }
+        self.db.execute(
+            "UPDATE cxr_outbox SET attempts = attempts + 1, refusals = ?2, next_at = ?3,
+                 last_error = ?4, claimed_until = NULL, state = ?5, dead_at = ?6
+             WHERE id = ?1",
+            params![item.id, refusals, next, error, state, dead_at],
+        )?;
         Ok(if dead {
             Settled::Dead
         } else {
@@ -628,70 +486,38 @@ impl Outbox {
     }
 
     fn count_by_destination(&self, state: &str) -> Result<Vec<(String, i64)>, OutboxError> {
-        const SQL: &str = "SELECT destination, COUNT(*) FROM {} WHERE state = {} GROUP BY destination ORDER BY destination";
-        let sql = |table: &str, param: &str| SQL.replacen("{}", table, 1).replacen("{}", param, 1);
-        Ok(match &self.store {
-            Store::Sqlite(c) => {
-                let c = lock(c);
-                let mut st = c.prepare(&sql("outbox", "?1"))?;
-                let rows = st.query_map([state], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect::<Result<_, _>>()?
-            }
-            Store::Postgres(c) => lock(c)
-                .query(&sql("cxr_outbox", "$1"), &[&state])?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect(),
-        })
+        let rows = self.db.query(
+            "SELECT destination, COUNT(*) FROM cxr_outbox WHERE state = ?1
+             GROUP BY destination ORDER BY destination",
+            params![state],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?)))
+            .collect::<Result<_, StoreError>>()?)
     }
 
     /// The dead letters, the most recent first, at most `limit`.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
-        const SQL: &str = "SELECT destination, sop_instance_uid, kind, attempts, COALESCE(last_error, ''), created_at, dead_at
-             FROM {} WHERE state = 'dead' ORDER BY dead_at DESC, id DESC LIMIT ";
-        let limit = limit as i64;
-        let letter = |d, u, k, a: i32, e, c: i64, x: Option<i64>| DeadLetter {
-            destination: d,
-            sop_instance_uid: u,
-            kind: k,
-            attempts: a as u32,
-            last_error: e,
-            created_at: rfc3339(c),
-            dead_at: rfc3339(x.unwrap_or(c)),
+        let rows = self.db.query(
+            "SELECT destination, sop_instance_uid, kind, attempts, COALESCE(last_error, ''),
+                 created_at, dead_at
+             FROM cxr_outbox WHERE state = 'dead' ORDER BY dead_at DESC, id DESC LIMIT ?1",
+            params![limit as i64],
+        )?;
+        let letter = |r: &Row| -> Result<DeadLetter, StoreError> {
+            let created: i64 = r.get(5)?;
+            Ok(DeadLetter {
+                destination: r.get(0)?,
+                sop_instance_uid: r.get(1)?,
+                kind: r.get(2)?,
+                attempts: r.get(3)?,
+                last_error: r.get(4)?,
+                created_at: rfc3339(created),
+                dead_at: rfc3339(r.get::<Option<i64>>(6)?.unwrap_or(created)),
+            })
         };
-        Ok(match &self.store {
-            Store::Sqlite(c) => {
-                let c = lock(c);
-                let mut st = c.prepare(&format!("{}?1", SQL.replace("{}", "outbox")))?;
-                let rows = st.query_map([limit], |r| {
-                    Ok(letter(
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                    ))
-                })?;
-                rows.collect::<Result<_, _>>()?
-            }
-            Store::Postgres(c) => lock(c)
-                .query(&format!("{}$1", SQL.replace("{}", "cxr_outbox")), &[&limit])?
-                .iter()
-                .map(|r| {
-                    letter(
-                        r.get(0),
-                        r.get(1),
-                        r.get(2),
-                        r.get(3),
-                        r.get(4),
-                        r.get(5),
-                        r.get(6),
-                    )
-                })
-                .collect(),
-        })
+        Ok(rows.iter().map(letter).collect::<Result<_, _>>()?)
     }
 
     /// Deletes the records of sent objects and the dead letters older than the
@@ -702,16 +528,11 @@ impl Outbox {
             return Ok(0);
         };
         let cutoff = now_ms() - retention.as_millis() as i64;
-        let n = match &self.store {
-            Store::Sqlite(c) => lock(c).execute(
-                "DELETE FROM outbox WHERE (state = 'sent' AND sent_at < ?1) OR (state = 'dead' AND dead_at < ?1)",
-                [cutoff],
-            )?,
-            Store::Postgres(c) => lock(c).execute(
-                "DELETE FROM cxr_outbox WHERE (state = 'sent' AND sent_at < $1) OR (state = 'dead' AND dead_at < $1)",
-                &[&cutoff],
-            )? as usize,
-        };
+        let n = self.db.execute(
+            "DELETE FROM cxr_outbox
+             WHERE (state = 'sent' AND sent_at < ?1) OR (state = 'dead' AND dead_at < ?1)",
+            params![cutoff],
+        )?;
         self.compact()?;
         Ok(n)
     }
@@ -720,15 +541,8 @@ impl Outbox {
     /// payloads `secure_delete` overwrote), so that no old frame keeps a sent
     /// payload on disk; nothing for PostgreSQL.
     pub fn compact(&self) -> Result<(), OutboxError> {
-        if let Store::Sqlite(c) = &self.store {
-            crate::sqlite_file::empty_wal(&lock(c))?;
-        }
-        Ok(())
+        Ok(self.db.empty_wal()?)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The outbox's contract, for the tests of every database (SQLite here,
@@ -737,10 +551,62 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub mod contract {
     use std::time::Duration;
 
+    use super::Db;
     use super::Failure;
+    use super::MIGRATIONS;
     use super::Outbox;
     use super::Policy;
     use super::Settled;
+    use crate::params;
+
+    /// An outbox as the code before versioned migrations left it in `db`: its first
+    /// schema (with the columns it added at open when `added`), no version, one row
+    /// due.
+    pub fn unversioned(db: &Db, added: bool) {
+        let forget = || {
+            db.version("outbox").unwrap();
+            db.execute("DELETE FROM cxr_migrations WHERE store = 'outbox'", &[])
+                .unwrap();
+        };
+        db.execute("DROP TABLE IF EXISTS cxr_outbox", &[]).unwrap();
+        forget();
+        let steps = if added { MIGRATIONS } else { &MIGRATIONS[..1] };
+        db.migrate("outbox", steps).unwrap();
+        forget();
+        db.execute(
+            "INSERT INTO cxr_outbox (destination, sop_instance_uid, source_key, kind, payload,
+                 state, next_at, created_at)
+             VALUES ('PACS', '1.2.3', 'k', 'sr', ?1, 'pending', 0, 1)",
+            params![&vec![1u8, 2]],
+        )
+        .unwrap();
+        assert_eq!(db.version("outbox").unwrap(), 0);
+    }
+
+    /// Outboxes made before the versions ([`unversioned`], with and without the
+    /// added columns) open migrated, their rows kept: `db` and `open` open the same
+    /// database.
+    pub fn migrates(db: impl Fn() -> Db, open: impl Fn() -> Outbox) {
+        for added in [false, true] {
+            unversioned(&db(), added);
+            let o = open();
+            assert!(o.has_source("k").unwrap());
+            let due = o.due(10).unwrap();
+            assert_eq!((due.len(), due[0].payload.as_slice()), (1, &[1u8, 2][..]));
+            // The added columns are there (a refusal is counted).
+            assert_eq!(
+                o.fail(&due[0], Failure::Refused, "no").unwrap(),
+                Settled::Retry(Duration::from_secs(1))
+            );
+            drop(o);
+            assert_eq!(db().version("outbox").unwrap(), MIGRATIONS.len());
+            // Opened again: nothing to migrate, the row still there.
+            let o = open();
+            assert_eq!(o.depth().unwrap(), vec![("PACS".to_string(), 1)]);
+            std::thread::sleep(Duration::from_millis(1100));
+            assert_eq!(o.due(10).unwrap()[0].refusals, 1);
+        }
+    }
 
     /// The policy [`exercise`] expects: `capacity`, 2 refusals, 3 s of failures.
     pub fn policy(capacity: usize) -> Policy {
@@ -868,5 +734,15 @@ mod tests {
         exercise(o, || {
             Outbox::open(&dir.path().join("o.sqlite"), policy(10)).unwrap()
         });
+    }
+
+    #[test]
+    fn outboxes_made_before_the_versions_open_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        contract::migrates(
+            || Db::open(&path, Durability::Full).unwrap(),
+            || Outbox::open(&path, policy(10)).unwrap(),
+        );
     }
 }

@@ -825,6 +825,46 @@ fn the_outbox_contract_holds_on_postgresql() {
     contract::exercise(open(), open);
 }
 
+/// An outbox made in PostgreSQL before the migrations were versioned (its first
+/// schema, with and without the columns added since) opens migrated, its rows kept
+/// ([`cxr::delivery::outbox::contract::migrates`], run on SQLite by the unit tests).
+#[test]
+fn an_unversioned_outbox_opens_migrated_on_postgresql() {
+    use cxr::delivery::outbox::{Outbox, contract};
+    let pg = Postgres::start();
+    contract::migrates(
+        || cxr::store::Db::connect(&pg.url).unwrap(),
+        || Outbox::connect(&pg.url, contract::policy(10)).unwrap(),
+    );
+}
+
+/// Rows another replica is claiming (its transaction open, the rows locked) are
+/// skipped by a claim meanwhile, not claimed twice (PostgreSQL's `FOR UPDATE SKIP
+/// LOCKED`, from the store layer).
+#[test]
+fn a_claim_skips_the_rows_another_replica_is_claiming_on_postgresql() {
+    use cxr::delivery::outbox::{Outbox, contract};
+    use cxr::store::{Db, StoreError};
+    let pg = Postgres::start();
+    let o = Outbox::connect(&pg.url, contract::policy(10)).unwrap();
+    let objs = vec![("sr", "1.2.3".to_string(), vec![1u8])];
+    assert_eq!(o.add("k", &objs, &["PACS".to_string()]).unwrap(), 1);
+    let other = Db::connect(&pg.url).unwrap();
+    other
+        .transaction(|t| {
+            let sql = format!(
+                "SELECT id FROM cxr_outbox WHERE state = 'pending'{}",
+                t.skip_locked()
+            );
+            assert_eq!(t.query(&sql, &[])?.len(), 1);
+            assert!(o.due(10).unwrap().is_empty());
+            Ok::<_, StoreError>(())
+        })
+        .unwrap();
+    // Its transaction over (nothing claimed): due.
+    assert_eq!(o.due(10).unwrap().len(), 1);
+}
+
 const ADMIN_KEY: &str = "admin-key-for-the-outbox";
 const READER_KEY: &str = "reader-key-for-the-outbox";
 
