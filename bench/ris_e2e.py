@@ -282,6 +282,7 @@ def one_film(i, ds, fhir, record, ae):
         if tags.get("AccessionNumber") != acc:
             problems.append(f"{tags.get('Modality')} accession {tags.get('AccessionNumber')}")
     seen["stored"] = stored
+    seen["model"] = next((x["value"] for m in oru for x in m["fields"]["obx"] if x["code"][0] == "cxr-model"), "?")
     return seen, problems
 
 
@@ -319,6 +320,7 @@ def main():
     print(f"### C-STORE through Orthanc to SR + SC in Orthanc, ORU at the RIS, DiagnosticReport on the FHIR server ({len(rows)} films)\n")
     print(f"- command: `.venv/bin/python bench/ris_e2e.py --films {A.films}` (cxr-serve `{os.path.relpath(A.bin, ROOT)}`, `--models-dir {os.path.relpath(A.models, ROOT)}`)")
     print(f"- CPU: {cpu_line()}")
+    print(f"- model (the ORUs' OBX cxr-model): {', '.join(sorted({r['model'] for r in rows}))}")
     print(f"- to the last of the four: p50 {ms(pct(last, 0.5))}, p95 {ms(pct(last, 0.95))}, max {ms(max(last))}")
     print("\n| leg | median | p95 |\n|---|---|---|")
     for k, name in (("stored", "C-STORE to Orthanc answered"), ("sr", "SR in Orthanc"), ("sc", "SC in Orthanc"),
