@@ -984,11 +984,7 @@ impl NoSrScp {
             .stderr(Stdio::null())
             .spawn()
             .expect("storescp");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "storescp did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        ris::wait_port(port, "storescp", 10);
         Self { child, port, out }
     }
 

@@ -34,15 +34,17 @@ pub fn mllp_listener(port: u16, record: &Path) -> Killed {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("python listener.py (scripts/setup.sh --test installs hl7 and hl7apy)");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_port(port, "the MLLP listener", 20);
+    Killed(child)
+}
+
+/// Waits (up to `secs`) until something listens on `port`.
+pub fn wait_port(port: u16, what: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the MLLP listener did not listen"
-        );
+        assert!(Instant::now() < deadline, "{what} did not listen");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Killed(child)
 }
 
 /// The FHIR server (no token) and its address (`127.0.0.1:PORT`).
