@@ -83,15 +83,18 @@ FROM pip AS openvino-cpu
 ARG OPENVINO_VERSION
 # OpenVINO, the second CPU backend (--backend openvino|auto), from its PyPI wheel as
 # scripts/setup.sh installs it: the C library and what it loads for ONNX files on the
-# CPU (the core, the CPU plugin, the ONNX front end, TBB), nothing else.
+# CPU (the core, the CPU plugin, the ONNX front end, TBB), and the IR front end, with
+# which OpenVINO reads its compiled-model cache back (CXR_OPENVINO_CACHE_DIR; without
+# it every entry fails to load and every start compiles again: issue 45), nothing
+# else. tests/openvino.rs runs the binary on exactly this list.
 RUN python3 -m pip download --no-deps --only-binary=:all: --python-version 311 \
         --platform manylinux_2_28_x86_64 --dest /wheels "openvino==${OPENVINO_VERSION}" \
     && python3 -m zipfile -e /wheels/openvino-${OPENVINO_VERSION}-*.whl /wheel \
     && mkdir -p /out \
     && libs=/wheel/openvino/libs \
     && cp "$libs"/libopenvino_c.so.* "$libs"/libopenvino.so.* "$libs"/libopenvino_intel_cpu_plugin.so \
-        "$libs"/libopenvino_onnx_frontend.so.* "$libs"/libtbb.so.12 "$libs"/libtbbbind_2_5.so.3 \
-        "$libs"/libhwloc.so.15 /out/ \
+        "$libs"/libopenvino_onnx_frontend.so.* "$libs"/libopenvino_ir_frontend.so.* \
+        "$libs"/libtbb.so.12 "$libs"/libtbbbind_2_5.so.3 "$libs"/libhwloc.so.15 /out/ \
     && c=$(basename /out/libopenvino_c.so.*) && ln -s "$c" /out/libopenvino_c.so
 
 # ----------------------------------------------------------------- runtime, CUDA
@@ -136,6 +139,10 @@ COPY --from=build /cxr-serve /usr/local/bin/cxr-serve
 COPY --from=ort-cpu /out/ /opt/cxr/lib/
 COPY --from=openvino-cpu /out/ /opt/cxr/openvino/
 COPY models/ /opt/cxr/models/
+# Only signed models answer: each version's OMS bundle (models/<name>.sig, by
+# scripts/sign-models.sh) verified at start against the committed public key
+# (docs/security.md); a deployment that rotates signers mounts its own file here.
+COPY deploy/signing/ /opt/cxr/signing/
 # The CPU image serves each model on the backend the deployment's decision names,
 # measured once per model file and CPU and kept in CXR_BACKEND_DECISION (with
 # OpenVINO's compiled models beside it; docs/performance.md); CXR_BACKEND=ort keeps
@@ -146,6 +153,8 @@ ENV CXR_HOST=0.0.0.0 \
     CXR_DEVICE=cpu \
     CXR_BACKEND=auto \
     CXR_BACKEND_DECISION=/var/lib/cxr/backend/backend.decision.json \
+    CXR_TRUSTED_SIGNERS=/opt/cxr/signing/trusted-signers.toml \
+    CXR_REQUIRE_SIGNED_MODELS=true \
     OPENVINO_LIB=/opt/cxr/openvino/libopenvino_c.so \
     CXR_LOG_FORMAT=json \
     ORT_DYLIB_PATH=/opt/cxr/lib/libonnxruntime.so.${ORT_VERSION} \

@@ -21,6 +21,12 @@ answered as before: the second threshold changes nothing below the first.
     python3 bench/ood_verdicts.py --radiographs docs/site-example/site-report.json \\
         target/stressed-report/site-report.json --ood-set target/oodset-report/site-report.json \\
         [--write-cards models]
+
+With --write-cards each card's `ood` entry gets `refuse_threshold`, `refuse_rule` and
+`ood_set_refused` (the OOD set's share not answered: input gates and score together,
+as bench/ood.py measures it against the server); an INT8 copy's card that has no
+`ood_set` description takes its FP32 source's. bench/ood_int8.sh runs the whole fit
+for the INT8 copies.
 """
 import argparse, json, os
 
@@ -89,6 +95,17 @@ def main():
             card = json.load(open(path))
             card["ood"]["refuse_threshold"] = outer
             card["ood"]["refuse_rule"] = rule
+            # What bench/ood.py measures against the served model (--ood-action
+            # refuse): the share of the OOD set not answered, gates and score together.
+            card["ood"]["ood_set_refused"] = (gated + after) / total
+            if "ood_set" not in card["ood"]:
+                # An INT8 copy: the set is its FP32 source's (bench/ood_set.py).
+                src = (card.get("quantization") or {}).get("source_model")
+                src_card = os.path.join(a.write_cards, f"{src}.json") if src else None
+                if src_card and os.path.exists(src_card):
+                    desc = json.load(open(src_card)).get("ood", {}).get("ood_set")
+                    if desc:
+                        card["ood"]["ood_set"] = desc
             with open(path, "w") as f:
                 json.dump(card, f, indent=2, ensure_ascii=False)
                 f.write("\n")

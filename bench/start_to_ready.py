@@ -7,7 +7,8 @@
 - `auto-warm`: `--backend auto` with the decision and the cache the cold start left
   (the decision read, OpenVINO's models loaded from its cache).
 
-Each round runs the three in that order on a fresh state folder (the warm start uses
+Each start also prints the CPU seconds cxr-serve spent until ready (user + system,
+every thread), which a shared machine's load hardly moves. Each round runs the three in that order on a fresh state folder (the warm start uses
 the cold start's state), `--runs` rounds; the table gives each run and the median.
 `throughput` then compares the served rate of one model with the decision measured at
 this start against the same decision read from the file (closed loop, 8 clients,
@@ -20,9 +21,14 @@ alternating, `--runs` rounds each).
     .venv/bin/python bench/start_to_ready.py throughput [--model weighted-int8]
 
 The image runs as deploy/ runs it: non-root, read-only root, `/tmp` on tmpfs, the
-decision and cache on a volume at /var/lib/cxr/backend (a host folder here).
+decision and cache on a volume at /var/lib/cxr/backend (a host folder here), with
+deploy/deployment.yaml's threads and backend settings (`CXR_INTRA_THREADS`,
+`CXR_DECODE_THREADS`, `CXR_DEVICE`, `CXR_BACKEND_DECISION`, `CXR_OPENVINO_CACHE_DIR`):
+the warm start is a replica starting on the volume another replica (another
+container, another host name) filled. Every warm start must have loaded each
+OpenVINO model's compiled models from the cache (`live.openvino_from_cache`).
 """
-import argparse, json, os, shutil, signal, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 import urllib.error, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +38,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 WAYS = ["ort", "auto-cold", "auto-warm"]
 VOLUME = "/var/lib/cxr/backend"
+DEPLOY_ENV = ["CXR_DEVICE", "CXR_INTRA_THREADS", "CXR_DECODE_THREADS", "CXR_BACKEND_DECISION",
+              "CXR_OPENVINO_CACHE_DIR"]
+
+
+def deploy_env():
+    """DEPLOY_ENV's values in deploy/deployment.yaml (`- {name: X, value: Y}`)."""
+    text = open(os.path.join(ROOT, "deploy", "deployment.yaml")).read()
+    found = dict(re.findall(r'-\s*\{name:\s*(CXR_[A-Z_]+),\s*value:\s*"?([^"}]*?)"?\s*\}', text))
+    env = {k: found[k] for k in DEPLOY_ENV if k in found}
+    missing = set(DEPLOY_ENV) - set(env)
+    if missing:
+        raise RuntimeError(f"deploy/deployment.yaml sets no {sorted(missing)}")
+    for k in ["CXR_BACKEND_DECISION", "CXR_OPENVINO_CACHE_DIR"]:
+        if not env[k].startswith(VOLUME + "/"):
+            raise RuntimeError(f"{k}={env[k]} is not on the backend volume {VOLUME}")
+    return env
 
 
 def ready(port):
@@ -71,6 +93,7 @@ class Binary:
         self.t0 = time.time()
         self.p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.seconds = wait_ready(self.port, lambda: self.p.poll() is None, self.t0)
+        self.cpu = cpu_seconds(open(f"/proc/{self.p.pid}/stat").read())
 
     def stop(self):
         self.p.send_signal(signal.SIGTERM)
@@ -84,10 +107,9 @@ class Image:
         self.port = serving.free_port()
         self.name = f"cxr-ready-{os.getpid()}-{time.time_ns()}"
         backend = "ort" if way == "ort" else "auto"
+        env = [x for k, v in deploy_env().items() for x in ("-e", f"{k}={v}")]
         cmd = ["podman", "run", "-d", "--name", self.name, "--read-only", "--tmpfs", "/tmp",
-               "-v", f"{state}:{VOLUME}", "-e", f"CXR_BACKEND={backend}",
-               "-e", f"CXR_BACKEND_DECISION={VOLUME}/backend.decision.json",
-               "-e", f"CXR_OPENVINO_CACHE_DIR={VOLUME}/openvino-cache",
+               "-v", f"{state}:{VOLUME}", "-e", f"CXR_BACKEND={backend}", *env,
                "-p", f"127.0.0.1:{self.port}:8080", a.image]
         self.t0 = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -98,16 +120,31 @@ class Image:
             return out.stdout.strip() == "true"
 
         self.seconds = wait_ready(self.port, alive, self.t0)
+        stat = subprocess.run(["podman", "exec", self.name, "cat", "/proc/1/stat"],
+                              capture_output=True, text=True, check=True).stdout
+        self.cpu = cpu_seconds(stat)
 
     def stop(self):
         subprocess.run(["podman", "rm", "-f", "-t", "20", self.name], stdout=subprocess.DEVNULL)
 
 
+def cpu_seconds(stat):
+    """CPU seconds (user + system, every thread) of a process, from its /proc stat
+    line: what the start cost, whatever else the machine ran meanwhile."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sources(port):
     """Each model's decision source (`measured`, `read`, or `-` without one) and the
-    backend serving it."""
+    backend serving it (`ov+cache`: OpenVINO, its compiled models loaded from the
+    cache)."""
+    def backend(live):
+        if live["execution_provider"] != "OpenVINO:CPU":
+            return "ort"
+        return "ov+cache" if live.get("openvino_from_cache") else "ov"
     return {m["card"]["name"]: ((m["live"].get("backend_decision") or {}).get("source", "-"),
-                                "ov" if m["live"]["execution_provider"] == "OpenVINO:CPU" else "ort")
+                                backend(m["live"]))
             for m in models(port)}
 
 
@@ -134,8 +171,11 @@ def start_to_ready(a, kind):
                 want = {"ort": {"-"}, "auto-cold": {"measured"}, "auto-warm": {"read"}}[way]
                 if {s for s, _ in src.values()} != want:
                     raise RuntimeError(f"{way}: decisions {src}, expected {want}")
+                if way == "auto-warm" and not a.allow_compile and any(b == "ov" for _, b in src.values()):
+                    raise RuntimeError(f"{way}: OpenVINO compiled again, its cache not used: {src}")
                 times[way].append(s.seconds)
-                print(f"round {r + 1}: {kind} {way}: {s.seconds:.2f} s  {src}", flush=True)
+                print(f"round {r + 1}: {kind} {way}: {s.seconds:.2f} s (CPU {s.cpu:.2f} s)  {src}",
+                      flush=True)
                 time.sleep(a.pause)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
@@ -188,6 +228,9 @@ def main():
         "ORT_DYLIB_PATH", os.path.join(ROOT, ".ort", "lib", "libonnxruntime.so")))
     ap.add_argument("--openvino-lib", default=os.environ.get(
         "OPENVINO_LIB", os.path.join(ROOT, ".openvino", "lib", "libopenvino_c.so")))
+    ap.add_argument("--allow-compile", action="store_true",
+                    help="a warm start that compiles OpenVINO's models again is shown (`ov`), "
+                         "not an error (to time an image from before the fix)")
     ap.add_argument("--model", default="weighted-int8")
     ap.add_argument("--n", type=int, default=120, help="requests per throughput measurement")
     a = ap.parse_args()

@@ -173,6 +173,8 @@ fn main() {
         model_backends: Default::default(),
         decision: Default::default(),
         site_card: None,
+        trusted_signers: None,
+        require_signed: false,
         batch: BatchConfig {
             max_batch: cxr::inference::CPU_MAX_BATCH,
             batch_wait: Duration::ZERO,

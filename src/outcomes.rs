@@ -621,6 +621,7 @@ mod tests {
             model: "m".into(),
             model_version: "1".into(),
             model_sha256: sha.into(),
+            model_signer: None,
             threshold: 0.5,
             threshold_source: "card".into(),
             site_card: None,

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::inference::{LoadConfig, LoadContext, LoadError, ModelSet, ServedModel};
-use crate::metrics::ServerMetrics;
+use crate::metrics::{ServedVersion, ServerMetrics};
 use crate::registry::{self, CardEntry};
 
 /// The cell the core answers from, shared with the repository that fills it.
@@ -732,7 +732,19 @@ impl Repository {
             .iter()
             .map(|m| (m.card.name.clone(), m.card.version.clone()))
             .collect();
-        self.metrics.set_model_versions(&set);
+        self.metrics
+            .set_model_versions(set.every_version().map(|m| {
+                ServedVersion {
+                    name: &m.card.name,
+                    version: &m.card.version,
+                    role: set.role(m),
+                    backend: m.provider.as_str(),
+                    decision: m
+                        .backend_decision
+                        .as_ref()
+                        .map_or("asked", |d| d.source.as_str()),
+                }
+            }));
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(set));
         Ok(chosen)
     }

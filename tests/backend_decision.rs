@@ -17,6 +17,11 @@ fn replica(models: &Path, state: &Path) -> common::Server {
 
 /// [`replica`] with OpenVINO's compiled-model cache in `cache`.
 fn replica_cached(models: &Path, state: &Path, cache: &Path) -> common::Server {
+    replica_env(models, state, cache, &[])
+}
+
+/// [`replica_cached`] with `env` set for the process (e.g. `OPENVINO_LIB`).
+fn replica_env(models: &Path, state: &Path, cache: &Path, env: &[(&str, &Path)]) -> common::Server {
     let file = decision_file(state);
     let args: [&std::ffi::OsStr; 6] = [
         "--backend".as_ref(),
@@ -26,7 +31,7 @@ fn replica_cached(models: &Path, state: &Path, cache: &Path) -> common::Server {
         "--openvino-cache-dir".as_ref(),
         cache.as_os_str(),
     ];
-    let mut s = common::Server::start(models, &args);
+    let mut s = common::Server::start_env(models, &args, "addr", env);
     s.discard_logs();
     s
 }
@@ -75,6 +80,25 @@ fn entry_of<'a>(file: &'a mut Value, model: &str) -> &'a mut Value {
         .rev()
         .find(|e| e["model"] == model)
         .unwrap_or_else(|| panic!("no entry for {model}"))
+}
+
+/// Makes `model`'s entry name `backend` (ONNX Runtime the incumbent), with figures
+/// that choose it (twice as fast).
+fn name_backend(file: &mut Value, model: &str, backend: &str) {
+    let (ort, ov) = if backend == "openvino" {
+        (10.0, 5.0)
+    } else {
+        (5.0, 10.0)
+    };
+    let e = entry_of(file, model);
+    e["backend"] = backend.into();
+    e["incumbent"] = "ort".into();
+    for k in ["ort_batch1_ms", "ort_per_image_ms"] {
+        e["figures"][k] = ort.into();
+    }
+    for k in ["openvino_batch1_ms", "openvino_per_image_ms"] {
+        e["figures"][k] = ov.into();
+    }
 }
 
 /// The warnings in a replica's start-up log: (message, reason).
@@ -191,17 +215,8 @@ fn replicas_sharing_a_decision_take_it_and_answer_alike() {
     // one compiles OpenVINO's model afresh (an empty cache), the other loads it
     // from the cache, and they answer alike to the bit.
     let mut f = written.clone();
-    for (m, backend, ort, ov) in [("alpha", "openvino", 10.0, 5.0), ("beta", "ort", 5.0, 10.0)] {
-        let e = entry_of(&mut f, m);
-        e["backend"] = backend.into();
-        e["incumbent"] = "ort".into();
-        for k in ["ort_batch1_ms", "ort_per_image_ms"] {
-            e["figures"][k] = ort.into();
-        }
-        for k in ["openvino_batch1_ms", "openvino_per_image_ms"] {
-            e["figures"][k] = ov.into();
-        }
-    }
+    name_backend(&mut f, "alpha", "openvino");
+    name_backend(&mut f, "beta", "ort");
     write_file(state.path(), &f);
     let (c, d) = (
         replica_cached(
@@ -217,6 +232,17 @@ fn replicas_sharing_a_decision_take_it_and_answer_alike() {
             assert_eq!(source(&l), "read", "{l}");
             assert_eq!(l["execution_provider"], provider, "{l}");
         }
+        // Compiled where the cache was empty, loaded where it was filled; nothing
+        // to say for ONNX Runtime.
+        let cached = |r: &common::Server| live(r, m)["openvino_from_cache"].clone();
+        let want = |b: bool| {
+            if m == "alpha" {
+                Value::Bool(b)
+            } else {
+                Value::Null
+            }
+        };
+        assert_eq!((cached(&c), cached(&d)), (want(false), want(true)), "{m}");
         for png in films() {
             assert_eq!(
                 probabilities(&c, m, &png),
@@ -457,4 +483,75 @@ fn replicas_racing_at_first_start_end_with_one_decision() {
             );
         }
     }
+}
+
+/// A replica that reads a decision naming OpenVINO but cannot read OpenVINO's cache
+/// (here the CPU image's libraries without the IR front end, as the image shipped
+/// them before issue 45's fix: every start compiled again) serves, and says so with
+/// the cause; with the image's libraries as they are, it loads the compiled model
+/// from the cache another replica filled, and says nothing.
+#[test]
+fn a_cache_that_is_not_read_is_said_with_its_cause() {
+    let models = common::models_dir();
+    let state = tempfile::tempdir().unwrap();
+    drop(replica(models.path(), state.path()));
+    let mut f = read_file(state.path());
+    name_backend(&mut f, "alpha", "openvino");
+    write_file(state.path(), &f);
+    let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let lib = common::image_openvino_libs(&work.path().join("lib"));
+    let cache = state.path().join("ov-cache");
+    let start = || {
+        replica_env(
+            models.path(),
+            state.path(),
+            &cache,
+            &[("OPENVINO_LIB", &lib)],
+        )
+    };
+    let compiled_again = |s: &common::Server| -> Vec<String> {
+        s.startup
+            .iter()
+            .filter(|v| v["level"] == "WARN")
+            .filter(|v| {
+                v["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("OpenVINO compiled the model again"))
+            })
+            .map(|v| v["fields"]["reason"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+
+    let good = start();
+    let l = live(&good, "alpha");
+    assert_eq!(
+        (source(&l), &l["execution_provider"]),
+        ("read", &"OpenVINO:CPU".into()),
+        "{l}"
+    );
+    assert_eq!(l["openvino_from_cache"], true, "{l}");
+    assert_eq!(compiled_again(&good), Vec::<String>::new());
+    drop(good);
+
+    for e in std::fs::read_dir(lib.parent().unwrap())
+        .unwrap()
+        .map(Result::unwrap)
+    {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with("libopenvino_ir_frontend")
+        {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let broken = start();
+    let l = live(&broken, "alpha");
+    assert_eq!(l["execution_provider"], "OpenVINO:CPU", "{l}");
+    assert_eq!(l["openvino_from_cache"], false, "{l}");
+    let reasons = compiled_again(&broken);
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].contains("libopenvino_ir_frontend"),
+        "{reasons:?}"
+    );
 }

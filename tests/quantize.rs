@@ -235,3 +235,52 @@ async fn an_int8_variant_is_served_by_name_and_says_so() {
     let (_, _, b) = send(&t.app, common::http::get("/models/alpha-int8")).await;
     assert_eq!(json(&b)["card"]["precision"], "int8");
 }
+
+/// An INT8 copy's card names `precision` and `quantization` after its `ood` entry
+/// (the card's field order). Refitting its OOD model (`cxr-train fit-ood` on the
+/// copy, bench/ood_int8.sh) replaces that entry in place and keeps them.
+#[test]
+fn a_new_ood_entry_on_an_int8_card_keeps_its_precision_and_quantization() {
+    let dir = common::models_dir();
+    let entry = common::ood_above_everything(dir.path(), "alpha", None);
+    let path = dir.path().join("alpha.json");
+    let mut card: cxr::registry::ModelCard =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    card.precision = cxr::model::int8::Precision::Int8;
+    card.quantization = Some(cxr::model::int8::QuantizationInfo {
+        scheme: "test".into(),
+        calibration_method: "test".into(),
+        calibration_set: "test".into(),
+        source_model: "alpha".into(),
+        source_sha256: card.onnx.sha256.clone(),
+        test_label_agreement: 1.0,
+        test_max_abs_probability_diff: 0.0,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&card).unwrap() + "\n").unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.find("\"ood\"").unwrap() < text.find("\"quantization\"").unwrap(),
+        "the fixture has ood before quantization"
+    );
+    let refit = cxr::ood_score::OodCard {
+        method: "refitted on this copy's embeddings".into(),
+        refuse_threshold: Some(1e12),
+        refuse_rule: Some("test".into()),
+        ..entry
+    };
+    cxr::registry::set_card_ood(&path, &refit).unwrap();
+    let after = cxr::registry::load_card(&path).unwrap().card;
+    assert_eq!(after.precision, cxr::model::int8::Precision::Int8);
+    assert_eq!(after.quantization, card.quantization);
+    let ood = after.ood.unwrap();
+    assert_eq!(ood.method, refit.method);
+    assert_eq!(ood.refuse_threshold, Some(1e12));
+    // Everything but the entry is the card's text as it was.
+    let text_after = std::fs::read_to_string(&path).unwrap();
+    let cut = |t: &str| {
+        let a = t.find(",\n  \"ood\": ").unwrap();
+        let b = a + 1 + t[a + 1..].find(",\n  \"").unwrap();
+        format!("{}{}", &t[..a], &t[b..])
+    };
+    assert_eq!(cut(&text), cut(&text_after));
+}

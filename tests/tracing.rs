@@ -276,6 +276,11 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
     }
     let inference = spans.iter().find(|s| s["name"] == "inference").unwrap();
     assert_eq!(attr(inference, "cxr.model").as_deref(), Some("alpha"));
+    // Who signed the model that answered (the test model is unsigned).
+    assert_eq!(
+        attr(inference, "cxr.model_signer").as_deref(),
+        Some("unsigned")
+    );
 
     // The audit record carries the trace.
     let record: Value = serde_json::from_str(

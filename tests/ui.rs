@@ -3,7 +3,9 @@
 //! the real binary on port 0 over writer-made tiny models. It uploads a PNG and a
 //! DICOM, checks every variant's label and confidence shown equal the API's answer to
 //! the same bytes, toggles the heatmap, checks the models tab against `/models`, and
-//! shows the API's message for a junk upload; with API keys on, the 401 first.
+//! shows the API's message for a junk upload; with API keys on, the 401 first. When
+//! the variants shown disagree on a film's label or verdict, the film's row opens
+//! with one sentence naming each; the models tab opens with the variants side by side.
 //! Screenshots go to `target/ui-shots/` (git-ignored). `scripts/setup.sh --test`
 //! installs chromium and the Node packages.
 
@@ -108,23 +110,72 @@ fn with_api_keys_the_page_shows_the_401_then_works_with_a_key() {
         format!("[[callers]]\nname = \"ui\"\nkey_sha256 = \"{hash}\"\nscopes = [\"predict\", \"models\"]\n"),
     )
     .unwrap();
-    let mut s = common::Server::start(
+    check_one_png(
         models.path(),
-        &[
-            "--min-image-side",
-            "16",
-            "--api-keys-file",
-            keys.to_str().unwrap(),
-        ],
+        &["--api-keys-file", keys.to_str().unwrap()],
+        "keys",
+        &["--key", key],
     );
+}
+
+/// Serves the variants in `models` (with `server_args`) and runs the page's check on
+/// one PNG film with `extra`; screenshots under `target/ui-shots/<shots>`.
+fn check_one_png(models: &Path, server_args: &[&str], shots: &str, extra: &[&str]) {
+    let args: Vec<&str> = ["--min-image-side", "16"]
+        .into_iter()
+        .chain(server_args.iter().copied())
+        .collect();
+    let mut s = common::Server::start(models, &args);
     s.discard_logs();
     s.wait_ready();
     let dir = tempfile::tempdir().unwrap();
     let (png, _, _) = inputs(dir.path());
     run_check(
         &s.addr,
-        &root().join("target/ui-shots/keys"),
+        &root().join("target/ui-shots").join(shots),
         &[&png],
-        &["--key", key],
+        extra,
     );
+}
+
+/// Serves the tiny variants `make` writes into a fresh folder and runs the page's
+/// check on one film, requiring that the variants disagree on it (then the models
+/// tab's, unless `predict_only`).
+fn check_disagreement(shots: &str, predict_only: bool, make: impl FnOnce(&Path)) {
+    let models = tempfile::tempdir().unwrap();
+    make(models.path());
+    check_one_png(
+        models.path(),
+        &[],
+        shots,
+        &[
+            "--expect-disagreement",
+            "yes",
+            "--shot-only",
+            if predict_only { "predict" } else { "all" },
+        ],
+    );
+}
+
+#[test]
+fn variants_that_disagree_are_named_at_the_top_of_the_films_row() {
+    // Three real variants that cannot agree on one film: `alpha` calls nearly
+    // everything PNEUMONIA (threshold 0.001), `beta` nearly everything NORMAL
+    // (threshold 0.999) and warns that every film is unlike its training films,
+    // `gamma` refuses every film as out of distribution.
+    check_disagreement("disagree", false, |d| {
+        common::write_tiny_model_at(d, "alpha", 1, 0.99, 0.70, 0.001);
+        common::write_tiny_model_at(d, "beta", 2, 0.90, 0.95, 0.999);
+        common::write_tiny_model_at(d, "gamma", 3, 0.90, 0.90, 0.5);
+        common::ood_above_everything(d, "beta", Some(1e12));
+        common::ood_above_everything(d, "gamma", None);
+    });
+    // The same label, two verdicts: `alpha` finds every film in distribution, `beta`
+    // warns of a distribution shift; both call it PNEUMONIA.
+    check_disagreement("disagree-verdict", true, |d| {
+        common::write_tiny_model_at(d, "alpha", 1, 0.99, 0.70, 0.001);
+        common::write_tiny_model_at(d, "beta", 2, 0.90, 0.95, 0.001);
+        common::ood_at(d, "alpha", 1e12, None);
+        common::ood_above_everything(d, "beta", Some(1e12));
+    });
 }

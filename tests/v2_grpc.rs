@@ -45,23 +45,17 @@ fn tritonclient_grpc_talks_to_the_real_server() {
 
     let work = tempfile::tempdir().unwrap();
     let (png_path, tensor_path, size) = common::interop_inputs(dir.path(), "beta", work.path());
-    let out = Command::new(&python)
-        .arg(root.join("tests/interop/tritonclient_grpc_check.py"))
-        .arg(&server.addr)
-        .arg(&grpc)
-        .arg(key)
-        .arg("beta")
-        .arg(&png_path)
-        .arg(&tensor_path)
-        .arg(size.to_string())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let text = common::succeeds(
+        Command::new(&python)
+            .arg(root.join("tests/interop/tritonclient_grpc_check.py"))
+            .arg(&server.addr)
+            .arg(&grpc)
+            .arg(key)
+            .arg("beta")
+            .arg(&png_path)
+            .arg(&tensor_path)
+            .arg(size.to_string()),
     );
-    assert!(out.status.success(), "{text}");
     assert!(text.contains("3 gRPC inferences agree"), "{text}");
     let metrics = common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1;
     assert!(
@@ -483,10 +477,11 @@ fn a_grpc_call_longer_than_the_idle_timeout_is_answered() {
     server.wait_ready();
     let png = dir.path().join("big.png");
     std::fs::write(&png, common::png_bytes(&common::gray_image(1600, 1300, 9))).unwrap();
-    let out = Command::new(root.join(".venv/bin/python"))
-        .arg("-c")
-        .arg(
-            r#"
+    let text = common::succeeds(
+        Command::new(root.join(".venv/bin/python"))
+            .arg("-c")
+            .arg(
+                r#"
 import sys, time, numpy as np, tritonclient.grpc as g
 c = g.InferenceServerClient(sys.argv[1])
 png = open(sys.argv[2], "rb").read()
@@ -496,17 +491,10 @@ t = time.monotonic()
 r = c.infer("alpha", [img])
 print("took", time.monotonic() - t, r.as_numpy("probabilities").shape)
 "#,
-        )
-        .arg(&grpc)
-        .arg(&png)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+            )
+            .arg(&grpc)
+            .arg(&png),
     );
-    assert!(out.status.success(), "{text}");
     let took: f64 = text
         .split_whitespace()
         .nth(1)
@@ -572,10 +560,11 @@ fn a_grpc_inference_holds_a_processing_slot_until_it_is_answered() {
     server.wait_ready();
     let png = dir.path().join("x.png");
     std::fs::write(&png, common::png_bytes(&common::gray_image(96, 80, 5))).unwrap();
-    let out = Command::new(root.join(".venv/bin/python"))
-        .arg("-c")
-        .arg(
-            r#"
+    let text = common::succeeds(
+        Command::new(root.join(".venv/bin/python"))
+            .arg("-c")
+            .arg(
+                r#"
 import sys, threading, time, numpy as np, tritonclient.grpc as g
 from tritonclient.utils import InferenceServerException
 png = open(sys.argv[2], "rb").read()
@@ -595,17 +584,10 @@ first.join()
 call()
 print("third: answered")
 "#,
-        )
-        .arg(&grpc)
-        .arg(&png)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+            )
+            .arg(&grpc)
+            .arg(&png),
     );
-    assert!(out.status.success(), "{text}");
     assert!(
         text.contains("second: StatusCode.RESOURCE_EXHAUSTED"),
         "{text}"
@@ -655,20 +637,14 @@ fn rest_and_grpc_answer_the_same_request_alike() {
     server.wait_ready();
     let work = tempfile::tempdir().unwrap();
     let (png_path, _, _) = common::interop_inputs(dir.path(), "beta", work.path());
-    let out = Command::new(&python)
-        .arg(root.join("tests/interop/tritonclient_parity.py"))
-        .arg(&server.addr)
-        .arg(&grpc)
-        .arg("beta")
-        .arg(&png_path)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let text = common::succeeds(
+        Command::new(&python)
+            .arg(root.join("tests/interop/tritonclient_parity.py"))
+            .arg(&server.addr)
+            .arg(&grpc)
+            .arg("beta")
+            .arg(&png_path),
     );
-    assert!(out.status.success(), "{text}");
     assert!(
         text.contains("4 requests answered alike over REST and gRPC"),
         "{text}"

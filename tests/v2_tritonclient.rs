@@ -28,20 +28,14 @@ fn tritonclient_talks_to_the_real_server() {
 
     let work = tempfile::tempdir().unwrap();
     let (png_path, tensor_path, size) = common::interop_inputs(dir.path(), "beta", work.path());
-    let out = Command::new(&python)
-        .arg(root.join("tests/interop/tritonclient_check.py"))
-        .arg(&addr)
-        .arg("beta")
-        .arg(&png_path)
-        .arg(&tensor_path)
-        .arg(size.to_string())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let text = common::succeeds(
+        Command::new(&python)
+            .arg(root.join("tests/interop/tritonclient_check.py"))
+            .arg(&addr)
+            .arg("beta")
+            .arg(&png_path)
+            .arg(&tensor_path)
+            .arg(size.to_string()),
     );
-    assert!(out.status.success(), "{text}");
     assert!(text.contains("8 inferences agree"), "{text}");
 }

@@ -137,9 +137,43 @@ struct RewriteArgs {
     ort_lib: Option<std::path::PathBuf>,
 }
 
+/// `cxr-train sign --key PEM [--models-dir DIR] [--model NAME[@VERSION]]...`: signs
+/// what was exported as OpenSSF Model Signing bundles (`<name>.sig` beside each card,
+/// verified by `cxr-serve --trusted-signers` and `model_signing verify key`); the
+/// same as `cxr-sign`, which needs no libtorch.
+#[derive(Debug, Parser)]
+#[command(name = "cxr-train sign")]
+struct SignArgs {
+    /// The signing key: PEM, ECDSA P-256 or P-384, PKCS#8 or SEC1, unencrypted.
+    #[arg(long, env = "CXR_SIGN_KEY")]
+    key: std::path::PathBuf,
+    /// The models folder.
+    #[arg(long, default_value = "models")]
+    models_dir: std::path::PathBuf,
+    /// Versions to sign, `NAME` or `NAME@VERSION` (default: every one).
+    #[arg(long = "model")]
+    models: Vec<String>,
+}
+
 /// The tools beside training (`rewrite-onnx`, `fit-ood`, `quantize`,
-/// `test-scores`): `Some` when the first argument named one and it ran.
+/// `test-scores`, `sign`): `Some` when the first argument named one and it ran.
 fn subcommand() -> anyhow::Result<Option<()>> {
+    if std::env::args().nth(1).as_deref() == Some("sign") {
+        let a = SignArgs::parse_from(std::env::args().skip(1));
+        let pem = std::fs::read_to_string(&a.key)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", a.key.display()))?;
+        let key = cxr::signing::PrivateKey::from_pem(&pem)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", a.key.display()))?;
+        for s in cxr::registry::sign_dir(&a.models_dir, &key, &a.models)? {
+            println!(
+                "{} signed: {} (root sha256:{})",
+                s.model,
+                s.bundle.display(),
+                s.root_digest
+            );
+        }
+        return Ok(Some(()));
+    }
     if std::env::args().nth(1).as_deref() == Some("rewrite-onnx") {
         let a = RewriteArgs::parse_from(std::env::args().skip(1));
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());

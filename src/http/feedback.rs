@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
-use crate::inference::ServedModel;
-use crate::outcomes::{Answered, FeedbackRefusal, FindRefusal, LiveOutcomes, Outcomes, Recorded};
+use crate::outcomes::{Answered, LiveOutcomes, Recorded};
+use crate::predict::feedback::Confirmation;
 use crate::predict::{ApiError, Asker, Core};
+use crate::registry::Label;
 
 /// A confirmed label.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -47,30 +48,6 @@ pub struct FeedbackAnswer {
     pub agreed: bool,
     /// The model's live figures now (its file's most recent confirmed answers).
     pub live: LiveOutcomes,
-}
-
-/// The lower 95 % bound of the sensitivity `m` is held to: its site card's, else
-/// its card's test split (Wilson, from the counts).
-pub(super) fn reference(m: &ServedModel) -> Option<(&'static str, f64)> {
-    if let Some(s) = m.site.as_ref().and_then(|s| s.model.sensitivity) {
-        return Some(("site", s.low));
-    }
-    let c = m.card.metrics.test.as_ref()?.confusion;
-    crate::eval::site::wilson(c.tp, c.tp + c.fn_).map(|i| ("card", i.low))
-}
-
-/// A model's live figures (blocking: a database query), and its gauges set.
-pub(super) fn live(
-    core: &Core,
-    store: &Outcomes,
-    m: &ServedModel,
-) -> Result<LiveOutcomes, ApiError> {
-    let c = store
-        .confusion(&m.card.onnx.sha256)
-        .map_err(|e| ApiError::Internal(e.0))?;
-    let l = LiveOutcomes::of(c, store.window(), reference(m));
-    core.metrics().set_live(&m.card.name, &l);
-    Ok(l)
 }
 
 /// Records the label a radiologist confirmed for an answered image (scope
@@ -139,7 +116,8 @@ pub(super) async fn feedback(
     r
 }
 
-/// The confirmation itself ([`feedback`] records it in the audit trail).
+/// The confirmation itself ([`feedback`] records it in the audit trail): the JSON
+/// read into the core's [`Confirmation`], answered by [`Core::confirm`].
 async fn confirm(
     state: &AppState,
     asker: Asker,
@@ -150,84 +128,35 @@ async fn confirm(
             "a feedback body is JSON with `request_id` (or `sop_instance_uid`) and `label`: {e}"
         ))
     })?;
-    let label = req.label.trim().to_ascii_uppercase();
-    if label != "NORMAL" && label != "PNEUMONIA" {
-        return Err(ApiError::BadRequest(format!(
-            "label `{}` is not NORMAL or PNEUMONIA",
-            req.label
-        )));
-    }
+    let label: Label = req.label.parse().map_err(|_| {
+        ApiError::BadRequest(format!("label `{}` is not NORMAL or PNEUMONIA", req.label))
+    })?;
     if req.request_id.is_none() && req.sop_instance_uid.is_none() {
         return Err(ApiError::BadRequest(
             "give the answer's `request_id` (and `image_index`) or the image's `sop_instance_uid`"
                 .into(),
         ));
     }
-    let core = state.core().clone();
-    let store = core.outcomes().cloned().ok_or_else(|| {
-        ApiError::NoRoute(
-            "POST /feedback: this server keeps no outcomes (start it with --outcomes FILE or --database-url)".into(),
-        )
-    })?;
-    if core.models().is_none() {
-        return Err(ApiError::NotReady);
-    }
-    let caller = asker.caller.0.clone();
-    tokio::task::spawn_blocking(move || {
-        let index = req.image_index.unwrap_or(0);
-        let found = match (&req.request_id, &req.sop_instance_uid) {
-            (None, Some(uid)) => match store.find_instance(uid, req.model.as_deref()) {
-                Ok(a) => a,
-                Err(FindRefusal::Ambiguous(models)) => {
-                    return Err(ApiError::FeedbackConflict(format!(
-                        "the image with SOP Instance UID `{uid}` was answered by several models ({}): name the one confirmed in `model`",
-                        models.join(", ")
-                    )));
-                }
-                Err(FindRefusal::Store(e)) => return Err(ApiError::Internal(e.0)),
-            },
-            _ => store
-                .find(req.request_id.as_deref(), index, None)
-                .map_err(|e| ApiError::Internal(e.0))?,
-        };
-        let answered = found
-            .ok_or_else(|| {
-                ApiError::UnknownRequest(match (&req.request_id, &req.sop_instance_uid) {
-                    (Some(id), _) => format!("no answered image {index} of request `{id}`"),
-                    (None, Some(uid)) => format!("no answered image with SOP Instance UID `{uid}`"),
-                    (None, None) => "no id".into(),
-                })
-            })?;
-        let status = match store.confirm(&answered, &label, &caller) {
-            Ok(Recorded::New) => "recorded",
-            Ok(Recorded::Again) => "already_recorded",
-            Err(FeedbackRefusal::Conflict(was)) => {
-                return Err(ApiError::FeedbackConflict(format!(
-                    "image {} of request `{}` was already confirmed as {was}; the first confirmation stands",
-                    answered.image_index, answered.request_id
-                )));
-            }
-            Err(FeedbackRefusal::Store(e)) => return Err(ApiError::Internal(e.0)),
-        };
-        let live = match core.models().and_then(|ms| ms.get(&answered.model).cloned()) {
-            Some(m) if m.card.onnx.sha256 == answered.model_sha256 => live(&core, &store, &m)?,
-            // A model file no longer served: its figures, without a reference.
-            _ => LiveOutcomes::of(
-                store
-                    .confusion(&answered.model_sha256)
-                    .map_err(|e| ApiError::Internal(e.0))?,
-                store.window(),
-                None,
-            ),
-        };
-        Ok(Json(FeedbackAnswer {
-            status: status.into(),
-            agreed: answered.label == label,
-            answered,
-            label,
-            live,
-        }))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
+    let c = Confirmation {
+        request_id: req.request_id,
+        image_index: req.image_index.unwrap_or(0),
+        sop_instance_uid: req.sop_instance_uid,
+        model: req.model,
+        label,
+    };
+    let core: Core = state.core().clone();
+    let done = tokio::task::spawn_blocking(move || core.confirm(&asker.caller, &c))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(FeedbackAnswer {
+        status: match done.recorded {
+            Recorded::New => "recorded",
+            Recorded::Again => "already_recorded",
+        }
+        .into(),
+        agreed: done.agreed,
+        answered: done.answered,
+        label: label.to_string(),
+        live: done.live,
+    }))
 }

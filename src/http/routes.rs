@@ -26,6 +26,12 @@ fn live_facts(m: &ServedModel) -> LiveFacts {
         cuda_fallback_reason: m.fallback_reason.clone(),
         backend_choice: m.backend_choice.clone(),
         backend_decision: m.backend_decision.clone(),
+        signed_by: m.provenance.signed_by().cloned(),
+        signature_warning: match &m.provenance {
+            crate::signing::Provenance::Signed(_) => None,
+            crate::signing::Provenance::Unverified(why) => Some(why.clone()),
+        },
+        openvino_from_cache: m.openvino_from_cache,
         load_time_ms: m.load_time_ms,
         requests_served: m.served(),
         queue_depth: m.queue_depth(),
@@ -109,10 +115,10 @@ pub(super) async fn get_model(
     // `NAME` (its default version) or `NAME@VERSION`.
     let m = models.select(Some(&name), None)?;
     let mut info = model_info(&models, m);
-    if let Some(store) = state.core().outcomes().cloned() {
+    if state.core().outcomes().is_some() {
         let (core, m) = (state.core().clone(), m.clone());
         info.live_outcomes = Some(
-            tokio::task::spawn_blocking(move || super::feedback::live(&core, &store, &m))
+            tokio::task::spawn_blocking(move || core.live_outcomes(&m))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))??,
         );

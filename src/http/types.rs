@@ -74,6 +74,17 @@ pub struct LiveFacts {
     /// (`source`: `measured` by this replica as it started, or `read` from `file`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_decision: Option<crate::inference::decision::BackendDecision>,
+    /// Who signed its files, verified before it loaded (`--trusted-signers`); null
+    /// when it loaded unsigned.
+    pub signed_by: Option<crate::signing::SignedBy>,
+    /// Why it loaded without a verified signature (`--require-signed-models` off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature_warning: Option<String>,
+    /// OpenVINO serving with its compiled-model cache (`--openvino-cache-dir`):
+    /// whether this start loaded its compiled models from the cache (`false`: they
+    /// were compiled, the first start on the cache, or a cache that is not read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openvino_from_cache: Option<bool>,
     /// Session creation and warm-up time, ms.
     pub load_time_ms: f64,
     /// Images answered since start.

@@ -75,6 +75,9 @@ pub struct ServedModel {
     /// With `--backend auto`: the deployment's decision it serves by, and whether it
     /// was measured now or read.
     pub backend_decision: Option<super::decision::BackendDecision>,
+    /// OpenVINO serving with its compiled-model cache (`--openvino-cache-dir`):
+    /// whether this start loaded its compiled models from there (`false`: compiled).
+    pub openvino_from_cache: Option<bool>,
     /// Milliseconds to create the session and warm it up.
     pub load_time_ms: f64,
     /// Its preprocessing.
@@ -91,6 +94,8 @@ pub struct ServedModel {
     /// What the site chose for it (`--site-card`): the threshold answers default to,
     /// and the out-of-distribution threshold when the site fitted one.
     pub site: Option<crate::registry::site::AppliedSite>,
+    /// Who signed its files (verified before it loaded), or why it loaded unsigned.
+    pub provenance: crate::signing::Provenance,
     served: AtomicU64,
     latencies_ms: Mutex<VecDeque<f64>>,
     /// Its agreement with the answers it shadowed (when run as a candidate).
@@ -538,6 +543,10 @@ pub struct LoadConfig {
     /// Where `auto`'s decision and OpenVINO's compiled models are kept
     /// (`--backend-decision`, `--openvino-cache-dir`).
     pub decision: super::decision::DecisionConfig,
+    /// The signers whose bundles are accepted (`--trusted-signers`).
+    pub trusted_signers: Option<PathBuf>,
+    /// Refuse a version without a verified signature (`--require-signed-models`).
+    pub require_signed: bool,
 }
 
 impl LoadConfig {
@@ -568,6 +577,9 @@ pub enum LoadError {
     /// The site card cannot be read or does not fit the served files.
     #[error(transparent)]
     SiteCard(#[from] crate::registry::site::SiteCardError),
+    /// The version's signature is missing, wrong or untrusted.
+    #[error(transparent)]
+    Signing(#[from] crate::signing::SigningError),
 }
 
 /// Loads every variant in `cfg.models_dir` (every version of each), warms each up,
@@ -613,6 +625,8 @@ pub struct LoadContext<'a> {
     cfg: &'a LoadConfig,
     env: &'static ort::environment::Environment,
     site_card: Option<crate::registry::site::SiteCard>,
+    /// The trusted signers (read again with each context: a rescan sees a rotation).
+    signing: crate::signing::Policy,
     /// The decision file, read when a model first needs it (`auto`).
     decisions: std::sync::OnceLock<Option<super::decision::DecisionStore>>,
     /// OpenVINO's compiled-model cache, checked writable when first needed.
@@ -635,6 +649,8 @@ struct Chosen {
     choice: Option<String>,
     /// The deployment's decision it serves by (`auto`).
     decision: Option<super::decision::BackendDecision>,
+    /// OpenVINO serving with its cache: whether its compiled models came from there.
+    from_cache: Option<bool>,
 }
 
 impl<'a> LoadContext<'a> {
@@ -649,11 +665,28 @@ impl<'a> LoadContext<'a> {
             threads: cfg.intra_threads,
             spinning: cfg.intra_spinning,
         });
+        let trusted = cfg
+            .trusted_signers
+            .as_deref()
+            .map(crate::signing::TrustedSigners::load)
+            .transpose()?
+            .map(Arc::new);
+        if cfg.require_signed && trusted.is_none() {
+            return Err(crate::signing::SigningError::TrustedSigners(
+                "is needed with --require-signed-models (the keys signatures are checked against)"
+                    .into(),
+            )
+            .into());
+        }
         let env = environment_with(&cfg.ort_lib, pool)?;
         Ok(Self {
             cfg,
             env,
             site_card,
+            signing: crate::signing::Policy {
+                trusted,
+                require: cfg.require_signed,
+            },
             decisions: std::sync::OnceLock::new(),
             openvino_cache: std::sync::OnceLock::new(),
         })
@@ -731,6 +764,7 @@ impl<'a> LoadContext<'a> {
                 cache,
                 choice: Some(note.why),
                 decision: note.decision,
+                from_cache: note.from_cache,
             });
         }
         let (session, mut provider, fallback_reason) =
@@ -739,7 +773,7 @@ impl<'a> LoadContext<'a> {
             tracing::warn!(model = %name, reason = %why, "CUDA unavailable, running on the CPU");
         }
         let mut backend: Box<dyn super::batcher::Backend> = Box::new(session);
-        let (mut openvino, mut choice, mut decision) = (false, None, None);
+        let (mut openvino, mut choice, mut decision, mut from_cache) = (false, None, None, None);
         if provider == Provider::Cpu && asked != BackendChoice::Ort {
             match super::openvino::choose(&chooser, &m.card, &m.onnx_bytes, backend, s) {
                 (b, Ok(note)) => {
@@ -752,6 +786,7 @@ impl<'a> LoadContext<'a> {
                     tracing::info!(model = %name, backend = provider.as_str(), decision = source, why = %note.why, "CPU backend chosen");
                     choice = Some(note.why);
                     decision = note.decision;
+                    from_cache = note.from_cache;
                 }
                 (b, Err(why)) => {
                     backend = b;
@@ -781,6 +816,7 @@ impl<'a> LoadContext<'a> {
             cache,
             choice,
             decision,
+            from_cache,
         })
     }
 
@@ -793,6 +829,18 @@ impl<'a> LoadContext<'a> {
     ) -> Result<(Arc<ServedModel>, JoinHandle<()>), LoadError> {
         let (cfg, env) = (self.cfg, self.env);
         let t = Instant::now();
+        // Before a session is made: a version whose signature fails never answers.
+        let provenance =
+            crate::signing::check(&m.signed_files(), &m.known_digests(), &self.signing)?;
+        let verify_ms = t.elapsed().as_secs_f64() * 1e3;
+        match &provenance {
+            crate::signing::Provenance::Signed(s) => {
+                tracing::info!(model = %m.card.name, version = %m.card.version, signer = %s.signer, key_id = %s.key_id, root_digest = %s.root_digest, verify_ms, "signature verified")
+            }
+            crate::signing::Provenance::Unverified(why) => {
+                tracing::warn!(model = %m.card.name, version = %m.card.version, reason = %why, "model loads without a verified signature (--require-signed-models is off)")
+            }
+        }
         let opts = SessionOptions {
             device: cfg.device,
             intra_threads: cfg.intra_threads,
@@ -808,6 +856,7 @@ impl<'a> LoadContext<'a> {
             cache,
             choice: backend_choice,
             decision: backend_decision,
+            from_cache: openvino_from_cache,
         } = self.choose_backend(&m, opts, s)?;
         let batch = BatchConfig {
             max_batch: match provider {
@@ -864,6 +913,7 @@ impl<'a> LoadContext<'a> {
             fallback_reason,
             backend_choice,
             backend_decision,
+            openvino_from_cache,
             load_time_ms,
             preprocessor,
             batcher,
@@ -871,6 +921,7 @@ impl<'a> LoadContext<'a> {
             has_cam: m.has_cam,
             plots: m.plots,
             site,
+            provenance,
             served: AtomicU64::new(0),
             latencies_ms: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
             shadow: super::shadow::ShadowTally::default(),

@@ -81,6 +81,9 @@ pub struct OpenVinoModel {
     /// One request per stream of the throughput model (none with a single stream).
     streams: Vec<openvino::InferRequest>,
     outputs: Vec<String>,
+    /// With a cache: whether both compiled models were loaded from it (`false`: at
+    /// least one was compiled here).
+    from_cache: Option<bool>,
     _compiled: [openvino::CompiledModel; 2],
     _core: Core,
 }
@@ -144,6 +147,8 @@ impl OpenVinoModel {
         };
         let mut latency = compile("LATENCY")?;
         let mut throughput = compile("THROUGHPUT")?;
+        let from_cache =
+            cache.map(|_| loaded_from_cache(&latency) && loaded_from_cache(&throughput));
         let req = latency.create_infer_request().map_err(ov)?;
         let n: usize = throughput
             .get_property(&openvino::PropertyKey::OptimalNumberOfInferRequests)
@@ -162,6 +167,7 @@ impl OpenVinoModel {
             req,
             streams,
             outputs,
+            from_cache,
             _compiled: [latency, throughput],
             _core: core,
         })
@@ -172,6 +178,34 @@ impl OpenVinoModel {
     pub fn streams(&self) -> usize {
         self.streams.len().max(1)
     }
+
+    /// With a cache: whether this load took both compiled models from it (`false`:
+    /// compiled here, and written there).
+    pub fn from_cache(&self) -> Option<bool> {
+        self.from_cache
+    }
+}
+
+/// OpenVINO's `LOADED_FROM_CACHE` of a compiled model (`false` where it cannot say).
+fn loaded_from_cache(compiled: &openvino::CompiledModel) -> bool {
+    compiled
+        .get_property(&openvino::PropertyKey::Other("LOADED_FROM_CACHE".into()))
+        .is_ok_and(|v| matches!(v.trim(), "YES" | "true" | "TRUE" | "1"))
+}
+
+/// OpenVINO reads a compiled model back from its cache as IR, with its IR front end
+/// (`libopenvino_ir_frontend`), which it looks for beside its own library: without
+/// it, every entry fails to load and is compiled again (and rewritten) at every
+/// start. Whether it is beside `lib` (the library [`resolve_library`] names).
+pub fn ir_frontend_beside(lib: &Path) -> bool {
+    let dir = lib.parent().unwrap_or(Path::new("."));
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("libopenvino_ir_frontend.so"))
+        })
+    })
 }
 
 /// An exclusive lock on OpenVINO's cache folder (`.cxr-compile.lock` in it), held
@@ -292,6 +326,9 @@ pub struct Choice {
     /// With `--backend auto` and a decision file: the decision and where it came
     /// from.
     pub decision: Option<BackendDecision>,
+    /// OpenVINO serving with its compiled-model cache: whether this start loaded
+    /// its compiled models from there ([`OpenVinoModel::from_cache`]).
+    pub from_cache: Option<bool>,
 }
 
 /// How [`choose`] chooses: what was asked, what OpenVINO is compiled with, and
@@ -364,14 +401,18 @@ pub(super) fn choose(
     };
     match c.asked {
         BackendChoice::Ort => (ort, Err(OpenVinoError("--backend ort".into()))),
-        BackendChoice::Openvino => (
-            Box::new(ov),
-            Ok(Choice {
-                chose_openvino: true,
-                why: format!("--backend openvino; agrees with ONNX Runtime (|Δp| {diff:.1e})"),
-                decision: None,
-            }),
-        ),
+        BackendChoice::Openvino => {
+            let from_cache = ov.from_cache();
+            (
+                Box::new(ov),
+                Ok(Choice {
+                    chose_openvino: true,
+                    why: format!("--backend openvino; agrees with ONNX Runtime (|Δp| {diff:.1e})"),
+                    decision: None,
+                    from_cache,
+                }),
+            )
+        }
         BackendChoice::Auto => match measure(ort.as_mut(), &mut ov, c.max_batch, s, diff) {
             Ok(f) => {
                 let why = format!("measured: {}", f.describe());
@@ -407,11 +448,15 @@ fn choose_by_decision(
                         chose_openvino: false,
                         why,
                         decision: Some(facts),
+                        from_cache: None,
                     }),
                 ),
                 // Taken as is, but OpenVINO still has to agree with ONNX Runtime here.
                 CpuBackend::Openvino => match checked(c, card, onnx, ort.as_mut(), s) {
-                    Ok((ov, _, _)) => serve(CpuBackend::Openvino, ort, ov, why, Some(facts)),
+                    Ok((ov, _, _)) => {
+                        warn_compiled_again(&ov, card, c.cache);
+                        serve(CpuBackend::Openvino, ort, ov, why, Some(facts))
+                    }
                     Err(e) => (
                         ort,
                         Err(OpenVinoError(format!(
@@ -527,6 +572,7 @@ pub(super) fn read_openvino(
     }
     let n = c.max_batch.max(1);
     let mut ov = OpenVinoModel::load(onnx, c.threads, precision_hint(card), c.cache).ok()?;
+    warn_compiled_again(&ov, card, c.cache);
     let got = ov.run(probe(n, s), n, s).ok()?;
     ov.run(vec![0.0; 3 * s * s], 1, s).ok()?;
     let diff = got
@@ -539,6 +585,7 @@ pub(super) fn read_openvino(
         return None;
     }
     let path = store.path();
+    let from_cache = ov.from_cache();
     Some((
         ov,
         Choice {
@@ -550,8 +597,33 @@ pub(super) fn read_openvino(
                 path,
                 false,
             )),
+            from_cache,
         },
     ))
+}
+
+/// A decision naming OpenVINO was read, so a replica on this CPU compiled the model
+/// into `cache` before: a model compiled again here means the cache is not being
+/// read (every start then pays the compile), which is said, with the cause when it
+/// is the known one.
+fn warn_compiled_again(
+    ov: &OpenVinoModel,
+    card: &crate::registry::ModelCard,
+    cache: Option<&Path>,
+) {
+    let (Some(false), Some(dir)) = (ov.from_cache(), cache) else {
+        return;
+    };
+    let lib = resolve_library();
+    let reason = if ir_frontend_beside(&lib) {
+        "no entry for it there (a new volume, or one the replicas do not share?), or one OpenVINO could not load".to_string()
+    } else {
+        format!(
+            "no libopenvino_ir_frontend beside {}: OpenVINO cannot read its cache without it",
+            lib.display()
+        )
+    };
+    tracing::warn!(model = %card.name, cache = %dir.display(), %reason, "OpenVINO compiled the model again: a replica compiled it before, but its compiled-model cache was not used");
 }
 
 /// OpenVINO's model, agreeing with ONNX Runtime on the fixed probe batch (the served
@@ -638,6 +710,7 @@ fn serve(
     decision: Option<BackendDecision>,
 ) -> (Box<dyn Backend>, Result<Choice, OpenVinoError>) {
     let chose_openvino = backend == CpuBackend::Openvino;
+    let from_cache = ov.from_cache().filter(|_| chose_openvino);
     let b: Box<dyn Backend> = if chose_openvino { Box::new(ov) } else { ort };
     (
         b,
@@ -645,6 +718,7 @@ fn serve(
             chose_openvino,
             why,
             decision,
+            from_cache,
         }),
     )
 }

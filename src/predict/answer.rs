@@ -82,6 +82,20 @@ pub(super) async fn classify(
                 ("cxr.image_index", i.to_string()),
                 ("cxr.model", model.card.name.clone()),
                 ("cxr.model_version", model.card.version.clone()),
+                (
+                    "cxr.model_signer",
+                    model
+                        .provenance
+                        .signed_by()
+                        .map_or_else(|| "unsigned".into(), |s| s.signer.clone()),
+                ),
+                (
+                    "cxr.model_signer_key_id",
+                    model
+                        .provenance
+                        .signed_by()
+                        .map_or_else(String::new, |s| s.key_id.clone()),
+                ),
                 ("cxr.batch_size", r.batch_size.to_string()),
             ];
             let ran = now.checked_sub(r.inference).unwrap_or(now);
@@ -217,6 +231,7 @@ impl<'a> Trail<'a> {
             model: card.name.clone(),
             model_version: card.version.clone(),
             model_sha256: card.onnx.sha256.clone(),
+            model_signer: self.model.provenance.signed_by().map(audit_signer),
             threshold: self.decision.threshold,
             threshold_source: self.decision.source.kind.as_str().to_string(),
             site_card: (self.decision.source.kind == ThresholdKind::Site)
@@ -234,6 +249,11 @@ impl<'a> Trail<'a> {
             trace_id: self.asker.trace.as_ref().map(|t| t.trace_id()),
         }
     }
+}
+
+/// A signer as the audit trail names it: `name (key id)`.
+fn audit_signer(s: &crate::signing::SignedBy) -> String {
+    format!("{} (key {})", s.signer, s.key_id)
 }
 
 /// Records the refusal of a request's images (every image of the request: a request
@@ -322,6 +342,9 @@ async fn write_audit(
     record(core, &records).await
 }
 
+/// How an answer's warning about a model without a verified signature begins.
+pub const UNVERIFIED_MODEL: &str = "model not signature-verified";
+
 /// One answer as given: counted, its latency recorded, with its warnings (the
 /// request's, out of distribution, no explanation), its heatmap when asked, and its
 /// timings.
@@ -378,6 +401,13 @@ fn complete(
             &model.card.preprocessing,
         )),
     };
+    // Last, so that the image's own warnings come first.
+    if let crate::signing::Provenance::Unverified(why) = &model.provenance {
+        warnings.push(format!(
+            "{UNVERIFIED_MODEL}: `{}` {} ({why}); its files are not known to be the ones its publisher released",
+            model.card.name, model.card.version
+        ));
+    }
     Prediction {
         timings_ms: Timings {
             decode: ms(d.took),
@@ -391,6 +421,18 @@ fn complete(
         caution,
         heatmap,
         ..p
+    }
+}
+
+/// The equipment an image came from, for the OOD score's drift labels.
+fn equipment(d: &Decoded) -> crate::metrics::Equipment<'_> {
+    use crate::metrics::Equipment;
+    match &d.dicom {
+        None => Equipment::NotDicom,
+        Some(i) => i
+            .manufacturer
+            .as_deref()
+            .map_or(Equipment::Unknown, Equipment::Manufacturer),
     }
 }
 
@@ -434,7 +476,7 @@ pub(super) fn ood_scores(
             "not_a_radiograph"
         };
         core.metrics()
-            .observe_ood(&model.card.name, d.dicom.as_ref(), score, verdict);
+            .observe_ood(&model.card.name, equipment(d), score, verdict);
         if !inside {
             let counted = if shift && action == OodAction::Refuse {
                 "shift"
@@ -482,6 +524,7 @@ pub(super) fn prediction(
             strategy: model.card.training.strategy,
             sha256: model.card.onnx.sha256.clone(),
             precision: model.card.precision,
+            signed_by: model.provenance.signed_by().cloned(),
         },
         execution_provider: model.provider.as_str().into(),
         timings_ms: Timings {

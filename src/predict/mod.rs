@@ -32,6 +32,7 @@ mod budget;
 pub mod error;
 mod error_type;
 pub mod explain;
+pub mod feedback;
 mod request;
 mod results;
 mod shadow;
@@ -51,6 +52,7 @@ use crate::imaging::dicom::DicomOptions;
 use crate::inference::ModelSet;
 use crate::metrics::ServerMetrics;
 
+pub use answer::UNVERIFIED_MODEL;
 pub use ask::Answered;
 pub use ask::Ask;
 pub use ask::Asker;

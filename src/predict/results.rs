@@ -45,6 +45,10 @@ fn classified<'a>(model: &'a ServedModel, p: &Prediction) -> SrResult<'a> {
         variant: &card.name,
         version: &card.version,
         model_sha256: &card.onnx.sha256,
+        signer: model
+            .provenance
+            .signed_by()
+            .map(|s| (s.signer.as_str(), s.key_id.as_str())),
         finding: SrFinding::Classified {
             probability: f64::from(p.probabilities.PNEUMONIA),
             threshold: p.threshold,
@@ -216,6 +220,10 @@ impl Core {
                         variant: &card.name,
                         version: &card.version,
                         model_sha256: &card.onnx.sha256,
+                        signer: model
+                            .provenance
+                            .signed_by()
+                            .map(|s| (s.signer.as_str(), s.key_id.as_str())),
                         finding: SrFinding::NotAnalysed {
                             kind: e.error_type().as_str().into(),
                             reason: e.to_string(),

@@ -99,6 +99,10 @@ pub struct ModelRef {
     pub sha256: String,
     /// The precision that answered: `fp32` or `int8`.
     pub precision: crate::model::int8::Precision,
+    /// Who signed its files (verified before it loaded: `--trusted-signers`); null
+    /// when it loaded unsigned (`--require-signed-models` off; the answer then warns).
+    #[serde(default)]
+    pub signed_by: Option<crate::signing::SignedBy>,
 }
 
 /// Where the time went, in milliseconds.

@@ -63,6 +63,8 @@ pub struct LoadedModel {
     /// Whether the file has a `cam` output (class activation maps: heatmaps can be
     /// drawn), as its graph declares.
     pub has_cam: bool,
+    /// SHA-256 of the card's bytes as read (what its signature must list).
+    pub card_sha256: String,
     /// The training run's plots found beside the card (`plots/<name>-<kind>.png`,
     /// kinds in [`PLOT_KINDS`]), PNG bytes.
     pub plots: Vec<(&'static str, Vec<u8>)>,
@@ -235,6 +237,7 @@ pub fn load_card(card_path: &Path) -> Result<LoadedModel, RegistryError> {
         .any(|(n, _, _)| n == crate::model::onnx::CAM_NAME);
     Ok(LoadedModel {
         card,
+        card_sha256: sha256_hex(text.as_bytes()),
         card_path: card_path.into(),
         onnx_path,
         onnx_bytes,
@@ -242,6 +245,124 @@ pub fn load_card(card_path: &Path) -> Result<LoadedModel, RegistryError> {
         has_cam,
         plots,
     })
+}
+
+impl LoadedModel {
+    /// The files of this version as its signature covers them: the version folder
+    /// (`models/<name>/<version>/`), or in the flat layout `models/<name>.*` and the
+    /// files the card names (see [`crate::signing`]).
+    pub fn signed_files(&self) -> crate::signing::VersionFiles {
+        let root = self
+            .card_path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let is = |p: Option<&Path>, s: &str| p.and_then(|p| p.file_name()).is_some_and(|n| n == s);
+        let flat = !(is(Some(&root), &self.card.version) && is(root.parent(), &self.card.name));
+        // The order a mismatch is looked for: what answers first.
+        let mut named = vec![self.card.onnx.file.clone()];
+        named.extend(self.card.ood.iter().map(|o| o.file.clone()));
+        named.push(format!("{}.json", self.card.name));
+        crate::signing::VersionFiles {
+            root,
+            name: self.card.name.clone(),
+            flat,
+            named,
+        }
+    }
+
+    /// Digests of the files read and checked here (the card, the ONNX file, the OOD
+    /// model), by their name in [`LoadedModel::signed_files`].
+    pub fn known_digests(&self) -> std::collections::BTreeMap<String, String> {
+        let mut m = std::collections::BTreeMap::from([
+            (format!("{}.json", self.card.name), self.card_sha256.clone()),
+            (
+                self.card.onnx.file.clone(),
+                self.card.onnx.sha256.to_ascii_lowercase(),
+            ),
+        ]);
+        if let Some(o) = &self.card.ood {
+            m.insert(o.file.clone(), o.sha256.to_ascii_lowercase());
+        }
+        m
+    }
+}
+
+/// One version signed by [`sign_dir`]: `name@version` and its root digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedVersion {
+    /// `name@version`.
+    pub model: String,
+    /// The bundle written.
+    pub bundle: PathBuf,
+    /// The statement's subject digest.
+    pub root_digest: String,
+}
+
+/// Signs every version in `dir` (or those `only` names: `NAME` or `NAME@VERSION`),
+/// each checked as the server loads it first: an OMS bundle `<name>.sig` beside each
+/// card ([`crate::signing::sign`]). Signing again with the same key and files writes
+/// the same bytes.
+pub fn sign_dir(
+    dir: &Path,
+    key: &crate::signing::PrivateKey,
+    only: &[String],
+) -> Result<Vec<SignedVersion>, RegistryError> {
+    let mut out = Vec::new();
+    for m in versions_named(dir, only)? {
+        let (name, version) = (&m.card.name, &m.card.version);
+        let files = m.signed_files();
+        let root_digest = crate::signing::sign(&files, key)
+            .map_err(|err| invalid(&files.bundle_path(), format!("cannot sign: {err}")))?;
+        out.push(SignedVersion {
+            model: format!("{name}@{version}"),
+            bundle: files.bundle_path(),
+            root_digest,
+        });
+    }
+    Ok(out)
+}
+
+/// One version's signature check: who signed it, or why it is refused.
+pub type Verified = Result<crate::signing::SignedBy, crate::signing::SigningError>;
+
+/// Verifies every version in `dir` (or those `only` names) as the server does before
+/// loading it: `name@version` and who signed it, or why not.
+pub fn verify_dir(
+    dir: &Path,
+    trusted: &crate::signing::TrustedSigners,
+    only: &[String],
+) -> Result<Vec<(String, Verified)>, RegistryError> {
+    let today = crate::clock::now_rfc3339();
+    Ok(versions_named(dir, only)?
+        .into_iter()
+        .map(|m| {
+            let r = crate::signing::verify(
+                &m.signed_files(),
+                &m.known_digests(),
+                trusted,
+                &today[..10],
+            );
+            (format!("{}@{}", m.card.name, m.card.version), r)
+        })
+        .collect())
+}
+
+/// The versions in `dir` that `only` names (`NAME` or `NAME@VERSION`; none: all),
+/// each loaded and checked.
+fn versions_named(dir: &Path, only: &[String]) -> Result<Vec<LoadedModel>, RegistryError> {
+    let mut out = Vec::new();
+    for e in scan(dir)? {
+        let m = load_entry(&e)?;
+        let (name, version) = (&m.card.name, &m.card.version);
+        if only.is_empty()
+            || only
+                .iter()
+                .any(|o| o == name || *o == format!("{name}@{version}"))
+        {
+            out.push(m);
+        }
+    }
+    Ok(out)
 }
 
 fn invalid(path: &Path, reason: String) -> RegistryError {

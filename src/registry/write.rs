@@ -23,25 +23,48 @@ pub fn set_card_ood(
         reason,
     };
     // The card's text is edited, not re-serialised: serde_json's float parsing is not
-    // exact to the last bit, so a parse-print round trip would move its numbers. The
-    // writer puts `ood` last; an earlier entry is cut from there.
+    // exact to the last bit, so a parse-print round trip would move its numbers. An
+    // earlier entry is cut out up to the next top-level key (an INT8 copy's card has
+    // `precision` and `quantization` after it) or the card's end; a new one goes last.
     let text = std::fs::read_to_string(card_path).map_err(|e| bad(e.to_string()))?;
     let card: ModelCard = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let body = match (&card.ood, text.rfind(",\n  \"ood\": ")) {
-        (Some(_), Some(at)) => &text[..at],
+    let (body, rest) = match (&card.ood, text.rfind(",\n  \"ood\": ")) {
+        (Some(_), Some(at)) => {
+            let after = &text[at + 1..];
+            // The next top-level key: two spaces of indentation, then its name.
+            match after.find(",\n  \"") {
+                Some(next) => (&text[..at], &after[next..]),
+                None => (&text[..at], "\n}\n"),
+            }
+        }
         (Some(_), None) => {
             return Err(bad(
                 "the card's ood entry is not where its writer puts it".into()
             ));
         }
-        (None, _) => text
-            .trim_end()
-            .strip_suffix('}')
-            .ok_or_else(|| bad("the card does not end with `}`".into()))?
-            .trim_end(),
+        (None, _) => (
+            text.trim_end()
+                .strip_suffix('}')
+                .ok_or_else(|| bad("the card does not end with `}`".into()))?
+                .trim_end(),
+            "\n}\n",
+        ),
     };
     let entry = serde_json::to_string_pretty(ood).map_err(|e| bad(e.to_string()))?;
-    let json = format!("{body},\n  \"ood\": {}\n}}\n", entry.replace('\n', "\n  "));
+    let json = format!("{body},\n  \"ood\": {}{rest}", entry.replace('\n', "\n  "));
+    // Nothing else in the card goes: the same top-level entries, `ood` among them.
+    let keys = |t: &str| -> Result<Vec<String>, RegistryError> {
+        let v: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(t).map_err(|e| bad(e.to_string()))?;
+        let mut k: Vec<String> = v.keys().filter(|k| *k != "ood").cloned().collect();
+        k.sort();
+        Ok(k)
+    };
+    if keys(&text)? != keys(&json)? {
+        return Err(bad(
+            "editing the ood entry would change the card's other entries".into(),
+        ));
+    }
     let tmp = card_path.with_extension("json.tmp");
     std::fs::write(&tmp, json).map_err(|e| bad(e.to_string()))?;
     std::fs::rename(&tmp, card_path).map_err(|e| bad(e.to_string()))?;

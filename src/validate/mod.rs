@@ -705,6 +705,8 @@ pub fn validate_dir(
         model_backends: Default::default(),
         decision: Default::default(),
         site_card: None,
+        trusted_signers: None,
+        require_signed: false,
         batch: BatchConfig {
             max_batch: 4,
             batch_wait: std::time::Duration::ZERO,

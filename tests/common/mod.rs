@@ -128,6 +128,63 @@ fn write_tiny(
     weights
 }
 
+/// Gives `name` (in `dir`) an OOD model under which every image scores above `inner`:
+/// a one-component density model centred at zero, whose score of any non-zero
+/// embedding is positive. With `outer` above every score, every film is answered with
+/// a distribution-shift warning; without it, every film is refused.
+pub fn ood_above_everything(dir: &Path, name: &str, outer: Option<f64>) -> cxr::ood_score::OodCard {
+    ood_at(dir, name, 1e-6, outer)
+}
+
+/// [`ood_above_everything`] with the first threshold `inner` (1e12: every film is in
+/// distribution).
+pub fn ood_at(dir: &Path, name: &str, inner: f64, outer: Option<f64>) -> cxr::ood_score::OodCard {
+    let card = dir.join(format!("{name}.json"));
+    let loaded = cxr::registry::load_card(&card).unwrap();
+    let pre = cxr::imaging::Preprocessor::new(loaded.card.input_size, &loaded.card.preprocessing)
+        .unwrap();
+    let out = cpu_model(&loaded.onnx_bytes)
+        .run_images(&pre, &[pre.resize(&gray_image(64, 64, 1))])
+        .unwrap();
+    let dim = out[0]
+        .embedding
+        .as_ref()
+        .expect("an embedding output")
+        .len();
+    let mut basis = vec![0.0f32; dim];
+    basis[0] = 1.0;
+    let m = cxr::ood_score::OodModel {
+        dim,
+        center: vec![0.0; dim],
+        basis,
+        variances: vec![1.0],
+        class_means: vec![vec![0.0], vec![0.0]],
+        residual_mean_square: 1.0,
+        threshold: inner,
+    };
+    let bytes = m.to_json();
+    std::fs::write(dir.join(format!("{name}.ood.json")), &bytes).unwrap();
+    let entry = cxr::ood_score::OodCard {
+        file: format!("{name}.ood.json"),
+        sha256: cxr::registry::sha256_hex(&bytes),
+        method: "test: every non-zero embedding scores above the threshold".into(),
+        threshold: inner,
+        target_acceptance: 0.99,
+        threshold_source: "test".into(),
+        validation_acceptance: 0.0,
+        validation_stressed_acceptance: 0.0,
+        test_acceptance: None,
+        fit_images: 0,
+        components: 1,
+        ood_set_refused: None,
+        ood_set: None,
+        refuse_threshold: outer,
+        refuse_rule: outer.map(|_| "test".into()),
+    };
+    cxr::registry::set_card_ood(&card, &entry).unwrap();
+    entry
+}
+
 /// A grayscale gradient with a seed-dependent pattern.
 pub fn gray_image(w: u32, h: u32, seed: u32) -> GrayImage {
     GrayImage::from_fn(w, h, |x, y| {
@@ -189,6 +246,8 @@ pub fn load_config(dir: &Path, batch: BatchConfig) -> LoadConfig {
         model_backends: Default::default(),
         decision: Default::default(),
         site_card: None,
+        trusted_signers: None,
+        require_signed: false,
         batch,
     }
 }
@@ -408,6 +467,22 @@ impl Server {
         Self::start_with_env(models, extra, field, &[])
     }
 
+    /// [`Server::start_until`] with `env` set for the process (e.g. `OPENVINO_LIB`).
+    #[allow(dead_code)]
+    pub fn start_env<S: AsRef<std::ffi::OsStr>>(
+        models: &Path,
+        extra: &[S],
+        field: &str,
+        env: &[(&str, &Path)],
+    ) -> Self {
+        let env: Vec<(&str, String)> = env
+            .iter()
+            .map(|(k, v)| (*k, v.display().to_string()))
+            .collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Self::start_with_env(models, extra, field, &env)
+    }
+
     /// [`Server::start_until`] with environment variables set for the server (a
     /// secret that is never a flag, e.g. `CXR_FHIR_TOKEN`).
     pub fn start_with_env<S: AsRef<std::ffi::OsStr>>(
@@ -563,6 +638,19 @@ pub fn python() -> PathBuf {
     root().join(".venv/bin/python")
 }
 
+/// Runs `cmd` to its end and asserts it succeeded; its stdout and stderr together.
+#[allow(dead_code)]
+pub fn succeeds(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("the command runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
+}
+
 /// A Debian tool's path (scripts/setup.sh --test installs them).
 pub fn tool(name: &str) -> PathBuf {
     for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
@@ -639,4 +727,49 @@ pub fn storescu(ae: &str, port: u16, files: &[&Path]) -> std::process::Output {
         .args(&args)
         .output()
         .expect("storescu")
+}
+/// The CPU image's OpenVINO libraries, as the Dockerfile's `openvino-cpu` stage
+/// copies them (each `"$libs"/NAME` of its `cp`), linked from the wheel's folder
+/// into `dir` with the `libopenvino_c.so` link it makes; the library to load.
+pub fn image_openvino_libs(dir: &Path) -> PathBuf {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let stage = dockerfile
+        .split(" AS openvino-cpu")
+        .nth(1)
+        .and_then(|s| s.split("\nFROM ").next())
+        .expect("the Dockerfile's openvino-cpu stage");
+    let names: Vec<&str> = stage
+        .split("\"$libs\"/")
+        .skip(1)
+        .filter_map(|t| t.split_whitespace().next())
+        .collect();
+    assert!(names.len() >= 5, "the stage's libraries: {names:?}");
+    let wheel = std::fs::canonicalize(
+        cxr::inference::openvino::resolve_library()
+            .parent()
+            .unwrap(),
+    )
+    .expect("OpenVINO's wheel (scripts/setup.sh)");
+    std::fs::create_dir_all(dir).unwrap();
+    let mut c_lib = None;
+    for e in std::fs::read_dir(&wheel).unwrap().map(Result::unwrap) {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let wanted = names.iter().any(|n| match n.strip_suffix('*') {
+            Some(prefix) => file.starts_with(prefix),
+            None => file == *n,
+        });
+        if wanted && !e.file_type().unwrap().is_symlink() {
+            let to = dir.join(&file);
+            if std::fs::hard_link(e.path(), &to).is_err() {
+                std::fs::copy(e.path(), &to).unwrap();
+            }
+            if file.starts_with("libopenvino_c.so.") {
+                c_lib = Some(file);
+            }
+        }
+    }
+    let link = dir.join("libopenvino_c.so");
+    std::os::unix::fs::symlink(c_lib.expect("libopenvino_c.so.* in the list"), &link).unwrap();
+    link
 }

@@ -124,9 +124,16 @@ pub(super) fn check_sr(sr: &InMemDicomObject, answer: &serde_json::Value, model_
         text(&child(&algo, "111003", "DCM"), tags::TEXT_VALUE).unwrap(),
         answer["model"]["version"].as_str().unwrap()
     );
-    assert!(
-        text(&child(&algo, "111002", "DCM"), tags::TEXT_VALUE)
-            .unwrap()
-            .contains(model_sha)
-    );
+    let params = text(&child(&algo, "111002", "DCM"), tags::TEXT_VALUE).unwrap();
+    assert!(params.contains(model_sha), "{params}");
+    // Who signed the model (the test models are unsigned: said so).
+    let signed = match answer["model"]["signed_by"].as_object() {
+        Some(s) => format!(
+            "signed_by={}; signer_key_id={}",
+            s["signer"].as_str().unwrap(),
+            s["key_id"].as_str().unwrap()
+        ),
+        None => "signed_by=none (unsigned)".into(),
+    };
+    assert!(params.contains(&signed), "{params}");
 }

@@ -311,6 +311,7 @@ fn a_distribution_shift_is_a_caution_in_the_sr() {
     let bytes = cxr::imaging::sr::build_sr(
         &src,
         &cxr::imaging::sr::SrResult {
+            signer: None,
             variant: "weighted",
             version: "2.0.0",
             model_sha256: &"a".repeat(64),

@@ -61,6 +61,7 @@ async fn one_image_one_audit_record_with_every_field_in_log_and_file() {
         model: "none".into(),
         model_version: "0".into(),
         model_sha256: String::new(),
+        model_signer: None,
         threshold: 0.5,
         threshold_source: "card".into(),
         site_card: None,

@@ -10,6 +10,11 @@
 // its opacity. Then opens the models tab and checks each metric and confusion cell
 // shown equals /models. With --junk: uploads it and checks the API's error message is
 // shown. With --key: first checks that without the key the page shows the API's 401.
+// For every --file, when the API's answers disagree on the label or on the verdict
+// (in distribution, distribution shift, refused as out of distribution), the film's
+// row must open with a sentence naming what each variant said, and have none when they
+// agree; with --expect-disagreement the answers must disagree. The models tab must open
+// with the side-by-side table of the variants, every cell equal to /models.
 // Screenshots of each state go to --shots. Exit 0 when every check holds.
 "use strict";
 const fs = require("fs");
@@ -86,6 +91,41 @@ async function apiAnswer(file, model) {
         check(uid === api.body.dicom.sop_instance_uid, `${base} ${name}: SOP UID ${uid}`);
       }
     }
+    // The variants' stories of this film, from the API's own answers.
+    const stories = [];
+    for (const name of names) {
+      const api = await apiAnswer(file, name);
+      const b = api.body;
+      if (api.status === 200) {
+        const shift = (b.warnings || []).some((w) => w.startsWith("distribution_shift"));
+        const verdict = b.in_distribution === true ? "in" : b.in_distribution === false ? (shift ? "shift" : "out") : null;
+        stories.push({ name, label: b.label, verdict });
+      } else {
+        stories.push({ name, label: null, verdict: b.error_type === "out_of_distribution" ? "refused" : null });
+      }
+    }
+    const distinct = (k) => new Set(stories.map((x) => x[k]).filter((v) => v != null)).size;
+    const disagree = distinct("label") > 1 || distinct("verdict") > 1;
+    if (args["expect-disagreement"]) check(disagree, `${base}: the variants were expected to disagree: ${JSON.stringify(stories)}`);
+    const line = await page.$(`${sel} > [data-field="disagreement"]`);
+    if (!disagree) {
+      check(!line, `${base}: the variants agree (${JSON.stringify(stories)}) but the page says they disagree`);
+    } else {
+      check(line, `${base}: the variants disagree (${JSON.stringify(stories)}) and the page does not say so`);
+      // At the top of the row: right under the file name, before the answers.
+      const place = await page.$eval(`${sel} > [data-field="disagreement"]`, (e) => [e.previousElementSibling && e.previousElementSibling.tagName, e.nextElementSibling && e.nextElementSibling.className]);
+      check(place[0] === "H2" && place[1] === "row", `${base}: the disagreement is not at the top of the row: ${place}`);
+      const text = await page.$eval(`${sel} > [data-field="disagreement"]`, (e) => e.textContent);
+      check(text.startsWith("The variants disagree: "), `${base}: "${text}"`);
+      for (const x of stories) {
+        if (x.label) {
+          const said = `${x.name} says ${x.label}`;
+          check(text.includes(said + (x.verdict === "shift" ? " but warns the film is unlike its training films" : "")), `${base}: "${text}" lacks "${said}" (${x.verdict})`);
+        } else if (x.verdict === "refused") {
+          check(text.includes(`${x.name} refused it as unlike its training films`), `${base}: "${text}" lacks ${x.name}'s refusal`);
+        }
+      }
+    }
     // The heatmap overlay: shown, hidden by the toggle, its opacity from the slider.
     const cam = `${sel} img.cam`;
     check(await page.$(cam), `${base}: no heatmap overlay`);
@@ -112,6 +152,36 @@ async function apiAnswer(file, model) {
   // The models tab equals /models.
   await page.click("#tab-models");
   await page.waitForSelector(`#models section.model[data-model="${names[names.length - 1]}"]`, { timeout: 60000 });
+  // It opens with the variants side by side: one column per variant, in /models' order.
+  const first = await page.$eval("#models", (e) => { const t = e.firstElementChild; return t && (t.matches("table") ? t : t.querySelector("table")); });
+  check(first, "the models tab does not open with a table");
+  const opens = await page.$eval("#models", (e) => { const f = e.firstElementChild; return f && (f.matches('table[data-table="variants"]') || !!f.querySelector(':scope > table[data-table="variants"]')); });
+  check(opens, "the models tab does not open with the variants table");
+  const cols = await page.$$eval('#models table[data-table="variants"] tr:first-of-type th[data-model]', (es) => es.map((e) => e.textContent));
+  check(JSON.stringify(cols) === JSON.stringify(names), `variants table columns ${cols} vs ${names}`);
+  const f3 = (x) => x.toFixed(3), f4 = (x) => x.toFixed(4);
+  for (const m of list.models) {
+    const c = m.card;
+    const want = {
+      version: c.version + (m.default ? " (default)" : ""),
+      accuracy: f4(c.metrics.test.accuracy), sensitivity: f4(c.metrics.test.sensitivity),
+      specificity: f4(c.metrics.test.specificity), auc: f4(c.metrics.test.auc),
+      threshold: f3(c.threshold),
+      "ood-threshold": c.ood ? f3(c.ood.threshold) : "no OOD model",
+      "ood-refuse": !c.ood ? "no OOD model" : c.ood.refuse_threshold != null ? f3(c.ood.refuse_threshold) : f3(c.ood.threshold) + " (one threshold)",
+      size: (c.onnx.bytes / 1e6).toFixed(1) + " MB",
+    };
+    want.precision = (c.precision || "fp32").toUpperCase() + (c.quantization ? " (copy of " + c.quantization.source_model + ")" : "");
+    want.calibration = c.calibration ? "T " + f3(c.calibration.temperature) + ", test ECE " + f3(c.calibration.test_ece_after) : "none";
+    for (const [row, v] of Object.entries(want)) {
+      const shown = await page.$eval(`#models table[data-table="variants"] tr[data-row="${row}"] td[data-model="${c.name}"] [data-field="value"]`, (e) => e.textContent);
+      check(shown === v, `variants table ${c.name} ${row}: ${shown} vs ${v}`);
+    }
+    if (c.threshold_rule) {
+      const rule = await page.$eval(`#models table[data-table="variants"] tr[data-row="threshold"] td[data-model="${c.name}"] .rule`, (e) => e.textContent);
+      check(rule === c.threshold_rule, `variants table ${c.name} threshold rule: ${rule}`);
+    }
+  }
   for (const m of list.models) {
     const sec = `#models section.model[data-model="${m.card.name}"]`;
     for (const [split, key] of [["test", "test"], ["validation", "validation"]]) {

@@ -150,6 +150,14 @@ pub(super) fn content_tree(
 /// TID 1501: the finding, its presence, the probability, the threshold, the variant
 /// and the algorithm that answered; or, for an image not analysed, the finding and
 /// why it was not evaluated.
+/// The model's signer as the Algorithm Parameters state it.
+fn signed_by(result: &SrResult<'_>) -> String {
+    match result.signer {
+        Some((name, key_id)) => format!("signed_by={name}; signer_key_id={key_id}"),
+        None => "signed_by=none (unsigned)".into(),
+    }
+}
+
 fn measurement_group(result: &SrResult<'_>, uids: &UidMaker, algorithm: &str) -> InMemDicomObject {
     let finding = code("233604007", "SCT", "Pneumonia");
     let mut items = vec![
@@ -190,8 +198,10 @@ fn measurement_group(result: &SrResult<'_>, uids: &UidMaker, algorithm: &str) ->
                 items.push(text_item("CONTAINS", local("CAUTION", "Caution"), c));
             }
             format!(
-                "model_sha256={}; variant={}; threshold={threshold}",
-                result.model_sha256, result.variant
+                "model_sha256={}; variant={}; threshold={threshold}; {}",
+                result.model_sha256,
+                result.variant,
+                signed_by(result)
             )
         }
         SrFinding::NotAnalysed { kind, reason } => {
@@ -204,8 +214,10 @@ fn measurement_group(result: &SrResult<'_>, uids: &UidMaker, algorithm: &str) ->
                 ),
             ]);
             format!(
-                "model_sha256={}; variant={}; not analysed: {kind}",
-                result.model_sha256, result.variant
+                "model_sha256={}; variant={}; {}; not analysed: {kind}",
+                result.model_sha256,
+                result.variant,
+                signed_by(result)
             )
         }
     };

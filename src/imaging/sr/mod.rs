@@ -22,7 +22,8 @@
 //!        ├ CONTAINS TEXT   Model variant (99CXR) = the variant's name
 //!        └ CONTAINS TEXT   Algorithm Name = "cxr <variant>"       TID 4019
 //!           ├ HAS CONCEPT MOD TEXT Algorithm Version
-//!           └ HAS CONCEPT MOD TEXT Algorithm Parameters (the model file's sha256, …)
+//!           └ HAS CONCEPT MOD TEXT Algorithm Parameters (the model file's sha256,
+//!             its signer and key id, …)
 //! ```
 //!
 //! From the source it copies only what filing in the patient's study needs (patient
@@ -64,6 +65,9 @@ pub struct SrResult<'a> {
     pub version: &'a str,
     /// SHA-256 of the model file.
     pub model_sha256: &'a str,
+    /// Who signed the model's files (`name`, key id), verified before it loaded;
+    /// none when it loaded unsigned.
+    pub signer: Option<(&'a str, &'a str)>,
     /// What was found, or why the image was not analysed.
     pub finding: SrFinding,
 }
