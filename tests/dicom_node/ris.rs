@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::Digest as _;
 
-use crate::common::{python, root, tcp_http};
+use crate::common::{root, tcp_http};
 
 /// A process killed when dropped.
 pub struct Killed(Child);
@@ -26,14 +26,7 @@ impl Drop for Killed {
 
 /// The MLLP listener on `port`, recording each message it ACKs to `record`.
 pub fn mllp_listener(port: u16, record: &Path) -> Killed {
-    let child = Command::new(python())
-        .arg(root().join("tests/hl7/listener.py"))
-        .arg(port.to_string())
-        .arg(record)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("python listener.py (scripts/setup.sh --test installs hl7 and hl7apy)");
+    let child = crate::common::spawn_mllp_listener(port, record);
     wait_port(port, "the MLLP listener", 20);
     Killed(child)
 }
