@@ -718,6 +718,19 @@ pub fn metrics_of(server: &Server) -> String {
     tcp_http(&server.addr, "GET", "/metrics", None, b"").1
 }
 
+/// The MLLP listener of the HL7 tests (`tests/hl7/listener.py`: python-hl7 ACKs,
+/// hl7apy validates) started on `port`, recording each message to `record`.
+pub fn spawn_mllp_listener(port: u16, record: &Path) -> std::process::Child {
+    std::process::Command::new(python())
+        .arg(root().join("tests/hl7/listener.py"))
+        .arg(port.to_string())
+        .arg(record)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("python listener.py (scripts/setup.sh --test installs hl7 and hl7apy)")
+}
+
 /// dcmtk's storescu: `files` to the node on `port` as `ae` (called AE `CXR`).
 pub fn storescu(ae: &str, port: u16, files: &[&Path]) -> std::process::Output {
     let mut args = vec!["-aet".to_string(), ae.into(), "-aec".into(), "CXR".into()];

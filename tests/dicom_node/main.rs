@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod door;
+mod ris;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -555,10 +556,14 @@ fn shipped_orthanc_config() -> Value {
     serde_json::from_str(&out).expect("deploy/orthanc/orthanc.json is JSON with comments")
 }
 
-/// Orthanc as the router, with the shipped settings and Lua script: a CR stored in
-/// it reaches cxr, and cxr's SR and SC come back into its study.
+/// Orthanc as the router, with the shipped settings and Lua script: a pediatric CR
+/// (a 6-year-old's) stored in it reaches cxr, and cxr's SR and SC come back into
+/// its study, one ORU reaches the RIS's MLLP listener and one DiagnosticReport the
+/// FHIR server: all with the film's accession number and one result's identity
+/// (MSH-10, the report's identifiers and the SR's and SC's UIDs all derive from the
+/// result id the report carries, which names the film's SOP Instance UID).
 #[test]
-fn orthanc_with_the_shipped_configuration_routes_radiographs_to_cxr() {
+fn orthanc_with_the_shipped_configuration_routes_radiographs_to_cxr_and_the_ris_and_ehr() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let files = instances(dir);
@@ -581,7 +586,7 @@ fn orthanc_with_the_shipped_configuration_routes_radiographs_to_cxr() {
     let peers = dir.join("peers.toml");
     let pacs_ae = shipped["DicomAet"].as_str().unwrap();
     std::fs::write(&peers, format!("[[peers]]\nae_title = \"{pacs_ae}\"\n")).unwrap();
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "--dicom-port".into(),
         cxr_port.to_string(),
         "--dicom-ae-title".into(),
@@ -593,6 +598,16 @@ fn orthanc_with_the_shipped_configuration_routes_radiographs_to_cxr() {
         "--dicom-outbox".into(),
         dir.join("outbox.sqlite").display().to_string(),
     ];
+    let hl7_port = free_port();
+    let record = dir.join("hl7.jsonl");
+    let _listener = ris::mllp_listener(hl7_port, &record);
+    let (_fhir_server, fhir) = ris::fhir_server();
+    args.extend([
+        "--hl7-destination".into(),
+        format!("127.0.0.1:{hl7_port}"),
+        "--fhir-url".into(),
+        format!("http://{fhir}"),
+    ]);
     let (_server, _) = start_cxr(models.path(), &args);
     let out = Command::new(tool("storescu"))
         .args(["-aet", "MODALITY", "-aec", pacs_ae, "127.0.0.1"])
@@ -609,6 +624,71 @@ fn orthanc_with_the_shipped_configuration_routes_radiographs_to_cxr() {
     let mut modalities: Vec<&str> = got.iter().map(|(_, _, m)| m.as_str()).collect();
     modalities.sort_unstable();
     assert_eq!(modalities, ["CR", "OT", "SR"], "{got:?}");
+
+    common::ops::wait_for("the ORU and the DiagnosticReport", || {
+        !ris::messages(&record).is_empty() && !ris::reports(&fhir).is_empty()
+    });
+    // Once each: nothing more arrives while the outbox would resend.
+    std::thread::sleep(Duration::from_secs(2));
+    let oru = ris::messages(&record);
+    assert_eq!(oru.len(), 1, "{oru:?}");
+    assert_eq!(oru[0]["errors"], serde_json::json!([]), "{oru:?}");
+    let oru = &oru[0]["fields"];
+    let reports = ris::reports(&fhir);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let report = &reports[0];
+    assert_eq!(pacs.wait_count(STUDY, 3, 1).len(), 3);
+
+    // One accession number: the film's, in the SR, the SC, OBR-18 and basedOn.
+    let cr = files.join("cr.dcm");
+    let film_uid = sop_instance_uid(&cr);
+    let tags = |id: &str| {
+        pacs.get(&format!("/instances/{id}/simplified-tags"))
+            .unwrap()
+    };
+    let object = |modality: &str| {
+        let (id, uid, _) = got.iter().find(|(_, _, m)| m == modality).unwrap();
+        (uid.clone(), tags(id))
+    };
+    let ((sr_uid, sr), (sc_uid, sc)) = (object("SR"), object("OT"));
+    for t in [&sr, &sc] {
+        assert_eq!(t["AccessionNumber"], "ACC123", "{t}");
+        assert_eq!(t["PatientBirthDate"], "20200101", "{t}");
+    }
+    assert_eq!(oru["obr_18"], "ACC123", "{oru}");
+    assert_eq!(
+        ris::order_identifier(report, "ACSN").as_deref(),
+        Some("ACC123"),
+        "{report}"
+    );
+
+    // One result: its id (the report's secondary identifier) names the film; MSH-10,
+    // the report's own identifier and the SR's and SC's UIDs all derive from it.
+    let ids = report["identifier"].as_array().unwrap();
+    let result_id = ids
+        .iter()
+        .find(|i| i["use"] == "secondary")
+        .and_then(|i| i["value"].as_str())
+        .unwrap_or_else(|| panic!("no result id: {report}"));
+    assert_eq!(
+        result_id.split('/').nth(2),
+        Some(film_uid.as_str()),
+        "{result_id}"
+    );
+    assert_eq!(oru["control_id"], ris::control_id(result_id), "{oru}");
+    assert_eq!(
+        ids[0]["value"],
+        ris::report_identifier(result_id),
+        "{report}"
+    );
+    let derived = ris::answered_uids(result_id, ris::probability(&fhir), &sr_uid);
+    assert_eq!(
+        derived,
+        Some((sr_uid.clone(), sc_uid.clone())),
+        "{result_id}"
+    );
+    let study = &report["imagingStudy"][0]["identifier"]["value"];
+    assert_eq!(study, &format!("urn:oid:{STUDY}"), "{report}");
 }
 
 /// A PostgreSQL server of Debian's, started for a test on a free port (by
@@ -944,11 +1024,7 @@ impl NoSrScp {
             .stderr(Stdio::null())
             .spawn()
             .expect("storescp");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "storescp did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        ris::wait_port(port, "storescp", 10);
         Self { child, port, out }
     }
 

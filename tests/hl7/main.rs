@@ -40,14 +40,7 @@ impl Drop for Proc {
 
 /// The MLLP listener (python-hl7 + hl7apy) on `port`, recording to `record`.
 fn listener(port: u16, record: &Path) -> Proc {
-    let child = Command::new(python())
-        .arg(root().join("tests/hl7/listener.py"))
-        .arg(port.to_string())
-        .arg(record)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("python listener.py (scripts/setup.sh --test installs hl7 and hl7apy)");
+    let child = common::spawn_mllp_listener(port, record);
     wait_port(port, "the MLLP listener");
     Proc(child)
 }
