@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -44,7 +45,8 @@ def run_one(binary, models, model, body, a):
         deadline = time.time() + 300
         while True:
             try:
-                serving.predict(http_port, model, body)
+                # Not serving.predict: its kept connection is spoiled by a refused one.
+                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/ready", timeout=5)
                 break
             except Exception:
                 if time.time() > deadline or p.poll() is not None:
