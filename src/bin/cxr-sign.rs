@@ -51,10 +51,7 @@ fn main() -> anyhow::Result<()> {
         .key
         .as_ref()
         .expect("clap requires --key without --verify-with");
-    let pem = std::fs::read_to_string(key_path)
-        .with_context(|| format!("reading the key {}", key_path.display()))?;
-    let key = cxr::signing::PrivateKey::from_pem(&pem)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
+    let key = cxr::signing::PrivateKey::read(key_path).map_err(anyhow::Error::msg)?;
     let signed = cxr::registry::sign_dir(&args.models_dir, &key, &args.models)
         .context("signing the models")?;
     anyhow::ensure!(

@@ -97,6 +97,10 @@ struct OodArgs {
     /// Only compute (and cache) the embeddings.
     #[arg(long)]
     embed_only: bool,
+    /// Sign each version written (`<name>.sig`, as `cxr-sign` does) with this PEM key
+    /// after its last file is written.
+    #[arg(long, env = "CXR_SIGN_KEY")]
+    sign_key: Option<std::path::PathBuf>,
     /// Path of libonnxruntime.so.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     ort_lib: Option<std::path::PathBuf>,
@@ -121,6 +125,10 @@ struct QuantizeArgs {
     /// The validation fraction the models were trained with.
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f64,
+    /// Sign each version written (`<name>.sig`, as `cxr-sign` does) with this PEM key
+    /// after its last file is written.
+    #[arg(long, env = "CXR_SIGN_KEY")]
+    sign_key: Option<std::path::PathBuf>,
     /// Path of libonnxruntime.so.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     ort_lib: Option<std::path::PathBuf>,
@@ -160,18 +168,10 @@ struct SignArgs {
 fn subcommand() -> anyhow::Result<Option<()>> {
     if std::env::args().nth(1).as_deref() == Some("sign") {
         let a = SignArgs::parse_from(std::env::args().skip(1));
-        let pem = std::fs::read_to_string(&a.key)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", a.key.display()))?;
-        let key = cxr::signing::PrivateKey::from_pem(&pem)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", a.key.display()))?;
-        for s in cxr::registry::sign_dir(&a.models_dir, &key, &a.models)? {
-            println!(
-                "{} signed: {} (root sha256:{})",
-                s.model,
-                s.bundle.display(),
-                s.root_digest
-            );
-        }
+        let key = cxr::signing::PrivateKey::read(&a.key).map_err(anyhow::Error::msg)?;
+        cxr::registry::sign_dir(&a.models_dir, &key, &a.models)?
+            .iter()
+            .for_each(print_signed);
         return Ok(Some(()));
     }
     if std::env::args().nth(1).as_deref() == Some("rewrite-onnx") {
@@ -242,6 +242,7 @@ fn subcommand() -> anyhow::Result<Option<()>> {
     if std::env::args().nth(1).as_deref() == Some("fit-ood") {
         let a = OodArgs::parse_from(std::env::args().skip(1));
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
+        let key = read_key(a.sign_key.as_deref())?;
         for card in &a.cards {
             let out = cxr::train::fit_ood::fit_card(
                 card,
@@ -253,12 +254,16 @@ fn subcommand() -> anyhow::Result<Option<()>> {
                 a.embed_only,
             )?;
             println!("{}: {out}", card.display());
+            if !a.embed_only {
+                sign_if(key.as_ref(), card)?;
+            }
         }
         return Ok(Some(()));
     }
     if std::env::args().nth(1).as_deref() == Some("quantize") {
         let a = QuantizeArgs::parse_from(std::env::args().skip(1));
         let lib = cxr::inference::resolve_library(a.ort_lib.as_deref());
+        let key = read_key(a.sign_key.as_deref())?;
         let cards = a
             .cards
             .iter()
@@ -275,6 +280,11 @@ fn subcommand() -> anyhow::Result<Option<()>> {
                 "{}",
                 cxr::train::int8_copy::quantize_card(&card, &a.data, &lib, a.val_fraction)?
             );
+            let name = card.file_stem().unwrap_or_default().to_string_lossy();
+            sign_if(
+                key.as_ref(),
+                &cxr::train::int8_copy::card_path(&card, &name),
+            )?;
         }
         return Ok(Some(()));
     }
@@ -291,6 +301,30 @@ fn subcommand() -> anyhow::Result<Option<()>> {
         return Ok(Some(()));
     }
     Ok(None)
+}
+
+/// `--sign-key`'s key, read before any work.
+fn read_key(path: Option<&std::path::Path>) -> anyhow::Result<Option<cxr::signing::PrivateKey>> {
+    path.map(cxr::signing::PrivateKey::read)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Signs the version of `card` when a key was given (after its last file).
+fn sign_if(key: Option<&cxr::signing::PrivateKey>, card: &std::path::Path) -> anyhow::Result<()> {
+    if let Some(key) = key {
+        print_signed(&cxr::registry::sign_card(card, key)?);
+    }
+    Ok(())
+}
+
+fn print_signed(s: &cxr::registry::SignedVersion) {
+    println!(
+        "{} signed: {} (root sha256:{})",
+        s.model,
+        s.bundle.display(),
+        s.root_digest
+    );
 }
 
 fn main() -> anyhow::Result<()> {
@@ -310,7 +344,10 @@ fn main() -> anyhow::Result<()> {
     }
     let args = cxr::train::TrainArgs::parse();
     match cxr::train::run(&args)? {
-        Some(out) => println!("{}", out.onnx.display()),
+        Some(out) => {
+            println!("{}", out.onnx.display());
+            out.signed.iter().for_each(print_signed);
+        }
         None => eprintln!(
             "cxr-train: stopped early (--stop-after-steps); run again with --resume to continue"
         ),

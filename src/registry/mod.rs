@@ -307,19 +307,33 @@ pub fn sign_dir(
     key: &crate::signing::PrivateKey,
     only: &[String],
 ) -> Result<Vec<SignedVersion>, RegistryError> {
-    let mut out = Vec::new();
-    for m in versions_named(dir, only)? {
-        let (name, version) = (&m.card.name, &m.card.version);
-        let files = m.signed_files();
-        let root_digest = crate::signing::sign(&files, key)
-            .map_err(|err| invalid(&files.bundle_path(), format!("cannot sign: {err}")))?;
-        out.push(SignedVersion {
-            model: format!("{name}@{version}"),
-            bundle: files.bundle_path(),
-            root_digest,
-        });
-    }
-    Ok(out)
+    versions_named(dir, only)?
+        .iter()
+        .map(|m| sign_loaded(m, key))
+        .collect()
+}
+
+/// Signs the version of one card (`<name>.json`, checked as the server loads it),
+/// as [`sign_dir`] does: what `cxr-train --sign-key` runs after its last file.
+pub fn sign_card(
+    card_path: &Path,
+    key: &crate::signing::PrivateKey,
+) -> Result<SignedVersion, RegistryError> {
+    sign_loaded(&load_card(card_path)?, key)
+}
+
+fn sign_loaded(
+    m: &LoadedModel,
+    key: &crate::signing::PrivateKey,
+) -> Result<SignedVersion, RegistryError> {
+    let files = m.signed_files();
+    let root_digest = crate::signing::sign(&files, key)
+        .map_err(|err| invalid(&files.bundle_path(), format!("cannot sign: {err}")))?;
+    Ok(SignedVersion {
+        model: format!("{}@{}", m.card.name, m.card.version),
+        bundle: files.bundle_path(),
+        root_digest,
+    })
 }
 
 /// One version's signature check: who signed it, or why it is refused.

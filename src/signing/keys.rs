@@ -96,6 +96,14 @@ impl PrivateKey {
             })
     }
 
+    /// Reads [`PrivateKey::from_pem`] from a file; the error names the file.
+    pub fn read(path: &std::path::Path) -> Result<Self, String> {
+        std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| Self::from_pem(&pem))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// Its public key.
     pub fn public(&self) -> PublicKey {
         match self {

@@ -90,6 +90,7 @@ pub(super) fn fingerprint(a: &TrainArgs) -> String {
         stop_after_steps: _,
         export_only: _,
         no_int8: _,
+        sign_key: _,
         ort_lib: _,
         // The recipe.
         strategy,

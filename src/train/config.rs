@@ -179,6 +179,12 @@ pub struct TrainArgs {
     /// calibrated and measured like `cxr-train quantize`, about 4 min on 2 cores).
     #[arg(long, env = "CXR_NO_INT8")]
     pub no_int8: bool,
+    /// Sign each version exported (the model, its card and the files beside it, the
+    /// INT8 copy's too) with this PEM key (ECDSA P-256/P-384) after its last file is
+    /// written: the `<name>.sig` bundle `cxr-sign` writes, checked by
+    /// `cxr-serve --trusted-signers`.
+    #[arg(long, env = "CXR_SIGN_KEY")]
+    pub sign_key: Option<PathBuf>,
     /// ONNX Runtime library for the export parity check (else ORT_DYLIB_PATH or
     /// .ort/lib/libonnxruntime.so).
     #[arg(long, env = "ORT_DYLIB_PATH")]

@@ -104,9 +104,14 @@ impl Trainer<'_> {
             }
         };
         self.complete_card(&mut card, &measured);
-        self.write_beside(&dest, &card, &lib, &measured, interim)?;
+        let cards = self.write_beside(&dest, &card, &lib, &measured, interim)?;
         log(format!("wrote {} and its card", onnx.display()));
-        Ok(RunOutput { card, onnx })
+        Ok(RunOutput {
+            card,
+            onnx,
+            cards,
+            signed: Vec::new(),
+        })
     }
 
     fn export_images(&self, size: u32) -> anyhow::Result<ExportImages> {
@@ -281,6 +286,7 @@ impl Trainer<'_> {
 
     /// The card, the per-image test scores, the OOD model and INT8 copy (final
     /// exports of the full data), the progress (interim exports) and the plots.
+    /// Returns the cards of the versions written (this one's, the INT8 copy's).
     fn write_beside(
         &self,
         dest: &Path,
@@ -288,9 +294,10 @@ impl Trainer<'_> {
         lib: &Path,
         m: &Measured,
         interim: bool,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<std::path::PathBuf>> {
         let (args, name) = (self.args, &card.name);
         let card_path = dest.join(format!("{name}.json"));
+        let mut cards = vec![card_path.clone()];
         write_atomic(
             &card_path,
             (serde_json::to_string_pretty(card)? + "\n").as_bytes(),
@@ -340,6 +347,7 @@ impl Trainer<'_> {
                 let summary =
                     int8_copy::quantize_card(&card_path, &args.data, lib, args.val_fraction)?;
                 tracing::info!(target: "cxr::train", "{summary}");
+                cards.push(int8_copy::card_path(&card_path, name));
             }
         }
         let plot_data = plots::PlotData {
@@ -353,7 +361,7 @@ impl Trainer<'_> {
         if let Err(e) = plots::write_all(dest, &plot_data) {
             tracing::warn!(target: "cxr::train", "plots not written: {e}");
         }
-        Ok(())
+        Ok(cards)
     }
 }
 

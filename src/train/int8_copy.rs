@@ -43,6 +43,11 @@ fn answers(
     Ok(out)
 }
 
+/// The INT8 copy's card beside the FP32 card `card_path` of the variant `name`.
+pub fn card_path(card_path: &Path, name: &str) -> std::path::PathBuf {
+    card_path.with_file_name(format!("{name}-int8.json"))
+}
+
 /// Makes, measures and writes `<name>-int8.onnx` and its card beside `card_path`;
 /// returns a one-line summary.
 pub fn quantize_card(

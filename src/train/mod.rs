@@ -46,6 +46,10 @@ pub struct RunOutput {
     pub card: ModelCard,
     /// Path of the ONNX file.
     pub onnx: PathBuf,
+    /// The cards of the versions written (this model's; its INT8 copy's when made).
+    pub cards: Vec<PathBuf>,
+    /// The versions signed (`--sign-key`), one per card.
+    pub signed: Vec<crate::registry::SignedVersion>,
 }
 
 struct Split {
@@ -107,8 +111,27 @@ pub fn lr_at(schedule: ScheduleArg, peak: f64, step: usize, total: usize) -> f64
 /// otherwise the run resumes when asked, trains its remaining epochs and exports.
 /// Returns `None` when `--stop-after-steps` stopped it (checkpoint saved).
 pub fn run(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
-    use anyhow::Context;
     args.validate()?;
+    // The key is read before hours of training, not after.
+    let key = args
+        .sign_key
+        .as_deref()
+        .map(crate::signing::PrivateKey::read)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let out = train_and_export(args)?;
+    let Some(mut out) = out else { return Ok(None) };
+    if let Some(key) = &key {
+        // After the last file of each version (plots included) is written.
+        for card in &out.cards {
+            out.signed.push(crate::registry::sign_card(card, key)?);
+        }
+    }
+    Ok(Some(out))
+}
+
+fn train_and_export(args: &TrainArgs) -> anyhow::Result<Option<RunOutput>> {
+    use anyhow::Context;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     if args.threads > 0 {

@@ -6,6 +6,7 @@
 pub mod dicom;
 pub mod http;
 pub mod ops;
+pub mod sign;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod signed;
 mod weights;
 
 use std::path::Path;
