@@ -111,7 +111,8 @@ fn health_check(port: u16) -> bool {
 
 /// The HTTP door's state: the core and the API keys from `args`.
 fn app_state(core: Core, args: &ServeArgs) -> anyhow::Result<AppState> {
-    let mut state = AppState::with_core(core);
+    let mut state =
+        AppState::with_core(core).with_urgent_at(args.urgent_at().map_err(anyhow::Error::msg)?);
     match &args.api_keys_file {
         Some(path) => {
             let keys = cxr::http::auth::ApiKeys::load(path).map_err(anyhow::Error::msg)?;

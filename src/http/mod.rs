@@ -63,6 +63,9 @@ pub struct AppState {
     api_keys: Option<Arc<ApiKeys>>,
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
     public_metrics: bool,
+    /// When a positive answer is a suspected finding (`--urgent-at`; /models says
+    /// each version's threshold).
+    urgent_at: crate::delivery::UrgentAt,
     /// The outbox and its channels, when a destination is configured (the DICOM
     /// node's, `--hl7-destination`, `--fhir-url`).
     delivery: Arc<std::sync::OnceLock<Arc<crate::delivery::Delivery>>>,
@@ -76,6 +79,7 @@ impl AppState {
             core,
             api_keys: None,
             public_metrics: true,
+            urgent_at: crate::delivery::UrgentAt::default(),
             delivery: Arc::new(std::sync::OnceLock::new()),
         }
     }
@@ -91,6 +95,18 @@ impl AppState {
     pub fn with_api_keys(mut self, keys: ApiKeys) -> Self {
         self.api_keys = Some(Arc::new(keys));
         self
+    }
+
+    /// Says suspected findings at `urgent_at` (`--urgent-at`).
+    #[must_use]
+    pub fn with_urgent_at(mut self, urgent_at: crate::delivery::UrgentAt) -> Self {
+        self.urgent_at = urgent_at;
+        self
+    }
+
+    /// When a positive answer is a suspected finding.
+    pub fn urgent_at(&self) -> crate::delivery::UrgentAt {
+        self.urgent_at
     }
 
     /// Serves `/metrics` only on the admin listener ([`build_admin_app`]), not on

@@ -40,12 +40,17 @@ fn live_facts(m: &ServedModel) -> LiveFacts {
 }
 
 /// `m` (a variant's default version, or one version of it) as `/models` shows it.
-pub(super) fn model_info(models: &ModelSet, m: &ServedModel) -> ModelInfo {
+pub(super) fn model_info(
+    models: &ModelSet,
+    m: &ServedModel,
+    urgent_at: crate::delivery::UrgentAt,
+) -> ModelInfo {
     let name = &m.card.name;
     let shadow = models.shadow_of(name);
     ModelInfo {
         card: m.card.clone(),
         default: models.default_model().card.name == *name,
+        urgent_threshold: urgent_at.threshold(&m.card),
         live: live_facts(m),
         plots: m
             .plots
@@ -91,7 +96,7 @@ pub(super) async fn list_models(
         models: models
             .all()
             .iter()
-            .map(|m| model_info(&models, m))
+            .map(|m| model_info(&models, m, state.urgent_at()))
             .collect(),
     }))
 }
@@ -114,7 +119,7 @@ pub(super) async fn get_model(
     let models = state.models().ok_or(ApiError::NotReady)?;
     // `NAME` (its default version) or `NAME@VERSION`.
     let m = models.select(Some(&name), None)?;
-    let mut info = model_info(&models, m);
+    let mut info = model_info(&models, m, state.urgent_at());
     if state.core().outcomes().is_some() {
         let (core, m) = (state.core().clone(), m.clone());
         info.live_outcomes = Some(

@@ -102,6 +102,11 @@ pub struct ModelInfo {
     pub card: ModelCard,
     /// Whether it is the default variant.
     pub default: bool,
+    /// The P(PNEUMONIA) at or above which a positive answer of this version is a
+    /// suspected finding (`--urgent-at`: a probability, or this card's threshold at an
+    /// operating point): the passive urgent flag its HL7 and FHIR results carry and
+    /// the page shows; nothing is reordered or hidden.
+    pub urgent_threshold: f64,
     /// Live facts.
     pub live: LiveFacts,
     /// Paths of its training plots (ROC, curves, confusion matrix) that were found

@@ -86,6 +86,12 @@ async function apiAnswer(file, model) {
       const conf = await page.$eval(`${card} [data-field="confidence"]`, (e) => e.textContent);
       check(label === api.body.label, `${base} ${name}: label ${label} vs API ${api.body.label}`);
       check(conf === pct(api.body.confidence), `${base} ${name}: confidence ${conf} vs API ${pct(api.body.confidence)}`);
+      // The suspected-finding flag: shown exactly when the API's answer is positive at
+      // or above the version's urgency threshold in /models.
+      const info = list.models.find((m) => m.card.name === name);
+      const urgent = api.body.label === "PNEUMONIA" && api.body.probabilities.PNEUMONIA >= info.urgent_threshold;
+      const flagged = await page.$(`${card} [data-field="suspected-finding"]`);
+      check(Boolean(flagged) === urgent, `${base} ${name}: suspected-finding flag ${Boolean(flagged)}, expected ${urgent} (P ${api.body.probabilities.PNEUMONIA}, urgency threshold ${info.urgent_threshold})`);
       if (api.body.dicom) {
         const uid = await page.$eval(`${card} [data-field="sop-uid"]`, (e) => e.textContent);
         check(uid === api.body.dicom.sop_instance_uid, `${base} ${name}: SOP UID ${uid}`);
