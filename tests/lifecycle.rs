@@ -210,6 +210,20 @@ fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 
 #[test]
 fn the_drain_refuses_new_connections_and_finishes_the_request_in_flight() {
+    // An idle keep-alive connection is kept for DRAIN_IDLE_GRACE (1 s) after the
+    // drain starts: on a machine so loaded that this test's next request comes later
+    // than that, the server rightly closed it first. That one step is tried again on
+    // a fresh server (at most three times); every other step fails at once.
+    for attempt in 1..=3 {
+        match drain_once() {
+            Ok(()) => return,
+            Err(e) if attempt < 3 => eprintln!("attempt {attempt}: {e}; again"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn drain_once() -> Result<(), String> {
     let dir = common::models_dir();
     let mut server = Server::start(dir.path(), &[] as &[&str]);
     server.wait_ready();
@@ -237,6 +251,7 @@ fn the_drain_refuses_new_connections_and_finishes_the_request_in_flight() {
     std::thread::sleep(Duration::from_millis(200));
 
     server.sigterm();
+    let sigterm_at = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !refused(&server.addr) {
         assert!(
@@ -248,9 +263,22 @@ fn the_drain_refuses_new_connections_and_finishes_the_request_in_flight() {
 
     // The keep-alive connection's next request is answered, with Connection: close,
     // and the connection then ends.
-    kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
+    let since_sigterm = sigterm_at.elapsed();
+    let _ = kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut first = [0u8; 1];
+    match kept.read(&mut first) {
+        Ok(1) => {}
+        other if since_sigterm > Duration::from_millis(900) => {
+            return Err(format!(
+                "the kept connection was closed before its next request ({other:?}), which went {since_sigterm:?} after SIGTERM: past the drain's grace"
+            ));
+        }
+        other => panic!(
+            "the kept connection was closed within the drain's grace ({since_sigterm:?} after SIGTERM): {other:?}"
+        ),
+    }
     let (head, _) = read_answer(&mut kept);
+    let head = format!("h{head}");
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
     assert!(closed_within(&mut kept, Duration::from_secs(5)));
@@ -262,6 +290,7 @@ fn the_drain_refuses_new_connections_and_finishes_the_request_in_flight() {
     assert!(common::http::json(&body)["label"].is_string());
     let (rest, ok) = server.finish();
     assert!(ok, "exit status; logs {rest:?}");
+    Ok(())
 }
 
 /// The value of `name: VALUE` in the deployment's env list, or a top-level field.
