@@ -238,8 +238,9 @@ pub async fn run(
         // One of the core's in-flight slots, as every door takes (the job runs
         // alone, one file at a time, so one is always free).
         let slot = core.slot().map_err(|e| JobError(e.to_string()))?;
+        let key = core.filing_key(&valid, &seed);
         let filed = core
-            .within_timeout(core.analyse_for_filing(&valid, upload, source, &seed))
+            .within_timeout(core.analyse_for_filing(&valid, upload, source, &key))
             .await;
         drop(slot);
         let filed = match filed {
@@ -284,7 +285,6 @@ pub async fn run(
         }
         // A DICOM instance's result goes to the RIS too (--hl7-destination).
         if let (Some(d), Some(src)) = (&delivery, source) {
-            let key = core.filing_key(&valid, &seed);
             let facts = crate::delivery::report_facts(
                 &valid,
                 filed.outcome.as_ref(),

@@ -314,7 +314,7 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, s: &Store) 
         &valid,
         upload,
         Some(&source),
-        &seed,
+        &key,
     )));
     let filed = match filed {
         Ok(f) => f,

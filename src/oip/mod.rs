@@ -207,7 +207,7 @@ impl std::fmt::Debug for Inputs {
     }
 }
 
-/// The request's one input of `inputs`, for model `model` of input size `size`.
+/// The request's one input of `inputs` (`size`: the model's input size, named in the refusal).
 pub fn one_input<T>(inputs: Vec<T>, size: u32) -> Result<T, ApiError> {
     <[T; 1]>::try_from(inputs)
         .map(|[one]| one)

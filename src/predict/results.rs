@@ -117,8 +117,8 @@ impl Core {
     /// Analyses one image for filing: answered (with its attention map), then its
     /// SR and SC; or refused as an image, then the SR that says why. `source` is
     /// what the objects are filed with when the core has none (a DICOM object the
-    /// decoder refused); `seed` names what the image is (its SOP Instance UID and
-    /// pixels), from which, with the model file, the objects' UIDs are derived.
+    /// decoder refused); `key` is the result's [`Core::filing_key`] (the door made it
+    /// to check its outbox first), from which the objects' UIDs are derived.
     ///
     /// Errors that are not about the image (not ready, overloaded, timeout, audit
     /// trail) are returned: nothing was decided, the sender should retry.
@@ -127,7 +127,7 @@ impl Core {
         valid: &Valid,
         upload: Upload,
         source: Option<&SrSource>,
-        seed: &str,
+        key: &str,
     ) -> Result<Filed, ApiError> {
         let model = &valid.model;
         let card = &model.card;
@@ -135,8 +135,7 @@ impl Core {
         // The objects' UIDs come from everything that makes the result: the model
         // file, the image, the decision inputs, and what was decided (so that two
         // different results never share a UID, and a resend of the same gives the
-        // same objects).
-        let key = self.filing_key(valid, seed);
+        // same objects): the filing key says all of it but what was decided.
         let uids_for = |s: &SrSource, outcome: &str| {
             UidMaker::derived(
                 self.uid_root(),
