@@ -83,14 +83,18 @@ pub struct ApiKeys {
     entries: Vec<Entry>,
 }
 
-/// Why a request was not let in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a request was not let in (each door answers it with its own status: HTTP
+/// 401/403, gRPC UNAUTHENTICATED/PERMISSION_DENIED).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// No key presented.
+    #[error("an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
     Missing,
     /// A key that matches no caller.
+    #[error("the API key is not valid")]
     Invalid,
     /// A known caller without the route's scope.
+    #[error("caller `{caller}` may not use this route: its key lacks the `{}` scope", scope.as_str())]
     Forbidden { caller: String, scope: Scope },
 }
 
@@ -102,6 +106,15 @@ impl AuthError {
             AuthError::Missing => "missing",
             AuthError::Invalid => "invalid",
             AuthError::Forbidden { .. } => "forbidden",
+        }
+    }
+
+    /// Its `error_type`: `unauthorized` (no key, or an unknown one) or `forbidden`.
+    pub fn error_type(&self) -> crate::error_type::ErrorType {
+        use crate::error_type::ErrorType;
+        match self {
+            AuthError::Missing | AuthError::Invalid => ErrorType::Unauthorized,
+            AuthError::Forbidden { .. } => ErrorType::Forbidden,
         }
     }
 }

@@ -607,6 +607,7 @@ impl ServeArgs {
     pub fn grpc_limits(&self) -> crate::grpc::GrpcLimits {
         crate::grpc::GrpcLimits {
             max_message_bytes: self.max_body_bytes,
+            body_timeout: Duration::from_secs(self.body_timeout_s),
             max_concurrent_streams: 100,
             request_timeout: Duration::from_secs_f64(
                 self.body_timeout_s as f64 + self.request_timeout_s,
@@ -617,11 +618,18 @@ impl ServeArgs {
         }
     }
 
-    /// Request limits for the HTTP layer.
+    /// The HTTP door's body limits.
+    pub fn body_limits(&self) -> crate::http::BodyLimits {
+        crate::http::BodyLimits {
+            max_body_bytes: self.max_body_bytes,
+            body_timeout: Duration::from_secs(self.body_timeout_s),
+        }
+    }
+
+    /// The core's limits (every door's).
     pub fn limits(&self) -> Limits {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Limits {
-            max_body_bytes: self.max_body_bytes,
             max_pixels: self.max_pixels,
             max_images: self.max_images_per_request,
             request_timeout: Duration::from_secs_f64(self.request_timeout_s),
@@ -642,7 +650,6 @@ impl ServeArgs {
             },
             max_buffered_bytes: self.max_buffered_bytes,
             max_decode_pixels: self.max_decode_pixels,
-            body_timeout: std::time::Duration::from_secs(self.body_timeout_s),
             ood_action: self.ood_action,
         }
     }

@@ -137,12 +137,14 @@ fn beside(rel: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Runs the job over `input`, writing under `output`, answered by `model` (none:
-/// the default variant).
+/// the default variant); a file over `max_file_bytes` (`--max-body-bytes`) is
+/// refused by its size.
 pub async fn run(
     core: &Core,
     input: &Path,
     output: &Path,
     model: Option<String>,
+    max_file_bytes: usize,
     delivery: Option<Arc<Delivery>>,
 ) -> Result<JobSummary, JobError> {
     let all = walk(input).map_err(|e| JobError(e.0))?;
@@ -161,7 +163,7 @@ pub async fn run(
         None => println!("{line}"),
     };
     let mut summary = JobSummary::default();
-    let max = core.limits().max_body_bytes;
+    let max = max_file_bytes;
     for entry in &all {
         let path = match entry {
             Entry::File(p) => p,
@@ -181,16 +183,13 @@ pub async fn run(
             .map_err(|e| JobError(format!("cannot read {}: {e}", path.display())))?;
         let Some(bytes) = bytes else {
             // As the HTTP door refuses such a body (413): an answer, not a failure.
-            let e = crate::predict::ApiError::BodyTooLarge(max);
+            let kind = crate::error_type::ErrorType::PayloadTooLarge;
+            let e = format!("the file exceeds the limit of {max} bytes (--max-body-bytes)");
             summary.refused += 1;
-            say(format!(
-                "refused   {}: {}: {e}",
-                rel.display(),
-                e.error_type()
-            ));
+            say(format!("refused   {}: {kind}: {e}", rel.display()));
             let json = serde_json::to_vec_pretty(&serde_json::json!({
-                "error": e.to_string(),
-                "error_type": e.error_type(),
+                "error": e,
+                "error_type": kind,
             }))
             .map_err(|e| JobError(e.to_string()))?;
             write(output, &beside(&rel, ".json"), &json)?;

@@ -36,6 +36,7 @@ pub mod defaults;
 pub mod delivery;
 pub mod dicom_node;
 pub mod digest;
+pub mod error_type;
 pub mod eval;
 pub mod grpc;
 pub mod http;

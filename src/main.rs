@@ -111,8 +111,9 @@ fn health_check(port: u16) -> bool {
 
 /// The HTTP door's state: the core and the API keys from `args`.
 fn app_state(core: Core, args: &ServeArgs) -> anyhow::Result<AppState> {
-    let mut state =
-        AppState::with_core(core).with_urgent_at(args.urgent_at().map_err(anyhow::Error::msg)?);
+    let mut state = AppState::with_core(core)
+        .with_body_limits(args.body_limits())
+        .with_urgent_at(args.urgent_at().map_err(anyhow::Error::msg)?);
     match &args.api_keys_file {
         Some(path) => {
             let keys = cxr::http::auth::ApiKeys::load(path).map_err(anyhow::Error::msg)?;
@@ -508,9 +509,16 @@ async fn job(
     .context("cannot load the models")?;
     core.set_models(set);
     let delivery = delivery(&args, &core, None).await?;
-    let summary = cxr::job::run(&core, input, output, args.dicom_model.clone(), delivery)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let summary = cxr::job::run(
+        &core,
+        input,
+        output,
+        args.dicom_model.clone(),
+        args.max_body_bytes,
+        delivery,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     drop(core);
     for w in workers {
         let _ = w.join();

@@ -160,11 +160,9 @@ async fn deeply_nested_dicom_is_400_and_the_service_lives() {
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     // 100,000 levels (~3.6 MB): refused, no stack overflow.
     let deep = nested_sequences(good, 100_000);
-    let limits = cxr::Limits {
-        max_body_bytes: 8 << 20,
-        ..common::test_limits()
-    };
-    let big = common::test_app_with(limits, common::default_batch());
+    let big = common::test_app_configured(common::test_limits(), common::default_batch(), |s| {
+        s.with_max_body_bytes(8 << 20)
+    });
     let v = expect_error(
         &big.app,
         raw("/predict", "application/dicom", deep),

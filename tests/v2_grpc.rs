@@ -511,11 +511,12 @@ print("took", time.monotonic() - t, r.as_numpy("probabilities").shape)
 async fn the_buffered_bytes_budget_is_one_for_every_door() {
     use common::http::{expect_error, raw, send};
     let limits = cxr::http::Limits {
-        max_body_bytes: 8 << 20,
         max_buffered_bytes: 8 << 20,
         ..common::test_limits()
     };
-    let t = common::test_app_with(limits, common::default_batch());
+    let t = common::test_app_configured(limits, common::default_batch(), |s| {
+        s.with_max_body_bytes(8 << 20)
+    });
     let png = common::png_bytes(&common::gray_image(96, 80, 5));
     let core = t.state.core();
     let held = [

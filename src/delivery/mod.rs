@@ -39,8 +39,8 @@ use crate::delivery::outbox::Policy;
 use crate::delivery::sender::Round;
 use crate::eval::calibration::Target;
 use crate::imaging::dicom::SrSource;
-use crate::predict::ApiError;
 use crate::predict::Core;
+use crate::predict::PredictError;
 use crate::predict::Prediction;
 use crate::predict::ResultObject;
 use crate::predict::Valid;
@@ -272,7 +272,7 @@ impl UrgentAt {
 /// ([`Core::filing_key`]), and the urgent flag (`urgent_at`).
 pub fn report_facts(
     valid: &Valid,
-    outcome: Result<&Prediction, &ApiError>,
+    outcome: Result<&Prediction, &PredictError>,
     source: Option<&SrSource>,
     result_id: &str,
     urgent_at: UrgentAt,

@@ -34,9 +34,9 @@ use crate::dicom_node::dimse::Store;
 use crate::dicom_node::dimse::VERIFICATION;
 use crate::dicom_node::dimse::status;
 use crate::dicom_node::peers::PeerCheck;
+use crate::error_type::ErrorType;
 use crate::predict::Ask;
 use crate::predict::Asker;
-use crate::predict::ErrorType;
 use crate::predict::Upload;
 
 /// The storage SOP classes taken: Computed Radiography, Digital X-Ray for

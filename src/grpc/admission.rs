@@ -35,8 +35,8 @@ use tonic::body::Body;
 use crate::access::ApiKeys;
 use crate::access::Scope;
 use crate::access::presented_key;
-use crate::grpc::status;
-use crate::predict::ApiError;
+use crate::grpc::Refusal;
+use crate::grpc::door_status;
 use crate::predict::Core;
 use crate::predict::Reservation;
 
@@ -154,14 +154,22 @@ pub(super) struct Admission {
     keys: Option<Arc<ApiKeys>>,
     /// `--max-body-bytes`: the largest `ModelInfer` message.
     max_message: usize,
+    /// Longest a message may take to arrive (`--body-timeout-s`).
+    body_timeout: Duration,
 }
 
 impl Admission {
-    pub(super) fn new(core: Core, keys: Option<Arc<ApiKeys>>, max_message: usize) -> Self {
+    pub(super) fn new(
+        core: Core,
+        keys: Option<Arc<ApiKeys>>,
+        max_message: usize,
+        body_timeout: Duration,
+    ) -> Self {
         Self {
             core,
             keys,
             max_message,
+            body_timeout,
         }
     }
 
@@ -209,7 +217,7 @@ impl Admission {
                         scope,
                         &e,
                     ));
-                let s = status(&ApiError::Auth(e));
+                let s = door_status(&Refusal::Auth(e));
                 Self::count(&self.core, method, s.code());
                 s
             })
@@ -282,7 +290,7 @@ where
             PRE_AUTH_MESSAGE_BYTES.min(a.max_message)
         };
         let held = Arc::new(Mutex::new(None));
-        let body_timeout = a.core.limits().body_timeout;
+        let body_timeout = a.body_timeout;
         let (parts, body) = req.into_parts();
         let metered = Metered {
             inner: body,
@@ -329,9 +337,9 @@ struct Metered {
 }
 
 impl Metered {
-    fn refuse(&mut self, e: &ApiError) -> Status {
+    fn refuse(&mut self, e: &Refusal) -> Status {
         self.failed = true;
-        let s = status(e);
+        let s = door_status(e);
         Admission::count(&self.core, self.method, s.code());
         s
     }
@@ -352,7 +360,7 @@ impl http_body::Body for Metered {
         if let Some(d) = &mut this.deadline
             && d.as_mut().poll(cx).is_ready()
         {
-            let e = ApiError::BodyTimeout(this.body_timeout.as_secs());
+            let e = Refusal::BodyTimeout(this.body_timeout.as_secs());
             return Poll::Ready(Some(Err(this.refuse(&e))));
         }
         let frame = match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
@@ -367,11 +375,11 @@ impl http_body::Body for Metered {
             let (limit, core, held) = (this.limit, &this.core, &this.held);
             let checked = this.framing.feed(data, |len| {
                 if len as usize > limit {
-                    return Err(ApiError::BodyTooLarge(limit));
+                    return Err(Refusal::MessageTooLarge(limit));
                 }
                 // The message's bytes, before they arrive; the previous message's
                 // reservation (a stream's) is given back.
-                let r = core.reserve_bytes(u64::from(len))?;
+                let r = core.reserve_bytes(u64::from(len)).map_err(Refusal::Core)?;
                 *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
                 Ok(())
             });

@@ -30,17 +30,17 @@ use crate::access::ApiKeys;
 use crate::access::Caller;
 use crate::access::Scope;
 use crate::access::presented_key;
+use crate::error_type::ErrorType;
 use crate::oip;
 use crate::oip::AskedOutput;
 use crate::oip::OutTensor;
 use crate::oip::Param;
 use crate::oip::Params;
 use crate::oip::tensor;
-use crate::predict::ApiError;
 use crate::predict::Ask;
 use crate::predict::Asker;
 use crate::predict::Core;
-use crate::predict::ErrorType;
+use crate::predict::PredictError;
 
 /// The generated protocol types and service.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -96,26 +96,62 @@ pub fn code(kind: ErrorType) -> tonic::Code {
     }
 }
 
+/// What the gRPC door refuses: the core's refusals, and its own (the key, the
+/// message's size, the body's time).
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The core's.
+    #[error(transparent)]
+    Core(#[from] PredictError),
+    /// No valid key, or a key without the method's scope.
+    #[error(transparent)]
+    Auth(#[from] crate::access::AuthError),
+    /// A message larger than `--max-body-bytes`.
+    #[error("request body exceeds the limit of {0} bytes")]
+    MessageTooLarge(usize),
+    /// The message did not arrive within `--body-timeout-s`.
+    #[error("the request body did not arrive within {0} s")]
+    BodyTimeout(u64),
+}
+
+impl Refusal {
+    /// Its `error_type`.
+    pub fn error_type(&self) -> ErrorType {
+        match self {
+            Refusal::Core(e) => e.error_type(),
+            Refusal::Auth(e) => e.error_type(),
+            Refusal::MessageTooLarge(_) => ErrorType::PayloadTooLarge,
+            Refusal::BodyTimeout(_) => ErrorType::BodyTimeout,
+        }
+    }
+}
+
 /// An error as a gRPC status: its code, its message, and its `error_type` (and a
 /// retry delay when it is about the server's state) in the trailers.
-pub fn status(e: &ApiError) -> Status {
-    let kind = e.error_type();
-    let message = match e {
-        ApiError::Internal(detail) => {
-            tracing::error!(detail = %detail, "internal error");
-            e.to_string()
-        }
-        _ => e.to_string(),
-    };
+pub fn status(e: &PredictError) -> Status {
+    if let PredictError::Internal(detail) = e {
+        tracing::error!(detail = %detail, "internal error");
+    }
+    status_of(e.error_type(), e.to_string())
+}
+
+/// A refusal, the door's own or the core's, as a gRPC status ([`status`]).
+pub fn door_status(r: &Refusal) -> Status {
+    match r {
+        Refusal::Core(e) => status(e),
+        r => status_of(r.error_type(), r.to_string()),
+    }
+}
+
+fn status_of(kind: ErrorType, message: String) -> Status {
     // The refusals about the server's state carry google.rpc.RetryInfo (and a
     // retry-after header, for clients that read only metadata).
-    let mut s = match e.retry_after() {
+    let retry_after = kind.is_transient().then_some(1u64);
+    let mut s = match retry_after {
         Some(after) => <Status as tonic_types::StatusExt>::with_error_details(
             code(kind),
             message,
-            tonic_types::ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(
-                u64::from(after),
-            ))),
+            tonic_types::ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(after))),
         ),
         None => Status::new(code(kind), message),
     };
@@ -123,7 +159,7 @@ pub fn status(e: &ApiError) -> Status {
     if let Ok(v) = kind.as_str().parse() {
         md.insert("error-type", v);
     }
-    if let Some(after) = e.retry_after()
+    if let Some(after) = retry_after
         && let Ok(v) = after.to_string().parse()
     {
         md.insert("retry-after", v);
@@ -161,7 +197,7 @@ impl Inference {
                 .auth_refused
                 .with_label_values(&[reason])
                 .inc();
-            status(&ApiError::Auth(e))
+            door_status(&Refusal::Auth(e))
         })
     }
 
@@ -209,7 +245,7 @@ impl Inference {
         let out = match deadline {
             Some(d) => tokio::time::timeout(d, job)
                 .await
-                .unwrap_or(Err(ApiError::Timeout(d.as_secs_f64()))),
+                .unwrap_or(Err(PredictError::Timeout(d.as_secs_f64()))),
             None => job.await,
         }
         .map_err(|e| status(&e));
@@ -305,7 +341,7 @@ async fn infer_inner(
     r: pb::ModelInferRequest,
     asker: Asker,
     started: Instant,
-) -> Result<pb::ModelInferResponse, ApiError> {
+) -> Result<pb::ModelInferResponse, PredictError> {
     let version = (!r.model_version.is_empty()).then_some(r.model_version.as_str());
     let model = core.served(&r.model_name, version)?.clone();
     let (ask, outputs) = ask_and_outputs(&r)?;
@@ -339,7 +375,7 @@ async fn infer_inner(
 }
 
 /// The request's parameters and asked outputs, in the protocol's terms.
-fn ask_and_outputs(r: &pb::ModelInferRequest) -> Result<(Ask, Vec<oip::Selected>), ApiError> {
+fn ask_and_outputs(r: &pb::ModelInferRequest) -> Result<(Ask, Vec<oip::Selected>), PredictError> {
     let parameters = params(&r.parameters);
     let asked: Vec<AskedOutput> = r
         .outputs
@@ -363,20 +399,20 @@ pub fn inputs_of(
     model: &str,
     size: u32,
     max: usize,
-) -> Result<Inputs, ApiError> {
+) -> Result<Inputs, PredictError> {
     let input = oip::one_input(r.inputs.iter().collect(), size)?;
     let raw = match r.raw_input_contents.as_slice() {
         [] => None,
         [one] => Some(one.as_slice()),
         more => {
-            return Err(ApiError::BadRequest(format!(
+            return Err(PredictError::InvalidRequest(format!(
                 "{} raw_input_contents for one input",
                 more.len()
             )));
         }
     };
     if raw.is_some() && input.contents.is_some() {
-        return Err(ApiError::BadRequest(
+        return Err(PredictError::InvalidRequest(
             "input has both `contents` and raw_input_contents; send one".into(),
         ));
     }
@@ -428,7 +464,7 @@ pub fn translate(
     model: &str,
     size: u32,
     max: usize,
-) -> Result<(Ask, Vec<oip::Selected>, Inputs), ApiError> {
+) -> Result<(Ask, Vec<oip::Selected>, Inputs), PredictError> {
     let (ask, outputs) = ask_and_outputs(r)?;
     Ok((ask, outputs, inputs_of(r, model, size, max)?))
 }
@@ -541,6 +577,8 @@ impl GrpcInferenceService for Inference {
 pub struct GrpcLimits {
     /// Largest request message (`--max-body-bytes`).
     pub max_message_bytes: usize,
+    /// Longest an inference message may take to arrive (`--body-timeout-s`).
+    pub body_timeout: std::time::Duration,
     /// Most concurrent streams per connection.
     pub max_concurrent_streams: u32,
     /// Longest a request may take, whatever the client's deadline.
@@ -675,7 +713,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the protocol's descriptor set is valid");
-    let admission = admission::Admission::new(core.clone(), keys.clone(), limits.max_message_bytes);
+    let admission = admission::Admission::new(
+        core.clone(),
+        keys.clone(),
+        limits.max_message_bytes,
+        limits.body_timeout,
+    );
     let service = GrpcInferenceServiceServer::new(Inference::new(core, keys))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
@@ -752,21 +795,24 @@ mod tests {
     #[test]
     fn refusals_map_to_their_grpc_codes_and_transient_ones_carry_retry_info() {
         use tonic_types::StatusExt as _;
-        let s = status(&ApiError::Overloaded("m".into()));
+        let s = status(&PredictError::Overloaded("m".into()));
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
         assert_eq!(
             s.get_details_retry_info().and_then(|r| r.retry_delay),
             Some(Duration::from_secs(1))
         );
         assert_eq!(s.metadata().get("error-type").unwrap(), "overloaded");
-        let s = status(&ApiError::BadRequest("x".into()));
+        let s = status(&PredictError::InvalidRequest("x".into()));
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
         assert!(s.get_details_retry_info().is_none());
         assert_eq!(
-            status(&ApiError::Timeout(1.0)).code(),
+            status(&PredictError::Timeout(1.0)).code(),
             tonic::Code::DeadlineExceeded
         );
-        assert_eq!(status(&ApiError::NotReady).code(), tonic::Code::Unavailable);
+        assert_eq!(
+            status(&PredictError::NotReady).code(),
+            tonic::Code::Unavailable
+        );
         for k in ErrorType::ALL {
             // Every transient refusal tells the client to come back; no other does.
             let transient = matches!(

@@ -13,11 +13,11 @@ pub(crate) type BodyReservation = crate::predict::Reservation;
 /// Reserves a request body's bytes in the buffered-body budget before it is read (its
 /// declared length, or the most a body may be): what is buffered stays bounded.
 pub(super) fn reserve_body(state: &AppState, req: &Request) -> Result<BodyReservation, ApiError> {
-    let limits = state.limits();
+    let limits = state.body_limits();
     // A body of unknown length (chunked) reserves the most a body may be.
     let declared = axum::body::HttpBody::size_hint(req.body()).exact();
     let reserve = declared
         .unwrap_or(limits.max_body_bytes as u64)
         .min(limits.max_body_bytes as u64);
-    state.core().reserve_bytes(reserve)
+    Ok(state.core().reserve_bytes(reserve)?)
 }

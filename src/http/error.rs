@@ -1,6 +1,8 @@
-//! How the HTTP doors answer an [`ApiError`]: its status (one per
-//! [`ErrorType`], decided here in one table) and one JSON shape `{"error": "...",
-//! "error_type": "..."}`, with `WWW-Authenticate` and `Retry-After` where they apply.
+//! The HTTP door's errors: [`ApiError`], the core's refusals ([`PredictError`]) and
+//! the door's own (routes, bodies, content types, keys, the query string, `Accept`),
+//! answered with a status (one per [`ErrorType`], decided here in one table) and one
+//! JSON shape `{"error": "...", "error_type": "..."}`, with `WWW-Authenticate` and
+//! `Retry-After` where they apply.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -9,8 +11,79 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::access::AuthError;
-pub use crate::predict::ApiError;
-pub use crate::predict::ErrorType;
+pub use crate::error_type::ErrorType;
+pub use crate::predict::PredictError;
+
+/// Every error the HTTP door answers.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The core's.
+    #[error(transparent)]
+    Core(#[from] PredictError),
+    /// No valid key, or a key without the route's scope.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Unknown route.
+    #[error("no route for {0}")]
+    NoRoute(String),
+    /// Wrong method for the route.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Body larger than `--max-body-bytes`.
+    #[error("request body exceeds the limit of {0} bytes")]
+    BodyTooLarge(usize),
+    /// The body did not arrive within `--body-timeout-s`.
+    #[error("the request body did not arrive within {0} s")]
+    BodyTimeout(u64),
+    /// A content type the route does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// A query string that cannot be read.
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    /// The Accept header asks for what this request cannot be answered in.
+    #[error("{0}")]
+    NotAcceptable(String),
+    /// A body that cannot be read as the route's (bad multipart, unknown part,
+    /// invalid JSON).
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl From<crate::inference::SelectError> for ApiError {
+    fn from(e: crate::inference::SelectError) -> Self {
+        ApiError::Core(e.into())
+    }
+}
+
+impl ApiError {
+    /// A server-side failure (the core's `internal`; details only logged).
+    pub fn internal(detail: impl ToString) -> Self {
+        ApiError::Core(PredictError::Internal(detail.to_string()))
+    }
+
+    /// The `error_type`: the core's, or the door's own (one arm per variant).
+    pub fn error_type(&self) -> ErrorType {
+        match self {
+            ApiError::Core(e) => e.error_type(),
+            ApiError::Auth(e) => e.error_type(),
+            ApiError::NoRoute(_) => ErrorType::NotFound,
+            ApiError::MethodNotAllowed => ErrorType::MethodNotAllowed,
+            ApiError::BodyTooLarge(_) => ErrorType::PayloadTooLarge,
+            ApiError::BodyTimeout(_) => ErrorType::BodyTimeout,
+            ApiError::UnsupportedMediaType(_) => ErrorType::UnsupportedMediaType,
+            ApiError::InvalidQuery(_) => ErrorType::InvalidQuery,
+            ApiError::NotAcceptable(_) => ErrorType::NotAcceptable,
+            ApiError::BadRequest(_) => ErrorType::InvalidRequest,
+        }
+    }
+
+    /// Seconds a client should wait before retrying (`Retry-After`), for the
+    /// refusals about the server's state.
+    pub fn retry_after(&self) -> Option<u32> {
+        self.error_type().is_transient().then_some(1)
+    }
+}
 
 /// The error body.
 #[derive(Debug, Serialize, ToSchema)]
@@ -115,11 +188,14 @@ impl IntoResponse for ApiError {
             kind,
             message: self.to_string(),
             internal: match &self {
-                ApiError::Internal(detail) => Some(detail.clone()),
+                ApiError::Core(PredictError::Internal(detail)) => Some(detail.clone()),
                 _ => None,
             },
         };
-        let details = self.details();
+        let details = match &self {
+            ApiError::Core(e) => e.details(),
+            _ => None,
+        };
         let body = ErrorBody {
             error: self.to_string(),
             error_type: kind,

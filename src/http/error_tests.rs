@@ -15,10 +15,16 @@ fn error_types_serialise_as_their_wire_names() {
 
 #[test]
 fn retry_after_only_on_503() {
-    assert_eq!(ApiError::Overloaded("m".into()).retry_after(), Some(1));
-    assert_eq!(ApiError::Timeout(1.0).retry_after(), Some(1));
+    assert_eq!(
+        ApiError::Core(PredictError::Overloaded("m".into())).retry_after(),
+        Some(1)
+    );
+    assert_eq!(
+        ApiError::Core(PredictError::Timeout(1.0)).retry_after(),
+        Some(1)
+    );
     assert_eq!(ApiError::BadRequest("x".into()).retry_after(), None);
-    let r = ApiError::Overloaded("m".into()).into_response();
+    let r = ApiError::Core(PredictError::Overloaded("m".into())).into_response();
     assert_eq!(r.headers()[header::RETRY_AFTER], "1");
     assert_eq!(
         r.extensions().get::<Refusal>().unwrap().kind,

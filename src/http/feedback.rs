@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
+use crate::http::error::ApiError;
 use crate::outcomes::{Answered, LiveOutcomes, Recorded};
 use crate::predict::feedback::Confirmation;
-use crate::predict::{ApiError, Asker, Core};
+use crate::predict::{Asker, Core, PredictError};
 use crate::registry::Label;
 
 /// A confirmed label.
@@ -147,7 +148,12 @@ async fn confirm(
     let core: Core = state.core().clone();
     let done = tokio::task::spawn_blocking(move || core.confirm(&asker.caller, &c))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        .map_err(ApiError::internal)?
+        .map_err(|e| match e {
+            // No store: this server has no such route.
+            PredictError::NoOutcomes => ApiError::NoRoute(format!("POST /feedback: {e}")),
+            e => e.into(),
+        })?;
     Ok(Json(FeedbackAnswer {
         status: match done.recorded {
             Recorded::New => "recorded",

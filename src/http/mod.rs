@@ -59,6 +59,8 @@ use auth::{ApiKeys, Caller, Scope};
 #[derive(Clone)]
 pub struct AppState {
     core: Core,
+    /// How large a body may be and how long it may take (the door's own budget).
+    body: BodyLimits,
     /// Callers and their scopes (`--api-keys-file`); `None`: the API is open.
     api_keys: Option<Arc<ApiKeys>>,
     /// Whether `/metrics` is on the API port (false with `--metrics-port`).
@@ -77,6 +79,7 @@ impl AppState {
     pub fn with_core(core: Core) -> Self {
         Self {
             core,
+            body: BodyLimits::default(),
             api_keys: None,
             public_metrics: true,
             urgent_at: crate::delivery::UrgentAt::default(),
@@ -88,6 +91,18 @@ impl AppState {
     /// models yet: `/ready` answers 503 until [`AppState::set_models`]).
     pub fn new(limits: Limits, metrics: Arc<ServerMetrics>) -> Self {
         Self::with_core(Core::new(limits, metrics))
+    }
+
+    /// Takes bodies within `body` (`--max-body-bytes`, `--body-timeout-s`).
+    #[must_use]
+    pub fn with_body_limits(mut self, body: BodyLimits) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// How large a body may be and how long it may take.
+    pub fn body_limits(&self) -> BodyLimits {
+        self.body
     }
 
     /// Requires API keys on `/predict` and `/models*`.
@@ -149,7 +164,7 @@ impl AppState {
         self.core.models()
     }
 
-    /// The limits.
+    /// The core's limits.
     pub fn limits(&self) -> &Limits {
         self.core.limits()
     }
@@ -160,6 +175,26 @@ impl AppState {
     }
 }
 
+/// The HTTP door's body budget: what a request body may be, and how long it may
+/// take to arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Largest request body (`--max-body-bytes`): 413 over it.
+    pub max_body_bytes: usize,
+    /// Longest a client may take to send a body (`--body-timeout-s`): 408 after.
+    pub body_timeout: std::time::Duration,
+}
+
+/// The flags' defaults ([`crate::defaults`]).
+impl Default for BodyLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: crate::defaults::MAX_BODY_BYTES,
+            body_timeout: std::time::Duration::from_secs(crate::defaults::BODY_TIMEOUT_S),
+        }
+    }
+}
+
 /// Builds the whole application router.
 ///
 /// `/predict` needs the `predict` scope and `/models*` the `models` scope when the
@@ -167,7 +202,7 @@ impl AppState {
 /// (`/`, `/ui`, which asks for a key itself) stay open.
 /// `/metrics` is here unless the state was made [`AppState::without_public_metrics`].
 pub fn build_app(state: AppState) -> Router {
-    let max_body = state.limits().max_body_bytes;
+    let max_body = state.body_limits().max_body_bytes;
     let guard =
         |scope: Scope| middleware::from_fn_with_state((state.clone(), scope), auth::require);
     let predict_routes = Router::new()

@@ -14,7 +14,7 @@ use crate::delivery::outbox::DeadLetter;
 use crate::http::AppState;
 use crate::http::auth;
 use crate::http::auth::Scope;
-use crate::predict::ApiError;
+use crate::http::error::ApiError;
 
 /// Most dead letters one answer lists (the most recent).
 const MAX_LISTED: usize = 1000;
@@ -57,8 +57,8 @@ pub async fn dead_letters(State(state): State<AppState>) -> Result<Json<DeadLett
     })?;
     let letters = tokio::task::spawn_blocking(move || outbox.dead_letters(MAX_LISTED))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.0))?;
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.0))?;
     Ok(Json(DeadLetters {
         dead_letters: letters,
     }))

@@ -80,7 +80,7 @@ pub struct PredictUpload {
         (status = 408, description = "The body did not arrive within --body-timeout-s", body = ErrorBody,
             example = json!({"error": "the request body did not arrive within 30 s", "error_type": "body_timeout"})),
         (status = 404, description = "Unknown model", body = ErrorBody,
-            example = json!({"error": "unknown model `x`; GET /models lists the variants", "error_type": "model_not_found"})),
+            example = json!({"error": "unknown model `x` (served: augmented, weighted)", "error_type": "model_not_found"})),
         (status = 413, description = "Body, pixel count or image count over the limit", body = ErrorBody,
             example = json!({"error": "image of 60000x60000 pixels exceeds the limit of 40000000 pixels", "error_type": "too_many_pixels"})),
         (status = 415, description = "Unsupported content type, image format or DICOM transfer syntax", body = ErrorBody,
@@ -156,7 +156,7 @@ pub(super) async fn predict(
         if wants_png {
             // Core::validate refused a model without `cam` before classifying.
             let Some(h) = answered.predictions.first().and_then(|p| p.heatmap.as_ref()) else {
-                return Err(ApiError::Internal("an explained answer without its heatmap".into()));
+                return Err(ApiError::internal("an explained answer without its heatmap"));
             };
             let png = crate::predict::explain::png(&h.overlay);
             return Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response());
@@ -213,7 +213,7 @@ impl Filing {
             (source, crate::digest::sha256_hex(&b))
         })
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::internal(e.to_string()))?;
         // The same image for the same order is one result (delivered once).
         let seed = format!(
             "predict/{digest}/{}",
@@ -241,7 +241,7 @@ impl Filing {
         self,
         core: &Core,
         valid: &crate::predict::Valid,
-        outcome: Result<&Prediction, &crate::predict::ApiError>,
+        outcome: Result<&Prediction, &crate::predict::PredictError>,
     ) {
         let key = core.filing_key(valid, &self.seed);
         let mut facts = crate::delivery::report_facts(

@@ -12,6 +12,7 @@ use crate::http::types::Status;
 use crate::http::types::VersionInfo;
 use crate::inference::ModelSet;
 use crate::inference::ServedModel;
+use crate::predict::PredictError;
 use axum::Json;
 use axum::extract::Path;
 use axum::extract::State;
@@ -90,7 +91,9 @@ pub(super) fn model_info(
 pub(super) async fn list_models(
     State(state): State<AppState>,
 ) -> Result<Json<ModelList>, ApiError> {
-    let models = state.models().ok_or(ApiError::NotReady)?;
+    let models = state
+        .models()
+        .ok_or(ApiError::Core(PredictError::NotReady))?;
     Ok(Json(ModelList {
         default: models.default_model().card.name.clone(),
         models: models
@@ -116,7 +119,9 @@ pub(super) async fn get_model(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<ModelInfo>, ApiError> {
-    let models = state.models().ok_or(ApiError::NotReady)?;
+    let models = state
+        .models()
+        .ok_or(ApiError::Core(PredictError::NotReady))?;
     // `NAME` (its default version) or `NAME@VERSION`.
     let m = models.select(Some(&name), None)?;
     let mut info = model_info(&models, m, state.urgent_at());
@@ -125,7 +130,7 @@ pub(super) async fn get_model(
         info.live_outcomes = Some(
             tokio::task::spawn_blocking(move || core.live_outcomes(&m))
                 .await
-                .map_err(|e| ApiError::Internal(e.to_string()))??,
+                .map_err(|e| ApiError::internal(e.to_string()))??,
         );
     }
     Ok(Json(info))
@@ -145,10 +150,10 @@ pub(super) async fn get_plot(
     State(state): State<AppState>,
     Path((name, kind)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let models = state.models().ok_or(ApiError::NotReady)?;
-    let m = models
-        .get(&name)
-        .ok_or(crate::inference::SelectError::Unknown(name.clone()))?;
+    let models = state
+        .models()
+        .ok_or(ApiError::Core(PredictError::NotReady))?;
+    let m = models.get(&name).ok_or_else(|| models.unknown(&name))?;
     let png = m
         .plots
         .iter()
@@ -184,9 +189,11 @@ pub(super) async fn health() -> Json<Status> {
         (status = 503, description = "Still loading", body = ErrorBody)
     ))]
 pub(super) async fn ready(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
-    let models = state.models().ok_or(ApiError::NotReady)?;
+    let models = state
+        .models()
+        .ok_or(ApiError::Core(PredictError::NotReady))?;
     if let Some(dead) = models.all().iter().find(|m| !m.is_alive()) {
-        return Err(ApiError::WorkerDown(dead.card.name.clone()));
+        return Err(PredictError::WorkerDown(dead.card.name.clone()).into());
     }
     Ok(Json(Status {
         status: "ready".into(),

@@ -6,6 +6,7 @@ use crate::AppState;
 use crate::http::admission::BodyReservation;
 use crate::http::admission::reserve_body;
 use crate::http::error::ApiError;
+use crate::predict::PredictError;
 use crate::predict::Upload;
 use axum::body::Bytes;
 use axum::extract::FromRequest;
@@ -62,7 +63,7 @@ where
 {
     let reserved = reserve_body(state, &req)?;
     let started = Instant::now();
-    let timeout = state.limits().body_timeout;
+    let timeout = state.body_limits().body_timeout;
     let read = tokio::time::timeout(timeout, read(state, req))
         .await
         .map_err(|_| ApiError::BodyTimeout(timeout.as_secs()))?;
@@ -84,7 +85,7 @@ impl FromRequest<AppState> for ReservedBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let max = state.limits().max_body_bytes;
+        let max = state.body_limits().max_body_bytes;
         let (read, started, reserved) = reserved_read(state, req, |_, req: Request| {
             axum::body::to_bytes(req.into_body(), max)
         })
@@ -110,7 +111,7 @@ pub(super) async fn read_images(
     state: &AppState,
     req: Request,
 ) -> Result<(Vec<Upload>, bool, Vec<(String, String)>), ApiError> {
-    let limit = state.limits().max_body_bytes;
+    let limit = state.body_limits().max_body_bytes;
     let ct = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -182,10 +183,11 @@ pub(super) async fn read_images(
                     .map_err(|e| multipart_error(&e, limit))?;
                 images.push(kind.upload(bytes));
                 if images.len() > state.limits().max_images {
-                    return Err(ApiError::TooManyImages(
+                    return Err(PredictError::TooManyImages(
                         images.len(),
                         state.limits().max_images,
-                    ));
+                    )
+                    .into());
                 }
             }
             Ok((images, true, fields))

@@ -35,8 +35,13 @@ pub enum Prefer {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SelectError {
     /// No variant of that name.
-    #[error("unknown model `{0}`; GET /models lists the variants")]
-    Unknown(String),
+    #[error("unknown model `{name}` (served: {served})")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The variants served.
+        served: String,
+    },
     /// The variant is served but not at that version.
     #[error("model `{name}` has no version `{version}` loaded (loaded: {loaded})")]
     UnknownVersion {
@@ -465,6 +470,19 @@ impl ModelSet {
             .collect()
     }
 
+    /// The refusal of a variant `name` this set does not serve (naming those it does).
+    pub fn unknown(&self, name: &str) -> SelectError {
+        SelectError::Unknown {
+            name: name.to_string(),
+            served: self
+                .models
+                .iter()
+                .map(|m| m.card.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+
     /// Chooses by name (`weighted`, or `weighted@2.0.0` for one version), else by
     /// preference (best measured value among the default versions; ties go to the
     /// default, then to name order), else the default.
@@ -483,11 +501,9 @@ impl ModelSet {
                         version: version.to_string(),
                         loaded: self.version_names(name).join(", "),
                     },
-                    None => SelectError::Unknown(name.to_string()),
+                    None => self.unknown(name),
                 }),
-                None => self
-                    .get(asked)
-                    .ok_or_else(|| SelectError::Unknown(asked.to_string())),
+                None => self.get(asked).ok_or_else(|| self.unknown(asked)),
             };
         }
         let Some(p) = prefer else {

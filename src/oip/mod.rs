@@ -14,10 +14,10 @@ use bytes::Bytes;
 
 use crate::ood_score::OodAction;
 use crate::predict::Answered;
-use crate::predict::ApiError;
 use crate::predict::Ask;
 use crate::predict::Core;
 use crate::predict::Decoded;
+use crate::predict::PredictError;
 use crate::predict::Prediction;
 use crate::predict::Upload;
 use crate::predict::Valid;
@@ -85,18 +85,18 @@ pub type Params = BTreeMap<String, Option<Param>>;
 
 /// What the request's `threshold` and `operating_point` parameters ask (as
 /// `/predict`'s query does).
-pub fn ask_of(parameters: &Params) -> Result<Ask, ApiError> {
+pub fn ask_of(parameters: &Params) -> Result<Ask, PredictError> {
     let threshold = match parameters.get("threshold") {
         None => None,
         Some(p) => Some(p.as_ref().and_then(Param::number).ok_or_else(|| {
-            ApiError::BadRequest("parameter `threshold` must be a number".into())
+            PredictError::InvalidRequest("parameter `threshold` must be a number".into())
         })?),
     };
     let operating_point = match parameters.get("operating_point") {
         None => None,
         Some(Some(Param::Str(s))) => Some(s.clone()),
         Some(_) => {
-            return Err(ApiError::BadRequest(
+            return Err(PredictError::InvalidRequest(
                 "parameter `operating_point` must be a string such as `sensitivity:0.95`".into(),
             ));
         }
@@ -129,13 +129,13 @@ impl Output {
         }
     }
 
-    fn parse(name: &str) -> Result<Self, ApiError> {
+    fn parse(name: &str) -> Result<Self, PredictError> {
         Ok(match name {
             "probabilities" => Output::Probabilities,
             "label" => Output::Label,
             "ood_score" => Output::OodScore,
             other => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(PredictError::InvalidRequest(format!(
                     "unknown output `{other}`; this model has `probabilities`, `label` and (with an OOD model) `ood_score`"
                 )));
             }
@@ -161,11 +161,13 @@ pub type Selected = (Output, bool);
 pub fn selected_outputs(
     parameters: &Params,
     asked: Option<&[AskedOutput]>,
-) -> Result<Vec<Selected>, ApiError> {
+) -> Result<Vec<Selected>, PredictError> {
     let flag = |p: Option<&Option<Param>>, what: &str| match p {
         None => Ok(None),
         Some(Some(Param::Bool(b))) => Ok(Some(*b)),
-        Some(_) => Err(ApiError::BadRequest(format!("{what} must be a boolean"))),
+        Some(_) => Err(PredictError::InvalidRequest(format!(
+            "{what} must be a boolean"
+        ))),
     };
     let all_binary = flag(
         parameters.get("binary_data_output"),
@@ -208,11 +210,11 @@ impl std::fmt::Debug for Inputs {
 }
 
 /// The request's one input of `inputs` (`size`: the model's input size, named in the refusal).
-pub fn one_input<T>(inputs: Vec<T>, size: u32) -> Result<T, ApiError> {
+pub fn one_input<T>(inputs: Vec<T>, size: u32) -> Result<T, PredictError> {
     <[T; 1]>::try_from(inputs)
         .map(|[one]| one)
         .map_err(|inputs| {
-            ApiError::BadRequest(format!(
+            PredictError::InvalidRequest(format!(
                 "{} inputs; send exactly one: `image` (BYTES, encoded files) or `input` (FP32 [N, 3, {size}, {size}])",
                 inputs.len(),
             ))
@@ -220,9 +222,9 @@ pub fn one_input<T>(inputs: Vec<T>, size: u32) -> Result<T, ApiError> {
 }
 
 /// An input's declared datatype is the one its name takes.
-pub fn check_datatype(name: &str, datatype: &str, want: &str) -> Result<(), ApiError> {
+pub fn check_datatype(name: &str, datatype: &str, want: &str) -> Result<(), PredictError> {
     if datatype != want {
-        return Err(ApiError::BadRequest(format!(
+        return Err(PredictError::InvalidRequest(format!(
             "input `{name}` must have datatype {want}, not {datatype}"
         )));
     }
@@ -230,8 +232,8 @@ pub fn check_datatype(name: &str, datatype: &str, want: &str) -> Result<(), ApiE
 }
 
 /// An input named other than `image` or `input`.
-pub fn unknown_input(name: &str, model: &str) -> ApiError {
-    ApiError::BadRequest(format!(
+pub fn unknown_input(name: &str, model: &str) -> PredictError {
+    PredictError::InvalidRequest(format!(
         "unknown input `{name}`; model `{model}` takes `image` (BYTES) or `input` (FP32)"
     ))
 }
@@ -355,12 +357,12 @@ pub async fn infer(
     valid: &Valid,
     outputs: &[Selected],
     inputs: Inputs,
-) -> Result<Answer, ApiError> {
+) -> Result<Answer, PredictError> {
     let model = &valid.model;
     if outputs.iter().any(|(o, _)| *o == Output::OodScore)
         && (model.ood.is_none() || core.limits().ood_action == OodAction::Off)
     {
-        return Err(ApiError::BadRequest(format!(
+        return Err(PredictError::InvalidRequest(format!(
             "output `ood_score`: model `{}` has no out-of-distribution model, or the server runs with --ood-action off",
             model.card.name
         )));

@@ -5,27 +5,29 @@
 use bytes::Bytes;
 
 use crate::inference::ServedModel;
-use crate::predict::ApiError;
 use crate::predict::Decoded;
+use crate::predict::PredictError;
 use crate::predict::UploadFacts;
 
 /// A batch of `n` elements: at least one, at most `max`.
-pub fn check_batch(n: usize, max: usize) -> Result<(), ApiError> {
+pub fn check_batch(n: usize, max: usize) -> Result<(), PredictError> {
     if n == 0 {
-        return Err(ApiError::BadRequest("the input holds no element".into()));
+        return Err(PredictError::InvalidRequest(
+            "the input holds no element".into(),
+        ));
     }
     if n > max {
-        return Err(ApiError::TooManyImages(n, max));
+        return Err(PredictError::TooManyImages(n, max));
     }
     Ok(())
 }
 
 /// The batch size of an `image` input of shape `[N]` (or `[N, 1]`).
-pub fn image_batch(shape: &[i64], max: usize) -> Result<usize, ApiError> {
+pub fn image_batch(shape: &[i64], max: usize) -> Result<usize, PredictError> {
     let n = match shape {
         [n] | [n, 1] if *n >= 0 => *n as usize,
         other => {
-            return Err(ApiError::BadRequest(format!(
+            return Err(PredictError::InvalidRequest(format!(
                 "input `image` must have shape [N] (one encoded file per element), not {other:?}"
             )));
         }
@@ -35,19 +37,19 @@ pub fn image_batch(shape: &[i64], max: usize) -> Result<usize, ApiError> {
 }
 
 /// Why the bytes of an `image` input are malformed.
-pub fn bad_bytes(what: &str) -> ApiError {
-    ApiError::BadRequest(format!(
+pub fn bad_bytes(what: &str) -> PredictError {
+    PredictError::InvalidRequest(format!(
         "input `image` binary data: {what} (each element is a 4-byte little-endian length, then the bytes)"
     ))
 }
 
 /// The `n` elements of an `image` input in binary: each a 4-byte little-endian
 /// length, then its bytes.
-pub fn length_prefixed(mut b: &[u8], n: usize) -> Result<Vec<Bytes>, ApiError> {
+pub fn length_prefixed(mut b: &[u8], n: usize) -> Result<Vec<Bytes>, PredictError> {
     let mut files = Vec::new();
     while !b.is_empty() {
         if files.len() == n {
-            return Err(ApiError::BadRequest(format!(
+            return Err(PredictError::InvalidRequest(format!(
                 "input `image` has shape [{n}] but holds more elements"
             )));
         }
@@ -66,9 +68,9 @@ pub fn length_prefixed(mut b: &[u8], n: usize) -> Result<Vec<Bytes>, ApiError> {
 }
 
 /// An `image` input holds as many elements as its shape says.
-pub fn check_count(got: usize, n: usize) -> Result<(), ApiError> {
+pub fn check_count(got: usize, n: usize) -> Result<(), PredictError> {
     if got != n {
-        return Err(ApiError::BadRequest(format!(
+        return Err(PredictError::InvalidRequest(format!(
             "input `image` has shape [{n}] but holds {got} elements"
         )));
     }
@@ -77,12 +79,12 @@ pub fn check_count(got: usize, n: usize) -> Result<(), ApiError> {
 
 /// The batch size of an `input` tensor of shape `[N, 3, S, S]` for a model of
 /// input size `size`.
-pub fn tensor_batch(shape: &[i64], size: u32, max: usize) -> Result<usize, ApiError> {
+pub fn tensor_batch(shape: &[i64], size: u32, max: usize) -> Result<usize, PredictError> {
     let s = i64::from(size);
     let n = match shape {
         [n, 3, h, w] if *n >= 0 && *h == s && *w == s => *n as usize,
         other => {
-            return Err(ApiError::BadRequest(format!(
+            return Err(PredictError::InvalidRequest(format!(
                 "input `input` must have shape [N, 3, {s}, {s}] for this model, not {other:?}"
             )));
         }
@@ -92,9 +94,9 @@ pub fn tensor_batch(shape: &[i64], size: u32, max: usize) -> Result<usize, ApiEr
 }
 
 /// FP32 values from little-endian bytes: exactly `needed` of them.
-pub fn le_f32(b: &[u8], needed: usize, shape: &[i64]) -> Result<Vec<f32>, ApiError> {
+pub fn le_f32(b: &[u8], needed: usize, shape: &[i64]) -> Result<Vec<f32>, PredictError> {
     if b.len() != needed * 4 {
-        return Err(ApiError::BadRequest(format!(
+        return Err(PredictError::InvalidRequest(format!(
             "input `input` has {} bytes of FP32 data; shape {shape:?} needs {}",
             b.len(),
             needed * 4
@@ -107,16 +109,21 @@ pub fn le_f32(b: &[u8], needed: usize, shape: &[i64]) -> Result<Vec<f32>, ApiErr
 
 /// The rows of an `input` tensor (`row` values each, every one finite) as decoded
 /// inputs.
-pub fn rows(values: &[f32], n: usize, row: usize, shape: &[i64]) -> Result<Vec<Decoded>, ApiError> {
+pub fn rows(
+    values: &[f32],
+    n: usize,
+    row: usize,
+    shape: &[i64],
+) -> Result<Vec<Decoded>, PredictError> {
     if values.len() != n * row {
-        return Err(ApiError::BadRequest(format!(
+        return Err(PredictError::InvalidRequest(format!(
             "input `input` holds {} values; shape {shape:?} needs {}",
             values.len(),
             n * row
         )));
     }
     if values.iter().any(|v| !v.is_finite()) {
-        return Err(ApiError::BadRequest(
+        return Err(PredictError::InvalidRequest(
             "input `input` holds a value that is not finite (NaN or infinity)".into(),
         ));
     }

@@ -3,14 +3,14 @@
 //! each [`Prediction`] with its warnings, heatmap and timings.
 
 use crate::audit::{AuditRecord, Decision as AuditDecision};
+use crate::error_type::ErrorType;
 use crate::eval::served_probabilities;
 use crate::inference::InferError;
 use crate::inference::JobOutput;
 use crate::inference::ServedModel;
 use crate::ood_score::OodAction;
-use crate::predict::ApiError;
 use crate::predict::Core;
-use crate::predict::ErrorType;
+use crate::predict::PredictError;
 use crate::predict::ask::Asker;
 use crate::predict::ask::Decision;
 use crate::predict::ask::Valid;
@@ -41,7 +41,7 @@ pub(super) async fn classify(
     core: &Core,
     valid: &Valid,
     decoded: Vec<Decoded>,
-) -> Result<Vec<Audited>, ApiError> {
+) -> Result<Vec<Audited>, PredictError> {
     let (model, decision, asker) = (&*valid.model, &valid.decision, &valid.asker);
     let explain = valid.explain;
     // Stage spans only when they are kept: their attributes cost allocations.
@@ -66,7 +66,7 @@ pub(super) async fn classify(
         if let InferError::Overloaded(_) = e {
             core.metrics().overloaded.with_label_values(&[&name]).inc();
         }
-        ApiError::from(e)
+        PredictError::from(e)
     };
     let outputs = model
         .submit(inputs)
@@ -124,7 +124,7 @@ pub(super) async fn classify(
                 })
                 .collect();
             let scores = match &e {
-                ApiError::OutOfDistribution { image, score, .. } => Some((*image, *score)),
+                PredictError::OutOfDistribution { image, score, .. } => Some((*image, *score)),
                 _ => None,
             };
             return Err(refused(core, model, decision, &facts, asker, e, scores).await);
@@ -266,9 +266,9 @@ pub(super) async fn refused(
     decision: &Decision,
     facts: &[Facts],
     asker: &Asker,
-    error: ApiError,
+    error: PredictError,
     ood: Option<(usize, f64)>,
-) -> ApiError {
+) -> PredictError {
     let error_type = error.error_type();
     if !error_type.is_image_refusal() {
         return error;
@@ -289,14 +289,14 @@ pub(super) async fn refused(
 }
 
 /// Writes `records` (all or none), counting a failure.
-async fn record(core: &Core, records: &[AuditRecord]) -> Result<(), ApiError> {
+async fn record(core: &Core, records: &[AuditRecord]) -> Result<(), PredictError> {
     let failed = |what: &str, e: String| {
         core.metrics()
             .audit_failures
             .with_label_values(&[] as &[&str])
             .inc();
         tracing::error!(error = %e, "{what} not written; the request fails");
-        ApiError::AuditUnavailable
+        PredictError::AuditUnavailable
     };
     core.inner
         .audit
@@ -324,7 +324,7 @@ async fn write_audit(
     decision: &Decision,
     answers: &[(Prediction, JobOutput, Decoded)],
     asker: &Asker,
-) -> Result<(), ApiError> {
+) -> Result<(), PredictError> {
     let trail = Trail::new(asker, model, decision);
     let records: Vec<AuditRecord> = answers
         .iter()
@@ -450,7 +450,7 @@ pub(super) fn ood_scores(
     core: &Core,
     model: &ServedModel,
     out: &[(JobOutput, Decoded)],
-) -> Result<Vec<OodVerdict>, ApiError> {
+) -> Result<Vec<OodVerdict>, PredictError> {
     let action = core.inner.limits.ood_action;
     let (Some(ood), false) = (&model.ood, action == OodAction::Off) else {
         return Ok(vec![(None, None); out.len()]);
@@ -458,7 +458,7 @@ pub(super) fn ood_scores(
     let mut v = Vec::with_capacity(out.len());
     for (i, (r, d)) in out.iter().enumerate() {
         let e = r.embedding.as_deref().ok_or_else(|| {
-            ApiError::Internal("the model has an OOD model but returned no embedding".into())
+            PredictError::Internal("the model has an OOD model but returned no embedding".into())
         })?;
         let score = ood.score(e);
         let threshold = model.ood_threshold().unwrap_or(ood.threshold);
@@ -488,7 +488,7 @@ pub(super) fn ood_scores(
                 .with_label_values(&[&model.card.name, counted])
                 .inc();
             if action == OodAction::Refuse && !shift {
-                return Err(ApiError::OutOfDistribution {
+                return Err(PredictError::OutOfDistribution {
                     model: model.card.name.clone(),
                     image: i,
                     score,

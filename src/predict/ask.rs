@@ -12,7 +12,7 @@ use crate::eval::Target;
 use crate::imaging::sr::SrSource;
 use crate::inference::Prefer;
 use crate::inference::ServedModel;
-use crate::predict::ApiError;
+use crate::predict::PredictError;
 use crate::predict::types::Prediction;
 use crate::predict::types::ThresholdKind;
 use crate::predict::types::ThresholdSource;
@@ -120,15 +120,15 @@ pub struct Decision {
 
 /// The card's threshold, or the caller's `threshold=`, or the one that reached the
 /// caller's `operating_point=` on the card's validation ROC.
-pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiError> {
+pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, PredictError> {
     let card = &model.card;
     match (q.threshold, q.operating_point.as_deref()) {
-        (Some(_), Some(_)) => Err(ApiError::InvalidQuery(
+        (Some(_), Some(_)) => Err(PredictError::InvalidAsk(
             "give `threshold` or `operating_point`, not both".into(),
         )),
         (Some(t), None) => {
             if !(t > 0.0 && t < 1.0) {
-                return Err(ApiError::InvalidQuery(format!(
+                return Err(PredictError::InvalidAsk(format!(
                     "threshold {t} must lie in (0, 1)"
                 )));
             }
@@ -147,15 +147,15 @@ pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, ApiErro
         (None, Some(op)) => {
             let target: Target = op
                 .parse()
-                .map_err(|e: crate::eval::ParseError| ApiError::InvalidQuery(e.0))?;
+                .map_err(|e: crate::eval::ParseError| PredictError::InvalidAsk(e.0))?;
             let curve = card.operating_curve.as_ref().ok_or_else(|| {
-                ApiError::OperatingPoint(format!(
+                PredictError::OperatingPoint(format!(
                     "model `{}` {} has no validation ROC in its card, so no operating point can be chosen; use `threshold`",
                     card.name, card.version
                 ))
             })?;
             let p = curve.threshold_for(target).ok_or_else(|| {
-                ApiError::OperatingPoint(format!(
+                PredictError::OperatingPoint(format!(
                     "no threshold of model `{}` reached {target} on its validation ROC ({})",
                     card.name, curve.source
                 ))

@@ -1,7 +1,7 @@
 //! The buffered-bytes budget every door shares (`--max-buffered-bytes`): a request
 //! reserves the bytes it will hold (an HTTP body's declared length, a gRPC message's
 //! declared length) before they are read, and gives them back when its answer is
-//! done. Over budget, the door refuses at once ([`ApiError::BufferFull`], 503 /
+//! done. Over budget, the door refuses at once ([`PredictError::BufferFull`], 503 /
 //! RESOURCE_EXHAUSTED with a retry delay) instead of buffering.
 
 use std::sync::Arc;

@@ -7,8 +7,8 @@ use crate::access::Caller;
 use crate::inference::ServedModel;
 use crate::metrics::LiveFigures;
 use crate::outcomes::{Answered, FeedbackRefusal, FindRefusal, LiveOutcomes, Outcomes, Recorded};
-use crate::predict::ApiError;
 use crate::predict::Core;
+use crate::predict::PredictError;
 use crate::registry::Label;
 
 /// Which answered image a label confirms, and the label.
@@ -66,22 +66,18 @@ fn figures(l: &LiveOutcomes) -> LiveFigures {
 }
 
 impl Core {
-    /// The outcomes store, or why `POST /feedback` has nothing to record in.
-    fn store(&self) -> Result<std::sync::Arc<Outcomes>, ApiError> {
-        self.outcomes().cloned().ok_or_else(|| {
-            ApiError::NoRoute(
-                "POST /feedback: this server keeps no outcomes (start it with --outcomes FILE or --database-url)".into(),
-            )
-        })
+    /// The outcomes store, or why feedback has nothing to record in.
+    fn store(&self) -> Result<std::sync::Arc<Outcomes>, PredictError> {
+        self.outcomes().cloned().ok_or(PredictError::NoOutcomes)
     }
 
     /// Model `m`'s live figures (a database query: call it off the async threads),
     /// its gauges set.
-    pub fn live_outcomes(&self, m: &ServedModel) -> Result<LiveOutcomes, ApiError> {
+    pub fn live_outcomes(&self, m: &ServedModel) -> Result<LiveOutcomes, PredictError> {
         let store = self.store()?;
         let c = store
             .confusion(&m.card.onnx.sha256)
-            .map_err(|e| ApiError::Internal(e.0))?;
+            .map_err(|e| PredictError::Internal(e.0))?;
         let l = LiveOutcomes::of(c, store.window(), reference(m));
         self.metrics().set_live(&m.card.name, &figures(&l));
         Ok(l)
@@ -89,29 +85,29 @@ impl Core {
 
     /// Records `c` by `caller`: joined to the stored answer, once (the same label
     /// again changes nothing; another label is a conflict). Blocking (the store).
-    pub fn confirm(&self, caller: &Caller, c: &Confirmation) -> Result<Confirmed, ApiError> {
+    pub fn confirm(&self, caller: &Caller, c: &Confirmation) -> Result<Confirmed, PredictError> {
         let store = self.store()?;
         if self.models().is_none() {
-            return Err(ApiError::NotReady);
+            return Err(PredictError::NotReady);
         }
         let index = c.image_index;
         let found = match (&c.request_id, &c.sop_instance_uid) {
             (None, Some(uid)) => match store.find_instance(uid, c.model.as_deref()) {
                 Ok(a) => a,
                 Err(FindRefusal::Ambiguous(models)) => {
-                    return Err(ApiError::FeedbackConflict(format!(
+                    return Err(PredictError::FeedbackConflict(format!(
                         "the image with SOP Instance UID `{uid}` was answered by several models ({}): name the one confirmed in `model`",
                         models.join(", ")
                     )));
                 }
-                Err(FindRefusal::Store(e)) => return Err(ApiError::Internal(e.0)),
+                Err(FindRefusal::Store(e)) => return Err(PredictError::Internal(e.0)),
             },
             _ => store
                 .find(c.request_id.as_deref(), index, None)
-                .map_err(|e| ApiError::Internal(e.0))?,
+                .map_err(|e| PredictError::Internal(e.0))?,
         };
         let answered = found.ok_or_else(|| {
-            ApiError::UnknownRequest(match (&c.request_id, &c.sop_instance_uid) {
+            PredictError::UnknownRequest(match (&c.request_id, &c.sop_instance_uid) {
                 (Some(id), _) => format!("no answered image {index} of request `{id}`"),
                 (None, Some(uid)) => format!("no answered image with SOP Instance UID `{uid}`"),
                 (None, None) => "no id".into(),
@@ -120,12 +116,12 @@ impl Core {
         let recorded = match store.confirm(&answered, c.label.as_str(), &caller.0) {
             Ok(r) => r,
             Err(FeedbackRefusal::Conflict(was)) => {
-                return Err(ApiError::FeedbackConflict(format!(
+                return Err(PredictError::FeedbackConflict(format!(
                     "image {} of request `{}` was already confirmed as {was}; the first confirmation stands",
                     answered.image_index, answered.request_id
                 )));
             }
-            Err(FeedbackRefusal::Store(e)) => return Err(ApiError::Internal(e.0)),
+            Err(FeedbackRefusal::Store(e)) => return Err(PredictError::Internal(e.0)),
         };
         let live = match self
             .models()
@@ -136,7 +132,7 @@ impl Core {
             _ => LiveOutcomes::of(
                 store
                     .confusion(&answered.model_sha256)
-                    .map_err(|e| ApiError::Internal(e.0))?,
+                    .map_err(|e| PredictError::Internal(e.0))?,
                 store.window(),
                 None,
             ),

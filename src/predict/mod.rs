@@ -19,8 +19,9 @@
 //! the request timeout) is here too ([`Core::reserve_bytes`], [`Core::slot`],
 //! [`Core::within_timeout`]); what is the transport's own (reading a body, headers,
 //! status codes) stays at the door.
-//! Errors are [`ApiError`]s with a transport-neutral [`ErrorType`]; each door maps
-//! that type to its own status once (`http::error::status`, `grpc::status`, the
+//! Errors are [`PredictError`]s with a transport-neutral [`ErrorType`], naming no
+//! transport: each door wraps them in its own error beside its own refusals and
+//! maps the type to its status once (`http::error::status`, `grpc::status`, the
 //! DICOM node's C-STORE statuses).
 //!
 //! The core is built once, by `main`, with [`Core::builder`], and handed to every
@@ -30,7 +31,6 @@ mod answer;
 mod ask;
 mod budget;
 pub mod error;
-mod error_type;
 pub mod explain;
 pub mod feedback;
 mod request;
@@ -52,6 +52,7 @@ use crate::imaging::dicom::DicomOptions;
 use crate::inference::ModelSet;
 use crate::metrics::ServerMetrics;
 
+pub use crate::error_type::ErrorType;
 pub use answer::UNVERIFIED_MODEL;
 pub use ask::Answered;
 pub use ask::Ask;
@@ -62,8 +63,7 @@ pub use ask::Valid;
 pub use ask::sanitize_client_request_id;
 pub use budget::Buffered;
 pub use budget::Reservation;
-pub use error::ApiError;
-pub use error_type::ErrorType;
+pub use error::PredictError;
 pub use results::Filed;
 pub use results::ResultObject;
 pub use types::ModelRef;
@@ -81,8 +81,6 @@ pub use upload::kilo;
 /// Request limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Largest request body.
-    pub max_body_bytes: usize,
     /// Largest decoded image (width × height).
     pub max_pixels: u64,
     /// Most images in one request.
@@ -97,15 +95,13 @@ pub struct Limits {
     pub dicom: DicomOptions,
     /// Sides and aspect ratio a radiograph can have (every upload).
     pub geometry: Geometry,
-    /// Request bodies buffered at once, bytes (each request reserves its
-    /// Content-Length, or `max_body_bytes` when it declares none, before its body is
-    /// read); beyond it, 503 at once.
+    /// Uploads buffered at once, bytes, whichever door reads them (each reserves
+    /// what it will hold before reading it: [`Core::reserve_bytes`]); beyond it,
+    /// refused at once as `overloaded`.
     pub max_buffered_bytes: usize,
     /// Pixels being decoded at once (each image reserves its declared size, a DICOM
     /// object `max_pixels`); beyond it, decodes wait (within the request timeout).
     pub max_decode_pixels: u64,
-    /// Longest a client may take to send a `/predict` body (408 after).
-    pub body_timeout: Duration,
     /// What an out-of-distribution image gets (`--ood-action`).
     pub ood_action: crate::ood_score::OodAction,
 }
@@ -115,7 +111,6 @@ impl Default for Limits {
     fn default() -> Self {
         use crate::defaults;
         Self {
-            max_body_bytes: defaults::MAX_BODY_BYTES,
             max_pixels: defaults::MAX_PIXELS,
             max_images: defaults::MAX_IMAGES,
             request_timeout: Duration::from_secs_f64(defaults::REQUEST_TIMEOUT_S),
@@ -126,7 +121,6 @@ impl Default for Limits {
             geometry: Geometry::default(),
             max_buffered_bytes: defaults::MAX_BUFFERED_BYTES,
             max_decode_pixels: defaults::MAX_DECODE_PIXELS,
-            body_timeout: Duration::from_secs(defaults::BODY_TIMEOUT_S),
             ood_action: crate::ood_score::OodAction::Refuse,
         }
     }
@@ -338,22 +332,22 @@ impl Core {
     }
 
     /// One of the `--max-inflight` processing slots, or 503 `overloaded` at once.
-    pub fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    pub fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, PredictError> {
         self.inner.inflight.try_acquire().map_err(|_| {
             self.metrics().overloaded.with_label_values(&["all"]).inc();
-            ApiError::Overloaded("any".into())
+            PredictError::Overloaded("any".into())
         })
     }
 
     /// Reserves `n` bytes of the `--max-buffered-bytes` budget before a door reads
     /// them (an HTTP body, a gRPC message), held until the reservation is dropped;
-    /// or 503 / RESOURCE_EXHAUSTED `overloaded` ([`ApiError::BufferFull`]) at once.
+    /// or 503 / RESOURCE_EXHAUSTED `overloaded` ([`PredictError::BufferFull`]) at once.
     /// More than 4 MiB comes from all but an eighth of the budget, kept for small
     /// uploads.
-    pub fn reserve_bytes(&self, n: u64) -> Result<Reservation, ApiError> {
+    pub fn reserve_bytes(&self, n: u64) -> Result<Reservation, PredictError> {
         self.inner.buffered.try_reserve(n).ok_or_else(|| {
             self.metrics().overloaded.with_label_values(&["all"]).inc();
-            ApiError::BufferFull(self.inner.limits.max_buffered_bytes)
+            PredictError::BufferFull(self.inner.limits.max_buffered_bytes)
         })
     }
 
@@ -364,15 +358,16 @@ impl Core {
         self.inner.buffered.growing()
     }
 
-    /// `job` under `--request-timeout-s` (503 `timeout` past it).
-    pub async fn within_timeout<T>(
+    /// `job` under `--request-timeout-s` (the core's `timeout` past it), whatever
+    /// the door's error that wraps the core's.
+    pub async fn within_timeout<T, E: From<PredictError>>(
         &self,
-        job: impl std::future::Future<Output = Result<T, ApiError>>,
-    ) -> Result<T, ApiError> {
+        job: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
         let timeout = self.inner.limits.request_timeout;
         tokio::time::timeout(timeout, job)
             .await
-            .unwrap_or(Err(ApiError::Timeout(timeout.as_secs_f64())))
+            .unwrap_or_else(|_| Err(PredictError::Timeout(timeout.as_secs_f64()).into()))
     }
 }
 

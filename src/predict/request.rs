@@ -9,8 +9,8 @@ use crate::imaging::Preprocessor;
 use crate::imaging::dicom::DicomOptions;
 use crate::imaging::sr::SrSource;
 use crate::inference::ServedModel;
-use crate::predict::ApiError;
 use crate::predict::Core;
+use crate::predict::PredictError;
 use crate::predict::answer::Facts;
 use crate::predict::answer::classify;
 use crate::predict::answer::complete_all;
@@ -30,28 +30,35 @@ use crate::predict::upload::kilo;
 impl Core {
     /// Chooses the variant (by name, or the one with the best measured
     /// sensitivity or specificity, or the default) and the threshold.
-    pub fn validate(&self, asker: Asker, ask: &Ask, started: Instant) -> Result<Valid, ApiError> {
+    pub fn validate(
+        &self,
+        asker: Asker,
+        ask: &Ask,
+        started: Instant,
+    ) -> Result<Valid, PredictError> {
         if ask.model.is_some() && ask.prefer.is_some() {
-            return Err(ApiError::InvalidQuery(
+            return Err(PredictError::InvalidAsk(
                 "give `model` or `prefer`, not both".into(),
             ));
         }
-        let models = self.models().ok_or(ApiError::NotReady)?;
+        let models = self.models().ok_or(PredictError::NotReady)?;
         let model = models.select(ask.model.as_deref(), ask.prefer)?.clone();
         self.validate_for(asker, model, ask, started)
     }
 
     /// The variant `name` (its default version, or `version` when given), as the
     /// Open Inference Protocol names models.
-    pub fn served(&self, name: &str, version: Option<&str>) -> Result<Arc<ServedModel>, ApiError> {
-        let models = self.models().ok_or(ApiError::NotReady)?;
-        let m = models
-            .get(name)
-            .ok_or_else(|| crate::inference::SelectError::Unknown(name.to_string()))?;
+    pub fn served(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<ServedModel>, PredictError> {
+        let models = self.models().ok_or(PredictError::NotReady)?;
+        let m = models.get(name).ok_or_else(|| models.unknown(name))?;
         match version.filter(|v| !v.is_empty()) {
             None => Ok(m.clone()),
             Some(v) => models.get_version(name, v).cloned().ok_or_else(|| {
-                ApiError::NoRoute(format!(
+                PredictError::VersionNotLoaded(format!(
                     "model `{name}` version `{v}` (loaded: {})",
                     models.version_names(name).join(", ")
                 ))
@@ -66,12 +73,12 @@ impl Core {
         model: Arc<ServedModel>,
         ask: &Ask,
         started: Instant,
-    ) -> Result<Valid, ApiError> {
+    ) -> Result<Valid, PredictError> {
         let decision = decision(&model, ask)?;
         if ask.explain && !model.has_cam {
             // Refused before anything is classified or recorded: a door that answers
             // with the heatmap itself (Accept: image/png) has nothing to answer with.
-            return Err(ApiError::ExplanationUnavailable(format!(
+            return Err(PredictError::ExplanationUnavailable(format!(
                 "model `{}` {} has no `cam` output, so no heatmap can be drawn",
                 model.card.name, model.card.version
             )));
@@ -93,15 +100,15 @@ impl Core {
         &self,
         valid: &Valid,
         uploads: Vec<Upload>,
-    ) -> Result<Answered, ApiError> {
+    ) -> Result<Answered, PredictError> {
         if uploads.is_empty() {
-            return Err(ApiError::BadRequest(
+            return Err(PredictError::InvalidRequest(
                 "no image: send a JPEG/PNG body or multipart parts named `image`".into(),
             ));
         }
         let max = self.limits().max_images;
         if uploads.len() > max {
-            return Err(ApiError::TooManyImages(uploads.len(), max));
+            return Err(PredictError::TooManyImages(uploads.len(), max));
         }
         // Kept (shared bytes) for the audit record of a refusal.
         let kept = uploads.clone();
@@ -131,7 +138,7 @@ impl Core {
         &self,
         valid: &Valid,
         mut decoded: Vec<Decoded>,
-    ) -> Result<Answered, ApiError> {
+    ) -> Result<Answered, PredictError> {
         let sources: Vec<SrSource> = decoded
             .iter_mut()
             .map(|d| d.sr.take().unwrap_or_default())
@@ -156,7 +163,7 @@ impl Core {
         model: &ServedModel,
         images: Vec<Upload>,
         recording: Option<Arc<crate::trace::RequestTrace>>,
-    ) -> Result<Vec<Decoded>, ApiError> {
+    ) -> Result<Vec<Decoded>, PredictError> {
         let limits = self.limits();
         // Decode on the blocking pool, a bounded number at a time.
         let permit = self
@@ -164,7 +171,7 @@ impl Core {
             .decode_permits
             .acquire()
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(|e| PredictError::Internal(e.to_string()))?;
         // Reserve the pixels to decode (from the headers), bounded like the bodies.
         let pixels: u64 = images
             .iter()
@@ -182,7 +189,7 @@ impl Core {
             .pixel_budget
             .acquire_many(kilo(pixels.min(limits.max_decode_pixels)))
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(|e| PredictError::Internal(e.to_string()))?;
         let pre: Preprocessor = model.preprocessor.clone();
         let max_pixels = limits.max_pixels;
         let dicom_opts = DicomOptions {
@@ -200,7 +207,7 @@ impl Core {
                 .iter()
                 .map(|u| {
                     if gone.load(std::sync::atomic::Ordering::Relaxed) {
-                        return Err(ApiError::Timeout(0.0));
+                        return Err(PredictError::Timeout(0.0));
                     }
                     decode_upload(&pre, u, max_pixels, dicom_opts)
                 })
@@ -209,7 +216,7 @@ impl Core {
         .await
         // A panic's message may quote the upload's content (a DICOM value): never
         // pass it on; the panic hook logged where it happened.
-        .map_err(|_| ApiError::Internal("the image decoder failed".into()))??;
+        .map_err(|_| PredictError::Internal("the image decoder failed".into()))??;
         drop(permit);
         for (d, a) in decoded.iter_mut().zip(arrivals) {
             d.arrival = Some(a);

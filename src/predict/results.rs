@@ -12,8 +12,8 @@ use crate::imaging::sr::UidMaker;
 use crate::imaging::sr::build_sc;
 use crate::imaging::sr::build_sr;
 use crate::inference::ServedModel;
-use crate::predict::ApiError;
 use crate::predict::Core;
+use crate::predict::PredictError;
 use crate::predict::Prediction;
 use crate::predict::Upload;
 use crate::predict::Valid;
@@ -32,7 +32,7 @@ pub struct ResultObject {
 /// What analysing one image for filing gave.
 pub struct Filed {
     /// The answer, or the refusal of the image (a gate, the OOD score).
-    pub outcome: Result<Prediction, ApiError>,
+    pub outcome: Result<Prediction, PredictError>,
     /// The objects to file: SR and SC of an answer, the "not analysed" SR of a
     /// refusal (none when the image has no DICOM source to file them with).
     pub objects: Vec<ResultObject>,
@@ -105,13 +105,13 @@ impl Core {
         model: &ServedModel,
         source: &SrSource,
         p: &Prediction,
-    ) -> Result<Vec<u8>, ApiError> {
+    ) -> Result<Vec<u8>, PredictError> {
         build_sr(
             source,
             &classified(model, p),
             &UidMaker::random(self.uid_root()),
         )
-        .map_err(|e| ApiError::SrUnavailable(e.to_string()))
+        .map_err(|e| PredictError::SrUnavailable(e.to_string()))
     }
 
     /// Analyses one image for filing: answered (with its attention map), then its
@@ -128,7 +128,7 @@ impl Core {
         upload: Upload,
         source: Option<&SrSource>,
         key: &str,
-    ) -> Result<Filed, ApiError> {
+    ) -> Result<Filed, PredictError> {
         let model = &valid.model;
         let card = &model.card;
         let study = |s: &SrSource| s.study_instance_uid.clone().unwrap_or_default();
@@ -143,7 +143,7 @@ impl Core {
                 format!("{}/{}", card.onnx.sha256, study(s)),
             )
         };
-        let sr_error = |e: crate::imaging::sr::SrError| ApiError::SrUnavailable(e.0);
+        let sr_error = |e: crate::imaging::sr::SrError| PredictError::SrUnavailable(e.0);
         match self.answer_files(valid, vec![upload]).await {
             Ok(mut answered) => {
                 let p = answered.predictions.remove(0);

@@ -6,7 +6,7 @@ use crate::imaging::Preprocessor;
 use crate::imaging::dicom;
 use crate::imaging::dicom::DicomInfo;
 use crate::imaging::dicom::DicomOptions;
-use crate::predict::ApiError;
+use crate::predict::PredictError;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,7 +99,7 @@ pub fn decode_upload(
     upload: &Upload,
     max_pixels: u64,
     opts: DicomOptions,
-) -> Result<Decoded, ApiError> {
+) -> Result<Decoded, PredictError> {
     let t = Instant::now();
     let _ = crate::trace::take_gate_time();
     let mut d = decode_timed(pre, upload, max_pixels, opts, t)?;
@@ -113,7 +113,7 @@ fn decode_timed(
     max_pixels: u64,
     opts: DicomOptions,
     t: Instant,
-) -> Result<Decoded, ApiError> {
+) -> Result<Decoded, PredictError> {
     match upload {
         Upload::Encoded(b) => Ok(Decoded {
             input: pre.preprocess_checked(b, max_pixels, &opts.geometry)?,

@@ -263,6 +263,7 @@ pub struct Setup {
     core: cxr::predict::CoreBuilder,
     keys: Option<cxr::access::ApiKeys>,
     public_metrics: bool,
+    body: Option<cxr::http::BodyLimits>,
 }
 
 #[allow(dead_code)]
@@ -287,8 +288,20 @@ impl Setup {
         self
     }
 
+    /// The HTTP door's `--max-body-bytes` (the body timeout as by default).
+    pub fn with_max_body_bytes(mut self, max_body_bytes: usize) -> Self {
+        self.body = Some(cxr::http::BodyLimits {
+            max_body_bytes,
+            ..cxr::http::BodyLimits::default()
+        });
+        self
+    }
+
     fn build(self) -> AppState {
         let mut state = AppState::with_core(self.core.build());
+        if let Some(b) = self.body {
+            state = state.with_body_limits(b);
+        }
         if let Some(k) = self.keys {
             state = state.with_api_keys(k);
         }
@@ -322,6 +335,7 @@ pub fn test_app_in(
         core: cxr::Core::builder(limits, metrics.clone()),
         keys: None,
         public_metrics: true,
+        body: None,
     })
     .build();
     let (set, _workers) =

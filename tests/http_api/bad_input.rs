@@ -5,12 +5,13 @@ use super::*;
 #[tokio::test]
 async fn bad_input_gets_the_right_4xx() {
     let limits = Limits {
-        max_body_bytes: 200_000,
         max_pixels: 250_000,
         max_images: 2,
         ..common::test_limits()
     };
-    let t = common::test_app_with(limits, common::default_batch());
+    let t = common::test_app_configured(limits, common::default_batch(), |s| {
+        s.with_max_body_bytes(200_000)
+    });
     let app = &t.app;
     let png = common::png_bytes(&common::gray_image(64, 64, 1));
     expect_error(

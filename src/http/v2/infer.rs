@@ -194,7 +194,7 @@ fn inputs_of(
             card.input_size,
             limits.max_images,
         )?)),
-        other => Err(oip::unknown_input(other, &card.name)),
+        other => Err(oip::unknown_input(other, &card.name).into()),
     }
 }
 
@@ -204,7 +204,7 @@ fn into_http(response: &InferResponse, tail: Vec<u8>) -> Result<Response, ApiErr
     if tail.is_empty() {
         return Ok(Json(response).into_response());
     }
-    let mut body = serde_json::to_vec(response).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut body = serde_json::to_vec(response).map_err(|e| ApiError::internal(e.to_string()))?;
     let json_len = body.len();
     body.extend_from_slice(&tail);
     let mut resp = (StatusCode::OK, body).into_response();

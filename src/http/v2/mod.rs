@@ -135,7 +135,7 @@ pub struct ModelPath {
 }
 
 fn served(state: &AppState, p: &ModelPath) -> Result<Arc<ServedModel>, ApiError> {
-    state.core().served(&p.name, p.version.as_deref())
+    Ok(state.core().served(&p.name, p.version.as_deref())?)
 }
 
 fn server_metadata_of() -> ServerMetadata {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, EventKind};
 use crate::predict::Asker;
+use crate::predict::PredictError;
 use crate::repository::{Change, IndexEntry, LoadParams, RepoError, Repository};
 
 /// `POST /v2/repository/index`'s body.
@@ -61,14 +62,18 @@ fn body<T: Default + for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiEr
 }
 
 fn repository(state: &AppState) -> Result<std::sync::Arc<Repository>, ApiError> {
-    state.core().repository().cloned().ok_or(ApiError::NotReady)
+    state
+        .core()
+        .repository()
+        .cloned()
+        .ok_or(ApiError::Core(PredictError::NotReady))
 }
 
 fn refusal(e: RepoError) -> ApiError {
     match e {
         RepoError::NotFound(m) => ApiError::NoRoute(m),
-        RepoError::Refused(m) | RepoError::Invalid(m) => ApiError::RepositoryRefused(m),
-        RepoError::Load(e) => ApiError::RepositoryRefused(e.to_string()),
+        RepoError::Refused(m) | RepoError::Invalid(m) => PredictError::RepositoryRefused(m).into(),
+        RepoError::Load(e) => PredictError::RepositoryRefused(e.to_string()).into(),
     }
 }
 
@@ -81,7 +86,7 @@ async fn change(
     let repo = repository(state)?;
     tokio::task::spawn_blocking(move || f(&repo))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?
         .map(Json)
         .map_err(refusal)
 }
@@ -101,7 +106,7 @@ pub async fn index(
     let repo = repository(&state)?;
     let mut entries = tokio::task::spawn_blocking(move || repo.index())
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     if req.ready {
         entries.retain(|e| e.state == "READY");
     }

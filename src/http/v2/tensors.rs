@@ -53,7 +53,11 @@ pub(super) fn input_binary<'a>(
 }
 
 fn check_datatype(input: &RequestInput<'_>, want: &str) -> Result<(), ApiError> {
-    crate::oip::check_datatype(&input.name, &input.datatype, want)
+    Ok(crate::oip::check_datatype(
+        &input.name,
+        &input.datatype,
+        want,
+    )?)
 }
 
 /// The files of an `image` input: shape `[N]` (or `[N, 1]`), `N` at most `max`.
@@ -321,5 +325,5 @@ pub(super) fn tensor_rows(
             })?
         }
     };
-    rows(&values, n, row, shape)
+    Ok(rows(&values, n, row, shape)?)
 }

@@ -1,4 +1,5 @@
-//! The `error_type` of every refusal: stable, machine-readable names.
+//! The `error_type` of every refusal, at every door: stable, machine-readable names
+//! (a leaf: the core's errors and each door's own refusals map to them).
 
 use serde::Serialize;
 use utoipa::ToSchema;
