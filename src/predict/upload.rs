@@ -2,6 +2,7 @@
 //! model's input.
 
 use crate::digest::to_hex;
+use crate::imaging::GateTime;
 use crate::imaging::Preprocessor;
 use crate::imaging::dicom;
 use crate::imaging::dicom::DicomInfo;
@@ -101,9 +102,9 @@ pub fn decode_upload(
     opts: DicomOptions,
 ) -> Result<Decoded, ApiError> {
     let t = Instant::now();
-    let _ = crate::trace::take_gate_time();
-    let mut d = decode_timed(pre, upload, max_pixels, opts, t)?;
-    d.gates = crate::trace::take_gate_time();
+    let mut gates = GateTime::default();
+    let mut d = decode_timed(pre, upload, max_pixels, opts, t, &mut gates)?;
+    d.gates = gates.span();
     Ok(d)
 }
 
@@ -113,10 +114,11 @@ fn decode_timed(
     max_pixels: u64,
     opts: DicomOptions,
     t: Instant,
+    gates: &mut GateTime,
 ) -> Result<Decoded, ApiError> {
     match upload {
         Upload::Encoded(b) => Ok(Decoded {
-            input: pre.preprocess_checked(b, max_pixels, &opts.geometry)?,
+            input: pre.preprocess_checked(b, max_pixels, &opts.geometry, gates)?,
             took: t.elapsed(),
             dicom: None,
             warnings: Vec::new(),
@@ -126,7 +128,7 @@ fn decode_timed(
             gates: None,
         }),
         Upload::Dicom(b) => {
-            let img = dicom::decode_dicom(b, max_pixels, opts)?;
+            let img = dicom::decode_dicom_timed(b, max_pixels, opts, gates)?;
             // Identifiers and technical facts only: never a patient attribute.
             tracing::debug!(
                 sop_instance_uid = img.info.sop_instance_uid.as_deref().unwrap_or(""),
