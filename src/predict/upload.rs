@@ -172,3 +172,35 @@ pub fn kilo(n: u64) -> u32 {
 pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imaging::Preprocessing;
+
+    #[test]
+    fn a_decoded_upload_carries_its_gates_within_its_decode() {
+        let img =
+            image::GrayImage::from_fn(96, 80, |x, y| image::Luma([((x * 7 + y * 3) % 256) as u8]));
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("encode png");
+        let pre = Preprocessor::new(8, &Preprocessing::default()).unwrap();
+        let before = Instant::now();
+        let d = decode_upload(
+            &pre,
+            &Upload::Encoded(png.into()),
+            1 << 20,
+            DicomOptions::default(),
+        )
+        .unwrap();
+        let after = Instant::now();
+        let (start, total) = d.gates.expect("the `gates` span of its trace");
+        assert!(
+            before <= start && start <= after,
+            "started within the decode"
+        );
+        assert!(total > Duration::ZERO, "the gates' time");
+        assert!(start + total <= after, "ended within the decode");
+    }
+}
