@@ -77,8 +77,13 @@ fn main() {
         });
         let whole = median_us(rounds, || {
             std::hint::black_box(
-                pre.preprocess_checked(std::hint::black_box(&b), u64::MAX, &geometry)
-                    .unwrap(),
+                pre.preprocess_checked(
+                    std::hint::black_box(&b),
+                    u64::MAX,
+                    &geometry,
+                    &mut cxr::imaging::GateTime::default(),
+                )
+                .unwrap(),
             );
         });
         println!(

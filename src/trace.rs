@@ -494,29 +494,6 @@ impl Exporter {
     }
 }
 
-thread_local! {
-    static GATES: std::cell::Cell<Option<(Instant, Duration)>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs an image gate (content checks) and adds its time to this thread's gate
-/// time, which [`take_gate_time`] reads (the decoder times its gates this way so
-/// its signature stays the decoder's).
-pub fn gate<T>(f: impl FnOnce() -> T) -> T {
-    let t = Instant::now();
-    let out = f();
-    let took = t.elapsed();
-    GATES.with(|g| {
-        let (start, sum) = g.get().unwrap_or((t, Duration::ZERO));
-        g.set(Some((start, sum + took)));
-    });
-    out
-}
-
-/// When this thread's gates since the last call started, and how long they took.
-pub fn take_gate_time() -> Option<(Instant, Duration)> {
-    GATES.with(std::cell::Cell::take)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,8 +19,13 @@ fn openvino_agrees_with_onnx_runtime_on_every_output_of_a_batch() {
     for seed in 0..n as u32 {
         let png = common::png_bytes(&common::gray_image(64 + seed * 8, 64, seed + 1));
         batch.extend(
-            pre.preprocess_checked(&png, 1 << 24, &common::test_geometry())
-                .unwrap(),
+            pre.preprocess_checked(
+                &png,
+                1 << 24,
+                &common::test_geometry(),
+                &mut cxr::imaging::GateTime::default(),
+            )
+            .unwrap(),
         );
     }
     let mut ort = common::cpu_session(&loaded.onnx_bytes);

@@ -1,8 +1,37 @@
 //! What a radiograph's pixels must look like to be classified: gray, not blank.
 
+use std::time::{Duration, Instant};
+
 use image::{DynamicImage, GrayImage};
 
 use super::ImageError;
+
+/// The time a decode spent in its gates (geometry, colour, blank): when the first
+/// began and their sum. The decoder fills the caller's; the server's trace shows it
+/// as the `gates` span inside `decode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GateTime {
+    /// When the first gate began; none until one has run.
+    pub first_start: Option<Instant>,
+    /// All the gates' time together.
+    pub total: Duration,
+}
+
+impl GateTime {
+    /// Runs one gate and adds its time.
+    pub fn time<T>(&mut self, gate: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = gate();
+        self.total += t.elapsed();
+        self.first_start.get_or_insert(t);
+        out
+    }
+
+    /// When the first gate began and how long the gates took, once one has run.
+    pub fn span(&self) -> Option<(Instant, Duration)> {
+        self.first_start.map(|t| (t, self.total))
+    }
+}
 
 /// Colourfulness above which an upload is refused as a colour image. Hasler and
 /// Süsstrunk (2003) rate 0 "not colourful", 15 "slightly", 33 "moderately": a

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use content::{
-    MAX_COLOURFULNESS, MIN_GRAY_RANGE, check_not_blank, colourfulness, neutral_gray,
+    GateTime, MAX_COLOURFULNESS, MIN_GRAY_RANGE, check_not_blank, colourfulness, neutral_gray,
 };
 
 crate::message_error!(
@@ -225,14 +225,16 @@ impl Preprocessor {
     }
 
     /// [`Preprocessor::preprocess`], refusing first, from the header, a geometry no
-    /// radiograph has (the server's path).
+    /// radiograph has, then colour and blank images (the server's path); the gates'
+    /// time is added to `gates`.
     pub fn preprocess_checked(
         &self,
         bytes: &[u8],
         max_pixels: u64,
         geometry: &Geometry,
+        gates: &mut GateTime,
     ) -> Result<Vec<f32>, ImageError> {
-        let gray = decode_gray_with(bytes, max_pixels, Some(geometry))?;
+        let gray = decode_gray_with(bytes, max_pixels, Some(geometry), gates)?;
         Ok(self.gray_to_tensor(&gray))
     }
 
@@ -287,16 +289,19 @@ pub fn preprocess(p: &Preprocessor, bytes: &[u8], max_pixels: u64) -> Result<Vec
 /// Colour is converted with Rec. 709 luma weights (exact for R = G = B); alpha is
 /// ignored; 16-bit samples are scaled to 8 bits.
 pub fn decode_gray(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, ImageError> {
-    decode_gray_with(bytes, max_pixels, None)
+    decode_gray_with(bytes, max_pixels, None, &mut GateTime::default())
 }
 
 /// [`decode_gray`], with the header's geometry checked against `geometry` (when
-/// given) before decoding. A JPEG or PNG whose data ends before its end marker
-/// (a cut upload) is refused rather than decoded with its missing rows filled in.
+/// given) before decoding, and colour and blank images refused after it (the gates,
+/// whose time is added to `gates`). A JPEG or PNG whose data ends before its end
+/// marker (a cut upload) is refused rather than decoded with its missing rows filled
+/// in.
 pub fn decode_gray_with(
     bytes: &[u8],
     max_pixels: u64,
     geometry: Option<&Geometry>,
+    gates: &mut GateTime,
 ) -> Result<GrayImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
@@ -318,7 +323,7 @@ pub fn decode_gray_with(
         return Err(ImageError::Decode("the image has no pixels".into()));
     }
     if let Some(g) = geometry {
-        crate::trace::gate(|| g.check(width, height))?;
+        gates.time(|| g.check(width, height))?;
     }
     if u64::from(width) * u64::from(height) > max_pixels {
         return Err(ImageError::TooManyPixels {
@@ -345,7 +350,7 @@ pub fn decode_gray_with(
         Some(gray) => gray,
         None => {
             if geometry.is_some() && img.color().has_color() {
-                let c = crate::trace::gate(|| colourfulness(&img));
+                let c = gates.time(|| colourfulness(&img));
                 if c > MAX_COLOURFULNESS {
                     return Err(ImageError::Colour {
                         colourfulness: c,
@@ -357,7 +362,7 @@ pub fn decode_gray_with(
         }
     };
     if geometry.is_some() {
-        crate::trace::gate(|| check_not_blank(&gray))?;
+        gates.time(|| check_not_blank(&gray))?;
     }
     Ok(gray)
 }

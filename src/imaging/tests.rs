@@ -141,6 +141,54 @@ fn garbage_empty_and_other_formats_are_refused() {
     ));
 }
 
+#[test]
+fn gate_time_starts_at_the_first_gate_and_sums_them() {
+    use std::time::{Duration, Instant};
+    let mut gates = GateTime::default();
+    assert_eq!(gates.span(), None, "no gate has run");
+    let before = Instant::now();
+    let out = gates.time(|| {
+        std::thread::sleep(Duration::from_millis(2));
+        7
+    });
+    assert_eq!(out, 7, "the gate's own result");
+    let between = Instant::now();
+    gates.time(|| std::thread::sleep(Duration::from_millis(3)));
+    let (start, total) = gates.span().expect("two gates ran");
+    assert!(
+        before <= start && start <= between,
+        "the first gate's start, not the last's"
+    );
+    assert!(total >= Duration::from_millis(5), "the sum: {total:?}");
+    assert!(total <= before.elapsed());
+}
+
+#[test]
+fn checked_preprocessing_times_its_gates_within_the_decode() {
+    use std::time::{Duration, Instant};
+    let img = GrayImage::from_fn(96, 80, |x, y| Luma([((x * 7 + y * 3) % 256) as u8]));
+    let mut gates = GateTime::default();
+    let before = Instant::now();
+    pre(8)
+        .preprocess_checked(&png(&img), 1 << 20, &Geometry::default(), &mut gates)
+        .unwrap();
+    let window = before.elapsed();
+    let (start, total) = gates.span().expect("the gates ran");
+    assert!(start >= before && start - before <= window, "{start:?}");
+    assert!(total > Duration::ZERO && total <= window, "{total:?}");
+    // A gate's refusal is timed too; the unchecked decode runs no gate.
+    let blank = png(&GrayImage::from_pixel(96, 80, Luma([128])));
+    let mut refused = GateTime::default();
+    assert!(matches!(
+        pre(8).preprocess_checked(&blank, 1 << 20, &Geometry::default(), &mut refused),
+        Err(ImageError::Blank { .. })
+    ));
+    assert!(refused.total > Duration::ZERO);
+    let mut unchecked = GateTime::default();
+    decode_gray_with(&png(&img), 1 << 20, None, &mut unchecked).unwrap();
+    assert_eq!(unchecked, GateTime::default());
+}
+
 fn crc32(data: &[u8]) -> u32 {
     let mut crc = 0xFFFF_FFFFu32;
     for &b in data {

@@ -2,6 +2,7 @@
 //! model's input.
 
 use crate::digest::to_hex;
+use crate::imaging::GateTime;
 use crate::imaging::Preprocessor;
 use crate::imaging::dicom;
 use crate::imaging::dicom::DicomInfo;
@@ -101,9 +102,9 @@ pub fn decode_upload(
     opts: DicomOptions,
 ) -> Result<Decoded, PredictError> {
     let t = Instant::now();
-    let _ = crate::trace::take_gate_time();
-    let mut d = decode_timed(pre, upload, max_pixels, opts, t)?;
-    d.gates = crate::trace::take_gate_time();
+    let mut gates = GateTime::default();
+    let mut d = decode_timed(pre, upload, max_pixels, opts, t, &mut gates)?;
+    d.gates = gates.span();
     Ok(d)
 }
 
@@ -113,10 +114,11 @@ fn decode_timed(
     max_pixels: u64,
     opts: DicomOptions,
     t: Instant,
+    gates: &mut GateTime,
 ) -> Result<Decoded, PredictError> {
     match upload {
         Upload::Encoded(b) => Ok(Decoded {
-            input: pre.preprocess_checked(b, max_pixels, &opts.geometry)?,
+            input: pre.preprocess_checked(b, max_pixels, &opts.geometry, gates)?,
             took: t.elapsed(),
             dicom: None,
             warnings: Vec::new(),
@@ -126,7 +128,7 @@ fn decode_timed(
             gates: None,
         }),
         Upload::Dicom(b) => {
-            let img = dicom::decode_dicom(b, max_pixels, opts)?;
+            let img = dicom::decode_dicom_timed(b, max_pixels, opts, gates)?;
             // Identifiers and technical facts only: never a patient attribute.
             tracing::debug!(
                 sop_instance_uid = img.info.sop_instance_uid.as_deref().unwrap_or(""),
@@ -169,4 +171,36 @@ pub fn kilo(n: u64) -> u32 {
 
 pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imaging::Preprocessing;
+
+    #[test]
+    fn a_decoded_upload_carries_its_gates_within_its_decode() {
+        let img =
+            image::GrayImage::from_fn(96, 80, |x, y| image::Luma([((x * 7 + y * 3) % 256) as u8]));
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("encode png");
+        let pre = Preprocessor::new(8, &Preprocessing::default()).unwrap();
+        let before = Instant::now();
+        let d = decode_upload(
+            &pre,
+            &Upload::Encoded(png.into()),
+            1 << 20,
+            DicomOptions::default(),
+        )
+        .unwrap();
+        let after = Instant::now();
+        let (start, total) = d.gates.expect("the `gates` span of its trace");
+        assert!(
+            before <= start && start <= after,
+            "started within the decode"
+        );
+        assert!(total > Duration::ZERO, "the gates' time");
+        assert!(start + total <= after, "ended within the decode");
+    }
 }

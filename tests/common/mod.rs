@@ -627,7 +627,12 @@ pub fn interop_inputs(models: &Path, model: &str, work: &Path) -> (PathBuf, Path
         .card;
     let pre = cxr::imaging::Preprocessor::new(card.input_size, &card.preprocessing).unwrap();
     let tensor = pre
-        .preprocess_checked(&png, 1 << 24, &cxr::imaging::Geometry::default())
+        .preprocess_checked(
+            &png,
+            1 << 24,
+            &cxr::imaging::Geometry::default(),
+            &mut cxr::imaging::GateTime::default(),
+        )
         .unwrap();
     let png_path = work.join("x.png");
     let tensor_path = work.join("x.f32");

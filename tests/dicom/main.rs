@@ -311,3 +311,32 @@ fn random_corruption_never_panics() {
         }
     }
 }
+
+/// The blank check's time goes to the caller's `GateTime` (the trace's `gates` span
+/// inside `decode`), a refusal's included.
+#[test]
+fn the_content_gate_is_timed_into_the_callers_gate_time() {
+    use cxr::imaging::GateTime;
+    use cxr::imaging::dicom::decode_dicom_timed;
+    use std::time::{Duration, Instant};
+    let g = d::test_gray(40, 30, 3);
+    let file = d::build(&Spec::new(30, 40, 16, d::stored(&g, |v| v * 257)));
+    let mut gates = GateTime::default();
+    let before = Instant::now();
+    decode_dicom_timed(&file, 1 << 30, d::test_opts(), &mut gates).unwrap();
+    let after = Instant::now();
+    let (start, total) = gates.span().expect("the blank check ran");
+    assert!(
+        before <= start && start + total <= after,
+        "within the decode"
+    );
+    assert!(total > Duration::ZERO);
+    let flat = GrayImage::from_pixel(40, 30, image::Luma([90]));
+    let blank = d::build(&Spec::new(30, 40, 16, d::stored(&flat, |v| v * 257)));
+    let mut refused = GateTime::default();
+    assert!(matches!(
+        decode_dicom_timed(&blank, 1 << 30, d::test_opts(), &mut refused),
+        Err(cxr::imaging::dicom::DicomError::Content(_))
+    ));
+    assert!(refused.total > Duration::ZERO, "the refusing gate is timed");
+}

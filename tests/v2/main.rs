@@ -225,7 +225,12 @@ async fn preprocessed_tensors_in_json_and_binary() {
         .get("alpha")
         .unwrap()
         .preprocessor
-        .preprocess_checked(&a, 1 << 20, &common::test_geometry())
+        .preprocess_checked(
+            &a,
+            1 << 20,
+            &common::test_geometry(),
+            &mut cxr::imaging::GateTime::default(),
+        )
         .unwrap();
     assert_eq!(tensor.len(), 3 * 32 * 32);
     // JSON, nested rows are fine.

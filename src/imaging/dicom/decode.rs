@@ -13,6 +13,7 @@ use image::GrayImage;
 use super::codestream::check_codestream;
 use super::guard::{check_lengths, check_meta_group};
 use super::voi::{apply_voi_lut, apply_window, min_max, stored_values, voi_lut};
+use crate::imaging::GateTime;
 use crate::imaging::dicom::DicomError;
 use crate::imaging::dicom::DicomImage;
 use crate::imaging::dicom::DicomInfo;
@@ -29,6 +30,16 @@ pub fn decode_dicom(
     max_pixels: u64,
     opts: DicomOptions,
 ) -> Result<DicomImage, DicomError> {
+    decode_dicom_timed(bytes, max_pixels, opts, &mut GateTime::default())
+}
+
+/// [`decode_dicom`], the time of its content gate (blank) added to `gates`.
+pub fn decode_dicom_timed(
+    bytes: &[u8],
+    max_pixels: u64,
+    opts: DicomOptions,
+    gates: &mut GateTime,
+) -> Result<DicomImage, DicomError> {
     let parsed = parse(bytes)?;
     let obj = &parsed.obj;
     let a = Attributes::read(obj, opts, max_pixels)?;
@@ -44,7 +55,9 @@ pub fn decode_dicom(
     }
     let (gray, voi) = render(obj, &a)?;
     let warnings = warnings(obj, a.frames, opts)?;
-    crate::trace::gate(|| crate::imaging::check_not_blank(&gray)).map_err(DicomError::Content)?;
+    gates
+        .time(|| crate::imaging::check_not_blank(&gray))
+        .map_err(DicomError::Content)?;
     Ok(DicomImage {
         gray,
         info: DicomInfo {

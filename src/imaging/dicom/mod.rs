@@ -30,7 +30,7 @@ mod guard;
 mod source;
 mod voi;
 
-pub use decode::{decode_dicom, identify};
+pub use decode::{decode_dicom, decode_dicom_timed, identify};
 pub use source::{COPIED_TAGS, SourceIds, SrSource};
 
 /// A text attribute of `obj`, its padding (NUL, spaces) trimmed; `None` when absent
