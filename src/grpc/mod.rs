@@ -41,6 +41,7 @@ use crate::predict::Ask;
 use crate::predict::Asker;
 use crate::predict::Core;
 use crate::predict::ErrorType;
+use crate::predict::Traced;
 
 /// The generated protocol types and service.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -185,16 +186,20 @@ impl Inference {
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let started = Instant::now();
         let caller = self.caller(&req, Scope::Predict)?;
-        // The caller's W3C trace context, from the call's metadata (or a trace of
-        // its own): the stages become spans, exported with the HTTP door's.
+        // The request's ids and the caller's W3C trace context (or a trace of its
+        // own), from the call's metadata as the HTTP door reads its headers: the
+        // stages become spans, exported with the HTTP door's.
         let md = req.metadata();
-        let ctx = crate::trace::TraceContext::from_headers(|n| md.get(n).map(|v| v.as_bytes()))
-            .unwrap_or_else(crate::trace::TraceContext::root);
-        let trace = crate::trace::RequestTrace::start(ctx, self.core.exporter().is_some());
-        let client_request_id = md
-            .get("x-request-id")
-            .and_then(|v| crate::predict::sanitize_client_request_id(v.as_bytes()));
-        let asker = Asker::new(caller, client_request_id).traced(trace.clone());
+        let asker = Asker::from_headers(
+            caller,
+            |n| md.get(n).map(|v| v.as_bytes()),
+            self.core.exporter().is_some(),
+            Traced::Always,
+        );
+        let trace = asker
+            .trace
+            .clone()
+            .expect("Traced::Always gives every request a trace");
         let deadline = req
             .metadata()
             .get("grpc-timeout")
