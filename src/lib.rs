@@ -32,6 +32,7 @@ pub mod access;
 pub mod audit;
 pub mod clock;
 pub mod config;
+pub mod conn;
 pub mod defaults;
 pub mod delivery;
 pub mod dicom_node;

@@ -64,10 +64,11 @@ pub struct Calls {
     last_end: Mutex<Option<tokio::time::Instant>>,
 }
 
-impl Calls {
+/// A call in flight keeps its connection ([`crate::conn::Quiet`]).
+impl crate::conn::Keep for Calls {
     /// Until when a connection quiet for `idle` stays open: `idle` from now while
     /// a call runs, `idle` after the last call ended; `None` to close it now.
-    pub(super) fn keep_until(&self, idle: Duration) -> Option<tokio::time::Instant> {
+    fn keep_until(&self, idle: Duration) -> Option<tokio::time::Instant> {
         let now = tokio::time::Instant::now();
         if self.running.load(Ordering::Acquire) > 0 {
             return Some(now + idle);
@@ -429,6 +430,7 @@ impl<T: Unpin> http_body::Body for Held<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::Keep as _;
 
     #[test]
     fn message_lengths_are_read_from_prefixes_split_anywhere() {

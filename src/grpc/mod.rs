@@ -41,6 +41,7 @@ use crate::predict::Ask;
 use crate::predict::Asker;
 use crate::predict::Core;
 use crate::predict::PredictError;
+use crate::predict::Traced;
 
 /// The generated protocol types and service.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -221,16 +222,20 @@ impl Inference {
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let started = Instant::now();
         let caller = self.caller(&req, Scope::Predict)?;
-        // The caller's W3C trace context, from the call's metadata (or a trace of
-        // its own): the stages become spans, exported with the HTTP door's.
+        // The request's ids and the caller's W3C trace context (or a trace of its
+        // own), from the call's metadata as the HTTP door reads its headers: the
+        // stages become spans, exported with the HTTP door's.
         let md = req.metadata();
-        let ctx = crate::trace::TraceContext::from_headers(|n| md.get(n).map(|v| v.as_bytes()))
-            .unwrap_or_else(crate::trace::TraceContext::root);
-        let trace = crate::trace::RequestTrace::start(ctx, self.core.exporter().is_some());
-        let client_request_id = md
-            .get("x-request-id")
-            .and_then(|v| crate::predict::sanitize_client_request_id(v.as_bytes()));
-        let asker = Asker::new(caller, client_request_id).traced(trace.clone());
+        let asker = Asker::from_headers(
+            caller,
+            |n| md.get(n).map(|v| v.as_bytes()),
+            self.core.exporter().is_some(),
+            Traced::Always,
+        );
+        let trace = asker
+            .trace
+            .clone()
+            .expect("Traced::Always gives every request a trace");
         let deadline = req
             .metadata()
             .get("grpc-timeout")
@@ -592,88 +597,21 @@ pub struct GrpcLimits {
     pub idle_timeout: std::time::Duration,
 }
 
-/// A connection holding its place under the connection cap, closed when its peer
-/// sends nothing: no first bytes within the header-read timeout, or nothing more
-/// for the idle timeout (the HTTP listener's limits), unless a call on it is in
-/// flight or ended less than the idle timeout ago (the answer is what the peer
-/// waits for, not silence).
-struct Capped {
-    io: tokio::net::TcpStream,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-    /// When the connection is closed if nothing more arrives.
-    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
-    idle: std::time::Duration,
-    /// Its calls in flight (counted by [`admission`]).
-    calls: Arc<admission::Calls>,
-}
+/// A connection holding its place under the connection cap ([`crate::conn::Slot`]),
+/// closed when its peer sends nothing ([`crate::conn::Quiet`]): no first bytes
+/// within the header-read timeout, or nothing more for the idle timeout (the HTTP
+/// listener's limits), unless a call on it is in flight or ended less than the
+/// idle timeout ago (the answer is what the peer waits for, not silence:
+/// [`Calls`] keeps it).
+type Capped = crate::conn::Quiet<tokio::net::TcpStream, admission::Calls>;
 
 impl tonic::transport::server::Connected for Capped {
     type ConnectInfo = admission::ConnInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
         admission::ConnInfo {
-            tcp: self.io.connect_info(),
-            calls: self.calls.clone(),
+            tcp: self.get_ref().connect_info(),
+            calls: self.keep().clone(),
         }
-    }
-}
-
-impl tokio::io::AsyncRead for Capped {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::future::Future as _;
-        use std::task::Poll;
-        let before = buf.filled().len();
-        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    let next = tokio::time::Instant::now() + self.idle;
-                    self.quiet.as_mut().reset(next);
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending => loop {
-                if self.quiet.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                // Quiet for the timeout: closed, unless a call keeps it (the timer
-                // is set again, and polled again so that it wakes this task).
-                match self.calls.keep_until(self.idle) {
-                    Some(until) => self.quiet.as_mut().reset(until),
-                    None => {
-                        return Poll::Ready(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "the peer sent nothing within the header-read or idle timeout",
-                        )));
-                    }
-                }
-            },
-            other => other,
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Capped {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -723,7 +661,7 @@ pub async fn serve(
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
     // Connections beyond the cap are closed as they come.
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let slots = crate::conn::Slots::new(limits.max_connections);
     let incoming = async_stream_of(listener, slots, &limits);
     tonic::transport::Server::builder()
         // A backstop: the core answers DEADLINE_EXCEEDED itself, sooner.
@@ -747,25 +685,21 @@ pub async fn serve(
 /// are dropped, closing them).
 fn async_stream_of(
     listener: tokio::net::TcpListener,
-    slots: Arc<tokio::sync::Semaphore>,
+    slots: crate::conn::Slots,
     limits: &GrpcLimits,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<Capped>> {
     let (first, idle) = (limits.first_bytes_timeout, limits.idle_timeout);
     let accepted = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tokio_stream::StreamExt::filter_map(accepted, move |conn| match conn {
         Err(e) => Some(Err(e)),
-        Ok(io) => match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
+        Ok(io) => match slots.take() {
+            Some(slot) => {
                 let _ = io.set_nodelay(true);
-                Some(Ok(Capped {
-                    io,
-                    _slot: slot,
-                    quiet: Box::pin(tokio::time::sleep(first)),
-                    idle,
-                    calls: Arc::default(),
-                }))
+                Some(Ok(
+                    Capped::new(io, first, idle, Arc::default()).holding(slot)
+                ))
             }
-            Err(_) => {
+            None => {
                 tracing::warn!("gRPC connection refused: --max-connections reached");
                 None
             }

@@ -65,8 +65,8 @@ fn note_refusal(state: &AppState, req: &Request, scope: Scope, e: &AuthError) {
         .map_or("unmatched", |p| p.as_str());
     let request_id = req
         .extensions()
-        .get::<crate::http::RequestIds>()
-        .map(|i| i.server.clone())
+        .get::<crate::predict::Asker>()
+        .map(|a| a.request_id.clone())
         .unwrap_or_default();
     state
         .core()

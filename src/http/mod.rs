@@ -51,6 +51,8 @@ use crate::http::routes::ready;
 use crate::http::routes::ui;
 use crate::inference::ModelSet;
 use crate::predict::Core;
+use crate::predict::Traced;
+use crate::predict::X_REQUEST_ID;
 use auth::{ApiKeys, Caller, Scope};
 
 /// Shared state of the HTTP doors: the prediction core (with the buffered-bytes
@@ -257,27 +259,18 @@ fn with_common_layers(app: Router<AppState>, state: &AppState) -> Router<AppStat
                 .extensions()
                 .get::<MatchedPath>()
                 .map_or("unmatched", |p| p.as_str());
-            let ids = req.extensions().get::<RequestIds>();
-            let id = ids.map_or("", |i| i.server.as_str());
-            let client = ids.and_then(|i| i.client.as_deref()).unwrap_or("");
-            let trace_id = req
-                .extensions()
-                .get::<Arc<crate::trace::RequestTrace>>()
+            let asker = req.extensions().get::<Asker>();
+            let id = asker.map_or("", |a| a.request_id.as_str());
+            let client = asker
+                .and_then(|a| a.client_request_id.as_deref())
+                .unwrap_or("");
+            let trace_id = asker
+                .and_then(|a| a.trace.as_ref())
                 .map(|t| t.trace_id())
                 .unwrap_or_default();
             tracing::info_span!("request", method = %req.method(), path, request_id = id, client_request_id = client, trace_id)
         }))
         .layer(middleware::from_fn_with_state(state.clone(), request_ids))
-}
-
-/// A request's ids: the server's own (a UUID, the `request_id` of answers, logs and
-/// audit records) and the caller's `x-request-id`, bounded and sanitised.
-#[derive(Debug, Clone)]
-pub struct RequestIds {
-    /// The server's id.
-    pub server: String,
-    /// The caller's id, if it sent a usable one.
-    pub client: Option<String>,
 }
 
 pub use crate::predict::MAX_CLIENT_REQUEST_ID;
@@ -291,10 +284,12 @@ pub use crate::predict::sanitize_client_request_id;
 /// every inference request, gets a trace (the caller's, or a new one); its answer
 /// carries `traceparent` (the server's span) and `tracestate`, and its spans are
 /// exported once it is answered.
+///
+/// The ids and the trace are made by [`Asker::from_headers`], as the gRPC door
+/// makes them; the [`Asker`] (anonymous until the auth middleware names its
+/// caller) waits in the request's extensions for its extractor.
 async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    use crate::trace::{RequestTrace, TRACEPARENT, TRACESTATE, TraceContext};
-    let headers = req.headers();
-    let caller_ctx = TraceContext::from_headers(|n| headers.get(n).map(|v| v.as_bytes()));
+    use crate::trace::{TRACEPARENT, TRACESTATE};
     // The route's template, never the path the client sent (which may carry
     // anything, a patient's name among it): unmatched requests have none.
     let route = req
@@ -304,12 +299,18 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
     let inference = route
         .as_deref()
         .is_some_and(|r| r == "/predict" || r.ends_with("/infer"));
-    let exporting = state.core().exporter().is_some();
-    let trace = match caller_ctx {
-        Some(ctx) => Some(RequestTrace::start(ctx, exporting)),
-        None if inference => Some(RequestTrace::start(TraceContext::root(), exporting)),
-        None => None,
-    };
+    let headers = req.headers();
+    let asker = Asker::from_headers(
+        Caller::anonymous(),
+        |n| headers.get(n).map(|v| v.as_bytes()),
+        state.core().exporter().is_some(),
+        if inference {
+            Traced::Always
+        } else {
+            Traced::WhenSent
+        },
+    );
+    let trace = asker.trace.clone();
     // The server span's name, for a traced request only: the method and the route
     // (OpenTelemetry's HTTP conventions), or the method alone when none matched.
     let method = req.method().clone();
@@ -317,25 +318,14 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
         Some(r) => format!("{method} {r}"),
         None => method.to_string(),
     });
-    let client = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| sanitize_client_request_id(v.as_bytes()));
-    let server = uuid::Uuid::new_v4().to_string();
-    if let Ok(v) = axum::http::HeaderValue::from_str(&server) {
-        req.headers_mut().insert("x-request-id", v);
+    if let Ok(v) = axum::http::HeaderValue::from_str(&asker.request_id) {
+        req.headers_mut().insert(X_REQUEST_ID, v);
     }
-    req.extensions_mut().insert(RequestIds {
-        server: server.clone(),
-        client: client.clone(),
-    });
-    if let Some(t) = &trace {
-        t.set_request_id(&server);
-        req.extensions_mut().insert(t.clone());
-    }
+    let echoed = axum::http::HeaderValue::from_str(asker.echoed_request_id());
+    req.extensions_mut().insert(asker);
     let mut resp = next.run(req).await;
-    if let Ok(v) = axum::http::HeaderValue::from_str(client.as_deref().unwrap_or(&server)) {
-        resp.headers_mut().insert("x-request-id", v);
+    if let Ok(v) = echoed {
+        resp.headers_mut().insert(X_REQUEST_ID, v);
     }
     if let (Some(t), Some(span_name)) = (trace, span_name) {
         if let Ok(v) = axum::http::HeaderValue::from_str(&t.traceparent()) {
@@ -375,24 +365,27 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
 }
 
 /// Who asked, read from the request: the caller the auth middleware let in, and
-/// the ids [`request_ids`] gave it.
+/// the ids and trace [`request_ids`] gave it.
 impl<S: Send + Sync> FromRequestParts<S> for Asker {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let ids = parts.extensions.get::<RequestIds>();
-        Ok(Asker {
-            caller: parts
-                .extensions
-                .get::<Caller>()
-                .cloned()
-                .unwrap_or_else(Caller::anonymous),
-            request_id: ids.map_or_else(|| request_id(&parts.headers), |i| i.server.clone()),
-            client_request_id: ids.and_then(|i| i.client.clone()),
-            trace: parts
-                .extensions
-                .get::<Arc<crate::trace::RequestTrace>>()
-                .cloned(),
+        let caller = parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(Caller::anonymous);
+        Ok(match parts.extensions.get::<Asker>() {
+            Some(asker) => Asker {
+                caller,
+                ..asker.clone()
+            },
+            None => Asker {
+                caller,
+                request_id: request_id(&parts.headers),
+                client_request_id: None,
+                trace: None,
+            },
         })
     }
 }
@@ -434,7 +427,7 @@ async fn method_not_allowed() -> ApiError {
 
 fn request_id(headers: &HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string()

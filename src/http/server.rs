@@ -8,7 +8,8 @@
 //! - a connection with no request in flight for `idle_timeout` is closed
 //!   (keep-alive on HTTP/1, GOAWAY on HTTP/2);
 //! - beyond `max_connections` open connections a new one is closed at once (the
-//!   gateway retries another replica).
+//!   gateway retries another replica): the cap is [`crate::conn::Slots`], the gRPC
+//!   door's too.
 //!
 //! Request bodies have their own deadline in the handler (`--body-timeout-s`).
 //!
@@ -17,7 +18,8 @@
 //! answer from then on carries `Connection: close` (HTTP/1), so a keep-alive
 //! connection ends on an answer rather than under a request; an HTTP/1 connection
 //! that stays idle for [`DRAIN_IDLE_GRACE`] and every HTTP/2 connection (GOAWAY) are
-//! then shut down gracefully; requests in flight finish, within `shutdown_timeout`.
+//! then shut down gracefully; requests in flight finish, within `shutdown_timeout`
+//! (the wait for every connection's slot back: [`Slots::drained`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,7 +36,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
+
+use crate::conn::Slots;
 
 /// How long an idle HTTP/1 keep-alive connection is kept open once the drain has
 /// begun, for a request the gateway may already have sent on it (answered with
@@ -178,8 +182,7 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
-    let open = Arc::new(Semaphore::new(max));
+    let slots = Slots::new(limits.max_connections);
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -194,7 +197,7 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Ok(permit) = open.clone().try_acquire_owned() else {
+                let Some(slot) = slots.take() else {
                     tracing::debug!(%peer, max = limits.max_connections, "connection refused: at the connection limit");
                     drop(stream);
                     continue;
@@ -204,7 +207,7 @@ pub async fn serve(
                 let drain = drain_rx.clone();
                 tokio::spawn(async move {
                     connection(stream, peer, app, limits, drain).await;
-                    drop(permit);
+                    drop(slot);
                 });
             }
             () = &mut shutdown => break,
@@ -213,12 +216,11 @@ pub async fn serve(
     // Refuse new connections first: a gateway then fails over before sending.
     drop(listener);
     let _ = drain_tx.send(true);
-    let all = u32::try_from(max).unwrap_or(u32::MAX);
-    match tokio::time::timeout(limits.shutdown_timeout, open.acquire_many(all)).await {
-        Ok(_) => tracing::debug!("every connection closed"),
-        Err(_) => tracing::warn!(
+    match slots.drained(limits.shutdown_timeout).await {
+        Ok(()) => tracing::debug!("every connection closed"),
+        Err(open) => tracing::warn!(
             timeout_s = limits.shutdown_timeout.as_secs_f64(),
-            open = max - open.available_permits(),
+            open,
             "drain deadline (--shutdown-timeout-s) passed; dropping the connections still open"
         ),
     }

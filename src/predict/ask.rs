@@ -20,6 +20,10 @@ use crate::predict::types::ThresholdSource;
 /// Longest `x-request-id` kept from a caller.
 pub const MAX_CLIENT_REQUEST_ID: usize = 128;
 
+/// The header (HTTP) or metadata key (gRPC) of a caller's own request id, and of
+/// the id an answer echoes.
+pub const X_REQUEST_ID: &str = "x-request-id";
+
 /// A caller's `x-request-id` as kept: at most [`MAX_CLIENT_REQUEST_ID`] characters
 /// of `A-Z a-z 0-9 - _ . : / + = @`, others dropped; `None` if nothing is left.
 pub fn sanitize_client_request_id(raw: &[u8]) -> Option<String> {
@@ -65,6 +69,46 @@ impl Asker {
         self.trace = Some(trace);
         self
     }
+
+    /// One request of `caller` as every door reads it from its headers (HTTP's,
+    /// or gRPC's metadata), `header` looking a value up by its lower-case name, so
+    /// that no transport type enters the core: a new server request id; the
+    /// caller's `x-request-id`, sanitised ([`sanitize_client_request_id`]); and the
+    /// caller's W3C trace context (`traceparent`, `tracestate`). The request is
+    /// traced when that context is valid, or with a trace of its own when `when`
+    /// says so; its spans are recorded when `exporting` (and the trace is sampled).
+    pub fn from_headers<'a>(
+        caller: Caller,
+        header: impl Fn(&str) -> Option<&'a [u8]>,
+        exporting: bool,
+        when: Traced,
+    ) -> Self {
+        use crate::trace::{RequestTrace, TraceContext};
+        let client = header(X_REQUEST_ID).and_then(sanitize_client_request_id);
+        let asker = Self::new(caller, client);
+        let ctx = match (TraceContext::from_headers(&header), when) {
+            (Some(ctx), _) => ctx,
+            (None, Traced::Always) => TraceContext::root(),
+            (None, Traced::WhenSent) => return asker,
+        };
+        asker.traced(RequestTrace::start(ctx, exporting))
+    }
+
+    /// The `x-request-id` an answer carries: the caller's own, else the server's.
+    pub fn echoed_request_id(&self) -> &str {
+        self.client_request_id
+            .as_deref()
+            .unwrap_or(&self.request_id)
+    }
+}
+
+/// Which requests [`Asker::from_headers`] traces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Traced {
+    /// Every one: the caller's trace, or a new one (inference requests).
+    Always,
+    /// Only those whose caller sent a valid `traceparent`.
+    WhenSent,
 }
 
 /// What a caller asks of the model: which variant, at which threshold, and whether
@@ -197,5 +241,75 @@ pub(crate) fn decision(model: &ServedModel, q: &Ask) -> Result<Decision, Predict
                 },
             },
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    /// A door's header lookup over `(name, value)` pairs.
+    fn asker(headers: &[(&str, &str)], exporting: bool, when: Traced) -> Asker {
+        Asker::from_headers(
+            Caller::anonymous(),
+            |n| {
+                headers
+                    .iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.as_bytes())
+            },
+            exporting,
+            when,
+        )
+    }
+
+    #[test]
+    fn the_callers_request_id_is_kept_sanitised_and_echoed() {
+        let a = asker(
+            &[("x-request-id", "abc<script>-1")],
+            false,
+            Traced::WhenSent,
+        );
+        assert_eq!(a.client_request_id.as_deref(), Some("abcscript-1"));
+        assert_eq!(a.echoed_request_id(), "abcscript-1");
+        assert_ne!(a.request_id, "abcscript-1");
+        // None sent: the server's own id is echoed.
+        let a = asker(&[], false, Traced::WhenSent);
+        assert_eq!(a.client_request_id, None);
+        assert_eq!(a.echoed_request_id(), a.request_id);
+        assert_eq!(a.request_id.len(), 36, "a UUID");
+    }
+
+    #[test]
+    fn a_valid_traceparent_is_continued_and_a_trace_starts_only_when_asked() {
+        let a = asker(
+            &[("traceparent", PARENT), ("tracestate", "k=v")],
+            true,
+            Traced::WhenSent,
+        );
+        let t = a.trace.expect("the caller's trace");
+        assert_eq!(t.trace_id(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(t.context().tracestate.as_deref(), Some("k=v"));
+        assert!(t.recording());
+        assert!(
+            t.traceparent()
+                .starts_with("00-0af7651916cd43dd8448eb211c80319c-")
+        );
+        // Not exporting: traced, not recorded.
+        let a = asker(&[("traceparent", PARENT)], false, Traced::WhenSent);
+        assert!(!a.trace.expect("traced").recording());
+        // None sent (or an invalid one): a trace of its own only when asked.
+        assert!(asker(&[], true, Traced::WhenSent).trace.is_none());
+        assert!(
+            asker(&[("traceparent", "00-zz")], true, Traced::WhenSent)
+                .trace
+                .is_none()
+        );
+        let a = asker(&[("traceparent", "00-zz")], true, Traced::Always);
+        let t = a.trace.expect("a new trace");
+        assert_ne!(t.trace_id(), "0af7651916cd43dd8448eb211c80319c");
+        assert!(t.context().parent_span_id.is_none());
     }
 }
