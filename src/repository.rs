@@ -26,8 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use serde::Serialize;
 
 use crate::inference::{LoadConfig, LoadContext, LoadError, ModelSet, ServedModel};
 use crate::metrics::{ServedVersion, ServerMetrics};
@@ -102,47 +101,49 @@ pub enum RepoError {
     Load(#[from] LoadError),
 }
 
-/// A `load` call's parameters (the repository extension's `parameters`).
-#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+/// A `load` call's parameters.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoadParams {
     /// Load only this version (else every version of the variant on disk).
-    #[serde(default)]
     pub version: Option<String>,
     /// Make `version` the variant's default once it is loaded and warmed (the
     /// swap). Kept across rescans while that version is on disk.
-    #[serde(default)]
     pub default: Option<bool>,
     /// Run `version` in the shadow of the variant's default (`true`), or stop the
     /// variant's shadow (`false`).
-    #[serde(default)]
     pub shadow: Option<bool>,
     /// The share of requests the shadow runs on, in (0, 1] (default: `--shadow-share`).
-    #[serde(default)]
     pub shadow_share: Option<f64>,
 }
 
+/// Whether a version answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// Loaded: it answers.
+    Ready,
+    /// On disk but not loaded (unloaded, never loaded, or refused: see the reason).
+    Unavailable,
+}
+
 /// One version in the repository index.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone)]
 pub struct IndexEntry {
     /// Variant name.
     pub name: String,
     /// Version (the card's).
     pub version: String,
-    /// `READY` (loaded), or `UNAVAILABLE` (unloaded, or refused: see `reason`).
-    pub state: String,
+    /// Whether it answers.
+    pub state: Availability,
     /// Why it is not loaded; empty when ready.
     pub reason: String,
     /// Whether it is its variant's default version.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub default: bool,
     /// Whether it runs in the shadow of its variant's default.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub shadow: bool,
 }
 
-/// What a change did.
-#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+/// What a change did (serialised as the audit trail records it).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Change {
     /// Versions loaded and warmed (`name@version`).
     pub loaded: Vec<String>,
@@ -495,10 +496,10 @@ impl Repository {
         let st = self.lock();
         let live = self.live.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut out: BTreeMap<(String, String), IndexEntry> = BTreeMap::new();
-        let entry = |name: &str, version: &str, state: &str, reason: String| IndexEntry {
+        let entry = |name: &str, version: &str, state: Availability, reason: String| IndexEntry {
             name: name.into(),
             version: version.into(),
-            state: state.into(),
+            state,
             reason,
             default: false,
             shadow: false,
@@ -518,18 +519,18 @@ impl Repository {
             };
             out.insert(
                 (e.name.clone(), version.clone()),
-                entry(&e.name, &version, "UNAVAILABLE", reason),
+                entry(&e.name, &version, Availability::Unavailable, reason),
             );
         }
         for ((name, version), why) in &st.failed {
             out.insert(
                 (name.clone(), version.clone()),
-                entry(name, version, "UNAVAILABLE", why.clone()),
+                entry(name, version, Availability::Unavailable, why.clone()),
             );
         }
         for (name, versions) in &st.loaded {
             for (version, m) in versions {
-                let mut e = entry(name, version, "READY", String::new());
+                let mut e = entry(name, version, Availability::Ready, String::new());
                 if let Some(set) = &live {
                     e.default = set.is_default(m);
                     e.shadow = set.is_shadow(m);

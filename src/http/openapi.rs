@@ -40,7 +40,7 @@ use utoipa::OpenApi;
         v2::V2Error, v2::ServerMetadata, v2::TensorMetadata, v2::ModelMetadata, v2::Readiness, v2::Liveness,
         v2::InferRequest, v2::RequestInput, v2::RequestOutput, v2::InferResponse, v2::ResponseOutput,
         v2::repository::IndexRequest, v2::repository::LoadRequest, v2::repository::UnloadRequest, v2::repository::UnloadParams,
-        crate::repository::LoadParams, crate::repository::IndexEntry, crate::repository::Change,
+        v2::repository::LoadParams, v2::repository::IndexEntry, v2::repository::Change,
         crate::http::types::VersionInfo, crate::http::types::ShadowInfo, crate::inference::shadow::ShadowReport, crate::inference::shadow::ClassAgreement)),
     tags((name = "inference", description = "Classify X-rays"), (name = "models", description = "Model cards and live facts"), (name = "feedback", description = "Confirmed labels of answered images, and the live figures they give"), (name = "operations", description = "Health, readiness, metrics"), (name = "open inference protocol", description = "The Open Inference Protocol (KServe V2) REST API, with Triton's binary tensor data extension; also at /v2/models/{name}/versions/{version}[/infer|/ready]"), (name = "model repository", description = "The Open Inference Protocol's model repository extension: list, load (and swap, and shadow) and unload model versions live; callers with the `admin` scope"))
 )]

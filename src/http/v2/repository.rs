@@ -2,18 +2,111 @@
 //! `POST /v2/repository/index`, `POST /v2/repository/models/{name}/load` and
 //! `…/unload`, for callers whose key has the `admin` scope. The work is the
 //! repository's ([`crate::repository`]); this file reads the protocol's bodies and
-//! maps its refusals.
+//! maps its refusals; its bodies are its own types (`LoadParams`, `IndexEntry`,
+//! `Change`: the schemas in openapi.yaml), converted to and from the repository's.
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use super::{ApiError, AppState};
 use crate::audit::{AuditEvent, EventKind};
 use crate::predict::Asker;
 use crate::predict::PredictError;
-use crate::repository::{Change, IndexEntry, LoadParams, RepoError, Repository};
+use crate::repository::{self, Availability, RepoError, Repository};
+
+/// A `load` call's parameters (the repository extension's `parameters`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoadParams {
+    /// Load only this version (else every version of the variant on disk).
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Make `version` the variant's default once it is loaded and warmed (the
+    /// swap). Kept across rescans while that version is on disk.
+    #[serde(default)]
+    pub default: Option<bool>,
+    /// Run `version` in the shadow of the variant's default (`true`), or stop the
+    /// variant's shadow (`false`).
+    #[serde(default)]
+    pub shadow: Option<bool>,
+    /// The share of requests the shadow runs on, in (0, 1] (default: `--shadow-share`).
+    #[serde(default)]
+    pub shadow_share: Option<f64>,
+}
+
+/// One version in the repository index.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct IndexEntry {
+    /// Variant name.
+    pub name: String,
+    /// Version (the card's).
+    pub version: String,
+    /// `READY` (loaded), or `UNAVAILABLE` (unloaded, or refused: see `reason`).
+    pub state: String,
+    /// Why it is not loaded; empty when ready.
+    pub reason: String,
+    /// Whether it is its variant's default version.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub default: bool,
+    /// Whether it runs in the shadow of its variant's default.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
+}
+
+/// What a change did.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct Change {
+    /// Versions loaded and warmed (`name@version`).
+    pub loaded: Vec<String>,
+    /// Versions taken out of the set (unloaded once their requests are done).
+    pub unloaded: Vec<String>,
+    /// Versions refused, with why (what was serving stays).
+    pub refused: Vec<String>,
+    /// Each variant's default version after the change.
+    pub defaults: BTreeMap<String, String>,
+}
+
+impl From<LoadParams> for repository::LoadParams {
+    fn from(p: LoadParams) -> Self {
+        Self {
+            version: p.version,
+            default: p.default,
+            shadow: p.shadow,
+            shadow_share: p.shadow_share,
+        }
+    }
+}
+
+impl From<repository::IndexEntry> for IndexEntry {
+    fn from(e: repository::IndexEntry) -> Self {
+        Self {
+            name: e.name,
+            version: e.version,
+            state: match e.state {
+                Availability::Ready => "READY",
+                Availability::Unavailable => "UNAVAILABLE",
+            }
+            .into(),
+            reason: e.reason,
+            default: e.default,
+            shadow: e.shadow,
+        }
+    }
+}
+
+impl From<repository::Change> for Change {
+    fn from(c: repository::Change) -> Self {
+        Self {
+            loaded: c.loaded,
+            unloaded: c.unloaded,
+            refused: c.refused,
+            defaults: c.defaults,
+        }
+    }
+}
 
 /// `POST /v2/repository/index`'s body.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -81,13 +174,13 @@ fn refusal(e: RepoError) -> ApiError {
 /// warms it; answers go on meanwhile).
 async fn change(
     state: &AppState,
-    f: impl FnOnce(&Repository) -> Result<Change, RepoError> + Send + 'static,
+    f: impl FnOnce(&Repository) -> Result<repository::Change, RepoError> + Send + 'static,
 ) -> Result<Json<Change>, ApiError> {
     let repo = repository(state)?;
     tokio::task::spawn_blocking(move || f(&repo))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
-        .map(Json)
+        .map(|c| Json(c.into()))
         .map_err(refusal)
 }
 
@@ -108,9 +201,9 @@ pub async fn index(
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     if req.ready {
-        entries.retain(|e| e.state == "READY");
+        entries.retain(|e| e.state == Availability::Ready);
     }
-    Ok(Json(entries))
+    Ok(Json(entries.into_iter().map(IndexEntry::from).collect()))
 }
 
 /// Loads a model's versions from the models folder (or one, with
@@ -139,7 +232,8 @@ pub async fn load(
         None => name.clone(),
     };
     let asked = serde_json::to_value(&req.parameters).ok();
-    let r = change(&state, move |r| r.load(&name, &req.parameters)).await;
+    let params = req.parameters.into();
+    let r = change(&state, move |r| r.load(&name, &params)).await;
     audit(
         &state,
         EventKind::RepositoryLoad,
