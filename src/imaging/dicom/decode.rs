@@ -1,6 +1,8 @@
 //! Decoding, in the order the module docs give: the transfer syntax and the length
-//! guard, the attributes the radiograph needs, the first frame through the Modality
-//! and VOI LUTs, and the warnings (multi-frame, lateral, adult).
+//! guard, then the one parse of a file ([`Instance`]: what a result object needs of
+//! it, the hash of its pixel data that files it); the attributes the radiograph
+//! needs, the first frame through the Modality and VOI LUTs, and the warnings
+//! (multi-frame, lateral, adult), from that parse ([`decode_instance`]).
 
 use dicom_dictionary_std::{tags, uids};
 use dicom_encoding::TransferSyntaxIndex;
