@@ -23,12 +23,12 @@ use std::time::Duration;
 use crate::access::Caller;
 use crate::delivery::Delivery;
 use crate::imaging::files::Entry;
-use crate::imaging::files::is_image_file;
 use crate::imaging::files::walk;
 use crate::predict::Ask;
 use crate::predict::Asker;
 use crate::predict::Core;
 use crate::predict::Upload;
+use crate::predict::UploadKind;
 
 /// How long the job waits, at its end, for the results it queued to be delivered.
 const SEND_WAIT: Duration = Duration::from_secs(30);
@@ -196,8 +196,9 @@ pub async fn run(
             bar.iter().for_each(|b| b.inc(1));
             continue;
         };
-        let dicom = crate::imaging::dicom::is_dicom(&bytes);
-        if !is_image_file(&bytes) {
+        // Its kind sniffed once: what is not DICOM, JPEG or PNG is skipped.
+        let upload = Upload::sniff(bytes.into());
+        if upload.kind() == UploadKind::Unknown {
             summary.skipped += 1;
             say(format!(
                 "skipped   {}: not a DICOM, JPEG or PNG file",
@@ -206,19 +207,12 @@ pub async fn run(
             bar.iter().for_each(|b| b.inc(1));
             continue;
         }
-        // What the image is: for DICOM its SOP Instance UID and pixels, else its bytes.
-        let identity = if dicom {
-            crate::imaging::dicom::identify(&bytes).ok()
-        } else {
-            None
-        };
-        let seed = match &identity {
-            Some((src, pixels)) => format!(
-                "{}/{pixels}",
-                src.sop_instance_uid.as_deref().unwrap_or_default()
-            ),
-            None => crate::digest::sha256_hex(&bytes),
-        };
+        // What the image is (the core's identity: for DICOM its SOP Instance UID
+        // and pixels, else its bytes); the decoder uses the same parse.
+        let identity = core
+            .identify(&upload, None)
+            .await
+            .map_err(|e| JobError(e.to_string()))?;
         let asker = Asker::new(Caller("job".into()), Some(rel.display().to_string()));
         let ask = Ask {
             model: model.clone(),
@@ -228,18 +222,12 @@ pub async fn run(
         let valid = core
             .validate(asker, &ask, Instant::now())
             .map_err(|e| JobError(e.to_string()))?;
-        let upload = if dicom {
-            Upload::Dicom(bytes.into())
-        } else {
-            Upload::Encoded(bytes.into())
-        };
-        let source = identity.as_ref().map(|(s, _)| s);
         // One of the core's in-flight slots, as every door takes (the job runs
         // alone, one file at a time, so one is always free).
         let slot = core.slot().map_err(|e| JobError(e.to_string()))?;
-        let key = core.filing_key(&valid, &seed);
+        let key = core.filing_key(&valid, &identity);
         let filed = core
-            .within_timeout(core.analyse_for_filing(&valid, upload, source, &key))
+            .within_timeout(core.analyse_for_filing(&valid, upload, &key))
             .await;
         drop(slot);
         let filed = match filed {
@@ -283,7 +271,7 @@ pub async fn run(
             write(output, &beside(&rel, &format!(".{}.dcm", o.kind)), &o.bytes)?;
         }
         // A DICOM instance's result goes to the RIS too (--hl7-destination).
-        if let (Some(d), Some(src)) = (&delivery, source) {
+        if let (Some(d), Some(src)) = (&delivery, identity.source()) {
             let facts = crate::delivery::report_facts(
                 &valid,
                 filed.outcome.as_ref(),

@@ -406,7 +406,7 @@ async fn the_core_answers_as_predict_does_for_the_same_bytes() {
         .validate(asker(), &ask, std::time::Instant::now())
         .unwrap();
     let answered = core
-        .answer_files(&valid, vec![Upload::Encoded(bytes.clone().into())])
+        .answer_files(&valid, vec![Upload::encoded(bytes.clone().into())])
         .await
         .unwrap();
     // As JSON text, the way /predict's answer travels.
@@ -436,7 +436,7 @@ async fn the_core_answers_as_predict_does_for_the_same_bytes() {
         .validate(asker(), &ask, std::time::Instant::now())
         .unwrap();
     let refused = core
-        .answer_files(&valid, vec![Upload::Encoded(other_bytes.into())])
+        .answer_files(&valid, vec![Upload::encoded(other_bytes.into())])
         .await
         .err()
         .expect("refused");

@@ -37,6 +37,7 @@ use crate::dicom_node::peers::PeerCheck;
 use crate::error_type::ErrorType;
 use crate::predict::Ask;
 use crate::predict::Asker;
+use crate::predict::Identity;
 use crate::predict::Upload;
 
 /// The storage SOP classes taken: Computed Radiography, Digital X-Ray for
@@ -263,13 +264,16 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, s: &Store) 
             return status::CANNOT_UNDERSTAND;
         }
     };
-    let (source, pixels) = match crate::imaging::dicom::identify(&file) {
-        Ok(x) => x,
-        Err(e) => {
+    // Read once: the filing identity and the decoder use this parse.
+    let upload = Upload::dicom(file.into());
+    let source = match upload.instance() {
+        Some(Ok(instance)) => instance.source(),
+        Some(Err(e)) => {
             tracing::warn!(calling_ae = %calling, error = %e, "DICOM instance not readable");
             outcome("failed");
             return status::CANNOT_UNDERSTAND;
         }
+        None => unreachable!("an upload made as DICOM is read as DICOM"),
     };
     if source.sop_instance_uid.as_deref() != Some(s.command.sop_instance.as_str())
         || source.sop_class_uid.as_deref() != Some(s.command.sop_class.as_str())
@@ -292,10 +296,11 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, s: &Store) 
             return status::OUT_OF_RESOURCES;
         }
     };
-    // What the image is: the same instance and pixels, analysed by the same model
-    // file, gets the same results (and is not analysed twice).
-    let seed = format!("{}/{pixels}", s.command.sop_instance);
-    let key = core.filing_key(&valid, &seed);
+    // What the image is (the core's identity: its SOP Instance UID and pixels):
+    // the same, analysed by the same model file, gets the same results (and is not
+    // analysed twice).
+    let identity = Identity::of(&upload);
+    let key = core.filing_key(&valid, &identity);
     match node.delivery.outbox().has_source(&key) {
         Ok(true) => {
             tracing::info!(calling_ae = %calling, sop_instance_uid = %s.command.sop_instance, "already analysed by this model file with these settings; not again");
@@ -309,13 +314,7 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, s: &Store) 
             return status::OUT_OF_RESOURCES;
         }
     }
-    let upload = Upload::Dicom(file.into());
-    let filed = rt.block_on(core.within_timeout(core.analyse_for_filing(
-        &valid,
-        upload,
-        Some(&source),
-        &key,
-    )));
+    let filed = rt.block_on(core.within_timeout(core.analyse_for_filing(&valid, upload, &key)));
     let filed = match filed {
         Ok(f) => f,
         Err(e) => {
@@ -331,7 +330,7 @@ fn on_store(node: &Node, rt: &tokio::runtime::Handle, calling: &str, s: &Store) 
     let facts = crate::delivery::report_facts(
         &valid,
         filed.outcome.as_ref(),
-        Some(&source),
+        identity.source(),
         &key,
         node.delivery.urgent_at(),
     );

@@ -16,6 +16,8 @@ use crate::predict::Answered;
 use crate::predict::Ask;
 use crate::predict::Asker;
 use crate::predict::Core;
+use crate::predict::FilingOrder;
+use crate::predict::Identity;
 use crate::predict::Upload;
 use axum::Json;
 use axum::extract::FromRequestParts;
@@ -123,7 +125,7 @@ pub(super) async fn predict(
         let Uploads {
             images, multipart, ..
         } = uploads;
-        if wants_sr && images.iter().any(|u| !matches!(u, Upload::Dicom(_))) {
+        if wants_sr && images.iter().any(|u| !u.is_dicom()) {
             return Err(ApiError::NotAcceptable(
                 "a DICOM Structured Report (Accept: application/dicom) answers DICOM uploads only; send application/dicom or accept application/json".into(),
             ));
@@ -135,7 +137,7 @@ pub(super) async fn predict(
         }
         let filing = match (&order, state.delivery()) {
             (Some(order), Some(d)) if d.has(Kind::Hl7) || d.has(Kind::Fhir) => {
-                Some(Filing::new(d, order, &images).await?)
+                Some(Filing::new(core, d, order, &images).await?)
             }
             _ => None,
         };
@@ -178,17 +180,17 @@ pub(super) async fn predict(
     answer.await
 }
 
-/// One `/predict` answer to deliver: the order's identifiers, the image's identity
-/// and its DICOM source (patient module), the outbox.
+/// One `/predict` answer to deliver: the order's identifiers, the image's filing
+/// identity (made by the core; with its DICOM source), the outbox.
 struct Filing {
     delivery: std::sync::Arc<crate::delivery::Delivery>,
     order: OrderIds,
-    source: Option<crate::imaging::dicom::SrSource>,
-    seed: String,
+    identity: Identity,
 }
 
 impl Filing {
     async fn new(
+        core: &Core,
         delivery: std::sync::Arc<crate::delivery::Delivery>,
         order: &OrderIds,
         images: &[Upload],
@@ -198,40 +200,16 @@ impl Filing {
                 "accession_number and patient_id deliver the answer of one image; send one image per request".into(),
             ));
         };
-        let (bytes, dicom) = match image {
-            Upload::Dicom(b) => (b, true),
-            Upload::Encoded(b) => (b, false),
+        let filing_order = FilingOrder {
+            accession_number: &order.accession_number,
+            patient_id: &order.patient_id,
+            study_instance_uid: order.study_instance_uid.as_deref(),
         };
-        // A parse of the whole file and hashes of it: off the runtime.
-        let b = bytes.clone();
-        let (source, digest) = tokio::task::spawn_blocking(move || {
-            let source = if dicom {
-                crate::imaging::dicom::identify(&b).ok().map(|(s, _)| s)
-            } else {
-                None
-            };
-            (source, crate::digest::sha256_hex(&b))
-        })
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-        // The same image for the same order is one result (delivered once).
-        let seed = format!(
-            "predict/{digest}/{}",
-            crate::digest::sha256_hex(
-                format!(
-                    "{}\n{}\n{}",
-                    order.accession_number,
-                    order.patient_id,
-                    order.study_instance_uid.as_deref().unwrap_or_default()
-                )
-                .as_bytes()
-            )
-        );
+        let identity = core.identify(image, Some(&filing_order)).await?;
         Ok(Self {
             delivery,
             order: order.clone(),
-            source,
-            seed,
+            identity,
         })
     }
 
@@ -243,11 +221,11 @@ impl Filing {
         valid: &crate::predict::Valid,
         outcome: Result<&Prediction, &crate::predict::PredictError>,
     ) {
-        let key = core.filing_key(valid, &self.seed);
+        let key = core.filing_key(valid, &self.identity);
         let mut facts = crate::delivery::report_facts(
             valid,
             outcome,
-            self.source.as_ref(),
+            self.identity.source(),
             &key,
             self.delivery.urgent_at(),
         );

@@ -228,8 +228,8 @@ pub(super) enum Kind {
 impl Kind {
     pub(super) fn upload(self, bytes: Bytes) -> Upload {
         match self {
-            Kind::Encoded => Upload::Encoded(bytes),
-            Kind::Dicom => Upload::Dicom(bytes),
+            Kind::Encoded => Upload::encoded(bytes),
+            Kind::Dicom => Upload::dicom(bytes),
             Kind::Sniff => Upload::sniff(bytes),
         }
     }

@@ -14,6 +14,10 @@
 //!    per image written before any answer is given (a refusal of an image is
 //!    recorded too).
 //! 3. [`Core::structured_report`]: an answer as a DICOM TID 1500 SR.
+//! 4. [`Core::identify`] and [`Core::filing_key`]: what an image's filed results are
+//!    of ([`Identity`]), made here for every door that files (the DICOM node, the
+//!    folder job, `/predict` with an order); an [`Upload`] is hashed and, when
+//!    DICOM, parsed once for its identity, its audit record and its decode.
 //!
 //! Admission that every door shares (the buffered-bytes budget, a processing slot,
 //! the request timeout) is here too ([`Core::reserve_bytes`], [`Core::slot`],
@@ -33,6 +37,7 @@ mod budget;
 pub mod error;
 pub mod explain;
 pub mod feedback;
+mod identity;
 mod request;
 mod results;
 mod shadow;
@@ -66,6 +71,8 @@ pub use ask::sanitize_client_request_id;
 pub use budget::Buffered;
 pub use budget::Reservation;
 pub use error::PredictError;
+pub use identity::FilingOrder;
+pub use identity::Identity;
 pub use results::Filed;
 pub use results::ResultObject;
 pub use types::ModelRef;
@@ -78,6 +85,7 @@ pub use types::Verdict;
 pub use upload::Decoded;
 pub use upload::Upload;
 pub use upload::UploadFacts;
+pub use upload::UploadKind;
 pub use upload::kilo;
 
 /// Request limits.

@@ -175,11 +175,14 @@ impl Core {
         // Reserve the pixels to decode (from the headers), bounded like the bodies.
         let pixels: u64 = images
             .iter()
-            .map(|u| match u {
-                Upload::Encoded(b) => crate::imaging::declared_pixels(b)
-                    .unwrap_or(0)
-                    .min(limits.max_pixels),
-                Upload::Dicom(_) => limits.max_pixels,
+            .map(|u| {
+                if u.is_dicom() {
+                    limits.max_pixels
+                } else {
+                    crate::imaging::declared_pixels(u.bytes())
+                        .unwrap_or(0)
+                        .min(limits.max_pixels)
+                }
             })
             .sum();
         // Decodes wait for their pixels (within the request's timeout): the body is

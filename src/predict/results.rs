@@ -86,18 +86,6 @@ impl Core {
         crate::digest::sha256_hex(facts.to_string().as_bytes())
     }
 
-    /// The key under which the results of one image (`seed`: its SOP Instance UID
-    /// and pixels) analysed by `valid`'s model file with `valid`'s decision inputs
-    /// are filed: the same key is never analysed twice, and a change of any input
-    /// ([`Core::decision_digest`]) makes a new result.
-    pub fn filing_key(&self, valid: &Valid, seed: &str) -> String {
-        format!(
-            "{}/{}/{seed}",
-            valid.model.card.onnx.sha256,
-            self.decision_digest(valid)
-        )
-    }
-
     /// One answer as a DICOM Comprehensive 3D SR (TID 1500) in its source's study,
     /// with new UIDs.
     pub fn structured_report(
@@ -115,10 +103,11 @@ impl Core {
     }
 
     /// Analyses one image for filing: answered (with its attention map), then its
-    /// SR and SC; or refused as an image, then the SR that says why. `source` is
-    /// what the objects are filed with when the core has none (a DICOM object the
-    /// decoder refused); `key` is the result's [`Core::filing_key`] (the door made it
-    /// to check its outbox first), from which the objects' UIDs are derived.
+    /// SR and SC; or refused as an image, then the SR that says why. The objects
+    /// are filed with the upload's DICOM source (read once, when it was
+    /// identified; none: nothing to file them with); `key` is the result's
+    /// [`Core::filing_key`] (the door made it to check its outbox first), from
+    /// which the objects' UIDs are derived.
     ///
     /// Errors that are not about the image (not ready, overloaded, timeout, audit
     /// trail) are returned: nothing was decided, the sender should retry.
@@ -126,9 +115,10 @@ impl Core {
         &self,
         valid: &Valid,
         upload: Upload,
-        source: Option<&SrSource>,
         key: &str,
     ) -> Result<Filed, PredictError> {
+        let source = upload.source().cloned();
+        let source = source.as_ref();
         let model = &valid.model;
         let card = &model.card;
         let study = |s: &SrSource| s.study_instance_uid.clone().unwrap_or_default();

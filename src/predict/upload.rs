@@ -1,35 +1,146 @@
-//! Uploads: what an upload is (sniffed kind, size, SHA-256), and decoding it to the
-//! model's input.
+//! Uploads: what an upload is, learnt once (its kind sniffed when it is made; the
+//! SHA-256 of its bytes and, for DICOM, the parsed instance on first use, kept for
+//! every copy), and decoding it to the model's input.
 
 use crate::digest::to_hex;
 use crate::imaging::GateTime;
 use crate::imaging::Preprocessor;
 use crate::imaging::dicom;
+use crate::imaging::dicom::DicomError;
 use crate::imaging::dicom::DicomInfo;
 use crate::imaging::dicom::DicomOptions;
+use crate::imaging::dicom::Instance;
+use crate::imaging::dicom::SrSource;
 use crate::predict::PredictError;
 use bytes::Bytes;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Duration;
 use std::time::Instant;
 
-/// One image as a door received it (its bytes shared, so a copy is cheap).
-#[derive(Debug, Clone)]
-pub enum Upload {
-    /// JPEG or PNG (sniffed by the decoder).
-    Encoded(Bytes),
-    /// DICOM Part-10.
-    Dicom(Bytes),
+/// What an upload is, sniffed once when it is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadKind {
+    /// JPEG (the image decoder).
+    Jpeg,
+    /// PNG (the image decoder).
+    Png,
+    /// Declared JPEG/PNG, or undeclared and not DICOM, but neither: the image
+    /// decoder says why not.
+    Unknown,
+    /// DICOM Part-10 (the DICOM decoder).
+    Dicom,
+}
+
+impl UploadKind {
+    /// Its name in the audit trail.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadKind::Jpeg => "jpeg",
+            UploadKind::Png => "png",
+            UploadKind::Unknown => "unknown",
+            UploadKind::Dicom => "dicom",
+        }
+    }
+}
+
+/// One image as a door received it: its bytes (shared, so a copy is cheap), its
+/// kind, and what is learnt of it once for all its copies (the SHA-256 of its
+/// bytes; a DICOM upload's parsed [`Instance`], which the decoder renders without
+/// parsing again). The first use of either is CPU work, for a blocking thread
+/// where the upload is large (the decoder's; `Core::identify`'s).
+#[derive(Clone)]
+pub struct Upload {
+    bytes: Bytes,
+    kind: UploadKind,
+    learnt: Arc<Learnt>,
+}
+
+/// What an upload's copies share, computed on first use.
+#[derive(Default)]
+struct Learnt {
+    sha256: OnceLock<String>,
+    instance: OnceLock<Result<Instance, DicomError>>,
+}
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("kind", &self.kind)
+            .field("bytes", &self.bytes.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Upload {
+    fn new(bytes: Bytes, kind: UploadKind) -> Self {
+        Self {
+            bytes,
+            kind,
+            learnt: Arc::default(),
+        }
+    }
+
+    /// Bytes declared JPEG or PNG (decoded as an image whatever they hold).
+    pub fn encoded(bytes: Bytes) -> Self {
+        let kind = match image::guess_format(&bytes) {
+            Ok(image::ImageFormat::Png) => UploadKind::Png,
+            Ok(image::ImageFormat::Jpeg) => UploadKind::Jpeg,
+            _ => UploadKind::Unknown,
+        };
+        Self::new(bytes, kind)
+    }
+
+    /// Bytes declared DICOM Part-10.
+    pub fn dicom(bytes: Bytes) -> Self {
+        Self::new(bytes, UploadKind::Dicom)
+    }
+
     /// Classifies bytes whose declared type does not decide (octet-stream, none).
     pub fn sniff(bytes: Bytes) -> Self {
         if dicom::is_dicom(&bytes) {
-            Upload::Dicom(bytes)
+            Self::dicom(bytes)
         } else {
-            Upload::Encoded(bytes)
+            Self::encoded(bytes)
         }
+    }
+
+    /// Its kind, as sniffed when it was made.
+    pub fn kind(&self) -> UploadKind {
+        self.kind
+    }
+
+    /// Whether it goes to the DICOM decoder.
+    pub fn is_dicom(&self) -> bool {
+        self.kind == UploadKind::Dicom
+    }
+
+    /// Its bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The SHA-256 of its bytes, hex (computed once for all copies).
+    pub fn sha256(&self) -> &str {
+        self.learnt
+            .sha256
+            .get_or_init(|| crate::digest::sha256_hex(&self.bytes))
+    }
+
+    /// A DICOM upload's instance, parsed once for all copies (with the guard
+    /// first), or why it could not be read; `None` for other kinds.
+    pub fn instance(&self) -> Option<Result<&Instance, &DicomError>> {
+        self.is_dicom().then(|| {
+            self.learnt
+                .instance
+                .get_or_init(|| Instance::read(&self.bytes))
+                .as_ref()
+        })
+    }
+
+    /// What a result object needs of a readable DICOM upload; `None` otherwise.
+    pub fn source(&self) -> Option<&SrSource> {
+        self.instance()?.ok().map(Instance::source)
     }
 }
 
@@ -59,23 +170,13 @@ pub struct UploadFacts {
 }
 
 impl UploadFacts {
+    /// An upload's facts: its hash computed once (shared with its filing
+    /// identity), its kind as sniffed when it was made.
     pub fn of(upload: &Upload) -> Self {
-        use sha2::Digest;
-        let (b, kind) = match upload {
-            Upload::Encoded(b) => (
-                b,
-                match image::guess_format(b) {
-                    Ok(image::ImageFormat::Png) => "png",
-                    Ok(image::ImageFormat::Jpeg) => "jpeg",
-                    _ => "unknown",
-                },
-            ),
-            Upload::Dicom(b) => (b, "dicom"),
-        };
         Self {
-            sha256: to_hex(&sha2::Sha256::digest(b)),
-            kind,
-            bytes: b.len(),
+            sha256: upload.sha256().to_string(),
+            kind: upload.kind().as_str(),
+            bytes: upload.bytes().len(),
         }
     }
 
@@ -116,9 +217,9 @@ fn decode_timed(
     t: Instant,
     gates: &mut GateTime,
 ) -> Result<Decoded, PredictError> {
-    match upload {
-        Upload::Encoded(b) => Ok(Decoded {
-            input: pre.preprocess_checked(b, max_pixels, &opts.geometry, gates)?,
+    match upload.instance() {
+        None => Ok(Decoded {
+            input: pre.preprocess_checked(upload.bytes(), max_pixels, &opts.geometry, gates)?,
             took: t.elapsed(),
             dicom: None,
             warnings: Vec::new(),
@@ -127,8 +228,10 @@ fn decode_timed(
             arrival: None,
             gates: None,
         }),
-        Upload::Dicom(b) => {
-            let img = dicom::decode_dicom_timed(b, max_pixels, opts, gates)?;
+        Some(Err(e)) => Err(e.clone().into()),
+        Some(Ok(instance)) => {
+            // The instance the upload was identified by: not parsed again.
+            let img = dicom::decode_instance(instance, max_pixels, opts, gates)?;
             // Identifiers and technical facts only: never a patient attribute.
             tracing::debug!(
                 sop_instance_uid = img.info.sop_instance_uid.as_deref().unwrap_or(""),
@@ -189,7 +292,7 @@ mod tests {
         let before = Instant::now();
         let d = decode_upload(
             &pre,
-            &Upload::Encoded(png.into()),
+            &Upload::encoded(png.into()),
             1 << 20,
             DicomOptions::default(),
         )

@@ -375,11 +375,7 @@ async fn answer(core: &Core, model: &str, bytes: Vec<u8>, rel: &str) -> FilmRow 
             return row;
         }
     };
-    let upload = if crate::imaging::dicom::is_dicom(&bytes) {
-        Upload::Dicom(bytes.into())
-    } else {
-        Upload::Encoded(bytes.into())
-    };
+    let upload = Upload::sniff(bytes.into());
     match core
         .within_timeout(core.answer_files(&valid, vec![upload]))
         .await

@@ -306,7 +306,8 @@ print("pydicom read the SR: probability", p)
 /// "Caution" in the measurement group, and the SR still validates.
 #[test]
 fn a_distribution_shift_is_a_caution_in_the_sr() {
-    let (src, _) = cxr::imaging::dicom::identify(&source()).unwrap();
+    let instance = cxr::imaging::dicom::Instance::read(&source()).unwrap();
+    let src = instance.source().clone();
     let caution = "distribution_shift: score 7.060 above the training distribution's threshold 6.692 (refused only above 7.142)";
     let bytes = cxr::imaging::sr::build_sr(
         &src,

@@ -1,6 +1,8 @@
 //! Decoding, in the order the module docs give: the transfer syntax and the length
-//! guard, the attributes the radiograph needs, the first frame through the Modality
-//! and VOI LUTs, and the warnings (multi-frame, lateral, adult).
+//! guard, then the one parse of a file ([`Instance`]: what a result object needs of
+//! it, the hash of its pixel data that files it); the attributes the radiograph
+//! needs, the first frame through the Modality and VOI LUTs, and the warnings
+//! (multi-frame, lateral, adult), from that parse ([`decode_instance`]).
 
 use dicom_dictionary_std::{tags, uids};
 use dicom_encoding::TransferSyntaxIndex;
@@ -9,6 +11,7 @@ use dicom_object::{DefaultDicomObject, FileMetaTable, OpenFileOptions};
 use dicom_pixeldata::{PhotometricInterpretation, PixelDecoder};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use image::GrayImage;
+use std::sync::OnceLock;
 
 use super::codestream::check_codestream;
 use super::guard::{check_lengths, check_meta_group};
@@ -19,12 +22,15 @@ use crate::imaging::dicom::DicomImage;
 use crate::imaging::dicom::DicomInfo;
 use crate::imaging::dicom::DicomOptions;
 use crate::imaging::dicom::RADIOGRAPHY_MODALITIES;
+use crate::imaging::dicom::SrSource;
 use crate::imaging::dicom::Unsupported;
 use crate::imaging::dicom::dicm_offset;
 use crate::imaging::dicom::malformed;
 use crate::imaging::dicom::text;
 
-/// Decodes a DICOM Part-10 file to 8-bit grayscale (see the module docs for the order).
+/// Decodes a DICOM Part-10 file to 8-bit grayscale (see the module docs for the
+/// order): [`Instance::read`], then [`decode_instance`]. For callers that have only
+/// the bytes; the core reads an upload's instance once and decodes that.
 pub fn decode_dicom(
     bytes: &[u8],
     max_pixels: u64,
@@ -40,7 +46,18 @@ pub fn decode_dicom_timed(
     opts: DicomOptions,
     gates: &mut GateTime,
 ) -> Result<DicomImage, DicomError> {
-    let parsed = parse(bytes)?;
+    decode_instance(&Instance::read(bytes)?, max_pixels, opts, gates)
+}
+
+/// Decodes an instance already read (steps 4–9 of the module docs) to 8-bit
+/// grayscale: it is not parsed again. The time of its content gate (blank) is added
+/// to `gates`.
+pub fn decode_instance(
+    parsed: &Instance,
+    max_pixels: u64,
+    opts: DicomOptions,
+    gates: &mut GateTime,
+) -> Result<DicomImage, DicomError> {
     let obj = &parsed.obj;
     let a = Attributes::read(obj, opts, max_pixels)?;
     if parsed.encapsulated {
@@ -72,53 +89,84 @@ pub fn decode_dicom_timed(
             manufacturer: text(obj, tags::MANUFACTURER),
         },
         warnings,
-        sr_source: super::SrSource::from_object(
-            obj,
-            Some(parsed.meta.media_storage_sop_class_uid()),
-        ),
+        sr_source: parsed.source.clone(),
     })
 }
 
-/// A parsed object whose transfer syntax we decode and whose lengths fit the body.
-struct Parsed {
+/// One DICOM Part-10 instance, read once: the guarded parse (steps 1–4 of the
+/// module docs up to the data set), what a result object needs of it, and the
+/// SHA-256 of its pixel data when asked. Its `Debug` shows no patient attribute.
+pub struct Instance {
     obj: DefaultDicomObject,
-    meta: FileMetaTable,
     ts_uid: String,
     /// Compressed pixel data (its codestream header is checked against the rows and
     /// columns before decoding).
     encapsulated: bool,
+    source: SrSource,
+    pixels_sha256: OnceLock<String>,
 }
 
-/// Steps 1–4 of the module docs up to the data set: magic, meta group, transfer
-/// syntax, the length guard, then dicom-rs's parse.
-/// What a Part-10 file is, for filing results of it, without decoding its pixels
-/// (the same guarded parse as [`decode_dicom`]): what a result object needs of it,
-/// and the SHA-256 of its pixel data as encoded (native values, or the
-/// encapsulated fragments in order).
-pub fn identify(bytes: &[u8]) -> Result<(super::SrSource, String), DicomError> {
-    use sha2::Digest;
-    let parsed = parse(bytes)?;
-    let obj = &parsed.obj;
-    let source = super::SrSource::from_object(obj, Some(parsed.meta.media_storage_sop_class_uid()));
-    let mut h = sha2::Sha256::new();
-    if let Ok(e) = obj.element(tags::PIXEL_DATA) {
-        match e.value().fragments() {
-            Some(fragments) => {
-                for f in fragments {
-                    h.update(f);
-                }
-            }
-            None => {
-                if let Ok(b) = e.value().to_bytes() {
-                    h.update(&b);
-                }
-            }
-        }
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("transfer_syntax", &self.ts_uid)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
     }
-    Ok((source, crate::digest::to_hex(&h.finalize())))
 }
 
-fn parse(bytes: &[u8]) -> Result<Parsed, DicomError> {
+impl Instance {
+    /// Reads a Part-10 file: magic, meta group, transfer syntax, the length guard,
+    /// then dicom-rs's parse (the only parse of an upload's bytes).
+    pub fn read(bytes: &[u8]) -> Result<Self, DicomError> {
+        parse(bytes)
+    }
+
+    /// What a result object (an SR, a Secondary Capture) needs of this instance.
+    pub fn source(&self) -> &SrSource {
+        &self.source
+    }
+
+    /// The SHA-256 of its pixel data as encoded (native values, or the encapsulated
+    /// fragments in order), hex; computed on the first call.
+    pub fn pixels_sha256(&self) -> &str {
+        self.pixels_sha256.get_or_init(|| {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            if let Ok(e) = self.obj.element(tags::PIXEL_DATA) {
+                match e.value().fragments() {
+                    Some(fragments) => {
+                        for f in fragments {
+                            h.update(f);
+                        }
+                    }
+                    None => {
+                        if let Ok(b) = e.value().to_bytes() {
+                            h.update(&b);
+                        }
+                    }
+                }
+            }
+            crate::digest::to_hex(&h.finalize())
+        })
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Parses on this thread (tests count them: an upload is parsed once).
+    static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many DICOM parses this thread has run (a test hook).
+#[cfg(test)]
+pub(crate) fn parses() -> usize {
+    PARSES.with(std::cell::Cell::get)
+}
+
+fn parse(bytes: &[u8]) -> Result<Instance, DicomError> {
+    #[cfg(test)]
+    PARSES.with(|n| n.set(n.get() + 1));
     let Some(off) = dicm_offset(bytes) else {
         return Err(malformed(
             "no DICM magic at offset 128 or 0 (not a DICOM Part-10 file)",
@@ -155,11 +203,13 @@ fn parse(bytes: &[u8]) -> Result<Parsed, DicomError> {
         })
         .from_reader(bytes)
         .map_err(malformed)?;
-    Ok(Parsed {
+    let source = SrSource::from_object(&obj, Some(meta.media_storage_sop_class_uid()));
+    Ok(Instance {
         encapsulated: ts.is_encapsulated_pixel_data(),
         obj,
-        meta,
         ts_uid,
+        source,
+        pixels_sha256: OnceLock::new(),
     })
 }
 

@@ -30,7 +30,9 @@ mod guard;
 mod source;
 mod voi;
 
-pub use decode::{decode_dicom, decode_dicom_timed, identify};
+#[cfg(test)]
+pub(crate) use decode::parses;
+pub use decode::{Instance, decode_dicom, decode_dicom_timed, decode_instance};
 pub use source::{COPIED_TAGS, SourceIds, SrSource};
 
 /// A text attribute of `obj`, its padding (NUL, spaces) trimmed; `None` when absent
@@ -111,7 +113,7 @@ pub enum Unsupported {
 }
 
 /// Why a DICOM upload was refused.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DicomError {
     /// Not DICOM, truncated or structurally broken (400).
     #[error("invalid DICOM file: {0}")]
