@@ -109,20 +109,34 @@ fn health_check(port: u16) -> bool {
     stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
-/// The HTTP door's state: the core and the API keys from `args`.
-fn app_state(core: Core, args: &ServeArgs) -> anyhow::Result<AppState> {
+/// The API keys from `args` (`--api-keys-file`), for every door that takes keys.
+fn api_keys(args: &ServeArgs) -> anyhow::Result<Option<Arc<cxr::access::ApiKeys>>> {
+    match &args.api_keys_file {
+        Some(path) => {
+            let keys = cxr::access::ApiKeys::load(path).map_err(anyhow::Error::msg)?;
+            tracing::info!(callers = keys.len(), file = %path.display(), "API keys required on /predict and /models");
+            Ok(Some(Arc::new(keys)))
+        }
+        None => {
+            tracing::warn!(
+                "no --api-keys-file: /predict and /models are open to anyone who can reach this port"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// The HTTP door's state: the core, the keys, and its own limits from `args`.
+fn app_state(
+    core: Core,
+    keys: Option<Arc<cxr::access::ApiKeys>>,
+    args: &ServeArgs,
+) -> anyhow::Result<AppState> {
     let mut state = AppState::with_core(core)
         .with_body_limits(args.body_limits())
         .with_urgent_at(args.urgent_at().map_err(anyhow::Error::msg)?);
-    match &args.api_keys_file {
-        Some(path) => {
-            let keys = cxr::http::auth::ApiKeys::load(path).map_err(anyhow::Error::msg)?;
-            tracing::info!(callers = keys.len(), file = %path.display(), "API keys required on /predict and /models");
-            state = state.with_api_keys(keys);
-        }
-        None => tracing::warn!(
-            "no --api-keys-file: /predict and /models are open to anyone who can reach this port"
-        ),
+    if let Some(keys) = keys {
+        state = state.with_api_keys(keys);
     }
     Ok(state)
 }
@@ -348,7 +362,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics.clone(),
         exporter.as_ref().map(|(x, _)| x.clone()),
     )?;
-    let mut state = app_state(core, &args)?;
+    let keys = api_keys(&args)?;
+    let mut state = app_state(core.clone(), keys.clone(), &args)?;
     let admin = match args.metrics_port {
         Some(port) => {
             let addr = format!("{}:{}", args.host, port);
@@ -369,7 +384,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::sync::oneshot::channel::<Result<(), cxr::inference::LoadError>>();
     let loader = spawn_loader(&args, &state, metrics, outcome_tx)?;
     #[cfg(unix)]
-    rescan_on_sighup(state.core().clone());
+    rescan_on_sighup(core.clone());
     let app = build_app(state.clone());
     // One stop signal for both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -420,9 +435,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {addr} (--grpc-port)"))?;
             tracing::info!(grpc_addr = %l.local_addr()?, "gRPC listener (Open Inference Protocol)");
-            let keys = state.api_keys().cloned().map(Arc::new);
             let mut rx = stop_rx.clone();
-            let (core, limits) = (state.core().clone(), args.grpc_limits());
+            let (core, keys, limits) = (core.clone(), keys.clone(), args.grpc_limits());
             tokio::spawn(async move {
                 let stop = async move {
                     let _ = rx.wait_for(|s| *s).await;
@@ -433,10 +447,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             });
         }
         let node = args.dicom_node().map_err(anyhow::Error::msg)?;
-        if let Some(delivery) = delivery(&args, state.core(), node.as_ref()).await? {
+        if let Some(delivery) = delivery(&args, &core, node.as_ref()).await? {
             state.set_delivery(delivery.clone());
             if let Some(cfg) = node {
-                cxr::dicom_node::start(state.core().clone(), cfg, delivery)
+                cxr::dicom_node::start(core.clone(), cfg, delivery)
                     .await
                     .map_err(anyhow::Error::msg)?;
             }

@@ -18,6 +18,7 @@ use crate::audit::{AuditRecord, Decision};
 use crate::eval::Confusion;
 use crate::eval::site::{Interval, wilson};
 use crate::params;
+use crate::registry::Label;
 use crate::store::{Db, Durability, Row, Step, StoreError};
 
 crate::message_error!(
@@ -455,7 +456,8 @@ impl Outcomes {
         let mut c = Confusion::default();
         for r in rows {
             let (answered, confirmed): (String, String) = (r.get(0)?, r.get(1)?);
-            c.add(confirmed == "PNEUMONIA", answered == "PNEUMONIA");
+            let positive = |label: &str| label.parse() == Ok(Label::Pneumonia);
+            c.add(positive(&confirmed), positive(&answered));
         }
         Ok(c)
     }

@@ -109,8 +109,8 @@ impl AppState {
 
     /// Requires API keys on `/predict` and `/models*`.
     #[must_use]
-    pub fn with_api_keys(mut self, keys: ApiKeys) -> Self {
-        self.api_keys = Some(Arc::new(keys));
+    pub fn with_api_keys(mut self, keys: impl Into<Arc<ApiKeys>>) -> Self {
+        self.api_keys = Some(keys.into());
         self
     }
 

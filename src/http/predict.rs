@@ -12,7 +12,7 @@ use crate::http::types::PredictQuery;
 use crate::http::types::Prediction;
 use crate::http::upload::Uploads;
 use crate::inference::ServedModel;
-use crate::predict::Answered;
+use crate::predict::Answers;
 use crate::predict::Ask;
 use crate::predict::Asker;
 use crate::predict::Core;
@@ -362,7 +362,7 @@ pub(super) fn accepts(accept: Option<&str>, media: &str) -> bool {
 pub(super) fn structured_reports(
     core: &Core,
     model: &ServedModel,
-    answered: &Answered,
+    answered: &Answers,
     multipart: bool,
 ) -> Result<Response, ApiError> {
     let mut files = Vec::with_capacity(answered.predictions.len());

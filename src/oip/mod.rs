@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::ood_score::OodAction;
-use crate::predict::Answered;
+use crate::predict::Answers;
 use crate::predict::Ask;
 use crate::predict::Core;
 use crate::predict::Decoded;
@@ -367,7 +367,7 @@ pub async fn infer(
             model.card.name
         )));
     }
-    let Answered { predictions, .. } = match inputs {
+    let Answers { predictions, .. } = match inputs {
         Inputs::Files(files) => {
             let uploads = files.into_iter().map(Upload::sniff).collect();
             core.answer_files(valid, uploads).await?

@@ -146,7 +146,7 @@ pub struct Valid {
 
 /// A request's answers, one per image in order, with what a Structured Report of
 /// each needs (empty for an image that was not DICOM).
-pub struct Answered {
+pub struct Answers {
     /// The answers.
     pub predictions: Vec<Prediction>,
     /// Their sources' DICOM facts.

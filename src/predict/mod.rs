@@ -59,7 +59,7 @@ use crate::metrics::ServerMetrics;
 
 pub use crate::error_type::ErrorType;
 pub use answer::UNVERIFIED_MODEL;
-pub use ask::Answered;
+pub use ask::Answers;
 pub use ask::Ask;
 pub use ask::Asker;
 pub use ask::Decision;

@@ -15,7 +15,7 @@ use crate::predict::answer::Facts;
 use crate::predict::answer::classify;
 use crate::predict::answer::complete_all;
 use crate::predict::answer::refused;
-use crate::predict::ask::Answered;
+use crate::predict::ask::Answers;
 use crate::predict::ask::Ask;
 use crate::predict::ask::Asker;
 use crate::predict::ask::Valid;
@@ -100,7 +100,7 @@ impl Core {
         &self,
         valid: &Valid,
         uploads: Vec<Upload>,
-    ) -> Result<Answered, PredictError> {
+    ) -> Result<Answers, PredictError> {
         if uploads.is_empty() {
             return Err(PredictError::InvalidRequest(
                 "no image: send a JPEG/PNG body or multipart parts named `image`".into(),
@@ -138,7 +138,7 @@ impl Core {
         &self,
         valid: &Valid,
         mut decoded: Vec<Decoded>,
-    ) -> Result<Answered, PredictError> {
+    ) -> Result<Answers, PredictError> {
         let sources: Vec<SrSource> = decoded
             .iter_mut()
             .map(|d| d.sr.take().unwrap_or_default())
@@ -150,7 +150,7 @@ impl Core {
             run.spawn(self, valid, shadow::answered(&audited));
         }
         let predictions = complete_all(self, valid, audited);
-        Ok(Answered {
+        Ok(Answers {
             predictions,
             sources,
         })

@@ -48,8 +48,8 @@ pub(super) struct Run {
     _slot: OwnedSemaphorePermit,
 }
 
-/// What was answered for one image.
-pub(super) struct Answered {
+/// What the default answered for one image (what the shadow is compared with).
+pub(super) struct DefaultAnswer {
     pub(super) label: Label,
     pub(super) p_pneumonia: f32,
     pub(super) facts: Facts,
@@ -74,10 +74,10 @@ fn shed(core: &Core, candidate: &ServedModel, reason: &str) {
 }
 
 /// What the shadow compares of each audited answer.
-pub(super) fn answered(audited: &[Audited]) -> Vec<Answered> {
+pub(super) fn answered(audited: &[Audited]) -> Vec<DefaultAnswer> {
     audited
         .iter()
-        .map(|(p, _, d)| Answered {
+        .map(|(p, _, d)| DefaultAnswer {
             label: p.label,
             p_pneumonia: p.probabilities.PNEUMONIA,
             facts: Facts::of(d, None),
@@ -118,7 +118,7 @@ pub(super) fn plan(core: &Core, model: &ServedModel, decoded: &[Decoded]) -> Opt
 impl Run {
     /// Runs the candidate in the background once the server is idle; the answer
     /// is not waited for.
-    pub(super) fn spawn(self, core: &Core, valid: &Valid, answered: Vec<Answered>) {
+    pub(super) fn spawn(self, core: &Core, valid: &Valid, answered: Vec<DefaultAnswer>) {
         let core = core.clone();
         let asker = valid.asker.clone();
         // The caller's own threshold or operating point, on the candidate's card.
@@ -139,7 +139,7 @@ impl Run {
         asker: Asker,
         ask: Ask,
         answered_version: String,
-        answered: Vec<Answered>,
+        answered: Vec<DefaultAnswer>,
     ) {
         let cand = &self.candidate;
         let deadline = Instant::now() + MAX_WAIT;
