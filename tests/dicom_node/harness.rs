@@ -113,24 +113,9 @@ pub fn assert_metrics<S: AsRef<str>>(server: &common::Server, lines: &[S]) {
     }
 }
 
-pub const ADMIN_KEY: &str = "admin-key-for-the-outbox";
-pub const READER_KEY: &str = "reader-key-for-the-outbox";
-
-/// An API keys file with an `admin` caller and a `models` one.
-pub fn keys_file(dir: &Path) -> String {
-    let path = dir.join("keys.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[[callers]]\nname = \"ops\"\nkey_sha256 = \"{}\"\nscopes = [\"models\", \"admin\"]\n\n\
-             [[callers]]\nname = \"reader\"\nkey_sha256 = \"{}\"\nscopes = [\"predict\", \"models\"]\n",
-            cxr::digest::sha256_hex(ADMIN_KEY.as_bytes()),
-            cxr::digest::sha256_hex(READER_KEY.as_bytes())
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
+/// The keys file of [`common::ops::keys`]: an operator with the `admin` scope
+/// ([`ADMIN_KEY`]) and a reader without it ([`READER_KEY`]).
+pub use common::ops::{ADMIN as ADMIN_KEY, READER as READER_KEY, keys as keys_file};
 
 /// `GET /dicom/outbox/dead-letters` with `key`: status and body.
 pub fn dead_letters(server: &common::Server, key: &str) -> (u16, Value) {
