@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -23,17 +24,31 @@ fn replica_cached(models: &Path, state: &Path, cache: &Path) -> common::Server {
 /// [`replica_cached`] with `env` set for the process (e.g. `OPENVINO_LIB`).
 fn replica_env(models: &Path, state: &Path, cache: &Path, env: &[(&str, &Path)]) -> common::Server {
     let file = decision_file(state);
-    let args: [&std::ffi::OsStr; 6] = [
+    let mut s = common::Server::start_env(models, &auto_args(&file, cache), "addr", env);
+    s.discard_logs();
+    s
+}
+
+/// `--backend auto` with its decision in `file` and OpenVINO's cache in `cache`.
+fn auto_args<'a>(file: &'a Path, cache: &'a Path) -> [&'a OsStr; 6] {
+    [
         "--backend".as_ref(),
         "auto".as_ref(),
         "--backend-decision".as_ref(),
         file.as_os_str(),
         "--openvino-cache-dir".as_ref(),
         cache.as_os_str(),
-    ];
-    let mut s = common::Server::start_env(models, &args, "addr", env);
-    s.discard_logs();
-    s
+    ]
+}
+
+/// The models, and a state folder where a first replica (gone) wrote its decision:
+/// the decision it wrote.
+fn first_decision() -> (tempfile::TempDir, tempfile::TempDir, Value) {
+    let models = common::models_dir();
+    let state = tempfile::tempdir().unwrap();
+    drop(replica(models.path(), state.path()));
+    let file = read_file(state.path());
+    (models, state, file)
 }
 
 fn decision_file(state: &Path) -> PathBuf {
@@ -116,6 +131,26 @@ fn warnings(server: &common::Server) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The reasons of the start-up warnings whose message starts with `message`.
+fn warned(server: &common::Server, message: &str) -> Vec<String> {
+    warnings(server)
+        .into_iter()
+        .filter(|(m, _)| m.starts_with(message))
+        .map(|(_, reason)| reason)
+        .collect()
+}
+
+/// Asserts that `a` and `b` answer each of [`films`] alike to the bit with `model`.
+fn assert_answer_alike(a: &common::Server, b: &common::Server, model: &str) {
+    for png in films() {
+        assert_eq!(
+            probabilities(a, model, &png),
+            probabilities(b, model, &png),
+            "{model}"
+        );
+    }
+}
+
 fn films() -> Vec<Vec<u8>> {
     (0..3)
         .map(|i| common::png_bytes(&common::gray_image(80 + 8 * i, 72, 3 + i)))
@@ -186,13 +221,7 @@ fn replicas_sharing_a_decision_take_it_and_answer_alike() {
             la["backend_decision"]["decided_at"]
         );
         assert_eq!(la["execution_provider"], lb["execution_provider"]);
-        for png in films() {
-            assert_eq!(
-                probabilities(&a, m, &png),
-                probabilities(&b, m, &png),
-                "{m}"
-            );
-        }
+        assert_answer_alike(&a, &b, m);
     }
     // And in metrics: where each version's backend came from.
     for (r, how) in [(&a, "measured"), (&b, "read")] {
@@ -243,24 +272,15 @@ fn replicas_sharing_a_decision_take_it_and_answer_alike() {
             }
         };
         assert_eq!((cached(&c), cached(&d)), (want(false), want(true)), "{m}");
-        for png in films() {
-            assert_eq!(
-                probabilities(&c, m, &png),
-                probabilities(&d, m, &png),
-                "{m}"
-            );
-        }
+        assert_answer_alike(&c, &d, m);
     }
 }
 
 #[test]
 fn a_changed_model_file_or_cpu_measures_anew() {
-    let models = common::models_dir();
-    let state = tempfile::tempdir().unwrap();
-    drop(replica(models.path(), state.path()));
+    let (models, state, mut f) = first_decision();
 
     // The stored alpha entry was made on a CPU with other flags.
-    let mut f = read_file(state.path());
     let e = entry_of(&mut f, "alpha");
     let flags = e["key"]["cpu"]["flags"].as_array_mut().unwrap();
     flags.retain(|x| x != "avx2");
@@ -293,13 +313,8 @@ fn a_changed_model_file_or_cpu_measures_anew() {
 
 #[test]
 fn a_corrupt_or_foreign_decision_file_is_ignored_with_a_warning() {
-    let models = common::models_dir();
     // A valid file to spoil.
-    let good = {
-        let state = tempfile::tempdir().unwrap();
-        drop(replica(models.path(), state.path()));
-        read_file(state.path())
-    };
+    let (models, _, good) = first_decision();
     let mut foreign = good.clone();
     foreign["format"] = "cxr-backend-decision/2".into();
     let truncated = serde_json::to_vec(&good).unwrap()[..200].to_vec();
@@ -310,12 +325,10 @@ fn a_corrupt_or_foreign_decision_file_is_ignored_with_a_warning() {
         let state = tempfile::tempdir().unwrap();
         std::fs::write(decision_file(state.path()), &bytes).unwrap();
         let s = replica(models.path(), state.path());
-        let warned = warnings(&s);
         assert!(
-            warned
-                .iter()
-                .any(|(m, _)| m.starts_with("backend decision file ignored")),
-            "{what}: {warned:?}"
+            !warned(&s, "backend decision file ignored").is_empty(),
+            "{what}: {:?}",
+            warnings(&s)
         );
         for m in ["alpha", "beta"] {
             assert_eq!(source(&live(&s, m)), "measured", "{what}");
@@ -341,14 +354,13 @@ fn a_corrupt_or_foreign_decision_file_is_ignored_with_a_warning() {
     e["backend"] = flipped.into();
     write_file(state.path(), &f);
     let s = replica(models.path(), state.path());
-    let warned = warnings(&s);
+    let said = warnings(&s);
     assert!(
-        warned
-            .iter()
+        said.iter()
             .any(|(m, r)| m == "backend decision entry ignored"
                 && r.contains("alpha")
                 && r.contains(&format!("not the {flipped}"))),
-        "{warned:?}"
+        "{said:?}"
     );
     assert_eq!(source(&live(&s, "alpha")), "measured");
     assert_eq!(source(&live(&s, "beta")), "read");
@@ -358,15 +370,8 @@ fn a_corrupt_or_foreign_decision_file_is_ignored_with_a_warning() {
     // OpenVINO answers: warned, and OpenVINO is checked against ONNX Runtime itself.
     let state = tempfile::tempdir().unwrap();
     let mut f = good.clone();
+    name_backend(&mut f, "alpha", "openvino");
     let e = entry_of(&mut f, "alpha");
-    e["backend"] = "openvino".into();
-    e["incumbent"] = "ort".into();
-    for k in ["ort_batch1_ms", "ort_per_image_ms"] {
-        e["figures"][k] = 10.0.into();
-    }
-    for k in ["openvino_batch1_ms", "openvino_per_image_ms"] {
-        e["figures"][k] = 5.0.into();
-    }
     let wrong: Vec<Value> = e["ort_probe"]
         .as_array()
         .unwrap()
@@ -376,12 +381,10 @@ fn a_corrupt_or_foreign_decision_file_is_ignored_with_a_warning() {
     e["ort_probe"] = wrong.into();
     write_file(state.path(), &f);
     let s = replica(models.path(), state.path());
-    let warned = warnings(&s);
     assert!(
-        warned
-            .iter()
-            .any(|(m, _)| m.starts_with("OpenVINO disagrees with the probe answers")),
-        "{warned:?}"
+        !warned(&s, "OpenVINO disagrees with the probe answers").is_empty(),
+        "{:?}",
+        warnings(&s)
     );
     let l = live(&s, "alpha");
     assert_eq!(source(&l), "read", "{l}");
@@ -421,27 +424,10 @@ fn an_unwritable_decision_is_measured_at_each_start_and_said_so() {
     let file = blocked.join("decision.json");
     let cache = state.path().join("ov-cache");
     for _ in 0..2 {
-        let args: [&std::ffi::OsStr; 6] = [
-            "--backend".as_ref(),
-            "auto".as_ref(),
-            "--backend-decision".as_ref(),
-            file.as_os_str(),
-            "--openvino-cache-dir".as_ref(),
-            cache.as_os_str(),
-        ];
-        let mut s = common::Server::start(models.path(), &args);
+        let mut s = common::Server::start(models.path(), &auto_args(&file, &cache));
         s.discard_logs();
-        let not_kept = s
-            .startup
-            .iter()
-            .filter(|v| {
-                v["level"] == "WARN"
-                    && v["fields"]["message"]
-                        .as_str()
-                        .is_some_and(|m| m.starts_with("the backend decision is not kept"))
-            })
-            .count();
-        assert_eq!(not_kept, 1, "one warning for the two models");
+        let not_kept = warned(&s, "the backend decision is not kept");
+        assert_eq!(not_kept.len(), 1, "one warning for the two models");
         for m in ["alpha", "beta"] {
             let l = live(&s, m);
             assert_eq!(source(&l), "measured", "{l}");
@@ -475,13 +461,7 @@ fn replicas_racing_at_first_start_end_with_one_decision() {
                 || source(&lb) == "read",
             "one of them wrote, the other took it: {la} {lb}"
         );
-        for png in films() {
-            assert_eq!(
-                probabilities(&a, m, &png),
-                probabilities(&b, m, &png),
-                "{m}"
-            );
-        }
+        assert_answer_alike(&a, &b, m);
     }
 }
 
@@ -492,10 +472,7 @@ fn replicas_racing_at_first_start_end_with_one_decision() {
 /// from the cache another replica filled, and says nothing.
 #[test]
 fn a_cache_that_is_not_read_is_said_with_its_cause() {
-    let models = common::models_dir();
-    let state = tempfile::tempdir().unwrap();
-    drop(replica(models.path(), state.path()));
-    let mut f = read_file(state.path());
+    let (models, state, mut f) = first_decision();
     name_backend(&mut f, "alpha", "openvino");
     write_file(state.path(), &f);
     let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -509,18 +486,7 @@ fn a_cache_that_is_not_read_is_said_with_its_cause() {
             &[("OPENVINO_LIB", &lib)],
         )
     };
-    let compiled_again = |s: &common::Server| -> Vec<String> {
-        s.startup
-            .iter()
-            .filter(|v| v["level"] == "WARN")
-            .filter(|v| {
-                v["fields"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with("OpenVINO compiled the model again"))
-            })
-            .map(|v| v["fields"]["reason"].as_str().unwrap_or("").to_string())
-            .collect()
-    };
+    let compiled_again = |s: &common::Server| warned(s, "OpenVINO compiled the model again");
 
     let good = start();
     let l = live(&good, "alpha");

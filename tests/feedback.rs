@@ -6,6 +6,11 @@
 
 mod common;
 
+use std::ffi::OsStr;
+use std::path::Path;
+
+use serde_json::Value;
+
 /// The confusion cell (tp, fp, tn, fn) of an answered and a confirmed label.
 fn cell(answered: &str, confirmed: &str) -> usize {
     match (confirmed == "PNEUMONIA", answered == "PNEUMONIA") {
@@ -16,18 +21,55 @@ fn cell(answered: &str, confirmed: &str) -> usize {
     }
 }
 
-fn post_json(server: &common::Server, path: &str, body: &str) -> (u16, serde_json::Value) {
+/// The real binary recording outcomes in `db`, with `extra` flags.
+fn outcomes_server(models: &Path, db: &Path, extra: &[&str]) -> common::Server {
+    let mut args = vec![OsStr::new("--outcomes"), db.as_os_str()];
+    args.extend(extra.iter().map(OsStr::new));
+    let mut server = common::Server::start(models, &args);
+    server.discard_logs();
+    server
+}
+
+/// `POST /predict?model={model}` of `bytes` (`content_type`): its answer (200).
+fn predict(server: &common::Server, model: &str, content_type: &str, bytes: &[u8]) -> Value {
+    let (status, body) = common::tcp_http(
+        &server.addr,
+        "POST",
+        &format!("/predict?model={model}"),
+        Some(content_type),
+        bytes,
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// `POST /feedback` of `body`: status and answer.
+fn feedback(server: &common::Server, body: &str) -> (u16, Value) {
     let (status, text) = common::tcp_http(
         &server.addr,
         "POST",
-        path,
+        "/feedback",
         Some("application/json"),
         body.as_bytes(),
     );
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-    )
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Asserts that a feedback answer is `status` with `error_type`: the answer.
+fn assert_refused((s, v): (u16, Value), status: u16, error_type: &str) -> Value {
+    assert_eq!(
+        (s, v["error_type"].as_str()),
+        (status, Some(error_type)),
+        "{v}"
+    );
+    v
+}
+
+/// `GET /models/alpha` (200).
+fn alpha_info(server: &common::Server) -> Value {
+    let (status, body) = common::tcp_http(&server.addr, "GET", "/models/alpha", None, b"");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
 }
 
 #[test]
@@ -35,23 +77,14 @@ fn feedback_joins_answers_and_the_live_matrix_is_the_stored_one() {
     let models = common::models_dir();
     let work = tempfile::tempdir().unwrap();
     let db = work.path().join("outcomes.sqlite");
-    let mut server = common::Server::start(models.path(), &["--outcomes".as_ref(), db.as_os_str()]);
-    server.discard_logs();
+    let server = outcomes_server(models.path(), &db, &[]);
 
     // Six answers, and the label a radiologist confirms for each.
     let mut expected = [0u64; 4]; // tp fp tn fn
     let mut ids = Vec::new();
     for i in 0..6u32 {
         let png = common::png_bytes(&common::gray_image(96, 96, 40 + i * 11));
-        let (status, body) = common::tcp_http(
-            &server.addr,
-            "POST",
-            "/predict?model=alpha",
-            Some("image/png"),
-            &png,
-        );
-        assert_eq!(status, 200, "{body}");
-        let a: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let a = predict(&server, "alpha", "image/png", &png);
         let confirmed = if i % 3 == 0 { "NORMAL" } else { "PNEUMONIA" };
         expected[cell(a["label"].as_str().unwrap(), confirmed)] += 1;
         ids.push((
@@ -62,32 +95,21 @@ fn feedback_joins_answers_and_the_live_matrix_is_the_stored_one() {
     }
 
     // Unknown id: 404; not a label: 400; not JSON: 400.
-    let (s, v) = post_json(
-        &server,
-        "/feedback",
-        r#"{"request_id": "nope", "label": "NORMAL"}"#,
+    assert_refused(
+        feedback(&server, r#"{"request_id": "nope", "label": "NORMAL"}"#),
+        404,
+        "unknown_request",
     );
-    assert_eq!(
-        (s, v["error_type"].as_str()),
-        (404, Some("unknown_request")),
-        "{v}"
-    );
-    let (s, _) = post_json(
+    let (s, _) = feedback(
         &server,
-        "/feedback",
         &format!(r#"{{"request_id": "{}", "label": "maybe"}}"#, ids[0].0),
     );
     assert_eq!(s, 400);
-    let (s, v) = post_json(&server, "/feedback", "label=NORMAL");
-    assert_eq!(
-        (s, v["error_type"].as_str()),
-        (400, Some("invalid_request"))
-    );
+    assert_refused(feedback(&server, "label=NORMAL"), 400, "invalid_request");
 
     for (id, confirmed, answered) in &ids {
-        let (s, v) = post_json(
+        let (s, v) = feedback(
             &server,
-            "/feedback",
             &format!(r#"{{"request_id": "{id}", "label": "{confirmed}"}}"#),
         );
         assert_eq!(s, 200, "{v}");
@@ -97,27 +119,22 @@ fn feedback_joins_answers_and_the_live_matrix_is_the_stored_one() {
     }
     // The same label again: nothing changes; another label: 409, the first stands.
     let (id, confirmed, _) = &ids[1];
-    let (s, v) = post_json(
+    let (s, v) = feedback(
         &server,
-        "/feedback",
         &format!(r#"{{"request_id": "{id}", "image_index": 0, "label": "{confirmed}"}}"#),
     );
     assert_eq!((s, v["status"].as_str()), (200, Some("already_recorded")));
-    let (s, v) = post_json(
-        &server,
-        "/feedback",
-        &format!(r#"{{"request_id": "{id}", "label": "NORMAL"}}"#),
-    );
-    assert_eq!(
-        (s, v["error_type"].as_str()),
-        (409, Some("feedback_conflict")),
-        "{v}"
+    assert_refused(
+        feedback(
+            &server,
+            &format!(r#"{{"request_id": "{id}", "label": "NORMAL"}}"#),
+        ),
+        409,
+        "feedback_conflict",
     );
 
     // The live matrix: as counted by hand.
-    let (status, body) = common::tcp_http(&server.addr, "GET", "/models/alpha", None, b"");
-    assert_eq!(status, 200);
-    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let info = alpha_info(&server);
     let live = &info["live_outcomes"];
     let got = ["tp", "fp", "tn", "fn"].map(|k| live["confusion"][k].as_u64().unwrap());
     assert_eq!(got, expected, "{live}");
@@ -149,10 +166,8 @@ fn feedback_joins_answers_and_the_live_matrix_is_the_stored_one() {
     assert_eq!(stored, got);
 
     // Restarted on the same file: the outcomes are still there.
-    let mut again = common::Server::start(models.path(), &["--outcomes".as_ref(), db.as_os_str()]);
-    again.discard_logs();
-    let (_, body) = common::tcp_http(&again.addr, "GET", "/models/alpha", None, b"");
-    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let again = outcomes_server(models.path(), &db, &[]);
+    let info = alpha_info(&again);
     assert_eq!(info["live_outcomes"]["n"], 6);
 }
 
@@ -161,15 +176,10 @@ fn without_an_outcomes_store_feedback_is_not_found() {
     let models = common::models_dir();
     let mut server = common::Server::start(models.path(), &[] as &[&str]);
     server.discard_logs();
-    let (s, v) = post_json(
-        &server,
-        "/feedback",
-        r#"{"request_id": "x", "label": "NORMAL"}"#,
-    );
-    assert_eq!(
-        (s, v["error_type"].as_str()),
-        (404, Some("not_found")),
-        "{v}"
+    assert_refused(
+        feedback(&server, r#"{"request_id": "x", "label": "NORMAL"}"#),
+        404,
+        "not_found",
     );
 }
 
@@ -187,30 +197,15 @@ fn answers_and_confirmations_past_the_retention_go_and_the_store_is_private_and_
     let models = common::models_dir();
     let work = tempfile::tempdir().unwrap();
     let db = work.path().join("outcomes.sqlite");
-    let args = [
-        "--outcomes".as_ref(),
-        db.as_os_str(),
-        "--retention-days".as_ref(),
-        "30".as_ref(),
-    ];
-    let mut server = common::Server::start(models.path(), &args);
-    server.discard_logs();
+    let retention = ["--retention-days", "30"];
+    let server = outcomes_server(models.path(), &db, &retention);
     let mut ids = Vec::new();
     for seed in [3u32, 4] {
         let png = common::png_bytes(&common::gray_image(96, 96, seed));
-        let (status, body) = common::tcp_http(
-            &server.addr,
-            "POST",
-            "/predict?model=alpha",
-            Some("image/png"),
-            &png,
-        );
-        assert_eq!(status, 200, "{body}");
-        let a: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let a = predict(&server, "alpha", "image/png", &png);
         let id = a["request_id"].as_str().unwrap().to_string();
-        let (s, v) = post_json(
+        let (s, v) = feedback(
             &server,
-            "/feedback",
             &format!(r#"{{"request_id": "{id}", "label": "NORMAL"}}"#),
         );
         assert_eq!(s, 200, "{v}");
@@ -239,8 +234,7 @@ fn answers_and_confirmations_past_the_retention_go_and_the_store_is_private_and_
     conn.execute_batch("DROP INDEX IF EXISTS answers_model; DROP TABLE migrations")
         .unwrap();
     drop(conn);
-    let mut again = common::Server::start(models.path(), &args);
-    again.discard_logs();
+    let again = outcomes_server(models.path(), &db, &retention);
     let conn = rusqlite::Connection::open(&db).unwrap();
     assert_eq!(count(&conn, "SELECT COUNT(*) FROM answers"), 1);
     assert_eq!(count(&conn, "SELECT COUNT(*) FROM feedback"), 1);
@@ -256,8 +250,7 @@ fn answers_and_confirmations_past_the_retention_go_and_the_store_is_private_and_
         1
     );
     // The live figures count what is kept.
-    let (_, body) = common::tcp_http(&again.addr, "GET", "/models/alpha", None, b"");
-    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let info = alpha_info(&again);
     assert_eq!(info["live_outcomes"]["n"], 1, "{info}");
 }
 
@@ -271,8 +264,7 @@ fn feedback_by_sop_instance_uid_names_the_model_when_several_answered() {
     let models = common::models_dir();
     let work = tempfile::tempdir().unwrap();
     let db = work.path().join("outcomes.sqlite");
-    let mut server = common::Server::start(models.path(), &["--outcomes".as_ref(), db.as_os_str()]);
-    server.discard_logs();
+    let server = outcomes_server(models.path(), &db, &[]);
     let g = d::test_gray(96, 96, 7);
     let dcm = d::build(&d::Spec::new(96, 96, 8, d::stored(&g, |v| v)));
     let other = d::with_tags(
@@ -283,40 +275,27 @@ fn feedback_by_sop_instance_uid_names_the_model_when_several_answered() {
             "1.2.826.0.1.3680043.10.1.99",
         )],
     );
-    let predict = |model: &str, bytes: &[u8]| {
-        let (status, body) = common::tcp_http(
-            &server.addr,
-            "POST",
-            &format!("/predict?model={model}"),
-            Some("application/dicom"),
-            bytes,
-        );
-        assert_eq!(status, 200, "{body}");
-    };
-    predict("alpha", &dcm);
-    predict("beta", &dcm);
-    predict("alpha", &other);
-    let (s, v) = post_json(
-        &server,
-        "/feedback",
-        &format!(
-            r#"{{"sop_instance_uid": "{}", "label": "PNEUMONIA"}}"#,
-            d::SOP_UID
+    predict(&server, "alpha", "application/dicom", &dcm);
+    predict(&server, "beta", "application/dicom", &dcm);
+    predict(&server, "alpha", "application/dicom", &other);
+    let v = assert_refused(
+        feedback(
+            &server,
+            &format!(
+                r#"{{"sop_instance_uid": "{}", "label": "PNEUMONIA"}}"#,
+                d::SOP_UID
+            ),
         ),
-    );
-    assert_eq!(
-        (s, v["error_type"].as_str()),
-        (409, Some("feedback_conflict")),
-        "{v}"
+        409,
+        "feedback_conflict",
     );
     let error = v["error"].as_str().unwrap();
     assert!(
         error.contains("alpha, beta") && error.contains("`model`"),
         "{error}"
     );
-    let (s, v) = post_json(
+    let (s, v) = feedback(
         &server,
-        "/feedback",
         &format!(
             r#"{{"sop_instance_uid": "{}", "model": "beta", "label": "PNEUMONIA"}}"#,
             d::SOP_UID
@@ -327,22 +306,19 @@ fn feedback_by_sop_instance_uid_names_the_model_when_several_answered() {
         (200, Some("beta")),
         "{v}"
     );
-    let (s, v) = post_json(
-        &server,
-        "/feedback",
-        &format!(
-            r#"{{"sop_instance_uid": "{}", "model": "gamma", "label": "PNEUMONIA"}}"#,
-            d::SOP_UID
+    assert_refused(
+        feedback(
+            &server,
+            &format!(
+                r#"{{"sop_instance_uid": "{}", "model": "gamma", "label": "PNEUMONIA"}}"#,
+                d::SOP_UID
+            ),
         ),
+        404,
+        "unknown_request",
     );
-    assert_eq!(
-        (s, v["error_type"].as_str()),
-        (404, Some("unknown_request")),
-        "{v}"
-    );
-    let (s, v) = post_json(
+    let (s, v) = feedback(
         &server,
-        "/feedback",
         r#"{"sop_instance_uid": "1.2.826.0.1.3680043.10.1.99", "label": "NORMAL"}"#,
     );
     assert_eq!(
@@ -351,7 +327,6 @@ fn feedback_by_sop_instance_uid_names_the_model_when_several_answered() {
         "{v}"
     );
     // Only beta's answer to the first image counts: alpha's figures hold the other.
-    let (_, body) = common::tcp_http(&server.addr, "GET", "/models/alpha", None, b"");
-    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let info = alpha_info(&server);
     assert_eq!(info["live_outcomes"]["n"], 1, "{info}");
 }

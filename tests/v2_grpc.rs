@@ -8,14 +8,88 @@
 
 mod common;
 
+use std::ffi::OsStr;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// The real server with `--grpc-port 0` and `extra` flags, ready: it, and its
+/// gRPC address.
+fn grpc_server(models: &Path, extra: &[&str]) -> (common::Server, String) {
+    let mut args = vec!["--grpc-port", "0"];
+    args.extend(extra);
+    let mut server = common::Server::start(models, &args);
+    let grpc = server.wait_log_field("grpc_addr");
+    server.discard_logs();
+    server.wait_ready();
+    (server, grpc)
+}
+
+/// The project's python (.venv, where scripts/setup.sh --test installs
+/// tritonclient[grpc]) with `args`: what it printed (it must succeed).
+fn venv_python<S: AsRef<OsStr>>(args: &[S]) -> String {
+    common::succeeds(venv().args(args))
+}
+
+fn venv() -> Command {
+    Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
+}
+
+/// A repository script (tests/interop/) run by the project's python with the
+/// server's HTTP and gRPC addresses, then `args`: what it printed.
+fn tritonclient_script(
+    script: &str,
+    server: &common::Server,
+    grpc: &str,
+    args: &[&OsStr],
+) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("tests/interop").join(script);
+    let mut all = vec![
+        script.as_os_str(),
+        OsStr::new(&server.addr),
+        OsStr::new(grpc),
+    ];
+    all.extend(args);
+    venv_python(&all)
+}
+
+/// The python snippet `code` (tritonclient's gRPC client) run with the server's
+/// gRPC address as `sys.argv[1]` and a PNG of `image` (written under `dir`) as
+/// `sys.argv[2]`: what it printed.
+fn tritonclient_snippet(code: &str, grpc: &str, dir: &Path, image: &image::GrayImage) -> String {
+    let png = dir.join("snippet.png");
+    std::fs::write(&png, common::png_bytes(image)).unwrap();
+    venv_python(&[
+        OsStr::new("-c"),
+        OsStr::new(code),
+        OsStr::new(grpc),
+        png.as_os_str(),
+    ])
+}
+
+/// Batches of up to 32 images, each waiting a second for more (`--batch-wait-us`):
+/// a call outlasts a second.
+const BATCH_HELD_1S: [&str; 4] = ["--max-batch", "32", "--batch-wait-us", "1000000"];
+
+/// Asserts that `metrics` holds each of `lines`.
+fn assert_metrics(metrics: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+}
+
+/// `GET /metrics` of `server`, from async code.
+async fn metrics_of(server: &common::Server) -> String {
+    let addr = server.addr.clone();
+    tokio::task::spawn_blocking(move || common::tcp_http(&addr, "GET", "/metrics", None, b"").1)
+        .await
+        .unwrap()
+}
+
 #[test]
 fn tritonclient_grpc_talks_to_the_real_server() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    let probe = Command::new(&python)
+    let probe = venv()
         .args(["-c", "import tritonclient.grpc, grpc_reflection"])
         .status()
         .expect("the project's .venv (scripts/setup.sh)");
@@ -25,46 +99,30 @@ fn tritonclient_grpc_talks_to_the_real_server() {
     );
     let dir = common::models_dir();
     let key = "cxr_grpc_test_key";
-    let keys = dir.path().join("keys.toml");
-    std::fs::write(
-        &keys,
-        format!(
-            "[[callers]]\nname = \"grpc-test\"\nkey_sha256 = \"{}\"\nscopes = [\"predict\", \"models\"]\n",
-            cxr::digest::sha256_hex(key.as_bytes())
-        ),
-    )
-    .unwrap();
-    let keys_arg = keys.display().to_string();
-    let mut server = common::Server::start(
-        dir.path(),
-        &["--grpc-port", "0", "--api-keys-file", keys_arg.as_str()],
-    );
-    let grpc = server.wait_log_field("grpc_addr");
-    server.discard_logs();
-    server.wait_ready();
+    let keys = keys_file(dir.path(), &[(key, "\"predict\", \"models\"")]);
+    let (server, grpc) = grpc_server(dir.path(), &["--api-keys-file", keys.as_str()]);
 
     let work = tempfile::tempdir().unwrap();
     let (png_path, tensor_path, size) = common::interop_inputs(dir.path(), "beta", work.path());
-    let text = common::succeeds(
-        Command::new(&python)
-            .arg(root.join("tests/interop/tritonclient_grpc_check.py"))
-            .arg(&server.addr)
-            .arg(&grpc)
-            .arg(key)
-            .arg("beta")
-            .arg(&png_path)
-            .arg(&tensor_path)
-            .arg(size.to_string()),
+    let text = tritonclient_script(
+        "tritonclient_grpc_check.py",
+        &server,
+        &grpc,
+        &[
+            OsStr::new(key),
+            OsStr::new("beta"),
+            png_path.as_os_str(),
+            tensor_path.as_os_str(),
+            OsStr::new(&size.to_string()),
+        ],
     );
     assert!(text.contains("3 gRPC inferences agree"), "{text}");
-    let metrics = common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1;
-    assert!(
-        metrics.contains("cxr_grpc_requests_total{code=\"Ok\",method=\"ModelInfer\"} 3"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("code=\"Unauthenticated\",method=\"ModelInfer\"} 2"),
-        "{metrics}"
+    assert_metrics(
+        &common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1,
+        &[
+            "cxr_grpc_requests_total{code=\"Ok\",method=\"ModelInfer\"} 3",
+            "code=\"Unauthenticated\",method=\"ModelInfer\"} 2",
+        ],
     );
 }
 
@@ -76,19 +134,10 @@ fn a_silent_or_idle_grpc_connection_is_closed() {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
     let dir = common::models_dir();
-    let mut server = common::Server::start(
+    let (_server, grpc) = grpc_server(
         dir.path(),
-        &[
-            "--grpc-port",
-            "0",
-            "--header-read-timeout-s",
-            "1",
-            "--idle-timeout-s",
-            "2",
-        ],
+        &["--header-read-timeout-s", "1", "--idle-timeout-s", "2"],
     );
-    let grpc = server.wait_log_field("grpc_addr");
-    server.discard_logs();
     // Read until the server closes; how long it took.
     let closed_after = |s: &mut std::net::TcpStream| {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -132,6 +181,19 @@ async fn h2_connect(
     (client, task)
 }
 
+/// The head of a call of `method` with `headers`.
+fn grpc_request(addr: &str, method: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+    let mut req = http::Request::post(format!(
+        "http://{addr}/inference.GRPCInferenceService/{method}"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(()).unwrap()
+}
+
 /// Opens a call of `method` with `headers`, sends a message prefix declaring
 /// `declared` bytes, then up to `send` bytes of the message as the server's flow
 /// control lets them through (in the background, never ending the stream): the
@@ -144,16 +206,9 @@ async fn stalled_call(
     declared: u32,
     send: usize,
 ) -> h2::client::ResponseFuture {
-    let mut req = http::Request::post(format!(
-        "http://{addr}/inference.GRPCInferenceService/{method}"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
+    let req = grpc_request(addr, method, headers);
     let mut ready = client.clone().ready().await.unwrap();
-    let (answer, mut stream) = ready.send_request(req.body(()).unwrap(), false).unwrap();
+    let (answer, mut stream) = ready.send_request(req, false).unwrap();
     let mut prefix = vec![0u8];
     prefix.extend_from_slice(&declared.to_be_bytes());
     // The server may have answered (and closed the stream) from the headers alone.
@@ -206,6 +261,13 @@ async fn grpc_status(
     .flatten()
 }
 
+/// [`grpc_status`] of an answer that must come within `within`.
+async fn answered(answer: h2::client::ResponseFuture, within: Duration) -> (u32, http::HeaderMap) {
+    grpc_status(answer, within)
+        .await
+        .expect("an answer before the message's end")
+}
+
 /// `VmHWM` (peak resident set) of `pid`, kB.
 fn peak_rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -243,20 +305,15 @@ async fn a_call_without_a_key_is_refused_before_its_message_is_read() {
     );
     let audit = dir.path().join("audit.jsonl");
     let audit_arg = audit.display().to_string();
-    let mut server = common::Server::start(
+    let (server, grpc) = grpc_server(
         dir.path(),
         &[
-            "--grpc-port",
-            "0",
             "--api-keys-file",
             keys.as_str(),
             "--audit-log",
             audit_arg.as_str(),
         ],
     );
-    let grpc = server.wait_log_field("grpc_addr");
-    server.discard_logs();
-    server.wait_ready();
     let before = peak_rss_kb(server.child.id());
     let declared: u32 = 30 << 20;
     let send = declared as usize - 1;
@@ -271,9 +328,7 @@ async fn a_call_without_a_key_is_refused_before_its_message_is_read() {
     }
     let started = Instant::now();
     for a in answers {
-        let (code, _) = grpc_status(a, Duration::from_secs(5))
-            .await
-            .expect("an answer before the message's end");
+        let (code, _) = answered(a, Duration::from_secs(5)).await;
         assert_eq!(code, 16, "UNAUTHENTICATED");
     }
     assert!(
@@ -283,34 +338,41 @@ async fn a_call_without_a_key_is_refused_before_its_message_is_read() {
     );
     let client = &conns[0].0;
     // A key without the method's scope, a key nobody has, and the metadata method.
+    let five = Duration::from_secs(5);
     let wrong = [("authorization", "Bearer k-models")];
-    let a = stalled_call(client, &grpc, "ModelInfer", &wrong, declared, send).await;
-    let (code, headers) = grpc_status(a, Duration::from_secs(5)).await.unwrap();
+    let (code, headers) = answered(
+        stalled_call(client, &grpc, "ModelInfer", &wrong, declared, send).await,
+        five,
+    )
+    .await;
     assert_eq!(code, 7, "PERMISSION_DENIED");
     assert_eq!(headers.get("error-type").unwrap(), "forbidden");
     let unknown = [("x-api-key", "k-nobody")];
-    let a = stalled_call(client, &grpc, "ModelInfer", &unknown, declared, send).await;
-    assert_eq!(grpc_status(a, Duration::from_secs(5)).await.unwrap().0, 16);
-    let a = stalled_call(client, &grpc, "ModelMetadata", &[], 1 << 10, 100).await;
-    assert_eq!(grpc_status(a, Duration::from_secs(5)).await.unwrap().0, 16);
+    let (code, _) = answered(
+        stalled_call(client, &grpc, "ModelInfer", &unknown, declared, send).await,
+        five,
+    )
+    .await;
+    assert_eq!(code, 16);
+    let (code, _) = answered(
+        stalled_call(client, &grpc, "ModelMetadata", &[], 1 << 10, 100).await,
+        five,
+    )
+    .await;
+    assert_eq!(code, 16);
     let growth_mb = peak_rss_kb(server.child.id()).saturating_sub(before) as f64 / 1024.0;
     assert!(growth_mb < 150.0, "peak RSS grew {growth_mb:.0} MB");
     // Counted as the service counts its refusals.
-    let addr = server.addr.clone();
-    let metrics = tokio::task::spawn_blocking(move || {
-        common::tcp_http(&addr, "GET", "/metrics", None, b"").1
-    })
-    .await
-    .unwrap();
-    for line in [
-        "cxr_grpc_requests_total{code=\"Unauthenticated\",method=\"ModelInfer\"} 21",
-        "cxr_grpc_requests_total{code=\"PermissionDenied\",method=\"ModelInfer\"} 1",
-        "cxr_grpc_requests_total{code=\"Unauthenticated\",method=\"ModelMetadata\"} 1",
-        "cxr_auth_refused_total{reason=\"missing\"} 21",
-        "cxr_auth_refused_total{reason=\"forbidden\"} 1",
-    ] {
-        assert!(metrics.contains(line), "{line} in {metrics}");
-    }
+    assert_metrics(
+        &metrics_of(&server).await,
+        &[
+            "cxr_grpc_requests_total{code=\"Unauthenticated\",method=\"ModelInfer\"} 21",
+            "cxr_grpc_requests_total{code=\"PermissionDenied\",method=\"ModelInfer\"} 1",
+            "cxr_grpc_requests_total{code=\"Unauthenticated\",method=\"ModelMetadata\"} 1",
+            "cxr_auth_refused_total{reason=\"missing\"} 21",
+            "cxr_auth_refused_total{reason=\"forbidden\"} 1",
+        ],
+    );
     // And noted in the audit trail as the HTTP door notes them (rate-limited).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -364,13 +426,7 @@ fn zeros_infer_message(len: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_message_beyond_the_buffered_budget_is_refused_at_once() {
     let dir = common::models_dir();
-    let mut server = common::Server::start(
-        dir.path(),
-        &["--grpc-port", "0", "--max-buffered-bytes", "41943040"],
-    );
-    let grpc = server.wait_log_field("grpc_addr");
-    server.discard_logs();
-    server.wait_ready();
+    let (server, grpc) = grpc_server(dir.path(), &["--max-buffered-bytes", "41943040"]);
     let declared: u32 = 30 << 20;
     // One call holds 30 of the budget's 40 MiB, stalled.
     let (holder, holder_task) = h2_connect(&grpc).await;
@@ -385,19 +441,24 @@ async fn a_grpc_message_beyond_the_buffered_budget_is_refused_at_once() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (client, _task) = h2_connect(&grpc).await;
+    let five = Duration::from_secs(5);
     let started = Instant::now();
-    let a = stalled_call(&client, &grpc, "ModelInfer", &[], declared, 1 << 20).await;
-    let (code, headers) = grpc_status(a, Duration::from_secs(5))
-        .await
-        .expect("an answer before the message's end");
+    let (code, headers) = answered(
+        stalled_call(&client, &grpc, "ModelInfer", &[], declared, 1 << 20).await,
+        five,
+    )
+    .await;
     assert_eq!(code, 8, "RESOURCE_EXHAUSTED");
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(headers.get("error-type").unwrap(), "overloaded");
     assert_eq!(headers.get("retry-after").unwrap(), "1");
     assert!(headers.contains_key("grpc-status-details-bin"), "RetryInfo");
     // A method that needs no key: no message beyond 64 KiB.
-    let a = stalled_call(&client, &grpc, "ServerLive", &[], 1 << 20, 100).await;
-    let (code, headers) = grpc_status(a, Duration::from_secs(5)).await.unwrap();
+    let (code, headers) = answered(
+        stalled_call(&client, &grpc, "ServerLive", &[], 1 << 20, 100).await,
+        five,
+    )
+    .await;
     assert_eq!(code, 8);
     assert_eq!(headers.get("error-type").unwrap(), "payload_too_large");
     // The holder goes: its bytes come back, and a message as large is read whole
@@ -408,17 +469,11 @@ async fn a_grpc_message_beyond_the_buffered_budget_is_refused_at_once() {
     let whole = bytes::Bytes::from(zeros_infer_message(29 << 20));
     let deadline = Instant::now() + Duration::from_secs(20);
     let code = loop {
-        let req = http::Request::post(format!(
-            "http://{grpc}/inference.GRPCInferenceService/ModelInfer"
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+        let req = grpc_request(&grpc, "ModelInfer", &[]);
         let mut ready = client.clone().ready().await.unwrap();
         let (answer, mut stream) = ready.send_request(req, false).unwrap();
         stream.send_data(whole.clone(), true).unwrap();
-        let (code, _) = grpc_status(answer, Duration::from_secs(20)).await.unwrap();
+        let (code, _) = answered(answer, Duration::from_secs(20)).await;
         if code != 8 || Instant::now() > deadline {
             break code;
         }
@@ -428,22 +483,12 @@ async fn a_grpc_message_beyond_the_buffered_budget_is_refused_at_once() {
         code, 3,
         "INVALID_ARGUMENT: read whole, then refused as no image"
     );
-    let addr = server.addr.clone();
-    let metrics = tokio::task::spawn_blocking(move || {
-        common::tcp_http(&addr, "GET", "/metrics", None, b"").1
-    })
-    .await
-    .unwrap();
-    assert!(
-        metrics
-            .contains("cxr_grpc_requests_total{code=\"ResourceExhausted\",method=\"ModelInfer\"}"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(
-            "cxr_grpc_requests_total{code=\"ResourceExhausted\",method=\"ServerLive\"} 1"
-        ),
-        "{metrics}"
+    assert_metrics(
+        &metrics_of(&server).await,
+        &[
+            "cxr_grpc_requests_total{code=\"ResourceExhausted\",method=\"ModelInfer\"}",
+            "cxr_grpc_requests_total{code=\"ResourceExhausted\",method=\"ServerLive\"} 1",
+        ],
     );
 }
 
@@ -455,33 +500,14 @@ async fn a_grpc_message_beyond_the_buffered_budget_is_refused_at_once() {
 /// idle timeout.
 #[test]
 fn a_grpc_call_longer_than_the_idle_timeout_is_answered() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = common::models_dir();
-    let mut server = common::Server::start(
-        dir.path(),
-        &[
-            "--grpc-port",
-            "0",
-            "--idle-timeout-s",
-            "1",
-            "--max-batch",
-            "32",
-            "--batch-wait-us",
-            "1000000",
-            "--decode-threads",
-            "1",
-        ],
-    );
-    let grpc = server.wait_log_field("grpc_addr");
-    server.discard_logs();
-    server.wait_ready();
-    let png = dir.path().join("big.png");
-    std::fs::write(&png, common::png_bytes(&common::gray_image(1600, 1300, 9))).unwrap();
-    let text = common::succeeds(
-        Command::new(root.join(".venv/bin/python"))
-            .arg("-c")
-            .arg(
-                r#"
+    let flags = [
+        &["--idle-timeout-s", "1", "--decode-threads", "1"][..],
+        &BATCH_HELD_1S,
+    ];
+    let (_server, grpc) = grpc_server(dir.path(), &flags.concat());
+    let text = tritonclient_snippet(
+        r#"
 import sys, time, numpy as np, tritonclient.grpc as g
 c = g.InferenceServerClient(sys.argv[1])
 png = open(sys.argv[2], "rb").read()
@@ -491,9 +517,9 @@ t = time.monotonic()
 r = c.infer("alpha", [img])
 print("took", time.monotonic() - t, r.as_numpy("probabilities").shape)
 "#,
-            )
-            .arg(&grpc)
-            .arg(&png),
+        &grpc,
+        dir.path(),
+        &common::gray_image(1600, 1300, 9),
     );
     let took: f64 = text
         .split_whitespace()
@@ -541,31 +567,11 @@ async fn the_buffered_bytes_budget_is_one_for_every_door() {
 /// `overloaded` at once, and once the first is answered the next is served.
 #[test]
 fn a_grpc_inference_holds_a_processing_slot_until_it_is_answered() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = common::models_dir();
-    let mut server = common::Server::start(
-        dir.path(),
-        &[
-            "--grpc-port",
-            "0",
-            "--max-inflight",
-            "1",
-            "--max-batch",
-            "32",
-            "--batch-wait-us",
-            "1000000",
-        ],
-    );
-    let grpc = server.wait_log_field("grpc_addr");
-    server.discard_logs();
-    server.wait_ready();
-    let png = dir.path().join("x.png");
-    std::fs::write(&png, common::png_bytes(&common::gray_image(96, 80, 5))).unwrap();
-    let text = common::succeeds(
-        Command::new(root.join(".venv/bin/python"))
-            .arg("-c")
-            .arg(
-                r#"
+    let flags = [&["--max-inflight", "1"][..], &BATCH_HELD_1S];
+    let (_server, grpc) = grpc_server(dir.path(), &flags.concat());
+    let text = tritonclient_snippet(
+        r#"
 import sys, threading, time, numpy as np, tritonclient.grpc as g
 from tritonclient.utils import InferenceServerException
 png = open(sys.argv[2], "rb").read()
@@ -585,9 +591,9 @@ first.join()
 call()
 print("third: answered")
 "#,
-            )
-            .arg(&grpc)
-            .arg(&png),
+        &grpc,
+        dir.path(),
+        &common::gray_image(96, 80, 5),
     );
     assert!(
         text.contains("second: StatusCode.RESOURCE_EXHAUSTED"),
@@ -603,17 +609,14 @@ print("third: answered")
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_message_that_stalls_past_the_body_timeout_is_refused() {
     let dir = common::models_dir();
-    let mut server =
-        common::Server::start(dir.path(), &["--grpc-port", "0", "--body-timeout-s", "1"]);
-    let grpc = server.wait_log_field("grpc_addr");
-    server.discard_logs();
-    server.wait_ready();
+    let (_server, grpc) = grpc_server(dir.path(), &["--body-timeout-s", "1"]);
     let (client, _task) = h2_connect(&grpc).await;
     let started = Instant::now();
-    let a = stalled_call(&client, &grpc, "ModelInfer", &[], 1 << 20, 1000).await;
-    let (code, headers) = grpc_status(a, Duration::from_secs(10))
-        .await
-        .expect("an answer within the body timeout");
+    let (code, headers) = answered(
+        stalled_call(&client, &grpc, "ModelInfer", &[], 1 << 20, 1000).await,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(code, 4, "DEADLINE_EXCEEDED");
     assert_eq!(headers.get("error-type").unwrap(), "body_timeout");
     let took = started.elapsed();
@@ -629,22 +632,15 @@ async fn a_grpc_message_that_stalls_past_the_body_timeout_is_refused() {
 /// threshold, answered the threshold as a string and dropped `client_request_id`).
 #[test]
 fn rest_and_grpc_answer_the_same_request_alike() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
     let dir = common::models_dir();
-    let mut server = common::Server::start(dir.path(), &["--grpc-port", "0"]);
-    let grpc = server.wait_log_field("grpc_addr");
-    server.discard_logs();
-    server.wait_ready();
+    let (server, grpc) = grpc_server(dir.path(), &[]);
     let work = tempfile::tempdir().unwrap();
     let (png_path, _, _) = common::interop_inputs(dir.path(), "beta", work.path());
-    let text = common::succeeds(
-        Command::new(&python)
-            .arg(root.join("tests/interop/tritonclient_parity.py"))
-            .arg(&server.addr)
-            .arg(&grpc)
-            .arg("beta")
-            .arg(&png_path),
+    let text = tritonclient_script(
+        "tritonclient_parity.py",
+        &server,
+        &grpc,
+        &[OsStr::new("beta"), png_path.as_os_str()],
     );
     assert!(
         text.contains("4 requests answered alike over REST and gRPC"),

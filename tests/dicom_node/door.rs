@@ -14,52 +14,62 @@ use dicom_object::InMemDicomObject;
 use dicom_ul::pdu::{PDataValue, PDataValueType};
 use dicom_ul::{ClientAssociation, ClientAssociationOptions, Pdu};
 
-use super::{common, dcmtk, instances, start_cxr};
+use super::harness::{Node, assert_metrics};
+use super::{common, dcmtk, instances};
 
 const CR: &str = "1.2.840.10008.5.1.4.1.1.1";
 const VERIFICATION: &str = "1.2.840.10008.1.1";
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 
-/// A node whose only peer is `MODALITY`, with `extra` flags.
-fn node(dir: &Path, models: &Path, extra: &[&str]) -> (common::Server, u16) {
-    let peers = dir.join("peers.toml");
-    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
-    let mut args: Vec<String> = vec![
-        "--dicom-port".into(),
-        "0".into(),
-        "--dicom-ae-title".into(),
-        "CXR".into(),
-        "--dicom-peers-file".into(),
-        peers.display().to_string(),
-        // Results wait in the outbox: nothing listens there.
-        "--dicom-destination".into(),
-        "ORTHANC@127.0.0.1:9".into(),
-        "--dicom-outbox".into(),
-        dir.join("outbox.sqlite").display().to_string(),
+/// A node whose only peer is `MODALITY`, with `extra` flags, in a folder of its
+/// own (`dir`).
+struct Door {
+    server: common::Server,
+    port: u16,
+    _models: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Door {
+    fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let models = common::models_dir();
+        let (server, port) = Node::new(dir.path())
+            .flag("--dicom-ae-title", "CXR")
+            // Results wait in the outbox: nothing listens there.
+            .flag("--dicom-destination", "ORTHANC@127.0.0.1:9")
+            .outbox(&dir.path().join("outbox.sqlite"))
+            .flags(extra)
+            .start(models.path());
+        Self {
+            server,
+            port,
+            _models: models,
+            dir,
+        }
+    }
+
+    /// The radiographs of [`instances`], in the node's folder.
+    fn instances(&self) -> std::path::PathBuf {
+        instances(self.dir.path())
+    }
+}
+
+/// dcmtk's `tool` as `MODALITY` calling `CXR` on `port`, with 5 s timeouts and
+/// `extra` arguments.
+fn scu(tool: &str, port: u16, extra: &[&str]) -> std::process::Output {
+    let port = port.to_string();
+    let mut args = vec![
+        "-aet", "MODALITY", "-aec", "CXR", "-to", "5", "-ta", "5", "-td", "5",
     ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    start_cxr(models, &args)
+    args.extend(extra);
+    args.extend(["127.0.0.1", port.as_str()]);
+    dcmtk(tool, &args)
 }
 
 fn echo(port: u16) -> std::process::Output {
-    dcmtk(
-        "echoscu",
-        &[
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "CXR",
-            "-to",
-            "5",
-            "-ta",
-            "5",
-            "-td",
-            "5",
-            "127.0.0.1",
-            &port.to_string(),
-        ],
-    )
+    scu("echoscu", port, &[])
 }
 
 fn text(o: &std::process::Output) -> String {
@@ -118,6 +128,23 @@ fn command(field: u16, sop_class: &str, sop_instance: &str, data_set: bool) -> V
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, &ts).unwrap();
     out
+}
+
+/// Sends a whole command set (see [`command`]) on `context`.
+fn send_command(
+    a: &mut ClientAssociation<TcpStream>,
+    context: u8,
+    field: u16,
+    sop_class: &str,
+    sop_instance: &str,
+    data_set: bool,
+) -> Result<(), dicom_ul::association::Error> {
+    a.send(&pdata(
+        context,
+        true,
+        true,
+        command(field, sop_class, sop_instance, data_set),
+    ))
 }
 
 fn pdata(context: u8, command: bool, is_last: bool, data: Vec<u8>) -> Pdu {
@@ -181,13 +208,7 @@ fn store_on_cr_context(port: u16, file: &Path) -> u16 {
     let mut a = associate(port);
     let ctx = context(&a, CR);
     let (instance, class, data) = data_set(file);
-    a.send(&pdata(
-        ctx,
-        true,
-        true,
-        command(0x0001, &class, &instance, true),
-    ))
-    .unwrap();
+    send_command(&mut a, ctx, 0x0001, &class, &instance, true).unwrap();
     send_data(&mut a, ctx, &data, true);
     let (field, status) = response(&mut a);
     assert_eq!(field, 0x8001);
@@ -195,8 +216,10 @@ fn store_on_cr_context(port: u16, file: &Path) -> u16 {
     status
 }
 
-fn metrics(server: &common::Server) -> String {
-    common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1
+/// [`store_on_cr_context`], answered `want`.
+fn assert_store_status(port: u16, file: &Path, want: u16) {
+    let status = store_on_cr_context(port, file);
+    assert_eq!(status, want, "status {status:04X}");
 }
 
 /// What a raw socket reads within `secs`: the bytes, until the node closes.
@@ -219,18 +242,13 @@ fn read_for(s: &mut TcpStream, secs: u64) -> Vec<u8> {
 /// --dicom-negotiation-timeout-s passes, not left open.
 #[test]
 fn trickling_connections_hold_no_association_slot_and_are_aborted_in_time() {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = common::models_dir();
-    let (server, port) = node(
-        tmp.path(),
-        models.path(),
-        &[
-            "--dicom-max-associations",
-            "2",
-            "--dicom-negotiation-timeout-s",
-            "3",
-        ],
-    );
+    let door = Door::start(&[
+        "--dicom-max-associations",
+        "2",
+        "--dicom-negotiation-timeout-s",
+        "3",
+    ]);
+    let (server, port) = (&door.server, door.port);
     // Three send the first byte of an A-ASSOCIATE-RQ, one nothing at all.
     let mut tricklers: Vec<TcpStream> = (0..4)
         .map(|i| {
@@ -251,10 +269,9 @@ fn trickling_connections_hold_no_association_slot_and_are_aborted_in_time() {
         assert_eq!(got.first(), Some(&0x07), "{got:?}");
     }
     assert!(started.elapsed() < Duration::from_secs(8));
-    let m = metrics(&server);
-    assert!(
-        m.contains("cxr_dicom_associations_total{outcome=\"timed_out\"} 4"),
-        "{m}"
+    assert_metrics(
+        server,
+        &["cxr_dicom_associations_total{outcome=\"timed_out\"} 4"],
     );
 }
 
@@ -284,9 +301,8 @@ fn connect_from(source: &str, port: u16) -> TcpStream {
 /// transient A-ASSOCIATE-RJ), and a peer on another host still associates.
 #[test]
 fn one_host_gets_a_quarter_of_the_negotiating_pool() {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = common::models_dir();
-    let (server, port) = node(tmp.path(), models.path(), &["--dicom-max-negotiating", "8"]);
+    let door = Door::start(&["--dicom-max-negotiating", "8"]);
+    let (server, port) = (&door.server, door.port);
     let mut stalling: Vec<TcpStream> = (0..4).map(|_| connect_from("127.0.0.2", port)).collect();
     // The first two negotiate (nothing comes back yet); the others are refused.
     for (i, s) in stalling.iter_mut().enumerate() {
@@ -300,10 +316,9 @@ fn one_host_gets_a_quarter_of_the_negotiating_pool() {
     }
     let out = echo(port);
     assert!(out.status.success(), "{}", text(&out));
-    let m = metrics(&server);
-    assert!(
-        m.contains("cxr_dicom_associations_total{outcome=\"busy\"} 2"),
-        "{m}"
+    assert_metrics(
+        server,
+        &["cxr_dicom_associations_total{outcome=\"busy\"} 2"],
     );
 }
 
@@ -311,13 +326,8 @@ fn one_host_gets_a_quarter_of_the_negotiating_pool() {
 /// transient A-ASSOCIATE-RJ (local limit exceeded), not closed in silence.
 #[test]
 fn a_peer_over_the_association_limit_gets_a_transient_reject() {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = common::models_dir();
-    let (server, port) = node(
-        tmp.path(),
-        models.path(),
-        &["--dicom-max-associations", "1"],
-    );
+    let door = Door::start(&["--dicom-max-associations", "1"]);
+    let (server, port) = (&door.server, door.port);
     let held = associate(port);
     let out = echo(port);
     assert!(!out.status.success());
@@ -325,10 +335,9 @@ fn a_peer_over_the_association_limit_gets_a_transient_reject() {
     assert!(said.contains("Association Rejected"), "{said}");
     assert!(said.contains("Transient"), "{said}");
     assert!(said.contains("Local Limit Exceeded"), "{said}");
-    assert!(
-        metrics(&server).contains("cxr_dicom_associations_total{outcome=\"busy\"} 1"),
-        "{}",
-        metrics(&server)
+    assert_metrics(
+        server,
+        &["cxr_dicom_associations_total{outcome=\"busy\"} 1"],
     );
     held.release().unwrap();
     // The slot is free again.
@@ -343,13 +352,8 @@ fn a_peer_over_the_association_limit_gets_a_transient_reject() {
 /// --dicom-association-timeout-s, with an A-ABORT.
 #[test]
 fn an_association_is_aborted_at_its_deadline_however_busy() {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = common::models_dir();
-    let (server, port) = node(
-        tmp.path(),
-        models.path(),
-        &["--dicom-association-timeout-s", "3"],
-    );
+    let door = Door::start(&["--dicom-association-timeout-s", "3"]);
+    let (server, port) = (&door.server, door.port);
     let mut a = associate(port);
     let ctx = context(&a, VERIFICATION);
     let started = Instant::now();
@@ -359,14 +363,7 @@ fn an_association_is_aborted_at_its_deadline_however_busy() {
             "still associated after 15 s"
         );
         // (A send after the node closed may fail; its A-ABORT is read all the same.)
-        let sent = a
-            .send(&pdata(
-                ctx,
-                true,
-                true,
-                command(0x0030, VERIFICATION, "", false),
-            ))
-            .is_ok();
+        let sent = send_command(&mut a, ctx, 0x0030, VERIFICATION, "", false).is_ok();
         match a.receive() {
             Ok(Pdu::PData { .. }) if sent => std::thread::sleep(Duration::from_secs(1)),
             Ok(other) => break Some(other),
@@ -378,20 +375,15 @@ fn an_association_is_aborted_at_its_deadline_however_busy() {
         "ended by {ended:?}"
     );
     assert!(started.elapsed() >= Duration::from_secs(2));
-    let m = metrics(&server);
-    assert!(
-        m.contains("cxr_dicom_aborts_total{reason=\"deadline\"} 1"),
-        "{m}"
-    );
+    assert_metrics(server, &["cxr_dicom_aborts_total{reason=\"deadline\"} 1"]);
 }
 
 /// Row 3: command fragments without an end are not buffered past 64 KiB: the
 /// association is aborted at once, and counted.
 #[test]
 fn endless_command_fragments_are_aborted_at_the_cap() {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = common::models_dir();
-    let (server, port) = node(tmp.path(), models.path(), &[]);
+    let door = Door::start(&[]);
+    let (server, port) = (&door.server, door.port);
     let mut a = associate(port);
     let ctx = context(&a, CR);
     // An attacker sends on (1 MiB) past the 64 KiB the node reads; its A-ABORT is
@@ -408,10 +400,9 @@ fn endless_command_fragments_are_aborted_at_the_cap() {
         matches!(ended, Some(Pdu::AbortRQ { .. })),
         "ended by {ended:?}"
     );
-    let m = metrics(&server);
-    assert!(
-        m.contains("cxr_dicom_aborts_total{reason=\"command_too_large\"} 1"),
-        "{m}"
+    assert_metrics(
+        server,
+        &["cxr_dicom_aborts_total{reason=\"command_too_large\"} 1"],
     );
 }
 
@@ -419,23 +410,18 @@ fn endless_command_fragments_are_aborted_at_the_cap() {
 /// class not supported) without being analysed or filed.
 #[test]
 fn a_store_of_another_sop_class_than_its_context_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = common::models_dir();
-    let files = instances(tmp.path());
-    let (server, port) = node(tmp.path(), models.path(), &[]);
-    let status = store_on_cr_context(port, &files.join("ct.dcm"));
-    assert_eq!(status, 0x0122, "status {status:04X}");
+    let door = Door::start(&[]);
+    let files = door.instances();
+    let (server, port) = (&door.server, door.port);
+    assert_store_status(port, &files.join("ct.dcm"), 0x0122);
     // The same path takes a CR.
-    let status = store_on_cr_context(port, &files.join("cr.dcm"));
-    assert_eq!(status, 0x0000, "status {status:04X}");
-    let m = metrics(&server);
-    assert!(
-        m.contains("cxr_dicom_stores_total{outcome=\"failed\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("cxr_dicom_stores_total{outcome=\"analysed\"} 1"),
-        "{m}"
+    assert_store_status(port, &files.join("cr.dcm"), 0x0000);
+    assert_metrics(
+        server,
+        &[
+            "cxr_dicom_stores_total{outcome=\"failed\"} 1",
+            "cxr_dicom_stores_total{outcome=\"analysed\"} 1",
+        ],
     );
 }
 
@@ -445,14 +431,12 @@ fn a_store_of_another_sop_class_than_its_context_is_refused() {
 /// returns at once.
 #[test]
 fn an_unsupported_operation_is_refused_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = common::models_dir();
-    let (_server, port) = node(tmp.path(), models.path(), &[]);
+    let door = Door::start(&[]);
+    let port = door.port;
     let mut a = associate(port);
     let ctx = context(&a, CR);
     let started = Instant::now();
-    a.send(&pdata(ctx, true, true, command(0x0020, CR, "", true)))
-        .unwrap();
+    send_command(&mut a, ctx, 0x0020, CR, "", true).unwrap();
     let mut identifier = InMemDicomObject::new_empty();
     identifier.put(DataElement::new(
         tags::QUERY_RETRIEVE_LEVEL,
@@ -465,43 +449,17 @@ fn an_unsupported_operation_is_refused_at_once() {
     a.send(&pdata(ctx, false, true, bytes)).unwrap();
     assert_eq!(response(&mut a), (0x8020, 0x0211));
     // An N-ACTION, no data set.
-    a.send(&pdata(ctx, true, true, command(0x0130, CR, "1.2.3", false)))
-        .unwrap();
+    send_command(&mut a, ctx, 0x0130, CR, "1.2.3", false).unwrap();
     assert_eq!(response(&mut a), (0x8130, 0x0211));
     assert!(started.elapsed() < Duration::from_secs(5));
     // Still usable.
     let v = context(&a, VERIFICATION);
-    a.send(&pdata(
-        v,
-        true,
-        true,
-        command(0x0030, VERIFICATION, "", false),
-    ))
-    .unwrap();
+    send_command(&mut a, v, 0x0030, VERIFICATION, "", false).unwrap();
     assert_eq!(response(&mut a), (0x8030, 0x0000));
     a.release().unwrap();
 
     let started = Instant::now();
-    let out = dcmtk(
-        "findscu",
-        &[
-            "-S",
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "CXR",
-            "-to",
-            "5",
-            "-ta",
-            "5",
-            "-td",
-            "5",
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "127.0.0.1",
-            &port.to_string(),
-        ],
-    );
+    let out = scu("findscu", port, &["-S", "-k", "QueryRetrieveLevel=STUDY"]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(started.elapsed() < Duration::from_secs(5), "{}", text(&out));
 }
@@ -512,21 +470,16 @@ fn an_unsupported_operation_is_refused_at_once() {
 /// the /predict with 503.
 #[test]
 fn a_store_takes_one_of_the_cores_inflight_slots() {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = common::models_dir();
-    let files = instances(tmp.path());
-    let (server, port) = node(
-        tmp.path(),
-        models.path(),
-        &[
-            "--max-inflight",
-            "1",
-            "--max-batch",
-            "64",
-            "--batch-wait-us",
-            "1000000",
-        ],
-    );
+    let door = Door::start(&[
+        "--max-inflight",
+        "1",
+        "--max-batch",
+        "64",
+        "--batch-wait-us",
+        "1000000",
+    ]);
+    let files = door.instances();
+    let (server, port) = (&door.server, door.port);
     server.wait_ready();
     let cr = files.join("cr.dcm");
     let store = std::thread::spawn(move || store_on_cr_context(port, &cr));
@@ -538,12 +491,8 @@ fn a_store_takes_one_of_the_cores_inflight_slots() {
         (http == 503 && dicom == 0x0000) || (http == 200 && dicom == 0xA700),
         "one of them is refused: /predict {http} {body}, C-STORE {dicom:04X}"
     );
-    let m = metrics(&server);
     if dicom == 0xA700 {
-        assert!(
-            m.contains("cxr_dicom_stores_total{outcome=\"busy\"} 1"),
-            "{m}"
-        );
+        assert_metrics(server, &["cxr_dicom_stores_total{outcome=\"busy\"} 1"]);
     }
 }
 
@@ -554,40 +503,22 @@ fn a_store_takes_one_of_the_cores_inflight_slots() {
 /// HTTP /predict body still arriving.
 #[test]
 fn data_sets_being_received_share_the_buffered_bytes_budget() {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = common::models_dir();
-    let files = instances(tmp.path());
     let mib = (1usize << 20).to_string();
-    let (server, port) = node(
-        tmp.path(),
-        models.path(),
-        &["--max-body-bytes", &mib, "--max-buffered-bytes", &mib],
-    );
+    let door = Door::start(&["--max-body-bytes", &mib, "--max-buffered-bytes", &mib]);
+    let files = door.instances();
+    let (server, port) = (&door.server, door.port);
     server.wait_ready();
     let mut holder = associate(port);
     let ctx = context(&holder, CR);
-    holder
-        .send(&pdata(
-            ctx,
-            true,
-            true,
-            command(0x0001, CR, "1.2.3.4", true),
-        ))
-        .unwrap();
+    send_command(&mut holder, ctx, 0x0001, CR, "1.2.3.4", true).unwrap();
     send_data(&mut holder, ctx, &vec![0u8; 900 * 1024], false);
     std::thread::sleep(Duration::from_millis(500));
     let cr = files.join("cr.dcm");
-    let status = store_on_cr_context(port, &cr);
-    assert_eq!(status, 0xA700, "status {status:04X}");
-    let m = metrics(&server);
-    assert!(
-        m.contains("cxr_dicom_stores_total{outcome=\"busy\"} 1"),
-        "{m}"
-    );
+    assert_store_status(port, &cr, 0xA700);
+    assert_metrics(server, &["cxr_dicom_stores_total{outcome=\"busy\"} 1"]);
     holder.abort().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let status = store_on_cr_context(port, &cr);
-    assert_eq!(status, 0x0000, "status {status:04X}");
+    assert_store_status(port, &cr, 0x0000);
 
     // The budget is the HTTP door's too: a /predict body of 1 MiB still arriving
     // holds it all.
@@ -600,10 +531,8 @@ fn data_sets_being_received_share_the_buffered_bytes_budget() {
     upload.write_all(&[0u8; 1024]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let cr2 = files.join("cr2.dcm");
-    let status = store_on_cr_context(port, &cr2);
-    assert_eq!(status, 0xA700, "status {status:04X}");
+    assert_store_status(port, &cr2, 0xA700);
     drop(upload);
     std::thread::sleep(Duration::from_millis(300));
-    let status = store_on_cr_context(port, &cr2);
-    assert_eq!(status, 0x0000, "status {status:04X}");
+    assert_store_status(port, &cr2, 0x0000);
 }

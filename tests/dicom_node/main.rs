@@ -7,16 +7,19 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod door;
+mod harness;
 mod ris;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{
-    free_port, metrics_of, python, root, start_node as start_cxr, storescu as store, tool,
+use common::{free_port, metrics_of, python, root, storescu as store, tool};
+use harness::{
+    Node, Orthanc, Postgres, PythonScp, READER_KEY, Storescp, admin_dead_letters, assert_metrics,
+    assert_ok, dead_letters, keys_file, outbox_column, stderr, store_ok, wait_metric, wait_until,
 };
 
 /// The radiographs, made by pydicom.
@@ -29,134 +32,6 @@ fn instances(dir: &Path) -> PathBuf {
         .expect("python");
     assert!(ok.success(), "make_instances.py failed");
     out
-}
-
-/// A running Orthanc.
-struct Orthanc {
-    child: Child,
-    http: u16,
-    dicom: u16,
-    config: PathBuf,
-}
-
-impl Orthanc {
-    fn start(dir: &Path, name: &str) -> Self {
-        Self::start_with(dir, name, serde_json::json!({}))
-    }
-
-    /// [`Orthanc::start`] with `extra` settings over the test's own.
-    fn start_with(dir: &Path, name: &str, extra: Value) -> Self {
-        let (http, dicom) = (free_port(), free_port());
-        let db = dir.join(format!("{name}-db"));
-        std::fs::create_dir_all(&db).unwrap();
-        let plugin = ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("orthanc-dicomweb is not installed: run scripts/setup.sh --test");
-        let config = dir.join(format!("{name}.json"));
-        let mut settings = serde_json::json!({
-            "Name": name,
-            "StorageDirectory": db,
-            "IndexDirectory": db,
-            "HttpPort": http,
-            "DicomPort": dicom,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": false,
-            "AuthenticationEnabled": false,
-            "Plugins": [plugin],
-            "DicomWeb": {"Enable": true, "Root": "/dicom-web/"},
-            "DicomCheckCalledAet": false,
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            settings[k] = v.clone();
-        }
-        std::fs::write(&config, serde_json::to_string_pretty(&settings).unwrap()).unwrap();
-        let mut o = Self {
-            child: Self::spawn(&config),
-            http,
-            dicom,
-            config,
-        };
-        o.wait_up();
-        o
-    }
-
-    fn spawn(config: &Path) -> Child {
-        Command::new(tool("Orthanc"))
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start Orthanc")
-    }
-
-    fn wait_up(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.get("/system").is_none() {
-            assert!(Instant::now() < deadline, "Orthanc did not start in 30 s");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn restart(&mut self) {
-        self.child = Self::spawn(&self.config);
-        self.wait_up();
-    }
-
-    fn get_bytes(&self, path: &str) -> Option<Vec<u8>> {
-        let (status, body) =
-            common::tcp_http_bytes(&format!("127.0.0.1:{}", self.http), "GET", path, &[], b"")?;
-        (status == 200).then_some(body)
-    }
-
-    fn get(&self, path: &str) -> Option<Value> {
-        serde_json::from_slice(&self.get_bytes(path)?).ok()
-    }
-
-    /// Every instance's (Orthanc id, SOP Instance UID, Modality), in the study.
-    fn study_instances(&self, study_uid: &str) -> Vec<(String, String, String)> {
-        let Some(ids) = self.get("/instances") else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for id in ids.as_array().unwrap() {
-            let id = id.as_str().unwrap();
-            let t = self
-                .get(&format!("/instances/{id}/simplified-tags"))
-                .unwrap();
-            if t["StudyInstanceUID"] == study_uid {
-                out.push((
-                    id.to_string(),
-                    t["SOPInstanceUID"].as_str().unwrap().to_string(),
-                    t["Modality"].as_str().unwrap_or("").to_string(),
-                ));
-            }
-        }
-        out
-    }
-
-    /// Waits (up to `secs`) until the study holds `n` instances.
-    fn wait_count(&self, study: &str, n: usize, secs: u64) -> Vec<(String, String, String)> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let got = self.study_instances(study);
-            if got.len() >= n || Instant::now() > deadline {
-                return got;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Orthanc {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 fn dcmtk(name: &str, args: &[&str]) -> std::process::Output {
@@ -211,72 +86,50 @@ fn sop_instance_uid(file: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A test's folder with the radiographs of [`instances`] in it, their folder, and
+/// the models to serve.
+fn setup() -> (tempfile::TempDir, PathBuf, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = instances(tmp.path());
+    (tmp, files, common::models_dir())
+}
+
 const STUDY: &str = "1.2.826.0.1.3680043.8.498.11111111111111111111";
 
 #[test]
 fn a_pacs_gets_each_radiographs_sr_and_sc_in_its_study_once_and_after_an_outage() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, files, models) = setup();
     let dir = tmp.path();
-    let files = instances(dir);
-    let models = common::models_dir();
     let mut store_pacs = Orthanc::start(dir, "pacs");
     let stow_pacs = Orthanc::start(dir, "web");
-    let peers = dir.join("peers.toml");
-    std::fs::write(
-        &peers,
-        "[[peers]]\nae_title = \"MODALITY\"\nhosts = [\"127.0.0.1\"]\n",
-    )
-    .unwrap();
-    let outbox = dir.join("outbox.sqlite");
-    let args: Vec<String> = vec![
-        "--dicom-port".into(),
-        "0".into(),
-        "--dicom-ae-title".into(),
-        "CXR".into(),
-        "--dicom-peers-file".into(),
-        peers.display().to_string(),
-        "--dicom-destination".into(),
-        format!("ORTHANC@127.0.0.1:{}", store_pacs.dicom),
-        "--stow-url".into(),
-        format!("http://127.0.0.1:{}/dicom-web", stow_pacs.http),
-        "--dicom-outbox".into(),
-        outbox.display().to_string(),
-    ];
-    let (server, port) = start_cxr(models.path(), &args);
+    let node = Node::new(dir)
+        .peers("[[peers]]\nae_title = \"MODALITY\"\nhosts = [\"127.0.0.1\"]\n")
+        .flag("--dicom-ae-title", "CXR")
+        .flag(
+            "--dicom-destination",
+            format!("ORTHANC@127.0.0.1:{}", store_pacs.dicom),
+        )
+        .flag(
+            "--stow-url",
+            format!("http://127.0.0.1:{}/dicom-web", stow_pacs.http),
+        )
+        .outbox(&dir.join("outbox.sqlite"));
+    let (server, port) = node.start(models.path());
 
     // C-ECHO: a known peer succeeds; an unknown calling AE is rejected.
-    let echo = dcmtk(
-        "echoscu",
-        &[
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "CXR",
-            "127.0.0.1",
-            &port.to_string(),
-        ],
-    );
-    assert!(
-        echo.status.success(),
-        "{}",
-        String::from_utf8_lossy(&echo.stderr)
-    );
-    let echo = dcmtk(
-        "echoscu",
-        &[
-            "-aet",
-            "STRANGER",
-            "-aec",
-            "CXR",
-            "127.0.0.1",
-            &port.to_string(),
-        ],
-    );
+    let echo = |ae: &str| {
+        dcmtk(
+            "echoscu",
+            &["-aet", ae, "-aec", "CXR", "127.0.0.1", &port.to_string()],
+        )
+    };
+    assert_ok(&echo("MODALITY"));
+    let echo = echo("STRANGER");
     assert!(!echo.status.success());
     assert!(
-        String::from_utf8_lossy(&echo.stderr).contains("Calling AE Title Not Recognized"),
+        stderr(&echo).contains("Calling AE Title Not Recognized"),
         "{}",
-        String::from_utf8_lossy(&echo.stderr)
+        stderr(&echo)
     );
 
     // The sources go to the PACS too (as a modality sends them), then to cxr.
@@ -288,31 +141,16 @@ fn a_pacs_gets_each_radiographs_sr_and_sc_in_its_study_once_and_after_an_outage(
         files.join("cr2.dcm"),
     );
     for pacs in [&store_pacs, &stow_pacs] {
-        let out = Command::new(tool("storescu"))
-            .args(["-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1"])
-            .arg(pacs.dicom.to_string())
-            .args([&cr, &dx, &lateral])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        pacs.store("ORTHANC", &[&cr, &dx, &lateral]);
     }
-    let sent = store("MODALITY", port, &[&cr, &dx, &lateral]);
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    store_ok(port, &[&cr, &dx, &lateral]);
     // A CT slice: no presentation context is accepted for its SOP class.
     let refused = store("MODALITY", port, &[&ct]);
     assert!(!refused.status.success());
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("No presentation context"),
+        stderr(&refused).contains("No presentation context"),
         "{}",
-        String::from_utf8_lossy(&refused.stderr)
+        stderr(&refused)
     );
 
     // What /predict answers for the same files.
@@ -400,53 +238,35 @@ fn a_pacs_gets_each_radiographs_sr_and_sc_in_its_study_once_and_after_an_outage(
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(store_pacs.study_instances(STUDY).len(), 8);
     assert_eq!(stow_pacs.study_instances(STUDY).len(), 8);
-    let m = common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1;
-    assert!(
-        m.contains("cxr_dicom_stores_total{outcome=\"duplicate\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("cxr_dicom_stores_total{outcome=\"analysed\"} 2"),
-        "{m}"
-    );
-    assert!(
-        m.contains("cxr_dicom_stores_total{outcome=\"not_analysed\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("cxr_dicom_associations_total{outcome=\"rejected\"} 1"),
-        "{m}"
+    assert_metrics(
+        &server,
+        &[
+            "cxr_dicom_stores_total{outcome=\"duplicate\"} 1",
+            "cxr_dicom_stores_total{outcome=\"analysed\"} 2",
+            "cxr_dicom_stores_total{outcome=\"not_analysed\"} 1",
+            "cxr_dicom_associations_total{outcome=\"rejected\"} 1",
+        ],
     );
 
     // The PACS is down: a new CR is accepted, its results wait in the outbox, and
     // reach the PACS after it is back, across a restart of cxr-serve.
     store_pacs.stop();
-    let sent = store("MODALITY", port, &[&cr2]);
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
+    store_ok(port, &[&cr2]);
+    wait_metric(
+        &[&server],
+        &format!(
+            "cxr_dicom_results_total{{destination=\"ORTHANC@127.0.0.1:{}\",outcome=\"retried\"}}",
+            store_pacs.dicom
+        ),
+        20,
     );
-    let metrics = || common::tcp_http(&server.addr, "GET", "/metrics", None, b"").1;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !metrics().contains(&format!(
-        "cxr_dicom_results_total{{destination=\"ORTHANC@127.0.0.1:{}\",outcome=\"retried\"}}",
-        store_pacs.dicom
-    )) {
-        assert!(
-            Instant::now() < deadline,
-            "no retry counted:\n{}",
-            metrics()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(metrics().contains("cxr_dicom_outbox_depth"));
+    assert_metrics(&server, &["cxr_dicom_outbox_depth"]);
     // The STOW-RS PACS, never down, has them before this replica stops.
     assert_eq!(stow_pacs.wait_count(STUDY, 10, 60).len(), 10);
     server.sigterm();
     drop(server);
     store_pacs.restart();
-    let (_server, _port) = start_cxr(models.path(), &args);
+    let (_server, _port) = node.start(models.path());
     let got = store_pacs.wait_count(STUDY, 10, 60);
     assert_eq!(
         got.len(),
@@ -460,27 +280,19 @@ fn a_pacs_gets_each_radiographs_sr_and_sc_in_its_study_once_and_after_an_outage(
     // Another replica with no shared record sees the CR again: its results carry the
     // same UIDs (derived from the image and the model file), so the PACS still holds
     // one SR and one SC of it.
-    let mut fresh = args.clone();
-    let n = fresh.len();
-    fresh[n - 1] = dir.join("other-outbox.sqlite").display().to_string();
-    let (server, port) = start_cxr(models.path(), &fresh);
+    let (server, port) = node
+        .clone()
+        .outbox(&dir.join("other-outbox.sqlite"))
+        .start(models.path());
     assert!(store("MODALITY", port, &[&cr]).status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !common::tcp_http(&server.addr, "GET", "/metrics", None, b"")
-        .1
-        .contains("outcome=\"sent\"} 2")
-    {
-        assert!(Instant::now() < deadline, "the replica did not send");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_metric(&[&server], "outcome=\"sent\"} 2", 20);
     assert_eq!(store_pacs.study_instances(STUDY).len(), 10);
 }
 
 #[test]
 fn the_folder_job_writes_json_sr_and_sc_per_image_and_a_line_per_refusal() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, files, models) = setup();
     let dir = tmp.path();
-    let files = instances(dir);
     std::fs::remove_file(files.join("cr2.dcm")).unwrap();
     std::fs::create_dir_all(files.join("more")).unwrap();
     std::fs::write(
@@ -489,7 +301,6 @@ fn the_folder_job_writes_json_sr_and_sc_per_image_and_a_line_per_refusal() {
     )
     .unwrap();
     std::fs::write(files.join("notes.txt"), "not an image").unwrap();
-    let models = common::models_dir();
     let out = dir.join("out");
     let stdout = common::job(models.path(), &files, &out, &[]);
     for (name, status) in [
@@ -564,10 +375,8 @@ fn shipped_orthanc_config() -> Value {
 /// result id the report carries, which names the film's SOP Instance UID).
 #[test]
 fn orthanc_with_the_shipped_configuration_routes_radiographs_to_cxr_and_the_ris_and_ehr() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, files, models) = setup();
     let dir = tmp.path();
-    let files = instances(dir);
-    let models = common::models_dir();
     let shipped = shipped_orthanc_config();
     let cxr_port = free_port();
     let ae = shipped["DicomModalities"]["cxr"][0]
@@ -583,43 +392,24 @@ fn orthanc_with_the_shipped_configuration_routes_radiographs_to_cxr_and_the_ris_
             "LuaScripts": [root().join("deploy/orthanc/route-to-cxr.lua")],
         }),
     );
-    let peers = dir.join("peers.toml");
     let pacs_ae = shipped["DicomAet"].as_str().unwrap();
-    std::fs::write(&peers, format!("[[peers]]\nae_title = \"{pacs_ae}\"\n")).unwrap();
-    let mut args: Vec<String> = vec![
-        "--dicom-port".into(),
-        cxr_port.to_string(),
-        "--dicom-ae-title".into(),
-        ae.clone(),
-        "--dicom-peers-file".into(),
-        peers.display().to_string(),
-        "--dicom-destination".into(),
-        format!("{pacs_ae}@127.0.0.1:{}", pacs.dicom),
-        "--dicom-outbox".into(),
-        dir.join("outbox.sqlite").display().to_string(),
-    ];
     let hl7_port = free_port();
     let record = dir.join("hl7.jsonl");
     let _listener = ris::mllp_listener(hl7_port, &record);
     let (_fhir_server, fhir) = ris::fhir_server();
-    args.extend([
-        "--hl7-destination".into(),
-        format!("127.0.0.1:{hl7_port}"),
-        "--fhir-url".into(),
-        format!("http://{fhir}"),
-    ]);
-    let (_server, _) = start_cxr(models.path(), &args);
-    let out = Command::new(tool("storescu"))
-        .args(["-aet", "MODALITY", "-aec", pacs_ae, "127.0.0.1"])
-        .arg(pacs.dicom.to_string())
-        .arg(files.join("cr.dcm"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_server, _) = Node::new(dir)
+        .peers(&format!("[[peers]]\nae_title = \"{pacs_ae}\"\n"))
+        .flag("--dicom-port", cxr_port)
+        .flag("--dicom-ae-title", &ae)
+        .flag(
+            "--dicom-destination",
+            format!("{pacs_ae}@127.0.0.1:{}", pacs.dicom),
+        )
+        .outbox(&dir.join("outbox.sqlite"))
+        .flag("--hl7-destination", format!("127.0.0.1:{hl7_port}"))
+        .flag("--fhir-url", format!("http://{fhir}"))
+        .start(models.path());
+    pacs.store(pacs_ae, &[&files.join("cr.dcm")]);
     let got = pacs.wait_count(STUDY, 3, 60);
     let mut modalities: Vec<&str> = got.iter().map(|(_, _, m)| m.as_str()).collect();
     modalities.sort_unstable();
@@ -691,156 +481,39 @@ fn orthanc_with_the_shipped_configuration_routes_radiographs_to_cxr_and_the_ris_
     assert_eq!(study, &format!("urn:oid:{STUDY}"), "{report}");
 }
 
-/// A PostgreSQL server of Debian's, started for a test on a free port (by
-/// `pg_ctl`, stopped by it when dropped).
-struct Postgres {
-    pg_ctl: PathBuf,
-    data: PathBuf,
-    root: bool,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Postgres {
-    /// `program` run as the data directory's owner: the server refuses to run as
-    /// root, so as the `postgres` user then.
-    fn command(&self, program: &Path) -> Command {
-        owner_command(self.root, program)
-    }
-
-    fn start() -> Self {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .and_then(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.path().join("bin"))
-                    .find(|p| p.join("initdb").exists())
-            })
-            .expect("PostgreSQL is not installed: run scripts/setup.sh --test (Debian package postgresql)");
-        let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
-        let dir = tempfile::tempdir().unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let data = dir.path().join("data");
-        let init = owner_command(root, &bin.join("initdb"))
-            .args(["-U", "cxr", "--auth=trust", "-D"])
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(
-            init.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
-        let port = free_port();
-        let pg = Self {
-            pg_ctl: bin.join("pg_ctl"),
-            data,
-            root,
-            url: format!("postgres://cxr@127.0.0.1:{port}/postgres"),
-            _dir: dir,
-        };
-        let options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -k {}",
-            pg._dir.path().display()
-        );
-        let started = pg
-            .command(&pg.pg_ctl)
-            .arg("-D")
-            .arg(&pg.data)
-            .args(["-o", &options, "-l"])
-            .arg(pg._dir.path().join("server.log"))
-            .args(["-w", "-t", "30", "start"])
-            .output()
-            .unwrap();
-        assert!(
-            started.status.success(),
-            "pg_ctl start: {}{}",
-            String::from_utf8_lossy(&started.stdout),
-            std::fs::read_to_string(pg._dir.path().join("server.log")).unwrap_or_default()
-        );
-        pg
-    }
-}
-
-fn owner_command(root: bool, program: &Path) -> Command {
-    if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = self
-            .command(&self.pg_ctl)
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"])
-            .output();
-    }
-}
-
 /// Two replicas sharing their outbox in PostgreSQL: the second recognises an image
 /// the first analysed, and sends what the first queued after the first is gone.
 #[test]
 fn replicas_sharing_postgresql_send_each_result_once_and_take_over_a_dead_ones_queue() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, files, models) = setup();
     let dir = tmp.path();
-    let files = instances(dir);
-    let models = common::models_dir();
     let pg = Postgres::start();
     let mut pacs = Orthanc::start(dir, "pacs");
-    let peers = dir.join("peers.toml");
-    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
-    let args: Vec<String> = vec![
-        "--dicom-port".into(),
-        "0".into(),
-        "--dicom-peers-file".into(),
-        peers.display().to_string(),
-        "--dicom-destination".into(),
-        format!("ORTHANC@127.0.0.1:{}", pacs.dicom),
-        "--database-url".into(),
-        pg.url.clone(),
-    ];
-    let (a, a_port) = start_cxr(models.path(), &args);
-    let (b, b_port) = start_cxr(models.path(), &args);
-    let metric = |s: &common::Server, m: &str| {
-        common::tcp_http(&s.addr, "GET", "/metrics", None, b"")
-            .1
-            .contains(m)
-    };
+    let node = Node::new(dir)
+        .flag(
+            "--dicom-destination",
+            format!("ORTHANC@127.0.0.1:{}", pacs.dicom),
+        )
+        .flag("--database-url", &pg.url);
+    let (a, a_port) = node.start(models.path());
+    let (b, b_port) = node.start(models.path());
     let (cr, cr2) = (files.join("cr.dcm"), files.join("cr2.dcm"));
     assert!(store("MODALITY", a_port, &[&cr]).status.success());
     assert_eq!(pacs.wait_count(STUDY, 2, 30).len(), 2);
     // The router sends the same image to the other replica: recognised, not redone.
     assert!(store("MODALITY", b_port, &[&cr]).status.success());
-    assert!(metric(
-        &b,
-        "cxr_dicom_stores_total{outcome=\"duplicate\"} 1"
-    ));
+    assert_metrics(&b, &["cxr_dicom_stores_total{outcome=\"duplicate\"} 1"]);
     // A queues results while the PACS is down, then dies; B sends them.
     pacs.stop();
     assert!(store("MODALITY", a_port, &[&cr2]).status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !metric(&a, "outcome=\"retried\"") {
-        assert!(Instant::now() < deadline, "A never tried");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_metric(&[&a], "outcome=\"retried\"", 20);
     // (Killed: a row it held while sending is another's once its claim lapses.)
     drop(a);
     pacs.restart();
     let got = pacs.wait_count(STUDY, 4, 90);
     assert_eq!(got.len(), 4, "{got:?}");
     // (Counted once the association that sent them is done.)
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !metric(&b, "outcome=\"sent\"} 2") {
-        assert!(Instant::now() < deadline, "B did not count its sends");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_metric(&[&b], "outcome=\"sent\"} 2", 20);
 }
 
 /// Outcomes in PostgreSQL are shared by replicas: an image answered by one is
@@ -945,102 +618,6 @@ fn a_claim_skips_the_rows_another_replica_is_claiming_on_postgresql() {
     assert_eq!(o.due(10).unwrap().len(), 1);
 }
 
-const ADMIN_KEY: &str = "admin-key-for-the-outbox";
-const READER_KEY: &str = "reader-key-for-the-outbox";
-
-/// An API keys file with an `admin` caller and a `models` one.
-fn keys_file(dir: &Path) -> String {
-    let path = dir.join("keys.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[[callers]]\nname = \"ops\"\nkey_sha256 = \"{}\"\nscopes = [\"models\", \"admin\"]\n\n\
-             [[callers]]\nname = \"reader\"\nkey_sha256 = \"{}\"\nscopes = [\"predict\", \"models\"]\n",
-            cxr::digest::sha256_hex(ADMIN_KEY.as_bytes()),
-            cxr::digest::sha256_hex(READER_KEY.as_bytes())
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
-
-/// `GET /dicom/outbox/dead-letters` with `key`: status and body.
-fn dead_letters(server: &common::Server, key: &str) -> (u16, Value) {
-    let auth = format!("Bearer {key}");
-    let (s, b) = common::tcp_http_headers(
-        &server.addr,
-        "GET",
-        "/dicom/outbox/dead-letters",
-        &[("Authorization", auth.as_str())],
-        b"",
-    );
-    (s, serde_json::from_str(&b).unwrap_or(Value::Null))
-}
-
-/// Waits (up to `secs`) until `/metrics` of one of `servers` holds `line`.
-fn wait_metric(servers: &[&common::Server], line: &str, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !servers.iter().any(|s| metrics_of(s).contains(line)) {
-        assert!(
-            Instant::now() < deadline,
-            "no `{line}` in {secs} s:\n{}",
-            servers.iter().map(|s| metrics_of(s)).collect::<String>()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// dcmtk's storescp as a destination that takes Secondary Captures (and CRs) but
-/// not Structured Reports: its association profile has no presentation context for
-/// them, so each SR is refused at the association (a presentation context the
-/// destination did not accept). Killed when dropped.
-struct NoSrScp {
-    child: Child,
-    port: u16,
-    out: PathBuf,
-}
-
-impl NoSrScp {
-    fn start(dir: &Path) -> Self {
-        let cfg = dir.join("no-sr.cfg");
-        std::fs::write(
-            &cfg,
-            "[[TransferSyntaxes]]\n[LE]\nTransferSyntax1 = 1.2.840.10008.1.2.1\nTransferSyntax2 = 1.2.840.10008.1.2\n\n\
-             [[PresentationContexts]]\n[NoSR]\nPresentationContext1 = 1.2.840.10008.5.1.4.1.1.7\\LE\n\n\
-             [[Profiles]]\n[Default]\nPresentationContexts = NoSR\n",
-        )
-        .unwrap();
-        let out = dir.join("scp-out");
-        std::fs::create_dir_all(&out).unwrap();
-        let port = free_port();
-        let child = Command::new(tool("storescp"))
-            .arg("-xf")
-            .arg(&cfg)
-            .arg("Default")
-            .arg("-od")
-            .arg(&out)
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("storescp");
-        ris::wait_port(port, "storescp", 10);
-        Self { child, port, out }
-    }
-
-    /// The files it stored.
-    fn stored(&self) -> usize {
-        std::fs::read_dir(&self.out).unwrap().count()
-    }
-}
-
-impl Drop for NoSrScp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Guards issue #43 rows 4 and (b). A destination that takes Secondary Captures but
 /// refuses Structured Reports (dcmtk's storescp without a presentation context for
 /// them): each SR is refused `--dicom-max-attempts` times, then set aside as a dead
@@ -1053,32 +630,28 @@ impl Drop for NoSrScp {
 /// failed attempt).
 #[test]
 fn objects_a_destination_refuses_become_dead_letters_and_free_the_outbox() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, files, models) = setup();
     let dir = tmp.path();
-    let files = instances(dir);
-    let models = common::models_dir();
-    let pacs = NoSrScp::start(dir);
-    let peers = dir.join("peers.toml");
-    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
+    // dcmtk's storescp as a destination that takes Secondary Captures (and CRs)
+    // but not Structured Reports: its association profile has no presentation
+    // context for them, so each SR is refused at the association (a presentation
+    // context the destination did not accept).
+    let pacs = Storescp::start(
+        dir,
+        "[[TransferSyntaxes]]\n[LE]\nTransferSyntax1 = 1.2.840.10008.1.2.1\nTransferSyntax2 = 1.2.840.10008.1.2\n\n\
+         [[PresentationContexts]]\n[NoSR]\nPresentationContext1 = 1.2.840.10008.5.1.4.1.1.7\\LE\n\n\
+         [[Profiles]]\n[Default]\nPresentationContexts = NoSR\n",
+        "Default",
+    );
     let outbox = dir.join("outbox.sqlite");
     let destination = format!("STORESCP@127.0.0.1:{}", pacs.port);
-    let args: Vec<String> = vec![
-        "--dicom-port".into(),
-        "0".into(),
-        "--dicom-peers-file".into(),
-        peers.display().to_string(),
-        "--dicom-destination".into(),
-        destination.clone(),
-        "--dicom-outbox".into(),
-        outbox.display().to_string(),
-        "--dicom-outbox-capacity".into(),
-        "3".into(),
-        "--dicom-max-attempts".into(),
-        "3".into(),
-        "--api-keys-file".into(),
-        keys_file(dir),
-    ];
-    let (server, port) = start_cxr(models.path(), &args);
+    let (server, port) = Node::new(dir)
+        .flag("--dicom-destination", &destination)
+        .outbox(&outbox)
+        .flag("--dicom-outbox-capacity", 3)
+        .flag("--dicom-max-attempts", 3)
+        .flag("--api-keys-file", keys_file(dir))
+        .start(models.path());
     let (cr, dx, cr2) = (
         files.join("cr.dcm"),
         files.join("dx.dcm"),
@@ -1106,16 +679,16 @@ fn objects_a_destination_refuses_become_dead_letters_and_free_the_outbox() {
     wait_metric(&[&server], &dead(3), 60);
     // The destination has the three SCs, and no SR.
     assert_eq!(pacs.stored(), 3);
-    let m = metrics_of(&server);
-    for line in [
-        format!("cxr_dicom_dead_letters{{destination=\"{destination}\"}} 3"),
-        format!("cxr_dicom_outbox_depth{{destination=\"{destination}\"}} 0"),
-        results("sent", 3),
-        // Two refusals retried per SR, and nothing else: the SCs never waited.
-        results("retried", 6),
-    ] {
-        assert!(m.contains(&line), "{line}\n{m}");
-    }
+    assert_metrics(
+        &server,
+        &[
+            format!("cxr_dicom_dead_letters{{destination=\"{destination}\"}} 3"),
+            format!("cxr_dicom_outbox_depth{{destination=\"{destination}\"}} 0"),
+            results("sent", 3),
+            // Two refusals retried per SR, and nothing else: the SCs never waited.
+            results("retried", 6),
+        ],
+    );
     // Listed for the admin scope only.
     let (s, v) = dead_letters(&server, READER_KEY);
     assert_eq!(
@@ -1123,11 +696,9 @@ fn objects_a_destination_refuses_become_dead_letters_and_free_the_outbox() {
         (403, Some("forbidden")),
         "{v}"
     );
-    let (s, v) = dead_letters(&server, ADMIN_KEY);
-    assert_eq!(s, 200, "{v}");
-    let letters = v["dead_letters"].as_array().unwrap();
+    let (letters, v) = admin_dead_letters(&server);
     assert_eq!(letters.len(), 3, "{v}");
-    for l in letters {
+    for l in &letters {
         assert_eq!(l["destination"], destination.as_str(), "{l}");
         assert_eq!(l["kind"], "sr", "{l}");
         assert_eq!(l["attempts"], 3, "{l}");
@@ -1142,16 +713,8 @@ fn objects_a_destination_refuses_become_dead_letters_and_free_the_outbox() {
         assert!(!l.to_string().contains("CXR-0001") && !l.to_string().contains("TEST^CXR"));
     }
     // Each SC went in the round of its refused SR: never an attempt counted.
-    let conn =
-        rusqlite::Connection::open_with_flags(&outbox, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    let sc_attempts: Vec<i64> = conn
-        .prepare("SELECT attempts FROM outbox WHERE kind = 'sc'")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let sc_attempts: Vec<i64> =
+        outbox_column(&outbox, "SELECT attempts FROM outbox WHERE kind = 'sc'");
     assert_eq!(sc_attempts, [0, 0, 0]);
 }
 
@@ -1275,10 +838,8 @@ fn stow_body(uid: &str, failed: Option<u16>, warning: Option<u16>) -> String {
 /// letters; a 503 is a failure retried (not a refusal).
 #[test]
 fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, files, models) = setup();
     let dir = tmp.path();
-    let files = instances(dir);
-    let models = common::models_dir();
     // First: the SR stored with a warning (B000H, coercion), the SC refused (409).
     let stow = StowServer::start(
         Duration::ZERO,
@@ -1290,23 +851,12 @@ fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
             }
         }),
     );
-    let peers = dir.join("peers.toml");
-    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
-    let args: Vec<String> = vec![
-        "--dicom-port".into(),
-        "0".into(),
-        "--dicom-peers-file".into(),
-        peers.display().to_string(),
-        "--stow-url".into(),
-        stow.url.clone(),
-        "--dicom-outbox".into(),
-        dir.join("outbox.sqlite").display().to_string(),
-        "--dicom-max-attempts".into(),
-        "3".into(),
-        "--api-keys-file".into(),
-        keys_file(dir),
-    ];
-    let (server, port) = start_cxr(models.path(), &args);
+    let (server, port) = Node::new(dir)
+        .flag("--stow-url", &stow.url)
+        .outbox(&dir.join("outbox.sqlite"))
+        .flag("--dicom-max-attempts", 3)
+        .flag("--api-keys-file", keys_file(dir))
+        .start(models.path());
     let url = stow.url.clone();
     let results = |outcome: &str, n: u32| {
         format!("cxr_dicom_results_total{{destination=\"{url}\",outcome=\"{outcome}\"}} {n}")
@@ -1330,11 +880,8 @@ fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
     let (sr, sc) = (uid_of(SR_CLASS), uid_of(SC_CLASS));
     assert_eq!(stow.count(&sr), 1, "the 202 was posted again: {posts:?}");
     assert_eq!(stow.count(&sc), 3, "{posts:?}");
-    let m = metrics_of(&server);
-    assert!(m.contains(&results("sent", 1)), "{m}");
-    let (s, v) = dead_letters(&server, ADMIN_KEY);
-    assert_eq!(s, 200, "{v}");
-    let letters = v["dead_letters"].as_array().unwrap();
+    assert_metrics(&server, &[results("sent", 1)]);
+    let (letters, v) = admin_dead_letters(&server);
     assert_eq!(letters.len(), 1, "{v}");
     assert_eq!(
         (
@@ -1364,8 +911,7 @@ fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
             .success()
     );
     wait_metric(&[&server], &results("dead_letter", 2), 60);
-    let (_, v) = dead_letters(&server, ADMIN_KEY);
-    let letters = v["dead_letters"].as_array().unwrap();
+    let (letters, v) = admin_dead_letters(&server);
     assert_eq!(letters.len(), 2, "{v}");
     assert_eq!(letters[0]["kind"], "sr", "{v}");
     assert!(
@@ -1383,11 +929,12 @@ fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
         .filter(|(c, u)| c == SC_CLASS && *u != sc)
         .count();
     assert!(sc_dx > 3, "the 503 was not retried like a failure: {sc_dx}");
-    let (_, v) = dead_letters(&server, ADMIN_KEY);
-    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 2, "{v}");
-    assert!(metrics_of(&server).contains(&format!(
-        "cxr_dicom_outbox_depth{{destination=\"{url}\"}} 1"
-    )));
+    let (letters, v) = admin_dead_letters(&server);
+    assert_eq!(letters.len(), 2, "{v}");
+    assert_metrics(
+        &server,
+        &[format!("cxr_dicom_outbox_depth{{destination=\"{url}\"}} 1")],
+    );
 }
 
 /// Guards issue #43 row (a). Two replicas share their outbox in PostgreSQL and a
@@ -1398,26 +945,15 @@ fn stow_rs_202_is_stored_once_and_409_or_a_failed_instance_is_a_dead_letter() {
 /// the first not yet marked, were posted again by the other replica.)
 #[test]
 fn a_slow_destination_does_not_let_another_replica_send_what_one_holds() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, files, models) = setup();
     let dir = tmp.path();
-    let files = instances(dir);
-    let models = common::models_dir();
     let pg = Postgres::start();
     let stow = StowServer::start(Duration::from_secs(25), Box::new(|_, _| (200, "{}".into())));
-    let peers = dir.join("peers.toml");
-    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
-    let args: Vec<String> = vec![
-        "--dicom-port".into(),
-        "0".into(),
-        "--dicom-peers-file".into(),
-        peers.display().to_string(),
-        "--stow-url".into(),
-        stow.url.clone(),
-        "--database-url".into(),
-        pg.url.clone(),
-    ];
-    let (a, a_port) = start_cxr(models.path(), &args);
-    let (b, _) = start_cxr(models.path(), &args);
+    let node = Node::new(dir)
+        .flag("--stow-url", &stow.url)
+        .flag("--database-url", &pg.url);
+    let (a, a_port) = node.start(models.path());
+    let (b, _) = node.start(models.path());
     assert!(
         store("MODALITY", a_port, &[&files.join("cr.dcm")])
             .status
@@ -1430,11 +966,9 @@ fn a_slow_destination_does_not_let_another_replica_send_what_one_holds() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum::<u64>()
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while sent(&a) + sent(&b) < 2 {
-        assert!(Instant::now() < deadline, "not sent: {:?}", stow.posts());
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_until(&format!("not sent: {:?}", stow.posts()), 120, || {
+        sent(&a) + sent(&b) >= 2
+    });
     // Time for a late duplicate to arrive.
     std::thread::sleep(Duration::from_secs(5));
     let posts = stow.posts();
@@ -1449,27 +983,18 @@ fn a_slow_destination_does_not_let_another_replica_send_what_one_holds() {
 #[test]
 fn sent_results_leave_no_patient_data_on_disk_and_old_records_are_pruned() {
     use std::os::unix::fs::PermissionsExt;
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, files, models) = setup();
     let dir = tmp.path();
-    let files = instances(dir);
-    let models = common::models_dir();
     let pacs = Orthanc::start(dir, "pacs");
-    let peers = dir.join("peers.toml");
-    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
     let outbox = dir.join("outbox.sqlite");
-    let args: Vec<String> = vec![
-        "--dicom-port".into(),
-        "0".into(),
-        "--dicom-peers-file".into(),
-        peers.display().to_string(),
-        "--dicom-destination".into(),
-        format!("ORTHANC@127.0.0.1:{}", pacs.dicom),
-        "--dicom-outbox".into(),
-        outbox.display().to_string(),
-        "--retention-days".into(),
-        "30".into(),
-    ];
-    let (server, port) = start_cxr(models.path(), &args);
+    let node = Node::new(dir)
+        .flag(
+            "--dicom-destination",
+            format!("ORTHANC@127.0.0.1:{}", pacs.dicom),
+        )
+        .outbox(&outbox)
+        .flag("--retention-days", 30);
+    let (server, port) = node.start(models.path());
     assert!(
         store(
             "MODALITY",
@@ -1514,15 +1039,8 @@ fn sent_results_leave_no_patient_data_on_disk_and_old_records_are_pruned() {
     )
     .unwrap();
     drop(conn);
-    let (_server, _) = start_cxr(models.path(), &args);
-    let conn = rusqlite::Connection::open(&outbox).unwrap();
-    let kinds: Vec<String> = conn
-        .prepare("SELECT kind FROM outbox ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let (_server, _) = node.start(models.path());
+    let kinds: Vec<String> = outbox_column(&outbox, "SELECT kind FROM outbox ORDER BY id");
     assert_eq!(kinds, ["sr", "sr"]);
 }
 
@@ -1535,45 +1053,18 @@ fn sent_results_leave_no_patient_data_on_disk_and_old_records_are_pruned() {
 /// failed attempt, and the SR was retried forever.)
 #[test]
 fn a_failure_status_refuses_one_object_and_the_association_goes_on() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, files, models) = setup();
     let dir = tmp.path();
-    let files = instances(dir);
-    let models = common::models_dir();
-    let port = free_port();
     let log = dir.join("scp.jsonl");
-    let mut scp = Command::new(python())
-        .arg(root().join("tests/dicom_node/refusing_scp.py"))
-        .arg(port.to_string())
-        .arg(&log)
-        .args([SR_CLASS, "0122"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("pynetdicom SCP");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the SCP did not listen");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let peers = dir.join("peers.toml");
-    std::fs::write(&peers, "[[peers]]\nae_title = \"MODALITY\"\n").unwrap();
+    let scp = PythonScp::start(&log, &[SR_CLASS, "0122"]);
     let outbox = dir.join("outbox.sqlite");
-    let destination = format!("REFUSER@127.0.0.1:{port}");
-    let args: Vec<String> = vec![
-        "--dicom-port".into(),
-        "0".into(),
-        "--dicom-peers-file".into(),
-        peers.display().to_string(),
-        "--dicom-destination".into(),
-        destination.clone(),
-        "--dicom-outbox".into(),
-        outbox.display().to_string(),
-        "--dicom-max-attempts".into(),
-        "2".into(),
-        "--api-keys-file".into(),
-        keys_file(dir),
-    ];
-    let (server, cxr_port) = start_cxr(models.path(), &args);
+    let destination = format!("REFUSER@127.0.0.1:{}", scp.port);
+    let (server, cxr_port) = Node::new(dir)
+        .flag("--dicom-destination", &destination)
+        .outbox(&outbox)
+        .flag("--dicom-max-attempts", 2)
+        .flag("--api-keys-file", keys_file(dir))
+        .start(models.path());
     assert!(
         store("MODALITY", cxr_port, &[&files.join("cr.dcm")])
             .status
@@ -1587,8 +1078,7 @@ fn a_failure_status_refuses_one_object_and_the_association_goes_on() {
         60,
     );
     std::thread::sleep(Duration::from_secs(3));
-    let _ = scp.kill();
-    let _ = scp.wait();
+    drop(scp);
     let stores: Vec<Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
@@ -1600,9 +1090,8 @@ fn a_failure_status_refuses_one_object_and_the_association_goes_on() {
     assert_eq!((srs.len(), scs.len()), (2, 1), "{stores:?}");
     // The SC went on the association that refused the SR first.
     assert_eq!(scs[0]["association"], srs[0]["association"], "{stores:?}");
-    let (s, v) = dead_letters(&server, ADMIN_KEY);
-    assert_eq!(s, 200, "{v}");
-    let letter = &v["dead_letters"][0];
+    let (letters, v) = admin_dead_letters(&server);
+    let letter = &letters[0];
     assert_eq!(
         (
             letter["kind"].as_str(),

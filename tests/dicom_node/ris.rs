@@ -15,7 +15,7 @@ use sha2::Digest as _;
 use crate::common::{root, tcp_http};
 
 /// A process killed when dropped.
-pub struct Killed(Child);
+pub struct Killed(pub Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
