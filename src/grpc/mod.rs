@@ -6,10 +6,10 @@
 //! same scopes), audit records and metrics. Errors map to gRPC status codes once,
 //! in [`code`]. Also served: the standard health service and server reflection.
 //!
-//! Admission ([`admission`]) comes before any byte of a message is read: the API
+//! Admission (`admission`) comes before any byte of a message is read: the API
 //! key from the call's metadata, the message's declared length against its
 //! method's limit and the core's buffered-bytes budget, the body timeout. A call in
-//! flight keeps its connection open past the idle timeout ([`Capped`]).
+//! flight keeps its connection open past the idle timeout (`Capped`).
 
 mod admission;
 

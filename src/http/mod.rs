@@ -365,7 +365,7 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
 }
 
 /// Who asked, read from the request: the caller the auth middleware let in, and
-/// the ids and trace [`request_ids`] gave it.
+/// the ids and trace `request_ids` gave it.
 impl<S: Send + Sync> FromRequestParts<S> for Asker {
     type Rejection = std::convert::Infallible;
 

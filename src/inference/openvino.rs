@@ -317,7 +317,7 @@ impl Backend for OpenVinoModel {
     }
 }
 
-/// What [`choose`] decided, and why.
+/// What `choose` decided, and why.
 pub struct Choice {
     /// OpenVINO serves the model.
     pub chose_openvino: bool,

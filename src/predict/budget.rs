@@ -64,7 +64,7 @@ impl BufferBudget {
 }
 
 /// Bytes of a request that arrives in pieces (a DICOM data set), held in the
-/// buffered-bytes budget as it grows: past [`SMALL_BYTES`] they come from the
+/// buffered-bytes budget as it grows: past `SMALL_BYTES` they come from the
 /// large share too, as a large body's do. Given back when dropped.
 pub struct Buffered {
     all: Arc<Semaphore>,
