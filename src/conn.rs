@@ -82,6 +82,13 @@ impl Slots {
 pub trait Keep: Send + Sync {
     /// Until when a connection quiet for `idle` stays open; `None` to close it now.
     fn keep_until(&self, idle: Duration) -> Option<Instant>;
+
+    /// Whether the peer's bytes keep the connection (true: a quiet-peer timer), or
+    /// only what runs on it does (false: the gRPC door, where a preface sent a byte
+    /// at a time, or PINGs with no call, must not hold a slot).
+    fn bytes_keep(&self) -> bool {
+        true
+    }
 }
 
 /// Nothing keeps the connection: a quiet peer is closed.
@@ -92,7 +99,9 @@ impl Keep for () {
 }
 
 /// A connection (any byte stream) closed when its peer sends nothing: no first
-/// bytes within `first`, or nothing more for `idle`, unless its [`Keep`] keeps it.
+/// bytes within `first`, or nothing more for `idle`, unless its [`Keep`] keeps it
+/// (with a [`Keep`] whose bytes do not count, only what it keeps matters: closed at
+/// `first`, then `idle` after its last call, whatever bytes arrive).
 /// A read then fails with `TimedOut`, which ends the connection. Writes do not
 /// count: a peer that only reads is quiet.
 pub struct Quiet<IO, K> {
@@ -145,7 +154,7 @@ impl<IO: AsyncRead + Unpin, K: Keep> AsyncRead for Quiet<IO, K> {
         let before = buf.filled().len();
         match Pin::new(&mut self.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
+                if buf.filled().len() > before && self.keep.bytes_keep() {
                     let next = Instant::now() + self.idle;
                     self.quiet.as_mut().reset(next);
                 }
@@ -304,6 +313,45 @@ mod tests {
         assert!(started.elapsed() >= idle - Duration::from_millis(120));
         // The answer still goes out while the peer reads: writes pass through.
         q.write_all(b"ok").await.expect("writes pass through");
+    }
+
+    /// Kept only by calls (none here): the peer's bytes do not count.
+    struct CallsOnly;
+
+    impl Keep for CallsOnly {
+        fn keep_until(&self, _: Duration) -> Option<Instant> {
+            None
+        }
+        fn bytes_keep(&self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_alone_do_not_keep_a_connection_kept_only_by_calls() {
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let first = Duration::from_millis(300);
+        let mut q = Quiet::new(ours, first, Duration::from_secs(30), Arc::new(CallsOnly));
+        // A byte every 50 ms (a preface trickled, PINGs): closed at the first
+        // timeout all the same.
+        let trickle = tokio::spawn(async move {
+            for _ in 0..100 {
+                if peer.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let started = std::time::Instant::now();
+        assert_eq!(
+            closed_within(&mut q, Duration::from_secs(3)).await,
+            Ok(Some(io::ErrorKind::TimedOut)),
+            "a trickling peer held the connection"
+        );
+        let took = started.elapsed();
+        assert!(took >= first - Duration::from_millis(20), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        trickle.abort();
     }
 
     #[tokio::test]

@@ -428,6 +428,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     };
+    let mut grpc_task = None;
     if let Some(listener) = listener {
         if let Some(port) = args.grpc_port {
             let addr = format!("{}:{port}", args.host);
@@ -437,14 +438,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(grpc_addr = %l.local_addr()?, "gRPC listener (Open Inference Protocol)");
             let mut rx = stop_rx.clone();
             let (core, keys, limits) = (core.clone(), keys.clone(), args.grpc_limits());
-            tokio::spawn(async move {
+            grpc_task = Some(tokio::spawn(async move {
                 let stop = async move {
                     let _ = rx.wait_for(|s| *s).await;
                 };
                 if let Err(e) = cxr::grpc::serve(l, core, keys, limits, stop).await {
                     tracing::error!(error = %e, "the gRPC listener failed");
                 }
-            });
+            }));
         }
         let node = args.dicom_node().map_err(anyhow::Error::msg)?;
         if let Some(delivery) = delivery(&args, &core, node.as_ref()).await? {
@@ -466,11 +467,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 None => std::future::pending().await,
             }
         };
+        let stop_all = &stop_tx;
         cxr::http::server::serve(listener, app, args.conn_limits(), async move {
             tokio::select! {
                 () = &mut signal => tracing::info!("shutdown signal: draining"),
                 e = failed => { *le = Some(e.into()); }
             }
+            // Every listener stops taking connections now (gRPC, metrics), not once
+            // this one has drained: a gateway fails over from all of them at once.
+            let _ = stop_all.send(true);
         })
         .await;
     } else {
@@ -479,6 +484,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     if let Some(t) = admin_task {
         let _ = t.await;
+    }
+    // The gRPC calls in flight finish too (within the shutdown timeout), before the
+    // model queues close.
+    if let Some(t) = grpc_task
+        && tokio::time::timeout(std::time::Duration::from_secs(args.shutdown_timeout_s), t)
+            .await
+            .is_err()
+    {
+        tracing::warn!("gRPC calls still in flight at the shutdown timeout");
     }
     if let Some(e) = load_error {
         anyhow::bail!("cannot serve the models: {e}");

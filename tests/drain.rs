@@ -84,3 +84,55 @@ fn request_timeout_and_max_inflight_answer_503() {
         );
     }
 }
+
+/// At SIGTERM every listener stops taking connections at once: the gRPC port is
+/// closed while an HTTP request in flight (its body still arriving) is being
+/// drained (a gateway fails over from both), and that request is answered all the
+/// same once its body is in.
+#[test]
+fn sigterm_closes_the_grpc_port_while_http_drains() {
+    use std::io::{Read, Write};
+    let dir = common::models_dir();
+    let mut s = common::Server::start(dir.path(), &["--grpc-port", "0"]);
+    let grpc = s.wait_log_field("grpc_addr");
+    s.discard_logs();
+    s.wait_ready();
+    assert!(
+        std::net::TcpStream::connect(&grpc).is_ok(),
+        "the gRPC port is open"
+    );
+    // A request in flight: its head and half its body, the rest held back.
+    let body = png();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut http = std::net::TcpStream::connect(&s.addr).unwrap();
+    write!(
+        http,
+        "POST /predict HTTP/1.1\r\nHost: cxr\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    http.write_all(first).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    s.sigterm();
+    // Closed within a moment, while the HTTP request is still in flight.
+    loop {
+        if std::net::TcpStream::connect(&grpc).is_err() {
+            break;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "the gRPC port still takes connections {:?} after SIGTERM",
+            sent.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    http.write_all(rest).unwrap();
+    http.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = http.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"label\""), "{answer}");
+    assert!(s.child.wait().unwrap().success());
+}

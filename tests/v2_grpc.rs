@@ -154,14 +154,41 @@ fn a_silent_or_idle_grpc_connection_is_closed() {
     let mut s = std::net::TcpStream::connect(&grpc).unwrap();
     let took = closed_after(&mut s);
     assert!(took < Duration::from_secs(4), "open for {took:?}");
-    // The HTTP/2 preface and SETTINGS, then silence.
+    // The HTTP/2 preface and SETTINGS, then silence: no call, closed at the
+    // first-bytes timeout.
     let mut s = std::net::TcpStream::connect(&grpc).unwrap();
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
     s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
     let took = closed_after(&mut s);
     assert!(
-        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        took >= Duration::from_millis(500) && took < Duration::from_secs(4),
         "closed after {took:?}"
+    );
+    // The preface a byte every 200 ms (slowloris): bytes alone do not keep a
+    // connection, only calls do; closed at the first-bytes timeout too, not held
+    // for as long as the trickle lasts.
+    let mut s = std::net::TcpStream::connect(&grpc).unwrap();
+    let t = Instant::now();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut open = true;
+    for b in preface.iter().cycle().take(60) {
+        if s.write_all(&[*b]).is_err() {
+            open = false;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if t.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    let took = if open {
+        t.elapsed() + closed_after(&mut s)
+    } else {
+        t.elapsed()
+    };
+    assert!(
+        took < Duration::from_secs(5),
+        "a trickled preface held the connection {took:?}"
     );
 }
 

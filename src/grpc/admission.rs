@@ -46,6 +46,9 @@ pub const PRE_AUTH_MESSAGE_BYTES: usize = 64 << 10;
 
 /// The inference service's path prefix.
 const INFERENCE: &str = "/inference.GRPCInferenceService/";
+/// The health service's unary check (a call that keeps its connection, as the
+/// protocol's do).
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 /// The inference service's methods (the metric's `method` label).
 const METHODS: [&str; 6] = [
@@ -75,6 +78,13 @@ impl crate::conn::Keep for Calls {
         }
         let ended = *self.last_end.lock().unwrap_or_else(|p| p.into_inner());
         ended.map(|t| t + idle).filter(|t| *t > now)
+    }
+
+    /// Only calls keep a gRPC connection: a preface trickled a byte at a time, or
+    /// PINGs and SETTINGS with no call, do not hold its slot past the first-bytes
+    /// timeout or the idle timeout after the last call.
+    fn bytes_keep(&self) -> bool {
+        false
     }
 }
 
@@ -268,6 +278,10 @@ where
         let a = &self.admission;
         let path = req.uri().path();
         let inference = path.starts_with(INFERENCE);
+        // The calls that keep a connection open: the protocol's (all unary) and the
+        // health check's (not the health Watch or reflection streams: a stream held
+        // open would hold the slot for ever).
+        let kept = inference || path == HEALTH_CHECK;
         let method = path
             .strip_prefix(INFERENCE)
             .and_then(|m| METHODS.iter().copied().find(|k| *k == m));
@@ -280,7 +294,7 @@ where
             Err(s) => return Box::pin(async move { Ok(s.into_http()) }),
         }
         // 4. In flight on its connection until its answer is sent.
-        let in_flight = inference
+        let in_flight = kept
             .then(|| req.extensions().get::<ConnInfo>())
             .flatten()
             .map(|c| InFlight::start(c.calls.clone()));
