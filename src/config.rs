@@ -118,7 +118,9 @@ pub struct ServeArgs {
     /// Longest a client may take to send a `/predict` body, seconds (408 after).
     #[arg(long, env = "CXR_BODY_TIMEOUT_S", default_value_t = defaults::BODY_TIMEOUT_S)]
     pub body_timeout_s: u64,
-    /// Most open connections; a new one beyond is closed at once.
+    /// Most open connections per listener (the API port, the gRPC port and the
+    /// metrics port each: a flood of one does not lock out the others); a new one
+    /// beyond is closed at once.
     #[arg(long, env = "CXR_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
     /// Longest a connection (HTTP/1 keep-alive or HTTP/2) stays open with no request

@@ -208,6 +208,53 @@ fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert!(idle_from.elapsed() >= Duration::from_millis(900));
 }
 
+/// A kept-alive HTTP/1 connection is kept for `--idle-timeout-s`, not the shorter
+/// `--header-read-timeout-s` (a gateway reuses its idle upstream connections for up
+/// to its own keep-alive, which the idle timeout is set above); the next request's
+/// head, once begun, has the header-read timeout from its first byte.
+#[test]
+fn keep_alive_lasts_the_idle_timeout_and_a_later_head_the_header_read_timeout() {
+    let dir = common::models_dir();
+    let mut server = Server::start(
+        dir.path(),
+        &["--header-read-timeout-s", "1", "--idle-timeout-s", "4"],
+    );
+    server.discard_logs();
+    let ask = |s: &mut TcpStream| {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let (head, _) = read_answer(s);
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+    };
+    // Idle for twice the header-read timeout: still open, and answers.
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    ask(&mut s);
+    std::thread::sleep(Duration::from_millis(2500));
+    ask(&mut s);
+    // Then idle past the idle timeout: closed, not before it.
+    let idle_from = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(8)), "still open");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(3500),
+        "closed after {idle:?} idle"
+    );
+    // A head begun after an idle second and never finished: closed within the
+    // header-read timeout (and the close's grace), not kept for the idle timeout.
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    ask(&mut s);
+    std::thread::sleep(Duration::from_millis(1000));
+    s.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+    let head_from = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(10)), "still open");
+    assert!(
+        head_from.elapsed() < Duration::from_millis(7000),
+        "a stalled head held the connection {:?}",
+        head_from.elapsed()
+    );
+}
+
 #[test]
 fn the_drain_refuses_new_connections_and_finishes_the_request_in_flight() {
     // An idle keep-alive connection is kept for DRAIN_IDLE_GRACE (1 s) after the

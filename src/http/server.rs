@@ -3,10 +3,14 @@
 //! for HTTP/1 and HTTP/2 (h2c prior knowledge):
 //!
 //! - a connection that has not brought its first request within
-//!   `header_read_timeout` is closed (HTTP/1: hyper's head timeout as well; HTTP/2:
-//!   a connection that sent its preface and SETTINGS but no stream);
+//!   `header_read_timeout` is closed (HTTP/2: a connection that sent its preface and
+//!   SETTINGS but no stream);
 //! - a connection with no request in flight for `idle_timeout` is closed
-//!   (keep-alive on HTTP/1, GOAWAY on HTTP/2);
+//!   (keep-alive on HTTP/1, GOAWAY on HTTP/2); on a kept-alive HTTP/1 connection the
+//!   next request's head, once its first byte arrives, has `header_read_timeout`
+//!   (hyper's own head timeout would count the idle time too, closing a gateway's
+//!   kept-alive connection after `header_read_timeout`: it is set past the idle
+//!   timeout, a backstop);
 //! - beyond `max_connections` open connections a new one is closed at once (the
 //!   gateway retries another replica): the cap is [`crate::conn::Slots`], the gRPC
 //!   door's too.
@@ -86,9 +90,16 @@ struct Activity {
     last_ms: AtomicU64,
     /// The connection speaks HTTP/2.
     http2: AtomicBool,
+    /// Milliseconds after `opened` when the first byte of the next HTTP/1 request
+    /// head arrived on a kept-alive connection ([`NO_HEAD`]: none yet): from then
+    /// the head has `header_read_timeout`, however long the connection was idle.
+    head_ms: AtomicU64,
     /// Told when a request's answer head is produced.
     ended: tokio::sync::Notify,
 }
+
+/// No request head has begun since the last answer.
+const NO_HEAD: u64 = u64::MAX;
 
 impl Activity {
     fn new() -> Self {
@@ -98,6 +109,7 @@ impl Activity {
             active: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            head_ms: AtomicU64::new(NO_HEAD),
             ended: tokio::sync::Notify::new(),
         }
     }
@@ -116,7 +128,65 @@ impl Activity {
             return Some(self.opened + first);
         }
         let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
-        Some(self.opened + last + idle)
+        let idle_end = self.opened + last + idle;
+        // A head begun after the idle time: it has `first` from its first byte.
+        match self.head_ms.load(Ordering::Acquire) {
+            NO_HEAD => Some(idle_end),
+            ms => Some(idle_end.min(self.opened + Duration::from_millis(ms) + first)),
+        }
+    }
+
+    /// Bytes arrived: on a kept-alive HTTP/1 connection with nothing in flight,
+    /// the next request's head has begun.
+    fn bytes_read(&self) {
+        if self.active.load(Ordering::Acquire) == 0
+            && self.requests.load(Ordering::Acquire) > 0
+            && !self.http2.load(Ordering::Acquire)
+            && self.head_ms.load(Ordering::Acquire) == NO_HEAD
+        {
+            self.head_ms.store(self.since_open_ms(), Ordering::Release);
+        }
+    }
+}
+
+/// The connection's bytes, telling its [`Activity`] when a request head begins
+/// (hyper's own head timeout also runs over the idle time before it, so it is set
+/// past the idle timeout and this one bounds the head).
+struct Watched {
+    io: tokio::net::TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -155,6 +225,7 @@ impl tower::Service<Request<hyper::body::Incoming>> for Tracked {
         let activity = self.activity.clone();
         activity.active.fetch_add(1, Ordering::AcqRel);
         activity.requests.fetch_add(1, Ordering::AcqRel);
+        activity.head_ms.store(NO_HEAD, Ordering::Release);
         let http1 = req.version() < Version::HTTP_2;
         if !http1 {
             activity.http2.store(true, Ordering::Release);
@@ -241,11 +312,18 @@ async fn connection(
         draining: drain.clone(),
     };
     let mut builder = Builder::new(TokioExecutor::new());
+    // hyper's head timeout runs from the last answer, over the idle time: set past
+    // the idle timeout as a backstop; the watchdog bounds the first request (from
+    // the connection's opening) and each later head (from its first byte).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout + limits.idle_timeout);
     builder.http2().timer(TokioTimer::new());
+    let stream = Watched {
+        io: stream,
+        activity: activity.clone(),
+    };
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
     let mut conn = std::pin::pin!(conn);
