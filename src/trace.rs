@@ -39,6 +39,16 @@ pub const TRACEPARENT: &str = "traceparent";
 /// The W3C `tracestate` header.
 pub const TRACESTATE: &str = "tracestate";
 
+/// A header's value when it was sent once; a header sent twice is read as not sent
+/// (W3C trace context: a duplicated `traceparent` restarts the trace; the same for
+/// `x-request-id`), whichever door reads it.
+pub fn single<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<&'a [u8]> {
+    match (values.next(), values.next()) {
+        (Some(v), None) => Some(v),
+        _ => None,
+    }
+}
+
 /// A W3C trace context: the trace, the caller's span, whether it is sampled, and the
 /// vendors' `tracestate`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -329,6 +329,23 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
     );
     assert!(header(&head, "tracestate").is_none());
 
+    // A traceparent sent twice is read as not sent (W3C: the trace restarts).
+    let twice = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let (_, head, _) = raw_request(
+        &server.addr,
+        "/predict?model=alpha",
+        &[
+            ("Content-Type", "image/png"),
+            ("traceparent", twice.as_str()),
+            ("traceparent", twice.as_str()),
+        ],
+        &png,
+    );
+    assert!(
+        !header(&head, "traceparent").unwrap().contains(trace_id),
+        "a duplicated traceparent was continued: {head}"
+    );
+
     // The Open Inference Protocol over REST: the same stages under its server span.
     let v2_trace = "0af7651916cd43dd8448eb211c80319c";
     let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &png);

@@ -674,3 +674,84 @@ fn rest_and_grpc_answer_the_same_request_alike() {
         "{text}"
     );
 }
+
+/// The trace context over gRPC, as over HTTP: the caller's `tracestate` answered
+/// back unchanged beside the server's `traceparent` (same trace).
+#[test]
+fn grpc_answers_the_callers_tracestate() {
+    let dir = common::models_dir();
+    let (_server, grpc) = grpc_server(dir.path(), &[]);
+    let out = tritonclient_snippet(
+        r#"
+import sys, grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(sys.argv[1]))
+data = open(sys.argv[2], "rb").read()
+req = service_pb2.ModelInferRequest(model_name="alpha")
+i = req.inputs.add(); i.name = "image"; i.datatype = "BYTES"; i.shape.append(1)
+req.raw_input_contents.append(len(data).to_bytes(4, "little") + data)
+md = [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+      ("tracestate", "congo=t61rcWkgMzE")]
+_, c = stub.ModelInfer.with_call(req, metadata=md)
+got = dict(c.initial_metadata())
+print(got.get("traceparent", "-"), got.get("tracestate", "-"))
+"#,
+        &grpc,
+        dir.path(),
+        &common::gray_image(96, 80, 5),
+    );
+    let (parent, state) = out.trim().split_once(' ').unwrap();
+    assert!(
+        parent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "continued: {out}"
+    );
+    assert_eq!(state, "congo=t61rcWkgMzE", "{out}");
+}
+
+/// A `traceparent` sent twice in a call's metadata is read as not sent (W3C: the
+/// trace restarts), as the HTTP door reads a header sent twice.
+#[tokio::test]
+async fn a_duplicated_traceparent_restarts_the_trace_over_grpc() {
+    use prost::Message as _;
+    let dir = common::models_dir();
+    let (_server, grpc) = grpc_server(dir.path(), &[]);
+    let png = common::png_bytes(&common::gray_image(96, 80, 5));
+    let mut raw = (png.len() as u32).to_le_bytes().to_vec();
+    raw.extend_from_slice(&png);
+    let msg = cxr::grpc::pb::ModelInferRequest {
+        model_name: "alpha".into(),
+        inputs: vec![cxr::grpc::pb::model_infer_request::InferInputTensor {
+            name: "image".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (client, _conn) = h2_connect(&grpc).await;
+    let mut answers = Vec::new();
+    for sent in [vec![parent], vec![parent, parent]] {
+        let headers: Vec<(&str, &str)> = sent.iter().map(|p| ("traceparent", *p)).collect();
+        let req = grpc_request(&grpc, "ModelInfer", &headers);
+        let mut ready = client.clone().ready().await.unwrap();
+        let (answer, mut stream) = ready.send_request(req, false).unwrap();
+        stream.send_data(framed.clone().into(), true).unwrap();
+        let (code, head) = answered(answer, Duration::from_secs(30)).await;
+        assert_eq!(code, 0, "{head:?}");
+        answers.push(head["traceparent"].to_str().unwrap().to_string());
+    }
+    assert!(
+        answers[0].contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{answers:?}"
+    );
+    assert!(
+        !answers[1].contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+        "a duplicated traceparent was continued: {answers:?}"
+    );
+}

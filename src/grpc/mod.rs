@@ -228,7 +228,7 @@ impl Inference {
         let md = req.metadata();
         let asker = Asker::from_headers(
             caller,
-            |n| md.get(n).map(|v| v.as_bytes()),
+            |n| crate::trace::single(md.get_all(n).iter().map(|v| v.as_bytes())),
             self.core.exporter().is_some(),
             Traced::Always,
         );
@@ -283,6 +283,15 @@ impl Inference {
             let mut resp = Response::new(r);
             if let Ok(v) = trace.traceparent().parse() {
                 resp.metadata_mut().insert(crate::trace::TRACEPARENT, v);
+            }
+            // The caller's tracestate back, unchanged (as the HTTP door answers it).
+            if let Some(Ok(v)) = trace
+                .context()
+                .tracestate
+                .as_deref()
+                .map(str::parse::<tonic::metadata::MetadataValue<_>>)
+            {
+                resp.metadata_mut().insert(crate::trace::TRACESTATE, v);
             }
             resp
         })

@@ -302,7 +302,7 @@ async fn request_ids(State(state): State<AppState>, mut req: Request, next: Next
     let headers = req.headers();
     let asker = Asker::from_headers(
         Caller::anonymous(),
-        |n| headers.get(n).map(|v| v.as_bytes()),
+        |n| crate::trace::single(headers.get_all(n).iter().map(|v| v.as_bytes())),
         state.core().exporter().is_some(),
         if inference {
             Traced::Always
