@@ -422,10 +422,16 @@ async fn a_call_without_a_key_is_refused_before_its_message_is_read() {
 /// A ModelInfer message of `image` BYTES `[1]`: one element of `len` zeros (no
 /// image), in raw_input_contents.
 fn zeros_infer_message(len: usize) -> Vec<u8> {
+    infer_message(&vec![0u8; len])
+}
+
+/// A framed ModelInfer message of `image` BYTES `[1]` to `alpha`: the one
+/// element `element`, in raw_input_contents.
+fn infer_message(element: &[u8]) -> Vec<u8> {
     use cxr::grpc::pb;
     use prost::Message as _;
-    let mut raw = (len as u32).to_le_bytes().to_vec();
-    raw.resize(4 + len, 0);
+    let mut raw = (element.len() as u32).to_le_bytes().to_vec();
+    raw.extend_from_slice(element);
     let m = pb::ModelInferRequest {
         model_name: "alpha".into(),
         inputs: vec![pb::model_infer_request::InferInputTensor {
@@ -712,27 +718,9 @@ print(got.get("traceparent", "-"), got.get("tracestate", "-"))
 /// trace restarts), as the HTTP door reads a header sent twice.
 #[tokio::test]
 async fn a_duplicated_traceparent_restarts_the_trace_over_grpc() {
-    use prost::Message as _;
     let dir = common::models_dir();
     let (_server, grpc) = grpc_server(dir.path(), &[]);
-    let png = common::png_bytes(&common::gray_image(96, 80, 5));
-    let mut raw = (png.len() as u32).to_le_bytes().to_vec();
-    raw.extend_from_slice(&png);
-    let msg = cxr::grpc::pb::ModelInferRequest {
-        model_name: "alpha".into(),
-        inputs: vec![cxr::grpc::pb::model_infer_request::InferInputTensor {
-            name: "image".into(),
-            datatype: "BYTES".into(),
-            shape: vec![1],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![raw],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&msg);
+    let framed = infer_message(&common::png_bytes(&common::gray_image(96, 80, 5)));
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let (client, _conn) = h2_connect(&grpc).await;
     let mut answers = Vec::new();
