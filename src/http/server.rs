@@ -128,11 +128,11 @@ impl Activity {
             return Some(self.opened + first);
         }
         let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
-        let idle_end = self.opened + last + idle;
-        // A head begun after the idle time: it has `first` from its first byte.
+        // A head begun within the idle time has `first` from its first byte (a
+        // request sent just before the idle deadline is not cut for it).
         match self.head_ms.load(Ordering::Acquire) {
-            NO_HEAD => Some(idle_end),
-            ms => Some(idle_end.min(self.opened + Duration::from_millis(ms) + first)),
+            NO_HEAD => Some(self.opened + last + idle),
+            ms => Some(self.opened + Duration::from_millis(ms) + first),
         }
     }
 
