@@ -37,6 +37,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving import cpu_line, free_port  # noqa: E402
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 CR = "1.2.840.10008.5.1.4.1.1.1"
 HOST = "127.0.0.1"
@@ -57,22 +60,6 @@ CHILDREN = []
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind((HOST, 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def cpu_line():
-    info = open("/proc/cpuinfo").read()
-    model = [l for l in info.splitlines() if l.startswith("model name")][0].split(":", 1)[1].strip()
-    flags = set(info.split("flags", 1)[1].split("\n", 1)[0].split())
-    keep = [f for f in ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model}; {os.cpu_count()} cores; flags {' '.join(keep)}"
 
 
 def spawn(cmd, name, **kw):

@@ -32,6 +32,19 @@ def free_port():
     return p
 
 
+def cpu_line():
+    """The machine, as a RESULTS entry names it: model, cores, the SIMD flags."""
+    try:
+        info = open("/proc/cpuinfo").read()
+        model = [l for l in info.splitlines() if l.startswith("model name")][0].split(":", 1)[1].strip()
+        flags = set(info.split("flags", 1)[1].split("\n", 1)[0].split())
+        keep = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+                if f in flags]
+        return f"{model}; {os.cpu_count()} cores; flags {' '.join(keep)}"
+    except Exception:
+        return "unknown CPU"
+
+
 def test_jpeg(data):
     return open(sorted(glob.glob(os.path.join(data, "test", "NORMAL", "*.jpeg")))[0], "rb").read()
 

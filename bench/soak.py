@@ -131,6 +131,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving import cpu_line, free_port  # noqa: E402
+
 try:
     from pynetdicom import AE, evt  # noqa: E402
     from pynetdicom.sop_class import Verification  # noqa: E402
@@ -149,26 +153,6 @@ def now():
 
 def log(*a):
     print(f"[{now():7.1f}s]", *a, file=sys.stderr, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind((HOST, 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def cpu_line():
-    try:
-        info = open("/proc/cpuinfo").read()
-        model = [l for l in info.splitlines() if l.startswith("model name")][0].split(":", 1)[1].strip()
-        flags = set(info.split("flags", 1)[1].split("\n", 1)[0].split())
-        keep = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-                if f in flags]
-        return f"{model}; {os.cpu_count()} cores; flags {' '.join(keep)}"
-    except Exception:
-        return "unknown CPU"
 
 
 # ---- films ---------------------------------------------------------------------------
