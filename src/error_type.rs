@@ -161,6 +161,12 @@ impl ErrorType {
         )
     }
 
+    /// Seconds a client should wait before retrying (HTTP `Retry-After`, gRPC
+    /// `RetryInfo` and `retry-after`): a transient refusal's, none otherwise.
+    pub fn retry_after(self) -> Option<u32> {
+        self.is_transient().then_some(1)
+    }
+
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {

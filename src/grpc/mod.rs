@@ -147,7 +147,7 @@ pub fn door_status(r: &Refusal) -> Status {
 fn status_of(kind: ErrorType, message: String) -> Status {
     // The refusals about the server's state carry google.rpc.RetryInfo (and a
     // retry-after header, for clients that read only metadata).
-    let retry_after = kind.is_transient().then_some(1u64);
+    let retry_after = kind.retry_after().map(u64::from);
     let mut s = match retry_after {
         Some(after) => <Status as tonic_types::StatusExt>::with_error_details(
             code(kind),

@@ -81,7 +81,7 @@ impl ApiError {
     /// Seconds a client should wait before retrying (`Retry-After`), for the
     /// refusals about the server's state.
     pub fn retry_after(&self) -> Option<u32> {
-        self.error_type().is_transient().then_some(1)
+        self.error_type().retry_after()
     }
 }
 

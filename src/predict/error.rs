@@ -149,12 +149,6 @@ impl PredictError {
         }
     }
 
-    /// Seconds a client should wait before retrying, for the refusals that are
-    /// about the server's state rather than the request.
-    pub fn retry_after(&self) -> Option<u32> {
-        self.error_type().is_transient().then_some(1)
-    }
-
     /// The facts behind a refusal, where it has some (`out_of_distribution`: the
     /// image's index in the request, its score and the model's threshold).
     pub fn details(&self) -> Option<serde_json::Value> {
