@@ -452,11 +452,7 @@ fn a_shadow_runs_after_the_answer_and_its_agreement_is_what_the_audit_says() {
     assert_eq!(info["versions"][1]["role"], "shadow");
 
     // The audit trail: one shadow record per answer, beside it.
-    let records: Vec<Value> = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = common::audit_records(&audit);
     let answered: Vec<&Value> = records
         .iter()
         .filter(|r| r["decision"] == "answered")

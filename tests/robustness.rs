@@ -32,15 +32,6 @@ fn loaded(addr: &str) -> Vec<String> {
         .collect()
 }
 
-/// The audit file's lines, parsed.
-fn audit_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// `dir/models` with two tiny variants, `alpha` and `beta`.
 fn two_models(dir: &Path) -> PathBuf {
     let models = dir.join("models");
@@ -94,7 +85,7 @@ fn a_failed_load_changes_no_state() {
     assert_eq!(s, 400, "{v}");
     hup(&server);
     wait_for("the rescan's audit event", || {
-        audit_lines(&audit)
+        common::audit_records(&audit)
             .iter()
             .any(|l| l["event"] == "repository_rescan")
     });
@@ -340,7 +331,7 @@ fn model_changes_feedback_and_refused_callers_are_audited() {
     };
     let mut got = Vec::new();
     wait_for("five audit events", || {
-        got = events(&audit_lines(&audit));
+        got = events(&common::audit_records(&audit));
         got.len() >= 5
     });
     let want = [
@@ -359,7 +350,7 @@ fn model_changes_feedback_and_refused_callers_are_audited() {
     }
     let text = std::fs::read_to_string(&audit).unwrap();
     assert!(!text.contains("MRN12345"), "a raw path in the audit trail");
-    let lines = audit_lines(&audit);
+    let lines = common::audit_records(&audit);
     let unload = lines
         .iter()
         .find(|l| l["event"] == "repository_unload")

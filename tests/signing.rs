@@ -237,14 +237,9 @@ fn a_signed_version_loads_and_each_tampering_is_refused_at_start_with_its_reason
     assert!(v.get("warnings").is_none(), "{v}");
     let live = &get(&server.addr, "/models/alpha")["live"];
     assert_eq!(live["signed_by"]["key_id"], key_id.as_str(), "{live}");
-    let record: Value = serde_json::from_str(
-        std::fs::read_to_string(&audit)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let record = common::audit_records(&audit)
+        .pop()
+        .expect("an audit record");
     assert_eq!(
         record["model_signer"],
         format!("release (key {key_id})"),

@@ -248,11 +248,7 @@ fn validate_on_labelled_films_then_serve_with_the_site_card() {
     );
     assert_eq!(info["site_card"]["provenance"]["site"], "Test site");
     drop(server);
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = common::audit_records(&audit);
     let site_record = records
         .iter()
         .find(|r| r["model"] == "alpha" && r["threshold_source"] == "site")

@@ -283,14 +283,9 @@ fn the_spans_of_a_request_continue_the_callers_trace_and_name_its_stages() {
     );
 
     // The audit record carries the trace.
-    let record: Value = serde_json::from_str(
-        std::fs::read_to_string(&audit)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let record = common::audit_records(&audit)
+        .pop()
+        .expect("an audit record");
     assert_eq!(record["trace_id"], trace_id);
 
     // Without a traceparent: a trace of its own, rooted at the server span.

@@ -806,3 +806,13 @@ pub fn image_openvino_libs(dir: &Path) -> PathBuf {
     std::os::unix::fs::symlink(c_lib.expect("libopenvino_c.so.* in the list"), &link).unwrap();
     link
 }
+
+/// The records of the audit file at `path`, one JSON object a line (none while the
+/// file does not exist yet, for a test that waits for one).
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
